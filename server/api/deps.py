@@ -1,0 +1,51 @@
+"""FastAPI dependencies: the services, and the current user from a bearer token."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request, WebSocket
+
+from server.auth.tokens import authenticate
+from server.db.models import User
+from server.errors import Unauthorized
+from server.workspaces.files import FileService
+from server.workspaces.service import WorkspaceService
+
+
+def _bearer(header: str | None) -> str | None:
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+def user_from_header(app_state: object, header: str | None) -> User:
+    token = _bearer(header)
+    if token is None:
+        raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
+    user = authenticate(app_state.sessions, token)  # type: ignore[attr-defined]
+    if user is None:
+        raise Unauthorized("invalid or revoked token")
+    return user
+
+
+def current_user(request: Request) -> User:
+    return user_from_header(request.app.state, request.headers.get("authorization"))
+
+
+def websocket_user(websocket: WebSocket) -> User:
+    return user_from_header(websocket.app.state, websocket.headers.get("authorization"))
+
+
+def workspace_service(request: Request) -> WorkspaceService:
+    return request.app.state.workspaces  # type: ignore[no-any-return]
+
+
+def file_service(request: Request) -> FileService:
+    return request.app.state.files  # type: ignore[no-any-return]
+
+
+CurrentUser = Annotated[User, Depends(current_user)]
+Workspaces = Annotated[WorkspaceService, Depends(workspace_service)]
+Files = Annotated[FileService, Depends(file_service)]

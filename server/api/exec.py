@@ -1,0 +1,99 @@
+"""Running commands: one-shot exec, and streaming exec over a WebSocket."""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import json
+from typing import Any
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from pydantic import ValidationError
+
+from server.api.deps import CurrentUser, Workspaces, websocket_user
+from server.api.schemas import ExecIn, ExecOut
+from server.errors import DenError, ValidationFailed
+from server.runtime.base import ExecStream
+
+router = APIRouter(prefix="/api/v1/workspaces/{ref}", tags=["exec"])
+
+
+@router.post("/exec", response_model=ExecOut)
+async def exec_command(ref: str, body: ExecIn, user: CurrentUser, svc: Workspaces) -> ExecOut:
+    ws = svc.get_for(user, ref)
+    stdin = body.stdin.encode() if body.stdin is not None else None
+    req = svc.exec_request(ws, body.cmd, cwd=body.cwd, env=body.env, timeout_s=body.timeout_s,
+                           stdin=stdin)
+    r = await svc.exec(ws.id, req, actor=user.name)
+    return ExecOut(
+        exit_code=r.exit_code, stdout=r.stdout.decode(errors="replace"),
+        stderr=r.stderr.decode(errors="replace"), timed_out=r.timed_out,
+        duration_ms=r.duration_ms, truncated=r.truncated,
+    )
+
+
+@router.websocket("/exec/stream")
+async def exec_stream(websocket: WebSocket, ref: str) -> None:
+    """Protocol: the client sends the exec request as its first JSON message, then
+    ``{"type": "stdin", "data": str}`` / ``{"type": "close_stdin"}`` (binary frames are raw
+    stdin). The server sends ``{"type": "stdout"|"stderr", "data": str}`` and finally
+    ``{"type": "exit", "exit_code": int}``, or ``{"type": "error", "error": {...}}``."""
+    await websocket.accept()
+    stream: ExecStream | None = None
+    try:
+        user = websocket_user(websocket)
+        svc = websocket.app.state.workspaces
+        ws = svc.get_for(user, ref)
+        try:
+            body = ExecIn.model_validate(await websocket.receive_json())
+        except (ValidationError, json.JSONDecodeError, KeyError) as exc:
+            raise ValidationFailed(f"the first message must be an exec request: {exc}") from exc
+        req = svc.exec_request(ws, body.cmd, cwd=body.cwd, env=body.env,
+                               timeout_s=body.timeout_s)
+        stream = await svc.exec_stream(ws.id, req, actor=user.name)
+        pump = asyncio.create_task(_pump_stdin(websocket, stream))
+        try:
+            decoders = {n: codecs.getincrementaldecoder("utf-8")("replace")
+                        for n in ("stdout", "stderr")}
+            async for chunk in stream.output():
+                text = decoders[chunk.stream].decode(chunk.data)
+                if text:
+                    await websocket.send_json({"type": chunk.stream, "data": text})
+            code = await stream.wait()
+        finally:
+            pump.cancel()
+            with contextlib.suppress(BaseException):
+                await pump
+        await websocket.send_json({"type": "exit", "exit_code": code})
+        await websocket.close()
+    except WebSocketDisconnect:
+        pass
+    except DenError as exc:
+        with contextlib.suppress(Exception):
+            await websocket.send_json(
+                {"type": "error", "error": {"code": exc.code, "message": exc.message}}
+            )
+            await websocket.close(code=4000 + exc.status_code)
+    finally:
+        if stream is not None:
+            await stream.kill()
+
+
+async def _pump_stdin(websocket: WebSocket, stream: ExecStream) -> None:
+    while True:
+        msg: dict[str, Any] = await websocket.receive()
+        if msg["type"] == "websocket.disconnect":
+            await stream.kill()
+            return
+        if msg.get("bytes") is not None:
+            await stream.write(msg["bytes"])
+            continue
+        try:
+            data = json.loads(msg.get("text") or "{}")
+        except json.JSONDecodeError:
+            continue
+        if data.get("type") == "stdin":
+            await stream.write(str(data.get("data", "")).encode())
+        elif data.get("type") == "close_stdin":
+            await stream.close_stdin()

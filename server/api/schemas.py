@@ -1,0 +1,169 @@
+"""Request and response bodies of the HTTP API (separate from ORM rows)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from server.db.models import Event, Workspace
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RepoIn(_Strict):
+    url: str = Field(max_length=2048, description="https, ssh, git, file:// URL or local path")
+    branch: str | None = Field(None, max_length=255)
+
+
+class ResourcesIn(_Strict):
+    cpus: float | None = None
+    memory_mb: int | None = None
+    disk_gb: int | None = None
+    gpus: int = 0
+
+
+class WorkspaceCreate(_Strict):
+    name: str | None = Field(None, max_length=64)
+    repo: RepoIn
+    image: str | None = Field(None, max_length=255)
+    runtime: str | None = None
+    resources: ResourcesIn = Field(default_factory=ResourcesIn)
+    env: dict[str, str] = Field(default_factory=dict)
+    idle_timeout_s: int | None = None
+    keep_alive: bool = False
+
+
+class RepoOut(BaseModel):
+    url: str
+    branch: str | None
+    path: str
+
+
+class ResourcesOut(BaseModel):
+    cpus: float
+    memory_mb: int
+    disk_gb: int
+    gpus: int
+    pids: int
+
+
+class WorkspaceOut(BaseModel):
+    id: str
+    name: str
+    owner: str
+    state: str
+    state_reason: str
+    repo: RepoOut
+    image: str
+    runtime: str
+    resources: ResourcesOut
+    env: dict[str, str]
+    idle_timeout_s: int | None
+    keep_alive: bool
+    created_at: datetime
+    updated_at: datetime
+    last_activity_at: datetime
+    ssh: dict[str, str | int] | None = None
+
+    @classmethod
+    def of(cls, ws: Workspace) -> WorkspaceOut:
+        return cls(
+            id=ws.id, name=ws.name, owner=ws.owner.name, state=ws.state,
+            state_reason=ws.state_reason,
+            repo=RepoOut(url=ws.repo_url, branch=ws.repo_branch,
+                         path=f"/workspace/{ws.repo_dir}"),
+            image=ws.image, runtime=ws.runtime,
+            resources=ResourcesOut(cpus=ws.cpus, memory_mb=ws.memory_mb, disk_gb=ws.disk_gb,
+                                   gpus=ws.gpus, pids=ws.pids_limit),
+            env={str(k): str(v) for k, v in ws.env.items()},
+            idle_timeout_s=ws.idle_timeout_s, keep_alive=ws.keep_alive,
+            created_at=ws.created_at, updated_at=ws.updated_at,
+            last_activity_at=ws.last_activity_at,
+        )
+
+
+class WorkspaceList(BaseModel):
+    workspaces: list[WorkspaceOut]
+
+
+class ExecIn(_Strict):
+    cmd: list[str] | str
+    cwd: str | None = Field(None, max_length=4096)
+    env: dict[str, str] = Field(default_factory=dict)
+    timeout_s: float | None = None
+    stdin: str | None = None
+    tty: bool = False
+
+
+class ExecOut(BaseModel):
+    exit_code: int
+    stdout: str
+    stderr: str
+    timed_out: bool
+    duration_ms: int
+    truncated: bool
+
+
+class EventOut(BaseModel):
+    id: int
+    at: datetime
+    kind: str
+    from_state: str | None
+    to_state: str | None
+    actor: str
+    message: str
+
+    @classmethod
+    def of(cls, e: Event) -> EventOut:
+        return cls(id=e.id, at=e.at, kind=e.kind, from_state=e.from_state,
+                   to_state=e.to_state, actor=e.actor, message=e.message)
+
+
+class EventList(BaseModel):
+    events: list[EventOut]
+
+
+class FileEntryOut(BaseModel):
+    name: str
+    type: str
+    size: int
+    mtime: float
+    mode: str
+
+
+class FileList(BaseModel):
+    path: str
+    entries: list[FileEntryOut]
+
+
+class FileWritten(BaseModel):
+    path: str
+    size: int
+
+
+class UserOut(BaseModel):
+    id: int
+    name: str
+    is_admin: bool
+
+
+class TokenCreate(_Strict):
+    name: str = Field("", max_length=128)
+
+
+class TokenOut(BaseModel):
+    id: int
+    name: str
+    created_at: datetime
+    last_used_at: datetime | None = None
+
+
+class TokenCreated(TokenOut):
+    token: str
+
+
+class TokenList(BaseModel):
+    tokens: list[TokenOut]

@@ -1,0 +1,64 @@
+"""Workspace routes: create, list, read, lifecycle, delete, events."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response, status
+
+from server.api.deps import CurrentUser, Workspaces
+from server.api.schemas import (
+    EventList,
+    EventOut,
+    WorkspaceCreate,
+    WorkspaceList,
+    WorkspaceOut,
+)
+from server.workspaces.service import CreateRequest
+
+router = APIRouter(prefix="/api/v1/workspaces", tags=["workspaces"])
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=WorkspaceOut)
+async def create_workspace(body: WorkspaceCreate, user: CurrentUser, svc: Workspaces
+                           ) -> WorkspaceOut:
+    req = CreateRequest(
+        name=body.name, repo_url=body.repo.url, branch=body.repo.branch, image=body.image,
+        runtime=body.runtime, cpus=body.resources.cpus, memory_mb=body.resources.memory_mb,
+        disk_gb=body.resources.disk_gb, gpus=body.resources.gpus, env=body.env,
+        idle_timeout_s=body.idle_timeout_s, keep_alive=body.keep_alive,
+    )
+    return WorkspaceOut.of(await svc.create(user, req))
+
+
+@router.get("", response_model=WorkspaceList)
+def list_workspaces(user: CurrentUser, svc: Workspaces) -> WorkspaceList:
+    return WorkspaceList(workspaces=[WorkspaceOut.of(w) for w in svc.list_for(user)])
+
+
+@router.get("/{ref}", response_model=WorkspaceOut)
+def get_workspace(ref: str, user: CurrentUser, svc: Workspaces) -> WorkspaceOut:
+    return WorkspaceOut.of(svc.get_for(user, ref))
+
+
+@router.post("/{ref}/start", response_model=WorkspaceOut)
+async def start_workspace(ref: str, user: CurrentUser, svc: Workspaces) -> WorkspaceOut:
+    ws = svc.get_for(user, ref)
+    return WorkspaceOut.of(await svc.start(ws.id, actor=user.name))
+
+
+@router.post("/{ref}/stop", response_model=WorkspaceOut)
+async def stop_workspace(ref: str, user: CurrentUser, svc: Workspaces) -> WorkspaceOut:
+    ws = svc.get_for(user, ref)
+    return WorkspaceOut.of(await svc.stop(ws.id, actor=user.name))
+
+
+@router.delete("/{ref}", status_code=status.HTTP_204_NO_CONTENT)
+async def delete_workspace(ref: str, user: CurrentUser, svc: Workspaces) -> Response:
+    ws = svc.get_for(user, ref)
+    done = await svc.delete(ws.id, actor=user.name)
+    return Response(status_code=204 if done else 202)
+
+
+@router.get("/{ref}/events", response_model=EventList)
+def workspace_events(ref: str, user: CurrentUser, svc: Workspaces) -> EventList:
+    ws = svc.get_for(user, ref)
+    return EventList(events=[EventOut.of(e) for e in svc.events(ws.id)])

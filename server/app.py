@@ -1,0 +1,118 @@
+"""``create_app(settings)``: the FastAPI application, its services wired in the lifespan.
+
+No import-time globals: everything hangs off ``app.state`` and is built from Settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server import __version__
+from server.api import exec as exec_routes
+from server.api import files, health, users, workspaces
+from server.config import Settings
+from server.db.migrate import ensure_schema
+from server.db.models import Meta
+from server.db.session import make_engine, make_session_factory
+from server.errors import DenError
+from server.runtime.base import Runtime
+from server.workspaces.files import FileService
+from server.workspaces.service import WorkspaceService
+
+log = logging.getLogger(__name__)
+
+
+def instance_id(sessions: sessionmaker[Session]) -> str:
+    """This installation's id (labels every engine object it creates); made once."""
+    with sessions.begin() as s:
+        row = s.scalar(select(Meta).where(Meta.key == "instance_id"))
+        if row is None:
+            row = Meta(key="instance_id", value=secrets.token_hex(8))
+            s.add(row)
+        return row.value
+
+
+def default_runtime(settings: Settings) -> Runtime:
+    from server.runtime.docker import DockerRuntime
+
+    return DockerRuntime(base_url=settings.docker_url, gvisor_runtime=settings.gvisor_runtime,
+                         threads=settings.engine_threads)
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI:
+    """Build the app. ``runtime`` defaults to the Docker engine with gVisor."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        url = settings.resolved_database_url()
+        engine = make_engine(url)
+        ensure_schema(engine, url, auto_migrate=settings.auto_migrate)
+        sessions = make_session_factory(engine)
+        rt = runtime if runtime is not None else default_runtime(settings)
+        svc = WorkspaceService(settings=settings, sessions=sessions, runtime=rt,
+                               instance_id=instance_id(sessions))
+        app.state.settings = settings
+        app.state.sessions = sessions
+        app.state.workspaces = svc
+        app.state.files = FileService(svc)
+        try:
+            await rt.check()
+            await svc.reconcile()
+        except DenError as exc:
+            log.error("engine check or reconcile failed: %s (%s)", exc.message, exc.detail)
+        try:
+            yield
+        finally:
+            await svc.shutdown()
+            close = getattr(rt, "close", None)
+            if runtime is None and close is not None:
+                close()
+            engine.dispose()
+
+    app = FastAPI(title="Den", version=__version__, lifespan=lifespan,
+                  description="Persistent dev workspaces, isolated with gVisor.")
+
+    @app.exception_handler(DenError)
+    async def den_error(request: Request, exc: DenError) -> JSONResponse:
+        if exc.status_code >= 500:
+            log.error("%s %s: %s (%s)", request.method, request.url.path, exc.message,
+                      exc.detail)
+        return _error(exc.status_code, exc.code, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors()[:5]:
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        return _error(422, "invalid", "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}
+        return _error(exc.status_code, codes.get(exc.status_code, "http_error"),
+                      str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _error(500, "internal", "internal server error (this is a bug; see the log)")
+
+    for module in (health, users, workspaces, exec_routes, files):
+        app.include_router(module.router)
+    return app

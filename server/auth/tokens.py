@@ -1,0 +1,84 @@
+"""API tokens: random, shown once, stored as SHA-256 (they carry 256 bits, so no slow hash)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from server.db.models import ApiToken, User
+from server.errors import NotFound, ValidationFailed
+
+TOKEN_PREFIX = "den_"
+USER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+LAST_USED_DEBOUNCE = timedelta(minutes=1)
+
+
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def ensure_user(s: Session, name: str, *, admin: bool = False) -> User:
+    """The user called ``name``, created when missing; ``admin=True`` also grants admin."""
+    if USER_NAME_RE.fullmatch(name) is None:
+        raise ValidationFailed(
+            f"invalid user name {name!r}: lowercase letters, digits, '.', '_' and '-'"
+        )
+    user = s.scalar(select(User).where(User.name == name))
+    if user is None:
+        user = User(name=name, is_admin=admin)
+        s.add(user)
+        s.flush()
+    elif admin and not user.is_admin:
+        user.is_admin = True
+    return user
+
+
+def issue_token(s: Session, user: User, *, name: str = "") -> tuple[ApiToken, str]:
+    """A new token for ``user``: the row and the secret (the only time it exists in clear)."""
+    if len(name) > 128:
+        raise ValidationFailed("token name is longer than 128 characters")
+    token = new_token()
+    row = ApiToken(user_id=user.id, name=name, token_hash=hash_token(token),
+                   prefix=token[: len(TOKEN_PREFIX) + 4])
+    s.add(row)
+    s.flush()
+    return row, token
+
+
+def authenticate(sessions: sessionmaker[Session], token: str) -> User | None:
+    """The user a bearer token belongs to, or None."""
+    if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
+        return None
+    digest = hash_token(token)
+    with sessions.begin() as s:
+        row = s.scalar(select(ApiToken).where(ApiToken.token_hash == digest))
+        if row is None or not hmac.compare_digest(row.token_hash, digest):
+            return None
+        now = datetime.now(UTC)
+        if row.last_used_at is None or row.last_used_at < now - LAST_USED_DEBOUNCE:
+            s.execute(update(ApiToken).where(ApiToken.id == row.id).values(last_used_at=now))
+        user = row.user
+        s.expunge(user)
+        return user
+
+
+def list_tokens(s: Session, user: User) -> list[ApiToken]:
+    return list(s.scalars(select(ApiToken).where(ApiToken.user_id == user.id)
+                          .order_by(ApiToken.id)))
+
+
+def revoke_token(s: Session, user: User, token_id: int) -> None:
+    row = s.get(ApiToken, token_id)
+    if row is None or row.user_id != user.id:
+        raise NotFound(f"no token {token_id}")
+    s.delete(row)

@@ -1,0 +1,116 @@
+"""The ``den`` command: ``serve`` and ``admin`` for operators, client verbs for users.
+
+Settings are built once here (environment ``DEN_*``, then flags) and passed down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from server.client.commands import add_client_commands
+from server.config import Settings
+from server.errors import DenError
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {k: getattr(args, k) for k in ("host", "port", "ssh_port", "data_dir")
+                 if getattr(args, k, None) is not None}
+    return Settings(**overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+
+    settings = _settings(args)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    app = create_app(settings)
+    print(f"den: serving on http://{settings.host}:{settings.port} "
+          f"(data in {settings.data_dir})", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port,
+                log_level=settings.log_level.lower(), ws_max_size=16 * 1024 * 1024)
+    return 0
+
+
+def _open_db(settings: Settings, *, migrate: bool) -> object:
+    from server.db.migrate import ensure_schema
+    from server.db.session import make_engine, make_session_factory
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    url = settings.resolved_database_url()
+    engine = make_engine(url)
+    ensure_schema(engine, url, auto_migrate=migrate or settings.auto_migrate)
+    return make_session_factory(engine)
+
+
+def cmd_admin_token(args: argparse.Namespace) -> int:
+    from server.auth.tokens import ensure_user, issue_token
+
+    sessions = _open_db(_settings(args), migrate=False)
+    with sessions.begin() as s:  # type: ignore[attr-defined]
+        user = ensure_user(s, args.user, admin=args.admin)
+        _row, token = issue_token(s, user, name=args.name or "admin-cli")
+    print(token)
+    return 0
+
+
+def cmd_admin_migrate(args: argparse.Namespace) -> int:
+    _open_db(_settings(args), migrate=True)
+    print("den: database schema is up to date")
+    return 0
+
+
+def _server_flags(p: argparse.ArgumentParser, *, listen: bool) -> None:
+    if listen:
+        p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+        p.add_argument("--port", type=int, help="HTTP port (default 8080)")
+        p.add_argument("--ssh-port", dest="ssh_port", type=int,
+                       help="SSH gateway port (default 2222)")
+    p.add_argument("--data-dir", dest="data_dir", type=Path,
+                   help="data directory (default /var/lib/den, or DEN_DATA_DIR)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="den", description="Den: persistent dev workspaces.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the Den server (API, reconcile, reaper)")
+    _server_flags(serve, listen=True)
+    serve.set_defaults(func=cmd_serve)
+
+    admin = sub.add_parser("admin", help="operator commands against the data dir / database")
+    admin_sub = admin.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
+    token = admin_sub.add_parser("token", help="create a user if needed and print a new token")
+    token.add_argument("--user", required=True, help="user name")
+    token.add_argument("--admin", action="store_true", help="make the user an admin")
+    token.add_argument("--name", help="a label for the token")
+    _server_flags(token, listen=False)
+    token.set_defaults(func=cmd_admin_token)
+    migrate = admin_sub.add_parser("migrate", help="upgrade the database schema")
+    _server_flags(migrate, listen=False)
+    migrate.set_defaults(func=cmd_admin_migrate)
+
+    add_client_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except DenError as exc:
+        print(f"den: {exc.message}", file=sys.stderr)
+        code = 1
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

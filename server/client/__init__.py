@@ -1,0 +1,9 @@
+"""Den's Python client: ``from server.client import Den``.
+
+``Den(url, token)`` (or ``Den.from_config()``) talks to the HTTP API; ``Workspace`` handles run
+commands and move files; every failure is a ``DenAPIError``.
+"""
+
+from .api import Den, DenAPIError, ExecResult, FileEntry, Workspace
+
+__all__ = ["Den", "DenAPIError", "ExecResult", "FileEntry", "Workspace"]

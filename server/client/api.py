@@ -1,0 +1,549 @@
+"""The importable Python client for Den's HTTP API (synchronous, built on httpx).
+
+::
+
+    den = Den("http://127.0.0.1:8080", token="den_...")   # or Den.from_config()
+    ws = den.create("https://forge/acme/api.git", branch="main")
+    r = ws.exec("pytest -q")
+
+Every failure surfaces as :class:`DenAPIError`; httpx and websockets exceptions are translated in
+exactly two places (:meth:`Den.request` and :meth:`Workspace.exec_stream`). ``status`` is the HTTP
+status of the error response, or 0 when no HTTP error response was involved:
+
+- ``unreachable`` (0): the server could not be reached; the message names the URL.
+- ``timeout`` (0): an HTTP request, or waiting for a workspace to settle, took too long.
+- ``workspace_error`` (0): a workspace being waited on went to state ``error``.
+- ``unexpected_state`` (0): a workspace being waited on settled in another state than wanted.
+- ``exec_failed`` (0): :meth:`ExecResult.check` on a non-zero exit.
+- ``stream_closed`` (0): a streaming exec ended without an exit message.
+- ``not_logged_in`` (0): :meth:`Den.from_config` found no URL or token.
+- anything else: the server's ``{"error": {"code", "message"}}`` for a non-2xx response.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import websockets.exceptions
+from websockets.sync.client import connect as ws_connect
+
+from .config import load_config
+
+__all__ = ["Den", "DenAPIError", "ExecResult", "FileEntry", "Workspace", "default_name"]
+
+JSON = dict[str, Any]
+Command = str | Sequence[str]
+
+TRANSITIONAL_STATES = frozenset(
+    {"creating", "starting", "stopping", "pausing", "resuming", "deleting"}
+)
+_STDIN_CHUNK = 64 * 1024
+
+
+class _Default(enum.Enum):
+    TIMEOUT = enum.auto()  # "use the client's timeout", distinct from None ("no read timeout")
+
+_NAME_MAX = 40
+
+
+class DenAPIError(Exception):
+    """An error answered by the Den server, or a client-side failure talking to it."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(status, code, message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.code}, HTTP {self.status})"
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """The outcome of a command run with :meth:`Workspace.exec`."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+    timed_out: bool = False
+    duration_ms: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """True when the command exited 0 and did not time out."""
+        return self.exit_code == 0 and not self.timed_out
+
+    def check(self) -> ExecResult:
+        """Return self if :attr:`ok`, else raise DenAPIError with code ``exec_failed``."""
+        if self.ok:
+            return self
+        what = "timed out" if self.timed_out else f"exited with {self.exit_code}"
+        tail = self.stderr.strip()[-500:]
+        raise DenAPIError(0, "exec_failed", f"command {what}" + (f": {tail}" if tail else ""))
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One entry of a directory listing inside a workspace."""
+
+    name: str
+    type: str  # "file" | "dir" | "symlink" | "other"
+    size: int
+    mtime: float
+    mode: str
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> FileEntry:
+        """Build an entry from the server's JSON."""
+        return cls(
+            name=str(data["name"]),
+            type=str(data.get("type", "other")),
+            size=int(data.get("size") or 0),
+            mtime=float(data.get("mtime") or 0.0),
+            mode=str(data.get("mode", "")),
+        )
+
+
+def default_name(repo_url: str) -> str:
+    """Derive a workspace name from a repo URL: ``https://f/acme/My_API.git`` -> ``my-api``."""
+    tail = re.split(r"[/:]", repo_url.rstrip("/"))[-1]
+    tail = tail.removesuffix(".git").lower()
+    name = re.sub(r"[^a-z0-9-]", "-", tail)[:_NAME_MAX].strip("-")
+    return name or "workspace"
+
+
+def _seg(value: str) -> str:
+    return quote(value, safe="")
+
+
+def _error_from_response(response: httpx.Response) -> DenAPIError:
+    try:
+        err = response.json()["error"]
+        return DenAPIError(response.status_code, str(err["code"]), str(err["message"]))
+    except (ValueError, KeyError, TypeError):
+        status = response.status_code
+        text = response.text.strip()[:200] or response.reason_phrase
+        return DenAPIError(status, "http_error", f"HTTP {status}: {text}")
+
+
+class Den:
+    """A connection to a Den server, authenticated with an API token.
+
+    ``transport`` (e.g. ``httpx.MockTransport``) or a ready ``http_client`` may be given for tests
+    or custom TLS; a client passed in is not closed by :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        *,
+        timeout_s: float = 30.0,
+        poll_interval_s: float = 0.25,
+        transport: httpx.BaseTransport | None = None,
+        http_client: httpx.Client | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout_s = timeout_s
+        self.poll_interval_s = poll_interval_s
+        self._owns_client = http_client is None
+        self._http = http_client or httpx.Client(transport=transport, timeout=timeout_s)
+
+    @classmethod
+    def from_config(cls, **kwargs: Any) -> Den:
+        """Build a client from ``den login``'s config file and ``DEN_URL``/``DEN_TOKEN``."""
+        config = load_config()
+        if config is None:
+            raise DenAPIError(0, "not_logged_in", "not logged in; run: den login URL --token TOKEN")
+        return cls(config.url, config.token, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"Den({self.url!r})"
+
+    def __enter__(self) -> Den:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the underlying HTTP client if this object created it."""
+        if self._owns_client:
+            self._http.close()
+
+    def headers(self) -> dict[str, str]:
+        """The headers every request carries (authorization)."""
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        params: Mapping[str, str] | None = None,
+        content: bytes | None = None,
+        timeout_s: float | _Default | None = _Default.TIMEOUT,
+    ) -> httpx.Response:
+        """Send one request; return the 2xx response or raise DenAPIError.
+
+        ``timeout_s`` overrides the client's timeout for this request (None: no read timeout).
+        """
+        url = self.url + path
+        headers = self.headers()
+        if content is not None:
+            headers["Content-Type"] = "application/octet-stream"
+        timeout: Any = httpx.USE_CLIENT_DEFAULT
+        if not isinstance(timeout_s, _Default):
+            timeout = httpx.Timeout(self.timeout_s, read=timeout_s)
+        try:
+            response = self._http.request(
+                method, url, json=json_body, params=params, content=content,
+                headers=headers, timeout=timeout,
+            )
+        except httpx.TimeoutException as exc:
+            raise DenAPIError(0, "timeout", f"request to {url} timed out") from exc
+        except httpx.TransportError as exc:
+            raise DenAPIError(0, "unreachable", f"cannot reach Den at {self.url}: {exc}") from exc
+        if not response.is_success:
+            raise _error_from_response(response)
+        return response
+
+    def request_json(self, method: str, path: str, **kwargs: Any) -> JSON:
+        """Like :meth:`request`, returning the response body as a JSON object."""
+        response = self.request(method, path, **kwargs)
+        try:
+            data = response.json()
+        except ValueError as exc:
+            raise DenAPIError(response.status_code, "bad_response", f"{path}: not JSON") from exc
+        if not isinstance(data, dict):
+            raise DenAPIError(response.status_code, "bad_response", f"{path}: not a JSON object")
+        return data
+
+    # --- users and tokens -------------------------------------------------------------------
+
+    def health(self) -> JSON:
+        """``GET /healthz``."""
+        return self.request_json("GET", "/healthz")
+
+    def me(self) -> JSON:
+        """The authenticated user: ``{"id", "name", "is_admin"}``."""
+        return self.request_json("GET", "/api/v1/users/me")
+
+    def create_token(self, name: str) -> JSON:
+        """Create an API token; the returned ``token`` is shown only this once."""
+        return self.request_json("POST", "/api/v1/users/me/tokens", json_body={"name": name})
+
+    def tokens(self) -> list[JSON]:
+        """The user's API tokens (without their secrets)."""
+        return list(self.request_json("GET", "/api/v1/users/me/tokens")["tokens"])
+
+    def delete_token(self, token_id: str) -> None:
+        """Revoke an API token."""
+        self.request("DELETE", f"/api/v1/users/me/tokens/{_seg(str(token_id))}")
+
+    # --- workspaces -------------------------------------------------------------------------
+
+    def create(
+        self,
+        repo_url: str,
+        *,
+        name: str | None = None,
+        branch: str | None = None,
+        image: str | None = None,
+        runtime: str | None = None,
+        cpus: float | None = None,
+        memory_mb: int | None = None,
+        disk_gb: int | None = None,
+        gpus: int | None = None,
+        env: Mapping[str, str] | None = None,
+        idle_timeout_s: int | None = None,
+        keep_alive: bool | None = None,
+        wait: bool = True,
+        timeout_s: float = 300.0,
+    ) -> Workspace:
+        """Create a workspace from a repo; with ``wait`` (default), return once it is running.
+
+        Raises DenAPIError ``workspace_error`` if it ends in state error, ``timeout`` if it is
+        not running after ``timeout_s``.
+        """
+        body: JSON = {
+            "name": name or default_name(repo_url),
+            "repo": {"url": repo_url, "branch": branch},
+        }
+        resources = {"cpus": cpus, "memory_mb": memory_mb, "disk_gb": disk_gb, "gpus": gpus}
+        optional: JSON = {
+            "image": image,
+            "runtime": runtime,
+            "resources": {k: v for k, v in resources.items() if v is not None} or None,
+            "env": dict(env) if env is not None else None,
+            "idle_timeout_s": idle_timeout_s,
+            "keep_alive": keep_alive,
+        }
+        body.update({k: v for k, v in optional.items() if v is not None})
+        ws = Workspace(self, self.request_json("POST", "/api/v1/workspaces", json_body=body))
+        if wait:
+            ws.wait_for("running", timeout_s=timeout_s)
+        return ws
+
+    def workspaces(self) -> list[Workspace]:
+        """The workspaces visible to the user (all of them for an admin)."""
+        data = self.request_json("GET", "/api/v1/workspaces")
+        return [Workspace(self, item) for item in data["workspaces"]]
+
+    def workspace(self, id_or_name: str) -> Workspace:
+        """One workspace, by id or name."""
+        return Workspace(self, self.request_json("GET", f"/api/v1/workspaces/{_seg(id_or_name)}"))
+
+
+class Workspace:
+    """A thin handle on one workspace: the client plus the last JSON seen from the server."""
+
+    def __init__(self, den: Den, data: Mapping[str, Any]) -> None:
+        self.den = den
+        self._data: JSON = dict(data)
+
+    def __repr__(self) -> str:
+        return f"Workspace(name={self.name!r}, id={self.id!r}, state={self.state!r})"
+
+    @property
+    def raw(self) -> JSON:
+        """A copy of the last workspace JSON seen."""
+        return dict(self._data)
+
+    @property
+    def id(self) -> str:
+        return str(self._data["id"])
+
+    @property
+    def name(self) -> str:
+        return str(self._data.get("name", ""))
+
+    @property
+    def state(self) -> str:
+        """The state when last seen; call :meth:`refresh` to update it."""
+        return str(self._data.get("state", ""))
+
+    @property
+    def state_reason(self) -> str | None:
+        reason = self._data.get("state_reason")
+        return None if reason is None else str(reason)
+
+    @property
+    def repo_url(self) -> str | None:
+        url = (self._data.get("repo") or {}).get("url")
+        return None if url is None else str(url)
+
+    @property
+    def repo_path(self) -> str | None:
+        """Where the repo is checked out inside the workspace, e.g. ``/workspace/api``."""
+        path = (self._data.get("repo") or {}).get("path")
+        return None if path is None else str(path)
+
+    @property
+    def _path(self) -> str:
+        return f"/api/v1/workspaces/{_seg(self.id)}"
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def refresh(self) -> Workspace:
+        """Re-read the workspace from the server; return self."""
+        self._data = self.den.request_json("GET", self._path)
+        return self
+
+    def wait_for(self, state: str = "running", *, timeout_s: float = 300.0) -> Workspace:
+        """Poll until the workspace is in ``state``; return self.
+
+        Raises DenAPIError ``workspace_error`` (state error), ``unexpected_state`` (settled in
+        another state) or ``timeout``.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.state == state:
+                return self
+            if self.state == "error":
+                reason = self.state_reason or "workspace failed"
+                raise DenAPIError(0, "workspace_error", reason)
+            if self.state not in TRANSITIONAL_STATES:
+                msg = f"workspace {self.name} is {self.state}, not {state}"
+                raise DenAPIError(0, "unexpected_state", msg)
+            if time.monotonic() >= deadline:
+                msg = f"workspace {self.name} still {self.state} after {timeout_s:g}s"
+                raise DenAPIError(0, "timeout", msg)
+            time.sleep(self.den.poll_interval_s)
+            self.refresh()
+
+    def _lifecycle(self, action: str, timeout_s: float) -> Workspace:
+        self._data = self.den.request_json("POST", f"{self._path}/{action}", timeout_s=timeout_s)
+        return self
+
+    def start(self, *, timeout_s: float = 300.0) -> Workspace:
+        """Start a stopped workspace; returns when it is running."""
+        return self._lifecycle("start", timeout_s)
+
+    def stop(self, *, timeout_s: float = 300.0) -> Workspace:
+        """Stop the workspace (processes end, the disk stays)."""
+        return self._lifecycle("stop", timeout_s)
+
+    def pause(self, *, timeout_s: float = 300.0) -> Workspace:
+        """Checkpoint memory and processes and free CPU and RAM."""
+        return self._lifecycle("pause", timeout_s)
+
+    def resume(self, *, timeout_s: float = 300.0) -> Workspace:
+        """Resume a paused workspace."""
+        return self._lifecycle("resume", timeout_s)
+
+    def delete(self) -> bool:
+        """Delete the workspace and its disk; True if done, False if still in progress (202)."""
+        response = self.den.request("DELETE", self._path)
+        if response.status_code == 202:
+            self._data["state"] = "deleting"
+            return False
+        return True
+
+    def events(self) -> list[JSON]:
+        """The event log: ``{"id", "at", "kind", "from_state", "to_state", "actor", "message"}``."""
+        return list(self.den.request_json("GET", f"{self._path}/events")["events"])
+
+    # --- exec -------------------------------------------------------------------------------
+
+    def exec(
+        self,
+        cmd: Command,
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+        stdin: str | bytes | None = None,
+        check: bool = False,
+    ) -> ExecResult:
+        """Run a command (argv list, or a string for ``sh -c``) and wait for it to finish."""
+        body: JSON = {"cmd": cmd if isinstance(cmd, str) else list(cmd)}
+        if cwd is not None:
+            body["cwd"] = cwd
+        if env is not None:
+            body["env"] = dict(env)
+        if timeout_s is not None:
+            body["timeout_s"] = timeout_s
+        if stdin is not None:
+            body["stdin"] = stdin.decode("utf-8") if isinstance(stdin, bytes) else stdin
+        # the server enforces timeout_s; give it a margin to answer before the client gives up
+        http_timeout = None if timeout_s is None else timeout_s + 30.0
+        data = self.den.request_json(
+            "POST", f"{self._path}/exec", json_body=body, timeout_s=http_timeout
+        )
+        result = ExecResult(
+            exit_code=int(data["exit_code"]),
+            stdout=str(data.get("stdout", "")),
+            stderr=str(data.get("stderr", "")),
+            timed_out=bool(data.get("timed_out", False)),
+            duration_ms=int(data.get("duration_ms") or 0),
+        )
+        return result.check() if check else result
+
+    def ws_url(self, suffix: str) -> str:
+        """The ws(s):// URL of a WebSocket endpoint under this workspace."""
+        base = self.den.url
+        if base.startswith("https://"):
+            base = "wss://" + base.removeprefix("https://")
+        elif base.startswith("http://"):
+            base = "ws://" + base.removeprefix("http://")
+        return f"{base}{self._path}/{suffix}"
+
+    def exec_stream(
+        self,
+        cmd: Command,
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        stdin: bytes | str | None = None,
+        on_stdout: Callable[[str], None] | None = None,
+        on_stderr: Callable[[str], None] | None = None,
+        tty: bool = False,
+    ) -> int:
+        """Run a command over the streaming WebSocket and return its exit code.
+
+        Output is passed to ``on_stdout``/``on_stderr`` as it arrives (discarded if None).
+        ``stdin`` (UTF-8 text) is sent in full and then closed; None means empty stdin.
+        """
+        first: JSON = {"cmd": cmd if isinstance(cmd, str) else list(cmd), "tty": tty}
+        if cwd is not None:
+            first["cwd"] = cwd
+        if env is not None:
+            first["env"] = dict(env)
+        text = stdin.decode("utf-8") if isinstance(stdin, bytes) else (stdin or "")
+        url = self.ws_url("exec/stream")
+        try:
+            with ws_connect(
+                url, additional_headers=self.den.headers(), open_timeout=self.den.timeout_s,
+                max_size=None,
+            ) as conn:
+                conn.send(json.dumps(first))
+                for start in range(0, len(text), _STDIN_CHUNK):
+                    chunk = text[start : start + _STDIN_CHUNK]
+                    conn.send(json.dumps({"type": "stdin", "data": chunk}))
+                conn.send(json.dumps({"type": "close_stdin"}))
+                for message in conn:
+                    try:
+                        msg = json.loads(message)
+                    except ValueError as exc:
+                        raise DenAPIError(0, "bad_response", "exec stream sent non-JSON") from exc
+                    kind = msg.get("type")
+                    if kind == "stdout" and on_stdout is not None:
+                        on_stdout(str(msg.get("data", "")))
+                    elif kind == "stderr" and on_stderr is not None:
+                        on_stderr(str(msg.get("data", "")))
+                    elif kind == "exit":
+                        return int(msg["exit_code"])
+                    elif kind == "error":
+                        err = msg.get("error") or {}
+                        code = str(err.get("code", "exec_error"))
+                        raise DenAPIError(0, code, str(err.get("message", "streaming exec failed")))
+        except websockets.exceptions.InvalidStatus as exc:
+            response = exc.response
+            fake = httpx.Response(response.status_code, content=bytes(response.body or b""))
+            raise _error_from_response(fake) from exc
+        except websockets.exceptions.ConnectionClosed as exc:
+            raise DenAPIError(0, "stream_closed", f"exec stream closed: {exc}") from exc
+        except (websockets.exceptions.InvalidHandshake, websockets.exceptions.InvalidURI) as exc:
+            raise DenAPIError(0, "unreachable", f"cannot open {url}: {exc}") from exc
+        except TimeoutError as exc:
+            raise DenAPIError(0, "timeout", f"opening {url} timed out") from exc
+        except OSError as exc:
+            msg = f"cannot reach Den at {self.den.url}: {exc}"
+            raise DenAPIError(0, "unreachable", msg) from exc
+        raise DenAPIError(0, "stream_closed", "exec stream ended without an exit status")
+
+    # --- files ------------------------------------------------------------------------------
+
+    def read_file(self, path: str) -> bytes:
+        """The contents of a file under /workspace (relative paths are relative to it)."""
+        return self.den.request("GET", f"{self._path}/files", params={"path": path}).content
+
+    def write_file(self, path: str, data: bytes | str) -> int:
+        """Create or replace a file (parents are created by the server); return its size."""
+        content = data.encode("utf-8") if isinstance(data, str) else data
+        body = self.den.request_json(
+            "PUT", f"{self._path}/files", params={"path": path}, content=content, timeout_s=None
+        )
+        return int(body.get("size", len(content)))
+
+    def list_files(self, path: str = ".") -> list[FileEntry]:
+        """The entries of a directory under /workspace."""
+        data = self.den.request_json("GET", f"{self._path}/files/list", params={"path": path})
+        return [FileEntry.from_json(entry) for entry in data["entries"]]
+
+    def delete_file(self, path: str, *, recursive: bool = False) -> None:
+        """Delete a file, or a directory with ``recursive=True``."""
+        params = {"path": path, "recursive": "true" if recursive else "false"}
+        self.den.request("DELETE", f"{self._path}/files", params=params)

@@ -1,0 +1,305 @@
+"""The client verbs of the ``den`` CLI, built on :class:`server.client.Den`.
+
+``server/cli.py`` owns the top-level parser and calls :func:`add_client_commands`; each verb sets
+``func`` to a callable ``(args) -> int`` returning the exit code: 0 success, 1 an error (printed
+as ``den: <message>`` on stderr), 2 a usage error, or the remote exit code for ``den exec``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TextIO
+
+from .api import Den, DenAPIError, Workspace
+from .config import ClientConfig, load_config, save_config
+
+__all__ = ["ClientFactory", "add_client_commands"]
+
+ClientFactory = Callable[[ClientConfig], Den]
+Handler = Callable[[argparse.Namespace, "_Context"], int]
+
+NOT_LOGGED_IN = "not logged in; run: den login URL --token TOKEN"
+
+
+class CLIError(Exception):
+    """A failure to report as ``den: <message>`` with the given exit code."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
+def _default_factory(config: ClientConfig) -> Den:
+    return Den(config.url, config.token)
+
+
+@dataclass(frozen=True)
+class _Context:
+    factory: ClientFactory
+
+    def client(self) -> Den:
+        try:
+            config = load_config()
+        except ValueError as exc:
+            raise CLIError(str(exc)) from exc
+        if config is None:
+            raise CLIError(NOT_LOGGED_IN)
+        return self.factory(config)
+
+
+def _bind(handler: Handler, ctx: _Context) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args, ctx)
+        except CLIError as exc:
+            print(f"den: {exc.message}", file=sys.stderr)
+            return exc.exit_code
+        except DenAPIError as exc:
+            print(f"den: {exc.message}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
+
+    return run
+
+
+def _emit(stream: TextIO, text: str) -> None:
+    """Write remote output as UTF-8 bytes, bypassing the local locale's encoding."""
+    if not text:
+        return
+    buffer = getattr(stream, "buffer", None)
+    if buffer is None:
+        stream.write(text)
+        return
+    stream.flush()
+    buffer.write(text.encode("utf-8", "surrogateescape"))
+    buffer.flush()
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns separated by two spaces; the last column is not padded."""
+    all_rows = [list(header), *[list(r) for r in rows]]
+    widths = [max(len(r[i]) for r in all_rows) for i in range(len(header) - 1)]
+    lines = []
+    for row in all_rows:
+        cells = [cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])] + [row[-1]]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _when(value: Any) -> str:
+    if not value:
+        return "-"
+    try:
+        return datetime.fromisoformat(str(value)).strftime("%Y-%m-%d %H:%M")
+    except ValueError:
+        return str(value)
+
+
+def _status_line(ws: Workspace) -> str:
+    return f"{ws.name} {ws.state}"
+
+
+# --- verbs ------------------------------------------------------------------------------------
+
+
+def _login(args: argparse.Namespace, ctx: _Context) -> int:
+    token = args.token
+    if not token:
+        if not sys.stdin.isatty():
+            raise CLIError("--token is required when stdin is not a terminal", 2)
+        token = getpass.getpass("API token: ").strip()
+    config = ClientConfig(url=args.url.rstrip("/"), token=token)
+    with ctx.factory(config) as den:
+        user = den.me()
+    save_config(config)
+    print(f"Logged in to {config.url} as {user.get('name', '?')}")
+    return 0
+
+
+def _create(args: argparse.Namespace, ctx: _Context) -> int:
+    with ctx.client() as den:
+        ws = den.create(
+            args.url,
+            name=args.name,
+            branch=args.branch,
+            image=args.image,
+            runtime=args.runtime,
+            cpus=args.cpus,
+            memory_mb=args.memory_mb,
+            disk_gb=args.disk_gb,
+            gpus=args.gpus,
+            wait=not args.no_wait,
+            timeout_s=args.timeout,
+        )
+        print(_status_line(ws))
+    return 0
+
+
+def _ls(args: argparse.Namespace, ctx: _Context) -> int:
+    with ctx.client() as den:
+        workspaces = den.workspaces()
+    if args.json:
+        print(json.dumps([ws.raw for ws in workspaces], indent=2))
+        return 0
+    rows = [
+        [ws.name, ws.state, ws.repo_url or "-", _when(ws.raw.get("created_at"))]
+        for ws in workspaces
+    ]
+    print(_table(["NAME", "STATE", "REPO", "CREATED"], rows))
+    return 0
+
+
+def _exec_argv(args: argparse.Namespace) -> list[str]:
+    """The remote argv; ``den exec NAME --cwd D -- CMD`` is accepted too (options after NAME)."""
+    cmd: list[str] = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    elif cmd and cmd[0].startswith("-") and "--" in cmd:
+        split = cmd.index("--")
+        late = argparse.ArgumentParser(prog="den exec", add_help=False)
+        late.add_argument("--cwd")
+        late.add_argument("--timeout", type=float)
+        opts = late.parse_args(cmd[:split])
+        args.cwd = opts.cwd if opts.cwd is not None else args.cwd
+        args.timeout = opts.timeout if opts.timeout is not None else args.timeout
+        cmd = cmd[split + 1 :]
+    if not cmd:
+        raise CLIError("exec: no command given; usage: den exec NAME -- CMD...", 2)
+    return cmd
+
+
+def _exec(args: argparse.Namespace, ctx: _Context) -> int:
+    argv = _exec_argv(args)
+    with ctx.client() as den:
+        result = den.workspace(args.name).exec(argv, cwd=args.cwd, timeout_s=args.timeout)
+    _emit(sys.stdout, result.stdout)
+    _emit(sys.stderr, result.stderr)
+    if result.timed_out:
+        after = f" after {args.timeout:g}s" if args.timeout is not None else ""
+        print(f"den: command timed out{after}", file=sys.stderr)
+        return 124
+    if result.exit_code < 0:  # killed by a signal, shell convention
+        return min(128 - result.exit_code, 255)
+    return min(result.exit_code, 255)
+
+
+def _lifecycle(action: str) -> Handler:
+    def handler(args: argparse.Namespace, ctx: _Context) -> int:
+        with ctx.client() as den:
+            ws = den.workspace(args.name)
+            getattr(ws, action)()
+            print(_status_line(ws))
+        return 0
+
+    return handler
+
+
+def _confirm(question: str) -> bool:
+    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+    return sys.stdin.readline().strip().lower() in {"y", "yes"}
+
+
+def _rm(args: argparse.Namespace, ctx: _Context) -> int:
+    if not args.yes:
+        if not sys.stdin.isatty():
+            msg = f"refusing to delete {args.name} without --yes (stdin is not a terminal)"
+            raise CLIError(msg)
+        if not _confirm(f"Delete workspace {args.name} and its disk?"):
+            raise CLIError("aborted")
+    with ctx.client() as den:
+        ws = den.workspace(args.name)
+        done = ws.delete()
+    print(f"{ws.name} {'deleted' if done else 'deleting'}")
+    return 0
+
+
+def _events(args: argparse.Namespace, ctx: _Context) -> int:
+    with ctx.client() as den:
+        events = den.workspace(args.name).events()
+    if args.json:
+        print(json.dumps(events, indent=2))
+        return 0
+    rows = []
+    for ev in events:
+        before, after = ev.get("from_state"), ev.get("to_state")
+        change = f"{before or '-'} -> {after}" if after else "-"
+        rows.append([
+            _when(ev.get("at")), str(ev.get("kind", "")), change,
+            str(ev.get("actor") or "-"), str(ev.get("message") or ""),
+        ])
+    print(_table(["AT", "KIND", "STATE", "ACTOR", "MESSAGE"], rows))
+    return 0
+
+
+# --- registration -----------------------------------------------------------------------------
+
+
+def add_client_commands(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+    *,
+    client_factory: ClientFactory | None = None,
+) -> None:
+    """Register login, create, ls, exec, start, stop, pause, resume, rm and events.
+
+    ``client_factory`` builds the :class:`Den` used by each verb (tests pass one that injects an
+    ``httpx.MockTransport``); by default ``Den(config.url, config.token)``.
+    """
+    ctx = _Context(client_factory or _default_factory)
+
+    def verb(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = subparsers.add_parser(
+            name, help=help_text, description=help_text
+        )
+        parser.set_defaults(func=_bind(handler, ctx))
+        return parser
+
+    p = verb("login", _login, "check an API token against a Den server and save both")
+    p.add_argument("url", metavar="URL", help="the server, e.g. https://den.example")
+    p.add_argument("--token", help="API token (prompted for when omitted on a terminal)")
+
+    p = verb("create", _create, "create a workspace from a Git repository")
+    p.add_argument("url", metavar="URL", help="the repository to clone")
+    p.add_argument("--name", help="workspace name (default: from the repo URL)")
+    p.add_argument("--branch", help="branch to check out (default: the repo's default)")
+    p.add_argument("--image", help="workspace image")
+    p.add_argument("--runtime", help="gvisor (default), microvm or runc")
+    p.add_argument("--cpus", type=float, help="CPU limit")
+    p.add_argument("--memory-mb", type=int, help="memory limit in MiB")
+    p.add_argument("--disk-gb", type=int, help="disk size in GiB")
+    p.add_argument("--gpus", type=int, help="number of GPUs")
+    p.add_argument("--no-wait", action="store_true", help="return while it is still creating")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
+
+    p = verb("ls", _ls, "list workspaces")
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+
+    p = verb("exec", _exec, "run a command in a workspace: den exec NAME -- CMD...")
+    p.add_argument("--cwd", help="working directory inside the workspace")
+    p.add_argument("--timeout", type=float, help="kill the command after this many seconds")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("cmd", metavar="CMD", nargs=argparse.REMAINDER, help="the command and args")
+
+    for action, help_text in (
+        ("start", "start a stopped workspace"),
+        ("stop", "stop a workspace (processes end, the disk stays)"),
+        ("pause", "pause a workspace (memory checkpoint)"),
+        ("resume", "resume a paused workspace"),
+    ):
+        p = verb(action, _lifecycle(action), help_text)
+        p.add_argument("name", metavar="NAME")
+
+    p = verb("rm", _rm, "delete a workspace and its disk")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+
+    p = verb("events", _events, "show a workspace's event log")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--json", action="store_true", help="print the raw JSON")

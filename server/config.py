@@ -1,0 +1,138 @@
+"""Den's one typed settings tree.
+
+Every field reads from the environment as ``DEN_<NAME>`` and is documented in
+``docs/configuration.md`` (a test keeps the two in step). ``den serve`` flags override
+the environment for host, port, ssh_port and data_dir.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Server configuration. Build it once (in the CLI or a test) and pass it down."""
+
+    model_config = SettingsConfigDict(env_prefix="DEN_", extra="ignore")
+
+    # --- server -------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address the HTTP API listens on.")
+    port: int = Field(8080, description="Port of the HTTP API and web UI.")
+    ssh_port: int = Field(2222, description="Port of the SSH gateway (reserved; see the SSH issue).")
+    data_dir: Path = Field(
+        Path("/var/lib/den"),
+        description="Where Den keeps its SQLite database, temporary clones and host keys.",
+    )
+    database_url: str = Field(
+        "",
+        description=(
+            "SQLAlchemy URL of the database. Empty means SQLite at <data_dir>/den.db. "
+            "PostgreSQL: postgresql+psycopg://user:pass@host/db."
+        ),
+    )
+    auto_migrate: bool = Field(
+        True,
+        description=(
+            "Upgrade the database schema on start. When false, `den serve` refuses to start "
+            "on an out-of-date schema and says which command upgrades it."
+        ),
+    )
+    log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+    public_host: str = Field(
+        "",
+        description="Host name users reach Den by (shown in SSH details); empty means --host.",
+    )
+
+    # --- engine -------------------------------------------------------------------
+    docker_url: str = Field(
+        "", description="Docker engine address; empty means the environment's default socket."
+    )
+    engine_prefix: str = Field(
+        "den",
+        description=(
+            "Prefix of every container and volume name Den creates. Lets several Den "
+            "installations (or test runs) share one engine."
+        ),
+    )
+    engine_threads: int = Field(
+        32, description="Threads for blocking Docker and Git calls (bounded executor)."
+    )
+    gvisor_runtime: str = Field(
+        "runsc", description="Name of the Docker runtime that runs gVisor (daemon.json)."
+    )
+    allow_insecure_runc: bool = Field(
+        False,
+        description=(
+            "Allow workspaces with runtime `runc` (no gVisor sandbox: a kernel exploit in a "
+            "workspace owns the host). Off by default; only for trusted users."
+        ),
+    )
+    default_image: str = Field(
+        "den/workspace:latest", description="Image used when a create request names none."
+    )
+    allowed_images: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Images users may ask for, besides the default. Empty means only images whose "
+            "name starts with `den/`."
+        ),
+    )
+    stop_timeout_s: int = Field(
+        5, description="Seconds a stopping workspace gets after SIGTERM before SIGKILL."
+    )
+
+    # --- resources -------------------------------------------------------------------
+    default_cpus: float = Field(2.0, description="CPUs of a workspace that asks for none.")
+    default_memory_mb: int = Field(2048, description="Memory limit of a workspace, in MiB.")
+    default_disk_gb: int = Field(10, description="Disk size recorded for a workspace, in GB.")
+    default_pids: int = Field(1024, description="Process limit of a workspace (pids cgroup).")
+    max_cpus: float = Field(8.0, description="Largest CPU count a workspace may ask for.")
+    max_memory_mb: int = Field(16384, description="Largest memory limit a workspace may ask for.")
+    max_disk_gb: int = Field(200, description="Largest disk a workspace may ask for, in GB.")
+    max_gpus: int = Field(0, description="Largest GPU count a workspace may ask for.")
+    max_workspaces_per_user: int = Field(
+        20, description="Workspaces one user may own at once (429 beyond)."
+    )
+
+    # --- git -------------------------------------------------------------------------
+    clone_timeout_s: int = Field(300, description="A clone taking longer is killed.")
+    clone_max_mb: int = Field(
+        2048, description="A clone growing beyond this many MiB on disk is killed."
+    )
+    allowed_git_schemes: list[str] = Field(
+        default_factory=lambda: ["https", "ssh", "git"],
+        description=(
+            "Remote URL schemes users may clone from (`http`, `https`, `ssh`, `git`). "
+            "`ext::`, `fd::` and other transports are always refused."
+        ),
+    )
+    local_repo_roots: list[Path] = Field(
+        default_factory=list,
+        description=(
+            "Host directories under which `file://` URLs and local paths may be cloned. "
+            "Empty (the default) refuses local repositories, since they read the server's "
+            "own disk."
+        ),
+    )
+
+    # --- exec and files -------------------------------------------------------------------
+    exec_default_timeout_s: float = Field(
+        600, description="Timeout of an exec call that names none, in seconds."
+    )
+    exec_max_timeout_s: float = Field(3600, description="Largest timeout an exec call may ask.")
+    exec_max_output_bytes: int = Field(
+        16 * 1024 * 1024,
+        description="stdout and stderr of one exec call are each cut at this many bytes.",
+    )
+    file_max_bytes: int = Field(
+        64 * 1024 * 1024, description="Largest file the files API reads or writes in one call."
+    )
+
+    def resolved_database_url(self) -> str:
+        """The database URL, defaulting to SQLite under the data dir."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_dir / 'den.db'}"

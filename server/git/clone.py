@@ -1,0 +1,236 @@
+"""Cloning untrusted repository URLs on the host, safely, into a tarball for a workspace.
+
+The clone runs on the host (so that forge credentials, later, never enter the sandbox) with
+every code-running git feature switched off: no hooks, no fsmonitor, no submodules, only the
+transports the operator allows (never ``ext::`` or ``fd::``), a time limit and a size limit.
+The result is packed into a tar owned by the workspace user and unpacked into the volume.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import git
+import git.exc
+
+from server.errors import DenError, ValidationFailed
+
+WORKSPACE_UID = 1000
+WORKSPACE_GID = 1000
+
+_SCP_LIKE = re.compile(r"^(?:[A-Za-z0-9._~-]+@)?[A-Za-z0-9.-]+:(?!//)(.+)$")
+_TRANSPORT = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*::")
+
+
+class CloneFailed(DenError):
+    """The repository could not be cloned; the message says why, in git's words."""
+
+    status_code = 422
+    code = "clone_failed"
+
+
+@dataclass(frozen=True)
+class RepoSource:
+    """A validated repository URL: ``kind`` is the transport Den will let git use."""
+
+    url: str
+    kind: str  # "https", "http", "ssh", "git", "file"
+
+
+def validate_repo_url(
+    url: str, *, allowed_schemes: list[str], local_roots: list[Path]
+) -> RepoSource:
+    """Check a user-supplied repo URL; raise ValidationFailed with a reason a user can act on."""
+    url = url.strip()
+    if not url:
+        raise ValidationFailed("repo.url is empty")
+    if len(url) > 2048 or any(ord(c) < 0x20 or c == "\x7f" for c in url):
+        raise ValidationFailed("repo.url contains control characters or is too long")
+    if url.startswith("-"):
+        raise ValidationFailed("repo.url may not start with '-'")
+    if _TRANSPORT.match(url):
+        raise ValidationFailed(
+            "repo.url uses a git remote-helper transport (like ext:: or fd::), which can run "
+            "commands on the server; use an https, ssh or git URL"
+        )
+    if "://" in url:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme == "file":
+            return _local(Path(parts.path), url, local_roots)
+        if scheme in ("git+ssh", "ssh+git"):
+            scheme = "ssh"
+        if scheme not in allowed_schemes:
+            allowed = ", ".join(allowed_schemes) or "none"
+            raise ValidationFailed(
+                f"repo.url scheme {parts.scheme!r} is not allowed here (allowed: {allowed})"
+            )
+        if not parts.hostname:
+            raise ValidationFailed("repo.url has no host")
+        if parts.password:
+            raise ValidationFailed(
+                "repo.url contains a password; do not put credentials in URLs "
+                "(link a forge account instead)"
+            )
+        return RepoSource(url=url, kind=scheme)
+    if url.startswith("/"):
+        return _local(Path(url), url, local_roots)
+    if _SCP_LIKE.match(url):
+        if "ssh" not in allowed_schemes:
+            raise ValidationFailed("ssh repository URLs are not allowed here")
+        return RepoSource(url=url, kind="ssh")
+    raise ValidationFailed(
+        f"repo.url {url!r} is not a URL Den understands; use https://host/owner/repo.git, "
+        "ssh://git@host/owner/repo.git, git@host:owner/repo.git or an allowed local path"
+    )
+
+
+def _local(path: Path, url: str, roots: list[Path]) -> RepoSource:
+    if not roots:
+        raise ValidationFailed(
+            "local repositories are disabled on this server (the operator can allow "
+            "directories with DEN_LOCAL_REPO_ROOTS)"
+        )
+    real = Path(os.path.realpath(path))
+    if not any(real == r.resolve() or real.is_relative_to(r.resolve()) for r in roots):
+        raise ValidationFailed(f"local repository {str(path)!r} is outside the allowed roots")
+    if not real.exists():
+        raise ValidationFailed(f"local repository {str(path)!r} does not exist")
+    return RepoSource(url=str(real), kind="file")
+
+
+def _git_env(home: Path) -> dict[str, str]:
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "LANG": "C",
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_TERMINAL_PROMPT": "0",
+        "GIT_ASKPASS": "/bin/false",
+        "SSH_ASKPASS": "/bin/false",
+        "GIT_LFS_SKIP_SMUDGE": "1",
+        "GIT_SSH_COMMAND": (
+            f"ssh -o BatchMode=yes -o StrictHostKeyChecking=accept-new "
+            f"-o UserKnownHostsFile={home}/known_hosts -o ConnectTimeout=15"
+        ),
+    }
+
+
+def _safe_config(kind: str) -> list[str]:
+    opts = {
+        "core.hooksPath": "/dev/null",
+        "core.fsmonitor": "false",
+        "core.symlinks": "true",
+        "submodule.recurse": "false",
+        "protocol.allow": "never",
+        f"protocol.{kind}.allow": "always",
+        "credential.helper": "",
+        "uploadpack.allowFilter": "false",
+    }
+    out: list[str] = []
+    for k, v in opts.items():
+        out += ["-c", f"{k}={v}"]
+    return out
+
+
+def _tree_size(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def clone(
+    source: RepoSource,
+    *,
+    branch: str | None,
+    dest: Path,
+    timeout_s: float,
+    max_bytes: int,
+) -> str:
+    """Clone ``source`` into ``dest`` (which must not exist). Returns the checked-out branch.
+
+    Blocking: call it from a worker thread. Raises CloneFailed with git's reason.
+    """
+    if branch is not None and (branch.startswith("-") or not branch.strip()):
+        raise ValidationFailed(f"invalid branch name {branch!r}")
+    home = Path(tempfile.mkdtemp(prefix="den-git-home-"))
+    argv = ["git", *_safe_config(source.kind), "clone", "--quiet", "--no-recurse-submodules"]
+    if source.kind == "file":
+        argv.append("--no-local")
+    if branch:
+        argv += ["--branch", branch]
+    argv += ["--", source.url, str(dest)]
+    try:
+        proc = git.Git().execute(
+            argv, as_process=True, env=_git_env(home), stdout_as_string=True,
+            with_extended_output=True,
+        )
+        popen: subprocess.Popen[bytes] = proc.proc
+        deadline = time.monotonic() + timeout_s
+        reason = ""
+        while popen.poll() is None:
+            if time.monotonic() > deadline:
+                reason = f"the clone took longer than {timeout_s:g} s"
+            elif dest.exists() and _tree_size(dest) > max_bytes:
+                reason = f"the repository is larger than {max_bytes // (1024 * 1024)} MiB"
+            if reason:
+                popen.kill()
+                popen.wait()
+                break
+            time.sleep(0.1)
+        stderr = popen.stderr.read().decode(errors="replace") if popen.stderr else ""
+        if reason:
+            raise CloneFailed(f"clone of {source.url} stopped: {reason}")
+        if popen.returncode != 0:
+            raise CloneFailed(f"clone of {source.url} failed: {_git_reason(stderr)}",
+                              detail=stderr)
+        if _tree_size(dest) > max_bytes:
+            raise CloneFailed(
+                f"clone of {source.url} stopped: the repository is larger than "
+                f"{max_bytes // (1024 * 1024)} MiB"
+            )
+        try:
+            head = git.Repo(dest).active_branch.name
+        except (TypeError, ValueError, git.exc.GitError):
+            head = branch or ""
+        return head
+    except git.exc.GitError as exc:
+        raise CloneFailed(f"clone of {source.url} failed: {exc}") from exc
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _git_reason(stderr: str) -> str:
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    useful = [ln for ln in lines if ln.startswith(("fatal:", "error:", "warning: Could not"))]
+    text = "; ".join(useful or lines[-3:]) or "git exited with an error"
+    return text[:500]
+
+
+def pack_for_workspace(src: Path, *, arcname: str, out: Path) -> None:
+    """Tar ``src`` as ``arcname/…`` with every entry owned by the workspace user."""
+
+    def owned(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.uid, info.gid = WORKSPACE_UID, WORKSPACE_GID
+        info.uname, info.gname = "dev", "dev"
+        return info
+
+    with tarfile.open(out, "w") as tar:
+        tar.add(src, arcname=arcname, filter=owned)

@@ -1,0 +1,1 @@
+"""Runtime backends: one protocol (base.py), one module per backend, registered here."""

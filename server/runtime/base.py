@@ -1,0 +1,166 @@
+"""The Runtime protocol every backend implements, and its value objects.
+
+A backend turns a :class:`WorkspaceSpec` into engine objects (for Docker: a container and a
+volume mounted at ``/workspace``) and runs processes in them. The workspace service is the
+only caller. Rules for every method:
+
+* Blocking work never runs on the event loop; backends push it to their own executor.
+* Lifecycle calls are idempotent: ``start`` of a running workspace, ``stop`` of a stopped one
+  and ``destroy`` of a missing one succeed and change nothing.
+* Every engine object carries the labels of :func:`labels_for`; ``list_objects`` finds them
+  again after a crash, which is how the service reconciles.
+* Errors are :mod:`server.runtime.errors` (or other ``DenError``); foreign exceptions never
+  leave a backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
+
+LABEL_MANAGED = "den.managed"
+LABEL_INSTANCE = "den.instance"
+LABEL_WORKSPACE = "den.workspace"
+LABEL_OWNER = "den.owner"
+
+
+def labels_for(*, instance: str, workspace_id: str, owner: str) -> dict[str, str]:
+    return {
+        LABEL_MANAGED: "true",
+        LABEL_INSTANCE: instance,
+        LABEL_WORKSPACE: workspace_id,
+        LABEL_OWNER: owner,
+    }
+
+
+@dataclass(frozen=True)
+class WorkspaceSpec:
+    """Everything a backend needs to create a workspace; plain data, no I/O."""
+
+    workspace_id: str
+    container_name: str
+    volume_name: str
+    image: str
+    runtime: str  # "gvisor" or "runc"
+    cpus: float
+    memory_mb: int
+    pids_limit: int
+    hostname: str
+    labels: Mapping[str, str]
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+class ContainerStatus(StrEnum):
+    RUNNING = "running"
+    STOPPED = "stopped"
+    MISSING = "missing"
+
+
+@dataclass(frozen=True)
+class EngineObject:
+    """A labelled engine object found by ``list_objects``."""
+
+    kind: str  # "container" or "volume"
+    name: str
+    workspace_id: str
+    running: bool = False
+
+
+@dataclass(frozen=True)
+class ExecRequest:
+    argv: Sequence[str]
+    user: str = "dev"
+    cwd: str = "/workspace"
+    env: Mapping[str, str] = field(default_factory=dict)
+    stdin: bytes | None = None
+    timeout_s: float | None = None
+    max_output_bytes: int = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool = False
+    duration_ms: int = 0
+    truncated: bool = False
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """One piece of a streaming exec: stream is "stdout" or "stderr"."""
+
+    stream: str
+    data: bytes
+
+
+class ExecStream(Protocol):
+    """A running process with open pipes (``WS .../exec/stream``)."""
+
+    def output(self) -> AsyncIterator[StreamChunk]:
+        """Chunks of stdout/stderr until both close."""
+        ...
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def close_stdin(self) -> None: ...
+
+    async def wait(self) -> int:
+        """The exit code, once the process has exited."""
+        ...
+
+    async def kill(self) -> None:
+        """End the process (the client went away). Idempotent."""
+        ...
+
+
+class Runtime(Protocol):
+    """A workspace backend. ``name`` is what the workspace record says it runs under."""
+
+    async def check(self) -> None:
+        """Raise EngineUnavailable unless the engine answers and has what Den needs."""
+        ...
+
+    async def image_exists(self, image: str) -> bool: ...
+
+    async def create(self, spec: WorkspaceSpec, *, seed_tar: Path | None = None) -> None:
+        """Create the volume and the container (not started). When ``seed_tar`` is given it
+        is unpacked into ``/workspace`` before the first start. Idempotent by name: objects
+        that already exist are reused."""
+        ...
+
+    async def start(self, spec: WorkspaceSpec) -> None:
+        """Start the container; a running one is left alone."""
+        ...
+
+    async def stop(self, spec: WorkspaceSpec, *, timeout_s: int) -> None:
+        """Stop the container (SIGTERM, then SIGKILL after ``timeout_s``); keep all data.
+        A stopped or missing container is success."""
+        ...
+
+    async def destroy(self, spec: WorkspaceSpec) -> None:
+        """Remove the container and the volume. Missing objects are success."""
+        ...
+
+    async def status(self, spec: WorkspaceSpec) -> ContainerStatus: ...
+
+    async def exec(self, spec: WorkspaceSpec, req: ExecRequest) -> ExecResult:
+        """Run a process to completion. A timeout kills it and its children and sets
+        ``timed_out``. Raises ObjectMissing/Conflict when the container is not running."""
+        ...
+
+    async def exec_stream(self, spec: WorkspaceSpec, req: ExecRequest) -> ExecStream:
+        """Start a process with open stdin/stdout/stderr."""
+        ...
+
+    async def list_objects(self, instance: str) -> list[EngineObject]:
+        """Every container and volume labelled with this Den ``instance``."""
+        ...
+
+    async def remove_object(self, obj: EngineObject) -> None:
+        """Remove one object found by ``list_objects`` (orphan cleanup). Idempotent."""
+        ...

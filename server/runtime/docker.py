@@ -1,0 +1,413 @@
+"""The Docker engine backend, running workspaces under gVisor (``runsc``).
+
+Every blocking Docker SDK call goes through :meth:`DockerRuntime._call`, which runs it on
+the backend's bounded executor and translates ``docker.errors`` into Den's errors. The
+server never talks to a workspace by its IP: exec and file access go through the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import socket
+import struct
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import docker
+import docker.errors
+import requests.exceptions
+
+from server.runtime import docker_specs
+from server.runtime.base import (
+    LABEL_INSTANCE,
+    LABEL_WORKSPACE,
+    ContainerStatus,
+    EngineObject,
+    ExecRequest,
+    ExecResult,
+    StreamChunk,
+    WorkspaceSpec,
+)
+from server.runtime.errors import EngineConflict, EngineError, EngineUnavailable, ObjectMissing
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_STDOUT, _STDERR = 1, 2
+
+
+def _translate(exc: Exception, what: str) -> Exception:
+    """Map a docker/requests exception onto Den's runtime errors (the one seam)."""
+    if isinstance(exc, docker.errors.NotFound):
+        return ObjectMissing(f"{what}: not found in the engine", detail=str(exc))
+    if isinstance(exc, docker.errors.APIError):
+        if exc.status_code == 409:
+            return EngineConflict(f"{what}: {exc.explanation or exc}", detail=str(exc))
+        return EngineError(f"{what}: {exc.explanation or exc}", detail=str(exc))
+    if isinstance(exc, requests.exceptions.ConnectionError | docker.errors.DockerException):
+        return EngineUnavailable("the Docker engine is not reachable", detail=str(exc))
+    return exc
+
+
+class DockerRuntime:
+    """Workspaces as Docker containers with a named volume at ``/workspace``."""
+
+    name = "docker"
+
+    def __init__(self, *, base_url: str = "", gvisor_runtime: str = "runsc", threads: int = 32):
+        self._base_url = base_url
+        self._gvisor_runtime = gvisor_runtime
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="docker")
+        self._client: docker.DockerClient | None = None
+        self._client_lock = threading.Lock()
+
+    # --- the seam ---------------------------------------------------------------------
+
+    def _api(self) -> Any:
+        with self._client_lock:
+            if self._client is None:
+                try:
+                    if self._base_url:
+                        self._client = docker.DockerClient(base_url=self._base_url, timeout=120)
+                    else:
+                        self._client = docker.from_env(timeout=120)
+                except docker.errors.DockerException as exc:
+                    raise EngineUnavailable(
+                        "the Docker engine is not reachable", detail=str(exc)
+                    ) from exc
+            return self._client.api
+
+    async def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+
+        def run() -> T:
+            try:
+                return fn(*args, **kwargs)
+            except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+                raise _translate(exc, what) from exc
+
+        return await loop.run_in_executor(self._executor, run)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._client is not None:
+            self._client.close()
+
+    # --- engine facts -----------------------------------------------------------------
+
+    async def check(self) -> None:
+        info = await self._call("engine info", lambda: self._api().info())
+        runtimes = info.get("Runtimes") or {}
+        if self._gvisor_runtime not in runtimes:
+            raise EngineUnavailable(
+                f"the Docker engine has no runtime named {self._gvisor_runtime!r}; "
+                "run scripts/setup-host.sh (or `make setup`) to install gVisor"
+            )
+
+    async def image_exists(self, image: str) -> bool:
+        try:
+            await self._call(f"image {image}", lambda: self._api().inspect_image(image))
+        except ObjectMissing:
+            return False
+        return True
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def create(self, spec: WorkspaceSpec, *, seed_tar: Path | None = None) -> None:
+        what = f"create workspace {spec.workspace_id}"
+
+        def run() -> None:
+            api = self._api()
+            vol = docker_specs.volume_config(spec)
+            try:
+                api.inspect_volume(spec.volume_name)
+            except docker.errors.NotFound:
+                api.create_volume(**vol)
+            cfg = docker_specs.container_config(spec, gvisor_runtime=self._gvisor_runtime)
+            host_config = api.create_host_config(**cfg.pop("host_config"))
+            try:
+                api.inspect_container(spec.container_name)
+            except docker.errors.NotFound:
+                api.create_container(**cfg, host_config=host_config)
+            if seed_tar is not None:
+                with seed_tar.open("rb") as fh:
+                    api.put_archive(spec.container_name, docker_specs.WORKSPACE_MOUNT, fh)
+
+        await self._call(what, run)
+
+    async def start(self, spec: WorkspaceSpec) -> None:
+        def run() -> None:
+            api = self._api()
+            state = api.inspect_container(spec.container_name)["State"]
+            if not state.get("Running"):
+                api.start(spec.container_name)
+
+        await self._call(f"start workspace {spec.workspace_id}", run)
+
+    async def stop(self, spec: WorkspaceSpec, *, timeout_s: int) -> None:
+        def run() -> None:
+            api = self._api()
+            try:
+                api.stop(spec.container_name, timeout=timeout_s)
+            except docker.errors.NotFound:
+                return
+
+        await self._call(f"stop workspace {spec.workspace_id}", run)
+
+    async def destroy(self, spec: WorkspaceSpec) -> None:
+        def run() -> None:
+            api = self._api()
+            with contextlib.suppress(docker.errors.NotFound):
+                api.remove_container(spec.container_name, force=True, v=False)
+            for attempt in range(10):
+                try:
+                    api.remove_volume(spec.volume_name, force=True)
+                    return
+                except docker.errors.NotFound:
+                    return
+                except docker.errors.APIError as exc:
+                    # The engine can briefly report the volume in use after a forced remove.
+                    if exc.status_code != 409 or attempt == 9:
+                        raise
+                    time.sleep(0.2)
+
+        await self._call(f"destroy workspace {spec.workspace_id}", run)
+
+    async def status(self, spec: WorkspaceSpec) -> ContainerStatus:
+        def run() -> ContainerStatus:
+            try:
+                state = self._api().inspect_container(spec.container_name)["State"]
+            except docker.errors.NotFound:
+                return ContainerStatus.MISSING
+            return ContainerStatus.RUNNING if state.get("Running") else ContainerStatus.STOPPED
+
+        return await self._call(f"status of workspace {spec.workspace_id}", run)
+
+    async def list_objects(self, instance: str) -> list[EngineObject]:
+        def run() -> list[EngineObject]:
+            api = self._api()
+            label = f"{LABEL_INSTANCE}={instance}"
+            found: list[EngineObject] = []
+            for c in api.containers(all=True, filters={"label": label}):
+                name = c["Names"][0].lstrip("/") if c.get("Names") else c["Id"]
+                found.append(
+                    EngineObject(
+                        kind="container",
+                        name=name,
+                        workspace_id=c["Labels"].get(LABEL_WORKSPACE, ""),
+                        running=c.get("State") == "running",
+                    )
+                )
+            for v in api.volumes(filters={"label": label}).get("Volumes") or []:
+                found.append(
+                    EngineObject(
+                        kind="volume",
+                        name=v["Name"],
+                        workspace_id=(v.get("Labels") or {}).get(LABEL_WORKSPACE, ""),
+                    )
+                )
+            return found
+
+        return await self._call("list engine objects", run)
+
+    async def remove_object(self, obj: EngineObject) -> None:
+        def run() -> None:
+            api = self._api()
+            with contextlib.suppress(docker.errors.NotFound):
+                if obj.kind == "container":
+                    api.remove_container(obj.name, force=True, v=False)
+                else:
+                    api.remove_volume(obj.name, force=True)
+
+        await self._call(f"remove {obj.kind} {obj.name}", run)
+
+    # --- processes --------------------------------------------------------------------
+
+    def _exec_create(self, spec: WorkspaceSpec, argv: list[str], req: ExecRequest,
+                     *, stdin: bool) -> str:
+        env = docker_specs.exec_env(req.user, spec.env, req.env)
+        created = self._api().exec_create(
+            spec.container_name,
+            argv,
+            stdout=True,
+            stderr=True,
+            stdin=stdin,
+            tty=False,
+            user=req.user,
+            workdir=req.cwd,
+            environment=env,
+        )
+        return str(created["Id"])
+
+    async def exec(self, spec: WorkspaceSpec, req: ExecRequest) -> ExecResult:
+        def run() -> ExecResult:
+            started = time.monotonic()
+            argv = docker_specs.exec_argv(req)
+            exec_id = self._exec_create(spec, argv, req, stdin=req.stdin is not None)
+            sock = self._api().exec_start(exec_id, socket=True)
+            raw = _raw_socket(sock)
+            writer: threading.Thread | None = None
+            if req.stdin is not None:
+                data = req.stdin
+                writer = threading.Thread(target=_feed, args=(raw, data), daemon=True)
+                writer.start()
+            out, err, truncated = _collect(raw, req.max_output_bytes)
+            if writer is not None:
+                writer.join(timeout=5)
+            with contextlib.suppress(OSError):
+                sock.close()
+            exit_code = _exit_code(self._api(), exec_id)
+            elapsed = time.monotonic() - started
+            timed_out = (
+                req.timeout_s is not None
+                and exit_code in (124, 137)
+                and elapsed >= req.timeout_s * 0.99
+            )
+            return ExecResult(
+                exit_code=exit_code,
+                stdout=out,
+                stderr=err,
+                timed_out=timed_out,
+                duration_ms=int(elapsed * 1000),
+                truncated=truncated,
+            )
+
+        return await self._call(f"exec in workspace {spec.workspace_id}", run)
+
+    async def exec_stream(self, spec: WorkspaceSpec, req: ExecRequest) -> DockerExecStream:
+        pidfile = f"/tmp/.den-exec-{secrets.token_hex(8)}"
+        argv = docker_specs.stream_argv(docker_specs.exec_argv(req), pidfile)
+
+        def run() -> tuple[str, Any]:
+            exec_id = self._exec_create(spec, argv, req, stdin=True)
+            return exec_id, self._api().exec_start(exec_id, socket=True)
+
+        exec_id, sock = await self._call(f"exec in workspace {spec.workspace_id}", run)
+        return DockerExecStream(self, spec, exec_id, sock, pidfile)
+
+
+class DockerExecStream:
+    """A process started by ``exec_stream``, pumped by a reader thread into a queue."""
+
+    def __init__(self, rt: DockerRuntime, spec: WorkspaceSpec, exec_id: str, sock: Any,
+                 pidfile: str) -> None:
+        self._rt = rt
+        self._spec = spec
+        self._exec_id = exec_id
+        self._sock = sock
+        self._raw = _raw_socket(sock)
+        self._pidfile = pidfile
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[StreamChunk | None] = asyncio.Queue()
+        self._reader = threading.Thread(target=self._pump, daemon=True)
+        self._reader.start()
+        self._closed = False
+
+    def _pump(self) -> None:
+        try:
+            for stream, data in _frames(self._raw):
+                name = "stdout" if stream == _STDOUT else "stderr"
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, StreamChunk(name, data))
+        except OSError:
+            pass
+        finally:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, None)
+
+    async def output(self) -> AsyncIterator[StreamChunk]:
+        while True:
+            chunk = await self._queue.get()
+            if chunk is None:
+                return
+            yield chunk
+
+    async def write(self, data: bytes) -> None:
+        await asyncio.to_thread(self._raw.sendall, data)
+
+    async def close_stdin(self) -> None:
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(self._raw.shutdown, socket.SHUT_WR)
+
+    async def wait(self) -> int:
+        await asyncio.to_thread(self._reader.join)
+        return await self._rt._call(
+            "exec status", lambda: _exit_code(self._rt._api(), self._exec_id)
+        )
+
+    async def kill(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        kill = ExecRequest(argv=docker_specs.kill_argv(self._pidfile), user="root", cwd="/")
+        with contextlib.suppress(Exception):
+            await self._rt.exec(self._spec, kill)
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+
+# --- the Docker attach protocol: 8-byte frame headers (stream, 0, 0, 0, size) --------------
+
+
+def _raw_socket(sock: Any) -> socket.socket:
+    return sock._sock if hasattr(sock, "_sock") else sock  # type: ignore[no-any-return]
+
+
+def _feed(raw: socket.socket, data: bytes) -> None:
+    with contextlib.suppress(OSError):
+        raw.sendall(data)
+        raw.shutdown(socket.SHUT_WR)
+
+
+def _read_exact(raw: socket.socket, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = raw.recv(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+def _frames(raw: socket.socket) -> Any:
+    """Yield (stream, data) frames until the engine closes the stream."""
+    while True:
+        header = _read_exact(raw, 8)
+        if header is None:
+            return
+        stream, size = header[0], struct.unpack(">I", header[4:])[0]
+        if size == 0:
+            continue
+        data = _read_exact(raw, size)
+        if data is None:
+            return
+        yield stream, data
+
+
+def _collect(raw: socket.socket, limit: int) -> tuple[bytes, bytes, bool]:
+    out, err = bytearray(), bytearray()
+    truncated = False
+    for stream, data in _frames(raw):
+        buf = out if stream == _STDOUT else err
+        room = limit - len(buf)
+        if room <= 0:
+            truncated = True
+            continue
+        if len(data) > room:
+            truncated = True
+        buf += data[:room]
+    return bytes(out), bytes(err), truncated
+
+
+def _exit_code(api: Any, exec_id: str) -> int:
+    for _ in range(50):
+        info = api.exec_inspect(exec_id)
+        if not info.get("Running") and info.get("ExitCode") is not None:
+            return int(info["ExitCode"])
+        time.sleep(0.02)
+    return int(api.exec_inspect(exec_id).get("ExitCode") or -1)

@@ -1,0 +1,93 @@
+"""Pure builders for the Docker backend: specs as plain data, no I/O (tested by equality)."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from server.runtime.base import ExecRequest, WorkspaceSpec
+
+WORKSPACE_MOUNT = "/workspace"
+
+# PID 1 of every workspace: sleeps forever, exits at once on SIGTERM so stop is fast.
+# Plain sh so that any image works.
+INIT_COMMAND = ["/bin/sh", "-c", "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done"]
+
+# Grace given to a timed-out command between SIGTERM and SIGKILL.
+KILL_AFTER_S = 2
+
+
+def container_config(spec: WorkspaceSpec, *, gvisor_runtime: str) -> dict[str, Any]:
+    """Arguments of ``APIClient.create_container`` (host_config as a plain dict)."""
+    runtime = gvisor_runtime if spec.runtime == "gvisor" else "runc"
+    host_config: dict[str, Any] = {
+        "runtime": runtime,
+        "binds": {spec.volume_name: {"bind": WORKSPACE_MOUNT, "mode": "rw"}},
+        "nano_cpus": int(spec.cpus * 1_000_000_000),
+        "mem_limit": spec.memory_mb * 1024 * 1024,
+        "memswap_limit": spec.memory_mb * 1024 * 1024,
+        "pids_limit": spec.pids_limit,
+        "privileged": False,
+        "cap_add": None,
+        "init": False,
+        "restart_policy": {"Name": "no"},
+        "log_config": {"type": "json-file", "config": {"max-size": "1m", "max-file": "1"}},
+    }
+    return {
+        "image": spec.image,
+        "name": spec.container_name,
+        "command": INIT_COMMAND,
+        "hostname": spec.hostname,
+        "labels": dict(spec.labels),
+        "environment": dict(spec.env),
+        "working_dir": WORKSPACE_MOUNT,
+        "host_config": host_config,
+    }
+
+
+def volume_config(spec: WorkspaceSpec) -> dict[str, Any]:
+    """Arguments of ``APIClient.create_volume``."""
+    return {"name": spec.volume_name, "driver": "local", "labels": dict(spec.labels)}
+
+
+def exec_env(user: str, base: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
+    """The environment of an exec: sensible defaults, then the workspace's, then the call's."""
+    home = "/root" if user == "root" else f"/home/{user}"
+    env = {
+        "HOME": home,
+        "USER": user,
+        "LOGNAME": user,
+        "LANG": "C.UTF-8",
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "TERM": "xterm-256color",
+    }
+    env.update(base)
+    env.update(extra)
+    return env
+
+
+def exec_argv(req: ExecRequest) -> list[str]:
+    """The argv actually run: the command under coreutils ``timeout`` when one is set, so that
+    a timed-out command and all its children are killed inside the sandbox."""
+    argv = list(req.argv)
+    if req.timeout_s is None:
+        return argv
+    return ["timeout", "-k", str(KILL_AFTER_S), f"{req.timeout_s:g}", *argv]
+
+
+def stream_argv(argv: Sequence[str], pidfile: str) -> list[str]:
+    """Wrap a streamed command so its pid lands in ``pidfile`` (for kill on disconnect)."""
+    script = f"echo $$ > {shlex.quote(pidfile)}; exec \"$@\""
+    return ["/bin/sh", "-c", script, "den-exec", *argv]
+
+
+def kill_argv(pidfile: str) -> list[str]:
+    """Kill the process (and its process group) whose pid is in ``pidfile``."""
+    q = shlex.quote(pidfile)
+    script = (
+        f"p=$(cat {q} 2>/dev/null) || exit 0; "
+        "kill -KILL -- -$p 2>/dev/null; pkill -KILL -P $p 2>/dev/null; kill -KILL $p 2>/dev/null; "
+        f"rm -f {q}; exit 0"
+    )
+    return ["/bin/sh", "-c", script]

@@ -1,0 +1,174 @@
+"""An in-memory runtime for fast unit tests of the service and the API. Never for users.
+
+Exec understands a tiny command set (``true``, ``false``, ``echo``, ``cat``, ``pwd``,
+``sh -c 'exit N'``), enough for contract tests that also run on the real engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.runtime.base import (
+    ContainerStatus,
+    EngineObject,
+    ExecRequest,
+    ExecResult,
+    StreamChunk,
+    WorkspaceSpec,
+)
+from server.runtime.errors import EngineConflict, EngineUnavailable, ObjectMissing
+
+
+@dataclass
+class _Container:
+    spec: WorkspaceSpec
+    running: bool = False
+    seeded: bool = False
+
+
+@dataclass
+class FakeRuntime:
+    """Containers and volumes as dict entries. ``fail_next`` makes the next call of that
+    method raise, to test failure paths."""
+
+    images: set[str] = field(default_factory=lambda: {"den/workspace:latest"})
+    containers: dict[str, _Container] = field(default_factory=dict)
+    volumes: dict[str, dict[str, str]] = field(default_factory=dict)
+    fail_next: dict[str, Exception] = field(default_factory=dict)
+    available: bool = True
+    calls: list[str] = field(default_factory=list)
+
+    name = "fake"
+
+    def _enter(self, method: str) -> None:
+        self.calls.append(method)
+        if not self.available:
+            raise EngineUnavailable("the fake engine is down")
+        exc = self.fail_next.pop(method, None)
+        if exc is not None:
+            raise exc
+
+    def _get(self, spec: WorkspaceSpec) -> _Container:
+        c = self.containers.get(spec.container_name)
+        if c is None:
+            raise ObjectMissing(f"container {spec.container_name}: not found in the engine")
+        return c
+
+    async def check(self) -> None:
+        self._enter("check")
+
+    async def image_exists(self, image: str) -> bool:
+        self._enter("image_exists")
+        return image in self.images
+
+    async def create(self, spec: WorkspaceSpec, *, seed_tar: Path | None = None) -> None:
+        self._enter("create")
+        self.volumes.setdefault(spec.volume_name, dict(spec.labels))
+        c = self.containers.setdefault(spec.container_name, _Container(spec))
+        c.seeded = c.seeded or seed_tar is not None
+
+    async def start(self, spec: WorkspaceSpec) -> None:
+        self._enter("start")
+        self._get(spec).running = True
+
+    async def stop(self, spec: WorkspaceSpec, *, timeout_s: int) -> None:
+        self._enter("stop")
+        c = self.containers.get(spec.container_name)
+        if c is not None:
+            c.running = False
+
+    async def destroy(self, spec: WorkspaceSpec) -> None:
+        self._enter("destroy")
+        self.containers.pop(spec.container_name, None)
+        self.volumes.pop(spec.volume_name, None)
+
+    async def status(self, spec: WorkspaceSpec) -> ContainerStatus:
+        self._enter("status")
+        c = self.containers.get(spec.container_name)
+        if c is None:
+            return ContainerStatus.MISSING
+        return ContainerStatus.RUNNING if c.running else ContainerStatus.STOPPED
+
+    async def exec(self, spec: WorkspaceSpec, req: ExecRequest) -> ExecResult:
+        self._enter("exec")
+        if not self._get(spec).running:
+            raise EngineConflict(f"container {spec.container_name} is not running")
+        return _run(req)
+
+    async def exec_stream(self, spec: WorkspaceSpec, req: ExecRequest) -> _FakeStream:
+        result = await self.exec(spec, req)
+        return _FakeStream(result, req.argv)
+
+    async def list_objects(self, instance: str) -> list[EngineObject]:
+        self._enter("list_objects")
+        found = [
+            EngineObject("container", name, c.spec.workspace_id, c.running)
+            for name, c in self.containers.items()
+            if c.spec.labels.get("den.instance") == instance
+        ]
+        found += [
+            EngineObject("volume", name, labels.get("den.workspace", ""))
+            for name, labels in self.volumes.items()
+            if labels.get("den.instance") == instance
+        ]
+        return found
+
+    async def remove_object(self, obj: EngineObject) -> None:
+        self._enter("remove_object")
+        if obj.kind == "container":
+            self.containers.pop(obj.name, None)
+        else:
+            self.volumes.pop(obj.name, None)
+
+
+def _run(req: ExecRequest) -> ExecResult:
+    argv = list(req.argv)
+    if argv[:2] == ["bash", "-c"] or argv[:2] == ["sh", "-c"]:
+        argv = argv[2].split()
+    match argv:
+        case ["true"]:
+            return ExecResult(0, b"", b"")
+        case ["false"]:
+            return ExecResult(1, b"", b"")
+        case ["pwd"]:
+            return ExecResult(0, req.cwd.encode() + b"\n", b"")
+        case ["echo", *words]:
+            return ExecResult(0, " ".join(words).encode() + b"\n", b"")
+        case ["cat"]:
+            return ExecResult(0, req.stdin or b"", b"")
+        case ["exit", code]:
+            return ExecResult(int(code), b"", b"")
+    return ExecResult(127, b"", f"fake runtime: {argv[0]}: command not found\n".encode())
+
+
+class _FakeStream:
+    def __init__(self, result: ExecResult, argv: object) -> None:
+        self._result = result
+        self._stdin = bytearray()
+        self._cat = list(argv) == ["cat"] if isinstance(argv, list | tuple) else False
+        self._stdin_closed = asyncio.Event()
+
+    async def output(self) -> AsyncIterator[StreamChunk]:
+        if self._cat:
+            await self._stdin_closed.wait()
+            yield StreamChunk("stdout", bytes(self._stdin))
+            return
+        if self._result.stdout:
+            yield StreamChunk("stdout", self._result.stdout)
+        if self._result.stderr:
+            yield StreamChunk("stderr", self._result.stderr)
+
+    async def write(self, data: bytes) -> None:
+        self._stdin += data
+
+    async def close_stdin(self) -> None:
+        self._stdin_closed.set()
+
+    async def wait(self) -> int:
+        return self._result.exit_code
+
+    async def kill(self) -> None:
+        self._stdin_closed.set()

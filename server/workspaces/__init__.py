@@ -1,0 +1,1 @@
+"""Workspaces: the state machine, naming, and the service that alone changes state."""

@@ -1,0 +1,551 @@
+"""The workspace service: the only writer of workspace state, the only caller of the runtime's
+lifecycle methods. Every state change goes through :meth:`WorkspaceService._transition`,
+which checks the transition table, compares-and-sets the row and records an event in the
+same database transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import posixpath
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from server.config import Settings
+from server.db.models import Event, User, Workspace
+from server.errors import Conflict, DenError, NotFound, QuotaExceeded, ValidationFailed
+from server.git import clone as git_clone
+from server.runtime.base import (
+    ContainerStatus,
+    ExecRequest,
+    ExecResult,
+    ExecStream,
+    Runtime,
+    WorkspaceSpec,
+    labels_for,
+)
+from server.runtime.errors import EngineConflict, ObjectMissing
+from server.workspaces import naming
+from server.workspaces.states import START, STOP, TRANSITIONAL, State, can_transition, plan
+
+log = logging.getLogger(__name__)
+
+WORKSPACE_ROOT = "/workspace"
+ACTIVITY_DEBOUNCE = timedelta(seconds=5)
+RUNTIMES = ("gvisor", "runc", "microvm")
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    """A validated-shape create request (the API's pydantic model fills it)."""
+
+    name: str | None
+    repo_url: str
+    branch: str | None = None
+    image: str | None = None
+    runtime: str | None = None
+    cpus: float | None = None
+    memory_mb: int | None = None
+    disk_gb: int | None = None
+    gpus: int = 0
+    env: dict[str, str] = field(default_factory=dict)
+    idle_timeout_s: int | None = None
+    keep_alive: bool = False
+
+
+class WorkspaceService:
+    """Creates, starts, stops, deletes and reconciles workspaces; runs commands in them."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        runtime: Runtime,
+        instance_id: str,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.runtime = runtime
+        self.instance_id = instance_id
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._tmp = settings.data_dir / "tmp"
+
+    # --- reading ----------------------------------------------------------------------
+
+    def list_for(self, user: User) -> list[Workspace]:
+        with self.sessions() as s:
+            q = select(Workspace).order_by(Workspace.created_at)
+            if not user.is_admin:
+                q = q.where(Workspace.owner_id == user.id)
+            return list(s.scalars(q))
+
+    def get_for(self, user: User, ref: str) -> Workspace:
+        """The workspace ``ref`` (id or name) as ``user`` may see it; another user's is 404."""
+        with self.sessions() as s:
+            row = s.get(Workspace, ref)
+            if row is None:
+                row = s.scalar(
+                    select(Workspace).where(Workspace.owner_id == user.id, Workspace.name == ref)
+                )
+            if row is None or (row.owner_id != user.id and not user.is_admin):
+                raise NotFound(f"no workspace {ref!r}")
+            return row
+
+    def get(self, workspace_id: str) -> Workspace:
+        with self.sessions() as s:
+            row = s.get(Workspace, workspace_id)
+            if row is None:
+                raise NotFound(f"no workspace {workspace_id!r}")
+            return row
+
+    def events(self, workspace_id: str, *, limit: int = 500) -> list[Event]:
+        with self.sessions() as s:
+            q = (
+                select(Event)
+                .where(Event.workspace_id == workspace_id)
+                .order_by(Event.id.desc())
+                .limit(limit)
+            )
+            return list(reversed(list(s.scalars(q))))
+
+    def spec_for(self, ws: Workspace) -> WorkspaceSpec:
+        return WorkspaceSpec(
+            workspace_id=ws.id,
+            container_name=ws.engine.get("container")
+            or naming.container_name(self.settings.engine_prefix, ws.id),
+            volume_name=ws.engine.get("volume")
+            or naming.volume_name(self.settings.engine_prefix, ws.id),
+            image=ws.image,
+            runtime=ws.runtime,
+            cpus=ws.cpus,
+            memory_mb=ws.memory_mb,
+            pids_limit=ws.pids_limit,
+            hostname=ws.name,
+            labels=labels_for(
+                instance=self.instance_id, workspace_id=ws.id, owner=str(ws.owner_id)
+            ),
+            env={str(k): str(v) for k, v in ws.env.items()},
+        )
+
+    def repo_path(self, ws: Workspace) -> str:
+        return f"{WORKSPACE_ROOT}/{ws.repo_dir}"
+
+    # --- state ------------------------------------------------------------------------
+
+    def _lock(self, workspace_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(workspace_id, asyncio.Lock())
+
+    def _record(self, s: Session, workspace_id: str, *, kind: str, actor: str, message: str,
+                src: State | None = None, dst: State | None = None) -> None:
+        s.add(Event(workspace_id=workspace_id, kind=kind, actor=actor, message=message,
+                    from_state=src.value if src else None, to_state=dst.value if dst else None))
+
+    def _transition(self, workspace_id: str, src: State, dst: State, *, actor: str,
+                    message: str = "", reason: str = "") -> None:
+        """Move ``workspace_id`` from ``src`` to ``dst`` atomically, with an event."""
+        if not can_transition(src, dst):
+            raise Conflict(f"cannot go from {src.value} to {dst.value}")
+        with self.sessions.begin() as s:
+            res = s.execute(
+                update(Workspace)
+                .where(Workspace.id == workspace_id, Workspace.state == src.value)
+                .values(state=dst.value, state_reason=reason, updated_at=datetime.now(UTC))
+            )
+            if res.rowcount != 1:  # type: ignore[attr-defined]
+                current = s.scalar(select(Workspace.state).where(Workspace.id == workspace_id))
+                raise Conflict(
+                    f"workspace is {current or 'gone'}, not {src.value}; try again",
+                )
+            self._record(s, workspace_id, kind="state", actor=actor,
+                         message=message or reason, src=src, dst=dst)
+        log.info("workspace %s: %s -> %s %s", workspace_id, src.value, dst.value, reason)
+
+    def note(self, workspace_id: str, kind: str, message: str, *, actor: str = "system") -> None:
+        """Record an event that is not a state change."""
+        with self.sessions.begin() as s:
+            self._record(s, workspace_id, kind=kind, actor=actor, message=message)
+
+    def touch(self, workspace_id: str) -> None:
+        """Mark activity on a workspace (debounced writes)."""
+        now = datetime.now(UTC)
+        with self.sessions.begin() as s:
+            s.execute(
+                update(Workspace)
+                .where(Workspace.id == workspace_id,
+                       Workspace.last_activity_at < now - ACTIVITY_DEBOUNCE)
+                .values(last_activity_at=now)
+            )
+
+    # --- create -----------------------------------------------------------------------
+
+    async def create(self, user: User, req: CreateRequest) -> Workspace:
+        """Validate, insert the row in ``creating`` and start building in the background."""
+        source = git_clone.validate_repo_url(
+            req.repo_url,
+            allowed_schemes=self.settings.allowed_git_schemes,
+            local_roots=self.settings.local_repo_roots,
+        )
+        name = req.name if req.name is not None else naming.default_name(req.repo_url)
+        if (problem := naming.validate_name(name)) is not None:
+            raise ValidationFailed(problem)
+        runtime = self._validate_runtime(req.runtime)
+        image = await self._validate_image(req.image)
+        cpus, memory_mb, disk_gb = self._validate_resources(req)
+        env = self._validate_env(req.env)
+        if req.idle_timeout_s is not None and req.idle_timeout_s < 0:
+            raise ValidationFailed("idle_timeout_s must be 0 or more")
+        ws_id = naming.new_workspace_id()
+        with self.sessions.begin() as s:
+            count = s.scalar(
+                select(func.count()).select_from(Workspace).where(Workspace.owner_id == user.id)
+            )
+            if (count or 0) >= self.settings.max_workspaces_per_user:
+                raise QuotaExceeded(
+                    f"you already have {count} workspaces, the most this server allows; "
+                    "delete one first"
+                )
+            exists = s.scalar(
+                select(Workspace.id).where(Workspace.owner_id == user.id, Workspace.name == name)
+            )
+            if exists is not None:
+                raise Conflict(f"you already have a workspace named {name!r}",
+                               code="name_taken")
+            row = Workspace(
+                id=ws_id, owner_id=user.id, name=name, repo_url=source.url if source.kind != "file"
+                else req.repo_url.strip(), repo_branch=req.branch,
+                repo_dir=naming.repo_basename(source.url), image=image, runtime=runtime,
+                cpus=cpus, memory_mb=memory_mb, disk_gb=disk_gb, gpus=req.gpus,
+                pids_limit=self.settings.default_pids, env=env,
+                idle_timeout_s=req.idle_timeout_s, keep_alive=req.keep_alive,
+                state=State.CREATING.value,
+                engine={
+                    "container": naming.container_name(self.settings.engine_prefix, ws_id),
+                    "volume": naming.volume_name(self.settings.engine_prefix, ws_id),
+                },
+            )
+            s.add(row)
+            s.flush()
+            self._record(s, ws_id, kind="state", actor=user.name,
+                         message=f"create from {row.repo_url}", dst=State.CREATING)
+        log.info("workspace %s: creating %r for %s from %s", ws_id, name, user.name, row.repo_url)
+        task = asyncio.create_task(self._build(ws_id, source, req.branch), name=f"build-{ws_id}")
+        self._tasks[ws_id] = task
+        task.add_done_callback(lambda _t: self._tasks.pop(ws_id, None))
+        return self.get(ws_id)
+
+    def _validate_runtime(self, runtime: str | None) -> str:
+        runtime = runtime or "gvisor"
+        if runtime not in RUNTIMES:
+            raise ValidationFailed(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
+        if runtime == "microvm":
+            raise ValidationFailed("the microvm runtime is not available on this server yet")
+        if runtime == "runc" and not self.settings.allow_insecure_runc:
+            raise ValidationFailed(
+                "runtime 'runc' is disabled: it runs workspaces without the gVisor sandbox "
+                "(the operator can allow it with DEN_ALLOW_INSECURE_RUNC=true)"
+            )
+        return runtime
+
+    async def _validate_image(self, image: str | None) -> str:
+        image = image or self.settings.default_image
+        allowed = image == self.settings.default_image or (
+            image in self.settings.allowed_images
+            if self.settings.allowed_images
+            else image.startswith("den/")
+        )
+        if not allowed:
+            raise ValidationFailed(f"image {image!r} is not allowed on this server")
+        if not await self.runtime.image_exists(image):
+            raise ValidationFailed(
+                f"image {image!r} is not built on this server (run `make images`)",
+                code="image_missing",
+            )
+        return image
+
+    def _validate_resources(self, req: CreateRequest) -> tuple[float, int, int]:
+        st = self.settings
+        cpus = st.default_cpus if req.cpus is None else req.cpus
+        memory_mb = st.default_memory_mb if req.memory_mb is None else req.memory_mb
+        disk_gb = st.default_disk_gb if req.disk_gb is None else req.disk_gb
+        if not 0.1 <= cpus <= st.max_cpus:
+            raise ValidationFailed(f"resources.cpus must be between 0.1 and {st.max_cpus:g}")
+        if not 128 <= memory_mb <= st.max_memory_mb:
+            raise ValidationFailed(f"resources.memory_mb must be between 128 and {st.max_memory_mb}")
+        if not 1 <= disk_gb <= st.max_disk_gb:
+            raise ValidationFailed(f"resources.disk_gb must be between 1 and {st.max_disk_gb}")
+        if req.gpus < 0:
+            raise ValidationFailed("resources.gpus must be 0 or more")
+        if req.gpus > st.max_gpus:
+            raise Conflict(
+                f"{req.gpus} GPU(s) asked, but this server can give a workspace at most "
+                f"{st.max_gpus}", code="gpus_unavailable",
+            )
+        return cpus, memory_mb, disk_gb
+
+    @staticmethod
+    def _validate_env(env: dict[str, str]) -> dict[str, str]:
+        if len(env) > 200:
+            raise ValidationFailed("env may hold at most 200 variables")
+        for k, v in env.items():
+            if not k or not (k[0].isalpha() or k[0] == "_") or not all(
+                c.isalnum() or c == "_" for c in k
+            ):
+                raise ValidationFailed(f"env name {k!r} is not a valid variable name")
+            if "\x00" in v or len(v) > 32768:
+                raise ValidationFailed(f"env value of {k} is too long or contains NUL")
+        return dict(env)
+
+    async def _build(self, ws_id: str, source: git_clone.RepoSource, branch: str | None) -> None:
+        """Clone, create the engine objects, start: ``creating`` -> ``running`` or ``error``."""
+        ws = self.get(ws_id)
+        spec = self.spec_for(ws)
+        work = self._tmp / ws_id
+        try:
+            async with self._lock(ws_id):
+                work.mkdir(parents=True, exist_ok=True)
+                repo = work / "repo"
+                tar = work / "seed.tar"
+                head = await asyncio.to_thread(
+                    git_clone.clone, source, branch=branch, dest=repo,
+                    timeout_s=self.settings.clone_timeout_s,
+                    max_bytes=self.settings.clone_max_mb * 1024 * 1024,
+                )
+                await asyncio.to_thread(
+                    git_clone.pack_for_workspace, repo, arcname=ws.repo_dir, out=tar
+                )
+                if head and not ws.repo_branch:
+                    with self.sessions.begin() as s:
+                        s.execute(update(Workspace).where(Workspace.id == ws_id)
+                                  .values(repo_branch=head))
+                self.note(ws_id, "clone", f"cloned {ws.repo_url} ({head or 'detached'})")
+                await self.runtime.create(spec, seed_tar=tar)
+                await self.runtime.start(spec)
+                self._transition(ws_id, State.CREATING, State.RUNNING, actor="system",
+                                 message=f"running under {ws.runtime}")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            reason = exc.message if isinstance(exc, DenError) else "internal error while creating"
+            if not isinstance(exc, DenError):
+                log.exception("workspace %s: create failed", ws_id)
+            else:
+                log.warning("workspace %s: create failed: %s %s", ws_id, reason, exc.detail)
+            with contextlib.suppress(Exception):
+                await self.runtime.destroy(spec)
+            with contextlib.suppress(Conflict):
+                self._transition(ws_id, State.CREATING, State.ERROR, actor="system",
+                                 reason=reason)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def start(self, ws_id: str, *, actor: str) -> Workspace:
+        async with self._lock(ws_id):
+            ws = self.get(ws_id)
+            try:
+                step = plan(START, State(ws.state))
+            except ValueError as exc:
+                raise Conflict(str(exc)) from exc
+            if step is None:
+                return ws
+            src = State(ws.state)
+            self._transition(ws_id, src, step, actor=actor)
+            spec = self.spec_for(ws)
+            try:
+                if await self.runtime.status(spec) is ContainerStatus.MISSING:
+                    raise ObjectMissing("the workspace's container is gone from the engine")
+                await self.runtime.start(spec)
+            except DenError as exc:
+                self._transition(ws_id, step, State.ERROR, actor=actor,
+                                 reason=f"start failed: {exc.message}")
+                raise
+            self._transition(ws_id, step, State.RUNNING, actor=actor)
+            return self.get(ws_id)
+
+    async def stop(self, ws_id: str, *, actor: str) -> Workspace:
+        async with self._lock(ws_id):
+            ws = self.get(ws_id)
+            try:
+                step = plan(STOP, State(ws.state))
+            except ValueError as exc:
+                raise Conflict(str(exc)) from exc
+            if step is None:
+                return ws
+            self._transition(ws_id, State(ws.state), step, actor=actor)
+            try:
+                await self.runtime.stop(self.spec_for(ws), timeout_s=self.settings.stop_timeout_s)
+            except DenError as exc:
+                self._transition(ws_id, step, State.ERROR, actor=actor,
+                                 reason=f"stop failed: {exc.message}")
+                raise
+            self._transition(ws_id, step, State.STOPPED, actor=actor)
+            return self.get(ws_id)
+
+    async def delete(self, ws_id: str, *, actor: str) -> bool:
+        """Delete a workspace, its container and its volume. False when a delete of it is
+        already in progress (the caller answers 202)."""
+        task = self._tasks.get(ws_id)
+        if task is not None:  # cancel an unfinished create
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        async with self._lock(ws_id):
+            ws = self.get(ws_id)
+            if ws.state == State.DELETING.value:
+                return False
+            self._transition(ws_id, State(ws.state), State.DELETING, actor=actor)
+            await self._finish_delete(ws, actor=actor)
+        self._locks.pop(ws_id, None)
+        return True
+
+    async def _finish_delete(self, ws: Workspace, *, actor: str) -> None:
+        try:
+            await self.runtime.destroy(self.spec_for(ws))
+        except DenError as exc:
+            self._transition(ws.id, State.DELETING, State.ERROR, actor=actor,
+                             reason=f"delete failed: {exc.message}; delete again to retry")
+            raise
+        with self.sessions.begin() as s:
+            s.execute(delete(Event).where(Event.workspace_id == ws.id))
+            s.execute(delete(Workspace).where(Workspace.id == ws.id))
+        log.info("workspace %s: deleted by %s", ws.id, actor)
+
+    async def ensure_running(self, ws_id: str, *, actor: str) -> Workspace:
+        """The workspace, running: a stopped one is started (wake on access)."""
+        ws = self.get(ws_id)
+        state = State(ws.state)
+        if state is State.RUNNING:
+            return ws
+        if state is State.STOPPED:
+            self.note(ws_id, "wake", "started on access", actor=actor)
+            return await self.start(ws_id, actor=actor)
+        if state in TRANSITIONAL:
+            raise Conflict(f"workspace is {state.value}; try again when it is running")
+        raise Conflict(f"workspace is {state.value}: {ws.state_reason or 'start it first'}")
+
+    # --- processes --------------------------------------------------------------------
+
+    def exec_request(self, ws: Workspace, cmd: str | Sequence[str], *, cwd: str | None = None,
+                     env: dict[str, str] | None = None, timeout_s: float | None = None,
+                     stdin: bytes | None = None, user: str = "dev") -> ExecRequest:
+        """Build the request for ``cmd`` (argv list, or a string run by bash)."""
+        if isinstance(cmd, str):
+            if not cmd.strip():
+                raise ValidationFailed("cmd is empty")
+            argv: list[str] = ["bash", "-c", cmd]
+        else:
+            argv = list(cmd)
+            if not argv or not argv[0]:
+                raise ValidationFailed("cmd is empty")
+        if any("\x00" in a for a in argv):
+            raise ValidationFailed("cmd contains a NUL byte")
+        timeout = self.settings.exec_default_timeout_s if timeout_s is None else timeout_s
+        if not 0 < timeout <= self.settings.exec_max_timeout_s:
+            raise ValidationFailed(
+                f"timeout_s must be between 0 and {self.settings.exec_max_timeout_s:g}"
+            )
+        return ExecRequest(
+            argv=argv,
+            user=user,
+            cwd=posixpath.normpath(posixpath.join(self.repo_path(ws), cwd or ".")),
+            env=self._validate_env(env or {}),
+            stdin=stdin,
+            timeout_s=timeout,
+            max_output_bytes=self.settings.exec_max_output_bytes,
+        )
+
+    async def exec(self, ws_id: str, req: ExecRequest, *, actor: str) -> ExecResult:
+        ws = await self.ensure_running(ws_id, actor=actor)
+        self.touch(ws_id)
+        try:
+            return await self.runtime.exec(self.spec_for(ws), req)
+        except EngineConflict as exc:
+            raise Conflict(f"workspace is not running: {exc.message}") from exc
+        finally:
+            self.touch(ws_id)
+
+    async def exec_stream(self, ws_id: str, req: ExecRequest, *, actor: str) -> ExecStream:
+        ws = await self.ensure_running(ws_id, actor=actor)
+        self.touch(ws_id)
+        return await self.runtime.exec_stream(self.spec_for(ws), req)
+
+    # --- reconcile --------------------------------------------------------------------
+
+    async def reconcile(self) -> None:
+        """Bring the database and the engine into agreement (run at startup)."""
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        with self.sessions() as s:
+            rows = list(s.scalars(select(Workspace)))
+        for ws in rows:
+            try:
+                await self._reconcile_one(ws)
+            except DenError as exc:
+                log.error("reconcile of workspace %s failed: %s %s", ws.id, exc.message,
+                          exc.detail)
+        known = {ws.id for ws in rows}
+        for obj in await self.runtime.list_objects(self.instance_id):
+            if obj.workspace_id not in known:
+                log.warning("reconcile: removing orphan %s %s", obj.kind, obj.name)
+                await self.runtime.remove_object(obj)
+
+    async def _reconcile_one(self, ws: Workspace) -> None:
+        spec = self.spec_for(ws)
+        state = State(ws.state)
+        status = await self.runtime.status(spec)
+        actor = "reconcile"
+        if state is State.CREATING:
+            await self.runtime.destroy(spec)
+            self._transition(ws.id, state, State.ERROR, actor=actor,
+                             reason="Den restarted while this workspace was being created; "
+                                    "delete it and create it again")
+        elif state is State.DELETING:
+            await self._finish_delete(ws, actor=actor)
+        elif state in (State.STARTING, State.RESUMING):
+            if status is ContainerStatus.RUNNING:
+                self._transition(ws.id, state, State.RUNNING, actor=actor)
+            else:
+                self._transition(ws.id, state, State.STOPPED, actor=actor,
+                                 message="start was interrupted by a restart")
+        elif state is State.STOPPING:
+            await self.runtime.stop(spec, timeout_s=self.settings.stop_timeout_s)
+            self._transition(ws.id, state, State.STOPPED, actor=actor,
+                             message="finished a stop interrupted by a restart")
+        elif status is ContainerStatus.MISSING and state is not State.ERROR:
+            self._transition(ws.id, state, State.ERROR, actor=actor,
+                             reason="the workspace's container is gone from the engine; "
+                                    "its data volume may remain; delete the workspace")
+        elif state is State.RUNNING and status is ContainerStatus.STOPPED:
+            self._transition(ws.id, state, State.STOPPED, actor=actor,
+                             message="found stopped in the engine")
+        elif state is State.STOPPED and status is ContainerStatus.RUNNING:
+            self._transition(ws.id, state, State.RUNNING, actor=actor,
+                             message="found running in the engine")
+
+    async def shutdown(self) -> None:
+        """Cancel unfinished background work; reconcile cleans up at the next start."""
+        tasks = list(self._tasks.values())
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(BaseException):
+                await t
+
+
+def path_in_workspace(path: str) -> str:
+    """Normalise a user path to an absolute one under /workspace, or raise ValidationFailed."""
+    if "\x00" in path:
+        raise ValidationFailed("path contains a NUL byte")
+    joined = posixpath.normpath(posixpath.join(WORKSPACE_ROOT, path or "."))
+    if joined != WORKSPACE_ROOT and not joined.startswith(WORKSPACE_ROOT + "/"):
+        raise ValidationFailed(f"path {path!r} is outside /workspace", code="path_outside")
+    return joined

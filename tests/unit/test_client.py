@@ -1,0 +1,799 @@
+"""Unit tests for the Python client and the client verbs of the den CLI (no server needed)."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import socket
+import stat
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from websockets.http11 import Request, Response
+from websockets.sync.server import ServerConnection, serve
+
+from server.client import Den, DenAPIError, ExecResult, FileEntry, Workspace
+from server.client.api import default_name
+from server.client.commands import add_client_commands
+from server.client.config import ClientConfig, config_path, load_config, save_config
+
+URL = "http://den.test"
+TOKEN = "den_secret"
+
+
+def _ws_json(name: str, state: str = "running", **extra: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "id": f"id-{name}",
+        "name": name,
+        "owner": "alice",
+        "state": state,
+        "state_reason": None,
+        "repo": {"url": f"https://forge/acme/{name}.git", "branch": None,
+                 "path": f"/workspace/{name}"},
+        "image": "den/base",
+        "runtime": "gvisor",
+        "resources": {"cpus": 2.0, "memory_mb": 4096, "disk_gb": 10, "gpus": 0, "pids": 512},
+        "env": {},
+        "idle_timeout_s": 900,
+        "keep_alive": False,
+        "created_at": "2024-05-01T12:30:45+00:00",
+        "updated_at": "2024-05-01T12:30:45+00:00",
+        "last_activity_at": None,
+        "ssh": None,
+    }
+    data.update(extra)
+    return data
+
+
+def _error(status: int, code: str, message: str) -> httpx.Response:
+    return httpx.Response(status, json={"error": {"code": code, "message": message}})
+
+
+@dataclass
+class FakeServer:
+    """A tiny in-memory Den API behind httpx.MockTransport."""
+
+    workspaces: dict[str, dict[str, Any]] = field(default_factory=dict)
+    requests: list[httpx.Request] = field(default_factory=list)
+    # states a GET returns in turn after a create, before the final one
+    create_states: list[str] = field(default_factory=lambda: ["creating", "running"])
+    create_reason: str | None = None
+    files: dict[str, bytes] = field(default_factory=dict)
+    exec_reply: dict[str, Any] = field(default_factory=lambda: {
+        "exit_code": 0, "stdout": "ok\n", "stderr": "", "timed_out": False, "duration_ms": 12})
+    overrides: dict[tuple[str, str], httpx.Response] = field(default_factory=dict)
+
+    def transport(self) -> httpx.MockTransport:
+        return httpx.MockTransport(self.handle)
+
+    def den(self) -> Den:
+        return Den(URL, token=TOKEN, transport=self.transport(), poll_interval_s=0)
+
+    def add(self, name: str, state: str = "running", **extra: Any) -> dict[str, Any]:
+        self.workspaces[name] = _ws_json(name, state, **extra)
+        return self.workspaces[name]
+
+    def find(self, key: str) -> dict[str, Any] | None:
+        for ws in self.workspaces.values():
+            if key in (ws["id"], ws["name"]):
+                return ws
+        return None
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if request.headers.get("Authorization") != f"Bearer {TOKEN}":
+            return _error(401, "unauthorized", "invalid token")
+        path = request.url.path
+        key = (request.method, path)
+        if key in self.overrides:
+            return self.overrides[key]
+        if path == "/healthz":
+            return httpx.Response(200, json={"status": "ok"})
+        if path == "/api/v1/users/me":
+            return httpx.Response(200, json={"id": "u1", "name": "alice", "is_admin": False})
+        if path.startswith("/api/v1/users/me/tokens"):
+            return self.handle_tokens(request)
+        if path == "/api/v1/workspaces":
+            if request.method == "POST":
+                return self.handle_create(json.loads(request.content))
+            return httpx.Response(200, json={"workspaces": list(self.workspaces.values())})
+        parts = path.removeprefix("/api/v1/workspaces/").split("/", 1)
+        ws = self.find(parts[0])
+        if ws is None:
+            return _error(404, "not_found", f"workspace {parts[0]} not found")
+        rest = parts[1] if len(parts) > 1 else ""
+        return self.handle_workspace(request, ws, rest)
+
+    def handle_tokens(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            name = json.loads(request.content)["name"]
+            return httpx.Response(201, json={"id": "t1", "name": name, "token": "den_new",
+                                             "created_at": "2024-05-01T00:00:00Z"})
+        if request.method == "GET":
+            return httpx.Response(200, json={"tokens": [{"id": "t1", "name": "ci",
+                                                         "created_at": "x", "last_used_at": None}]})
+        return httpx.Response(204)
+
+    def handle_create(self, body: dict[str, Any]) -> httpx.Response:
+        ws = self.add(body["name"], "creating")
+        ws["repo"]["url"] = body["repo"]["url"]
+        return httpx.Response(202, json=ws)
+
+    def handle_workspace(self, request: httpx.Request, ws: dict[str, Any], rest: str
+                         ) -> httpx.Response:
+        method = request.method
+        if rest == "" and method == "GET":
+            if ws["state"] == "creating" and self.create_states:
+                ws["state"] = self.create_states.pop(0)
+                if ws["state"] == "error":
+                    ws["state_reason"] = self.create_reason
+            return httpx.Response(200, json=ws)
+        if rest == "" and method == "DELETE":
+            del self.workspaces[ws["name"]]
+            return httpx.Response(204)
+        targets = {"start": "running", "stop": "stopped", "pause": "paused", "resume": "running"}
+        if rest in targets and method == "POST":
+            ws["state"] = targets[rest]
+            return httpx.Response(200, json=ws)
+        if rest == "exec":
+            return httpx.Response(200, json=self.exec_reply)
+        if rest == "events":
+            return httpx.Response(200, json={"events": [
+                {"id": 1, "at": "2024-05-01T12:00:00+00:00", "kind": "state",
+                 "from_state": None, "to_state": "creating", "actor": "alice",
+                 "message": "created"},
+                {"id": 2, "at": "2024-05-01T12:01:00+00:00", "kind": "state",
+                 "from_state": "creating", "to_state": "running", "actor": "system",
+                 "message": ""},
+            ]})
+        if rest == "files/list":
+            return httpx.Response(200, json={"path": request.url.params["path"], "entries": [
+                {"name": "a.txt", "type": "file", "size": 2, "mtime": 1.5, "mode": "-rw-r--r--"},
+                {"name": "src", "type": "dir", "size": 0, "mtime": 2.0, "mode": "drwxr-xr-x"},
+            ]})
+        if rest == "files":
+            path = request.url.params["path"]
+            if method == "GET":
+                if path not in self.files:
+                    return _error(404, "not_found", f"{path}: no such file")
+                return httpx.Response(200, content=self.files[path])
+            if method == "PUT":
+                self.files[path] = request.content
+                return httpx.Response(200, json={"path": path, "size": len(request.content)})
+            if method == "DELETE":
+                self.files.pop(path, None)
+                return httpx.Response(204)
+        return _error(405, "method_not_allowed", f"{method} {rest}")
+
+    def last(self, method: str, suffix: str) -> httpx.Request:
+        for request in reversed(self.requests):
+            if request.method == method and request.url.path.endswith(suffix):
+                return request
+        raise AssertionError(f"no {method} *{suffix} among {self.requests}")
+
+
+@pytest.fixture
+def fake() -> FakeServer:
+    return FakeServer()
+
+
+@pytest.fixture
+def den(fake: FakeServer) -> Iterator[Den]:
+    with fake.den() as client:
+        yield client
+
+
+# --- values and helpers ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("url", "name"), [
+    ("https://forge/acme/api.git", "api"),
+    ("https://forge/acme/My_API.git/", "my-api"),
+    ("git@forge.example:acme/Web.App.git", "web-app"),
+    ("https://forge/acme/" + "x" * 60, "x" * 40),
+    ("https://forge/acme/___", "workspace"),
+])
+def test_default_name(url: str, name: str) -> None:
+    assert default_name(url) == name
+
+
+def test_error_str() -> None:
+    err = DenAPIError(409, "conflict", "workspace api is stopping")
+    assert str(err) == "workspace api is stopping (conflict, HTTP 409)"
+    assert (err.status, err.code, err.message) == (409, "conflict", "workspace api is stopping")
+
+
+def test_exec_result_ok_and_check() -> None:
+    good = ExecResult(0, "out", "", False, 5)
+    assert good.ok and good.check() is good
+    with pytest.raises(DenAPIError) as info:
+        ExecResult(2, "", "boom\n", False, 5).check()
+    assert info.value.code == "exec_failed" and "exited with 2: boom" in info.value.message
+    timed_out = ExecResult(0, "", "", True, 5)
+    assert not timed_out.ok
+    with pytest.raises(DenAPIError, match="timed out"):
+        timed_out.check()
+
+
+# --- Den --------------------------------------------------------------------------------------
+
+
+def test_me_health_and_auth_header(den: Den, fake: FakeServer) -> None:
+    assert den.me() == {"id": "u1", "name": "alice", "is_admin": False}
+    assert den.health() == {"status": "ok"}
+    assert all(r.headers["Authorization"] == f"Bearer {TOKEN}" for r in fake.requests)
+
+
+def test_tokens(den: Den, fake: FakeServer) -> None:
+    assert den.create_token("ci")["token"] == "den_new"
+    assert json.loads(fake.last("POST", "/tokens").content) == {"name": "ci"}
+    assert [t["name"] for t in den.tokens()] == ["ci"]
+    den.delete_token("t1")
+    assert fake.last("DELETE", "/tokens/t1")
+
+
+def test_create_waits_until_running(den: Den, fake: FakeServer) -> None:
+    fake.create_states = ["creating", "creating", "running"]
+    ws = den.create("https://forge/acme/API.git", branch="main", cpus=1.5, memory_mb=2048,
+                    env={"A": "1"}, keep_alive=True)
+    assert isinstance(ws, Workspace)
+    assert (ws.name, ws.state, ws.id) == ("api", "running", "id-api")
+    assert ws.repo_path == "/workspace/api" and ws.repo_url == "https://forge/acme/API.git"
+    body = json.loads(fake.last("POST", "/api/v1/workspaces").content)
+    assert body == {
+        "name": "api",
+        "repo": {"url": "https://forge/acme/API.git", "branch": "main"},
+        "resources": {"cpus": 1.5, "memory_mb": 2048},
+        "env": {"A": "1"},
+        "keep_alive": True,
+    }
+    assert sum(r.method == "GET" for r in fake.requests) == 3
+
+
+def test_create_no_wait(den: Den, fake: FakeServer) -> None:
+    ws = den.create("https://forge/acme/api.git", name="mine", image="den/py", wait=False)
+    assert ws.state == "creating"
+    body = json.loads(fake.last("POST", "/api/v1/workspaces").content)
+    assert body == {"name": "mine", "repo": {"url": "https://forge/acme/api.git", "branch": None},
+                    "image": "den/py"}
+    assert not any(r.method == "GET" for r in fake.requests)
+
+
+def test_create_ending_in_error(den: Den, fake: FakeServer) -> None:
+    fake.create_states = ["error"]
+    fake.create_reason = "clone failed: repository not found"
+    with pytest.raises(DenAPIError) as info:
+        den.create("https://forge/acme/api.git")
+    assert info.value.code == "workspace_error"
+    assert info.value.message == "clone failed: repository not found"
+
+
+def test_create_timeout(den: Den, fake: FakeServer) -> None:
+    fake.create_states = []
+    with pytest.raises(DenAPIError) as info:
+        den.create("https://forge/acme/api.git", timeout_s=0)
+    assert (info.value.status, info.value.code) == (0, "timeout")
+
+
+def test_wait_for_unexpected_state(den: Den, fake: FakeServer) -> None:
+    fake.add("api", "stopped")
+    with pytest.raises(DenAPIError) as info:
+        den.workspace("api").wait_for("running")
+    assert info.value.code == "unexpected_state"
+
+
+def test_workspaces_and_lookup(den: Den, fake: FakeServer) -> None:
+    fake.add("api")
+    fake.add("web", "paused")
+    assert [(w.name, w.state) for w in den.workspaces()] == [("api", "running"), ("web", "paused")]
+    ws = den.workspace("web")
+    assert ws.raw["runtime"] == "gvisor" and ws.state_reason is None
+    ws.raw["state"] = "mutated"  # raw is a copy
+    assert ws.state == "paused"
+    with pytest.raises(DenAPIError) as info:
+        den.workspace("a/b")
+    assert info.value.status == 404 and info.value.code == "not_found"
+    assert fake.requests[-1].url.raw_path == b"/api/v1/workspaces/a%2Fb"
+
+
+def test_lifecycle(den: Den, fake: FakeServer) -> None:
+    fake.add("api")
+    ws = den.workspace("api")
+    assert ws.stop().state == "stopped"
+    assert fake.last("POST", "/stop").url.path == "/api/v1/workspaces/id-api/stop"
+    assert ws.start().state == "running"
+    assert ws.pause().state == "paused"
+    assert ws.resume().state == "running"
+    fake.workspaces["api"]["state"] = "stopped"
+    assert ws.refresh().state == "stopped"
+
+
+def test_conflict_is_translated(den: Den, fake: FakeServer) -> None:
+    fake.add("api", "stopping")
+    fake.overrides[("POST", "/api/v1/workspaces/id-api/start")] = _error(
+        409, "conflict", "workspace api is stopping")
+    with pytest.raises(DenAPIError) as info:
+        den.workspace("api").start()
+    assert (info.value.status, info.value.code) == (409, "conflict")
+    assert str(info.value) == "workspace api is stopping (conflict, HTTP 409)"
+
+
+def test_delete(den: Den, fake: FakeServer) -> None:
+    fake.add("api")
+    fake.add("web")
+    assert den.workspace("api").delete() is True
+    assert "api" not in fake.workspaces
+    fake.overrides[("DELETE", "/api/v1/workspaces/id-web")] = httpx.Response(202)
+    ws = den.workspace("web")
+    assert ws.delete() is False and ws.state == "deleting"
+
+
+def test_exec(den: Den, fake: FakeServer) -> None:
+    fake.add("api")
+    ws = den.workspace("api")
+    result = ws.exec(["pytest", "-q"], cwd="/workspace/api", env={"X": "1"}, timeout_s=60,
+                     stdin=b"input")
+    assert result == ExecResult(0, "ok\n", "", False, 12) and result.ok
+    body = json.loads(fake.last("POST", "/exec").content)
+    assert body == {"cmd": ["pytest", "-q"], "cwd": "/workspace/api", "env": {"X": "1"},
+                    "timeout_s": 60, "stdin": "input"}
+    ws.exec("echo hi | wc -c")
+    assert json.loads(fake.last("POST", "/exec").content) == {"cmd": "echo hi | wc -c"}
+    fake.exec_reply = {"exit_code": 3, "stdout": "", "stderr": "bad", "timed_out": False,
+                       "duration_ms": 1}
+    assert ws.exec("false").exit_code == 3
+    with pytest.raises(DenAPIError, match="exited with 3"):
+        ws.exec("false", check=True)
+
+
+def test_files(den: Den, fake: FakeServer) -> None:
+    fake.add("api")
+    ws = den.workspace("api")
+    assert ws.write_file("notes/a.txt", b"hi") == 2
+    put = fake.last("PUT", "/files")
+    assert put.url.params["path"] == "notes/a.txt"
+    assert put.headers["Content-Type"] == "application/octet-stream"
+    assert ws.read_file("notes/a.txt") == b"hi"
+    assert ws.write_file("b.txt", "é") == 2
+    assert fake.files["b.txt"] == "é".encode()
+    entries = ws.list_files("notes")
+    assert entries[0] == FileEntry("a.txt", "file", 2, 1.5, "-rw-r--r--")
+    assert entries[1].type == "dir"
+    assert fake.last("GET", "/files/list").url.params["path"] == "notes"
+    ws.delete_file("notes", recursive=True)
+    assert fake.last("DELETE", "/files").url.params["recursive"] == "true"
+    ws.delete_file("b.txt")
+    assert fake.last("DELETE", "/files").url.params["recursive"] == "false"
+    with pytest.raises(DenAPIError) as info:
+        ws.read_file("missing")
+    assert info.value.status == 404
+
+
+def test_events(den: Den, fake: FakeServer) -> None:
+    fake.add("api")
+    events = den.workspace("api").events()
+    assert [e["to_state"] for e in events] == ["creating", "running"]
+
+
+def test_non_json_error_and_bad_response(den: Den, fake: FakeServer) -> None:
+    fake.overrides[("GET", "/api/v1/users/me")] = httpx.Response(502, text="<html>bad gw</html>")
+    with pytest.raises(DenAPIError) as info:
+        den.me()
+    assert (info.value.status, info.value.code) == (502, "http_error")
+    assert "bad gw" in info.value.message
+    fake.overrides[("GET", "/healthz")] = httpx.Response(200, text="not json")
+    with pytest.raises(DenAPIError) as info2:
+        den.health()
+    assert info2.value.code == "bad_response"
+
+
+def _raising(exc: Exception) -> httpx.MockTransport:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise exc
+
+    return httpx.MockTransport(handler)
+
+
+def test_unreachable_and_timeout() -> None:
+    den = Den(URL, TOKEN, transport=_raising(httpx.ConnectError("connection refused")))
+    with pytest.raises(DenAPIError) as info:
+        den.me()
+    assert (info.value.status, info.value.code) == (0, "unreachable")
+    assert URL in info.value.message
+    den = Den(URL, TOKEN, transport=_raising(httpx.ReadTimeout("slow")))
+    with pytest.raises(DenAPIError) as info:
+        den.me()
+    assert (info.value.status, info.value.code) == (0, "timeout")
+
+
+def test_http_client_argument(fake: FakeServer) -> None:
+    with httpx.Client(transport=fake.transport()) as http:
+        den = Den(URL + "/", TOKEN, http_client=http)
+        assert den.url == URL
+        assert den.me()["name"] == "alice"
+        den.close()  # not ours: stays open
+        assert not http.is_closed
+
+
+def test_unauthorized(fake: FakeServer) -> None:
+    den = Den(URL, "wrong", transport=fake.transport())
+    with pytest.raises(DenAPIError) as info:
+        den.me()
+    assert (info.value.status, info.value.code) == (401, "unauthorized")
+
+
+# --- config -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    for var in ("DEN_URL", "DEN_TOKEN", "XDG_CONFIG_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    path = tmp_path / "conf" / "config.json"
+    monkeypatch.setenv("DEN_CONFIG", str(path))
+    return path
+
+
+def test_config_path_resolution(tmp_path: Path) -> None:
+    assert config_path({"DEN_CONFIG": str(tmp_path / "c.json")}) == tmp_path / "c.json"
+    assert config_path({"XDG_CONFIG_HOME": str(tmp_path)}) == tmp_path / "den" / "config.json"
+    assert config_path({}) == Path.home() / ".config" / "den" / "config.json"
+
+
+def test_config_save_and_load(tmp_path: Path) -> None:
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    assert load_config(env) is None
+    path = save_config(ClientConfig("http://den.test/", TOKEN), env)
+    assert path == tmp_path / "xdg" / "den" / "config.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert load_config(env) == ClientConfig("http://den.test", TOKEN)
+    assert TOKEN not in repr(load_config(env))
+    assert load_config({**env, "DEN_TOKEN": "other"}) == ClientConfig("http://den.test", "other")
+    assert load_config({**env, "DEN_URL": "http://x/"}) == ClientConfig("http://x", TOKEN)
+    assert load_config({"DEN_URL": "http://x", "DEN_TOKEN": "t",
+                        "DEN_CONFIG": str(tmp_path / "none.json")}) == ClientConfig("http://x", "t")
+    path.write_text("[1]")
+    with pytest.raises(ValueError, match="not a JSON object"):
+        load_config(env)
+
+
+def test_from_config(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(DenAPIError) as info:
+        Den.from_config()
+    assert info.value.code == "not_logged_in"
+    save_config(ClientConfig(URL, TOKEN))
+    den = Den.from_config(poll_interval_s=0)
+    assert (den.url, den.token, den.poll_interval_s) == (URL, TOKEN, 0)
+
+
+# --- exec_stream over a real WebSocket server -------------------------------------------------
+
+
+@dataclass
+class StreamServer:
+    url: str
+    received: list[Any]
+    headers: dict[str, str]
+    path: list[str]
+
+
+@pytest.fixture
+def stream_server() -> Iterator[Callable[..., StreamServer]]:
+    servers: list[Any] = []
+
+    def start(script: Callable[[ServerConnection, list[Any]], None],
+              reject: tuple[int, str] | None = None) -> StreamServer:
+        received: list[Any] = []
+        headers: dict[str, str] = {}
+        path: list[str] = []
+
+        def process_request(conn: ServerConnection, request: Request) -> Response | None:
+            headers.update({k: v for k, v in request.headers.raw_items()})
+            path.append(request.path)
+            if reject is not None:
+                return conn.respond(HTTPStatus(reject[0]), reject[1])
+            return None
+
+        def handler(conn: ServerConnection) -> None:
+            received.append(json.loads(conn.recv()))
+            script(conn, received)
+
+        server = serve(handler, "127.0.0.1", 0, process_request=process_request)
+        servers.append(server)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        port = server.socket.getsockname()[1]
+        return StreamServer(f"http://127.0.0.1:{port}", received, headers, path)
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+def _echo_script(conn: ServerConnection, received: list[Any]) -> None:
+    while True:
+        msg = json.loads(conn.recv())
+        received.append(msg)
+        if msg["type"] == "close_stdin":
+            break
+        conn.send(json.dumps({"type": "stdout", "data": msg["data"].upper()}))
+    conn.send(json.dumps({"type": "stderr", "data": "warn"}))
+    conn.send(json.dumps({"type": "exit", "exit_code": 7}))
+
+
+def _workspace_at(url: str) -> Workspace:
+    return Workspace(Den(url, TOKEN), _ws_json("api"))
+
+
+def test_exec_stream(stream_server: Callable[..., StreamServer]) -> None:
+    srv = stream_server(_echo_script)
+    out: list[str] = []
+    err: list[str] = []
+    code = _workspace_at(srv.url).exec_stream(
+        ["cat"], cwd="/workspace", env={"A": "b"}, stdin=b"hello",
+        on_stdout=out.append, on_stderr=err.append,
+    )
+    assert code == 7
+    assert (out, err) == (["HELLO"], ["warn"])
+    assert srv.received == [
+        {"cmd": ["cat"], "tty": False, "cwd": "/workspace", "env": {"A": "b"}},
+        {"type": "stdin", "data": "hello"},
+        {"type": "close_stdin"},
+    ]
+    assert srv.headers["Authorization"] == f"Bearer {TOKEN}"
+    assert srv.path == ["/api/v1/workspaces/id-api/exec/stream"]
+
+
+def test_exec_stream_without_stdin_and_error(stream_server: Callable[..., StreamServer]) -> None:
+    def script(conn: ServerConnection, received: list[Any]) -> None:
+        received.append(json.loads(conn.recv()))
+        conn.send(json.dumps({"type": "error",
+                              "error": {"code": "not_running", "message": "workspace stopped"}}))
+
+    srv = stream_server(script)
+    with pytest.raises(DenAPIError) as info:
+        _workspace_at(srv.url).exec_stream("ls -l")
+    assert (info.value.code, info.value.message) == ("not_running", "workspace stopped")
+    assert srv.received == [{"cmd": "ls -l", "tty": False}, {"type": "close_stdin"}]
+
+
+def test_exec_stream_closed_early(stream_server: Callable[..., StreamServer]) -> None:
+    srv = stream_server(lambda conn, received: None)
+    with pytest.raises(DenAPIError) as info:
+        _workspace_at(srv.url).exec_stream(["true"])
+    assert info.value.code == "stream_closed"
+
+
+def test_exec_stream_rejected(stream_server: Callable[..., StreamServer]) -> None:
+    body = json.dumps({"error": {"code": "not_found", "message": "workspace api not found"}})
+    srv = stream_server(lambda conn, received: None, reject=(404, body))
+    with pytest.raises(DenAPIError) as info:
+        _workspace_at(srv.url).exec_stream(["true"])
+    assert (info.value.status, info.value.code) == (404, "not_found")
+
+
+def test_exec_stream_unreachable() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(DenAPIError) as info:
+        _workspace_at(f"http://127.0.0.1:{port}").exec_stream(["true"])
+    assert (info.value.status, info.value.code) == (0, "unreachable")
+
+
+def test_ws_url() -> None:
+    assert _workspace_at("https://den.example/base").ws_url("exec/stream") == (
+        "wss://den.example/base/api/v1/workspaces/id-api/exec/stream")
+    assert _workspace_at("http://h:8080").ws_url("terminal").startswith("ws://h:8080/api/v1/")
+
+
+# --- CLI --------------------------------------------------------------------------------------
+
+
+class _TTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def cli(fake: FakeServer, clean_env: Path) -> Callable[..., int]:
+    parser = argparse.ArgumentParser(prog="den")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_client_commands(sub, client_factory=lambda c: Den(c.url, c.token,
+                                                          transport=fake.transport(),
+                                                          poll_interval_s=0))
+
+    def run(*argv: str) -> int:
+        args = parser.parse_args(list(argv))
+        code: int = args.func(args)
+        return code
+
+    return run
+
+
+@pytest.fixture
+def logged_in(clean_env: Path) -> None:
+    save_config(ClientConfig(URL, TOKEN))
+
+
+def test_cli_login(cli: Callable[..., int], clean_env: Path,
+                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli("login", URL + "/", "--token", TOKEN) == 0
+    assert capsys.readouterr().out == f"Logged in to {URL} as alice\n"
+    assert json.loads(clean_env.read_text()) == {"url": URL, "token": TOKEN}
+    assert stat.S_IMODE(clean_env.stat().st_mode) == 0o600
+    assert stat.S_IMODE(clean_env.parent.stat().st_mode) == 0o700
+
+
+def test_cli_login_bad_token(cli: Callable[..., int], clean_env: Path,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli("login", URL, "--token", "wrong") == 1
+    assert capsys.readouterr().err == "den: invalid token\n"
+    assert not clean_env.exists()
+
+
+def test_cli_login_requires_token_without_tty(cli: Callable[..., int],
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert cli("login", URL) == 2
+    assert "--token is required" in capsys.readouterr().err
+
+
+def test_cli_not_logged_in(cli: Callable[..., int], capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli("ls") == 1
+    assert capsys.readouterr().err == "den: not logged in; run: den login URL --token TOKEN\n"
+
+
+@pytest.mark.usefixtures("logged_in")
+def test_cli_create(cli: Callable[..., int], fake: FakeServer,
+                    capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli("create", "https://forge/acme/api.git", "--branch", "dev", "--cpus", "2",
+               "--memory-mb", "1024") == 0
+    assert capsys.readouterr().out == "api running\n"
+    body = json.loads(fake.last("POST", "/api/v1/workspaces").content)
+    assert body["repo"] == {"url": "https://forge/acme/api.git", "branch": "dev"}
+    assert body["resources"] == {"cpus": 2.0, "memory_mb": 1024}
+    assert cli("create", "https://forge/acme/x.git", "--name", "web", "--image", "py",
+               "--no-wait") == 0
+    assert capsys.readouterr().out == "web creating\n"
+
+
+@pytest.mark.usefixtures("logged_in")
+def test_cli_create_error(cli: Callable[..., int], fake: FakeServer,
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    fake.create_states = ["error"]
+    fake.create_reason = "clone failed"
+    assert cli("create", "https://forge/acme/api.git") == 1
+    assert capsys.readouterr().err == "den: clone failed\n"
+
+
+@pytest.mark.usefixtures("logged_in")
+def test_cli_ls(cli: Callable[..., int], fake: FakeServer,
+                capsys: pytest.CaptureFixture[str]) -> None:
+    fake.add("api")
+    fake.add("frontend", "paused")
+    assert cli("ls") == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "NAME      STATE    REPO                             CREATED",
+        "api       running  https://forge/acme/api.git       2024-05-01 12:30",
+        "frontend  paused   https://forge/acme/frontend.git  2024-05-01 12:30",
+    ]
+    assert cli("ls", "--json") == 0
+    assert [w["name"] for w in json.loads(capsys.readouterr().out)] == ["api", "frontend"]
+
+
+@pytest.mark.usefixtures("logged_in")
+def test_cli_exec(cli: Callable[..., int], fake: FakeServer,
+                  capsys: pytest.CaptureFixture[str]) -> None:
+    fake.add("api")
+    fake.exec_reply = {"exit_code": 3, "stdout": "héllo\n", "stderr": "oops\n",
+                       "timed_out": False, "duration_ms": 4}
+    assert cli("exec", "api", "--", "ls", "-la", "--cwd", "x") == 3
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("héllo\n", "oops\n")
+    assert json.loads(fake.last("POST", "/exec").content) == {"cmd": ["ls", "-la", "--cwd", "x"]}
+
+    fake.exec_reply = {"exit_code": 0, "stdout": "", "stderr": "", "timed_out": False,
+                       "duration_ms": 1}
+    assert cli("exec", "--cwd", "/tmp", "api", "--", "pwd") == 0
+    assert json.loads(fake.last("POST", "/exec").content) == {"cmd": ["pwd"], "cwd": "/tmp"}
+    assert cli("exec", "api", "--timeout", "5", "--cwd", "sub", "--", "make", "-j2") == 0
+    assert json.loads(fake.last("POST", "/exec").content) == {
+        "cmd": ["make", "-j2"], "cwd": "sub", "timeout_s": 5.0}
+
+
+@pytest.mark.usefixtures("logged_in")
+def test_cli_exec_timeout_and_usage(cli: Callable[..., int], fake: FakeServer,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    fake.add("api")
+    fake.exec_reply = {"exit_code": -9, "stdout": "", "stderr": "", "timed_out": True,
+                       "duration_ms": 1000}
+    assert cli("exec", "--timeout", "1", "api", "--", "sleep", "10") == 124
+    assert capsys.readouterr().err == "den: command timed out after 1s\n"
+    assert cli("exec", "api", "--", "sleep", "10") == 124
+    assert capsys.readouterr().err == "den: command timed out\n"
+    fake.exec_reply = {**fake.exec_reply, "timed_out": False}
+    assert cli("exec", "api", "--", "kill-me") == 137
+    assert cli("exec", "api") == 2
+    assert "no command given" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("logged_in")
+@pytest.mark.parametrize(("verb", "state"), [
+    ("stop", "stopped"), ("start", "running"), ("pause", "paused"), ("resume", "running"),
+])
+def test_cli_lifecycle(cli: Callable[..., int], fake: FakeServer, verb: str, state: str,
+                       capsys: pytest.CaptureFixture[str]) -> None:
+    fake.add("api")
+    assert cli(verb, "api") == 0
+    assert capsys.readouterr().out == f"api {state}\n"
+    assert fake.last("POST", f"/{verb}").url.path == f"/api/v1/workspaces/id-api/{verb}"
+
+
+@pytest.mark.usefixtures("logged_in")
+def test_cli_conflict_and_not_found(cli: Callable[..., int], fake: FakeServer,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    fake.add("api", "stopping")
+    fake.overrides[("POST", "/api/v1/workspaces/id-api/start")] = _error(
+        409, "conflict", "workspace api is stopping")
+    assert cli("start", "api") == 1
+    assert capsys.readouterr().err == "den: workspace api is stopping\n"
+    assert cli("stop", "nope") == 1
+    assert capsys.readouterr().err == "den: workspace nope not found\n"
+
+
+@pytest.mark.usefixtures("logged_in")
+def test_cli_rm(cli: Callable[..., int], fake: FakeServer, monkeypatch: pytest.MonkeyPatch,
+                capsys: pytest.CaptureFixture[str]) -> None:
+    fake.add("api")
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert cli("rm", "api") == 1
+    assert "refusing to delete api without --yes" in capsys.readouterr().err
+    assert "api" in fake.workspaces
+
+    monkeypatch.setattr("sys.stdin", _TTY("n\n"))
+    assert cli("rm", "api") == 1
+    assert "den: aborted" in capsys.readouterr().err
+    assert "api" in fake.workspaces
+
+    monkeypatch.setattr("sys.stdin", _TTY("yes\n"))
+    assert cli("rm", "api") == 0
+    assert capsys.readouterr().out == "api deleted\n"
+    assert "api" not in fake.workspaces
+
+    fake.add("web")
+    assert cli("rm", "--yes", "web") == 0
+    assert "web" not in fake.workspaces
+
+
+@pytest.mark.usefixtures("logged_in")
+def test_cli_events(cli: Callable[..., int], fake: FakeServer,
+                    capsys: pytest.CaptureFixture[str]) -> None:
+    fake.add("api")
+    assert cli("events", "api") == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "AT                KIND   STATE                ACTOR   MESSAGE",
+        "2024-05-01 12:00  state  - -> creating        alice   created",
+        "2024-05-01 12:01  state  creating -> running  system",
+    ]
+    assert cli("events", "api", "--json") == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2
+
+
+def test_cli_unreachable(clean_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    save_config(ClientConfig(URL, TOKEN))
+    parser = argparse.ArgumentParser(prog="den")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_client_commands(sub, client_factory=lambda c: Den(
+        c.url, c.token, transport=_raising(httpx.ConnectError("refused"))))
+    args = parser.parse_args(["ls"])
+    assert args.func(args) == 1
+    assert capsys.readouterr().err.startswith(f"den: cannot reach Den at {URL}")
