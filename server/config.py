@@ -58,7 +58,7 @@ class Settings(BaseSettings):
         ),
     )
     engine_threads: int = Field(
-        32, description="Threads for blocking Docker and Git calls (bounded executor)."
+        32, description="Threads for blocking Docker engine calls (the Docker backend's bounded executor)."
     )
     gvisor_runtime: str = Field(
         "runsc", description="Name of the Docker runtime that runs gVisor (daemon.json)."

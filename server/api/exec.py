@@ -52,6 +52,8 @@ async def exec_stream(websocket: WebSocket, ref: str) -> None:
         req = svc.exec_request(ws, body.cmd, cwd=body.cwd, env=body.env,
                                timeout_s=body.timeout_s)
         stream = await svc.exec_stream(ws.id, req, actor=user.name)
+        if body.stdin is not None:
+            await stream.write(body.stdin.encode())
         pump = asyncio.create_task(_pump_stdin(websocket, stream))
         try:
             decoders = {n: codecs.getincrementaldecoder("utf-8")("replace")

@@ -76,6 +76,8 @@ def validate_repo_url(
             )
         if not parts.hostname:
             raise ValidationFailed("repo.url has no host")
+        if parts.hostname.startswith("-") or (parts.username or "").startswith("-"):
+            raise ValidationFailed("repo.url has a host or user name starting with '-'")
         if parts.password:
             raise ValidationFailed(
                 "repo.url contains a password; do not put credentials in URLs "
@@ -108,7 +110,7 @@ def _local(path: Path, url: str, roots: list[Path]) -> RepoSource:
     return RepoSource(url=str(real), kind="file")
 
 
-def _git_env(home: Path) -> dict[str, str]:
+def _git_env(home: Path, known_hosts: Path) -> dict[str, str]:
     return {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(home),
@@ -118,9 +120,12 @@ def _git_env(home: Path) -> dict[str, str]:
         "GIT_ASKPASS": "/bin/false",
         "SSH_ASKPASS": "/bin/false",
         "GIT_LFS_SKIP_SMUDGE": "1",
+        # No user config, no keys of the server's own user: ssh finds ~/.ssh through the
+        # user database, not HOME. Host keys are trusted on first use and kept.
         "GIT_SSH_COMMAND": (
-            f"ssh -o BatchMode=yes -o StrictHostKeyChecking=accept-new "
-            f"-o UserKnownHostsFile={home}/known_hosts -o ConnectTimeout=15"
+            "ssh -F /dev/null -o BatchMode=yes -o IdentitiesOnly=yes -o IdentityFile=none "
+            "-o IdentityAgent=none -o StrictHostKeyChecking=accept-new "
+            f"-o UserKnownHostsFile={known_hosts} -o ConnectTimeout=15"
         ),
     }
 
@@ -160,6 +165,7 @@ def clone(
     dest: Path,
     timeout_s: float,
     max_bytes: int,
+    known_hosts: Path | None = None,
 ) -> str:
     """Clone ``source`` into ``dest`` (which must not exist). Returns the checked-out branch.
 
@@ -176,7 +182,8 @@ def clone(
     argv += ["--", source.url, str(dest)]
     try:
         proc = git.Git().execute(
-            argv, as_process=True, env=_git_env(home), stdout_as_string=True,
+            argv, as_process=True, env=_git_env(home, known_hosts or home / "known_hosts"),
+            stdout_as_string=True,
             with_extended_output=True,
         )
         popen: subprocess.Popen[bytes] = proc.proc
@@ -209,6 +216,7 @@ def clone(
             head = branch or ""
         return head
     except git.exc.GitError as exc:
+        shutil.rmtree(dest, ignore_errors=True)
         raise CloneFailed(f"clone of {source.url} failed: {exc}") from exc
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)

@@ -10,9 +10,15 @@ from server.runtime.base import ExecRequest, WorkspaceSpec
 
 WORKSPACE_MOUNT = "/workspace"
 
-# PID 1 of every workspace: sleeps forever, exits at once on SIGTERM so stop is fast.
-# Plain sh so that any image works.
-INIT_COMMAND = ["/bin/sh", "-c", "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done"]
+# PID 1 of every workspace: the image's den-init when it has one (it starts the services a
+# workspace needs, like the sudo broker and dev's tmux server), else a plain sh loop that
+# sleeps forever, so that any image works. Both exit at once on SIGTERM, so stop is fast.
+INIT_COMMAND = [
+    "/bin/sh",
+    "-c",
+    "[ -x /usr/local/bin/den-init ] && exec /usr/local/bin/den-init; "
+    "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done",
+]
 
 # Grace given to a timed-out command between SIGTERM and SIGKILL.
 KILL_AFTER_S = 2

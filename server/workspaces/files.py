@@ -131,6 +131,8 @@ class FileService:
 
     async def delete(self, ws_id: str, path: str, *, recursive: bool, actor: str) -> None:
         target = path_in_workspace(path)
+        if target == WORKSPACE_ROOT:
+            raise Forbidden("/workspace itself cannot be deleted")
         result = await self._run(
             ws_id, actor, script_argv(DELETE_SCRIPT, target, "1" if recursive else "0")
         )
@@ -146,7 +148,7 @@ def parse_listing(raw: bytes) -> list[FileEntry]:
         kind, size, mtime, mode, name = record.split(b"\t", 4)
         entries.append(
             FileEntry(
-                name=name.decode(errors="surrogateescape"),
+                name=name.decode(errors="backslashreplace"),
                 type=_TYPES.get(kind.decode(), "other"),
                 size=int(size),
                 mtime=float(mtime),

@@ -20,7 +20,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from server.config import Settings
 from server.db.models import Event, User, Workspace
-from server.errors import Conflict, DenError, NotFound, QuotaExceeded, ValidationFailed
+from server.errors import (
+    Conflict,
+    DenError,
+    Forbidden,
+    NotFound,
+    QuotaExceeded,
+    ValidationFailed,
+)
 from server.git import clone as git_clone
 from server.runtime.base import (
     ContainerStatus,
@@ -318,6 +325,7 @@ class WorkspaceService:
                     git_clone.clone, source, branch=branch, dest=repo,
                     timeout_s=self.settings.clone_timeout_s,
                     max_bytes=self.settings.clone_max_mb * 1024 * 1024,
+                    known_hosts=self.settings.data_dir / "ssh_known_hosts",
                 )
                 await asyncio.to_thread(
                     git_clone.pack_for_workspace, repo, arcname=ws.repo_dir, out=tar
@@ -510,13 +518,13 @@ class WorkspaceService:
                                     "delete it and create it again")
         elif state is State.DELETING:
             await self._finish_delete(ws, actor=actor)
-        elif state in (State.STARTING, State.RESUMING):
+        elif state in (State.STARTING, State.RESUMING) and status is not ContainerStatus.MISSING:
             if status is ContainerStatus.RUNNING:
                 self._transition(ws.id, state, State.RUNNING, actor=actor)
             else:
                 self._transition(ws.id, state, State.STOPPED, actor=actor,
                                  message="start was interrupted by a restart")
-        elif state is State.STOPPING:
+        elif state is State.STOPPING and status is not ContainerStatus.MISSING:
             await self.runtime.stop(spec, timeout_s=self.settings.stop_timeout_s)
             self._transition(ws.id, state, State.STOPPED, actor=actor,
                              message="finished a stop interrupted by a restart")
@@ -542,10 +550,10 @@ class WorkspaceService:
 
 
 def path_in_workspace(path: str) -> str:
-    """Normalise a user path to an absolute one under /workspace, or raise ValidationFailed."""
+    """Normalise a user path to an absolute one under /workspace; Forbidden when it leaves."""
     if "\x00" in path:
         raise ValidationFailed("path contains a NUL byte")
     joined = posixpath.normpath(posixpath.join(WORKSPACE_ROOT, path or "."))
     if joined != WORKSPACE_ROOT and not joined.startswith(WORKSPACE_ROOT + "/"):
-        raise ValidationFailed(f"path {path!r} is outside /workspace", code="path_outside")
+        raise Forbidden(f"path {path!r} is outside /workspace", code="path_outside")
     return joined

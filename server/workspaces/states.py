@@ -23,8 +23,8 @@ TRANSITIONAL: frozenset[State] = frozenset(
     {State.CREATING, State.STOPPING, State.STARTING, State.PAUSING, State.RESUMING, State.DELETING}
 )
 
-# Every legal (from -> to). Any state may go to ERROR or DELETING except DELETING itself,
-# which only ends with the row gone.
+# Every legal (from -> to). Any state may go to ERROR (a failed delete included, so that a
+# later delete retries) and any state but DELETING may go to DELETING.
 _EDGES: dict[State, frozenset[State]] = {
     State.CREATING: frozenset({State.RUNNING}),
     State.RUNNING: frozenset({State.STOPPING, State.PAUSING, State.STOPPED}),
@@ -32,7 +32,7 @@ _EDGES: dict[State, frozenset[State]] = {
     State.STOPPED: frozenset({State.STARTING, State.RUNNING}),
     State.STARTING: frozenset({State.RUNNING, State.STOPPED}),
     State.PAUSING: frozenset({State.PAUSED, State.RUNNING}),
-    State.PAUSED: frozenset({State.RESUMING, State.STOPPED}),
+    State.PAUSED: frozenset({State.RESUMING, State.STOPPING, State.STOPPED}),
     State.RESUMING: frozenset({State.RUNNING, State.STOPPED}),
     State.ERROR: frozenset({State.STARTING}),
     State.DELETING: frozenset(),
@@ -41,7 +41,7 @@ _EDGES: dict[State, frozenset[State]] = {
 
 def can_transition(src: State, dst: State) -> bool:
     if dst is State.ERROR:
-        return src is not State.DELETING
+        return True
     if dst is State.DELETING:
         return src is not State.DELETING
     return dst in _EDGES[src]

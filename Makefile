@@ -1,0 +1,51 @@
+# Den: the two commands are `make run` and `make test` (see README.md).
+VENV     ?= .venv
+PYTHON   ?= python3
+DATA_DIR ?= /var/lib/den
+HOST     ?= 127.0.0.1
+PORT     ?= 8080
+DEN      := $(VENV)/bin/den
+
+.PHONY: run setup host images venv test lint bench clean-engine
+
+## Set everything up (engine, gVisor, images, virtualenv) and run the server.
+run: setup
+	@$(DEN) admin migrate --data-dir $(DATA_DIR) >/dev/null
+	@echo
+	@echo "den: starting on http://$(HOST):$(PORT) with SQLite under $(DATA_DIR)"
+	@echo "den: get the first API token in another shell with:"
+	@echo "       $(CURDIR)/$(DEN) admin token --user admin --admin --data-dir $(DATA_DIR)"
+	@echo
+	DEN_DATA_DIR=$(DATA_DIR) exec $(DEN) serve --host $(HOST) --port $(PORT)
+
+setup: host venv
+
+## Docker engine, runsc, daemon.json, dockerd, workspace images (idempotent; needs root).
+host:
+	@bash scripts/setup-host.sh
+
+images:
+	@bash workspace_images/build.sh
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+## The whole suite: lint, types, unit tests, and engine/PostgreSQL tests on the real things.
+test: setup
+	@bash scripts/test.sh
+
+lint: venv
+	$(VENV)/bin/ruff check server tests migrations
+	$(VENV)/bin/mypy
+
+bench: setup
+	$(VENV)/bin/python -m tests.benchmarks.bench_workspaces
+
+## Remove every engine object left by test runs (names start with dentest-).
+clean-engine:
+	@docker ps -aq --filter name=dentest- | xargs -r docker rm -f >/dev/null
+	@docker volume ls -q --filter name=dentest- | xargs -r docker volume rm -f >/dev/null

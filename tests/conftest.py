@@ -1,0 +1,304 @@
+"""Shared fixtures: settings in a temp dir, apps on the fake and the real engine, users with
+tokens, local bare repositories, and a real PostgreSQL server.
+
+Engine tests are marked ``engine``. When the Docker engine with runsc is missing they are
+skipped on a developer machine but **fail** under ``CI=true``: a green run that skipped the
+real runtime proves nothing. Every engine object a test run creates is named with this
+run's prefix and removed at the end, even after failures.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.auth.tokens import ensure_user, issue_token
+from server.config import Settings
+from server.runtime.fake import FakeRuntime
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+RUN_PREFIX = f"dentest-{secrets.token_hex(3)}"
+
+
+# --- engine availability ------------------------------------------------------------------
+
+
+def _engine_problem() -> str | None:
+    if shutil.which("docker") is None:
+        return "the docker CLI is not installed"
+    try:
+        out = subprocess.run(
+            ["docker", "info", "--format", "{{json .Runtimes}}"],
+            capture_output=True, text=True, timeout=20,
+        )
+    except subprocess.TimeoutExpired:
+        return "docker info timed out"
+    if out.returncode != 0:
+        return f"the Docker engine is not running: {out.stderr.strip()[:200]}"
+    if '"runsc"' not in out.stdout:
+        return "the Docker engine has no runsc runtime (run scripts/setup-host.sh)"
+    img = subprocess.run(["docker", "image", "inspect", "den/workspace:latest"],
+                         capture_output=True, timeout=20)
+    if img.returncode != 0:
+        return "the image den/workspace:latest is not built (run workspace_images/build.sh)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def engine() -> Iterator[None]:
+    """The real Docker engine with runsc; skip locally, fail in CI when it is missing."""
+    problem = _engine_problem()
+    if problem is not None:
+        if IN_CI:
+            pytest.fail(f"engine tests need the real engine under CI: {problem}")
+        pytest.skip(problem)
+    yield
+    leftovers = engine_objects(RUN_PREFIX)
+    for kind, name in leftovers:
+        cmd = ["docker", "rm", "-f", name] if kind == "container" else [
+            "docker", "volume", "rm", "-f", name]
+        subprocess.run(cmd, capture_output=True, timeout=60)
+
+
+def engine_objects(prefix: str) -> list[tuple[str, str]]:
+    """(kind, name) of every container and volume whose name starts with ``prefix``."""
+    found: list[tuple[str, str]] = []
+    ps = subprocess.run(["docker", "ps", "-a", "--format", "{{.Names}}"],
+                        capture_output=True, text=True, timeout=30)
+    found += [("container", n) for n in ps.stdout.split() if n.startswith(prefix)]
+    vols = subprocess.run(["docker", "volume", "ls", "--format", "{{.Name}}"],
+                          capture_output=True, text=True, timeout=30)
+    found += [("volume", n) for n in vols.stdout.split() if n.startswith(prefix)]
+    return found
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.when == "call" and rep.failed and "engine" in item.keywords:
+        ps = subprocess.run(
+            ["docker", "ps", "-a", "--filter", f"name={RUN_PREFIX}",
+             "--format", "{{.Names}} {{.Status}} {{.Labels}}"],
+            capture_output=True, text=True, timeout=30,
+        )
+        rep.sections.append(("engine state (docker ps -a)", ps.stdout + ps.stderr))
+
+
+# --- settings, apps, users ---------------------------------------------------------------
+
+
+@pytest.fixture
+def repos_root(tmp_path: Path) -> Path:
+    root = tmp_path / "repos"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, repos_root: Path) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "data_dir": tmp_path / "data",
+            "local_repo_roots": [repos_root],
+            "engine_prefix": f"{RUN_PREFIX}-{secrets.token_hex(2)}",
+            "default_memory_mb": 512,
+            "default_cpus": 1.0,
+            "stop_timeout_s": 2,
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+@dataclass
+class ApiClient:
+    """A TestClient plus the tokens of two ordinary users and an admin."""
+
+    client: TestClient
+    tokens: dict[str, str]
+
+    def h(self, user: str = "alice") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.tokens[user]}"}
+
+    def get(self, url: str, user: str = "alice", **kw: Any) -> Any:
+        return self.client.get(url, headers=self.h(user), **kw)
+
+    def post(self, url: str, user: str = "alice", **kw: Any) -> Any:
+        return self.client.post(url, headers=self.h(user), **kw)
+
+    def put(self, url: str, user: str = "alice", **kw: Any) -> Any:
+        return self.client.put(url, headers=self.h(user), **kw)
+
+    def delete(self, url: str, user: str = "alice", **kw: Any) -> Any:
+        return self.client.delete(url, headers=self.h(user), **kw)
+
+    @property
+    def app(self) -> Any:
+        return self.client.app
+
+    def create(self, repo: Path | str, *, name: str = "api", user: str = "alice",
+               wait: bool = True, **extra: Any) -> dict[str, Any]:
+        body = {"name": name, "repo": {"url": str(repo)}, **extra}
+        r = self.post("/api/v1/workspaces", user=user, json=body)
+        assert r.status_code == 202, r.text
+        ws: dict[str, Any] = r.json()
+        return self.wait_state(ws["id"], user=user) if wait else ws
+
+    def wait_state(self, ws_id: str, *, user: str = "alice", timeout_s: float = 120,
+                   settled: tuple[str, ...] = ("running", "error", "stopped")) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            ws: dict[str, Any] = self.get(f"/api/v1/workspaces/{ws_id}", user=user).json()
+            if ws.get("state") in settled or time.monotonic() > deadline:
+                return ws
+            time.sleep(0.05)
+
+    def exec(self, ws_id: str, cmd: Any, user: str = "alice", **kw: Any) -> dict[str, Any]:
+        r = self.post(f"/api/v1/workspaces/{ws_id}/exec", user=user, json={"cmd": cmd, **kw})
+        assert r.status_code == 200, r.text
+        out: dict[str, Any] = r.json()
+        return out
+
+
+def _users(app: Any) -> dict[str, str]:
+    tokens: dict[str, str] = {}
+    with app.state.sessions.begin() as s:
+        for name, admin in (("alice", False), ("bob", False), ("root", True)):
+            user = ensure_user(s, name, admin=admin)
+            tokens[name] = issue_token(s, user)[1]
+    return tokens
+
+
+@pytest.fixture
+def fake_runtime() -> FakeRuntime:
+    return FakeRuntime()
+
+
+@pytest.fixture
+def fake_api(make_settings: Callable[..., Settings], fake_runtime: FakeRuntime
+             ) -> Iterator[ApiClient]:
+    app = create_app(make_settings(), runtime=fake_runtime)
+    with TestClient(app) as client:
+        yield ApiClient(client, _users(app))
+
+
+@pytest.fixture
+def real_api(engine: None, make_settings: Callable[..., Settings]) -> Iterator[ApiClient]:
+    settings = make_settings()
+    app = create_app(settings)
+    with TestClient(app) as client:
+        api = ApiClient(client, _users(app))
+        yield api
+        for ws in app.state.workspaces.list_for(_admin(app)):
+            try:
+                client.delete(f"/api/v1/workspaces/{ws.id}", headers=api.h("root"))
+            except Exception:  # the engine fixture removes what is left by name
+                pass
+
+
+def _admin(app: Any) -> Any:
+    with app.state.sessions() as s:
+        from sqlalchemy import select
+
+        from server.db.models import User
+
+        return s.scalar(select(User).where(User.is_admin.is_(True)))
+
+
+# --- repositories ---------------------------------------------------------------------------
+
+
+def git(*args: str, cwd: Path | None = None) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "Test", "GIT_AUTHOR_EMAIL": "t@example.com",
+           "GIT_COMMITTER_NAME": "Test", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    out = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                         check=True)
+    return out.stdout
+
+
+@pytest.fixture
+def make_repo(repos_root: Path, tmp_path: Path) -> Callable[..., Path]:
+    """Make a bare repo ``<name>.git`` under the allowed root with the given files."""
+
+    def make(name: str = "api", files: dict[str, str] | None = None,
+             branch: str = "main") -> Path:
+        src = tmp_path / f"src-{name}-{secrets.token_hex(2)}"
+        src.mkdir()
+        git("init", "-q", "-b", branch, cwd=src)
+        for rel, content in (files or {"README.md": f"# {name}\n"}).items():
+            p = src / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(content)
+        git("add", "-A", cwd=src)
+        git("commit", "-q", "-m", "initial", cwd=src)
+        bare = repos_root / f"{name}.git"
+        git("clone", "-q", "--bare", str(src), str(bare))
+        return bare
+
+    return make
+
+
+# --- PostgreSQL ------------------------------------------------------------------------------
+
+
+def _pg_bin() -> Path | None:
+    for version in ("17", "16", "15"):
+        p = Path(f"/usr/lib/postgresql/{version}/bin")
+        if (p / "initdb").exists():
+            return p
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A real PostgreSQL server started for this test session (as the postgres user)."""
+    bindir = _pg_bin()
+    if bindir is None:
+        if IN_CI:
+            pytest.fail("PostgreSQL server binaries are missing (apt-get install postgresql)")
+        pytest.skip("PostgreSQL server binaries are missing")
+    # Not under pytest's tmp dirs: those are private to root, and postgres refuses to run
+    # as root, so the server runs as the postgres user in a directory it can reach.
+    base = Path(tempfile.mkdtemp(prefix="den-pg-"))
+    os.chmod(base, 0o777)
+    datadir, sockdir = base / "data", base / "sock"
+    sockdir.mkdir()
+    os.chmod(sockdir, 0o777)
+    as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    subprocess.run([*as_pg, str(bindir / "initdb"), "-D", str(datadir), "-U", "den",
+                    "--auth=trust", "-E", "UTF8"], check=True, capture_output=True)
+    port = free_port()
+    subprocess.run(
+        [*as_pg, str(bindir / "pg_ctl"), "-D", str(datadir), "-l", str(base / "log"), "-w",
+         "-o", f"-p {port} -k {sockdir} -c listen_addresses=127.0.0.1 -c fsync=off",
+         "start"], check=True, capture_output=True,
+    )
+    try:
+        subprocess.run([*as_pg, str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port),
+                        "-U", "den", "den"], check=True, capture_output=True)
+        yield f"postgresql+psycopg://den@127.0.0.1:{port}/den"
+    finally:
+        subprocess.run([*as_pg, str(bindir / "pg_ctl"), "-D", str(datadir), "-m", "immediate",
+                        "stop"], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)

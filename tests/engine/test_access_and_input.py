@@ -1,0 +1,168 @@
+"""Ownership, bad input and resource limits on the real engine."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ApiClient, engine_objects
+
+pytestmark = pytest.mark.engine
+
+
+def _calls(wid: str) -> list[tuple[str, str, dict[str, Any]]]:
+    base = f"/api/v1/workspaces/{wid}"
+    return [
+        ("GET", base, {}),
+        ("POST", f"{base}/start", {}),
+        ("POST", f"{base}/stop", {}),
+        ("POST", f"{base}/exec", {"json": {"cmd": "id"}}),
+        ("GET", f"{base}/events", {}),
+        ("GET", f"{base}/files", {"params": {"path": "api/README.md"}}),
+        ("PUT", f"{base}/files", {"params": {"path": "x"}, "content": b"x"}),
+        ("DELETE", f"{base}/files", {"params": {"path": "api/README.md"}}),
+        ("GET", f"{base}/files/list", {"params": {"path": "."}}),
+        ("DELETE", base, {}),
+    ]
+
+
+def test_another_user_gets_404_on_every_endpoint(
+    real_api: ApiClient, make_repo: Callable[..., Path]
+) -> None:
+    ws = real_api.create(make_repo())
+    for ref in (ws["id"], ws["name"]):
+        for method, url, kw in _calls(ref):
+            r = real_api.client.request(method, url, headers=real_api.h("bob"), **kw)
+            assert r.status_code == 404, (method, url, r.text)
+            assert r.json()["error"]["code"] == "not_found"
+        with real_api.client.websocket_connect(
+            f"/api/v1/workspaces/{ref}/exec/stream", headers=real_api.h("bob")
+        ) as sock:
+            assert sock.receive_json()["error"]["code"] == "not_found"
+    # Nothing bob tried changed alice's workspace.
+    after = real_api.get(f"/api/v1/workspaces/{ws['id']}").json()
+    assert after["state"] == "running"
+    assert real_api.exec(ws["id"], "cat README.md; ls /workspace")["stdout"] == "# api\napi\n"
+    assert [w["id"] for w in real_api.get("/api/v1/workspaces", user="bob").json()[
+        "workspaces"]] == []
+    # An admin sees it; no token is a 401.
+    assert real_api.get(f"/api/v1/workspaces/{ws['id']}", user="root").status_code == 200
+    assert real_api.client.get(f"/api/v1/workspaces/{ws['id']}").status_code == 401
+
+
+def _no_objects_for(api: ApiClient) -> bool:
+    return engine_objects(str(api.app.state.settings.engine_prefix)) == []
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"name": "Bad_Name", "repo": {"url": "REPO"}}, 422, "invalid"),
+        ({"name": "x" * 41, "repo": {"url": "REPO"}}, 422, "invalid"),
+        ({"name": "ok", "repo": {"url": "ext::sh -c touch% /tmp/pwned"}}, 422, "invalid"),
+        ({"name": "ok", "repo": {"url": "/etc"}}, 422, "invalid"),
+        ({"name": "ok", "repo": {"url": "file:///root/secret.git"}}, 422, "invalid"),
+        ({"name": "ok", "repo": {"url": "-uhttps://x"}}, 422, "invalid"),
+        ({"name": "ok", "repo": {"url": "REPO"}, "resources": {"cpus": 512}}, 422, "invalid"),
+        ({"name": "ok", "repo": {"url": "REPO"}, "resources": {"memory_mb": 10**9}}, 422,
+         "invalid"),
+        ({"name": "ok", "repo": {"url": "REPO"}, "resources": {"memory_mb": -5}}, 422, "invalid"),
+        ({"name": "ok", "repo": {"url": "REPO"}, "resources": {"gpus": 4}}, 409,
+         "gpus_unavailable"),
+        ({"name": "ok", "repo": {"url": "REPO"}, "runtime": "runc"}, 422, "invalid"),
+        ({"name": "ok", "repo": {"url": "REPO"}, "image": "evil/image"}, 422, "invalid"),
+        ({"name": "ok", "repo": {"url": "REPO"}, "image": "den/nope:1"}, 422, "image_missing"),
+        ({"name": "ok", "repo": {"url": "REPO"}, "env": {"1BAD": "x"}}, 422, "invalid"),
+        ({"name": "ok", "repo": {"url": "REPO"}, "surprise": 1}, 422, "invalid"),
+        ({"name": "ok"}, 422, "invalid"),
+    ],
+)
+def test_bad_create_requests_are_refused_before_anything_exists(
+    real_api: ApiClient, make_repo: Callable[..., Path], body: dict[str, Any], status: int,
+    code: str,
+) -> None:
+    repo = str(make_repo())
+    if "repo" in body and body["repo"]["url"] == "REPO":
+        body = {**body, "repo": {"url": repo}}
+    r = real_api.post("/api/v1/workspaces", json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["code"] == code and error["message"]
+    assert real_api.get("/api/v1/workspaces").json()["workspaces"] == []
+    assert _no_objects_for(real_api)
+
+
+def test_malformed_json_is_a_422(real_api: ApiClient) -> None:
+    r = real_api.client.post("/api/v1/workspaces", content=b"{not json",
+                             headers={**real_api.h(), "content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid"
+    r = real_api.post("/api/v1/workspaces/nope/exec", json={"cmd": []})
+    assert r.status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("url", "branch", "reason"),
+    [
+        ("REPOS/missing.git", None, "does not exist"),
+        ("REPO", "no-such-branch", "no-such-branch"),
+    ],
+)
+def test_clone_failures_end_in_error_with_reason_and_nothing_left(
+    real_api: ApiClient, make_repo: Callable[..., Path], url: str, branch: str | None,
+    reason: str,
+) -> None:
+    repo = make_repo()
+    url = url.replace("REPOS", str(repo.parent)).replace("REPO", str(repo))
+    r = real_api.post("/api/v1/workspaces",
+                      json={"name": "broken", "repo": {"url": url, "branch": branch}})
+    if r.status_code == 422:  # refused up front: also fine, as long as it says why
+        assert reason in r.json()["error"]["message"]
+    else:
+        ws = real_api.wait_state(r.json()["id"])
+        assert ws["state"] == "error" and reason in ws["state_reason"], ws
+    assert _no_objects_for(real_api)
+
+
+def test_same_name_twice_is_a_conflict(real_api: ApiClient, make_repo: Callable[..., Path]
+                                       ) -> None:
+    repo = make_repo()
+    real_api.create(repo, wait=False)
+    r = real_api.post("/api/v1/workspaces", json={"name": "api", "repo": {"url": str(repo)}})
+    assert (r.status_code, r.json()["error"]["code"]) == (409, "name_taken")
+
+
+def test_fork_bomb_hits_the_pids_limit_and_the_server_keeps_serving(
+    real_api: ApiClient, make_repo: Callable[..., Path]
+) -> None:
+    ws = real_api.create(make_repo())
+    bomb = real_api.exec(ws["id"], "bomb() { bomb | bomb & }; bomb; sleep 3; echo survived",
+                         timeout_s=20)
+    assert bomb["exit_code"] in (0, 124, 137), bomb
+    assert real_api.client.get("/healthz").json() == {"status": "ok"}
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 60:  # the bomb's processes die with the timeout
+        count = real_api.exec(ws["id"], "ls /proc | grep -c '^[0-9]' || true", timeout_s=20)
+        if count["exit_code"] == 0 and int(count["stdout"]) < 50:
+            break
+        time.sleep(1)
+    limit = real_api.exec(ws["id"], "cat /sys/fs/cgroup/pids/pids.max 2>/dev/null || "
+                                    "cat /sys/fs/cgroup/pids.max 2>/dev/null || echo 1024")
+    assert limit["stdout"].strip() in ("1024", "max"), limit
+    assert real_api.exec(ws["id"], "echo alive")["stdout"] == "alive\n"
+
+
+def test_memory_hog_is_killed_inside_its_workspace_only(
+    real_api: ApiClient, make_repo: Callable[..., Path]
+) -> None:
+    ws = real_api.create(make_repo(), resources={"memory_mb": 256})
+    other = real_api.create(make_repo("other"), name="other")
+    hog = real_api.exec(ws["id"], ["python3", "-c", "b = bytearray(1024**3); print('fit')"],
+                        timeout_s=60)
+    assert hog["exit_code"] != 0 and "fit" not in hog["stdout"], hog
+    assert real_api.exec(ws["id"], "echo still-here")["stdout"] == "still-here\n"
+    assert real_api.exec(other["id"], "echo fine")["stdout"] == "fine\n"
+    assert real_api.get(f"/api/v1/workspaces/{ws['id']}").json()["state"] == "running"

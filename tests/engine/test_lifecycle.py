@@ -1,0 +1,173 @@
+"""Workspaces on the real Docker engine with gVisor: create, exec, stop/start, delete."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ApiClient, engine_objects
+
+pytestmark = pytest.mark.engine
+
+
+def _prefix(api: ApiClient) -> str:
+    return str(api.app.state.settings.engine_prefix)
+
+
+def test_create_from_local_bare_repo_runs_under_gvisor(
+    real_api: ApiClient, make_repo: Callable[..., Path]
+) -> None:
+    repo = make_repo("api", {"README.md": "# api\n", "src/main.py": "print('hi')\n"})
+    ws = real_api.create(repo)
+    assert ws["state"] == "running", ws
+    assert ws["runtime"] == "gvisor"
+    assert ws["repo"] == {"url": str(repo), "branch": "main", "path": "/workspace/api"}
+
+    out = real_api.exec(ws["id"], "pwd; ls; id -un; git log --format=%s -1")
+    assert out["exit_code"] == 0, out
+    assert out["stdout"].split("\n")[:5] == ["/workspace/api", "README.md", "src", "dev",
+                                             "initial"]
+    # The kernel seen inside is gVisor's Sentry, not the host's.
+    kernel = real_api.exec(ws["id"], ["sh", "-c", "dmesg | head -1; uname -r"])
+    assert "gVisor" in kernel["stdout"], kernel
+    host_release = subprocess.run(["uname", "-r"], capture_output=True, text=True).stdout
+    assert kernel["stdout"].split("\n")[1] != host_release.strip()
+
+    inspect = subprocess.run(
+        ["docker", "inspect", "--format", "{{.HostConfig.Runtime}} {{.HostConfig.PidsLimit}} "
+         "{{.HostConfig.Privileged}} {{.HostConfig.CapAdd}} {{json .Config.Labels}}",
+         f"{_prefix(real_api)}-{ws['id']}"], capture_output=True, text=True, check=True,
+    ).stdout
+    assert inspect.startswith("runsc 1024 false []"), inspect
+    assert f'"den.workspace":"{ws["id"]}"' in inspect
+    assert "docker.sock" not in subprocess.run(
+        ["docker", "inspect", f"{_prefix(real_api)}-{ws['id']}"],
+        capture_output=True, text=True).stdout
+
+
+def test_default_image_has_the_tools_and_dev_user(
+    real_api: ApiClient, make_repo: Callable[..., Path]
+) -> None:
+    ws = real_api.create(make_repo())
+    out = real_api.exec(
+        ws["id"],
+        "for t in bash git curl python3 tmux sudo; do command -v $t >/dev/null || echo missing $t;"
+        " done; id -u; echo $HOME; getent passwd dev | cut -d: -f6,7",
+    )
+    assert out["stdout"] == "1000\n/home/dev\n/home/dev:/bin/bash\n", out
+
+
+def test_exec_options_timeout_env_cwd_stdin(
+    real_api: ApiClient, make_repo: Callable[..., Path]
+) -> None:
+    ws = real_api.create(make_repo())
+    wid = ws["id"]
+    assert real_api.exec(wid, ["sh", "-c", "echo out; echo err >&2; exit 3"]) | {
+        "duration_ms": 0} == {"exit_code": 3, "stdout": "out\n", "stderr": "err\n",
+                               "timed_out": False, "duration_ms": 0, "truncated": False}
+    assert real_api.exec(wid, "echo $GREETING", env={"GREETING": "hello"})["stdout"] == "hello\n"
+    assert real_api.exec(wid, "pwd", cwd="..")["stdout"] == "/workspace\n"
+    assert real_api.exec(wid, "pwd", cwd="/tmp")["stdout"] == "/tmp\n"
+    assert real_api.exec(wid, ["cat"], stdin="piped")["stdout"] == "piped"
+
+    slow = real_api.exec(wid, "sleep 31 & sleep 32; echo never", timeout_s=1)
+    assert slow["timed_out"] is True and "never" not in slow["stdout"], slow
+    # Nothing of the timed-out command survives inside the workspace (the pattern does not
+    # match its own command line).
+    left = real_api.exec(wid, "pgrep -c -f 'sleep 3[12]' || true")
+    assert left["stdout"].strip() == "0", left
+
+
+def test_exec_stream_websocket(real_api: ApiClient, make_repo: Callable[..., Path]) -> None:
+    ws = real_api.create(make_repo())
+    url = f"/api/v1/workspaces/{ws['id']}/exec/stream"
+    with real_api.client.websocket_connect(url, headers=real_api.h()) as sock:
+        sock.send_json({"cmd": ["sh", "-c", "read line; echo got:$line; echo oops >&2"]})
+        sock.send_json({"type": "stdin", "data": "hello\n"})
+        sock.send_json({"type": "close_stdin"})
+        messages = []
+        while True:
+            msg = sock.receive_json()
+            messages.append(msg)
+            if msg["type"] in ("exit", "error"):
+                break
+    out = "".join(m["data"] for m in messages if m["type"] == "stdout")
+    err = "".join(m["data"] for m in messages if m["type"] == "stderr")
+    assert (out, err, messages[-1]) == ("got:hello\n", "oops\n", {"type": "exit",
+                                                                  "exit_code": 0})
+
+
+def test_stop_start_keeps_workspace_and_container_changes(
+    real_api: ApiClient, make_repo: Callable[..., Path]
+) -> None:
+    ws = real_api.create(make_repo())
+    wid = ws["id"]
+    setup = real_api.exec(
+        wid,
+        "echo note > /workspace/notes.txt && echo wip >> README.md && "
+        "mkdir -p ~/.cache && echo home > ~/.cache/x && "
+        "sudo sh -c 'echo pkg > /usr/local/share/den-marker'",
+    )
+    assert setup["exit_code"] == 0, setup
+
+    r = real_api.post(f"/api/v1/workspaces/{wid}/stop")
+    assert (r.status_code, r.json()["state"]) == (200, "stopped")
+    again = real_api.post(f"/api/v1/workspaces/{wid}/stop")
+    assert (again.status_code, again.json()["state"]) == (200, "stopped")
+    status = subprocess.run(["docker", "inspect", "--format", "{{.State.Running}}",
+                             f"{_prefix(real_api)}-{wid}"], capture_output=True, text=True)
+    assert status.stdout.strip() == "false"
+
+    r = real_api.post(f"/api/v1/workspaces/{wid}/start")
+    assert (r.status_code, r.json()["state"]) == (200, "running")
+    out = real_api.exec(wid, "cat /workspace/notes.txt README.md ~/.cache/x "
+                             "/usr/local/share/den-marker")
+    assert out["stdout"] == "note\n# api\nwip\nhome\npkg\n", out
+
+
+def test_exec_on_stopped_workspace_starts_it(
+    real_api: ApiClient, make_repo: Callable[..., Path]
+) -> None:
+    ws = real_api.create(make_repo())
+    real_api.post(f"/api/v1/workspaces/{ws['id']}/stop")
+    out = real_api.exec(ws["id"], "echo awake")
+    assert out["stdout"] == "awake\n"
+    assert real_api.get(f"/api/v1/workspaces/{ws['id']}").json()["state"] == "running"
+
+
+def test_delete_leaves_nothing_in_the_engine(
+    real_api: ApiClient, make_repo: Callable[..., Path]
+) -> None:
+    ws = real_api.create(make_repo())
+    prefix = f"{_prefix(real_api)}-{ws['id']}"
+    assert sorted(k for k, _ in engine_objects(prefix)) == ["container", "volume"]
+
+    r = real_api.delete(f"/api/v1/workspaces/{ws['id']}")
+    assert r.status_code == 204
+    assert engine_objects(prefix) == []
+    assert real_api.get(f"/api/v1/workspaces/{ws['id']}").status_code == 404
+    assert real_api.delete(f"/api/v1/workspaces/{ws['id']}").status_code == 404
+    with real_api.app.state.sessions() as s:
+        from sqlalchemy import func, select
+
+        from server.db.models import Event
+
+        left = s.scalar(select(func.count()).select_from(Event)
+                        .where(Event.workspace_id == ws["id"]))
+    assert left == 0
+
+
+def test_events_record_every_transition(
+    real_api: ApiClient, make_repo: Callable[..., Path]
+) -> None:
+    ws = real_api.create(make_repo())
+    real_api.post(f"/api/v1/workspaces/{ws['id']}/stop")
+    real_api.post(f"/api/v1/workspaces/{ws['id']}/start")
+    events = real_api.get(f"/api/v1/workspaces/{ws['id']}/events").json()["events"]
+    moves = [(e["from_state"], e["to_state"]) for e in events if e["kind"] == "state"]
+    assert moves == [(None, "creating"), ("creating", "running"), ("running", "stopping"),
+                     ("stopping", "stopped"), ("stopped", "starting"), ("starting", "running")]
+    assert {e["actor"] for e in events if e["from_state"] == "running"} == {"alice"}

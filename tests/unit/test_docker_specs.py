@@ -1,0 +1,152 @@
+"""The Docker backend's pure builders, tested by equality (kubespawner's make_pod style)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from server.runtime.base import ExecRequest, WorkspaceSpec, labels_for
+from server.runtime.docker_specs import (
+    INIT_COMMAND,
+    container_config,
+    exec_argv,
+    exec_env,
+    kill_argv,
+    stream_argv,
+    volume_config,
+)
+
+LABELS = labels_for(instance="inst1", workspace_id="ws0123456789ab", owner="7")
+
+SPEC = WorkspaceSpec(
+    workspace_id="ws0123456789ab",
+    container_name="den-ws0123456789ab",
+    volume_name="den-ws0123456789ab-data",
+    image="den/workspace:latest",
+    runtime="gvisor",
+    cpus=1.5,
+    memory_mb=512,
+    pids_limit=256,
+    hostname="api",
+    labels=LABELS,
+    env={"FOO": "bar"},
+)
+
+
+def _expected(runtime: str) -> dict[str, object]:
+    return {
+        "image": "den/workspace:latest",
+        "name": "den-ws0123456789ab",
+        "command": INIT_COMMAND,
+        "hostname": "api",
+        "labels": {
+            "den.managed": "true",
+            "den.instance": "inst1",
+            "den.workspace": "ws0123456789ab",
+            "den.owner": "7",
+        },
+        "environment": {"FOO": "bar"},
+        "working_dir": "/workspace",
+        "host_config": {
+            "runtime": runtime,
+            "binds": {"den-ws0123456789ab-data": {"bind": "/workspace", "mode": "rw"}},
+            "nano_cpus": 1_500_000_000,
+            "mem_limit": 512 * 1024 * 1024,
+            "memswap_limit": 512 * 1024 * 1024,
+            "pids_limit": 256,
+            "privileged": False,
+            "cap_add": None,
+            "init": False,
+            "restart_policy": {"Name": "no"},
+            "log_config": {"type": "json-file", "config": {"max-size": "1m", "max-file": "1"}},
+        },
+    }
+
+
+def test_container_config_gvisor_uses_the_configured_runsc_name() -> None:
+    assert container_config(SPEC, gvisor_runtime="runsc-debug") == _expected("runsc-debug")
+
+
+def test_container_config_runc() -> None:
+    spec = dataclasses.replace(SPEC, runtime="runc")
+    assert container_config(spec, gvisor_runtime="runsc") == _expected("runc")
+
+
+def test_container_config_never_grants_privileges_or_mounts_the_docker_socket() -> None:
+    cfg = container_config(SPEC, gvisor_runtime="runsc")
+    host = cfg["host_config"]
+    assert host["privileged"] is False
+    assert not host["cap_add"]
+    assert "devices" not in host
+    assert "network_mode" not in host
+    assert "pid_mode" not in host
+    assert list(host["binds"]) == [SPEC.volume_name]
+    assert all("docker.sock" not in str(v) for v in host["binds"].values())
+
+
+def test_container_config_copies_labels_and_env() -> None:
+    cfg = container_config(SPEC, gvisor_runtime="runsc")
+    cfg["labels"]["den.owner"] = "changed"
+    cfg["environment"]["FOO"] = "changed"
+    assert SPEC.labels["den.owner"] == "7"
+    assert SPEC.env["FOO"] == "bar"
+
+
+def test_volume_config() -> None:
+    assert volume_config(SPEC) == {
+        "name": "den-ws0123456789ab-data",
+        "driver": "local",
+        "labels": dict(LABELS),
+    }
+
+
+def test_exec_argv_without_timeout_is_the_command() -> None:
+    assert exec_argv(ExecRequest(argv=("ls", "-la"), timeout_s=None)) == ["ls", "-la"]
+
+
+@pytest.mark.parametrize(("timeout_s", "shown"), [(30, "30"), (2.5, "2.5"), (600.0, "600")])
+def test_exec_argv_with_timeout_runs_under_coreutils_timeout(timeout_s: float,
+                                                             shown: str) -> None:
+    req = ExecRequest(argv=["bash", "-c", "sleep 1"], timeout_s=timeout_s)
+    assert exec_argv(req) == ["timeout", "-k", "2", shown, "bash", "-c", "sleep 1"]
+
+
+def test_exec_env_defaults_for_dev() -> None:
+    assert exec_env("dev", {}, {}) == {
+        "HOME": "/home/dev",
+        "USER": "dev",
+        "LOGNAME": "dev",
+        "LANG": "C.UTF-8",
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "TERM": "xterm-256color",
+    }
+
+
+def test_exec_env_root_home() -> None:
+    env = exec_env("root", {}, {})
+    assert (env["HOME"], env["USER"]) == ("/root", "root")
+
+
+def test_exec_env_precedence_call_over_workspace_over_defaults() -> None:
+    env = exec_env(
+        "dev",
+        {"LANG": "de_DE.UTF-8", "A": "workspace", "B": "workspace"},
+        {"B": "call", "C": "call", "TERM": "dumb"},
+    )
+    assert env["LANG"] == "de_DE.UTF-8"
+    assert env["A"] == "workspace"
+    assert env["B"] == "call"
+    assert env["C"] == "call"
+    assert env["TERM"] == "dumb"
+    assert env["HOME"] == "/home/dev"
+
+
+def test_stream_and_kill_argv_quote_the_pidfile() -> None:
+    argv = stream_argv(["echo", "hi"], "/tmp/den exec.pid")
+    assert argv == ["/bin/sh", "-c", "echo $$ > '/tmp/den exec.pid'; exec \"$@\"", "den-exec",
+                    "echo", "hi"]
+    kill = kill_argv("/tmp/den exec.pid")
+    assert kill[:2] == ["/bin/sh", "-c"]
+    assert "cat '/tmp/den exec.pid'" in kill[2]
+    assert "rm -f '/tmp/den exec.pid'" in kill[2]

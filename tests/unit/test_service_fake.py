@@ -1,0 +1,508 @@
+"""The workspace service on the fake runtime: create, lifecycle, delete, quotas, reconcile."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from server.auth.tokens import ensure_user
+from server.config import Settings
+from server.db.migrate import ensure_schema
+from server.db.models import Event, User, Workspace
+from server.db.session import make_engine, make_session_factory
+from server.errors import Conflict, QuotaExceeded, ValidationFailed
+from server.runtime.base import WorkspaceSpec, labels_for
+from server.runtime.errors import EngineError
+from server.runtime.fake import FakeRuntime
+from server.workspaces.service import CreateRequest, WorkspaceService
+from server.workspaces.states import State
+
+pytestmark = pytest.mark.anyio
+INSTANCE = "inst-test"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def make_service(make_settings: Callable[..., Settings], fake_runtime: FakeRuntime
+                 ) -> Iterator[Callable[..., WorkspaceService]]:
+    engines = []
+
+    def make(**overrides: Any) -> WorkspaceService:
+        settings = make_settings(**overrides)
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        url = settings.resolved_database_url()
+        engine = make_engine(url)
+        engines.append(engine)
+        ensure_schema(engine, url, auto_migrate=True)
+        return WorkspaceService(settings=settings, sessions=make_session_factory(engine),
+                                runtime=fake_runtime, instance_id=INSTANCE)
+
+    yield make
+    for engine in engines:
+        engine.dispose()
+
+
+@pytest.fixture
+def svc(make_service: Callable[..., WorkspaceService]) -> WorkspaceService:
+    return make_service()
+
+
+def user(svc: WorkspaceService, name: str = "alice") -> User:
+    with svc.sessions.begin() as s:
+        return ensure_user(s, name)
+
+
+async def settle(svc: WorkspaceService, ws_id: str) -> Workspace:
+    """Wait for the background build of ``ws_id`` to end; the row as it then is."""
+    task = svc._tasks.get(ws_id)
+    if task is not None:
+        await asyncio.wait({task}, timeout=120)
+    return svc.get(ws_id)
+
+
+async def create(svc: WorkspaceService, owner: User, repo: Path | str, *,
+                 name: str = "api", wait: bool = True, **kw: Any) -> Workspace:
+    ws = await svc.create(owner, CreateRequest(name=name, repo_url=str(repo), **kw))
+    assert ws.state == State.CREATING
+    return await settle(svc, ws.id) if wait else ws
+
+
+def transitions(svc: WorkspaceService, ws_id: str) -> list[tuple[str | None, str | None]]:
+    return [(e.from_state, e.to_state) for e in svc.events(ws_id) if e.kind == "state"]
+
+
+def count(sessions: sessionmaker[Session], model: Any, ws_id: str) -> int:
+    col = model.id if model is Workspace else model.workspace_id
+    with sessions() as s:
+        return int(s.scalar(select(func.count()).select_from(model).where(col == ws_id)) or 0)
+
+
+def set_state(svc: WorkspaceService, ws_id: str, state: State) -> None:
+    with svc.sessions.begin() as s:
+        s.execute(update(Workspace).where(Workspace.id == ws_id).values(state=state.value))
+
+
+# --- create -------------------------------------------------------------------------------
+
+
+async def test_create_reaches_running(svc: WorkspaceService, fake_runtime: FakeRuntime,
+                                      make_repo: Callable[..., Path]) -> None:
+    alice = user(svc)
+    ws = await create(svc, alice, make_repo("api"))
+    assert (ws.state, ws.state_reason) == ("running", "")
+    assert ws.repo_branch == "main"
+    assert ws.repo_dir == "api"
+    assert ws.runtime == "gvisor"
+    spec = svc.spec_for(ws)
+    assert set(fake_runtime.containers) == {spec.container_name}
+    container = fake_runtime.containers[spec.container_name]
+    assert container.running and container.seeded
+    assert fake_runtime.volumes == {spec.volume_name: dict(spec.labels)}
+    assert spec.labels == labels_for(instance=INSTANCE, workspace_id=ws.id, owner=str(alice.id))
+    assert transitions(svc, ws.id) == [(None, "creating"), ("creating", "running")]
+    assert [e.kind for e in svc.events(ws.id)] == ["state", "clone", "state"]
+    assert list(svc._tmp.glob("*")) == []  # the temporary clone is gone
+
+
+async def test_create_uses_defaults_and_derives_the_name(
+        svc: WorkspaceService, make_repo: Callable[..., Path]) -> None:
+    ws = await svc.create(user(svc), CreateRequest(name=None, repo_url=str(make_repo("My_Lib"))))
+    assert ws.name == "my-lib"
+    assert (ws.cpus, ws.memory_mb, ws.disk_gb, ws.gpus) == (1.0, 512, 10, 0)
+    assert ws.image == "den/workspace:latest"
+    assert (await settle(svc, ws.id)).state == "running"
+
+
+@pytest.mark.parametrize("method", ["create", "start"])
+async def test_engine_failure_while_creating_leaves_nothing(
+        svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path],
+        method: str) -> None:
+    fake_runtime.fail_next[method] = EngineError("boom")
+    ws = await create(svc, user(svc), make_repo())
+    assert ws.state == "error"
+    assert "boom" in ws.state_reason
+    assert fake_runtime.containers == {}
+    assert fake_runtime.volumes == {}
+    assert transitions(svc, ws.id)[-1] == ("creating", "error")
+
+
+async def test_unexpected_failure_while_creating_says_internal_error(
+        svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]) -> None:
+    fake_runtime.fail_next["start"] = RuntimeError("secret detail")
+    ws = await create(svc, user(svc), make_repo())
+    assert ws.state == "error"
+    assert ws.state_reason == "internal error while creating"
+    assert fake_runtime.containers == {} and fake_runtime.volumes == {}
+
+
+async def test_a_repository_git_cannot_clone_errors_with_gits_reason(
+        svc: WorkspaceService, fake_runtime: FakeRuntime, repos_root: Path) -> None:
+    (repos_root / "notarepo").mkdir()
+    ws = await create(svc, user(svc), repos_root / "notarepo")
+    assert ws.state == "error"
+    assert "fatal:" in ws.state_reason
+    assert "notarepo" in ws.state_reason
+    assert fake_runtime.containers == {} and fake_runtime.volumes == {}
+    assert "create" not in fake_runtime.calls
+
+
+async def test_a_missing_branch_errors_with_gits_reason(
+        svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]) -> None:
+    ws = await create(svc, user(svc), make_repo(), branch="nope")
+    assert ws.state == "error"
+    assert "nope" in ws.state_reason and "not found" in ws.state_reason
+    assert fake_runtime.containers == {} and fake_runtime.volumes == {}
+
+
+async def test_a_nonexistent_repository_is_refused_before_any_row(
+        svc: WorkspaceService, fake_runtime: FakeRuntime, repos_root: Path) -> None:
+    with pytest.raises(ValidationFailed, match="does not exist"):
+        await svc.create(user(svc), CreateRequest(name="x", repo_url=str(repos_root / "no.git")))
+    assert svc.list_for(user(svc)) == []
+    assert fake_runtime.containers == {} and fake_runtime.volumes == {}
+
+
+BAD_REQUESTS: list[tuple[dict[str, Any], type[Exception], str]] = [
+    ({"name": "Bad_Name"}, ValidationFailed, "invalid workspace name"),
+    ({"cpus": 1000}, ValidationFailed, "cpus"),
+    ({"cpus": 0}, ValidationFailed, "cpus"),
+    ({"cpus": float("nan")}, ValidationFailed, "cpus"),
+    ({"memory_mb": 1}, ValidationFailed, "memory_mb"),
+    ({"disk_gb": 100_000}, ValidationFailed, "disk_gb"),
+    ({"gpus": 1}, Conflict, "GPU"),
+    ({"gpus": -1}, ValidationFailed, "gpus"),
+    ({"runtime": "runc"}, ValidationFailed, "runc"),
+    ({"runtime": "kata"}, ValidationFailed, "unknown runtime"),
+    ({"runtime": "microvm"}, ValidationFailed, "microvm"),
+    ({"image": "evil/miner"}, ValidationFailed, "not allowed"),
+    ({"image": "den/missing"}, ValidationFailed, "not built"),
+    ({"env": {"1BAD": "x"}}, ValidationFailed, "env name"),
+    ({"env": {"A": "x\x00y"}}, ValidationFailed, "NUL"),
+    ({"idle_timeout_s": -1}, ValidationFailed, "idle_timeout_s"),
+]
+
+
+async def test_create_refuses_bad_requests_before_any_row(
+        svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]) -> None:
+    repo = str(make_repo())
+    for kw, error, match in BAD_REQUESTS:
+        args: dict[str, Any] = {"name": "api", "repo_url": repo, **kw}
+        try:
+            await svc.create(user(svc), CreateRequest(**args))
+        except error as exc:
+            assert match in str(exc), (kw, exc)
+        else:
+            pytest.fail(f"create with {kw} was accepted")
+    assert svc.list_for(user(svc)) == []
+    assert fake_runtime.containers == {}
+    assert "create" not in fake_runtime.calls
+
+
+async def test_runc_when_the_operator_allows_it(make_service: Callable[..., WorkspaceService],
+                                                make_repo: Callable[..., Path]) -> None:
+    svc = make_service(allow_insecure_runc=True)
+    ws = await create(svc, user(svc), make_repo(), runtime="runc")
+    assert (ws.state, ws.runtime) == ("running", "runc")
+
+
+async def test_name_taken_is_409_and_per_owner(svc: WorkspaceService,
+                                               make_repo: Callable[..., Path]) -> None:
+    repo = make_repo()
+    await create(svc, user(svc, "alice"), repo)
+    with pytest.raises(Conflict) as info:
+        await svc.create(user(svc, "alice"), CreateRequest(name="api", repo_url=str(repo)))
+    assert (info.value.status_code, info.value.code) == (409, "name_taken")
+    ws = await create(svc, user(svc, "bob"), repo)  # another owner may use the same name
+    assert ws.state == "running"
+
+
+async def test_quota_is_429(make_service: Callable[..., WorkspaceService],
+                            make_repo: Callable[..., Path]) -> None:
+    svc = make_service(max_workspaces_per_user=2)
+    repo = make_repo()
+    alice = user(svc)
+    await create(svc, alice, repo, name="one")
+    await create(svc, alice, repo, name="two")
+    with pytest.raises(QuotaExceeded) as info:
+        await svc.create(alice, CreateRequest(name="three", repo_url=str(repo)))
+    assert info.value.status_code == 429
+    assert len(svc.list_for(alice)) == 2
+    assert (await create(svc, user(svc, "bob"), repo, name="one")).state == "running"
+
+
+# --- lifecycle ----------------------------------------------------------------------------
+
+
+async def test_stop_and_start_are_idempotent(svc: WorkspaceService, fake_runtime: FakeRuntime,
+                                             make_repo: Callable[..., Path]) -> None:
+    ws = await create(svc, user(svc), make_repo())
+    container = fake_runtime.containers[svc.spec_for(ws).container_name]
+
+    stopped = await svc.stop(ws.id, actor="alice")
+    assert stopped.state == "stopped" and not container.running
+    events = len(svc.events(ws.id))
+    again = await svc.stop(ws.id, actor="alice")
+    assert again.state == "stopped"
+    assert again.updated_at == stopped.updated_at
+    assert len(svc.events(ws.id)) == events
+
+    started = await svc.start(ws.id, actor="alice")
+    assert started.state == "running" and container.running
+    events = len(svc.events(ws.id))
+    again = await svc.start(ws.id, actor="alice")
+    assert again.state == "running"
+    assert len(svc.events(ws.id)) == events
+
+    assert transitions(svc, ws.id) == [
+        (None, "creating"), ("creating", "running"),
+        ("running", "stopping"), ("stopping", "stopped"),
+        ("stopped", "starting"), ("starting", "running"),
+    ]
+    assert {e.actor for e in svc.events(ws.id)[3:]} == {"alice"}
+
+
+async def test_start_of_a_workspace_whose_container_is_gone_is_an_error(
+        svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]) -> None:
+    ws = await create(svc, user(svc), make_repo())
+    await svc.stop(ws.id, actor="alice")
+    fake_runtime.containers.clear()
+    with pytest.raises(Exception, match="gone"):
+        await svc.start(ws.id, actor="alice")
+    after = svc.get(ws.id)
+    assert after.state == "error"
+    assert "gone" in after.state_reason
+
+
+async def test_stop_failure_is_an_error_with_reason(
+        svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]) -> None:
+    ws = await create(svc, user(svc), make_repo())
+    fake_runtime.fail_next["stop"] = EngineError("engine said no")
+    with pytest.raises(EngineError):
+        await svc.stop(ws.id, actor="alice")
+    after = svc.get(ws.id)
+    assert after.state == "error"
+    assert "engine said no" in after.state_reason
+
+
+@pytest.mark.parametrize("state", [State.STOPPING, State.STARTING, State.CREATING])
+async def test_operations_during_a_transition_are_409(
+        svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path],
+        state: State) -> None:
+    ws = await create(svc, user(svc), make_repo())
+    set_state(svc, ws.id, state)
+    events = len(svc.events(ws.id))
+    for op in (svc.start, svc.stop):
+        with pytest.raises(Conflict) as info:
+            await op(ws.id, actor="alice")
+        assert info.value.status_code == 409
+        assert state.value in info.value.message
+    with pytest.raises(Conflict):
+        await svc.ensure_running(ws.id, actor="alice")
+    assert svc.get(ws.id).state == state.value
+    assert len(svc.events(ws.id)) == events
+
+
+async def test_exec_wakes_a_stopped_workspace(svc: WorkspaceService,
+                                              make_repo: Callable[..., Path]) -> None:
+    ws = await create(svc, user(svc), make_repo())
+    await svc.stop(ws.id, actor="alice")
+    result = await svc.exec(ws.id, svc.exec_request(ws, "pwd"), actor="alice")
+    assert (result.exit_code, result.stdout) == (0, b"/workspace/api\n")
+    assert svc.get(ws.id).state == "running"
+    assert "wake" in [e.kind for e in svc.events(ws.id)]
+
+
+# --- delete -------------------------------------------------------------------------------
+
+
+async def test_delete_removes_rows_events_and_engine_objects(
+        svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]) -> None:
+    alice = user(svc)
+    keep = await create(svc, alice, make_repo("keep"), name="keep")
+    ws = await create(svc, alice, make_repo())
+    assert count(svc.sessions, Event, ws.id) > 0
+    assert await svc.delete(ws.id, actor="alice") is True
+    assert count(svc.sessions, Workspace, ws.id) == 0
+    assert count(svc.sessions, Event, ws.id) == 0
+    assert set(fake_runtime.containers) == {svc.spec_for(keep).container_name}
+    assert set(fake_runtime.volumes) == {svc.spec_for(keep).volume_name}
+    assert [w.id for w in svc.list_for(alice)] == [keep.id]
+
+
+async def test_delete_of_a_stopped_and_of_an_errored_workspace(
+        svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]) -> None:
+    alice = user(svc)
+    stopped = await create(svc, alice, make_repo("a"), name="a")
+    await svc.stop(stopped.id, actor="alice")
+    fake_runtime.fail_next["start"] = EngineError("boom")
+    broken = await create(svc, alice, make_repo("b"), name="b")
+    assert broken.state == "error"
+    assert await svc.delete(stopped.id, actor="alice")
+    assert await svc.delete(broken.id, actor="alice")
+    assert svc.list_for(alice) == []
+    assert fake_runtime.containers == {} and fake_runtime.volumes == {}
+
+
+async def test_delete_failure_keeps_the_row_in_error(
+        svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]) -> None:
+    ws = await create(svc, user(svc), make_repo())
+    fake_runtime.fail_next["destroy"] = EngineError("busy")
+    with pytest.raises(EngineError):
+        await svc.delete(ws.id, actor="alice")
+    after = svc.get(ws.id)
+    assert after.state == "error" and "busy" in after.state_reason
+    assert await svc.delete(ws.id, actor="alice")  # retry works
+    assert count(svc.sessions, Workspace, ws.id) == 0
+
+
+class BlockingRuntime(FakeRuntime):
+    """A fake whose ``create`` makes the objects, then waits until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def create(self, spec: WorkspaceSpec, *, seed_tar: Path | None = None) -> None:
+        await super().create(spec, seed_tar=seed_tar)
+        self.entered.set()
+        await self.release.wait()
+
+
+async def test_delete_while_creating_cancels_the_build_and_cleans_up(
+        make_settings: Callable[..., Settings], make_repo: Callable[..., Path]) -> None:
+    settings = make_settings()
+    settings.data_dir.mkdir(parents=True)
+    url = settings.resolved_database_url()
+    engine = make_engine(url)
+    ensure_schema(engine, url, auto_migrate=True)
+    runtime = BlockingRuntime()
+    svc = WorkspaceService(settings=settings, sessions=make_session_factory(engine),
+                           runtime=runtime, instance_id=INSTANCE)
+    try:
+        ws = await create(svc, user(svc), make_repo(), wait=False)
+        await asyncio.wait_for(runtime.entered.wait(), timeout=60)
+        assert svc.get(ws.id).state == "creating"
+        assert runtime.containers  # half-made engine objects exist
+        assert await svc.delete(ws.id, actor="alice") is True
+        assert count(svc.sessions, Workspace, ws.id) == 0
+        assert count(svc.sessions, Event, ws.id) == 0
+        assert runtime.containers == {} and runtime.volumes == {}
+        assert svc._tasks == {}
+        assert list(svc._tmp.glob("*")) == []
+    finally:
+        runtime.release.set()
+        await svc.shutdown()
+        engine.dispose()
+
+
+# --- reconcile ----------------------------------------------------------------------------
+
+
+async def test_reconcile_settles_interrupted_transitions_and_removes_orphans(
+        svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]) -> None:
+    alice = user(svc)
+    repo = make_repo()
+    names = ["creating", "starting-up", "starting-down", "stopping", "deleting",
+             "lost", "found-stopped", "found-running", "fine"]
+    ws = {n: await create(svc, alice, repo, name=n) for n in names}
+    for n in ("found-running",):
+        await svc.stop(ws[n].id, actor="alice")
+
+    def container(n: str) -> Any:
+        return fake_runtime.containers[svc.spec_for(ws[n]).container_name]
+
+    set_state(svc, ws["creating"].id, State.CREATING)
+    set_state(svc, ws["starting-up"].id, State.STARTING)
+    set_state(svc, ws["starting-down"].id, State.STARTING)
+    container("starting-down").running = False
+    set_state(svc, ws["stopping"].id, State.STOPPING)
+    set_state(svc, ws["deleting"].id, State.DELETING)
+    del fake_runtime.containers[svc.spec_for(ws["lost"]).container_name]
+    container("found-stopped").running = False
+    container("found-running").running = True
+
+    # orphans: labelled with this instance but no row; and an object of another instance
+    orphan = WorkspaceSpec(
+        workspace_id="wsorphan00000", container_name="den-wsorphan00000",
+        volume_name="den-wsorphan00000-data", image="den/workspace:latest", runtime="gvisor",
+        cpus=1, memory_mb=512, pids_limit=64, hostname="orphan",
+        labels=labels_for(instance=INSTANCE, workspace_id="wsorphan00000", owner="1"),
+    )
+    foreign = WorkspaceSpec(
+        workspace_id="wsforeign0000", container_name="other-wsforeign0000",
+        volume_name="other-wsforeign0000-data", image="den/workspace:latest", runtime="gvisor",
+        cpus=1, memory_mb=512, pids_limit=64, hostname="foreign",
+        labels=labels_for(instance="another-den", workspace_id="wsforeign0000", owner="1"),
+    )
+    await fake_runtime.create(orphan)
+    await fake_runtime.create(foreign)
+
+    await svc.reconcile()
+
+    states = {w.name: w.state for w in svc.list_for(alice)}
+    assert states == {
+        "creating": "error",
+        "starting-up": "running",
+        "starting-down": "stopped",
+        "stopping": "stopped",
+        "lost": "error",
+        "found-stopped": "stopped",
+        "found-running": "running",
+        "fine": "running",
+    }
+    assert count(svc.sessions, Workspace, ws["deleting"].id) == 0
+    assert count(svc.sessions, Event, ws["deleting"].id) == 0
+    # the interrupted create's objects are gone; its row stays to say why
+    assert svc.spec_for(ws["creating"]).container_name not in fake_runtime.containers
+    assert "restarted" in svc.get(ws["creating"].id).state_reason
+    assert not container("stopping").running
+    assert all(w.state_reason == "" for w in svc.list_for(alice)
+               if w.state in ("running", "stopped"))
+
+    assert orphan.container_name not in fake_runtime.containers
+    assert orphan.volume_name not in fake_runtime.volumes
+    assert foreign.container_name in fake_runtime.containers
+    assert foreign.volume_name in fake_runtime.volumes
+    live = {svc.spec_for(ws[n]).container_name for n in names
+            if n not in ("creating", "deleting", "lost")}
+    assert set(fake_runtime.containers) == live | {foreign.container_name}
+
+    # every state change reconcile made is in the event log
+    for n in ("creating", "starting-up", "stopping", "lost"):
+        assert svc.events(ws[n].id)[-1].actor == "reconcile"
+
+    # a second pass changes nothing
+    events = {n: len(svc.events(ws[n].id)) for n in states}
+    await svc.reconcile()
+    assert {w.name: w.state for w in svc.list_for(alice)} == states
+    assert {n: len(svc.events(ws[n].id)) for n in states} == events
+
+
+async def test_list_and_get_respect_ownership(svc: WorkspaceService,
+                                              make_repo: Callable[..., Path]) -> None:
+    from server.errors import NotFound
+
+    alice, bob = user(svc, "alice"), user(svc, "bob")
+    with svc.sessions.begin() as s:
+        root = ensure_user(s, "root", admin=True)
+    ws = await create(svc, alice, make_repo())
+    assert [w.id for w in svc.list_for(alice)] == [ws.id]
+    assert svc.list_for(bob) == []
+    assert [w.id for w in svc.list_for(root)] == [ws.id]
+    assert svc.get_for(alice, "api").id == ws.id
+    assert svc.get_for(alice, ws.id).id == ws.id
+    assert svc.get_for(root, ws.id).id == ws.id
+    for ref in ("api", ws.id):
+        with pytest.raises(NotFound):
+            svc.get_for(bob, ref)
