@@ -231,6 +231,10 @@ new["experimental"] = True
 runtimes = new.setdefault("runtimes", {})
 entry = dict(runtimes.get("runsc") or {})
 entry["path"] = runtime
+# The container's own filesystem must outlive a stop (packages installed with apt stay);
+# gVisor's default rootfs overlay (root:self) keeps it in sandbox memory only.
+args = [a for a in entry.get("runtimeArgs") or [] if not a.startswith("--overlay2")]
+entry["runtimeArgs"] = ["--overlay2=none", *args]
 runtimes["runsc"] = entry
 if new == old:
     print("unchanged")
@@ -255,8 +259,7 @@ fi
 have_systemd() { [ -d /run/systemd/system ]; }
 docker_up() { "$DOCKER" info >/dev/null 2>&1; }
 wait_docker() {
-    local i
-    for i in $(seq 1 120); do docker_up && return 0; sleep 0.5; done
+    for _ in $(seq 1 120); do docker_up && return 0; sleep 0.5; done
     die "dockerd did not answer within 60 s (see $DOCKERD_LOG or journalctl -u docker)"
 }
 start_docker() {
@@ -270,16 +273,18 @@ start_docker() {
 }
 stop_docker() {
     if have_systemd; then systemctl stop docker; return; fi
-    local pid i
+    local pid
     pid=$(cat /var/run/docker.pid 2>/dev/null || true)
     [ -n "$pid" ] || die "dockerd runs but /var/run/docker.pid is missing; restart it by hand"
     kill -TERM "$pid"
-    for i in $(seq 1 120); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.5; done
+    for _ in $(seq 1 120); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.5; done
     die "dockerd (pid $pid) did not stop within 60 s"
 }
-config_live() {  # the daemon runs with experimental on and runsc at RUNTIME_PATH
+config_live() {  # the daemon runs with experimental on, runsc at RUNTIME_PATH, no rootfs overlay
+    local live
+    live=$("$DOCKER" info --format '{{json (index .Runtimes "runsc")}}' 2>/dev/null || true)
     [ "$("$DOCKER" version --format '{{.Server.Experimental}}' 2>/dev/null)" = true ] &&
-    [ "$("$DOCKER" info --format '{{with index .Runtimes "runsc"}}{{.Path}}{{end}}' 2>/dev/null)" = "$RUNTIME_PATH" ]
+    [[ "$live" == *"\"$RUNTIME_PATH\""* && "$live" == *'"--overlay2=none"'* ]]
 }
 
 if ! docker_up; then

@@ -82,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="den", description="Den: persistent dev workspaces.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="run the Den server (HTTP API; reconciles with the engine at start)")
+    serve = sub.add_parser(
+        "serve", help="run the Den server (HTTP API; reconciles with the engine at start)"
+    )
     _server_flags(serve, listen=True)
     serve.set_defaults(func=cmd_serve)
 

@@ -21,7 +21,9 @@ class Settings(BaseSettings):
     # --- server -------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address the HTTP API listens on.")
     port: int = Field(8080, description="Port of the HTTP API and web UI.")
-    ssh_port: int = Field(2222, description="Port of the SSH gateway (reserved; see the SSH issue).")
+    ssh_port: int = Field(
+        2222, description="Port of the SSH gateway (reserved: the gateway is not built yet)."
+    )
     data_dir: Path = Field(
         Path("/var/lib/den"),
         description="Where Den keeps its SQLite database, temporary clones and host keys.",
@@ -58,7 +60,8 @@ class Settings(BaseSettings):
         ),
     )
     engine_threads: int = Field(
-        32, description="Threads for blocking Docker engine calls (the Docker backend's bounded executor)."
+        32,
+        description="Threads for blocking Docker engine calls (the Docker backend's executor).",
     )
     gvisor_runtime: str = Field(
         "runsc", description="Name of the Docker runtime that runs gVisor (daemon.json)."

@@ -9,6 +9,7 @@ run's prefix and removed at the end, even after failures.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -175,7 +176,8 @@ class ApiClient:
         return out
 
 
-def _users(app: Any) -> dict[str, str]:
+def users(app: Any) -> dict[str, str]:
+    """Tokens of alice and bob (ordinary users) and root (an admin)."""
     tokens: dict[str, str] = {}
     with app.state.sessions.begin() as s:
         for name, admin in (("alice", False), ("bob", False), ("root", True)):
@@ -194,7 +196,7 @@ def fake_api(make_settings: Callable[..., Settings], fake_runtime: FakeRuntime
              ) -> Iterator[ApiClient]:
     app = create_app(make_settings(), runtime=fake_runtime)
     with TestClient(app) as client:
-        yield ApiClient(client, _users(app))
+        yield ApiClient(client, users(app))
 
 
 @pytest.fixture
@@ -202,13 +204,12 @@ def real_api(engine: None, make_settings: Callable[..., Settings]) -> Iterator[A
     settings = make_settings()
     app = create_app(settings)
     with TestClient(app) as client:
-        api = ApiClient(client, _users(app))
+        api = ApiClient(client, users(app))
         yield api
         for ws in app.state.workspaces.list_for(_admin(app)):
-            try:
+            # Whatever this misses, the engine fixture removes by name at the end.
+            with contextlib.suppress(Exception):
                 client.delete(f"/api/v1/workspaces/{ws.id}", headers=api.h("root"))
-            except Exception:  # the engine fixture removes what is left by name
-                pass
 
 
 def _admin(app: Any) -> Any:

@@ -47,9 +47,8 @@ cleanup() {
     local d m
     for d in "${TMP_DIRS[@]}"; do
         # debootstrap mounts proc/sys (and may bind /dev) inside the rootfs: unmount before rm.
-        for m in $(awk -v d="$d" 'index($2, d) == 1 { print $2 }' /proc/mounts | sort -r); do
-            umount -l "$m" 2>/dev/null || true
-        done
+        awk -v d="$d" 'index($2, d) == 1 { print $2 }' /proc/mounts | sort -r |
+            while read -r m; do umount -l "$m" 2>/dev/null || true; done
         rm -rf --one-file-system "$d"
     done
 }

@@ -84,7 +84,7 @@ async def exec_stream(websocket: WebSocket, ref: str) -> None:
 
 async def _pump_stdin(websocket: WebSocket, stream: ExecStream) -> None:
     while True:
-        msg: dict[str, Any] = await websocket.receive()
+        msg: Any = await websocket.receive()
         if msg["type"] == "websocket.disconnect":
             await stream.kill()
             return

@@ -8,10 +8,10 @@ The result is packed into a tar owned by the workspace user and unpacked into th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
-import subprocess
 import tarfile
 import tempfile
 import time
@@ -151,10 +151,8 @@ def _tree_size(path: Path) -> int:
     total = 0
     for root, _dirs, files in os.walk(path):
         for f in files:
-            try:
+            with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(root, f)).st_size
-            except OSError:
-                pass
     return total
 
 
@@ -186,7 +184,8 @@ def clone(
             stdout_as_string=True,
             with_extended_output=True,
         )
-        popen: subprocess.Popen[bytes] = proc.proc
+        popen = proc.proc
+        assert popen is not None
         deadline = time.monotonic() + timeout_s
         reason = ""
         while popen.poll() is None:

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _STDOUT, _STDERR = 1, 2
+EXEC_GRACE_S = 30
 
 
 def _translate(exc: Exception, what: str) -> Exception:
@@ -253,17 +254,31 @@ class DockerRuntime:
             exec_id = self._exec_create(spec, argv, req, stdin=req.stdin is not None)
             sock = self._api().exec_start(exec_id, socket=True)
             raw = _raw_socket(sock)
+            # A safety net above the in-sandbox timeout: an exec whose sandbox dies (the
+            # host's OOM killer) can otherwise hang forever.
+            if req.timeout_s is not None:
+                raw.settimeout(req.timeout_s + EXEC_GRACE_S)
             writer: threading.Thread | None = None
             if req.stdin is not None:
                 data = req.stdin
                 writer = threading.Thread(target=_feed, args=(raw, data), daemon=True)
                 writer.start()
-            out, err, truncated = _collect(raw, req.max_output_bytes)
+            try:
+                out, err, truncated = _collect(raw, req.max_output_bytes)
+            except TimeoutError as exc:
+                sock.close()
+                raise EngineError(
+                    "the command did not finish and the workspace stopped answering",
+                    detail=str(exc),
+                ) from exc
             if writer is not None:
                 writer.join(timeout=5)
             with contextlib.suppress(OSError):
                 sock.close()
             exit_code = _exit_code(self._api(), exec_id)
+            if exit_code in (126, 128) and out.startswith(b"OCI runtime exec failed"):
+                # The engine could not start the process: the sandbox is gone or full.
+                raise EngineConflict(out.decode(errors="replace").strip())
             elapsed = time.monotonic() - started
             timed_out = (
                 req.timeout_s is not None

@@ -23,17 +23,31 @@ INIT_COMMAND = [
 # Grace given to a timed-out command between SIGTERM and SIGKILL.
 KILL_AFTER_S = 2
 
+# Under gVisor (systrap) every sandbox process costs the host about two pids, and the whole
+# sandbox dies when the host's pids cgroup is full. So the workspace's process limit is
+# enforced inside the sandbox (RLIMIT_NPROC, per user) and the host limit leaves room above it.
+HOST_PIDS_PER_PROCESS = 4
+
+
+def memory_headroom_mb(memory_mb: int) -> int:
+    """Memory the container gets above the workspace's limit. The host kills the whole
+    sandbox at its cgroup limit, so an OOM killer inside the workspace (earlyoom, started
+    by den-init) ends the biggest process once usage passes ``memory_mb``, before that."""
+    return max(256, memory_mb // 4)
+
 
 def container_config(spec: WorkspaceSpec, *, gvisor_runtime: str) -> dict[str, Any]:
     """Arguments of ``APIClient.create_container`` (host_config as a plain dict)."""
     runtime = gvisor_runtime if spec.runtime == "gvisor" else "runc"
+    memory_bytes = (spec.memory_mb + memory_headroom_mb(spec.memory_mb)) * 1024 * 1024
     host_config: dict[str, Any] = {
         "runtime": runtime,
         "binds": {spec.volume_name: {"bind": WORKSPACE_MOUNT, "mode": "rw"}},
         "nano_cpus": int(spec.cpus * 1_000_000_000),
-        "mem_limit": spec.memory_mb * 1024 * 1024,
-        "memswap_limit": spec.memory_mb * 1024 * 1024,
-        "pids_limit": spec.pids_limit,
+        "mem_limit": memory_bytes,
+        "memswap_limit": memory_bytes,
+        "pids_limit": spec.pids_limit * HOST_PIDS_PER_PROCESS,
+        "ulimits": [{"Name": "nproc", "Soft": spec.pids_limit, "Hard": spec.pids_limit}],
         "privileged": False,
         "cap_add": None,
         "init": False,
@@ -46,7 +60,8 @@ def container_config(spec: WorkspaceSpec, *, gvisor_runtime: str) -> dict[str, A
         "command": INIT_COMMAND,
         "hostname": spec.hostname,
         "labels": dict(spec.labels),
-        "environment": dict(spec.env),
+        "environment": {**spec.env, "DEN_MEMORY_MB": str(spec.memory_mb),
+                        "DEN_PIDS": str(spec.pids_limit)},
         "working_dir": WORKSPACE_MOUNT,
         "host_config": host_config,
     }

@@ -20,7 +20,7 @@ _INSIDE = (
 )
 
 READ_SCRIPT = (
-    'p=$(realpath -e -- "$1" 2>/dev/null) || exit 2; ' + _INSIDE
+    'p=$(realpath -e -- "$1") || exit 2; ' + _INSIDE
     + '[ -d "$p" ] && exit 4; '
     + '[ "$(stat -c %s -- "$p")" -gt "$2" ] && exit 5; '
     + 'exec cat -- "$p"'
@@ -31,12 +31,12 @@ WRITE_SCRIPT = (
     + 'mkdir -p -- "$(dirname -- "$p")" && cat > "$p" && stat -c %s -- "$p"'
 )
 LIST_SCRIPT = (
-    'p=$(realpath -e -- "$1" 2>/dev/null) || exit 2; ' + _INSIDE
+    'p=$(realpath -e -- "$1") || exit 2; ' + _INSIDE
     + '[ -d "$p" ] || exit 4; '
     + "exec find \"$p\" -mindepth 1 -maxdepth 1 -printf '%y\\t%s\\t%T@\\t%m\\t%f\\0'"
 )
 DELETE_SCRIPT = (
-    'd=$(realpath -e -- "$(dirname -- "$1")" 2>/dev/null) || exit 2; '
+    'd=$(realpath -e -- "$(dirname -- "$1")") || exit 2; '
     + 'p="$d/$(basename -- "$1")"; ' + _INSIDE
     + '[ "$p" = ' + WORKSPACE_ROOT + " ] && exit 6; "
     + '[ -e "$p" ] || [ -L "$p" ] || exit 2; '
@@ -67,6 +67,8 @@ def _raise_for(result: ExecResult, path: str, *, want_dir: bool = False) -> None
     message = result.stderr.decode(errors="replace").strip()
     if code == 0:
         return
+    if "Permission denied" in message:
+        raise Forbidden(f"permission denied: {path}")
     if code == 2:
         raise NotFound(f"no such file or directory: {path}")
     if code == 3:
@@ -82,8 +84,6 @@ def _raise_for(result: ExecResult, path: str, *, want_dir: bool = False) -> None
     if code == 7:
         raise Conflict(f"directory {path} is not empty; delete with recursive=true",
                        code="not_empty")
-    if "Permission denied" in message:
-        raise Forbidden(f"permission denied: {path}")
     if "No space left" in message:
         raise DenError(f"no space left in the workspace while writing {path}", code="disk_full")
     raise ValidationFailed(f"file operation on {path} failed: {message or f'exit {code}'}")

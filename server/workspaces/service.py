@@ -286,7 +286,9 @@ class WorkspaceService:
         if not 0.1 <= cpus <= st.max_cpus:
             raise ValidationFailed(f"resources.cpus must be between 0.1 and {st.max_cpus:g}")
         if not 128 <= memory_mb <= st.max_memory_mb:
-            raise ValidationFailed(f"resources.memory_mb must be between 128 and {st.max_memory_mb}")
+            raise ValidationFailed(
+                f"resources.memory_mb must be between 128 and {st.max_memory_mb}"
+            )
         if not 1 <= disk_gb <= st.max_disk_gb:
             raise ValidationFailed(f"resources.disk_gb must be between 1 and {st.max_disk_gb}")
         if req.gpus < 0:
@@ -475,12 +477,27 @@ class WorkspaceService:
     async def exec(self, ws_id: str, req: ExecRequest, *, actor: str) -> ExecResult:
         ws = await self.ensure_running(ws_id, actor=actor)
         self.touch(ws_id)
+        spec = self.spec_for(ws)
         try:
-            return await self.runtime.exec(self.spec_for(ws), req)
-        except EngineConflict as exc:
-            raise Conflict(f"workspace is not running: {exc.message}") from exc
+            return await self.runtime.exec(spec, req)
+        except DenError as exc:
+            await self._check_alive(ws_id, spec, actor=actor)
+            if isinstance(exc, EngineConflict):
+                raise Conflict(f"the command could not be started: {exc.message}",
+                               code="exec_failed") from exc
+            raise
         finally:
             self.touch(ws_id)
+
+    async def _check_alive(self, ws_id: str, spec: WorkspaceSpec, *, actor: str) -> None:
+        """After a failed exec: record a workspace whose sandbox died (out of memory, most
+        often) as stopped, so that the next access starts it again."""
+        with contextlib.suppress(DenError):
+            if await self.runtime.status(spec) is ContainerStatus.RUNNING:
+                return
+            self._transition(ws_id, State.RUNNING, State.STOPPED, actor=actor,
+                             message="the workspace's sandbox exited unexpectedly "
+                                     "(out of memory?); it starts again on the next access")
 
     async def exec_stream(self, ws_id: str, req: ExecRequest, *, actor: str) -> ExecStream:
         ws = await self.ensure_running(ws_id, actor=actor)

@@ -86,6 +86,8 @@ def p90(xs: list[float]) -> float:
 
 
 def ms(x: float) -> str:
+    if x < 0.01:
+        return f"{x * 1000:.1f} ms"
     return f"{x * 1000:.0f} ms" if x < 10 else f"{x:.1f} s"
 
 
@@ -141,6 +143,7 @@ def machine() -> dict[str, Any]:
         "docker": first_line("docker", "version", "--format", "{{.Server.Version}}"),
         "runsc": first_line("runsc", "--version"),
         "python": platform.python_version(),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
     }
 
 
@@ -174,6 +177,7 @@ class Server:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port)],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches the benchmark, which stops it
             )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -316,9 +320,6 @@ class Results:
 
     def add(self, key: str, value: float) -> None:
         self.samples.setdefault(key, []).append(value)
-
-    def med(self, key: str) -> float:
-        return median(self.samples.get(key, []))
 
     def summary(self) -> dict[str, dict[str, float]]:
         return {k: {"median_s": median(v), "p90_s": p90(v), "n": len(v)}
@@ -527,7 +528,8 @@ def breakdown(prefix: str, work: Path, repo: Path, rounds: int) -> Results:
         s = spec(rounds)
         base_req = ExecRequest(argv=["true"], cwd=f"/workspace/{REPO}", timeout_s=600)
         env = docker_specs.exec_env("dev", {}, {})
-        ctr = docker.from_env(timeout=120).containers.get(s.container_name)
+        sdk = docker.from_env(timeout=120)
+        ctr = sdk.containers.get(s.container_name)
         polls: list[int] = []
 
         def by_hand() -> None:
@@ -570,16 +572,63 @@ def breakdown(prefix: str, work: Path, repo: Path, rounds: int) -> Results:
         for fn in variants.values():
             fn()
         polls.clear()
+        for k in [k for k in res.samples if k.startswith("exec by hand:")]:
+            del res.samples[k]
         for _j in range(max(20, rounds * 4)):
             for k, fn in variants.items():
                 res.add(k, timed(fn))
         res.samples["exec by hand: exec_inspect calls (count)"] = [float(n) for n in polls]
+        sdk.close()
         loop.run_until_complete(rt.destroy(s))
     finally:
         loop.close()
         rt.close()
         api.close()
     return res
+
+
+def db_breakdown(srv: Server, work: Path, prefix: str, wid: str, samples: int,
+                 res: Results) -> None:
+    """Time the database work the exec route does before and after the engine call, on the
+    running server's own SQLite database (WAL, so reading it alongside the server is fine)."""
+    from server.auth.tokens import authenticate
+    from server.config import Settings
+    from server.db.session import make_engine, make_session_factory
+    from server.runtime.fake import FakeRuntime
+    from server.workspaces.service import WorkspaceService
+
+    settings = Settings(data_dir=work / "data", engine_prefix=prefix)
+    engine = make_engine(settings.resolved_database_url())
+    sessions = make_session_factory(engine)
+    svc = WorkspaceService(settings=settings, sessions=sessions, runtime=FakeRuntime(),
+                           instance_id="bench")
+    user = authenticate(sessions, srv.token)
+    assert user is not None
+    row = svc.get(wid)
+
+    def pure() -> None:
+        svc.exec_request(row, ["true"])
+        svc.spec_for(row)
+
+    loop = asyncio.new_event_loop()
+    steps: dict[str, Callable[[], Any]] = {
+        "authenticate (bearer token -> user)": lambda: authenticate(sessions, srv.token),
+        "get_for (workspace row)": lambda: svc.get_for(user, wid),
+        "ensure_running (row read)": lambda: loop.run_until_complete(
+            svc.ensure_running(wid, actor="bench")),
+        "exec_request + spec_for (no I/O)": pure,
+        "touch (write txn; the route does 2)": lambda: svc.touch(wid),
+    }
+    try:
+        for _ in range(3):
+            for fn in steps.values():
+                fn()
+        for _ in range(samples):
+            for k, fn in steps.items():
+                res.add(f"exec route, DB: {k}", timed(fn))
+    finally:
+        loop.close()
+        engine.dispose()
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -645,19 +694,22 @@ def sigterm_as_interrupt() -> Iterator[None]:
     def handler(_sig: int, _frame: object) -> None:
         raise KeyboardInterrupt
 
-    old = signal.signal(signal.SIGTERM, handler)
+    # SIGINT too: a shell starts background jobs with SIGINT ignored, and Python then keeps
+    # it ignored; a benchmark should always stop (and clean up) on Ctrl-C or kill -INT.
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.benchmarks.bench_workspaces",
                                  description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--rounds", type=int, default=5, help="rounds of create/stop/start (5)")
-    ap.add_argument("--exec-samples", type=int, default=30,
-                    help="samples of each exec variant (30; at least 20)")
+    ap.add_argument("--exec-samples", type=int, default=40,
+                    help="samples of each exec variant (40; at least 20)")
     ap.add_argument("--poll-ms", type=float, default=POLL_S * 1000,
                     help="client poll interval while a workspace is creating (10)")
     ap.add_argument("--json", type=Path, help="also write the results to this JSON file")
@@ -674,9 +726,10 @@ def main(argv: list[str] | None = None) -> int:
     repos_root = work / "repos"
     repos_root.mkdir()
     started = datetime.now(UTC)
+    load_before = round(os.getloadavg()[0], 2)
     res, bd = Results(), Results()
     srv: Server | None = None
-    failed = False
+    failed: int = 0
     print(f"bench: prefix {prefix}, {rounds} rounds, {exec_samples} exec samples", flush=True)
     try:
         with sigterm_as_interrupt():
@@ -696,15 +749,18 @@ def main(argv: list[str] | None = None) -> int:
             bench_exec(srv, raw, raw_name, wid, exec_samples, res)
             print("bench: stop and start", flush=True)
             bench_lifecycle(srv, raw, raw_name, wid, rounds, res)
+            if not args.no_breakdown:
+                db_breakdown(srv, work, prefix, wid, exec_samples, bd)
             srv.delete(wid)
             raw.remove(raw_name)
 
             if not args.no_breakdown:
                 print("bench: breakdown of the server's steps (in-process)", flush=True)
-                bd = breakdown(prefix, work, repo, rounds)
+                bd.samples.update(breakdown(prefix, work, repo, rounds).samples)
     except BaseException as exc:
-        failed = True
+        failed = 1
         if isinstance(exc, KeyboardInterrupt):
+            failed = 130
             print("\nbench: interrupted; cleaning up", file=sys.stderr)
         else:
             print(f"bench: failed: {exc!r}", file=sys.stderr)
@@ -723,16 +779,18 @@ def main(argv: list[str] | None = None) -> int:
         if left:
             print(f"bench: removed {len(left)} engine objects named {prefix}*", flush=True)
     if failed:
-        return 1
+        return failed
 
     text, rows = table(res)
     info = machine()
+    info["loadavg_1m_before"] = load_before
     print()
     print(f"Den vs raw engine, {started:%Y-%m-%d %H:%M} UTC, {info['cpus']} CPUs, {info['os']}, "
-          f"Docker {info['docker']}, {info['runsc']}")
+          f"Docker {info['docker']}, {info['runsc']}, load {load_before} -> "
+          f"{info['loadavg_1m']}, client poll {args.poll_ms:g} ms")
     print(text)
     print()
-    print(details(res, "Details (seconds per sample):"))
+    print(details(res, "Details (medians and p90 per sample):"))
     if bd.samples:
         print()
         print(details(bd, "Where Den's time goes (server code, timed in-process):"))

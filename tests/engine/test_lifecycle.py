@@ -41,7 +41,8 @@ def test_create_from_local_bare_repo_runs_under_gvisor(
          "{{.HostConfig.Privileged}} {{.HostConfig.CapAdd}} {{json .Config.Labels}}",
          f"{_prefix(real_api)}-{ws['id']}"], capture_output=True, text=True, check=True,
     ).stdout
-    assert inspect.startswith("runsc 1024 false []"), inspect
+    assert inspect.startswith("runsc 4096 false []"), inspect  # host pids: room for gVisor
+    assert real_api.exec(ws["id"], "ulimit -u")["stdout"] == "1024\n"  # the workspace's limit
     assert f'"den.workspace":"{ws["id"]}"' in inspect
     assert "docker.sock" not in subprocess.run(
         ["docker", "inspect", f"{_prefix(real_api)}-{ws['id']}"],

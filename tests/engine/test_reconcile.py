@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -180,7 +181,5 @@ def test_orphans_of_this_instance_are_removed_at_startup(
 
 
 def _swallow(fn: Callable[[], object]) -> None:
-    try:
+    with contextlib.suppress(httpx.TransportError):
         fn()
-    except httpx.TransportError:
-        pass
