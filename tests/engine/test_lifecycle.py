@@ -172,3 +172,20 @@ def test_events_record_every_transition(
     assert moves == [(None, "creating"), ("creating", "running"), ("running", "stopping"),
                      ("stopping", "stopped"), ("stopped", "starting"), ("starting", "running")]
     assert {e["actor"] for e in events if e["from_state"] == "running"} == {"alice"}
+
+
+def test_sudo_works_for_dev_through_the_broker(
+    real_api: ApiClient, make_repo: Callable[..., Path]
+) -> None:
+    """gVisor ignores set-user-ID bits; the image's sudo asks a root broker instead."""
+    wid = real_api.create(make_repo())["id"]
+    out = real_api.exec(
+        wid,
+        "sudo id -u; sudo -u nobody id -un; echo piped | sudo cat; sudo sh -c 'pwd; exit 7'",
+    )
+    assert (out["stdout"], out["exit_code"]) == ("0\nnobody\npiped\n/workspace/api\n", 7), out
+    missing = real_api.exec(wid, "sudo no-such-command")
+    assert missing["exit_code"] == 1 and "command not found" in missing["stderr"]
+    # Only the users listed in /etc/den/sudoers may use it.
+    nobody = real_api.exec(wid, "sudo -u nobody sudo id", timeout_s=30)
+    assert nobody["exit_code"] == 1 and "not allowed" in nobody["stderr"], nobody

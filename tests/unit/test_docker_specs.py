@@ -13,6 +13,7 @@ from server.runtime.docker_specs import (
     exec_argv,
     exec_env,
     kill_argv,
+    memory_headroom_mb,
     stream_argv,
     volume_config,
 )
@@ -46,15 +47,18 @@ def _expected(runtime: str) -> dict[str, object]:
             "den.workspace": "ws0123456789ab",
             "den.owner": "7",
         },
-        "environment": {"FOO": "bar"},
+        "environment": {"FOO": "bar", "DEN_MEMORY_MB": "512", "DEN_PIDS": "256"},
         "working_dir": "/workspace",
         "host_config": {
             "runtime": runtime,
             "binds": {"den-ws0123456789ab-data": {"bind": "/workspace", "mode": "rw"}},
             "nano_cpus": 1_500_000_000,
-            "mem_limit": 512 * 1024 * 1024,
-            "memswap_limit": 512 * 1024 * 1024,
-            "pids_limit": 256,
+            # 256 MiB above the workspace's limit, for earlyoom to act before the host does.
+            "mem_limit": (512 + 256) * 1024 * 1024,
+            "memswap_limit": (512 + 256) * 1024 * 1024,
+            # Host pids: room for gVisor's own; the workspace's limit is RLIMIT_NPROC inside.
+            "pids_limit": 256 * 4,
+            "ulimits": [{"Name": "nproc", "Soft": 256, "Hard": 256}],
             "privileged": False,
             "cap_add": None,
             "init": False,
@@ -91,6 +95,17 @@ def test_container_config_copies_labels_and_env() -> None:
     cfg["environment"]["FOO"] = "changed"
     assert SPEC.labels["den.owner"] == "7"
     assert SPEC.env["FOO"] == "bar"
+
+
+@pytest.mark.parametrize(("memory_mb", "headroom"), [(128, 256), (1024, 256), (8192, 2048)])
+def test_memory_headroom(memory_mb: int, headroom: int) -> None:
+    assert memory_headroom_mb(memory_mb) == headroom
+
+
+def test_den_variables_win_over_user_env() -> None:
+    spec = dataclasses.replace(SPEC, env={"DEN_MEMORY_MB": "1"})
+    assert container_config(spec, gvisor_runtime="runsc")["environment"]["DEN_MEMORY_MB"] == (
+        "512")
 
 
 def test_volume_config() -> None:
