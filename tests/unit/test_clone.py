@@ -313,3 +313,25 @@ def test_pack_for_workspace_owns_every_entry_by_the_workspace_user(
     assert {(m.uid, m.gid, m.uname, m.gname) for m in members} == {(1000, 1000, "dev", "dev")}
     link = next(m for m in members if m.name == "api/link")
     assert link.issym() and link.linkname == "README.md"
+
+
+def test_a_clone_that_hangs_is_killed_at_the_time_limit(tmp_path: Path) -> None:
+    """A git:// server that accepts and never answers: the clone stops at timeout_s."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.append(listener.accept()[0]), daemon=True).start()
+    source = validate_repo_url(f"git://127.0.0.1:{port}/slow.git", allowed_schemes=["git"],
+                               local_roots=[])
+    try:
+        with pytest.raises(CloneFailed, match="took longer than 1 s"):
+            clone(source, branch=None, dest=tmp_path / "out", timeout_s=1, max_bytes=MiB)
+        assert not (tmp_path / "out").exists()
+    finally:
+        for s in [*held, listener]:
+            s.close()
