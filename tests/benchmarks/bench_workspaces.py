@@ -1,7 +1,9 @@
 """Den against the raw engine, measured in the same run and reported as ratios.
 
     .venv/bin/python -m tests.benchmarks.bench_workspaces [--rounds N] [--exec-samples M]
-                                                          [--json out.json] [--no-breakdown]
+        [--poll-ms MS] [--json out.json] [--no-breakdown]
+
+(``make bench`` runs it with the defaults; docs/benchmarks.md explains the results.)
 
 Starts a real ``den serve`` on a free loopback port (temporary data dir, its own engine
 prefix ``denbench-<random>``, a small local bare repository) and drives it over HTTP with
@@ -51,7 +53,7 @@ import httpx
 
 IMAGE = "den/workspace:latest"
 MEMORY_MB = 512
-CPUS = 2.0  # Den's default_cpus: raw containers get the same limits as Den's
+CPUS = 2.0  # Den's default_cpus; raw containers get the sandbox spec Den builds for these
 PIDS = 1024
 STOP_TIMEOUT_S = 2
 POLL_S = 0.01  # how often the client polls GET /workspaces/{id} while it is creating
@@ -143,6 +145,8 @@ def machine() -> dict[str, Any]:
         "docker": first_line("docker", "version", "--format", "{{.Server.Version}}"),
         "runsc": first_line("runsc", "--version"),
         "python": platform.python_version(),
+        "runtimes": first_line("docker", "info", "--format", "{{json .Runtimes}}"),
+        "git": first_line("git", "describe", "--always", "--dirty"),
         "loadavg_1m": round(os.getloadavg()[0], 2),
     }
 
@@ -253,6 +257,48 @@ class Server:
 # --- the raw engine ------------------------------------------------------------------------
 
 
+def raw_run_flags(volume: str) -> list[str]:
+    """``docker run`` flags for the sandbox Den itself would create for a workspace with
+    these resources: built from the server's own pure spec builder, so that the raw container
+    gets the same runtime, limits, ulimits and environment (den-init starts earlyoom only
+    when DEN_MEMORY_MB is set, for example) and the comparison stays fair as the spec changes."""
+    from server.runtime import docker_specs
+    from server.runtime.base import WorkspaceSpec
+
+    spec = WorkspaceSpec(workspace_id="raw", container_name="raw", volume_name=volume,
+                         image=IMAGE, runtime="gvisor", cpus=CPUS, memory_mb=MEMORY_MB,
+                         pids_limit=PIDS, hostname="raw", labels={})
+    cfg = docker_specs.container_config(spec, gvisor_runtime="runsc")
+    hc: dict[str, Any] = dict(cfg["host_config"])
+    flags = [f"--runtime={hc.pop('runtime')}", "--hostname", str(cfg["hostname"]),
+             "-w", str(cfg["working_dir"])]
+    for vol, bind in hc.pop("binds", {}).items():
+        flags += ["-v", f"{vol}:{bind['bind']}:{bind.get('mode', 'rw')}"]
+    if (nano := hc.pop("nano_cpus", None)) is not None:
+        flags += ["--cpus", f"{nano / 1e9:g}"]
+    for key, flag in (("mem_limit", "--memory"), ("memswap_limit", "--memory-swap"),
+                      ("pids_limit", "--pids-limit")):
+        if (value := hc.pop(key, None)) is not None:
+            flags += [flag, str(value)]
+    for u in hc.pop("ulimits", None) or []:
+        flags += ["--ulimit", f"{u['Name']}={u['Soft']}:{u['Hard']}"]
+    log = hc.pop("log_config", None) or {}
+    if log:
+        flags += ["--log-driver", log["type"]]
+        for k, v in (log.get("config") or {}).items():
+            flags += ["--log-opt", f"{k}={v}"]
+    for k, v in (cfg.get("environment") or {}).items():
+        flags += ["-e", f"{k}={v}"]
+    # Defaults of docker run already: not privileged, no extra capabilities, no init, no restart.
+    for key, default in (("privileged", False), ("cap_add", None), ("init", False)):
+        if hc.pop(key, default) != default:
+            raise RuntimeError(f"bench: Den's container spec sets {key}; mirror it here")
+    hc.pop("restart_policy", None)
+    if hc:
+        print(f"bench: raw containers do not mirror Den's {sorted(hc)}", file=sys.stderr)
+    return flags
+
+
 class Raw:
     """The same work done directly with the docker CLI (and SDK), on the same image."""
 
@@ -263,10 +309,14 @@ class Raw:
         self.sdk = docker.from_env(timeout=120)
 
     def run_args(self, name: str, volume: str) -> list[str]:
-        return ["docker", "run", "-d", "--runtime=runsc", "--name", name,
-                "-v", f"{volume}:/workspace", "--memory", f"{MEMORY_MB}m",
-                "--memory-swap", f"{MEMORY_MB}m", "--cpus", f"{CPUS:g}",
-                "--pids-limit", str(PIDS), "--label", f"denbench={self.prefix}", IMAGE]
+        return ["docker", "run", "-d", "--name", name, *raw_run_flags(volume),
+                "--label", f"denbench={self.prefix}", IMAGE, *self.command]
+
+    @property
+    def command(self) -> list[str]:
+        from server.runtime import docker_specs
+
+        return list(docker_specs.INIT_COMMAND)
 
     def create(self, name: str) -> dict[str, float]:
         """clone, volume, run, cp, first exec; returns each step's seconds and the total."""
@@ -567,6 +617,12 @@ def breakdown(prefix: str, work: Path, repo: Path, rounds: int) -> Results:
             "exec: SDK exec_run(timeout -k 2 600 true) as dev": lambda: ctr.exec_run(
                 docker_specs.exec_argv(base_req), user="dev", workdir=base_req.cwd,
                 environment=env),
+            # What other wrappers would cost: each extra program run in the sandbox costs.
+            "exec: SDK exec_run(env X=1 true) as dev": lambda: ctr.exec_run(
+                ["env", "X=1", "true"], user="dev", workdir=base_req.cwd, environment=env),
+            "exec: SDK exec_run(sh -c 'echo $$ >pidfile; exec true') as dev": lambda: ctr
+            .exec_run(docker_specs.stream_argv(["true"], "/tmp/.bench-pid"), user="dev",
+                      workdir=base_req.cwd, environment=env),
             "exec: by hand (sum of the three below)": by_hand,
         }
         for fn in variants.values():
@@ -787,7 +843,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"Den vs raw engine, {started:%Y-%m-%d %H:%M} UTC, {info['cpus']} CPUs, {info['os']}, "
           f"Docker {info['docker']}, {info['runsc']}, load {load_before} -> "
-          f"{info['loadavg_1m']}, client poll {args.poll_ms:g} ms")
+          f"{info['loadavg_1m']}, client poll {args.poll_ms:g} ms, code {info['git']}")
+    print(f"runtimes: {info['runtimes']}")
     print(text)
     print()
     print(details(res, "Details (medians and p90 per sample):"))
