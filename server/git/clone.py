@@ -12,6 +12,7 @@ import contextlib
 import os
 import re
 import shutil
+import subprocess
 import tarfile
 import tempfile
 import time
@@ -188,7 +189,12 @@ def clone(
         assert popen is not None
         deadline = time.monotonic() + timeout_s
         reason = ""
-        while popen.poll() is None:
+        while True:
+            try:  # wake as soon as git exits; check the limits every 0.1 s meanwhile
+                popen.wait(timeout=0.1)
+                break
+            except subprocess.TimeoutExpired:
+                pass
             if time.monotonic() > deadline:
                 reason = f"the clone took longer than {timeout_s:g} s"
             elif dest.exists() and _tree_size(dest) > max_bytes:
@@ -197,7 +203,6 @@ def clone(
                 popen.kill()
                 popen.wait()
                 break
-            time.sleep(0.1)
         stderr = popen.stderr.read().decode(errors="replace") if popen.stderr else ""
         if reason:
             raise CloneFailed(f"clone of {source.url} stopped: {reason}")

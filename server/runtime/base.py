@@ -127,10 +127,15 @@ class Runtime(Protocol):
 
     async def image_exists(self, image: str) -> bool: ...
 
-    async def create(self, spec: WorkspaceSpec, *, seed_tar: Path | None = None) -> None:
-        """Create the volume and the container (not started). When ``seed_tar`` is given it
-        is unpacked into ``/workspace`` before the first start. Idempotent by name: objects
+    async def create(self, spec: WorkspaceSpec) -> None:
+        """Create the volume and the container (not started). Idempotent by name: objects
         that already exist are reused."""
+        ...
+
+    async def seed(self, spec: WorkspaceSpec, tar: Path) -> None:
+        """Unpack ``tar`` into ``/workspace`` (the volume), keeping owners and modes from the
+        archive. Works on a created or a running container; the service seeds right after
+        the first start, so that copying overlaps nothing and the sandbox boots first."""
         ...
 
     async def start(self, spec: WorkspaceSpec) -> None:

@@ -97,6 +97,20 @@ def exec_argv(req: ExecRequest) -> list[str]:
     return ["timeout", "-k", str(KILL_AFTER_S), f"{req.timeout_s:g}", *argv]
 
 
+EXEC_MARKER = "DEN_EXEC_ID"
+
+
+def kill_marked_argv(marker: str) -> list[str]:
+    """Kill every process whose environment carries ``DEN_EXEC_ID=<marker>``: a one-shot
+    exec's command and all its children (they inherit the environment)."""
+    script = (
+        'for p in /proc/[0-9]*; do '
+        f'if grep -qxz -- "{EXEC_MARKER}={shlex.quote(marker)}" "$p/environ" 2>/dev/null; '
+        'then kill -KILL "${p#/proc/}" 2>/dev/null; fi; done; exit 0'
+    )
+    return ["/bin/sh", "-c", script]
+
+
 def stream_argv(argv: Sequence[str], pidfile: str) -> list[str]:
     """Wrap a streamed command so its pid lands in ``pidfile`` (for kill on disconnect)."""
     script = f"echo $$ > {shlex.quote(pidfile)}; exec \"$@\""

@@ -64,11 +64,14 @@ class FakeRuntime:
         self._enter("image_exists")
         return image in self.images
 
-    async def create(self, spec: WorkspaceSpec, *, seed_tar: Path | None = None) -> None:
+    async def create(self, spec: WorkspaceSpec) -> None:
         self._enter("create")
         self.volumes.setdefault(spec.volume_name, dict(spec.labels))
-        c = self.containers.setdefault(spec.container_name, _Container(spec))
-        c.seeded = c.seeded or seed_tar is not None
+        self.containers.setdefault(spec.container_name, _Container(spec))
+
+    async def seed(self, spec: WorkspaceSpec, tar: Path) -> None:
+        self._enter("seed")
+        self._get(spec).seeded = tar.exists()
 
     async def start(self, spec: WorkspaceSpec) -> None:
         self._enter("start")

@@ -337,8 +337,9 @@ class WorkspaceService:
                         s.execute(update(Workspace).where(Workspace.id == ws_id)
                                   .values(repo_branch=head))
                 self.note(ws_id, "clone", f"cloned {ws.repo_url} ({head or 'detached'})")
-                await self.runtime.create(spec, seed_tar=tar)
+                await self.runtime.create(spec)
                 await self.runtime.start(spec)
+                await self.runtime.seed(spec, tar)
                 self._transition(ws_id, State.CREATING, State.RUNNING, actor="system",
                                  message=f"running under {ws.runtime}")
         except asyncio.CancelledError:

@@ -13,6 +13,7 @@ from server.runtime.docker_specs import (
     exec_argv,
     exec_env,
     kill_argv,
+    kill_marked_argv,
     memory_headroom_mb,
     stream_argv,
     volume_config,
@@ -165,3 +166,10 @@ def test_stream_and_kill_argv_quote_the_pidfile() -> None:
     assert kill[:2] == ["/bin/sh", "-c"]
     assert "cat '/tmp/den exec.pid'" in kill[2]
     assert "rm -f '/tmp/den exec.pid'" in kill[2]
+
+
+def test_kill_marked_argv_matches_the_whole_environment_entry() -> None:
+    argv = kill_marked_argv("0123abcd")
+    assert argv[:2] == ["/bin/sh", "-c"]
+    assert 'grep -qxz -- "DEN_EXEC_ID=0123abcd" "$p/environ"' in argv[2]
+    assert 'kill -KILL "${p#/proc/}"' in argv[2]

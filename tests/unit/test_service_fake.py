@@ -373,8 +373,8 @@ class BlockingRuntime(FakeRuntime):
         self.entered = asyncio.Event()
         self.release = asyncio.Event()
 
-    async def create(self, spec: WorkspaceSpec, *, seed_tar: Path | None = None) -> None:
-        await super().create(spec, seed_tar=seed_tar)
+    async def create(self, spec: WorkspaceSpec) -> None:
+        await super().create(spec)
         self.entered.set()
         await self.release.wait()
 
