@@ -585,12 +585,12 @@ def breakdown(prefix: str, work: Path, repo: Path, rounds: int) -> Results:
         def by_hand() -> None:
             # DockerRuntime.exec, step by step: create, start + read to EOF, inspect until done
             t0 = time.perf_counter()
-            ex = api.exec_create(s.container_name, docker_specs.exec_argv(base_req),
+            ex = api.exec_create(s.container_name, list(base_req.argv),
                                  stdout=True, stderr=True, stdin=False, tty=False, user="dev",
                                  workdir=base_req.cwd, environment=env)
             t1 = time.perf_counter()
             sock = api.exec_start(ex["Id"], socket=True)
-            _collect(_raw_socket(sock), 1 << 20)
+            _collect(_raw_socket(sock), 1 << 20, None)
             sock.close()
             t2 = time.perf_counter()
             n = 0
@@ -609,7 +609,7 @@ def breakdown(prefix: str, work: Path, repo: Path, rounds: int) -> Results:
         variants: dict[str, Callable[[], Any]] = {
             "exec: DockerRuntime.exec, timeout 600 (Den's default)": lambda: loop
             .run_until_complete(rt.exec(s, base_req)),
-            "exec: DockerRuntime.exec, no timeout wrapper": lambda: loop.run_until_complete(
+            "exec: DockerRuntime.exec, no deadline": lambda: loop.run_until_complete(
                 rt.exec(s, ExecRequest(argv=["true"], cwd=base_req.cwd, timeout_s=None))),
             "exec: SDK exec_run(true)": lambda: ctr.exec_run(["true"]),
             "exec: SDK exec_run(true) as dev, cwd, env": lambda: ctr.exec_run(
