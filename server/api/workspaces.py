@@ -51,6 +51,18 @@ async def stop_workspace(ref: str, user: CurrentUser, svc: Workspaces) -> Worksp
     return WorkspaceOut.of(await svc.stop(ws.id, actor=user.name))
 
 
+@router.post("/{ref}/pause", response_model=WorkspaceOut)
+async def pause_workspace(ref: str, user: CurrentUser, svc: Workspaces) -> WorkspaceOut:
+    ws = svc.get_for(user, ref)
+    return WorkspaceOut.of(await svc.pause(ws.id, actor=user.name))
+
+
+@router.post("/{ref}/resume", response_model=WorkspaceOut)
+async def resume_workspace(ref: str, user: CurrentUser, svc: Workspaces) -> WorkspaceOut:
+    ws = svc.get_for(user, ref)
+    return WorkspaceOut.of(await svc.resume(ws.id, actor=user.name))
+
+
 @router.delete("/{ref}", status_code=status.HTTP_204_NO_CONTENT)
 async def delete_workspace(ref: str, user: CurrentUser, svc: Workspaces) -> Response:
     ws = svc.get_for(user, ref)

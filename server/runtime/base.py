@@ -151,6 +151,24 @@ class Runtime(Protocol):
         """Remove the container and the volume. Missing objects are success."""
         ...
 
+    async def pause(self, spec: WorkspaceSpec, *, checkpoint: str) -> None:
+        """Save the memory and processes of a running workspace as ``checkpoint`` and stop
+        its container, freeing CPU and RAM. Processes that cannot be restored (those started
+        by exec, which hold host descriptors) are ended first; processes descending from the
+        container's main process survive. An older checkpoint of the same name is replaced.
+        On failure the container is left running or stopped, never half-saved."""
+        ...
+
+    async def resume(self, spec: WorkspaceSpec, *, checkpoint: str) -> None:
+        """Start the container from ``checkpoint``. Raises (and leaves the container
+        stopped) when the checkpoint is missing or the restore fails; the caller then
+        starts it cold. A running container is left alone."""
+        ...
+
+    async def delete_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str) -> None:
+        """Remove ``checkpoint``; a missing one is success."""
+        ...
+
     async def status(self, spec: WorkspaceSpec) -> ContainerStatus: ...
 
     async def exec(self, spec: WorkspaceSpec, req: ExecRequest) -> ExecResult:

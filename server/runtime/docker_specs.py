@@ -97,6 +97,32 @@ def exec_argv(req: ExecRequest) -> list[str]:
     return ["timeout", "-k", str(KILL_AFTER_S), f"{req.timeout_s:g}", *argv]
 
 
+# Before a checkpoint: end every process that does not descend from the container's main
+# process (PID 1). Those were started by exec; gVisor cannot restore their host descriptors
+# ("no host FD available") and would kill them on restore anyway. The script spares itself.
+QUIESCE_SCRIPT = r"""
+self=$$
+for d in /proc/[0-9]*; do
+  s=$(cat "$d/stat" 2>/dev/null) || continue
+  set -- ${s##*) }
+  echo "${d#/proc/} $2"
+done | awk -v self="$self" '
+  { parent[$1] = $2 }
+  END {
+    for (p in parent) {
+      q = p; root = p; n = 0
+      while (q != 0 && q != 1 && n < 4096) { root = q; q = parent[q]; n++ }
+      if (q == 0 && root != self && p != 1) print p
+    }
+  }' | xargs -r kill -KILL 2>/dev/null
+exit 0
+"""
+
+
+def quiesce_argv() -> list[str]:
+    return ["/bin/sh", "-c", QUIESCE_SCRIPT]
+
+
 EXEC_MARKER = "DEN_EXEC_ID"
 
 

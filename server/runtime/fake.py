@@ -27,6 +27,8 @@ class _Container:
     spec: WorkspaceSpec
     running: bool = False
     seeded: bool = False
+    checkpoints: set[str] = field(default_factory=set)
+    restored: int = 0
 
 
 @dataclass
@@ -87,6 +89,30 @@ class FakeRuntime:
         self._enter("destroy")
         self.containers.pop(spec.container_name, None)
         self.volumes.pop(spec.volume_name, None)
+
+    async def pause(self, spec: WorkspaceSpec, *, checkpoint: str) -> None:
+        self._enter("pause")
+        c = self._get(spec)
+        if not c.running:
+            raise EngineConflict(f"container {spec.container_name} is not running")
+        c.checkpoints.add(checkpoint)
+        c.running = False
+
+    async def resume(self, spec: WorkspaceSpec, *, checkpoint: str) -> None:
+        self._enter("resume")
+        c = self._get(spec)
+        if c.running:
+            return
+        if checkpoint not in c.checkpoints:
+            raise ObjectMissing(f"checkpoint {checkpoint}: not found in the engine")
+        c.running = True
+        c.restored += 1
+
+    async def delete_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str) -> None:
+        self._enter("delete_checkpoint")
+        c = self.containers.get(spec.container_name)
+        if c is not None:
+            c.checkpoints.discard(checkpoint)
 
     async def status(self, spec: WorkspaceSpec) -> ContainerStatus:
         self._enter("status")

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import posixpath
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -40,12 +41,23 @@ from server.runtime.base import (
 )
 from server.runtime.errors import EngineConflict, ObjectMissing
 from server.workspaces import naming
-from server.workspaces.states import START, STOP, TRANSITIONAL, State, can_transition, plan
+from server.workspaces.states import (
+    PAUSE,
+    RESUME,
+    START,
+    STOP,
+    TRANSITIONAL,
+    Operation,
+    State,
+    can_transition,
+    plan,
+)
 
 log = logging.getLogger(__name__)
 
 WORKSPACE_ROOT = "/workspace"
 ACTIVITY_DEBOUNCE = timedelta(seconds=5)
+CHECKPOINT = "den-pause"  # the one memory checkpoint a paused workspace has
 RUNTIMES = ("gvisor", "runc", "microvm")
 
 
@@ -361,6 +373,8 @@ class WorkspaceService:
     # --- lifecycle --------------------------------------------------------------------
 
     async def start(self, ws_id: str, *, actor: str) -> Workspace:
+        if self.get(ws_id).state == State.PAUSED.value:  # starting a paused one resumes it
+            return await self.resume(ws_id, actor=actor)
         async with self._lock(ws_id):
             ws = self.get(ws_id)
             try:
@@ -392,14 +406,80 @@ class WorkspaceService:
                 raise Conflict(str(exc)) from exc
             if step is None:
                 return ws
-            self._transition(ws_id, State(ws.state), step, actor=actor)
+            was = State(ws.state)
+            self._transition(ws_id, was, step, actor=actor)
             try:
                 await self.runtime.stop(self.spec_for(ws), timeout_s=self.settings.stop_timeout_s)
+                if was is State.PAUSED:  # stop drops the memory and keeps the disk
+                    await self.runtime.delete_checkpoint(self.spec_for(ws), checkpoint=CHECKPOINT)
             except DenError as exc:
                 self._transition(ws_id, step, State.ERROR, actor=actor,
                                  reason=f"stop failed: {exc.message}")
                 raise
             self._transition(ws_id, step, State.STOPPED, actor=actor)
+            return self.get(ws_id)
+
+    def _plan(self, op: Operation, ws: Workspace) -> State | None:
+        try:
+            return plan(op, State(ws.state))
+        except ValueError as exc:
+            raise Conflict(str(exc)) from exc
+
+    async def pause(self, ws_id: str, *, actor: str) -> Workspace:
+        """Checkpoint memory and processes and free CPU and RAM: ``running`` -> ``paused``.
+        On failure the workspace is left running (or stopped) and the event log says why."""
+        async with self._lock(ws_id):
+            ws = self.get(ws_id)
+            step = self._plan(PAUSE, ws)
+            if step is None:
+                return ws
+            self._transition(ws_id, State.RUNNING, step, actor=actor)
+            spec = self.spec_for(ws)
+            started = time.monotonic()
+            try:
+                await self.runtime.pause(spec, checkpoint=CHECKPOINT)
+            except DenError as exc:
+                status = ContainerStatus.MISSING
+                with contextlib.suppress(DenError):
+                    status = await self.runtime.status(spec)
+                dst = State.RUNNING if status is ContainerStatus.RUNNING else State.STOPPED
+                self._transition(ws_id, step, dst, actor=actor,
+                                 message=f"pause failed: {exc.message}; the workspace is "
+                                         f"{dst.value}")
+                raise
+            self._transition(ws_id, step, State.PAUSED, actor=actor,
+                             message=f"memory saved in {time.monotonic() - started:.2f} s")
+            return self.get(ws_id)
+
+    async def resume(self, ws_id: str, *, actor: str) -> Workspace:
+        """Restore a paused workspace from its checkpoint; when that fails, start it cold
+        from its disk (processes are lost, data is not) and say so in the event log."""
+        async with self._lock(ws_id):
+            ws = self.get(ws_id)
+            step = self._plan(RESUME, ws)
+            if step is None:
+                return ws
+            self._transition(ws_id, State.PAUSED, step, actor=actor)
+            spec = self.spec_for(ws)
+            started = time.monotonic()
+            try:
+                await self.runtime.resume(spec, checkpoint=CHECKPOINT)
+                message = f"restored from memory in {time.monotonic() - started:.2f} s"
+            except DenError as exc:
+                log.warning("workspace %s: restore failed: %s %s", ws_id, exc.message,
+                            exc.detail)
+                try:
+                    await self.runtime.start(spec)
+                except DenError as cold:
+                    self._transition(ws_id, step, State.ERROR, actor=actor,
+                                     reason=f"restore failed ({exc.message}) and so did a cold "
+                                            f"start ({cold.message})")
+                    raise
+                message = (f"restore from memory failed ({exc.message}); started cold from "
+                           "disk: files are kept, running processes were not")
+            with contextlib.suppress(DenError):
+                await self.runtime.delete_checkpoint(spec, checkpoint=CHECKPOINT)
+            self._transition(ws_id, step, State.RUNNING, actor=actor, message=message)
             return self.get(ws_id)
 
     async def delete(self, ws_id: str, *, actor: str) -> bool:
@@ -432,11 +512,19 @@ class WorkspaceService:
         log.info("workspace %s: deleted by %s", ws.id, actor)
 
     async def ensure_running(self, ws_id: str, *, actor: str) -> Workspace:
-        """The workspace, running: a stopped one is started (wake on access)."""
+        """The workspace, running: a paused one is resumed and a stopped one started (wake
+        on access). Concurrent callers share one wake: the later ones wait for it."""
         ws = self.get(ws_id)
         state = State(ws.state)
+        if state in (State.RESUMING, State.STARTING, State.PAUSING, State.STOPPING):
+            async with self._lock(ws_id):  # wait for the operation in progress
+                ws = self.get(ws_id)
+                state = State(ws.state)
         if state is State.RUNNING:
             return ws
+        if state is State.PAUSED:
+            self.note(ws_id, "wake", "resumed on access", actor=actor)
+            return await self.resume(ws_id, actor=actor)
         if state is State.STOPPED:
             self.note(ws_id, "wake", "started on access", actor=actor)
             return await self.start(ws_id, actor=actor)
@@ -536,7 +624,17 @@ class WorkspaceService:
                                     "delete it and create it again")
         elif state is State.DELETING:
             await self._finish_delete(ws, actor=actor)
-        elif state in (State.STARTING, State.RESUMING) and status is not ContainerStatus.MISSING:
+        elif state in (State.PAUSING, State.RESUMING) and status is not ContainerStatus.MISSING:
+            # A checkpoint may or may not have been written; resume falls back to a cold
+            # start when it is missing, so "paused" is always safe.
+            dst = State.RUNNING if status is ContainerStatus.RUNNING else State.PAUSED
+            self._transition(ws.id, state, dst, actor=actor,
+                             message=f"{state.value} was interrupted by a restart")
+        elif state is State.PAUSED and status is ContainerStatus.RUNNING:
+            self._transition(ws.id, state, State.RESUMING, actor=actor)
+            self._transition(ws.id, State.RESUMING, State.RUNNING, actor=actor,
+                             message="found running in the engine")
+        elif state is State.STARTING and status is not ContainerStatus.MISSING:
             if status is ContainerStatus.RUNNING:
                 self._transition(ws.id, state, State.RUNNING, actor=actor)
             else:

@@ -31,9 +31,9 @@ _EDGES: dict[State, frozenset[State]] = {
     State.STOPPING: frozenset({State.STOPPED}),
     State.STOPPED: frozenset({State.STARTING, State.RUNNING}),
     State.STARTING: frozenset({State.RUNNING, State.STOPPED}),
-    State.PAUSING: frozenset({State.PAUSED, State.RUNNING}),
+    State.PAUSING: frozenset({State.PAUSED, State.RUNNING, State.STOPPED}),
     State.PAUSED: frozenset({State.RESUMING, State.STOPPING, State.STOPPED}),
-    State.RESUMING: frozenset({State.RUNNING, State.STOPPED}),
+    State.RESUMING: frozenset({State.RUNNING, State.STOPPED, State.PAUSED}),
     State.ERROR: frozenset({State.STARTING}),
     State.DELETING: frozenset(),
 }
@@ -71,6 +71,21 @@ STOP = Operation(
     transitional=State.STOPPING,
     final=State.STOPPED,
     satisfied_in=frozenset({State.STOPPED}),
+)
+
+PAUSE = Operation(
+    "pause",
+    allowed_from=frozenset({State.RUNNING}),
+    transitional=State.PAUSING,
+    final=State.PAUSED,
+    satisfied_in=frozenset({State.PAUSED, State.STOPPED}),
+)
+RESUME = Operation(
+    "resume",
+    allowed_from=frozenset({State.PAUSED}),
+    transitional=State.RESUMING,
+    final=State.RUNNING,
+    satisfied_in=frozenset({State.RUNNING}),
 )
 
 

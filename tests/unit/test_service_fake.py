@@ -506,3 +506,102 @@ async def test_list_and_get_respect_ownership(svc: WorkspaceService,
     for ref in ("api", ws.id):
         with pytest.raises(NotFound):
             svc.get_for(bob, ref)
+
+
+# --- pause and resume ----------------------------------------------------------------------
+
+
+async def test_pause_and_resume(svc: WorkspaceService, fake_runtime: FakeRuntime,
+                                make_repo: Callable[..., Path]) -> None:
+    ws = await create(svc, user(svc), make_repo())
+    container = fake_runtime.containers[svc.spec_for(ws).container_name]
+    paused = await svc.pause(ws.id, actor="alice")
+    assert paused.state == "paused" and not container.running
+    assert container.checkpoints == {"den-pause"}
+    assert (await svc.pause(ws.id, actor="alice")).state == "paused"  # idempotent
+    resumed = await svc.resume(ws.id, actor="alice")
+    assert resumed.state == "running" and container.running and container.restored == 1
+    assert container.checkpoints == set()  # the used checkpoint is removed
+    assert (await svc.resume(ws.id, actor="alice")).state == "running"  # idempotent
+    assert transitions(svc, ws.id)[2:] == [("running", "pausing"), ("pausing", "paused"),
+                                           ("paused", "resuming"), ("resuming", "running")]
+    events = svc.events(ws.id)
+    assert "memory saved" in events[-3].message and "restored from memory" in events[-1].message
+
+
+async def test_pause_of_a_stopped_workspace_changes_nothing(
+        svc: WorkspaceService, make_repo: Callable[..., Path]) -> None:
+    ws = await create(svc, user(svc), make_repo())
+    await svc.stop(ws.id, actor="alice")
+    events = len(svc.events(ws.id))
+    assert (await svc.pause(ws.id, actor="alice")).state == "stopped"
+    assert len(svc.events(ws.id)) == events
+    with pytest.raises(Conflict):
+        await svc.resume(ws.id, actor="alice")
+
+
+async def test_a_failed_pause_leaves_the_workspace_running_and_says_why(
+        svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]) -> None:
+    ws = await create(svc, user(svc), make_repo())
+    fake_runtime.fail_next["pause"] = EngineError("no space left on device")
+    with pytest.raises(EngineError):
+        await svc.pause(ws.id, actor="alice")
+    after = svc.get(ws.id)
+    assert after.state == "running"
+    assert "pause failed: no space left on device" in svc.events(ws.id)[-1].message
+
+
+async def test_a_failed_restore_starts_cold_from_disk(
+        svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]) -> None:
+    ws = await create(svc, user(svc), make_repo())
+    await svc.pause(ws.id, actor="alice")
+    container = fake_runtime.containers[svc.spec_for(ws).container_name]
+    container.checkpoints.clear()  # the checkpoint is gone
+    resumed = await svc.resume(ws.id, actor="alice")
+    assert resumed.state == "running" and container.running and container.restored == 0
+    assert "started cold from disk" in svc.events(ws.id)[-1].message
+
+
+async def test_stop_of_a_paused_workspace_drops_the_checkpoint(
+        svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]) -> None:
+    ws = await create(svc, user(svc), make_repo())
+    await svc.pause(ws.id, actor="alice")
+    assert (await svc.stop(ws.id, actor="alice")).state == "stopped"
+    assert fake_runtime.containers[svc.spec_for(ws).container_name].checkpoints == set()
+
+
+async def test_start_of_a_paused_workspace_resumes_it(
+        svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]) -> None:
+    ws = await create(svc, user(svc), make_repo())
+    await svc.pause(ws.id, actor="alice")
+    assert (await svc.start(ws.id, actor="alice")).state == "running"
+    assert fake_runtime.containers[svc.spec_for(ws).container_name].restored == 1
+
+
+async def test_concurrent_wakers_cause_exactly_one_resume(
+        svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]) -> None:
+    ws = await create(svc, user(svc), make_repo())
+    await svc.pause(ws.id, actor="alice")
+    req = svc.exec_request(ws, ["echo", "hi"])
+    results = await asyncio.gather(*(svc.exec(ws.id, req, actor="alice") for _ in range(10)))
+    assert [r.stdout for r in results] == [b"hi\n"] * 10
+    assert fake_runtime.containers[svc.spec_for(ws).container_name].restored == 1
+    assert [t for t in transitions(svc, ws.id) if t == ("paused", "resuming")] == [
+        ("paused", "resuming")]
+
+
+@pytest.mark.parametrize(("left_in", "running", "settles_to"), [
+    (State.PAUSING, False, "paused"),
+    (State.PAUSING, True, "running"),
+    (State.RESUMING, False, "paused"),
+    (State.RESUMING, True, "running"),
+    (State.PAUSED, True, "running"),
+])
+async def test_reconcile_settles_pause_and_resume(
+        svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path],
+        left_in: State, running: bool, settles_to: str) -> None:
+    ws = await create(svc, user(svc), make_repo())
+    fake_runtime.containers[svc.spec_for(ws).container_name].running = running
+    set_state(svc, ws.id, left_in)
+    await svc.reconcile()
+    assert svc.get(ws.id).state == settles_to

@@ -6,7 +6,16 @@ import itertools
 
 import pytest
 
-from server.workspaces.states import START, STOP, TRANSITIONAL, State, can_transition, plan
+from server.workspaces.states import (
+    PAUSE,
+    RESUME,
+    START,
+    STOP,
+    TRANSITIONAL,
+    State,
+    can_transition,
+    plan,
+)
 
 S = State
 
@@ -25,11 +34,13 @@ EXPECTED_EDGES = {
     (S.STARTING, S.STOPPED),
     (S.PAUSING, S.PAUSED),
     (S.PAUSING, S.RUNNING),
+    (S.PAUSING, S.STOPPED),  # a failed checkpoint that left the container stopped
     (S.PAUSED, S.RESUMING),
     (S.PAUSED, S.STOPPING),  # STOP is allowed from paused, through stopping
     (S.PAUSED, S.STOPPED),
     (S.RESUMING, S.RUNNING),
     (S.RESUMING, S.STOPPED),
+    (S.RESUMING, S.PAUSED),  # reconcile: a resume interrupted by a restart
     (S.ERROR, S.STARTING),
 }
 
@@ -131,3 +142,34 @@ def test_plans_only_walk_legal_edges(op: object) -> None:
             assert can_transition(src, step), (src, step)
             assert can_transition(step, op.final), (step, op.final)  # type: ignore[attr-defined]
             assert step in TRANSITIONAL
+
+
+PAUSE_PLAN = {
+    S.RUNNING: S.PAUSING,
+    S.PAUSED: None,
+    S.STOPPED: None,  # pause of a stopped workspace: nothing to do
+    S.CREATING: "conflict",
+    S.STOPPING: "conflict",
+    S.STARTING: "conflict",
+    S.PAUSING: "conflict",
+    S.RESUMING: "conflict",
+    S.ERROR: "conflict",
+    S.DELETING: "conflict",
+}
+RESUME_PLAN = {
+    S.PAUSED: S.RESUMING,
+    S.RUNNING: None,
+    S.STOPPED: "conflict",
+    S.CREATING: "conflict",
+    S.STOPPING: "conflict",
+    S.STARTING: "conflict",
+    S.PAUSING: "conflict",
+    S.RESUMING: "conflict",
+    S.ERROR: "conflict",
+    S.DELETING: "conflict",
+}
+
+
+@pytest.mark.parametrize(("op", "table"), [(PAUSE, PAUSE_PLAN), (RESUME, RESUME_PLAN)])
+def test_pause_and_resume_plans(op: object, table: dict[State, object]) -> None:
+    assert {st: _plan_or_conflict(op, st) for st in State} == table

@@ -1,0 +1,125 @@
+"""Pause and resume with memory on the real engine: processes and their memory survive."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ApiClient
+
+pytestmark = pytest.mark.engine
+
+# A loop in dev's tmux (whose server descends from the container's main process, so gVisor
+# restores it) that keeps its count in shell memory and writes it out.
+COUNTER = ("tmux new-session -d -s count "
+           "'i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done'")
+
+
+def _count(api: ApiClient, wid: str) -> int:
+    return int(api.exec(wid, "cat /tmp/count")["stdout"])
+
+
+def _pane_pid(api: ApiClient, wid: str) -> str:
+    return str(api.exec(wid, "tmux display -p -t count '#{pane_pid}'")["stdout"].strip())
+
+
+def _engine(api: ApiClient, wid: str, fmt: str) -> str:
+    name = f"{api.app.state.settings.engine_prefix}-{wid}"
+    return subprocess.run(["docker", "inspect", "--format", fmt, name], capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+def _checkpoints(api: ApiClient, wid: str) -> list[str]:
+    name = f"{api.app.state.settings.engine_prefix}-{wid}"
+    out = subprocess.run(["docker", "checkpoint", "ls", name], capture_output=True, text=True)
+    return out.stdout.split()[2:]  # after the "CHECKPOINT NAME" header
+
+
+def test_a_process_and_its_memory_survive_pause_and_resume(
+    real_api: ApiClient, make_repo: Callable[..., Path]
+) -> None:
+    wid = real_api.create(make_repo())["id"]
+    assert real_api.exec(wid, COUNTER)["exit_code"] == 0
+    time.sleep(0.5)
+    pid = _pane_pid(real_api, wid)
+
+    r = real_api.post(f"/api/v1/workspaces/{wid}/pause")
+    assert (r.status_code, r.json()["state"]) == (200, "paused"), r.text
+    assert _engine(real_api, wid, "{{.State.Running}}") == "false"  # CPU and RAM are freed
+    assert _checkpoints(real_api, wid) == ["den-pause"]
+    r = real_api.post(f"/api/v1/workspaces/{wid}/resume")
+    assert (r.status_code, r.json()["state"]) == (200, "running"), r.text
+    before = _count(real_api, wid)
+    time.sleep(0.5)
+    after = _count(real_api, wid)
+    assert after > before > 3, (before, after)  # the same loop counts on, from memory
+    assert _pane_pid(real_api, wid) == pid
+    assert _checkpoints(real_api, wid) == []
+    events = real_api.get(f"/api/v1/workspaces/{wid}/events").json()["events"]
+    assert "restored from memory" in events[-1]["message"]
+
+
+def test_twenty_cycles_leave_nothing_behind(
+    real_api: ApiClient, make_repo: Callable[..., Path]
+) -> None:
+    wid = real_api.create(make_repo())["id"]
+    real_api.exec(wid, COUNTER)
+    pid = _pane_pid(real_api, wid)
+    last = 0
+    for cycle in range(20):
+        assert real_api.post(f"/api/v1/workspaces/{wid}/pause").json()["state"] == "paused"
+        assert real_api.post(f"/api/v1/workspaces/{wid}/resume").json()["state"] == "running"
+        count = _count(real_api, wid)
+        assert count >= last, (cycle, count, last)  # never restarted from zero
+        last = count
+    assert _pane_pid(real_api, wid) == pid
+    assert _checkpoints(real_api, wid) == []
+    events = real_api.get(f"/api/v1/workspaces/{wid}/events").json()["events"]
+    assert not [e for e in events if "cold" in e["message"]]
+    container_id = _engine(real_api, wid, "{{.Id}}")
+    shims = subprocess.run(["pgrep", "-c", "-f", f"containerd-shim.*{container_id}"],
+                           capture_output=True, text=True).stdout.strip()
+    assert shims == "1", shims  # one shim for the one running sandbox
+
+
+def test_exec_on_a_paused_workspace_wakes_it(
+    real_api: ApiClient, make_repo: Callable[..., Path]
+) -> None:
+    wid = real_api.create(make_repo())["id"]
+    real_api.exec(wid, COUNTER)
+    real_api.post(f"/api/v1/workspaces/{wid}/pause")
+    assert real_api.exec(wid, "cat README.md")["stdout"] == "# api\n"
+    assert real_api.get(f"/api/v1/workspaces/{wid}").json()["state"] == "running"
+    assert _count(real_api, wid) > 0
+    got = real_api.get(f"/api/v1/workspaces/{wid}/files", params={"path": "api/README.md"})
+    assert got.content == b"# api\n"
+
+
+def test_a_missing_checkpoint_falls_back_to_a_cold_start(
+    real_api: ApiClient, make_repo: Callable[..., Path]
+) -> None:
+    wid = real_api.create(make_repo())["id"]
+    real_api.exec(wid, "echo kept > /workspace/note")
+    real_api.post(f"/api/v1/workspaces/{wid}/pause")
+    name = f"{real_api.app.state.settings.engine_prefix}-{wid}"
+    subprocess.run(["docker", "checkpoint", "rm", name, "den-pause"], check=True)
+    r = real_api.post(f"/api/v1/workspaces/{wid}/resume")
+    assert (r.status_code, r.json()["state"]) == (200, "running"), r.text
+    assert real_api.exec(wid, "cat /workspace/note")["stdout"] == "kept\n"
+    events = real_api.get(f"/api/v1/workspaces/{wid}/events").json()["events"]
+    assert "started cold from disk" in events[-1]["message"]
+
+
+def test_pause_and_resume_when_already_there_change_nothing(
+    real_api: ApiClient, make_repo: Callable[..., Path]
+) -> None:
+    wid = real_api.create(make_repo())["id"]
+    assert real_api.post(f"/api/v1/workspaces/{wid}/resume").json()["state"] == "running"
+    real_api.post(f"/api/v1/workspaces/{wid}/stop")
+    assert real_api.post(f"/api/v1/workspaces/{wid}/pause").json()["state"] == "stopped"
+    r = real_api.post(f"/api/v1/workspaces/{wid}/resume")
+    assert r.status_code == 409
