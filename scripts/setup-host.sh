@@ -57,61 +57,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# The Debian mirror the host's apt already uses: "URIs:" of a deb822 .sources stanza, or the URI
-# of a one-line "deb URI suite" entry, preferring an entry for the host's own suite.
+# The Debian mirror the host's apt already uses (scripts/apt_sources.py reads the deb822 .sources
+# stanzas and one-line .list entries), preferring an entry for the host's own suite.
 debian_mirror() {
     if [ -n "${DEN_DEBIAN_MIRROR:-}" ]; then echo "${DEN_DEBIAN_MIRROR%/}"; return; fi
-    python3 - <<'PY'
-import glob, re, sys
-
-def codename():
-    try:
-        for line in open("/etc/os-release"):
-            if line.startswith("VERSION_CODENAME="):
-                return line.split("=", 1)[1].strip().strip('"')
-    except OSError:
-        pass
-    return "bookworm"
-
-entries = []  # (uri, suites)
-for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
-    for stanza in re.split(r"\n\s*\n", open(path).read()):
-        fields, key = {}, None
-        for line in stanza.splitlines():
-            if line.startswith("#") or not line.strip():
-                continue
-            if line[0].isspace() and key:
-                fields[key] += " " + line.strip()
-                continue
-            key, _, value = line.partition(":")
-            key = key.strip().lower()
-            fields[key] = value.strip()
-        if "deb" not in fields.get("types", "").split():
-            continue
-        if fields.get("enabled", "yes").lower() == "no":
-            continue
-        for uri in fields.get("uris", "").split():
-            entries.append((uri, fields.get("suites", "").split()))
-for path in ["/etc/apt/sources.list"] + sorted(glob.glob("/etc/apt/sources.list.d/*.list")):
-    try:
-        lines = open(path).read().splitlines()
-    except OSError:
-        continue
-    for line in lines:
-        line = re.sub(r"\[[^]]*\]", " ", line.split("#", 1)[0]).split()
-        if len(line) >= 3 and line[0] == "deb":
-            entries.append((line[1], [line[2]]))
-
-want = codename()
-usable = [(u, s) for u, s in entries if re.match(r"https?://", u)]
-for uri, suites in usable:
-    if want in suites:
-        print(uri.rstrip("/")); sys.exit(0)
-for uri, suites in usable:
-    if not any(s.endswith("-security") for s in suites):
-        print(uri.rstrip("/")); sys.exit(0)
-sys.exit("no http(s) Debian mirror found in the apt sources; set DEN_DEBIAN_MIRROR")
-PY
+    python3 "$REPO_ROOT/scripts/apt_sources.py" mirror
 }
 
 # ---------------------------------------------------------------------------------------------

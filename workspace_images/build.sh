@@ -54,64 +54,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Mirrors from the host's apt sources (deb822 "URIs:" stanzas or one-line "deb URI suite" lines).
+# Mirrors from the host's apt sources (scripts/apt_sources.py reads deb822 "URIs:" stanzas and
+# one-line "deb URI suite" lines; DEN_DEBIAN_MIRROR and DEN_DEBIAN_SECURITY_MIRROR override).
 # Prints shell assignments: MIRROR, MIRROR_SUITES (the suite and its -updates if the host uses it),
 # SECURITY_MIRROR (may be empty).
-mirror_vars=$(SUITE=$SUITE python3 - <<'PY'
-import glob, os, re, shlex, sys
-
-want = os.environ["SUITE"]
-entries = []  # (uri, suites)
-for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
-    for stanza in re.split(r"\n\s*\n", open(path).read()):
-        fields, key = {}, None
-        for line in stanza.splitlines():
-            if line.startswith("#") or not line.strip():
-                continue
-            if line[0].isspace() and key:
-                fields[key] += " " + line.strip()
-                continue
-            key, _, value = line.partition(":")
-            key = key.strip().lower()
-            fields[key] = value.strip()
-        if "deb" not in fields.get("types", "").split():
-            continue
-        if fields.get("enabled", "yes").lower() == "no":
-            continue
-        for uri in fields.get("uris", "").split():
-            entries.append((uri.rstrip("/"), fields.get("suites", "").split()))
-for path in ["/etc/apt/sources.list"] + sorted(glob.glob("/etc/apt/sources.list.d/*.list")):
-    try:
-        lines = open(path).read().splitlines()
-    except OSError:
-        continue
-    for line in lines:
-        line = re.sub(r"\[[^]]*\]", " ", line.split("#", 1)[0]).split()
-        if len(line) >= 3 and line[0] == "deb":
-            entries.append((line[1].rstrip("/"), [line[2]]))
-entries = [(u, s) for u, s in entries if re.match(r"https?://", u)]
-
-mirror = os.environ.get("DEN_DEBIAN_MIRROR", "").rstrip("/")
-if mirror:
-    suites = {s for u, ss in entries if u == mirror for s in ss} or {want + "-updates"}
-else:
-    for uri, ss in entries:
-        if want in ss:
-            mirror, suites = uri, set(ss)
-            break
-    else:
-        sys.exit("images: no http(s) Debian mirror for %s in the apt sources; set DEN_DEBIAN_MIRROR" % want)
-mirror_suites = [want] + [s for s in (want + "-updates",) if s in suites]
-
-if "DEN_DEBIAN_SECURITY_MIRROR" in os.environ:
-    security = os.environ["DEN_DEBIAN_SECURITY_MIRROR"].rstrip("/")
-else:
-    security = next((u for u, ss in entries if want + "-security" in ss), "")
-print("MIRROR=%s" % shlex.quote(mirror))
-print("MIRROR_SUITES=%s" % shlex.quote(" ".join(mirror_suites)))
-print("SECURITY_MIRROR=%s" % shlex.quote(security))
-PY
-) || exit 1
+mirror_vars=$(python3 "$HERE/../scripts/apt_sources.py" image-vars "$SUITE") || exit 1
 eval "$mirror_vars"
 
 label_of() {  # image label, empty when the image or the label is missing

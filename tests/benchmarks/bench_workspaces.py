@@ -36,7 +36,6 @@ import platform
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,8 @@ from typing import Any
 
 import docker
 import httpx
+
+from tests.server_process import DenServer
 
 IMAGE = "den/workspace:latest"
 MEMORY_MB = 512
@@ -91,12 +92,6 @@ def ms(x: float) -> str:
     if x < 0.01:
         return f"{x * 1000:.1f} ms"
     return f"{x * 1000:.0f} ms" if x < 10 else f"{x:.1f} s"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def make_repo(root: Path, work: Path) -> Path:
@@ -154,61 +149,14 @@ def machine() -> dict[str, Any]:
 # --- the server under test ---------------------------------------------------------------------
 
 
-class Server:
-    """``den serve`` as a child process, and an httpx client holding a token for it."""
+class Server(DenServer):
+    """``den serve`` for the benchmark, with the API calls it makes, each checked."""
 
     def __init__(self, work: Path, repos_root: Path, prefix: str) -> None:
-        self.port = free_port()
-        self.log = work / "server.log"
-        self.env = {
-            **os.environ,
-            "DEN_DATA_DIR": str(work / "data"),
-            "DEN_ENGINE_PREFIX": prefix,
-            "DEN_LOCAL_REPO_ROOTS": json.dumps([str(repos_root)]),
-            "DEN_DEFAULT_MEMORY_MB": str(MEMORY_MB),
-            "DEN_DEFAULT_CPUS": str(CPUS),
-            "DEN_DEFAULT_PIDS": str(PIDS),
-            "DEN_STOP_TIMEOUT_S": str(STOP_TIMEOUT_S),
-        }
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.token = sh(sys.executable, "-m", "server.cli", "admin", "token", "--user", "bench",
-                        env=self.env).strip()
-        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=120,
-                                 headers={"Authorization": f"Bearer {self.token}"})
-
-    def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port)],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C reaches the benchmark, which stops it
-            )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            try:
-                if self.http.get("/healthz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.1)
-        raise RuntimeError(f"den serve did not start:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        self.http.close()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
-
-    def log_tail(self, n: int = 3000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-n:]
-        except OSError:
-            return "(no server log)"
+        super().__init__(work / "data", repos_root, prefix, user="bench", http_timeout_s=120,
+                         own_session=True,  # Ctrl-C reaches the benchmark, which stops it
+                         default_memory_mb=MEMORY_MB, default_cpus=CPUS, default_pids=PIDS,
+                         stop_timeout_s=STOP_TIMEOUT_S)
 
     # API calls, each checked ---------------------------------------------------------------
 
@@ -827,7 +775,7 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # let cleanup finish
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if srv is not None:
-            srv.stop()
+            srv.close()
         left = cleanup_engine(prefix)
         shutil.rmtree(work, ignore_errors=True)
         signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,56 +13,30 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import RUN_PREFIX, engine_objects, free_port
+from tests.conftest import RUN_PREFIX, engine_objects
+from tests.server_process import DenServer
 
 pytestmark = pytest.mark.engine
 
 
-class Server:
+class Server(DenServer):
     """``den serve`` as a child process that a test can kill -9 and start again."""
 
     def __init__(self, data_dir: Path, repos_root: Path, prefix: str) -> None:
-        self.port = free_port()
-        self.prefix = prefix
-        self.env = {**os.environ, "DEN_DATA_DIR": str(data_dir), "DEN_ENGINE_PREFIX": prefix,
-                    "DEN_LOCAL_REPO_ROOTS": json.dumps([str(repos_root)]),
-                    "DEN_DEFAULT_MEMORY_MB": "512", "DEN_STOP_TIMEOUT_S": "2"}
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = data_dir.parent / f"server-{self.port}.log"
-        self.token = subprocess.run(
-            [sys.executable, "-m", "server.cli", "admin", "token", "--user", "alice"],
-            env=self.env, capture_output=True, text=True, check=True,
-        ).stdout.strip()
-        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60,
-                                 headers={"Authorization": f"Bearer {self.token}"})
+        super().__init__(data_dir, repos_root, prefix, user="alice",
+                         default_memory_mb=512, stop_timeout_s=2)
 
-    def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port)],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if self.http.get("/healthz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.1)
-        raise AssertionError(f"server did not start: {self.log.read_text()[-2000:]}")
+    def create(self, repo: Path) -> str:
+        """POST a workspace ``api`` for ``repo``; its id."""
+        r = self.http.post("/api/v1/workspaces", json={"name": "api", "repo": {"url": str(repo)}})
+        assert r.status_code == 202, r.text
+        return str(r.json()["id"])
 
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+    def create_running(self, repo: Path) -> str:
+        """Create a workspace and wait until it is running; its id."""
+        wid = self.create(repo)
+        assert _wait(lambda: self.ws(wid).get("state") == "running")
+        return wid
 
     def ws(self, wid: str) -> dict[str, Any]:
         r = self.http.get(f"/api/v1/workspaces/{wid}")
@@ -81,7 +51,7 @@ def server(engine: None, tmp_path: Path, repos_root: Path) -> Iterator[Server]:
     srv = Server(tmp_path / "data", repos_root, f"{RUN_PREFIX}-srv{os.getpid() % 1000}")
     srv.start()
     yield srv
-    srv.stop()
+    srv.close()
 
 
 def _wait(cond: Callable[[], bool], timeout_s: float = 60) -> bool:
@@ -98,9 +68,7 @@ def test_kill9_during_create_then_restart_reconciles(
     server: Server, make_repo: Callable[..., Path], moment: str
 ) -> None:
     repo = make_repo()
-    r = server.http.post("/api/v1/workspaces", json={"name": "api", "repo": {"url": str(repo)}})
-    assert r.status_code == 202, r.text
-    wid = r.json()["id"]
+    wid = server.create(repo)
     if moment == "container-exists":
         assert _wait(lambda: ("container", f"{server.prefix}-{wid}") in server.objects(wid))
     server.kill9()
@@ -114,25 +82,15 @@ def test_kill9_during_create_then_restart_reconciles(
         assert server.objects(wid) == []
         # The user can delete it and create it again under the same name.
         assert server.http.delete(f"/api/v1/workspaces/{wid}").status_code == 204
-        again = server.http.post("/api/v1/workspaces",
-                                 json={"name": "api", "repo": {"url": str(repo)}})
-        assert again.status_code == 202
-        assert _wait(lambda: server.ws(again.json()["id"]).get("state") == "running")
+        server.create_running(repo)
 
 
 def test_kill9_during_delete_then_restart_reconciles(
     server: Server, make_repo: Callable[..., Path]
 ) -> None:
-    r = server.http.post("/api/v1/workspaces",
-                         json={"name": "api", "repo": {"url": str(make_repo())}})
-    wid = r.json()["id"]
-    assert _wait(lambda: server.ws(wid).get("state") == "running")
-    deleter = threading.Thread(
-        target=lambda: _swallow(lambda: server.http.delete(f"/api/v1/workspaces/{wid}")))
-    deleter.start()
-    assert _wait(lambda: server.ws(wid).get("state") in ("deleting", None), timeout_s=30)
-    server.kill9()
-    deleter.join()
+    wid = server.create_running(make_repo())
+    _kill9_during(server, wid, lambda: server.http.delete(f"/api/v1/workspaces/{wid}"),
+                  ("deleting", None), timeout_s=30)
 
     server.start()
     assert server.ws(wid) == {"status": 404}
@@ -142,16 +100,9 @@ def test_kill9_during_delete_then_restart_reconciles(
 def test_kill9_leaves_no_transitional_state_after_stop(
     server: Server, make_repo: Callable[..., Path]
 ) -> None:
-    r = server.http.post("/api/v1/workspaces",
-                         json={"name": "api", "repo": {"url": str(make_repo())}})
-    wid = r.json()["id"]
-    assert _wait(lambda: server.ws(wid).get("state") == "running")
-    stopper = threading.Thread(
-        target=lambda: _swallow(lambda: server.http.post(f"/api/v1/workspaces/{wid}/stop")))
-    stopper.start()
-    assert _wait(lambda: server.ws(wid).get("state") in ("stopping", "stopped"))
-    server.kill9()
-    stopper.join()
+    wid = server.create_running(make_repo())
+    _kill9_during(server, wid, lambda: server.http.post(f"/api/v1/workspaces/{wid}/stop"),
+                  ("stopping", "stopped"))
 
     server.start()
     ws = server.ws(wid)
@@ -163,10 +114,7 @@ def test_kill9_leaves_no_transitional_state_after_stop(
 def test_orphans_of_this_instance_are_removed_at_startup(
     server: Server, make_repo: Callable[..., Path]
 ) -> None:
-    r = server.http.post("/api/v1/workspaces",
-                         json={"name": "api", "repo": {"url": str(make_repo())}})
-    wid = r.json()["id"]
-    assert _wait(lambda: server.ws(wid).get("state") == "running")
+    wid = server.create_running(make_repo())
     server.kill9()
     # Forget the row behind the server's back: its engine objects are now orphans.
     import sqlite3
@@ -180,6 +128,17 @@ def test_orphans_of_this_instance_are_removed_at_startup(
     assert server.objects(wid) == []
 
 
-def _swallow(fn: Callable[[], object]) -> None:
-    with contextlib.suppress(httpx.TransportError):
-        fn()
+def _kill9_during(server: Server, wid: str, request: Callable[[], object],
+                  states: tuple[str | None, ...], timeout_s: float = 60) -> None:
+    """Send ``request`` from a thread and kill -9 the server once the workspace's state is one
+    of ``states`` (None: gone); the request's own outcome does not matter."""
+
+    def send() -> None:
+        with contextlib.suppress(httpx.TransportError):
+            request()
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    assert _wait(lambda: server.ws(wid).get("state") in states, timeout_s=timeout_s)
+    server.kill9()
+    sender.join()
