@@ -27,6 +27,7 @@ from server.db.session import make_engine, make_session_factory
 from server.errors import DenError
 from server.runtime.base import Runtime
 from server.workspaces.files import FileService
+from server.workspaces.reaper import Reaper
 from server.workspaces.service import WorkspaceService
 
 log = logging.getLogger(__name__)
@@ -75,9 +76,14 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
             await svc.reconcile()
         except DenError as exc:
             log.error("engine check or reconcile failed: %s (%s)", exc.message, exc.detail)
+        reaper = Reaper(svc, settings)
+        app.state.reaper = reaper
+        if settings.reaper_interval_s > 0:
+            reaper.start()
         try:
             yield
         finally:
+            await reaper.stop()
             await svc.shutdown()
             close = getattr(rt, "close", None)
             if runtime is None and close is not None:

@@ -100,6 +100,30 @@ class Settings(BaseSettings):
         20, description="Workspaces one user may own at once (429 beyond)."
     )
 
+    # --- idle policy -------------------------------------------------------------------
+    idle_timeout_s: int = Field(
+        900, description="A running workspace with no activity for this long is paused."
+    )
+    stop_after_s: int = Field(
+        86400, description="A workspace paused for this long is stopped (its disk is kept)."
+    )
+    reaper_interval_s: float = Field(
+        15, description="How often the idle reaper looks at running and paused workspaces."
+    )
+    reaper_concurrency: int = Field(
+        2, description="Pauses and stops the reaper runs at once (each is a checkpoint)."
+    )
+    idle_cpu_percent: float = Field(
+        10.0,
+        description=(
+            "CPU use (percent of one CPU, averaged between reaper passes) above which a "
+            "workspace counts as busy even with no API or terminal activity."
+        ),
+    )
+    max_keepalive_s: int = Field(
+        86400, description="The longest lease one keepalive call may take."
+    )
+
     # --- git -------------------------------------------------------------------------
     clone_timeout_s: int = Field(300, description="A clone taking longer is killed.")
     clone_max_mb: int = Field(

@@ -119,6 +119,7 @@ def make_settings(tmp_path: Path, repos_root: Path) -> Callable[..., Settings]:
             "default_memory_mb": 512,
             "default_cpus": 1.0,
             "stop_timeout_s": 2,
+            "reaper_interval_s": 0,  # tests that want the idle reaper turn it on
         }
         values.update(overrides)
         return Settings(**values)

@@ -52,21 +52,8 @@ async def exec_stream(websocket: WebSocket, ref: str) -> None:
         req = svc.exec_request(ws, body.cmd, cwd=body.cwd, env=body.env,
                                timeout_s=body.timeout_s)
         stream = await svc.exec_stream(ws.id, req, actor=user.name)
-        if body.stdin is not None:
-            await stream.write(body.stdin.encode())
-        pump = asyncio.create_task(_pump_stdin(websocket, stream))
-        try:
-            decoders = {n: codecs.getincrementaldecoder("utf-8")("replace")
-                        for n in ("stdout", "stderr")}
-            async for chunk in stream.output():
-                text = decoders[chunk.stream].decode(chunk.data)
-                if text:
-                    await websocket.send_json({"type": chunk.stream, "data": text})
-            code = await stream.wait()
-        finally:
-            pump.cancel()
-            with contextlib.suppress(BaseException):
-                await pump
+        async with svc.activity.hold(ws.id):  # an open stream keeps the workspace awake
+            code = await _relay(websocket, stream, stdin=body.stdin)
         await websocket.send_json({"type": "exit", "exit_code": code})
         await websocket.close()
     except WebSocketDisconnect:
@@ -80,6 +67,25 @@ async def exec_stream(websocket: WebSocket, ref: str) -> None:
     finally:
         if stream is not None:
             await stream.kill()
+
+
+async def _relay(websocket: WebSocket, stream: ExecStream, *, stdin: str | None) -> int:
+    """Copy the stream's output to the socket and the socket's input to the stream."""
+    if stdin is not None:
+        await stream.write(stdin.encode())
+    pump = asyncio.create_task(_pump_stdin(websocket, stream))
+    try:
+        decoders = {n: codecs.getincrementaldecoder("utf-8")("replace")
+                    for n in ("stdout", "stderr")}
+        async for chunk in stream.output():
+            text = decoders[chunk.stream].decode(chunk.data)
+            if text:
+                await websocket.send_json({"type": chunk.stream, "data": text})
+        return await stream.wait()
+    finally:
+        pump.cancel()
+        with contextlib.suppress(BaseException):
+            await pump
 
 
 async def _pump_stdin(websocket: WebSocket, stream: ExecStream) -> None:

@@ -32,8 +32,15 @@ class WorkspaceCreate(_Strict):
     runtime: str | None = None
     resources: ResourcesIn = Field(default_factory=ResourcesIn)
     env: dict[str, str] = Field(default_factory=dict)
-    idle_timeout_s: int | None = None
+    idle_timeout_s: int | None = Field(
+        None, description="Pause after this many idle seconds; 0 never; null the default")
+    stop_after_s: int | None = Field(
+        None, description="Stop after this many seconds paused; 0 never; null the default")
     keep_alive: bool = False
+
+
+class KeepaliveIn(_Strict):
+    ttl_s: int = Field(description="Seconds to keep the workspace awake; 0 ends the lease")
 
 
 class RepoOut(BaseModel):
@@ -62,7 +69,9 @@ class WorkspaceOut(BaseModel):
     resources: ResourcesOut
     env: dict[str, str]
     idle_timeout_s: int | None
+    stop_after_s: int | None
     keep_alive: bool
+    keepalive_until: datetime | None
     created_at: datetime
     updated_at: datetime
     last_activity_at: datetime
@@ -79,7 +88,8 @@ class WorkspaceOut(BaseModel):
             resources=ResourcesOut(cpus=ws.cpus, memory_mb=ws.memory_mb, disk_gb=ws.disk_gb,
                                    gpus=ws.gpus, pids=ws.pids_limit),
             env={str(k): str(v) for k, v in ws.env.items()},
-            idle_timeout_s=ws.idle_timeout_s, keep_alive=ws.keep_alive,
+            idle_timeout_s=ws.idle_timeout_s, stop_after_s=ws.stop_after_s,
+            keep_alive=ws.keep_alive, keepalive_until=ws.keepalive_until,
             created_at=ws.created_at, updated_at=ws.updated_at,
             last_activity_at=ws.last_activity_at,
         )

@@ -8,6 +8,7 @@ from server.api.deps import CurrentUser, Workspaces
 from server.api.schemas import (
     EventList,
     EventOut,
+    KeepaliveIn,
     WorkspaceCreate,
     WorkspaceList,
     WorkspaceOut,
@@ -24,7 +25,8 @@ async def create_workspace(body: WorkspaceCreate, user: CurrentUser, svc: Worksp
         name=body.name, repo_url=body.repo.url, branch=body.repo.branch, image=body.image,
         runtime=body.runtime, cpus=body.resources.cpus, memory_mb=body.resources.memory_mb,
         disk_gb=body.resources.disk_gb, gpus=body.resources.gpus, env=body.env,
-        idle_timeout_s=body.idle_timeout_s, keep_alive=body.keep_alive,
+        idle_timeout_s=body.idle_timeout_s, stop_after_s=body.stop_after_s,
+        keep_alive=body.keep_alive,
     )
     return WorkspaceOut.of(await svc.create(user, req))
 
@@ -61,6 +63,13 @@ async def pause_workspace(ref: str, user: CurrentUser, svc: Workspaces) -> Works
 async def resume_workspace(ref: str, user: CurrentUser, svc: Workspaces) -> WorkspaceOut:
     ws = svc.get_for(user, ref)
     return WorkspaceOut.of(await svc.resume(ws.id, actor=user.name))
+
+
+@router.post("/{ref}/keepalive", response_model=WorkspaceOut)
+async def keepalive(ref: str, body: KeepaliveIn, user: CurrentUser, svc: Workspaces
+                    ) -> WorkspaceOut:
+    ws = svc.get_for(user, ref)
+    return WorkspaceOut.of(await svc.keepalive(ws.id, body.ttl_s, actor=user.name))
 
 
 @router.delete("/{ref}", status_code=status.HTTP_204_NO_CONTENT)

@@ -96,7 +96,9 @@ class Workspace(Base):
     pids_limit: Mapped[int] = mapped_column(Integer)
     env: Mapped[dict[str, Any]] = mapped_column(default=dict)
     idle_timeout_s: Mapped[int | None] = mapped_column(Integer, default=None)
+    stop_after_s: Mapped[int | None] = mapped_column(Integer, default=None)
     keep_alive: Mapped[bool] = mapped_column(Boolean, default=False)
+    keepalive_until: Mapped[datetime | None] = mapped_column(default=None)
     state: Mapped[str] = mapped_column(String(16), index=True)
     state_reason: Mapped[str] = mapped_column(Text, default="")
     # Opaque runtime handle (container and volume names), persisted before any engine call.

@@ -171,6 +171,11 @@ class Runtime(Protocol):
 
     async def status(self, spec: WorkspaceSpec) -> ContainerStatus: ...
 
+    async def cpu_time_ns(self, spec: WorkspaceSpec) -> int | None:
+        """CPU time the workspace has used so far (nanoseconds), or None when not running.
+        The idle reaper differences two readings to see whether it is busy."""
+        ...
+
     async def exec(self, spec: WorkspaceSpec, req: ExecRequest) -> ExecResult:
         """Run a process to completion. A timeout kills it and its children and sets
         ``timed_out``. Raises ObjectMissing/Conflict when the container is not running."""

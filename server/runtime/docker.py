@@ -232,6 +232,18 @@ class DockerRuntime:
 
         return await self._call(f"status of workspace {spec.workspace_id}", run)
 
+    async def cpu_time_ns(self, spec: WorkspaceSpec) -> int | None:
+        def run() -> int | None:
+            try:
+                stats = self._api().stats(spec.container_name, stream=False, one_shot=True)
+            except docker.errors.NotFound:
+                return None
+            usage = (stats.get("cpu_stats") or {}).get("cpu_usage") or {}
+            total = usage.get("total_usage")
+            return int(total) if total else None
+
+        return await self._call(f"cpu of workspace {spec.workspace_id}", run)
+
     async def list_objects(self, instance: str) -> list[EngineObject]:
         def run() -> list[EngineObject]:
             api = self._api()

@@ -29,6 +29,7 @@ class _Container:
     seeded: bool = False
     checkpoints: set[str] = field(default_factory=set)
     restored: int = 0
+    cpu_ns: int = 0  # tests advance it to look busy
 
 
 @dataclass
@@ -130,6 +131,11 @@ class FakeRuntime:
     async def exec_stream(self, spec: WorkspaceSpec, req: ExecRequest) -> _FakeStream:
         result = await self.exec(spec, req)
         return _FakeStream(result, req.argv)
+
+    async def cpu_time_ns(self, spec: WorkspaceSpec) -> int | None:
+        self._enter("cpu_time_ns")
+        c = self.containers.get(spec.container_name)
+        return c.cpu_ns if c is not None and c.running else None
 
     async def list_objects(self, instance: str) -> list[EngineObject]:
         self._enter("list_objects")

@@ -41,6 +41,7 @@ from server.runtime.base import (
 )
 from server.runtime.errors import EngineConflict, ObjectMissing
 from server.workspaces import naming
+from server.workspaces.activity import Activity
 from server.workspaces.states import (
     PAUSE,
     RESUME,
@@ -76,6 +77,7 @@ class CreateRequest:
     gpus: int = 0
     env: dict[str, str] = field(default_factory=dict)
     idle_timeout_s: int | None = None
+    stop_after_s: int | None = None
     keep_alive: bool = False
 
 
@@ -97,6 +99,7 @@ class WorkspaceService:
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._tmp = settings.data_dir / "tmp"
+        self.activity = Activity()
 
     # --- reading ----------------------------------------------------------------------
 
@@ -220,8 +223,10 @@ class WorkspaceService:
         image = await self._validate_image(req.image)
         cpus, memory_mb, disk_gb = self._validate_resources(req)
         env = self._validate_env(req.env)
-        if req.idle_timeout_s is not None and req.idle_timeout_s < 0:
-            raise ValidationFailed("idle_timeout_s must be 0 or more")
+        for field_name in ("idle_timeout_s", "stop_after_s"):
+            value = getattr(req, field_name)
+            if value is not None and not 0 <= value <= 365 * 86400:
+                raise ValidationFailed(f"{field_name} must be between 0 (never) and a year")
         ws_id = naming.new_workspace_id()
         with self.sessions.begin() as s:
             count = s.scalar(
@@ -244,7 +249,8 @@ class WorkspaceService:
                 repo_dir=naming.repo_basename(source.url), image=image, runtime=runtime,
                 cpus=cpus, memory_mb=memory_mb, disk_gb=disk_gb, gpus=req.gpus,
                 pids_limit=self.settings.default_pids, env=env,
-                idle_timeout_s=req.idle_timeout_s, keep_alive=req.keep_alive,
+                idle_timeout_s=req.idle_timeout_s, stop_after_s=req.stop_after_s,
+                keep_alive=req.keep_alive,
                 state=State.CREATING.value,
                 engine={
                     "container": naming.container_name(self.settings.engine_prefix, ws_id),
@@ -568,7 +574,8 @@ class WorkspaceService:
         self.touch(ws_id)
         spec = self.spec_for(ws)
         try:
-            return await self.runtime.exec(spec, req)
+            async with self.activity.hold(ws_id):
+                return await self.runtime.exec(spec, req)
         except DenError as exc:
             await self._check_alive(ws_id, spec, actor=actor)
             if isinstance(exc, EngineConflict):
@@ -587,6 +594,20 @@ class WorkspaceService:
             self._transition(ws_id, State.RUNNING, State.STOPPED, actor=actor,
                              message="the workspace's sandbox exited unexpectedly "
                                      "(out of memory?); it starts again on the next access")
+
+    async def keepalive(self, ws_id: str, ttl_s: int, *, actor: str) -> Workspace:
+        """A lease keeping the workspace awake for ``ttl_s`` seconds (0 ends it); wakes it."""
+        if not 0 <= ttl_s <= self.settings.max_keepalive_s:
+            raise ValidationFailed(
+                f"ttl_s must be between 0 and {self.settings.max_keepalive_s}"
+            )
+        await self.ensure_running(ws_id, actor=actor)
+        now = datetime.now(UTC)
+        with self.sessions.begin() as s:
+            s.execute(update(Workspace).where(Workspace.id == ws_id).values(
+                keepalive_until=now + timedelta(seconds=ttl_s) if ttl_s else None,
+                last_activity_at=now))
+        return self.get(ws_id)
 
     async def exec_stream(self, ws_id: str, req: ExecRequest, *, actor: str) -> ExecStream:
         ws = await self.ensure_running(ws_id, actor=actor)

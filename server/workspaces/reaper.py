@@ -1,0 +1,153 @@
+"""The idle reaper: pauses workspaces nobody uses and stops ones paused for too long.
+
+What counts as use (activity): API calls on the workspace (they touch ``last_activity_at``),
+exec calls and streams still running (:class:`Activity` holds), a keepalive lease, and CPU
+use above ``idle_cpu_percent`` measured by the engine between two passes. The decision is a
+pure function (:func:`decide`) over plain views of the rows; the loop around it only reads,
+measures and calls the workspace service, which alone changes state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+
+from sqlalchemy import select
+
+from server.config import Settings
+from server.db.models import Workspace
+from server.errors import DenError
+from server.workspaces.activity import Activity
+from server.workspaces.service import WorkspaceService
+from server.workspaces.states import State
+
+log = logging.getLogger(__name__)
+
+
+class Action(StrEnum):
+    PAUSE = "pause"
+    STOP = "stop"
+
+
+@dataclass(frozen=True)
+class IdleView:
+    """What the reaper needs to know of one workspace."""
+
+    id: str
+    state: State
+    keep_alive: bool
+    idle_timeout_s: int
+    stop_after_s: int
+    last_activity_at: datetime
+    state_since: datetime
+    keepalive_until: datetime | None
+    busy: bool
+
+
+def decide(views: list[IdleView], now: datetime) -> list[tuple[str, Action]]:
+    """Which workspaces to pause and which to stop, now. A timeout of 0 means never."""
+    actions: list[tuple[str, Action]] = []
+    for v in views:
+        if v.keep_alive or v.busy:
+            continue
+        if v.state is State.RUNNING:
+            if v.keepalive_until is not None and v.keepalive_until > now:
+                continue
+            if v.idle_timeout_s > 0 and now - v.last_activity_at >= timedelta(
+                seconds=v.idle_timeout_s
+            ):
+                actions.append((v.id, Action.PAUSE))
+        elif v.state is State.PAUSED and v.stop_after_s > 0 and now - v.state_since >= timedelta(
+            seconds=v.stop_after_s
+        ):
+            actions.append((v.id, Action.STOP))
+    return actions
+
+
+class Reaper:
+    """Runs :func:`decide` every ``reaper_interval_s`` and carries out its actions."""
+
+    def __init__(self, service: WorkspaceService, settings: Settings) -> None:
+        self.service = service
+        self.activity: Activity = service.activity
+        self.settings = settings
+        self._cpu: dict[str, tuple[int, float]] = {}  # workspace -> (cpu ns, monotonic time)
+        self._task: asyncio.Task[None] | None = None
+        self._limit = asyncio.Semaphore(max(1, settings.reaper_concurrency))
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="idle-reaper")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reaper_interval_s)
+            try:
+                await self.run_once()
+            except Exception:  # the loop must outlive any one bad pass
+                log.exception("idle reaper pass failed")
+
+    async def _cpu_busy(self, ws: Workspace) -> bool:
+        """Whether the workspace used more than ``idle_cpu_percent`` since the last pass."""
+        try:
+            used_ns = await self.service.runtime.cpu_time_ns(self.service.spec_for(ws))
+        except DenError:
+            return False
+        now = time.monotonic()
+        before = self._cpu.get(ws.id)
+        if used_ns is None:
+            return False
+        self._cpu[ws.id] = (used_ns, now)
+        if before is None or now <= before[1]:
+            return False
+        percent = (used_ns - before[0]) / ((now - before[1]) * 1e9) * 100
+        return percent > self.settings.idle_cpu_percent
+
+    async def views(self) -> list[IdleView]:
+        with self.service.sessions() as s:
+            rows = list(s.scalars(select(Workspace).where(
+                Workspace.state.in_([State.RUNNING.value, State.PAUSED.value]))))
+        views = []
+        st = self.settings
+        for ws in rows:
+            busy = self.activity.busy(ws.id)
+            if ws.state == State.RUNNING.value and not ws.keep_alive and not busy:
+                busy = await self._cpu_busy(ws)
+            if busy:
+                self.service.touch(ws.id)
+            views.append(IdleView(
+                id=ws.id, state=State(ws.state), keep_alive=ws.keep_alive,
+                idle_timeout_s=st.idle_timeout_s if ws.idle_timeout_s is None
+                else ws.idle_timeout_s,
+                stop_after_s=st.stop_after_s if ws.stop_after_s is None else ws.stop_after_s,
+                last_activity_at=ws.last_activity_at, state_since=ws.updated_at,
+                keepalive_until=ws.keepalive_until, busy=busy,
+            ))
+        return views
+
+    async def run_once(self) -> list[tuple[str, Action]]:
+        """One pass: measure, decide, act. Returns what it did (for tests and logs)."""
+        actions = decide(await self.views(), datetime.now(UTC))
+        await asyncio.gather(*(self._act(ws_id, action) for ws_id, action in actions))
+        return actions
+
+    async def _act(self, ws_id: str, action: Action) -> None:
+        async with self._limit:
+            try:
+                if action is Action.PAUSE:
+                    await self.service.pause(ws_id, actor="reaper")
+                else:
+                    await self.service.stop(ws_id, actor="reaper")
+                self._cpu.pop(ws_id, None)
+            except DenError as exc:  # in transition meanwhile, or the engine refused
+                log.info("reaper: %s of workspace %s skipped: %s", action, ws_id, exc.message)
