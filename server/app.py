@@ -19,13 +19,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import __version__
 from server.api import exec as exec_routes
-from server.api import files, health, users, workspaces
+from server.api import files, health, snapshots, users, workspaces
 from server.config import Settings
 from server.db.migrate import ensure_schema
 from server.db.models import Meta
 from server.db.session import make_engine, make_session_factory
 from server.errors import DenError
 from server.runtime.base import Runtime
+from server.snapshots.service import SnapshotService
 from server.workspaces.files import FileService
 from server.workspaces.reaper import Reaper
 from server.workspaces.service import WorkspaceService
@@ -47,7 +48,7 @@ def default_runtime(settings: Settings) -> Runtime:
     from server.runtime.docker import DockerRuntime
 
     return DockerRuntime(base_url=settings.docker_url, gvisor_runtime=settings.gvisor_runtime,
-                         threads=settings.engine_threads)
+                         threads=settings.engine_threads, helper_image=settings.default_image)
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
@@ -71,6 +72,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
         app.state.sessions = sessions
         app.state.workspaces = svc
         app.state.files = FileService(svc)
+        app.state.snapshots = SnapshotService(svc)
         try:
             await rt.check()
             await svc.reconcile()
@@ -119,6 +121,6 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return _error(500, "internal", "internal server error (this is a bug; see the log)")
 
-    for module in (health, users, workspaces, exec_routes, files):
+    for module in (health, users, workspaces, exec_routes, files, snapshots):
         app.include_router(module.router)
     return app

@@ -124,6 +124,10 @@ class Settings(BaseSettings):
         86400, description="The longest lease one keepalive call may take."
     )
 
+    max_snapshots_per_workspace: int = Field(
+        10, description="Snapshots kept per workspace; taking one more deletes the oldest."
+    )
+
     # --- git -------------------------------------------------------------------------
     clone_timeout_s: int = Field(300, description="A clone taking longer is killed.")
     clone_max_mb: int = Field(

@@ -9,6 +9,7 @@ from fastapi import Depends, Request, WebSocket
 from server.auth.tokens import authenticate
 from server.db.models import User
 from server.errors import Unauthorized
+from server.snapshots.service import SnapshotService
 from server.workspaces.files import FileService
 from server.workspaces.service import WorkspaceService
 
@@ -42,6 +43,10 @@ def workspace_service(request: Request) -> WorkspaceService:
     return request.app.state.workspaces  # type: ignore[no-any-return]
 
 
+def snapshot_service(request: Request) -> SnapshotService:
+    return request.app.state.snapshots  # type: ignore[no-any-return]
+
+
 def file_service(request: Request) -> FileService:
     return request.app.state.files  # type: ignore[no-any-return]
 
@@ -49,3 +54,4 @@ def file_service(request: Request) -> FileService:
 CurrentUser = Annotated[User, Depends(current_user)]
 Workspaces = Annotated[WorkspaceService, Depends(workspace_service)]
 Files = Annotated[FileService, Depends(file_service)]
+Snapshots = Annotated[SnapshotService, Depends(snapshot_service)]

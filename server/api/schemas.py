@@ -6,7 +6,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.db.models import Event, Workspace
+from server.db.models import Event, Snapshot, Workspace
 
 
 class _Strict(BaseModel):
@@ -27,7 +27,9 @@ class ResourcesIn(_Strict):
 
 class WorkspaceCreate(_Strict):
     name: str | None = Field(None, max_length=64)
-    repo: RepoIn
+    repo: RepoIn | None = None
+    from_snapshot: str | None = Field(
+        None, max_length=32, description="Fork: a snapshot id instead of a repo")
     image: str | None = Field(None, max_length=255)
     runtime: str | None = None
     resources: ResourcesIn = Field(default_factory=ResourcesIn)
@@ -41,6 +43,29 @@ class WorkspaceCreate(_Strict):
 
 class KeepaliveIn(_Strict):
     ttl_s: int = Field(description="Seconds to keep the workspace awake; 0 ends the lease")
+
+
+class SnapshotCreate(_Strict):
+    name: str = Field(max_length=64)
+    memory: bool = False
+
+
+class SnapshotOut(BaseModel):
+    id: str
+    name: str
+    workspace_id: str | None
+    memory: bool
+    size_bytes: int
+    created_at: datetime
+
+    @classmethod
+    def of(cls, snap: Snapshot) -> SnapshotOut:
+        return cls(id=snap.id, name=snap.name, workspace_id=snap.workspace_id,
+                   memory=snap.memory, size_bytes=snap.size_bytes, created_at=snap.created_at)
+
+
+class SnapshotList(BaseModel):
+    snapshots: list[SnapshotOut]
 
 
 class RepoOut(BaseModel):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
 
-from server.api.deps import CurrentUser, Workspaces
+from server.api.deps import CurrentUser, Snapshots, Workspaces
 from server.api.schemas import (
     EventList,
     EventOut,
@@ -13,14 +13,22 @@ from server.api.schemas import (
     WorkspaceList,
     WorkspaceOut,
 )
+from server.errors import ValidationFailed
 from server.workspaces.service import CreateRequest
 
 router = APIRouter(prefix="/api/v1/workspaces", tags=["workspaces"])
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=WorkspaceOut)
-async def create_workspace(body: WorkspaceCreate, user: CurrentUser, svc: Workspaces
-                           ) -> WorkspaceOut:
+async def create_workspace(body: WorkspaceCreate, user: CurrentUser, svc: Workspaces,
+                           snaps: Snapshots) -> WorkspaceOut:
+    if (body.repo is None) == (body.from_snapshot is None):
+        raise ValidationFailed("give either repo or from_snapshot")
+    if body.from_snapshot is not None:
+        snap = snaps.get_for(user, body.from_snapshot)
+        name = body.name or f"{snap.name}-fork"
+        return WorkspaceOut.of(await snaps.fork(user, snap, name=name))
+    assert body.repo is not None
     req = CreateRequest(
         name=body.name, repo_url=body.repo.url, branch=body.repo.branch, image=body.image,
         runtime=body.runtime, cpus=body.resources.cpus, memory_mb=body.resources.memory_mb,
@@ -73,8 +81,11 @@ async def keepalive(ref: str, body: KeepaliveIn, user: CurrentUser, svc: Workspa
 
 
 @router.delete("/{ref}", status_code=status.HTTP_204_NO_CONTENT)
-async def delete_workspace(ref: str, user: CurrentUser, svc: Workspaces) -> Response:
+async def delete_workspace(ref: str, user: CurrentUser, svc: Workspaces, snaps: Snapshots,
+                           snapshots: bool = False) -> Response:
     ws = svc.get_for(user, ref)
+    if snapshots:
+        await snaps.delete_all_of(ws.id, actor=user.name)
     done = await svc.delete(ws.id, actor=user.name)
     return Response(status_code=204 if done else 202)
 

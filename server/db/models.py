@@ -110,6 +110,28 @@ class Workspace(Base):
     owner: Mapped[User] = relationship(lazy="joined")
 
 
+class Snapshot(Base):
+    """A point-in-time copy of a workspace's disk: its container filesystem as an image and
+    its /workspace volume as a volume. It outlives the workspace unless deleted with it."""
+
+    __tablename__ = "snapshots"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    workspace_id: Mapped[str | None] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="SET NULL"), index=True, default=None
+    )
+    name: Mapped[str] = mapped_column(String(64))
+    memory: Mapped[bool] = mapped_column(Boolean, default=False)
+    image: Mapped[str] = mapped_column(String(255))
+    volume: Mapped[str] = mapped_column(String(255))
+    repo_url: Mapped[str] = mapped_column(Text)
+    repo_branch: Mapped[str | None] = mapped_column(String(255), default=None)
+    repo_dir: Mapped[str] = mapped_column(String(255))
+    runtime: Mapped[str] = mapped_column(String(32))
+    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Event(Base):
     """One entry of a workspace's event log: a state change, or something worth telling."""
 

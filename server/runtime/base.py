@@ -25,6 +25,7 @@ LABEL_MANAGED = "den.managed"
 LABEL_INSTANCE = "den.instance"
 LABEL_WORKSPACE = "den.workspace"
 LABEL_OWNER = "den.owner"
+LABEL_SNAPSHOT = "den.snapshot"
 
 
 def labels_for(*, instance: str, workspace_id: str, owner: str) -> dict[str, str]:
@@ -53,6 +54,17 @@ class WorkspaceSpec:
     env: Mapping[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class SnapshotSpec:
+    """A snapshot's engine objects: the container filesystem committed as ``image`` and a
+    copy of the /workspace volume as ``volume``."""
+
+    snapshot_id: str
+    image: str
+    volume: str
+    labels: Mapping[str, str]
+
+
 class ContainerStatus(StrEnum):
     RUNNING = "running"
     STOPPED = "stopped"
@@ -67,6 +79,7 @@ class EngineObject:
     name: str
     workspace_id: str
     running: bool = False
+    snapshot_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -167,6 +180,23 @@ class Runtime(Protocol):
 
     async def delete_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str) -> None:
         """Remove ``checkpoint``; a missing one is success."""
+        ...
+
+    async def snapshot(self, spec: WorkspaceSpec, snap: SnapshotSpec) -> int:
+        """Copy the workspace's disk into ``snap``: commit the container's filesystem as
+        ``snap.image`` and copy the volume into ``snap.volume``. The workspace keeps running
+        (a running one is copied as it is at that moment). Returns the bytes copied."""
+        ...
+
+    async def load_snapshot(self, spec: WorkspaceSpec, snap: SnapshotSpec) -> None:
+        """Make the workspace a copy of ``snap``: its container is (re)created from
+        ``snap.image`` (``spec.image`` must name it) and its volume's contents are replaced by
+        the snapshot's. The container must not be running; it is left created, not started.
+        Used to restore a snapshot into its workspace and to fork a new one."""
+        ...
+
+    async def delete_snapshot(self, snap: SnapshotSpec) -> None:
+        """Remove the snapshot's image and volume; missing ones are success."""
         ...
 
     async def status(self, spec: WorkspaceSpec) -> ContainerStatus: ...

@@ -27,11 +27,14 @@ import requests.exceptions
 from server.runtime import docker_specs
 from server.runtime.base import (
     LABEL_INSTANCE,
+    LABEL_MANAGED,
+    LABEL_SNAPSHOT,
     LABEL_WORKSPACE,
     ContainerStatus,
     EngineObject,
     ExecRequest,
     ExecResult,
+    SnapshotSpec,
     StreamChunk,
     WorkspaceSpec,
 )
@@ -63,9 +66,11 @@ class DockerRuntime:
 
     name = "docker"
 
-    def __init__(self, *, base_url: str = "", gvisor_runtime: str = "runsc", threads: int = 32):
+    def __init__(self, *, base_url: str = "", gvisor_runtime: str = "runsc", threads: int = 32,
+                 helper_image: str = "den/workspace:latest"):
         self._base_url = base_url
         self._gvisor_runtime = gvisor_runtime
+        self._helper_image = helper_image
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="docker")
         self._client: docker.DockerClient | None = None
         self._client_lock = threading.Lock()
@@ -232,6 +237,72 @@ class DockerRuntime:
 
         return await self._call(f"status of workspace {spec.workspace_id}", run)
 
+    # --- snapshots --------------------------------------------------------------------
+
+    def _copy_volume(self, src: str, dst: str, *, wipe: bool, labels: dict[str, str]) -> int:
+        api = self._api()
+        cfg = docker_specs.copy_volume_config(
+            image=self._helper_image, runtime=self._gvisor_runtime, src=src, dst=dst,
+            wipe=wipe, labels={k: v for k, v in labels.items()
+                               if k in (LABEL_MANAGED, LABEL_INSTANCE)})
+        host_config = api.create_host_config(**cfg.pop("host_config"))
+        # Labelled with Den's and the instance's labels only: reconcile removes a leftover.
+        helper = api.create_container(**cfg, host_config=host_config)["Id"]
+        try:
+            api.start(helper)
+            code = api.wait(helper, timeout=3600).get("StatusCode", -1)
+            logs = api.logs(helper, stdout=True, stderr=True).decode(errors="replace")
+            if code != 0:
+                raise EngineError(f"copying the workspace's files failed: {logs.strip()[-300:]}")
+            last = logs.strip().splitlines()[-1:] or ["0"]
+            return int(last[0]) if last[0].isdigit() else 0
+        finally:
+            with contextlib.suppress(docker.errors.DockerException):
+                api.remove_container(helper, force=True)
+
+    async def snapshot(self, spec: WorkspaceSpec, snap: SnapshotSpec) -> int:
+        def run() -> int:
+            api = self._api()
+            repository, _, tag = snap.image.rpartition(":")
+            image = api.commit(spec.container_name, repository=repository, tag=tag,
+                               conf={"Labels": dict(snap.labels)}, pause=False)
+            size = int(api.inspect_image(image["Id"]).get("Size") or 0)
+            try:
+                api.inspect_volume(snap.volume)
+            except docker.errors.NotFound:
+                api.create_volume(**docker_specs.snapshot_volume_config(snap))
+            return size + self._copy_volume(spec.volume_name, snap.volume, wipe=True,
+                                            labels=dict(snap.labels))
+
+        return await self._call(f"snapshot of workspace {spec.workspace_id}", run)
+
+    async def load_snapshot(self, spec: WorkspaceSpec, snap: SnapshotSpec) -> None:
+        def run() -> None:
+            api = self._api()
+            with contextlib.suppress(docker.errors.NotFound):
+                api.remove_container(spec.container_name, force=True, v=False)
+            try:
+                api.inspect_volume(spec.volume_name)
+            except docker.errors.NotFound:
+                api.create_volume(**docker_specs.volume_config(spec))
+            cfg = docker_specs.container_config(spec, gvisor_runtime=self._gvisor_runtime)
+            host_config = api.create_host_config(**cfg.pop("host_config"))
+            api.create_container(**cfg, host_config=host_config)
+            self._copy_volume(snap.volume, spec.volume_name, wipe=True, labels=dict(spec.labels))
+
+        await self._call(f"load snapshot into workspace {spec.workspace_id}", run)
+
+    async def delete_snapshot(self, snap: SnapshotSpec) -> None:
+        def run() -> None:
+            api = self._api()
+            with contextlib.suppress(docker.errors.NotFound):
+                # Untags even while a fork's container uses it; layers go with the last user.
+                api.remove_image(snap.image, force=True, noprune=False)
+            with contextlib.suppress(docker.errors.NotFound):
+                api.remove_volume(snap.volume, force=True)
+
+        await self._call(f"delete snapshot {snap.snapshot_id}", run)
+
     async def cpu_time_ns(self, spec: WorkspaceSpec) -> int | None:
         def run() -> int | None:
             try:
@@ -260,11 +331,13 @@ class DockerRuntime:
                     )
                 )
             for v in api.volumes(filters={"label": label}).get("Volumes") or []:
+                labels = v.get("Labels") or {}
                 found.append(
                     EngineObject(
                         kind="volume",
                         name=v["Name"],
-                        workspace_id=(v.get("Labels") or {}).get(LABEL_WORKSPACE, ""),
+                        workspace_id=labels.get(LABEL_WORKSPACE, ""),
+                        snapshot_id=labels.get(LABEL_SNAPSHOT, ""),
                     )
                 )
             return found

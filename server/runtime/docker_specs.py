@@ -6,7 +6,7 @@ import shlex
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from server.runtime.base import ExecRequest, WorkspaceSpec
+from server.runtime.base import ExecRequest, SnapshotSpec, WorkspaceSpec
 
 WORKSPACE_MOUNT = "/workspace"
 
@@ -65,6 +65,31 @@ def container_config(spec: WorkspaceSpec, *, gvisor_runtime: str) -> dict[str, A
         "working_dir": WORKSPACE_MOUNT,
         "host_config": host_config,
     }
+
+
+def copy_volume_config(*, image: str, runtime: str, src: str, dst: str, wipe: bool,
+                       labels: Mapping[str, str]) -> dict[str, Any]:
+    """A short-lived container that copies volume ``src`` into ``dst`` (emptied first when
+    ``wipe``) and prints the bytes copied. It runs under gVisor with no network: the files
+    are the workspace's, so untrusted."""
+    script = ("set -e; " + ("find /to -mindepth 1 -delete; " if wipe else "")
+              + "cp -a /from/. /to/; du -sb /to | cut -f1")
+    return {
+        "image": image,
+        "command": ["/bin/sh", "-c", script],
+        "user": "root",
+        "labels": dict(labels),
+        "network_disabled": True,
+        "host_config": {
+            "runtime": runtime,
+            "binds": {src: {"bind": "/from", "mode": "ro"}, dst: {"bind": "/to", "mode": "rw"}},
+            "privileged": False,
+        },
+    }
+
+
+def snapshot_volume_config(snap: SnapshotSpec) -> dict[str, Any]:
+    return {"name": snap.volume, "driver": "local", "labels": dict(snap.labels)}
 
 
 def volume_config(spec: WorkspaceSpec) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from server.runtime.base import (
     EngineObject,
     ExecRequest,
     ExecResult,
+    SnapshotSpec,
     StreamChunk,
     WorkspaceSpec,
 )
@@ -43,6 +44,9 @@ class FakeRuntime:
     fail_next: dict[str, Exception] = field(default_factory=dict)
     available: bool = True
     calls: list[str] = field(default_factory=list)
+    # Files by volume name (tests write them directly) and their copies by snapshot id.
+    files: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    snapshot_files: dict[str, dict[str, bytes]] = field(default_factory=dict)
 
     name = "fake"
 
@@ -132,6 +136,28 @@ class FakeRuntime:
         result = await self.exec(spec, req)
         return _FakeStream(result, req.argv)
 
+    async def snapshot(self, spec: WorkspaceSpec, snap: SnapshotSpec) -> int:
+        self._enter("snapshot")
+        self._get(spec)
+        self.images.add(snap.image)
+        self.volumes[snap.volume] = dict(snap.labels)
+        self.snapshot_files[snap.snapshot_id] = dict(self.files.get(spec.volume_name, {}))
+        return 4096
+
+    async def load_snapshot(self, spec: WorkspaceSpec, snap: SnapshotSpec) -> None:
+        self._enter("load_snapshot")
+        if snap.image not in self.images or snap.volume not in self.volumes:
+            raise ObjectMissing(f"snapshot {snap.snapshot_id}: not found in the engine")
+        self.containers[spec.container_name] = _Container(spec)
+        self.volumes.setdefault(spec.volume_name, dict(spec.labels))
+        self.files[spec.volume_name] = dict(self.snapshot_files.get(snap.snapshot_id, {}))
+
+    async def delete_snapshot(self, snap: SnapshotSpec) -> None:
+        self._enter("delete_snapshot")
+        self.images.discard(snap.image)
+        self.volumes.pop(snap.volume, None)
+        self.snapshot_files.pop(snap.snapshot_id, None)
+
     async def cpu_time_ns(self, spec: WorkspaceSpec) -> int | None:
         self._enter("cpu_time_ns")
         c = self.containers.get(spec.container_name)
@@ -145,7 +171,8 @@ class FakeRuntime:
             if c.spec.labels.get("den.instance") == instance
         ]
         found += [
-            EngineObject("volume", name, labels.get("den.workspace", ""))
+            EngineObject("volume", name, labels.get("den.workspace", ""),
+                         snapshot_id=labels.get("den.snapshot", ""))
             for name, labels in self.volumes.items()
             if labels.get("den.instance") == instance
         ]

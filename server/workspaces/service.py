@@ -12,15 +12,16 @@ import logging
 import posixpath
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.config import Settings
-from server.db.models import Event, User, Workspace
+from server.db.models import Event, Snapshot, User, Workspace
 from server.errors import (
     Conflict,
     DenError,
@@ -31,11 +32,15 @@ from server.errors import (
 )
 from server.git import clone as git_clone
 from server.runtime.base import (
+    LABEL_INSTANCE,
+    LABEL_MANAGED,
+    LABEL_SNAPSHOT,
     ContainerStatus,
     ExecRequest,
     ExecResult,
     ExecStream,
     Runtime,
+    SnapshotSpec,
     WorkspaceSpec,
     labels_for,
 )
@@ -166,6 +171,11 @@ class WorkspaceService:
     def _lock(self, workspace_id: str) -> asyncio.Lock:
         return self._locks.setdefault(workspace_id, asyncio.Lock())
 
+    def locked(self, workspace_id: str) -> asyncio.Lock:
+        """The workspace's operation lock, for work that must not overlap a lifecycle
+        operation (a snapshot) but changes no state."""
+        return self._lock(workspace_id)
+
     def _record(self, s: Session, workspace_id: str, *, kind: str, actor: str, message: str,
                 src: State | None = None, dst: State | None = None) -> None:
         s.add(Event(workspace_id=workspace_id, kind=kind, actor=actor, message=message,
@@ -227,6 +237,20 @@ class WorkspaceService:
             value = getattr(req, field_name)
             if value is not None and not 0 <= value <= 365 * 86400:
                 raise ValidationFailed(f"{field_name} must be between 0 (never) and a year")
+        row = self._insert(
+            user, name, message_prefix="create from",
+            repo_url=source.url if source.kind != "file" else req.repo_url.strip(),
+            repo_branch=req.branch, repo_dir=naming.repo_basename(source.url), image=image,
+            runtime=runtime, cpus=cpus, memory_mb=memory_mb, disk_gb=disk_gb, gpus=req.gpus,
+            env=env, idle_timeout_s=req.idle_timeout_s, stop_after_s=req.stop_after_s,
+            keep_alive=req.keep_alive,
+        )
+        self._spawn(row.id, self._build(row.id, source, req.branch))
+        return self.get(row.id)
+
+    def _insert(self, user: User, name: str, *, message_prefix: str, **fields: Any
+                ) -> Workspace:
+        """Insert a workspace row in ``creating`` (quota and name checked, event recorded)."""
         ws_id = naming.new_workspace_id()
         with self.sessions.begin() as s:
             count = s.scalar(
@@ -244,28 +268,100 @@ class WorkspaceService:
                 raise Conflict(f"you already have a workspace named {name!r}",
                                code="name_taken")
             row = Workspace(
-                id=ws_id, owner_id=user.id, name=name, repo_url=source.url if source.kind != "file"
-                else req.repo_url.strip(), repo_branch=req.branch,
-                repo_dir=naming.repo_basename(source.url), image=image, runtime=runtime,
-                cpus=cpus, memory_mb=memory_mb, disk_gb=disk_gb, gpus=req.gpus,
-                pids_limit=self.settings.default_pids, env=env,
-                idle_timeout_s=req.idle_timeout_s, stop_after_s=req.stop_after_s,
-                keep_alive=req.keep_alive,
+                id=ws_id, owner_id=user.id, name=name, pids_limit=self.settings.default_pids,
                 state=State.CREATING.value,
                 engine={
                     "container": naming.container_name(self.settings.engine_prefix, ws_id),
                     "volume": naming.volume_name(self.settings.engine_prefix, ws_id),
                 },
+                **fields,
             )
             s.add(row)
             s.flush()
             self._record(s, ws_id, kind="state", actor=user.name,
-                         message=f"create from {row.repo_url}", dst=State.CREATING)
-        log.info("workspace %s: creating %r for %s from %s", ws_id, name, user.name, row.repo_url)
-        task = asyncio.create_task(self._build(ws_id, source, req.branch), name=f"build-{ws_id}")
+                         message=f"{message_prefix} {row.repo_url}", dst=State.CREATING)
+        log.info("workspace %s: creating %r for %s (%s %s)", ws_id, name, user.name,
+                 message_prefix, row.repo_url)
+        return row
+
+    def _spawn(self, ws_id: str, work: Coroutine[Any, Any, None]) -> None:
+        """Run a workspace's build in the background; delete cancels it."""
+        task = asyncio.create_task(work, name=f"build-{ws_id}")
         self._tasks[ws_id] = task
         task.add_done_callback(lambda _t: self._tasks.pop(ws_id, None))
-        return self.get(ws_id)
+
+    async def create_fork(self, user: User, name: str, snap: Snapshot) -> Workspace:
+        """A new, independent workspace from a snapshot: its disk (container filesystem and
+        /workspace) is a copy of the snapshot's."""
+        if (problem := naming.validate_name(name)) is not None:
+            raise ValidationFailed(problem)
+        row = self._insert(
+            user, name, message_prefix=f"fork of snapshot {snap.id} ({snap.name}) of",
+            repo_url=snap.repo_url, repo_branch=snap.repo_branch, repo_dir=snap.repo_dir,
+            image=snap.image, runtime=snap.runtime, cpus=self.settings.default_cpus,
+            memory_mb=self.settings.default_memory_mb, disk_gb=self.settings.default_disk_gb,
+            gpus=0, env={},
+        )
+        self._spawn(row.id, self._build_fork(row.id, self.snapshot_spec(snap)))
+        return self.get(row.id)
+
+    async def _build_fork(self, ws_id: str, snap: SnapshotSpec) -> None:
+        spec = self.spec_for(self.get(ws_id))
+        try:
+            async with self._lock(ws_id):
+                await self.runtime.load_snapshot(spec, snap)
+                await self.runtime.start(spec)
+                self._transition(ws_id, State.CREATING, State.RUNNING, actor="system",
+                                 message=f"running from snapshot {snap.snapshot_id}")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self._creation_failed(ws_id, spec, exc)
+
+    async def _creation_failed(self, ws_id: str, spec: WorkspaceSpec, exc: Exception) -> None:
+        """Remove what a failed create or fork made; the row goes to ``error`` with why."""
+        reason = exc.message if isinstance(exc, DenError) else "internal error while creating"
+        if not isinstance(exc, DenError):
+            log.error("workspace %s: create failed", ws_id, exc_info=exc)
+        else:
+            log.warning("workspace %s: create failed: %s %s", ws_id, reason, exc.detail)
+        with contextlib.suppress(Exception):
+            await self.runtime.destroy(spec)
+        with contextlib.suppress(Conflict):
+            self._transition(ws_id, State.CREATING, State.ERROR, actor="system", reason=reason)
+
+    # --- snapshots: the state-changing part (server/snapshots/ owns the rest) ----------
+
+    def snapshot_spec(self, snap: Snapshot) -> SnapshotSpec:
+        return SnapshotSpec(
+            snapshot_id=snap.id, image=snap.image, volume=snap.volume,
+            labels={LABEL_MANAGED: "true", LABEL_INSTANCE: self.instance_id,
+                    LABEL_SNAPSHOT: snap.id},
+        )
+
+    async def restore_snapshot(self, ws_id: str, snap: Snapshot, *, actor: str) -> Workspace:
+        """Roll the workspace back to ``snap``: stop it, replace its container filesystem and
+        /workspace with the snapshot's, start it."""
+        await self.stop(ws_id, actor=actor)
+        async with self._lock(ws_id):
+            ws = self.get(ws_id)
+            if ws.state != State.STOPPED.value:
+                raise Conflict(f"workspace is {ws.state}; try again")
+            self._transition(ws_id, State.STOPPED, State.STARTING, actor=actor,
+                             message=f"restore snapshot {snap.id} ({snap.name})")
+            with self.sessions.begin() as s:
+                s.execute(update(Workspace).where(Workspace.id == ws_id).values(image=snap.image))
+            spec = self.spec_for(self.get(ws_id))
+            try:
+                await self.runtime.load_snapshot(spec, self.snapshot_spec(snap))
+                await self.runtime.start(spec)
+            except DenError as exc:
+                self._transition(ws_id, State.STARTING, State.ERROR, actor=actor,
+                                 reason=f"restore of snapshot {snap.id} failed: {exc.message}")
+                raise
+            self._transition(ws_id, State.STARTING, State.RUNNING, actor=actor,
+                             message=f"restored snapshot {snap.id} ({snap.name})")
+            return self.get(ws_id)
 
     def _validate_runtime(self, runtime: str | None) -> str:
         runtime = runtime or "gvisor"
@@ -363,16 +459,7 @@ class WorkspaceService:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            reason = exc.message if isinstance(exc, DenError) else "internal error while creating"
-            if not isinstance(exc, DenError):
-                log.exception("workspace %s: create failed", ws_id)
-            else:
-                log.warning("workspace %s: create failed: %s %s", ws_id, reason, exc.detail)
-            with contextlib.suppress(Exception):
-                await self.runtime.destroy(spec)
-            with contextlib.suppress(Conflict):
-                self._transition(ws_id, State.CREATING, State.ERROR, actor="system",
-                                 reason=reason)
+            await self._creation_failed(ws_id, spec, exc)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -628,8 +715,12 @@ class WorkspaceService:
                 log.error("reconcile of workspace %s failed: %s %s", ws.id, exc.message,
                           exc.detail)
         known = {ws.id for ws in rows}
+        with self.sessions() as s:
+            snapshots = set(s.scalars(select(Snapshot.id)))
         for obj in await self.runtime.list_objects(self.instance_id):
-            if obj.workspace_id not in known:
+            if obj.snapshot_id and obj.snapshot_id in snapshots:
+                continue
+            if obj.workspace_id not in known or obj.snapshot_id:
                 log.warning("reconcile: removing orphan %s %s", obj.kind, obj.name)
                 await self.runtime.remove_object(obj)
 

@@ -142,3 +142,26 @@ def _kill9_during(server: Server, wid: str, request: Callable[[], object],
     assert _wait(lambda: server.ws(wid).get("state") in states, timeout_s=timeout_s)
     server.kill9()
     sender.join()
+
+
+def test_snapshots_survive_a_restart_and_a_paused_workspace_resumes_after_kill9(
+    server: Server, make_repo: Callable[..., Path]
+) -> None:
+    wid = server.create_running(make_repo())
+    server.http.post(f"/api/v1/workspaces/{wid}/exec", json={"cmd": "echo snap > /workspace/f"})
+    r = server.http.post(f"/api/v1/workspaces/{wid}/snapshots", json={"name": "s"})
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    server.http.post(f"/api/v1/workspaces/{wid}/exec",
+                     json={"cmd": "tmux new-session -d -s t 'echo alive > /tmp/t; sleep 999'"})
+    assert server.http.post(f"/api/v1/workspaces/{wid}/pause").json()["state"] == "paused"
+    server.kill9()
+
+    server.start()
+    assert server.ws(wid)["state"] == "paused"
+    assert engine_objects(f"{server.prefix}-{sid}") == [("volume", f"{server.prefix}-{sid}-snap")]
+    r = server.http.post(f"/api/v1/workspaces/{wid}/exec", json={"cmd": "cat /tmp/t /workspace/f"})
+    assert r.json()["stdout"] == "alive\nsnap\n", r.text  # resumed from memory
+    fork = server.http.post("/api/v1/workspaces", json={"name": "fork", "from_snapshot": sid})
+    assert fork.status_code == 202
+    assert _wait(lambda: server.ws(fork.json()["id"]).get("state") == "running")

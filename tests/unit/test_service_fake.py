@@ -605,3 +605,62 @@ async def test_reconcile_settles_pause_and_resume(
     set_state(svc, ws.id, left_in)
     await svc.reconcile()
     assert svc.get(ws.id).state == settles_to
+
+
+# --- snapshots -----------------------------------------------------------------------------
+
+
+async def test_snapshots_fork_retention_and_reconcile(
+        make_service: Callable[..., WorkspaceService], fake_runtime: FakeRuntime,
+        make_repo: Callable[..., Path]) -> None:
+    from server.snapshots.service import SnapshotService
+
+    svc = make_service(max_snapshots_per_workspace=2)
+    snaps = SnapshotService(svc)
+    alice = user(svc)
+    ws = await create(svc, alice, make_repo())
+    fake_runtime.files[svc.spec_for(ws).volume_name] = {"notes": b"v1"}
+    first = await snaps.create(ws.id, name="one", memory=False, actor="alice")
+    fake_runtime.files[svc.spec_for(ws).volume_name] = {"notes": b"v2"}
+    second = await snaps.create(ws.id, name="two", memory=False, actor="alice")
+    third = await snaps.create(ws.id, name="three", memory=False, actor="alice")
+    assert [s.name for s in snaps.list_for(ws)] == ["two", "three"]  # the oldest went
+    assert first.volume not in fake_runtime.volumes and first.image not in fake_runtime.images
+
+    fork = await snaps.fork(alice, second, name="fork")
+    fork = await settle(svc, fork.id)
+    assert fork.state == "running" and fork.image == second.image
+    assert fake_runtime.files[svc.spec_for(fork).volume_name] == {"notes": b"v2"}
+
+    # Reconcile keeps the snapshots' volumes and removes one whose row is gone.
+    fake_runtime.volumes["den-orphan-snap"] = {"den.instance": INSTANCE,
+                                               "den.snapshot": "sngone"}
+    await svc.reconcile()
+    assert second.volume in fake_runtime.volumes and third.volume in fake_runtime.volumes
+    assert "den-orphan-snap" not in fake_runtime.volumes
+
+
+async def test_snapshot_of_a_workspace_in_transition_is_409(
+        svc: WorkspaceService, make_repo: Callable[..., Path]) -> None:
+    from server.snapshots.service import SnapshotService
+
+    ws = await create(svc, user(svc), make_repo())
+    set_state(svc, ws.id, State.STOPPING)
+    with pytest.raises(Conflict):
+        await SnapshotService(svc).create(ws.id, name="x", memory=False, actor="alice")
+
+
+async def test_restore_brings_back_the_snapshots_files(
+        svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]) -> None:
+    from server.snapshots.service import SnapshotService
+
+    snaps = SnapshotService(svc)
+    ws = await create(svc, user(svc), make_repo())
+    volume = svc.spec_for(ws).volume_name
+    fake_runtime.files[volume] = {"notes": b"v1"}
+    snap = await snaps.create(ws.id, name="one", memory=False, actor="alice")
+    fake_runtime.files[volume] = {"notes": b"v2"}
+    restored = await snaps.restore(snap, actor="alice")
+    assert restored.state == "running" and fake_runtime.files[volume] == {"notes": b"v1"}
+    assert transitions(svc, ws.id)[-4:] == [("running", "stopping"), ("stopping", "stopped"),
+                                            ("stopped", "starting"), ("starting", "running")]

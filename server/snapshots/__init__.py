@@ -1,0 +1,1 @@
+"""Snapshots of workspaces: create, list, restore, fork and delete."""

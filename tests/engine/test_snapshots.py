@@ -1,0 +1,94 @@
+"""Disk snapshots on the real engine: take, fork, restore, delete."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ApiClient, engine_objects
+
+pytestmark = pytest.mark.engine
+
+
+def _image_exists(name: str) -> bool:
+    return subprocess.run(["docker", "image", "inspect", name],
+                          capture_output=True).returncode == 0
+
+
+def test_snapshot_fork_restore_delete(real_api: ApiClient, make_repo: Callable[..., Path]
+                                      ) -> None:
+    api = real_api
+    prefix = api.app.state.settings.engine_prefix
+    wid = api.create(make_repo())["id"]
+    api.exec(wid, "echo v1 > notes.txt && sudo sh -c 'echo v1 > /usr/local/share/state'")
+
+    r = api.post(f"/api/v1/workspaces/{wid}/snapshots", json={"name": "before"})
+    assert r.status_code == 201, r.text
+    snap = r.json()
+    assert snap["name"] == "before" and snap["workspace_id"] == wid and snap["size_bytes"] > 0
+    listed = api.get(f"/api/v1/workspaces/{wid}/snapshots").json()["snapshots"]
+    assert [s["id"] for s in listed] == [snap["id"]]
+    assert _image_exists(f"{prefix}-snapshot:{snap['id']}")
+
+    # The origin keeps running and changes after the snapshot.
+    api.exec(wid, "echo v2 > notes.txt && sudo sh -c 'echo v2 > /usr/local/share/state'")
+
+    r = api.post("/api/v1/workspaces", json={"name": "fork", "from_snapshot": snap["id"]})
+    assert r.status_code == 202, r.text
+    fork = api.wait_state(r.json()["id"])
+    assert fork["state"] == "running", fork
+    assert fork["repo"]["path"] == "/workspace/api"
+    both = "cat notes.txt /usr/local/share/state"
+    assert api.exec(fork["id"], both)["stdout"] == "v1\nv1\n"  # the snapshot's state
+    assert api.exec(wid, both)["stdout"] == "v2\nv2\n"  # the origin's own
+    api.exec(fork["id"], "echo fork > notes.txt")
+    assert api.exec(wid, "cat notes.txt")["stdout"] == "v2\n"  # independent
+
+    # Restore rolls the origin back, container filesystem and /workspace alike.
+    r = api.post(f"/api/v1/snapshots/{snap['id']}/restore")
+    assert (r.status_code, r.json()["state"]) == (200, "running"), r.text
+    assert api.exec(wid, both)["stdout"] == "v1\nv1\n"
+    assert api.exec(fork["id"], "cat notes.txt")["stdout"] == "fork\n"
+
+    # Another user sees none of it.
+    assert api.post(f"/api/v1/snapshots/{snap['id']}/restore", user="bob").status_code == 404
+    assert api.delete(f"/api/v1/snapshots/{snap['id']}", user="bob").status_code == 404
+    r = api.post("/api/v1/workspaces", user="bob",
+                 json={"name": "steal", "from_snapshot": snap["id"]})
+    assert r.status_code == 404
+
+    assert api.delete(f"/api/v1/snapshots/{snap['id']}").status_code == 204
+    assert not _image_exists(f"{prefix}-snapshot:{snap['id']}")
+    assert engine_objects(f"{prefix}-{snap['id']}") == []
+    assert api.exec(fork["id"], "cat notes.txt")["stdout"] == "fork\n"  # forks outlive it
+
+
+def test_memory_snapshots_are_refused_clearly(real_api: ApiClient,
+                                              make_repo: Callable[..., Path]) -> None:
+    wid = real_api.create(make_repo())["id"]
+    r = real_api.post(f"/api/v1/workspaces/{wid}/snapshots", json={"name": "m", "memory": True})
+    assert (r.status_code, r.json()["error"]["code"]) == (422, "not_supported")
+
+
+def test_workspace_delete_keeps_snapshots_unless_asked(
+    real_api: ApiClient, make_repo: Callable[..., Path]
+) -> None:
+    api = real_api
+    prefix = api.app.state.settings.engine_prefix
+    a = api.create(make_repo("a"), name="a")["id"]
+    b = api.create(make_repo("b"), name="b")["id"]
+    sa = api.post(f"/api/v1/workspaces/{a}/snapshots", json={"name": "s"}).json()["id"]
+    sb = api.post(f"/api/v1/workspaces/{b}/snapshots", json={"name": "s"}).json()["id"]
+    assert api.delete(f"/api/v1/workspaces/{a}").status_code == 204
+    assert _image_exists(f"{prefix}-snapshot:{sa}")  # kept, and still forkable
+    r = api.post("/api/v1/workspaces", json={"name": "again", "from_snapshot": sa})
+    assert api.wait_state(r.json()["id"])["state"] == "running"
+    assert api.post(f"/api/v1/snapshots/{sa}/restore").json()["error"]["code"] == (
+        "workspace_gone")
+    assert api.delete(f"/api/v1/workspaces/{b}", params={"snapshots": "true"}).status_code == 204
+    assert not _image_exists(f"{prefix}-snapshot:{sb}")
+    assert engine_objects(f"{prefix}-{sb}") == []
+    assert api.delete(f"/api/v1/snapshots/{sa}").status_code == 204
