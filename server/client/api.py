@@ -268,11 +268,16 @@ class Den:
         gpus: int | None = None,
         env: Mapping[str, str] | None = None,
         idle_timeout_s: int | None = None,
+        stop_after_s: int | None = None,
         keep_alive: bool | None = None,
         wait: bool = True,
         timeout_s: float = 300.0,
     ) -> Workspace:
         """Create a workspace from a repo; with ``wait`` (default), return once it is running.
+
+        ``idle_timeout_s`` (pause after that long idle) and ``stop_after_s`` (stop after that
+        long paused) override the server's defaults, 0 meaning never; ``keep_alive=True``
+        exempts the workspace from the idle reaper.
 
         Raises DenAPIError ``workspace_error`` if it ends in state error, ``timeout`` if it is
         not running after ``timeout_s``.
@@ -288,6 +293,7 @@ class Den:
             "resources": {k: v for k, v in resources.items() if v is not None} or None,
             "env": dict(env) if env is not None else None,
             "idle_timeout_s": idle_timeout_s,
+            "stop_after_s": stop_after_s,
             "keep_alive": keep_alive,
         }
         body.update({k: v for k, v in optional.items() if v is not None})
@@ -351,6 +357,12 @@ class Workspace:
         return None if path is None else str(path)
 
     @property
+    def keepalive_until(self) -> str | None:
+        """When the keepalive lease ends (ISO 8601, UTC), or None without a lease."""
+        until = self._data.get("keepalive_until")
+        return None if until is None else str(until)
+
+    @property
     def _path(self) -> str:
         return f"/api/v1/workspaces/{_seg(self.id)}"
 
@@ -388,7 +400,7 @@ class Workspace:
         return self
 
     def start(self, *, timeout_s: float = 300.0) -> Workspace:
-        """Start a stopped workspace; returns when it is running."""
+        """Start a stopped workspace (a paused one is resumed); returns when it is running."""
         return self._lifecycle("start", timeout_s)
 
     def stop(self, *, timeout_s: float = 300.0) -> Workspace:
@@ -396,12 +408,31 @@ class Workspace:
         return self._lifecycle("stop", timeout_s)
 
     def pause(self, *, timeout_s: float = 300.0) -> Workspace:
-        """Checkpoint memory and processes and free CPU and RAM."""
+        """Checkpoint memory and processes and free CPU and RAM; returns when it is paused.
+
+        Processes started by exec are ended first; those in dev's tmux survive. Pausing a
+        paused or stopped workspace changes nothing.
+        """
         return self._lifecycle("pause", timeout_s)
 
     def resume(self, *, timeout_s: float = 300.0) -> Workspace:
-        """Resume a paused workspace."""
+        """Restore a paused workspace from its checkpoint; returns when it is running.
+
+        When the restore fails the server starts it cold from its disk (see :meth:`events`).
+        Resuming a running workspace changes nothing; a stopped one is a 409 ``conflict``.
+        """
         return self._lifecycle("resume", timeout_s)
+
+    def keepalive(self, ttl_s: int, *, timeout_s: float = 300.0) -> Workspace:
+        """Keep the workspace awake for ``ttl_s`` seconds (0 ends the lease); return self.
+
+        The idle reaper does not pause it while the lease lasts; a paused or stopped workspace
+        is woken first. Each call replaces the previous lease; see :attr:`keepalive_until`.
+        """
+        self._data = self.den.request_json(
+            "POST", f"{self._path}/keepalive", json_body={"ttl_s": ttl_s}, timeout_s=timeout_s
+        )
+        return self
 
     def delete(self) -> bool:
         """Delete the workspace and its disk; True if done, False if still in progress (202)."""

@@ -13,7 +13,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from .api import Den, DenAPIError, Workspace
@@ -101,6 +101,17 @@ def _when(value: Any) -> str:
         return datetime.fromisoformat(str(value)).strftime("%Y-%m-%d %H:%M")
     except ValueError:
         return str(value)
+
+
+def _utc(value: str) -> str:
+    """An ISO 8601 timestamp as ``YYYY-MM-DD HH:MM:SS UTC`` (as is when unparseable)."""
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return value
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _status_line(ws: Workspace) -> str:
@@ -202,6 +213,14 @@ def _lifecycle(action: str) -> Handler:
     return handler
 
 
+def _keepalive(args: argparse.Namespace, ctx: _Context) -> int:
+    with ctx.client() as den:
+        ws = den.workspace(args.name).keepalive(args.ttl)
+    until = ws.keepalive_until
+    print(f"{ws.name} keepalive until {_utc(until)}" if until else f"{ws.name} keepalive ended")
+    return 0
+
+
 def _confirm(question: str) -> bool:
     print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
     return sys.stdin.readline().strip().lower() in {"y", "yes"}
@@ -247,7 +266,7 @@ def add_client_commands(
     *,
     client_factory: ClientFactory | None = None,
 ) -> None:
-    """Register login, create, ls, exec, start, stop, pause, resume, rm and events.
+    """Register login, create, ls, exec, start, stop, pause, resume, keepalive, rm, events.
 
     ``client_factory`` builds the :class:`Den` used by each verb (tests pass one that injects an
     ``httpx.MockTransport``); by default ``Den(config.url, config.token)``.
@@ -288,13 +307,19 @@ def add_client_commands(
     p.add_argument("cmd", metavar="CMD", nargs=argparse.REMAINDER, help="the command and args")
 
     for action, help_text in (
-        ("start", "start a stopped workspace"),
+        ("start", "start a stopped workspace (a paused one is resumed)"),
         ("stop", "stop a workspace (processes end, the disk stays)"),
-        ("pause", "pause a workspace (memory checkpoint)"),
-        ("resume", "resume a paused workspace"),
+        ("pause", "pause a workspace: save its memory and processes, free CPU and RAM"),
+        ("resume", "resume a paused workspace from its memory checkpoint"),
     ):
         p = verb(action, _lifecycle(action), help_text)
         p.add_argument("name", metavar="NAME")
+
+    p = verb("keepalive", _keepalive,
+             "keep a workspace awake (not paused when idle) for a while; wakes it if needed")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--ttl", type=int, default=900, metavar="S",
+                   help="seconds the lease lasts (default 900); 0 ends the lease")
 
     p = verb("rm", _rm, "delete a workspace and its disk")
     p.add_argument("name", metavar="NAME")

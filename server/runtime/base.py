@@ -195,6 +195,18 @@ class Runtime(Protocol):
         Used to restore a snapshot into its workspace and to fork a new one."""
         ...
 
+    async def export_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str, dest: Path
+                                ) -> int:
+        """Copy the memory checkpoint out to the host directory ``dest`` (a memory snapshot);
+        returns its size in bytes."""
+        ...
+
+    async def import_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str, src: Path
+                                ) -> None:
+        """Install a checkpoint exported by ``export_checkpoint`` (from this workspace or
+        another made from the same snapshot) as ``checkpoint``, for ``resume``."""
+        ...
+
     async def delete_snapshot(self, snap: SnapshotSpec) -> None:
         """Remove the snapshot's image and volume; missing ones are success."""
         ...

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import shutil
 import socket
 import struct
 import threading
@@ -291,6 +292,38 @@ class DockerRuntime:
             self._copy_volume(snap.volume, spec.volume_name, wipe=True, labels=dict(spec.labels))
 
         await self._call(f"load snapshot into workspace {spec.workspace_id}", run)
+
+    def _checkpoints_dir(self, container: str) -> Path:
+        """Docker 20.10 keeps checkpoints under its root dir and refuses --checkpoint-dir, so
+        memory snapshots are copied there directly (Den runs on the engine's host)."""
+        api = self._api()
+        root = api.info()["DockerRootDir"]
+        cid = api.inspect_container(container)["Id"]
+        return Path(str(root)) / "containers" / str(cid) / "checkpoints"
+
+    async def export_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str, dest: Path
+                                ) -> int:
+        def run() -> int:
+            src = self._checkpoints_dir(spec.container_name) / checkpoint
+            if not src.is_dir():
+                raise ObjectMissing(f"checkpoint {checkpoint} of {spec.container_name}")
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.copytree(src, dest, symlinks=True)
+            return sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
+
+        return await self._call(f"export checkpoint of workspace {spec.workspace_id}", run)
+
+    async def import_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str, src: Path
+                                ) -> None:
+        def run() -> None:
+            if not src.is_dir():
+                raise ObjectMissing(f"saved memory at {src}")
+            target = self._checkpoints_dir(spec.container_name) / checkpoint
+            shutil.rmtree(target, ignore_errors=True)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(src, target, symlinks=True)
+
+        await self._call(f"import checkpoint into workspace {spec.workspace_id}", run)
 
     async def delete_snapshot(self, snap: SnapshotSpec) -> None:
         def run() -> None:

@@ -152,6 +152,22 @@ class FakeRuntime:
         self.volumes.setdefault(spec.volume_name, dict(spec.labels))
         self.files[spec.volume_name] = dict(self.snapshot_files.get(snap.snapshot_id, {}))
 
+    async def export_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str, dest: Path
+                                ) -> int:
+        self._enter("export_checkpoint")
+        if checkpoint not in self._get(spec).checkpoints:
+            raise ObjectMissing(f"checkpoint {checkpoint}: not found in the engine")
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / "pages").write_bytes(b"memory")
+        return 6
+
+    async def import_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str, src: Path
+                                ) -> None:
+        self._enter("import_checkpoint")
+        if not src.is_dir():
+            raise ObjectMissing(f"saved memory at {src}")
+        self._get(spec).checkpoints.add(checkpoint)
+
     async def delete_snapshot(self, snap: SnapshotSpec) -> None:
         self._enter("delete_snapshot")
         self.images.discard(snap.image)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import logging
 import secrets
+import shutil
 
 from sqlalchemy import delete, select
 
 from server.db.models import Snapshot, User, Workspace
 from server.errors import Conflict, DenError, NotFound, ValidationFailed
-from server.workspaces.service import WorkspaceService
+from server.workspaces.service import CHECKPOINT, WorkspaceService
 from server.workspaces.states import State
 
 log = logging.getLogger(__name__)
@@ -44,40 +45,58 @@ class SnapshotService:
 
     async def create(self, ws_id: str, *, name: str, memory: bool, actor: str) -> Snapshot:
         """Copy the workspace's disk as it is now; it keeps running."""
-        if memory:
-            raise ValidationFailed(
-                "memory snapshots are not available yet; take a disk snapshot "
-                "(\"memory\": false), or pause the workspace to keep its processes",
-                code="not_supported",
-            )
         if not name or len(name) > 64 or any(c in name for c in "\0\n"):
             raise ValidationFailed("snapshot name must be 1-64 characters on one line")
         svc = self.workspaces
+        paused_here = False
+        if memory:  # memory comes from a pause; the disk is then copied at the same moment
+            state = State(svc.get(ws_id).state)
+            if state not in (State.RUNNING, State.PAUSED):
+                raise Conflict(f"workspace is {state.value}; a memory snapshot needs it "
+                               "running or paused")
+            paused_here = state is State.RUNNING
+            await svc.pause(ws_id, actor=actor)
+        try:
+            snap = await self._take(ws_id, name=name, memory=memory)
+        finally:
+            if paused_here:
+                await svc.resume(ws_id, actor=actor)
+        what = "with memory" if memory else "disk only"
+        svc.note(ws_id, "snapshot", f"snapshot {snap.id} ({name}, {what}) taken, "
+                                    f"{snap.size_bytes // (1024 * 1024)} MiB", actor=actor)
+        await self._retain(ws_id, actor=actor)
+        return self.get(snap.id)
+
+    async def _take(self, ws_id: str, *, name: str, memory: bool) -> Snapshot:
+        svc = self.workspaces
         async with svc.locked(ws_id):
             ws = svc.get(ws_id)
-            if State(ws.state) not in SNAPSHOT_STATES:
+            allowed = (State.PAUSED,) if memory else SNAPSHOT_STATES
+            if State(ws.state) not in allowed:
                 raise Conflict(f"workspace is {ws.state}; snapshot it when it is running, "
                                "paused or stopped")
             sid = new_snapshot_id()
             prefix = self.settings.engine_prefix
             snap = Snapshot(
-                id=sid, owner_id=ws.owner_id, workspace_id=ws.id, name=name, memory=False,
+                id=sid, owner_id=ws.owner_id, workspace_id=ws.id, name=name, memory=memory,
                 image=f"{prefix}-snapshot:{sid}", volume=f"{prefix}-{sid}-snap",
                 repo_url=ws.repo_url, repo_branch=ws.repo_branch, repo_dir=ws.repo_dir,
                 runtime=ws.runtime,
             )
             spec = svc.snapshot_spec(snap)
+            memory_dir = svc.snapshot_memory_dir(sid)
             try:
                 snap.size_bytes = await svc.runtime.snapshot(svc.spec_for(ws), spec)
+                if memory:
+                    snap.size_bytes += await svc.runtime.export_checkpoint(
+                        svc.spec_for(ws), checkpoint=CHECKPOINT, dest=memory_dir)
             except DenError:
                 await svc.runtime.delete_snapshot(spec)
+                shutil.rmtree(memory_dir, ignore_errors=True)
                 raise
             with self.sessions.begin() as s:
                 s.add(snap)
-            svc.note(ws.id, "snapshot", f"snapshot {sid} ({name}) taken, "
-                                        f"{snap.size_bytes // (1024 * 1024)} MiB", actor=actor)
-        await self._retain(ws_id, actor=actor)
-        return self.get(sid)
+            return snap
 
     def get(self, snapshot_id: str) -> Snapshot:
         with self.sessions() as s:
@@ -104,6 +123,7 @@ class SnapshotService:
     async def delete(self, snapshot_id: str, *, actor: str) -> None:
         snap = self.get(snapshot_id)
         await self.workspaces.runtime.delete_snapshot(self.workspaces.snapshot_spec(snap))
+        shutil.rmtree(self.workspaces.snapshot_memory_dir(snap.id), ignore_errors=True)
         with self.sessions.begin() as s:
             s.execute(delete(Snapshot).where(Snapshot.id == snapshot_id))
         if snap.workspace_id is not None:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
@@ -186,11 +187,15 @@ class WorkspaceService:
         """Move ``workspace_id`` from ``src`` to ``dst`` atomically, with an event."""
         if not can_transition(src, dst):
             raise Conflict(f"cannot go from {src.value} to {dst.value}")
+        now = datetime.now(UTC)
+        values: dict[str, Any] = {"state": dst.value, "state_reason": reason, "updated_at": now}
+        if dst is State.RUNNING:  # a start or a resume is activity: the idle clock restarts
+            values["last_activity_at"] = now
         with self.sessions.begin() as s:
             res = s.execute(
                 update(Workspace)
                 .where(Workspace.id == workspace_id, Workspace.state == src.value)
-                .values(state=dst.value, state_reason=reason, updated_at=datetime.now(UTC))
+                .values(**values)
             )
             if res.rowcount != 1:  # type: ignore[attr-defined]
                 current = s.scalar(select(Workspace.state).where(Workspace.id == workspace_id))
@@ -302,17 +307,17 @@ class WorkspaceService:
             memory_mb=self.settings.default_memory_mb, disk_gb=self.settings.default_disk_gb,
             gpus=0, env={},
         )
-        self._spawn(row.id, self._build_fork(row.id, self.snapshot_spec(snap)))
+        self._spawn(row.id, self._build_fork(row.id, snap))
         return self.get(row.id)
 
-    async def _build_fork(self, ws_id: str, snap: SnapshotSpec) -> None:
+    async def _build_fork(self, ws_id: str, snap: Snapshot) -> None:
         spec = self.spec_for(self.get(ws_id))
         try:
             async with self._lock(ws_id):
-                await self.runtime.load_snapshot(spec, snap)
-                await self.runtime.start(spec)
+                await self.runtime.load_snapshot(spec, self.snapshot_spec(snap))
+                how = await self._boot_from(spec, snap)
                 self._transition(ws_id, State.CREATING, State.RUNNING, actor="system",
-                                 message=f"running from snapshot {snap.snapshot_id}")
+                                 message=f"running from snapshot {snap.id} ({how})")
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -354,14 +359,37 @@ class WorkspaceService:
             spec = self.spec_for(self.get(ws_id))
             try:
                 await self.runtime.load_snapshot(spec, self.snapshot_spec(snap))
-                await self.runtime.start(spec)
+                how = await self._boot_from(spec, snap)
             except DenError as exc:
                 self._transition(ws_id, State.STARTING, State.ERROR, actor=actor,
                                  reason=f"restore of snapshot {snap.id} failed: {exc.message}")
                 raise
             self._transition(ws_id, State.STARTING, State.RUNNING, actor=actor,
-                             message=f"restored snapshot {snap.id} ({snap.name})")
+                             message=f"restored snapshot {snap.id} ({snap.name}; {how})")
             return self.get(ws_id)
+
+    def snapshot_memory_dir(self, snapshot_id: str) -> Path:
+        """Where a memory snapshot's checkpoint is kept on the host."""
+        return self.settings.data_dir / "snapshots" / snapshot_id
+
+    async def _boot_from(self, spec: WorkspaceSpec, snap: Snapshot) -> str:
+        """Start a container just loaded from ``snap``: from its saved memory when it has
+        some (processes running), else, or when that fails, cold from its disk."""
+        if snap.memory:
+            try:
+                await self.runtime.import_checkpoint(
+                    spec, checkpoint=CHECKPOINT, src=self.snapshot_memory_dir(snap.id))
+                await self.runtime.resume(spec, checkpoint=CHECKPOINT)
+                with contextlib.suppress(DenError):
+                    await self.runtime.delete_checkpoint(spec, checkpoint=CHECKPOINT)
+                return "with its memory and processes"
+            except DenError as exc:
+                log.warning("workspace %s: memory of snapshot %s not restored: %s %s",
+                            spec.workspace_id, snap.id, exc.message, exc.detail)
+                await self.runtime.start(spec)
+                return f"memory not restored ({exc.message}); started cold from disk"
+        await self.runtime.start(spec)
+        return "started from disk"
 
     def _validate_runtime(self, runtime: str | None) -> str:
         runtime = runtime or "gvisor"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -66,11 +67,41 @@ def test_snapshot_fork_restore_delete(real_api: ApiClient, make_repo: Callable[.
     assert api.exec(fork["id"], "cat notes.txt")["stdout"] == "fork\n"  # forks outlive it
 
 
-def test_memory_snapshots_are_refused_clearly(real_api: ApiClient,
-                                              make_repo: Callable[..., Path]) -> None:
-    wid = real_api.create(make_repo())["id"]
-    r = real_api.post(f"/api/v1/workspaces/{wid}/snapshots", json={"name": "m", "memory": True})
-    assert (r.status_code, r.json()["error"]["code"]) == (422, "not_supported")
+COUNTER = ("tmux new-session -d -s count "
+           "'i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done'")
+
+
+def test_memory_snapshot_forks_with_running_processes(
+    real_api: ApiClient, make_repo: Callable[..., Path]
+) -> None:
+    api = real_api
+    wid = api.create(make_repo())["id"]
+    api.exec(wid, COUNTER)
+    time.sleep(0.5)
+    r = api.post(f"/api/v1/workspaces/{wid}/snapshots", json={"name": "mem", "memory": True})
+    assert r.status_code == 201, r.text
+    snap = r.json()
+    assert snap["memory"] is True
+    # The origin was paused for the snapshot and is running again, its loop too.
+    assert api.get(f"/api/v1/workspaces/{wid}").json()["state"] == "running"
+    taken_at = int(api.exec(wid, "cat /tmp/count")["stdout"])
+
+    r = api.post("/api/v1/workspaces", json={"name": "memfork", "from_snapshot": snap["id"]})
+    fork = api.wait_state(r.json()["id"])
+    assert fork["state"] == "running", fork
+    events = api.get(f"/api/v1/workspaces/{fork['id']}/events").json()["events"]
+    assert "with its memory and processes" in events[-1]["message"], events[-1]
+    first = int(api.exec(fork["id"], "cat /tmp/count")["stdout"])
+    time.sleep(0.5)
+    later = int(api.exec(fork["id"], "cat /tmp/count")["stdout"])
+    # The fork's loop carries on from the count in the snapshot's memory (/tmp is in memory
+    # under gVisor: a cold start would have no count at all).
+    assert later > first > 0 and taken_at > 0, (taken_at, first, later)
+
+    stopped = api.create(make_repo("other"), name="other")["id"]
+    api.post(f"/api/v1/workspaces/{stopped}/stop")
+    r = api.post(f"/api/v1/workspaces/{stopped}/snapshots", json={"name": "m", "memory": True})
+    assert r.status_code == 409
 
 
 def test_workspace_delete_keeps_snapshots_unless_asked(

@@ -10,6 +10,7 @@ import stat
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from server.client.config import ClientConfig, config_path, load_config, save_co
 
 URL = "http://den.test"
 TOKEN = "den_secret"
+NOW = datetime(2026, 11, 29, 12, 40, 3, 500000, tzinfo=UTC)  # the fake server's clock
+MAX_KEEPALIVE_S = 86400
 
 
 def _ws_json(name: str, state: str = "running", **extra: Any) -> dict[str, Any]:
@@ -42,7 +45,9 @@ def _ws_json(name: str, state: str = "running", **extra: Any) -> dict[str, Any]:
         "resources": {"cpus": 2.0, "memory_mb": 4096, "disk_gb": 10, "gpus": 0, "pids": 512},
         "env": {},
         "idle_timeout_s": 900,
+        "stop_after_s": None,
         "keep_alive": False,
+        "keepalive_until": None,
         "created_at": "2024-05-01T12:30:45+00:00",
         "updated_at": "2024-05-01T12:30:45+00:00",
         "last_activity_at": None,
@@ -142,6 +147,8 @@ class FakeServer:
         if rest in targets and method == "POST":
             ws["state"] = targets[rest]
             return httpx.Response(200, json=ws)
+        if rest == "keepalive" and method == "POST":
+            return self.handle_keepalive(request, ws)
         if rest == "exec":
             return httpx.Response(200, json=self.exec_reply)
         if rest == "events":
@@ -171,6 +178,18 @@ class FakeServer:
                 self.files.pop(path, None)
                 return httpx.Response(204)
         return _error(405, "method_not_allowed", f"{method} {rest}")
+
+    def handle_keepalive(self, request: httpx.Request, ws: dict[str, Any]) -> httpx.Response:
+        """Like the server: validate ttl_s, wake the workspace, set or clear the lease."""
+        ttl = json.loads(request.content).get("ttl_s")
+        if not isinstance(ttl, int) or not 0 <= ttl <= MAX_KEEPALIVE_S:
+            return _error(422, "invalid", f"ttl_s must be between 0 and {MAX_KEEPALIVE_S}")
+        if ws["state"] not in ("running", "paused", "stopped"):
+            return _error(409, "conflict", f"workspace is {ws['state']}")
+        ws["state"] = "running"
+        until = NOW + timedelta(seconds=ttl)
+        ws["keepalive_until"] = until.isoformat().replace("+00:00", "Z") if ttl else None
+        return httpx.Response(200, json=ws)
 
     def last(self, method: str, suffix: str) -> httpx.Request:
         for request in reversed(self.requests):
@@ -313,6 +332,48 @@ def test_lifecycle(den: Den, fake: FakeServer) -> None:
     assert ws.resume().state == "running"
     fake.workspaces["api"]["state"] = "stopped"
     assert ws.refresh().state == "stopped"
+
+
+def test_pause_and_resume_take_the_server_answer(den: Den, fake: FakeServer) -> None:
+    fake.add("api")
+    ws = den.workspace("api")
+    paused = ws.pause()
+    assert paused is ws and ws.state == "paused"
+    assert fake.last("POST", "/pause").url.path == "/api/v1/workspaces/id-api/pause"
+    assert fake.last("POST", "/pause").content == b""
+    fake.overrides[("POST", "/api/v1/workspaces/id-api/resume")] = httpx.Response(
+        200, json={**fake.workspaces["api"], "state": "running", "last_activity_at": "x"})
+    assert ws.resume().state == "running" and ws.raw["last_activity_at"] == "x"
+    fake.overrides[("POST", "/api/v1/workspaces/id-api/resume")] = _error(
+        409, "conflict", "cannot resume a workspace that is stopped")
+    with pytest.raises(DenAPIError) as info:
+        ws.resume()
+    assert (info.value.status, info.value.code) == (409, "conflict")
+
+
+def test_keepalive(den: Den, fake: FakeServer) -> None:
+    fake.add("api", "paused")
+    ws = den.workspace("api")
+    assert ws.keepalive_until is None
+    assert ws.keepalive(600) is ws
+    request = fake.last("POST", "/keepalive")
+    assert request.url.path == "/api/v1/workspaces/id-api/keepalive"
+    assert json.loads(request.content) == {"ttl_s": 600}
+    assert ws.state == "running"  # a paused workspace is woken
+    assert ws.keepalive_until == "2026-11-29T12:50:03.500000Z"
+    assert ws.keepalive(0).keepalive_until is None  # 0 ends the lease
+    assert json.loads(fake.last("POST", "/keepalive").content) == {"ttl_s": 0}
+    with pytest.raises(DenAPIError) as info:
+        ws.keepalive(MAX_KEEPALIVE_S + 1)
+    assert (info.value.status, info.value.code) == (422, "invalid")
+    assert ws.state == "running"  # unchanged by the failed call
+
+
+def test_create_with_idle_policy(den: Den, fake: FakeServer) -> None:
+    den.create("https://forge/acme/api.git", idle_timeout_s=0, stop_after_s=3600, wait=False)
+    body = json.loads(fake.last("POST", "/api/v1/workspaces").content)
+    assert (body["idle_timeout_s"], body["stop_after_s"]) == (0, 3600)
+    assert "keep_alive" not in body
 
 
 def test_conflict_is_translated(den: Den, fake: FakeServer) -> None:
@@ -736,6 +797,35 @@ def test_cli_lifecycle(cli: Callable[..., int], fake: FakeServer, verb: str, sta
     assert cli(verb, "api") == 0
     assert capsys.readouterr().out == f"api {state}\n"
     assert fake.last("POST", f"/{verb}").url.path == f"/api/v1/workspaces/id-api/{verb}"
+
+
+@pytest.mark.usefixtures("logged_in")
+def test_cli_keepalive(cli: Callable[..., int], fake: FakeServer,
+                       capsys: pytest.CaptureFixture[str]) -> None:
+    fake.add("api", "paused")
+    assert cli("keepalive", "api") == 0
+    assert capsys.readouterr().out == "api keepalive until 2026-11-29 12:55:03 UTC\n"
+    assert json.loads(fake.last("POST", "/keepalive").content) == {"ttl_s": 900}
+    assert fake.workspaces["api"]["state"] == "running"
+    assert cli("keepalive", "id-api", "--ttl", "3600") == 0
+    assert capsys.readouterr().out == "api keepalive until 2026-11-29 13:40:03 UTC\n"
+    assert cli("keepalive", "api", "--ttl", "0") == 0
+    assert capsys.readouterr().out == "api keepalive ended\n"
+    assert json.loads(fake.last("POST", "/keepalive").content) == {"ttl_s": 0}
+    assert cli("keepalive", "api", "--ttl", "-5") == 1
+    assert capsys.readouterr().err == f"den: ttl_s must be between 0 and {MAX_KEEPALIVE_S}\n"
+    assert cli("keepalive", "nope") == 1
+    assert capsys.readouterr().err == "den: workspace nope not found\n"
+
+
+@pytest.mark.usefixtures("logged_in")
+def test_cli_keepalive_prints_the_lease_end_in_utc(cli: Callable[..., int], fake: FakeServer,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    fake.add("api")
+    fake.overrides[("POST", "/api/v1/workspaces/id-api/keepalive")] = httpx.Response(
+        200, json={**fake.workspaces["api"], "keepalive_until": "2026-11-29T14:15:00+02:00"})
+    assert cli("keepalive", "api") == 0
+    assert capsys.readouterr().out == "api keepalive until 2026-11-29 12:15:00 UTC\n"
 
 
 @pytest.mark.usefixtures("logged_in")

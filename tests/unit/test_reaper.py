@@ -148,3 +148,19 @@ async def test_keep_alive_workspaces_are_never_paused(
     ws_id = await _running(service, make_repo(), keep_alive=True)
     _age(service, ws_id, 10**6)
     assert await Reaper(service, service.settings).run_once() == []
+
+
+@pytest.mark.anyio
+async def test_a_resumed_workspace_gets_a_fresh_idle_clock(
+        service: WorkspaceService, make_repo: Callable[..., Path]) -> None:
+    ws_id = await _running(service, make_repo())
+    reaper = Reaper(service, service.settings)
+    _age(service, ws_id, 61)
+    assert await reaper.run_once() == [(ws_id, Action.PAUSE)]
+    _age(service, ws_id, 61)
+    await service.resume(ws_id, actor="alice")
+    assert await reaper.run_once() == []
+    await service.stop(ws_id, actor="alice")
+    _age(service, ws_id, 61)
+    await service.start(ws_id, actor="alice")
+    assert await reaper.run_once() == []
