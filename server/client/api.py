@@ -5,6 +5,8 @@
     den = Den("http://127.0.0.1:8080", token="den_...")   # or Den.from_config()
     ws = den.create("https://forge/acme/api.git", branch="main")
     r = ws.exec("pytest -q")
+    snap = ws.snapshot("before-upgrade")                  # disk (and, with memory=True, memory)
+    fork = den.fork(snap.id, name="try-upgrade")          # a new workspace from the snapshot
 
 Every failure surfaces as :class:`DenAPIError`; httpx and websockets exceptions are translated in
 exactly two places (:meth:`Den.request` and :meth:`Workspace.exec_stream`). ``status`` is the HTTP
@@ -27,7 +29,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -37,7 +39,9 @@ from websockets.sync.client import connect as ws_connect
 
 from .config import load_config
 
-__all__ = ["Den", "DenAPIError", "ExecResult", "FileEntry", "Workspace", "default_name"]
+__all__ = [
+    "Den", "DenAPIError", "ExecResult", "FileEntry", "Snapshot", "Workspace", "default_name",
+]
 
 JSON = dict[str, Any]
 Command = str | Sequence[str]
@@ -46,6 +50,8 @@ TRANSITIONAL_STATES = frozenset(
     {"creating", "starting", "stopping", "pausing", "resuming", "deleting"}
 )
 _STDIN_CHUNK = 64 * 1024
+# Taking or restoring a snapshot copies the workspace's files; the server gives a copy an hour.
+_SNAPSHOT_TIMEOUT_S = 3600.0
 
 
 class _Default(enum.Enum):
@@ -111,6 +117,39 @@ class FileEntry:
             mtime=float(data.get("mtime") or 0.0),
             mode=str(data.get("mode", "")),
         )
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A snapshot of a workspace, as :meth:`Workspace.snapshot` and :meth:`Workspace.snapshots`
+    return it. ``workspace_id`` is None once the workspace it was taken of is deleted (it can
+    still be forked, not restored). ``created_at`` is ISO 8601, UTC. ``raw`` is the JSON."""
+
+    id: str
+    name: str
+    workspace_id: str | None
+    memory: bool
+    size_bytes: int
+    created_at: str
+    raw: JSON = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Snapshot:
+        """Build a snapshot from the server's JSON."""
+        workspace_id = data.get("workspace_id")
+        return cls(
+            id=str(data["id"]),
+            name=str(data.get("name", "")),
+            workspace_id=None if workspace_id is None else str(workspace_id),
+            memory=bool(data.get("memory", False)),
+            size_bytes=int(data.get("size_bytes") or 0),
+            created_at=str(data.get("created_at") or ""),
+            raw=dict(data),
+        )
+
+
+def _snapshot_id(snapshot: Snapshot | str) -> str:
+    return snapshot.id if isinstance(snapshot, Snapshot) else str(snapshot)
 
 
 def default_name(repo_url: str) -> str:
@@ -311,6 +350,47 @@ class Den:
         """One workspace, by id or name."""
         return Workspace(self, self.request_json("GET", f"/api/v1/workspaces/{_seg(id_or_name)}"))
 
+    # --- snapshots and forks ----------------------------------------------------------------
+
+    def fork(
+        self,
+        snapshot_id: Snapshot | str,
+        *,
+        name: str | None = None,
+        wait: bool = True,
+        timeout_s: float = 300.0,
+    ) -> Workspace:
+        """Create a new, independent workspace from a snapshot; with ``wait`` (default), return
+        once it is running.
+
+        The fork gets the snapshot's files (and, for a memory snapshot, its processes) and the
+        server's default resources. ``name`` defaults on the server to ``<snapshot name>-fork``.
+        Raises like :meth:`create`; another user's snapshot is a 404 ``not_found``.
+        """
+        body: JSON = {"from_snapshot": _snapshot_id(snapshot_id)}
+        if name is not None:
+            body["name"] = name
+        ws = Workspace(self, self.request_json("POST", "/api/v1/workspaces", json_body=body))
+        if wait:
+            ws.wait_for("running", timeout_s=timeout_s)
+        return ws
+
+    def restore_snapshot(
+        self, snapshot_id: Snapshot | str, *, timeout_s: float = _SNAPSHOT_TIMEOUT_S
+    ) -> Workspace:
+        """Roll the snapshot's workspace back to it (stop, replace its files, start); return the
+        workspace once it is running again.
+
+        Raises DenAPIError 409 ``workspace_gone`` when that workspace was deleted (fork the
+        snapshot instead), 409 ``conflict`` when it is in a transition.
+        """
+        path = f"/api/v1/snapshots/{_seg(_snapshot_id(snapshot_id))}/restore"
+        return Workspace(self, self.request_json("POST", path, timeout_s=timeout_s))
+
+    def delete_snapshot(self, snapshot_id: Snapshot | str) -> None:
+        """Delete a snapshot (its image, volume and saved memory); forks made from it stay."""
+        self.request("DELETE", f"/api/v1/snapshots/{_seg(_snapshot_id(snapshot_id))}")
+
 
 class Workspace:
     """A thin handle on one workspace: the client plus the last JSON seen from the server."""
@@ -434,9 +514,13 @@ class Workspace:
         )
         return self
 
-    def delete(self) -> bool:
-        """Delete the workspace and its disk; True if done, False if still in progress (202)."""
-        response = self.den.request("DELETE", self._path)
+    def delete(self, *, snapshots: bool = False) -> bool:
+        """Delete the workspace and its disk; True if done, False if still in progress (202).
+
+        Its snapshots are kept (they can still be forked) unless ``snapshots=True``.
+        """
+        params = {"snapshots": "true"} if snapshots else None
+        response = self.den.request("DELETE", self._path, params=params)
         if response.status_code == 202:
             self._data["state"] = "deleting"
             return False
@@ -445,6 +529,29 @@ class Workspace:
     def events(self) -> list[JSON]:
         """The event log: ``{"id", "at", "kind", "from_state", "to_state", "actor", "message"}``."""
         return list(self.den.request_json("GET", f"{self._path}/events")["events"])
+
+    # --- snapshots --------------------------------------------------------------------------
+
+    def snapshot(
+        self, name: str, *, memory: bool = False, timeout_s: float = _SNAPSHOT_TIMEOUT_S
+    ) -> Snapshot:
+        """Take a snapshot of the workspace's disk (container filesystem and /workspace).
+
+        ``memory=True`` also saves its memory and processes: the workspace is paused for the
+        moment of the snapshot (ending processes started by exec, as any pause does) and
+        resumed afterwards if it was running. A stopped workspace cannot take one (409
+        ``conflict``). Taking more than the server keeps per workspace deletes the oldest.
+        """
+        data = self.den.request_json(
+            "POST", f"{self._path}/snapshots", json_body={"name": name, "memory": memory},
+            timeout_s=timeout_s,
+        )
+        return Snapshot.from_json(data)
+
+    def snapshots(self) -> list[Snapshot]:
+        """The workspace's snapshots, oldest first."""
+        data = self.den.request_json("GET", f"{self._path}/snapshots")
+        return [Snapshot.from_json(item) for item in data["snapshots"]]
 
     # --- exec -------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from .api import Den, DenAPIError, Workspace
+from .api import Den, DenAPIError, Snapshot, Workspace
 from .config import ClientConfig, load_config, save_config
 
 __all__ = ["ClientFactory", "add_client_commands"]
@@ -116,6 +116,23 @@ def _utc(value: str) -> str:
 
 def _status_line(ws: Workspace) -> str:
     return f"{ws.name} {ws.state}"
+
+
+def _size(n: int) -> str:
+    """Bytes for people: ``512 B``, ``1.5 KiB``, ``117.7 MiB``, ``2.0 GiB``."""
+    if n < 1024:
+        return f"{n} B"
+    value = n / 1024
+    for unit in ("KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def _default_snapshot_name() -> str:
+    """A UTC timestamp such as ``20261129-1405``."""
+    return datetime.now(UTC).strftime("%Y%m%d-%H%M")
 
 
 # --- verbs ------------------------------------------------------------------------------------
@@ -231,11 +248,12 @@ def _rm(args: argparse.Namespace, ctx: _Context) -> int:
         if not sys.stdin.isatty():
             msg = f"refusing to delete {args.name} without --yes (stdin is not a terminal)"
             raise CLIError(msg)
-        if not _confirm(f"Delete workspace {args.name} and its disk?"):
+        what = ", its disk and its snapshots" if args.snapshots else " and its disk"
+        if not _confirm(f"Delete workspace {args.name}{what}?"):
             raise CLIError("aborted")
     with ctx.client() as den:
         ws = den.workspace(args.name)
-        done = ws.delete()
+        done = ws.delete(snapshots=args.snapshots)
     print(f"{ws.name} {'deleted' if done else 'deleting'}")
     return 0
 
@@ -258,6 +276,51 @@ def _events(args: argparse.Namespace, ctx: _Context) -> int:
     return 0
 
 
+def _snapshot(args: argparse.Namespace, ctx: _Context) -> int:
+    name = args.snapshot_name or _default_snapshot_name()
+    with ctx.client() as den:
+        snap = den.workspace(args.name).snapshot(name, memory=args.memory)
+    print(snap.id)
+    return 0
+
+
+def _snapshot_row(snap: Snapshot) -> list[str]:
+    return [snap.id, snap.name, "yes" if snap.memory else "no", _size(snap.size_bytes),
+            _when(snap.created_at)]
+
+
+def _snapshots(args: argparse.Namespace, ctx: _Context) -> int:
+    with ctx.client() as den:
+        snaps = den.workspace(args.name).snapshots()
+    if args.json:
+        print(json.dumps([snap.raw for snap in snaps], indent=2))
+        return 0
+    print(_table(["ID", "NAME", "MEMORY", "SIZE", "CREATED"], [_snapshot_row(s) for s in snaps]))
+    return 0
+
+
+def _fork(args: argparse.Namespace, ctx: _Context) -> int:
+    with ctx.client() as den:
+        ws = den.fork(args.snapshot, name=args.name, wait=not args.no_wait,
+                      timeout_s=args.timeout)
+        print(_status_line(ws))
+    return 0
+
+
+def _restore(args: argparse.Namespace, ctx: _Context) -> int:
+    with ctx.client() as den:
+        ws = den.restore_snapshot(args.snapshot)
+    print(_status_line(ws))
+    return 0
+
+
+def _rm_snapshot(args: argparse.Namespace, ctx: _Context) -> int:
+    with ctx.client() as den:
+        den.delete_snapshot(args.snapshot)
+    print(f"{args.snapshot} deleted")
+    return 0
+
+
 # --- registration -----------------------------------------------------------------------------
 
 
@@ -266,7 +329,8 @@ def add_client_commands(
     *,
     client_factory: ClientFactory | None = None,
 ) -> None:
-    """Register login, create, ls, exec, start, stop, pause, resume, keepalive, rm, events.
+    """Register login, create, ls, exec, start, stop, pause, resume, keepalive, rm, events,
+    snapshot, snapshots, fork, restore and rm-snapshot.
 
     ``client_factory`` builds the :class:`Den` used by each verb (tests pass one that injects an
     ``httpx.MockTransport``); by default ``Den(config.url, config.token)``.
@@ -324,7 +388,34 @@ def add_client_commands(
     p = verb("rm", _rm, "delete a workspace and its disk")
     p.add_argument("name", metavar="NAME")
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--snapshots", action="store_true",
+                   help="delete the workspace's snapshots too (kept by default)")
 
     p = verb("events", _events, "show a workspace's event log")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--json", action="store_true", help="print the raw JSON")
+
+    p = verb("snapshot", _snapshot,
+             "snapshot a workspace's disk (and memory with --memory); prints the snapshot id")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--name", dest="snapshot_name", metavar="SNAP",
+                   help="the snapshot's name (default: the UTC time, e.g. 20261129-1405)")
+    p.add_argument("--memory", action="store_true",
+                   help="save memory and processes too (pauses the workspace for the moment)")
+
+    p = verb("snapshots", _snapshots, "list a workspace's snapshots")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+
+    p = verb("fork", _fork, "create a new workspace from a snapshot")
+    p.add_argument("snapshot", metavar="SNAPSHOT", help="the snapshot id")
+    p.add_argument("--name", required=True, help="the new workspace's name")
+    p.add_argument("--no-wait", action="store_true", help="return while it is still creating")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
+
+    p = verb("restore", _restore,
+             "roll a snapshot's workspace back to it (stop, replace its files, start)")
+    p.add_argument("snapshot", metavar="SNAPSHOT", help="the snapshot id")
+
+    p = verb("rm-snapshot", _rm_snapshot, "delete a snapshot (forks made from it stay)")
+    p.add_argument("snapshot", metavar="SNAPSHOT", help="the snapshot id")

@@ -689,8 +689,16 @@ class WorkspaceService:
         self.touch(ws_id)
         spec = self.spec_for(ws)
         try:
-            async with self.activity.hold(ws_id):
-                return await self.runtime.exec(spec, req)
+            for attempt in (1, 2):
+                try:
+                    async with self.activity.hold(ws_id):
+                        return await self.runtime.exec(spec, req)
+                except EngineConflict:
+                    # The sandbox died under us: start it again once and retry.
+                    if attempt == 2 or not await self._check_alive(ws_id, spec, actor=actor):
+                        raise
+                    await self.ensure_running(ws_id, actor=actor)
+            raise AssertionError("unreachable")
         except DenError as exc:
             await self._check_alive(ws_id, spec, actor=actor)
             if isinstance(exc, EngineConflict):
@@ -700,15 +708,17 @@ class WorkspaceService:
         finally:
             self.touch(ws_id)
 
-    async def _check_alive(self, ws_id: str, spec: WorkspaceSpec, *, actor: str) -> None:
+    async def _check_alive(self, ws_id: str, spec: WorkspaceSpec, *, actor: str) -> bool:
         """After a failed exec: record a workspace whose sandbox died (out of memory, most
-        often) as stopped, so that the next access starts it again."""
+        often) as stopped, so that the next access starts it again. True when it did."""
         with contextlib.suppress(DenError):
             if await self.runtime.status(spec) is ContainerStatus.RUNNING:
-                return
+                return False
             self._transition(ws_id, State.RUNNING, State.STOPPED, actor=actor,
                              message="the workspace's sandbox exited unexpectedly "
                                      "(out of memory?); it starts again on the next access")
+            return True
+        return False
 
     async def keepalive(self, ws_id: str, ttl_s: int, *, actor: str) -> Workspace:
         """A lease keeping the workspace awake for ``ttl_s`` seconds (0 ends it); wakes it."""

@@ -21,8 +21,8 @@ from websockets.http11 import Request, Response
 from websockets.sync.server import ServerConnection, serve
 
 from server.client import Den, DenAPIError, ExecResult, FileEntry, Workspace
-from server.client.api import default_name
-from server.client.commands import add_client_commands
+from server.client.api import Snapshot, default_name
+from server.client.commands import _size, add_client_commands
 from server.client.config import ClientConfig, config_path, load_config, save_config
 
 URL = "http://den.test"
@@ -74,6 +74,7 @@ class FakeServer:
     exec_reply: dict[str, Any] = field(default_factory=lambda: {
         "exit_code": 0, "stdout": "ok\n", "stderr": "", "timed_out": False, "duration_ms": 12})
     overrides: dict[tuple[str, str], httpx.Response] = field(default_factory=dict)
+    snapshots: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def transport(self) -> httpx.MockTransport:
         return httpx.MockTransport(self.handle)
@@ -105,6 +106,8 @@ class FakeServer:
             return httpx.Response(200, json={"id": "u1", "name": "alice", "is_admin": False})
         if path.startswith("/api/v1/users/me/tokens"):
             return self.handle_tokens(request)
+        if path.startswith("/api/v1/snapshots/"):
+            return self.handle_snapshot(request, path.removeprefix("/api/v1/snapshots/"))
         if path == "/api/v1/workspaces":
             if request.method == "POST":
                 return self.handle_create(json.loads(request.content))
@@ -127,9 +130,51 @@ class FakeServer:
         return httpx.Response(204)
 
     def handle_create(self, body: dict[str, Any]) -> httpx.Response:
+        if "from_snapshot" in body:
+            snap = self.snapshots.get(body["from_snapshot"])
+            if snap is None:
+                return _error(404, "not_found", f"no snapshot {body['from_snapshot']!r}")
+            ws = self.add(body.get("name") or f"{snap['name']}-fork", "creating")
+            return httpx.Response(202, json=ws)
         ws = self.add(body["name"], "creating")
         ws["repo"]["url"] = body["repo"]["url"]
         return httpx.Response(202, json=ws)
+
+    def add_snapshot(self, ws: dict[str, Any], name: str, *, memory: bool = False,
+                     size_bytes: int = 0) -> dict[str, Any]:
+        sid = f"sn{len(self.snapshots) + 1:012x}"
+        self.snapshots[sid] = {"id": sid, "name": name, "workspace_id": ws["id"],
+                               "memory": memory, "size_bytes": size_bytes,
+                               "created_at": "2026-11-29T14:05:09.123456Z"}
+        return self.snapshots[sid]
+
+    def handle_snapshots(self, request: httpx.Request, ws: dict[str, Any]) -> httpx.Response:
+        if request.method == "GET":
+            mine = [s for s in self.snapshots.values() if s["workspace_id"] == ws["id"]]
+            return httpx.Response(200, json={"snapshots": mine})
+        body = json.loads(request.content)
+        if body["memory"] and ws["state"] not in ("running", "paused"):
+            return _error(409, "conflict", f"workspace is {ws['state']}; a memory snapshot "
+                                           "needs it running or paused")
+        snap = self.add_snapshot(ws, body["name"], memory=body["memory"], size_bytes=123456789)
+        return httpx.Response(201, json=snap)
+
+    def handle_snapshot(self, request: httpx.Request, rest: str) -> httpx.Response:
+        sid, _, action = rest.partition("/")
+        snap = self.snapshots.get(sid)
+        if snap is None:
+            return _error(404, "not_found", f"no snapshot {sid!r}")
+        if request.method == "DELETE" and action == "":
+            del self.snapshots[sid]
+            return httpx.Response(204)
+        if request.method == "POST" and action == "restore":
+            ws = self.find(snap["workspace_id"] or "")
+            if ws is None:
+                return _error(409, "workspace_gone",
+                              "the snapshot's workspace is deleted; fork the snapshot instead")
+            ws["state"] = "running"
+            return httpx.Response(200, json=ws)
+        return _error(405, "method_not_allowed", f"{request.method} {rest}")
 
     def handle_workspace(self, request: httpx.Request, ws: dict[str, Any], rest: str
                          ) -> httpx.Response:
@@ -142,7 +187,16 @@ class FakeServer:
             return httpx.Response(200, json=ws)
         if rest == "" and method == "DELETE":
             del self.workspaces[ws["name"]]
+            drop = request.url.params.get("snapshots") == "true"
+            for sid, snap in list(self.snapshots.items()):
+                if snap["workspace_id"] == ws["id"]:
+                    if drop:
+                        del self.snapshots[sid]
+                    else:
+                        snap["workspace_id"] = None
             return httpx.Response(204)
+        if rest == "snapshots":
+            return self.handle_snapshots(request, ws)
         targets = {"start": "running", "stop": "stopped", "pause": "paused", "resume": "running"}
         if rest in targets and method == "POST":
             ws["state"] = targets[rest]
@@ -394,6 +448,104 @@ def test_delete(den: Den, fake: FakeServer) -> None:
     fake.overrides[("DELETE", "/api/v1/workspaces/id-web")] = httpx.Response(202)
     ws = den.workspace("web")
     assert ws.delete() is False and ws.state == "deleting"
+
+
+def test_snapshot_and_list(den: Den, fake: FakeServer) -> None:
+    fake.add("api")
+    ws = den.workspace("api")
+    snap = ws.snapshot("before")
+    assert isinstance(snap, Snapshot)
+    assert (snap.name, snap.workspace_id, snap.memory, snap.size_bytes) == (
+        "before", "id-api", False, 123456789)
+    assert snap.created_at == "2026-11-29T14:05:09.123456Z" and snap.raw["id"] == snap.id
+    request = fake.last("POST", "/snapshots")
+    assert request.url.path == "/api/v1/workspaces/id-api/snapshots"
+    assert json.loads(request.content) == {"name": "before", "memory": False}
+    with_memory = ws.snapshot("mem", memory=True)
+    assert with_memory.memory is True
+    assert json.loads(fake.last("POST", "/snapshots").content) == {"name": "mem", "memory": True}
+    assert ws.snapshots() == [snap, with_memory]
+    assert fake.last("GET", "/snapshots").url.path == "/api/v1/workspaces/id-api/snapshots"
+
+
+def test_memory_snapshot_of_a_stopped_workspace_is_409(den: Den, fake: FakeServer) -> None:
+    fake.add("api", "stopped")
+    with pytest.raises(DenAPIError) as info:
+        den.workspace("api").snapshot("m", memory=True)
+    assert (info.value.status, info.value.code) == (409, "conflict")
+
+
+def test_snapshot_from_json_defaults() -> None:
+    snap = Snapshot.from_json({"id": "sn1", "name": "x", "workspace_id": None})
+    assert snap == Snapshot("sn1", "x", None, False, 0, "")
+    assert snap.raw == {"id": "sn1", "name": "x", "workspace_id": None}
+    assert hash(snap) == hash(Snapshot("sn1", "x", None, False, 0, "", raw={"other": 1}))
+
+
+def test_fork_waits_until_running(den: Den, fake: FakeServer) -> None:
+    snap = fake.add_snapshot(fake.add("api"), "before")
+    fake.create_states = ["creating", "running"]
+    ws = den.fork(snap["id"], name="trial")
+    assert (ws.name, ws.state) == ("trial", "running")
+    body = json.loads(fake.last("POST", "/api/v1/workspaces").content)
+    assert body == {"from_snapshot": snap["id"], "name": "trial"}
+    assert sum(r.method == "GET" for r in fake.requests) == 2
+
+
+def test_fork_no_wait_default_name_and_snapshot_object(den: Den, fake: FakeServer) -> None:
+    fake.add("api")
+    snap = den.workspace("api").snapshot("before")
+    ws = den.fork(snap, wait=False)  # a Snapshot works as well as its id
+    assert (ws.name, ws.state) == ("before-fork", "creating")
+    assert json.loads(fake.last("POST", "/api/v1/workspaces").content) == {
+        "from_snapshot": snap.id}
+    with pytest.raises(DenAPIError) as info:
+        den.fork("sngone")
+    assert (info.value.status, info.value.code) == (404, "not_found")
+
+
+def test_fork_ending_in_error(den: Den, fake: FakeServer) -> None:
+    snap = fake.add_snapshot(fake.add("api"), "before")
+    fake.create_states = ["error"]
+    fake.create_reason = "copying the workspace's files failed"
+    with pytest.raises(DenAPIError) as info:
+        den.fork(snap["id"], name="trial")
+    assert (info.value.code, info.value.message) == (
+        "workspace_error", "copying the workspace's files failed")
+
+
+def test_restore_and_delete_snapshot(den: Den, fake: FakeServer) -> None:
+    fake.add("api", "stopped")
+    snap = fake.add_snapshot(fake.workspaces["api"], "before")
+    ws = den.restore_snapshot(snap["id"])
+    assert isinstance(ws, Workspace) and (ws.name, ws.state) == ("api", "running")
+    assert fake.last("POST", "/restore").url.path == f"/api/v1/snapshots/{snap['id']}/restore"
+    den.delete_snapshot(Snapshot.from_json(snap))
+    assert fake.last("DELETE", snap["id"]).url.path == f"/api/v1/snapshots/{snap['id']}"
+    assert fake.snapshots == {}
+    with pytest.raises(DenAPIError) as info:
+        den.delete_snapshot("a/b")
+    assert info.value.status == 404
+    assert fake.requests[-1].url.raw_path == b"/api/v1/snapshots/a%2Fb"
+
+
+def test_restore_of_a_deleted_workspaces_snapshot(den: Den, fake: FakeServer) -> None:
+    snap = fake.add_snapshot(fake.add("api"), "before")
+    den.workspace("api").delete()
+    assert fake.snapshots[snap["id"]]["workspace_id"] is None  # kept
+    assert "snapshots" not in fake.last("DELETE", "/id-api").url.params
+    with pytest.raises(DenAPIError) as info:
+        den.restore_snapshot(snap["id"])
+    assert (info.value.status, info.value.code) == (409, "workspace_gone")
+    assert den.fork(snap["id"], name="again").state == "running"  # still forkable
+
+
+def test_delete_with_snapshots(den: Den, fake: FakeServer) -> None:
+    fake.add_snapshot(fake.add("api"), "before")
+    other = fake.add_snapshot(fake.add("web"), "keep")
+    assert den.workspace("api").delete(snapshots=True) is True
+    assert fake.last("DELETE", "/id-api").url.params["snapshots"] == "true"
+    assert list(fake.snapshots) == [other["id"]]
 
 
 def test_exec(den: Den, fake: FakeServer) -> None:
@@ -876,6 +1028,118 @@ def test_cli_events(cli: Callable[..., int], fake: FakeServer,
     ]
     assert cli("events", "api", "--json") == 0
     assert len(json.loads(capsys.readouterr().out)) == 2
+
+
+@pytest.mark.usefixtures("logged_in")
+def test_cli_rm_with_snapshots(cli: Callable[..., int], fake: FakeServer,
+                               monkeypatch: pytest.MonkeyPatch,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    fake.add_snapshot(fake.add("api"), "one")
+    kept = fake.add_snapshot(fake.add("web"), "two")
+    monkeypatch.setattr("sys.stdin", _TTY("y\n"))
+    assert cli("rm", "api", "--snapshots") == 0
+    captured = capsys.readouterr()
+    assert "Delete workspace api, its disk and its snapshots?" in captured.err
+    assert captured.out == "api deleted\n"
+    assert fake.last("DELETE", "/id-api").url.params["snapshots"] == "true"
+    assert list(fake.snapshots) == [kept["id"]]
+    assert cli("rm", "-y", "web") == 0
+    assert "snapshots" not in fake.last("DELETE", "/id-web").url.params
+    assert fake.snapshots[kept["id"]]["workspace_id"] is None
+
+
+@pytest.mark.usefixtures("logged_in")
+def test_cli_snapshot(cli: Callable[..., int], fake: FakeServer,
+                      monkeypatch: pytest.MonkeyPatch,
+                      capsys: pytest.CaptureFixture[str]) -> None:
+    fake.add("api")
+    assert cli("snapshot", "api", "--name", "before") == 0
+    (sid,) = fake.snapshots
+    assert capsys.readouterr().out == f"{sid}\n"
+    assert json.loads(fake.last("POST", "/snapshots").content) == {"name": "before",
+                                                                   "memory": False}
+
+    class _Clock(datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> _Clock:
+            return cls(2026, 11, 29, 14, 5, 59, tzinfo=UTC)
+
+    monkeypatch.setattr("server.client.commands.datetime", _Clock)
+    assert cli("snapshot", "id-api", "--memory") == 0
+    assert json.loads(fake.last("POST", "/snapshots").content) == {"name": "20261129-1405",
+                                                                   "memory": True}
+    assert capsys.readouterr().out.strip() in fake.snapshots
+
+    fake.workspaces["api"]["state"] = "stopped"
+    assert cli("snapshot", "api", "--memory") == 1
+    assert capsys.readouterr().err == (
+        "den: workspace is stopped; a memory snapshot needs it running or paused\n")
+    assert cli("snapshot", "nope") == 1
+    assert capsys.readouterr().err == "den: workspace nope not found\n"
+
+
+@pytest.mark.parametrize(("n", "text"), [
+    (0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"), (5 * 1024**2, "5.0 MiB"),
+    (3 * 1024**4, "3072.0 GiB"),
+])
+def test_size(n: int, text: str) -> None:
+    assert _size(n) == text
+
+
+@pytest.mark.usefixtures("logged_in")
+def test_cli_snapshots(cli: Callable[..., int], fake: FakeServer,
+                       capsys: pytest.CaptureFixture[str]) -> None:
+    api = fake.add("api")
+    fake.add_snapshot(api, "before", size_bytes=123456789)
+    fake.add_snapshot(api, "with-tmux", memory=True, size_bytes=2 * 1024**3 + 1)
+    fake.add_snapshot(fake.add("web"), "other")
+    assert cli("snapshots", "api") == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "ID              NAME       MEMORY  SIZE       CREATED",
+        "sn000000000001  before     no      117.7 MiB  2026-11-29 14:05",
+        "sn000000000002  with-tmux  yes     2.0 GiB    2026-11-29 14:05",
+    ]
+    assert cli("snapshots", "api", "--json") == 0
+    assert [s["name"] for s in json.loads(capsys.readouterr().out)] == ["before", "with-tmux"]
+    fake.add("empty")
+    assert cli("snapshots", "empty") == 0
+    assert capsys.readouterr().out == "ID  NAME  MEMORY  SIZE  CREATED\n"
+
+
+@pytest.mark.usefixtures("logged_in")
+def test_cli_fork(cli: Callable[..., int], fake: FakeServer,
+                  capsys: pytest.CaptureFixture[str]) -> None:
+    snap = fake.add_snapshot(fake.add("api"), "before")
+    assert cli("fork", snap["id"], "--name", "trial") == 0
+    assert capsys.readouterr().out == "trial running\n"
+    assert json.loads(fake.last("POST", "/api/v1/workspaces").content) == {
+        "from_snapshot": snap["id"], "name": "trial"}
+    assert cli("fork", snap["id"], "--name", "quick", "--no-wait") == 0
+    assert capsys.readouterr().out == "quick creating\n"
+    assert cli("fork", "sngone", "--name", "x") == 1
+    assert capsys.readouterr().err == "den: no snapshot 'sngone'\n"
+    with pytest.raises(SystemExit):  # --name is required
+        cli("fork", snap["id"])
+
+
+@pytest.mark.usefixtures("logged_in")
+def test_cli_restore_and_rm_snapshot(cli: Callable[..., int], fake: FakeServer,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    snap = fake.add_snapshot(fake.add("api", "paused"), "before")
+    assert cli("restore", snap["id"]) == 0
+    assert capsys.readouterr().out == "api running\n"
+    assert fake.last("POST", "/restore").url.path == f"/api/v1/snapshots/{snap['id']}/restore"
+    assert cli("rm-snapshot", snap["id"]) == 0
+    assert capsys.readouterr().out == f"{snap['id']} deleted\n"
+    assert fake.snapshots == {}
+    assert cli("rm-snapshot", snap["id"]) == 1
+    assert capsys.readouterr().err == f"den: no snapshot '{snap['id']}'\n"
+
+    gone = fake.add_snapshot(fake.add("web"), "old")
+    gone["workspace_id"] = None  # its workspace was deleted
+    assert cli("restore", gone["id"]) == 1
+    assert capsys.readouterr().err == (
+        "den: the snapshot's workspace is deleted; fork the snapshot instead\n")
 
 
 def test_cli_unreachable(clean_env: Path, capsys: pytest.CaptureFixture[str]) -> None:

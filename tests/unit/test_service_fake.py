@@ -664,3 +664,14 @@ async def test_restore_brings_back_the_snapshots_files(
     assert restored.state == "running" and fake_runtime.files[volume] == {"notes": b"v1"}
     assert transitions(svc, ws.id)[-4:] == [("running", "stopping"), ("stopping", "stopped"),
                                             ("stopped", "starting"), ("starting", "running")]
+
+
+async def test_exec_restarts_a_sandbox_that_died_and_retries_once(
+        svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]) -> None:
+    ws = await create(svc, user(svc), make_repo())
+    fake_runtime.containers[svc.spec_for(ws).container_name].running = False  # it died
+    result = await svc.exec(ws.id, svc.exec_request(ws, ["echo", "back"]), actor="alice")
+    assert result.stdout == b"back\n"
+    assert svc.get(ws.id).state == "running"
+    messages = [e.message for e in svc.events(ws.id)]
+    assert any("exited unexpectedly" in m for m in messages)
