@@ -48,7 +48,8 @@ def default_runtime(settings: Settings) -> Runtime:
     from server.runtime.docker import DockerRuntime
 
     return DockerRuntime(base_url=settings.docker_url, gvisor_runtime=settings.gvisor_runtime,
-                         threads=settings.engine_threads, helper_image=settings.default_image)
+                         threads=settings.engine_threads, helper_image=settings.default_image,
+                         runsc=settings.runsc_path, runsc_root=settings.runsc_root)
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:

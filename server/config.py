@@ -66,6 +66,13 @@ class Settings(BaseSettings):
     gvisor_runtime: str = Field(
         "runsc", description="Name of the Docker runtime that runs gVisor (daemon.json)."
     )
+    runsc_path: str = Field(
+        "runsc", description="The runsc binary, to read a sandbox's process list before a pause."
+    )
+    runsc_root: str = Field(
+        "/run/docker/runtime-runc/moby",
+        description="runsc's state directory for Docker's containers (Docker 20.10's default).",
+    )
     allow_insecure_runc: bool = Field(
         False,
         description=(
@@ -120,12 +127,19 @@ class Settings(BaseSettings):
             "workspace counts as busy even with no API or terminal activity."
         ),
     )
+    containerd_tmp_dir: Path = Field(
+        Path("/tmp"),
+        description=(
+            "containerd's temp dir; the reaper removes the checkpoint copies "
+            "(ctrd-checkpoint*) it leaves there at every resume, once 10 minutes old."
+        ),
+    )
     max_keepalive_s: int = Field(
         86400, description="The longest lease one keepalive call may take."
     )
 
     max_snapshots_per_workspace: int = Field(
-        10, description="Snapshots kept per workspace; taking one more deletes the oldest."
+        10, ge=1, description="Snapshots kept per workspace; taking one more deletes the oldest."
     )
 
     # --- git -------------------------------------------------------------------------

@@ -30,7 +30,7 @@ def upgrade() -> None:
         sa.Column("repo_branch", sa.String(length=255), nullable=True),
         sa.Column("repo_dir", sa.String(length=255), nullable=False),
         sa.Column("runtime", sa.String(length=32), nullable=False),
-        sa.Column("size_bytes", sa.Integer(), nullable=False),
+        sa.Column("size_bytes", sa.BigInteger(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(["owner_id"], ["users.id"], ondelete="CASCADE"),
         sa.ForeignKeyConstraint(["workspace_id"], ["workspaces.id"], ondelete="SET NULL"),

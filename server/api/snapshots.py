@@ -26,6 +26,12 @@ def list_snapshots(ref: str, user: CurrentUser, svc: Workspaces, snaps: Snapshot
     return SnapshotList(snapshots=[SnapshotOut.of(s) for s in snaps.list_for(ws)])
 
 
+@router.get("/api/v1/snapshots", response_model=SnapshotList)
+def list_my_snapshots(user: CurrentUser, snaps: Snapshots) -> SnapshotList:
+    """The caller's snapshots, those of deleted workspaces included."""
+    return SnapshotList(snapshots=[SnapshotOut.of(s) for s in snaps.list_owned(user)])
+
+
 @router.post("/api/v1/snapshots/{sid}/restore", response_model=WorkspaceOut)
 async def restore_snapshot(sid: str, user: CurrentUser, snaps: Snapshots) -> WorkspaceOut:
     snap = snaps.get_for(user, sid)

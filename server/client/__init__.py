@@ -4,6 +4,6 @@
 commands and move files; every failure is a ``DenAPIError``.
 """
 
-from .api import Den, DenAPIError, ExecResult, FileEntry, Workspace
+from .api import Den, DenAPIError, ExecResult, FileEntry, Snapshot, Workspace
 
-__all__ = ["Den", "DenAPIError", "ExecResult", "FileEntry", "Workspace"]
+__all__ = ["Den", "DenAPIError", "ExecResult", "FileEntry", "Snapshot", "Workspace"]

@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -128,7 +129,7 @@ class Snapshot(Base):
     repo_branch: Mapped[str | None] = mapped_column(String(255), default=None)
     repo_dir: Mapped[str] = mapped_column(String(255))
     runtime: Mapped[str] = mapped_column(String(32))
-    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

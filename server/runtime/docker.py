@@ -14,6 +14,7 @@ import secrets
 import shutil
 import socket
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -46,7 +47,7 @@ T = TypeVar("T")
 
 _STDOUT, _STDERR = 1, 2
 EXEC_GRACE_S = 30
-QUIESCE_SETTLE_S = 0.2
+QUIESCE_WAIT_S = 5.0
 
 
 def _translate(exc: Exception, what: str) -> Exception:
@@ -68,7 +69,10 @@ class DockerRuntime:
     name = "docker"
 
     def __init__(self, *, base_url: str = "", gvisor_runtime: str = "runsc", threads: int = 32,
-                 helper_image: str = "den/workspace:latest"):
+                 helper_image: str = "den/workspace:latest", runsc: str = "runsc",
+                 runsc_root: str = "/run/docker/runtime-runc/moby"):
+        self._runsc = runsc
+        self._runsc_root = runsc_root
         self._base_url = base_url
         self._gvisor_runtime = gvisor_runtime
         self._helper_image = helper_image
@@ -201,14 +205,41 @@ class DockerRuntime:
             _delete_checkpoint(api, name, checkpoint)
             quiesce = ExecRequest(argv=docker_specs.quiesce_argv(), user="root", cwd="/")
             self._exec_blocking(spec, quiesce)
-            # The sandbox reaps exec'd processes a moment after the engine reports them done;
-            # one still there at checkpoint time makes gVisor drop processes on restore.
-            time.sleep(QUIESCE_SETTLE_S)
+            self._wait_for_exec_processes(api.inspect_container(name)["Id"])
             res = api._post_json(api._url("/containers/{0}/checkpoints", name),
                                  data={"CheckpointID": checkpoint, "Exit": True})
             api._raise_for_status(res)
+            for _ in range(200):  # the engine marks the container exited a moment later
+                if not api.inspect_container(name)["State"].get("Running"):
+                    return
+                time.sleep(0.05)
+            raise EngineError(f"container {name} still runs after its checkpoint")
 
         await self._call(f"pause workspace {spec.workspace_id}", run)
+
+    def _wait_for_exec_processes(self, container_id: str) -> None:
+        """Wait until the sandbox holds no exec'd process (parent 0, not PID 1) any more.
+
+        The sandbox reaps an exec'd process a moment after the engine reports it done, and
+        one still there at checkpoint time fails the restore ("no host FD available").
+        runsc's own process list (read on the host, ~30 ms) shows when they are gone."""
+        deadline = time.monotonic() + QUIESCE_WAIT_S
+        while time.monotonic() < deadline:
+            try:
+                out = subprocess.run(
+                    [self._runsc, "--root", self._runsc_root, "ps", container_id],
+                    capture_output=True, text=True, timeout=5, check=True).stdout
+            except (OSError, subprocess.SubprocessError):
+                return
+            strays = [
+                cols for cols in (line.split() for line in out.splitlines()[1:])
+                if len(cols) > 2 and cols[2] == "0" and cols[1] != "1"
+            ]
+            if not strays:
+                return
+            time.sleep(0.02)
+        log.warning("container %s: exec'd processes still there after %s s; checkpointing "
+                    "anyway", container_id[:12], QUIESCE_WAIT_S)
 
     async def resume(self, spec: WorkspaceSpec, *, checkpoint: str) -> None:
         def run() -> None:

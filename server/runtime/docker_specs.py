@@ -123,8 +123,8 @@ def exec_argv(req: ExecRequest) -> list[str]:
 
 
 # Before a checkpoint: end every process that does not descend from the container's main
-# process (PID 1). Those were started by exec; gVisor cannot restore their host descriptors
-# ("no host FD available") and would kill them on restore anyway. The script spares itself.
+# process (PID 1). Those were started by exec, hold the exec's host descriptors, and gVisor
+# cannot restore them ("no host FD available"). The script spares itself.
 QUIESCE_SCRIPT = r"""
 self=$$
 for d in /proc/[0-9]*; do

@@ -3,6 +3,7 @@ fork's build) go through the workspace service, which alone writes state."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import shutil
@@ -33,6 +34,14 @@ class SnapshotService:
         with self.sessions() as s:
             q = (select(Snapshot).where(Snapshot.workspace_id == ws.id)
                  .order_by(Snapshot.created_at))
+            return list(s.scalars(q))
+
+    def list_owned(self, user: User) -> list[Snapshot]:
+        """Every snapshot of the user (those of deleted workspaces too); all for an admin."""
+        with self.sessions() as s:
+            q = select(Snapshot).order_by(Snapshot.created_at)
+            if not user.is_admin:
+                q = q.where(Snapshot.owner_id == user.id)
             return list(s.scalars(q))
 
     def get_for(self, user: User, snapshot_id: str) -> Snapshot:
@@ -73,8 +82,10 @@ class SnapshotService:
             ws = svc.get(ws_id)
             allowed = (State.PAUSED,) if memory else SNAPSHOT_STATES
             if State(ws.state) not in allowed:
-                raise Conflict(f"workspace is {ws.state}; snapshot it when it is running, "
-                               "paused or stopped")
+                raise Conflict(
+                    "workspace was woken while its memory was being saved; try again"
+                    if memory else f"workspace is {ws.state}; snapshot it when it is running, "
+                    "paused or stopped")
             sid = new_snapshot_id()
             prefix = self.settings.engine_prefix
             snap = Snapshot(
@@ -90,8 +101,9 @@ class SnapshotService:
                 if memory:
                     snap.size_bytes += await svc.runtime.export_checkpoint(
                         svc.spec_for(ws), checkpoint=CHECKPOINT, dest=memory_dir)
-            except DenError:
-                await svc.runtime.delete_snapshot(spec)
+            except Exception:  # a disk full while copying memory too: leave nothing behind
+                with contextlib.suppress(DenError):
+                    await svc.runtime.delete_snapshot(spec)
                 shutil.rmtree(memory_dir, ignore_errors=True)
                 raise
             with self.sessions.begin() as s:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from pathlib import Path
 
 from sqlalchemy import select
 
@@ -67,6 +69,25 @@ def decide(views: list[IdleView], now: datetime) -> list[tuple[str, Action]]:
         ):
             actions.append((v.id, Action.STOP))
     return actions
+
+
+RESTORE_COPY_MAX_AGE_S = 600
+
+
+def sweep_restore_copies(tmp_dir: Path, *, max_age_s: float = RESTORE_COPY_MAX_AGE_S) -> int:
+    """Remove the copies of checkpoints containerd leaves in its temp dir at every restore
+    (``ctrd-checkpoint*``, never deleted by containerd 1.6: a full memory image each) once
+    they are older than any restore in progress. Returns how many it removed."""
+    removed = 0
+    cutoff = time.time() - max_age_s
+    for path in tmp_dir.glob("ctrd-checkpoint*"):
+        try:
+            if path.stat().st_mtime < cutoff:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                removed += 1
+        except OSError:
+            continue
+    return removed
 
 
 class Reaper:
@@ -137,6 +158,7 @@ class Reaper:
 
     async def run_once(self) -> list[tuple[str, Action]]:
         """One pass: measure, decide, act. Returns what it did (for tests and logs)."""
+        await asyncio.to_thread(sweep_restore_copies, self.settings.containerd_tmp_dir)
         actions = decide(await self.views(), datetime.now(UTC))
         await asyncio.gather(*(self._act(ws_id, action) for ws_id, action in actions))
         return actions

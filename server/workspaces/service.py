@@ -346,13 +346,15 @@ class WorkspaceService:
 
     async def restore_snapshot(self, ws_id: str, snap: Snapshot, *, actor: str) -> Workspace:
         """Roll the workspace back to ``snap``: stop it, replace its container filesystem and
-        /workspace with the snapshot's, start it."""
-        await self.stop(ws_id, actor=actor)
+        /workspace with the snapshot's, start it. A workspace in ``error`` (a failed
+        restore, say) can be restored too."""
+        if self.get(ws_id).state != State.ERROR.value:
+            await self.stop(ws_id, actor=actor)
         async with self._lock(ws_id):
             ws = self.get(ws_id)
-            if ws.state != State.STOPPED.value:
+            if ws.state not in (State.STOPPED.value, State.ERROR.value):
                 raise Conflict(f"workspace is {ws.state}; try again")
-            self._transition(ws_id, State.STOPPED, State.STARTING, actor=actor,
+            self._transition(ws_id, State(ws.state), State.STARTING, actor=actor,
                              message=f"restore snapshot {snap.id} ({snap.name})")
             with self.sessions.begin() as s:
                 s.execute(update(Workspace).where(Workspace.id == ws_id).values(image=snap.image))
@@ -380,8 +382,6 @@ class WorkspaceService:
                 await self.runtime.import_checkpoint(
                     spec, checkpoint=CHECKPOINT, src=self.snapshot_memory_dir(snap.id))
                 await self.runtime.resume(spec, checkpoint=CHECKPOINT)
-                with contextlib.suppress(DenError):
-                    await self.runtime.delete_checkpoint(spec, checkpoint=CHECKPOINT)
                 return "with its memory and processes"
             except DenError as exc:
                 log.warning("workspace %s: memory of snapshot %s not restored: %s %s",
@@ -531,8 +531,8 @@ class WorkspaceService:
             self._transition(ws_id, was, step, actor=actor)
             try:
                 await self.runtime.stop(self.spec_for(ws), timeout_s=self.settings.stop_timeout_s)
-                if was is State.PAUSED:  # stop drops the memory and keeps the disk
-                    await self.runtime.delete_checkpoint(self.spec_for(ws), checkpoint=CHECKPOINT)
+                # Stop drops the memory (of a pause, or kept since the last resume).
+                await self.runtime.delete_checkpoint(self.spec_for(ws), checkpoint=CHECKPOINT)
             except DenError as exc:
                 self._transition(ws_id, step, State.ERROR, actor=actor,
                                  reason=f"stop failed: {exc.message}")
@@ -574,7 +574,11 @@ class WorkspaceService:
 
     async def resume(self, ws_id: str, *, actor: str) -> Workspace:
         """Restore a paused workspace from its checkpoint; when that fails, start it cold
-        from its disk (processes are lost, data is not) and say so in the event log."""
+        from its disk (processes are lost, data is not) and say so in the event log.
+
+        The checkpoint is kept after a restore: gVisor may still read memory from it (deleting
+        it at once loses processes, measured). The next pause replaces it, a stop removes it:
+        a workspace has at most one."""
         async with self._lock(ws_id):
             ws = self.get(ws_id)
             step = self._plan(RESUME, ws)
@@ -598,8 +602,6 @@ class WorkspaceService:
                     raise
                 message = (f"restore from memory failed ({exc.message}); started cold from "
                            "disk: files are kept, running processes were not")
-            with contextlib.suppress(DenError):
-                await self.runtime.delete_checkpoint(spec, checkpoint=CHECKPOINT)
             self._transition(ws_id, step, State.RUNNING, actor=actor, message=message)
             return self.get(ws_id)
 

@@ -114,7 +114,10 @@ def test_workspace_delete_keeps_snapshots_unless_asked(
     sa = api.post(f"/api/v1/workspaces/{a}/snapshots", json={"name": "s"}).json()["id"]
     sb = api.post(f"/api/v1/workspaces/{b}/snapshots", json={"name": "s"}).json()["id"]
     assert api.delete(f"/api/v1/workspaces/{a}").status_code == 204
-    assert _image_exists(f"{prefix}-snapshot:{sa}")  # kept, and still forkable
+    assert _image_exists(f"{prefix}-snapshot:{sa}")  # kept, listed, and still forkable
+    mine = api.get("/api/v1/snapshots").json()["snapshots"]
+    assert {(s["id"], s["workspace_id"]) for s in mine} == {(sa, None), (sb, b)}
+    assert api.get("/api/v1/snapshots", user="bob").json()["snapshots"] == []
     r = api.post("/api/v1/workspaces", json={"name": "again", "from_snapshot": sa})
     assert api.wait_state(r.json()["id"])["state"] == "running"
     assert api.post(f"/api/v1/snapshots/{sa}/restore").json()["error"]["code"] == (

@@ -164,3 +164,21 @@ async def test_a_resumed_workspace_gets_a_fresh_idle_clock(
     _age(service, ws_id, 61)
     await service.start(ws_id, actor="alice")
     assert await reaper.run_once() == []
+
+
+def test_sweep_removes_only_old_restore_copies(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from server.workspaces.reaper import sweep_restore_copies
+
+    old, new, other = (tmp_path / "ctrd-checkpoint1", tmp_path / "ctrd-checkpoint2",
+                       tmp_path / "unrelated")
+    for d in (old, new, other):
+        d.mkdir()
+        (d / "pages").write_bytes(b"x")
+    past = time.time() - 3600
+    os.utime(old, (past, past))
+    os.utime(other, (past, past))
+    assert sweep_restore_copies(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ctrd-checkpoint2", "unrelated"]
