@@ -123,9 +123,14 @@ def exec_argv(req: ExecRequest) -> list[str]:
 
 
 # Before a checkpoint: end every process that does not descend from the container's main
-# process (PID 1). Those were started by exec, hold the exec's host descriptors, and gVisor
-# cannot restore them ("no host FD available"). The script spares itself.
+# process (PID 1): those were started by exec, hold the exec's host descriptors, and gVisor
+# cannot restore them ("no host FD available"). Then wait (up to 3 s) until no process holds
+# a host descriptor that PID 1 does not hold: a process still holding one at checkpoint time
+# (tmux's server keeps an exec'd client's stdio for a moment after the client has gone) comes
+# back frozen or not at all (measured: about half of the restores without this wait). The
+# script first points its own stdio at /dev/null so that it holds none itself.
 QUIESCE_SCRIPT = r"""
+exec </dev/null >/dev/null 2>&1
 self=$$
 for d in /proc/[0-9]*; do
   s=$(cat "$d/stat" 2>/dev/null) || continue
@@ -139,7 +144,18 @@ done | awk -v self="$self" '
       while (q != 0 && q != 1 && n < 4096) { root = q; q = parent[q]; n++ }
       if (q == 0 && root != self && p != 1) print p
     }
-  }' | xargs -r kill -KILL 2>/dev/null
+  }' | xargs -r kill -KILL
+allowed=" $(ls -l /proc/1/fd | grep -o 'host:\[[0-9]*\]' | sort -u | tr '\n' ' ') "
+i=0
+while [ "$i" -lt 60 ]; do
+  busy=0
+  for h in $(ls -l /proc/[0-9]*/fd | grep -o 'host:\[[0-9]*\]' | sort -u); do
+    case "$allowed" in *" $h "*) ;; *) busy=1 ;; esac
+  done
+  [ "$busy" = 0 ] && break
+  sleep 0.05
+  i=$((i + 1))
+done
 exit 0
 """
 
