@@ -228,41 +228,10 @@ class PauseServer(Server):
 
 def raw_run_flags(volume: str) -> list[str]:
     """``docker run`` flags for the sandbox Den creates for a workspace of MEMORY_MB, CPUS and
-    PIDS, from the server's own spec builder (as in bench_workspaces, with this size)."""
-    from server.runtime import docker_specs
-    from server.runtime.base import WorkspaceSpec
+    PIDS, from the server's own spec builder (shared with bench_workspaces)."""
+    from tests.benchmarks.bench_workspaces import raw_run_flags as flags_for
 
-    spec = WorkspaceSpec(workspace_id="raw", container_name="raw", volume_name=volume,
-                         image=IMAGE, runtime="gvisor", cpus=CPUS, memory_mb=MEMORY_MB,
-                         pids_limit=PIDS, hostname="raw", labels={})
-    cfg = docker_specs.container_config(spec, gvisor_runtime="runsc")
-    hc: dict[str, Any] = dict(cfg["host_config"])
-    flags = [f"--runtime={hc.pop('runtime')}", "--hostname", str(cfg["hostname"]),
-             "-w", str(cfg["working_dir"])]
-    for vol, bind in hc.pop("binds", {}).items():
-        flags += ["-v", f"{vol}:{bind['bind']}:{bind.get('mode', 'rw')}"]
-    if (nano := hc.pop("nano_cpus", None)) is not None:
-        flags += ["--cpus", f"{nano / 1e9:g}"]
-    for key, flag in (("mem_limit", "--memory"), ("memswap_limit", "--memory-swap"),
-                      ("pids_limit", "--pids-limit")):
-        if (value := hc.pop(key, None)) is not None:
-            flags += [flag, str(value)]
-    for u in hc.pop("ulimits", None) or []:
-        flags += ["--ulimit", f"{u['Name']}={u['Soft']}:{u['Hard']}"]
-    log = hc.pop("log_config", None) or {}
-    if log:
-        flags += ["--log-driver", log["type"]]
-        for k, v in (log.get("config") or {}).items():
-            flags += ["--log-opt", f"{k}={v}"]
-    for k, v in (cfg.get("environment") or {}).items():
-        flags += ["-e", f"{k}={v}"]
-    for key, default in (("privileged", False), ("cap_add", None), ("init", False)):
-        if hc.pop(key, default) != default:
-            raise RuntimeError(f"bench: Den's container spec sets {key}; mirror it here")
-    hc.pop("restart_policy", None)
-    if hc:
-        print(f"bench: raw containers do not mirror Den's {sorted(hc)}", file=sys.stderr)
-    return flags
+    return flags_for(volume, image=IMAGE, cpus=CPUS, memory_mb=MEMORY_MB, pids=PIDS)
 
 
 def dev_exec_flags() -> list[str]:

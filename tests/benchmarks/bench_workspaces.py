@@ -205,7 +205,8 @@ class Server(DenServer):
 # --- the raw engine ------------------------------------------------------------------------
 
 
-def raw_run_flags(volume: str) -> list[str]:
+def raw_run_flags(volume: str, *, image: str = IMAGE, cpus: float = CPUS,
+                  memory_mb: int = MEMORY_MB, pids: int = PIDS) -> list[str]:
     """``docker run`` flags for the sandbox Den itself would create for a workspace with
     these resources: built from the server's own pure spec builder, so that the raw container
     gets the same runtime, limits, ulimits and environment (den-init starts earlyoom only
@@ -214,8 +215,8 @@ def raw_run_flags(volume: str) -> list[str]:
     from server.runtime.base import WorkspaceSpec
 
     spec = WorkspaceSpec(workspace_id="raw", container_name="raw", volume_name=volume,
-                         image=IMAGE, runtime="gvisor", cpus=CPUS, memory_mb=MEMORY_MB,
-                         pids_limit=PIDS, hostname="raw", labels={})
+                         image=image, runtime="gvisor", cpus=cpus, memory_mb=memory_mb,
+                         pids_limit=pids, hostname="raw", labels={})
     cfg = docker_specs.container_config(spec, gvisor_runtime="runsc")
     hc: dict[str, Any] = dict(cfg["host_config"])
     flags = [f"--runtime={hc.pop('runtime')}", "--hostname", str(cfg["hostname"]),
