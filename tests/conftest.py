@@ -72,6 +72,14 @@ def engine() -> Iterator[None]:
         cmd = ["docker", "rm", "-f", name] if kind == "container" else [
             "docker", "volume", "rm", "-f", name]
         subprocess.run(cmd, capture_output=True, timeout=60)
+    images = subprocess.run(["docker", "images", "--format", "{{.Repository}}:{{.Tag}}"],
+                            capture_output=True, text=True, timeout=60).stdout.split()
+    for image in images:  # snapshot images
+        if image.startswith(RUN_PREFIX):
+            subprocess.run(["docker", "rmi", "-f", image], capture_output=True, timeout=60)
+    # Untagged while a fork still used them: dangling now, and labelled as Den's.
+    subprocess.run(["docker", "image", "prune", "-f", "--filter", "label=den.managed=true"],
+                   capture_output=True, timeout=120)
 
 
 def engine_objects(prefix: str) -> list[tuple[str, str]]:
@@ -210,7 +218,8 @@ def real_api(engine: None, make_settings: Callable[..., Settings]) -> Iterator[A
         for ws in app.state.workspaces.list_for(_admin(app)):
             # Whatever this misses, the engine fixture removes by name at the end.
             with contextlib.suppress(Exception):
-                client.delete(f"/api/v1/workspaces/{ws.id}", headers=api.h("root"))
+                client.delete(f"/api/v1/workspaces/{ws.id}", headers=api.h("root"),
+                              params={"snapshots": "true"})
 
 
 def _admin(app: Any) -> Any:
