@@ -9,6 +9,7 @@ contract between them and :class:`FileService`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from server.errors import Conflict, DenError, Forbidden, NotFound, PayloadTooLarge, ValidationFailed
@@ -100,10 +101,8 @@ class FileService:
         svc = self.workspaces
         ws = svc.get(ws_id)
         req = svc.exec_request(ws, argv, cwd=WORKSPACE_ROOT, stdin=stdin, timeout_s=300)
-        req = type(req)(
-            argv=req.argv, user=req.user, cwd=WORKSPACE_ROOT, env=req.env, stdin=stdin,
-            timeout_s=req.timeout_s, max_output_bytes=svc.settings.file_max_bytes + 1,
-        )
+        # A file may be as large as file_max_bytes; one byte more shows it was cut.
+        req = dataclasses.replace(req, max_output_bytes=svc.settings.file_max_bytes + 1)
         return await svc.exec(ws_id, req, actor=actor)
 
     async def read(self, ws_id: str, path: str, *, actor: str) -> bytes:

@@ -169,13 +169,10 @@ class WorkspaceService:
 
     # --- state ------------------------------------------------------------------------
 
-    def _lock(self, workspace_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(workspace_id, asyncio.Lock())
-
     def locked(self, workspace_id: str) -> asyncio.Lock:
-        """The workspace's operation lock, for work that must not overlap a lifecycle
-        operation (a snapshot) but changes no state."""
-        return self._lock(workspace_id)
+        """The workspace's operation lock: lifecycle operations hold it, and so does work
+        that must not overlap one but changes no state (a snapshot)."""
+        return self._locks.setdefault(workspace_id, asyncio.Lock())
 
     def _record(self, s: Session, workspace_id: str, *, kind: str, actor: str, message: str,
                 src: State | None = None, dst: State | None = None) -> None:
@@ -313,7 +310,7 @@ class WorkspaceService:
     async def _build_fork(self, ws_id: str, snap: Snapshot) -> None:
         spec = self.spec_for(self.get(ws_id))
         try:
-            async with self._lock(ws_id):
+            async with self.locked(ws_id):
                 await self.runtime.load_snapshot(spec, self.snapshot_spec(snap))
                 how = await self._boot_from(spec, snap)
                 self._transition(ws_id, State.CREATING, State.RUNNING, actor="system",
@@ -350,7 +347,7 @@ class WorkspaceService:
         restore, say) can be restored too."""
         if self.get(ws_id).state != State.ERROR.value:
             await self.stop(ws_id, actor=actor)
-        async with self._lock(ws_id):
+        async with self.locked(ws_id):
             ws = self.get(ws_id)
             if ws.state not in (State.STOPPED.value, State.ERROR.value):
                 raise Conflict(f"workspace is {ws.state}; try again")
@@ -461,7 +458,7 @@ class WorkspaceService:
         spec = self.spec_for(ws)
         work = self._tmp / ws_id
         try:
-            async with self._lock(ws_id):
+            async with self.locked(ws_id):
                 work.mkdir(parents=True, exist_ok=True)
                 repo = work / "repo"
                 tar = work / "seed.tar"
@@ -496,7 +493,7 @@ class WorkspaceService:
     async def start(self, ws_id: str, *, actor: str) -> Workspace:
         if self.get(ws_id).state == State.PAUSED.value:  # starting a paused one resumes it
             return await self.resume(ws_id, actor=actor)
-        async with self._lock(ws_id):
+        async with self.locked(ws_id):
             ws = self.get(ws_id)
             try:
                 step = plan(START, State(ws.state))
@@ -519,7 +516,7 @@ class WorkspaceService:
             return self.get(ws_id)
 
     async def stop(self, ws_id: str, *, actor: str) -> Workspace:
-        async with self._lock(ws_id):
+        async with self.locked(ws_id):
             ws = self.get(ws_id)
             try:
                 step = plan(STOP, State(ws.state))
@@ -549,7 +546,7 @@ class WorkspaceService:
     async def pause(self, ws_id: str, *, actor: str) -> Workspace:
         """Checkpoint memory and processes and free CPU and RAM: ``running`` -> ``paused``.
         On failure the workspace is left running (or stopped) and the event log says why."""
-        async with self._lock(ws_id):
+        async with self.locked(ws_id):
             ws = self.get(ws_id)
             step = self._plan(PAUSE, ws)
             if step is None:
@@ -579,7 +576,7 @@ class WorkspaceService:
         The checkpoint is kept after a restore: gVisor may still read memory from it (deleting
         it at once loses processes, measured). The next pause replaces it, a stop removes it:
         a workspace has at most one."""
-        async with self._lock(ws_id):
+        async with self.locked(ws_id):
             ws = self.get(ws_id)
             step = self._plan(RESUME, ws)
             if step is None:
@@ -613,7 +610,7 @@ class WorkspaceService:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
-        async with self._lock(ws_id):
+        async with self.locked(ws_id):
             ws = self.get(ws_id)
             if ws.state == State.DELETING.value:
                 return False
@@ -640,7 +637,7 @@ class WorkspaceService:
         ws = self.get(ws_id)
         state = State(ws.state)
         if state in (State.RESUMING, State.STARTING, State.PAUSING, State.STOPPING):
-            async with self._lock(ws_id):  # wait for the operation in progress
+            async with self.locked(ws_id):  # wait for the operation in progress
                 ws = self.get(ws_id)
                 state = State(ws.state)
         if state is State.RUNNING:
@@ -688,25 +685,23 @@ class WorkspaceService:
 
     async def exec(self, ws_id: str, req: ExecRequest, *, actor: str) -> ExecResult:
         ws = await self.ensure_running(ws_id, actor=actor)
-        self.touch(ws_id)
         spec = self.spec_for(ws)
-        try:
+        try:  # while it runs, the activity hold keeps the workspace from looking idle
             for attempt in (1, 2):
                 try:
                     async with self.activity.hold(ws_id):
                         return await self.runtime.exec(spec, req)
-                except EngineConflict:
-                    # The sandbox died under us: start it again once and retry.
-                    if attempt == 2 or not await self._check_alive(ws_id, spec, actor=actor):
-                        raise
-                    await self.ensure_running(ws_id, actor=actor)
+                except EngineConflict as exc:
+                    died = await self._check_alive(ws_id, spec, actor=actor)
+                    if died and attempt == 1:  # the sandbox died under us: start it, retry
+                        await self.ensure_running(ws_id, actor=actor)
+                        continue
+                    raise Conflict(f"the command could not be started: {exc.message}",
+                                   code="exec_failed") from exc
+                except DenError:
+                    await self._check_alive(ws_id, spec, actor=actor)
+                    raise
             raise AssertionError("unreachable")
-        except DenError as exc:
-            await self._check_alive(ws_id, spec, actor=actor)
-            if isinstance(exc, EngineConflict):
-                raise Conflict(f"the command could not be started: {exc.message}",
-                               code="exec_failed") from exc
-            raise
         finally:
             self.touch(ws_id)
 
