@@ -50,7 +50,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -66,11 +65,14 @@ from tests.benchmarks.bench_workspaces import (
     Results,
     Server,
     cleanup_engine,
+    ignore_interrupts,
     machine,
     make_repo,
     median,
     ms,
     p90,
+    report_failure,
+    restore_interrupts,
     sh,
     sigterm_as_interrupt,
     timed,
@@ -402,25 +404,14 @@ def bench_size(srv: PauseServer, prefix: str, repo: Path, root: Path, size_mb: i
     return info
 
 
-# A quiesce with the same logic as Den's, reading /proc/*/stat with the shell's own `read`
-# instead of one `$(cat ...)` (a fork and an exec) per process: what that cost is.
-QUIESCE_NO_CAT = r"""
-self=$$
-for d in /proc/[0-9]*; do
-  read -r s 2>/dev/null < "$d/stat" || continue
-  set -- ${s##*) }
-  echo "${d#/proc/} $2"
-done | awk -v self="$self" '
-  { parent[$1] = $2 }
-  END {
-    for (p in parent) {
-      q = p; root = p; n = 0
-      while (q != 0 && q != 1 && n < 4096) { root = q; q = parent[q]; n++ }
-      if (q == 0 && root != self && p != 1) print p
-    }
-  }' | xargs -r kill -KILL 2>/dev/null
-exit 0
-"""
+# Den's quiesce, reading /proc/*/stat with the shell's own `read` instead of one
+# `$(cat ...)` (a fork and an exec) per process: what that cost is.
+def quiesce_no_cat() -> str:
+    from server.runtime.docker_specs import QUIESCE_SCRIPT
+
+    per_process_cat = 's=$(cat "$d/stat" 2>/dev/null) || continue'
+    assert per_process_cat in QUIESCE_SCRIPT, "Den's quiesce changed; update this variant"
+    return QUIESCE_SCRIPT.replace(per_process_cat, 'read -r s 2>/dev/null < "$d/stat" || continue')
 
 
 def steps_breakdown(raw: RawContainer, root: Path, tag: str, res: Results, copies: TempCopies,
@@ -437,7 +428,7 @@ def steps_breakdown(raw: RawContainer, root: Path, tag: str, res: Results, copie
                          cpus=CPUS, memory_mb=MEMORY_MB, pids_limit=PIDS, hostname="raw",
                          labels={})
     quiesce = ExecRequest(argv=docker_specs.quiesce_argv(), user="root", cwd="/")
-    no_cat = ExecRequest(argv=["/bin/sh", "-c", QUIESCE_NO_CAT], user="root", cwd="/")
+    no_cat = ExecRequest(argv=["/bin/sh", "-c", quiesce_no_cat()], user="root", cwd="/")
     noop = ExecRequest(argv=["true"], user="root", cwd="/")
     nprocs = raw.dev("ls -d /proc/[0-9]* | wc -l").stdout.strip()
     res.add(f"{tag}: steps: processes in the sandbox (count)", float(nprocs or "nan"))
@@ -705,26 +696,16 @@ def main(argv: list[str] | None = None) -> int:
                     breakdown=not args.no_breakdown,
                     alternatives=work / "images" if args.alternatives else None))
     except BaseException as exc:
-        failed = 1
-        if isinstance(exc, KeyboardInterrupt):
-            failed = 130
-            print("\nbench: interrupted; cleaning up", file=sys.stderr)
-        else:
-            print(f"bench: failed: {exc!r}", file=sys.stderr)
-            if srv is not None:
-                print(f"--- server log (tail) ---\n{srv.log_tail()}", file=sys.stderr)
+        failed = report_failure(exc, srv)
     finally:
-        with contextlib.suppress(BaseException):
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # let cleanup finish
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        ignore_interrupts()  # let cleanup finish
         if srv is not None:
             srv.close()
         left = cleanup_engine(prefix)
         with contextlib.suppress(Exception):
             copies.sweep()
         shutil.rmtree(work, ignore_errors=True)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        restore_interrupts()
         if left:
             print(f"bench: removed {len(left)} engine objects named {prefix}*", flush=True)
         if copies.removed:

@@ -709,6 +709,28 @@ def sigterm_as_interrupt() -> Iterator[None]:
             signal.signal(sig, h)
 
 
+def report_failure(exc: BaseException, srv: DenServer | None) -> int:
+    """Say why a run stopped (with the server's log when it failed); its exit code."""
+    if isinstance(exc, KeyboardInterrupt):
+        print("\nbench: interrupted; cleaning up", file=sys.stderr)
+        return 130
+    print(f"bench: failed: {exc!r}", file=sys.stderr)
+    if srv is not None:
+        print(f"--- server log (tail) ---\n{srv.log_tail()}", file=sys.stderr)
+    return 1
+
+
+def ignore_interrupts() -> None:
+    with contextlib.suppress(BaseException):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def restore_interrupts() -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.benchmarks.bench_workspaces",
                                  description=__doc__.split("\n\n")[0] if __doc__ else None)
@@ -763,24 +785,14 @@ def main(argv: list[str] | None = None) -> int:
                 print("bench: breakdown of the server's steps (in-process)", flush=True)
                 bd.samples.update(breakdown(prefix, work, repo, rounds).samples)
     except BaseException as exc:
-        failed = 1
-        if isinstance(exc, KeyboardInterrupt):
-            failed = 130
-            print("\nbench: interrupted; cleaning up", file=sys.stderr)
-        else:
-            print(f"bench: failed: {exc!r}", file=sys.stderr)
-            if srv is not None:
-                print(f"--- server log (tail) ---\n{srv.log_tail()}", file=sys.stderr)
+        failed = report_failure(exc, srv)
     finally:
-        with contextlib.suppress(BaseException):
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # let cleanup finish
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        ignore_interrupts()  # let cleanup finish
         if srv is not None:
             srv.close()
         left = cleanup_engine(prefix)
         shutil.rmtree(work, ignore_errors=True)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        restore_interrupts()
         if left:
             print(f"bench: removed {len(left)} engine objects named {prefix}*", flush=True)
     if failed:
