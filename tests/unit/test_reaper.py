@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -123,8 +124,9 @@ async def test_running_exec_and_cpu_use_count_as_activity(
     assert await reaper.run_once() == [(ws_id, Action.PAUSE)]  # no CPU reading yet: idle
     await service.resume(ws_id, actor="alice")
     _age(service, ws_id, 61)
-    reaper._cpu[ws_id] = (container.cpu_ns, reaper._cpu.get(ws_id, (0, 0.0))[1] or 1.0)
-    container.cpu_ns += 10**12  # a lot of CPU since the last reading
+    # A reading one second ago, and ten CPU-seconds used since: busy.
+    reaper._cpu[ws_id] = (container.cpu_ns, time.monotonic() - 1.0)
+    container.cpu_ns += 10 * 10**9
     assert await reaper.run_once() == []
     assert service.get(ws_id).state == "running"
 
