@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import dataclasses
 import json
 from typing import Any
 
@@ -37,8 +38,9 @@ async def exec_command(ref: str, body: ExecIn, user: CurrentUser, svc: Workspace
 async def exec_stream(websocket: WebSocket, ref: str) -> None:
     """Protocol: the client sends the exec request as its first JSON message, then
     ``{"type": "stdin", "data": str}`` / ``{"type": "close_stdin"}`` (binary frames are raw
-    stdin). The server sends ``{"type": "stdout"|"stderr", "data": str}`` and finally
-    ``{"type": "exit", "exit_code": int}``, or ``{"type": "error", "error": {...}}``."""
+    stdin) / ``{"type": "resize", "cols": int, "rows": int}`` (with ``tty``). The server
+    sends ``{"type": "stdout"|"stderr", "data": str}`` and finally ``{"type": "exit",
+    "exit_code": int}``, or ``{"type": "error", "error": {...}}``."""
     await websocket.accept()
     stream: ExecStream | None = None
     try:
@@ -51,6 +53,8 @@ async def exec_stream(websocket: WebSocket, ref: str) -> None:
             raise ValidationFailed(f"the first message must be an exec request: {exc}") from exc
         req = svc.exec_request(ws, body.cmd, cwd=body.cwd, env=body.env,
                                timeout_s=body.timeout_s)
+        if body.tty:
+            req = dataclasses.replace(req, tty=True, size=(body.cols, body.rows))
         stream = await svc.exec_stream(ws.id, req, actor=user.name)
         async with svc.activity.hold(ws.id):  # an open stream keeps the workspace awake
             code = await _relay(websocket, stream, stdin=body.stdin)
@@ -105,3 +109,15 @@ async def _pump_stdin(websocket: WebSocket, stream: ExecStream) -> None:
             await stream.write(str(data.get("data", "")).encode())
         elif data.get("type") == "close_stdin":
             await stream.close_stdin()
+        elif data.get("type") == "resize":
+            size = _size(data)
+            if size is not None:
+                await stream.resize(*size)
+
+
+def _size(data: dict[str, Any]) -> tuple[int, int] | None:
+    """(cols, rows) of a resize message; None when they are not sane numbers."""
+    cols, rows = data.get("cols"), data.get("rows")
+    if isinstance(cols, int) and isinstance(rows, int) and 0 < cols <= 1000 and 0 < rows <= 1000:
+        return cols, rows
+    return None

@@ -131,6 +131,8 @@ class ExecIn(_Strict):
     timeout_s: float | None = None
     stdin: str | None = None
     tty: bool = False
+    cols: int = Field(80, ge=1, le=1000)
+    rows: int = Field(24, ge=1, le=1000)
 
 
 class ExecOut(BaseModel):

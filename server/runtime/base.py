@@ -91,6 +91,10 @@ class ExecRequest:
     stdin: bytes | None = None
     timeout_s: float | None = None
     max_output_bytes: int = 16 * 1024 * 1024
+    # Streams only: run on a pseudo-terminal (stdout and stderr merge into "stdout"), sized
+    # ``size`` (columns, rows) from the start.
+    tty: bool = False
+    size: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,11 @@ class ExecStream(Protocol):
     async def write(self, data: bytes) -> None: ...
 
     async def close_stdin(self) -> None: ...
+
+    async def resize(self, cols: int, rows: int) -> None:
+        """Set the terminal size of a ``tty`` stream (the process gets SIGWINCH); ignored
+        without a terminal."""
+        ...
 
     async def wait(self) -> int:
         """The exit code, once the process has exited."""

@@ -432,7 +432,7 @@ class DockerRuntime:
             stdout=True,
             stderr=True,
             stdin=stdin,
-            tty=False,
+            tty=req.tty,
             user=req.user,
             workdir=req.cwd,
             environment=env,
@@ -493,22 +493,29 @@ class DockerRuntime:
 
     async def exec_stream(self, spec: WorkspaceSpec, req: ExecRequest) -> DockerExecStream:
         pidfile = f"/tmp/.den-exec-{secrets.token_hex(8)}"
-        argv = docker_specs.stream_argv(docker_specs.exec_argv(req), pidfile)
+        # The engine's API (1.41) has no initial console size: the wrapper sets it with stty.
+        argv = docker_specs.stream_argv(docker_specs.exec_argv(req), pidfile,
+                                        req.size if req.tty else None)
 
         def run() -> tuple[str, Any]:
             exec_id = self._exec_create(spec, argv, req, stdin=True)
-            return exec_id, self._api().exec_start(exec_id, socket=True)
+            return exec_id, self._api().exec_start(exec_id, socket=True, tty=req.tty)
 
         exec_id, sock = await self._call(f"exec in workspace {spec.workspace_id}", run)
-        return DockerExecStream(self, spec, exec_id, sock, pidfile)
+        return DockerExecStream(self, spec, exec_id, sock, pidfile, tty=req.tty)
+
+    def _resize(self, exec_id: str, cols: int, rows: int) -> None:
+        with contextlib.suppress(docker.errors.APIError):  # the process may have just exited
+            self._api().exec_resize(exec_id, height=rows, width=cols)
 
 
 class DockerExecStream:
     """A process started by ``exec_stream``, pumped by a reader thread into a queue."""
 
     def __init__(self, rt: DockerRuntime, spec: WorkspaceSpec, exec_id: str, sock: Any,
-                 pidfile: str) -> None:
+                 pidfile: str, *, tty: bool = False) -> None:
         self._rt = rt
+        self._tty = tty
         self._spec = spec
         self._exec_id = exec_id
         self._sock = sock
@@ -522,7 +529,7 @@ class DockerExecStream:
 
     def _pump(self) -> None:
         try:
-            for stream, data in _frames(self._raw):
+            for stream, data in _tty_chunks(self._raw) if self._tty else _frames(self._raw):
                 name = "stdout" if stream == _STDOUT else "stderr"
                 self._loop.call_soon_threadsafe(self._queue.put_nowait, StreamChunk(name, data))
         except OSError:
@@ -543,6 +550,10 @@ class DockerExecStream:
     async def close_stdin(self) -> None:
         with contextlib.suppress(OSError):
             await asyncio.to_thread(self._raw.shutdown, socket.SHUT_WR)
+
+    async def resize(self, cols: int, rows: int) -> None:
+        if self._tty:
+            await self._rt._call("resize", self._rt._resize, self._exec_id, cols, rows)
 
     async def wait(self) -> int:
         await asyncio.to_thread(self._reader.join)
@@ -611,6 +622,12 @@ def _frames(raw: socket.socket, deadline: float | None = None) -> Any:
         if data is None:
             return
         yield stream, data
+
+
+def _tty_chunks(raw: socket.socket) -> Any:
+    """A terminal's output is not framed: yield it as stdout until the stream ends."""
+    while chunk := raw.recv(65536):
+        yield _STDOUT, chunk
 
 
 def _collect(raw: socket.socket, limit: int, deadline: float | None

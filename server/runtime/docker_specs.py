@@ -119,7 +119,9 @@ def exec_argv(req: ExecRequest) -> list[str]:
     argv = list(req.argv)
     if req.timeout_s is None:
         return argv
-    return ["timeout", "-k", str(KILL_AFTER_S), f"{req.timeout_s:g}", *argv]
+    # On a terminal the command must stay in the terminal's foreground process group.
+    fg = ["--foreground"] if req.tty else []
+    return ["timeout", *fg, "-k", str(KILL_AFTER_S), f"{req.timeout_s:g}", *argv]
 
 
 # Before a checkpoint: end every process that does not descend from the container's main
@@ -178,10 +180,14 @@ def kill_marked_argv(marker: str) -> list[str]:
     return ["/bin/sh", "-c", script]
 
 
-def stream_argv(argv: Sequence[str], pidfile: str) -> list[str]:
-    """Wrap a streamed command so its pid lands in ``pidfile`` (for kill on disconnect)."""
-    script = f"echo $$ > {shlex.quote(pidfile)}; exec \"$@\""
-    return ["/bin/sh", "-c", script, "den-exec", *argv]
+def stream_argv(argv: Sequence[str], pidfile: str, size: tuple[int, int] | None = None
+                ) -> list[str]:
+    """Wrap a streamed command so its pid lands in ``pidfile`` (for kill on disconnect) and,
+    on a terminal, the terminal has ``size`` (columns, rows) before the command starts."""
+    script = f"echo $$ > {shlex.quote(pidfile)}; "
+    if size is not None:
+        script += f"stty cols {int(size[0])} rows {int(size[1])} 2>/dev/null; "
+    return ["/bin/sh", "-c", script + 'exec "$@"', "den-exec", *argv]
 
 
 def kill_argv(pidfile: str) -> list[str]:

@@ -228,6 +228,7 @@ class _FakeStream:
         self._stdin = bytearray()
         self._cat = list(argv) == ["cat"] if isinstance(argv, list | tuple) else False
         self._stdin_closed = asyncio.Event()
+        self.sizes: list[tuple[int, int]] = []
 
     async def output(self) -> AsyncIterator[StreamChunk]:
         if self._cat:
@@ -244,6 +245,9 @@ class _FakeStream:
 
     async def close_stdin(self) -> None:
         self._stdin_closed.set()
+
+    async def resize(self, cols: int, rows: int) -> None:
+        self.sizes.append((cols, rows))
 
     async def wait(self) -> int:
         return self._result.exit_code

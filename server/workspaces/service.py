@@ -683,6 +683,18 @@ class WorkspaceService:
             max_output_bytes=self.settings.exec_max_output_bytes,
         )
 
+    def shell_request(self, ws: Workspace, command: str | None = None, *, tty: bool,
+                      size: tuple[int, int] | None = None,
+                      env: dict[str, str] | None = None) -> ExecRequest:
+        """A login shell as dev in the repo directory, or ``command`` run by one, with no
+        deadline: what SSH sessions and the web terminal run. ``size`` is (columns, rows)."""
+        argv = ["bash", "-l"] if command is None else ["bash", "-lc", command]
+        if command is not None and "\x00" in command:
+            raise ValidationFailed("the command contains a NUL byte")
+        return ExecRequest(argv=argv, user="dev", cwd=self.repo_path(ws),
+                           env=self._validate_env(env or {}), tty=tty, size=size,
+                           max_output_bytes=self.settings.exec_max_output_bytes)
+
     async def exec(self, ws_id: str, req: ExecRequest, *, actor: str) -> ExecResult:
         ws = await self.ensure_running(ws_id, actor=actor)
         spec = self.spec_for(ws)

@@ -101,6 +101,30 @@ def test_exec_stream_websocket(real_api: ApiClient, make_repo: Callable[..., Pat
                                                                   "exit_code": 0})
 
 
+def test_exec_stream_on_a_terminal_has_its_size_and_takes_resizes(
+    real_api: ApiClient, make_repo: Callable[..., Path]
+) -> None:
+    ws = real_api.create(make_repo())
+    url = f"/api/v1/workspaces/{ws['id']}/exec/stream"
+    script = "stty size; test -t 0 && echo IS-TTY; read _; stty size; echo err >&2; exit 3"
+    with real_api.client.websocket_connect(url, headers=real_api.h()) as sock:
+        sock.send_json({"cmd": ["bash", "-c", script], "tty": True, "cols": 123, "rows": 40})
+        out = ""
+        while "IS-TTY" not in out:
+            msg = sock.receive_json()
+            assert msg["type"] == "stdout", msg
+            out += msg["data"]
+        sock.send_json({"type": "resize", "cols": 90, "rows": 31})
+        sock.send_json({"type": "stdin", "data": "go\r"})
+        messages = []
+        while not messages or messages[-1]["type"] not in ("exit", "error"):
+            messages.append(sock.receive_json())
+    out += "".join(m["data"] for m in messages if m["type"] == "stdout")
+    assert "40 123\r\n" in out and "31 90\r\n" in out and "err\r\n" in out, out
+    assert not [m for m in messages if m["type"] == "stderr"]
+    assert messages[-1] == {"type": "exit", "exit_code": 3}
+
+
 def test_stop_start_keeps_workspace_and_container_changes(
     real_api: ApiClient, make_repo: Callable[..., Path]
 ) -> None:

@@ -168,6 +168,17 @@ def test_stream_and_kill_argv_quote_the_pidfile() -> None:
     assert "rm -f '/tmp/den exec.pid'" in kill[2]
 
 
+def test_a_terminal_stream_gets_its_size_before_the_command_starts() -> None:
+    argv = stream_argv(["bash", "-l"], "/tmp/p", (123, 40))
+    assert argv[2] == "echo $$ > /tmp/p; stty cols 123 rows 40 2>/dev/null; exec \"$@\""
+    assert argv[3:] == ["den-exec", "bash", "-l"]
+
+
+def test_a_timeout_on_a_terminal_keeps_the_command_in_the_foreground() -> None:
+    req = ExecRequest(argv=("vim",), timeout_s=5, tty=True)
+    assert exec_argv(req) == ["timeout", "--foreground", "-k", "2", "5", "vim"]
+
+
 def test_kill_marked_argv_matches_the_whole_environment_entry() -> None:
     argv = kill_marked_argv("0123abcd")
     assert argv[:2] == ["/bin/sh", "-c"]

@@ -679,3 +679,16 @@ async def test_exec_restarts_a_sandbox_that_died_and_retries_once(
     assert svc.get(ws.id).state == "running"
     messages = [e.message for e in svc.events(ws.id)]
     assert any("exited unexpectedly" in m for m in messages)
+
+
+async def test_a_shell_request_is_a_login_shell_as_dev_in_the_repo_without_deadline(
+        svc: WorkspaceService, make_repo: Callable[..., Path]) -> None:
+    ws = await create(svc, user(svc), make_repo())
+    shell = svc.shell_request(ws, tty=True, size=(100, 30), env={"LANG": "C.UTF-8"})
+    assert (shell.argv, shell.user, shell.cwd) == (["bash", "-l"], "dev", svc.repo_path(ws))
+    assert (shell.tty, shell.size, shell.timeout_s, shell.env) == (
+        True, (100, 30), None, {"LANG": "C.UTF-8"})
+    command = svc.shell_request(ws, "make test", tty=False)
+    assert (command.argv, command.tty) == (["bash", "-lc", "make test"], False)
+    with pytest.raises(ValidationFailed):
+        svc.shell_request(ws, "echo \x00", tty=False)
