@@ -20,7 +20,12 @@ COUNTER = ("tmux new-session -d -s count "
 
 
 def _count(api: ApiClient, wid: str) -> int:
-    return int(api.exec(wid, "cat /tmp/count")["stdout"])
+    for _ in range(20):  # the loop truncates the file before it writes: read again
+        out = api.exec(wid, "cat /tmp/count")["stdout"].strip()
+        if out:
+            return int(out)
+        time.sleep(0.05)
+    raise AssertionError("/tmp/count stays empty")
 
 
 def _count_moves_on(api: ApiClient, wid: str, before: int, timeout_s: float = 10) -> int:
@@ -75,46 +80,42 @@ def test_a_process_and_its_memory_survive_pause_and_resume(
     assert _checkpoints(real_api, wid) == []
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 3, open: on runsc 20240729 some restores bring processes back frozen "
-    "(a sleeping loop never wakes); see docs/architecture.md",
-)
-def test_a_restored_loop_keeps_running(real_api: ApiClient, make_repo: Callable[..., Path]
-                                       ) -> None:
+def test_a_restored_loop_keeps_running_cycle_after_cycle(
+        real_api: ApiClient, make_repo: Callable[..., Path]) -> None:
+    """The same process, still counting, after each of five cycles: some right after an
+    exec (the pause waits for descriptors to drop), some after a quiet moment."""
     wid = real_api.create(make_repo())["id"]
     real_api.exec(wid, COUNTER)
     time.sleep(0.5)
     pid = _pane_pid(real_api, wid)
-    real_api.post(f"/api/v1/workspaces/{wid}/pause")
-    real_api.post(f"/api/v1/workspaces/{wid}/resume")
-    assert _pane_pid(real_api, wid) == pid  # the same process
-    before = _count(real_api, wid)
-    assert _count_moves_on(real_api, wid, before) > before  # still running
+    for cycle in range(5):
+        if cycle % 2:
+            time.sleep(2.5)  # no exec for a while: the pause skips the settle step
+        assert real_api.post(f"/api/v1/workspaces/{wid}/pause").json()["state"] == "paused"
+        assert real_api.post(f"/api/v1/workspaces/{wid}/resume").json()["state"] == "running"
+        assert _pane_pid(real_api, wid) == pid, cycle  # the same process
+        before = _count(real_api, wid)
+        assert _count_moves_on(real_api, wid, before) > before, cycle  # still running
 
 
 def test_twenty_cycles_leave_nothing_behind(
     real_api: ApiClient, make_repo: Callable[..., Path]
 ) -> None:
-    """Twenty pause/resume cycles: always running again, files always there, at most one
-    checkpoint and one shim. Memory is restored in (nearly) every cycle; on this engine an
-    occasional restore comes back without the processes, and then the event log says so
-    and the workspace starts cold from disk (see the note in docs/architecture.md)."""
+    """Twenty pause/resume cycles: restored from memory every time, files always there,
+    one checkpoint (and its one image) and one shim, never a pile."""
     wid = real_api.create(make_repo())["id"]
     real_api.exec(wid, COUNTER + " && echo kept > /workspace/kept")
-    restored = 0
     for cycle in range(20):
         assert real_api.post(f"/api/v1/workspaces/{wid}/pause").json()["state"] == "paused"
         assert real_api.post(f"/api/v1/workspaces/{wid}/resume").json()["state"] == "running"
         events = real_api.get(f"/api/v1/workspaces/{wid}/events").json()["events"]
-        if "restored from memory" in events[-1]["message"]:
-            restored += 1
-        else:
-            assert "started cold from disk" in events[-1]["message"], (cycle, events[-1])
-            real_api.exec(wid, COUNTER)  # start the loop again for the next cycles
+        assert "restored from memory" in events[-1]["message"], (cycle, events[-1])
         assert real_api.exec(wid, "cat /workspace/kept")["stdout"] == "kept\n"
-    assert restored >= 15, restored
-    assert _checkpoints(real_api, wid) == ["den-pause"]  # the last one only, never a pile
+    assert _checkpoints(real_api, wid) == ["den-pause"]
+    root = subprocess.run(["docker", "info", "--format", "{{.DockerRootDir}}"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    images = Path(root) / "containers" / _engine(real_api, wid, "{{.Id}}") / "den-checkpoints"
+    assert sorted(p.name for p in images.iterdir()) == ["den-pause"]
     container_id = _engine(real_api, wid, "{{.Id}}")
     shims = subprocess.run(["pgrep", "-c", "-f", f"containerd-shim.*{container_id}"],
                            capture_output=True, text=True).stdout.strip()

@@ -12,9 +12,11 @@ from server.runtime.docker_specs import (
     container_config,
     exec_argv,
     exec_env,
+    exec_processes,
     kill_argv,
     kill_marked_argv,
     memory_headroom_mb,
+    parse_runsc_ps,
     stream_argv,
     volume_config,
 )
@@ -184,3 +186,27 @@ def test_kill_marked_argv_matches_the_whole_environment_entry() -> None:
     assert argv[:2] == ["/bin/sh", "-c"]
     assert 'grep -qxz -- "DEN_EXEC_ID=0123abcd" "$p/environ"' in argv[2]
     assert 'kill -KILL "${p#/proc/}"' in argv[2]
+
+
+RUNSC_PS = """UID       PID       PPID      C         TTY       STIME     TIME      CMD
+0         1         0         0         ?         15:40     10ms      den-init
+1000      6         1         0         ?         15:40     0s        tmux
+1000      7         6         0         pts/0     15:40     0s        bash
+0         12        0         0         ?         15:41     0s        bash
+0         14        12        0         ?         15:41     0s        sleep
+0         15        14        0         ?         15:41     0s        sleep
+0         20        0         0         pts/1     15:41     0s        bash
+"""
+
+
+def test_runsc_ps_is_read_as_pid_and_parent() -> None:
+    assert parse_runsc_ps(RUNSC_PS) == [(1, 0), (6, 1), (7, 6), (12, 0), (14, 12), (15, 14),
+                                        (20, 0)]
+    assert parse_runsc_ps("") == []
+
+
+def test_exec_processes_are_the_parentless_ones_and_their_children_not_pid_1s() -> None:
+    assert exec_processes(parse_runsc_ps(RUNSC_PS)) == [12, 14, 15, 20]
+    assert exec_processes([(1, 0), (6, 1)]) == []
+    # A process whose parent is not listed (it exited meanwhile) is left alone.
+    assert exec_processes([(1, 0), (9, 8)]) == []
