@@ -40,4 +40,4 @@ def install_hooks(git_dir: Path, *, workspace: str, protected: list[str]) -> Non
     lines = ["[den]", f"\tworkspace = {_quote(workspace)}"]
     lines += [f"\tprotectedBranch = {_quote(p)}" for p in protected if p]
     with (git_dir / "config").open("a") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write("\n" + "\n".join(lines) + "\n")

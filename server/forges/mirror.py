@@ -134,7 +134,8 @@ class Mirror:
         finally:
             shutil.rmtree(home, ignore_errors=True)
         if check and proc.returncode != 0:
-            stderr = _redact(proc.stderr, cred)
+            # push --porcelain reports why a ref was rejected on stdout
+            stderr = _redact(proc.stderr + "\n" + proc.stdout, cred)
             raise translate(stderr, what=what)
         return proc
 
