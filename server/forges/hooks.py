@@ -21,8 +21,10 @@ def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def install_hooks(git_dir: Path, *, workspace: str, protected: list[str]) -> None:
-    """Install the hooks into ``git_dir/hooks`` and the settings into ``git_dir/config``."""
+def install_hooks(git_dir: Path, *, workspace: str, protected: list[str],
+                  author: tuple[str, str] | None = None) -> None:
+    """Install the hooks into ``git_dir/hooks`` and the settings into ``git_dir/config``;
+    ``author`` (name, email) becomes the clone's ``user.name`` and ``user.email``."""
     hooks = git_dir / "hooks"
     hooks.mkdir(exist_ok=True)
     for name in HOOK_NAMES:
@@ -39,5 +41,7 @@ def install_hooks(git_dir: Path, *, workspace: str, protected: list[str]) -> Non
         target.chmod(0o755)
     lines = ["[den]", f"\tworkspace = {_quote(workspace)}"]
     lines += [f"\tprotectedBranch = {_quote(p)}" for p in protected if p]
+    if author is not None and all(author):
+        lines += ["[user]", f"\tname = {_quote(author[0])}", f"\temail = {_quote(author[1])}"]
     with (git_dir / "config").open("a") as f:
         f.write("\n" + "\n".join(lines) + "\n")

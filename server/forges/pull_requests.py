@@ -161,14 +161,17 @@ class ForgeService:
         return credential_env(cred) if cred is not None else None
 
     def prepare_clone(self, ws: Workspace, repo: Path, head: str) -> None:
-        """Install Den's git hooks into a fresh clone of ``head`` (on the host, files only)."""
+        """Install Den's git hooks into a fresh clone of ``head`` (on the host, files only),
+        with the owner's forge profile as the clone's commit identity."""
         protected = list(self.settings.forge_protected_branches)
         cloned = ws.repo_branch or head
         if cloned and cloned not in protected:
             protected.append(cloned)
+        account = self.accounts.account_for(ws.owner_id, ws.repo_url)
+        author = (account.author_name, account.author_email) if account else None
         git_dir = repo / ".git"
         if git_dir.is_dir():
-            install_hooks(git_dir, workspace=ws.name, protected=protected)
+            install_hooks(git_dir, workspace=ws.name, protected=protected, author=author)
 
     def forget(self, workspace_id: str) -> None:
         shutil.rmtree(mirror_path(self.settings, workspace_id), ignore_errors=True)
