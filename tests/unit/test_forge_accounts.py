@@ -270,3 +270,15 @@ def test_cli_pr_and_forge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert run("forge", "ls") == 0
     assert "Al <al@example.com>" in capsys.readouterr().out
     assert run("forge", "rm", "1") == 0
+
+
+def test_reconcile_removes_mirrors_of_deleted_workspaces(api: ApiClient,
+                                                         make_repo: Callable[..., Path]) -> None:
+    ws = api.create(make_repo("api"), name="api")
+    root = api.app.state.settings.data_dir / "mirrors"
+    for name in (ws["id"], "wsgone00000000"):
+        (root / f"{name}.git").mkdir(parents=True)
+    api.app.state.forges.reconcile({ws["id"]})
+    assert sorted(p.name for p in root.iterdir()) == [f"{ws['id']}.git"]
+    assert api.delete(f"/api/v1/workspaces/{ws['id']}").status_code == 204
+    assert list(root.iterdir()) == []
