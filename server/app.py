@@ -19,12 +19,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import __version__
 from server.api import exec as exec_routes
-from server.api import files, health, snapshots, users, workspaces
+from server.api import files, forges, health, snapshots, users, workspaces
 from server.config import Settings
 from server.db.migrate import ensure_schema
-from server.db.models import Meta
+from server.db.models import Meta, Workspace
 from server.db.session import make_engine, make_session_factory
 from server.errors import DenError
+from server.forges.pull_requests import ForgeService
 from server.runtime.base import Runtime
 from server.snapshots.service import SnapshotService
 from server.workspaces.files import FileService
@@ -74,9 +75,14 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
         app.state.workspaces = svc
         app.state.files = FileService(svc)
         app.state.snapshots = SnapshotService(svc)
+        forge_svc = ForgeService(settings=settings, sessions=sessions, workspaces=svc)
+        forge_svc.attach()
+        app.state.forges = forge_svc
         try:
             await rt.check()
             await svc.reconcile()
+            with sessions() as s:
+                forge_svc.reconcile(set(s.scalars(select(Workspace.id))))
         except DenError as exc:
             log.error("engine check or reconcile failed: %s (%s)", exc.message, exc.detail)
         reaper = Reaper(svc, settings)
@@ -101,7 +107,9 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
         if exc.status_code >= 500:
             log.error("%s %s: %s (%s)", request.method, request.url.path, exc.message,
                       exc.detail)
-        return _error(exc.status_code, exc.code, exc.message)
+        response = _error(exc.status_code, exc.code, exc.message)
+        response.headers.update(getattr(exc, "headers", None) or {})
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -122,6 +130,6 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return _error(500, "internal", "internal server error (this is a bug; see the log)")
 
-    for module in (health, users, workspaces, exec_routes, files, snapshots):
+    for module in (health, users, workspaces, exec_routes, files, snapshots, forges):
         app.include_router(module.router)
     return app

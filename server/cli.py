@@ -68,6 +68,16 @@ def cmd_admin_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_admin_rotate_forge_key(args: argparse.Namespace) -> int:
+    from server.forges.accounts import rotate_key_file
+
+    settings = _settings(args)
+    sessions = _open_db(settings, migrate=False)
+    count, what = rotate_key_file(settings, sessions)  # type: ignore[arg-type]
+    print(f"den: {what}; {count} forge token(s) re-encrypted")
+    return 0
+
+
 def _server_flags(p: argparse.ArgumentParser, *, listen: bool) -> None:
     if listen:
         p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
@@ -99,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = admin_sub.add_parser("migrate", help="upgrade the database schema")
     _server_flags(migrate, listen=False)
     migrate.set_defaults(func=cmd_admin_migrate)
+
+    rotate = admin_sub.add_parser(
+        "rotate-forge-key",
+        help="re-encrypt linked forge tokens with a new key (see docs/forges.md)")
+    _server_flags(rotate, listen=False)
+    rotate.set_defaults(func=cmd_admin_rotate_forge_key)
 
     add_client_commands(sub)
     return parser

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -174,6 +174,33 @@ class Settings(BaseSettings):
     )
     file_max_bytes: int = Field(
         64 * 1024 * 1024, description="Largest file the files API reads or writes in one call."
+    )
+
+    # --- forges and pull requests ------------------------------------------------------------
+    forge_keys: SecretStr = Field(
+        SecretStr(""),
+        description=(
+            "Comma-separated Fernet keys that encrypt linked forge tokens at rest: the first "
+            "encrypts, all decrypt (rotation). Empty means a key generated on first start into "
+            "<data_dir>/forge.key (mode 0600)."
+        ),
+    )
+    forge_protected_branches: list[str] = Field(
+        default_factory=lambda: ["main", "master", "trunk", "develop", "release/*",
+                                 "production"],
+        description=(
+            "Branch name patterns (fnmatch) Den never pushes to from a workspace, besides the "
+            "pull request's base."
+        ),
+    )
+    forge_max_push_mb: int = Field(
+        256, ge=1, description="Largest bundle of new commits one pull request call may push."
+    )
+    forge_git_timeout_s: int = Field(
+        300, description="A host-side git fetch or push to a forge taking longer is killed."
+    )
+    forge_api_timeout_s: float = Field(
+        30, description="Timeout of one call to a forge's REST API."
     )
 
     def resolved_database_url(self) -> str:

@@ -9,6 +9,7 @@ from fastapi import Depends, Request, WebSocket
 from server.auth.tokens import authenticate
 from server.db.models import User
 from server.errors import Unauthorized
+from server.forges.pull_requests import ForgeService
 from server.snapshots.service import SnapshotService
 from server.workspaces.files import FileService
 from server.workspaces.service import WorkspaceService
@@ -55,3 +56,10 @@ CurrentUser = Annotated[User, Depends(current_user)]
 Workspaces = Annotated[WorkspaceService, Depends(workspace_service)]
 Files = Annotated[FileService, Depends(file_service)]
 Snapshots = Annotated[SnapshotService, Depends(snapshot_service)]
+
+
+def forge_service(request: Request) -> ForgeService:
+    return request.app.state.forges  # type: ignore[no-any-return]
+
+
+Forges = Annotated[ForgeService, Depends(forge_service)]

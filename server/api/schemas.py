@@ -6,7 +6,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.db.models import Event, Snapshot, Workspace
+from server.db.models import Event, ForgeAccount, Snapshot, Workspace
 
 
 class _Strict(BaseModel):
@@ -204,3 +204,63 @@ class TokenCreated(TokenOut):
 
 class TokenList(BaseModel):
     tokens: list[TokenOut]
+
+
+class ForgeLink(_Strict):
+    kind: str = Field(description="github, gitlab or gitea (Gitea also covers Forgejo)")
+    base_url: str = Field(max_length=512, description="The forge's web address, e.g. "
+                          "https://github.com or https://gitlab.example.com")
+    token: str = Field(max_length=4096, description="A personal access token (write-only)")
+    api_url: str | None = Field(None, max_length=512,
+                                description="REST root; derived from base_url when null")
+    author_name: str = Field("", max_length=255,
+                             description="Commit author name; the forge profile's when empty")
+    author_email: str = Field("", max_length=255,
+                              description="Commit author email; the forge profile's when empty")
+
+
+class ForgeOut(BaseModel):
+    id: int
+    kind: str
+    base_url: str
+    api_url: str
+    username: str
+    author_name: str
+    author_email: str
+    token_hint: str = Field(description="The token's last 4 characters (empty for short ones)")
+    created_at: datetime
+    last_used_at: datetime | None
+
+    @classmethod
+    def of(cls, row: ForgeAccount) -> ForgeOut:
+        return cls(id=row.id, kind=row.kind, base_url=row.base_url, api_url=row.api_url,
+                   username=row.username, author_name=row.author_name,
+                   author_email=row.author_email, token_hint=row.token_hint,
+                   created_at=row.created_at, last_used_at=row.last_used_at)
+
+
+class ForgeList(BaseModel):
+    forges: list[ForgeOut]
+
+
+class PullRequestCreate(_Strict):
+    title: str = Field(min_length=1, max_length=256)
+    body: str = Field("", max_length=65536)
+    branch: str | None = Field(None, max_length=255,
+                               description="The head branch; den/<workspace> when null")
+    base: str | None = Field(None, max_length=255,
+                             description="The target branch; the workspace's branch when null")
+    commit_message: str | None = Field(None, max_length=65536,
+                                       description="For uncommitted changes; the title if null")
+    draft: bool = False
+
+
+class PullRequestOut(BaseModel):
+    number: int
+    url: str
+    branch: str
+    base: str
+    head_sha: str
+    created: bool = Field(description="False when an open pull request already existed")
+    push: str = Field(description="create, fast-forward, force-own or up-to-date")
+    forge: str

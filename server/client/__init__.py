@@ -4,6 +4,8 @@
 commands and move files; every failure is a ``DenAPIError``.
 """
 
-from .api import Den, DenAPIError, ExecResult, FileEntry, Snapshot, Workspace
+from .api import Den, DenAPIError, ExecResult, FileEntry, PullRequest, Snapshot, Workspace
 
-__all__ = ["Den", "DenAPIError", "ExecResult", "FileEntry", "Snapshot", "Workspace"]
+__all__ = [
+    "Den", "DenAPIError", "ExecResult", "FileEntry", "PullRequest", "Snapshot", "Workspace",
+]

@@ -40,7 +40,8 @@ from websockets.sync.client import connect as ws_connect
 from .config import load_config
 
 __all__ = [
-    "Den", "DenAPIError", "ExecResult", "FileEntry", "Snapshot", "Workspace", "default_name",
+    "Den", "DenAPIError", "ExecResult", "FileEntry", "PullRequest", "Snapshot", "Workspace",
+    "default_name",
 ]
 
 JSON = dict[str, Any]
@@ -52,6 +53,8 @@ TRANSITIONAL_STATES = frozenset(
 _STDIN_CHUNK = 64 * 1024
 # Taking or restoring a snapshot copies the workspace's files; the server gives a copy an hour.
 _SNAPSHOT_TIMEOUT_S = 3600.0
+# A pull request commits, exports, fetches and pushes: minutes for a big change.
+_PULL_REQUEST_TIMEOUT_S = 1800.0
 
 
 class _Default(enum.Enum):
@@ -146,6 +149,33 @@ class Snapshot:
             created_at=str(data.get("created_at") or ""),
             raw=dict(data),
         )
+
+
+@dataclass(frozen=True)
+class PullRequest:
+    """A pull request (GitLab: merge request) opened or updated by
+    :meth:`Workspace.pull_request`. ``created`` is False when an open one for the branch
+    already existed (its branch was updated). ``push`` says how the branch was updated:
+    ``create``, ``fast-forward``, ``force-own`` (over Den's own last push) or ``up-to-date``."""
+
+    number: int
+    url: str
+    branch: str
+    base: str
+    head_sha: str
+    created: bool
+    push: str
+    forge: str
+    raw: JSON = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PullRequest:
+        """Build one from the server's JSON."""
+        return cls(number=int(data["number"]), url=str(data["url"]),
+                   branch=str(data.get("branch", "")), base=str(data.get("base", "")),
+                   head_sha=str(data.get("head_sha", "")), created=bool(data.get("created")),
+                   push=str(data.get("push", "")), forge=str(data.get("forge", "")),
+                   raw=dict(data))
 
 
 def _snapshot_id(snapshot: Snapshot | str) -> str:
@@ -290,6 +320,30 @@ class Den:
     def delete_token(self, token_id: str) -> None:
         """Revoke an API token."""
         self.request("DELETE", f"/api/v1/users/me/tokens/{_seg(str(token_id))}")
+
+    # --- forge accounts ---------------------------------------------------------------------
+
+    def link_forge(self, kind: str, base_url: str, token: str, *, api_url: str | None = None,
+                   author_name: str = "", author_email: str = "") -> JSON:
+        """Link a GitHub, GitLab or Gitea/Forgejo account (``kind``) at ``base_url``.
+
+        The server checks the token with the forge and stores it encrypted; it is never
+        returned. Linking the same base URL again replaces the token. Returns the account
+        (``id``, ``kind``, ``base_url``, ``username``, ``author_name``, ``author_email``, ...).
+        """
+        body: JSON = {"kind": kind, "base_url": base_url, "token": token,
+                      "author_name": author_name, "author_email": author_email}
+        if api_url:
+            body["api_url"] = api_url
+        return self.request_json("POST", "/api/v1/users/me/forges", json_body=body)
+
+    def forges(self) -> list[JSON]:
+        """The user's linked forge accounts (without tokens)."""
+        return list(self.request_json("GET", "/api/v1/users/me/forges")["forges"])
+
+    def unlink_forge(self, account_id: int | str) -> None:
+        """Forget a linked forge account and its token."""
+        self.request("DELETE", f"/api/v1/users/me/forges/{_seg(str(account_id))}")
 
     # --- workspaces -------------------------------------------------------------------------
 
@@ -529,6 +583,39 @@ class Workspace:
     def events(self) -> list[JSON]:
         """The event log: ``{"id", "at", "kind", "from_state", "to_state", "actor", "message"}``."""
         return list(self.den.request_json("GET", f"{self._path}/events")["events"])
+
+    # --- pull requests ----------------------------------------------------------------------
+
+    def pull_request(
+        self,
+        title: str,
+        *,
+        body: str = "",
+        branch: str | None = None,
+        base: str | None = None,
+        commit_message: str | None = None,
+        draft: bool = False,
+        timeout_s: float = _PULL_REQUEST_TIMEOUT_S,
+    ) -> PullRequest:
+        """Commit what is uncommitted, push ``branch`` and open a pull request into ``base``.
+
+        The server commits in the workspace (author from the linked forge profile), pushes
+        from its own mirror with the user's linked forge token (which never enters the
+        workspace) and opens the pull request, or returns the open one for the branch.
+        ``branch`` defaults to ``den/<workspace name>``, ``base`` to the workspace's branch.
+        Refusals are DenAPIError: ``push_refused`` (403, base or protected branch),
+        ``branch_conflict`` (409, commits Den did not push), ``push_too_large`` (413),
+        ``forge_not_linked``, ``forge_token_invalid``, ``base_missing`` (422),
+        ``forge_rate_limited`` (429), ``forge_unavailable`` (502).
+        """
+        payload: JSON = {"title": title, "body": body, "draft": draft}
+        for key, value in (("branch", branch), ("base", base),
+                           ("commit_message", commit_message)):
+            if value is not None:
+                payload[key] = value
+        data = self.den.request_json("POST", f"{self._path}/pull-requests", json_body=payload,
+                                     timeout_s=timeout_s)
+        return PullRequest.from_json(data)
 
     # --- snapshots --------------------------------------------------------------------------
 

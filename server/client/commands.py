@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TextIO
 
 from .api import Den, DenAPIError, Snapshot, Workspace
@@ -324,13 +325,70 @@ def _rm_snapshot(args: argparse.Namespace, ctx: _Context) -> int:
 # --- registration -----------------------------------------------------------------------------
 
 
+def _pr(args: argparse.Namespace, ctx: _Context) -> int:
+    body = args.body or ""
+    if args.body_file:
+        try:
+            body = (sys.stdin.read() if args.body_file == "-"
+                    else Path(args.body_file).read_text())
+        except OSError as exc:
+            raise CLIError(f"cannot read {args.body_file}: {exc.strerror}") from exc
+    with ctx.client() as den:
+        pr = den.workspace(args.name).pull_request(
+            args.title, body=body, branch=args.branch, base=args.base,
+            commit_message=args.message, draft=args.draft)
+    if args.json:
+        print(json.dumps(pr.raw, indent=2))
+        return 0
+    verb = "opened" if pr.created else "updated"
+    print(f"{verb} #{pr.number} {pr.branch} -> {pr.base} ({pr.push}): {pr.url}")
+    return 0
+
+
+def _forge_link(args: argparse.Namespace, ctx: _Context) -> int:
+    token = args.token
+    if args.token_stdin:
+        token = sys.stdin.readline().strip()
+    elif not token:
+        if not sys.stdin.isatty():
+            raise CLIError("--token or --token-stdin is required when stdin is not a "
+                           "terminal", 2)
+        token = getpass.getpass(f"{args.kind} token: ").strip()
+    with ctx.client() as den:
+        acct = den.link_forge(args.kind, args.base_url, token, api_url=args.api_url,
+                              author_name=args.author_name or "",
+                              author_email=args.author_email or "")
+    print(f"linked {acct['kind']} account {acct['username']} at {acct['base_url']} "
+          f"(id {acct['id']})")
+    return 0
+
+
+def _forge_ls(args: argparse.Namespace, ctx: _Context) -> int:
+    with ctx.client() as den:
+        accounts = den.forges()
+    if args.json:
+        print(json.dumps(accounts, indent=2))
+        return 0
+    rows = [[str(a["id"]), a["kind"], a["username"], a["base_url"],
+             f"{a['author_name']} <{a['author_email']}>"] for a in accounts]
+    print(_table(["ID", "KIND", "USER", "BASE URL", "AUTHOR"], rows))
+    return 0
+
+
+def _forge_rm(args: argparse.Namespace, ctx: _Context) -> int:
+    with ctx.client() as den:
+        den.unlink_forge(args.id)
+    print(f"forge account {args.id} unlinked")
+    return 0
+
+
 def add_client_commands(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
     *,
     client_factory: ClientFactory | None = None,
 ) -> None:
     """Register login, create, ls, exec, start, stop, pause, resume, keepalive, rm, events,
-    snapshot, snapshots, fork, restore and rm-snapshot.
+    snapshot, snapshots, fork, restore, rm-snapshot, pr and forge (link, ls, rm).
 
     ``client_factory`` builds the :class:`Den` used by each verb (tests pass one that injects an
     ``httpx.MockTransport``); by default ``Den(config.url, config.token)``.
@@ -419,3 +477,37 @@ def add_client_commands(
 
     p = verb("rm-snapshot", _rm_snapshot, "delete a snapshot (forks made from it stay)")
     p.add_argument("snapshot", metavar="SNAPSHOT", help="the snapshot id")
+
+    p = verb("pr", _pr, "commit, push and open a pull request from a workspace (the forge "
+                        "token stays on the server)")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--title", required=True, help="the pull request's title")
+    p.add_argument("--body", help="its description")
+    p.add_argument("--body-file", metavar="FILE", help="read the description from FILE (- stdin)")
+    p.add_argument("--branch", help="the branch to push (default den/NAME)")
+    p.add_argument("--base", help="the branch to merge into (default the workspace's branch)")
+    p.add_argument("-m", "--message", help="commit message for uncommitted changes "
+                                           "(default the title)")
+    p.add_argument("--draft", action="store_true", help="open it as a draft")
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+
+    forge = subparsers.add_parser("forge", help="link GitHub, GitLab or Gitea accounts",
+                                  description="link GitHub, GitLab or Gitea accounts")
+    forge_sub = forge.add_subparsers(dest="forge_command", required=True, metavar="ACTION")
+    p = forge_sub.add_parser("link", help="link an account (the token is stored encrypted)")
+    p.set_defaults(func=_bind(_forge_link, ctx))
+    p.add_argument("kind", choices=["github", "gitlab", "gitea"],
+                   help="the forge's kind (gitea also covers Forgejo)")
+    p.add_argument("base_url", metavar="BASE_URL",
+                   help="the forge's web address, e.g. https://github.com")
+    p.add_argument("--token", help="personal access token (prompted for on a terminal)")
+    p.add_argument("--token-stdin", action="store_true", help="read the token from stdin")
+    p.add_argument("--api-url", help="REST root, when it is not the usual one")
+    p.add_argument("--author-name", help="commit author name (default from the forge)")
+    p.add_argument("--author-email", help="commit author email (default from the forge)")
+    p = forge_sub.add_parser("ls", help="list linked accounts")
+    p.set_defaults(func=_bind(_forge_ls, ctx))
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+    p = forge_sub.add_parser("rm", help="unlink an account and forget its token")
+    p.set_defaults(func=_bind(_forge_rm, ctx))
+    p.add_argument("id", metavar="ID", help="the account id (den forge ls)")

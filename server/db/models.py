@@ -147,3 +147,51 @@ class Event(Base):
     to_state: Mapped[str | None] = mapped_column(String(16), default=None)
     actor: Mapped[str] = mapped_column(String(64), default="system")
     message: Mapped[str] = mapped_column(Text, default="")
+
+
+class ForgeAccount(Base):
+    """A user's linked GitHub, GitLab or Gitea/Forgejo account. The token is stored only
+    encrypted (Fernet, keys from settings); the API never returns it."""
+
+    __tablename__ = "forge_accounts"
+    __table_args__ = (UniqueConstraint("user_id", "base_url", name="uq_forge_accounts_user_url"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "github" | "gitlab" | "gitea"
+    base_url: Mapped[str] = mapped_column(String(512))  # web and git URL, no trailing slash
+    api_url: Mapped[str] = mapped_column(String(512))
+    username: Mapped[str] = mapped_column(String(255), default="")
+    author_name: Mapped[str] = mapped_column(String(255), default="")
+    author_email: Mapped[str] = mapped_column(String(255), default="")
+    token_encrypted: Mapped[str] = mapped_column(Text)
+    token_hint: Mapped[str] = mapped_column(String(16), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class PullRequest(Base):
+    """A branch Den pushed for a user, and the pull request opened for it (number and url
+    are empty when the push went through and opening the request did not)."""
+
+    __tablename__ = "pull_requests"
+    __table_args__ = (
+        UniqueConstraint("owner_id", "repo_url", "branch", name="uq_pull_requests_branch"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    workspace_id: Mapped[str | None] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="SET NULL"), index=True, default=None
+    )
+    account_id: Mapped[int | None] = mapped_column(
+        ForeignKey("forge_accounts.id", ondelete="SET NULL"), default=None
+    )
+    repo_url: Mapped[str] = mapped_column(Text)
+    branch: Mapped[str] = mapped_column(String(255))
+    base: Mapped[str] = mapped_column(String(255))
+    head_sha: Mapped[str] = mapped_column(String(64))  # the last commit Den pushed
+    number: Mapped[int | None] = mapped_column(Integer, default=None)
+    url: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -16,6 +16,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -165,10 +166,13 @@ def clone(
     timeout_s: float,
     max_bytes: int,
     known_hosts: Path | None = None,
+    extra_env: Mapping[str, str] | None = None,
 ) -> str:
     """Clone ``source`` into ``dest`` (which must not exist). Returns the checked-out branch.
 
     Blocking: call it from a worker thread. Raises CloneFailed with git's reason.
+    ``extra_env`` reaches only the git process (a forge credential as in-memory config);
+    nothing of it is written into the clone.
     """
     if branch is not None and (branch.startswith("-") or not branch.strip()):
         raise ValidationFailed(f"invalid branch name {branch!r}")
@@ -181,7 +185,8 @@ def clone(
     argv += ["--", source.url, str(dest)]
     try:
         proc = git.Git().execute(
-            argv, as_process=True, env=_git_env(home, known_hosts or home / "known_hosts"),
+            argv, as_process=True,
+            env={**_git_env(home, known_hosts or home / "known_hosts"), **(extra_env or {})},
             stdout_as_string=True,
             with_extended_output=True,
         )

@@ -12,7 +12,7 @@ import logging
 import posixpath
 import shutil
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -106,6 +106,12 @@ class WorkspaceService:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._tmp = settings.data_dir / "tmp"
         self.activity = Activity()
+        # Set by the forge service (server/forges): git environment that authenticates a
+        # host-side clone (a linked account's token, in memory only), what to do to a fresh
+        # clone before it is packed (Den's git hooks), and clean-up after a delete.
+        self.clone_env: Callable[[Workspace], Mapping[str, str] | None] | None = None
+        self.prepare_clone: Callable[[Workspace, Path, str], None] | None = None
+        self.deleted_hooks: list[Callable[[str], None]] = []
 
     # --- reading ----------------------------------------------------------------------
 
@@ -467,7 +473,10 @@ class WorkspaceService:
                     timeout_s=self.settings.clone_timeout_s,
                     max_bytes=self.settings.clone_max_mb * 1024 * 1024,
                     known_hosts=self.settings.data_dir / "ssh_known_hosts",
+                    extra_env=self.clone_env(ws) if self.clone_env else None,
                 )
+                if self.prepare_clone is not None:
+                    await asyncio.to_thread(self.prepare_clone, ws, repo, head)
                 await asyncio.to_thread(
                     git_clone.pack_for_workspace, repo, arcname=ws.repo_dir, out=tar
                 )
@@ -629,6 +638,8 @@ class WorkspaceService:
         with self.sessions.begin() as s:
             s.execute(delete(Event).where(Event.workspace_id == ws.id))
             s.execute(delete(Workspace).where(Workspace.id == ws.id))
+        for hook in self.deleted_hooks:
+            hook(ws.id)
         log.info("workspace %s: deleted by %s", ws.id, actor)
 
     async def ensure_running(self, ws_id: str, *, actor: str) -> Workspace:
@@ -832,3 +843,4 @@ def path_in_workspace(path: str) -> str:
     if joined != WORKSPACE_ROOT and not joined.startswith(WORKSPACE_ROOT + "/"):
         raise Forbidden(f"path {path!r} is outside /workspace", code="path_outside")
     return joined
+

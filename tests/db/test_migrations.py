@@ -54,6 +54,7 @@ def test_upgrade_head_on_empty_database_matches_models(db_url: str) -> None:
         rev = ctx.get_current_revision()
     assert diff == []
     assert rev == head_revision(db_url)
+    assert {"forge_accounts", "pull_requests"} <= set(inspect(engine).get_table_names())
     upgrade(engine, db_url)  # a second upgrade is a no-op
     engine.dispose()
 

@@ -1,0 +1,1 @@
+"""Forge accounts, private clones, and pull requests pushed from a server-owned mirror."""
