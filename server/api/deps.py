@@ -10,6 +10,7 @@ from server.auth.tokens import authenticate
 from server.db.models import User
 from server.errors import Unauthorized
 from server.snapshots.service import SnapshotService
+from server.ssh.keys import SSHKeyService
 from server.workspaces.files import FileService
 from server.workspaces.service import WorkspaceService
 
@@ -51,7 +52,12 @@ def file_service(request: Request) -> FileService:
     return request.app.state.files  # type: ignore[no-any-return]
 
 
+def ssh_key_service(request: Request) -> SSHKeyService:
+    return request.app.state.ssh_keys  # type: ignore[no-any-return]
+
+
 CurrentUser = Annotated[User, Depends(current_user)]
 Workspaces = Annotated[WorkspaceService, Depends(workspace_service)]
 Files = Annotated[FileService, Depends(file_service)]
 Snapshots = Annotated[SnapshotService, Depends(snapshot_service)]
+SSHKeys = Annotated[SSHKeyService, Depends(ssh_key_service)]
