@@ -60,10 +60,10 @@ def parse_public_key(text: str) -> ParsedKey:
     text = text.strip()
     if not text:
         raise ValidationFailed("the public key is empty")
-    if len(text) > MAX_KEY_TEXT or "\n" in text or "\r" in text:
-        raise ValidationFailed("give exactly one public key, on one line")
     if "PRIVATE KEY" in text:
         raise ValidationFailed("that is a private key: give the public one (the .pub file)")
+    if len(text) > MAX_KEY_TEXT or "\n" in text or "\r" in text:
+        raise ValidationFailed("give exactly one public key, on one line")
     first = text.split(None, 1)[0]
     if first.endswith("-cert-v01@openssh.com"):
         raise ValidationFailed("certificates are not accepted: give the plain public key")
