@@ -102,6 +102,8 @@ class Gateway:
         self.port = 0
 
     async def start(self) -> None:
+        if not log.isEnabledFor(logging.DEBUG):  # asyncssh logs every channel at INFO
+            logging.getLogger("asyncssh").setLevel(logging.WARNING)
         host_keys = await asyncio.to_thread(load_host_keys, self.settings.data_dir)
         try:
             self._server = await asyncssh.create_server(
