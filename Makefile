@@ -44,6 +44,7 @@ lint: venv
 
 bench: setup
 	$(VENV)/bin/python -m tests.benchmarks.bench_workspaces
+	$(VENV)/bin/python -m tests.benchmarks.bench_ssh
 
 ## Remove every engine object left by test runs (names start with dentest-).
 clean-engine:

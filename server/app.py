@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import __version__
 from server.api import exec as exec_routes
-from server.api import files, forges, health, snapshots, users, workspaces
+from server.api import files, forges, health, snapshots, ssh_keys, users, workspaces
 from server.config import Settings
 from server.db.migrate import ensure_schema
 from server.db.models import Meta, Workspace
@@ -28,6 +28,7 @@ from server.errors import DenError
 from server.forges.pull_requests import ForgeService
 from server.runtime.base import Runtime
 from server.snapshots.service import SnapshotService
+from server.ssh.keys import SSHKeyService
 from server.workspaces.files import FileService
 from server.workspaces.reaper import Reaper
 from server.workspaces.service import WorkspaceService
@@ -89,9 +90,19 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
         app.state.reaper = reaper
         if settings.reaper_interval_s > 0:
             reaper.start()
+        app.state.ssh_keys = SSHKeyService(sessions)
+        app.state.ssh_gateway = None
         try:
+            if settings.ssh_port > 0:  # the SSH gateway, on the same address as HTTP
+                from server.ssh.gateway import Gateway
+
+                app.state.ssh_gateway = Gateway(settings=settings, workspaces=svc,
+                                                keys=app.state.ssh_keys)
+                await app.state.ssh_gateway.start()
             yield
         finally:
+            if app.state.ssh_gateway is not None:
+                await app.state.ssh_gateway.stop()
             await reaper.stop()
             await svc.shutdown()
             close = getattr(rt, "close", None)
@@ -130,6 +141,6 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return _error(500, "internal", "internal server error (this is a bug; see the log)")
 
-    for module in (health, users, workspaces, exec_routes, files, snapshots, forges):
+    for module in (health, users, workspaces, exec_routes, files, snapshots, forges, ssh_keys):
         app.include_router(module.router)
     return app

@@ -22,7 +22,11 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address the HTTP API listens on.")
     port: int = Field(8080, description="Port of the HTTP API and web UI.")
     ssh_port: int = Field(
-        2222, description="Port of the SSH gateway (reserved: the gateway is not built yet)."
+        2222,
+        description=(
+            "Port of the SSH gateway, on the same address as the HTTP API; 0 turns the gateway "
+            "off."
+        ),
     )
     data_dir: Path = Field(
         Path("/var/lib/den"),
@@ -201,6 +205,22 @@ class Settings(BaseSettings):
     )
     forge_api_timeout_s: float = Field(
         30, description="Timeout of one call to a forge's REST API."
+    )
+
+    # --- ssh gateway ------------------------------------------------------------------
+    ssh_login_timeout_s: float = Field(
+        30, description="An SSH connection that has not authenticated after this long is closed."
+    )
+    ssh_max_auth_failures: int = Field(
+        10,
+        description=(
+            "Failed SSH connections (closed without authenticating) one source address may "
+            "make within `DEN_SSH_AUTH_FAILURE_WINDOW_S`; beyond that its connections are "
+            "refused until the window has passed. 0 turns the limit off."
+        ),
+    )
+    ssh_auth_failure_window_s: float = Field(
+        300, description="The window of `DEN_SSH_MAX_AUTH_FAILURES`, in seconds."
     )
 
     def resolved_database_url(self) -> str:

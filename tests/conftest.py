@@ -128,6 +128,7 @@ def make_settings(tmp_path: Path, repos_root: Path) -> Callable[..., Settings]:
             "default_cpus": 1.0,
             "stop_timeout_s": 2,
             "reaper_interval_s": 0,  # tests that want the idle reaper turn it on
+            "ssh_port": 0,  # tests that want the SSH gateway give it a free port
         }
         values.update(overrides)
         return Settings(**values)

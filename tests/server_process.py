@@ -38,6 +38,8 @@ class DenServer:
                  http_timeout_s: float = 60, own_session: bool = False,
                  **settings: object) -> None:
         self.port = free_port()
+        # The SSH gateway's port: a free one, unless settings say (ssh_port=0 turns it off).
+        self.ssh_port = int(str(settings.get("ssh_port", free_port())))
         self.prefix = prefix
         self.log = data_dir.parent / "server.log"
         self.own_session = own_session
@@ -46,6 +48,7 @@ class DenServer:
             "DEN_DATA_DIR": str(data_dir),
             "DEN_ENGINE_PREFIX": prefix,
             "DEN_LOCAL_REPO_ROOTS": json.dumps([str(repos_root)]),
+            "DEN_SSH_PORT": str(self.ssh_port),
             **{f"DEN_{k.upper()}": str(v) for k, v in settings.items()},
         }
         self.proc: subprocess.Popen[bytes] | None = None

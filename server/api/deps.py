@@ -11,6 +11,7 @@ from server.db.models import User
 from server.errors import Unauthorized
 from server.forges.pull_requests import ForgeService
 from server.snapshots.service import SnapshotService
+from server.ssh.keys import SSHKeyService
 from server.workspaces.files import FileService
 from server.workspaces.service import WorkspaceService
 
@@ -52,6 +53,10 @@ def file_service(request: Request) -> FileService:
     return request.app.state.files  # type: ignore[no-any-return]
 
 
+def ssh_key_service(request: Request) -> SSHKeyService:
+    return request.app.state.ssh_keys  # type: ignore[no-any-return]
+
+
 CurrentUser = Annotated[User, Depends(current_user)]
 Workspaces = Annotated[WorkspaceService, Depends(workspace_service)]
 Files = Annotated[FileService, Depends(file_service)]
@@ -63,3 +68,4 @@ def forge_service(request: Request) -> ForgeService:
 
 
 Forges = Annotated[ForgeService, Depends(forge_service)]
+SSHKeys = Annotated[SSHKeyService, Depends(ssh_key_service)]

@@ -6,7 +6,9 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.db.models import Event, ForgeAccount, Snapshot, Workspace
+from server.config import Settings
+from server.db.models import Event, ForgeAccount, Snapshot, SSHKey, Workspace
+from server.ssh.target import ssh_endpoint
 
 
 class _Strict(BaseModel):
@@ -103,7 +105,8 @@ class WorkspaceOut(BaseModel):
     ssh: dict[str, str | int] | None = None
 
     @classmethod
-    def of(cls, ws: Workspace) -> WorkspaceOut:
+    def of(cls, ws: Workspace, settings: Settings | None = None) -> WorkspaceOut:
+        """``settings`` fills ``ssh`` (where the SSH gateway is; null when it is off)."""
         return cls(
             id=ws.id, name=ws.name, owner=ws.owner.name, state=ws.state,
             state_reason=ws.state_reason,
@@ -117,6 +120,7 @@ class WorkspaceOut(BaseModel):
             keep_alive=ws.keep_alive, keepalive_until=ws.keepalive_until,
             created_at=ws.created_at, updated_at=ws.updated_at,
             last_activity_at=ws.last_activity_at,
+            ssh=ssh_endpoint(settings, ws.name) if settings is not None else None,
         )
 
 
@@ -264,3 +268,32 @@ class PullRequestOut(BaseModel):
     created: bool = Field(description="False when an open pull request already existed")
     push: str = Field(description="create, fast-forward, force-own or up-to-date")
     forge: str
+
+
+class SSHKeyIn(_Strict):
+    public_key: str = Field(
+        max_length=16384,
+        description="one OpenSSH public key line: `ssh-ed25519 AAAA... comment`",
+    )
+    name: str | None = Field(None, max_length=128,
+                             description="a label; defaults to the key's comment")
+
+
+class SSHKeyOut(BaseModel):
+    id: int
+    name: str
+    type: str
+    fingerprint: str
+    public_key: str
+    created_at: datetime
+    last_used_at: datetime | None = None
+
+    @classmethod
+    def of(cls, key: SSHKey) -> SSHKeyOut:
+        return cls(id=key.id, name=key.name, type=key.key_type, fingerprint=key.fingerprint,
+                   public_key=key.public_key, created_at=key.created_at,
+                   last_used_at=key.last_used_at)
+
+
+class SSHKeyList(BaseModel):
+    ssh_keys: list[SSHKeyOut]

@@ -35,7 +35,7 @@ def list_my_snapshots(user: CurrentUser, snaps: Snapshots) -> SnapshotList:
 @router.post("/api/v1/snapshots/{sid}/restore", response_model=WorkspaceOut)
 async def restore_snapshot(sid: str, user: CurrentUser, snaps: Snapshots) -> WorkspaceOut:
     snap = snaps.get_for(user, sid)
-    return WorkspaceOut.of(await snaps.restore(snap, actor=user.name))
+    return WorkspaceOut.of(await snaps.restore(snap, actor=user.name), snaps.settings)
 
 
 @router.delete("/api/v1/snapshots/{sid}", status_code=204)

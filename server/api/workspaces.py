@@ -27,7 +27,7 @@ async def create_workspace(body: WorkspaceCreate, user: CurrentUser, svc: Worksp
     if body.from_snapshot is not None:
         snap = snaps.get_for(user, body.from_snapshot)
         name = body.name or f"{snap.name}-fork"
-        return WorkspaceOut.of(await snaps.fork(user, snap, name=name))
+        return WorkspaceOut.of(await snaps.fork(user, snap, name=name), svc.settings)
     assert body.repo is not None
     req = CreateRequest(
         name=body.name, repo_url=body.repo.url, branch=body.repo.branch, image=body.image,
@@ -36,48 +36,50 @@ async def create_workspace(body: WorkspaceCreate, user: CurrentUser, svc: Worksp
         idle_timeout_s=body.idle_timeout_s, stop_after_s=body.stop_after_s,
         keep_alive=body.keep_alive,
     )
-    return WorkspaceOut.of(await svc.create(user, req))
+    return WorkspaceOut.of(await svc.create(user, req), svc.settings)
 
 
 @router.get("", response_model=WorkspaceList)
 def list_workspaces(user: CurrentUser, svc: Workspaces) -> WorkspaceList:
-    return WorkspaceList(workspaces=[WorkspaceOut.of(w) for w in svc.list_for(user)])
+    return WorkspaceList(workspaces=[WorkspaceOut.of(w, svc.settings)
+                                     for w in svc.list_for(user)])
 
 
 @router.get("/{ref}", response_model=WorkspaceOut)
 def get_workspace(ref: str, user: CurrentUser, svc: Workspaces) -> WorkspaceOut:
-    return WorkspaceOut.of(svc.get_for(user, ref))
+    return WorkspaceOut.of(svc.get_for(user, ref), svc.settings)
 
 
 @router.post("/{ref}/start", response_model=WorkspaceOut)
 async def start_workspace(ref: str, user: CurrentUser, svc: Workspaces) -> WorkspaceOut:
     ws = svc.get_for(user, ref)
-    return WorkspaceOut.of(await svc.start(ws.id, actor=user.name))
+    return WorkspaceOut.of(await svc.start(ws.id, actor=user.name), svc.settings)
 
 
 @router.post("/{ref}/stop", response_model=WorkspaceOut)
 async def stop_workspace(ref: str, user: CurrentUser, svc: Workspaces) -> WorkspaceOut:
     ws = svc.get_for(user, ref)
-    return WorkspaceOut.of(await svc.stop(ws.id, actor=user.name))
+    return WorkspaceOut.of(await svc.stop(ws.id, actor=user.name), svc.settings)
 
 
 @router.post("/{ref}/pause", response_model=WorkspaceOut)
 async def pause_workspace(ref: str, user: CurrentUser, svc: Workspaces) -> WorkspaceOut:
     ws = svc.get_for(user, ref)
-    return WorkspaceOut.of(await svc.pause(ws.id, actor=user.name))
+    return WorkspaceOut.of(await svc.pause(ws.id, actor=user.name), svc.settings)
 
 
 @router.post("/{ref}/resume", response_model=WorkspaceOut)
 async def resume_workspace(ref: str, user: CurrentUser, svc: Workspaces) -> WorkspaceOut:
     ws = svc.get_for(user, ref)
-    return WorkspaceOut.of(await svc.resume(ws.id, actor=user.name))
+    return WorkspaceOut.of(await svc.resume(ws.id, actor=user.name), svc.settings)
 
 
 @router.post("/{ref}/keepalive", response_model=WorkspaceOut)
 async def keepalive(ref: str, body: KeepaliveIn, user: CurrentUser, svc: Workspaces
                     ) -> WorkspaceOut:
     ws = svc.get_for(user, ref)
-    return WorkspaceOut.of(await svc.keepalive(ws.id, body.ttl_s, actor=user.name))
+    return WorkspaceOut.of(await svc.keepalive(ws.id, body.ttl_s, actor=user.name),
+                           svc.settings)
 
 
 @router.delete("/{ref}", status_code=status.HTTP_204_NO_CONTENT)

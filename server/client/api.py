@@ -345,6 +345,23 @@ class Den:
         """Forget a linked forge account and its token."""
         self.request("DELETE", f"/api/v1/users/me/forges/{_seg(str(account_id))}")
 
+    # --- SSH keys -----------------------------------------------------------------------------
+
+    def add_ssh_key(self, public_key: str, *, name: str | None = None) -> JSON:
+        """Register an SSH public key (one OpenSSH line) for the SSH gateway."""
+        body: JSON = {"public_key": public_key}
+        if name is not None:
+            body["name"] = name
+        return self.request_json("POST", "/api/v1/users/me/ssh-keys", json_body=body)
+
+    def ssh_keys(self) -> list[JSON]:
+        """The user's SSH keys: ``id, name, type, fingerprint, public_key, created_at, ...``."""
+        return list(self.request_json("GET", "/api/v1/users/me/ssh-keys")["ssh_keys"])
+
+    def delete_ssh_key(self, key_id: int | str) -> None:
+        """Remove an SSH key."""
+        self.request("DELETE", f"/api/v1/users/me/ssh-keys/{_seg(str(key_id))}")
+
     # --- workspaces -------------------------------------------------------------------------
 
     def create(
@@ -489,6 +506,13 @@ class Workspace:
         """Where the repo is checked out inside the workspace, e.g. ``/workspace/api``."""
         path = (self._data.get("repo") or {}).get("path")
         return None if path is None else str(path)
+
+    @property
+    def ssh(self) -> JSON | None:
+        """Where the SSH gateway reaches this workspace: ``host, port, user, command``; None
+        when the server's gateway is off."""
+        value = self._data.get("ssh")
+        return dict(value) if isinstance(value, dict) else None
 
     @property
     def keepalive_until(self) -> str | None:

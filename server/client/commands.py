@@ -10,17 +10,19 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 from .api import Den, DenAPIError, Snapshot, Workspace
 from .config import ClientConfig, load_config, save_config
 
-__all__ = ["ClientFactory", "add_client_commands"]
+__all__ = ["ClientFactory", "add_client_commands", "render_ssh_config", "ssh_argv"]
 
 ClientFactory = Callable[[ClientConfig], Den]
 Handler = Callable[[argparse.Namespace, "_Context"], int]
@@ -322,6 +324,102 @@ def _rm_snapshot(args: argparse.Namespace, ctx: _Context) -> int:
     return 0
 
 
+# --- ssh ------------------------------------------------------------------------------------
+
+_WILDCARDS = frozenset({"", "0.0.0.0", "::", "[::]"})
+
+
+def ssh_host(endpoint: Mapping[str, Any], api_url: str) -> str:
+    """The host to ssh to: the server's public host, or, when it listens on a wildcard
+    address, the host the API was reached by."""
+    host = str(endpoint.get("host") or "")
+    if host in _WILDCARDS:
+        host = urlsplit(api_url).hostname or "127.0.0.1"
+    return host
+
+
+def ssh_argv(ws: Mapping[str, Any], api_url: str, command: Sequence[str], *,
+             identity: str | None = None) -> list[str]:
+    """The OpenSSH command line that ``den ssh`` runs for workspace ``ws`` (its JSON)."""
+    endpoint = ws.get("ssh")
+    if not isinstance(endpoint, Mapping):
+        raise CLIError("the server's SSH gateway is off (DEN_SSH_PORT is 0)")
+    argv = ["ssh", "-p", str(endpoint["port"])]
+    if identity:
+        argv += ["-i", identity]
+    return [*argv, "--", f"{endpoint['user']}@{ssh_host(endpoint, api_url)}", *command]
+
+
+def render_ssh_config(workspaces: Sequence[Mapping[str, Any]], *, api_host: str,
+                      identity: str | None = None) -> str:
+    """``Host den-<name>`` entries for ``~/.ssh/config``: what editors' Remote-SSH needs."""
+    lines = ["# Den workspaces, written by `den ssh-config`; run it again after creating one."]
+    for ws in workspaces:
+        endpoint = ws.get("ssh")
+        if not isinstance(endpoint, Mapping):
+            lines.append(f"# {ws.get('name')}: the server's SSH gateway is off")
+            continue
+        host = str(endpoint.get("host") or "")
+        lines += ["", f"Host den-{ws['name']}",
+                  f"  HostName {api_host if host in _WILDCARDS else host}",
+                  f"  Port {endpoint['port']}", f"  User {endpoint['user']}"]
+        if identity:
+            lines.append(f"  IdentityFile {identity}")
+    return "\n".join(lines) + "\n"
+
+
+def _ssh(args: argparse.Namespace, ctx: _Context) -> int:
+    command = list(args.cmd)
+    if command and command[0] == "--":
+        command = command[1:]
+    with ctx.client() as den:
+        ws = den.workspace(args.name)
+        argv = ssh_argv(ws.raw, den.url, command, identity=args.identity)
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as exc:
+        raise CLIError(f"cannot run ssh: {exc}") from exc
+    return 0  # not reached
+
+
+def _ssh_config(args: argparse.Namespace, ctx: _Context) -> int:
+    with ctx.client() as den:
+        workspaces = [ws.raw for ws in den.workspaces()]
+        api_host = urlsplit(den.url).hostname or "127.0.0.1"
+    sys.stdout.write(render_ssh_config(workspaces, api_host=api_host, identity=args.identity))
+    return 0
+
+
+def _ssh_key_add(args: argparse.Namespace, ctx: _Context) -> int:
+    try:
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CLIError(f"cannot read {args.file}: {exc}") from exc
+    with ctx.client() as den:
+        key = den.add_ssh_key(text, name=args.name)
+    print(f"{key['id']} {key['fingerprint']} {key['name']}")
+    return 0
+
+
+def _ssh_key_ls(args: argparse.Namespace, ctx: _Context) -> int:
+    with ctx.client() as den:
+        keys = den.ssh_keys()
+    if args.json:
+        print(json.dumps(keys, indent=2))
+        return 0
+    rows = [[str(k["id"]), k["type"], k["fingerprint"], k["name"] or "-",
+             _when(k.get("last_used_at")) if k.get("last_used_at") else "never"] for k in keys]
+    print(_table(["ID", "TYPE", "FINGERPRINT", "NAME", "LAST USED"], rows))
+    return 0
+
+
+def _ssh_key_rm(args: argparse.Namespace, ctx: _Context) -> int:
+    with ctx.client() as den:
+        den.delete_ssh_key(args.id)
+    print(f"SSH key {args.id} removed")
+    return 0
+
+
 # --- registration -----------------------------------------------------------------------------
 
 
@@ -388,7 +486,8 @@ def add_client_commands(
     client_factory: ClientFactory | None = None,
 ) -> None:
     """Register login, create, ls, exec, start, stop, pause, resume, keepalive, rm, events,
-    snapshot, snapshots, fork, restore, rm-snapshot, pr and forge (link, ls, rm).
+    snapshot, snapshots, fork, restore, rm-snapshot, pr, forge (link, ls, rm), ssh,
+    ssh-config and ssh-key.
 
     ``client_factory`` builds the :class:`Den` used by each verb (tests pass one that injects an
     ``httpx.MockTransport``); by default ``Den(config.url, config.token)``.
@@ -511,3 +610,26 @@ def add_client_commands(
     p = forge_sub.add_parser("rm", help="unlink an account and forget its token")
     p.set_defaults(func=_bind(_forge_rm, ctx))
     p.add_argument("id", metavar="ID", help="the account id (den forge ls)")
+
+    p = verb("ssh", _ssh, "a shell in a workspace over SSH, or run CMD: den ssh NAME [-- CMD]")
+    p.add_argument("-i", "--identity", metavar="FILE", help="the private key to use")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("cmd", metavar="CMD", nargs=argparse.REMAINDER, help="a command to run")
+
+    p = verb("ssh-config", _ssh_config,
+             "print Host entries (den-NAME) for ~/.ssh/config, for ssh and editors' Remote-SSH")
+    p.add_argument("-i", "--identity", metavar="FILE", help="add IdentityFile FILE to each")
+
+    keys = subparsers.add_parser("ssh-key", help="manage your SSH public keys",
+                                 description="manage your SSH public keys")
+    keys_sub = keys.add_subparsers(dest="ssh_key_command", required=True, metavar="ACTION")
+    p = keys_sub.add_parser("add", help="register a public key (FILE, or - for stdin)")
+    p.set_defaults(func=_bind(_ssh_key_add, ctx))
+    p.add_argument("file", metavar="FILE", help="e.g. ~/.ssh/id_ed25519.pub")
+    p.add_argument("--name", help="a label (default: the key's comment)")
+    p = keys_sub.add_parser("ls", help="list your SSH keys")
+    p.set_defaults(func=_bind(_ssh_key_ls, ctx))
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+    p = keys_sub.add_parser("rm", help="remove an SSH key")
+    p.set_defaults(func=_bind(_ssh_key_rm, ctx))
+    p.add_argument("id", metavar="ID", help="the key's id (den ssh-key ls)")

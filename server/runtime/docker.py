@@ -600,6 +600,7 @@ class DockerExecStream:
         self._reader = threading.Thread(target=self._pump, daemon=True)
         self._reader.start()
         self._closed = False
+        self._exited = False
 
     def _pump(self) -> None:
         try:
@@ -632,14 +633,20 @@ class DockerExecStream:
 
     async def wait(self) -> int:
         await asyncio.to_thread(self._reader.join)
-        return await self._rt._call(
+        code = await self._rt._call(
             "exec status", lambda: _exit_code(self._rt._api(), self._exec_id)
         )
+        self._exited = True
+        return code
 
     async def kill(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._exited:  # nothing left to end (an SSH channel's usual end): close the stream
+            with contextlib.suppress(OSError):
+                self._sock.close()
+            return
         kill = ExecRequest(argv=docker_specs.kill_argv(self._pidfile), user="root", cwd="/")
         with contextlib.suppress(Exception):
             await self._rt.exec(self._spec, kill)

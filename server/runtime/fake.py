@@ -204,7 +204,7 @@ class FakeRuntime:
 
 def _run(req: ExecRequest) -> ExecResult:
     argv = list(req.argv)
-    if argv[:2] == ["bash", "-c"] or argv[:2] == ["sh", "-c"]:
+    if argv[:2] in (["bash", "-c"], ["sh", "-c"], ["bash", "-lc"]):
         argv = argv[2].split()
     match argv:
         case ["true"]:
@@ -226,7 +226,8 @@ class _FakeStream:
     def __init__(self, result: ExecResult, argv: object) -> None:
         self._result = result
         self._stdin = bytearray()
-        self._cat = list(argv) == ["cat"] if isinstance(argv, list | tuple) else False
+        self._cat = (list(argv) in (["cat"], ["bash", "-lc", "cat"])
+                     if isinstance(argv, list | tuple) else False)
         self._stdin_closed = asyncio.Event()
         self.sizes: list[tuple[int, int]] = []
 

@@ -1151,3 +1151,61 @@ def test_cli_unreachable(clean_env: Path, capsys: pytest.CaptureFixture[str]) ->
     args = parser.parse_args(["ls"])
     assert args.func(args) == 1
     assert capsys.readouterr().err.startswith(f"den: cannot reach Den at {URL}")
+
+
+# --- ssh verbs --------------------------------------------------------------------------------
+
+_SSH = {"host": "0.0.0.0", "port": 2222, "user": "api", "command": "ssh -p 2222 api@0.0.0.0"}
+
+
+def test_cli_ssh_runs_openssh_with_the_gateway_address(
+        cli: Callable[..., int], fake: FakeServer, logged_in: None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    fake.add("api", ssh=_SSH)
+    ran: list[list[str]] = []
+    monkeypatch.setattr("os.execvp", lambda file, argv: ran.append(list(argv)))
+    assert cli("ssh", "api") == 0
+    assert cli("ssh", "-i", "/k", "api", "--", "ls", "-la") == 0
+    assert ran == [["ssh", "-p", "2222", "--", "api@den.test"],
+                   ["ssh", "-p", "2222", "-i", "/k", "--", "api@den.test", "ls", "-la"]]
+
+
+def test_cli_ssh_with_the_gateway_off(cli: Callable[..., int], fake: FakeServer,
+                                      logged_in: None, capsys: pytest.CaptureFixture[str]
+                                      ) -> None:
+    fake.add("api")
+    assert cli("ssh", "api") == 1
+    assert "SSH gateway is off" in capsys.readouterr().err
+
+
+def test_cli_ssh_config(cli: Callable[..., int], fake: FakeServer, logged_in: None,
+                        capsys: pytest.CaptureFixture[str]) -> None:
+    fake.add("api", ssh=_SSH)
+    fake.add("web", ssh={**_SSH, "user": "web", "host": "ssh.example"})
+    assert cli("ssh-config") == 0
+    out = capsys.readouterr().out
+    assert "Host den-api\n  HostName den.test\n  Port 2222\n  User api\n" in out
+    assert "Host den-web\n  HostName ssh.example\n  Port 2222\n  User web\n" in out
+
+
+def test_cli_ssh_key_add_ls_rm(cli: Callable[..., int], fake: FakeServer, logged_in: None,
+                               tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    key = {"id": 7, "name": "laptop", "type": "ssh-ed25519", "fingerprint": "SHA256:abc",
+           "public_key": "ssh-ed25519 AAAA", "created_at": "2024-05-01T00:00:00Z",
+           "last_used_at": None}
+    path = "/api/v1/users/me/ssh-keys"
+    fake.overrides[("POST", path)] = httpx.Response(201, json=key)
+    fake.overrides[("GET", path)] = httpx.Response(200, json={"ssh_keys": [key]})
+    fake.overrides[("DELETE", path + "/7")] = httpx.Response(204)
+    pub = tmp_path / "id.pub"
+    pub.write_text("ssh-ed25519 AAAA laptop\n")
+    assert cli("ssh-key", "add", str(pub)) == 0
+    assert capsys.readouterr().out == "7 SHA256:abc laptop\n"
+    sent = json.loads(fake.requests[-1].content)
+    assert sent == {"public_key": "ssh-ed25519 AAAA laptop\n"}
+    assert cli("ssh-key", "ls") == 0
+    assert "SHA256:abc" in capsys.readouterr().out
+    assert cli("ssh-key", "rm", "7") == 0
+    assert fake.requests[-1].method == "DELETE"
+    assert cli("ssh-key", "add", str(tmp_path / "missing.pub")) == 1
+    assert "cannot read" in capsys.readouterr().err
