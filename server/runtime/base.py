@@ -75,7 +75,7 @@ class ContainerStatus(StrEnum):
 class EngineObject:
     """A labelled engine object found by ``list_objects``."""
 
-    kind: str  # "container" or "volume"
+    kind: str  # "container", "volume" or "image" (a snapshot's committed filesystem)
     name: str
     workspace_id: str
     running: bool = False
@@ -237,7 +237,7 @@ class Runtime(Protocol):
         ...
 
     async def list_objects(self, instance: str) -> list[EngineObject]:
-        """Every container and volume labelled with this Den ``instance``."""
+        """Every container, volume and image labelled with this Den ``instance``."""
         ...
 
     async def remove_object(self, obj: EngineObject) -> None:

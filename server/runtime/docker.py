@@ -476,6 +476,17 @@ class DockerRuntime:
                         snapshot_id=labels.get(LABEL_SNAPSHOT, ""),
                     )
                 )
+            for image in api.images(all=False, filters={"label": label}):
+                labels = image.get("Labels") or {}
+                tags = [t for t in image.get("RepoTags") or [] if t != "<none>:<none>"]
+                found.append(  # snapshot images; untagged ones once their snapshot is gone
+                    EngineObject(
+                        kind="image",
+                        name=tags[0] if tags else str(image["Id"]),
+                        workspace_id=labels.get(LABEL_WORKSPACE, ""),
+                        snapshot_id=labels.get(LABEL_SNAPSHOT, ""),
+                    )
+                )
             return found
 
         return await self._call("list engine objects", run)
@@ -486,6 +497,16 @@ class DockerRuntime:
             with contextlib.suppress(docker.errors.NotFound):
                 if obj.kind == "container":
                     api.remove_container(obj.name, force=True, v=False)
+                elif obj.kind == "image":
+                    try:
+                        api.remove_image(obj.name)
+                    except docker.errors.APIError as exc:
+                        if exc.status_code != 409:
+                            raise
+                        # A fork's container still uses it: untag it now; the untagged image
+                        # goes at a later start, once no container uses it.
+                        if not obj.name.startswith("sha256:"):
+                            api.remove_image(obj.name, force=True)
                 else:
                     api.remove_volume(obj.name, force=True)
 

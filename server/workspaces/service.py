@@ -781,6 +781,12 @@ class WorkspaceService:
             if obj.workspace_id not in known or obj.snapshot_id:
                 log.warning("reconcile: removing orphan %s %s", obj.kind, obj.name)
                 await self.runtime.remove_object(obj)
+        # Saved memory of snapshots without a row (Den stopped while taking one).
+        saved = self.settings.data_dir / "snapshots"
+        for d in sorted(saved.iterdir()) if saved.is_dir() else []:
+            if d.name not in snapshots:
+                log.warning("reconcile: removing orphan saved memory %s", d)
+                shutil.rmtree(d, ignore_errors=True)
 
     async def _reconcile_one(self, ws: Workspace) -> None:
         spec = self.spec_for(ws)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -165,3 +166,34 @@ def test_snapshots_survive_a_restart_and_a_paused_workspace_resumes_after_kill9(
     fork = server.http.post("/api/v1/workspaces", json={"name": "fork", "from_snapshot": sid})
     assert fork.status_code == 202
     assert _wait(lambda: server.ws(fork.json()["id"]).get("state") == "running")
+
+
+def test_a_snapshot_interrupted_before_its_row_leaves_nothing_after_a_restart(
+    server: Server, make_repo: Callable[..., Path]
+) -> None:
+    """Den writes a snapshot's row after its engine objects and saved memory; a crash in
+    between leaves them without a row, and the next start removes them."""
+    wid = server.create_running(make_repo())
+    r = server.http.post(f"/api/v1/workspaces/{wid}/snapshots", json={"name": "s", "memory": True})
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    memory = Path(server.env["DEN_DATA_DIR"]) / "snapshots" / sid
+    assert memory.is_dir()
+    assert sorted(engine_objects(f"{server.prefix}-{sid}")) == [
+        ("volume", f"{server.prefix}-{sid}-snap")]
+    image = f"{server.prefix}-snapshot:{sid}"
+    assert subprocess.run(["docker", "image", "inspect", image], capture_output=True
+                          ).returncode == 0
+    server.kill9()
+    import sqlite3
+
+    db = sqlite3.connect(server.env["DEN_DATA_DIR"] + "/den.db")
+    db.execute("DELETE FROM snapshots WHERE id = ?", (sid,))
+    db.commit()
+    db.close()
+    server.start()
+    assert engine_objects(f"{server.prefix}-{sid}") == []
+    assert subprocess.run(["docker", "image", "inspect", image], capture_output=True
+                          ).returncode != 0
+    assert not memory.exists()
+    assert server.ws(wid)["state"] == "running"

@@ -636,12 +636,18 @@ async def test_snapshots_fork_retention_and_reconcile(
     assert fork.state == "running" and fork.image == second.image
     assert fake_runtime.files[svc.spec_for(fork).volume_name] == {"notes": b"v2"}
 
-    # Reconcile keeps the snapshots' volumes and removes one whose row is gone.
+    # Reconcile keeps the snapshots' volumes and saved memory, and removes those whose row
+    # is gone (Den stopped while taking a snapshot).
     fake_runtime.volumes["den-orphan-snap"] = {"den.instance": INSTANCE,
                                                "den.snapshot": "sngone"}
+    for sid in (second.id, "sngone"):
+        svc.snapshot_memory_dir(sid).mkdir(parents=True)
+        (svc.snapshot_memory_dir(sid) / "pages.img").write_bytes(b"memory")
     await svc.reconcile()
     assert second.volume in fake_runtime.volumes and third.volume in fake_runtime.volumes
     assert "den-orphan-snap" not in fake_runtime.volumes
+    assert svc.snapshot_memory_dir(second.id).is_dir()
+    assert not svc.snapshot_memory_dir("sngone").exists()
 
 
 async def test_snapshot_of_a_workspace_in_transition_is_409(
