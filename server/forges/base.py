@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from server.errors import DenError, ValidationFailed
 
@@ -39,6 +39,11 @@ class RepoRef:
     @property
     def name(self) -> str:
         return self.path.rsplit("/", 1)[1]
+
+    @property
+    def repos_path(self) -> str:
+        """``/repos/{owner}/{name}``, quoted: the resource GitHub's and Gitea's APIs share."""
+        return f"/repos/{quote(self.owner, safe='')}/{quote(self.name, safe='')}"
 
 
 @dataclass(frozen=True)

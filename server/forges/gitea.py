@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import quote
 
 from server.errors import DenError
 from server.forges.base import (
@@ -15,10 +14,6 @@ from server.forges.base import (
     message_of,
 )
 from server.forges.errors import BaseMissing, ForgeRejected
-
-
-def _repo(repo: RepoRef) -> str:
-    return f"/repos/{quote(repo.owner, safe='')}/{quote(repo.name, safe='')}"
 
 
 class Gitea:
@@ -44,7 +39,7 @@ class Gitea:
 
     def find_request(self, repo: RepoRef, *, branch: str, base: str) -> ApiRequest:
         # The newest 50 open pull requests; Den's own is among the most recently updated.
-        return ApiRequest("GET", f"{_repo(repo)}/pulls",
+        return ApiRequest("GET", f"{repo.repos_path}/pulls",
                           params={"state": "open", "sort": "recentupdate", "limit": "50"})
 
     def parse_found(self, data: Any, *, branch: str, base: str) -> PullRequestInfo | None:
@@ -57,7 +52,7 @@ class Gitea:
                        draft: bool) -> ApiRequest:
         if draft and not title.upper().startswith(("WIP:", "[WIP]")):
             title = f"WIP: {title}"  # Gitea's work-in-progress prefix marks a draft
-        return ApiRequest("POST", f"{_repo(repo)}/pulls",
+        return ApiRequest("POST", f"{repo.repos_path}/pulls",
                           json={"title": title, "head": branch, "base": base, "body": body})
 
     def parse_created(self, data: Any) -> PullRequestInfo:

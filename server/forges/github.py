@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 from server.errors import DenError
 from server.forges.base import (
@@ -15,10 +15,6 @@ from server.forges.base import (
     message_of,
 )
 from server.forges.errors import BaseMissing, ForgeRejected
-
-
-def _repo(repo: RepoRef) -> str:
-    return f"/repos/{quote(repo.owner, safe='')}/{quote(repo.name, safe='')}"
 
 
 class GitHub:
@@ -50,7 +46,7 @@ class GitHub:
         return Profile(username=login, name=str(data.get("name") or login), email=str(email))
 
     def find_request(self, repo: RepoRef, *, branch: str, base: str) -> ApiRequest:
-        return ApiRequest("GET", f"{_repo(repo)}/pulls",
+        return ApiRequest("GET", f"{repo.repos_path}/pulls",
                           params={"head": f"{repo.owner}:{branch}", "base": base,
                                   "state": "open"})
 
@@ -62,7 +58,7 @@ class GitHub:
 
     def create_request(self, repo: RepoRef, *, branch: str, base: str, title: str, body: str,
                        draft: bool) -> ApiRequest:
-        return ApiRequest("POST", f"{_repo(repo)}/pulls",
+        return ApiRequest("POST", f"{repo.repos_path}/pulls",
                           json={"title": title, "head": branch, "base": base, "body": body,
                                 "draft": draft})
 
