@@ -12,14 +12,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import __version__
 from server.api import exec as exec_routes
-from server.api import files, health, snapshots, users, workspaces
+from server.api import files, health, snapshots, terminal, users, workspaces
 from server.config import Settings
 from server.db.migrate import ensure_schema
 from server.db.models import Meta
@@ -27,6 +27,8 @@ from server.db.session import make_engine, make_session_factory
 from server.errors import DenError
 from server.runtime.base import Runtime
 from server.snapshots.service import SnapshotService
+from server.web.mount import mount as mount_web
+from server.web.render import error_page, is_page
 from server.workspaces.files import FileService
 from server.workspaces.reaper import Reaper
 from server.workspaces.service import WorkspaceService
@@ -97,10 +99,12 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
                   description="Persistent dev workspaces, isolated with gVisor.")
 
     @app.exception_handler(DenError)
-    async def den_error(request: Request, exc: DenError) -> JSONResponse:
+    async def den_error(request: Request, exc: DenError) -> Response:
         if exc.status_code >= 500:
             log.error("%s %s: %s (%s)", request.method, request.url.path, exc.message,
                       exc.detail)
+        if is_page(request):
+            return error_page(request, exc.status_code, exc.code, exc.message)
         return _error(exc.status_code, exc.code, exc.message)
 
     @app.exception_handler(RequestValidationError)
@@ -112,8 +116,11 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
         return _error(422, "invalid", "; ".join(parts) or "invalid request")
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}
+        if is_page(request):
+            return error_page(request, exc.status_code,
+                              codes.get(exc.status_code, "http_error"), str(exc.detail))
         return _error(exc.status_code, codes.get(exc.status_code, "http_error"),
                       str(exc.detail))
 
@@ -124,4 +131,6 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
 
     for module in (health, users, workspaces, exec_routes, files, snapshots):
         app.include_router(module.router)
+    app.include_router(terminal.router)
+    mount_web(app, settings)
     return app
