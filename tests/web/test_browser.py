@@ -32,9 +32,17 @@ def sign_in(page: Any, base: str, token: str, *, next_path: str = "/workspaces")
 
 
 def terminal_connected(page: Any) -> None:
-    """Wait until the terminal is connected and the shell shows its prompt."""
+    """Wait until the terminal is connected and the shell shows its prompt. Rarely (seen
+    twice in about twenty runs, through the proxy of the blip test) the first screen stays
+    blank after a quick reconnect; Enter, as a person would press, redraws the prompt."""
     page.locator('#terminal[data-state="connected"]').wait_for(timeout=LONG_MS)
-    wait_for_line(page, r".*\$", timeout_s=60)
+    try:
+        wait_for_line(page, r".*\$", timeout_s=30)
+    except AssertionError:
+        print("terminal: no prompt after 30 s; pressing Enter")
+        page.locator("#terminal").click()
+        page.keyboard.press("Enter")
+        wait_for_line(page, r".*\$", timeout_s=60)
 
 
 def type_line(page: Any, text: str) -> None:
