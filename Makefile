@@ -6,7 +6,7 @@ HOST     ?= 127.0.0.1
 PORT     ?= 8080
 DEN      := $(VENV)/bin/den
 
-.PHONY: run setup host images venv test lint bench clean-engine
+.PHONY: run setup host images venv test lint bench clean-engine web test-deps bench-terminal
 
 ## Set everything up (engine, gVisor, images, virtualenv) and run the server.
 run: setup
@@ -15,10 +15,11 @@ run: setup
 	@echo "den: starting on http://$(HOST):$(PORT) with SQLite under $(DATA_DIR)"
 	@echo "den: get the first API token in another shell with:"
 	@echo "       $(CURDIR)/$(DEN) admin token --user admin --admin --data-dir $(DATA_DIR)"
+	@echo "     and sign in to the web UI at http://$(HOST):$(PORT)/ with it"
 	@echo
 	DEN_DATA_DIR=$(DATA_DIR) exec $(DEN) serve --host $(HOST) --port $(PORT)
 
-setup: host venv
+setup: host venv web
 
 ## Docker engine, runsc, daemon.json, dockerd, workspace images (idempotent; needs root).
 host:
@@ -35,7 +36,7 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 ## The whole suite: lint, types, unit tests, and engine/PostgreSQL tests on the real things.
-test: setup
+test: setup test-deps
 	@bash scripts/test.sh
 
 lint: venv
@@ -50,3 +51,15 @@ bench: setup
 clean-engine:
 	@docker ps -aq --filter name=dentest- | xargs -r docker rm -f >/dev/null
 	@docker volume ls -q --filter name=dentest- | xargs -r docker volume rm -f >/dev/null
+
+## The web terminal's xterm.js from npm into web/node_modules (served by Den).
+web:
+	@bash scripts/setup-web.sh
+
+## What the browser tests need besides: Chromium (Debian) and the test OpenID provider (npm).
+test-deps:
+	@bash scripts/setup-web.sh --test
+
+## Keystroke-to-echo latency of the web terminal against docker exec -it.
+bench-terminal: setup
+	$(VENV)/bin/python -m tests.benchmarks.bench_terminal

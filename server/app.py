@@ -12,14 +12,23 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import __version__
 from server.api import exec as exec_routes
-from server.api import files, forges, health, snapshots, ssh_keys, users, workspaces
+from server.api import (
+    files,
+    forges,
+    health,
+    snapshots,
+    ssh_keys,
+    terminal,
+    users,
+    workspaces,
+)
 from server.config import Settings
 from server.db.migrate import ensure_schema
 from server.db.models import Meta, Workspace
@@ -29,6 +38,8 @@ from server.forges.pull_requests import ForgeService
 from server.runtime.base import Runtime
 from server.snapshots.service import SnapshotService
 from server.ssh.keys import SSHKeyService
+from server.web.mount import mount as mount_web
+from server.web.render import error_page, is_page
 from server.workspaces.files import FileService
 from server.workspaces.reaper import Reaper
 from server.workspaces.service import WorkspaceService
@@ -114,10 +125,12 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
                   description="Persistent dev workspaces, isolated with gVisor.")
 
     @app.exception_handler(DenError)
-    async def den_error(request: Request, exc: DenError) -> JSONResponse:
+    async def den_error(request: Request, exc: DenError) -> Response:
         if exc.status_code >= 500:
             log.error("%s %s: %s (%s)", request.method, request.url.path, exc.message,
                       exc.detail)
+        if is_page(request):
+            return error_page(request, exc.status_code, exc.code, exc.message)
         response = _error(exc.status_code, exc.code, exc.message)
         response.headers.update(getattr(exc, "headers", None) or {})
         return response
@@ -131,8 +144,11 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
         return _error(422, "invalid", "; ".join(parts) or "invalid request")
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}
+        if is_page(request):
+            return error_page(request, exc.status_code,
+                              codes.get(exc.status_code, "http_error"), str(exc.detail))
         return _error(exc.status_code, codes.get(exc.status_code, "http_error"),
                       str(exc.detail))
 
@@ -143,4 +159,6 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
 
     for module in (health, users, workspaces, exec_routes, files, snapshots, forges, ssh_keys):
         app.include_router(module.router)
+    app.include_router(terminal.router)
+    mount_web(app, settings)
     return app

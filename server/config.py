@@ -223,6 +223,87 @@ class Settings(BaseSettings):
         300, description="The window of `DEN_SSH_MAX_AUTH_FAILURES`, in seconds."
     )
 
+    # --- web UI, sessions and OIDC login ---------------------------------------------------
+    public_url: str = Field(
+        "",
+        description=(
+            "The URL users open Den at (https://den.example.com), without a trailing slash: "
+            "the base of the OIDC redirect URI and the one Origin the web terminal's "
+            "WebSocket accepts. Empty means the URL of each request (fine on loopback)."
+        ),
+    )
+    session_secret: str = Field(
+        "",
+        description=(
+            "Key that signs the browser session cookie. Empty means a random key generated "
+            "once into <data_dir>/session_secret (mode 0600)."
+        ),
+    )
+    session_max_age_s: int = Field(
+        7 * 86400, ge=60, description="A browser session ends this many seconds after login."
+    )
+    web_dir: str = Field(
+        "",
+        description=(
+            "Directory with the web UI's templates/, static/ and node_modules/ (xterm.js). "
+            "Empty means the web/ directory of Den's source tree."
+        ),
+    )
+    web_token_login: bool = Field(
+        True,
+        description=(
+            "Let users sign in to the web UI by pasting an API token (how a fresh install "
+            "without OIDC is used)."
+        ),
+    )
+    oidc_provider: str = Field(
+        "oidc",
+        description=(
+            "Login preset: `oidc` (any OpenID Connect issuer, by discovery), `gitlab` "
+            "(OpenID Connect, issuer defaults to https://gitlab.com) or `github` (OAuth)."
+        ),
+    )
+    oidc_issuer: str = Field(
+        "",
+        description=(
+            "Issuer URL or its discovery document URL (.../.well-known/openid-configuration). "
+            "Needed for `oidc`; for `gitlab` it names a self-hosted GitLab."
+        ),
+    )
+    oidc_client_id: str = Field(
+        "", description="OAuth client id registered with the provider; empty turns OIDC off."
+    )
+    oidc_client_secret: str = Field("", description="OAuth client secret of that client.")
+    oidc_scopes: str = Field(
+        "",
+        description=(
+            "Scopes asked for, space-separated. Empty means the preset's: `openid email "
+            "profile` (and `groups` when admin groups are set), `read:user user:email "
+            "read:org` for GitHub."
+        ),
+    )
+    oidc_display_name: str = Field(
+        "", description="Name on the login button; empty means the preset's (GitHub, GitLab)."
+    )
+    oidc_groups_claim: str = Field(
+        "groups",
+        description=(
+            "Claim holding the user's groups (ID token or userinfo). GitHub: the user's "
+            "organisations."
+        ),
+    )
+    oidc_admin_email_domains: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Users whose verified email is in one of these domains become admins at login "
+            "(JSON list)."
+        ),
+    )
+    oidc_admin_groups: list[str] = Field(
+        default_factory=list,
+        description="Users in one of these groups become admins at login (JSON list).",
+    )
+
     def resolved_database_url(self) -> str:
         """The database URL, defaulting to SQLite under the data dir."""
         if self.database_url:

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import codecs
 import contextlib
 import dataclasses
 import json
-from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
 from server.api.deps import CurrentUser, Workspaces, websocket_user
 from server.api.schemas import ExecIn, ExecOut
+from server.api.streams import relay
 from server.errors import DenError, ValidationFailed
 from server.runtime.base import ExecStream
 
@@ -36,11 +34,10 @@ async def exec_command(ref: str, body: ExecIn, user: CurrentUser, svc: Workspace
 
 @router.websocket("/exec/stream")
 async def exec_stream(websocket: WebSocket, ref: str) -> None:
-    """Protocol: the client sends the exec request as its first JSON message, then
-    ``{"type": "stdin", "data": str}`` / ``{"type": "close_stdin"}`` (binary frames are raw
-    stdin) / ``{"type": "resize", "cols": int, "rows": int}`` (with ``tty``). The server
-    sends ``{"type": "stdout"|"stderr", "data": str}`` and finally ``{"type": "exit",
-    "exit_code": int}``, or ``{"type": "error", "error": {...}}``."""
+    """Protocol: the client sends the exec request as its first JSON message, then the
+    messages of :mod:`server.api.streams` (stdin, close_stdin, resize with ``tty``). The
+    server sends stdout/stderr messages and finally ``{"type": "exit", "exit_code": int}``,
+    or ``{"type": "error", "error": {...}}``."""
     await websocket.accept()
     stream: ExecStream | None = None
     try:
@@ -57,7 +54,7 @@ async def exec_stream(websocket: WebSocket, ref: str) -> None:
             req = dataclasses.replace(req, tty=True, size=(body.cols, body.rows))
         stream = await svc.exec_stream(ws.id, req, actor=user.name)
         async with svc.activity.hold(ws.id):  # an open stream keeps the workspace awake
-            code = await _relay(websocket, stream, stdin=body.stdin)
+            code = await relay(websocket, stream, stdin=body.stdin)
         await websocket.send_json({"type": "exit", "exit_code": code})
         await websocket.close()
     except WebSocketDisconnect:
@@ -71,53 +68,3 @@ async def exec_stream(websocket: WebSocket, ref: str) -> None:
     finally:
         if stream is not None:
             await stream.kill()
-
-
-async def _relay(websocket: WebSocket, stream: ExecStream, *, stdin: str | None) -> int:
-    """Copy the stream's output to the socket and the socket's input to the stream."""
-    if stdin is not None:
-        await stream.write(stdin.encode())
-    pump = asyncio.create_task(_pump_stdin(websocket, stream))
-    try:
-        decoders = {n: codecs.getincrementaldecoder("utf-8")("replace")
-                    for n in ("stdout", "stderr")}
-        async for chunk in stream.output():
-            text = decoders[chunk.stream].decode(chunk.data)
-            if text:
-                await websocket.send_json({"type": chunk.stream, "data": text})
-        return await stream.wait()
-    finally:
-        pump.cancel()
-        with contextlib.suppress(BaseException):
-            await pump
-
-
-async def _pump_stdin(websocket: WebSocket, stream: ExecStream) -> None:
-    while True:
-        msg: Any = await websocket.receive()
-        if msg["type"] == "websocket.disconnect":
-            await stream.kill()
-            return
-        if msg.get("bytes") is not None:
-            await stream.write(msg["bytes"])
-            continue
-        try:
-            data = json.loads(msg.get("text") or "{}")
-        except json.JSONDecodeError:
-            continue
-        if data.get("type") == "stdin":
-            await stream.write(str(data.get("data", "")).encode())
-        elif data.get("type") == "close_stdin":
-            await stream.close_stdin()
-        elif data.get("type") == "resize":
-            size = _size(data)
-            if size is not None:
-                await stream.resize(*size)
-
-
-def _size(data: dict[str, Any]) -> tuple[int, int] | None:
-    """(cols, rows) of a resize message; None when they are not sane numbers."""
-    cols, rows = data.get("cols"), data.get("rows")
-    if isinstance(cols, int) and isinstance(rows, int) and 0 < cols <= 1000 and 0 < rows <= 1000:
-        return cols, rows
-    return None

@@ -605,7 +605,8 @@ class DockerRuntime:
 
 
 class DockerExecStream:
-    """A process started by ``exec_stream``, pumped by a reader thread into a queue."""
+    """A process started by ``exec_stream``. Its output goes into a queue: a terminal's read
+    on the event loop, framed stdout/stderr by a reader thread."""
 
     def __init__(self, rt: DockerRuntime, spec: WorkspaceSpec, exec_id: str, sock: Any,
                  pidfile: str, *, tty: bool = False) -> None:
@@ -618,14 +619,42 @@ class DockerExecStream:
         self._pidfile = pidfile
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[StreamChunk | None] = asyncio.Queue()
-        self._reader = threading.Thread(target=self._pump, daemon=True)
-        self._reader.start()
         self._closed = False
         self._exited = False
+        self._eof = asyncio.Event()
+        self._reader: threading.Thread | None = None
+        if tty:
+            # A terminal's output is unframed: read it on the event loop as it arrives, with
+            # no reader thread to hand each keystroke's echo over (interactive latency).
+            self._raw.setblocking(False)
+            self._loop.add_reader(self._raw.fileno(), self._on_readable)
+        else:
+            self._reader = threading.Thread(target=self._pump, daemon=True)
+            self._reader.start()
+
+    def _on_readable(self) -> None:
+        try:
+            data = self._raw.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            self._queue.put_nowait(StreamChunk("stdout", data))
+            return
+        self._stop_reading()
+
+    def _stop_reading(self) -> None:
+        if not self._eof.is_set():
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._raw.fileno())
+            self._eof.set()
+            self._rt._note_exec(self._spec.container_name)
+            self._queue.put_nowait(None)
 
     def _pump(self) -> None:
         try:
-            for stream, data in _tty_chunks(self._raw) if self._tty else _frames(self._raw):
+            for stream, data in _frames(self._raw):
                 name = "stdout" if stream == _STDOUT else "stderr"
                 self._loop.call_soon_threadsafe(self._queue.put_nowait, StreamChunk(name, data))
         except OSError:
@@ -642,6 +671,10 @@ class DockerExecStream:
             yield chunk
 
     async def write(self, data: bytes) -> None:
+        if self._tty:  # non-blocking socket, on the loop
+            with contextlib.suppress(OSError):
+                await self._loop.sock_sendall(self._raw, data)
+            return
         await asyncio.to_thread(self._raw.sendall, data)
 
     async def close_stdin(self) -> None:
@@ -653,7 +686,10 @@ class DockerExecStream:
             await self._rt._call("resize", self._rt._resize, self._exec_id, cols, rows)
 
     async def wait(self) -> int:
-        await asyncio.to_thread(self._reader.join)
+        if self._reader is None:
+            await self._eof.wait()
+        else:
+            await asyncio.to_thread(self._reader.join)
         code = await self._rt._call(
             "exec status", lambda: _exit_code(self._rt._api(), self._exec_id)
         )
@@ -671,6 +707,8 @@ class DockerExecStream:
         kill = ExecRequest(argv=docker_specs.kill_argv(self._pidfile), user="root", cwd="/")
         with contextlib.suppress(Exception):
             await self._rt.exec(self._spec, kill)
+        if self._reader is None:
+            self._stop_reading()
         with contextlib.suppress(OSError):
             self._sock.close()
 
@@ -734,12 +772,6 @@ def _frames(raw: socket.socket, deadline: float | None = None) -> Any:
         if data is None:
             return
         yield stream, data
-
-
-def _tty_chunks(raw: socket.socket) -> Any:
-    """A terminal's output is not framed: yield it as stdout until the stream ends."""
-    while chunk := raw.recv(65536):
-        yield _STDOUT, chunk
 
 
 def _collect(raw: socket.socket, limit: int, deadline: float | None

@@ -1,0 +1,73 @@
+"""Relaying a running process to a WebSocket: shared by the streaming exec and the terminal.
+
+Client to server: binary frames are raw input; text frames are JSON ``{"type": "stdin",
+"data": str}``, ``{"type": "close_stdin"}`` or ``{"type": "resize", "cols": int, "rows":
+int}`` (anything else is ignored). Server to client: ``{"type": "stdout"|"stderr", "data":
+str}`` (UTF-8 decoded incrementally, so a character split across reads arrives whole).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import json
+from typing import Any
+
+from fastapi import WebSocket
+
+from server.runtime.base import ExecStream
+
+
+async def relay(websocket: WebSocket, stream: ExecStream, *, stdin: str | None = None) -> int:
+    """Copy the stream's output to the socket and the socket's input to the stream until the
+    process exits; returns its exit code. The client going away kills the process."""
+    if stdin is not None:
+        await stream.write(stdin.encode())
+    pump = asyncio.create_task(pump_input(websocket, stream))
+    try:
+        decoders = {n: codecs.getincrementaldecoder("utf-8")("replace")
+                    for n in ("stdout", "stderr")}
+        async for chunk in stream.output():
+            text = decoders[chunk.stream].decode(chunk.data)
+            if text:
+                await websocket.send_json({"type": chunk.stream, "data": text})
+        return await stream.wait()
+    finally:
+        pump.cancel()
+        with contextlib.suppress(BaseException):
+            await pump
+
+
+async def pump_input(websocket: WebSocket, stream: ExecStream) -> None:
+    """Feed the client's messages to the process until the client disconnects."""
+    while True:
+        msg: Any = await websocket.receive()
+        if msg["type"] == "websocket.disconnect":
+            await stream.kill()
+            return
+        if msg.get("bytes") is not None:
+            await stream.write(msg["bytes"])
+            continue
+        try:
+            data = json.loads(msg.get("text") or "{}")
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(data, dict):
+            continue
+        if data.get("type") == "stdin":
+            await stream.write(str(data.get("data", "")).encode())
+        elif data.get("type") == "close_stdin":
+            await stream.close_stdin()
+        elif data.get("type") == "resize":
+            size = term_size(data)
+            if size is not None:
+                await stream.resize(*size)
+
+
+def term_size(data: dict[str, Any]) -> tuple[int, int] | None:
+    """(cols, rows) of a resize message; None when they are not sane numbers."""
+    cols, rows = data.get("cols"), data.get("rows")
+    if isinstance(cols, int) and isinstance(rows, int) and 0 < cols <= 1000 and 0 < rows <= 1000:
+        return cols, rows
+    return None

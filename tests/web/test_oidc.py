@@ -1,0 +1,96 @@
+"""OIDC login end to end: a real OpenID provider (oidc-provider from npm, on loopback), a
+real ``den serve`` and a real Chromium. The full authorization code flow with PKCE: Den's
+redirect, the provider's login and consent pages, the callback, the session; first login
+makes the user, the admin group maps to admin, and token and OIDC sessions are the same user.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.server_process import DenServer
+from tests.web.conftest import OidcProvider
+
+pytestmark = pytest.mark.browser
+
+ACCOUNTS = {"carol": {"email": "carol@corp.example", "groups": ["den-admins"]},
+            "dave": {"email": "dave@elsewhere.example", "groups": ["devs"]}}
+
+
+def oidc_login(page: Any, base: str, login: str, *, provider_session: bool = False) -> None:
+    """Sign in through the provider; with ``provider_session`` the provider remembers the
+    browser (single sign-on) and sends it straight back to Den."""
+    page.goto(f"{base}/workspaces")
+    assert "/login" in page.url
+    page.get_by_role("link", name="Sign in with Test IdP").click()
+    if not provider_session:
+        page.locator('input[name="login"]').fill(login)  # the provider's own login page
+        page.locator('input[name="password"]').fill("any password")
+        page.locator('button[type="submit"]').click()
+        page.get_by_role("button", name="Continue").click()  # its consent page
+    page.wait_for_url(f"{base}/workspaces")
+
+
+def test_oidc_code_flow_through_den_in_chromium(
+    browser: Any, den: Callable[..., DenServer], oidc_provider: Callable[..., OidcProvider],
+) -> None:
+    srv = den(started_now=False)
+    idp = oidc_provider(srv.port, ACCOUNTS)
+    srv.env.update({
+        "DEN_OIDC_ISSUER": idp.issuer, "DEN_OIDC_CLIENT_ID": idp.client_id,
+        "DEN_OIDC_CLIENT_SECRET": idp.client_secret, "DEN_OIDC_DISPLAY_NAME": "Test IdP",
+        "DEN_OIDC_ADMIN_GROUPS": json.dumps(["den-admins"]),
+    })
+    srv.start()
+    base = f"http://127.0.0.1:{srv.port}"
+
+    ctx = browser.new_context()
+    page = ctx.new_page()
+    try:
+        oidc_login(page, base, "carol")
+        header = page.locator("header.top").inner_text()
+        assert page.locator(".user-name").inner_text() == "carol"
+        assert "admin" in header.lower()  # group den-admins
+        cookie = next(c for c in ctx.cookies() if c["name"] == "den_session")
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Lax"
+
+        # A token made in the dashboard belongs to the same user as the OIDC session.
+        page.get_by_role("link", name="API tokens").click()
+        page.get_by_label("Token name").fill("from-oidc")
+        page.get_by_role("button", name="Create token").click()
+        token = page.locator("[data-new-token]").input_value()
+        me = httpx.get(f"{base}/api/v1/users/me", headers={"Authorization": f"Bearer {token}"})
+        assert me.json() == {"id": me.json()["id"], "name": "carol", "is_admin": True}
+
+        # Logout ends the session; a second OIDC login finds the same user, not a new one.
+        page.get_by_role("button", name="Sign out").click()
+        page.wait_for_url(f"{base}/login")
+        assert page.goto(f"{base}/workspaces") is not None and "/login" in page.url
+        oidc_login(page, base, "carol", provider_session=True)
+        assert page.locator(".user-name").inner_text() == "carol"  # not a new "carol-2"
+    finally:
+        ctx.close()
+
+    # Someone else at the same provider: a new ordinary user, who also signs in by token.
+    ctx = browser.new_context()
+    page = ctx.new_page()
+    try:
+        oidc_login(page, base, "dave")
+        header = page.locator("header.top").inner_text()
+        assert "dave" in header and "admin" not in header.lower()
+        response = page.goto(f"{base}/tokens")
+        assert response is not None and response.status == 200
+    finally:
+        ctx.close()
+    dave = srv._cli("admin", "token", "--user", "dave")
+    me = httpx.get(f"{base}/api/v1/users/me", headers={"Authorization": f"Bearer {dave}"})
+    assert me.json()["name"] == "dave" and me.json()["is_admin"] is False
+
+    # The callback refuses a forged or replayed state.
+    r = httpx.get(f"{base}/auth/callback", params={"code": "x", "state": "forged"})
+    assert r.status_code == 400 and "login failed" in r.text.lower()
