@@ -1,5 +1,5 @@
 """The dashboard: workspaces (live state, create, lifecycle, snapshots, forks, events), the
-terminal page, and API tokens. Pages act through the same services as the HTTP API, as the
+terminal page, API tokens and SSH keys. Pages act through the same services as the HTTP API, as the
 signed-in user, so the same authorization applies (another user's workspace is a 404)."""
 
 from __future__ import annotations
@@ -251,3 +251,38 @@ def revoke_token(request: Request, token_id: int, user: WebUser) -> Response:
         tokens.revoke_token(s, user, token_id)
     flash(request, "Token revoked.")
     return _back("/tokens")
+
+
+# --- SSH keys ----------------------------------------------------------------------------
+
+
+def _keys_page(request: Request, user: User, **extra: Any) -> Response:
+    settings = request.app.state.settings
+    return page(request, "ssh_keys.html", user=user,
+                keys=request.app.state.ssh_keys.list_for(user),
+                ssh_port=settings.ssh_port, host=request.url.hostname or settings.host,
+                workspaces=_svc(request).list_for(user), **extra)
+
+
+@router.get("/ssh-keys")
+def keys_page(request: Request, user: WebUser) -> Response:
+    return _keys_page(request, user)
+
+
+@router.post("/ssh-keys", dependencies=[CSRF])
+def add_key(request: Request, user: WebUser, public_key: Annotated[str, Form()] = "",
+            name: Annotated[str, Form()] = "") -> Response:
+    try:
+        row = request.app.state.ssh_keys.add(user, public_key, name=name.strip() or None)
+    except DenError as exc:
+        return _keys_page(request, user, error=exc.message,
+                          form={"public_key": public_key, "name": name})
+    flash(request, f"Key {row.name or row.fingerprint} added.")
+    return _back("/ssh-keys")
+
+
+@router.post("/ssh-keys/{key_id}/delete", dependencies=[CSRF])
+def delete_key(request: Request, key_id: int, user: WebUser) -> Response:
+    request.app.state.ssh_keys.delete(user, key_id)
+    flash(request, "Key removed.")
+    return _back("/ssh-keys")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import stat
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -213,6 +214,31 @@ def test_tokens_page_shows_a_new_token_once_and_it_works(web: ApiClient) -> None
     c.post(f"/tokens/{tid}/revoke", data={"csrf_token": token})
     assert c.get("/api/v1/users/me", headers={
         "Authorization": f"Bearer {secret.group(1)}"}).status_code == 401
+
+
+def test_ssh_keys_page_adds_lists_and_removes_keys(web: ApiClient, tmp_path: Path) -> None:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "me@laptop",
+                    "-f", str(tmp_path / "k")], check=True)
+    public = (tmp_path / "k.pub").read_text().strip()
+    c = web.client
+    token = login(c, web.tokens["alice"])
+    r = c.post("/ssh-keys", data={"csrf_token": token, "public_key": "ssh-dss AAAA x"})
+    assert "flash error" in r.text and "ssh-dss AAAA x" in r.text  # the form is kept
+    r = c.post("/ssh-keys", data={"csrf_token": token, "public_key": public})
+    assert r.status_code == 200 and "me@laptop" in r.text and "SHA256:" in r.text
+    keys = web.get("/api/v1/users/me/ssh-keys").json()["ssh_keys"]
+    assert [k["name"] for k in keys] == ["me@laptop"]  # the same keys as the API's
+    assert "me@laptop" not in browser_for(web).get("/ssh-keys").text  # no session: login
+    r = c.post(f"/ssh-keys/{keys[0]['id']}/delete", data={"csrf_token": "wrong"})
+    assert r.status_code == 403
+    c.post(f"/ssh-keys/{keys[0]['id']}/delete", data={"csrf_token": token})
+    assert web.get("/api/v1/users/me/ssh-keys").json()["ssh_keys"] == []
+    bob = browser_for(web)
+    bob_csrf = login(bob, web.tokens["bob"])
+    c.post("/ssh-keys", data={"csrf_token": token, "public_key": public})
+    kid = web.get("/api/v1/users/me/ssh-keys").json()["ssh_keys"][0]["id"]
+    r = bob.post(f"/ssh-keys/{kid}/delete", data={"csrf_token": bob_csrf})
+    assert r.status_code == 404  # another user's key is not there for bob
 
 
 def _terminal(client: TestClient, ws_id: str, **headers: str) -> dict[str, Any]:
