@@ -260,6 +260,9 @@ class DockerRuntime:
         from the host with runsc, which costs the sandbox nothing) and, after recent exec
         activity, let the processes that received their descriptors drop them."""
         strays = docker_specs.exec_processes(self._sandbox_processes(cid) or [])
+        if strays:
+            log.info("container %s: ending exec'd processes %s before a checkpoint", cid[:12],
+                     strays)
         for pid in strays:
             subprocess.run([self._runsc, "--root", self._runsc_root, "kill", "--pid", str(pid),
                             cid, "KILL"], capture_output=True, timeout=10, check=False)
@@ -267,7 +270,9 @@ class DockerRuntime:
             self._wait_for_exec_processes(cid)
         if strays or self._exec_recently(spec.container_name):
             settle = ExecRequest(argv=docker_specs.settle_argv(), user="root", cwd="/")
-            self._exec_blocking(spec, settle)
+            if self._exec_blocking(spec, settle) != 0:
+                log.warning("container %s: host descriptors still held after the settle wait; "
+                            "checkpointing anyway", cid[:12])
             self._wait_for_exec_processes(cid)
 
     def _exec_recently(self, container: str) -> bool:

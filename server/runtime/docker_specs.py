@@ -156,7 +156,8 @@ def exec_processes(rows: Sequence[tuple[int, int]]) -> list[int]:
 # holds a host descriptor that PID 1 does not hold. A process still holding one at checkpoint
 # time (tmux's server keeps an exec'd client's stdio for a moment after the client has gone)
 # comes back frozen or not at all (measured: about half of the restores without this wait).
-# The script first points its own stdio at /dev/null so that it holds none itself. It reads
+# The script first points its own stdio at /dev/null so that it holds none itself, and exits
+# 3 when descriptors are still held at its deadline. It reads
 # /proc, which grows the sandbox's saved kernel state by about 0.5 MB each time (measured:
 # 1.3 MB per pause/resume cycle with a full /proc scan, nothing without), so the runtime runs
 # it only when an exec ended a moment ago.
@@ -169,11 +170,11 @@ while [ "$i" -lt 60 ]; do
   for h in $(ls -l /proc/[0-9]*/fd | grep -o 'host:\[[0-9]*\]' | sort -u); do
     case "$allowed" in *" $h "*) ;; *) busy=1 ;; esac
   done
-  [ "$busy" = 0 ] && break
+  [ "$busy" = 0 ] && exit 0
   sleep 0.05
   i=$((i + 1))
 done
-exit 0
+exit 3
 """
 
 

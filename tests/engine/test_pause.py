@@ -93,9 +93,11 @@ def test_a_restored_loop_keeps_running_cycle_after_cycle(
             time.sleep(2.5)  # no exec for a while: the pause skips the settle step
         assert real_api.post(f"/api/v1/workspaces/{wid}/pause").json()["state"] == "paused"
         assert real_api.post(f"/api/v1/workspaces/{wid}/resume").json()["state"] == "running"
-        assert _pane_pid(real_api, wid) == pid, cycle  # the same process
+        events = real_api.get(f"/api/v1/workspaces/{wid}/events").json()["events"]
+        seen = (cycle, events[-1]["message"])
+        assert _pane_pid(real_api, wid) == pid, seen  # the same process
         before = _count(real_api, wid)
-        assert _count_moves_on(real_api, wid, before) > before, cycle  # still running
+        assert _count_moves_on(real_api, wid, before) > before, seen  # still running
 
 
 def test_twenty_cycles_leave_nothing_behind(
