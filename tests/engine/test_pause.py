@@ -161,3 +161,34 @@ def test_pause_and_resume_when_already_there_change_nothing(
     assert real_api.post(f"/api/v1/workspaces/{wid}/pause").json()["state"] == "stopped"
     r = real_api.post(f"/api/v1/workspaces/{wid}/resume")
     assert r.status_code == 409
+
+
+def test_a_disk_full_during_the_checkpoint_leaves_the_workspace_usable(
+    real_api: ApiClient, make_repo: Callable[..., Path]
+) -> None:
+    """The checkpoint image goes to a 1 MiB filesystem (ENOSPC): the pause is an error, the
+    workspace is running or stopped (never half-paused), the event log says why, nothing of
+    the image is left, and the next call works."""
+    wid = real_api.create(make_repo())["id"]
+    real_api.exec(wid, "echo kept > /workspace/note")
+    root = subprocess.run(["docker", "info", "--format", "{{.DockerRootDir}}"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    images = Path(root) / "containers" / _engine(real_api, wid, "{{.Id}}") / "den-checkpoints"
+    images.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "den-test-full", str(images)],
+                   check=True)
+    try:
+        r = real_api.post(f"/api/v1/workspaces/{wid}/pause")
+        assert r.status_code == 502, r.text
+        assert "checkpoint" in r.json()["error"]["message"]
+        state = real_api.get(f"/api/v1/workspaces/{wid}").json()["state"]
+        assert state in ("running", "stopped")
+        events = real_api.get(f"/api/v1/workspaces/{wid}/events").json()["events"]
+        assert events[-1]["message"].startswith("pause failed: ")
+        assert f"the workspace is {state}" in events[-1]["message"]
+        assert list(images.iterdir()) == []
+        assert _checkpoints(real_api, wid) == []
+    finally:
+        subprocess.run(["umount", str(images)], check=False)
+    assert real_api.exec(wid, "cat /workspace/note")["stdout"] == "kept\n"
+    assert real_api.post(f"/api/v1/workspaces/{wid}/pause").json()["state"] == "paused"
