@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 
-from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, WebSocket
 from pydantic import ValidationError
 
 from server.api.deps import CurrentUser, Workspaces, websocket_user
 from server.api.schemas import ExecIn, ExecOut
-from server.api.streams import relay
-from server.errors import DenError, ValidationFailed
-from server.runtime.base import ExecStream
+from server.api.streams import Opened, serve
+from server.errors import ValidationFailed
 
 router = APIRouter(prefix="/api/v1/workspaces/{ref}", tags=["exec"])
 
@@ -38,9 +36,7 @@ async def exec_stream(websocket: WebSocket, ref: str) -> None:
     messages of :mod:`server.api.streams` (stdin, close_stdin, resize with ``tty``). The
     server sends stdout/stderr messages and finally ``{"type": "exit", "exit_code": int}``,
     or ``{"type": "error", "error": {...}}``."""
-    await websocket.accept()
-    stream: ExecStream | None = None
-    try:
+    async def start() -> Opened:
         user = websocket_user(websocket)
         svc = websocket.app.state.workspaces
         ws = svc.get_for(user, ref)
@@ -53,18 +49,6 @@ async def exec_stream(websocket: WebSocket, ref: str) -> None:
         if body.tty:
             req = dataclasses.replace(req, tty=True, size=(body.cols, body.rows))
         stream = await svc.exec_stream(ws.id, req, actor=user.name)
-        async with svc.activity.hold(ws.id):  # an open stream keeps the workspace awake
-            code = await relay(websocket, stream, stdin=body.stdin)
-        await websocket.send_json({"type": "exit", "exit_code": code})
-        await websocket.close()
-    except WebSocketDisconnect:
-        pass
-    except DenError as exc:
-        with contextlib.suppress(Exception):
-            await websocket.send_json(
-                {"type": "error", "error": {"code": exc.code, "message": exc.message}}
-            )
-            await websocket.close(code=4000 + exc.status_code)
-    finally:
-        if stream is not None:
-            await stream.kill()
+        return Opened(ws.id, stream, stdin=body.stdin)
+
+    await serve(websocket, start)

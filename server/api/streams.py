@@ -12,11 +12,54 @@ import asyncio
 import codecs
 import contextlib
 import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
-from fastapi import WebSocket
+from fastapi import WebSocket, WebSocketDisconnect
 
+from server.errors import DenError
 from server.runtime.base import ExecStream
+
+
+@dataclass
+class Opened:
+    """A process ``serve`` relays: its workspace, input to write and a message to send
+    before relaying."""
+
+    workspace_id: str
+    stream: ExecStream
+    stdin: str | None = None
+    greeting: dict[str, Any] | None = None
+
+
+async def serve(websocket: WebSocket, start: Callable[[], Awaitable[Opened]]) -> None:
+    """Accept the socket, ``start`` the process (authorization, validation and waking are
+    ``start``'s), relay it while it keeps the workspace awake, and end with ``{"type":
+    "exit", "exit_code": int}``. A DenError, before or during, ends it with ``{"type":
+    "error", "error": {"code", "message"}}`` and close code 4000 + its HTTP status. The
+    process is killed whenever the socket ends first."""
+    await websocket.accept()
+    opened: Opened | None = None
+    try:
+        opened = await start()
+        if opened.greeting is not None:
+            await websocket.send_json(opened.greeting)
+        activity = websocket.app.state.workspaces.activity
+        async with activity.hold(opened.workspace_id):
+            code = await relay(websocket, opened.stream, stdin=opened.stdin)
+        await websocket.send_json({"type": "exit", "exit_code": code})
+        await websocket.close()
+    except WebSocketDisconnect:
+        pass
+    except DenError as exc:
+        with contextlib.suppress(Exception):
+            await websocket.send_json(
+                {"type": "error", "error": {"code": exc.code, "message": exc.message}})
+            await websocket.close(code=4000 + exc.status_code)
+    finally:
+        if opened is not None:
+            await opened.stream.kill()
 
 
 async def relay(websocket: WebSocket, stream: ExecStream, *, stdin: str | None = None) -> int:

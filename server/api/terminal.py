@@ -9,17 +9,15 @@ without tmux get a plain login shell, which ends with its connection.
 
 from __future__ import annotations
 
-import contextlib
 import re
 import shlex
 
-from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, WebSocket
 
 from server.api.deps import user_from_header
-from server.api.streams import relay
+from server.api.streams import Opened, serve
 from server.db.models import User
-from server.errors import DenError, Forbidden, Unauthorized, ValidationFailed
-from server.runtime.base import ExecStream
+from server.errors import Forbidden, Unauthorized, ValidationFailed
 from server.web import csrf, sessions
 from server.workspaces.states import State
 
@@ -57,9 +55,7 @@ async def terminal(websocket: WebSocket, ref: str, cols: int = 80, rows: int = 2
     "state": ..., "message": ...}`` while a paused or stopped workspace wakes, and ends with
     ``{"type": "exit", "exit_code": int}`` when the shell (or its tmux client) ends, or
     ``{"type": "error", "error": {...}}`` and close code 4000 + HTTP status."""
-    await websocket.accept()
-    stream: ExecStream | None = None
-    try:
+    async def start() -> Opened:
         user = terminal_user(websocket)
         svc = websocket.app.state.workspaces
         ws = svc.get_for(user, ref)
@@ -71,19 +67,7 @@ async def terminal(websocket: WebSocket, ref: str, cols: int = 80, rows: int = 2
                                        "message": f"waking the workspace ({ws.state})"})
         req = svc.shell_request(ws, tmux_command(session), tty=True, size=size)
         stream = await svc.exec_stream(ws.id, req, actor=user.name)
-        await websocket.send_json({"type": "status", "state": "running",
-                                   "message": "connected"})
-        async with svc.activity.hold(ws.id):  # an open terminal keeps the workspace awake
-            code = await relay(websocket, stream)
-        await websocket.send_json({"type": "exit", "exit_code": code})
-        await websocket.close()
-    except WebSocketDisconnect:
-        pass
-    except DenError as exc:
-        with contextlib.suppress(Exception):
-            await websocket.send_json(
-                {"type": "error", "error": {"code": exc.code, "message": exc.message}})
-            await websocket.close(code=4000 + exc.status_code)
-    finally:
-        if stream is not None:
-            await stream.kill()
+        return Opened(ws.id, stream, greeting={"type": "status", "state": "running",
+                                               "message": "connected"})
+
+    await serve(websocket, start)
