@@ -19,7 +19,8 @@ pausing only when it has had no exec for a little more than Den's SETTLE_AFTER_E
 common case, a workspace paused when idle; the step that runs otherwise is timed in the
 breakdown):
 
-- raw: ``docker checkpoint create C cp`` (checkpoint), size of the checkpoint on disk,
+- raw: ``docker checkpoint create C cp`` and until the engine reports C exited
+  (checkpoint), size of the checkpoint on disk,
   ``docker start --checkpoint cp C`` (restore), ``docker exec C true``;
   ``docker checkpoint rm C cp`` (untimed).
 - Den: ``POST .../pause``, size of its image on disk (while paused),
@@ -379,6 +380,14 @@ def server_seconds(events: list[dict[str, Any]], to_state: str) -> float | None:
     return None
 
 
+def wait_exited(name: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while sh("docker", "inspect", "-f", "{{.State.Running}}", name).strip() != "false":
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name}: Docker did not see the checkpointed sandbox exit")
+        time.sleep(0.02)
+
+
 def quiet_s() -> float:
     """How long a side goes without exec before a timed pause: Den's pause then skips the
     settle step, as it does for a workspace the reaper pauses when idle."""
@@ -462,8 +471,12 @@ def bench_size(srv: PauseServer, prefix: str, repo: Path, root: Path, size_mb: i
 
     def raw_cycle(n: int) -> None:
         quiet.wait("raw")
-        res.add(f"{tag}: raw checkpoint",
-                timed(lambda: sh("docker", "checkpoint", "create", raw.name, RAW_CHECKPOINT)))
+        create = timed(lambda: sh("docker", "checkpoint", "create", raw.name, RAW_CHECKPOINT))
+        # `checkpoint create` can return before the engine has seen the sandbox exit, and a
+        # `start` then finds the container running and does nothing: wait, as Den does.
+        exited = timed(lambda: wait_exited(raw.name))
+        res.add(f"{tag}: raw checkpoint", create + exited)
+        res.add(f"{tag}: raw: until Docker saw the exit after checkpoint create", exited)
         res.add(f"{tag}: raw checkpoint MB (count)", du_bytes(raw_cp) / 1e6)
         copies.remember(raw_cp)
         restore = timed(lambda: sh("docker", "start", "--checkpoint", RAW_CHECKPOINT, raw.name))
@@ -694,11 +707,7 @@ def alternatives_run(raw: RawContainer, root: Path, tag: str, res: Results,
         time.sleep(quiet_s())
         res.add(f"{key} runsc checkpoint", timed_sh(
             *runsc, "checkpoint", *flags, "--image-path", str(image), raw.id))
-        t0 = time.perf_counter()
-        while sh("docker", "inspect", "-f", "{{.State.Running}}", raw.name).strip() != "false":
-            if time.perf_counter() - t0 > 60:
-                raise RuntimeError(f"{raw.name}: Docker did not see the checkpointed sandbox exit")
-            time.sleep(0.02)
+        res.add(f"{key} until Docker saw the exit", timed(lambda: wait_exited(raw.name)))
         res.add(f"{key} image MB (count)", du_bytes(image) / 1e6)
         state = kernel_state_mb(image)
         if state is not None:
