@@ -1,7 +1,8 @@
 """Pause and resume (memory checkpoints) through Den against the raw engine, in the same run.
 
     .venv/bin/python -m tests.benchmarks.bench_pause [--rounds N] [--big-rounds M]
-        [--sizes idle,256,1024] [--json out.json] [--no-breakdown] [--alternatives]
+        [--later-cycles K] [--sizes idle,256,1024] [--json out.json] [--no-breakdown]
+        [--alternatives]
 
 (docs/benchmarks.md, "Pause and resume", explains the results.)
 
@@ -13,29 +14,44 @@ raw runsc container with the same sandbox (``docker run`` flags derived from
 ``server.runtime.docker_specs.container_config``), and in both starts the same process in
 dev's tmux (its server descends from the container's main process, so gVisor restores it):
 python holding SIZE MiB of ``os.urandom`` bytes (touched and incompressible). "idle" holds
-nothing extra. Then, round by round, raw and Den alternating which goes first:
+nothing extra. Then, round by round, raw and Den alternating which goes first, each side
+pausing only when it has had no exec for a little more than Den's SETTLE_AFTER_EXEC_S (the
+common case, a workspace paused when idle; the step that runs otherwise is timed in the
+breakdown):
 
-- raw: ``docker checkpoint create C cp`` (checkpoint), size of the checkpoint on disk,
+- raw: ``docker checkpoint create C cp`` and until the engine reports C exited
+  (checkpoint), size of the checkpoint on disk,
   ``docker start --checkpoint cp C`` (restore), ``docker exec C true``;
   ``docker checkpoint rm C cp`` (untimed).
-- Den: ``POST .../pause``, size of ``den-pause`` on disk (while paused),
+- Den: ``POST .../pause``, size of its image on disk (while paused),
   ``POST .../resume``, ``POST .../exec {"cmd": ["true"]}``.
 
-Checkpoint sizes are ``du -sb`` of ``<DockerRootDir>/containers/<id>/checkpoints/<name>``.
-After every resume the memory-holding process must still be there (same pid).
+Den checkpoints with ``runsc checkpoint --compression=none`` itself, writes the image into
+``<DockerRootDir>/containers/<id>/den-checkpoints/den-pause`` and fills the engine's
+``checkpoints/den-pause`` with symlinks to it, so its size is ``du -sb`` of the image
+directory (the engine's directory must hold only links); the raw engine's is ``du -sb`` of
+``checkpoints/cp``. Both record the size of ``checkpoint.img`` (the saved kernel state), which
+must stay flat across Den's cycles. After every resume the memory-holding process must still
+be there, with the same pid: checked from the host (``runsc ps``), so that the check reads
+nothing in the sandbox. Then (``--later-cycles``, 5) Den alone pauses and resumes a few more
+times: do later resumes get slower, does the kernel state grow?
 
-Then (unless ``--no-breakdown``) it runs Den's own pause and resume steps
-(``DockerRuntime.pause``/``resume`` taken apart, with the server's code and Docker SDK calls)
-on the raw container, timing each: where Den's extra time goes. With ``--alternatives`` it
-also times, on the raw container, ``runsc checkpoint`` called directly (default flate
-compression and ``--compression=none``) with the image written outside Docker, and
-``docker start --checkpoint`` of a checkpoint directory holding only symlinks to that image:
-what the engine's own checkpoint plumbing costs (see :func:`direct_checkpoints`).
+Then (unless ``--no-breakdown``) it runs Den's pause step by step on the raw container with
+the server's own code (``DockerRuntime`` methods, the same runsc command and flags): inspect,
+delete the previous checkpoint and image, ``runsc ps`` for exec'd processes, the settle exec
+(which ``DockerRuntime.pause`` runs only within SETTLE_AFTER_EXEC_S of an exec, so it is timed
+in every other cycle, right after an exec), ``runsc checkpoint``, waiting until Docker sees
+the sandbox exit, linking; then ``DockerRuntime.resume`` and the first exec. With
+``--alternatives`` it also times, on the raw container, checkpoints Den could write instead:
+runsc's default flate compression, ``--direct`` (O_DIRECT) and
+``--exclude-committed-zero-pages``, each restored through the same symlinked directory (see
+:func:`alternatives`).
 
 Every container, volume and checkpoint it makes carries its prefix and is removed at the
 end, also after a failure, Ctrl-C or SIGTERM; the server is stopped. containerd leaves a copy
-of the checkpoint in ``/tmp/ctrd-checkpoint*`` after every restore; the copies of this run's
-checkpoints (recognised by content) are removed too. Nothing asserts on time.
+of the checkpoint directory in ``/tmp/ctrd-checkpoint*`` after every restore (of Den's: a
+directory of symlinks); the copies of this run's checkpoints (recognised by content) are
+removed too. Nothing asserts on time.
 """
 
 from __future__ import annotations
@@ -45,6 +61,7 @@ import asyncio
 import contextlib
 import glob
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -84,12 +101,15 @@ CPUS = 2.0
 PIDS = 1024
 STOP_TIMEOUT_S = 2
 CHECKPOINT = "den-pause"  # server.workspaces.service.CHECKPOINT
+IMAGES_DIR = "den-checkpoints"  # server.runtime.docker.IMAGES_DIR
+KERNEL_STATE = "checkpoint.img"  # the part of a runsc image that is not memory pages
 RAW_CHECKPOINT = "cp"
 READY = "/tmp/den-bench-mem"  # the holder writes its pid here once its memory is touched
 CHUNK = 1 << 24
 E2B_S_PER_GIB = 4.0  # E2B's published pause speed: 4 s per GiB of memory
 IDLE_RESUME_GOAL_S = 0.5
 RESUME_GOAL_RATIO = 1.2
+QUIET_MARGIN_S = 0.5  # beyond SETTLE_AFTER_EXEC_S, before a pause in the timed rounds
 
 
 HOLDER = """\
@@ -143,10 +163,27 @@ def docker_root() -> Path:
 
 
 def du_bytes(path: Path) -> int:
+    """Bytes under ``path`` as ``du -sb`` counts them (a symlink: the link, not its target)."""
     out = subprocess.run(["du", "-sb", str(path)], capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"du -sb {path} failed: {out.stderr.strip()}")
     return int(out.stdout.split()[0])
+
+
+def kernel_state_mb(image: Path) -> float | None:
+    """The size of an uncompressed image's checkpoint.img: the saved kernel state, the memory
+    pages being in pages.img. (A compressed image keeps everything in checkpoint.img.)"""
+    f = image / KERNEL_STATE
+    if not (image / "pages.img").exists() or not f.exists():
+        return None
+    return f.stat().st_size / 1e6
+
+
+def only_links_into(links: Path, image: Path) -> bool:
+    """Whether ``links`` holds nothing but symlinks to the files of ``image``."""
+    entries = list(links.iterdir())
+    return bool(entries) and all(
+        f.is_symlink() and Path(os.readlink(f)).parent == image.resolve() for f in entries)
 
 
 def fingerprint(d: Path) -> tuple[tuple[str, str], ...]:
@@ -171,8 +208,10 @@ def fingerprint(d: Path) -> tuple[tuple[str, str], ...]:
 class TempCopies:
     """containerd 1.6 (Docker 20.10's) untars the checkpoint into ``/tmp/ctrd-checkpoint*``
     for every restore and never removes it (containerd/containerd#10166): a full copy of the
-    memory image per resume. This removes the copies of checkpoints this benchmark made (the
-    same files, by :func:`fingerprint`), and only those, and counts them."""
+    memory image per resume of an engine checkpoint, a directory of symlinks per resume of
+    Den's. (Den's reaper removes copies older than 10 minutes; it is off here.) This removes
+    the copies of checkpoints this benchmark made (the same files, by :func:`fingerprint`),
+    and only those, and counts them."""
 
     PATTERN = "/tmp/ctrd-checkpoint*"
 
@@ -254,10 +293,57 @@ class RawContainer:
         sh("docker", "run", "-d", "--name", name, *raw_run_flags(f"{name}-data"),
            "--label", f"denbench={prefix}", IMAGE, *docker_specs.INIT_COMMAND)
         self.id = sh("docker", "inspect", "--format", "{{.Id}}", name).strip()
+        state = sh("docker", "inspect", "--format",
+                   "{{.State.Status}} exit {{.State.ExitCode}} {{.State.Error}}", name).strip()
+        if not state.startswith("running"):
+            raise RuntimeError(f"{name} is not running right after docker run: {state}")
 
     def dev(self, cmd: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["docker", "exec", *dev_exec_flags(), self.name, "bash", "-c", cmd],
                               capture_output=True, text=True)
+
+
+def sandbox_pids(cid: str) -> set[int] | None:
+    """The pids in a sandbox, read on the host with ``runsc ps`` the way Den does (nothing
+    runs or is read inside the sandbox); None when runsc cannot say."""
+    from server.runtime import docker, docker_specs
+
+    rt = docker.DockerRuntime(gvisor_runtime="runsc")
+    try:
+        out = subprocess.run([rt._runsc, "--root", rt._runsc_root, "ps", cid],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    finally:
+        rt.close()
+    if out.returncode != 0:
+        return None
+    return {pid for pid, _ in docker_specs.parse_runsc_ps(out.stdout)}
+
+
+@dataclass
+class Holder:
+    """The memory-holding process of one side: its pid in the sandbox, and how it fared."""
+
+    what: str
+    cid: str
+    pid: int
+    checks: int = 0
+    survived: int = 0
+    lost_at: str = ""
+
+    def check(self, when: str) -> bool:
+        """Whether the holder is still there (same pid), read from the host."""
+        if self.lost_at:
+            return False
+        self.checks += 1
+        if self.pid in (sandbox_pids(self.cid) or set()):
+            self.survived += 1
+            return True
+        self.lost_at = when
+        print(f"  {self.what}: the memory holder (pid {self.pid}) is gone after {when}",
+              file=sys.stderr, flush=True)
+        return False
 
 
 # --- the measurements --------------------------------------------------------------------------
@@ -294,11 +380,44 @@ def server_seconds(events: list[dict[str, Any]], to_state: str) -> float | None:
     return None
 
 
+def wait_exited(name: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while sh("docker", "inspect", "-f", "{{.State.Running}}", name).strip() != "false":
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name}: Docker did not see the checkpointed sandbox exit")
+        time.sleep(0.02)
+
+
+def quiet_s() -> float:
+    """How long a side goes without exec before a timed pause: Den's pause then skips the
+    settle step, as it does for a workspace the reaper pauses when idle."""
+    from server.runtime import docker
+
+    return float(docker.SETTLE_AFTER_EXEC_S) + QUIET_MARGIN_S
+
+
+class Quiet:
+    """When each side last ran an exec; :meth:`wait` sleeps (untimed) until it has been
+    quiet for :func:`quiet_s`."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, float] = {}
+        self.gap = quiet_s()
+
+    def note(self, what: str) -> None:
+        self.last[what] = time.monotonic()
+
+    def wait(self, what: str) -> None:
+        left = self.last.get(what, 0.0) + self.gap - time.monotonic()
+        if left > 0:
+            time.sleep(left)
+
+
 def bench_size(srv: PauseServer, prefix: str, repo: Path, root: Path, size_mb: int,
-               rounds: int, res: Results, copies: TempCopies, *, breakdown: bool,
-               alternatives: Path | None) -> dict[str, Any]:
+               rounds: int, later_cycles: int, res: Results, copies: TempCopies, *,
+               breakdown: bool, alternatives: Path | None) -> dict[str, Any]:
     tag = label(size_mb)
-    info: dict[str, Any] = {"size_mb": size_mb, "rounds": rounds}
+    info: dict[str, Any] = {"size_mb": size_mb, "rounds": rounds, "later_cycles": later_cycles}
 
     # The Den workspace and the raw container, each holding the memory.
     wid = srv.create(f"pause-{size_mb}", repo)
@@ -306,17 +425,23 @@ def bench_size(srv: PauseServer, prefix: str, repo: Path, root: Path, size_mb: i
     den_name = f"{prefix}-{wid}"
     den_id = sh("docker", "inspect", "--format", "{{.Id}}", den_name).strip()
     raw = RawContainer(prefix, f"{prefix}-raw-{size_mb}")
+    quiet = Quiet()
 
     def den_run(cmd: str) -> tuple[int, str]:
         out = srv.exec_cmd(wid, cmd)
+        quiet.note("den")
         return int(out["exit_code"]), str(out["stdout"]) + str(out["stderr"])
 
     def raw_run(cmd: str) -> tuple[int, str]:
         p = raw.dev(cmd)
+        quiet.note("raw")
         return p.returncode, p.stdout + p.stderr
 
     sh("docker", "exec", raw.name, "true")  # booted before the memory is filled
     srv.exec_true(wid)
+    quiet.note("raw")
+    quiet.note("den")
+    holders: dict[str, Holder] = {}
     if size_mb:
         t0 = time.perf_counter()
         for run, what in ((den_run, "den"), (raw_run, "raw")):
@@ -328,211 +453,279 @@ def bench_size(srv: PauseServer, prefix: str, repo: Path, root: Path, size_mb: i
         info["fill_s"] = time.perf_counter() - t0
         info["rss_kb"] = {"den": holder_rss_kb(den_run, "den"),
                           "raw": holder_rss_kb(raw_run, "raw")}
-        pids = {"den": den_run(f"cat {READY}")[1].strip(),
-                "raw": raw_run(f"cat {READY}")[1].strip()}
+        for run, what, cid in ((den_run, "den", den_id), (raw_run, "raw", raw.id)):
+            holders[what] = Holder(what, cid, int(run(f"cat {READY}")[1].strip()))
+            if holders[what].pid not in (sandbox_pids(cid) or set()):
+                raise RuntimeError(f"{what}: runsc ps does not show the memory holder")
     time.sleep(1)  # let the fill's page cache / allocator settle on both sides
 
-    def verify(run: Callable[[str], tuple[int, str]], what: str) -> None:
-        if not size_mb:
-            return
-        rss = holder_rss_kb(run, what)
-        pid = run(f"cat {READY}")[1].strip()
-        if pid != pids[what]:
-            raise RuntimeError(f"{what}: the memory holder restarted ({pids[what]} -> {pid})")
-        res.add(f"{tag}: {what} holder RSS after restore, MiB (count)", rss / 1024)
+    def survived(what: str, when: str) -> None:
+        h = holders.get(what)
+        if h is not None:
+            res.add(f"{tag}: {what} holder still there (count)", float(h.check(when)))
 
     raw_cp = root / "containers" / raw.id / "checkpoints" / RAW_CHECKPOINT
-    den_cp = root / "containers" / den_id / "checkpoints" / CHECKPOINT
+    den_home = root / "containers" / den_id
+    den_links = den_home / "checkpoints" / CHECKPOINT
+    den_image = den_home / IMAGES_DIR / CHECKPOINT
 
-    def raw_cycle() -> None:
-        res.add(f"{tag}: raw checkpoint",
-                timed(lambda: sh("docker", "checkpoint", "create", raw.name, RAW_CHECKPOINT)))
+    def raw_cycle(n: int) -> None:
+        quiet.wait("raw")
+        create = timed(lambda: sh("docker", "checkpoint", "create", raw.name, RAW_CHECKPOINT))
+        # `checkpoint create` can return before the engine has seen the sandbox exit, and a
+        # `start` then finds the container running and does nothing: wait, as Den does.
+        exited = timed(lambda: wait_exited(raw.name))
+        res.add(f"{tag}: raw checkpoint", create + exited)
+        res.add(f"{tag}: raw: until Docker saw the exit after checkpoint create", exited)
         res.add(f"{tag}: raw checkpoint MB (count)", du_bytes(raw_cp) / 1e6)
         copies.remember(raw_cp)
         restore = timed(lambda: sh("docker", "start", "--checkpoint", RAW_CHECKPOINT, raw.name))
         first = timed(lambda: sh("docker", "exec", raw.name, "true"))
+        quiet.note("raw")
         res.add(f"{tag}: raw restore", restore)
         res.add(f"{tag}: raw first exec", first)
         res.add(f"{tag}: raw restore + exec", restore + first)
-        res.add(f"{tag}: /tmp/ctrd-checkpoint copy left per restore, MB (count)",
+        res.add(f"{tag}: raw: /tmp/ctrd-checkpoint copy left per restore, MB (count)",
                 copies.sweep() / 1e6)
-        verify(raw_run, "raw")
+        survived("raw", f"raw cycle {n}")
         sh("docker", "checkpoint", "rm", raw.name, RAW_CHECKPOINT)
 
-    def den_cycle() -> None:
-        res.add(f"{tag}: den pause", timed(lambda: srv.state_op(wid, "pause", "paused")))
-        if not den_cp.is_dir():
-            raise RuntimeError(f"den: no checkpoint at {den_cp} while paused")
-        res.add(f"{tag}: den checkpoint MB (count)", du_bytes(den_cp) / 1e6)
-        copies.remember(den_cp)
+    def den_cycle(n: int, later: bool = False) -> None:
+        key = f"{tag}: den later cycles:" if later else f"{tag}: den"
+        quiet.wait("den")
+        res.add(f"{key} pause", timed(lambda: srv.state_op(wid, "pause", "paused")))
+        if not den_image.is_dir():
+            raise RuntimeError(f"den: no checkpoint image at {den_image} while paused")
+        if not only_links_into(den_links, den_image):
+            raise RuntimeError(f"den: {den_links} holds more than links to {den_image}")
+        res.add(f"{tag}: den checkpoint MB (count)", du_bytes(den_image) / 1e6)
+        state = kernel_state_mb(den_image)
+        if state is None:
+            raise RuntimeError(f"den: {den_image} is not an uncompressed runsc image")
+        res.add(f"{tag}: den {KERNEL_STATE} MB, cycle by cycle (count)", state)
+        res.add(f"{tag}: den checkpoints/{CHECKPOINT} (links), bytes (count)",
+                float(du_bytes(den_links)))
+        copies.remember(den_links)
         resume = timed(lambda: srv.state_op(wid, "resume", "running"))
         first = timed(lambda: srv.exec_true(wid))
-        res.add(f"{tag}: den resume", resume)
-        res.add(f"{tag}: den first exec", first)
-        res.add(f"{tag}: den resume + exec", resume + first)
-        res.add(f"{tag}: /tmp/ctrd-checkpoint copy left per restore, MB (count)",
+        quiet.note("den")
+        res.add(f"{key} resume", resume)
+        res.add(f"{key} first exec", first)
+        res.add(f"{key} resume + exec", resume + first)
+        res.add(f"{tag}: den: /tmp/ctrd-checkpoint copy left per restore, MB (count)",
                 copies.sweep() / 1e6)
         ev = srv.events(wid)
-        for to_state, key in (("paused", "den pause, server-side"),
-                              ("running", "den resume, server-side (before delete)")):
-            s = server_seconds(ev, to_state)
-            if s is not None:
-                res.add(f"{tag}: {key}", s)
+        if not later:
+            for to_state, what in (("paused", "den pause, server-side"),
+                                   ("running", "den resume, server-side")):
+                s = server_seconds(ev, to_state)
+                if s is not None:
+                    res.add(f"{tag}: {what}", s)
         if not any("restored from memory in" in (e.get("message") or "") for e in ev[-3:]):
             raise RuntimeError(f"den: resume did not restore from memory: {ev[-3:]}")
-        verify(den_run, "den")
+        survived("den", f"den {'later ' if later else ''}cycle {n}")
+
+    def lost() -> bool:
+        return any(h.lost_at for h in holders.values())
 
     for i in range(rounds):
-        first, second = (raw_cycle, den_cycle) if i % 2 == 0 else (den_cycle, raw_cycle)
-        first()
-        second()
+        order = ((raw_cycle, den_cycle) if i % 2 == 0 else (den_cycle, raw_cycle))
+        for cycle in order:
+            cycle(i + 1)
         print(f"  {tag} round {i + 1}/{rounds}: "
               f"checkpoint raw {ms(res.samples[f'{tag}: raw checkpoint'][-1])}, "
               f"den pause {ms(res.samples[f'{tag}: den pause'][-1])}; "
               f"restore+exec raw {ms(res.samples[f'{tag}: raw restore + exec'][-1])}, "
               f"den resume+exec {ms(res.samples[f'{tag}: den resume + exec'][-1])}", flush=True)
+        if lost():
+            print(f"  {tag}: a memory holder is gone; no more rounds at this size",
+                  file=sys.stderr, flush=True)
+            break
+    for i in range(later_cycles if not lost() else 0):
+        den_cycle(rounds + i + 1, later=True)
+    state = res.samples.get(f"{tag}: den {KERNEL_STATE} MB, cycle by cycle (count)", [])
+    info["den_kernel_state_mb"] = [round(x, 3) for x in state]
+    print(f"  {tag}: den {KERNEL_STATE} MB, cycle by cycle: "
+          f"{', '.join(f'{x:.2f}' for x in state)}", flush=True)
 
-    if breakdown:
-        steps_breakdown(raw, root, tag, res, copies)
-        verify(raw_run, "raw")
-    if alternatives is not None:
-        direct_checkpoints(raw, root, tag, res, copies, alternatives)
-        verify(raw_run, "raw")
+    if breakdown and not lost():
+        steps_breakdown(raw, root, tag, res, copies, lambda when: survived("raw", when))
+    if alternatives is not None and not lost():
+        alternatives_run(raw, root, tag, res, copies, alternatives,
+                         lambda when: survived("raw", when))
+    if size_mb and not lost():  # read in the sandbox once, at the end
+        info["rss_after_kb"] = {"den": holder_rss_kb(den_run, "den"),
+                                "raw": holder_rss_kb(raw_run, "raw")}
+    info["holder"] = {h.what: {"checks": h.checks, "survived": h.survived,
+                               "lost_at": h.lost_at or None} for h in holders.values()}
     srv.delete(wid)
     subprocess.run(["docker", "rm", "-f", raw.name], capture_output=True)
     subprocess.run(["docker", "volume", "rm", "-f", f"{raw.name}-data"], capture_output=True)
+    if alternatives is not None:
+        shutil.rmtree(alternatives, ignore_errors=True)
     return info
 
 
-# Den's quiesce, reading /proc/*/stat with the shell's own `read` instead of one
-# `$(cat ...)` (a fork and an exec) per process: what that cost is.
-def quiesce_no_cat() -> str:
-    from server.runtime.docker_specs import QUIESCE_SCRIPT
+def mirrors_den_pause() -> str:
+    """An empty string when ``DockerRuntime.pause`` still does what the breakdown times; else
+    what changed."""
+    from server.runtime import docker
 
-    per_process_cat = 's=$(cat "$d/stat" 2>/dev/null) || continue'
-    assert per_process_cat in QUIESCE_SCRIPT, "Den's quiesce changed; update this variant"
-    return QUIESCE_SCRIPT.replace(per_process_cat, 'read -r s 2>/dev/null < "$d/stat" || continue')
+    src = inspect.getsource(docker.DockerRuntime.pause)
+    missing = [s for s in ('"--compression=none"', "_quiesce", "_link_image",
+                           "_delete_checkpoint") if s not in src]
+    if docker.IMAGES_DIR != IMAGES_DIR:
+        missing.append(f"IMAGES_DIR {IMAGES_DIR!r}")
+    return ", ".join(missing)
 
 
 def steps_breakdown(raw: RawContainer, root: Path, tag: str, res: Results, copies: TempCopies,
-                    samples: int = 5) -> None:
-    """``DockerRuntime.pause`` and ``resume`` (and the service's delete of the checkpoint
-    after a resume) taken apart, run on the raw container with the server's own code."""
+                    survived: Callable[[str], None], cycles: int = 4) -> None:
+    """``DockerRuntime.pause`` and ``resume`` taken apart, run on the raw container with the
+    server's own methods and its runsc command. Even cycles pause after a quiet moment (no
+    settle step), odd ones right after an exec (the settle exec runs, as in ``_quiesce``)."""
     from server.runtime import docker, docker_specs
     from server.runtime.base import ExecRequest, WorkspaceSpec
 
+    changed = mirrors_den_pause()
+    if changed:
+        print(f"  {tag}: DockerRuntime.pause changed ({changed} not found); the breakdown "
+              "may no longer mirror it", file=sys.stderr, flush=True)
     rt = docker.DockerRuntime(gvisor_runtime="runsc")
     api = rt._api()
     spec = WorkspaceSpec(workspace_id="raw", container_name=raw.name,
                          volume_name=f"{raw.name}-data", image=IMAGE, runtime="gvisor",
                          cpus=CPUS, memory_mb=MEMORY_MB, pids_limit=PIDS, hostname="raw",
                          labels={})
-    quiesce = ExecRequest(argv=docker_specs.quiesce_argv(), user="root", cwd="/")
-    no_cat = ExecRequest(argv=["/bin/sh", "-c", quiesce_no_cat()], user="root", cwd="/")
+    cid = raw.id
+    home = root / "containers" / cid
+    image = home / IMAGES_DIR / CHECKPOINT
+    links = home / "checkpoints" / CHECKPOINT
+    settle = ExecRequest(argv=docker_specs.settle_argv(), user="root", cwd="/")
     noop = ExecRequest(argv=["true"], user="root", cwd="/")
-    nprocs = raw.dev("ls -d /proc/[0-9]* | wc -l").stdout.strip()
-    res.add(f"{tag}: steps: processes in the sandbox (count)", float(nprocs or "nan"))
+    first = ExecRequest(argv=["true"], cwd="/workspace", timeout_s=600)
     loop = asyncio.new_event_loop()
     try:
-        for _ in range(samples):  # the quiesce alone, on the running sandbox
-            res.add(f"{tag}: steps: quiesce exec (Den's script)",
-                    timed(lambda: rt._exec_blocking(spec, quiesce)))
-            res.add(f"{tag}: steps: quiesce exec, `read` instead of `cat` (alternative)",
-                    timed(lambda: rt._exec_blocking(spec, no_cat)))
-            res.add(f"{tag}: steps: helper exec of `true` (floor)",
+        for _ in range(5):  # on the running sandbox
+            res.add(f"{tag}: steps: runsc ps (running sandbox)",
+                    timed(lambda: rt._sandbox_processes(cid)))
+            res.add(f"{tag}: steps: helper exec of `true` (for comparison)",
                     timed(lambda: rt._exec_blocking(spec, noop)))
-        # One pause and resume, step by step, as DockerRuntime and the service do them.
-        t_all = time.perf_counter()
-        res.add(f"{tag}: steps: pause: inspect",
-                timed(lambda: api.inspect_container(raw.name)))
-        res.add(f"{tag}: steps: pause: delete old checkpoint (none)",
-                timed(lambda: docker._delete_checkpoint(api, raw.name, CHECKPOINT)))
-        res.add(f"{tag}: steps: pause: quiesce exec",
-                timed(lambda: rt._exec_blocking(spec, quiesce)))
-        # After the quiesce DockerRuntime.pause lets the sandbox reap the exec'd processes:
-        # a fixed sleep (QUIESCE_SETTLE_S) or, in newer code, a wait on runsc's process list.
-        wait_for_execs = getattr(rt, "_wait_for_exec_processes", None)
-        if callable(wait_for_execs):
-            res.add(f"{tag}: steps: pause: wait for exec'd processes (runsc ps)",
-                    timed(lambda: wait_for_execs(raw.id)))
-        else:
-            settle = float(getattr(docker, "QUIESCE_SETTLE_S", 0.0))
-            res.add(f"{tag}: steps: pause: settle (QUIESCE_SETTLE_S)",
-                    timed(lambda: time.sleep(settle)))
+        for i in range(cycles):
+            after_exec = i % 2 == 1
+            key = f"{tag}: steps: pause {'right after an exec' if after_exec else 'when quiet'}:"
+            if after_exec:
+                rt._exec_blocking(spec, noop)  # an agent's last command, just before
+            else:
+                time.sleep(quiet_s())
+            t_all = time.perf_counter()
+            res.add(f"{key} inspect", timed(lambda: api.inspect_container(raw.name)))
+            res.add(f"{key} delete the previous checkpoint and image",
+                    timed(lambda: rt._delete_checkpoint(cid, CHECKPOINT)))
+            t0 = time.perf_counter()
+            strays = docker_specs.exec_processes(rt._sandbox_processes(cid) or [])
+            res.add(f"{key} runsc ps (exec'd processes?)", time.perf_counter() - t0)
+            res.add(f"{key} exec'd processes found (count)", float(len(strays)))
+            if strays:  # as _quiesce: kill each from the host, wait until they are reaped
+                t0 = time.perf_counter()
+                for pid in strays:
+                    subprocess.run([rt._runsc, "--root", rt._runsc_root, "kill", "--pid",
+                                    str(pid), cid, "KILL"], capture_output=True, timeout=10,
+                                   check=False)
+                rt._wait_for_exec_processes(cid)
+                res.add(f"{key} runsc kill + wait", time.perf_counter() - t0)
+            if strays or rt._exec_recently(raw.name):
+                res.add(f"{key} settle exec", timed(lambda: rt._exec_blocking(spec, settle)))
+                res.add(f"{key} wait for exec'd processes (runsc ps)",
+                        timed(lambda: rt._wait_for_exec_processes(cid)))
+            image.mkdir(parents=True)
 
-        def checkpoint() -> None:
-            r = api._post_json(api._url("/containers/{0}/checkpoints", raw.name),
-                               data={"CheckpointID": CHECKPOINT, "Exit": True})
-            api._raise_for_status(r)
+            def checkpoint() -> None:
+                done = subprocess.run(
+                    [*rt._runsc_command(), "checkpoint", "--compression=none",
+                     "--image-path", str(image), cid],
+                    capture_output=True, text=True, timeout=docker.CHECKPOINT_TIMEOUT_S)
+                if done.returncode != 0:
+                    raise RuntimeError(f"runsc checkpoint of {raw.name}: {done.stderr[-500:]}")
 
-        res.add(f"{tag}: steps: pause: checkpoint (Engine API)", timed(checkpoint))
-        res.add(f"{tag}: steps: pause: total", time.perf_counter() - t_all)
-        copies.remember(root / "containers" / raw.id / "checkpoints" / CHECKPOINT)
-        t_all = time.perf_counter()
-        res.add(f"{tag}: steps: resume: DockerRuntime.resume (inspect + start)",
-                timed(lambda: loop.run_until_complete(rt.resume(spec, checkpoint=CHECKPOINT))))
-        res.add(f"{tag}: steps: resume: delete checkpoint after restore",
-                timed(lambda: docker._delete_checkpoint(api, raw.name, CHECKPOINT)))
-        res.add(f"{tag}: steps: resume: total", time.perf_counter() - t_all)
-        first = ExecRequest(argv=["true"], cwd="/workspace", timeout_s=600)
-        res.add(f"{tag}: steps: first exec after restore (DockerRuntime.exec)",
-                timed(lambda: loop.run_until_complete(rt.exec(spec, first))))
-        copies.sweep()
+            def exited() -> None:  # as DockerRuntime.pause polls
+                for _ in range(200):
+                    if not api.inspect_container(raw.name)["State"].get("Running"):
+                        return
+                    time.sleep(0.05)
+                raise RuntimeError(f"{raw.name} still runs after its checkpoint")
+
+            res.add(f"{key} runsc checkpoint --compression=none", timed(checkpoint))
+            res.add(f"{key} until Docker saw the exit", timed(exited))
+            res.add(f"{key} link the image into checkpoints/",
+                    timed(lambda: docker._link_image(image, links)))
+            res.add(f"{key} total", time.perf_counter() - t_all)
+            state = kernel_state_mb(image)
+            if state is not None:
+                res.add(f"{key} {KERNEL_STATE} MB (count)", state)
+                res.add(f"{tag}: steps: {KERNEL_STATE} MB, cycle by cycle (count)", state)
+            copies.remember(links)
+            res.add(f"{tag}: steps: resume: DockerRuntime.resume (inspect + start)",
+                    timed(lambda: loop.run_until_complete(rt.resume(spec,
+                                                                    checkpoint=CHECKPOINT))))
+            res.add(f"{tag}: steps: resume: first exec (DockerRuntime.exec)",
+                    timed(lambda: loop.run_until_complete(rt.exec(spec, first))))
+            copies.sweep()
+            survived(f"breakdown cycle {i + 1}")
     finally:
         loop.close()
         rt.close()
 
 
-RUNSC_STATE_ROOT = "/run/docker/runtime-runc/moby"  # where Docker 20.10's runc shim keeps state
+# What Den could write instead of its uncompressed image: (name, runsc checkpoint flags).
+ALTERNATIVES = (
+    ("flate-best-speed (runsc's default)", ["--compression=flate-best-speed"]),
+    ("none --direct", ["--compression=none", "--direct"]),
+    ("none --exclude-committed-zero-pages",
+     ["--compression=none", "--exclude-committed-zero-pages"]),
+)
 
 
-def runsc_argv() -> list[str]:
-    """The runsc Docker runs (the registered runtime's path and runtimeArgs), on the state
-    directory Docker's shim gives it."""
-    runtimes = json.loads(sh("docker", "info", "--format", "{{json .Runtimes}}"))
-    rt = runtimes.get("runsc") or {}
-    return [rt.get("path") or "runsc", *(rt.get("runtimeArgs") or []), "--root",
-            RUNSC_STATE_ROOT]
+def alternatives_run(raw: RawContainer, root: Path, tag: str, res: Results,
+                     copies: TempCopies, images: Path, survived: Callable[[str], None]) -> None:
+    """Den's path with other ``runsc checkpoint`` flags, on the raw container: the image
+    written by runsc under ``images``, a checkpoint directory of symlinks to it, restored
+    with ``docker start --checkpoint``. No quiesce: the raw container has no exec'd processes
+    left after a quiet moment."""
+    from server.runtime import docker
 
-
-def direct_checkpoints(raw: RawContainer, root: Path, tag: str, res: Results,
-                       copies: TempCopies, images: Path) -> None:
-    """What Docker's checkpoint plumbing costs, and what an uncompressed image saves:
-    ``runsc checkpoint`` called directly on the Docker-run sandbox with each compression,
-    the image written outside Docker (``images``), then ``docker start --checkpoint`` of a
-    checkpoint directory that holds only symlinks to that image. Docker and containerd then
-    copy (tar, hash, untar) a few bytes instead of the whole image; runsc follows the links."""
-    runsc = runsc_argv()
-    if subprocess.run([*runsc, "state", raw.id], capture_output=True).returncode:
-        print(f"  {tag}: alternatives skipped: runsc state of {raw.name} not in "
-              f"{RUNSC_STATE_ROOT}", file=sys.stderr)
-        return
-    slug = tag.replace(" ", "")
-    for mode in ("flate-best-speed", "none"):
-        image = images / f"{slug}-{mode}"
+    rt = docker.DockerRuntime(gvisor_runtime="runsc")
+    try:
+        runsc = rt._runsc_command()
+    finally:
+        rt.close()
+    for n, (mode, flags) in enumerate(ALTERNATIVES):
+        image = images / f"{tag.replace(' ', '')}-{n}"
         shutil.rmtree(image, ignore_errors=True)
-        key = f"{tag}: alt: compression={mode}:"
-        res.add(f"{key} runsc checkpoint (direct)", timed_sh(
-            *runsc, "checkpoint", f"--compression={mode}", "--image-path", str(image), raw.id))
-        t0 = time.perf_counter()
-        while sh("docker", "inspect", "-f", "{{.State.Running}}", raw.name).strip() != "false":
-            if time.perf_counter() - t0 > 60:
-                raise RuntimeError(f"{raw.name}: Docker did not see the checkpointed sandbox exit")
-            time.sleep(0.02)
-        res.add(f"{key} until Docker saw the exit", time.perf_counter() - t0)
+        image.mkdir(parents=True)
+        key = f"{tag}: alt: {mode}:"
+        time.sleep(quiet_s())
+        res.add(f"{key} runsc checkpoint", timed_sh(
+            *runsc, "checkpoint", *flags, "--image-path", str(image), raw.id))
+        res.add(f"{key} until Docker saw the exit", timed(lambda: wait_exited(raw.name)))
         res.add(f"{key} image MB (count)", du_bytes(image) / 1e6)
-        name = f"den-alt-{mode}"
+        state = kernel_state_mb(image)
+        if state is not None:
+            res.add(f"{key} {KERNEL_STATE} MB (count)", state)
+        name = f"den-alt-{n}"
         links = root / "containers" / raw.id / "checkpoints" / name
-        links.mkdir(parents=True)
-        for f in image.iterdir():
-            (links / f.name).symlink_to(f)
+        docker._link_image(image, links)
         copies.remember(links)
         res.add(f"{key} docker start --checkpoint (symlinked image)",
                 timed_sh("docker", "start", "--checkpoint", name, raw.name))
         res.add(f"{key} first exec", timed_sh("docker", "exec", raw.name, "true"))
-        sh("docker", "checkpoint", "rm", raw.name, name)
-        shutil.rmtree(image, ignore_errors=True)
         copies.sweep()
+        survived(f"alternative {mode}")
+        sh("docker", "checkpoint", "rm", raw.name, name)
+        # runsc may still read pages from the image it restored: each stays until the next
+        # checkpoint has been written, the last one until the container is gone.
+        if n:
+            shutil.rmtree(images / f"{tag.replace(' ', '')}-{n - 1}", ignore_errors=True)
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -604,12 +797,35 @@ def goals(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
             f"{r['resume_ratio']:.2f}x", r["resume_ratio"] <= RESUME_GOAL_RATIO)
         if r["size_mb"] == 0:
             add(f"idle: resume->first exec < {IDLE_RESUME_GOAL_S} s",
-                f"{r['den_resume_exec_s']:.2f} s", r["den_resume_exec_s"] < IDLE_RESUME_GOAL_S)
+                f"{r['den_resume_exec_s']:.2f} s (raw restore + exec "
+                f"{r['raw_restore_exec_s']:.2f} s)",
+                r["den_resume_exec_s"] < IDLE_RESUME_GOAL_S)
         if r["size_mb"] >= 1024:
             gib = r["size_mb"] / 1024
             den, rawv = r["den_pause_s"] / gib, r["raw_checkpoint_s"] / gib
             add(f"{t}: pause at least as fast as E2B's {E2B_S_PER_GIB:g} s/GiB",
-                f"Den {den:.1f} s/GiB (raw runsc {rawv:.1f} s/GiB)", den <= E2B_S_PER_GIB)
+                f"Den {den:.1f} s/GiB (raw Docker checkpoint {rawv:.1f} s/GiB)",
+                den <= E2B_S_PER_GIB)
+    return "\n".join(out), found
+
+
+def kernel_state(res: Results, sizes: list[int]) -> tuple[str, list[dict[str, Any]]]:
+    """checkpoint.img across Den's cycles, per size: first, last and the largest step."""
+    out, found = [], []
+    for size in sizes:
+        t = label(size)
+        xs = res.samples.get(f"{t}: den {KERNEL_STATE} MB, cycle by cycle (count)", [])
+        if not xs:
+            continue
+        growth = xs[-1] - xs[0]
+        found.append({"size_mb": size, "mb": xs, "growth_mb": growth})
+        out.append(f"- {t}: {len(xs)} cycles, {xs[0]:.2f} -> {xs[-1]:.2f} MB "
+                   f"({growth:+.2f} MB, {growth / max(1, len(xs) - 1):+.3f} MB a cycle)")
+        steps = res.samples.get(f"{t}: steps: {KERNEL_STATE} MB, cycle by cycle (count)", [])
+        if steps:
+            found[-1]["breakdown_mb"] = steps
+            out.append(f"  breakdown on the raw container, quiet / after an exec (settle) "
+                       f"alternating: {', '.join(f'{x:.2f}' for x in steps)} MB")
     return "\n".join(out), found
 
 
@@ -618,7 +834,7 @@ def details(res: Results, title: str) -> str:
     width = max((len(k) for k in res.samples), default=0)
     for k, v in res.samples.items():
         if k.endswith("(count)"):
-            out.append(f"  {k:<{width}}  median {median(v):8.1f}     max {max(v):8.1f}  "
+            out.append(f"  {k:<{width}}  median {median(v):8.2f}     max {max(v):8.2f}  "
                        f"n={len(v)}")
         else:
             out.append(f"  {k:<{width}}  median {ms(median(v)):>8}  p90 {ms(p90(v)):>8}  "
@@ -630,16 +846,16 @@ def details(res: Results, title: str) -> str:
 
 
 def pause_code() -> str:
-    """Which quiesce this run measured (the server code changes): its script's hash and what
-    DockerRuntime.pause waits on after it."""
+    """Which pause this run measured (the server code changes): how it checkpoints, and the
+    settle step's script hash and when it runs."""
     from server.runtime import docker, docker_specs
 
-    digest = hashlib.sha256(docker_specs.QUIESCE_SCRIPT.encode()).hexdigest()[:10]
-    if hasattr(docker.DockerRuntime, "_wait_for_exec_processes"):
-        wait = "then waits on runsc ps"
-    else:
-        wait = f"then sleeps {getattr(docker, 'QUIESCE_SETTLE_S', 0)} s"
-    return f"quiesce script sha256 {digest}, {wait}"
+    digest = hashlib.sha256(docker_specs.SETTLE_SCRIPT.encode()).hexdigest()[:10]
+    changed = mirrors_den_pause()
+    how = (f"changed, lacks {changed}" if changed else
+           "runsc checkpoint --compression=none, image linked into checkpoints/")
+    return (f"{how}; settle script sha256 {digest} only within {docker.SETTLE_AFTER_EXEC_S:g} s "
+            "of an exec")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -648,7 +864,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3,
                     help="pause/resume rounds per size below 1 GiB (3)")
     ap.add_argument("--big-rounds", type=int, default=2,
-                    help="rounds for sizes of 1 GiB and more (2; 20-40 s each way per round)")
+                    help="rounds for sizes of 1 GiB and more (2; the raw engine takes "
+                         "20-40 s each way per round)")
+    ap.add_argument("--later-cycles", type=int, default=5,
+                    help="further Den-only pause/resume cycles per size after the rounds: "
+                         "do later ones get slower, does checkpoint.img grow? (5)")
     ap.add_argument("--sizes", default="idle,256,1024",
                     help="memory held in the workspace, MiB, comma-separated; 'idle' holds "
                          "nothing extra (idle,256,1024)")
@@ -656,8 +876,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-breakdown", action="store_true",
                     help="skip timing Den's pause/resume steps on the raw container")
     ap.add_argument("--alternatives", action="store_true",
-                    help="also time runsc's own checkpoint (flate and uncompressed) called "
-                         "directly, and Docker's restore of a symlinked image")
+                    help="also time, on the raw container, other runsc checkpoint flags "
+                         "through Den's symlinked path (flate, --direct, "
+                         "--exclude-committed-zero-pages)")
     args = ap.parse_args(argv)
     try:
         sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
@@ -674,14 +895,15 @@ def main(argv: list[str] | None = None) -> int:
     repos_root = work / "repos"
     repos_root.mkdir()
     started = datetime.now(UTC)
-    load_before = round(os.getloadavg()[0], 2)
+    load_before = [round(x, 2) for x in os.getloadavg()]
     res = Results()
     copies = TempCopies()
     infos: list[dict[str, Any]] = []
     srv: PauseServer | None = None
     failed = 0
     print(f"bench: prefix {prefix}, sizes {', '.join(label(s) for s in sizes)}, "
-          f"{args.rounds} rounds ({args.big_rounds} at 1 GiB and more)", flush=True)
+          f"{args.rounds} rounds ({args.big_rounds} at 1 GiB and more), "
+          f"{args.later_cycles} later Den cycles, load {load_before}", flush=True)
     try:
         with sigterm_as_interrupt():
             root = docker_root()
@@ -692,8 +914,8 @@ def main(argv: list[str] | None = None) -> int:
                 rounds = max(1, args.big_rounds if size >= 1024 else args.rounds)
                 print(f"bench: {label(size)}", flush=True)
                 infos.append(bench_size(
-                    srv, prefix, repo, root, size, rounds, res, copies,
-                    breakdown=not args.no_breakdown,
+                    srv, prefix, repo, root, size, rounds, max(0, args.later_cycles), res,
+                    copies, breakdown=not args.no_breakdown,
                     alternatives=work / "images" if args.alternatives else None))
     except BaseException as exc:
         failed = report_failure(exc, srv)
@@ -716,38 +938,61 @@ def main(argv: list[str] | None = None) -> int:
 
     text, rows = table(res, sizes)
     goal_text, goal_rows = goals(rows)
+    state_text, state_rows = kernel_state(res, sizes)
     info = machine()
-    info["loadavg_1m_before"] = load_before
+    info["loadavg_before"] = load_before
+    info["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     info["pause_code"] = pause_code()
     print()
     print(f"Pause/resume, Den vs raw engine, {started:%Y-%m-%d %H:%M} UTC, {info['cpus']} CPUs, "
-          f"{info['os']}, Docker {info['docker']}, {info['runsc']}, load {load_before} -> "
-          f"{info['loadavg_1m']}, code {info['git']}")
+          f"{info['os']}, Docker {info['docker']}, {info['runsc']}, load (1/5/15 min) "
+          f"{load_before} -> {info['loadavg_after']}, code {info['git']}")
     print(f"runtimes: {info['runtimes']}")
     print(f"DockerRuntime.pause: {info['pause_code']}")
     print(text)
     print("(medians, p90 in brackets; restore+exec = `docker start --checkpoint` + "
-          "`docker exec true`; Den = POST resume + POST exec true)")
+          "`docker exec true`; Den = POST resume + POST exec true; checkpoint MB: du -sb of "
+          "the raw engine's checkpoint and of Den's image)")
     print()
     print("Goals:")
     print(goal_text)
     print()
+    print(f"Den's {KERNEL_STATE} (saved kernel state) across its cycles:")
+    print(state_text)
+    if any(i.get("holder") for i in infos):
+        print()
+        print("Memory holders (same pid, from runsc ps, after every restore):")
+    for i in infos:
+        for what, h in (i.get("holder") or {}).items():
+            lost = f", lost after {h['lost_at']}" if h["lost_at"] else ""
+            print(f"- {label(i['size_mb'])} {what}: there after {h['survived']} of "
+                  f"{h['checks']} restores{lost}")
+    print()
     print(details(res, "Details (medians and p90 per sample):"))
     for i in infos:
         if "fill_s" in i:
+            rss = i["rss_kb"]
+            after = i.get("rss_after_kb") or {}
             print(f"  {label(i['size_mb'])}: filled both in {i['fill_s']:.1f} s; holder RSS "
-                  f"den {i['rss_kb']['den'] / 1024:.0f} MiB, raw {i['rss_kb']['raw'] / 1024:.0f}"
-                  " MiB")
+                  f"den {rss['den'] / 1024:.0f} MiB, raw {rss['raw'] / 1024:.0f} MiB; after "
+                  f"the last restore den {after.get('den', 0) / 1024:.0f} MiB, raw "
+                  f"{after.get('raw', 0) / 1024:.0f} MiB")
     if args.json:
         args.json.write_text(json.dumps({
             "started_at": started.isoformat(), "machine": info, "sizes_mb": sizes,
-            "rounds": args.rounds, "big_rounds": args.big_rounds, "table": rows,
-            "goals": goal_rows, "sizes": infos,
+            "rounds": args.rounds, "big_rounds": args.big_rounds,
+            "later_cycles": args.later_cycles, "table": rows, "goals": goal_rows,
+            "kernel_state": state_rows, "sizes": infos,
             "tmp_copies_removed": {"count": copies.removed, "bytes": copies.removed_bytes},
             "details": res.summary(),
             "samples": res.samples,
         }, indent=2))
         print(f"\nbench: wrote {args.json}")
+    lost = [f"{label(i['size_mb'])} {w}" for i in infos
+            for w, h in (i.get("holder") or {}).items() if h["lost_at"]]
+    if lost:
+        print(f"bench: memory holders lost: {', '.join(lost)}", file=sys.stderr)
+        return 1
     return 0
 
 
