@@ -171,12 +171,6 @@ class DockerRuntime:
             state = api.inspect_container(spec.container_name)["State"]
             if not state.get("Running"):
                 api.start(spec.container_name)
-                # Until den-init has started dev's tmux server, a `tmux new` from an exec
-                # would start one itself, outside PID 1's tree, and a pause would lose it.
-                ready = ExecRequest(argv=docker_specs.wait_ready_argv(), user="root", cwd="/")
-                if self._exec_blocking(spec, ready) != 0:
-                    log.warning("workspace %s: den-init not ready after %s s", spec.workspace_id,
-                                docker_specs.READY_WAIT_S)
 
         await self._call(f"start workspace {spec.workspace_id}", run)
 

@@ -178,25 +178,6 @@ exit 3
 """
 
 
-# den-init (workspace_images/default) creates READY_FILE once dev's tmux server runs; /tmp is
-# in the sandbox's memory, so a cold start begins without it. Images without den-init are
-# ready at once.
-READY_FILE = "/tmp/.den-ready"
-READY_WAIT_S = 10
-
-
-def wait_ready_argv() -> list[str]:
-    """Wait (up to READY_WAIT_S) until the container's den-init has started its services;
-    exits 1 at the deadline."""
-    tries = int(READY_WAIT_S / 0.05)
-    script = (
-        "[ -x /usr/local/bin/den-init ] || exit 0; i=0; "
-        f"while [ ! -e {READY_FILE} ]; do "
-        f"[ $i -ge {tries} ] && exit 1; sleep 0.05; i=$((i + 1)); done"
-    )
-    return ["/bin/sh", "-c", script]
-
-
 def settle_argv() -> list[str]:
     return ["/bin/sh", "-c", SETTLE_SCRIPT]
 

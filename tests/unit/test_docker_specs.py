@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 
@@ -20,7 +19,6 @@ from server.runtime.docker_specs import (
     parse_runsc_ps,
     stream_argv,
     volume_config,
-    wait_ready_argv,
 )
 
 LABELS = labels_for(instance="inst1", workspace_id="ws0123456789ab", owner="7")
@@ -212,12 +210,3 @@ def test_exec_processes_are_the_parentless_ones_and_their_children_not_pid_1s() 
     assert exec_processes([(1, 0), (6, 1)]) == []
     # A process whose parent is not listed (it exited meanwhile) is left alone.
     assert exec_processes([(1, 0), (9, 8)]) == []
-
-
-def test_a_cold_start_waits_for_den_init_and_images_without_it_are_ready_at_once() -> None:
-    argv = wait_ready_argv()
-    assert argv[:2] == ["/bin/sh", "-c"]
-    assert argv[2].startswith("[ -x /usr/local/bin/den-init ] || exit 0;")
-    assert "[ ! -e /tmp/.den-ready ]" in argv[2] and "exit 1" in argv[2]
-    den_init = (Path(__file__).parents[2] / "workspace_images/default/den-init").read_text()
-    assert ": > /tmp/.den-ready" in den_init  # the image's side of the contract
