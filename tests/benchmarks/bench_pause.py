@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import glob
 import hashlib
 import inspect
@@ -81,15 +80,13 @@ from tests.benchmarks.bench_workspaces import (
     IMAGE,
     Results,
     Server,
-    cleanup_engine,
-    ignore_interrupts,
+    finish_run,
     machine,
     make_repo,
     median,
     ms,
     p90,
     report_failure,
-    restore_interrupts,
     sh,
     sigterm_as_interrupt,
     timed,
@@ -920,16 +917,7 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:
         failed = report_failure(exc, srv)
     finally:
-        ignore_interrupts()  # let cleanup finish
-        if srv is not None:
-            srv.close()
-        left = cleanup_engine(prefix)
-        with contextlib.suppress(Exception):
-            copies.sweep()
-        shutil.rmtree(work, ignore_errors=True)
-        restore_interrupts()
-        if left:
-            print(f"bench: removed {len(left)} engine objects named {prefix}*", flush=True)
+        finish_run(prefix, work, srv, copies.sweep)
         if copies.removed:
             print(f"bench: removed {copies.removed} copies of its checkpoints that containerd "
                   f"left in /tmp ({copies.removed_bytes / 1e6:.0f} MB)", flush=True)

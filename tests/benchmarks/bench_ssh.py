@@ -34,7 +34,6 @@ import json
 import os
 import secrets
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -48,15 +47,13 @@ from tests.benchmarks.bench_workspaces import (
     IMAGE,
     Results,
     Server,
-    cleanup_engine,
-    ignore_interrupts,
+    finish_run,
     machine,
     make_repo,
     median,
     ms,
     p90,
     report_failure,
-    restore_interrupts,
     sh,
     sigterm_as_interrupt,
 )
@@ -254,14 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:
         failed = report_failure(exc, srv)
     finally:
-        ignore_interrupts()
-        if srv is not None:
-            srv.close()
-        left = cleanup_engine(prefix)
-        shutil.rmtree(work, ignore_errors=True)
-        restore_interrupts()
-        if left:
-            print(f"bench: removed {len(left)} engine objects named {prefix}*", flush=True)
+        finish_run(prefix, work, srv)
     if failed:
         return failed
     text, summary = report(res)

@@ -5,24 +5,28 @@
 (``make bench-terminal``; docs/benchmarks.md explains the results.)
 
 Starts a real ``den serve`` on a free loopback port (temporary data dir, engine prefix
-``denbench-<random>``), creates one workspace under runsc, and types into three terminals of
+``denbench-<random>``), creates one workspace under runsc, and types into four terminals of
 that same sandbox, one key at a time, timing from the key's send to its echo on the screen:
 
 1. **den**: ``WS /api/v1/workspaces/{id}/terminal`` with a bearer token, the way xterm.js
    uses it (a binary frame per key; output as JSON messages): the WebSocket, Den, the
-   engine's exec stream, the workspace's PTY, tmux and bash's line editor, and back.
+   engine's exec stream, the workspace's PTY, tmux and bash's line editor, and back; through
+   a minimal client that reads its socket in the measuring thread, as a browser does. Also
+   **den (websockets client)**: the same through the ``websockets`` sync client, whose reader
+   thread adds its own hand-off (shown for comparison, not in the ratio).
 2. **raw tmux**: ``docker exec -it -u dev CONTAINER bash -lc 'tmux new-session -A -s ...'``
    on a local pseudo-terminal: the same shell stack as Den's terminal without Den (the
    ratio den / raw tmux is Den's own cost).
 3. **raw bash**: ``docker exec -it -u dev CONTAINER bash -l``: no tmux either.
 
-The three are interleaved round by round so that drift hits all of them. A key counts as
+The four are interleaved round by round so that drift hits all of them. A key counts as
 echoed when it appears in the output outside escape sequences. Nothing here asserts on time.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import os
@@ -30,7 +34,7 @@ import pty
 import re
 import secrets
 import select
-import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -45,15 +49,13 @@ from websockets.sync.client import ClientConnection, connect
 from tests.benchmarks.bench_workspaces import (
     IMAGE,
     Server,
-    cleanup_engine,
-    ignore_interrupts,
+    finish_run,
     machine,
     make_repo,
     median,
     ms,
     p90,
     report_failure,
-    restore_interrupts,
     sigterm_as_interrupt,
 )
 
@@ -113,7 +115,7 @@ class Terminal:
 
 
 class DenTerminal(Terminal):
-    name = "den"
+    name = "den (websockets client)"
 
     def __init__(self, port: int, token: str, wid: str) -> None:
         url = (f"ws://127.0.0.1:{port}/api/v1/workspaces/{wid}/terminal"
@@ -128,9 +130,12 @@ class DenTerminal(Terminal):
     def read(self, timeout_s: float) -> bytes:
         out = bytearray()
         try:
-            msg = json.loads(self.sock.recv(timeout=timeout_s))
+            raw = self.sock.recv(timeout=timeout_s)
         except TimeoutError:
             return b""
+        if isinstance(raw, bytes):
+            return raw
+        msg = json.loads(raw)
         if msg["type"] in ("stdout", "stderr"):
             out += msg["data"].encode()
         elif msg["type"] in ("exit", "error"):
@@ -139,6 +144,76 @@ class DenTerminal(Terminal):
 
     def close(self) -> None:
         self._stack.close()
+
+
+class PlainDenTerminal(Terminal):
+    """The same terminal WebSocket through a minimal RFC 6455 client on a blocking socket, read
+    in this thread, as a browser does it: the ``websockets`` sync client above hands every
+    frame from its own reader thread to this one, and that hop (with the GIL) is a cost of the
+    measuring client, not of Den."""
+
+    name = "den"
+
+    def __init__(self, port: int, token: str, wid: str) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        key = base64.b64encode(os.urandom(16)).decode()
+        path = (f"/api/v1/workspaces/{wid}/terminal?cols={COLS}&rows={ROWS}"
+                "&session=bench-plain")
+        self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                           "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                           f"Authorization: Bearer {token}\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise RuntimeError("den: the terminal WebSocket was refused")
+            head += chunk
+        head, _, self.buf = head.partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 101"):
+            raise RuntimeError(f"den: no WebSocket upgrade: {head[:200]!r}")
+
+    def send(self, data: bytes) -> None:
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+        assert len(data) < 126
+        self.sock.sendall(bytes([0x82, 0x80 | len(data)]) + mask + masked)
+
+    def _take(self, n: int, deadline: float) -> bytes | None:
+        while len(self.buf) < n:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+                return None
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise RuntimeError("den: the terminal WebSocket closed")
+            self.buf += chunk
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def read(self, timeout_s: float) -> bytes:
+        deadline = time.monotonic() + timeout_s
+        head = self._take(2, deadline)
+        if head is None:
+            return b""
+        size, extra = head[1] & 0x7F, {126: 2, 127: 8}.get(head[1] & 0x7F, 0)
+        if extra:
+            ext = self._take(extra, deadline + 10)
+            assert ext is not None
+            size = int.from_bytes(ext, "big")
+        payload = self._take(size, deadline + 10) if size else b""
+        assert payload is not None
+        if head[0] & 0x0F != 0x1:  # only text frames (JSON) carry output
+            return b""
+        msg = json.loads(payload)
+        if msg["type"] in ("exit", "error"):
+            raise RuntimeError(f"den terminal ended: {msg}")
+        return str(msg.get("data", "")).encode() if msg["type"] in ("stdout", "stderr") else b""
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
 
 
 class DockerTerminal(Terminal):
@@ -223,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     repos_root.mkdir()
     started = datetime.now(UTC)
     load_before = round(os.getloadavg()[0], 2)
-    samples: dict[str, list[float]] = {"den": [], "raw tmux": [], "raw bash": []}
+    samples: dict[str, list[float]] = {"den": [], "den (websockets client)": [],
+                                       "raw tmux": [], "raw bash": []}
     srv: Server | None = None
     terms: list[Terminal] = []
     failed = 0
@@ -237,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
             srv.wait_running(wid)
             container = container_of(wid)
             makers: dict[str, Callable[[], Terminal]] = {
-                "den": lambda: DenTerminal(srv.port, srv.token, wid),  # type: ignore[union-attr]
+                "den": lambda: PlainDenTerminal(srv.port, srv.token, wid),  # type: ignore[union-attr]
+                "den (websockets client)": lambda: DenTerminal(
+                    srv.port, srv.token, wid),  # type: ignore[union-attr]
                 "raw tmux": lambda: DockerTerminal(
                     "raw tmux", container,
                     ["bash", "-lc", "exec tmux new-session -A -s bench-raw"]),
@@ -258,15 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:
         failed = report_failure(exc, srv)
     finally:
-        ignore_interrupts()
-        for term in terms:
-            with contextlib.suppress(Exception):
-                term.close()
-        if srv is not None:
-            srv.close()
-        cleanup_engine(prefix)
-        shutil.rmtree(work, ignore_errors=True)
-        restore_interrupts()
+        finish_run(prefix, work, srv, *(term.close for term in terms))
     if failed:
         return failed
 

@@ -731,6 +731,26 @@ def restore_interrupts() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def finish_run(prefix: str, work: Path, srv: DenServer | None,
+               *first: Callable[[], object]) -> None:
+    """Clean up after a run, also after a failure, Ctrl-C or SIGTERM (ignored meanwhile, so
+    that cleanup finishes): ``first`` (each may fail), then stop the server, remove every
+    engine object named ``prefix*`` and the work directory."""
+    ignore_interrupts()
+    try:
+        for step in first:
+            with contextlib.suppress(Exception):
+                step()
+        if srv is not None:
+            srv.close()
+        left = cleanup_engine(prefix)
+        shutil.rmtree(work, ignore_errors=True)
+    finally:
+        restore_interrupts()
+    if left:
+        print(f"bench: removed {len(left)} engine objects named {prefix}*", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.benchmarks.bench_workspaces",
                                  description=__doc__.split("\n\n")[0] if __doc__ else None)
@@ -787,14 +807,7 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:
         failed = report_failure(exc, srv)
     finally:
-        ignore_interrupts()  # let cleanup finish
-        if srv is not None:
-            srv.close()
-        left = cleanup_engine(prefix)
-        shutil.rmtree(work, ignore_errors=True)
-        restore_interrupts()
-        if left:
-            print(f"bench: removed {len(left)} engine objects named {prefix}*", flush=True)
+        finish_run(prefix, work, srv)
     if failed:
         return failed
 
