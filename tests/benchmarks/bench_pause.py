@@ -64,15 +64,12 @@ import inspect
 import json
 import os
 import re
-import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +86,7 @@ from tests.benchmarks.bench_workspaces import (
     report_failure,
     sh,
     sigterm_as_interrupt,
+    start_run,
     timed,
 )
 from tests.server_process import DenServer
@@ -884,14 +882,10 @@ def main(argv: list[str] | None = None) -> int:
     if any(s < 0 or s > MEMORY_MB - 512 for s in sizes):
         ap.error(f"--sizes: each must be between 0 and {MEMORY_MB - 512} MiB")
 
-    if subprocess.run(["docker", "image", "inspect", IMAGE], capture_output=True).returncode:
-        print(f"bench: image {IMAGE} is missing (run `make images`)", file=sys.stderr)
+    run = start_run("pause")
+    if run is None:
         return 2
-    prefix = f"denbench-pause-{secrets.token_hex(3)}"
-    work = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
-    repos_root = work / "repos"
-    repos_root.mkdir()
-    started = datetime.now(UTC)
+    prefix, work, repos_root, started = run.prefix, run.work, run.repos_root, run.started
     load_before = [round(x, 2) for x in os.getloadavg()]
     res = Results()
     copies = TempCopies()

@@ -32,19 +32,15 @@ import contextlib
 import hashlib
 import json
 import os
-import secrets
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from server.ssh.target import RELAY_SCRIPT
 from tests.benchmarks.bench_workspaces import (
-    IMAGE,
     Results,
     Server,
     finish_run,
@@ -56,6 +52,7 @@ from tests.benchmarks.bench_workspaces import (
     report_failure,
     sh,
     sigterm_as_interrupt,
+    start_run,
 )
 
 SSHD_DIR = "/tmp/bench-sshd"
@@ -229,15 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mb", type=int, default=64, help="SFTP file size in MiB (64)")
     ap.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
-    if subprocess.run(["docker", "image", "inspect", IMAGE], capture_output=True).returncode:
-        print(f"bench: image {IMAGE} is missing (run `make images`)", file=sys.stderr)
+    run = start_run("ssh")
+    if run is None:
         return 2
-    prefix = f"denbench-ssh-{secrets.token_hex(3)}"
-    work = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
-    repos_root = work / "repos"
-    repos_root.mkdir()
-    started = datetime.now(UTC)
-    load_before = round(os.getloadavg()[0], 2)
+    prefix, work, repos_root, started = run.prefix, run.work, run.repos_root, run.started
+    load_before = run.load_before
     res = Results()
     srv: Server | None = None
     failed = 0

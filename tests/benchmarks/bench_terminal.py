@@ -32,22 +32,18 @@ import json
 import os
 import pty
 import re
-import secrets
 import select
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from websockets.sync.client import ClientConnection, connect
 
 from tests.benchmarks.bench_workspaces import (
-    IMAGE,
     Server,
     finish_run,
     machine,
@@ -57,6 +53,7 @@ from tests.benchmarks.bench_workspaces import (
     p90,
     report_failure,
     sigterm_as_interrupt,
+    start_run,
 )
 
 KEYS = "abcdefgijknopqstuvwxyz"  # letters; 'h', 'l', 'm' and 'r' end common escape sequences
@@ -289,15 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (5)")
     ap.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
-    if subprocess.run(["docker", "image", "inspect", IMAGE], capture_output=True).returncode:
-        print(f"bench: image {IMAGE} is missing (run `make images`)", file=sys.stderr)
+    run = start_run()
+    if run is None:
         return 2
-    prefix = f"denbench-{secrets.token_hex(3)}"
-    work = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
-    repos_root = work / "repos"
-    repos_root.mkdir()
-    started = datetime.now(UTC)
-    load_before = round(os.getloadavg()[0], 2)
+    prefix, work, repos_root, started = run.prefix, run.work, run.repos_root, run.started
+    load_before = run.load_before
     samples: dict[str, list[float]] = {"den": [], "den (websockets client)": [],
                                        "raw tmux": [], "raw bash": []}
     srv: Server | None = None

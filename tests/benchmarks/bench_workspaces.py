@@ -731,6 +731,30 @@ def restore_interrupts() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+@dataclass(frozen=True)
+class Run:
+    """One benchmark run: its engine prefix, work directory (with ``repos/``), start time and
+    the load average then."""
+
+    prefix: str
+    work: Path
+    repos_root: Path
+    started: datetime
+    load_before: float
+
+
+def start_run(name: str = "") -> Run | None:
+    """A new run named ``denbench[-name]-<random>``; None, after saying why, when the
+    workspace image is missing."""
+    if subprocess.run(["docker", "image", "inspect", IMAGE], capture_output=True).returncode:
+        print(f"bench: image {IMAGE} is missing (run `make images`)", file=sys.stderr)
+        return None
+    prefix = f"denbench-{name + '-' if name else ''}{secrets.token_hex(3)}"
+    work = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
+    (work / "repos").mkdir()
+    return Run(prefix, work, work / "repos", datetime.now(UTC), round(os.getloadavg()[0], 2))
+
+
 def finish_run(prefix: str, work: Path, srv: DenServer | None,
                *first: Callable[[], object]) -> None:
     """Clean up after a run, also after a failure, Ctrl-C or SIGTERM (ignored meanwhile, so
@@ -765,15 +789,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rounds, exec_samples = max(1, args.rounds), max(20, args.exec_samples)
 
-    if subprocess.run(["docker", "image", "inspect", IMAGE], capture_output=True).returncode:
-        print(f"bench: image {IMAGE} is missing (run `make images`)", file=sys.stderr)
+    run = start_run()
+    if run is None:
         return 2
-    prefix = f"denbench-{secrets.token_hex(3)}"
-    work = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
-    repos_root = work / "repos"
-    repos_root.mkdir()
-    started = datetime.now(UTC)
-    load_before = round(os.getloadavg()[0], 2)
+    prefix, work, repos_root, started = run.prefix, run.work, run.repos_root, run.started
+    load_before = run.load_before
     res, bd = Results(), Results()
     srv: Server | None = None
     failed: int = 0
