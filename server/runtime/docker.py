@@ -187,6 +187,7 @@ class DockerRuntime:
     async def destroy(self, spec: WorkspaceSpec) -> None:
         def run() -> None:
             api = self._api()
+            self._last_exec.pop(spec.container_name, None)
             with contextlib.suppress(docker.errors.NotFound):
                 api.remove_container(spec.container_name, force=True, v=False)
             for attempt in range(10):
