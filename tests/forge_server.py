@@ -268,6 +268,23 @@ class ForgeServer:
         return user
 
 
+def http_backend(body: bytes, env: dict[str, str]) -> tuple[int, bytes, list[tuple[str, str]]]:
+    """Run ``git http-backend`` (git's smart HTTP CGI) on one request: its status, body and
+    headers."""
+    out = subprocess.run(["git", "http-backend"], input=body, env=env, capture_output=True,
+                         check=False).stdout
+    head, _, payload = out.partition(b"\r\n\r\n")
+    status = 200
+    headers: list[tuple[str, str]] = []
+    for line in head.decode().split("\r\n"):
+        name, _, value = line.partition(": ")
+        if name.lower() == "status":
+            status = int(value.split()[0])
+        elif name:
+            headers.append((name, value))
+    return status, payload, headers
+
+
 def _dechunk(rfile: Any) -> bytes:
     out = bytearray()
     while True:
@@ -345,18 +362,7 @@ def _handler(forge: ForgeServer) -> type[BaseHTTPRequestHandler]:
                 "REMOTE_USER": user.login,
                 "REMOTE_ADDR": "127.0.0.1",
             }
-            out = subprocess.run(["git", "http-backend"], input=body, env=env,
-                                 capture_output=True, check=False).stdout
-            head, _, payload = out.partition(b"\r\n\r\n")
-            status = 200
-            hdrs: list[tuple[str, str]] = []
-            for line in head.decode().split("\r\n"):
-                name, _, value = line.partition(": ")
-                if name.lower() == "status":
-                    status = int(value.split()[0])
-                elif name:
-                    hdrs.append((name, value))
-            self._reply(status, payload, hdrs)
+            self._reply(*http_backend(body, env))
 
         do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,6 +14,7 @@ from fastapi.testclient import TestClient
 from server.app import create_app
 from server.config import Settings
 from tests.conftest import ApiClient, users
+from tests.forge_server import http_backend
 
 pytestmark = pytest.mark.engine
 
@@ -38,17 +38,7 @@ def _git_http_server(root: Path) -> ThreadingHTTPServer:
                 "CONTENT_LENGTH": str(length),
                 "REMOTE_ADDR": "127.0.0.1",
             }
-            out = subprocess.run(["git", "http-backend"], input=body, env=env,
-                                 capture_output=True, check=False).stdout
-            head, _, payload = out.partition(b"\r\n\r\n")
-            status = 200
-            headers = []
-            for line in head.decode().split("\r\n"):
-                name, _, value = line.partition(": ")
-                if name.lower() == "status":
-                    status = int(value.split()[0])
-                elif name:
-                    headers.append((name, value))
+            status, payload, headers = http_backend(body, env)
             self.send_response(status)
             for name, value in headers:
                 self.send_header(name, value)
