@@ -220,7 +220,7 @@ class DockerRuntime:
             cid = str(info["Id"])
             self._delete_checkpoint(cid, checkpoint)
             self._quiesce(spec, cid)
-            home = self._container_dir(cid)
+            home = self._home(cid)
             image = home / IMAGES_DIR / checkpoint
             image.mkdir(parents=True)
             try:
@@ -331,7 +331,7 @@ class DockerRuntime:
     def _delete_checkpoint(self, cid: str, checkpoint: str) -> None:
         """The engine's checkpoint (its directory of links) and the image beside it."""
         _delete_checkpoint(self._api(), cid, checkpoint)
-        shutil.rmtree(self._container_dir(cid) / IMAGES_DIR / checkpoint, ignore_errors=True)
+        shutil.rmtree(self._home(cid) / IMAGES_DIR / checkpoint, ignore_errors=True)
 
     async def status(self, spec: WorkspaceSpec) -> ContainerStatus:
         def run() -> ContainerStatus:
@@ -403,11 +403,13 @@ class DockerRuntime:
         in it (``checkpoints/<name>``) and refuses --checkpoint-dir, so Den works there
         directly (it runs on the engine's host); what Den keeps there goes with the
         container."""
-        api = self._api()
+        return self._home(str(self._api().inspect_container(container)["Id"]))
+
+    def _home(self, cid: str) -> Path:
+        """:meth:`_container_dir` of a container whose full id is known."""
         if self._docker_root is None:
-            self._docker_root = Path(str(api.info()["DockerRootDir"]))
-        cid = api.inspect_container(container)["Id"]
-        return self._docker_root / "containers" / str(cid)
+            self._docker_root = Path(str(self._api().info()["DockerRootDir"]))
+        return self._docker_root / "containers" / cid
 
     async def export_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str, dest: Path
                                 ) -> int:

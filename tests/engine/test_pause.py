@@ -50,6 +50,13 @@ def _engine(api: ApiClient, wid: str, fmt: str) -> str:
                           text=True, check=True).stdout.strip()
 
 
+def _images_dir(api: ApiClient, wid: str) -> Path:
+    """Where the runtime writes the workspace's checkpoint images (beside Docker's links)."""
+    root = subprocess.run(["docker", "info", "--format", "{{.DockerRootDir}}"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    return Path(root) / "containers" / _engine(api, wid, "{{.Id}}") / "den-checkpoints"
+
+
 def _checkpoints(api: ApiClient, wid: str) -> list[str]:
     name = f"{api.app.state.settings.engine_prefix}-{wid}"
     out = subprocess.run(["docker", "checkpoint", "ls", name], capture_output=True, text=True)
@@ -114,9 +121,7 @@ def test_twenty_cycles_leave_nothing_behind(
         assert "restored from memory" in events[-1]["message"], (cycle, events[-1])
         assert real_api.exec(wid, "cat /workspace/kept")["stdout"] == "kept\n"
     assert _checkpoints(real_api, wid) == ["den-pause"]
-    root = subprocess.run(["docker", "info", "--format", "{{.DockerRootDir}}"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    images = Path(root) / "containers" / _engine(real_api, wid, "{{.Id}}") / "den-checkpoints"
+    images = _images_dir(real_api, wid)
     assert sorted(p.name for p in images.iterdir()) == ["den-pause"]
     container_id = _engine(real_api, wid, "{{.Id}}")
     shims = subprocess.run(["pgrep", "-c", "-f", f"containerd-shim.*{container_id}"],
@@ -171,9 +176,7 @@ def test_a_disk_full_during_the_checkpoint_leaves_the_workspace_usable(
     the image is left, and the next call works."""
     wid = real_api.create(make_repo())["id"]
     real_api.exec(wid, "echo kept > /workspace/note")
-    root = subprocess.run(["docker", "info", "--format", "{{.DockerRootDir}}"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    images = Path(root) / "containers" / _engine(real_api, wid, "{{.Id}}") / "den-checkpoints"
+    images = _images_dir(real_api, wid)
     images.mkdir(exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "den-test-full", str(images)],
                    check=True)
