@@ -229,7 +229,6 @@ class _FakeStream:
         self._cat = (list(argv) in (["cat"], ["bash", "-lc", "cat"])
                      if isinstance(argv, list | tuple) else False)
         self._stdin_closed = asyncio.Event()
-        self.sizes: list[tuple[int, int]] = []
 
     async def output(self) -> AsyncIterator[StreamChunk]:
         if self._cat:
@@ -248,7 +247,7 @@ class _FakeStream:
         self._stdin_closed.set()
 
     async def resize(self, cols: int, rows: int) -> None:
-        self.sizes.append((cols, rows))
+        """The fake has no terminal."""
 
     async def wait(self) -> int:
         return self._result.exit_code
