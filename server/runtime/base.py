@@ -140,6 +140,50 @@ class ExecStream(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class ProcessInfo:
+    """A background process started through the workspace's agent (``spawn``)."""
+
+    pid: int
+    argv: tuple[str, ...]
+    cwd: str
+    user: str
+    started_at: float  # unix seconds
+    running: bool
+    exit_code: int | None = None
+    signal: str | None = None  # the signal that ended it, e.g. "KILL"
+
+
+SIGNALS = ("INT", "TERM", "KILL", "HUP", "QUIT", "USR1", "USR2", "WINCH", "STOP", "CONT")
+
+
+class ProcessControl(Protocol):
+    """Background processes, for backends whose workspaces run Den's agent
+    (:mod:`server.agent`). A process started here is a child of the agent, inside PID 1's
+    tree, so it keeps running (same pid, same memory) across pause and resume; its output
+    goes into a bounded ring buffer in the agent. Raise ``AgentUnavailable`` when the
+    workspace's agent does not answer, ``ObjectMissing`` for an unknown pid."""
+
+    async def spawn(self, spec: WorkspaceSpec, req: ExecRequest, *, log_bytes: int) -> int:
+        """Start ``req`` detached (no stdin, no deadline); returns its pid at once."""
+        ...
+
+    async def processes(self, spec: WorkspaceSpec) -> list[ProcessInfo]:
+        """The processes started by ``spawn`` that the agent still remembers (running ones
+        and the last exited ones)."""
+        ...
+
+    def process_logs(self, spec: WorkspaceSpec, pid: int, *, follow: bool
+                     ) -> AsyncIterator[StreamChunk]:
+        """The output kept in the ring buffer, then, with ``follow``, new output until the
+        process exits."""
+        ...
+
+    async def signal(self, spec: WorkspaceSpec, pid: int, signal: str) -> None:
+        """Send ``signal`` (one of :data:`SIGNALS`) to the process's group."""
+        ...
+
+
 class Runtime(Protocol):
     """A workspace backend. ``name`` is what the workspace record says it runs under."""
 

@@ -24,3 +24,17 @@ class ObjectMissing(NotFound):
 
 class EngineConflict(Conflict):
     code = "engine_conflict"
+
+
+class AgentUnavailable(DenError):
+    """The workspace's agent is not there or did not answer in time."""
+
+    status_code = 502
+    code = "agent_unavailable"
+
+
+class AgentTimeout(DenError):
+    """The workspace's agent stopped answering during a call."""
+
+    status_code = 504
+    code = "agent_timeout"
