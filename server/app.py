@@ -58,11 +58,13 @@ def instance_id(sessions: sessionmaker[Session]) -> str:
 
 
 def default_runtime(settings: Settings) -> Runtime:
+    from server.agent.install import install_agent
     from server.runtime.docker import DockerRuntime
 
     return DockerRuntime(base_url=settings.docker_url, gvisor_runtime=settings.gvisor_runtime,
                          threads=settings.engine_threads, helper_image=settings.default_image,
-                         runsc=settings.runsc_path, runsc_root=settings.runsc_root)
+                         runsc=settings.runsc_path, runsc_root=settings.runsc_root,
+                         agent_dir=install_agent(settings))
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:

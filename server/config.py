@@ -67,6 +67,14 @@ class Settings(BaseSettings):
         32,
         description="Threads for blocking Docker engine calls (the Docker backend's executor).",
     )
+    agent_binary: str = Field(
+        "",
+        description="The in-workspace agent (den-agent, built by scripts/build-agent.sh). "
+        "Empty: build/agent/den-agent in Den's source tree. Den copies it under "
+        "<data_dir>/agent/<version>/ and mounts that directory read-only at /.den in every "
+        "workspace it creates; when the file is missing, new workspaces run without an agent "
+        "(commands through the engine's exec, slower, and processes lost at pause).",
+    )
     gvisor_runtime: str = Field(
         "runsc", description="Name of the Docker runtime that runs gVisor (daemon.json)."
     )

@@ -18,8 +18,11 @@ from typing import Any
 
 from fastapi import WebSocket, WebSocketDisconnect
 
+from server.agent.ops import StreamEnded
 from server.errors import DenError
 from server.runtime.base import ExecStream
+
+ENDINGS = ("paused", "stopped")  # sent as {"type": "paused"} and {"type": "stopped"}
 
 
 @dataclass
@@ -36,7 +39,8 @@ class Opened:
 async def serve(websocket: WebSocket, start: Callable[[], Awaitable[Opened]]) -> None:
     """Accept the socket, ``start`` the process (authorization, validation and waking are
     ``start``'s), relay it while it keeps the workspace awake, and end with ``{"type":
-    "exit", "exit_code": int}``. A DenError, before or during, ends it with ``{"type":
+    "exit", "exit_code": int}``, or ``{"type": "paused", "reason"}`` (or ``stopped``) when the
+    workspace went to sleep under it. A DenError, before or during, ends it with ``{"type":
     "error", "error": {"code", "message"}}`` and close code 4000 + its HTTP status. The
     process is killed whenever the socket ends first."""
     await websocket.accept()
@@ -52,6 +56,11 @@ async def serve(websocket: WebSocket, start: Callable[[], Awaitable[Opened]]) ->
         await websocket.close()
     except WebSocketDisconnect:
         pass
+    except StreamEnded as exc:  # the workspace paused or stopped under the stream
+        with contextlib.suppress(Exception):
+            await websocket.send_json({"type": exc.reason if exc.reason in ENDINGS else "ended",
+                                       "reason": exc.reason})
+            await websocket.close(code=4000 + exc.status_code)
     except DenError as exc:
         with contextlib.suppress(Exception):
             await websocket.send_json(

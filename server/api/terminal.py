@@ -30,7 +30,7 @@ def tmux_command(session: str) -> str:
     """The shell command that attaches to (or makes) the tmux session ``den-web-<session>``."""
     name = shlex.quote(f"den-web-{session}")
     return (f"if command -v tmux >/dev/null; then exec tmux new-session -A -s {name}; "
-            "else exec bash -l; fi")
+            "elif command -v bash >/dev/null; then exec bash -l; else exec sh -l; fi")
 
 
 def terminal_user(websocket: WebSocket) -> User:

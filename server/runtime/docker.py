@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import shutil
@@ -26,6 +27,9 @@ import docker
 import docker.errors
 import requests.exceptions
 
+from server.agent import ops as agent_ops
+from server.agent.protocol import DockerDemux
+from server.agent.session import AgentSession
 from server.runtime import docker_specs
 from server.runtime.base import (
     LABEL_INSTANCE,
@@ -36,11 +40,19 @@ from server.runtime.base import (
     EngineObject,
     ExecRequest,
     ExecResult,
+    ExecStream,
+    ProcessInfo,
     SnapshotSpec,
     StreamChunk,
     WorkspaceSpec,
 )
-from server.runtime.errors import EngineConflict, EngineError, EngineUnavailable, ObjectMissing
+from server.runtime.errors import (
+    AgentUnavailable,
+    EngineConflict,
+    EngineError,
+    EngineUnavailable,
+    ObjectMissing,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -74,7 +86,11 @@ class DockerRuntime:
 
     def __init__(self, *, base_url: str = "", gvisor_runtime: str = "runsc", threads: int = 32,
                  helper_image: str = "den/workspace:latest", runsc: str = "runsc",
-                 runsc_root: str = "/run/docker/runtime-runc/moby"):
+                 runsc_root: str = "/run/docker/runtime-runc/moby", agent_dir: Path | None = None):
+        self._agent_dir = agent_dir
+        self._agents: dict[str, AgentSession] = {}  # container -> live session
+        self._agent_info: dict[str, tuple[bool, dict[str, str]]] = {}  # has agent, its env
+        self._agent_locks: dict[str, asyncio.Lock] = {}
         self._runsc = runsc
         self._runsc_root = runsc_root
         self._base_url = base_url
@@ -141,6 +157,7 @@ class DockerRuntime:
 
     async def create(self, spec: WorkspaceSpec) -> None:
         what = f"create workspace {spec.workspace_id}"
+        self._agent_info.pop(spec.container_name, None)
 
         def run() -> None:
             api = self._api()
@@ -149,7 +166,9 @@ class DockerRuntime:
                 api.inspect_volume(spec.volume_name)
             except docker.errors.NotFound:
                 api.create_volume(**vol)
-            cfg = docker_specs.container_config(spec, gvisor_runtime=self._gvisor_runtime)
+            cfg = docker_specs.container_config(
+                spec, gvisor_runtime=self._gvisor_runtime,
+                agent_dir=str(self._agent_dir) if self._agent_dir is not None else None)
             host_config = api.create_host_config(**cfg.pop("host_config"))
             try:
                 api.inspect_container(spec.container_name)
@@ -175,6 +194,8 @@ class DockerRuntime:
         await self._call(f"start workspace {spec.workspace_id}", run)
 
     async def stop(self, spec: WorkspaceSpec, *, timeout_s: int) -> None:
+        await self._drop_agent(spec, "stopped")
+
         def run() -> None:
             api = self._api()
             try:
@@ -185,6 +206,10 @@ class DockerRuntime:
         await self._call(f"stop workspace {spec.workspace_id}", run)
 
     async def destroy(self, spec: WorkspaceSpec) -> None:
+        await self._drop_agent(spec, "stopped")
+        self._agent_info.pop(spec.container_name, None)
+        self._agent_locks.pop(spec.container_name, None)
+
         def run() -> None:
             api = self._api()
             self._last_exec.pop(spec.container_name, None)
@@ -209,7 +234,11 @@ class DockerRuntime:
         and hashes the image two or three times each way (1 GiB: 35 s to pause, 24 s to
         resume, against 3 s and 1.5 s; docs/benchmarks.md). The image is written uncompressed
         beside the engine's checkpoint directory, which holds symlinks to it; the engine's
-        ``start --checkpoint`` then copies links, and runsc follows them."""
+        ``start --checkpoint`` then copies links, and runsc follows them.
+
+        The agent's session is closed first (its open streams end with the reason "paused");
+        the agent and everything it started are in PID 1's tree and are saved with it."""
+        await self._drop_agent(spec, "paused")
 
         def run() -> None:
             api = self._api()
@@ -383,6 +412,9 @@ class DockerRuntime:
         return await self._call(f"snapshot of workspace {spec.workspace_id}", run)
 
     async def load_snapshot(self, spec: WorkspaceSpec, snap: SnapshotSpec) -> None:
+        await self._drop_agent(spec, "stopped")
+        self._agent_info.pop(spec.container_name, None)
+
         def run() -> None:
             api = self._api()
             with contextlib.suppress(docker.errors.NotFound):
@@ -391,7 +423,9 @@ class DockerRuntime:
                 api.inspect_volume(spec.volume_name)
             except docker.errors.NotFound:
                 api.create_volume(**docker_specs.volume_config(spec))
-            cfg = docker_specs.container_config(spec, gvisor_runtime=self._gvisor_runtime)
+            cfg = docker_specs.container_config(
+                spec, gvisor_runtime=self._gvisor_runtime,
+                agent_dir=str(self._agent_dir) if self._agent_dir is not None else None)
             host_config = api.create_host_config(**cfg.pop("host_config"))
             api.create_container(**cfg, host_config=host_config)
             self._copy_volume(snap.volume, spec.volume_name, wipe=True, labels=dict(spec.labels))
@@ -542,6 +576,13 @@ class DockerRuntime:
         return str(created["Id"])
 
     async def exec(self, spec: WorkspaceSpec, req: ExecRequest) -> ExecResult:
+        """Through the workspace's agent when it has one; else through the engine."""
+        session = await self._agent(spec)
+        if session is not None:
+            return await agent_ops.run(session, req, self._agent_env(spec, req))
+        return await self._engine_exec(spec, req)
+
+    async def _engine_exec(self, spec: WorkspaceSpec, req: ExecRequest) -> ExecResult:
         """Run the command as it is (no wrapper process: each one costs ~25 ms under gVisor)
         and keep the deadline here; at the deadline, every process carrying this call's
         marker in its environment (the command and its children) is killed."""
@@ -594,7 +635,15 @@ class DockerRuntime:
         self._api().exec_start(exec_id)
         return _exit_code(self._api(), exec_id)
 
-    async def exec_stream(self, spec: WorkspaceSpec, req: ExecRequest) -> DockerExecStream:
+    async def exec_stream(self, spec: WorkspaceSpec, req: ExecRequest) -> ExecStream:
+        session = await self._agent(spec)
+        if session is not None:
+            return await agent_ops.AgentExecStream.start(session, req,
+                                                         self._agent_env(spec, req))
+        return await self._engine_exec_stream(spec, req)
+
+    async def _engine_exec_stream(self, spec: WorkspaceSpec, req: ExecRequest
+                                  ) -> DockerExecStream:
         pidfile = f"/tmp/.den-exec-{secrets.token_hex(8)}"
         # The engine's API (1.41) has no initial console size: the wrapper sets it with stty.
         argv = docker_specs.stream_argv(docker_specs.exec_argv(req), pidfile,
@@ -606,6 +655,108 @@ class DockerRuntime:
 
         exec_id, sock = await self._call(f"exec in workspace {spec.workspace_id}", run)
         return DockerExecStream(self, spec, exec_id, sock, pidfile, tty=req.tty)
+
+    # --- the agent ------------------------------------------------------------------------
+
+    async def _agent_facts(self, spec: WorkspaceSpec) -> tuple[bool, dict[str, str]]:
+        """Whether the container runs Den's agent, and its environment (the image's and the
+        container's variables, which an engine exec would inherit)."""
+        facts = self._agent_info.get(spec.container_name)
+        if facts is None:
+            info = await self._call(f"inspect workspace {spec.workspace_id}",
+                                    lambda: self._api().inspect_container(spec.container_name))
+            config = info.get("Config") or {}
+            env = dict(e.split("=", 1) for e in config.get("Env") or [] if "=" in e)
+            has = (config.get("Labels") or {}).get(docker_specs.LABEL_AGENT) == "1"
+            facts = (has, env)
+            self._agent_info[spec.container_name] = facts
+        return facts
+
+    def _agent_env(self, spec: WorkspaceSpec, req: ExecRequest) -> dict[str, str]:
+        base = self._agent_info.get(spec.container_name, (True, {}))[1]
+        return {**base, **docker_specs.exec_env(req.user, spec.env, req.env)}
+
+    async def _agent(self, spec: WorkspaceSpec) -> AgentSession | None:
+        """A live session with the workspace's agent (attaching when there is none), or None
+        for a container made without one (the engine's exec serves it then)."""
+        name = spec.container_name
+        session = self._agents.get(name)
+        if session is not None and session.alive:
+            return session
+        has, _ = await self._agent_facts(spec)
+        if not has:
+            return None
+        lock = self._agent_locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            session = self._agents.get(name)
+            if session is not None and session.alive:
+                return session
+            sock = await self._call(f"attach to workspace {spec.workspace_id}",
+                                    lambda: self._api().attach_socket(
+                                        name, params={"stdin": 1, "stdout": 1, "stderr": 1,
+                                                      "stream": 1}))
+            transport = AttachTransport(sock, name=spec.workspace_id)
+            try:
+                session = await AgentSession.connect(transport, name=spec.workspace_id)
+            except AgentUnavailable:
+                if await self.status(spec) is not ContainerStatus.RUNNING:
+                    raise EngineConflict(f"container {name} is not running") from None
+                raise
+            session.on_end = functools.partial(self._forget_agent, name)
+            self._agents[name] = session
+            log.info("workspace %s: agent %s (pid %s) attached", spec.workspace_id,
+                     str(session.hello.get("version", "?"))[:40],
+                     str(session.hello.get("pid", "?"))[:12])
+            return session
+
+    def _forget_agent(self, name: str, session: AgentSession) -> None:
+        if self._agents.get(name) is session:
+            del self._agents[name]
+
+    async def _drop_agent(self, spec: WorkspaceSpec, reason: str) -> None:
+        session = self._agents.pop(spec.container_name, None)
+        if session is not None:
+            await session.close(reason)
+
+    async def _require_agent(self, spec: WorkspaceSpec) -> AgentSession:
+        session = await self._agent(spec)
+        if session is None:
+            raise AgentUnavailable(
+                f"workspace {spec.workspace_id} was created without Den's agent; background "
+                "processes need one (recreate the workspace, or fork it from a snapshot)")
+        return session
+
+    async def spawn(self, spec: WorkspaceSpec, req: ExecRequest, *, log_bytes: int) -> int:
+        session = await self._require_agent(spec)
+        return await agent_ops.spawn(session, req, self._agent_env(spec, req),
+                                     log_bytes=log_bytes)
+
+    async def processes(self, spec: WorkspaceSpec) -> list[ProcessInfo]:
+        return await agent_ops.processes(await self._require_agent(spec))
+
+    async def process_logs(self, spec: WorkspaceSpec, pid: int, *, follow: bool
+                           ) -> AsyncIterator[StreamChunk]:
+        session = await self._require_agent(spec)
+        async for chunk in agent_ops.logs(session, pid, follow=follow):
+            yield chunk
+
+    async def signal(self, spec: WorkspaceSpec, pid: int, signal: str) -> None:
+        await agent_ops.signal(await self._require_agent(spec), pid, signal)
+
+    async def connect(self, spec: WorkspaceSpec, host: str, port: int) -> ExecStream | None:
+        """A connection to ``host:port`` inside the workspace made by its agent, or None
+        when the workspace has no agent (the caller then relays through exec)."""
+        session = await self._agent(spec)
+        if session is None:
+            return None
+        return await agent_ops.AgentExecStream.connect(session, host, port)
+
+    async def agent_status(self, spec: WorkspaceSpec) -> dict[str, Any] | None:
+        """What the agent reports (version, processes, sessions), or None without one."""
+        session = await self._agent(spec)
+        if session is None:
+            return None
+        return {**await agent_ops.status(session), "version": session.hello.get("version")}
 
     def _resize(self, exec_id: str, cols: int, rows: int) -> None:
         with contextlib.suppress(docker.errors.APIError):  # the process may have just exited
@@ -719,6 +870,58 @@ class DockerExecStream:
             self._stop_reading()
         with contextlib.suppress(OSError):
             self._sock.close()
+
+
+class AttachTransport:
+    """The agent's byte streams through the engine's attach to the container's main process:
+    we write its stdin; its stdout and stderr come back with the engine's 8-byte headers.
+    stderr is the agent's own log, passed to Den's log a line at a time (bounded)."""
+
+    MAX_LOG_LINE = 1000
+    MAX_LOG_LINES = 200  # per session; an agent that talks more is not heard
+
+    def __init__(self, sock: Any, *, name: str) -> None:
+        self._sock = sock
+        self._raw = _raw_socket(sock)
+        self._raw.setblocking(False)
+        self._loop = asyncio.get_running_loop()
+        self._demux = DockerDemux()
+        self._name = name
+        self._log = bytearray()
+        self._lines = 0
+
+    async def read(self) -> bytes:
+        while True:
+            data = await self._loop.sock_recv(self._raw, 262144)
+            if not data:
+                return b""
+            out = bytearray()
+            for stream, piece in self._demux.feed(data):
+                if stream == _STDERR:
+                    self._agent_log(piece)
+                else:
+                    out += piece
+            if out:
+                return bytes(out)
+
+    def _agent_log(self, piece: bytes) -> None:
+        self._log += piece[: self.MAX_LOG_LINE * 4]
+        while b"\n" in self._log or len(self._log) > self.MAX_LOG_LINE:
+            line, _, rest = bytes(self._log).partition(b"\n")
+            self._log = bytearray(rest)
+            self._lines += 1
+            if self._lines <= self.MAX_LOG_LINES:
+                log.info("workspace %s: agent: %s", self._name,
+                         line[: self.MAX_LOG_LINE].decode(errors="replace"))
+
+    async def write(self, data: bytes) -> None:
+        await self._loop.sock_sendall(self._raw, data)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.close()
+        with contextlib.suppress(OSError):
+            self._raw.close()
 
 
 def _link_image(image: Path, target: Path) -> None:

@@ -36,7 +36,16 @@ def memory_headroom_mb(memory_mb: int) -> int:
     return max(256, memory_mb // 4)
 
 
-def container_config(spec: WorkspaceSpec, *, gvisor_runtime: str) -> dict[str, Any]:
+# With the agent (docs/agent.md), PID 1 is the agent's init, mounted read-only from the host;
+# it starts the image's den-init when there is one. Den talks to it over PID 1's stdio (an
+# attach), so the container keeps stdin open and logs nothing (the stdio is the channel).
+AGENT_MOUNT = "/.den"
+AGENT_COMMAND = [f"{AGENT_MOUNT}/current/den-agent", "init", "--", "/usr/local/bin/den-init"]
+LABEL_AGENT = "den.agent"
+
+
+def container_config(spec: WorkspaceSpec, *, gvisor_runtime: str, agent_dir: str | None = None
+                     ) -> dict[str, Any]:
     """Arguments of ``APIClient.create_container`` (host_config as a plain dict)."""
     runtime = gvisor_runtime if spec.runtime == "gvisor" else "runc"
     memory_bytes = (spec.memory_mb + memory_headroom_mb(spec.memory_mb)) * 1024 * 1024
@@ -54,12 +63,20 @@ def container_config(spec: WorkspaceSpec, *, gvisor_runtime: str) -> dict[str, A
         "restart_policy": {"Name": "no"},
         "log_config": {"type": "json-file", "config": {"max-size": "1m", "max-file": "1"}},
     }
+    extra: dict[str, Any] = {}
+    labels = dict(spec.labels)
+    if agent_dir is not None:
+        host_config["binds"][agent_dir] = {"bind": AGENT_MOUNT, "mode": "ro"}
+        host_config["log_config"] = {"type": "none", "config": {}}
+        extra = {"stdin_open": True, "tty": False}
+        labels[LABEL_AGENT] = "1"
     return {
         "image": spec.image,
         "name": spec.container_name,
-        "command": INIT_COMMAND,
+        "command": AGENT_COMMAND if agent_dir is not None else INIT_COMMAND,
+        **extra,
         "hostname": spec.hostname,
-        "labels": dict(spec.labels),
+        "labels": labels,
         "environment": {**spec.env, "DEN_MEMORY_MB": str(spec.memory_mb),
                         "DEN_PIDS": str(spec.pids_limit)},
         "working_dir": WORKSPACE_MOUNT,

@@ -202,8 +202,15 @@ class FakeRuntime:
             self.volumes.pop(obj.name, None)
 
 
+def _unwrap(argv: list[str]) -> list[str]:
+    """A login shell's command (``sh -c <login shell> den-shell -c CMD``) as ``bash -lc``."""
+    if argv[:2] == ["/bin/sh", "-c"] and argv[3:4] == ["den-shell"]:
+        return ["bash", "-l", *argv[4:5]] if len(argv) == 4 else ["bash", "-lc", *argv[5:]]
+    return argv
+
+
 def _run(req: ExecRequest) -> ExecResult:
-    argv = list(req.argv)
+    argv = _unwrap(list(req.argv))
     if argv[:2] in (["bash", "-c"], ["sh", "-c"], ["bash", "-lc"]):
         argv = argv[2].split()
     match argv:
@@ -226,7 +233,7 @@ class _FakeStream:
     def __init__(self, result: ExecResult, argv: object) -> None:
         self._result = result
         self._stdin = bytearray()
-        self._cat = (list(argv) in (["cat"], ["bash", "-lc", "cat"])
+        self._cat = (_unwrap(list(argv)) in (["cat"], ["bash", "-lc", "cat"])
                      if isinstance(argv, list | tuple) else False)
         self._stdin_closed = asyncio.Event()
 

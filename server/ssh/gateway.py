@@ -558,6 +558,11 @@ class _Forward(_Bridge, asyncssh.SSHTCPSession[bytes]):
         auth = self.conn.auth
         assert auth is not None
         svc = self.conn.svc
+        host = "127.0.0.1" if self.dest[0].lower() == "localhost" else self.dest[0].strip("[]")
+        stream = await svc.connect_port(auth.workspace_id, host, self.dest[1],
+                                        actor=auth.user.name)
+        if stream is not None:  # the workspace's agent connects
+            return stream
         ws = svc.get(auth.workspace_id)
         req = ExecRequest(argv=target.relay_argv(*self.dest), user="dev",
                           cwd=svc.repo_path(ws))

@@ -87,6 +87,17 @@ class CreateRequest:
     keep_alive: bool = False
 
 
+# bash when the image has it, else sh: any image works (one sh more per session, ~20 ms).
+_LOGIN_SHELL = ('if command -v bash >/dev/null 2>&1; then exec bash -l "$@"; '
+                'else exec sh -l "$@"; fi')
+
+
+def login_shell_argv(command: str | None) -> list[str]:
+    """A login shell, or one running ``command``."""
+    extra = [] if command is None else ["-c", command]
+    return ["/bin/sh", "-c", _LOGIN_SHELL, "den-shell", *extra]
+
+
 class WorkspaceService:
     """Creates, starts, stops, deletes and reconciles workspaces; runs commands in them."""
 
@@ -699,7 +710,7 @@ class WorkspaceService:
                       env: dict[str, str] | None = None) -> ExecRequest:
         """A login shell as dev in the repo directory, or ``command`` run by one, with no
         deadline: what SSH sessions and the web terminal run. ``size`` is (columns, rows)."""
-        argv = ["bash", "-l"] if command is None else ["bash", "-lc", command]
+        argv = login_shell_argv(command)
         if command is not None and "\x00" in command:
             raise ValidationFailed("the command contains a NUL byte")
         return ExecRequest(argv=argv, user="dev", cwd=self.repo_path(ws),
@@ -758,6 +769,19 @@ class WorkspaceService:
         ws = await self.ensure_running(ws_id, actor=actor)
         self.touch(ws_id)
         return await self.runtime.exec_stream(self.spec_for(ws), req)
+
+    async def connect_port(self, ws_id: str, host: str, port: int, *, actor: str
+                           ) -> ExecStream | None:
+        """A TCP connection to ``host:port`` on the workspace's own loopback (``ssh -L``),
+        made by the workspace's agent; None when the workspace has none (the caller relays
+        through exec then)."""
+        ws = await self.ensure_running(ws_id, actor=actor)
+        self.touch(ws_id)
+        connect = getattr(self.runtime, "connect", None)
+        if connect is None:
+            return None
+        stream: ExecStream | None = await connect(self.spec_for(ws), host, port)
+        return stream
 
     # --- reconcile --------------------------------------------------------------------
 

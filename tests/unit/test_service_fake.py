@@ -20,7 +20,7 @@ from server.errors import Conflict, QuotaExceeded, ValidationFailed
 from server.runtime.base import WorkspaceSpec, labels_for
 from server.runtime.errors import EngineError
 from server.runtime.fake import FakeRuntime
-from server.workspaces.service import CreateRequest, WorkspaceService
+from server.workspaces.service import CreateRequest, WorkspaceService, login_shell_argv
 from server.workspaces.states import State
 
 pytestmark = pytest.mark.anyio
@@ -691,10 +691,13 @@ async def test_a_shell_request_is_a_login_shell_as_dev_in_the_repo_without_deadl
         svc: WorkspaceService, make_repo: Callable[..., Path]) -> None:
     ws = await create(svc, user(svc), make_repo())
     shell = svc.shell_request(ws, tty=True, size=(100, 30), env={"LANG": "C.UTF-8"})
-    assert (shell.argv, shell.user, shell.cwd) == (["bash", "-l"], "dev", svc.repo_path(ws))
+    assert (shell.argv, shell.user, shell.cwd) == (
+        login_shell_argv(None), "dev", svc.repo_path(ws))
+    assert shell.argv[:2] == ["/bin/sh", "-c"] and "bash -l" in shell.argv[2]
     assert (shell.tty, shell.size, shell.timeout_s, shell.env) == (
         True, (100, 30), None, {"LANG": "C.UTF-8"})
     command = svc.shell_request(ws, "make test", tty=False)
-    assert (command.argv, command.tty) == (["bash", "-lc", "make test"], False)
+    assert (command.argv, command.tty) == (login_shell_argv("make test"), False)
+    assert command.argv[-2:] == ["-c", "make test"]
     with pytest.raises(ValidationFailed):
         svc.shell_request(ws, "echo \x00", tty=False)

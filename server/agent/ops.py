@@ -1,0 +1,338 @@
+"""Operations over an agent session: one-shot exec, streams, background processes.
+
+Each function opens one channel, speaks the operation of docs/agent.md on it and closes
+it. Deadlines are the host's own: an agent that stops answering costs a caller at most its
+deadline (AgentTimeout, 504), never a thread or a wedged workspace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from server.agent.session import AgentOpError, AgentSession, Channel, ok_or_raise
+from server.errors import DenError, ValidationFailed
+from server.runtime.base import ExecRequest, ExecResult, ProcessInfo, StreamChunk
+from server.runtime.errors import AgentUnavailable, EngineConflict, ObjectMissing
+
+START_TIMEOUT_S = 10.0  # from OPEN to "started": the agent forks and execs
+EXEC_GRACE_S = 10.0  # past the command's own deadline, which the agent enforces
+REQUEST_TIMEOUT_S = 30.0
+STREAMS = ("stdout", "stderr")
+
+
+class StreamEnded(DenError):
+    """A stream ended because the workspace went to sleep or stopped (``reason``)."""
+
+    status_code = 409
+    code = "stream_ended"
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def exec_request(req: ExecRequest, env: Mapping[str, str], *, stdin: bool) -> dict[str, Any]:
+    """The ``exec`` operation for ``req`` with its complete environment ``env``."""
+    cols, rows = req.size or (80, 24)
+    return {
+        "op": "exec", "argv": list(req.argv), "env": dict(env), "cwd": req.cwd,
+        "user": req.user, "tty": req.tty, "cols": cols, "rows": rows, "stdin": stdin,
+        "timeout_ms": int(req.timeout_s * 1000) if req.timeout_s else 0,
+        "max_output": req.max_output_bytes if not req.tty else 0,
+    }
+
+
+def start_failure(err: AgentOpError, argv0: str) -> ExecResult | None:
+    """What a shell would answer when the command cannot be started, or None to raise."""
+    if err.code == "enoent":
+        return ExecResult(exit_code=127, stdout=b"",
+                          stderr=f"{argv0}: command not found\n".encode())
+    if err.code == "eacces":
+        return ExecResult(exit_code=126, stdout=b"",
+                          stderr=f"{argv0}: permission denied (or a directory)\n".encode())
+    return None
+
+
+def raise_op_error(err: AgentOpError) -> None:
+    if err.code == "bad_cwd":
+        raise ValidationFailed(f"the working directory is not usable: {err.message}",
+                               code="bad_cwd")
+    if err.code == "no_user":
+        raise EngineConflict(f"the workspace's image has no such user: {err.message}")
+    if err.code == "invalid":
+        raise ValidationFailed(err.message)
+    raise EngineConflict(f"the agent could not do it: {err.message}")
+
+
+async def _started(ch: Channel, argv0: str) -> ExecResult | None:
+    """Wait for ``started``; a start failure as a result (127/126) or raised."""
+    while True:
+        event = await ch.next(START_TIMEOUT_S)
+        if event.kind == "end":
+            raise AgentUnavailable(f"the workspace's agent went away: {event.reason}")
+        if event.kind != "msg":
+            continue  # data cannot come before "started"; ignore it
+        if isinstance(event.msg, dict) and "started" in event.msg:
+            return None
+        try:
+            ok_or_raise(event.msg)
+        except AgentOpError as err:
+            result = start_failure(err, argv0)
+            if result is None:
+                raise_op_error(err)
+            return result
+
+
+def _exit_fields(msg: Any) -> tuple[int, bool, bool] | None:
+    if isinstance(msg, dict) and isinstance(msg.get("exit"), dict):
+        e = msg["exit"]
+        code = e.get("code")
+        return (int(code) if isinstance(code, int) else -1, bool(e.get("timed_out")),
+                bool(e.get("truncated")))
+    return None
+
+
+async def run(session: AgentSession, req: ExecRequest, env: Mapping[str, str]) -> ExecResult:
+    """A command to completion: the agent enforces the deadline and the output cap; the
+    host collects at most ``max_output_bytes`` per stream whatever the agent sends."""
+    started = time.monotonic()
+    ch = await session.open(exec_request(req, env, stdin=req.stdin is not None))
+    feeder: asyncio.Task[None] | None = None
+    try:
+        failed = await _started(ch, req.argv[0] if req.argv else "")
+        if failed is not None:
+            return failed
+        if req.stdin is not None:
+            feeder = asyncio.create_task(_feed(ch, req.stdin))
+        bufs = (bytearray(), bytearray())
+        truncated = False
+        limit = req.max_output_bytes
+        deadline = None if req.timeout_s is None else started + req.timeout_s + EXEC_GRACE_S
+        while True:
+            left = None if deadline is None else max(0.01, deadline - time.monotonic())
+            event = await ch.next(left)
+            if event.kind == "data":
+                buf = bufs[event.stream]
+                room = limit - len(buf)
+                if len(event.data) > room:
+                    truncated = True
+                buf += event.data[:max(0, room)]
+                await ch.consumed(event.stream, len(event.data))
+            elif event.kind == "msg":
+                fields = _exit_fields(event.msg)
+                if fields is not None:
+                    code, timed_out, cut = fields
+                    return ExecResult(
+                        exit_code=code, stdout=bytes(bufs[0]), stderr=bytes(bufs[1]),
+                        timed_out=timed_out, truncated=truncated or cut,
+                        duration_ms=int((time.monotonic() - started) * 1000))
+            elif event.kind == "end":
+                raise AgentUnavailable(f"the command's channel ended: {event.reason}")
+    finally:
+        if feeder is not None:
+            feeder.cancel()
+        await ch.close()
+
+
+async def _feed(ch: Channel, data: bytes) -> None:
+    with contextlib.suppress(AgentUnavailable):
+        await ch.write(data)
+        await ch.eof()
+
+
+class AgentExecStream:
+    """A process with open pipes (``ExecStream``) over an agent channel. Output is pulled:
+    the agent gets window credit back only as the consumer takes chunks, so a slow client
+    slows the process rather than growing a buffer."""
+
+    def __init__(self, ch: Channel, *, tty: bool) -> None:
+        self._ch = ch
+        self._tty = tty
+        self._code: int | None = None
+        self._exited = asyncio.Event()
+        self._ended_reason = ""
+
+    @classmethod
+    async def start(cls, session: AgentSession, req: ExecRequest, env: Mapping[str, str]
+                    ) -> AgentExecStream:
+        ch = await session.open(exec_request(req, env, stdin=True))
+        try:
+            failed = await _started(ch, req.argv[0] if req.argv else "")
+        except BaseException:
+            await ch.close()
+            raise
+        stream = cls(ch, tty=req.tty)
+        if failed is not None:  # behave like a process that printed why and exited
+            await ch.close()
+            stream._failed = failed
+        return stream
+
+    _failed: ExecResult | None = None
+
+    @classmethod
+    async def connect(cls, session: AgentSession, host: str, port: int) -> AgentExecStream:
+        """A TCP connection from inside the workspace to ``host:port`` (its loopback only),
+        as a stream: output is what the port sends, ``write`` what it receives; the exit
+        code is 0 once both directions are done."""
+        ch = await session.open({"op": "connect", "host": host, "port": port})
+        try:
+            while True:
+                event = await ch.next(START_TIMEOUT_S)
+                if event.kind == "end":
+                    raise AgentUnavailable(f"the workspace's agent went away: {event.reason}")
+                if event.kind == "msg":
+                    try:
+                        ok_or_raise(event.msg)
+                    except AgentOpError as err:
+                        raise EngineConflict(f"cannot connect to {host}:{port} in the "
+                                             f"workspace: {err.message}") from err
+                    break
+        except BaseException:
+            await ch.close()
+            raise
+        stream = cls(ch, tty=False)
+        stream._connection = True
+        return stream
+
+    _connection = False
+
+    async def output(self) -> AsyncIterator[StreamChunk]:
+        if self._failed is not None:
+            if self._failed.stderr:
+                yield StreamChunk("stdout" if self._tty else "stderr", self._failed.stderr)
+            self._code = self._failed.exit_code
+            self._exited.set()
+            return
+        while True:
+            event = await self._ch.next()
+            if event.kind == "data":
+                yield StreamChunk(STREAMS[event.stream], event.data)
+                await self._ch.consumed(event.stream, len(event.data))
+            elif event.kind == "msg":
+                fields = _exit_fields(event.msg)
+                if fields is not None:
+                    self._code = fields[0]
+                    self._exited.set()
+                    return
+            elif event.kind == "end":
+                if self._connection and event.reason == "closed":
+                    self._code = 0
+                self._ended_reason = event.reason
+                self._exited.set()
+                return
+
+    async def write(self, data: bytes) -> None:
+        with contextlib.suppress(AgentUnavailable):
+            await self._ch.write(data)
+
+    async def close_stdin(self) -> None:
+        with contextlib.suppress(AgentUnavailable):
+            await self._ch.eof()
+
+    async def resize(self, cols: int, rows: int) -> None:
+        if self._tty:
+            with contextlib.suppress(AgentUnavailable):
+                await self._ch.control({"resize": {"cols": cols, "rows": rows}})
+
+    async def signal(self, name: str) -> None:
+        with contextlib.suppress(AgentUnavailable):
+            await self._ch.control({"signal": name})
+
+    async def wait(self) -> int:
+        await self._exited.wait()
+        if self._code is None:
+            raise StreamEnded(f"the stream ended: {self._ended_reason}",
+                              reason=self._ended_reason)
+        return self._code
+
+    async def kill(self) -> None:
+        await self._ch.close()
+
+
+# --- background processes ---------------------------------------------------------------
+
+
+def _info(row: Any) -> ProcessInfo:
+    if not isinstance(row, dict):
+        raise AgentOpError("failed", "a process entry that is not an object")
+    argv = row.get("argv")
+    return ProcessInfo(
+        pid=int(row.get("pid") or 0),
+        argv=tuple(str(a)[:4096] for a in argv[:256]) if isinstance(argv, list) else (),
+        cwd=str(row.get("cwd", ""))[:4096],
+        user=str(row.get("user", ""))[:64],
+        started_at=float(row.get("started_at") or 0.0),
+        running=bool(row.get("running")),
+        exit_code=int(row["exit_code"]) if isinstance(row.get("exit_code"), int) else None,
+        signal=str(row["signal"])[:16] if isinstance(row.get("signal"), str) else None,
+    )
+
+
+async def spawn(session: AgentSession, req: ExecRequest, env: Mapping[str, str], *,
+                log_bytes: int) -> int:
+    op = exec_request(req, env, stdin=False)
+    for key in ("tty", "cols", "rows", "stdin", "timeout_ms", "max_output"):
+        op.pop(key)
+    op.update(op="spawn", log_bytes=log_bytes)
+    try:
+        ok = await session.request(op, timeout_s=START_TIMEOUT_S)
+    except AgentOpError as err:
+        if err.code in ("enoent", "eacces"):
+            raise ValidationFailed(f"{req.argv[0]}: cannot be run ({err.message})",
+                                   code="exec_failed") from err
+        raise_op_error(err)
+        raise
+    return int(ok.get("pid") or 0)
+
+
+async def processes(session: AgentSession) -> list[ProcessInfo]:
+    ok = await session.request({"op": "ps"}, timeout_s=REQUEST_TIMEOUT_S)
+    rows = ok.get("processes") if isinstance(ok, dict) else None
+    return [_info(r) for r in rows[:1000]] if isinstance(rows, list) else []
+
+
+async def signal(session: AgentSession, pid: int, name: str) -> None:
+    try:
+        await session.request({"op": "signal", "pid": pid, "signal": name},
+                              timeout_s=REQUEST_TIMEOUT_S)
+    except AgentOpError as err:
+        if err.code == "not_found":
+            raise ObjectMissing(f"no process {pid} started through Den") from err
+        raise_op_error(err)
+
+
+async def logs(session: AgentSession, pid: int, *, follow: bool) -> AsyncIterator[StreamChunk]:
+    ch = await session.open({"op": "logs", "pid": pid, "follow": follow})
+    try:
+        while True:
+            event = await ch.next(None if follow else REQUEST_TIMEOUT_S)
+            if event.kind == "data":
+                yield StreamChunk(STREAMS[event.stream], event.data)
+                await ch.consumed(event.stream, len(event.data))
+            elif event.kind == "msg":
+                if _exit_fields(event.msg) is not None:
+                    return  # followed to the process's exit
+                try:
+                    ok_or_raise(event.msg)  # without follow: the ok; the ring came before
+                except AgentOpError as err:
+                    if err.code == "not_found":
+                        raise ObjectMissing(f"no process {pid} started through Den") from err
+                    raise_op_error(err)
+            elif event.kind == "end":
+                if event.reason != "closed":
+                    raise StreamEnded(f"the log stream ended: {event.reason}",
+                                      reason=event.reason)
+                return
+    finally:
+        await ch.close()
+
+
+async def status(session: AgentSession) -> dict[str, Any]:
+    ok = await session.request({"op": "status"}, timeout_s=5.0)
+    return ok if isinstance(ok, dict) else {}
+
+
