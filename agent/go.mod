@@ -1,0 +1,3 @@
+module den/agent
+
+go 1.19
