@@ -6,7 +6,7 @@ HOST     ?= 127.0.0.1
 PORT     ?= 8080
 DEN      := $(VENV)/bin/den
 
-.PHONY: run setup host images venv test lint bench clean-engine web test-deps bench-terminal
+.PHONY: run setup host agent images venv test lint bench clean-engine web test-deps bench-terminal
 
 ## Set everything up (engine, gVisor, images, virtualenv) and run the server.
 run: setup
@@ -19,7 +19,11 @@ run: setup
 	@echo
 	DEN_DATA_DIR=$(DATA_DIR) exec $(DEN) serve --host $(HOST) --port $(PORT)
 
-setup: host venv web
+setup: host agent venv web
+
+## The in-workspace agent (agent/, Go from Debian) into build/agent/den-agent.
+agent:
+	@bash scripts/build-agent.sh >/dev/null
 
 ## Docker engine, runsc, daemon.json, dockerd, workspace images (idempotent; needs root).
 host:

@@ -10,6 +10,7 @@ import (
 	"io"
 	"log"
 	"os"
+	"time"
 )
 
 // version is set at build time (-X main.version=...).
@@ -29,7 +30,7 @@ func realMain(args []string) int {
 		fmt.Println(version)
 		return 0
 	case "serve":
-		return serveMain(os.Stdin, os.Stdout)
+		return serveMain(persistentReader{os.Stdin}, os.Stdout)
 	case "init":
 		return initMain(args[1:])
 	}
@@ -40,7 +41,6 @@ func realMain(args []string) int {
 func serveMain(in io.Reader, out io.Writer) int {
 	logger := log.New(os.Stderr, fmt.Sprintf("den-agent serve[%d]: ", os.Getpid()), 0)
 	s := newServer(in, out, logger)
-	s.onWriteError = func(error) { os.Exit(1) }
 	logger.Printf("started, version %s", version)
 	if err := s.run(); err != nil {
 		logger.Printf("reading from host: %v", err)
@@ -52,4 +52,21 @@ func serveMain(in io.Reader, out io.Writer) int {
 
 func main() {
 	os.Exit(realMain(os.Args[1:]))
+}
+
+// persistentReader keeps reading the channel after an end or an error: the host's attach
+// comes and goes (a checkpoint ends it, a restore brings it back, Den restarts), and the
+// agent must outlive all of them with its process table. It waits 50 ms between tries.
+type persistentReader struct{ r io.Reader }
+
+func (p persistentReader) Read(b []byte) (int, error) {
+	for {
+		n, err := p.r.Read(b)
+		if n > 0 {
+			return n, nil
+		}
+		if err != nil {
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
 }

@@ -91,16 +91,19 @@ func (s *server) writer(w io.Writer) {
 	defer close(s.writerDone)
 	var failed bool
 	for b := range s.out {
-		if failed {
-			continue // keep draining so that nobody blocks on s.out
-		}
 		if _, err := w.Write(b); err != nil {
+			// The host's attach is gone (a checkpoint, Den restarting): drop the frame and
+			// go on; the next session starts with a HELLO anyway.
+			if !failed {
+				s.log.Printf("write to host failed: %v", err)
+			}
 			failed = true
-			s.log.Printf("write to host failed: %v", err)
 			if s.onWriteError != nil {
 				go s.onWriteError(err)
 			}
+			continue
 		}
+		failed = false
 	}
 }
 

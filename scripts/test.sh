@@ -8,6 +8,9 @@ echo "== ruff"
 "$VENV/bin/ruff" check server tests migrations || exit 1
 echo "== mypy"
 "$VENV/bin/mypy" || exit 1
+echo "== go vet and go test (the workspace agent)"
+(cd agent && GOPROXY=off GOFLAGS= CGO_ENABLED=0 go vet ./... && GOPROXY=off GOFLAGS= \
+    CGO_ENABLED=0 go test -count=1 ./...) || exit 1
 echo "== pytest"
 "$VENV/bin/python" -m pytest "$@"
 rc=$?
