@@ -1,0 +1,114 @@
+"""The in-workspace agent on the real engine: every process survives sleep, the deadline
+holds whatever the command does, and a killed agent comes back."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+import pytest
+
+from tests.conftest import ApiClient
+
+pytestmark = pytest.mark.engine
+
+# Two counters that are not in tmux: one left behind by a one-shot exec with nohup, one
+# started through the processes API. Each keeps its count in shell memory.
+NOHUP = ("nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/nohup-count; sleep 0.1; "
+         "done' >/dev/null 2>&1 & echo $!")
+SPAWNED = "i=0; while :; do i=$((i+1)); echo $i > /tmp/api-count; echo tick $i; sleep 0.1; done"
+
+
+def _count(api: ApiClient, wid: str, name: str) -> int:
+    for _ in range(40):  # the loop truncates the file before it writes: read again
+        out = api.exec(wid, f"cat /tmp/{name}")["stdout"].strip()
+        if out:
+            return int(out)
+        time.sleep(0.05)
+    raise AssertionError(f"/tmp/{name} stays empty")
+
+
+def _moves_on(api: ApiClient, wid: str, name: str, timeout_s: float = 10) -> None:
+    before = _count(api, wid, name)
+    deadline = time.monotonic() + timeout_s
+    while _count(api, wid, name) <= before:
+        assert time.monotonic() < deadline, f"{name} stuck at {before}"
+        time.sleep(0.1)
+
+
+def _alive(api: ApiClient, wid: str, pid: int) -> bool:
+    return api.exec(wid, f"kill -0 {pid}")["exit_code"] == 0
+
+
+def test_background_processes_keep_their_pid_and_count_across_pauses_and_a_memory_fork(
+        real_api: ApiClient, make_repo: Callable[..., Path]) -> None:
+    api = real_api
+    wid = api.create(make_repo())["id"]
+    # Commands go through the agent: it is the workspace's main process.
+    assert "den-agent" in api.exec(wid, "tr '\\0' ' ' < /proc/1/cmdline")["stdout"]
+    r = api.exec(wid, NOHUP)
+    assert r["exit_code"] == 0, r
+    nohup_pid = int(r["stdout"])
+    r = api.post(f"/api/v1/workspaces/{wid}/processes", json={"cmd": SPAWNED})
+    assert r.status_code == 201, r.text
+    api_pid = r.json()["pid"]
+
+    for cycle in range(20):
+        assert api.post(f"/api/v1/workspaces/{wid}/pause").json()["state"] == "paused"
+        assert api.post(f"/api/v1/workspaces/{wid}/resume").json()["state"] == "running"
+        events = api.get(f"/api/v1/workspaces/{wid}/events").json()["events"]
+        assert "restored from memory" in events[-1]["message"], (cycle, events[-1])
+        if cycle % 5 == 4:
+            assert _alive(api, wid, nohup_pid) and _alive(api, wid, api_pid), cycle
+            _moves_on(api, wid, "nohup-count")
+            _moves_on(api, wid, "api-count")
+
+    listed = {p["pid"]: p for p in api.get(f"/api/v1/workspaces/{wid}/processes").json()}
+    assert listed[api_pid]["running"] is True
+    logs = api.get(f"/api/v1/workspaces/{wid}/processes/{api_pid}/logs").text
+    assert "tick" in logs
+
+    r = api.post(f"/api/v1/workspaces/{wid}/snapshots", json={"name": "mem", "memory": True})
+    assert r.status_code == 201, r.text
+    r = api.post("/api/v1/workspaces", json={"name": "memfork", "from_snapshot": r.json()["id"]})
+    fork = api.wait_state(r.json()["id"])
+    assert fork["state"] == "running", fork
+    for pid, name in ((nohup_pid, "nohup-count"), (api_pid, "api-count")):
+        assert _alive(api, fork["id"], pid), name  # the same pid in the fork
+        _moves_on(api, fork["id"], name)
+    # The fork's agent knows the process it inherited, and can end it.
+    r = api.post(f"/api/v1/workspaces/{fork['id']}/processes/{api_pid}/signal",
+                 json={"signal": "KILL"})
+    assert r.status_code in (200, 204), r.text
+    deadline = time.monotonic() + 10
+    while _alive(api, fork["id"], api_pid):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert _alive(api, wid, api_pid)  # the origin's is its own
+
+
+def test_the_deadline_holds_for_a_flood_and_the_agent_comes_back_when_killed(
+        real_api: ApiClient, make_repo: Callable[..., Path]) -> None:
+    api = real_api
+    wid = api.create(make_repo())["id"]
+    # `yes` at its deadline used to wedge the workspace's exec for good (issue 16).
+    r = api.exec(wid, ["yes"], timeout_s=2)
+    assert r["timed_out"] is True and r["truncated"] is True, {k: r[k] for k in r if k != "stdout"}
+    assert api.exec(wid, "echo after")["stdout"] == "after\n"
+    # Not found and not executable answer as a shell would.
+    assert api.exec(wid, ["no-such-command"])["exit_code"] == 127
+    assert api.exec(wid, ["/workspace"])["exit_code"] == 126
+
+    serve = api.exec(wid, "pgrep -f 'den-agent serve'")["stdout"].split()
+    assert len(serve) == 1, serve
+    r = api.post(f"/api/v1/workspaces/{wid}/exec", json={"cmd": f"sudo kill -KILL {serve[0]}"})
+    assert r.status_code in (200, 502), r.text  # the answer may die with the agent
+    deadline = time.monotonic() + 20
+    while True:  # init restarts it; the next calls reach the new one
+        r = api.post(f"/api/v1/workspaces/{wid}/exec", json={"cmd": "pgrep -f 'den-agent serve'"})
+        if r.status_code == 200 and r.json()["stdout"].split() not in ([], serve):
+            break
+        assert time.monotonic() < deadline, r.text
+        time.sleep(0.2)
+    assert api.get(f"/api/v1/workspaces/{wid}").json()["state"] == "running"
+    assert api.exec(wid, "cat README.md")["stdout"] == "# api\n"
