@@ -23,6 +23,7 @@ from server.api import (
     files,
     forges,
     health,
+    processes,
     snapshots,
     ssh_keys,
     terminal,
@@ -41,6 +42,7 @@ from server.ssh.keys import SSHKeyService
 from server.web.mount import mount as mount_web
 from server.web.render import error_page, is_page
 from server.workspaces.files import FileService
+from server.workspaces.processes import ProcessService
 from server.workspaces.reaper import Reaper
 from server.workspaces.service import WorkspaceService
 
@@ -88,6 +90,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
         app.state.sessions = sessions
         app.state.workspaces = svc
         app.state.files = FileService(svc)
+        app.state.processes = ProcessService(svc)
         app.state.snapshots = SnapshotService(svc)
         forge_svc = ForgeService(settings=settings, sessions=sessions, workspaces=svc)
         forge_svc.attach()
@@ -159,7 +162,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return _error(500, "internal", "internal server error (this is a bug; see the log)")
 
-    for module in (health, users, workspaces, exec_routes, files, snapshots, forges, ssh_keys):
+    for module in (health, users, workspaces, exec_routes, files, processes, snapshots, forges,
+                   ssh_keys):
         app.include_router(module.router)
     app.include_router(terminal.router)
     mount_web(app, settings)

@@ -13,6 +13,7 @@ from server.forges.pull_requests import ForgeService
 from server.snapshots.service import SnapshotService
 from server.ssh.keys import SSHKeyService
 from server.workspaces.files import FileService
+from server.workspaces.processes import ProcessService
 from server.workspaces.service import WorkspaceService
 
 
@@ -53,6 +54,10 @@ def file_service(request: Request) -> FileService:
     return request.app.state.files  # type: ignore[no-any-return]
 
 
+def process_service(request: Request) -> ProcessService:
+    return request.app.state.processes  # type: ignore[no-any-return]
+
+
 def ssh_key_service(request: Request) -> SSHKeyService:
     return request.app.state.ssh_keys  # type: ignore[no-any-return]
 
@@ -60,6 +65,7 @@ def ssh_key_service(request: Request) -> SSHKeyService:
 CurrentUser = Annotated[User, Depends(current_user)]
 Workspaces = Annotated[WorkspaceService, Depends(workspace_service)]
 Files = Annotated[FileService, Depends(file_service)]
+Processes = Annotated[ProcessService, Depends(process_service)]
 Snapshots = Annotated[SnapshotService, Depends(snapshot_service)]
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from server.config import Settings
 from server.db.models import Event, ForgeAccount, Snapshot, SSHKey, Workspace
+from server.runtime.base import ExecRequest, ProcessInfo
 from server.ssh.target import ssh_endpoint
+from server.workspaces.processes import LOG_BYTES_DEFAULT, LOG_BYTES_MAX, LOG_BYTES_MIN
 
 
 class _Strict(BaseModel):
@@ -146,6 +149,63 @@ class ExecOut(BaseModel):
     timed_out: bool
     duration_ms: int
     truncated: bool
+
+
+# The names of server.runtime.base.SIGNALS (a test keeps the two equal).
+SignalName = Literal["INT", "TERM", "KILL", "HUP", "QUIT", "USR1", "USR2", "WINCH", "STOP",
+                     "CONT"]
+
+
+class SpawnIn(_Strict):
+    cmd: list[str] | str
+    cwd: str | None = Field(None, max_length=4096)
+    env: dict[str, str] = Field(default_factory=dict)
+    log_bytes: StrictInt = Field(LOG_BYTES_DEFAULT, ge=LOG_BYTES_MIN, le=LOG_BYTES_MAX,
+                                 description="Size of the ring buffer that keeps its output")
+
+
+class SignalIn(_Strict):
+    signal: SignalName = "TERM"
+
+
+class ProcessOut(BaseModel):
+    pid: int
+    cmd: list[str]
+    cwd: str
+    user: str
+    started_at: datetime
+    running: bool
+    exit_code: int | None
+    signal: str | None
+
+    @classmethod
+    def of(cls, info: ProcessInfo) -> ProcessOut:
+        return cls(pid=info.pid, cmd=list(info.argv), cwd=info.cwd, user=info.user,
+                   started_at=datetime.fromtimestamp(info.started_at, UTC),
+                   running=info.running, exit_code=info.exit_code, signal=info.signal)
+
+    @classmethod
+    def started(cls, pid: int, req: ExecRequest) -> ProcessOut:
+        """A process just spawned from ``req``, as the server saw it start."""
+        return cls(pid=pid, cmd=list(req.argv), cwd=req.cwd, user=req.user,
+                   started_at=datetime.now(UTC), running=True, exit_code=None, signal=None)
+
+
+class ProcessList(BaseModel):
+    processes: list[ProcessOut]
+
+
+class LogChunkOut(BaseModel):
+    stream: Literal["stdout", "stderr"]
+    data: str
+
+
+class ProcessLogsOut(BaseModel):
+    pid: int
+    running: bool
+    exit_code: int | None
+    signal: str | None
+    chunks: list[LogChunkOut]
 
 
 class EventOut(BaseModel):

@@ -1,4 +1,5 @@
-"""Relaying a running process to a WebSocket: shared by the streaming exec and the terminal.
+"""Relaying a running process to a WebSocket: shared by the streaming exec, the terminal and
+the output of background processes.
 
 Client to server: binary frames are raw input; text frames are JSON ``{"type": "stdin",
 "data": str}``, ``{"type": "close_stdin"}`` or ``{"type": "resize", "cols": int, "rows":
@@ -12,7 +13,7 @@ import asyncio
 import codecs
 import contextlib
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ from fastapi import WebSocket, WebSocketDisconnect
 
 from server.agent.ops import StreamEnded
 from server.errors import DenError
-from server.runtime.base import ExecStream
+from server.runtime.base import ExecStream, StreamChunk
 
 ENDINGS = ("paused", "stopped")  # sent as {"type": "paused"} and {"type": "stopped"}
 
@@ -62,13 +63,54 @@ async def serve(websocket: WebSocket, start: Callable[[], Awaitable[Opened]]) ->
                                        "reason": exc.reason})
             await websocket.close(code=4000 + exc.status_code)
     except DenError as exc:
-        with contextlib.suppress(Exception):
-            await websocket.send_json(
-                {"type": "error", "error": {"code": exc.code, "message": exc.message}})
-            await websocket.close(code=4000 + exc.status_code)
+        await send_error(websocket, exc)
     finally:
         if opened is not None:
             await opened.stream.kill()
+
+
+async def send_error(websocket: WebSocket, exc: DenError) -> None:
+    """End the socket with ``{"type": "error", ...}`` and close code 4000 + HTTP status."""
+    with contextlib.suppress(Exception):
+        await websocket.send_json(
+            {"type": "error", "error": {"code": exc.code, "message": exc.message}})
+        await websocket.close(code=4000 + exc.status_code)
+
+
+async def relay_output(websocket: WebSocket, chunks: AsyncGenerator[StreamChunk, None]
+                       ) -> bool:
+    """Send ``chunks`` as stdout/stderr messages until they end (True) or the client goes
+    away (False; ``chunks`` is then closed, not drained). Input from the client is ignored."""
+    async def send() -> None:
+        decoders = {n: codecs.getincrementaldecoder("utf-8")("replace")
+                    for n in ("stdout", "stderr")}
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                text = decoders[chunk.stream].decode(chunk.data)
+                if text:
+                    await websocket.send_json({"type": chunk.stream, "data": text})
+        for name, decoder in decoders.items():  # a character cut off at the very end
+            if text := decoder.decode(b"", final=True):
+                await websocket.send_json({"type": name, "data": text})
+
+    async def until_disconnect() -> None:
+        while (await websocket.receive())["type"] != "websocket.disconnect":
+            pass
+
+    sending = asyncio.create_task(send())
+    watching = asyncio.create_task(until_disconnect())
+    try:
+        await asyncio.wait({sending, watching}, return_when=asyncio.FIRST_COMPLETED)
+        if sending.done():
+            sending.result()  # its error, if any
+            return True
+        return False
+    finally:
+        for task in (sending, watching):
+            task.cancel()
+        for task in (sending, watching):
+            with contextlib.suppress(BaseException):
+                await task
 
 
 async def relay(websocket: WebSocket, stream: ExecStream, *, stdin: str | None = None) -> int:

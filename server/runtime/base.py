@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 LABEL_MANAGED = "den.managed"
 LABEL_INSTANCE = "den.instance"
@@ -157,12 +157,15 @@ class ProcessInfo:
 SIGNALS = ("INT", "TERM", "KILL", "HUP", "QUIT", "USR1", "USR2", "WINCH", "STOP", "CONT")
 
 
+@runtime_checkable
 class ProcessControl(Protocol):
     """Background processes, for backends whose workspaces run Den's agent
     (:mod:`server.agent`). A process started here is a child of the agent, inside PID 1's
     tree, so it keeps running (same pid, same memory) across pause and resume; its output
     goes into a bounded ring buffer in the agent. Raise ``AgentUnavailable`` when the
-    workspace's agent does not answer, ``ObjectMissing`` for an unknown pid."""
+    workspace's agent does not answer, ``ObjectMissing`` for an unknown pid. The service
+    asks ``isinstance(runtime, ProcessControl)`` (structural: it checks that the methods
+    exist) to learn whether a backend has them."""
 
     async def spawn(self, spec: WorkspaceSpec, req: ExecRequest, *, log_bytes: int) -> int:
         """Start ``req`` detached (no stdin, no deadline); returns its pid at once."""

@@ -1,12 +1,16 @@
 """An in-memory runtime for fast unit tests of the service and the API. Never for users.
 
 Exec understands a tiny command set (``true``, ``false``, ``echo``, ``cat``, ``pwd``,
-``sh -c 'exit N'``), enough for contract tests that also run on the real engine.
+``sh -c 'exit N'``), enough for contract tests that also run on the real engine. Spawned
+background processes run until a signal ends them; their output is what exec would print.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import signal as signals
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +20,27 @@ from server.runtime.base import (
     EngineObject,
     ExecRequest,
     ExecResult,
+    ProcessInfo,
     SnapshotSpec,
     StreamChunk,
     WorkspaceSpec,
 )
-from server.runtime.errors import EngineConflict, EngineUnavailable, ObjectMissing
+from server.runtime.errors import (
+    AgentUnavailable,
+    EngineConflict,
+    EngineUnavailable,
+    ObjectMissing,
+)
+
+# Signals whose default action does not end a process.
+_HARMLESS = frozenset({"WINCH", "CONT", "STOP"})
+
+
+@dataclass
+class _Process:
+    info: ProcessInfo
+    output: list[StreamChunk]
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass
@@ -31,6 +51,7 @@ class _Container:
     checkpoints: set[str] = field(default_factory=set)
     restored: int = 0
     cpu_ns: int = 0  # tests advance it to look busy
+    processes: dict[int, _Process] = field(default_factory=dict)  # spawned, by pid
 
 
 @dataclass
@@ -47,6 +68,7 @@ class FakeRuntime:
     # Files by volume name (tests write them directly) and their copies by snapshot id.
     files: dict[str, dict[str, bytes]] = field(default_factory=dict)
     snapshot_files: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    next_pid: int = 100
 
     name = "fake"
 
@@ -89,6 +111,7 @@ class FakeRuntime:
         c = self.containers.get(spec.container_name)
         if c is not None:
             c.running = False
+            c.processes.clear()  # a stop ends every process; a pause keeps them
 
     async def destroy(self, spec: WorkspaceSpec) -> None:
         self._enter("destroy")
@@ -135,6 +158,56 @@ class FakeRuntime:
     async def exec_stream(self, spec: WorkspaceSpec, req: ExecRequest) -> _FakeStream:
         result = await self.exec(spec, req)
         return _FakeStream(result, req.argv)
+
+    # --- ProcessControl -------------------------------------------------------------------
+
+    def _agent(self, spec: WorkspaceSpec) -> _Container:
+        c = self._get(spec)
+        if not c.running:
+            raise AgentUnavailable(f"the agent of {spec.container_name} is not running")
+        return c
+
+    def _process(self, spec: WorkspaceSpec, pid: int) -> _Process:
+        proc = self._agent(spec).processes.get(pid)
+        if proc is None:
+            raise ObjectMissing(f"process {pid}: not found in the workspace")
+        return proc
+
+    async def spawn(self, spec: WorkspaceSpec, req: ExecRequest, *, log_bytes: int) -> int:
+        self._enter("spawn")
+        c = self._agent(spec)
+        pid, self.next_pid = self.next_pid, self.next_pid + 1
+        result = _run(req)
+        output = [StreamChunk(name, data) for name, data in
+                  (("stdout", result.stdout), ("stderr", result.stderr)) if data]
+        info = ProcessInfo(pid=pid, argv=tuple(req.argv), cwd=req.cwd, user=req.user,
+                           started_at=time.time(), running=True)
+        c.processes[pid] = _Process(info, output)
+        return pid
+
+    async def processes(self, spec: WorkspaceSpec) -> list[ProcessInfo]:
+        self._enter("processes")
+        return [p.info for _, p in sorted(self._agent(spec).processes.items())]
+
+    async def process_logs(self, spec: WorkspaceSpec, pid: int, *, follow: bool
+                           ) -> AsyncIterator[StreamChunk]:
+        self._enter("process_logs")
+        proc = self._process(spec, pid)
+        for chunk in list(proc.output):
+            yield chunk
+        if follow:
+            await proc.exited.wait()
+
+    async def signal(self, spec: WorkspaceSpec, pid: int, signal: str) -> None:
+        self._enter("signal")
+        proc = self._process(spec, pid)
+        if proc.info.running and signal not in _HARMLESS:
+            number = signals.Signals[f"SIG{signal}"].value
+            proc.info = dataclasses.replace(proc.info, running=False, exit_code=128 + number,
+                                            signal=signal)
+            proc.exited.set()
+
+    # --- snapshots --------------------------------------------------------------------
 
     async def snapshot(self, spec: WorkspaceSpec, snap: SnapshotSpec) -> int:
         self._enter("snapshot")
