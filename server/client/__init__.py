@@ -1,11 +1,14 @@
 """Den's Python client: ``from server.client import Den``.
 
 ``Den(url, token)`` (or ``Den.from_config()``) talks to the HTTP API; ``Workspace`` handles run
-commands and move files; every failure is a ``DenAPIError``.
+commands, move files and run background processes (``ws.processes``); every failure is a
+``DenAPIError``.
 """
 
 from .api import Den, DenAPIError, ExecResult, FileEntry, PullRequest, Snapshot, Workspace
+from .processes import LogChunk, Process, ProcessLogs
 
 __all__ = [
-    "Den", "DenAPIError", "ExecResult", "FileEntry", "PullRequest", "Snapshot", "Workspace",
+    "Den", "DenAPIError", "ExecResult", "FileEntry", "LogChunk", "Process", "ProcessLogs",
+    "PullRequest", "Snapshot", "Workspace",
 ]

@@ -9,7 +9,7 @@
     fork = den.fork(snap.id, name="try-upgrade")          # a new workspace from the snapshot
 
 Every failure surfaces as :class:`DenAPIError`; httpx and websockets exceptions are translated in
-exactly two places (:meth:`Den.request` and :meth:`Workspace.exec_stream`). ``status`` is the HTTP
+exactly two places (:meth:`Den.request` and :meth:`Den.websocket`). ``status`` is the HTTP
 status of the error response, or 0 when no HTTP error response was involved:
 
 - ``unreachable`` (0): the server could not be reached; the message names the URL.
@@ -17,27 +17,32 @@ status of the error response, or 0 when no HTTP error response was involved:
 - ``workspace_error`` (0): a workspace being waited on went to state ``error``.
 - ``unexpected_state`` (0): a workspace being waited on settled in another state than wanted.
 - ``exec_failed`` (0): :meth:`ExecResult.check` on a non-zero exit.
-- ``stream_closed`` (0): a streaming exec ended without an exit message.
+- ``stream_closed`` (0): a streaming exec or log follow ended without an exit message.
 - ``not_logged_in`` (0): :meth:`Den.from_config` found no URL or token.
 - anything else: the server's ``{"error": {"code", "message"}}`` for a non-2xx response.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import httpx
 import websockets.exceptions
+from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
 from .config import load_config
+
+if TYPE_CHECKING:
+    from .processes import Processes
 
 __all__ = [
     "Den", "DenAPIError", "ExecResult", "FileEntry", "PullRequest", "Snapshot", "Workspace",
@@ -190,6 +195,21 @@ def default_name(repo_url: str) -> str:
     return name or "workspace"
 
 
+def stream_message(message: str | bytes, what: str) -> JSON:
+    """One JSON message of a Den WebSocket; its ``error`` message raised as DenAPIError."""
+    try:
+        msg = json.loads(message)
+    except ValueError as exc:
+        raise DenAPIError(0, "bad_response", f"{what} sent non-JSON") from exc
+    if not isinstance(msg, dict):
+        raise DenAPIError(0, "bad_response", f"{what} sent a non-object")
+    if msg.get("type") == "error":
+        err = msg.get("error") or {}
+        raise DenAPIError(0, str(err.get("code", "stream_error")),
+                          str(err.get("message", f"{what} failed")))
+    return msg
+
+
 def _seg(value: str) -> str:
     return quote(value, safe="")
 
@@ -253,6 +273,28 @@ class Den:
     def headers(self) -> dict[str, str]:
         """The headers every request carries (authorization)."""
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    @contextlib.contextmanager
+    def websocket(self, url: str, *, what: str) -> Iterator[ClientConnection]:
+        """A WebSocket to ``url`` (``ws://`` or ``wss://``) with this client's token; every
+        websockets failure while it is open becomes DenAPIError, ``what`` naming the
+        stream in messages."""
+        try:
+            with ws_connect(url, additional_headers=self.headers(),
+                            open_timeout=self.timeout_s, max_size=None) as conn:
+                yield conn
+        except websockets.exceptions.InvalidStatus as exc:
+            response = exc.response
+            fake = httpx.Response(response.status_code, content=bytes(response.body or b""))
+            raise _error_from_response(fake) from exc
+        except websockets.exceptions.ConnectionClosed as exc:
+            raise DenAPIError(0, "stream_closed", f"{what} closed: {exc}") from exc
+        except (websockets.exceptions.InvalidHandshake, websockets.exceptions.InvalidURI) as exc:
+            raise DenAPIError(0, "unreachable", f"cannot open {url}: {exc}") from exc
+        except TimeoutError as exc:
+            raise DenAPIError(0, "timeout", f"opening {url} timed out") from exc
+        except OSError as exc:
+            raise DenAPIError(0, "unreachable", f"cannot reach Den at {self.url}: {exc}") from exc
 
     def request(
         self,
@@ -608,6 +650,13 @@ class Workspace:
         """The event log: ``{"id", "at", "kind", "from_state", "to_state", "actor", "message"}``."""
         return list(self.den.request_json("GET", f"{self._path}/events")["events"])
 
+    @property
+    def processes(self) -> Processes:
+        """Background processes: ``start``, ``list``, ``logs``, ``kill``."""
+        from .processes import Processes  # that module builds on this one
+
+        return Processes(self)
+
     # --- pull requests ----------------------------------------------------------------------
 
     def pull_request(
@@ -731,46 +780,21 @@ class Workspace:
         if env is not None:
             first["env"] = dict(env)
         text = stdin.decode("utf-8") if isinstance(stdin, bytes) else (stdin or "")
-        url = self.ws_url("exec/stream")
-        try:
-            with ws_connect(
-                url, additional_headers=self.den.headers(), open_timeout=self.den.timeout_s,
-                max_size=None,
-            ) as conn:
-                conn.send(json.dumps(first))
-                for start in range(0, len(text), _STDIN_CHUNK):
-                    chunk = text[start : start + _STDIN_CHUNK]
-                    conn.send(json.dumps({"type": "stdin", "data": chunk}))
-                conn.send(json.dumps({"type": "close_stdin"}))
-                for message in conn:
-                    try:
-                        msg = json.loads(message)
-                    except ValueError as exc:
-                        raise DenAPIError(0, "bad_response", "exec stream sent non-JSON") from exc
-                    kind = msg.get("type")
-                    if kind == "stdout" and on_stdout is not None:
-                        on_stdout(str(msg.get("data", "")))
-                    elif kind == "stderr" and on_stderr is not None:
-                        on_stderr(str(msg.get("data", "")))
-                    elif kind == "exit":
-                        return int(msg["exit_code"])
-                    elif kind == "error":
-                        err = msg.get("error") or {}
-                        code = str(err.get("code", "exec_error"))
-                        raise DenAPIError(0, code, str(err.get("message", "streaming exec failed")))
-        except websockets.exceptions.InvalidStatus as exc:
-            response = exc.response
-            fake = httpx.Response(response.status_code, content=bytes(response.body or b""))
-            raise _error_from_response(fake) from exc
-        except websockets.exceptions.ConnectionClosed as exc:
-            raise DenAPIError(0, "stream_closed", f"exec stream closed: {exc}") from exc
-        except (websockets.exceptions.InvalidHandshake, websockets.exceptions.InvalidURI) as exc:
-            raise DenAPIError(0, "unreachable", f"cannot open {url}: {exc}") from exc
-        except TimeoutError as exc:
-            raise DenAPIError(0, "timeout", f"opening {url} timed out") from exc
-        except OSError as exc:
-            msg = f"cannot reach Den at {self.den.url}: {exc}"
-            raise DenAPIError(0, "unreachable", msg) from exc
+        with self.den.websocket(self.ws_url("exec/stream"), what="exec stream") as conn:
+            conn.send(json.dumps(first))
+            for start in range(0, len(text), _STDIN_CHUNK):
+                chunk = text[start : start + _STDIN_CHUNK]
+                conn.send(json.dumps({"type": "stdin", "data": chunk}))
+            conn.send(json.dumps({"type": "close_stdin"}))
+            for message in conn:
+                msg = stream_message(message, "exec stream")
+                kind = msg.get("type")
+                if kind == "stdout" and on_stdout is not None:
+                    on_stdout(str(msg.get("data", "")))
+                elif kind == "stderr" and on_stderr is not None:
+                    on_stderr(str(msg.get("data", "")))
+                elif kind == "exit":
+                    return int(msg["exit_code"])
         raise DenAPIError(0, "stream_closed", "exec stream ended without an exit status")
 
     # --- files ------------------------------------------------------------------------------

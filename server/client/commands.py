@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 from .api import Den, DenAPIError, Snapshot, Workspace
 from .config import ClientConfig, load_config, save_config
+from .processes import Process
 
 __all__ = ["ClientFactory", "add_client_commands", "render_ssh_config", "ssh_argv"]
 
@@ -188,22 +189,25 @@ def _ls(args: argparse.Namespace, ctx: _Context) -> int:
     return 0
 
 
-def _exec_argv(args: argparse.Namespace) -> list[str]:
-    """The remote argv; ``den exec NAME --cwd D -- CMD`` is accepted too (options after NAME)."""
+def _exec_argv(args: argparse.Namespace, verb: str = "exec") -> list[str]:
+    """The remote argv; ``den exec NAME --cwd D -- CMD`` is accepted too (options after NAME;
+    ``--timeout`` only for exec)."""
     cmd: list[str] = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     elif cmd and cmd[0].startswith("-") and "--" in cmd:
         split = cmd.index("--")
-        late = argparse.ArgumentParser(prog="den exec", add_help=False)
+        late = argparse.ArgumentParser(prog=f"den {verb}", add_help=False)
         late.add_argument("--cwd")
-        late.add_argument("--timeout", type=float)
+        if verb == "exec":
+            late.add_argument("--timeout", type=float)
         opts = late.parse_args(cmd[:split])
         args.cwd = opts.cwd if opts.cwd is not None else args.cwd
-        args.timeout = opts.timeout if opts.timeout is not None else args.timeout
+        if verb == "exec":
+            args.timeout = opts.timeout if opts.timeout is not None else args.timeout
         cmd = cmd[split + 1 :]
     if not cmd:
-        raise CLIError("exec: no command given; usage: den exec NAME -- CMD...", 2)
+        raise CLIError(f"{verb}: no command given; usage: den {verb} NAME -- CMD...", 2)
     return cmd
 
 
@@ -220,6 +224,57 @@ def _exec(args: argparse.Namespace, ctx: _Context) -> int:
     if result.exit_code < 0:  # killed by a signal, shell convention
         return min(128 - result.exit_code, 255)
     return min(result.exit_code, 255)
+
+
+def _spawn(args: argparse.Namespace, ctx: _Context) -> int:
+    argv = _exec_argv(args, "spawn")
+    with ctx.client() as den:
+        proc = den.workspace(args.name).processes.start(argv, cwd=args.cwd)
+    print(proc.pid)
+    return 0
+
+
+def _process_state(proc: Process) -> str:
+    if proc.running:
+        return "running"
+    if proc.signal:
+        return f"killed ({proc.signal})"
+    return f"exited ({proc.exit_code})" if proc.exit_code is not None else "exited"
+
+
+def _ps(args: argparse.Namespace, ctx: _Context) -> int:
+    with ctx.client() as den:
+        procs = den.workspace(args.name).processes.list()
+    if args.json:
+        print(json.dumps([p.raw for p in procs], indent=2))
+        return 0
+    rows = [[str(p.pid), _process_state(p), _when(p.started_at), " ".join(p.cmd)]
+            for p in procs]
+    print(_table(["PID", "STATE", "STARTED", "COMMAND"], rows))
+    return 0
+
+
+def _logs(args: argparse.Namespace, ctx: _Context) -> int:
+    with ctx.client() as den:
+        procs = den.workspace(args.name).processes
+        chunks = (procs.logs(args.pid, follow=True) if args.follow
+                  else procs.read_logs(args.pid).chunks)
+        for chunk in chunks:
+            _emit(sys.stderr if chunk.stream == "stderr" else sys.stdout, chunk.data)
+    return 0
+
+
+def _signal_name(value: str) -> str:
+    """``term``, ``SIGTERM`` and ``TERM`` all name SIGTERM."""
+    return value.upper().removeprefix("SIG")
+
+
+def _kill(args: argparse.Namespace, ctx: _Context) -> int:
+    signal = _signal_name(args.signal)
+    with ctx.client() as den:
+        den.workspace(args.name).processes.kill(args.pid, signal)
+    print(f"sent {signal} to process {args.pid}")
+    return 0
 
 
 def _lifecycle(action: str) -> Handler:
@@ -485,9 +540,9 @@ def add_client_commands(
     *,
     client_factory: ClientFactory | None = None,
 ) -> None:
-    """Register login, create, ls, exec, start, stop, pause, resume, keepalive, rm, events,
-    snapshot, snapshots, fork, restore, rm-snapshot, pr, forge (link, ls, rm), ssh,
-    ssh-config and ssh-key.
+    """Register login, create, ls, exec, spawn, ps, logs, kill, start, stop, pause, resume,
+    keepalive, rm, events, snapshot, snapshots, fork, restore, rm-snapshot, pr, forge (link,
+    ls, rm), ssh, ssh-config and ssh-key.
 
     ``client_factory`` builds the :class:`Den` used by each verb (tests pass one that injects an
     ``httpx.MockTransport``); by default ``Den(config.url, config.token)``.
@@ -526,6 +581,28 @@ def add_client_commands(
     p.add_argument("--timeout", type=float, help="kill the command after this many seconds")
     p.add_argument("name", metavar="NAME")
     p.add_argument("cmd", metavar="CMD", nargs=argparse.REMAINDER, help="the command and args")
+
+    p = verb("spawn", _spawn, "start a background process in a workspace (it survives pause); "
+                              "prints its pid: den spawn NAME -- CMD...")
+    p.add_argument("--cwd", help="working directory inside the workspace")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("cmd", metavar="CMD", nargs=argparse.REMAINDER, help="the command and args")
+
+    p = verb("ps", _ps, "list a workspace's background processes")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+
+    p = verb("logs", _logs, "print a background process's output (what the workspace kept)")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("pid", metavar="PID", type=int)
+    p.add_argument("-f", "--follow", action="store_true",
+                   help="keep printing new output until the process exits")
+
+    p = verb("kill", _kill, "send a signal to a background process's group")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("pid", metavar="PID", type=int)
+    p.add_argument("-s", "--signal", default="TERM",
+                   help="INT, TERM (default), KILL, HUP, QUIT, USR1, USR2, WINCH, STOP or CONT")
 
     for action, help_text in (
         ("start", "start a stopped workspace (a paused one is resumed)"),

@@ -3,16 +3,24 @@ capability check, and the Python client and CLI verbs against the real app."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import argparse
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
 
 import pytest
+import uvicorn
 from starlette.websockets import WebSocketDisconnect
 
 from server.api.processes import decode_chunks
 from server.api.schemas import SignalName
 from server.app import create_app
+from server.client import Den, DenAPIError, LogChunk, Process
+from server.client.commands import add_client_commands
+from server.client.config import ClientConfig, save_config
 from server.config import Settings
 from server.runtime.base import SIGNALS, StreamChunk
 from server.runtime.fake import FakeRuntime
@@ -287,3 +295,132 @@ def test_openapi_documents_the_process_paths(fake_api: ApiClient) -> None:
     assert {"get", "post"} <= set(paths[f"{WS}/{{ref}}/processes"])
     assert "get" in paths[f"{WS}/{{ref}}/processes/{{pid}}/logs"]
     assert "post" in paths[f"{WS}/{{ref}}/processes/{{pid}}/signal"]
+
+
+# --- the Python client and the CLI against the app on a real socket -------------------------
+
+
+@dataclass
+class Live:
+    url: str
+    tokens: dict[str, str]
+
+    def den(self, user: str = "alice") -> Den:
+        return Den(self.url, self.tokens[user], poll_interval_s=0.01)
+
+
+@pytest.fixture
+def live(make_settings: Callable[..., Settings], make_repo: Callable[..., Path]
+         ) -> Iterator[Live]:
+    """The app under uvicorn on a free loopback port (the client's WebSockets need one),
+    with alice's running workspace "api"."""
+    app = create_app(make_settings(), runtime=FakeRuntime())
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    live = Live(f"http://127.0.0.1:{port}", users(app))
+    with live.den() as den:
+        den.create(str(make_repo("api")), name="api", timeout_s=30)
+    yield live
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def test_client(live: Live) -> None:
+    with live.den() as den:
+        procs = den.workspace("api").processes
+        p = procs.start(["echo", "hi"], env={"A": "1"}, log_bytes=4096)
+        assert isinstance(p, Process)
+        assert (p.cmd, p.cwd, p.user, p.running, p.exit_code) == (
+            ("echo", "hi"), "/workspace/api", "dev", True, None)
+        assert [(q.pid, q.running) for q in procs.list()] == [(p.pid, True)]
+        assert procs.logs(p.pid) == "hi\n"
+        logs = procs.read_logs(p.pid)
+        assert (logs.running, logs.chunks) == (True, (LogChunk("stdout", "hi\n"),))
+
+        following = procs.logs(p.pid, follow=True)
+        assert next(following) == LogChunk("stdout", "hi\n")
+        procs.kill(p.pid, "KILL")
+        assert list(following) == []  # ends at the exit message
+        (after,) = procs.list()
+        assert (after.running, after.exit_code, after.signal) == (False, 137, "KILL")
+
+        sh = procs.start("echo from a shell", cwd="/tmp")
+        assert (sh.cmd, sh.cwd) == (("bash", "-c", "echo from a shell"), "/tmp")
+
+
+def test_client_errors(live: Live) -> None:
+    with live.den() as den:
+        procs = den.workspace("api").processes
+        for call in (lambda: procs.kill(4242), lambda: procs.logs(4242),
+                     lambda: list(procs.logs(4242, follow=True))):
+            with pytest.raises(DenAPIError) as info:
+                call()
+            assert info.value.code == "not_found"
+        with pytest.raises(DenAPIError) as info:
+            procs.start([])
+        assert (info.value.status, info.value.code) == (422, "invalid")
+        with pytest.raises(DenAPIError) as info:
+            procs.kill(procs.start(["true"]).pid, "SIGTERM")
+        assert (info.value.status, info.value.code) == (422, "invalid")
+        ws_id = den.workspace("api").id
+    with live.den("bob") as den, pytest.raises(DenAPIError) as info:
+        den.request_json("GET", f"/api/v1/workspaces/{ws_id}/processes")
+    assert (info.value.status, info.value.code) == (404, "not_found")
+
+
+@pytest.fixture
+def cli(live: Live, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., int]:
+    for var in ("DEN_URL", "DEN_TOKEN", "XDG_CONFIG_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("DEN_CONFIG", str(tmp_path / "den-config.json"))
+    save_config(ClientConfig(live.url, live.tokens["alice"]))
+    parser = argparse.ArgumentParser(prog="den")
+    add_client_commands(parser.add_subparsers(dest="command", required=True))
+
+    def run(*argv: str) -> int:
+        args = parser.parse_args(list(argv))
+        code: int = args.func(args)
+        return code
+
+    return run
+
+
+def test_cli_spawn_ps_logs_kill(cli: Callable[..., int],
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli("spawn", "api", "--cwd", "sub", "--", "echo", "hi") == 0
+    pid = int(capsys.readouterr().out)
+    assert cli("spawn", "api", "--", "sh", "-c", "nope") == 0
+    other = int(capsys.readouterr().out)
+
+    assert cli("ps", "api") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["PID", "STATE", "STARTED", "COMMAND"]
+    assert lines[1].split()[:2] == [str(pid), "running"]
+    assert lines[1].endswith("echo hi")
+
+    assert cli("logs", "api", str(other)) == 0
+    out = capsys.readouterr()
+    assert (out.out, out.err) == ("", "fake runtime: nope: command not found\n")
+
+    assert cli("kill", "api", str(pid), "-s", "sigint") == 0
+    assert capsys.readouterr().out == f"sent INT to process {pid}\n"
+    assert cli("logs", "api", str(pid), "-f") == 0
+    assert capsys.readouterr().out == "hi\n"
+
+    assert cli("ps", "api") == 0
+    assert "killed (INT)" in capsys.readouterr().out
+
+
+def test_cli_errors(cli: Callable[..., int], capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli("kill", "api", "4242") == 1
+    assert capsys.readouterr().err.startswith("den: no process 4242")
+    assert cli("logs", "api", "4242", "-f") == 1
+    assert capsys.readouterr().err.startswith("den: no process 4242")
+    assert cli("spawn", "api") == 2
+    assert "no command given; usage: den spawn NAME -- CMD..." in capsys.readouterr().err
