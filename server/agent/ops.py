@@ -16,12 +16,16 @@ from typing import Any
 from server.agent.session import AgentOpError, AgentSession, Channel, ok_or_raise
 from server.errors import DenError, ValidationFailed
 from server.runtime.base import ExecRequest, ExecResult, ProcessInfo, StreamChunk
-from server.runtime.errors import AgentUnavailable, EngineConflict, ObjectMissing
+from server.runtime.errors import AgentTimeout, AgentUnavailable, EngineConflict, ObjectMissing
 
 START_TIMEOUT_S = 10.0  # from OPEN to "started": the agent forks and execs
 EXEC_GRACE_S = 10.0  # past the command's own deadline, which the agent enforces
 REQUEST_TIMEOUT_S = 30.0
 STREAMS = ("stdout", "stderr")
+
+
+class NotStarted(AgentUnavailable):
+    """The agent did not start the command (it stopped answering first): nothing ran."""
 
 
 class StreamEnded(DenError):
@@ -71,9 +75,12 @@ def raise_op_error(err: AgentOpError) -> None:
 async def _started(ch: Channel, argv0: str) -> ExecResult | None:
     """Wait for ``started``; a start failure as a result (127/126) or raised."""
     while True:
-        event = await ch.next(START_TIMEOUT_S)
+        try:
+            event = await ch.next(START_TIMEOUT_S)
+        except AgentTimeout as exc:
+            raise NotStarted(f"the workspace's agent did not start the command: {exc}") from exc
         if event.kind == "end":
-            raise AgentUnavailable(f"the workspace's agent went away: {event.reason}")
+            raise NotStarted(f"the workspace's agent went away: {event.reason}")
         if event.kind != "msg":
             continue  # data cannot come before "started"; ignore it
         if isinstance(event.msg, dict) and "started" in event.msg:

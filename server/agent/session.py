@@ -36,6 +36,8 @@ from server.runtime.errors import AgentTimeout, AgentUnavailable
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT_S = 1.0
+HEARTBEAT_S = 5.0  # while channels are open, a ping this often ...
+HEARTBEAT_TIMEOUT_S = 10.0  # ... answered within this, or the session is declared dead
 MAX_CHANNELS = 1024
 MAX_PENDING_MESSAGES = 64
 CHUNK = 65536
@@ -196,6 +198,7 @@ class AgentSession:
         self._next_chan = 1
         self._write_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._beat: asyncio.Task[None] | None = None
         self.hello: dict[str, Any] = {}
         self.alive = False
         self.end_reason = ""
@@ -223,7 +226,24 @@ class AgentSession:
             raise
         session.alive = True
         session._task = asyncio.get_running_loop().create_task(session._read_loop())
+        session._beat = asyncio.get_running_loop().create_task(session._heartbeat())
         return session
+
+    async def _heartbeat(self) -> None:
+        """A stuck agent (a frozen sandbox, a broken channel) must not hold a call that has
+        no deadline of its own: while channels are open, ping; no answer drops the session
+        and every channel ends with the reason."""
+        while self.alive:
+            await asyncio.sleep(HEARTBEAT_S)
+            if not self._channels:
+                continue
+            try:
+                await self.request({"op": "ping"}, timeout_s=HEARTBEAT_TIMEOUT_S)
+            except (AgentTimeout, AgentUnavailable, AgentOpError):
+                if self.alive:
+                    log.warning("workspace %s: the agent stopped answering", self.name)
+                    self._shutdown("the agent stopped answering")
+                return
 
     async def _await_hello(self, timeout_s: float) -> bool:
         deadline = asyncio.get_running_loop().time() + timeout_s
@@ -314,6 +334,8 @@ class AgentSession:
         self._channels.pop(chan, None)
 
     async def close(self, reason: str = "closed by Den") -> None:
+        if self._beat is not None:
+            self._beat.cancel()
         if self._task is not None and not self._task.done():
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

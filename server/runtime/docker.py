@@ -91,6 +91,7 @@ class DockerRuntime:
         self._agents: dict[str, AgentSession] = {}  # container -> live session
         self._agent_info: dict[str, tuple[bool, dict[str, str]]] = {}  # has agent, its env
         self._agent_locks: dict[str, asyncio.Lock] = {}
+        self._broken_agents: set[str] = set()  # containers served by the engine's exec
         self._runsc = runsc
         self._runsc_root = runsc_root
         self._base_url = base_url
@@ -185,6 +186,8 @@ class DockerRuntime:
         await self._call(f"seed workspace {spec.workspace_id}", run)
 
     async def start(self, spec: WorkspaceSpec) -> None:
+        self._broken_agents.discard(spec.container_name)
+
         def run() -> None:
             api = self._api()
             state = api.inspect_container(spec.container_name)["State"]
@@ -336,6 +339,8 @@ class DockerRuntime:
                     "anyway", cid[:12], QUIESCE_WAIT_S)
 
     async def resume(self, spec: WorkspaceSpec, *, checkpoint: str) -> None:
+        self._broken_agents.discard(spec.container_name)
+
         def run() -> None:
             api = self._api()
             name = spec.container_name
@@ -577,9 +582,12 @@ class DockerRuntime:
 
     async def exec(self, spec: WorkspaceSpec, req: ExecRequest) -> ExecResult:
         """Through the workspace's agent when it has one; else through the engine."""
-        session = await self._agent(spec)
+        session = await self._agent_or_fallback(spec)
         if session is not None:
-            return await agent_ops.run(session, req, self._agent_env(spec, req))
+            try:
+                return await agent_ops.run(session, req, self._agent_env(spec, req))
+            except agent_ops.NotStarted as exc:
+                self._agent_broken(spec, exc.message)
         return await self._engine_exec(spec, req)
 
     async def _engine_exec(self, spec: WorkspaceSpec, req: ExecRequest) -> ExecResult:
@@ -636,10 +644,13 @@ class DockerRuntime:
         return _exit_code(self._api(), exec_id)
 
     async def exec_stream(self, spec: WorkspaceSpec, req: ExecRequest) -> ExecStream:
-        session = await self._agent(spec)
+        session = await self._agent_or_fallback(spec)
         if session is not None:
-            return await agent_ops.AgentExecStream.start(session, req,
-                                                         self._agent_env(spec, req))
+            try:
+                return await agent_ops.AgentExecStream.start(session, req,
+                                                             self._agent_env(spec, req))
+            except agent_ops.NotStarted as exc:
+                self._agent_broken(spec, exc.message)
         return await self._engine_exec_stream(spec, req)
 
     async def _engine_exec_stream(self, spec: WorkspaceSpec, req: ExecRequest
@@ -712,6 +723,26 @@ class DockerRuntime:
     def _forget_agent(self, name: str, session: AgentSession) -> None:
         if self._agents.get(name) is session:
             del self._agents[name]
+
+    def _agent_broken(self, spec: WorkspaceSpec, why: str) -> None:
+        """Use the engine's exec for this container until it starts again."""
+        log.warning("workspace %s: %s; the engine's exec serves it until its next start",
+                    spec.workspace_id, why)
+        self._broken_agents.add(spec.container_name)
+        session = self._agents.pop(spec.container_name, None)
+        if session is not None:
+            session._shutdown(why)
+
+    async def _agent_or_fallback(self, spec: WorkspaceSpec) -> AgentSession | None:
+        """The agent's session; None (the engine's exec then) for a workspace without one, or
+        whose agent cannot be reached (logged: the workspace stays usable, more slowly)."""
+        if spec.container_name in self._broken_agents:
+            return None
+        try:
+            return await self._agent(spec)
+        except AgentUnavailable as exc:
+            self._agent_broken(spec, exc.message)
+            return None
 
     async def _drop_agent(self, spec: WorkspaceSpec, reason: str) -> None:
         session = self._agents.pop(spec.container_name, None)

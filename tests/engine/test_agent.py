@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+
 import pytest
 
 from tests.conftest import ApiClient
@@ -63,7 +64,8 @@ def test_background_processes_keep_their_pid_and_count_across_pauses_and_a_memor
             _moves_on(api, wid, "nohup-count")
             _moves_on(api, wid, "api-count")
 
-    listed = {p["pid"]: p for p in api.get(f"/api/v1/workspaces/{wid}/processes").json()}
+    listed = {p["pid"]: p
+              for p in api.get(f"/api/v1/workspaces/{wid}/processes").json()["processes"]}
     assert listed[api_pid]["running"] is True
     logs = api.get(f"/api/v1/workspaces/{wid}/processes/{api_pid}/logs").text
     assert "tick" in logs
