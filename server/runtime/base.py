@@ -19,7 +19,10 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from server.agent.session import AgentSession
 
 LABEL_MANAGED = "den.managed"
 LABEL_INSTANCE = "den.instance"
@@ -184,6 +187,17 @@ class ProcessControl(Protocol):
 
     async def signal(self, spec: WorkspaceSpec, pid: int, signal: str) -> None:
         """Send ``signal`` (one of :data:`SIGNALS`) to the process's group."""
+        ...
+
+
+@runtime_checkable
+class AgentChannel(Protocol):
+    """Backends whose workspaces run Den's agent (docs/agent.md) hand out its session; the
+    protocol above it (:mod:`server.agent`) is the same for every backend."""
+
+    async def agent(self, spec: WorkspaceSpec) -> AgentSession | None:
+        """The live session with the workspace's agent, or None when the workspace has none
+        (or its agent cannot be reached: the caller then uses the engine's exec)."""
         ...
 
 

@@ -733,6 +733,10 @@ class DockerRuntime:
         if session is not None:
             session._shutdown(why)
 
+    async def agent(self, spec: WorkspaceSpec) -> AgentSession | None:
+        """:class:`~server.runtime.base.AgentChannel`."""
+        return await self._agent_or_fallback(spec)
+
     async def _agent_or_fallback(self, spec: WorkspaceSpec) -> AgentSession | None:
         """The agent's session; None (the engine's exec then) for a workspace without one, or
         whose agent cannot be reached (logged: the workspace stays usable, more slowly)."""
