@@ -390,7 +390,7 @@ func runExec(c *channel, r *request, pr *proc, pgid int) error {
 	// Deadline: SIGTERM to the group, SIGKILL 2 s later.
 	var timers []*time.Timer
 	if r.TimeoutMS > 0 {
-		timers = append(timers, time.AfterFunc(time.Duration(r.TimeoutMS)*time.Millisecond, func() {
+		t := time.AfterFunc(time.Duration(r.TimeoutMS)*time.Millisecond, func() {
 			mu.Lock()
 			if exited {
 				mu.Unlock()
@@ -410,7 +410,10 @@ func runExec(c *channel, r *request, pr *proc, pgid int) error {
 			mu.Lock()
 			timers = append(timers, t)
 			mu.Unlock()
-		}))
+		})
+		mu.Lock()
+		timers = append(timers, t)
+		mu.Unlock()
 	}
 
 	_ = pr.cmd.Wait()

@@ -177,6 +177,18 @@ func (c *client) open(req map[string]any) *cchan {
 	return c.openOpts(req, false)
 }
 
+func (c *client) openRaw(payload []byte) *cchan {
+	c.mu.Lock()
+	id := c.next
+	c.next++
+	ch := &cchan{c: c, id: id}
+	ch.cond = sync.NewCond(&ch.mu)
+	c.chans[id] = ch
+	c.mu.Unlock()
+	c.write(encodeFrame(tOpen, 0, id, payload))
+	return ch
+}
+
 func (c *client) openOpts(req map[string]any, noGrant bool) *cchan {
 	c.mu.Lock()
 	id := c.next

@@ -5,6 +5,7 @@ import (
 	"log"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"syscall"
 	"time"
 )
@@ -45,9 +46,14 @@ func initMain(args []string) int {
 			logger.Printf("PR_SET_CHILD_SUBREAPER: %v", errno)
 		}
 	}
-	self, err := os.Executable()
-	if err != nil {
-		self = "/proc/self/exe"
+	// serve is started by the path init was started with when it is absolute
+	// (/.den/current/den-agent), so that a restarted serve is the agent now installed there.
+	self := os.Args[0]
+	if !filepath.IsAbs(self) {
+		var err error
+		if self, err = os.Executable(); err != nil {
+			self = "/proc/self/exe"
+		}
 	}
 	devnull, err := os.Open(os.DevNull)
 	if err != nil {

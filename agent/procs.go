@@ -30,7 +30,11 @@ func (r *ring) add(stream int, p []byte) {
 	if len(p) == 0 {
 		return
 	}
-	if int64(len(p)) > r.cap {
+	if int64(len(p)) >= r.cap { // p alone fills the ring
+		for i := range r.chunks {
+			r.chunks[i] = chunk{}
+		}
+		r.chunks, r.size = r.chunks[:0], 0
 		r.end += int64(len(p)) - r.cap
 		p = p[int64(len(p))-r.cap:]
 	}
@@ -268,8 +272,9 @@ func opLogs(c *channel, r *request) error {
 	p.mu.Lock()
 	pos := p.ring.start()
 	stop := p.ring.end // without follow: what is there now
+	// truncated in the exit: some output was not delivered (overwritten before it was read).
+	skippedAny := pos > 0
 	p.mu.Unlock()
-	skippedAny := false
 	for {
 		p.mu.Lock()
 		if !r.Follow && pos >= stop {

@@ -3,8 +3,10 @@ package main
 import (
 	"bytes"
 	"encoding/binary"
+	"fmt"
 	"os"
 	"os/exec"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -404,6 +406,11 @@ func TestInit(t *testing.T) {
 	}
 	// An orphan: init reaps it (no zombie left behind).
 	r := c.call(execReq("sh", "-c", "sleep 0.2 & echo $!"))
+	orphan, _ := strconv.Atoi(strings.TrimSpace(string(r.data[0])))
+	time.Sleep(1500 * time.Millisecond)
+	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", orphan)); err == nil {
+		t.Fatalf("orphan %d not reaped: %s", orphan, b)
+	}
 	// serve restarts after it dies.
 	syscall.Kill(servePid, syscall.SIGKILL)
 	time.Sleep(500 * time.Millisecond)
@@ -411,7 +418,6 @@ func TestInit(t *testing.T) {
 	if int(h["pid"].(float64)) == servePid {
 		t.Fatalf("serve not restarted")
 	}
-	_ = r
 	b, _ := os.ReadFile(dir + "/log")
 	if string(b) != "started\n" {
 		t.Fatalf("image init: %q", b)
@@ -423,5 +429,28 @@ func TestInit(t *testing.T) {
 	case <-done:
 	case <-time.After(4 * time.Second):
 		t.Fatal("init did not exit on SIGTERM")
+	}
+}
+
+func TestPanicInOneChannel(t *testing.T) {
+	ops["test-panic"] = func(c *channel, r *request) error { panic("boom") }
+	defer delete(ops, "test-panic")
+	c := newTestClient(t)
+	r := c.call(map[string]any{"op": "test-panic"})
+	if r.errCode() != "failed" || !r.closed {
+		t.Fatalf("panic: %v", r.msgs)
+	}
+	if r := c.call(map[string]any{"op": "ping"}); r.last("ok") == nil {
+		t.Fatalf("ping after a panic: %v", r.msgs)
+	}
+	// Bad requests never crash serve either: each is answered with an error.
+	for _, p := range []string{`[]`, `{"op": 5}`, `{"op": "exec", "argv": "x"}`, `{"op": "read", "path": "/etc/passwd"}`,
+		`{"op": "exec", "argv": ["true"], "env": {"A=B": "c"}}`, `{"op": "signal", "pid": 1, "signal": "NOPE"}`, `{"op": "spawn"}`} {
+		if r := c.openRaw([]byte(p)).collect(5 * time.Second); r.errCode() != "invalid" {
+			t.Errorf("%s: %v", p, r.msgs)
+		}
+	}
+	if r := c.call(map[string]any{"op": "ping"}); r.last("ok") == nil {
+		t.Fatalf("ping after bad requests: %v", r.msgs)
 	}
 }
