@@ -11,6 +11,8 @@ import (
 	"log"
 	"os"
 	"runtime/debug"
+	"strconv"
+	"strings"
 	"sync"
 )
 
@@ -560,6 +562,45 @@ func opStatus(c *channel, r *request) error {
 		}
 	}
 	s.mu.Unlock()
-	c.ok(map[string]any{"processes": s.procs.running(), "sessions": sessions, "version": version})
+	c.ok(map[string]any{"processes": s.procs.running(), "sessions": sessions, "version": version,
+		"cpu_ns": cpuNanos()})
 	return nil
+}
+
+// cpuNanos is the CPU time the workspace's processes have used: the cpuacct cgroup's usage
+// (cgroup v1, which gVisor provides inside the sandbox: its own tasks only, without the
+// sandbox's overhead on the host, which is what the idle policy wants to see), else cgroup
+// v2's cpu.stat, else the "cpu" line of /proc/stat (all zeros under gVisor). -1 when unknown.
+func cpuNanos() int64 {
+	if data, err := os.ReadFile("/sys/fs/cgroup/cpuacct/cpuacct.usage"); err == nil {
+		if n, err := strconv.ParseInt(strings.TrimSpace(string(data)), 10, 64); err == nil {
+			return n
+		}
+	}
+	if data, err := os.ReadFile("/sys/fs/cgroup/cpu.stat"); err == nil {
+		for _, line := range strings.Split(string(data), "\n") {
+			if f := strings.Fields(line); len(f) == 2 && f[0] == "usage_usec" {
+				if n, err := strconv.ParseInt(f[1], 10, 64); err == nil {
+					return n * 1000
+				}
+			}
+		}
+	}
+	data, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return -1
+	}
+	fields := strings.Fields(strings.SplitN(string(data), "\n", 2)[0])
+	if len(fields) < 8 || fields[0] != "cpu" {
+		return -1
+	}
+	var ticks int64
+	for _, i := range []int{1, 2, 3, 6, 7} { // user nice system irq softirq, in 1/100 s
+		n, err := strconv.ParseInt(fields[i], 10, 64)
+		if err != nil {
+			return -1
+		}
+		ticks += n
+	}
+	return ticks * 10_000_000
 }

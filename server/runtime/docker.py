@@ -29,7 +29,7 @@ import requests.exceptions
 
 from server.agent import ops as agent_ops
 from server.agent.protocol import DockerDemux
-from server.agent.session import AgentSession
+from server.agent.session import AgentOpError, AgentSession
 from server.runtime import docker_specs
 from server.runtime.base import (
     LABEL_INSTANCE,
@@ -47,6 +47,7 @@ from server.runtime.base import (
     WorkspaceSpec,
 )
 from server.runtime.errors import (
+    AgentTimeout,
     AgentUnavailable,
     EngineConflict,
     EngineError,
@@ -487,6 +488,16 @@ class DockerRuntime:
         await self._call(f"delete snapshot {snap.snapshot_id}", run)
 
     async def cpu_time_ns(self, spec: WorkspaceSpec) -> int | None:
+        """From the agent when the workspace has one (the CPU of the workspace's own
+        processes, without gVisor's overhead on the host, and without asking the engine);
+        else from the engine's stats."""
+        session = await self._agent_or_fallback(spec)
+        if session is not None:
+            with contextlib.suppress(AgentUnavailable, AgentTimeout, AgentOpError):
+                used = (await agent_ops.status(session)).get("cpu_ns")
+                if isinstance(used, int) and used >= 0:
+                    return used
+
         def run() -> int | None:
             try:
                 stats = self._api().stats(spec.container_name, stream=False, one_shot=True)
