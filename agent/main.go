@@ -1,7 +1,8 @@
 // den-agent: the program that runs inside every Den workspace (docs/agent.md).
 //
 //	den-agent init [--] [command args...]   PID 1: reaps, runs `serve` and the image's init
-//	den-agent serve                         the protocol on stdin/stdout
+//	den-agent serve                         the protocol, for relays on /run/den-agent/agent.sock
+//	den-agent relay                         one session: stdin/stdout <-> serve's socket
 //	den-agent version                       prints the version
 package main
 
@@ -10,6 +11,7 @@ import (
 	"io"
 	"log"
 	"os"
+	"syscall"
 	"time"
 )
 
@@ -17,7 +19,7 @@ import (
 var version = "dev"
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: den-agent init [--] [command args...] | den-agent serve | den-agent version")
+	fmt.Fprintln(os.Stderr, "usage: den-agent init [--] [command args...] | den-agent serve | den-agent relay | den-agent version")
 	os.Exit(2)
 }
 
@@ -30,7 +32,18 @@ func realMain(args []string) int {
 		fmt.Println(version)
 		return 0
 	case "serve":
-		return serveMain(persistentReader{os.Stdin}, os.Stdout)
+		if os.Getenv("DEN_AGENT_STDIO") == "1" { // tests: the protocol on stdin/stdout
+			return serveMain(persistentReader{blockingFile(0, "stdin")}, blockingFile(1, "stdout"))
+		}
+		c := newConns()
+		logger := log.New(os.Stderr, fmt.Sprintf("den-agent serve[%d]: ", os.Getpid()), 0)
+		if err := c.listen(logger.Printf); err != nil {
+			logger.Printf("listen on %s: %v", socketPath, err)
+			return 1
+		}
+		return serveMain(c, c)
+	case "relay":
+		return relayMain()
 	case "init":
 		return initMain(args[1:])
 	}
@@ -69,4 +82,15 @@ func (p persistentReader) Read(b []byte) (int, error) {
 			time.Sleep(50 * time.Millisecond)
 		}
 	}
+}
+
+// blockingFile opens one of the channel's descriptors for plain blocking I/O, outside Go's
+// poller. Under gVisor the channel is a host descriptor; a serve restarted after the previous
+// one was killed never saw it become ready through the poller (measured: the restarted agent
+// read nothing), while blocking reads and writes work in every case.
+func blockingFile(fd int, name string) *os.File {
+	if err := syscall.SetNonblock(fd, false); err != nil {
+		return os.NewFile(uintptr(fd), name)
+	}
+	return os.NewFile(uintptr(fd), name)
 }

@@ -356,7 +356,7 @@ func TestNewSessionLeavesNonTTYExecs(t *testing.T) {
 // The real binary's serve over pipes, as a subprocess.
 func TestServeSubprocess(t *testing.T) {
 	cmd := exec.Command(os.Args[0], "serve")
-	cmd.Env = append(os.Environ(), "DEN_AGENT_TEST_MAIN=1")
+	cmd.Env = append(os.Environ(), "DEN_AGENT_TEST_MAIN=1", "DEN_AGENT_STDIO=1")
 	stdin, _ := cmd.StdinPipe()
 	stdout, _ := cmd.StdoutPipe()
 	if err := cmd.Start(); err != nil {
@@ -391,7 +391,7 @@ func TestInit(t *testing.T) {
 	script := dir + "/den-init"
 	os.WriteFile(script, []byte("#!/bin/sh\necho started >> "+dir+"/log\nexec sleep 1000\n"), 0o755)
 	cmd := exec.Command(os.Args[0], "init", "--", script)
-	cmd.Env = append(os.Environ(), "DEN_AGENT_TEST_MAIN=1")
+	cmd.Env = append(os.Environ(), "DEN_AGENT_TEST_MAIN=1", "DEN_AGENT_STDIO=1")
 	stdin, _ := cmd.StdinPipe()
 	stdout, _ := cmd.StdoutPipe()
 	if err := cmd.Start(); err != nil {

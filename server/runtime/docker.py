@@ -30,6 +30,7 @@ import requests.exceptions
 from server.agent import ops as agent_ops
 from server.agent.protocol import DockerDemux
 from server.agent.session import AgentOpError, AgentSession
+from server.errors import DenError
 from server.runtime import docker_specs
 from server.runtime.base import (
     LABEL_INSTANCE,
@@ -63,6 +64,8 @@ EXEC_GRACE_S = 30
 QUIESCE_WAIT_S = 5.0
 SETTLE_AFTER_EXEC_S = 2.0  # a pause this soon after an exec waits for descriptors to drop
 CHECKPOINT_TIMEOUT_S = 600
+AGENT_ATTEMPTS = 4  # to reach an agent before the engine's exec serves a call instead
+AGENT_RETRY_S = 30  # how long the engine's exec then serves the workspace
 # Checkpoint images, beside the engine's checkpoints/ in each container's directory.
 IMAGES_DIR = "den-checkpoints"
 
@@ -92,7 +95,8 @@ class DockerRuntime:
         self._agents: dict[str, AgentSession] = {}  # container -> live session
         self._agent_info: dict[str, tuple[bool, dict[str, str]]] = {}  # has agent, its env
         self._agent_locks: dict[str, asyncio.Lock] = {}
-        self._broken_agents: set[str] = set()  # containers served by the engine's exec
+        # container -> until when the engine's exec serves it (its agent did not answer)
+        self._broken_agents: dict[str, float] = {}
         self._runsc = runsc
         self._runsc_root = runsc_root
         self._base_url = base_url
@@ -187,7 +191,7 @@ class DockerRuntime:
         await self._call(f"seed workspace {spec.workspace_id}", run)
 
     async def start(self, spec: WorkspaceSpec) -> None:
-        self._broken_agents.discard(spec.container_name)
+        self._broken_agents.pop(spec.container_name, None)
 
         def run() -> None:
             api = self._api()
@@ -340,7 +344,7 @@ class DockerRuntime:
                     "anyway", cid[:12], QUIESCE_WAIT_S)
 
     async def resume(self, spec: WorkspaceSpec, *, checkpoint: str) -> None:
-        self._broken_agents.discard(spec.container_name)
+        self._broken_agents.pop(spec.container_name, None)
 
         def run() -> None:
             api = self._api()
@@ -713,11 +717,14 @@ class DockerRuntime:
             session = self._agents.get(name)
             if session is not None and session.alive:
                 return session
-            sock = await self._call(f"attach to workspace {spec.workspace_id}",
-                                    lambda: self._api().attach_socket(
-                                        name, params={"stdin": 1, "stdout": 1, "stderr": 1,
-                                                      "stream": 1}))
-            transport = AttachTransport(sock, name=spec.workspace_id)
+            def relay() -> tuple[str, Any]:
+                exec_id = str(self._api().exec_create(
+                    name, [docker_specs.AGENT_COMMAND[0], "relay"], stdin=True, stdout=True,
+                    stderr=True, tty=False, user="root", workdir="/")["Id"])
+                return exec_id, self._api().exec_start(exec_id, socket=True)
+
+            exec_id, sock = await self._call(f"reach the agent of {spec.workspace_id}", relay)
+            transport = AttachTransport(sock, name=spec.workspace_id, exec_id=exec_id)
             try:
                 session = await AgentSession.connect(transport, name=spec.workspace_id)
             except AgentUnavailable:
@@ -726,7 +733,7 @@ class DockerRuntime:
                 raise
             session.on_end = functools.partial(self._forget_agent, name)
             self._agents[name] = session
-            log.info("workspace %s: agent %s (pid %s) attached", spec.workspace_id,
+            log.info("workspace %s: agent %s (pid %s) reached", spec.workspace_id,
                      str(session.hello.get("version", "?"))[:40],
                      str(session.hello.get("pid", "?"))[:12])
             return session
@@ -736,10 +743,10 @@ class DockerRuntime:
             del self._agents[name]
 
     def _agent_broken(self, spec: WorkspaceSpec, why: str) -> None:
-        """Use the engine's exec for this container until it starts again."""
-        log.warning("workspace %s: %s; the engine's exec serves it until its next start",
-                    spec.workspace_id, why)
-        self._broken_agents.add(spec.container_name)
+        """Use the engine's exec for this container for a while (or until it starts again)."""
+        log.warning("workspace %s: %s; the engine's exec serves it for the next %d s",
+                    spec.workspace_id, why, AGENT_RETRY_S)
+        self._broken_agents[spec.container_name] = time.monotonic() + AGENT_RETRY_S
         session = self._agents.pop(spec.container_name, None)
         if session is not None:
             session._shutdown(why)
@@ -751,18 +758,35 @@ class DockerRuntime:
     async def _agent_or_fallback(self, spec: WorkspaceSpec) -> AgentSession | None:
         """The agent's session; None (the engine's exec then) for a workspace without one, or
         whose agent cannot be reached (logged: the workspace stays usable, more slowly)."""
-        if spec.container_name in self._broken_agents:
+        if self._broken_agents.get(spec.container_name, 0.0) > time.monotonic():
             return None
-        try:
-            return await self._agent(spec)
-        except AgentUnavailable as exc:
-            self._agent_broken(spec, exc.message)
-            return None
+        for attempt in range(AGENT_ATTEMPTS):  # a restarting agent is back within ~0.3 s
+            try:
+                return await self._agent(spec)
+            except AgentUnavailable as exc:
+                if attempt == AGENT_ATTEMPTS - 1:
+                    self._agent_broken(spec, exc.message)
+                    return None
+                await asyncio.sleep(0.25)
+        return None
 
     async def _drop_agent(self, spec: WorkspaceSpec, reason: str) -> None:
+        """End the session; its relay then exits (waited for, briefly: a checkpoint must not
+        find it, as it holds the engine's descriptors)."""
         session = self._agents.pop(spec.container_name, None)
-        if session is not None:
-            await session.close(reason)
+        if session is None:
+            return
+        await session.close(reason)
+        exec_id = getattr(session.transport, "exec_id", "")
+        if exec_id:
+            def wait() -> None:
+                for _ in range(100):
+                    if not self._api().exec_inspect(exec_id).get("Running"):
+                        return
+                    time.sleep(0.02)
+
+            with contextlib.suppress(DenError):
+                await self._call("agent relay", wait)
 
     async def _require_agent(self, spec: WorkspaceSpec) -> AgentSession:
         session = await self._agent(spec)
@@ -919,14 +943,15 @@ class DockerExecStream:
 
 
 class AttachTransport:
-    """The agent's byte streams through the engine's attach to the container's main process:
-    we write its stdin; its stdout and stderr come back with the engine's 8-byte headers.
-    stderr is the agent's own log, passed to Den's log a line at a time (bounded)."""
+    """The agent's byte streams through an engine exec of ``den-agent relay`` (a hijacked
+    stream): we write its stdin; its stdout and stderr come back with the engine's 8-byte
+    headers. stderr is the relay's own log, passed to Den's log a line at a time (bounded)."""
 
     MAX_LOG_LINE = 1000
     MAX_LOG_LINES = 200  # per session; an agent that talks more is not heard
 
-    def __init__(self, sock: Any, *, name: str) -> None:
+    def __init__(self, sock: Any, *, name: str, exec_id: str = "") -> None:
+        self.exec_id = exec_id
         self._sock = sock
         self._raw = _raw_socket(sock)
         self._raw.setblocking(False)

@@ -37,8 +37,8 @@ def memory_headroom_mb(memory_mb: int) -> int:
 
 
 # With the agent (docs/agent.md), PID 1 is the agent's init, mounted read-only from the host;
-# it starts the image's den-init when there is one. Den talks to it over PID 1's stdio (an
-# attach), so the container keeps stdin open and logs nothing (the stdio is the channel).
+# it starts the image's den-init when there is one. Den reaches the agent through an engine
+# exec of `den-agent relay` per session (never through PID 1's stdio: see agent/relay.go).
 AGENT_MOUNT = "/.den"
 AGENT_COMMAND = [f"{AGENT_MOUNT}/current/den-agent", "init", "--", "/usr/local/bin/den-init"]
 LABEL_AGENT = "den.agent"
@@ -63,18 +63,14 @@ def container_config(spec: WorkspaceSpec, *, gvisor_runtime: str, agent_dir: str
         "restart_policy": {"Name": "no"},
         "log_config": {"type": "json-file", "config": {"max-size": "1m", "max-file": "1"}},
     }
-    extra: dict[str, Any] = {}
     labels = dict(spec.labels)
     if agent_dir is not None:
         host_config["binds"][agent_dir] = {"bind": AGENT_MOUNT, "mode": "ro"}
-        host_config["log_config"] = {"type": "none", "config": {}}
-        extra = {"stdin_open": True, "tty": False}
         labels[LABEL_AGENT] = "1"
     return {
         "image": spec.image,
         "name": spec.container_name,
         "command": AGENT_COMMAND if agent_dir is not None else INIT_COMMAND,
-        **extra,
         "hostname": spec.hostname,
         "labels": labels,
         "environment": {**spec.env, "DEN_MEMORY_MB": str(spec.memory_mb),
