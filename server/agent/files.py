@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import posixpath
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,7 +162,7 @@ class ReadStream:
         self.size = size
         self.path = path
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
         left = self.size
         try:
             while left > 0:
@@ -202,10 +202,9 @@ class AgentFiles:
     def _op(self, op: str, path: str, **fields: Any) -> dict[str, Any]:
         return {"op": op, "path": path, "root": self.root, "user": self.user, **fields}
 
-    async def _request(self, op: dict[str, Any], *, timeout_s: float = REQUEST_TIMEOUT_S
-                       ) -> Any:
+    async def _request(self, op: dict[str, Any], *, timeout_s: float | None = None) -> Any:
         try:
-            return await self._session.request(op, timeout_s=timeout_s)
+            return await self._session.request(op, timeout_s=timeout_s or REQUEST_TIMEOUT_S)
         except AgentOpError as err:
             raise file_error(err, op["path"], root=self.root, op=op["op"]) from err
 
@@ -283,7 +282,7 @@ class AgentFiles:
 
     async def remove(self, path: str, *, recursive: bool = False) -> None:
         await self._request(self._op("remove", path, recursive=recursive),
-                            timeout_s=REMOVE_TIMEOUT_S if recursive else REQUEST_TIMEOUT_S)
+                            timeout_s=REMOVE_TIMEOUT_S if recursive else None)
 
     async def rename(self, path: str, to: str) -> None:
         await self._request(self._op("rename", path, to=to))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
 
 from server.agent.files import LIST_LIMIT, AgentFiles, FileEntry, Listing
 from server.errors import Conflict, DenError, Forbidden, NotFound, PayloadTooLarge, ValidationFailed
@@ -101,7 +101,7 @@ class FileContent:
         self._chunks = chunks
         self._close = close
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
         try:
             async for chunk in self._chunks:
                 yield chunk
