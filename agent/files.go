@@ -3,6 +3,7 @@ package main
 import (
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -220,6 +221,9 @@ func opStat(c *channel, r *request) error {
 	return nil
 }
 
+// listBudget bounds a list answer's entries (encoded) so that the answer fits one frame.
+const listBudget = maxPayload - 4096
+
 func opList(c *channel, r *request) error {
 	fq, err := newFileReq(r)
 	if err != nil {
@@ -242,6 +246,7 @@ func opList(c *channel, r *request) error {
 	defer f.Close()
 	entries := []map[string]any{}
 	truncated := false
+	encoded := 0 // the answer is one MSG frame: its entries stay within listBudget bytes
 	for {
 		names, err := f.Readdirnames(256)
 		for _, name := range names {
@@ -255,6 +260,12 @@ func opList(c *channel, r *request) error {
 			}
 			e := statInfo(st)
 			e["name"] = name
+			b, _ := json.Marshal(e)
+			if encoded+len(b)+1 > listBudget {
+				truncated = true
+				break
+			}
+			encoded += len(b) + 1
 			entries = append(entries, e)
 		}
 		if truncated || err != nil {

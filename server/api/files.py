@@ -1,23 +1,38 @@
-"""File routes: read, write, list, delete inside /workspace."""
+"""File routes: read, write, list, delete inside /workspace. Reads and writes stream."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import StreamingResponse
 
 from server.api.deps import CurrentUser, Files, Workspaces
 from server.api.schemas import FileEntryOut, FileList, FileWritten
 from server.errors import PayloadTooLarge
+from server.workspaces.files import FileContent
 from server.workspaces.service import path_in_workspace
 
 router = APIRouter(prefix="/api/v1/workspaces/{ref}/files", tags=["files"])
 
 
-@router.get("", response_class=Response)
+@router.get("", response_class=StreamingResponse)
 async def read_file(ref: str, path: str, user: CurrentUser, svc: Workspaces, files: Files
-                    ) -> Response:
+                    ) -> StreamingResponse:
     ws = svc.get_for(user, ref)
-    data = await files.read(ws.id, path, actor=user.name)
-    return Response(content=data, media_type="application/octet-stream")
+    content = await files.read(ws.id, path, actor=user.name)  # errors: before the first byte
+    # Once streaming, an error aborts the response (short of Content-Length: never a
+    # truncated file that looks whole).
+    return StreamingResponse(_body(content), media_type="application/octet-stream",
+                             headers={"Content-Length": str(content.size)})
+
+
+async def _body(content: FileContent) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in content.chunks():
+            yield chunk
+    finally:
+        await content.aclose()
 
 
 @router.put("", response_model=FileWritten)
@@ -25,12 +40,10 @@ async def write_file(ref: str, path: str, request: Request, user: CurrentUser,
                      svc: Workspaces, files: Files) -> FileWritten:
     ws = svc.get_for(user, ref)
     limit = svc.settings.file_max_bytes
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLarge(f"file is larger than this server's limit of {limit} bytes")
-    size = await files.write(ws.id, path, bytes(body), actor=user.name)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"file is larger than this server's limit of {limit} bytes")
+    size = await files.write(ws.id, path, request.stream(), actor=user.name)
     return FileWritten(path=path_in_workspace(path), size=size)
 
 
@@ -46,9 +59,10 @@ async def delete_file(ref: str, path: str, user: CurrentUser, svc: Workspaces, f
 async def list_files(ref: str, user: CurrentUser, svc: Workspaces, files: Files,
                      path: str = ".") -> FileList:
     ws = svc.get_for(user, ref)
-    entries = await files.list(ws.id, path, actor=user.name)
+    listing = await files.list(ws.id, path, actor=user.name)
     return FileList(
         path=path_in_workspace(path),
         entries=[FileEntryOut(name=e.name, type=e.type, size=e.size, mtime=e.mtime,
-                              mode=e.mode) for e in entries],
+                              mode=e.mode) for e in listing.entries],
+        truncated=listing.truncated,
     )

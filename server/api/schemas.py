@@ -238,6 +238,7 @@ class FileEntryOut(BaseModel):
 class FileList(BaseModel):
     path: str
     entries: list[FileEntryOut]
+    truncated: bool = False  # entries were left out (a very large directory)
 
 
 class FileWritten(BaseModel):

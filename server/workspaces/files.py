@@ -1,20 +1,30 @@
 """The files API: read, write, list and delete inside ``/workspace`` only.
 
-Every operation runs as ``dev`` inside the workspace (through the engine's exec), so the
-workspace's own permissions apply. Paths are normalised here first, then resolved again
-inside the sandbox with ``realpath`` so that symlinks pointing outside ``/workspace`` are
-refused too. The scripts are pure data (tested by equality); the exit codes below are the
-contract between them and :class:`FileService`.
+Every operation acts as ``dev`` inside the workspace, so the workspace's own permissions
+apply, and paths are normalised here first. Where the runtime hands out the workspace's
+agent (:class:`~server.runtime.base.AgentChannel`), the agent does the operations
+(:mod:`server.agent.files`): it resolves symlinks and refuses what leads outside
+``/workspace``, and reads and writes stream, so no file is held whole in Den's memory.
+Otherwise (the fake runtime, a workspace created without the agent, an agent that cannot be
+reached) small ``sh`` scripts run through the engine's exec, resolving the path again inside
+the sandbox with ``realpath``; a write then collects the body first (at most
+``file_max_bytes``). The scripts are pure data (tested by equality); the exit codes below are
+the contract between them and :class:`FileService`, and both paths answer the same errors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
 
+from server.agent.files import LIST_LIMIT, AgentFiles, FileEntry, Listing
 from server.errors import Conflict, DenError, Forbidden, NotFound, PayloadTooLarge, ValidationFailed
-from server.runtime.base import ExecResult
+from server.runtime.base import AgentChannel, ExecResult
+from server.runtime.errors import EngineConflict
 from server.workspaces.service import WORKSPACE_ROOT, WorkspaceService, path_in_workspace
+
+__all__ = ["FileContent", "FileEntry", "FileService", "Listing", "parse_listing"]
 
 _INSIDE = (
     'case "$p" in ' + WORKSPACE_ROOT + "|" + WORKSPACE_ROOT + "/*) ;; *) exit 3;; esac; "
@@ -49,15 +59,6 @@ DELETE_SCRIPT = (
 _TYPES = {"f": "file", "d": "dir", "l": "symlink"}
 
 
-@dataclass(frozen=True)
-class FileEntry:
-    name: str
-    type: str
-    size: int
-    mtime: float
-    mode: str
-
-
 def script_argv(script: str, *args: str) -> list[str]:
     return ["/bin/sh", "-c", script, "den-files", *args]
 
@@ -90,11 +91,67 @@ def _raise_for(result: ExecResult, path: str, *, want_dir: bool = False) -> None
     raise ValidationFailed(f"file operation on {path} failed: {message or f'exit {code}'}")
 
 
+class FileContent:
+    """A file being read: ``size`` bytes to come from :meth:`chunks`. Iterate it once, or
+    :meth:`aclose` it: either way the read ends (the agent's channel is closed)."""
+
+    def __init__(self, size: int, chunks: AsyncIterator[bytes],
+                 close: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.size = size
+        self._chunks = chunks
+        self._close = close
+
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
+        try:
+            async for chunk in self._chunks:
+                yield chunk
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        close, self._close = self._close, None
+        if close is not None:
+            await close()
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
 class FileService:
-    """File operations on a workspace, as ``dev``, through the workspace service's exec."""
+    """File operations on a workspace, as ``dev``: through its agent when it has one, else
+    through the workspace service's exec."""
 
     def __init__(self, workspaces: WorkspaceService) -> None:
         self.workspaces = workspaces
+
+    @property
+    def max_bytes(self) -> int:
+        return self.workspaces.settings.file_max_bytes
+
+    async def _agent(self, ws_id: str, actor: str) -> AgentFiles | None:
+        """The workspace's agent (waking the workspace), or None: use the scripts then."""
+        svc = self.workspaces
+        runtime = svc.runtime
+        if not isinstance(runtime, AgentChannel):
+            return None
+        ws = await svc.ensure_running(ws_id, actor=actor)
+        try:
+            session = await runtime.agent(svc.spec_for(ws))
+        except EngineConflict:
+            return None  # the sandbox died: the exec path notices, records it and restarts it
+        if session is None:
+            return None
+        return AgentFiles(session, root=WORKSPACE_ROOT, user="dev")
+
+    @contextlib.asynccontextmanager
+    async def _busy(self, ws_id: str) -> AsyncIterator[None]:
+        """Like an exec: the workspace is busy meanwhile, and used when it ends."""
+        try:
+            async with self.workspaces.activity.hold(ws_id):
+                yield
+        finally:
+            self.workspaces.touch(ws_id)
 
     async def _run(self, ws_id: str, actor: str, argv: list[str], *,
                    stdin: bytes | None = None) -> ExecResult:
@@ -102,36 +159,68 @@ class FileService:
         ws = svc.get(ws_id)
         req = svc.exec_request(ws, argv, cwd=WORKSPACE_ROOT, stdin=stdin, timeout_s=300)
         # A file may be as large as file_max_bytes; one byte more shows it was cut.
-        req = dataclasses.replace(req, max_output_bytes=svc.settings.file_max_bytes + 1)
+        req = dataclasses.replace(req, max_output_bytes=self.max_bytes + 1)
         return await svc.exec(ws_id, req, actor=actor)
 
-    async def read(self, ws_id: str, path: str, *, actor: str) -> bytes:
+    async def read(self, ws_id: str, path: str, *, actor: str) -> FileContent:
+        """Open a file: every error comes from here, before the content."""
         target = path_in_workspace(path)
-        limit = str(self.workspaces.settings.file_max_bytes)
-        result = await self._run(ws_id, actor, script_argv(READ_SCRIPT, target, limit))
-        _raise_for(result, target)
-        return result.stdout
+        files = await self._agent(ws_id, actor)
+        if files is None:
+            limit = str(self.max_bytes)
+            result = await self._run(ws_id, actor, script_argv(READ_SCRIPT, target, limit))
+            _raise_for(result, target)
+            return FileContent(len(result.stdout), _once(result.stdout))
+        stream = await files.read(target, max_bytes=self.max_bytes)
 
-    async def write(self, ws_id: str, path: str, data: bytes, *, actor: str) -> int:
+        async def chunks() -> AsyncIterator[bytes]:
+            async with self._busy(ws_id):
+                async for chunk in stream.chunks():
+                    yield chunk
+
+        return FileContent(stream.size, chunks(), stream.aclose)
+
+    async def write(self, ws_id: str, path: str, body: AsyncIterable[bytes], *,
+                    actor: str) -> int:
+        """Write ``body`` (at most ``file_max_bytes``, else 413) to ``path``; its size."""
         target = path_in_workspace(path)
         if target == WORKSPACE_ROOT:
             raise ValidationFailed("path names /workspace itself; name a file inside it")
-        if len(data) > self.workspaces.settings.file_max_bytes:
-            raise PayloadTooLarge("file is larger than this server's file size limit")
-        result = await self._run(ws_id, actor, script_argv(WRITE_SCRIPT, target), stdin=data)
+        files = await self._agent(ws_id, actor)
+        if files is not None:
+            async with self._busy(ws_id):
+                return await files.write(target, body, max_bytes=self.max_bytes)
+        data = bytearray()
+        async for chunk in body:
+            data += chunk
+            if len(data) > self.max_bytes:
+                raise PayloadTooLarge(
+                    f"file is larger than this server's limit of {self.max_bytes} bytes")
+        result = await self._run(ws_id, actor, script_argv(WRITE_SCRIPT, target),
+                                 stdin=bytes(data))
         _raise_for(result, target)
         return len(data)
 
-    async def list(self, ws_id: str, path: str, *, actor: str) -> list[FileEntry]:
+    async def list(self, ws_id: str, path: str, *, actor: str) -> Listing:
         target = path_in_workspace(path)
+        files = await self._agent(ws_id, actor)
+        if files is not None:
+            async with self._busy(ws_id):
+                return await files.list(target, limit=LIST_LIMIT)
         result = await self._run(ws_id, actor, script_argv(LIST_SCRIPT, target))
         _raise_for(result, target, want_dir=True)
-        return parse_listing(result.stdout)
+        entries = parse_listing(result.stdout)
+        return Listing(entries[:LIST_LIMIT], truncated=len(entries) > LIST_LIMIT)
 
     async def delete(self, ws_id: str, path: str, *, recursive: bool, actor: str) -> None:
         target = path_in_workspace(path)
         if target == WORKSPACE_ROOT:
             raise Forbidden("/workspace itself cannot be deleted")
+        files = await self._agent(ws_id, actor)
+        if files is not None:
+            async with self._busy(ws_id):
+                await files.remove(target, recursive=recursive)
+            return
         result = await self._run(
             ws_id, actor, script_argv(DELETE_SCRIPT, target, "1" if recursive else "0")
         )

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
-from tests.conftest import ApiClient
+from server.app import create_app
+from server.config import Settings
+from tests.conftest import ApiClient, users
 
 pytestmark = pytest.mark.engine
 
@@ -92,3 +98,97 @@ def test_file_errors(real_api: ApiClient, ws: str) -> None:
     assert r.json()["error"]["code"] == "not_a_directory"
     real_api.exec(ws, "sudo install -d -o root -m 700 /workspace/private")
     assert real_api.put(url, params={"path": "private/x"}, content=b"x").status_code == 403
+
+
+# --- through the agent: large files stream, and the limit holds ------------------------------
+
+MB = 1024 * 1024
+
+
+@pytest.fixture
+def limited_api(engine: None, make_settings: Callable[..., Settings],
+                request: pytest.FixtureRequest) -> Iterator[ApiClient]:
+    """An API whose file size limit is the test's ``file_max_bytes`` mark, and whose files
+    calls must go through the agent (the exec scripts are made to fail)."""
+    app = create_app(make_settings(file_max_bytes=request.param))
+    with TestClient(app) as client:
+        api = ApiClient(client, users(app))
+
+        async def no_scripts(*args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("a files call fell back to the exec scripts")
+
+        app.state.files._run = no_scripts
+        yield api
+        for ws in list(app.state.workspaces.list_for(_admin_of(app))):
+            client.delete(f"/api/v1/workspaces/{ws.id}", headers=api.h("root"))
+
+
+def _admin_of(app: Any) -> Any:
+    from tests.conftest import _admin
+
+    return _admin(app)
+
+
+@pytest.mark.parametrize("limited_api", [128 * MB], indirect=True)
+def test_a_100_mb_file_streams_both_ways(limited_api: ApiClient,
+                                         make_repo: Callable[..., Path]) -> None:
+    api = limited_api
+    ws = str(api.create(make_repo())["id"])
+    url = f"/api/v1/workspaces/{ws}/files"
+    blob = os.urandom(MB) * 100
+    want = hashlib.sha256(blob).hexdigest()
+
+    started = time.monotonic()
+    r = api.put(url, params={"path": "big/blob.bin"}, content=blob)
+    write_s = time.monotonic() - started
+    assert r.status_code == 200 and r.json()["size"] == len(blob), r.text
+    del blob
+
+    started, digest, size = time.monotonic(), hashlib.sha256(), 0
+    with api.client.stream("GET", url, params={"path": "big/blob.bin"},
+                           headers=api.h()) as got:
+        assert got.status_code == 200
+        assert got.headers["content-length"] == str(100 * MB)
+        for chunk in got.iter_bytes():
+            digest.update(chunk)
+            size += len(chunk)
+    read_s = time.monotonic() - started
+    assert (size, digest.hexdigest()) == (100 * MB, want)
+    inside = api.exec(ws, "sha256sum /workspace/big/blob.bin; stat -c %U big/blob.bin",
+                      cwd="/workspace")
+    assert inside["stdout"].split() == [want, "/workspace/big/blob.bin", "dev"]
+    print(f"\n100 MB through the files API: write {100 / write_s:.0f} MB/s ({write_s:.2f} s), "
+          f"read {100 / read_s:.0f} MB/s ({read_s:.2f} s)")
+
+
+@pytest.mark.parametrize("limited_api", [1 * MB], indirect=True)
+def test_a_body_over_the_limit_is_413_and_leaves_no_temporary_file(
+        limited_api: ApiClient, make_repo: Callable[..., Path]) -> None:
+    api = limited_api
+    ws = str(api.create(make_repo())["id"])
+    url = f"/api/v1/workspaces/{ws}/files"
+    api.put(url, params={"path": "keep.txt"}, content=b"old")
+
+    # Declared too long: refused before the workspace is asked.
+    r = api.put(url, params={"path": "keep.txt"}, content=b"x" * (MB + 1))
+    assert (r.status_code, r.json()["error"]["code"]) == (413, "too_large"), r.text
+
+    # Chunked (no length): refused once the body passes the limit; the agent's write,
+    # which had made its temporary file, is closed before EOF and removes it.
+    def body() -> Iterator[bytes]:
+        for _ in range(3):
+            yield os.urandom(MB)
+
+    r = api.put(url, params={"path": "keep.txt"}, content=body())
+    assert (r.status_code, r.json()["error"]["code"]) == (413, "too_large"), r.text
+    assert api.get(url, params={"path": "keep.txt"}).content == b"old"
+    leftovers = "?"
+    for _ in range(50):  # the agent removes it as it reads the CLOSE: no waiting, usually
+        leftovers = api.exec(ws, "find /workspace -name '.den-write-*'")["stdout"]
+        if not leftovers:
+            break
+        time.sleep(0.1)
+    assert leftovers == ""
+    # A file exactly at the limit is fine.
+    r = api.put(url, params={"path": "exact.bin"}, content=b"y" * MB)
+    assert (r.status_code, r.json()["size"]) == (200, MB), r.text

@@ -215,7 +215,7 @@ def test_read_write_list_delete_through_the_routes(fake_api: ApiClient, files_ur
     assert r.json() == {"path": "/workspace/api", "entries": [
         {"name": "README.md", "type": "file", "size": 6, "mtime": 1.5, "mode": "644"},
         {"name": "src", "type": "dir", "size": 0, "mtime": 2.0, "mode": "755"},
-    ]}
+    ], "truncated": False}
     r = fake_api.delete(files_url, params={"path": "api/src", "recursive": "true"})
     assert r.status_code == 204
 
