@@ -343,3 +343,55 @@ def test_ssh_config_from_the_api_lets_plain_ssh_connect(
                        capture_output=True, timeout=120)
     assert r.returncode == 0, r
     assert r.stdout == b"via-config\n"
+
+
+MINIMAL_DOCKERFILE = """FROM den/base:bookworm
+RUN useradd --uid 1000 --user-group --create-home --shell /bin/sh dev \\
+    && install -d -o dev -g dev /workspace \\
+    && dpkg --purge --force-remove-essential --force-depends bash >/dev/null 2>&1 \\
+    && ! command -v bash && ! command -v python3 && ! command -v tmux
+"""
+
+
+@pytest.fixture
+def minimal_image(tmp_path: Path) -> Iterator[str]:
+    """An image with no Python, no bash and no tmux: only what debootstrap's minbase has,
+    less bash, and a dev user. Den's agent alone has to make it a workspace."""
+    tag = f"den/{tmp_path.name.lower()[:40]}-minimal:test"
+    ctx = tmp_path / "minimal"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(MINIMAL_DOCKERFILE)
+    subprocess.run(["docker", "build", "-q", "-t", tag, str(ctx)], check=True,
+                   capture_output=True, timeout=300)
+    yield tag
+    subprocess.run(["docker", "rmi", "-f", tag], capture_output=True, timeout=120)
+
+
+def test_an_image_without_python_bash_or_tmux_runs_exec_files_terminal_and_ssh(
+        gw: Gw, make_repo: Callable[..., Path], minimal_image: str) -> None:
+    api = gw.api
+    ws = api.create(make_repo(), image=minimal_image)
+    assert ws["state"] == "running", ws
+    wid = ws["id"]
+    r = api.exec(wid, "command -v bash python3 tmux; echo $0; id -un")
+    assert r["stdout"] == "sh\ndev\n", r
+    url = f"/api/v1/workspaces/{wid}/files"
+    assert api.put(url, params={"path": "api/new.txt"}, content=b"made\n").status_code == 200
+    assert api.get(url, params={"path": "api/new.txt"}).content == b"made\n"
+    assert api.exec(wid, "cat new.txt")["stdout"] == "made\n"
+    # SSH: a command (run by sh, the image's only shell) and its exit status.
+    r = gw.ssh("api", "echo via-ssh; exit 4")
+    assert (r.returncode, r.stdout) == (4, b"via-ssh\n"), r
+    # The web terminal: no tmux, so a plain login shell on a terminal.
+    with api.client.websocket_connect(f"/api/v1/workspaces/{wid}/terminal?cols=90&rows=30",
+                                      headers=api.h()) as sock:
+        sock.send_json({"type": "stdin", "data": "stty size; echo T$((6*7))\r"})
+        out = ""
+        while "T42" not in out:
+            msg = sock.receive_json()
+            assert msg["type"] in ("status", "stdout"), msg
+            out += msg.get("data", "")
+        assert "30 90" in out, out
+        sock.send_json({"type": "stdin", "data": "exit\r"})
+        while (msg := sock.receive_json())["type"] != "exit":
+            pass
