@@ -166,7 +166,11 @@ class AgentExecStream:
     @classmethod
     async def start(cls, session: AgentSession, req: ExecRequest, env: Mapping[str, str]
                     ) -> AgentExecStream:
-        ch = await session.open(exec_request(req, env, stdin=True))
+        op = exec_request(req, env, stdin=True)
+        # A stream has no output cap: its reader sets the pace (the window), and the cap of
+        # one-shot exec would silently cut `ssh ws 'cat big' > copy` at 16 MiB.
+        op["max_output"] = 0
+        ch = await session.open(op)
         try:
             failed = await _started(ch, req.argv[0] if req.argv else "")
         except BaseException:

@@ -835,7 +835,12 @@ class DockerRuntime:
 
 class DockerExecStream:
     """A process started by ``exec_stream``. Its output goes into a queue: a terminal's read
-    on the event loop, framed stdout/stderr by a reader thread."""
+    on the event loop, framed stdout/stderr by a reader thread. The queue holds at most about
+    ``QUEUE_BYTES``: past that the reading stops (the thread waits, the terminal's reader is
+    removed) until the consumer takes chunks, so a client that reads slowly slows the
+    process (the engine's socket fills) instead of growing Den."""
+
+    QUEUE_BYTES = 1 << 20
 
     def __init__(self, rt: DockerRuntime, spec: WorkspaceSpec, exec_id: str, sock: Any,
                  pidfile: str, *, tty: bool = False) -> None:
@@ -848,6 +853,9 @@ class DockerExecStream:
         self._pidfile = pidfile
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[StreamChunk | None] = asyncio.Queue()
+        self._queued = 0  # bytes in the queue, under _room's lock
+        self._room = threading.Condition()
+        self._reading_paused = False  # a terminal's reader removed while the queue is full
         self._closed = False
         self._exited = False
         self._eof = asyncio.Event()
@@ -869,7 +877,15 @@ class DockerExecStream:
         except OSError:
             data = b""
         if data:
+            if self._closed:
+                return  # being killed: drained into nothing (see kill)
             self._queue.put_nowait(StreamChunk("stdout", data))
+            with self._room:
+                self._queued += len(data)
+                full = self._queued > self.QUEUE_BYTES
+            if full and not self._reading_paused:
+                self._reading_paused = True
+                self._loop.remove_reader(self._raw.fileno())
             return
         self._stop_reading()
 
@@ -885,6 +901,12 @@ class DockerExecStream:
         try:
             for stream, data in _frames(self._raw):
                 name = "stdout" if stream == _STDOUT else "stderr"
+                with self._room:
+                    while self._queued > self.QUEUE_BYTES and not self._closed:
+                        self._room.wait()
+                    if self._closed:
+                        continue  # being killed: drained into nothing (see kill)
+                    self._queued += len(data)
                 self._loop.call_soon_threadsafe(self._queue.put_nowait, StreamChunk(name, data))
         except OSError:
             pass
@@ -897,6 +919,13 @@ class DockerExecStream:
             chunk = await self._queue.get()
             if chunk is None:
                 return
+            with self._room:
+                self._queued -= len(chunk.data)
+                self._room.notify()
+                resume = self._reading_paused and self._queued <= self.QUEUE_BYTES // 2
+            if resume and not self._eof.is_set():
+                self._reading_paused = False
+                self._loop.add_reader(self._raw.fileno(), self._on_readable)
             yield chunk
 
     async def write(self, data: bytes) -> None:
@@ -928,7 +957,14 @@ class DockerExecStream:
     async def kill(self) -> None:
         if self._closed:
             return
-        self._closed = True
+        # Drain what is left into nothing: the engine starts no further exec in a container
+        # while one's output is stuck (the kill below would hang).
+        with self._room:
+            self._closed = True
+            self._room.notify()
+        if self._reading_paused and not self._eof.is_set():
+            self._reading_paused = False
+            self._loop.add_reader(self._raw.fileno(), self._on_readable)
         if self._exited:  # nothing left to end (an SSH channel's usual end): close the stream
             with contextlib.suppress(OSError):
                 self._sock.close()
