@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -103,7 +104,36 @@ def _exit_fields(msg: Any) -> tuple[int, bool, bool] | None:
     return None
 
 
+def without_bash(req: ExecRequest) -> ExecRequest | None:
+    """A shell-string command (``bash -c STRING``) for an image that has no bash: the same
+    string run by ``sh -c``. None for any other command."""
+    if list(req.argv[:2]) == ["bash", "-c"]:
+        return dataclasses.replace(req, argv=["sh", "-c", *req.argv[2:]])
+    return None
+
+
 async def run(session: AgentSession, req: ExecRequest, env: Mapping[str, str]) -> ExecResult:
+    """A command to completion (a shell string falls back to ``sh`` without bash)."""
+    try:
+        return await _run(session, req, env)
+    except _NotFound as missing:
+        fallback = without_bash(req)
+        if fallback is None:
+            return missing.result
+        try:
+            return await _run(session, fallback, env)
+        except _NotFound as still:
+            return still.result
+
+
+class _NotFound(Exception):
+    """argv[0] is not in the image; ``result`` is what a shell answers (127)."""
+
+    def __init__(self, result: ExecResult) -> None:
+        self.result = result
+
+
+async def _run(session: AgentSession, req: ExecRequest, env: Mapping[str, str]) -> ExecResult:
     """A command to completion: the agent enforces the deadline and the output cap; the
     host collects at most ``max_output_bytes`` per stream whatever the agent sends."""
     started = time.monotonic()
@@ -112,6 +142,8 @@ async def run(session: AgentSession, req: ExecRequest, env: Mapping[str, str]) -
     try:
         failed = await _started(ch, req.argv[0] if req.argv else "")
         if failed is not None:
+            if failed.exit_code == 127:
+                raise _NotFound(failed)
             return failed
         if req.stdin is not None:
             feeder = asyncio.create_task(_feed(ch, req.stdin))
@@ -292,6 +324,9 @@ async def spawn(session: AgentSession, req: ExecRequest, env: Mapping[str, str],
     try:
         ok = await session.request(op, timeout_s=START_TIMEOUT_S)
     except AgentOpError as err:
+        fallback = without_bash(req) if err.code == "enoent" else None
+        if fallback is not None:
+            return await spawn(session, fallback, env, log_bytes=log_bytes)
         if err.code in ("enoent", "eacces"):
             raise ValidationFailed(f"{req.argv[0]}: cannot be run ({err.message})",
                                    code="exec_failed") from err

@@ -1,0 +1,70 @@
+"""The Python client and the CLI against a real ``den serve`` on the real engine: background
+processes (start, list, logs, follow, kill) and exec."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from server.client import Den
+from tests.conftest import RUN_PREFIX
+from tests.server_process import DenServer
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture
+def server(engine: None, tmp_path: Path, repos_root: Path) -> Iterator[DenServer]:
+    srv = DenServer(tmp_path / "data", repos_root, f"{RUN_PREFIX}-cli", user="carol",
+                    ssh_port=0, reaper_interval_s=0)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        for ws in srv.http.get("/api/v1/workspaces").json().get("workspaces", []):
+            srv.http.delete(f"/api/v1/workspaces/{ws['id']}")
+        srv.close()
+
+
+def _den(srv: DenServer, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DEN_URL": f"http://127.0.0.1:{srv.port}", "DEN_TOKEN": srv.token,
+           "HOME": str(srv.log.parent)}
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], env=env, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+def test_processes_through_the_client_and_the_cli(
+        server: DenServer, make_repo: Callable[..., Path]) -> None:
+    with Den(f"http://127.0.0.1:{server.port}", server.token) as den:
+        ws = den.create(str(make_repo()), name="api")
+        ws = ws.wait_for("running")
+        proc = ws.processes.start("for i in 1 2 3; do echo line$i; sleep 0.2; done; exit 5")
+        chunks = list(ws.processes.logs(proc.pid, follow=True))
+        assert "".join(c.data for c in chunks) == "line1\nline2\nline3\n"
+        deadline = time.monotonic() + 20
+        while (listed := {p.pid: p for p in ws.processes.list()})[proc.pid].running:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert listed[proc.pid].exit_code == 5
+        assert ws.exec("echo hi").stdout == "hi\n"
+
+    r = _den(server, "spawn", "api", "--", "sleep", "600")
+    assert r.returncode == 0, r.stderr
+    pid = int(r.stdout.strip())
+    r = _den(server, "ps", "api")
+    assert r.returncode == 0 and str(pid) in r.stdout and "sleep 600" in r.stdout, r
+    r = _den(server, "kill", "api", str(pid), "-s", "KILL")
+    assert r.returncode == 0, r.stderr
+    deadline = time.monotonic() + 20
+    while str(pid) in _den(server, "ps", "api", "--json").stdout.split("running")[0] and \
+            '"running": true' in _den(server, "ps", "api", "--json").stdout:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    r = _den(server, "logs", "api", str(pid))
+    assert r.returncode == 0, r.stderr
