@@ -43,6 +43,7 @@ from typing import Any
 
 import asyncssh
 
+from server.agent.ops import StreamEnded
 from server.config import Settings
 from server.db.models import User
 from server.errors import DenError, NotFound
@@ -389,6 +390,11 @@ class _Bridge:
                 self.finished(code)
         except asyncio.CancelledError:
             pass  # the client closed the channel
+        except StreamEnded as exc:  # the workspace went to sleep (or stopped) under it
+            log.info("ssh: %s for %s in workspace %s ended: the workspace %s", self.kind,
+                     auth.user.name, auth.workspace_id, exc.reason)
+            with contextlib.suppress(Exception):
+                self.failed(f"the workspace {exc.reason}; connect again to wake it")
         except Exception:
             log.exception("ssh: %s for %s in workspace %s broke", self.kind, auth.user.name,
                           auth.workspace_id)
