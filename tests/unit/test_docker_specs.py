@@ -210,3 +210,19 @@ def test_exec_processes_are_the_parentless_ones_and_their_children_not_pid_1s() 
     assert exec_processes([(1, 0), (6, 1)]) == []
     # A process whose parent is not listed (it exited meanwhile) is left alone.
     assert exec_processes([(1, 0), (9, 8)]) == []
+
+
+def test_container_config_with_the_agent_mounts_it_read_only_and_runs_its_init() -> None:
+    plain = container_config(SPEC, gvisor_runtime="runsc")
+    cfg = container_config(SPEC, gvisor_runtime="runsc", agent_dir="/var/lib/den/agent")
+    assert cfg["command"] == ["/.den/current/den-agent", "init", "--", "/usr/local/bin/den-init"]
+    assert cfg["host_config"]["binds"] == {
+        **plain["host_config"]["binds"],
+        "/var/lib/den/agent": {"bind": "/.den", "mode": "ro"},
+    }
+    assert cfg["labels"] == {**plain["labels"], "den.agent": "1"}
+    # Nothing else changes: the same limits, no privileges, no other mount.
+    del cfg["host_config"]["binds"], plain["host_config"]["binds"]
+    assert cfg["host_config"] == plain["host_config"]
+    assert {k: v for k, v in cfg.items() if k not in ("command", "labels", "host_config")} == {
+        k: v for k, v in plain.items() if k not in ("command", "labels", "host_config")}
