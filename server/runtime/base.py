@@ -15,7 +15,7 @@ only caller. Rules for every method:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -198,6 +198,12 @@ class AgentChannel(Protocol):
     async def agent(self, spec: WorkspaceSpec) -> AgentSession | None:
         """The live session with the workspace's agent, or None when the workspace has none
         (or its agent cannot be reached: the caller then uses the engine's exec)."""
+        ...
+
+    def on_fallback(self, listener: Callable[[str, str], None]) -> None:
+        """Call ``listener(workspace_id, reason)`` each time a workspace's agent cannot be
+        reached and its calls go through the engine's exec for a while instead (at most
+        once per such spell), so that the event log can say why."""
         ...
 
 

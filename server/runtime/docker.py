@@ -97,6 +97,7 @@ class DockerRuntime:
         self._agent_locks: dict[str, asyncio.Lock] = {}
         # container -> until when the engine's exec serves it (its agent did not answer)
         self._broken_agents: dict[str, float] = {}
+        self._fallback_listeners: list[Callable[[str, str], None]] = []
         self._runsc = runsc
         self._runsc_root = runsc_root
         self._base_url = base_url
@@ -742,11 +743,17 @@ class DockerRuntime:
         if self._agents.get(name) is session:
             del self._agents[name]
 
+    def on_fallback(self, listener: Callable[[str, str], None]) -> None:
+        self._fallback_listeners.append(listener)
+
     def _agent_broken(self, spec: WorkspaceSpec, why: str) -> None:
         """Use the engine's exec for this container for a while (or until it starts again)."""
         log.warning("workspace %s: %s; the engine's exec serves it for the next %d s",
                     spec.workspace_id, why, AGENT_RETRY_S)
         self._broken_agents[spec.container_name] = time.monotonic() + AGENT_RETRY_S
+        for listener in self._fallback_listeners:
+            listener(spec.workspace_id, f"{why}; commands run through the engine's exec "
+                                        f"for the next {AGENT_RETRY_S} s")
         session = self._agents.pop(spec.container_name, None)
         if session is not None:
             session._shutdown(why)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.config import Settings
@@ -36,6 +37,7 @@ from server.runtime.base import (
     LABEL_INSTANCE,
     LABEL_MANAGED,
     LABEL_SNAPSHOT,
+    AgentChannel,
     ContainerStatus,
     ExecRequest,
     ExecResult,
@@ -123,6 +125,8 @@ class WorkspaceService:
         self.clone_env: Callable[[Workspace], Mapping[str, str] | None] | None = None
         self.prepare_clone: Callable[[Workspace, Path, str], None] | None = None
         self.deleted_hooks: list[Callable[[str], None]] = []
+        if isinstance(runtime, AgentChannel):
+            runtime.on_fallback(self._agent_fallback)
 
     # --- reading ----------------------------------------------------------------------
 
@@ -219,6 +223,12 @@ class WorkspaceService:
             self._record(s, workspace_id, kind="state", actor=actor,
                          message=message or reason, src=src, dst=dst)
         log.info("workspace %s: %s -> %s %s", workspace_id, src.value, dst.value, reason)
+
+    def _agent_fallback(self, workspace_id: str, reason: str) -> None:
+        try:
+            self.note(workspace_id, "agent", f"the workspace's agent did not answer: {reason}")
+        except SQLAlchemyError:  # the workspace is gone meanwhile; the server log has it
+            log.info("workspace %s: no event for the agent's fallback", workspace_id)
 
     def note(self, workspace_id: str, kind: str, message: str, *, actor: str = "system") -> None:
         """Record an event that is not a state change."""
