@@ -2,7 +2,8 @@
 the output of background processes.
 
 Client to server: binary frames are raw input; text frames are JSON ``{"type": "stdin",
-"data": str}``, ``{"type": "close_stdin"}`` or ``{"type": "resize", "cols": int, "rows":
+"data": str}``, ``{"type": "close_stdin"}``, ``{"type": "signal", "signal": "INT"}`` (one of
+``SIGNALS``, to the process's group) or ``{"type": "resize", "cols": int, "rows":
 int}`` (anything else is ignored). Server to client: ``{"type": "stdout"|"stderr", "data":
 str}`` (UTF-8 decoded incrementally, so a character split across reads arrives whole).
 """
@@ -21,7 +22,7 @@ from fastapi import WebSocket, WebSocketDisconnect
 
 from server.agent.ops import StreamEnded
 from server.errors import DenError
-from server.runtime.base import ExecStream, StreamChunk
+from server.runtime.base import SIGNALS, ExecStream, StreamChunk
 
 ENDINGS = ("paused", "stopped")  # sent as {"type": "paused"} and {"type": "stopped"}
 
@@ -153,6 +154,8 @@ async def pump_input(websocket: WebSocket, stream: ExecStream) -> None:
             await stream.write(str(data.get("data", "")).encode())
         elif data.get("type") == "close_stdin":
             await stream.close_stdin()
+        elif data.get("type") == "signal" and data.get("signal") in SIGNALS:
+            await stream.signal(str(data["signal"]))
         elif data.get("type") == "resize":
             size = term_size(data)
             if size is not None:

@@ -142,6 +142,11 @@ class ExecStream(Protocol):
         """End the process (the client went away). Idempotent."""
         ...
 
+    async def signal(self, name: str) -> None:
+        """Send the signal ``name`` (one of :data:`SIGNALS`) to the process's group; ignored
+        once it has exited."""
+        ...
+
 
 @dataclass(frozen=True)
 class ProcessInfo:

@@ -961,6 +961,13 @@ class DockerExecStream:
         self._exited = True
         return code
 
+    async def signal(self, name: str) -> None:
+        if self._closed or self._exited:
+            return
+        argv = docker_specs.signal_argv(self._pidfile, name)
+        with contextlib.suppress(Exception):
+            await self._rt._engine_exec(self._spec, ExecRequest(argv=argv, user="root", cwd="/"))
+
     async def kill(self) -> None:
         if self._closed:
             return

@@ -228,3 +228,11 @@ def kill_argv(pidfile: str) -> list[str]:
         f"rm -f {q}; exit 0"
     )
     return ["/bin/sh", "-c", script]
+
+
+def signal_argv(pidfile: str, name: str) -> list[str]:
+    """Send signal ``name`` to the process group whose leader's pid is in ``pidfile``."""
+    if not name.isalnum():
+        raise ValueError(f"not a signal name: {name!r}")
+    q = shlex.quote(pidfile)
+    return ["/bin/sh", "-c", f"p=$(cat {q} 2>/dev/null) && kill -{name} -- -$p 2>/dev/null; exit 0"]

@@ -309,6 +309,7 @@ class _FakeStream:
         self._cat = (_unwrap(list(argv)) in (["cat"], ["bash", "-lc", "cat"])
                      if isinstance(argv, list | tuple) else False)
         self._stdin_closed = asyncio.Event()
+        self.signals: list[str] = []
 
     async def output(self) -> AsyncIterator[StreamChunk]:
         if self._cat:
@@ -331,6 +332,11 @@ class _FakeStream:
 
     async def wait(self) -> int:
         return self._result.exit_code
+
+    async def signal(self, name: str) -> None:
+        self.signals.append(name)
+        if name in ("INT", "TERM", "KILL", "HUP", "QUIT"):
+            self._stdin_closed.set()
 
     async def kill(self) -> None:
         self._stdin_closed.set()

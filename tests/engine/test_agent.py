@@ -101,6 +101,18 @@ def test_the_deadline_holds_for_a_flood_and_the_agent_comes_back_when_killed(
     assert api.exec(wid, ["no-such-command"])["exit_code"] == 127
     assert api.exec(wid, ["/workspace"])["exit_code"] == 126
 
+    # A signal sent over the streaming exec reaches the process's group.
+    with api.client.websocket_connect(f"/api/v1/workspaces/{wid}/exec/stream",
+                                      headers=api.h()) as sock:
+        sock.send_json({"cmd": "trap 'echo got-int; exit 9' INT; echo ready; "
+                               "while :; do sleep 0.1; done"})
+        assert sock.receive_json() == {"type": "stdout", "data": "ready\n"}
+        sock.send_json({"type": "signal", "signal": "INT"})
+        messages = [sock.receive_json()]
+        while messages[-1]["type"] not in ("exit", "error"):
+            messages.append(sock.receive_json())
+    assert messages[-1] == {"type": "exit", "exit_code": 9}, messages
+
     serve = api.exec(wid, "pgrep -f 'den-agent serve'")["stdout"].split()
     assert len(serve) == 1, serve
     r = api.post(f"/api/v1/workspaces/{wid}/exec", json={"cmd": f"sudo kill -KILL {serve[0]}"})
