@@ -284,8 +284,14 @@ func opExec(c *channel, r *request) error {
 		}
 		if raw, ok := m["resize"]; ok && pr.ptm != nil {
 			var sz struct{ Cols, Rows int }
-			if json.Unmarshal(raw, &sz) == nil {
-				_ = setWinsize(pr.ptm, sz.Cols, sz.Rows)
+			if json.Unmarshal(raw, &sz) == nil && setWinsize(pr.ptm, sz.Cols, sz.Rows) == nil {
+				// gVisor does not signal the terminal's foreground group on a size change
+				// made on the master side (a tmux client then never redraws): do it here.
+				fg := foregroundGroup(pr.ptm)
+				if fg <= 0 {
+					fg = pgid
+				}
+				killGroup(fg, syscall.SIGWINCH)
 			}
 		}
 	}

@@ -73,3 +73,12 @@ func clamp(v, lo, hi int) int {
 	}
 	return v
 }
+
+// foregroundGroup is the terminal's foreground process group (TIOCGPGRP on the master), or 0.
+func foregroundGroup(ptm *os.File) int {
+	var pgrp int32
+	if err := ioctl(ptm, syscall.TIOCGPGRP, uintptr(unsafe.Pointer(&pgrp))); err != nil {
+		return 0
+	}
+	return int(pgrp)
+}
