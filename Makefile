@@ -50,6 +50,7 @@ lint: venv
 bench: setup
 	$(VENV)/bin/python -m tests.benchmarks.bench_workspaces
 	$(VENV)/bin/python -m tests.benchmarks.bench_ssh
+	$(VENV)/bin/python -m tests.benchmarks.bench_agent
 
 ## Remove every engine object left by test runs (names start with dentest-).
 clean-engine:

@@ -152,11 +152,13 @@ def machine() -> dict[str, Any]:
 class Server(DenServer):
     """``den serve`` for the benchmark, with the API calls it makes, each checked."""
 
-    def __init__(self, work: Path, repos_root: Path, prefix: str) -> None:
+    def __init__(self, work: Path, repos_root: Path, prefix: str, **settings: object) -> None:
+        """``settings``: further server settings (``file_max_bytes=...``), as DenServer's."""
         super().__init__(work / "data", repos_root, prefix, user="bench", http_timeout_s=120,
                          own_session=True,  # Ctrl-C reaches the benchmark, which stops it
-                         default_memory_mb=MEMORY_MB, default_cpus=CPUS, default_pids=PIDS,
-                         stop_timeout_s=STOP_TIMEOUT_S)
+                         **{"default_memory_mb": MEMORY_MB, "default_cpus": CPUS,
+                            "default_pids": PIDS, "stop_timeout_s": STOP_TIMEOUT_S,
+                            **settings})
 
     # API calls, each checked ---------------------------------------------------------------
 
