@@ -231,6 +231,8 @@ def _stat_mkdir_rename(api: ApiClient, ws: str) -> None:
     assert api.get(url, params={"path": "x/y/z/moved.txt"}).content == b"hello"
     assert api.get(url, params={"path": "api/notes.txt"}).status_code == 404
     assert rename("x", "api").json()["error"]["code"] == "not_empty"  # api has files
+    assert rename("x/y/z/moved.txt", "d").json()["error"]["code"] == "is_a_directory"
+    assert rename("d", "x/y/z/moved.txt").json()["error"]["code"] == "not_a_directory"
     r = rename("x/y/z/moved.txt", "/tmp/moved.txt")
     assert (r.status_code, r.json()["error"]["code"]) == (403, "path_outside")
     assert rename("/workspace", "w2").status_code == 403
