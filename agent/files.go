@@ -503,8 +503,19 @@ func opRename(c *channel, r *request) error {
 			return err
 		}
 	}
-	if _, err := lstat(src); err != nil {
+	sst, err := lstat(src)
+	if err != nil {
 		return fsErr(err, r.Path)
+	}
+	// rename(2)'s errno for a kind mismatch differs between kernels (gVisor answers
+	// EEXIST for a file onto a directory), so the answer is decided here.
+	if dst != src {
+		if dstat, err := lstat(dst); err == nil && isDir(dstat) != isDir(sst) {
+			if isDir(dstat) {
+				return errf("is_dir", "%s is a directory", r.To)
+			}
+			return errf("not_dir", "%s is not a directory", r.To)
+		}
 	}
 	for _, p := range []string{src, dst} {
 		if err := fq.needDir(filepath.Dir(p), permW|permX); err != nil {

@@ -233,6 +233,14 @@ func TestFiles(t *testing.T) {
 	if r := fr("rename", root+"/m", map[string]any{"to": root + "/m2"}); r.last("ok") == nil {
 		t.Fatalf("rename: %v", r.msgs)
 	}
+	must(os.WriteFile(root+"/plain", []byte("x"), 0o644))
+	if r := fr("rename", root+"/plain", map[string]any{"to": root + "/m2/n"}); r.errCode() != "is_dir" {
+		t.Fatalf("rename a file onto a directory: %v", r.msgs)
+	}
+	if r := fr("rename", root+"/m2/n", map[string]any{"to": root + "/plain"}); r.errCode() != "not_dir" {
+		t.Fatalf("rename a directory onto a file: %v", r.msgs)
+	}
+	must(os.Remove(root + "/plain"))
 	if r := fr("remove", root+"/m2", nil); r.errCode() != "not_empty" {
 		t.Fatalf("remove not_empty: %v", r.msgs)
 	}

@@ -1,4 +1,5 @@
-"""File routes: read, write, list, delete inside /workspace. Reads and writes stream."""
+"""File routes: read, write, list, delete, stat, mkdir, rename inside /workspace. Reads and
+writes stream."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from server.api.deps import CurrentUser, Files, Workspaces
-from server.api.schemas import FileEntryOut, FileList, FileWritten
+from server.api.schemas import FileEntryOut, FileList, FileRename, FileWritten
 from server.errors import PayloadTooLarge
-from server.workspaces.files import FileContent
+from server.workspaces.files import FileContent, FileEntry
 from server.workspaces.service import path_in_workspace
 
 router = APIRouter(prefix="/api/v1/workspaces/{ref}/files", tags=["files"])
@@ -62,7 +63,36 @@ async def list_files(ref: str, user: CurrentUser, svc: Workspaces, files: Files,
     listing = await files.list(ws.id, path, actor=user.name)
     return FileList(
         path=path_in_workspace(path),
-        entries=[FileEntryOut(name=e.name, type=e.type, size=e.size, mtime=e.mtime,
-                              mode=e.mode) for e in listing.entries],
+        entries=[_out(e) for e in listing.entries],
         truncated=listing.truncated,
     )
+
+
+def _out(e: FileEntry) -> FileEntryOut:
+    return FileEntryOut(name=e.name, type=e.type, size=e.size, mtime=e.mtime, mode=e.mode)
+
+
+@router.get("/stat", response_model=FileEntryOut)
+async def stat_file(ref: str, path: str, user: CurrentUser, svc: Workspaces,
+                    files: Files) -> FileEntryOut:
+    ws = svc.get_for(user, ref)
+    return _out(await files.stat(ws.id, path, actor=user.name))
+
+
+@router.post("/mkdir", status_code=201, response_model=FileEntryOut,
+             responses={200: {"model": FileEntryOut,
+                              "description": "It was already a directory (parents=true)"}})
+async def make_dir(ref: str, path: str, response: Response, user: CurrentUser,
+                   svc: Workspaces, files: Files, parents: bool = False) -> FileEntryOut:
+    ws = svc.get_for(user, ref)
+    entry, made = await files.mkdir(ws.id, path, parents=parents, actor=user.name)
+    if not made:
+        response.status_code = 200
+    return _out(entry)
+
+
+@router.post("/rename", response_model=FileEntryOut)
+async def rename_file(ref: str, body: FileRename, user: CurrentUser, svc: Workspaces,
+                      files: Files) -> FileEntryOut:
+    ws = svc.get_for(user, ref)
+    return _out(await files.rename(ws.id, body.src, body.to, actor=user.name))

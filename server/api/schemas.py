@@ -241,6 +241,13 @@ class FileList(BaseModel):
     truncated: bool = False  # entries were left out (a very large directory)
 
 
+class FileRename(_Strict):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    src: str = Field(alias="from", max_length=4096, description="The path to rename")
+    to: str = Field(max_length=4096, description="Its new path, inside /workspace too")
+
+
 class FileWritten(BaseModel):
     path: str
     size: int

@@ -820,3 +820,20 @@ class Workspace:
         """Delete a file, or a directory with ``recursive=True``."""
         params = {"path": path, "recursive": "true" if recursive else "false"}
         self.den.request("DELETE", f"{self._path}/files", params=params)
+
+    def stat_file(self, path: str) -> FileEntry:
+        """What a path under /workspace is (a symlink itself, not its target)."""
+        data = self.den.request_json("GET", f"{self._path}/files/stat", params={"path": path})
+        return FileEntry.from_json(data)
+
+    def make_dir(self, path: str, *, parents: bool = True) -> FileEntry:
+        """Make a directory (with ``parents``, its parents too, and one that exists is fine)."""
+        params = {"path": path, "parents": "true" if parents else "false"}
+        data = self.den.request_json("POST", f"{self._path}/files/mkdir", params=params)
+        return FileEntry.from_json(data)
+
+    def rename_file(self, src: str, dst: str) -> FileEntry:
+        """Rename a file, directory or symlink inside /workspace; the entry at ``dst``."""
+        data = self.den.request_json("POST", f"{self._path}/files/rename",
+                                     json_body={"from": src, "to": dst})
+        return FileEntry.from_json(data)

@@ -1,4 +1,4 @@
-"""The files API: read, write, list and delete inside ``/workspace`` only.
+"""The files API: read, write, list, delete, stat, mkdir and rename inside ``/workspace`` only.
 
 Every operation acts as ``dev`` inside the workspace, so the workspace's own permissions
 apply, and paths are normalised here first. Where the runtime hands out the workspace's
@@ -26,9 +26,24 @@ from server.workspaces.service import WORKSPACE_ROOT, WorkspaceService, path_in_
 
 __all__ = ["FileContent", "FileEntry", "FileService", "Listing", "parse_listing"]
 
-_INSIDE = (
-    'case "$p" in ' + WORKSPACE_ROOT + "|" + WORKSPACE_ROOT + "/*) ;; *) exit 3;; esac; "
-)
+
+def _inside(var: str) -> str:
+    return f'case "${var}" in {WORKSPACE_ROOT}|{WORKSPACE_ROOT}/*) ;; *) exit 3;; esac; '
+
+
+def _no_follow(arg: str, var: str) -> str:
+    """Set ``var`` to the path in ``arg`` with its directory resolved and its last component
+    kept: the entry itself, a symlink rather than its target (like ``lstat``)."""
+    return (f'd=$(realpath -e -- "$(dirname -- "{arg}")") || exit 2; '
+            f'{var}="${{d%/}}/$(basename -- "{arg}")"; ')
+
+
+def _entry_of(var: str) -> str:
+    """Print the entry of ``var`` as one LIST_SCRIPT record (find does not follow it)."""
+    return f"exec find \"${var}\" -maxdepth 0 -printf '%y\\t%s\\t%T@\\t%m\\t%f\\0'"
+
+
+_INSIDE = _inside("p")
 
 READ_SCRIPT = (
     'p=$(realpath -e -- "$1") || exit 2; ' + _INSIDE
@@ -56,6 +71,37 @@ DELETE_SCRIPT = (
     + 'else exec rm -f -- "$p"; fi'
 )
 
+STAT_SCRIPT = (
+    _no_follow("$1", "p") + _INSIDE
+    + '[ -e "$p" ] || [ -L "$p" ] || exit 2; '
+    + _entry_of("p")
+)
+# Prints "+" (made) or "=" (already a directory, with parents), then the entry.
+MKDIR_SCRIPT = (
+    'p=$(realpath -m -- "$1") || exit 2; ' + _INSIDE
+    + 'if [ -e "$p" ] || [ -L "$p" ]; then '
+    + '{ [ "$2" = 1 ] && [ -d "$p" ]; } || exit 8; m="="; '
+    + 'elif [ "$2" = 1 ]; then mkdir -p -- "$p" || exit 1; m="+"; '
+    + 'else d=$(dirname -- "$p"); [ -e "$d" ] || exit 2; [ -d "$d" ] || exit 9; '
+    + 'mkdir -- "$p" || exit 1; m="+"; fi; '
+    + 'printf %s "$m"; ' + _no_follow("$1", "q") + _entry_of("q")
+)
+RENAME_SCRIPT = (
+    _no_follow("$1", "s") + _inside("s")
+    + '[ "$s" = ' + WORKSPACE_ROOT + " ] && exit 6; "
+    + '[ -e "$s" ] || [ -L "$s" ] || exit 2; '
+    + _no_follow("$2", "t") + _inside("t")
+    + '[ "$t" = ' + WORKSPACE_ROOT + " ] && exit 6; "
+    + 'if [ "$s" != "$t" ]; then '
+    + 'if [ -d "$t" ] && [ ! -L "$t" ]; then '
+    + '{ [ -d "$s" ] && [ ! -L "$s" ]; } || exit 4; '
+    + '[ -z "$(find "$t" -mindepth 1 -maxdepth 1 -print -quit)" ] || exit 7; '
+    + 'elif [ -e "$t" ] || [ -L "$t" ]; then '
+    + '[ -d "$s" ] && [ ! -L "$s" ] && exit 9; fi; '
+    + 'mv -f -T -- "$s" "$t" || exit 1; fi; '
+    + _entry_of("t")
+)
+
 _TYPES = {"f": "file", "d": "dir", "l": "symlink"}
 
 
@@ -63,8 +109,9 @@ def script_argv(script: str, *args: str) -> list[str]:
     return ["/bin/sh", "-c", script, "den-files", *args]
 
 
-def _raise_for(result: ExecResult, path: str, *, want_dir: bool = False) -> None:
-    """Translate a file script's exit code into Den's errors."""
+def _raise_for(result: ExecResult, path: str, *, want_dir: bool = False,
+               op: str = "delete") -> None:
+    """Translate a file script's exit code into Den's errors (``op`` words two of them)."""
     code = result.exit_code
     message = result.stderr.decode(errors="replace").strip()
     if code == 0:
@@ -82,10 +129,17 @@ def _raise_for(result: ExecResult, path: str, *, want_dir: bool = False) -> None
     if code == 5:
         raise PayloadTooLarge(f"{path} is larger than this server's file size limit")
     if code == 6:
-        raise Forbidden("/workspace itself cannot be deleted")
+        raise Forbidden(f"/workspace itself cannot be {'renamed' if op == 'rename' else 'deleted'}")
     if code == 7:
+        if op == "rename":
+            raise Conflict(f"{path}: the target is a directory that is not empty",
+                           code="not_empty")
         raise Conflict(f"directory {path} is not empty; delete with recursive=true",
                        code="not_empty")
+    if code == 8:
+        raise Conflict(f"{path} already exists", code="exists")
+    if code == 9 or "Not a directory" in message:
+        raise ValidationFailed(f"{path} is not a directory", code="not_a_directory")
     if "No space left" in message:
         raise DenError(f"no space left in the workspace while writing {path}", code="disk_full")
     raise ValidationFailed(f"file operation on {path} failed: {message or f'exit {code}'}")
@@ -225,6 +279,60 @@ class FileService:
             ws_id, actor, script_argv(DELETE_SCRIPT, target, "1" if recursive else "0")
         )
         _raise_for(result, target)
+
+    async def stat(self, ws_id: str, path: str, *, actor: str) -> FileEntry:
+        """What ``path`` is: a symlink itself, not its target."""
+        target = path_in_workspace(path)
+        files = await self._agent(ws_id, actor)
+        if files is not None:
+            async with self._busy(ws_id):
+                return await files.stat(target)
+        result = await self._run(ws_id, actor, script_argv(STAT_SCRIPT, target))
+        _raise_for(result, target)
+        return _one_entry(result.stdout, target)
+
+    async def mkdir(self, ws_id: str, path: str, *, parents: bool,
+                    actor: str) -> tuple[FileEntry, bool]:
+        """Make a directory; its entry, and whether it was made (False: with ``parents``
+        it was already a directory)."""
+        target = path_in_workspace(path)
+        files = await self._agent(ws_id, actor)
+        if files is not None:
+            async with self._busy(ws_id):
+                existed = False
+                if parents:  # the agent answers ok whether it made it or found it
+                    with contextlib.suppress(NotFound):
+                        await files.stat(target)
+                        existed = True
+                await files.mkdir(target, parents=parents)  # a file there: 409 exists
+                return await files.stat(target), not existed
+        result = await self._run(
+            ws_id, actor, script_argv(MKDIR_SCRIPT, target, "1" if parents else "0"))
+        _raise_for(result, target, want_dir=True)
+        made = result.stdout[:1] == b"+"
+        return _one_entry(result.stdout[1:], target), made
+
+    async def rename(self, ws_id: str, path: str, to: str, *, actor: str) -> FileEntry:
+        """Rename ``path`` (the entry itself, a symlink rather than its target) to ``to``,
+        replacing a file or an empty directory there; the entry at ``to``."""
+        source, target = path_in_workspace(path), path_in_workspace(to)
+        if WORKSPACE_ROOT in (source, target):
+            raise Forbidden("/workspace itself cannot be renamed or replaced")
+        files = await self._agent(ws_id, actor)
+        if files is not None:
+            async with self._busy(ws_id):
+                await files.rename(source, target)
+                return await files.stat(target)
+        result = await self._run(ws_id, actor, script_argv(RENAME_SCRIPT, source, target))
+        _raise_for(result, source, op="rename")
+        return _one_entry(result.stdout, target)
+
+
+def _one_entry(raw: bytes, path: str) -> FileEntry:
+    entries = parse_listing(raw)
+    if len(entries) != 1:  # it went away between the operation and its stat
+        raise NotFound(f"no such file or directory: {path}")
+    return entries[0]
 
 
 def parse_listing(raw: bytes) -> list[FileEntry]:

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.config import Settings
+from server.workspaces.files import MKDIR_SCRIPT, RENAME_SCRIPT, STAT_SCRIPT
 from tests.conftest import ApiClient, users
 
 pytestmark = pytest.mark.engine
@@ -192,3 +193,83 @@ def test_a_body_over_the_limit_is_413_and_leaves_no_temporary_file(
     # A file exactly at the limit is fine.
     r = api.put(url, params={"path": "exact.bin"}, content=b"y" * MB)
     assert (r.status_code, r.json()["size"]) == (200, MB), r.text
+
+
+# --- stat, mkdir, rename: through the agent, and through the exec scripts ---------------------
+
+
+def _stat_mkdir_rename(api: ApiClient, ws: str) -> None:
+    url = f"/api/v1/workspaces/{ws}/files"
+    api.put(url, params={"path": "api/notes.txt"}, content=b"hello")
+    r = api.get(f"{url}/stat", params={"path": "api/notes.txt"})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert (got["name"], got["type"], got["size"], got["mode"]) == ("notes.txt", "file", 5, "644")
+    assert got["mtime"] > 1_600_000_000
+    assert api.get(f"{url}/stat", params={"path": "api"}).json()["type"] == "dir"
+    assert api.get(f"{url}/stat", params={"path": "."}).json()["type"] == "dir"
+    assert api.get(f"{url}/stat", params={"path": "nope"}).status_code == 404
+
+    def mkdir(path: str, parents: bool) -> Any:
+        return api.post(f"{url}/mkdir", params={"path": path, "parents": str(parents).lower()})
+
+    r = mkdir("d", False)
+    assert (r.status_code, r.json()["name"], r.json()["type"]) == (201, "d", "dir"), r.text
+    assert mkdir("d", False).json()["error"]["code"] == "exists"
+    assert mkdir("d", True).status_code == 200
+    assert mkdir("x/y/z", False).status_code == 404
+    assert mkdir("x/y/z", True).status_code == 201
+    assert mkdir("api/notes.txt", True).json()["error"]["code"] == "exists"
+    assert mkdir("api/notes.txt/sub", False).json()["error"]["code"] == "not_a_directory"
+    assert api.exec(ws, "stat -c %U /workspace/x/y/z")["stdout"] == "dev\n"
+
+    def rename(src: str, dst: str) -> Any:
+        return api.post(f"{url}/rename", json={"from": src, "to": dst})
+
+    r = rename("api/notes.txt", "x/y/z/moved.txt")
+    assert (r.status_code, r.json()["name"], r.json()["size"]) == (200, "moved.txt", 5), r.text
+    assert api.get(url, params={"path": "x/y/z/moved.txt"}).content == b"hello"
+    assert api.get(url, params={"path": "api/notes.txt"}).status_code == 404
+    assert rename("x", "api").json()["error"]["code"] == "not_empty"  # api has files
+    assert rename("x/y/z/moved.txt", "d").json()["error"]["code"] == "is_a_directory"
+    assert rename("d", "x/y/z/moved.txt").json()["error"]["code"] == "not_a_directory"
+    r = rename("x/y/z/moved.txt", "/tmp/moved.txt")
+    assert (r.status_code, r.json()["error"]["code"]) == (403, "path_outside")
+    assert rename("/workspace", "w2").status_code == 403
+    # A symlink pointing outside: the link itself moves, its target stays as it was.
+    api.exec(ws, "ln -s /etc/hostname /workspace/out && ln -s /etc /workspace/etc")
+    r = rename("out", "d/out-link")
+    assert (r.status_code, r.json()["type"]) == (200, "symlink"), r.text
+    assert rename("d/out-link", "etc/hostname").json()["error"]["code"] == "path_outside"
+    check = api.exec(ws, "readlink /workspace/d/out-link; test -e /workspace/out || echo gone; "
+                         "test -f /etc/hostname && test ! -L /etc/hostname && echo kept")
+    assert check["stdout"] == "/etc/hostname\ngone\nkept\n"
+
+
+def test_stat_mkdir_rename_through_the_agent(real_api: ApiClient, ws: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    async def no_scripts(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a files call fell back to the exec scripts")
+
+    monkeypatch.setattr(real_api.app.state.files, "_run", no_scripts)
+    _stat_mkdir_rename(real_api, ws)
+
+
+def test_stat_mkdir_rename_through_the_scripts(real_api: ApiClient, ws: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A workspace without the agent (created before it, or its agent unreachable)."""
+    async def no_agent(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    files = real_api.app.state.files
+    scripts: list[str] = []
+    run = files._run
+
+    async def spy(ws_id: str, actor: str, argv: list[str], **kwargs: Any) -> Any:
+        scripts.append(argv[2])
+        return await run(ws_id, actor, argv, **kwargs)
+
+    monkeypatch.setattr(real_api.app.state.workspaces.runtime, "agent", no_agent)
+    monkeypatch.setattr(files, "_run", spy)
+    _stat_mkdir_rename(real_api, ws)
+    assert {STAT_SCRIPT, MKDIR_SCRIPT, RENAME_SCRIPT} <= set(scripts)

@@ -589,6 +589,29 @@ def test_files(den: Den, fake: FakeServer) -> None:
     assert info.value.status == 404
 
 
+def test_stat_make_dir_rename(den: Den, fake: FakeServer) -> None:
+    fake.add("api")
+    ws = den.workspace("api")
+    base = "/api/v1/workspaces/id-api/files"
+    entry = {"name": "d", "type": "dir", "size": 4096, "mtime": 2.5, "mode": "755"}
+    fake.overrides[("GET", f"{base}/stat")] = httpx.Response(200, json=entry)
+    fake.overrides[("POST", f"{base}/mkdir")] = httpx.Response(201, json=entry)
+    fake.overrides[("POST", f"{base}/rename")] = httpx.Response(200, json={**entry, "name": "e"})
+    assert ws.stat_file("d") == FileEntry("d", "dir", 4096, 2.5, "755")
+    assert fake.last("GET", "/files/stat").url.params["path"] == "d"
+    assert ws.make_dir("a/d").name == "d"
+    assert dict(fake.last("POST", "/files/mkdir").url.params) == {"path": "a/d",
+                                                                  "parents": "true"}
+    ws.make_dir("d", parents=False)
+    assert fake.last("POST", "/files/mkdir").url.params["parents"] == "false"
+    assert ws.rename_file("d", "e").name == "e"
+    assert json.loads(fake.last("POST", "/files/rename").content) == {"from": "d", "to": "e"}
+    fake.overrides[("POST", f"{base}/rename")] = _error(403, "path_outside", "outside")
+    with pytest.raises(DenAPIError) as info:
+        ws.rename_file("d", "/etc/d")
+    assert (info.value.status, info.value.code) == (403, "path_outside")
+
+
 def test_events(den: Den, fake: FakeServer) -> None:
     fake.add("api")
     events = den.workspace("api").events()

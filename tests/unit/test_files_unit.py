@@ -23,7 +23,10 @@ from server.runtime.fake import FakeRuntime
 from server.workspaces.files import (
     DELETE_SCRIPT,
     LIST_SCRIPT,
+    MKDIR_SCRIPT,
     READ_SCRIPT,
+    RENAME_SCRIPT,
+    STAT_SCRIPT,
     WRITE_SCRIPT,
     FileEntry,
     _raise_for,
@@ -137,6 +140,10 @@ def test_parse_listing_keeps_non_utf8_names_distinct() -> None:
         (5, b"", PayloadTooLarge, "too_large"),
         (6, b"", Forbidden, "forbidden"),
         (7, b"", Conflict, "not_empty"),
+        (8, b"", Conflict, "exists"),
+        (9, b"", ValidationFailed, "not_a_directory"),
+        (1, b"mkdir: cannot create directory '/workspace/f': Not a directory\n",
+         ValidationFailed, "not_a_directory"),
         (1, b"cat: /workspace/x: Permission denied\n", Forbidden, "forbidden"),
         (1, b"cat: write error: No space left on device\n", DenError, "disk_full"),
         (1, b"something odd\n", ValidationFailed, "invalid"),
@@ -155,6 +162,14 @@ def test_exit_code_4_when_a_directory_is_wanted() -> None:
     assert info.value.code == "not_a_directory"
 
 
+def test_exit_codes_of_a_rename_say_rename() -> None:
+    with pytest.raises(Forbidden, match="cannot be renamed"):
+        _raise_for(ExecResult(6, b"", b""), "/workspace/x", op="rename")
+    with pytest.raises(Conflict, match="target is a directory that is not empty") as info:
+        _raise_for(ExecResult(7, b"", b""), "/workspace/x", op="rename")
+    assert info.value.code == "not_empty"
+
+
 def test_exit_code_0_is_success() -> None:
     _raise_for(ExecResult(0, b"data", b""), "/workspace/x")
 
@@ -162,9 +177,26 @@ def test_exit_code_0_is_success() -> None:
 def test_script_argv_passes_paths_as_arguments_not_code() -> None:
     argv = script_argv(READ_SCRIPT, "/workspace/$(reboot)", "10")
     assert argv == ["/bin/sh", "-c", READ_SCRIPT, "den-files", "/workspace/$(reboot)", "10"]
-    for script in (READ_SCRIPT, WRITE_SCRIPT, LIST_SCRIPT, DELETE_SCRIPT):
+    for script in (READ_SCRIPT, WRITE_SCRIPT, LIST_SCRIPT, DELETE_SCRIPT, STAT_SCRIPT,
+                   MKDIR_SCRIPT, RENAME_SCRIPT):
         assert "/workspace|/workspace/*) ;; *) exit 3" in script
         assert '"$1"' in script
+
+
+def test_the_new_scripts_check_every_path_they_touch() -> None:
+    # stat and rename act on the entry itself: its directory resolved, its name kept
+    assert STAT_SCRIPT == (
+        'd=$(realpath -e -- "$(dirname -- "$1")") || exit 2; p="${d%/}/$(basename -- "$1")"; '
+        'case "$p" in /workspace|/workspace/*) ;; *) exit 3;; esac; '
+        '[ -e "$p" ] || [ -L "$p" ] || exit 2; '
+        "exec find \"$p\" -maxdepth 0 -printf '%y\\t%s\\t%T@\\t%m\\t%f\\0'"
+    )
+    assert MKDIR_SCRIPT.startswith('p=$(realpath -m -- "$1") || exit 2; case "$p" in ')
+    assert 'case "$s" in /workspace|/workspace/*) ;; *) exit 3;; esac; ' in RENAME_SCRIPT
+    assert 'case "$t" in /workspace|/workspace/*) ;; *) exit 3;; esac; ' in RENAME_SCRIPT
+    assert RENAME_SCRIPT.index('case "$t"') < RENAME_SCRIPT.index("mv -f -T")
+    assert '[ "$s" = /workspace ] && exit 6; ' in RENAME_SCRIPT
+    assert '[ "$t" = /workspace ] && exit 6; ' in RENAME_SCRIPT
 
 
 # --- the routes over a scripted runtime ---------------------------------------------------------
@@ -265,3 +297,112 @@ def test_listing_a_directory_with_a_non_utf8_name(fake_api: ApiClient, files_url
     assert r.status_code == 200, r.text
     names: list[Any] = [e["name"] for e in r.json()["entries"]]
     assert len(names) == 2 and "ok" in names
+
+
+# --- stat, mkdir, rename ------------------------------------------------------------------------
+
+ENTRY = {"name": "src", "type": "dir", "size": 4096, "mtime": 2.5, "mode": "755"}
+
+
+def test_stat_mkdir_rename_through_the_routes(fake_api: ApiClient, files_url: str,
+                                              fake_runtime: ScriptedRuntime) -> None:
+    record = b"d\t4096\t2.5\t755\tsrc\0"
+    fake_runtime.replies = [
+        ExecResult(0, record, b""),
+        ExecResult(0, b"+" + record, b""),
+        ExecResult(0, b"=" + record, b""),
+        ExecResult(0, b"f\t6\t1.5\t644\tNEW.md\0", b""),
+    ]
+    r = fake_api.get(f"{files_url}/stat", params={"path": "api/src"})
+    assert (r.status_code, r.json()) == (200, ENTRY)
+    r = fake_api.post(f"{files_url}/mkdir", params={"path": "/workspace/api/src"})
+    assert (r.status_code, r.json()) == (201, ENTRY)
+    r = fake_api.post(f"{files_url}/mkdir", params={"path": "api/src", "parents": "true"})
+    assert (r.status_code, r.json()) == (200, ENTRY)
+    r = fake_api.post(f"{files_url}/rename", json={"from": "api/README.md", "to": "api/NEW.md"})
+    assert (r.status_code, r.json()) == (200, {"name": "NEW.md", "type": "file", "size": 6,
+                                               "mtime": 1.5, "mode": "644"})
+
+    stat, made, found, rename = fake_runtime.seen
+    assert list(stat.argv[2:]) == [STAT_SCRIPT, "den-files", "/workspace/api/src"]
+    assert list(made.argv[2:]) == [MKDIR_SCRIPT, "den-files", "/workspace/api/src", "0"]
+    assert list(found.argv[2:]) == [MKDIR_SCRIPT, "den-files", "/workspace/api/src", "1"]
+    assert list(rename.argv[2:]) == [RENAME_SCRIPT, "den-files", "/workspace/api/README.md",
+                                     "/workspace/api/NEW.md"]
+    assert {(r.user, r.cwd) for r in fake_runtime.seen} == {("dev", "/workspace")}
+
+
+def test_stat_mkdir_rename_errors_through_the_routes(fake_api: ApiClient, files_url: str,
+                                                     fake_runtime: ScriptedRuntime) -> None:
+    fake_runtime.replies = [ExecResult(2, b"", b""), ExecResult(3, b"", b""),
+                            ExecResult(8, b"", b""), ExecResult(9, b"", b""),
+                            ExecResult(7, b"", b""), ExecResult(3, b"", b""),
+                            ExecResult(6, b"", b"")]
+    cases = [
+        (fake_api.get(f"{files_url}/stat", params={"path": "nope"}), 404, "not_found"),
+        (fake_api.get(f"{files_url}/stat", params={"path": "out/x"}), 403, "path_outside"),
+        (fake_api.post(f"{files_url}/mkdir", params={"path": "f"}), 409, "exists"),
+        (fake_api.post(f"{files_url}/mkdir", params={"path": "f/d"}), 422, "not_a_directory"),
+        (fake_api.post(f"{files_url}/rename", json={"from": "a", "to": "full"}), 409,
+         "not_empty"),
+        (fake_api.post(f"{files_url}/rename", json={"from": "a", "to": "out/a"}), 403,
+         "path_outside"),
+        (fake_api.post(f"{files_url}/rename", json={"from": "a", "to": "root/workspace"}),
+         403, "forbidden"),
+    ]
+    for r, status, code in cases:
+        assert (r.status_code, r.json()["error"]["code"]) == (status, code), r.text
+    assert fake_runtime.replies == []
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"from": "a", "to": "/etc/a"}, 403, "path_outside"),
+        ({"from": "a", "to": "../a"}, 403, "path_outside"),
+        ({"from": "/etc/passwd", "to": "a"}, 403, "path_outside"),
+        ({"from": "/workspace", "to": "a"}, 403, "forbidden"),
+        ({"from": ".", "to": "a"}, 403, "forbidden"),
+        ({"from": "a", "to": "/workspace/"}, 403, "forbidden"),
+        ({"from": "a", "to": "api/.."}, 403, "forbidden"),
+        ({"from": "a\u0000", "to": "b"}, 422, "invalid"),
+        ({"from": "a"}, 422, "invalid"),
+        ({"to": "a"}, 422, "invalid"),
+        ({"src": "a", "to": "b"}, 422, "invalid"),
+        ({"from": "a", "to": "b", "overwrite": True}, 422, "invalid"),
+        ({"from": 1, "to": "b"}, 422, "invalid"),
+        ({"from": ["a"], "to": "b"}, 422, "invalid"),
+        ({"from": "a", "to": "x" * 5000}, 422, "invalid"),
+    ],
+)
+def test_rename_bodies_refused_before_the_engine(fake_api: ApiClient, files_url: str,
+                                                  fake_runtime: ScriptedRuntime,
+                                                  body: dict[str, Any], status: int,
+                                                  code: str) -> None:
+    r = fake_api.post(f"{files_url}/rename", json=body)
+    assert (r.status_code, r.json()["error"]["code"]) == (status, code), r.text
+    assert fake_runtime.seen == []
+
+
+def test_stat_and_mkdir_outside_are_refused_before_the_engine(
+        fake_api: ApiClient, files_url: str, fake_runtime: ScriptedRuntime) -> None:
+    for r in (
+        fake_api.get(f"{files_url}/stat", params={"path": "/etc/passwd"}),
+        fake_api.get(f"{files_url}/stat", params={"path": "../workspace2"}),
+        fake_api.post(f"{files_url}/mkdir", params={"path": "../x", "parents": "true"}),
+        fake_api.post(f"{files_url}/mkdir", params={"path": "/tmp/x"}),
+    ):
+        assert (r.status_code, r.json()["error"]["code"]) == (403, "path_outside"), r.text
+    assert fake_api.get(f"{files_url}/stat").status_code == 422  # path is required
+    r = fake_api.post(f"{files_url}/mkdir", params={"path": "d", "parents": "maybe"})
+    assert r.status_code == 422
+    assert fake_runtime.seen == []
+
+
+def test_stat_mkdir_rename_need_a_token(fake_api: ApiClient, files_url: str) -> None:
+    for r in (
+        fake_api.client.get(f"{files_url}/stat", params={"path": "a"}),
+        fake_api.client.post(f"{files_url}/mkdir", params={"path": "a"}),
+        fake_api.client.post(f"{files_url}/rename", json={"from": "a", "to": "b"}),
+    ):
+        assert (r.status_code, r.json()["error"]["code"]) == (401, "unauthorized"), r.text
