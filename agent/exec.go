@@ -10,6 +10,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -354,7 +355,8 @@ func runExec(c *channel, r *request, pr *proc, pgid int) error {
 		})
 	}
 
-	// Output readers.
+	// Output readers; progress counts their reads (a reader still reading is not idle).
+	var progress int64
 	nstreams := 1
 	if pr.out[1] != nil {
 		nstreams = 2
@@ -369,6 +371,7 @@ func runExec(c *channel, r *request, pr *proc, pgid int) error {
 			discard := false
 			for {
 				n, err := f.Read(buf)
+				atomic.AddInt64(&progress, 1)
 				if n > 0 && !discard {
 					data := buf[:n]
 					if r.MaxOutput > 0 && sent+int64(n) > r.MaxOutput {
@@ -439,10 +442,17 @@ func runExec(c *channel, r *request, pr *proc, pgid int) error {
 	// The exec ends when its output is done too; a background child holding the pipes gets
 	// 100 ms (not counting time spent waiting for the host's WINDOW), then is left to run with
 	// its output drained into nothing.
+	// When nothing is left in the process's group, only a process that left the group (a
+	// daemon) can hold the pipes: the readers are just late (a busy machine), so wait longer.
+	grace := 100 * time.Millisecond
+	if err := syscall.Kill(-pgid, 0); err == syscall.ESRCH {
+		grace = 5 * time.Second
+	}
 	finished := 0
 	var idle time.Duration
 	const tick = 10 * time.Millisecond
 	ticker := time.NewTicker(tick)
+	last := atomic.LoadInt64(&progress)
 	for finished < nstreams {
 		select {
 		case <-done:
@@ -453,10 +463,14 @@ func runExec(c *channel, r *request, pr *proc, pgid int) error {
 		c.mu.Lock()
 		waiting := c.waitingWin > 0
 		c.mu.Unlock()
-		if !waiting {
+		now := atomic.LoadInt64(&progress)
+		if waiting || now != last {
+			idle = 0
+		} else {
 			idle += tick
 		}
-		if idle >= 100*time.Millisecond {
+		last = now
+		if idle >= grace {
 			break
 		}
 	}
