@@ -225,15 +225,8 @@ func opStat(c *channel, r *request) error {
 const listBudget = maxPayload - 4096
 
 func opList(c *channel, r *request) error {
-	fq, err := newFileReq(r)
+	fq, p, err := resolveReq(r)
 	if err != nil {
-		return err
-	}
-	p, err := fq.full(r.Path)
-	if err != nil {
-		return err
-	}
-	if err := fq.traverse(p); err != nil {
 		return err
 	}
 	if err := fq.needDir(p, permR|permX); err != nil {
@@ -279,16 +272,26 @@ func opList(c *channel, r *request) error {
 	return nil
 }
 
-func opRead(c *channel, r *request) error {
+// resolveReq is a file request's checked path: inside its root, and every directory on the
+// way searchable by its user.
+func resolveReq(r *request) (*fileReq, string, error) {
 	fq, err := newFileReq(r)
 	if err != nil {
-		return err
+		return nil, "", err
 	}
 	p, err := fq.full(r.Path)
 	if err != nil {
-		return err
+		return nil, "", err
 	}
 	if err := fq.traverse(p); err != nil {
+		return nil, "", err
+	}
+	return fq, p, nil
+}
+
+func opRead(c *channel, r *request) error {
+	fq, p, err := resolveReq(r)
+	if err != nil {
 		return err
 	}
 	f, err := os.OpenFile(p, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
@@ -373,15 +376,8 @@ func (fq *fileReq) mkdirOwned(p string) error {
 }
 
 func opMkdir(c *channel, r *request) error {
-	fq, err := newFileReq(r)
+	fq, p, err := resolveReq(r)
 	if err != nil {
-		return err
-	}
-	p, err := fq.full(r.Path)
-	if err != nil {
-		return err
-	}
-	if err := fq.traverse(p); err != nil {
 		return err
 	}
 	if st, err := lstat(p); err == nil {
