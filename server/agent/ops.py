@@ -20,7 +20,7 @@ from server.runtime.base import ExecRequest, ExecResult, ProcessInfo, StreamChun
 from server.runtime.errors import AgentTimeout, AgentUnavailable, EngineConflict, ObjectMissing
 
 START_TIMEOUT_S = 10.0  # from OPEN to "started": the agent forks and execs
-EXEC_GRACE_S = 10.0  # past the command's own deadline, which the agent enforces
+EXEC_GRACE_S = 30.0  # past the command's own deadline, which the agent enforces
 REQUEST_TIMEOUT_S = 30.0
 STREAMS = ("stdout", "stderr")
 

@@ -37,7 +37,9 @@ log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT_S = 1.0
 HEARTBEAT_S = 5.0  # while channels are open, a ping this often ...
-HEARTBEAT_TIMEOUT_S = 10.0  # ... answered within this, or the session is declared dead
+# ... answered within this, or the session is declared dead. Generous: a sandbox under a
+# fork storm answers late but does answer (a 10 s limit cut a timed-out exec short).
+HEARTBEAT_TIMEOUT_S = 30.0
 MAX_CHANNELS = 1024
 MAX_PENDING_MESSAGES = 64
 CHUNK = 65536

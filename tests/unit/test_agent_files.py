@@ -481,6 +481,9 @@ class AgentRuntime(FakeRuntime):
                                                       timeout_s=1)
         return self.session
 
+    def on_fallback(self, listener: Callable[[str, str], None]) -> None:
+        pass  # the scripted agent always answers
+
 
 @pytest.fixture
 def fake_runtime() -> AgentRuntime:
