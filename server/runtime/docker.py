@@ -2,7 +2,9 @@
 
 Every blocking Docker SDK call goes through :meth:`DockerRuntime._call`, which runs it on
 the backend's bounded executor and translates ``docker.errors`` into Den's errors. The
-server never talks to a workspace by its IP: exec and file access go through the engine.
+server never talks to a workspace by its IP: commands, files and processes go through the
+workspace's agent (reached by an engine exec of ``den-agent relay``), or through the engine's
+exec for a workspace without one.
 """
 
 from __future__ import annotations
@@ -725,7 +727,7 @@ class DockerRuntime:
                 return exec_id, self._api().exec_start(exec_id, socket=True)
 
             exec_id, sock = await self._call(f"reach the agent of {spec.workspace_id}", relay)
-            transport = AttachTransport(sock, name=spec.workspace_id, exec_id=exec_id)
+            transport = RelayTransport(sock, name=spec.workspace_id, exec_id=exec_id)
             try:
                 session = await AgentSession.connect(transport, name=spec.workspace_id)
             except AgentUnavailable:
@@ -992,7 +994,7 @@ class DockerExecStream:
             self._sock.close()
 
 
-class AttachTransport:
+class RelayTransport:
     """The agent's byte streams through an engine exec of ``den-agent relay`` (a hijacked
     stream): we write its stdin; its stdout and stderr come back with the engine's 8-byte
     headers. stderr is the relay's own log, passed to Den's log a line at a time (bounded)."""
