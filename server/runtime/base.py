@@ -205,6 +205,12 @@ class AgentChannel(Protocol):
         (or its agent cannot be reached: the caller then uses the engine's exec)."""
         ...
 
+    async def connect(self, spec: WorkspaceSpec, host: str, port: int) -> ExecStream | None:
+        """A TCP connection made by the agent to ``host:port`` on the workspace's own
+        loopback, as a stream (output: what the port sends; ``write``: what it receives); None
+        when the workspace has no agent."""
+        ...
+
     def on_fallback(self, listener: Callable[[str, str], None]) -> None:
         """Call ``listener(workspace_id, reason)`` each time a workspace's agent cannot be
         reached and its calls go through the engine's exec for a while instead (at most

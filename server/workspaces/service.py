@@ -787,11 +787,9 @@ class WorkspaceService:
         through exec then)."""
         ws = await self.ensure_running(ws_id, actor=actor)
         self.touch(ws_id)
-        connect = getattr(self.runtime, "connect", None)
-        if connect is None:
+        if not isinstance(self.runtime, AgentChannel):
             return None
-        stream: ExecStream | None = await connect(self.spec_for(ws), host, port)
-        return stream
+        return await self.runtime.connect(self.spec_for(ws), host, port)
 
     # --- reconcile --------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from server.errors import (
     PayloadTooLarge,
     ValidationFailed,
 )
-from server.runtime.base import WorkspaceSpec
+from server.runtime.base import ExecStream, WorkspaceSpec
 from server.runtime.errors import AgentTimeout, AgentUnavailable, EngineConflict
 from server.runtime.fake import FakeRuntime
 from tests.conftest import ApiClient
@@ -483,6 +483,9 @@ class AgentRuntime(FakeRuntime):
 
     def on_fallback(self, listener: Callable[[str, str], None]) -> None:
         pass  # the scripted agent always answers
+
+    async def connect(self, spec: WorkspaceSpec, host: str, port: int) -> ExecStream | None:
+        return None  # not used by the files tests
 
 
 @pytest.fixture
