@@ -165,6 +165,8 @@ async def _run(session: AgentSession, req: ExecRequest, env: Mapping[str, str]) 
                 fields = _exit_fields(event.msg)
                 if fields is not None:
                     code, timed_out, cut = fields
+                    if timed_out:  # as coreutils' timeout answers, which the API documents
+                        code = 137 if code == 137 else 124
                     return ExecResult(
                         exit_code=code, stdout=bytes(bufs[0]), stderr=bytes(bufs[1]),
                         timed_out=timed_out, truncated=truncated or cut,
@@ -258,7 +260,8 @@ class AgentExecStream:
             elif event.kind == "msg":
                 fields = _exit_fields(event.msg)
                 if fields is not None:
-                    self._code = fields[0]
+                    code, timed_out, _ = fields
+                    self._code = (137 if code == 137 else 124) if timed_out else code
                     self._exited.set()
                     return
             elif event.kind == "end":
