@@ -194,7 +194,6 @@ class AgentSession:
 
     def __init__(self, transport: Transport, *, name: str) -> None:
         self._transport = transport
-        self.transport = transport
         self.name = name
         self._reader = FrameReader()
         self._channels: dict[int, Channel] = {}

@@ -95,6 +95,7 @@ class DockerRuntime:
                  runsc_root: str = "/run/docker/runtime-runc/moby", agent_dir: Path | None = None):
         self._agent_dir = agent_dir
         self._agents: dict[str, AgentSession] = {}  # container -> live session
+        self._relays: dict[str, str] = {}  # container -> the exec id of its session's relay
         self._agent_info: dict[str, tuple[bool, dict[str, str]]] = {}  # has agent, its env
         self._agent_locks: dict[str, asyncio.Lock] = {}
         # container -> until when the engine's exec serves it (its agent did not answer)
@@ -706,8 +707,8 @@ class DockerRuntime:
         return {**base, **docker_specs.exec_env(req.user, spec.env, req.env)}
 
     async def _agent(self, spec: WorkspaceSpec) -> AgentSession | None:
-        """A live session with the workspace's agent (attaching when there is none), or None
-        for a container made without one (the engine's exec serves it then)."""
+        """A live session with the workspace's agent (starting a relay when there is none), or
+        None for a container made without one (the engine's exec serves it then)."""
         name = spec.container_name
         session = self._agents.get(name)
         if session is not None and session.alive:
@@ -720,6 +721,7 @@ class DockerRuntime:
             session = self._agents.get(name)
             if session is not None and session.alive:
                 return session
+
             def relay() -> tuple[str, Any]:
                 exec_id = str(self._api().exec_create(
                     name, [docker_specs.AGENT_COMMAND[0], "relay"], stdin=True, stdout=True,
@@ -736,6 +738,7 @@ class DockerRuntime:
                 raise
             session.on_end = functools.partial(self._forget_agent, name)
             self._agents[name] = session
+            self._relays[name] = exec_id
             log.info("workspace %s: agent %s (pid %s) reached", spec.workspace_id,
                      str(session.hello.get("version", "?"))[:40],
                      str(session.hello.get("pid", "?"))[:12])
@@ -786,7 +789,7 @@ class DockerRuntime:
         if session is None:
             return
         await session.close(reason)
-        exec_id = getattr(session.transport, "exec_id", "")
+        exec_id = self._relays.pop(spec.container_name, "")
         if exec_id:
             def wait() -> None:
                 for _ in range(100):
@@ -798,12 +801,15 @@ class DockerRuntime:
                 await self._call("agent relay", wait)
 
     async def _require_agent(self, spec: WorkspaceSpec) -> AgentSession:
-        session = await self._agent(spec)
-        if session is None:
+        session = await self._agent_or_fallback(spec)
+        if session is not None:
+            return session
+        if not (await self._agent_facts(spec))[0]:
             raise AgentUnavailable(
                 f"workspace {spec.workspace_id} was created without Den's agent; background "
                 "processes need one (recreate the workspace, or fork it from a snapshot)")
-        return session
+        raise AgentUnavailable(f"the agent of workspace {spec.workspace_id} does not answer; "
+                               "try again in a minute, or stop and start the workspace")
 
     async def spawn(self, spec: WorkspaceSpec, req: ExecRequest, *, log_bytes: int) -> int:
         session = await self._require_agent(spec)
@@ -825,17 +831,11 @@ class DockerRuntime:
     async def connect(self, spec: WorkspaceSpec, host: str, port: int) -> ExecStream | None:
         """A connection to ``host:port`` inside the workspace made by its agent, or None
         when the workspace has no agent (the caller then relays through exec)."""
-        session = await self._agent(spec)
+        session = await self._agent_or_fallback(spec)
         if session is None:
             return None
         return await agent_ops.AgentExecStream.connect(session, host, port)
 
-    async def agent_status(self, spec: WorkspaceSpec) -> dict[str, Any] | None:
-        """What the agent reports (version, processes, sessions), or None without one."""
-        session = await self._agent(spec)
-        if session is None:
-            return None
-        return {**await agent_ops.status(session), "version": session.hello.get("version")}
 
     def _resize(self, exec_id: str, cols: int, rows: int) -> None:
         with contextlib.suppress(docker.errors.APIError):  # the process may have just exited
