@@ -728,7 +728,13 @@ class DockerRuntime:
                     stderr=True, tty=False, user="root", workdir="/")["Id"])
                 return exec_id, self._api().exec_start(exec_id, socket=True)
 
-            exec_id, sock = await self._call(f"reach the agent of {spec.workspace_id}", relay)
+            try:
+                exec_id, sock = await self._call(f"reach the agent of {spec.workspace_id}",
+                                                 relay)
+            except EngineError as exc:  # Docker answers 500 when the sandbox has just died
+                if await self.status(spec) is not ContainerStatus.RUNNING:
+                    raise EngineConflict(f"container {name} is not running") from exc
+                raise
             transport = RelayTransport(sock, name=spec.workspace_id, exec_id=exec_id)
             try:
                 session = await AgentSession.connect(transport, name=spec.workspace_id)
