@@ -190,12 +190,15 @@ class AgentExecStream:
     the agent gets window credit back only as the consumer takes chunks, so a slow client
     slows the process rather than growing a buffer."""
 
-    def __init__(self, ch: Channel, *, tty: bool) -> None:
+    def __init__(self, ch: Channel, *, tty: bool, failed: ExecResult | None = None,
+                 connection: bool = False) -> None:
         self._ch = ch
         self._tty = tty
         self._code: int | None = None
         self._exited = asyncio.Event()
         self._ended_reason = ""
+        self._failed = failed  # could not start: says why, then exits with its code
+        self._connection = connection  # a `connect` channel: exit 0 once both sides are done
 
     @classmethod
     async def start(cls, session: AgentSession, req: ExecRequest, env: Mapping[str, str]
@@ -210,13 +213,9 @@ class AgentExecStream:
         except BaseException:
             await ch.close()
             raise
-        stream = cls(ch, tty=req.tty)
         if failed is not None:  # behave like a process that printed why and exited
             await ch.close()
-            stream._failed = failed
-        return stream
-
-    _failed: ExecResult | None = None
+        return cls(ch, tty=req.tty, failed=failed)
 
     @classmethod
     async def connect(cls, session: AgentSession, host: str, port: int) -> AgentExecStream:
@@ -239,11 +238,7 @@ class AgentExecStream:
         except BaseException:
             await ch.close()
             raise
-        stream = cls(ch, tty=False)
-        stream._connection = True
-        return stream
-
-    _connection = False
+        return cls(ch, tty=False, connection=True)
 
     async def output(self) -> AsyncIterator[StreamChunk]:
         if self._failed is not None:

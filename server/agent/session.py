@@ -15,7 +15,7 @@ import logging
 import secrets
 import struct
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -377,5 +377,3 @@ def ok_or_raise(msg: Any) -> Any:
                                str(err.get("message", ""))[:1000])
     raise AgentOpError("failed", "the agent sent an answer Den does not understand")
 
-
-Connector = Callable[[], Awaitable[AgentSession]]
