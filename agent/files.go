@@ -202,15 +202,8 @@ func statInfo(st *syscall.Stat_t) map[string]any {
 }
 
 func opStat(c *channel, r *request) error {
-	fq, err := newFileReq(r)
+	_, p, err := resolveReq(r, false)
 	if err != nil {
-		return err
-	}
-	p, err := fq.noFollow(r.Path, r.Root)
-	if err != nil {
-		return err
-	}
-	if err := fq.traverse(p); err != nil {
 		return err
 	}
 	st, err := lstat(p)
@@ -225,7 +218,7 @@ func opStat(c *channel, r *request) error {
 const listBudget = maxPayload - 4096
 
 func opList(c *channel, r *request) error {
-	fq, p, err := resolveReq(r)
+	fq, p, err := resolveReq(r, true)
 	if err != nil {
 		return err
 	}
@@ -273,13 +266,19 @@ func opList(c *channel, r *request) error {
 }
 
 // resolveReq is a file request's checked path: inside its root, and every directory on the
-// way searchable by its user.
-func resolveReq(r *request) (*fileReq, string, error) {
+// way searchable by its user. With follow false the last component is not resolved (stat
+// and remove act on a symlink itself).
+func resolveReq(r *request, follow bool) (*fileReq, string, error) {
 	fq, err := newFileReq(r)
 	if err != nil {
 		return nil, "", err
 	}
-	p, err := fq.full(r.Path)
+	var p string
+	if follow {
+		p, err = fq.full(r.Path)
+	} else {
+		p, err = fq.noFollow(r.Path, r.Root)
+	}
 	if err != nil {
 		return nil, "", err
 	}
@@ -290,7 +289,7 @@ func resolveReq(r *request) (*fileReq, string, error) {
 }
 
 func opRead(c *channel, r *request) error {
-	fq, p, err := resolveReq(r)
+	fq, p, err := resolveReq(r, true)
 	if err != nil {
 		return err
 	}
@@ -376,7 +375,7 @@ func (fq *fileReq) mkdirOwned(p string) error {
 }
 
 func opMkdir(c *channel, r *request) error {
-	fq, p, err := resolveReq(r)
+	fq, p, err := resolveReq(r, true)
 	if err != nil {
 		return err
 	}
@@ -439,19 +438,12 @@ func fsErrOrNil(err error, what string) error {
 }
 
 func opRemove(c *channel, r *request) error {
-	fq, err := newFileReq(r)
-	if err != nil {
-		return err
-	}
-	p, err := fq.noFollow(r.Path, r.Root)
+	fq, p, err := resolveReq(r, false)
 	if err != nil {
 		return err
 	}
 	if p == fq.root {
 		return errf("invalid", "cannot remove the root")
-	}
-	if err := fq.traverse(p); err != nil {
-		return err
 	}
 	st, err := lstat(p)
 	if err != nil {
