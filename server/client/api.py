@@ -214,6 +214,17 @@ def _seg(value: str) -> str:
     return quote(value, safe="")
 
 
+def command_body(cmd: Command, *, cwd: str | None, env: Mapping[str, str] | None) -> JSON:
+    """The ``cmd``, ``cwd`` and ``env`` fields that exec, the exec stream and background
+    processes share (the unset ones left out)."""
+    body: JSON = {"cmd": cmd if isinstance(cmd, str) else list(cmd)}
+    if cwd is not None:
+        body["cwd"] = cwd
+    if env is not None:
+        body["env"] = dict(env)
+    return body
+
+
 def _error_from_response(response: httpx.Response) -> DenAPIError:
     try:
         err = response.json()["error"]
@@ -725,12 +736,9 @@ class Workspace:
         stdin: str | bytes | None = None,
         check: bool = False,
     ) -> ExecResult:
-        """Run a command (argv list, or a string for ``sh -c``) and wait for it to finish."""
-        body: JSON = {"cmd": cmd if isinstance(cmd, str) else list(cmd)}
-        if cwd is not None:
-            body["cwd"] = cwd
-        if env is not None:
-            body["env"] = dict(env)
+        """Run a command (argv list, or a string for ``bash -c``, ``sh -c`` in an image
+        without bash) and wait for it to finish."""
+        body = command_body(cmd, cwd=cwd, env=env)
         if timeout_s is not None:
             body["timeout_s"] = timeout_s
         if stdin is not None:
@@ -774,11 +782,7 @@ class Workspace:
         Output is passed to ``on_stdout``/``on_stderr`` as it arrives (discarded if None).
         ``stdin`` (UTF-8 text) is sent in full and then closed; None means empty stdin.
         """
-        first: JSON = {"cmd": cmd if isinstance(cmd, str) else list(cmd), "tty": tty}
-        if cwd is not None:
-            first["cwd"] = cwd
-        if env is not None:
-            first["env"] = dict(env)
+        first = {**command_body(cmd, cwd=cwd, env=env), "tty": tty}
         text = stdin.decode("utf-8") if isinstance(stdin, bytes) else (stdin or "")
         with self.den.websocket(self.ws_url("exec/stream"), what="exec stream") as conn:
             conn.send(json.dumps(first))

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, overload
 
-from .api import JSON, Command, DenAPIError, _seg, stream_message
+from .api import JSON, Command, DenAPIError, _seg, command_body, stream_message
 
 if TYPE_CHECKING:
     from .api import Workspace
@@ -103,11 +103,7 @@ class Processes:
               log_bytes: int | None = None) -> Process:
         """Start ``cmd`` (argv list, or a string for ``bash -c``) in the background; returns
         at once. ``log_bytes`` sizes the buffer that keeps its output (default 1 MiB)."""
-        body: JSON = {"cmd": cmd if isinstance(cmd, str) else list(cmd)}
-        if cwd is not None:
-            body["cwd"] = cwd
-        if env is not None:
-            body["env"] = dict(env)
+        body = command_body(cmd, cwd=cwd, env=env)
         if log_bytes is not None:
             body["log_bytes"] = log_bytes
         return Process.from_json(self.workspace.den.request_json("POST", self._path,
