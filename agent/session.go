@@ -152,8 +152,11 @@ func (s *server) handle(f frame) {
 			s.log.Printf("chan %d: bad MSG ignored", f.ch)
 			return
 		}
-		if c.onMsg != nil {
-			c.safe(func() { c.onMsg(m) })
+		c.mu.Lock()
+		onMsg := c.onMsg
+		c.mu.Unlock()
+		if onMsg != nil {
+			c.safe(func() { onMsg(m) })
 		}
 	case tData:
 		if q := c.in[stream]; q != nil {
@@ -302,6 +305,14 @@ type channel struct {
 	onMsg       func(map[string]json.RawMessage)
 	onClose     func(sessionEnd bool) // the host closed the channel, or its session ended
 	closeReason int                   // 0: open; 1: host CLOSE; 2: session ended
+}
+
+// setOnMsg sets what a MSG from the host does (set by the op's goroutine, read by the
+// session's reader).
+func (c *channel) setOnMsg(f func(map[string]json.RawMessage)) {
+	c.mu.Lock()
+	c.onMsg = f
+	c.mu.Unlock()
 }
 
 // setOnClose sets what a host CLOSE (or the session's end) does; when that has already
