@@ -465,6 +465,9 @@ class _Session(_Bridge, asyncssh.SSHServerSession[bytes]):
         self.command: str | None = None
         self.subsystem: str | None = None
         self._sized: tuple[int, int] | None = None
+        # Resizes in flight: the loop keeps only weak references to tasks, and a resize task
+        # collected mid-way was a window-change lost for good (the shell kept its old size).
+        self._resizes: set[asyncio.Task[None]] = set()
 
     def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int],
                       term_modes: Any) -> bool:
@@ -501,7 +504,9 @@ class _Session(_Bridge, asyncssh.SSHServerSession[bytes]):
         self.size = _size(width, height) or self.size
         if self.stream is not None and self.size is not None and self.size != self._sized:
             self._sized = self.size
-            asyncio.create_task(self.stream.resize(*self.size))  # noqa: RUF006
+            task = asyncio.create_task(self.stream.resize(*self.size))
+            self._resizes.add(task)
+            task.add_done_callback(self._resizes.discard)
 
     async def _make_stream(self) -> ExecStream:
         auth = self.conn.auth
