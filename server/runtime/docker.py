@@ -82,6 +82,11 @@ def _translate(exc: Exception, what: str) -> Exception:
         return EngineError(f"{what}: {exc.explanation or exc}", detail=str(exc))
     if isinstance(exc, requests.exceptions.ConnectionError | docker.errors.DockerException):
         return EngineUnavailable("the Docker engine is not reachable", detail=str(exc))
+    if isinstance(exc, requests.exceptions.RequestException):
+        # An answer that is cut short or not JSON (the object went away while the engine
+        # answered), a timeout: the engine failed this call.
+        return EngineError(f"{what}: the engine's answer was unusable ({type(exc).__name__})",
+                           detail=str(exc))
     return exc
 
 
@@ -506,16 +511,8 @@ class DockerRuntime:
                 if isinstance(used, int) and used >= 0:
                     return used
 
-        def run() -> int | None:
-            try:
-                stats = self._api().stats(spec.container_name, stream=False, one_shot=True)
-            except docker.errors.NotFound:
-                return None
-            usage = (stats.get("cpu_stats") or {}).get("cpu_usage") or {}
-            total = usage.get("total_usage")
-            return int(total) if total else None
-
-        return await self._call(f"cpu of workspace {spec.workspace_id}", run)
+        return await self._call(f"cpu of workspace {spec.workspace_id}",
+                                lambda: _stats_cpu_ns(self._api(), spec.container_name))
 
     async def list_objects(self, instance: str) -> list[EngineObject]:
         def run() -> list[EngineObject]:
@@ -1060,6 +1057,28 @@ def _link_image(image: Path, target: Path) -> None:
     target.mkdir(parents=True)
     for f in image.iterdir():
         (target / f.name).symlink_to(f.resolve())
+
+
+def _stats_cpu_ns(api: Any, container: str) -> int | None:
+    """The container's CPU time from the engine's stats; None when it is not running or
+    gone. A container removed while the engine gathers its stats gets an empty or cut answer
+    (not JSON): that is "gone" too when the container is no longer there."""
+    try:
+        stats = api.stats(container, stream=False, one_shot=True)
+    except docker.errors.NotFound:
+        return None
+    except ValueError as exc:  # requests' JSONDecodeError is one
+        try:
+            api.inspect_container(container)
+        except docker.errors.NotFound:
+            return None
+        raise EngineError(f"stats of container {container}: the engine's answer was not "
+                          "JSON", detail=str(exc)) from exc
+    if not isinstance(stats, dict):
+        return None
+    usage = (stats.get("cpu_stats") or {}).get("cpu_usage") or {}
+    total = usage.get("total_usage") if isinstance(usage, dict) else None
+    return int(total) if isinstance(total, int) and total > 0 else None
 
 
 def _delete_checkpoint(api: Any, container: str, checkpoint: str) -> None:

@@ -57,12 +57,15 @@ class _Container:
 @dataclass
 class FakeRuntime:
     """Containers and volumes as dict entries. ``fail_next`` makes the next call of that
-    method raise, to test failure paths."""
+    method raise, ``fail_for`` every call of a method about one workspace (methods that pass
+    their spec to ``_enter``), to test failure paths."""
 
     images: set[str] = field(default_factory=lambda: {"den/workspace:latest"})
     containers: dict[str, _Container] = field(default_factory=dict)
     volumes: dict[str, dict[str, str]] = field(default_factory=dict)
     fail_next: dict[str, Exception] = field(default_factory=dict)
+    # (method, workspace id) -> what every such call about that workspace raises
+    fail_for: dict[tuple[str, str], Exception] = field(default_factory=dict)
     available: bool = True
     calls: list[str] = field(default_factory=list)
     # Files by volume name (tests write them directly) and their copies by snapshot id.
@@ -72,11 +75,13 @@ class FakeRuntime:
 
     name = "fake"
 
-    def _enter(self, method: str) -> None:
+    def _enter(self, method: str, spec: WorkspaceSpec | None = None) -> None:
         self.calls.append(method)
         if not self.available:
             raise EngineUnavailable("the fake engine is down")
         exc = self.fail_next.pop(method, None)
+        if exc is None and spec is not None:
+            exc = self.fail_for.get((method, spec.workspace_id))
         if exc is not None:
             raise exc
 
@@ -248,7 +253,7 @@ class FakeRuntime:
         self.snapshot_files.pop(snap.snapshot_id, None)
 
     async def cpu_time_ns(self, spec: WorkspaceSpec) -> int | None:
-        self._enter("cpu_time_ns")
+        self._enter("cpu_time_ns", spec)
         c = self.containers.get(spec.container_name)
         return c.cpu_ns if c is not None and c.running else None
 
