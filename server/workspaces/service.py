@@ -793,32 +793,54 @@ class WorkspaceService:
 
     # --- reconcile --------------------------------------------------------------------
 
-    async def reconcile(self) -> None:
-        """Bring the database and the engine into agreement (run at startup)."""
+    def remove_leftovers(self) -> None:
+        """At startup, before anything runs: the build directories and the saved memory of
+        snapshots without a row that a previous run left (it stopped while making them)."""
         shutil.rmtree(self._tmp, ignore_errors=True)
         with self.sessions() as s:
+            snapshots = set(s.scalars(select(Snapshot.id)))
+        saved = self.settings.data_dir / "snapshots"
+        for d in sorted(saved.iterdir()) if saved.is_dir() else []:
+            if d.name not in snapshots:
+                log.warning("startup: removing orphan saved memory %s", d)
+                shutil.rmtree(d, ignore_errors=True)
+
+    async def reconcile(self) -> None:
+        """Bring the database and the engine into agreement: at startup, and again each time
+        the engine answers after failing, while requests run. A workspace with an operation in
+        progress (its lock held, or its build running) is left to that operation, and so are
+        the engine objects it may be making."""
+        objects = await self.runtime.list_objects(self.instance_id)  # before the rows: an
+        with self.sessions() as s:  # object made meanwhile then has its row
             rows = list(s.scalars(select(Workspace)))
+            snapshots = set(s.scalars(select(Snapshot.id)))
         for ws in rows:
+            if self._busy(ws.id):
+                continue
             try:
-                await self._reconcile_one(ws)
+                async with self.locked(ws.id):
+                    with self.sessions() as s:
+                        current = s.get(Workspace, ws.id)
+                    if current is not None:
+                        await self._reconcile_one(current)
             except DenError as exc:
                 log.error("reconcile of workspace %s failed: %s %s", ws.id, exc.message,
                           exc.detail)
         known = {ws.id for ws in rows}
-        with self.sessions() as s:
-            snapshots = set(s.scalars(select(Snapshot.id)))
-        for obj in await self.runtime.list_objects(self.instance_id):
+        for obj in objects:
             if obj.snapshot_id and obj.snapshot_id in snapshots:
                 continue
-            if obj.workspace_id not in known or obj.snapshot_id:
-                log.warning("reconcile: removing orphan %s %s", obj.kind, obj.name)
-                await self.runtime.remove_object(obj)
-        # Saved memory of snapshots without a row (Den stopped while taking one).
-        saved = self.settings.data_dir / "snapshots"
-        for d in sorted(saved.iterdir()) if saved.is_dir() else []:
-            if d.name not in snapshots:
-                log.warning("reconcile: removing orphan saved memory %s", d)
-                shutil.rmtree(d, ignore_errors=True)
+            if obj.workspace_id in known and not obj.snapshot_id:
+                continue
+            if obj.workspace_id and self._busy(obj.workspace_id):
+                continue  # a snapshot or fork in progress
+            log.warning("reconcile: removing orphan %s %s", obj.kind, obj.name)
+            await self.runtime.remove_object(obj)
+
+    def _busy(self, workspace_id: str) -> bool:
+        """Whether an operation on the workspace is in progress in this process."""
+        lock = self._locks.get(workspace_id)
+        return workspace_id in self._tasks or (lock is not None and lock.locked())
 
     async def _reconcile_one(self, ws: Workspace) -> None:
         spec = self.spec_for(ws)
