@@ -119,7 +119,7 @@ class Settings(BaseSettings):
             "this; once it answers again, reconcile runs again."
         ),
     )
-    shutdown_grace_s: float = Field(
+    shutdown_grace_s: int = Field(
         10,
         description=(
             "On SIGTERM or Ctrl-C, how long calls in flight get to finish before they are "
