@@ -106,9 +106,11 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
 
         supervisor = EngineSupervisor(runtime=rt, reconcile=reconcile,
                                       interval_s=settings.engine_check_interval_s,
-                                      retry_max_s=settings.engine_retry_max_s)
+                                      retry_max_s=settings.engine_retry_max_s,
+                                      on_event=svc.apply_engine_event,
+                                      instance=svc.instance_id)
         app.state.engine = supervisor
-        await supervisor.start()  # checks and reconciles once; then watches in the background
+        await supervisor.start()  # checks and reconciles once; then watches, follows events
         reaper = Reaper(svc, settings)
         app.state.reaper = reaper
         if settings.reaper_interval_s > 0:

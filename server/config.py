@@ -109,7 +109,8 @@ class Settings(BaseSettings):
         10,
         description=(
             "How often the server checks that the engine answers while it works (`/healthz` "
-            "reports the last check); `0` checks only at startup."
+            "reports the last check); `0`: no periodic check (a call that finds the engine "
+            "unreachable still starts the retries)."
         ),
     )
     engine_retry_max_s: float = Field(

@@ -20,7 +20,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,6 +40,8 @@ from server.runtime.base import (
     LABEL_SNAPSHOT,
     LABEL_WORKSPACE,
     ContainerStatus,
+    EngineEvent,
+    EngineEventKind,
     EngineObject,
     ExecRequest,
     ExecResult,
@@ -70,6 +72,8 @@ AGENT_ATTEMPTS = 4  # to reach an agent before the engine's exec serves a call i
 AGENT_RETRY_S = 30  # how long the engine's exec then serves the workspace
 # Checkpoint images, beside the engine's checkpoints/ in each container's directory.
 IMAGES_DIR = "den-checkpoints"
+WATCH_QUEUE = 1024  # engine events waiting for the service; more are dropped (then RESYNC)
+WATCH_RETRY_MAX_S = 30.0
 
 
 def _translate(exc: Exception, what: str) -> Exception:
@@ -390,6 +394,81 @@ class DockerRuntime:
             return ContainerStatus.RUNNING if state.get("Running") else ContainerStatus.STOPPED
 
         return await self._call(f"status of workspace {spec.workspace_id}", run)
+
+    # --- events -----------------------------------------------------------------------
+
+    async def watch(self, instance: str) -> AsyncGenerator[EngineEvent, None]:
+        """:class:`~server.runtime.base.EngineEvents`: Docker's event stream, filtered by the
+        engine to this instance's containers, read by a thread of its own (it blocks for
+        good; not one of the executor's). On reconnect it asks for the events since the
+        last one it saw, and yields RESYNC: the engine may have restarted and forgotten."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[EngineEvent] = asyncio.Queue(maxsize=WATCH_QUEUE)
+        dropped = False
+        stop = threading.Event()
+        streams: list[Any] = []  # the open stream, closed from here to end the thread
+
+        def put(event: EngineEvent) -> None:  # on the loop
+            nonlocal dropped
+            try:
+                queue.put_nowait(event)
+            except asyncio.QueueFull:
+                dropped = True
+
+        def deliver(event: EngineEvent) -> bool:  # on the thread
+            try:
+                loop.call_soon_threadsafe(put, event)
+            except RuntimeError:  # the loop is closed
+                return False
+            return True
+
+        def read() -> None:
+            since: str | None = None
+            delay = 0.5
+            connected_before = False
+            while not stop.is_set():
+                try:
+                    stream = self._api().events(decode=True, since=since, filters={
+                        "type": "container", "event": ["start", "die", "oom"],
+                        "label": [f"{LABEL_MANAGED}=true", f"{LABEL_INSTANCE}={instance}"]})
+                    streams[:] = [stream]
+                    if connected_before and not deliver(EngineEvent(EngineEventKind.RESYNC)):
+                        return
+                    connected_before = True
+                    delay = 0.5
+                    for raw in stream:
+                        if stop.is_set():
+                            return
+                        if isinstance(raw, dict) and raw.get("timeNano"):
+                            since = f"{int(raw['timeNano']) / 1e9:.9f}"
+                        event = engine_event(raw)
+                        if event is not None and not deliver(event):
+                            return
+                except Exception as exc:  # any break: reconnect (the thread must not die)
+                    if stop.is_set():
+                        return
+                    log.warning("engine events: %s; reconnecting in %.1f s",
+                                type(exc).__name__, delay)
+                if stop.wait(delay):
+                    return
+                delay = min(delay * 2, WATCH_RETRY_MAX_S)
+
+        reader = threading.Thread(target=read, name="docker-events", daemon=True)
+        reader.start()
+        try:
+            while True:
+                event = await queue.get()
+                if dropped and queue.empty():
+                    dropped = False
+                    yield event
+                    yield EngineEvent(EngineEventKind.RESYNC)
+                    continue
+                yield event
+        finally:
+            stop.set()
+            for stream in streams:
+                with contextlib.suppress(Exception):
+                    stream.close()
 
     # --- snapshots --------------------------------------------------------------------
 
@@ -1057,6 +1136,32 @@ def _link_image(image: Path, target: Path) -> None:
     target.mkdir(parents=True)
     for f in image.iterdir():
         (target / f.name).symlink_to(f.resolve())
+
+
+def engine_event(raw: Any) -> EngineEvent | None:
+    """One decoded Docker event as an :class:`EngineEvent`, or None when it is not about a
+    workspace's container (or not one Den follows). Untrusted shape: checked, never assumed."""
+    if not isinstance(raw, dict) or raw.get("Type") != "container":
+        return None
+    try:
+        kind = EngineEventKind(str(raw.get("Action") or raw.get("status") or ""))
+    except ValueError:
+        return None
+    if kind is EngineEventKind.RESYNC:
+        return None
+    actor = raw.get("Actor")
+    attributes = actor.get("Attributes") if isinstance(actor, dict) else None
+    if not isinstance(attributes, dict):
+        return None
+    workspace_id = str(attributes.get(LABEL_WORKSPACE) or "")
+    if not workspace_id:
+        return None
+    exit_code = None
+    if kind is EngineEventKind.DIE:
+        with contextlib.suppress(TypeError, ValueError):
+            exit_code = int(str(attributes.get("exitCode")))
+    return EngineEvent(kind, workspace_id=workspace_id[:64],
+                       container=str(attributes.get("name") or "")[:256], exit_code=exit_code)
 
 
 def _stats_cpu_ns(api: Any, container: str) -> int | None:

@@ -11,12 +11,14 @@ import asyncio
 import dataclasses
 import signal as signals
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.runtime.base import (
     ContainerStatus,
+    EngineEvent,
+    EngineEventKind,
     EngineObject,
     ExecRequest,
     ExecResult,
@@ -72,6 +74,8 @@ class FakeRuntime:
     files: dict[str, dict[str, bytes]] = field(default_factory=dict)
     snapshot_files: dict[str, dict[str, bytes]] = field(default_factory=dict)
     next_pid: int = 100
+    # The queues of the watchers of the event stream (``watch``); ``emit`` feeds them.
+    watchers: list[asyncio.Queue[EngineEvent]] = field(default_factory=list)
 
     name = "fake"
 
@@ -163,6 +167,30 @@ class FakeRuntime:
     async def exec_stream(self, spec: WorkspaceSpec, req: ExecRequest) -> _FakeStream:
         result = await self.exec(spec, req)
         return _FakeStream(result, req.argv)
+
+    # --- EngineEvents ---------------------------------------------------------------------
+
+    async def watch(self, instance: str) -> AsyncGenerator[EngineEvent, None]:
+        queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
+        self.watchers.append(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self.watchers.remove(queue)
+
+    def emit(self, event: EngineEvent) -> None:
+        for queue in self.watchers:
+            queue.put_nowait(event)
+
+    def kill(self, spec: WorkspaceSpec, *, exit_code: int = 137, oom: bool = False) -> None:
+        """What ``docker kill`` (or the OOM killer) does from outside Den: the container
+        stops, and the engine says so."""
+        self._get(spec).running = False
+        if oom:
+            self.emit(EngineEvent(EngineEventKind.OOM, spec.workspace_id, spec.container_name))
+        self.emit(EngineEvent(EngineEventKind.DIE, spec.workspace_id, spec.container_name,
+                              exit_code=exit_code))
 
     # --- ProcessControl -------------------------------------------------------------------
 

@@ -12,8 +12,15 @@ away while Den ran, nothing noticed until a call failed. The supervisor owns tha
 * a call that found the engine unreachable reports it (:meth:`report_unavailable`): the
   health turns at once, and the retries start.
 
-``/healthz`` reads :meth:`health`. The supervisor changes no workspace state itself; reconcile
-(the workspace service) does.
+* where the backend has an event stream (:class:`~server.runtime.base.EngineEvents`), it
+  follows it and hands each event to the workspace service
+  (:meth:`~server.workspaces.service.WorkspaceService.apply_engine_event`), so that a
+  container that dies (killed, out of memory, dockerd restarted) is known within seconds, not
+  at the next failing exec; when the stream says events were missed (``RESYNC``: it broke and
+  reconnected), reconcile runs again.
+
+``/healthz`` reads :meth:`health`. The supervisor changes no workspace state itself; the
+workspace service (reconcile, and its handling of the engine's events) does.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from server.errors import DenError
-from server.runtime.base import Runtime
+from server.runtime.base import EngineEvent, EngineEventKind, EngineEvents, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +55,14 @@ class EngineSupervisor:
     """Checks the engine, backs off while it is down, reconciles when it is back."""
 
     def __init__(self, *, runtime: Runtime, reconcile: Callable[[], Awaitable[None]],
-                 interval_s: float, retry_max_s: float, check_timeout_s: float = 30.0) -> None:
+                 interval_s: float, retry_max_s: float, check_timeout_s: float = 30.0,
+                 on_event: Callable[[EngineEvent], Awaitable[None]] | None = None,
+                 instance: str = "") -> None:
         self._runtime = runtime
         self._reconcile = reconcile
+        self._on_event = on_event
+        self._instance = instance
+        self._follower: asyncio.Task[None] | None = None
         self._interval_s = interval_s
         self._first_retry_s = min(FIRST_RETRY_S, retry_max_s)
         self._retry_max_s = retry_max_s
@@ -73,12 +85,42 @@ class EngineSupervisor:
 
     async def start(self) -> None:
         """Check and reconcile once (awaited), then keep watching in the background."""
+        if self._on_event is not None and isinstance(self._runtime, EngineEvents):
+            # Before the first reconcile: what happens during it is not missed.
+            self._follower = asyncio.create_task(self._follow(self._runtime, self._on_event),
+                                                 name="engine-events")
         await self.check_once()
-        if self._interval_s > 0:
-            self._task = asyncio.create_task(self._loop(), name="engine-supervisor")
+        self._task = asyncio.create_task(self._loop(), name="engine-supervisor")
+
+    def request_reconcile(self) -> None:
+        """Run reconcile again soon (events were missed)."""
+        if self._reconciled:
+            log.info("engine: events may have been missed; reconciling again")
+        self._reconciled = False
+        self._wake.set()
+
+    async def _follow(self, source: EngineEvents,
+                      on_event: Callable[[EngineEvent], Awaitable[None]]) -> None:
+        while True:
+            try:
+                async with contextlib.aclosing(source.watch(self._instance)) as events:
+                    async for event in events:
+                        if event.kind is EngineEventKind.RESYNC:
+                            self.request_reconcile()
+                            continue
+                        try:
+                            await on_event(event)
+                        except DenError as exc:
+                            log.info("engine event %s of workspace %s not applied: %s",
+                                     event.kind, event.workspace_id, exc.message)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # following must outlive any one bad event
+                log.exception("engine events: following failed; starting again")
+            await asyncio.sleep(self._first_retry_s)
 
     async def stop(self) -> None:
-        for task in (self._task, self._check):
+        for task in (self._follower, self._task, self._check):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(BaseException):
@@ -97,7 +139,8 @@ class EngineSupervisor:
 
     async def _loop(self) -> None:
         while True:
-            delay = self._interval_s if self._ok and self._reconciled else self._delay_s
+            healthy = self._ok and self._reconciled
+            delay = (self._interval_s or None) if healthy else self._delay_s  # None: no checks
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
             self._wake.clear()
@@ -139,7 +182,7 @@ class EngineSupervisor:
         self._delay_s = self._retry_s
         self._retry_s = min(self._retry_s * 2, self._retry_max_s)
         if message != self._error or (self._ok and self._reconciled):
-            log.error("engine: %s; retrying in %.0f s", message, self._delay_s)
+            log.error("engine: %s; retrying in %g s", message, self._delay_s)
         self._ok = answering  # a failed reconcile leaves the engine answering
         self._reconciled = False
         self._error = message
