@@ -447,8 +447,10 @@ class DockerRuntime:
                 except Exception as exc:  # any break: reconnect (the thread must not die)
                     if stop.is_set():
                         return
-                    log.warning("engine events: %s; reconnecting in %.1f s",
-                                type(exc).__name__, delay)
+                    # Once per outage at WARNING; the supervisor reports the engine's state.
+                    log.log(logging.WARNING if delay == 0.5 else logging.DEBUG,
+                            "engine events: %s; reconnecting in %.1f s",
+                            type(exc).__name__, delay)
                 if stop.wait(delay):
                     return
                 delay = min(delay * 2, WATCH_RETRY_MAX_S)
