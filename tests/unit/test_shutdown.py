@@ -1,6 +1,6 @@
-"""``den serve`` stops promptly on SIGTERM, even with a call in flight that never ends: a
-server process (``tests.fake_serve``: the same ``serve`` on the fake runtime) holding a wedged
-exec gets SIGTERM and exits within the grace period plus the shutdown margin."""
+"""``den serve`` stops promptly on SIGTERM (and Ctrl-C), even with a call in flight that never
+ends: a server process (``tests.fake_serve``: the same ``serve`` on the fake runtime) holding a
+wedged exec gets the signal and exits within the grace period plus the shutdown margin."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from server.serve import SHUTDOWN_MARGIN_S
 from tests.server_process import DenServer
@@ -21,8 +22,10 @@ GRACE_S = 2
 WAIT_S = 60  # bound on waiting for the server to do something
 
 
-def test_sigterm_cuts_a_wedged_call_after_the_grace_period(
-        tmp_path: Path, repos_root: Path, make_repo: Callable[..., Path]) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_cuts_a_wedged_call_after_the_grace_period(
+        tmp_path: Path, repos_root: Path, make_repo: Callable[..., Path],
+        sig: signal.Signals) -> None:
     marker = tmp_path / "wedged"
     srv = DenServer(tmp_path / "data", repos_root, "dentest-shutdown", user="alice",
                     module="tests.fake_serve", ssh_port=0, shutdown_grace_s=GRACE_S,
@@ -55,11 +58,11 @@ def test_sigterm_cuts_a_wedged_call_after_the_grace_period(
             time.sleep(0.05)
 
         assert srv.proc is not None
-        srv.proc.send_signal(signal.SIGTERM)
+        srv.proc.send_signal(sig)
         try:
             srv.proc.wait(timeout=GRACE_S + SHUTDOWN_MARGIN_S + 10)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"still running after SIGTERM:\n{srv.log_tail()}") from None
+            raise AssertionError(f"still running after {sig.name}:\n{srv.log_tail()}") from None
         caller.join(timeout=WAIT_S)
         assert not caller.is_alive()
         # The cut call is told so.
@@ -72,5 +75,9 @@ def test_sigterm_cuts_a_wedged_call_after_the_grace_period(
         assert "Cancel 1 running task(s), timeout graceful shutdown exceeded" in log, log
         assert f"POST /api/v1/workspaces/{ws_id}/exec cut: the server is stopping" in log, log
         assert "Traceback" not in log, log
+        if sig is signal.SIGINT:
+            # Ctrl-C ends asyncio.run, which then waits for its threads: the wedged one never
+            # ends, and the watchdog exits the process, saying so.
+            assert "exiting now" in log, log
     finally:
         srv.close()
