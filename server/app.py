@@ -37,6 +37,7 @@ from server.db.session import make_engine, make_session_factory
 from server.errors import DenError
 from server.forges.pull_requests import ForgeService
 from server.runtime.base import Runtime
+from server.runtime.errors import EngineUnavailable
 from server.snapshots.service import SnapshotService
 from server.ssh.keys import SSHKeyService
 from server.web.mount import mount as mount_web
@@ -45,6 +46,7 @@ from server.workspaces.files import FileService
 from server.workspaces.processes import ProcessService
 from server.workspaces.reaper import Reaper
 from server.workspaces.service import WorkspaceService
+from server.workspaces.supervisor import EngineSupervisor
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +97,20 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
         forge_svc = ForgeService(settings=settings, sessions=sessions, workspaces=svc)
         forge_svc.attach()
         app.state.forges = forge_svc
-        try:
-            await rt.check()
+        svc.remove_leftovers()
+
+        async def reconcile() -> None:
             await svc.reconcile()
             with sessions() as s:
                 forge_svc.reconcile(set(s.scalars(select(Workspace.id))))
-        except DenError as exc:
-            log.error("engine check or reconcile failed: %s (%s)", exc.message, exc.detail)
+
+        supervisor = EngineSupervisor(runtime=rt, reconcile=reconcile,
+                                      interval_s=settings.engine_check_interval_s,
+                                      retry_max_s=settings.engine_retry_max_s,
+                                      on_event=svc.apply_engine_event,
+                                      instance=svc.instance_id)
+        app.state.engine = supervisor
+        await supervisor.start()  # checks and reconciles once; then watches, follows events
         reaper = Reaper(svc, settings)
         app.state.reaper = reaper
         if settings.reaper_interval_s > 0:
@@ -120,6 +129,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
             if app.state.ssh_gateway is not None:
                 await app.state.ssh_gateway.stop()
             await reaper.stop()
+            await supervisor.stop()
             await svc.shutdown()
             close = getattr(rt, "close", None)
             if runtime is None and close is not None:
@@ -131,6 +141,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
 
     @app.exception_handler(DenError)
     async def den_error(request: Request, exc: DenError) -> Response:
+        if isinstance(exc, EngineUnavailable) and hasattr(request.app.state, "engine"):
+            request.app.state.engine.report_unavailable(exc.message)
         if exc.status_code >= 500:
             log.error("%s %s: %s (%s)", request.method, request.url.path, exc.message,
                       exc.detail)

@@ -105,6 +105,28 @@ class Settings(BaseSettings):
     stop_timeout_s: int = Field(
         5, description="Seconds a stopping workspace gets after SIGTERM before SIGKILL."
     )
+    engine_check_interval_s: float = Field(
+        10,
+        description=(
+            "How often the server checks that the engine answers while it works (`/healthz` "
+            "reports the last check); `0`: no periodic check (a call that finds the engine "
+            "unreachable still starts the retries)."
+        ),
+    )
+    engine_retry_max_s: float = Field(
+        30,
+        description=(
+            "While the engine does not answer, the server retries after 1 s, doubling up to "
+            "this; once it answers again, reconcile runs again."
+        ),
+    )
+    shutdown_grace_s: int = Field(
+        10,
+        description=(
+            "On SIGTERM or Ctrl-C, how long calls in flight get to finish before they are "
+            "cut; the process exits at most a few seconds after that."
+        ),
+    )
 
     # --- resources -------------------------------------------------------------------
     default_cpus: float = Field(2.0, description="CPUs of a workspace that asks for none.")

@@ -20,7 +20,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,6 +40,8 @@ from server.runtime.base import (
     LABEL_SNAPSHOT,
     LABEL_WORKSPACE,
     ContainerStatus,
+    EngineEvent,
+    EngineEventKind,
     EngineObject,
     ExecRequest,
     ExecResult,
@@ -70,6 +72,8 @@ AGENT_ATTEMPTS = 4  # to reach an agent before the engine's exec serves a call i
 AGENT_RETRY_S = 30  # how long the engine's exec then serves the workspace
 # Checkpoint images, beside the engine's checkpoints/ in each container's directory.
 IMAGES_DIR = "den-checkpoints"
+WATCH_QUEUE = 1024  # engine events waiting for the service; more are dropped (then RESYNC)
+WATCH_RETRY_MAX_S = 30.0
 
 
 def _translate(exc: Exception, what: str) -> Exception:
@@ -82,6 +86,11 @@ def _translate(exc: Exception, what: str) -> Exception:
         return EngineError(f"{what}: {exc.explanation or exc}", detail=str(exc))
     if isinstance(exc, requests.exceptions.ConnectionError | docker.errors.DockerException):
         return EngineUnavailable("the Docker engine is not reachable", detail=str(exc))
+    if isinstance(exc, requests.exceptions.RequestException):
+        # An answer that is cut short or not JSON (the object went away while the engine
+        # answered), a timeout: the engine failed this call.
+        return EngineError(f"{what}: the engine's answer was unusable ({type(exc).__name__})",
+                           detail=str(exc))
     return exc
 
 
@@ -386,6 +395,83 @@ class DockerRuntime:
 
         return await self._call(f"status of workspace {spec.workspace_id}", run)
 
+    # --- events -----------------------------------------------------------------------
+
+    async def watch(self, instance: str) -> AsyncGenerator[EngineEvent, None]:
+        """:class:`~server.runtime.base.EngineEvents`: Docker's event stream, filtered by the
+        engine to this instance's containers, read by a thread of its own (it blocks for
+        good; not one of the executor's). On reconnect it asks for the events since the
+        last one it saw, and yields RESYNC: the engine may have restarted and forgotten."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[EngineEvent] = asyncio.Queue(maxsize=WATCH_QUEUE)
+        dropped = False
+        stop = threading.Event()
+        streams: list[Any] = []  # the open stream, closed from here to end the thread
+
+        def put(event: EngineEvent) -> None:  # on the loop
+            nonlocal dropped
+            try:
+                queue.put_nowait(event)
+            except asyncio.QueueFull:
+                dropped = True
+
+        def deliver(event: EngineEvent) -> bool:  # on the thread
+            try:
+                loop.call_soon_threadsafe(put, event)
+            except RuntimeError:  # the loop is closed
+                return False
+            return True
+
+        def read() -> None:
+            since: str | None = None
+            delay = 0.5
+            connected_before = False
+            while not stop.is_set():
+                try:
+                    stream = self._api().events(decode=True, since=since, filters={
+                        "type": "container", "event": ["start", "die", "oom"],
+                        "label": [f"{LABEL_MANAGED}=true", f"{LABEL_INSTANCE}={instance}"]})
+                    streams[:] = [stream]
+                    if connected_before and not deliver(EngineEvent(EngineEventKind.RESYNC)):
+                        return
+                    connected_before = True
+                    delay = 0.5
+                    for raw in stream:
+                        if stop.is_set():
+                            return
+                        if isinstance(raw, dict) and raw.get("timeNano"):
+                            since = f"{int(raw['timeNano']) / 1e9:.9f}"
+                        event = engine_event(raw)
+                        if event is not None and not deliver(event):
+                            return
+                except Exception as exc:  # any break: reconnect (the thread must not die)
+                    if stop.is_set():
+                        return
+                    # Once per outage at WARNING; the supervisor reports the engine's state.
+                    log.log(logging.WARNING if delay == 0.5 else logging.DEBUG,
+                            "engine events: %s; reconnecting in %.1f s",
+                            type(exc).__name__, delay)
+                if stop.wait(delay):
+                    return
+                delay = min(delay * 2, WATCH_RETRY_MAX_S)
+
+        reader = threading.Thread(target=read, name="docker-events", daemon=True)
+        reader.start()
+        try:
+            while True:
+                event = await queue.get()
+                if dropped and queue.empty():
+                    dropped = False
+                    yield event
+                    yield EngineEvent(EngineEventKind.RESYNC)
+                    continue
+                yield event
+        finally:
+            stop.set()
+            for stream in streams:
+                with contextlib.suppress(Exception):
+                    stream.close()
+
     # --- snapshots --------------------------------------------------------------------
 
     def _copy_volume(self, src: str, dst: str, *, wipe: bool, labels: dict[str, str]) -> int:
@@ -506,16 +592,8 @@ class DockerRuntime:
                 if isinstance(used, int) and used >= 0:
                     return used
 
-        def run() -> int | None:
-            try:
-                stats = self._api().stats(spec.container_name, stream=False, one_shot=True)
-            except docker.errors.NotFound:
-                return None
-            usage = (stats.get("cpu_stats") or {}).get("cpu_usage") or {}
-            total = usage.get("total_usage")
-            return int(total) if total else None
-
-        return await self._call(f"cpu of workspace {spec.workspace_id}", run)
+        return await self._call(f"cpu of workspace {spec.workspace_id}",
+                                lambda: _stats_cpu_ns(self._api(), spec.container_name))
 
     async def list_objects(self, instance: str) -> list[EngineObject]:
         def run() -> list[EngineObject]:
@@ -1060,6 +1138,54 @@ def _link_image(image: Path, target: Path) -> None:
     target.mkdir(parents=True)
     for f in image.iterdir():
         (target / f.name).symlink_to(f.resolve())
+
+
+def engine_event(raw: Any) -> EngineEvent | None:
+    """One decoded Docker event as an :class:`EngineEvent`, or None when it is not about a
+    workspace's container (or not one Den follows). Untrusted shape: checked, never assumed."""
+    if not isinstance(raw, dict) or raw.get("Type") != "container":
+        return None
+    try:
+        kind = EngineEventKind(str(raw.get("Action") or raw.get("status") or ""))
+    except ValueError:
+        return None
+    if kind is EngineEventKind.RESYNC:
+        return None
+    actor = raw.get("Actor")
+    attributes = actor.get("Attributes") if isinstance(actor, dict) else None
+    if not isinstance(attributes, dict):
+        return None
+    workspace_id = str(attributes.get(LABEL_WORKSPACE) or "")
+    if not workspace_id:
+        return None
+    exit_code = None
+    if kind is EngineEventKind.DIE:
+        with contextlib.suppress(TypeError, ValueError):
+            exit_code = int(str(attributes.get("exitCode")))
+    return EngineEvent(kind, workspace_id=workspace_id[:64],
+                       container=str(attributes.get("name") or "")[:256], exit_code=exit_code)
+
+
+def _stats_cpu_ns(api: Any, container: str) -> int | None:
+    """The container's CPU time from the engine's stats; None when it is not running or
+    gone. A container removed while the engine gathers its stats gets an empty or cut answer
+    (not JSON): that is "gone" too when the container is no longer there."""
+    try:
+        stats = api.stats(container, stream=False, one_shot=True)
+    except docker.errors.NotFound:
+        return None
+    except ValueError as exc:  # requests' JSONDecodeError is one
+        try:
+            api.inspect_container(container)
+        except docker.errors.NotFound:
+            return None
+        raise EngineError(f"stats of container {container}: the engine's answer was not "
+                          "JSON", detail=str(exc)) from exc
+    if not isinstance(stats, dict):
+        return None
+    usage = (stats.get("cpu_stats") or {}).get("cpu_usage") or {}
+    total = usage.get("total_usage") if isinstance(usage, dict) else None
+    return int(total) if isinstance(total, int) and total > 0 else None
 
 
 def _delete_checkpoint(api: Any, container: str, checkpoint: str) -> None:

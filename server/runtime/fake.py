@@ -11,12 +11,14 @@ import asyncio
 import dataclasses
 import signal as signals
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.runtime.base import (
     ContainerStatus,
+    EngineEvent,
+    EngineEventKind,
     EngineObject,
     ExecRequest,
     ExecResult,
@@ -57,26 +59,33 @@ class _Container:
 @dataclass
 class FakeRuntime:
     """Containers and volumes as dict entries. ``fail_next`` makes the next call of that
-    method raise, to test failure paths."""
+    method raise, ``fail_for`` every call of a method about one workspace (methods that pass
+    their spec to ``_enter``), to test failure paths."""
 
     images: set[str] = field(default_factory=lambda: {"den/workspace:latest"})
     containers: dict[str, _Container] = field(default_factory=dict)
     volumes: dict[str, dict[str, str]] = field(default_factory=dict)
     fail_next: dict[str, Exception] = field(default_factory=dict)
+    # (method, workspace id) -> what every such call about that workspace raises
+    fail_for: dict[tuple[str, str], Exception] = field(default_factory=dict)
     available: bool = True
     calls: list[str] = field(default_factory=list)
     # Files by volume name (tests write them directly) and their copies by snapshot id.
     files: dict[str, dict[str, bytes]] = field(default_factory=dict)
     snapshot_files: dict[str, dict[str, bytes]] = field(default_factory=dict)
     next_pid: int = 100
+    # The queues of the watchers of the event stream (``watch``); ``emit`` feeds them.
+    watchers: list[asyncio.Queue[EngineEvent]] = field(default_factory=list)
 
     name = "fake"
 
-    def _enter(self, method: str) -> None:
+    def _enter(self, method: str, spec: WorkspaceSpec | None = None) -> None:
         self.calls.append(method)
         if not self.available:
             raise EngineUnavailable("the fake engine is down")
         exc = self.fail_next.pop(method, None)
+        if exc is None and spec is not None:
+            exc = self.fail_for.get((method, spec.workspace_id))
         if exc is not None:
             raise exc
 
@@ -158,6 +167,30 @@ class FakeRuntime:
     async def exec_stream(self, spec: WorkspaceSpec, req: ExecRequest) -> _FakeStream:
         result = await self.exec(spec, req)
         return _FakeStream(result, req.argv)
+
+    # --- EngineEvents ---------------------------------------------------------------------
+
+    async def watch(self, instance: str) -> AsyncGenerator[EngineEvent, None]:
+        queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
+        self.watchers.append(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self.watchers.remove(queue)
+
+    def emit(self, event: EngineEvent) -> None:
+        for queue in self.watchers:
+            queue.put_nowait(event)
+
+    def kill(self, spec: WorkspaceSpec, *, exit_code: int = 137, oom: bool = False) -> None:
+        """What ``docker kill`` (or the OOM killer) does from outside Den: the container
+        stops, and the engine says so."""
+        self._get(spec).running = False
+        if oom:
+            self.emit(EngineEvent(EngineEventKind.OOM, spec.workspace_id, spec.container_name))
+        self.emit(EngineEvent(EngineEventKind.DIE, spec.workspace_id, spec.container_name,
+                              exit_code=exit_code))
 
     # --- ProcessControl -------------------------------------------------------------------
 
@@ -248,7 +281,7 @@ class FakeRuntime:
         self.snapshot_files.pop(snap.snapshot_id, None)
 
     async def cpu_time_ns(self, spec: WorkspaceSpec) -> int | None:
-        self._enter("cpu_time_ns")
+        self._enter("cpu_time_ns", spec)
         c = self.containers.get(spec.container_name)
         return c.cpu_ns if c is not None and c.running else None
 

@@ -121,6 +121,11 @@ class Gateway:
         self.port = int(self._server.sockets[0].getsockname()[1])
         log.info("ssh: gateway listening on %s:%d", self.settings.host, self.port)
 
+    @property
+    def serving(self) -> bool:
+        """Whether the gateway is listening."""
+        return self._server is not None
+
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()

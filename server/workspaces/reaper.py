@@ -119,11 +119,9 @@ class Reaper:
                 log.exception("idle reaper pass failed")
 
     async def _cpu_busy(self, ws: Workspace) -> bool:
-        """Whether the workspace used more than ``idle_cpu_percent`` since the last pass."""
-        try:
-            used_ns = await self.service.runtime.cpu_time_ns(self.service.spec_for(ws))
-        except DenError:
-            return False
+        """Whether the workspace used more than ``idle_cpu_percent`` since the last pass.
+        Raises what the engine raised (the caller skips the workspace this pass)."""
+        used_ns = await self.service.runtime.cpu_time_ns(self.service.spec_for(ws))
         now = time.monotonic()
         before = self._cpu.get(ws.id)
         if used_ns is None:
@@ -143,7 +141,17 @@ class Reaper:
         for ws in rows:
             busy = self.activity.busy(ws.id)
             if ws.state == State.RUNNING.value and not ws.keep_alive and not busy:
-                busy = await self._cpu_busy(ws)
+                # One workspace that cannot be measured (deleted under the pass, its
+                # container gone, the engine refusing) is left alone this pass; the others
+                # are not held back by it.
+                try:
+                    busy = await self._cpu_busy(ws)
+                except DenError as exc:
+                    log.info("reaper: workspace %s skipped this pass: %s", ws.id, exc.message)
+                    continue
+                except Exception:
+                    log.exception("reaper: workspace %s skipped this pass", ws.id)
+                    continue
             if busy:
                 self.service.touch(ws.id)
             views.append(IdleView(

@@ -39,6 +39,8 @@ from server.runtime.base import (
     LABEL_SNAPSHOT,
     AgentChannel,
     ContainerStatus,
+    EngineEvent,
+    EngineEventKind,
     ExecRequest,
     ExecResult,
     ExecStream,
@@ -68,6 +70,8 @@ WORKSPACE_ROOT = "/workspace"
 ACTIVITY_DEBOUNCE = timedelta(seconds=5)
 CHECKPOINT = "den-pause"  # the one memory checkpoint a paused workspace has
 RUNTIMES = ("gvisor", "runc", "microvm")
+OOM_MEMORY = 1024  # workspaces whose "oom" event waits for its "die"
+OOM_MEMORY_S = 60.0  # an "oom" this old no longer explains a "die"
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,7 @@ class WorkspaceService:
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._tmp = settings.data_dir / "tmp"
+        self._oom: dict[str, float] = {}  # workspace -> when the engine last said "oom"
         self.activity = Activity()
         # Set by the forge service (server/forges): git environment that authenticates a
         # host-side clone (a linked account's token, in memory only), what to do to a fresh
@@ -791,34 +796,102 @@ class WorkspaceService:
             return None
         return await self.runtime.connect(self.spec_for(ws), host, port)
 
+    # --- the engine's events ----------------------------------------------------------
+
+    async def apply_engine_event(self, event: EngineEvent) -> None:
+        """Follow what the engine says happened to a workspace's container (a container
+        that died, was OOM-killed, or was started from outside Den), so that the state
+        matches the engine within seconds and the event log says why. Ignored: events of
+        another container than the workspace's current one, workspaces with an operation of
+        Den's own in progress (its pause or stop is what made the container exit; that
+        operation settles the state), and anything the engine's current status contradicts
+        (events may come late or twice)."""
+        ws_id = event.workspace_id
+        if event.kind is EngineEventKind.OOM:
+            if len(self._oom) >= OOM_MEMORY:  # bounded: the oldest goes
+                self._oom.pop(next(iter(self._oom)))
+            self._oom[ws_id] = time.monotonic()
+            return
+        if event.kind not in (EngineEventKind.DIE, EngineEventKind.START) or self._busy(ws_id):
+            return
+        async with self.locked(ws_id):
+            with self.sessions() as s:
+                ws = s.get(Workspace, ws_id)
+            if ws is None:
+                return
+            spec = self.spec_for(ws)
+            if event.container != spec.container_name:
+                return
+            state = State(ws.state)
+            if event.kind is EngineEventKind.DIE and state is State.RUNNING:
+                if await self.runtime.status(spec) is ContainerStatus.RUNNING:
+                    return  # an older container's death, or restarted since
+                oom_at = self._oom.pop(ws_id, None)
+                oom = oom_at is not None and time.monotonic() - oom_at < OOM_MEMORY_S
+                self._transition(ws_id, state, State.STOPPED, actor="engine",
+                                 message=f"the container exited "
+                                         f"({describe_exit(event.exit_code, oom=oom)}); "
+                                         "it starts again on the next access")
+            elif event.kind is EngineEventKind.START and state in (State.STOPPED,
+                                                                    State.PAUSED):
+                if await self.runtime.status(spec) is not ContainerStatus.RUNNING:
+                    return
+                if state is State.PAUSED:
+                    self._transition(ws_id, state, State.RESUMING, actor="engine")
+                    state = State.RESUMING
+                self._transition(ws_id, state, State.RUNNING, actor="engine",
+                                 message="the container was started outside Den")
+
     # --- reconcile --------------------------------------------------------------------
 
-    async def reconcile(self) -> None:
-        """Bring the database and the engine into agreement (run at startup)."""
+    def remove_leftovers(self) -> None:
+        """At startup, before anything runs: the build directories and the saved memory of
+        snapshots without a row that a previous run left (it stopped while making them)."""
         shutil.rmtree(self._tmp, ignore_errors=True)
         with self.sessions() as s:
+            snapshots = set(s.scalars(select(Snapshot.id)))
+        saved = self.settings.data_dir / "snapshots"
+        for d in sorted(saved.iterdir()) if saved.is_dir() else []:
+            if d.name not in snapshots:
+                log.warning("startup: removing orphan saved memory %s", d)
+                shutil.rmtree(d, ignore_errors=True)
+
+    async def reconcile(self) -> None:
+        """Bring the database and the engine into agreement: at startup, and again each time
+        the engine answers after failing, while requests run. A workspace with an operation in
+        progress (its lock held, or its build running) is left to that operation, and so are
+        the engine objects it may be making."""
+        objects = await self.runtime.list_objects(self.instance_id)  # before the rows: an
+        with self.sessions() as s:  # object made meanwhile then has its row
             rows = list(s.scalars(select(Workspace)))
+            snapshots = set(s.scalars(select(Snapshot.id)))
         for ws in rows:
+            if self._busy(ws.id):
+                continue
             try:
-                await self._reconcile_one(ws)
+                async with self.locked(ws.id):
+                    with self.sessions() as s:
+                        current = s.get(Workspace, ws.id)
+                    if current is not None:
+                        await self._reconcile_one(current)
             except DenError as exc:
                 log.error("reconcile of workspace %s failed: %s %s", ws.id, exc.message,
                           exc.detail)
         known = {ws.id for ws in rows}
-        with self.sessions() as s:
-            snapshots = set(s.scalars(select(Snapshot.id)))
-        for obj in await self.runtime.list_objects(self.instance_id):
+        for obj in objects:
             if obj.snapshot_id and obj.snapshot_id in snapshots:
                 continue
-            if obj.workspace_id not in known or obj.snapshot_id:
-                log.warning("reconcile: removing orphan %s %s", obj.kind, obj.name)
-                await self.runtime.remove_object(obj)
-        # Saved memory of snapshots without a row (Den stopped while taking one).
-        saved = self.settings.data_dir / "snapshots"
-        for d in sorted(saved.iterdir()) if saved.is_dir() else []:
-            if d.name not in snapshots:
-                log.warning("reconcile: removing orphan saved memory %s", d)
-                shutil.rmtree(d, ignore_errors=True)
+            if obj.workspace_id in known and not obj.snapshot_id:
+                continue
+            if obj.workspace_id and self._busy(obj.workspace_id):
+                continue  # a snapshot or fork in progress
+            log.warning("reconcile: removing orphan %s %s", obj.kind, obj.name)
+            await self.runtime.remove_object(obj)
+
+    def _busy(self, workspace_id: str) -> bool:
+        """Whether an operation on the workspace is in progress in this process."""
+        lock = self._locks.get(workspace_id)
+        return workspace_id in self._tasks or (lock is not None and lock.locked())
 
     async def _reconcile_one(self, ws: Workspace) -> None:
         spec = self.spec_for(ws)
@@ -871,6 +944,21 @@ class WorkspaceService:
         for t in tasks:
             with contextlib.suppress(BaseException):
                 await t
+
+
+def describe_exit(code: int | None, *, oom: bool) -> str:
+    """Why a container exited, for the event log: "code 137, out of memory"."""
+    if code is None:
+        return "out of memory" if oom else "exit code unknown"
+    if oom:
+        return f"code {code}, out of memory"
+    if code > 128 and code - 128 in SIGNAL_NAMES:
+        return f"code {code}, killed by {SIGNAL_NAMES[code - 128]}"
+    return f"code {code}"
+
+
+SIGNAL_NAMES = {1: "SIGHUP", 2: "SIGINT", 6: "SIGABRT", 9: "SIGKILL", 11: "SIGSEGV",
+                15: "SIGTERM"}
 
 
 def path_in_workspace(path: str) -> str:

@@ -433,7 +433,11 @@ def test_token_create_refuses_unknown_fields(fake_api: ApiClient) -> None:
 
 def test_healthz(fake_api: ApiClient) -> None:
     r = fake_api.client.get("/healthz")
-    assert (r.status_code, r.json()) == (200, {"status": "ok"})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "ok"
+    assert body["engine"]["ok"] and body["engine"]["reconciled"] and body["database"]["ok"]
+    assert body["ssh"] == {"ok": True, "enabled": False, "error": ""}  # ssh_port 0 in tests
 
 
 def test_metrics_count_workspaces_by_state(fake_api: ApiClient,
