@@ -30,12 +30,14 @@ from server.api import (
     users,
     workspaces,
 )
+from server.api.observe import Observe
 from server.config import Settings
 from server.db.migrate import ensure_schema
 from server.db.models import Meta, Workspace
 from server.db.session import make_engine, make_session_factory
 from server.errors import DenError
 from server.forges.pull_requests import ForgeService
+from server.metrics import Metrics, StateCollector, checkpoint_usage, serve_separately
 from server.runtime.base import Runtime
 from server.snapshots.service import SnapshotService
 from server.ssh.keys import SSHKeyService
@@ -85,7 +87,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
         sessions = make_session_factory(engine)
         rt = runtime if runtime is not None else default_runtime(settings)
         svc = WorkspaceService(settings=settings, sessions=sessions, runtime=rt,
-                               instance_id=instance_id(sessions))
+                               instance_id=instance_id(sessions), metrics=metrics)
         app.state.settings = settings
         app.state.sessions = sessions
         app.state.workspaces = svc
@@ -102,6 +104,12 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
                 forge_svc.reconcile(set(s.scalars(select(Workspace.id))))
         except DenError as exc:
             log.error("engine check or reconcile failed: %s (%s)", exc.message, exc.detail)
+        collector = StateCollector(
+            metrics=metrics, sessions=sessions,
+            checkpoint_bytes=lambda: checkpoint_usage(rt, settings.data_dir))
+        metrics.registry.register(collector)
+        stop_listener = (serve_separately(settings.metrics_listen, metrics)
+                         if settings.metrics_listen else None)
         reaper = Reaper(svc, settings)
         app.state.reaper = reaper
         if settings.reaper_interval_s > 0:
@@ -121,6 +129,9 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
                 await app.state.ssh_gateway.stop()
             await reaper.stop()
             await svc.shutdown()
+            if stop_listener is not None:
+                stop_listener()
+            metrics.registry.unregister(collector)
             close = getattr(rt, "close", None)
             if runtime is None and close is not None:
                 close()
@@ -128,6 +139,9 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
 
     app = FastAPI(title="Den", version=__version__, lifespan=lifespan,
                   description="Persistent dev workspaces, isolated with gVisor.")
+    metrics = Metrics()  # this app's own registry
+    app.state.metrics = metrics
+    app.add_middleware(Observe, metrics=metrics)
 
     @app.exception_handler(DenError)
     async def den_error(request: Request, exc: DenError) -> Response:

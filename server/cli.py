@@ -6,13 +6,13 @@ Settings are built once here (environment ``DEN_*``, then flags) and passed down
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from server.client.commands import add_client_commands
 from server.config import Settings
 from server.errors import DenError
+from server.logs import configure as configure_logging
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -27,16 +27,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.app import create_app
 
     settings = _settings(args)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(level=settings.log_level, fmt=settings.log_format)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = create_app(settings)
     print(f"den: serving on http://{settings.host}:{settings.port} "
           f"(data in {settings.data_dir})", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower(), ws_max_size=16 * 1024 * 1024)
+    # Den's handler formats every line (log_config=None); its middleware writes the access
+    # log, where the request id is known.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
+                access_log=False, log_level=settings.log_level.lower(),
+                ws_max_size=16 * 1024 * 1024)
     return 0
 
 

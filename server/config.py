@@ -8,8 +8,9 @@ the environment for host, port, ssh_port and data_dir.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -47,6 +48,27 @@ class Settings(BaseSettings):
         ),
     )
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description=(
+            "`text` (one line per record) or `json` (one JSON object per line, for log "
+            "shippers). Both carry the request id and the workspace id."
+        ),
+    )
+    metrics_token: SecretStr = Field(
+        SecretStr(""),
+        description=(
+            "A bearer token that may read `/metrics` (besides an admin's API token), for a "
+            "Prometheus server. Empty: only admins' API tokens."
+        ),
+    )
+    metrics_listen: str = Field(
+        "",
+        description=(
+            "`host:port` of a second listener that serves only the metrics, without a token "
+            "(protect it by where it listens, e.g. 127.0.0.1:9464). Empty: none."
+        ),
+    )
     public_host: str = Field(
         "",
         description="Host name users reach Den by (shown in SSH details); empty means --host.",
@@ -311,6 +333,15 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Users in one of these groups become admins at login (JSON list).",
     )
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _listen_address(cls, value: str) -> str:
+        if value:
+            from server.metrics import split_listen
+
+            split_listen(value)
+        return value
 
     def resolved_database_url(self) -> str:
         """The database URL, defaulting to SQLite under the data dir."""

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 from fastapi import APIRouter, Request
-from fastapi.responses import PlainTextResponse
-from sqlalchemy import select
+from fastapi.responses import Response
 
-from server.db.models import Workspace
+from server.api.deps import MetricsReader
+from server.metrics import CONTENT_TYPE
 
 router = APIRouter(tags=["health"])
 
@@ -18,13 +16,8 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
-def metrics(request: Request) -> str:
-    with request.app.state.sessions() as s:
-        states = Counter(s.scalars(select(Workspace.state)))
-    lines = [
-        "# HELP den_workspaces Workspaces by state.",
-        "# TYPE den_workspaces gauge",
-    ]
-    lines += [f'den_workspaces{{state="{st}"}} {n}' for st, n in sorted(states.items())]
-    return "\n".join(lines) + "\n"
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE: {}}}})
+def metrics(request: Request, _: MetricsReader) -> Response:
+    """Prometheus text format; needs the metrics token or an admin's API token."""
+    return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE)

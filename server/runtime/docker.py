@@ -459,6 +459,18 @@ class DockerRuntime:
             self._docker_root = Path(str(self._api().info()["DockerRootDir"]))
         return self._docker_root / "containers" / cid
 
+    def checkpoint_dirs(self) -> list[Path]:
+        """Where this backend keeps pause checkpoints on the host (for the checkpoint disk
+        use metric; blocking, called at scrape time off the event loop)."""
+        try:
+            with self._client_lock:
+                known = self._docker_root
+            root = known or Path(str(self._api().info()["DockerRootDir"]))
+        except (DenError, docker.errors.DockerException, requests.exceptions.RequestException):
+            return []
+        self._docker_root = root
+        return sorted((root / "containers").glob(f"*/{IMAGES_DIR}"))
+
     async def export_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str, dest: Path
                                 ) -> int:
         def run() -> int:
