@@ -105,7 +105,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
         except DenError as exc:
             log.error("engine check or reconcile failed: %s (%s)", exc.message, exc.detail)
         collector = StateCollector(
-            metrics=metrics, sessions=sessions,
+            metrics=metrics, sessions=sessions, gate=svc.long_calls.counts,
             checkpoint_bytes=lambda: checkpoint_usage(rt, settings.data_dir))
         metrics.registry.register(collector)
         stop_listener = (serve_separately(settings.metrics_listen, metrics)

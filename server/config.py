@@ -87,7 +87,12 @@ class Settings(BaseSettings):
     )
     engine_threads: int = Field(
         32,
-        description="Threads for blocking Docker engine calls (the Docker backend's executor).",
+        ge=1,
+        description=(
+            "Threads for long blocking Docker engine calls (the Docker backend's executor for "
+            "execs through the engine, checkpoints, copies); short calls (state reads, "
+            "inspects) have a pool of their own, so they never wait behind these."
+        ),
     )
     agent_binary: str = Field(
         "",
@@ -205,6 +210,17 @@ class Settings(BaseSettings):
     exec_max_output_bytes: int = Field(
         16 * 1024 * 1024,
         description="stdout and stderr of one exec call are each cut at this many bytes.",
+    )
+    exec_concurrency: int = Field(
+        64, ge=1, description="Exec calls the whole server runs at once; more wait in a queue."
+    )
+    exec_queue_max: int = Field(
+        256,
+        ge=0,
+        description=(
+            "Exec calls that may wait for a free slot; beyond this an exec is refused with "
+            "503 `overloaded` and a Retry-After header instead of queueing forever."
+        ),
     )
     file_max_bytes: int = Field(
         64 * 1024 * 1024, description="Largest file the files API reads or writes in one call."

@@ -5,7 +5,7 @@ Each app has its own :class:`Metrics` (its own ``CollectorRegistry``, never the 
 global one), so several apps in one process (tests) do not collide. Instrumentation stays
 out of business logic: the workspace service, the reaper, the gateways and the HTTP
 middleware each call one function here per event, and values that already exist elsewhere
-(workspaces by state, checkpoint disk use, CPU seen by the reaper) are read
+(workspaces by state, the exec queue, checkpoint disk use, CPU seen by the reaper) are read
 when Prometheus scrapes, by :class:`StateCollector`.
 """
 
@@ -32,7 +32,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.db.models import Workspace
-from server.errors import DenError
+from server.errors import DenError, Overloaded
 from server.runtime.errors import (
     AgentTimeout,
     AgentUnavailable,
@@ -72,9 +72,9 @@ class Metrics:
             ["method", "route", "status"], buckets=HTTP_BUCKETS, registry=r)
         self.exec_seconds = Histogram(
             "den_exec_duration_seconds",
-            "Exec calls (the API's, and files calls run through exec) by outcome: ok, "
-            "timed_out, error.",
-            ["outcome"], buckets=EXEC_BUCKETS, registry=r)
+            "Exec calls, waiting for a slot included, by kind (exec; files: files calls run "
+            "through exec) and outcome (ok, timed_out, error, shed).",
+            ["kind", "outcome"], buckets=EXEC_BUCKETS, registry=r)
         self.operation_seconds = Histogram(
             "den_operation_duration_seconds",
             "Workspace operations (create, fork, start, stop, pause, resume, restore, "
@@ -107,11 +107,13 @@ class Metrics:
     def http_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.http_seconds.labels(method, route, f"{status // 100}xx").observe(seconds)
 
-    def exec_done(self, seconds: float, *, timed_out: bool) -> None:
-        self.exec_seconds.labels("timed_out" if timed_out else "ok").observe(seconds)
+    def exec_done(self, seconds: float, *, short: bool, timed_out: bool) -> None:
+        self.exec_seconds.labels("files" if short else "exec",
+                                 "timed_out" if timed_out else "ok").observe(seconds)
 
-    def exec_failed(self, seconds: float, exc: BaseException) -> None:
-        self.exec_seconds.labels("error").observe(seconds)
+    def exec_failed(self, seconds: float, exc: BaseException, *, short: bool) -> None:
+        outcome = "shed" if isinstance(exc, Overloaded) else "error"
+        self.exec_seconds.labels("files" if short else "exec", outcome).observe(seconds)
         self.engine_error(exc)
 
     def engine_error(self, exc: BaseException) -> None:
@@ -219,13 +221,15 @@ def dir_bytes(root: Path) -> int:
 
 
 class StateCollector(Collector):
-    """Values read at scrape time: workspaces by state, checkpoint disk use and each running
-    workspace's CPU time."""
+    """Values read at scrape time: workspaces by state, the exec queue, checkpoint disk use
+    and each running workspace's CPU time."""
 
     def __init__(self, *, metrics: Metrics, sessions: sessionmaker[Session],
+                 gate: Callable[[], tuple[int, int, int]],
                  checkpoint_bytes: Callable[[], dict[str, int]]) -> None:
         self._metrics = metrics
         self._sessions = sessions
+        self._gate = gate
         self._checkpoint_bytes = checkpoint_bytes
 
     def collect(self) -> Iterable[Metric]:
@@ -238,6 +242,13 @@ class StateCollector(Collector):
         for st in State:
             by_state.add_metric([st.value], states.get(st.value, 0))
         yield by_state
+
+        in_flight, waiting, shed = self._gate()
+        yield GaugeMetricFamily("den_exec_in_flight", "Exec calls running now.", in_flight)
+        yield GaugeMetricFamily("den_exec_queued", "Exec calls waiting for a free slot.",
+                                waiting)
+        yield CounterMetricFamily("den_exec_shed",
+                                  "Exec calls refused with 503 overloaded (queue full).", shed)
 
         disk = GaugeMetricFamily(
             "den_checkpoint_bytes",

@@ -69,6 +69,8 @@ class FakeRuntime:
     files: dict[str, dict[str, bytes]] = field(default_factory=dict)
     snapshot_files: dict[str, dict[str, bytes]] = field(default_factory=dict)
     next_pid: int = 100
+    # An exec of exactly ["block"] waits until this is set (tests fill the exec queue).
+    release: asyncio.Event = field(default_factory=asyncio.Event)
 
     name = "fake"
 
@@ -153,6 +155,9 @@ class FakeRuntime:
         self._enter("exec")
         if not self._get(spec).running:
             raise EngineConflict(f"container {spec.container_name} is not running")
+        if list(req.argv) == ["block"]:
+            await self.release.wait()
+            return ExecResult(0, b"released\n", b"")
         return _run(req)
 
     async def exec_stream(self, spec: WorkspaceSpec, req: ExecRequest) -> _FakeStream:

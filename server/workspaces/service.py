@@ -52,6 +52,7 @@ from server.runtime.base import (
 from server.runtime.errors import EngineConflict, ObjectMissing
 from server.workspaces import naming
 from server.workspaces.activity import Activity
+from server.workspaces.admission import Gate
 from server.workspaces.states import (
     PAUSE,
     RESUME,
@@ -116,6 +117,9 @@ class WorkspaceService:
     ) -> None:
         self.settings = settings
         self.metrics = metrics if metrics is not None else Metrics()
+        # Long calls (execs) are admitted through one gate: a bounded queue, then 503.
+        self.long_calls = Gate(limit=settings.exec_concurrency,
+                               queue_max=settings.exec_queue_max)
         self.sessions = sessions
         self.runtime = runtime
         self.instance_id = instance_id
@@ -735,14 +739,19 @@ class WorkspaceService:
                            max_output_bytes=self.settings.exec_max_output_bytes)
 
     async def exec(self, ws_id: str, req: ExecRequest, *, actor: str) -> ExecResult:
-        """Run ``req`` in the workspace (woken first)."""
+        """Run ``req`` in the workspace (woken first). A long call (not ``req.short``) is
+        admitted through :attr:`long_calls`: it waits for a slot, or is refused with 503
+        ``overloaded`` when the queue is full."""
         started = time.monotonic()
         try:
-            result = await self._exec(ws_id, req, actor=actor)
+            admitted = contextlib.nullcontext() if req.short else self.long_calls.enter()
+            async with admitted:
+                result = await self._exec(ws_id, req, actor=actor)
         except BaseException as exc:
-            self.metrics.exec_failed(time.monotonic() - started, exc)
+            self.metrics.exec_failed(time.monotonic() - started, exc, short=req.short)
             raise
-        self.metrics.exec_done(time.monotonic() - started, timed_out=result.timed_out)
+        self.metrics.exec_done(time.monotonic() - started, short=req.short,
+                               timed_out=result.timed_out)
         return result
 
     async def _exec(self, ws_id: str, req: ExecRequest, *, actor: str) -> ExecResult:

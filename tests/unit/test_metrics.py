@@ -156,7 +156,7 @@ def test_exec_and_lifecycle_durations_and_failures_by_cause(
     assert fake_api.post(f"{WS}/{ws_id}/stop").status_code == 200
     assert_error(fake_api.post(f"{WS}/{ws_id}/resume"), 409)  # stopped: a conflict, counted
     m = scrape(fake_api)
-    assert value(m, "den_exec_duration_seconds_count", outcome="ok") == 2
+    assert value(m, "den_exec_duration_seconds_count", kind="exec", outcome="ok") == 2
     ops = "den_operation_duration_seconds_count"
     assert value(m, ops, operation="create", result="ok") == 1
     assert value(m, ops, operation="pause", result="ok") == 1
