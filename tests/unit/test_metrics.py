@@ -4,6 +4,7 @@ parsed with prometheus_client's own parser)."""
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -213,3 +214,24 @@ def test_open_sessions_gauge() -> None:
     assert value(m, "den_open_sessions", kind="terminal") == 0
     assert value(m, "den_open_sessions", kind="ssh") == 0
     assert value(m, "den_open_sessions", kind="exec_stream") == 0
+
+
+def test_an_open_exec_stream_counts_while_it_relays(fake_api: ApiClient,
+                                                    running: dict[str, Any]) -> None:
+    def streams() -> float | None:
+        return value(scrape(fake_api), "den_open_sessions", kind="exec_stream")
+
+    def wait_for(n: float) -> None:
+        deadline = time.monotonic() + 30
+        while streams() != n:
+            assert time.monotonic() < deadline, f"den_open_sessions never reached {n}"
+            time.sleep(0.01)
+
+    assert streams() == 0
+    with fake_api.client.websocket_connect(f"{WS}/api/exec/stream",
+                                           headers=fake_api.h()) as ws:
+        ws.send_json({"cmd": ["cat"]})  # the fake's cat runs until its stdin closes
+        wait_for(1)
+        ws.send_json({"type": "close_stdin"})
+        assert ws.receive_json() == {"type": "exit", "exit_code": 0}
+    wait_for(0)
