@@ -37,6 +37,7 @@ from server.db.models import Meta, Workspace
 from server.db.session import make_engine, make_session_factory
 from server.errors import DenError
 from server.forges.pull_requests import ForgeService
+from server.logs import request_id
 from server.metrics import Metrics, StateCollector, checkpoint_usage, serve_separately
 from server.runtime.base import Runtime
 from server.snapshots.service import SnapshotService
@@ -174,7 +175,10 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
     @app.exception_handler(Exception)
     async def crash(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _error(500, "internal", "internal server error (this is a bug; see the log)")
+        response = _error(500, "internal", "internal server error (this is a bug; see the log)")
+        if rid := request_id.get():  # answered outside the middleware that adds it
+            response.headers["X-Request-ID"] = rid
+        return response
 
     for module in (health, users, workspaces, exec_routes, files, processes, snapshots, forges,
                    ssh_keys):

@@ -53,16 +53,14 @@ class Observe:
             await self.app(scope, receive, send)
             return
         rid = request_id_from(scope)
-        rid_token = request_id.set(rid)
-        ws_token = workspace_id.set("")
-        try:
-            if scope["type"] == "websocket":
-                await self.app(scope, receive, _with_header(send, "websocket.accept", rid))
-            else:
-                await self._http(scope, receive, send, rid)
-        finally:
-            request_id.reset(rid_token)
-            workspace_id.reset(ws_token)
+        # Not reset on the way out: the server runs each request in a task of its own, and the
+        # handler of unexpected errors (outside this middleware) logs with the same ids.
+        request_id.set(rid)
+        workspace_id.set("")
+        if scope["type"] == "websocket":
+            await self.app(scope, receive, _with_header(send, "websocket.accept", rid))
+        else:
+            await self._http(scope, receive, send, rid)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send, rid: str) -> None:
         started = time.monotonic()

@@ -12,9 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
 from server import logs
-from tests.conftest import ApiClient
+from server.app import create_app
+from server.config import Settings
+from server.runtime.fake import FakeRuntime
+from tests.conftest import ApiClient, users
 
 WS = "/api/v1/workspaces"
 
@@ -139,3 +143,20 @@ def test_configure_routes_every_logger_through_one_handler() -> None:
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
+
+
+def test_an_unexpected_error_is_logged_and_answered_with_the_request_id(
+        make_settings: Callable[..., Settings], make_repo: Callable[..., Path],
+        text_log: io.StringIO) -> None:
+    runtime = FakeRuntime()
+    app = create_app(make_settings(), runtime=runtime)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        api = ApiClient(client, users(app))
+        ws_id = api.create(make_repo("api"), name="api")["id"]
+        runtime.fail_next["exec"] = RuntimeError("a bug")
+        r = client.post(f"{WS}/{ws_id}/exec", json={"cmd": ["true"]},
+                        headers={"X-Request-ID": "req-bug", **api.h()})
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal"
+    assert r.headers["x-request-id"] == "req-bug"
+    crash = [ln for ln in text_log.getvalue().splitlines() if "unhandled error" in ln]
+    assert crash and f"[req=req-bug ws={ws_id}]" in crash[0], crash
