@@ -30,12 +30,15 @@ from server.api import (
     users,
     workspaces,
 )
+from server.api.observe import Observe
 from server.config import Settings
 from server.db.migrate import ensure_schema
 from server.db.models import Meta, Workspace
 from server.db.session import make_engine, make_session_factory
 from server.errors import DenError
 from server.forges.pull_requests import ForgeService
+from server.logs import request_id
+from server.metrics import Metrics, StateCollector, checkpoint_usage, serve_separately
 from server.runtime.base import Runtime
 from server.runtime.errors import EngineUnavailable
 from server.snapshots.service import SnapshotService
@@ -87,7 +90,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
         sessions = make_session_factory(engine)
         rt = runtime if runtime is not None else default_runtime(settings)
         svc = WorkspaceService(settings=settings, sessions=sessions, runtime=rt,
-                               instance_id=instance_id(sessions))
+                               instance_id=instance_id(sessions), metrics=metrics)
         app.state.settings = settings
         app.state.sessions = sessions
         app.state.workspaces = svc
@@ -111,6 +114,12 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
                                       instance=svc.instance_id)
         app.state.engine = supervisor
         await supervisor.start()  # checks and reconciles once; then watches, follows events
+        collector = StateCollector(
+            metrics=metrics, sessions=sessions, gate=svc.long_calls.counts,
+            checkpoint_bytes=lambda: checkpoint_usage(rt, settings.data_dir))
+        metrics.registry.register(collector)
+        stop_listener = (serve_separately(settings.metrics_listen, metrics)
+                         if settings.metrics_listen else None)
         reaper = Reaper(svc, settings)
         app.state.reaper = reaper
         if settings.reaper_interval_s > 0:
@@ -131,6 +140,9 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
             await reaper.stop()
             await supervisor.stop()
             await svc.shutdown()
+            if stop_listener is not None:
+                stop_listener()
+            metrics.registry.unregister(collector)
             close = getattr(rt, "close", None)
             if runtime is None and close is not None:
                 close()
@@ -138,6 +150,9 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
 
     app = FastAPI(title="Den", version=__version__, lifespan=lifespan,
                   description="Persistent dev workspaces, isolated with gVisor.")
+    metrics = Metrics()  # this app's own registry
+    app.state.metrics = metrics
+    app.add_middleware(Observe, metrics=metrics)
 
     @app.exception_handler(DenError)
     async def den_error(request: Request, exc: DenError) -> Response:
@@ -172,7 +187,10 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
     @app.exception_handler(Exception)
     async def crash(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _error(500, "internal", "internal server error (this is a bug; see the log)")
+        response = _error(500, "internal", "internal server error (this is a bug; see the log)")
+        if rid := request_id.get():  # answered outside the middleware that adds it
+            response.headers["X-Request-ID"] = rid
+        return response
 
     for module in (health, users, workspaces, exec_routes, files, processes, snapshots, forges,
                    ssh_keys):

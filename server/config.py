@@ -8,8 +8,9 @@ the environment for host, port, ssh_port and data_dir.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -47,6 +48,27 @@ class Settings(BaseSettings):
         ),
     )
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description=(
+            "`text` (one line per record) or `json` (one JSON object per line, for log "
+            "shippers). Both carry the request id and the workspace id."
+        ),
+    )
+    metrics_token: SecretStr = Field(
+        SecretStr(""),
+        description=(
+            "A bearer token that may read `/metrics` (besides an admin's API token), for a "
+            "Prometheus server. Empty: only admins' API tokens."
+        ),
+    )
+    metrics_listen: str = Field(
+        "",
+        description=(
+            "`host:port` of a second listener that serves only the metrics, without a token "
+            "(protect it by where it listens, e.g. 127.0.0.1:9464). Empty: none."
+        ),
+    )
     public_host: str = Field(
         "",
         description="Host name users reach Den by (shown in SSH details); empty means --host.",
@@ -65,7 +87,12 @@ class Settings(BaseSettings):
     )
     engine_threads: int = Field(
         32,
-        description="Threads for blocking Docker engine calls (the Docker backend's executor).",
+        ge=1,
+        description=(
+            "Threads for long blocking Docker engine calls (the Docker backend's executor for "
+            "execs through the engine, checkpoints, copies); short calls (state reads, "
+            "inspects) have a pool of their own, so they never wait behind these."
+        ),
     )
     agent_binary: str = Field(
         "",
@@ -206,6 +233,17 @@ class Settings(BaseSettings):
         16 * 1024 * 1024,
         description="stdout and stderr of one exec call are each cut at this many bytes.",
     )
+    exec_concurrency: int = Field(
+        64, ge=1, description="Exec calls the whole server runs at once; more wait in a queue."
+    )
+    exec_queue_max: int = Field(
+        256,
+        ge=0,
+        description=(
+            "Exec calls that may wait for a free slot; beyond this an exec is refused with "
+            "503 `overloaded` and a Retry-After header instead of queueing forever."
+        ),
+    )
     file_max_bytes: int = Field(
         64 * 1024 * 1024, description="Largest file the files API reads or writes in one call."
     )
@@ -333,6 +371,15 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Users in one of these groups become admins at login (JSON list).",
     )
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _listen_address(cls, value: str) -> str:
+        if value:
+            from server.metrics import split_listen
+
+            split_listen(value)
+        return value
 
     def resolved_database_url(self) -> str:
         """The database URL, defaulting to SQLite under the data dir."""

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 from datetime import UTC, datetime
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
-from sqlalchemy import select, text
+from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.db.models import Workspace
+from server.api.deps import MetricsReader
+from server.metrics import CONTENT_TYPE
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
@@ -89,13 +89,8 @@ async def healthz(request: Request) -> JSONResponse:
                         status_code=503 if body.status == "unavailable" else 200)
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
-def metrics(request: Request) -> str:
-    with request.app.state.sessions() as s:
-        states = Counter(s.scalars(select(Workspace.state)))
-    lines = [
-        "# HELP den_workspaces Workspaces by state.",
-        "# TYPE den_workspaces gauge",
-    ]
-    lines += [f'den_workspaces{{state="{st}"}} {n}' for st, n in sorted(states.items())]
-    return "\n".join(lines) + "\n"
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE: {}}}})
+def metrics(request: Request, _: MetricsReader) -> Response:
+    """Prometheus text format; needs the metrics token or an admin's API token."""
+    return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE)

@@ -98,6 +98,9 @@ class ExecRequest:
     # ``size`` (columns, rows) from the start.
     tty: bool = False
     size: tuple[int, int] | None = None
+    # A short call (a files operation through exec): not admitted through the gate of long
+    # calls, and run on a backend's pool of short calls where it has one.
+    short: bool = False
 
 
 @dataclass(frozen=True)

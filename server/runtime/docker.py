@@ -1,7 +1,8 @@
 """The Docker engine backend, running workspaces under gVisor (``runsc``).
 
 Every blocking Docker SDK call goes through :meth:`DockerRuntime._call`, which runs it on
-the backend's bounded executor and translates ``docker.errors`` into Den's errors. The
+one of the backend's two bounded executors (long calls, short calls) and translates
+``docker.errors`` into Den's errors. The
 server never talks to a workspace by its IP: commands, files and processes go through the
 workspace's agent (reached by an engine exec of ``den-agent relay``), or through the engine's
 exec for a workspace without one.
@@ -68,6 +69,7 @@ EXEC_GRACE_S = 30
 QUIESCE_WAIT_S = 5.0
 SETTLE_AFTER_EXEC_S = 2.0  # a pause this soon after an exec waits for descriptors to drop
 CHECKPOINT_TIMEOUT_S = 600
+SHORT_THREADS = 16  # the pool of short engine calls (state reads, inspects, start, stop)
 AGENT_ATTEMPTS = 4  # to reach an agent before the engine's exec serves a call instead
 AGENT_RETRY_S = 30  # how long the engine's exec then serves the workspace
 # Checkpoint images, beside the engine's checkpoints/ in each container's directory.
@@ -116,6 +118,8 @@ class DockerRuntime:
         self._gvisor_runtime = gvisor_runtime
         self._helper_image = helper_image
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="docker")
+        self._short = ThreadPoolExecutor(max_workers=SHORT_THREADS,
+                                         thread_name_prefix="docker-short")
         self._client: docker.DockerClient | None = None
         self._docker_root: Path | None = None
         self._runsc_cmd: list[str] | None = None
@@ -138,7 +142,11 @@ class DockerRuntime:
                     ) from exc
             return self._client.api
 
-    async def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    async def _call(self, what: str, fn: Callable[..., T], *args: Any, slow: bool = False,
+                    **kwargs: Any) -> T:
+        """Run ``fn`` on an executor: ``slow`` calls (execs through the engine, checkpoints,
+        copies) on the long pool, every other call on the short pool, so that a state read
+        never waits behind a minute-long exec."""
         loop = asyncio.get_running_loop()
 
         def run() -> T:
@@ -147,10 +155,11 @@ class DockerRuntime:
             except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
                 raise _translate(exc, what) from exc
 
-        return await loop.run_in_executor(self._executor, run)
+        return await loop.run_in_executor(self._executor if slow else self._short, run)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._short.shutdown(wait=False, cancel_futures=True)
         if self._client is not None:
             self._client.close()
 
@@ -201,7 +210,7 @@ class DockerRuntime:
             with tar.open("rb") as fh:
                 self._api().put_archive(spec.container_name, docker_specs.WORKSPACE_MOUNT, fh)
 
-        await self._call(f"seed workspace {spec.workspace_id}", run)
+        await self._call(f"seed workspace {spec.workspace_id}", run, slow=True)
 
     async def start(self, spec: WorkspaceSpec) -> None:
         self._broken_agents.pop(spec.container_name, None)
@@ -294,7 +303,7 @@ class DockerRuntime:
                 raise EngineError(f"container {name} still runs after its checkpoint")
             _link_image(image, home / "checkpoints" / checkpoint)
 
-        await self._call(f"pause workspace {spec.workspace_id}", run)
+        await self._call(f"pause workspace {spec.workspace_id}", run, slow=True)
 
     def _runsc_command(self) -> list[str]:
         """runsc as the engine runs it (the registered runtime's path and its global flags)
@@ -368,7 +377,7 @@ class DockerRuntime:
                             params={"checkpoint": checkpoint})
             api._raise_for_status(res)
 
-        await self._call(f"resume workspace {spec.workspace_id}", run)
+        await self._call(f"resume workspace {spec.workspace_id}", run, slow=True)
 
     async def delete_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str) -> None:
         def run() -> None:
@@ -509,7 +518,7 @@ class DockerRuntime:
             return size + self._copy_volume(spec.volume_name, snap.volume, wipe=True,
                                             labels=dict(snap.labels))
 
-        return await self._call(f"snapshot of workspace {spec.workspace_id}", run)
+        return await self._call(f"snapshot of workspace {spec.workspace_id}", run, slow=True)
 
     async def load_snapshot(self, spec: WorkspaceSpec, snap: SnapshotSpec) -> None:
         await self._drop_agent(spec, "stopped")
@@ -530,7 +539,7 @@ class DockerRuntime:
             api.create_container(**cfg, host_config=host_config)
             self._copy_volume(snap.volume, spec.volume_name, wipe=True, labels=dict(spec.labels))
 
-        await self._call(f"load snapshot into workspace {spec.workspace_id}", run)
+        await self._call(f"load snapshot into workspace {spec.workspace_id}", run, slow=True)
 
     def _container_dir(self, container: str) -> Path:
         """The container's directory under the engine's root. Docker 20.10 keeps checkpoints
@@ -545,6 +554,18 @@ class DockerRuntime:
             self._docker_root = Path(str(self._api().info()["DockerRootDir"]))
         return self._docker_root / "containers" / cid
 
+    def checkpoint_dirs(self) -> list[Path]:
+        """Where this backend keeps pause checkpoints on the host (for the checkpoint disk
+        use metric; blocking, called at scrape time off the event loop)."""
+        try:
+            with self._client_lock:
+                known = self._docker_root
+            root = known or Path(str(self._api().info()["DockerRootDir"]))
+        except (DenError, docker.errors.DockerException, requests.exceptions.RequestException):
+            return []
+        self._docker_root = root
+        return sorted((root / "containers").glob(f"*/{IMAGES_DIR}"))
+
     async def export_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str, dest: Path
                                 ) -> int:
         def run() -> int:
@@ -555,7 +576,8 @@ class DockerRuntime:
             shutil.copytree(src, dest)  # the image itself, not the links to it
             return sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
 
-        return await self._call(f"export checkpoint of workspace {spec.workspace_id}", run)
+        return await self._call(f"export checkpoint of workspace {spec.workspace_id}", run,
+                                slow=True)
 
     async def import_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str, src: Path
                                 ) -> None:
@@ -568,7 +590,8 @@ class DockerRuntime:
             shutil.copytree(src, image)
             _link_image(image, home / "checkpoints" / checkpoint)
 
-        await self._call(f"import checkpoint into workspace {spec.workspace_id}", run)
+        await self._call(f"import checkpoint into workspace {spec.workspace_id}", run,
+                         slow=True)
 
     async def delete_snapshot(self, snap: SnapshotSpec) -> None:
         def run() -> None:
@@ -579,7 +602,7 @@ class DockerRuntime:
             with contextlib.suppress(docker.errors.NotFound):
                 api.remove_volume(snap.volume, force=True)
 
-        await self._call(f"delete snapshot {snap.snapshot_id}", run)
+        await self._call(f"delete snapshot {snap.snapshot_id}", run, slow=True)
 
     async def cpu_time_ns(self, spec: WorkspaceSpec) -> int | None:
         """From the agent when the workspace has one (the CPU of the workspace's own
@@ -732,7 +755,8 @@ class DockerRuntime:
                 truncated=truncated,
             )
 
-        return await self._call(f"exec in workspace {spec.workspace_id}", run)
+        return await self._call(f"exec in workspace {spec.workspace_id}", run,
+                                slow=not req.short)
 
     def _exec_blocking(self, spec: WorkspaceSpec, req: ExecRequest) -> int:
         """A short helper command (no stdin, output discarded); returns its exit code."""

@@ -76,6 +76,8 @@ class FakeRuntime:
     next_pid: int = 100
     # The queues of the watchers of the event stream (``watch``); ``emit`` feeds them.
     watchers: list[asyncio.Queue[EngineEvent]] = field(default_factory=list)
+    # An exec of exactly ["block"] waits until this is set (tests fill the exec queue).
+    release: asyncio.Event = field(default_factory=asyncio.Event)
 
     name = "fake"
 
@@ -162,6 +164,9 @@ class FakeRuntime:
         self._enter("exec")
         if not self._get(spec).running:
             raise EngineConflict(f"container {spec.container_name} is not running")
+        if list(req.argv) == ["block"]:
+            await self.release.wait()
+            return ExecResult(0, b"released\n", b"")
         return _run(req)
 
     async def exec_stream(self, spec: WorkspaceSpec, req: ExecRequest) -> _FakeStream:

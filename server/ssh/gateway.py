@@ -188,6 +188,7 @@ class _Connection(asyncssh.SSHServer):
             if not self._refused:
                 self.gw.limiter.record_failure(self.peer[0], time.monotonic())
             return
+        self.svc.metrics.session_closed("ssh")
         seconds = time.monotonic() - self._opened_at
         parts = [f"{n} {kind}{'s' if n != 1 else ''}" for kind, n in self.channels.items() if n]
         self._note(f"ssh connection from {self._where()} closed after {seconds:.0f} s"
@@ -265,6 +266,7 @@ class _Connection(asyncssh.SSHServer):
         assert self._candidate is not None
         self.auth = self._candidate
         self._opened_at = time.monotonic()
+        self.svc.metrics.session_opened("ssh")
         self.gw.keys.mark_used(self.auth.key_id)
         self._note(f"ssh connection opened by {self.auth.user.name} from {self._where()} "
                    f"(key {self.auth.key_label!r})")

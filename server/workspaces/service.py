@@ -33,6 +33,8 @@ from server.errors import (
     ValidationFailed,
 )
 from server.git import clone as git_clone
+from server.logs import bind_workspace
+from server.metrics import Metrics
 from server.runtime.base import (
     LABEL_INSTANCE,
     LABEL_MANAGED,
@@ -52,6 +54,7 @@ from server.runtime.base import (
 from server.runtime.errors import EngineConflict, ObjectMissing
 from server.workspaces import naming
 from server.workspaces.activity import Activity
+from server.workspaces.admission import Gate
 from server.workspaces.states import (
     PAUSE,
     RESUME,
@@ -114,8 +117,13 @@ class WorkspaceService:
         sessions: sessionmaker[Session],
         runtime: Runtime,
         instance_id: str,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics if metrics is not None else Metrics()
+        # Long calls (execs) are admitted through one gate: a bounded queue, then 503.
+        self.long_calls = Gate(limit=settings.exec_concurrency,
+                               queue_max=settings.exec_queue_max)
         self.sessions = sessions
         self.runtime = runtime
         self.instance_id = instance_id
@@ -152,6 +160,7 @@ class WorkspaceService:
                 )
             if row is None or (row.owner_id != user.id and not user.is_admin):
                 raise NotFound(f"no workspace {ref!r}")
+            bind_workspace(row.id)
             return row
 
     def get(self, workspace_id: str) -> Workspace:
@@ -198,6 +207,7 @@ class WorkspaceService:
     def locked(self, workspace_id: str) -> asyncio.Lock:
         """The workspace's operation lock: lifecycle operations hold it, and so does work
         that must not overlap one but changes no state (a snapshot)."""
+        bind_workspace(workspace_id)
         return self._locks.setdefault(workspace_id, asyncio.Lock())
 
     def _record(self, s: Session, workspace_id: str, *, kind: str, actor: str, message: str,
@@ -342,7 +352,7 @@ class WorkspaceService:
     async def _build_fork(self, ws_id: str, snap: Snapshot) -> None:
         spec = self.spec_for(self.get(ws_id))
         try:
-            async with self.locked(ws_id):
+            async with self.metrics.operation("fork"), self.locked(ws_id):
                 await self.runtime.load_snapshot(spec, self.snapshot_spec(snap))
                 how = await self._boot_from(spec, snap)
                 self._transition(ws_id, State.CREATING, State.RUNNING, actor="system",
@@ -379,7 +389,7 @@ class WorkspaceService:
         restore, say) can be restored too."""
         if self.get(ws_id).state != State.ERROR.value:
             await self.stop(ws_id, actor=actor)
-        async with self.locked(ws_id):
+        async with self.metrics.operation("restore"), self.locked(ws_id):
             ws = self.get(ws_id)
             if ws.state not in (State.STOPPED.value, State.ERROR.value):
                 raise Conflict(f"workspace is {ws.state}; try again")
@@ -490,7 +500,7 @@ class WorkspaceService:
         spec = self.spec_for(ws)
         work = self._tmp / ws_id
         try:
-            async with self.locked(ws_id):
+            async with self.metrics.operation("create"), self.locked(ws_id):
                 work.mkdir(parents=True, exist_ok=True)
                 repo = work / "repo"
                 tar = work / "seed.tar"
@@ -528,7 +538,7 @@ class WorkspaceService:
     async def start(self, ws_id: str, *, actor: str) -> Workspace:
         if self.get(ws_id).state == State.PAUSED.value:  # starting a paused one resumes it
             return await self.resume(ws_id, actor=actor)
-        async with self.locked(ws_id):
+        async with self.metrics.operation("start"), self.locked(ws_id):
             ws = self.get(ws_id)
             try:
                 step = plan(START, State(ws.state))
@@ -551,7 +561,7 @@ class WorkspaceService:
             return self.get(ws_id)
 
     async def stop(self, ws_id: str, *, actor: str) -> Workspace:
-        async with self.locked(ws_id):
+        async with self.metrics.operation("stop"), self.locked(ws_id):
             ws = self.get(ws_id)
             try:
                 step = plan(STOP, State(ws.state))
@@ -581,7 +591,7 @@ class WorkspaceService:
     async def pause(self, ws_id: str, *, actor: str) -> Workspace:
         """Checkpoint memory and processes and free CPU and RAM: ``running`` -> ``paused``.
         On failure the workspace is left running (or stopped) and the event log says why."""
-        async with self.locked(ws_id):
+        async with self.metrics.operation("pause"), self.locked(ws_id):
             ws = self.get(ws_id)
             step = self._plan(PAUSE, ws)
             if step is None:
@@ -611,7 +621,7 @@ class WorkspaceService:
         The checkpoint is kept after a restore: gVisor may still read memory from it (deleting
         it at once loses processes, measured). The next pause replaces it, a stop removes it:
         a workspace has at most one."""
-        async with self.locked(ws_id):
+        async with self.metrics.operation("resume"), self.locked(ws_id):
             ws = self.get(ws_id)
             step = self._plan(RESUME, ws)
             if step is None:
@@ -645,7 +655,7 @@ class WorkspaceService:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
-        async with self.locked(ws_id):
+        async with self.metrics.operation("delete"), self.locked(ws_id):
             ws = self.get(ws_id)
             if ws.state == State.DELETING.value:
                 return False
@@ -664,6 +674,7 @@ class WorkspaceService:
         with self.sessions.begin() as s:
             s.execute(delete(Event).where(Event.workspace_id == ws.id))
             s.execute(delete(Workspace).where(Workspace.id == ws.id))
+        self.metrics.forget_workspace(ws.id)
         for hook in self.deleted_hooks:
             hook(ws.id)
         log.info("workspace %s: deleted by %s", ws.id, actor)
@@ -733,6 +744,22 @@ class WorkspaceService:
                            max_output_bytes=self.settings.exec_max_output_bytes)
 
     async def exec(self, ws_id: str, req: ExecRequest, *, actor: str) -> ExecResult:
+        """Run ``req`` in the workspace (woken first). A long call (not ``req.short``) is
+        admitted through :attr:`long_calls`: it waits for a slot, or is refused with 503
+        ``overloaded`` when the queue is full."""
+        started = time.monotonic()
+        try:
+            admitted = contextlib.nullcontext() if req.short else self.long_calls.enter()
+            async with admitted:
+                result = await self._exec(ws_id, req, actor=actor)
+        except BaseException as exc:
+            self.metrics.exec_failed(time.monotonic() - started, exc, short=req.short)
+            raise
+        self.metrics.exec_done(time.monotonic() - started, short=req.short,
+                               timed_out=result.timed_out)
+        return result
+
+    async def _exec(self, ws_id: str, req: ExecRequest, *, actor: str) -> ExecResult:
         ws = await self.ensure_running(ws_id, actor=actor)
         spec = self.spec_for(ws)
         try:  # while it runs, the activity hold keeps the workspace from looking idle

@@ -442,11 +442,11 @@ def test_healthz(fake_api: ApiClient) -> None:
 
 def test_metrics_count_workspaces_by_state(fake_api: ApiClient,
                                            running: dict[str, Any]) -> None:
-    r = fake_api.client.get("/metrics")
+    r = fake_api.get("/metrics", user="root")  # an admin's token (tests/unit/test_metrics.py)
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain")
     assert "# TYPE den_workspaces gauge" in r.text
-    assert 'den_workspaces{state="running"} 1' in r.text.splitlines()
+    assert 'den_workspaces{state="running"} 1.0' in r.text.splitlines()
 
 
 def test_openapi_documents_the_stable_paths(fake_api: ApiClient) -> None:
