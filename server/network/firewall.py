@@ -1,0 +1,219 @@
+"""Host firewall rules that enforce workspaces' network policies (iptables; pure builder
+plus a thin I/O shell).
+
+Every packet a workspace sends leaves its gVisor sandbox through Den's bridge, so the host
+decides, whatever the workspace does inside. Den owns a few chains named after its network
+(``DEN-<hash>-FWD`` for forwarded traffic and traffic to the host, ``DEN-<hash>-INET`` for
+the internet mode) and one jump to them from ``DOCKER-USER`` (traffic leaving the bridge)
+and from ``INPUT`` (traffic to the host itself), each matching ``-i <bridge>`` only. The
+chains are rewritten whole, atomically, with ``iptables-restore --noflush`` (which leaves
+every other chain alone) each time a workspace starts, stops or changes its policy. Rules
+match the source address of each container, and every packet is judged (no "established"
+shortcut for what a workspace sends), so a tighter policy cuts open connections at once.
+A source Den does not know (a container that has just started) is rejected: fail closed.
+
+IPv6: Den's network has none; an ip6tables chain rejects anything from the bridge anyway
+(link-local addresses of the host's bridge).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from server.errors import DenError
+from server.network.policy import BLOCKED_V4, AllowEntry, NetworkPolicy
+
+log = logging.getLogger(__name__)
+
+REJECT = ["-j", "REJECT", "--reject-with", "icmp-admin-prohibited"]
+REJECT6 = ["-j", "REJECT", "--reject-with", "icmp6-adm-prohibited"]
+
+
+class FirewallError(DenError):
+    status_code = 503
+    code = "firewall_unavailable"
+
+
+def chain_prefix(network: str) -> str:
+    """``DEN-<8 hex>``: iptables chain names are short (28 characters)."""
+    return "DEN-" + hashlib.sha256(network.encode()).hexdigest()[:8].upper()
+
+
+def bridge_name(network: str) -> str:
+    """The host interface of Den's bridge (at most 15 characters)."""
+    return "den-" + hashlib.sha256(network.encode()).hexdigest()[:10]
+
+
+@dataclass(frozen=True)
+class Bridge:
+    """Den's network as the host sees it."""
+
+    interface: str
+    subnet: str  # e.g. 172.18.0.0/16
+
+
+@dataclass(frozen=True)
+class Member:
+    """A running workspace container on the bridge, and the policy it gets."""
+
+    address: str
+    policy: NetworkPolicy
+
+
+def _match(entry: AllowEntry) -> list[list[str]]:
+    dest = ["-d", str(entry.network)]
+    if not entry.port:
+        return [dest]
+    return [[*dest, "-p", proto, "--dport", str(entry.port)] for proto in ("tcp", "udp")]
+
+
+def _dns(resolvers: Sequence[str]) -> list[list[str]]:
+    return [["-d", f"{r}/32", "-p", proto, "--dport", "53"]
+            for r in resolvers for proto in ("udp", "tcp")]
+
+
+def ruleset(prefix: str, bridge: Bridge, members: Sequence[Member], *,
+            resolvers: Sequence[str], operator_allow: Sequence[AllowEntry]) -> str:
+    """The ``iptables-restore --noflush`` input that replaces Den's IPv4 chains."""
+    fwd, inet = f"{prefix}-FWD", f"{prefix}-INET"
+    lines = ["*filter", f":{fwd} - [0:0]", f":{inet} - [0:0]"]
+
+    def add(chain: str, *parts: list[str]) -> None:
+        lines.append(" ".join(["-A", chain, *[p for part in parts for p in part]]))
+
+    # Replies of connections someone else opened to a workspace (the host reaching it).
+    add(fwd, ["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "--ctdir", "REPLY",
+              "-j", "RETURN"])
+    for m in members:
+        src = ["-s", f"{m.address}/32"]
+        if m.policy.mode == "internet":
+            add(fwd, src, ["-g", inet])
+        elif m.policy.mode == "allowlist":
+            for dns in _dns(resolvers):
+                add(fwd, src, dns, ["-j", "RETURN"])
+            add(fwd, src, ["-d", bridge.subnet], REJECT)
+            for entry in operator_allow:
+                for match in _match(entry):
+                    add(fwd, src, match, ["-j", "RETURN"])
+            add(fwd, src, ["-m", "addrtype", "--dst-type", "LOCAL"], REJECT)
+            for entry in m.policy.allow:
+                for match in _match(entry):
+                    add(fwd, src, match, ["-j", "RETURN"])
+            add(fwd, src, REJECT)
+        else:
+            add(fwd, src, REJECT)
+    add(fwd, REJECT)  # an address Den does not know: fail closed
+
+    for dns in _dns(resolvers):
+        add(inet, dns, ["-j", "RETURN"])
+    add(inet, ["-d", bridge.subnet], REJECT)  # other workspaces and the bridge's gateway
+    for entry in operator_allow:
+        for match in _match(entry):
+            add(inet, match, ["-j", "RETURN"])
+    for net in BLOCKED_V4:
+        add(inet, ["-d", net], REJECT)
+    add(inet, ["-m", "addrtype", "--dst-type", "LOCAL"], REJECT)  # any address of the host
+    add(inet, ["-j", "RETURN"])
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def ruleset_v6(prefix: str) -> str:
+    chain = f"{prefix}-FWD"
+    return f"*filter\n:{chain} - [0:0]\n-A {chain} {' '.join(REJECT6)}\nCOMMIT\n"
+
+
+def jumps(prefix: str, bridge: Bridge) -> list[tuple[str, list[str]]]:
+    """(built-in chain, rule) pairs that send the bridge's traffic into Den's chain."""
+    rule = ["-i", bridge.interface, "-j", f"{prefix}-FWD"]
+    return [("DOCKER-USER", rule), ("INPUT", rule)]
+
+
+def jumps_v6(prefix: str, bridge: Bridge) -> list[tuple[str, list[str]]]:
+    rule = ["-i", bridge.interface, "-j", f"{prefix}-FWD"]
+    return [("FORWARD", rule), ("INPUT", rule)]
+
+
+def host_resolvers(resolv_conf: str) -> list[str]:
+    """IPv4 name servers of a resolv.conf's text that a workspace can reach (not loopback:
+    the workspace's loopback is its own)."""
+    found = []
+    for line in resolv_conf.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "nameserver":
+            try:
+                addr = ipaddress.ip_address(parts[1])
+            except ValueError:
+                continue
+            if isinstance(addr, ipaddress.IPv4Address) and not addr.is_loopback:
+                found.append(str(addr))
+    return found
+
+
+class Iptables:
+    """Applies rule sets with the host's ``iptables``/``ip6tables`` (nft or legacy backend,
+    whichever the host's binaries use). Blocking: call it off the event loop."""
+
+    def __init__(self, prefix: str, *, iptables: str = "iptables",
+                 ip6tables: str = "ip6tables") -> None:
+        self.prefix = prefix
+        self._v4 = iptables
+        self._v6 = ip6tables if shutil.which(ip6tables) else None
+
+    def _run(self, argv: list[str], *, stdin: str | None = None, check: bool = True
+             ) -> subprocess.CompletedProcess[str]:
+        try:
+            done = subprocess.run(argv, input=stdin, capture_output=True, text=True,
+                                  timeout=30)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise FirewallError("the host firewall (iptables) cannot be changed",
+                                detail=f"{argv[0]}: {exc}") from exc
+        if check and done.returncode != 0:
+            raise FirewallError("the host firewall (iptables) refused Den's rules",
+                                detail=f"{' '.join(argv)}: {done.stderr.strip()[-500:]}")
+        return done
+
+    def apply(self, v4: str, v6: str, bridge: Bridge) -> None:
+        """Replace Den's chains and make sure the jumps to them exist (idempotent)."""
+        self._run([f"{self._v4}-restore", "--noflush"], stdin=v4)
+        self._ensure_jumps(self._v4, jumps(self.prefix, bridge))
+        if self._v6 is not None:
+            self._run([f"{self._v6}-restore", "--noflush"], stdin=v6)
+            self._ensure_jumps(self._v6, jumps_v6(self.prefix, bridge))
+
+    def _ensure_jumps(self, tool: str, wanted: list[tuple[str, list[str]]]) -> None:
+        for chain, rule in wanted:
+            if self._run([tool, "-w", "-C", chain, *rule], check=False).returncode != 0:
+                self._run([tool, "-w", "-I", chain, "1", *rule])
+
+    def remove(self) -> None:
+        """Remove Den's jumps and chains (uninstall, tests); what is missing is fine."""
+        for tool in [self._v4, *([self._v6] if self._v6 else [])]:
+            listing = self._run([tool, "-w", "-S"], check=False).stdout.splitlines()
+            for line in listing:
+                parts = line.split()
+                if (len(parts) > 2 and parts[0] == "-A" and not parts[1].startswith(self.prefix)
+                        and f"{self.prefix}-FWD" in parts):
+                    self._run([tool, "-w", "-D", *parts[1:]], check=False)
+            for line in listing:
+                parts = line.split()
+                if len(parts) == 2 and parts[0] == "-N" and parts[1].startswith(self.prefix):
+                    self._run([tool, "-w", "-F", parts[1]], check=False)
+            for line in listing:
+                parts = line.split()
+                if len(parts) == 2 and parts[0] == "-N" and parts[1].startswith(self.prefix):
+                    self._run([tool, "-w", "-X", parts[1]], check=False)
+
+
+def members_of(addresses: Mapping[str, str], policies: Mapping[str, NetworkPolicy]
+               ) -> list[Member]:
+    """Members from container name -> address (the engine) and container name -> policy
+    (the database); containers without a row get no network."""
+    return [Member(address=addr, policy=policies.get(name, NetworkPolicy(mode="none")))
+            for name, addr in sorted(addresses.items())]
