@@ -231,6 +231,26 @@ class EngineEvents(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class NetworkInfo:
+    """The network a backend puts its workspaces on, as the host's firewall sees it."""
+
+    interface: str  # the host's bridge interface
+    subnet: str  # IPv4 CIDR
+    addresses: Mapping[str, str] = field(default_factory=dict)  # running container -> IPv4
+
+
+@runtime_checkable
+class ManagedNetwork(Protocol):
+    """Backends that put every workspace on one bridge network of Den's own, so that the
+    host's firewall can judge what each workspace sends (server/network/)."""
+
+    async def network(self) -> NetworkInfo:
+        """The network, created when it is missing (idempotent), with the address of each
+        running container on it."""
+        ...
+
+
 @runtime_checkable
 class AgentChannel(Protocol):
     """Backends whose workspaces run Den's agent (docs/agent.md) hand out its session; the

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import docker
 import docker.errors
+import docker.types
 import requests.exceptions
 
 from server.agent import ops as agent_ops
@@ -47,6 +48,7 @@ from server.runtime.base import (
     ExecRequest,
     ExecResult,
     ExecStream,
+    NetworkInfo,
     ProcessInfo,
     SnapshotSpec,
     StreamChunk,
@@ -103,8 +105,18 @@ class DockerRuntime:
 
     def __init__(self, *, base_url: str = "", gvisor_runtime: str = "runsc", threads: int = 32,
                  helper_image: str = "den/workspace:latest", runsc: str = "runsc",
-                 runsc_root: str = "/run/docker/runtime-runc/moby", agent_dir: Path | None = None):
+                 runsc_root: str = "/run/docker/runtime-runc/moby", agent_dir: Path | None = None,
+                 network: str = "", network_interface: str = "", network_subnet: str = "",
+                 resolv_conf: Path | None = None):
+        """``network``: the bridge network every new workspace joins (created when missing,
+        its host interface named ``network_interface``); empty keeps the engine's default
+        bridge. ``resolv_conf`` is mounted as the workspaces' /etc/resolv.conf."""
         self._agent_dir = agent_dir
+        self._network = network
+        self._network_interface = network_interface
+        self._network_subnet = network_subnet
+        self._resolv_conf = resolv_conf
+        self._network_lock = threading.Lock()
         self._agents: dict[str, AgentSession] = {}  # container -> live session
         self._relays: dict[str, str] = {}  # container -> the exec id of its session's relay
         self._agent_info: dict[str, tuple[bool, dict[str, str]]] = {}  # has agent, its env
@@ -194,9 +206,7 @@ class DockerRuntime:
                 api.inspect_volume(spec.volume_name)
             except docker.errors.NotFound:
                 api.create_volume(**vol)
-            cfg = docker_specs.container_config(
-                spec, gvisor_runtime=self._gvisor_runtime,
-                agent_dir=str(self._agent_dir) if self._agent_dir is not None else None)
+            cfg = self._container_config(spec)
             host_config = api.create_host_config(**cfg.pop("host_config"))
             try:
                 api.inspect_container(spec.container_name)
@@ -204,6 +214,48 @@ class DockerRuntime:
                 api.create_container(**cfg, host_config=host_config)
 
         await self._call(what, run)
+
+    def _container_config(self, spec: WorkspaceSpec) -> dict[str, Any]:
+        if self._network:
+            self._ensure_network()
+        return docker_specs.container_config(
+            spec, gvisor_runtime=self._gvisor_runtime,
+            agent_dir=str(self._agent_dir) if self._agent_dir is not None else None,
+            network=self._network or None,
+            resolv_conf=str(self._resolv_conf) if self._network and self._resolv_conf else None)
+
+    def _ensure_network(self) -> dict[str, Any]:
+        """Inspect Den's network, creating it first when it is missing (blocking)."""
+        api = self._api()
+        with self._network_lock:
+            try:
+                return dict(api.inspect_network(self._network))
+            except docker.errors.NotFound:
+                pass
+            cfg = docker_specs.network_config(self._network, interface=self._network_interface,
+                                              subnet=self._network_subnet)
+            subnet = cfg.pop("subnet")
+            ipam = (docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(subnet=subnet)])
+                    if subnet else None)
+            try:
+                api.create_network(**cfg, ipam=ipam)
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409:
+                    raise
+            log.info("created network %s (bridge %s)", self._network, self._network_interface)
+            return dict(api.inspect_network(self._network))
+
+    async def network(self) -> NetworkInfo:
+        """:class:`~server.runtime.base.ManagedNetwork`."""
+        if not self._network:
+            raise EngineError("this server puts workspaces on no network of its own")
+
+        def run() -> NetworkInfo:
+            subnet, addresses = docker_specs.network_addresses(self._ensure_network())
+            return NetworkInfo(interface=self._network_interface, subnet=subnet,
+                               addresses=addresses)
+
+        return await self._call(f"network {self._network}", run)
 
     async def seed(self, spec: WorkspaceSpec, tar: Path) -> None:
         def run() -> None:
@@ -532,9 +584,7 @@ class DockerRuntime:
                 api.inspect_volume(spec.volume_name)
             except docker.errors.NotFound:
                 api.create_volume(**docker_specs.volume_config(spec))
-            cfg = docker_specs.container_config(
-                spec, gvisor_runtime=self._gvisor_runtime,
-                agent_dir=str(self._agent_dir) if self._agent_dir is not None else None)
+            cfg = self._container_config(spec)
             host_config = api.create_host_config(**cfg.pop("host_config"))
             api.create_container(**cfg, host_config=host_config)
             self._copy_volume(snap.volume, spec.volume_name, wipe=True, labels=dict(spec.labels))

@@ -44,9 +44,14 @@ AGENT_COMMAND = [f"{AGENT_MOUNT}/current/den-agent", "init", "--", "/usr/local/b
 LABEL_AGENT = "den.agent"
 
 
-def container_config(spec: WorkspaceSpec, *, gvisor_runtime: str, agent_dir: str | None = None
+def container_config(spec: WorkspaceSpec, *, gvisor_runtime: str, agent_dir: str | None = None,
+                     network: str | None = None, resolv_conf: str | None = None
                      ) -> dict[str, Any]:
-    """Arguments of ``APIClient.create_container`` (host_config as a plain dict)."""
+    """Arguments of ``APIClient.create_container`` (host_config as a plain dict). With
+    ``network`` the container joins Den's own bridge; ``resolv_conf`` then replaces the one
+    the engine would write: on a user-defined network the engine names its embedded DNS
+    server (127.0.0.11, answered inside the container's network namespace), which gVisor's
+    own network stack never reaches (measured: no name resolves)."""
     runtime = gvisor_runtime if spec.runtime == "gvisor" else "runc"
     memory_bytes = (spec.memory_mb + memory_headroom_mb(spec.memory_mb)) * 1024 * 1024
     host_config: dict[str, Any] = {
@@ -67,6 +72,10 @@ def container_config(spec: WorkspaceSpec, *, gvisor_runtime: str, agent_dir: str
     if agent_dir is not None:
         host_config["binds"][agent_dir] = {"bind": AGENT_MOUNT, "mode": "ro"}
         labels[LABEL_AGENT] = "1"
+    if network is not None:
+        host_config["network_mode"] = network
+    if resolv_conf is not None:
+        host_config["binds"][resolv_conf] = {"bind": "/etc/resolv.conf", "mode": "ro"}
     return {
         "image": spec.image,
         "name": spec.container_name,
@@ -78,6 +87,35 @@ def container_config(spec: WorkspaceSpec, *, gvisor_runtime: str, agent_dir: str
         "working_dir": WORKSPACE_MOUNT,
         "host_config": host_config,
     }
+
+
+LABEL_NETWORK = "den.network"
+
+
+def network_config(name: str, *, interface: str, subnet: str = "") -> dict[str, Any]:
+    """Arguments of ``APIClient.create_network`` but ``ipam``: Den's bridge, with a fixed
+    interface name (the firewall matches it) and traffic between its containers off (the
+    firewall rejects it too)."""
+    return {
+        "name": name,
+        "driver": "bridge",
+        "options": {"com.docker.network.bridge.name": interface,
+                    "com.docker.network.bridge.enable_icc": "false"},
+        "labels": {"den.managed": "true", LABEL_NETWORK: name},
+        "subnet": subnet,
+    }
+
+
+def network_addresses(inspect: dict[str, Any]) -> tuple[str, dict[str, str]]:
+    """(subnet, container name -> IPv4 address) from a network's inspect."""
+    configs = (inspect.get("IPAM") or {}).get("Config") or []
+    subnet = next((str(c["Subnet"]) for c in configs if "." in str(c.get("Subnet", ""))), "")
+    found = {}
+    for c in (inspect.get("Containers") or {}).values():
+        addr = str(c.get("IPv4Address") or "").partition("/")[0]
+        if addr and c.get("Name"):
+            found[str(c["Name"])] = addr
+    return subnet, found
 
 
 def copy_volume_config(*, image: str, runtime: str, src: str, dst: str, wipe: bool,

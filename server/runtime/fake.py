@@ -22,6 +22,7 @@ from server.runtime.base import (
     EngineObject,
     ExecRequest,
     ExecResult,
+    NetworkInfo,
     ProcessInfo,
     SnapshotSpec,
     StreamChunk,
@@ -99,6 +100,13 @@ class FakeRuntime:
 
     async def check(self) -> None:
         self._enter("check")
+
+    async def network(self) -> NetworkInfo:
+        """Running containers get addresses in 10.88.0.0/16, in order of their names."""
+        self._enter("network")
+        running = sorted(n for n, c in self.containers.items() if c.running)
+        return NetworkInfo(interface="den-fake", subnet="10.88.0.0/16",
+                           addresses={n: f"10.88.0.{i + 2}" for i, n in enumerate(running)})
 
     async def image_exists(self, image: str) -> bool:
         self._enter("image_exists")
