@@ -9,6 +9,7 @@ import logging
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -39,6 +40,8 @@ from server.errors import DenError
 from server.forges.pull_requests import ForgeService
 from server.logs import request_id
 from server.metrics import Metrics, StateCollector, checkpoint_usage, serve_separately
+from server.network.firewall import bridge_name
+from server.network.guard import NetworkGuard, resolvers, write_resolv_conf
 from server.runtime.base import Runtime
 from server.runtime.errors import EngineUnavailable
 from server.snapshots.service import SnapshotService
@@ -64,22 +67,36 @@ def instance_id(sessions: sessionmaker[Session]) -> str:
         return row.value
 
 
-def default_runtime(settings: Settings) -> Runtime:
+def default_runtime(settings: Settings) -> tuple[Runtime, NetworkGuard | None]:
+    """The Docker engine with gVisor, and the guard of its network when isolation is on."""
     from server.agent.install import install_agent
     from server.runtime.docker import DockerRuntime
 
-    return DockerRuntime(base_url=settings.docker_url, gvisor_runtime=settings.gvisor_runtime,
-                         threads=settings.engine_threads, helper_image=settings.default_image,
-                         runsc=settings.runsc_path, runsc_root=settings.runsc_root,
-                         agent_dir=install_agent(settings))
+    network: dict[str, Any] = {}
+    servers: list[str] = []
+    if settings.network_isolation:
+        name = settings.resolved_network_name()
+        servers = resolvers(settings)
+        network = {"network": name, "network_interface": bridge_name(name),
+                   "network_subnet": settings.network_subnet,
+                   "resolv_conf": write_resolv_conf(settings, servers)}
+    rt = DockerRuntime(base_url=settings.docker_url, gvisor_runtime=settings.gvisor_runtime,
+                       threads=settings.engine_threads, helper_image=settings.default_image,
+                       runsc=settings.runsc_path, runsc_root=settings.runsc_root,
+                       agent_dir=install_agent(settings), **network)
+    guard = (NetworkGuard(runtime=rt, settings=settings, resolver_addresses=servers)
+             if settings.network_isolation else None)
+    return rt, guard
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
-def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI:
-    """Build the app. ``runtime`` defaults to the Docker engine with gVisor."""
+def create_app(settings: Settings, *, runtime: Runtime | None = None,
+               network: NetworkGuard | None = None) -> FastAPI:
+    """Build the app. ``runtime`` defaults to the Docker engine with gVisor (and then
+    ``network`` to the guard of its network, per settings)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -88,9 +105,12 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
         engine = make_engine(url)
         ensure_schema(engine, url, auto_migrate=settings.auto_migrate)
         sessions = make_session_factory(engine)
-        rt = runtime if runtime is not None else default_runtime(settings)
+        rt, guard = (runtime, network) if runtime is not None else default_runtime(settings)
         svc = WorkspaceService(settings=settings, sessions=sessions, runtime=rt,
-                               instance_id=instance_id(sessions), metrics=metrics)
+                               instance_id=instance_id(sessions), metrics=metrics,
+                               network=guard)
+        if guard is not None:  # fail closed: no server whose workspaces escape the policy
+            await guard.sync(svc.network_policies())
         app.state.settings = settings
         app.state.sessions = sessions
         app.state.workspaces = svc

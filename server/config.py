@@ -155,6 +155,58 @@ class Settings(BaseSettings):
         ),
     )
 
+    # --- network isolation (docs/security.md) ---------------------------------------------
+    network_isolation: bool = Field(
+        True,
+        description=(
+            "Put every new workspace on a bridge network of Den's own and enforce each "
+            "workspace's network policy with host firewall rules (iptables, as root). Off: "
+            "workspaces join the engine's default bridge with no policy (each reaches the host, "
+            "the LAN, the metadata service and the others)."
+        ),
+    )
+    network_name: str = Field(
+        "",
+        description="Name of Den's Docker network; empty means `<engine_prefix>-net`. Den "
+        "creates it when it is missing (labelled `den.managed`).",
+    )
+    network_subnet: str = Field(
+        "", description="IPv4 subnet of Den's network (CIDR); empty lets the engine pick one."
+    )
+    network_default_mode: Literal["none", "allowlist", "internet"] = Field(
+        "internet", description="Network mode of a workspace created without `network`."
+    )
+    network_max_mode: Literal["none", "allowlist", "internet"] = Field(
+        "internet",
+        description=(
+            "The ceiling: the most open mode a user may ask for (`none` < `allowlist` < "
+            "`internet`)."
+        ),
+    )
+    network_allow: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Addresses every workspace with network (modes `internet` and `allowlist`) may "
+            "reach although they are private or the host's, for example an internal package "
+            "mirror: CIDRs or `ip:port` (JSON list)."
+        ),
+    )
+    network_user_allow: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Private ranges users may name in an allowlist (JSON list of CIDRs or `ip:port`); "
+            "without them an allowlist may name public addresses only."
+        ),
+    )
+    network_dns: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Name servers of the workspaces (IPv4, JSON list); empty means the host's "
+            "(/etc/resolv.conf, loopback ones left out). Their port 53 stays reachable in modes "
+            "`internet` and `allowlist`."
+        ),
+    )
+
     # --- resources -------------------------------------------------------------------
     default_cpus: float = Field(2.0, description="CPUs of a workspace that asks for none.")
     default_memory_mb: int = Field(2048, description="Memory limit of a workspace, in MiB.")
@@ -371,6 +423,22 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Users in one of these groups become admins at login (JSON list).",
     )
+
+    @field_validator("network_allow", "network_user_allow")
+    @classmethod
+    def _network_ranges(cls, value: list[str]) -> list[str]:
+        from server.errors import DenError
+        from server.network.policy import parse_entry
+
+        for entry in value:
+            try:
+                parse_entry(entry)
+            except DenError as exc:
+                raise ValueError(exc.message) from None
+        return value
+
+    def resolved_network_name(self) -> str:
+        return self.network_name or f"{self.engine_prefix}-net"
 
     @field_validator("metrics_listen")
     @classmethod

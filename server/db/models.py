@@ -104,6 +104,8 @@ class Workspace(Base):
     state_reason: Mapped[str] = mapped_column(Text, default="")
     # Opaque runtime handle (container and volume names), persisted before any engine call.
     engine: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # Network policy: {"mode": "none" | "internet" | "allowlist", "allow": [...]}
+    network: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_activity_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -129,6 +131,7 @@ class Snapshot(Base):
     repo_branch: Mapped[str | None] = mapped_column(String(255), default=None)
     repo_dir: Mapped[str] = mapped_column(String(255))
     runtime: Mapped[str] = mapped_column(String(32))
+    network: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the origin's, for forks
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 

@@ -92,7 +92,7 @@ class SnapshotService:
                 id=sid, owner_id=ws.owner_id, workspace_id=ws.id, name=name, memory=memory,
                 image=f"{prefix}-snapshot:{sid}", volume=f"{prefix}-{sid}-snap",
                 repo_url=ws.repo_url, repo_branch=ws.repo_branch, repo_dir=ws.repo_dir,
-                runtime=ws.runtime,
+                runtime=ws.runtime, network=dict(ws.network or {}),
             )
             spec = svc.snapshot_spec(snap)
             memory_dir = svc.snapshot_memory_dir(sid)

@@ -35,6 +35,8 @@ from server.errors import (
 from server.git import clone as git_clone
 from server.logs import bind_workspace
 from server.metrics import Metrics
+from server.network import policy as net_policy
+from server.network.guard import NetworkGuard
 from server.runtime.base import (
     LABEL_INSTANCE,
     LABEL_MANAGED,
@@ -94,6 +96,8 @@ class CreateRequest:
     idle_timeout_s: int | None = None
     stop_after_s: int | None = None
     keep_alive: bool = False
+    network_mode: str | None = None  # None: the operator's default
+    network_allow: tuple[str, ...] = ()
 
 
 # bash when the image has it, else sh: any image works (one sh more per session, ~20 ms).
@@ -118,8 +122,12 @@ class WorkspaceService:
         runtime: Runtime,
         instance_id: str,
         metrics: Metrics | None = None,
+        network: NetworkGuard | None = None,
     ) -> None:
         self.settings = settings
+        # Enforces network policies on the host (None: workspaces on the engine's default
+        # bridge, no policy enforced).
+        self.network = network
         self.metrics = metrics if metrics is not None else Metrics()
         # Long calls (execs) are admitted through one gate: a bounded queue, then 503.
         self.long_calls = Gate(limit=settings.exec_concurrency,
@@ -277,6 +285,7 @@ class WorkspaceService:
         image = await self._validate_image(req.image)
         cpus, memory_mb, disk_gb = self._validate_resources(req)
         env = self._validate_env(req.env)
+        network = self.validate_network(req.network_mode, req.network_allow)
         for field_name in ("idle_timeout_s", "stop_after_s"):
             value = getattr(req, field_name)
             if value is not None and not 0 <= value <= 365 * 86400:
@@ -287,7 +296,7 @@ class WorkspaceService:
             repo_branch=req.branch, repo_dir=naming.repo_basename(source.url), image=image,
             runtime=runtime, cpus=cpus, memory_mb=memory_mb, disk_gb=disk_gb, gpus=req.gpus,
             env=env, idle_timeout_s=req.idle_timeout_s, stop_after_s=req.stop_after_s,
-            keep_alive=req.keep_alive,
+            keep_alive=req.keep_alive, network=network.to_json(),
         )
         self._spawn(row.id, self._build(row.id, source, req.branch))
         return self.get(row.id)
@@ -344,7 +353,7 @@ class WorkspaceService:
             repo_url=snap.repo_url, repo_branch=snap.repo_branch, repo_dir=snap.repo_dir,
             image=snap.image, runtime=snap.runtime, cpus=self.settings.default_cpus,
             memory_mb=self.settings.default_memory_mb, disk_gb=self.settings.default_disk_gb,
-            gpus=0, env={},
+            gpus=0, env={}, network=self._forked_network(snap).to_json(),
         )
         self._spawn(row.id, self._build_fork(row.id, snap))
         return self.get(row.id)
@@ -355,6 +364,7 @@ class WorkspaceService:
             async with self.metrics.operation("fork"), self.locked(ws_id):
                 await self.runtime.load_snapshot(spec, self.snapshot_spec(snap))
                 how = await self._boot_from(spec, snap)
+                await self.sync_network(ws_id)
                 self._transition(ws_id, State.CREATING, State.RUNNING, actor="system",
                                  message=f"running from snapshot {snap.id} ({how})")
         except asyncio.CancelledError:
@@ -401,6 +411,7 @@ class WorkspaceService:
             try:
                 await self.runtime.load_snapshot(spec, self.snapshot_spec(snap))
                 how = await self._boot_from(spec, snap)
+                await self.sync_network(ws_id)
             except DenError as exc:
                 self._transition(ws_id, State.STARTING, State.ERROR, actor=actor,
                                  reason=f"restore of snapshot {snap.id} failed: {exc.message}")
@@ -523,6 +534,7 @@ class WorkspaceService:
                 self.note(ws_id, "clone", f"cloned {ws.repo_url} ({head or 'detached'})")
                 await self.runtime.create(spec)
                 await self.runtime.start(spec)
+                await self.sync_network(ws_id)
                 await self.runtime.seed(spec, tar)
                 self._transition(ws_id, State.CREATING, State.RUNNING, actor="system",
                                  message=f"running under {ws.runtime}")
@@ -532,6 +544,65 @@ class WorkspaceService:
             await self._creation_failed(ws_id, spec, exc)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    # --- network policy ---------------------------------------------------------------
+
+    def validate_network(self, mode: str | None, allow: Sequence[str]) -> net_policy.NetworkPolicy:
+        """A requested policy checked against the operator's ceiling (422/403)."""
+        st = self.settings
+        return net_policy.validate(
+            mode or st.network_default_mode, list(allow), ceiling=st.network_max_mode,
+            user_ranges=net_policy.parse_ranges(st.network_user_allow),
+            operator=net_policy.parse_ranges(st.network_allow))
+
+    def network_policy(self, ws: Workspace) -> net_policy.NetworkPolicy:
+        return net_policy.NetworkPolicy.from_json(ws.network,
+                                                  default=self.settings.network_default_mode)
+
+    def _forked_network(self, snap: Snapshot) -> net_policy.NetworkPolicy:
+        """A fork gets its origin's policy (kept on the snapshot), within today's ceiling."""
+        wanted = net_policy.NetworkPolicy.from_json(snap.network,
+                                                    default=self.settings.network_default_mode)
+        ceiling = self.settings.network_max_mode
+        if net_policy.MODES.index(wanted.mode) > net_policy.MODES.index(ceiling):
+            return net_policy.NetworkPolicy(mode=ceiling)
+        return wanted
+
+    async def set_network(self, ws_id: str, mode: str, allow: Sequence[str], *, actor: str
+                          ) -> Workspace:
+        """Change a workspace's policy; a running one gets it at once, with its processes
+        and connections as they are (a tighter policy cuts the connections it forbids)."""
+        policy = self.validate_network(mode, allow)
+        with self.sessions.begin() as s:
+            res = s.execute(update(Workspace).where(Workspace.id == ws_id)
+                            .values(network=policy.to_json(), updated_at=datetime.now(UTC)))
+            if res.rowcount != 1:  # type: ignore[attr-defined]
+                raise NotFound(f"no workspace {ws_id!r}")
+            allowed = f" ({', '.join(str(e) for e in policy.allow)})" if policy.allow else ""
+            self._record(s, ws_id, kind="network", actor=actor,
+                         message=f"network policy set to {policy.mode}{allowed}")
+        if self.network is not None:
+            await self.network.sync(self.network_policies())
+        return self.get(ws_id)
+
+    def network_policies(self) -> dict[str, net_policy.NetworkPolicy]:
+        with self.sessions() as s:
+            rows = list(s.scalars(select(Workspace)))
+        return {self.spec_for(ws).container_name: self.network_policy(ws) for ws in rows}
+
+    async def sync_network(self, ws_id: str) -> None:
+        """Bring the host's firewall in step after ``ws_id`` started, stopped or went.
+        A failure leaves the workspace without network (unknown addresses are rejected)
+        and is recorded."""
+        if self.network is None:
+            return
+        try:
+            await self.network.sync(self.network_policies())
+        except DenError as exc:
+            log.error("workspace %s: network rules not applied: %s %s", ws_id, exc.message,
+                      exc.detail)
+            with contextlib.suppress(SQLAlchemyError):
+                self.note(ws_id, "network", f"network rules not applied: {exc.message}")
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -557,6 +628,7 @@ class WorkspaceService:
                 self._transition(ws_id, step, State.ERROR, actor=actor,
                                  reason=f"start failed: {exc.message}")
                 raise
+            await self.sync_network(ws_id)
             self._transition(ws_id, step, State.RUNNING, actor=actor)
             return self.get(ws_id)
 
@@ -580,6 +652,7 @@ class WorkspaceService:
                                  reason=f"stop failed: {exc.message}")
                 raise
             self._transition(ws_id, step, State.STOPPED, actor=actor)
+            await self.sync_network(ws_id)
             return self.get(ws_id)
 
     def _plan(self, op: Operation, ws: Workspace) -> State | None:
@@ -612,6 +685,7 @@ class WorkspaceService:
                 raise
             self._transition(ws_id, step, State.PAUSED, actor=actor,
                              message=f"memory saved in {time.monotonic() - started:.2f} s")
+            await self.sync_network(ws_id)
             return self.get(ws_id)
 
     async def resume(self, ws_id: str, *, actor: str) -> Workspace:
@@ -644,6 +718,7 @@ class WorkspaceService:
                     raise
                 message = (f"restore from memory failed ({exc.message}); started cold from "
                            "disk: files are kept, running processes were not")
+            await self.sync_network(ws_id)
             self._transition(ws_id, step, State.RUNNING, actor=actor, message=message)
             return self.get(ws_id)
 
@@ -675,6 +750,7 @@ class WorkspaceService:
             s.execute(delete(Event).where(Event.workspace_id == ws.id))
             s.execute(delete(Workspace).where(Workspace.id == ws.id))
         self.metrics.forget_workspace(ws.id)
+        await self.sync_network(ws.id)
         for hook in self.deleted_hooks:
             hook(ws.id)
         log.info("workspace %s: deleted by %s", ws.id, actor)
@@ -841,6 +917,7 @@ class WorkspaceService:
             return
         if event.kind not in (EngineEventKind.DIE, EngineEventKind.START) or self._busy(ws_id):
             return
+        await self.sync_network(ws_id)  # the container's address came or went
         async with self.locked(ws_id):
             with self.sessions() as s:
                 ws = s.get(Workspace, ws_id)
@@ -914,6 +991,8 @@ class WorkspaceService:
                 continue  # a snapshot or fork in progress
             log.warning("reconcile: removing orphan %s %s", obj.kind, obj.name)
             await self.runtime.remove_object(obj)
+        if self.network is not None:
+            await self.network.sync(self.network_policies())
 
     def _busy(self, workspace_id: str) -> bool:
         """Whether an operation on the workspace is in progress in this process."""
