@@ -30,6 +30,13 @@ class ResourcesIn(_Strict):
     gpus: int = 0
 
 
+class NetworkIn(_Strict):
+    mode: str = Field(max_length=16, description='"none", "internet" or "allowlist"')
+    allow: list[str] = Field(
+        default_factory=list, max_length=64,
+        description="Allowlist entries: CIDRs, addresses, address:port (no domain names yet)")
+
+
 class WorkspaceCreate(_Strict):
     name: str | None = Field(None, max_length=64)
     repo: RepoIn | None = None
@@ -44,6 +51,12 @@ class WorkspaceCreate(_Strict):
     stop_after_s: int | None = Field(
         None, description="Stop after this many seconds paused; 0 never; null the default")
     keep_alive: bool = False
+    network: NetworkIn | None = Field(
+        None, description="Network policy; null: the server's default mode")
+
+
+class WorkspacePatch(_Strict):
+    network: NetworkIn | None = Field(None, description="New network policy, applied at once")
 
 
 class KeepaliveIn(_Strict):
@@ -87,6 +100,11 @@ class ResourcesOut(BaseModel):
     pids: int
 
 
+class NetworkOut(BaseModel):
+    mode: str
+    allow: list[str]
+
+
 class WorkspaceOut(BaseModel):
     id: str
     name: str
@@ -105,6 +123,7 @@ class WorkspaceOut(BaseModel):
     created_at: datetime
     updated_at: datetime
     last_activity_at: datetime
+    network: NetworkOut
     ssh: dict[str, str | int] | None = None
 
     @classmethod
@@ -123,6 +142,9 @@ class WorkspaceOut(BaseModel):
             keep_alive=ws.keep_alive, keepalive_until=ws.keepalive_until,
             created_at=ws.created_at, updated_at=ws.updated_at,
             last_activity_at=ws.last_activity_at,
+            network=NetworkOut(mode=str((ws.network or {}).get("mode") or (
+                settings.network_default_mode if settings is not None else "internet")),
+                               allow=[str(a) for a in (ws.network or {}).get("allow") or []]),
             ssh=ssh_endpoint(settings, ws.name) if settings is not None else None,
         )
 

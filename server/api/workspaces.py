@@ -12,6 +12,7 @@ from server.api.schemas import (
     WorkspaceCreate,
     WorkspaceList,
     WorkspaceOut,
+    WorkspacePatch,
 )
 from server.errors import ValidationFailed
 from server.workspaces.service import CreateRequest
@@ -25,6 +26,9 @@ async def create_workspace(body: WorkspaceCreate, user: CurrentUser, svc: Worksp
     if (body.repo is None) == (body.from_snapshot is None):
         raise ValidationFailed("give either repo or from_snapshot")
     if body.from_snapshot is not None:
+        if body.network is not None:
+            raise ValidationFailed("a fork gets its origin's network policy; change it "
+                                   "afterwards with PATCH /api/v1/workspaces/{id}")
         snap = snaps.get_for(user, body.from_snapshot)
         name = body.name or f"{snap.name}-fork"
         return WorkspaceOut.of(await snaps.fork(user, snap, name=name), svc.settings)
@@ -35,6 +39,8 @@ async def create_workspace(body: WorkspaceCreate, user: CurrentUser, svc: Worksp
         disk_gb=body.resources.disk_gb, gpus=body.resources.gpus, env=body.env,
         idle_timeout_s=body.idle_timeout_s, stop_after_s=body.stop_after_s,
         keep_alive=body.keep_alive,
+        network_mode=body.network.mode if body.network is not None else None,
+        network_allow=tuple(body.network.allow) if body.network is not None else (),
     )
     return WorkspaceOut.of(await svc.create(user, req), svc.settings)
 
@@ -48,6 +54,17 @@ def list_workspaces(user: CurrentUser, svc: Workspaces) -> WorkspaceList:
 @router.get("/{ref}", response_model=WorkspaceOut)
 def get_workspace(ref: str, user: CurrentUser, svc: Workspaces) -> WorkspaceOut:
     return WorkspaceOut.of(svc.get_for(user, ref), svc.settings)
+
+
+@router.patch("/{ref}", response_model=WorkspaceOut)
+async def update_workspace(ref: str, body: WorkspacePatch, user: CurrentUser, svc: Workspaces
+                           ) -> WorkspaceOut:
+    """Change settings of a workspace; a network policy applies at once, without a restart."""
+    ws = svc.get_for(user, ref)
+    if body.network is not None:
+        ws = await svc.set_network(ws.id, body.network.mode, body.network.allow,
+                                   actor=user.name)
+    return WorkspaceOut.of(ws, svc.settings)
 
 
 @router.post("/{ref}/start", response_model=WorkspaceOut)

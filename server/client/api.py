@@ -433,10 +433,15 @@ class Den:
         idle_timeout_s: int | None = None,
         stop_after_s: int | None = None,
         keep_alive: bool | None = None,
+        network: str | None = None,
+        allow: Sequence[str] | None = None,
         wait: bool = True,
         timeout_s: float = 300.0,
     ) -> Workspace:
         """Create a workspace from a repo; with ``wait`` (default), return once it is running.
+
+        ``network`` is the network mode (``none``, ``internet`` or ``allowlist`` with
+        ``allow``: CIDRs, addresses, ``address:port``); None takes the server's default.
 
         ``idle_timeout_s`` (pause after that long idle) and ``stop_after_s`` (stop after that
         long paused) override the server's defaults, 0 meaning never; ``keep_alive=True``
@@ -458,6 +463,8 @@ class Den:
             "idle_timeout_s": idle_timeout_s,
             "stop_after_s": stop_after_s,
             "keep_alive": keep_alive,
+            "network": ({"mode": network, "allow": list(allow or [])}
+                        if network is not None else None),
         }
         body.update({k: v for k, v in optional.items() if v is not None})
         ws = Workspace(self, self.request_json("POST", "/api/v1/workspaces", json_body=body))
@@ -643,6 +650,18 @@ class Workspace:
         self._data = self.den.request_json(
             "POST", f"{self._path}/keepalive", json_body={"ttl_s": ttl_s}, timeout_s=timeout_s
         )
+        return self
+
+    @property
+    def network(self) -> JSON:
+        """The network policy: ``{"mode": ..., "allow": [...]}``."""
+        return dict(self._data.get("network") or {})
+
+    def set_network(self, mode: str, allow: Sequence[str] = ()) -> Workspace:
+        """Change the network policy (``none``, ``internet``, ``allowlist`` with ``allow``);
+        a running workspace gets it at once, without a restart. Returns self."""
+        self._data = self.den.request_json(
+            "PATCH", self._path, json_body={"network": {"mode": mode, "allow": list(allow)}})
         return self
 
     def delete(self, *, snapshots: bool = False) -> bool:

@@ -168,6 +168,8 @@ def _create(args: argparse.Namespace, ctx: _Context) -> int:
             memory_mb=args.memory_mb,
             disk_gb=args.disk_gb,
             gpus=args.gpus,
+            network=args.network,
+            allow=args.allow,
             wait=not args.no_wait,
             timeout_s=args.timeout,
         )
@@ -293,6 +295,21 @@ def _keepalive(args: argparse.Namespace, ctx: _Context) -> int:
         ws = den.workspace(args.name).keepalive(args.ttl)
     until = ws.keepalive_until
     print(f"{ws.name} keepalive until {_utc(until)}" if until else f"{ws.name} keepalive ended")
+    return 0
+
+
+def _net(args: argparse.Namespace, ctx: _Context) -> int:
+    with ctx.client() as den:
+        ws = den.workspace(args.name)
+        if args.mode is not None:
+            ws.set_network(args.mode, args.allow or [])
+        elif args.allow:
+            raise CLIError("--allow goes with the mode allowlist", exit_code=2)
+        else:
+            ws.refresh()
+    net = ws.network
+    allow = net.get("allow") or []
+    print(f"{ws.name} network {net.get('mode')}" + (f" allow {' '.join(allow)}" if allow else ""))
     return 0
 
 
@@ -541,7 +558,7 @@ def add_client_commands(
     client_factory: ClientFactory | None = None,
 ) -> None:
     """Register login, create, ls, exec, spawn, ps, logs, kill, start, stop, pause, resume,
-    keepalive, rm, events, snapshot, snapshots, fork, restore, rm-snapshot, pr, forge (link,
+    keepalive, net, rm, events, snapshot, snapshots, fork, restore, rm-snapshot, pr, forge (link,
     ls, rm), ssh, ssh-config and ssh-key.
 
     ``client_factory`` builds the :class:`Den` used by each verb (tests pass one that injects an
@@ -570,6 +587,10 @@ def add_client_commands(
     p.add_argument("--memory-mb", type=int, help="memory limit in MiB")
     p.add_argument("--disk-gb", type=int, help="disk size in GiB")
     p.add_argument("--gpus", type=int, help="number of GPUs")
+    p.add_argument("--network", choices=["none", "internet", "allowlist"],
+                   help="network mode (default: the server's)")
+    p.add_argument("--allow", action="append", metavar="ENTRY",
+                   help="with --network allowlist: a CIDR, address or address:port (repeat)")
     p.add_argument("--no-wait", action="store_true", help="return while it is still creating")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
 
@@ -618,6 +639,13 @@ def add_client_commands(
     p.add_argument("name", metavar="NAME")
     p.add_argument("--ttl", type=int, default=900, metavar="S",
                    help="seconds the lease lasts (default 900); 0 ends the lease")
+
+    p = verb("net", _net, "show or change a workspace's network policy (applies at once)")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("mode", nargs="?", choices=["none", "internet", "allowlist"],
+                   help="the new mode; without it, show the policy")
+    p.add_argument("--allow", action="append", metavar="ENTRY",
+                   help="with allowlist: a CIDR, address or address:port (repeat)")
 
     p = verb("rm", _rm, "delete a workspace and its disk")
     p.add_argument("name", metavar="NAME")
