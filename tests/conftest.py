@@ -80,6 +80,34 @@ def engine() -> Iterator[None]:
     # Untagged while a fork still used them: dangling now, and labelled as Den's.
     subprocess.run(["docker", "image", "prune", "-f", "--filter", "label=den.managed=true"],
                    capture_output=True, timeout=120)
+    remove_networks(RUN_PREFIX)
+
+
+def remove_networks(prefix: str) -> None:
+    """Den's networks named with ``prefix`` that no container uses (running or not), and
+    their firewall chains. Each test server makes one: the engine's address pools hold
+    about thirty networks, so they go after each test, not at the end of the run."""
+    from server.network.firewall import Iptables, chain_prefix
+
+    names = subprocess.run(
+        ["docker", "network", "ls", "--filter", "label=den.managed=true", "--format",
+         "{{.Name}}"], capture_output=True, text=True, timeout=30).stdout.split()
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        used = subprocess.run(["docker", "ps", "-aq", "--filter", f"network={name}"],
+                              capture_output=True, text=True, timeout=30)
+        if used.returncode != 0 or used.stdout.strip():
+            continue
+        Iptables(chain_prefix(name)).remove()
+        subprocess.run(["docker", "network", "rm", name], capture_output=True, timeout=60)
+
+
+@pytest.fixture(autouse=True)
+def _networks_go_after_engine_tests(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    if "engine" in request.keywords:
+        remove_networks(RUN_PREFIX)
 
 
 def engine_objects(prefix: str) -> list[tuple[str, str]]:

@@ -1,0 +1,223 @@
+"""Network policies without the engine: parsing and the ceiling, the firewall rule set as
+plain data, and the service keeping the rules in step on the fake runtime."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.auth.tokens import ensure_user
+from server.config import Settings
+from server.db.migrate import ensure_schema
+from server.db.models import User
+from server.db.session import make_engine, make_session_factory
+from server.errors import Forbidden, ValidationFailed
+from server.network import firewall
+from server.network.guard import NetworkGuard
+from server.network.policy import NetworkPolicy, parse_entry, validate
+from server.runtime.fake import FakeRuntime
+from server.workspaces.service import CreateRequest, WorkspaceService
+from tests.conftest import ApiClient
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+# --- policy -------------------------------------------------------------------------------
+
+
+def test_entries_parse_and_print_back() -> None:
+    assert str(parse_entry("203.0.113.7")) == "203.0.113.7"
+    assert str(parse_entry(" 203.0.113.7:443 ")) == "203.0.113.7:443"
+    assert str(parse_entry("198.51.100.9/24")) == "198.51.100.0/24"
+    assert str(parse_entry("10.20.0.0/16:5432")) == "10.20.0.0/16:5432"
+
+
+@pytest.mark.parametrize("entry, words", [
+    ("pypi.org", "domain names are not supported yet"),
+    ("*.npmjs.org", "domain names are not supported yet"),
+    ("git.corp.example:443", "domain names are not supported yet"),
+    ("203.0.113.7:0", "port must be 1-65535"),
+    ("203.0.113.7:http", "port must be 1-65535"),
+    ("2001:db8::1", "IPv6 is not supported yet"),
+    ("", "empty or too long"),
+])
+def test_bad_entries_are_refused_clearly(entry: str, words: str) -> None:
+    with pytest.raises(ValidationFailed, match=words):
+        parse_entry(entry)
+
+
+def test_the_ceiling_and_private_ranges() -> None:
+    ops = [parse_entry("10.9.0.0/16")]
+    users = [parse_entry("192.168.5.0/24")]
+
+    def check(mode: str, allow: list[str], ceiling: str = "internet") -> NetworkPolicy:
+        return validate(mode, allow, ceiling=ceiling, user_ranges=users, operator=ops)
+
+    assert check("allowlist", ["203.0.113.0/24", "10.9.1.2:80", "192.168.5.7"]).to_json() == {
+        "mode": "allowlist", "allow": ["203.0.113.0/24", "10.9.1.2:80", "192.168.5.7"]}
+    for private in ("10.0.0.0/8", "169.254.169.254", "127.0.0.1:22", "172.17.0.1",
+                    "100.64.0.1", "192.168.6.1", "0.0.0.0/0"):
+        with pytest.raises(Forbidden, match="operator's permission"):
+            check("allowlist", [private])
+    with pytest.raises(Forbidden, match="'allowlist' at most"):
+        check("internet", [], ceiling="allowlist")
+    assert check("none", [], ceiling="none").mode == "none"
+    with pytest.raises(ValidationFailed, match="one of"):
+        check("open", [])
+    with pytest.raises(ValidationFailed, match="with mode \"allowlist\" only"):
+        check("internet", ["203.0.113.1"])
+    with pytest.raises(ValidationFailed, match="at most 64"):
+        check("allowlist", [f"203.0.113.{i}" for i in range(65)])
+
+
+# --- the rule set -------------------------------------------------------------------------
+
+
+def test_ruleset_judges_each_member_by_its_policy() -> None:
+    bridge = firewall.Bridge(interface="den-abc", subnet="172.30.0.0/16")
+    members = [
+        firewall.Member("172.30.0.2", NetworkPolicy("internet")),
+        firewall.Member("172.30.0.3", NetworkPolicy("none")),
+        firewall.Member("172.30.0.4", NetworkPolicy("allowlist",
+                                                    (parse_entry("203.0.113.7:443"),))),
+    ]
+    rules = firewall.ruleset("DEN-X", bridge, members, resolvers=["10.255.255.53"],
+                             operator_allow=[parse_entry("10.9.0.0/16")]).splitlines()
+    rej = "-j REJECT --reject-with icmp-admin-prohibited"
+    fwd = [r for r in rules if r.startswith("-A DEN-X-FWD")]
+    assert fwd == [
+        "-A DEN-X-FWD -m conntrack --ctstate ESTABLISHED,RELATED --ctdir REPLY -j RETURN",
+        "-A DEN-X-FWD -s 172.30.0.2/32 -g DEN-X-INET",
+        f"-A DEN-X-FWD -s 172.30.0.3/32 {rej}",
+        "-A DEN-X-FWD -s 172.30.0.4/32 -d 10.255.255.53/32 -p udp --dport 53 -j RETURN",
+        "-A DEN-X-FWD -s 172.30.0.4/32 -d 10.255.255.53/32 -p tcp --dport 53 -j RETURN",
+        f"-A DEN-X-FWD -s 172.30.0.4/32 -d 172.30.0.0/16 {rej}",
+        "-A DEN-X-FWD -s 172.30.0.4/32 -d 10.9.0.0/16 -j RETURN",
+        f"-A DEN-X-FWD -s 172.30.0.4/32 -m addrtype --dst-type LOCAL {rej}",
+        "-A DEN-X-FWD -s 172.30.0.4/32 -d 203.0.113.7/32 -p tcp --dport 443 -j RETURN",
+        "-A DEN-X-FWD -s 172.30.0.4/32 -d 203.0.113.7/32 -p udp --dport 443 -j RETURN",
+        f"-A DEN-X-FWD -s 172.30.0.4/32 {rej}",
+        f"-A DEN-X-FWD {rej}",
+    ]
+    inet = [r for r in rules if r.startswith("-A DEN-X-INET")]
+    assert inet[:4] == [
+        "-A DEN-X-INET -d 10.255.255.53/32 -p udp --dport 53 -j RETURN",
+        "-A DEN-X-INET -d 10.255.255.53/32 -p tcp --dport 53 -j RETURN",
+        f"-A DEN-X-INET -d 172.30.0.0/16 {rej}",
+        "-A DEN-X-INET -d 10.9.0.0/16 -j RETURN",
+    ]
+    for blocked in ("10.0.0.0/8", "169.254.0.0/16", "100.64.0.0/10", "127.0.0.0/8",
+                    "172.16.0.0/12", "192.168.0.0/16"):
+        assert f"-A DEN-X-INET -d {blocked} {rej}" in inet
+    assert inet[-2:] == [f"-A DEN-X-INET -m addrtype --dst-type LOCAL {rej}",
+                         "-A DEN-X-INET -j RETURN"]
+    assert rules[:3] == ["*filter", ":DEN-X-FWD - [0:0]", ":DEN-X-INET - [0:0]"]
+    assert rules[-1] == "COMMIT"
+
+
+def test_names_and_resolvers() -> None:
+    assert firewall.chain_prefix("den-net") == firewall.chain_prefix("den-net")
+    assert len(firewall.chain_prefix("x" * 200) + "-INET") <= 28
+    assert len(firewall.bridge_name("x" * 200)) <= 15
+    assert firewall.host_resolvers(
+        "# c\nnameserver 127.0.0.53\nnameserver 10.255.255.53\nnameserver ::1\n"
+        "nameserver fd00::1\nsearch x\nnameserver 203.0.113.53\n") == [
+        "10.255.255.53", "203.0.113.53"]
+
+
+# --- the service keeps the rules in step ---------------------------------------------------
+
+
+class Recording(firewall.Iptables):
+    def __init__(self) -> None:
+        super().__init__("DEN-T")
+        self.applied: list[str] = []
+
+    def apply(self, v4: str, v6: str, bridge: firewall.Bridge) -> None:
+        self.applied.append(v4)
+
+
+@pytest.fixture
+def netsvc(make_settings: Callable[..., Settings], fake_runtime: FakeRuntime
+           ) -> Iterator[tuple[WorkspaceService, Recording]]:
+    settings = make_settings(network_user_allow=["10.20.0.0/16"])
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    url = settings.resolved_database_url()
+    engine = make_engine(url)
+    ensure_schema(engine, url, auto_migrate=True)
+    rec = Recording()
+    guard = NetworkGuard(runtime=fake_runtime, settings=settings, iptables=rec,
+                         resolver_addresses=["10.255.255.53"])
+    yield WorkspaceService(settings=settings, sessions=make_session_factory(engine),
+                           runtime=fake_runtime, instance_id="i", network=guard), rec
+    engine.dispose()
+
+
+async def _running(svc: WorkspaceService, owner: User, repo: Path, **kw: Any) -> str:
+    ws = await svc.create(owner, CreateRequest(name=None, repo_url=str(repo), **kw))
+    task = svc._tasks.get(ws.id)
+    if task is not None:
+        await task
+    assert svc.get(ws.id).state == "running"
+    return ws.id
+
+
+async def test_rules_follow_start_stop_and_live_changes(
+        netsvc: tuple[WorkspaceService, Recording], make_repo: Callable[..., Path]) -> None:
+    svc, rec = netsvc
+    with svc.sessions.begin() as s:
+        alice = ensure_user(s, "alice")
+    ws_id = await _running(svc, alice, make_repo("api"), network_mode="none")
+    assert svc.network_policy(svc.get(ws_id)) == NetworkPolicy("none")
+    assert "-A DEN-T-FWD -s 10.88.0.2/32 -j REJECT" in rec.applied[-1]
+
+    await svc.set_network(ws_id, "allowlist", ["10.20.1.1:5432"], actor="alice")
+    assert "-s 10.88.0.2/32 -d 10.20.1.1/32 -p tcp --dport 5432 -j RETURN" in rec.applied[-1]
+    assert svc.events(ws_id)[-1].message == "network policy set to allowlist (10.20.1.1:5432)"
+
+    with pytest.raises(Forbidden):
+        await svc.set_network(ws_id, "allowlist", ["10.30.0.1"], actor="alice")
+    assert svc.network_policy(svc.get(ws_id)).mode == "allowlist"  # unchanged
+
+    await svc.stop(ws_id, actor="alice")
+    assert "10.88.0.2" not in rec.applied[-1]  # a stopped container's address is forgotten
+    await svc.start(ws_id, actor="alice")
+    assert "-s 10.88.0.2/32 -d 10.20.1.1/32" in rec.applied[-1]
+
+
+# --- the API --------------------------------------------------------------------------------
+
+
+def test_api_create_patch_and_errors(fake_api: ApiClient, make_repo: Callable[..., Path]
+                                     ) -> None:
+    ws = fake_api.create(make_repo(), network={"mode": "allowlist",
+                                                "allow": ["203.0.113.7:443"]})
+    assert ws["network"] == {"mode": "allowlist", "allow": ["203.0.113.7:443"]}
+    url = f"/api/v1/workspaces/{ws['id']}"
+    r = fake_api.client.patch(url, headers=fake_api.h(), json={"network": {"mode": "none"}})
+    assert r.status_code == 200 and r.json()["network"] == {"mode": "none", "allow": []}
+    for body, status, code in [
+        ({"network": {"mode": "allowlist", "allow": ["pypi.org"]}}, 422, "invalid"),
+        ({"network": {"mode": "allowlist", "allow": ["192.168.1.1"]}}, 403,
+         "network_not_allowed"),
+        ({"network": {"mode": "internet", "extra": 1}}, 422, "invalid"),
+        ({"name": "x"}, 422, "invalid"),
+    ]:
+        r = fake_api.client.patch(url, headers=fake_api.h(), json=body)
+        assert r.status_code == status, r.text
+        assert r.json()["error"]["code"] == code, r.text
+    assert fake_api.get(url).json()["network"]["mode"] == "none"
+    # Another user's workspace is not found.
+    r = fake_api.client.patch(url, headers=fake_api.h("bob"), json={"network": {"mode": "none"}})
+    assert r.status_code == 404
+    # Default mode for a create without network.
+    assert fake_api.create(make_repo("web"), name="web")["network"] == {
+        "mode": "internet", "allow": []}
