@@ -25,14 +25,18 @@ import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from server.errors import DenError
 from server.network.policy import BLOCKED_V4, AllowEntry, NetworkPolicy
 
 log = logging.getLogger(__name__)
 
-REJECT = ["-j", "REJECT", "--reject-with", "icmp-admin-prohibited"]
-REJECT6 = ["-j", "REJECT", "--reject-with", "icmp6-adm-prohibited"]
+# Refusals go through a chain of their own: TCP gets a reset, so that the workspace's socket
+# fails at once and closes (a gVisor endpoint left waiting for an answer that never comes,
+# e.g. a close cut short by a tighter policy, counts as connected and makes a pause's
+# checkpoint fail: measured), anything else an ICMP "administratively prohibited".
+REJECT_TCP = ["-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"]
 
 
 class FirewallError(DenError):
@@ -64,6 +68,7 @@ class Member:
 
     address: str
     policy: NetworkPolicy
+    port: str = ""  # its port on the bridge; "" matches by address only
 
 
 def _match(entry: AllowEntry) -> list[list[str]]:
@@ -81,8 +86,9 @@ def _dns(resolvers: Sequence[str]) -> list[list[str]]:
 def ruleset(prefix: str, bridge: Bridge, members: Sequence[Member], *,
             resolvers: Sequence[str], operator_allow: Sequence[AllowEntry]) -> str:
     """The ``iptables-restore --noflush`` input that replaces Den's IPv4 chains."""
-    fwd, inet = f"{prefix}-FWD", f"{prefix}-INET"
-    lines = ["*filter", f":{fwd} - [0:0]", f":{inet} - [0:0]"]
+    fwd, inet, rej = f"{prefix}-FWD", f"{prefix}-INET", f"{prefix}-REJ"
+    lines = ["*filter", f":{fwd} - [0:0]", f":{inet} - [0:0]", f":{rej} - [0:0]"]
+    deny = ["-j", rej]
 
     def add(chain: str, *parts: list[str]) -> None:
         lines.append(" ".join(["-A", chain, *[p for part in parts for p in part]]))
@@ -92,41 +98,46 @@ def ruleset(prefix: str, bridge: Bridge, members: Sequence[Member], *,
               "-j", "RETURN"])
     for m in members:
         src = ["-s", f"{m.address}/32"]
+        if m.port:  # a packet with this address from another port is forged: rejected below
+            src += ["-m", "physdev", "--physdev-in", m.port]
         if m.policy.mode == "internet":
             add(fwd, src, ["-g", inet])
         elif m.policy.mode == "allowlist":
             for dns in _dns(resolvers):
                 add(fwd, src, dns, ["-j", "RETURN"])
-            add(fwd, src, ["-d", bridge.subnet], REJECT)
+            add(fwd, src, ["-d", bridge.subnet], deny)
             for entry in operator_allow:
                 for match in _match(entry):
                     add(fwd, src, match, ["-j", "RETURN"])
-            add(fwd, src, ["-m", "addrtype", "--dst-type", "LOCAL"], REJECT)
+            add(fwd, src, ["-m", "addrtype", "--dst-type", "LOCAL"], deny)
             for entry in m.policy.allow:
                 for match in _match(entry):
                     add(fwd, src, match, ["-j", "RETURN"])
-            add(fwd, src, REJECT)
+            add(fwd, src, deny)
         else:
-            add(fwd, src, REJECT)
-    add(fwd, REJECT)  # an address Den does not know: fail closed
+            add(fwd, src, deny)
+    add(fwd, deny)  # an address Den does not know: fail closed
 
     for dns in _dns(resolvers):
         add(inet, dns, ["-j", "RETURN"])
-    add(inet, ["-d", bridge.subnet], REJECT)  # other workspaces and the bridge's gateway
+    add(inet, ["-d", bridge.subnet], deny)  # other workspaces and the bridge's gateway
     for entry in operator_allow:
         for match in _match(entry):
             add(inet, match, ["-j", "RETURN"])
     for net in BLOCKED_V4:
-        add(inet, ["-d", net], REJECT)
-    add(inet, ["-m", "addrtype", "--dst-type", "LOCAL"], REJECT)  # any address of the host
+        add(inet, ["-d", net], deny)
+    add(inet, ["-m", "addrtype", "--dst-type", "LOCAL"], deny)  # any address of the host
     add(inet, ["-j", "RETURN"])
+    add(rej, REJECT_TCP)
+    add(rej, ["-j", "REJECT", "--reject-with", "icmp-admin-prohibited"])
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 
 
 def ruleset_v6(prefix: str) -> str:
     chain = f"{prefix}-FWD"
-    return f"*filter\n:{chain} - [0:0]\n-A {chain} {' '.join(REJECT6)}\nCOMMIT\n"
+    return (f"*filter\n:{chain} - [0:0]\n-A {chain} {' '.join(REJECT_TCP)}\n"
+            f"-A {chain} -j REJECT --reject-with icmp6-adm-prohibited\nCOMMIT\n")
 
 
 def jumps(prefix: str, bridge: Bridge) -> list[tuple[str, list[str]]]:
@@ -211,9 +222,20 @@ class Iptables:
                     self._run([tool, "-w", "-X", parts[1]], check=False)
 
 
-def members_of(addresses: Mapping[str, str], policies: Mapping[str, NetworkPolicy]
-               ) -> list[Member]:
-    """Members from container name -> address (the engine) and container name -> policy
-    (the database); containers without a row get no network."""
-    return [Member(address=addr, policy=policies.get(name, NetworkPolicy(mode="none")))
+def members_of(addresses: Mapping[str, str], policies: Mapping[str, NetworkPolicy],
+               ports: Mapping[str, str] | None = None) -> list[Member]:
+    """Members from container name -> address and -> bridge port (the engine) and container
+    name -> policy (the database); containers without a row get no network."""
+    return [Member(address=addr, policy=policies.get(name, NetworkPolicy(mode="none")),
+                   port=(ports or {}).get(name, ""))
             for name, addr in sorted(addresses.items())]
+
+
+def bridge_filtering(proc: Path = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
+                     ) -> bool:
+    """Whether bridged packets pass iptables (br_netfilter): then rules can match the
+    bridge port a packet came in by."""
+    try:
+        return proc.read_text().strip() == "1"
+    except OSError:
+        return False

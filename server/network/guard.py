@@ -52,6 +52,11 @@ class NetworkGuard:
                           else resolvers(settings))
         self.operator_allow = parse_ranges(settings.network_allow)
         self._lock = asyncio.Lock()
+        self.by_port = firewall.bridge_filtering()
+        if not self.by_port:
+            log.warning("bridged packets do not pass iptables (br_netfilter off): network rules "
+                        "match workspaces by address only, which a root user in a workspace "
+                        "can forge")
         self.applied = ""  # the last rule set (tests, debugging)
 
     async def sync(self, policies: Mapping[str, NetworkPolicy]) -> None:
@@ -60,7 +65,8 @@ class NetworkGuard:
         async with self._lock:
             info = await self.runtime.network()
             bridge = firewall.Bridge(interface=info.interface, subnet=info.subnet)
-            members = firewall.members_of(info.addresses, policies)
+            members = firewall.members_of(info.addresses, policies,
+                                          info.ports if self.by_port else None)
             v4 = firewall.ruleset(self.prefix, bridge, members, resolvers=self.resolvers,
                                   operator_allow=self.operator_allow)
             await asyncio.to_thread(self.iptables.apply, v4, firewall.ruleset_v6(self.prefix),

@@ -238,6 +238,9 @@ class NetworkInfo:
     interface: str  # the host's bridge interface
     subnet: str  # IPv4 CIDR
     addresses: Mapping[str, str] = field(default_factory=dict)  # running container -> IPv4
+    # running container -> its port on the bridge (the host's end of its veth), where known:
+    # unlike an address, a workspace cannot forge the port its packets come in by.
+    ports: Mapping[str, str] = field(default_factory=dict)
 
 
 @runtime_checkable

@@ -117,6 +117,7 @@ class DockerRuntime:
         self._network_subnet = network_subnet
         self._resolv_conf = resolv_conf
         self._network_lock = threading.Lock()
+        self._ports: dict[str, str] = {}  # endpoint id -> the host's end of its veth
         self._agents: dict[str, AgentSession] = {}  # container -> live session
         self._relays: dict[str, str] = {}  # container -> the exec id of its session's relay
         self._agent_info: dict[str, tuple[bool, dict[str, str]]] = {}  # has agent, its env
@@ -251,11 +252,51 @@ class DockerRuntime:
             raise EngineError("this server puts workspaces on no network of its own")
 
         def run() -> NetworkInfo:
-            subnet, addresses = docker_specs.network_addresses(self._ensure_network())
+            inspect = self._ensure_network()
+            subnet, addresses = docker_specs.network_addresses(inspect)
             return NetworkInfo(interface=self._network_interface, subnet=subnet,
-                               addresses=addresses)
+                               addresses=addresses, ports=self._bridge_ports(inspect))
 
         return await self._call(f"network {self._network}", run)
+
+    def _bridge_ports(self, inspect: dict[str, Any]) -> dict[str, str]:
+        """Container name -> the host's end of its veth (blocking). The engine does not say;
+        the container's end names its peer's interface index (``eth0@if<n>``), read in the
+        container's network namespace. Cached per endpoint (a new one at each start)."""
+        found: dict[str, str] = {}
+        live: set[str] = set()
+        for cid, c in (inspect.get("Containers") or {}).items():
+            endpoint, name = str(c.get("EndpointID") or ""), str(c.get("Name") or "")
+            if not endpoint or not name:
+                continue
+            live.add(endpoint)
+            if endpoint not in self._ports:
+                port = self._find_port(str(cid))
+                if port is None:
+                    continue
+                self._ports[endpoint] = port
+            found[name] = self._ports[endpoint]
+        for gone in set(self._ports) - live:
+            del self._ports[gone]
+        return found
+
+    def _find_port(self, cid: str) -> str | None:
+        try:
+            pid = int(self._api().inspect_container(cid)["State"].get("Pid") or 0)
+            if pid <= 0:
+                return None
+            out = subprocess.run(["nsenter", "-t", str(pid), "-n", "ip", "-o", "link", "show",
+                                  "eth0"], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError, docker.errors.NotFound):
+            return None
+        index = docker_specs.veth_peer_index(out)
+        for entry in Path("/sys/class/net").iterdir() if index is not None else []:
+            with contextlib.suppress(OSError, ValueError):
+                if int((entry / "ifindex").read_text()) == index:
+                    return entry.name
+        log.warning("container %s: its port on Den's bridge was not found; its rules match "
+                    "its address only", cid[:12])
+        return None
 
     async def seed(self, spec: WorkspaceSpec, tar: Path) -> None:
         def run() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -116,6 +117,13 @@ def network_addresses(inspect: dict[str, Any]) -> tuple[str, dict[str, str]]:
         if addr and c.get("Name"):
             found[str(c["Name"])] = addr
     return subnet, found
+
+
+def veth_peer_index(ip_link: str) -> int | None:
+    """The host-side peer's interface index from ``ip -o link show eth0`` run in a
+    container's network namespace (``4451: eth0@if4452: ...`` -> 4452)."""
+    match = re.search(r"^\d+: eth0@if(\d+):", ip_link.strip())
+    return int(match.group(1)) if match else None
 
 
 def copy_volume_config(*, image: str, runtime: str, src: str, dst: str, wipe: bool,

@@ -18,6 +18,7 @@ from server.errors import Forbidden, ValidationFailed
 from server.network import firewall
 from server.network.guard import NetworkGuard
 from server.network.policy import NetworkPolicy, parse_entry, validate
+from server.runtime import docker_specs
 from server.runtime.fake import FakeRuntime
 from server.workspaces.service import CreateRequest, WorkspaceService
 from tests.conftest import ApiClient
@@ -91,7 +92,7 @@ def test_ruleset_judges_each_member_by_its_policy() -> None:
     ]
     rules = firewall.ruleset("DEN-X", bridge, members, resolvers=["10.255.255.53"],
                              operator_allow=[parse_entry("10.9.0.0/16")]).splitlines()
-    rej = "-j REJECT --reject-with icmp-admin-prohibited"
+    rej = "-j DEN-X-REJ"
     fwd = [r for r in rules if r.startswith("-A DEN-X-FWD")]
     assert fwd == [
         "-A DEN-X-FWD -m conntrack --ctstate ESTABLISHED,RELATED --ctdir REPLY -j RETURN",
@@ -119,8 +120,26 @@ def test_ruleset_judges_each_member_by_its_policy() -> None:
         assert f"-A DEN-X-INET -d {blocked} {rej}" in inet
     assert inet[-2:] == [f"-A DEN-X-INET -m addrtype --dst-type LOCAL {rej}",
                          "-A DEN-X-INET -j RETURN"]
-    assert rules[:3] == ["*filter", ":DEN-X-FWD - [0:0]", ":DEN-X-INET - [0:0]"]
-    assert rules[-1] == "COMMIT"
+    assert rules[:4] == ["*filter", ":DEN-X-FWD - [0:0]", ":DEN-X-INET - [0:0]",
+                         ":DEN-X-REJ - [0:0]"]
+    # TCP is refused with a reset (the socket fails and closes at once), the rest by ICMP.
+    assert rules[-3:] == ["-A DEN-X-REJ -p tcp -j REJECT --reject-with tcp-reset",
+                          "-A DEN-X-REJ -j REJECT --reject-with icmp-admin-prohibited",
+                          "COMMIT"]
+
+
+def test_a_members_rules_also_match_its_bridge_port() -> None:
+    bridge = firewall.Bridge(interface="den-abc", subnet="172.30.0.0/16")
+    members = firewall.members_of({"c1": "172.30.0.2", "c2": "172.30.0.3"},
+                                  {"c1": NetworkPolicy("internet")}, {"c1": "veth1"})
+    assert members == [firewall.Member("172.30.0.2", NetworkPolicy("internet"), "veth1"),
+                       firewall.Member("172.30.0.3", NetworkPolicy("none"))]  # no row: none
+    rules = firewall.ruleset("DEN-X", bridge, members, resolvers=[], operator_allow=[])
+    assert ("-A DEN-X-FWD -s 172.30.0.2/32 -m physdev --physdev-in veth1 -g DEN-X-INET"
+            in rules.splitlines())
+    assert docker_specs.veth_peer_index(
+        "4451: eth0@if4452: <BROADCAST,MULTICAST,UP> mtu 1500\n") == 4452
+    assert docker_specs.veth_peer_index("Device \"eth0\" does not exist.") is None
 
 
 def test_names_and_resolvers() -> None:
@@ -177,7 +196,7 @@ async def test_rules_follow_start_stop_and_live_changes(
         alice = ensure_user(s, "alice")
     ws_id = await _running(svc, alice, make_repo("api"), network_mode="none")
     assert svc.network_policy(svc.get(ws_id)) == NetworkPolicy("none")
-    assert "-A DEN-T-FWD -s 10.88.0.2/32 -j REJECT" in rec.applied[-1]
+    assert "-A DEN-T-FWD -s 10.88.0.2/32 -j DEN-T-REJ" in rec.applied[-1]
 
     await svc.set_network(ws_id, "allowlist", ["10.20.1.1:5432"], actor="alice")
     assert "-s 10.88.0.2/32 -d 10.20.1.1/32 -p tcp --dport 5432 -j RETURN" in rec.applied[-1]
