@@ -39,6 +39,7 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.config import Settings
+from server.network import firewall
 from server.network.firewall import bridge_name, chain_prefix
 from tests.conftest import RUN_PREFIX, ApiClient, free_port, git, users
 
@@ -245,6 +246,13 @@ def test_default_mode_reaches_the_internet_and_nothing_else(two: Lab) -> None:
     assert _host_reaches("127.0.0.1", lab.host_port)
     assert not lab.reach("a", gateway, lab.host_port)
     assert not lab.reach("a", lab.host_link, lab.host_port)
+    # Where bridged packets pass iptables, a's rules also name its port on the bridge, so
+    # that another container cannot send as a's address (the positive control above shows
+    # that the port match lets a's own packets through).
+    if firewall.bridge_filtering():
+        rules = sh("iptables", "-S", f"{chain_prefix(lab.settings.resolved_network_name())}-FWD"
+                   ).stdout
+        assert f"-s {_address(lab, 'a')}/32 -m physdev --physdev-in veth" in rules, rules
     # Another workspace's open port: the host reaches it, the workspace does not.
     b_addr = _address(lab, "b")
     wait_for(lambda: _host_reaches(b_addr, 9000), 60, "b's HTTP server")
@@ -325,21 +333,38 @@ def test_policy_changes_live_without_a_restart(two: Lab) -> None:
 
 
 def test_pause_resume_and_fork_keep_the_policy(two: Lab) -> None:
+    """On a workspace of its own, created with an allowlist: its pause and its memory
+    snapshot come before it makes any connection (a connection closed less than a minute
+    before a checkpoint can still be held by gVisor, and then fails the checkpoint: seen
+    here with one this module's other tests made)."""
     lab = two
-    wid = lab.ids["a"]
-    r = lab.patch("a", {"mode": "allowlist", "allow": [f"{lab.lan}:{PORT}"]})
-    assert r.status_code == 200, r.text
-    assert lab.api.post(f"/api/v1/workspaces/{wid}/pause").json()["state"] == "paused"
-    assert lab.api.post(f"/api/v1/workspaces/{wid}/resume").json()["state"] == "running"
-    assert lab.reach("a", lab.lan)
-    assert not lab.reach("a", lab.public)
-
-    r = lab.api.post(f"/api/v1/workspaces/{wid}/snapshots", json={"name": "s1"})
+    allow = {"mode": "allowlist", "allow": [f"{lab.lan}:{PORT}"]}
+    r = lab.api.post("/api/v1/workspaces", json={
+        "name": "p", "repo": {"url": str(lab.settings.local_repo_roots[0] / "api")},
+        "network": allow})
+    assert r.status_code == 202, r.text
+    wid = lab.ids["p"] = r.json()["id"]
+    assert lab.api.wait_state(wid)["state"] == "running"
+    r = lab.api.post(f"/api/v1/workspaces/{wid}/pause")
+    assert r.status_code == 200 and r.json()["state"] == "paused", r.text
+    r = lab.api.post(f"/api/v1/workspaces/{wid}/resume")
+    assert r.status_code == 200 and r.json()["state"] == "running", r.text
+    r = lab.api.post(f"/api/v1/workspaces/{wid}/snapshots", json={"name": "s1", "memory": True})
     assert r.status_code in (200, 201), r.text
     r = lab.api.post("/api/v1/workspaces", json={"name": "f", "from_snapshot": r.json()["id"]})
     assert r.status_code in (201, 202), r.text
     lab.ids["f"] = r.json()["id"]
-    assert r.json()["network"] == {"mode": "allowlist", "allow": [f"{lab.lan}:{PORT}"]}
+    assert r.json()["network"] == allow
     assert lab.api.wait_state(lab.ids["f"])["state"] == "running"
-    assert lab.reach("f", lab.lan)
-    assert not lab.reach("f", lab.public)
+    events = lab.api.get(f"/api/v1/workspaces/{lab.ids['f']}/events").json()["events"]
+    assert "with its memory and processes" in events[-1]["message"], events[-1]
+
+    for name in ("p", "f"):
+        assert lab.reach(name, lab.lan)
+        assert not lab.reach(name, lab.public)
+        assert not lab.reach(name, METADATA)
+    # The fork's sandbox, restored from its origin's memory, sends from its own address
+    # (the rules are per address).
+    inside = lab.exec("f", "ip -4 -o addr show")["stdout"]
+    assert f" {_address(lab, 'f')}/" in inside, inside
+    assert f" {_address(lab, 'p')}/" not in inside, inside
