@@ -5,6 +5,7 @@ No import-time globals: everything hangs off ``app.state`` and is built from Set
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from collections.abc import AsyncIterator
@@ -40,6 +41,7 @@ from server.errors import DenError
 from server.forges.pull_requests import ForgeService
 from server.logs import request_id
 from server.metrics import Metrics, StateCollector, checkpoint_usage, serve_separately
+from server.network.denials import KmsgWatcher
 from server.network.firewall import bridge_name
 from server.network.guard import NetworkGuard, resolvers, write_resolv_conf
 from server.runtime.base import Runtime
@@ -109,8 +111,12 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
         svc = WorkspaceService(settings=settings, sessions=sessions, runtime=rt,
                                instance_id=instance_id(sessions), metrics=metrics,
                                network=guard)
+        denials: KmsgWatcher | None = None
         if guard is not None:  # fail closed: no server whose workspaces escape the policy
             await guard.sync(svc.network_policies())
+            if guard.log_denied:
+                denials = KmsgWatcher(guard.log_tag, svc.record_denial)
+                denials.start()
         app.state.settings = settings
         app.state.sessions = sessions
         app.state.workspaces = svc
@@ -158,6 +164,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
             if app.state.ssh_gateway is not None:
                 await app.state.ssh_gateway.stop()
             await reaper.stop()
+            if denials is not None:
+                await asyncio.to_thread(denials.stop)
             await supervisor.stop()
             await svc.shutdown()
             if stop_listener is not None:

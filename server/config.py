@@ -198,6 +198,14 @@ class Settings(BaseSettings):
             "without them an allowlist may name public addresses only."
         ),
     )
+    network_log_denied: bool = Field(
+        True,
+        description=(
+            "Record refused connections as workspace events (kind `network`; the firewall logs "
+            "them to the kernel log, which Den reads from /dev/kmsg): at most one per workspace "
+            "and destination a minute."
+        ),
+    )
     network_dns: list[str] = Field(
         default_factory=list,
         description=(

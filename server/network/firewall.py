@@ -83,9 +83,17 @@ def _dns(resolvers: Sequence[str]) -> list[list[str]]:
             for r in resolvers for proto in ("udp", "tcp")]
 
 
+def log_tag(prefix: str) -> str:
+    """What Den's refusals are logged with in the kernel log (at most 29 characters)."""
+    return f"{prefix}-DENY "
+
+
 def ruleset(prefix: str, bridge: Bridge, members: Sequence[Member], *,
-            resolvers: Sequence[str], operator_allow: Sequence[AllowEntry]) -> str:
-    """The ``iptables-restore --noflush`` input that replaces Den's IPv4 chains."""
+            resolvers: Sequence[str], operator_allow: Sequence[AllowEntry],
+            log_denied: bool = False) -> str:
+    """The ``iptables-restore --noflush`` input that replaces Den's IPv4 chains. With
+    ``log_denied`` each refusal is also logged (at most 20 a second, bursts of 50, for all
+    workspaces together) with :func:`log_tag`, for the denial events."""
     fwd, inet, rej = f"{prefix}-FWD", f"{prefix}-INET", f"{prefix}-REJ"
     lines = ["*filter", f":{fwd} - [0:0]", f":{inet} - [0:0]", f":{rej} - [0:0]"]
     deny = ["-j", rej]
@@ -128,6 +136,9 @@ def ruleset(prefix: str, bridge: Bridge, members: Sequence[Member], *,
         add(inet, ["-d", net], deny)
     add(inet, ["-m", "addrtype", "--dst-type", "LOCAL"], deny)  # any address of the host
     add(inet, ["-j", "RETURN"])
+    if log_denied:
+        add(rej, ["-m", "limit", "--limit", "20/second", "--limit-burst", "50", "-j", "LOG",
+                  "--log-level", "6", "--log-prefix", f'"{log_tag(prefix)}"'])
     add(rej, REJECT_TCP)
     add(rej, ["-j", "REJECT", "--reject-with", "icmp-admin-prohibited"])
     lines.append("COMMIT")

@@ -52,12 +52,22 @@ class NetworkGuard:
                           else resolvers(settings))
         self.operator_allow = parse_ranges(settings.network_allow)
         self._lock = asyncio.Lock()
+        self.log_denied = settings.network_log_denied
+        self._containers: dict[str, str] = {}  # address -> container, as of the last sync
         self.by_port = firewall.bridge_filtering()
         if not self.by_port:
             log.warning("bridged packets do not pass iptables (br_netfilter off): network rules "
                         "match workspaces by address only, which a root user in a workspace "
                         "can forge")
         self.applied = ""  # the last rule set (tests, debugging)
+
+    @property
+    def log_tag(self) -> str:
+        return firewall.log_tag(self.prefix)
+
+    def container_at(self, address: str) -> str | None:
+        """The container that had ``address`` at the last sync."""
+        return self._containers.get(address)
 
     async def sync(self, policies: Mapping[str, NetworkPolicy]) -> None:
         """Rebuild the rules from the engine's addresses and ``policies`` (container name ->
@@ -68,8 +78,10 @@ class NetworkGuard:
             members = firewall.members_of(info.addresses, policies,
                                           info.ports if self.by_port else None)
             v4 = firewall.ruleset(self.prefix, bridge, members, resolvers=self.resolvers,
-                                  operator_allow=self.operator_allow)
+                                  operator_allow=self.operator_allow,
+                                  log_denied=self.log_denied)
             await asyncio.to_thread(self.iptables.apply, v4, firewall.ruleset_v6(self.prefix),
                                     bridge)
             self.applied = v4
+            self._containers = {addr: name for name, addr in info.addresses.items()}
             log.debug("network rules applied for %d workspaces", len(members))

@@ -36,6 +36,7 @@ from server.git import clone as git_clone
 from server.logs import bind_workspace
 from server.metrics import Metrics
 from server.network import policy as net_policy
+from server.network.denials import Denial, RateLimit
 from server.network.guard import NetworkGuard
 from server.runtime.base import (
     LABEL_INSTANCE,
@@ -128,6 +129,8 @@ class WorkspaceService:
         # Enforces network policies on the host (None: workspaces on the engine's default
         # bridge, no policy enforced).
         self.network = network
+        self._containers: dict[str, str] = {}  # container name -> workspace id
+        self._denials = RateLimit()
         self.metrics = metrics if metrics is not None else Metrics()
         # Long calls (execs) are admitted through one gate: a bounded queue, then 503.
         self.long_calls = Gate(limit=settings.exec_concurrency,
@@ -588,7 +591,22 @@ class WorkspaceService:
     def network_policies(self) -> dict[str, net_policy.NetworkPolicy]:
         with self.sessions() as s:
             rows = list(s.scalars(select(Workspace)))
+        self._containers = {self.spec_for(ws).container_name: ws.id for ws in rows}
         return {self.spec_for(ws).container_name: self.network_policy(ws) for ws in rows}
+
+    def record_denial(self, denial: Denial) -> None:
+        """A connection the firewall refused: an event of kind ``network`` on the workspace
+        that tried (at most one per destination a minute)."""
+        container = self.network.container_at(denial.source) if self.network else None
+        ws_id = self._containers.get(container or "")
+        if ws_id is None or not self._denials.allow(ws_id, denial.describe()):
+            return
+        try:
+            mode = self.network_policy(self.get(ws_id)).mode
+            self.note(ws_id, "network", f"denied {denial.describe()} (network policy {mode}; "
+                                        "further denials of it are not recorded for a minute)")
+        except (DenError, SQLAlchemyError):  # the workspace went meanwhile
+            return
 
     async def sync_network(self, ws_id: str) -> None:
         """Bring the host's firewall in step after ``ws_id`` started, stopped or went.

@@ -240,6 +240,16 @@ def test_default_mode_reaches_the_internet_and_nothing_else(two: Lab) -> None:
     # The LAN and metadata addresses sit behind the same route, in the same namespace.
     assert not lab.reach("a", lab.lan)
     assert not lab.reach("a", METADATA)
+    # Refusals are events on the workspace that tried ("why can't I reach X?").
+
+    def denied() -> list[str]:
+        return [e["message"] for e in lab.api.get(f"/api/v1/workspaces/{lab.ids['a']}/events")
+                .json()["events"] if e["message"].startswith("denied")]
+
+    wait_for(lambda: any(f"TCP to {lab.lan}:{PORT} (network policy internet" in m
+                         for m in denied()), 30, "the denial event")
+    wait_for(lambda: any(f"TCP to {METADATA}:{PORT}" in m for m in denied()), 30,
+             "the metadata denial event")
     # The host's server on 0.0.0.0: not on the bridge's gateway, not on another host address.
     gateway = sh("docker", "network", "inspect", "-f", "{{(index .IPAM.Config 0).Gateway}}",
                  lab.settings.resolved_network_name()).stdout.strip()
@@ -327,7 +337,7 @@ def test_policy_changes_live_without_a_restart(two: Lab) -> None:
     procs = lab.api.get(f"/api/v1/workspaces/{wid}/processes").json()["processes"]
     assert [p["running"] for p in procs if p["pid"] == pid] == [True]
     events = [e["message"] for e in lab.api.get(f"/api/v1/workspaces/{wid}/events").json()[
-        "events"] if e["kind"] == "network"]
+        "events"] if e["kind"] == "network" and e["message"].startswith("network policy")]
     assert events[-2:] == [f"network policy set to allowlist ({lab.lan}:{PORT})",
                            "network policy set to internet"]
 

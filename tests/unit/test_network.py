@@ -15,7 +15,7 @@ from server.db.migrate import ensure_schema
 from server.db.models import User
 from server.db.session import make_engine, make_session_factory
 from server.errors import Forbidden, ValidationFailed
-from server.network import firewall
+from server.network import denials, firewall
 from server.network.guard import NetworkGuard
 from server.network.policy import NetworkPolicy, parse_entry, validate
 from server.runtime import docker_specs
@@ -152,6 +152,41 @@ def test_names_and_resolvers() -> None:
         "10.255.255.53", "203.0.113.53"]
 
 
+# --- denied connections --------------------------------------------------------------------
+
+
+def test_kernel_log_lines_become_denials() -> None:
+    tag = firewall.log_tag("DEN-X")
+    line = (f"6,31848,14419511287,-;{tag}IN=den-abc OUT=eth0 PHYSIN=veth1 SRC=172.30.0.2 "
+            "DST=10.0.0.5 LEN=60 TOS=0x00 TTL=64 ID=1 DF PROTO=TCP SPT=41502 DPT=5432 SYN")
+    assert denials.parse(line, tag) == denials.Denial("172.30.0.2", "10.0.0.5", "TCP", 5432)
+    assert denials.parse(line, tag).describe() == "TCP to 10.0.0.5:5432"  # type: ignore[union-attr]
+    icmp = f"{tag}IN=den-abc SRC=172.30.0.2 DST=169.254.169.254 PROTO=ICMP TYPE=8"
+    assert denials.parse(icmp, tag) == denials.Denial("172.30.0.2", "169.254.169.254",
+                                                      "ICMP", None)
+    assert denials.parse(line.replace(tag, "DEN-Y-DENY "), tag) is None  # another Den's
+    assert denials.parse(f"{tag}SRC=1.2.3.4", tag) is None
+    # A workspace controls nothing in these lines but numbers; odd values are left out.
+    assert denials.parse(f"{tag}SRC=172.30.0.2 DST=10.0.0.5 PROTO=TCP DPT=x;rm", tag) == \
+        denials.Denial("172.30.0.2", "10.0.0.5", "TCP", None)
+    rules = firewall.ruleset("DEN-X", firewall.Bridge("den-abc", "172.30.0.0/16"), [],
+                             resolvers=[], operator_allow=[], log_denied=True).splitlines()
+    assert ('-A DEN-X-REJ -m limit --limit 20/second --limit-burst 50 -j LOG --log-level 6 '
+            '--log-prefix "DEN-X-DENY "') in rules
+
+
+def test_denial_events_are_rate_limited_and_bounded() -> None:
+    limit = denials.RateLimit(every_s=60, keys_max=3)
+    assert limit.allow("ws1", "TCP to 10.0.0.5:5432", now=0)
+    assert not limit.allow("ws1", "TCP to 10.0.0.5:5432", now=30)
+    assert limit.allow("ws2", "TCP to 10.0.0.5:5432", now=30)
+    assert limit.allow("ws1", "TCP to 10.0.0.6:5432", now=30)
+    assert limit.allow("ws1", "TCP to 10.0.0.5:5432", now=61)
+    for i in range(10):
+        limit.allow("ws3", f"UDP to 10.0.0.{i}", now=70)
+    assert len(limit._last) == 3
+
+
 # --- the service keeps the rules in step ---------------------------------------------------
 
 
@@ -205,6 +240,13 @@ async def test_rules_follow_start_stop_and_live_changes(
     with pytest.raises(Forbidden):
         await svc.set_network(ws_id, "allowlist", ["10.30.0.1"], actor="alice")
     assert svc.network_policy(svc.get(ws_id)).mode == "allowlist"  # unchanged
+
+    svc.record_denial(denials.Denial("10.88.0.2", "10.30.0.1", "TCP", 22))
+    svc.record_denial(denials.Denial("10.88.0.2", "10.30.0.1", "TCP", 22))  # within a minute
+    svc.record_denial(denials.Denial("10.88.0.99", "10.30.0.1", "TCP", 22))  # nobody's
+    assert [e.message for e in svc.events(ws_id) if e.message.startswith("denied")] == [
+        "denied TCP to 10.30.0.1:22 (network policy allowlist; further denials of it are not "
+        "recorded for a minute)"]
 
     await svc.stop(ws_id, actor="alice")
     assert "10.88.0.2" not in rec.applied[-1]  # a stopped container's address is forgotten
