@@ -1,9 +1,9 @@
 """Network isolation on the real engine, from inside real gVisor workspaces (black box).
 
-The stand-ins: a network namespace this test creates, joined to the host by a veth pair on
-a /30 of TEST-NET-2 (198.51.100.0/24, a documentation range that no real host uses). Inside
-it one HTTP server answers on three addresses: the namespace's end of the link (the
-"internet": an address the policy treats as public, like any address outside the blocked
+The stand-ins (tests/netlab.py): a network namespace this test creates, joined to the host by
+a veth pair on a /30 of TEST-NET-2 (198.51.100.0/24, a documentation range that no real host
+uses). Inside it one HTTP server answers on three addresses: the namespace's end of the link
+(the "internet": an address the policy treats as public, like any address outside the blocked
 ranges), a "LAN" address in 10.213.0.0/16 and the metadata address 169.254.169.254 (both on
 the namespace's loopback). Only packets that come in from this test's own Den bridge are
 routed to the last two (a policy-routing rule on that bridge's interface), so nothing else on
@@ -23,13 +23,11 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
-import random
 import secrets
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,26 +38,11 @@ from fastapi.testclient import TestClient
 from server.app import create_app
 from server.config import Settings
 from server.network import firewall
-from server.network.firewall import bridge_name, chain_prefix
+from server.network.firewall import Iptables, bridge_name, chain_prefix
 from tests.conftest import RUN_PREFIX, ApiClient, free_port, git, users
+from tests.netlab import METADATA, PORT, sh, stand_ins, wait_for
 
 pytestmark = pytest.mark.engine
-
-PORT = 8080  # the namespace's HTTP server, on all its addresses
-METADATA = "169.254.169.254"
-
-
-def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(argv), capture_output=True, text=True, timeout=60, check=check)
-
-
-def wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @dataclass
@@ -107,91 +90,42 @@ def _host_http(port: int) -> http.server.ThreadingHTTPServer:
 @pytest.fixture(scope="module")
 def lab(engine: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     tmp = tmp_path_factory.mktemp("net")
-    tag = secrets.token_hex(2)
-    prefix = f"{RUN_PREFIX}-net{tag}"
-    base = 4 * random.randint(1, 62)
-    host_link, public = f"198.51.100.{base + 1}", f"198.51.100.{base + 2}"
-    lan = f"10.213.{random.randint(0, 255)}.{random.randint(2, 250)}"
-    ns, host_if, ns_if = f"{prefix}-ns", f"dtv{tag}h", f"dtv{tag}n"
-    table, pref = str(random.randint(20000, 29999)), str(random.randint(20000, 29999))
+    prefix = f"{RUN_PREFIX}-net{secrets.token_hex(2)}"
     ssh_port = free_port()
     repos = tmp / "repos"
     (repos / "api").mkdir(parents=True)
     git("init", "-q", "-b", "main", cwd=repos / "api")
     (repos / "api" / "README.md").write_text("# api\n")
     git("add", ".", cwd=repos / "api")
-    git("-c", "user.name=t", "-c", "user.email=t@e", "commit", "-q", "-m", "init",
-        cwd=repos / "api")
+    git("commit", "-q", "-m", "init", cwd=repos / "api")
+    lan_probe = "10.213.0.0/16"  # the stand-ins' LAN range; each run picks one address in it
     settings = Settings(data_dir=tmp / "data", local_repo_roots=[repos], engine_prefix=prefix,
                         default_memory_mb=512, default_cpus=1.0, stop_timeout_s=2,
-                        reaper_interval_s=0, ssh_port=ssh_port,
-                        network_user_allow=[f"{lan}/32"])
-    bridge = bridge_name(settings.resolved_network_name())
-    undo: list[list[str]] = []
+                        reaper_interval_s=0, ssh_port=ssh_port, network_user_allow=[lan_probe])
     host_srv = _host_http(free_port())
-    ns_srv: subprocess.Popen[bytes] | None = None
     try:
-        for argv, back in [
-            (["ip", "netns", "add", ns], ["ip", "netns", "del", ns]),
-            (["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if, "netns", ns],
-             ["ip", "link", "del", host_if]),
-            (["ip", "addr", "add", f"{host_link}/30", "dev", host_if], None),
-            (["ip", "link", "set", host_if, "up"], None),
-            (["ip", "-n", ns, "link", "set", "lo", "up"], None),
-            (["ip", "-n", ns, "addr", "add", f"{public}/30", "dev", ns_if], None),
-            (["ip", "-n", ns, "link", "set", ns_if, "up"], None),
-            (["ip", "-n", ns, "addr", "add", f"{lan}/32", "dev", "lo"], None),
-            (["ip", "-n", ns, "addr", "add", f"{METADATA}/32", "dev", "lo"], None),
-            (["ip", "-n", ns, "route", "add", "default", "via", host_link], None),
-            (["ip", "route", "add", f"{lan}/32", "via", public, "dev", host_if, "table", table],
-             ["ip", "route", "flush", "table", table]),
-            (["ip", "route", "add", f"{METADATA}/32", "via", public, "dev", host_if, "table",
-              table], None),
-            (["ip", "rule", "add", "iif", bridge, "lookup", table, "pref", pref],
-             ["ip", "rule", "del", "pref", pref]),
-        ]:
-            sh(*argv)
-            if back is not None:
-                undo.append(back)
-        ns_srv = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m",
-                                   "http.server", str(PORT), "--bind", "0.0.0.0",
-                                   "--directory", str(tmp)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # Controls: the namespace's server answers on every address (seen from inside it),
-        # and the host's server answers on the host's end of the link (seen from the
-        # namespace, its neighbour).
-        for addr in (public, lan, METADATA):
-            wait_for(lambda a=addr: sh("ip", "netns", "exec", ns, "curl", "-s", "-o",  # type: ignore[misc]
-                                       "/dev/null", "-w", "%{http_code}", "--max-time", "2",
-                                       f"http://{a}:{PORT}/", check=False).stdout == "200",
-                     30, f"the namespace's server on {addr}")
-        assert sh("ip", "netns", "exec", ns, "curl", "-s", "--max-time", "5",
-                  f"http://{host_link}:{host_srv.server_port}/").stdout == "host\n"
-
-        key = tmp / "key"
-        sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key))
-        app = create_app(settings)
-        with TestClient(app) as client:
-            api = ApiClient(client, users(app))
-            r = api.post("/api/v1/users/me/ssh-keys",
-                         json={"public_key": key.with_suffix(".pub").read_text()})
-            assert r.status_code == 201, r.text
-            lab = Lab(api, settings, ns, public, host_link, lan, host_srv.server_port,
-                      ssh_port, key)
-            yield lab
-            for wid in lab.ids.values():
-                with contextlib.suppress(Exception):
-                    client.delete(f"/api/v1/workspaces/{wid}", headers=api.h("root"),
-                                  params={"snapshots": "true"})
+        with stand_ins(prefix, bridge_name(settings.resolved_network_name()), tmp) as net:
+            # Control: the host's server answers on the host's end of the link, seen from
+            # the namespace (its neighbour).
+            assert sh("ip", "netns", "exec", net.ns, "curl", "-s", "--max-time", "5",
+                      f"http://{net.host_link}:{host_srv.server_port}/").stdout == "host\n"
+            key = tmp / "key"
+            sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key))
+            app = create_app(settings)
+            with TestClient(app) as client:
+                api = ApiClient(client, users(app))
+                r = api.post("/api/v1/users/me/ssh-keys",
+                             json={"public_key": key.with_suffix(".pub").read_text()})
+                assert r.status_code == 201, r.text
+                lab = Lab(api, settings, net.ns, net.public, net.host_link, net.lan,
+                          host_srv.server_port, ssh_port, key)
+                yield lab
+                for wid in lab.ids.values():
+                    with contextlib.suppress(Exception):
+                        client.delete(f"/api/v1/workspaces/{wid}", headers=api.h("root"),
+                                      params={"snapshots": "true"})
     finally:
         host_srv.shutdown()
-        if ns_srv is not None:
-            ns_srv.kill()
-            ns_srv.wait(timeout=30)
-        for back in reversed(undo):
-            sh(*back, check=False)
-        from server.network.firewall import Iptables
-
         Iptables(chain_prefix(settings.resolved_network_name())).remove()
         sh("docker", "network", "rm", settings.resolved_network_name(), check=False)
 

@@ -1,0 +1,103 @@
+"""Network stand-ins for the network isolation test and benchmark (not a test module).
+
+A network namespace joined to the host by a veth pair on a random /30 of TEST-NET-2
+(198.51.100.0/24, a documentation range no real host uses). One HTTP server in it answers on
+three addresses: the namespace's end of the link (``public``: the "internet"), ``lan`` (in
+10.213.0.0/16) and the metadata address 169.254.169.254, the last two on the namespace's
+loopback. Only packets that come in from ``bridge`` (one Den network's interface) are routed
+to those two, by a policy-routing rule on that interface, so nothing else on the machine sees
+them. Everything is removed on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+PORT = 8080  # the namespace's HTTP server, on all its addresses
+METADATA = "169.254.169.254"
+
+
+def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=60, check=check)
+
+
+def wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@dataclass(frozen=True)
+class StandIns:
+    ns: str
+    public: str  # the namespace's end of the link: the "internet"
+    host_link: str  # the host's end (a host address on a "public" range)
+    lan: str
+
+
+def _ns_answers(ns: str, addr: str) -> bool:
+    return sh("ip", "netns", "exec", ns, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+              "--max-time", "2", f"http://{addr}:{PORT}/", check=False).stdout == "200"
+
+
+@contextlib.contextmanager
+def stand_ins(name: str, bridge: str, serve_dir: Path) -> Iterator[StandIns]:
+    """The namespace ``<name>-ns`` and its server (serving ``serve_dir``), routed for
+    packets from ``bridge``."""
+    tag = secrets.token_hex(2)
+    base = 4 * random.randint(1, 62)
+    host_link, public = f"198.51.100.{base + 1}", f"198.51.100.{base + 2}"
+    lan = f"10.213.{random.randint(0, 255)}.{random.randint(2, 250)}"
+    ns, host_if, ns_if = f"{name}-ns", f"dtv{tag}h", f"dtv{tag}n"
+    table, pref = str(random.randint(20000, 29999)), str(random.randint(20000, 29999))
+    undo: list[list[str]] = []
+    server: subprocess.Popen[bytes] | None = None
+    try:
+        for argv, back in [
+            (["ip", "netns", "add", ns], ["ip", "netns", "del", ns]),
+            (["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if, "netns", ns],
+             ["ip", "link", "del", host_if]),
+            (["ip", "addr", "add", f"{host_link}/30", "dev", host_if], None),
+            (["ip", "link", "set", host_if, "up"], None),
+            (["ip", "-n", ns, "link", "set", "lo", "up"], None),
+            (["ip", "-n", ns, "addr", "add", f"{public}/30", "dev", ns_if], None),
+            (["ip", "-n", ns, "link", "set", ns_if, "up"], None),
+            (["ip", "-n", ns, "addr", "add", f"{lan}/32", "dev", "lo"], None),
+            (["ip", "-n", ns, "addr", "add", f"{METADATA}/32", "dev", "lo"], None),
+            (["ip", "-n", ns, "route", "add", "default", "via", host_link], None),
+            (["ip", "route", "add", f"{lan}/32", "via", public, "dev", host_if, "table", table],
+             ["ip", "route", "flush", "table", table]),
+            (["ip", "route", "add", f"{METADATA}/32", "via", public, "dev", host_if, "table",
+              table], None),
+            (["ip", "rule", "add", "iif", bridge, "lookup", table, "pref", pref],
+             ["ip", "rule", "del", "pref", pref]),
+        ]:
+            sh(*argv)
+            if back is not None:
+                undo.append(back)
+        server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m",
+                                   "http.server", str(PORT), "--bind", "0.0.0.0",
+                                   "--directory", str(serve_dir)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Control: the server answers on every address, seen from inside the namespace.
+        for addr in (public, lan, METADATA):
+            wait_for(lambda a=addr: _ns_answers(ns, a),  # type: ignore[misc]
+                     30, f"the namespace's server on {addr}")
+        yield StandIns(ns=ns, public=public, host_link=host_link, lan=lan)
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait(timeout=30)
+        for back in reversed(undo):
+            sh(*back, check=False)
