@@ -203,6 +203,9 @@ class FakeServer:
             return httpx.Response(200, json=ws)
         if rest == "keepalive" and method == "POST":
             return self.handle_keepalive(request, ws)
+        if rest == "" and method == "PATCH":
+            ws["network"] = {"allow": [], **json.loads(request.content)["network"]}
+            return httpx.Response(200, json=ws)
         if rest == "exec":
             return httpx.Response(200, json=self.exec_reply)
         if rest == "events":
@@ -1232,3 +1235,22 @@ def test_cli_ssh_key_add_ls_rm(cli: Callable[..., int], fake: FakeServer, logged
     assert fake.requests[-1].method == "DELETE"
     assert cli("ssh-key", "add", str(tmp_path / "missing.pub")) == 1
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_cli_net_shows_and_sets_the_policy(cli: Callable[..., int], fake: FakeServer,
+                                           logged_in: None,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    fake.add("api", network={"mode": "internet", "allow": []})
+    assert cli("net", "api") == 0
+    assert capsys.readouterr().out == "api network internet\n"
+    assert cli("net", "api", "allowlist", "--allow", "203.0.113.0/24", "--allow",
+               "198.51.100.7:443") == 0
+    assert json.loads(fake.last("PATCH", "/id-api").content) == {"network": {
+        "mode": "allowlist", "allow": ["203.0.113.0/24", "198.51.100.7:443"]}}
+    assert capsys.readouterr().out == (
+        "api network allowlist allow 203.0.113.0/24 198.51.100.7:443\n")
+    assert cli("net", "api", "--allow", "203.0.113.1") == 2
+    assert "--allow goes with the mode allowlist" in capsys.readouterr().err
+    assert cli("create", "https://forge.example/a/web.git", "--network", "none") == 0
+    assert json.loads(fake.last("POST", "/workspaces").content)["network"] == {
+        "mode": "none", "allow": []}
