@@ -27,7 +27,7 @@ import secrets
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -312,3 +312,30 @@ def test_pause_resume_and_fork_keep_the_policy(two: Lab) -> None:
     inside = lab.exec("f", "ip -4 -o addr show")["stdout"]
     assert f" {_address(lab, 'f')}/" in inside, inside
     assert f" {_address(lab, 'p')}/" not in inside, inside
+
+
+def test_startup_and_reconcile_recreate_the_network_and_the_rules(
+        engine: None, make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings()
+    net = settings.resolved_network_name()
+    chains = chain_prefix(net)
+
+    def present() -> tuple[bool, bool, bool]:
+        return (sh("docker", "network", "inspect", net, check=False).returncode == 0,
+                f"-N {chains}-FWD" in sh("iptables", "-S").stdout,
+                f"-j {chains}-FWD" in sh("iptables", "-S", "DOCKER-USER").stdout)
+
+    def remove() -> None:
+        sh("docker", "network", "rm", net, check=False)
+        Iptables(chains).remove()
+
+    with TestClient(create_app(settings)) as client:
+        assert present() == (True, True, True)
+        remove()
+        assert present() == (False, False, False)
+        client.portal.call(client.app.state.workspaces.reconcile)  # type: ignore[attr-defined]
+        assert present() == (True, True, True)
+    remove()
+    with TestClient(create_app(settings)):
+        assert present() == (True, True, True)
+    remove()
