@@ -140,6 +140,23 @@ async def take_snapshot(request: Request, ref: str, user: WebUser,
     return _back(f"/workspaces/{ws.id}")
 
 
+@router.post("/workspaces/{ref}/network", dependencies=[CSRF])
+async def set_network(request: Request, ref: str, user: WebUser,
+                      mode: Annotated[str, Form()] = "",
+                      allow: Annotated[str, Form(max_length=4096)] = "") -> Response:
+    """The network policy form: a mode and allowlist entries separated by spaces or commas."""
+    svc = _svc(request)
+    ws = svc.get_for(user, ref)
+    entries = [e for e in allow.replace(",", " ").split() if e]
+    try:
+        await svc.set_network(ws.id, mode, entries if mode == "allowlist" else [],
+                              actor=user.name)
+        flash(request, f"Network of {ws.name}: {mode}.")
+    except DenError as exc:
+        flash(request, f"Network not changed: {exc.message}", "error")
+    return _back(f"/workspaces/{ws.id}")
+
+
 @router.post("/workspaces/{ref}/{action}", dependencies=[CSRF])
 async def lifecycle(request: Request, ref: str, action: str, user: WebUser,
                     snapshots: Annotated[str, Form()] = "",

@@ -151,6 +151,14 @@ def test_dashboard_creates_and_acts_on_workspaces(web: ApiClient,
                             ("start", "running")):
         r = c.post(f"/workspaces/{ws['id']}/{action}", data={"csrf_token": token})
         assert r.status_code == 200 and f"api is {settled}" in r.text
+    r = c.post(f"/workspaces/{ws['id']}/network", data={
+        "csrf_token": token, "mode": "allowlist", "allow": "203.0.113.0/24, 198.51.100.7:443"})
+    assert "Network of api: allowlist." in r.text and "198.51.100.7:443" in r.text
+    assert web.get(f"/api/v1/workspaces/{ws['id']}").json()["network"] == {
+        "mode": "allowlist", "allow": ["203.0.113.0/24", "198.51.100.7:443"]}
+    r = c.post(f"/workspaces/{ws['id']}/network", data={
+        "csrf_token": token, "mode": "allowlist", "allow": "pypi.org"})
+    assert "Network not changed: network allow entry &#39;pypi.org&#39;: domain names" in r.text
     r = c.post(f"/workspaces/{ws['id']}/snapshots", data={"csrf_token": token, "name": "s1"})
     assert "Snapshot s1 taken" in r.text
     detail = c.get(f"/workspaces/{ws['id']}")
