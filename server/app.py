@@ -113,7 +113,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
                                network=guard)
         denials: KmsgWatcher | None = None
         if guard is not None:  # fail closed: no server whose workspaces escape the policy
-            await guard.sync(svc.network_policies())
+            await guard.sync(svc.network_policies)
             if guard.log_denied:
                 denials = KmsgWatcher(guard.log_tag, svc.record_denial)
                 denials.start()

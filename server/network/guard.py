@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from server.config import Settings
@@ -69,13 +69,15 @@ class NetworkGuard:
         """The container that had ``address`` at the last sync."""
         return self._containers.get(address)
 
-    async def sync(self, policies: Mapping[str, NetworkPolicy]) -> None:
-        """Rebuild the rules from the engine's addresses and ``policies`` (container name ->
-        policy). Raises FirewallError when the host's firewall refuses them."""
+    async def sync(self, policies: Callable[[], Mapping[str, NetworkPolicy]]) -> None:
+        """Rebuild the rules from the engine's addresses and ``policies()`` (container name ->
+        policy), both read under the lock, so that a sync never applies policies older than
+        the previous one's. Raises FirewallError when the host's firewall refuses them."""
         async with self._lock:
+            current = policies()
             info = await self.runtime.network()
             bridge = firewall.Bridge(interface=info.interface, subnet=info.subnet)
-            members = firewall.members_of(info.addresses, policies,
+            members = firewall.members_of(info.addresses, current,
                                           info.ports if self.by_port else None)
             v4 = firewall.ruleset(self.prefix, bridge, members, resolvers=self.resolvers,
                                   operator_allow=self.operator_allow,

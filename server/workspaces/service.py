@@ -585,7 +585,7 @@ class WorkspaceService:
             self._record(s, ws_id, kind="network", actor=actor,
                          message=f"network policy set to {policy.mode}{allowed}")
         if self.network is not None:
-            await self.network.sync(self.network_policies())
+            await self.network.sync(self.network_policies)
         return self.get(ws_id)
 
     def network_policies(self) -> dict[str, net_policy.NetworkPolicy]:
@@ -615,7 +615,7 @@ class WorkspaceService:
         if self.network is None:
             return
         try:
-            await self.network.sync(self.network_policies())
+            await self.network.sync(self.network_policies)
         except DenError as exc:
             log.error("workspace %s: network rules not applied: %s %s", ws_id, exc.message,
                       exc.detail)
@@ -1010,7 +1010,7 @@ class WorkspaceService:
             log.warning("reconcile: removing orphan %s %s", obj.kind, obj.name)
             await self.runtime.remove_object(obj)
         if self.network is not None:
-            await self.network.sync(self.network_policies())
+            await self.network.sync(self.network_policies)
 
     def _busy(self, workspace_id: str) -> bool:
         """Whether an operation on the workspace is in progress in this process."""
