@@ -79,6 +79,9 @@ def default_runtime(settings: Settings) -> tuple[Runtime, NetworkGuard | None]:
     if settings.network_isolation:
         name = settings.resolved_network_name()
         servers = resolvers(settings)
+        if not servers:
+            log.warning("no name server for workspaces (the host's /etc/resolv.conf names only "
+                        "loopback ones, e.g. systemd-resolved): set DEN_NETWORK_DNS")
         network = {"network": name, "network_interface": bridge_name(name),
                    "network_subnet": settings.network_subnet,
                    "resolv_conf": write_resolv_conf(settings, servers)}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
@@ -32,7 +32,7 @@ class ResourcesIn(_Strict):
 
 class NetworkIn(_Strict):
     mode: str = Field(max_length=16, description='"none", "internet" or "allowlist"')
-    allow: list[str] = Field(
+    allow: list[Annotated[str, Field(max_length=64)]] = Field(
         default_factory=list, max_length=64,
         description="Allowlist entries: CIDRs, addresses, address:port (no domain names yet)")
 
