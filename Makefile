@@ -58,6 +58,7 @@ bench: setup
 clean-engine:
 	@docker ps -aq --filter name=dentest- | xargs -r docker rm -f >/dev/null
 	@docker volume ls -q --filter name=dentest- | xargs -r docker volume rm -f >/dev/null
+	@PYTHONPATH=$(CURDIR) $(VENV)/bin/python -c "import tests.conftest as c; c.remove_networks('dentest-')"
 
 ## The web terminal's xterm.js from npm into web/node_modules (served by Den).
 web:

@@ -295,7 +295,8 @@ class Raw:
 
 
 def cleanup_engine(prefix: str) -> list[str]:
-    """Remove every container, then every volume, whose name starts with ``prefix``."""
+    """Remove every container, then every volume and network (with its firewall chains),
+    whose name starts with ``prefix``."""
     removed: list[str] = []
     ps = subprocess.run(["docker", "ps", "-a", "--filter", f"name={prefix}",
                          "--format", "{{.Names}}"], capture_output=True, text=True)
@@ -308,6 +309,16 @@ def cleanup_engine(prefix: str) -> list[str]:
     for n in vols.stdout.split():
         if n.startswith(prefix):
             subprocess.run(["docker", "volume", "rm", "-f", n], capture_output=True)
+            removed.append(n)
+    # Den's network (`<prefix>-net`) and its firewall chains, once its containers are gone.
+    from server.network.firewall import Iptables, chain_prefix
+
+    nets = subprocess.run(["docker", "network", "ls", "--format", "{{.Name}}"],
+                          capture_output=True, text=True)
+    for n in nets.stdout.split():
+        if n.startswith(prefix):
+            Iptables(chain_prefix(n)).remove()
+            subprocess.run(["docker", "network", "rm", n], capture_output=True)
             removed.append(n)
     return removed
 
