@@ -30,6 +30,7 @@ from server.api import (
     users,
     workspaces,
 )
+from server.api.guard import BodyGuard
 from server.api.observe import Observe
 from server.config import Settings
 from server.db.migrate import ensure_schema
@@ -152,6 +153,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
                   description="Persistent dev workspaces, isolated with gVisor.")
     metrics = Metrics()  # this app's own registry
     app.state.metrics = metrics
+    app.add_middleware(BodyGuard, settings=settings)  # inside Observe: refusals are logged
     app.add_middleware(Observe, metrics=metrics)
 
     @app.exception_handler(DenError)
@@ -177,12 +179,16 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}
+        codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized",
+                 413: "too_large"}
         if is_page(request):
-            return error_page(request, exc.status_code,
-                              codes.get(exc.status_code, "http_error"), str(exc.detail))
-        return _error(exc.status_code, codes.get(exc.status_code, "http_error"),
-                      str(exc.detail))
+            response = error_page(request, exc.status_code,
+                                  codes.get(exc.status_code, "http_error"), str(exc.detail))
+        else:
+            response = _error(exc.status_code, codes.get(exc.status_code, "http_error"),
+                              str(exc.detail))
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.exception_handler(Exception)
     async def crash(request: Request, exc: Exception) -> JSONResponse:

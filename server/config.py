@@ -247,6 +247,15 @@ class Settings(BaseSettings):
     file_max_bytes: int = Field(
         64 * 1024 * 1024, description="Largest file the files API reads or writes in one call."
     )
+    max_body_bytes: int = Field(
+        2 * 1024 * 1024,
+        ge=1024,
+        description=(
+            "Largest request body (and WebSocket message) of every route but a file upload "
+            "(`DEN_FILE_MAX_BYTES`): exec stdin and env, forms, JSON. Larger is refused with "
+            "413 before it is read."
+        ),
+    )
 
     # --- forges and pull requests ------------------------------------------------------------
     forge_keys: SecretStr = Field(

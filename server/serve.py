@@ -112,7 +112,8 @@ def serve(settings: Settings, *, runtime: Runtime | None = None) -> int:
     # log, where the request id is known.
     config = uvicorn.Config(CutOnStop(app, grace_s=grace_s), host=settings.host,
                             port=settings.port, log_config=None, access_log=False,
-                            log_level=settings.log_level.lower(), ws_max_size=16 * 1024 * 1024,
+                            log_level=settings.log_level.lower(),
+                            ws_max_size=settings.max_body_bytes,
                             timeout_graceful_shutdown=grace_s)
     BoundedServer(config, grace_s=grace_s).run()
     return 0

@@ -46,6 +46,11 @@ def metrics_reader(request: Request) -> None:
 
 
 def current_user(request: Request) -> User:
+    """The bearer token's user: found by :class:`server.api.guard.BodyGuard` before the body
+    was read (every ``/api/`` request), or here for the few routes outside ``/api/``."""
+    user = getattr(request.state, "user", None)
+    if isinstance(user, User):
+        return user
     return user_from_header(request.app.state, request.headers.get("authorization"))
 
 
