@@ -215,6 +215,15 @@ class Settings(BaseSettings):
             "`ext::`, `fd::` and other transports are always refused."
         ),
     )
+    outbound_allow: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Private destinations the host may connect to for clones, pushes and forge API "
+            "calls: networks in CIDR notation (`10.20.0.0/16`, `127.0.0.1`) or host names "
+            "(`git.corp.example`, every address it resolves to). Everything else that is not "
+            "a public address (loopback, private, link-local, CGNAT, ULA) is refused."
+        ),
+    )
     local_repo_roots: list[Path] = Field(
         default_factory=list,
         description=(
@@ -388,6 +397,14 @@ class Settings(BaseSettings):
             from server.metrics import split_listen
 
             split_listen(value)
+        return value
+
+    @field_validator("outbound_allow")
+    @classmethod
+    def _outbound_entries(cls, value: list[str]) -> list[str]:
+        from server.outbound import parse_entries
+
+        parse_entries(value)  # ValueError names a malformed entry
         return value
 
     def resolved_database_url(self) -> str:

@@ -129,6 +129,9 @@ def make_settings(tmp_path: Path, repos_root: Path) -> Callable[..., Settings]:
             "stop_timeout_s": 2,
             "reaper_interval_s": 0,  # tests that want the idle reaper turn it on
             "ssh_port": 0,  # tests that want the SSH gateway give it a free port
+            # The stand-in forges and git servers listen on loopback, which Den refuses by
+            # default (tests of that refusal pass outbound_allow=[]).
+            "outbound_allow": ["127.0.0.0/8", "::1"],
         }
         values.update(overrides)
         return Settings(**values)

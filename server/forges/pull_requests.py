@@ -41,6 +41,7 @@ from server.forges.errors import BaseMissing, ForgeNotLinked, PushTooLarge
 from server.forges.hooks import install_hooks
 from server.forges.mirror import Mirror, credential_env, mirror_path
 from server.forges.providers import provider
+from server.outbound import GuardedTransport
 from server.workspaces.service import WorkspaceService
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,8 @@ class ForgeService:
     def client(self, cred: Credential) -> ForgeClient:
         return ForgeClient(provider(cred.kind), api_url=cred.api_url, token=cred.token,
                            timeout_s=self.settings.forge_api_timeout_s,
-                           transport=self._transport)
+                           transport=self._transport
+                           or GuardedTransport(self.workspaces.outbound))
 
     async def link(self, user: User, *, kind: str, base_url: str, token: str,
                    api_url: str | None = None, author_name: str = "",
@@ -270,7 +272,8 @@ class ForgeService:
                     base: str, message: str) -> tuple[str, policy.PushMode]:
         await self._commit(user, ws, cred, branch=branch, message=message)
         mirror = Mirror(mirror_path(self.settings, ws.id),
-                        timeout_s=self.settings.forge_git_timeout_s)
+                        timeout_s=self.settings.forge_git_timeout_s,
+                        outbound=self.workspaces.outbound)
         await asyncio.to_thread(mirror.ensure)
         url = ws.repo_url
         heads = await asyncio.to_thread(mirror.remote_heads, url, [base, branch], cred)

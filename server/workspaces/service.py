@@ -35,6 +35,7 @@ from server.errors import (
 from server.git import clone as git_clone
 from server.logs import bind_workspace
 from server.metrics import Metrics
+from server.outbound import OutboundPolicy, git_pin
 from server.runtime.base import (
     LABEL_INSTANCE,
     LABEL_MANAGED,
@@ -120,6 +121,7 @@ class WorkspaceService:
         metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.outbound = OutboundPolicy.of(settings.outbound_allow)
         self.metrics = metrics if metrics is not None else Metrics()
         # Long calls (execs) are admitted through one gate: a bounded queue, then 503.
         self.long_calls = Gate(limit=settings.exec_concurrency,
@@ -270,6 +272,8 @@ class WorkspaceService:
             allowed_schemes=self.settings.allowed_git_schemes,
             local_roots=self.settings.local_repo_roots,
         )
+        # Checked again, and pinned, when the clone connects (DNS may change meanwhile).
+        await asyncio.to_thread(git_pin, source.url, source.kind, self.outbound)
         name = req.name if req.name is not None else naming.default_name(req.repo_url)
         if (problem := naming.validate_name(name)) is not None:
             raise ValidationFailed(problem)
@@ -510,6 +514,7 @@ class WorkspaceService:
                     max_bytes=self.settings.clone_max_mb * 1024 * 1024,
                     known_hosts=self.settings.data_dir / "ssh_known_hosts",
                     extra_env=self.clone_env(ws) if self.clone_env else None,
+                    outbound=self.outbound,
                 )
                 if self.prepare_clone is not None:
                     await asyncio.to_thread(self.prepare_clone, ws, repo, head)
