@@ -189,6 +189,35 @@ class ApiClient:
         return out
 
 
+    def add_key(self, key: Any, *, user: str = "alice", name: str | None = None,
+                public: str | None = None) -> Any:
+        """Register ``key`` (an asyncssh private key, or a private key file) for ``user``,
+        proving possession as ``den ssh-key add`` does; the response."""
+        return add_ssh_key(lambda m, u, **kw: self.client.request(m, u, headers=self.h(user),
+                                                                   **kw),
+                           key, name=name, public=public)
+
+
+def add_ssh_key(request: Callable[..., Any], key: Any, *, name: str | None = None,
+                public: str | None = None) -> Any:
+    """Register an SSH key through ``request(method, url, json=...)`` with a signed challenge;
+    ``key`` is an asyncssh private key or the path of a private key file."""
+    import asyncssh
+
+    from server.ssh.proof import sign
+
+    private = key if isinstance(key, asyncssh.SSHKey) else asyncssh.read_private_key(str(key))
+    r = request("POST", "/api/v1/users/me/ssh-keys/challenge")
+    assert r.status_code == 200, r.text
+    challenge = r.json()["challenge"]
+    body: dict[str, Any] = {
+        "public_key": public or private.export_public_key().decode(),
+        "challenge": challenge, "signature": sign(private, challenge.encode())}
+    if name is not None:
+        body["name"] = name
+    return request("POST", "/api/v1/users/me/ssh-keys", json=body)
+
+
 def users(app: Any) -> dict[str, str]:
     """Tokens of alice and bob (ordinary users) and root (an admin)."""
     tokens: dict[str, str] = {}

@@ -345,6 +345,18 @@ class SSHKeyIn(_Strict):
     )
     name: str | None = Field(None, max_length=128,
                              description="a label; defaults to the key's comment")
+    challenge: str = Field(max_length=256, description=(
+        "a challenge from `POST /api/v1/users/me/ssh-keys/challenge`"))
+    signature: str = Field(max_length=16384, description=(
+        "the challenge signed with the key's private key: the output of "
+        "`ssh-keygen -Y sign -n den-ssh-key -f KEY` (an SSH SIGNATURE block)"))
+
+
+class SSHKeyChallengeOut(BaseModel):
+    challenge: str
+    namespace: str
+    expires_at: datetime
+    command: str = Field(description="how to sign it with OpenSSH")
 
 
 class SSHKeyOut(BaseModel):
@@ -355,12 +367,15 @@ class SSHKeyOut(BaseModel):
     public_key: str
     created_at: datetime
     last_used_at: datetime | None = None
+    verified: bool = Field(description=(
+        "registered with proof of possession; false for keys registered before Den asked "
+        "for one (they still work: remove and add them again to prove them)"))
 
     @classmethod
     def of(cls, key: SSHKey) -> SSHKeyOut:
         return cls(id=key.id, name=key.name, type=key.key_type, fingerprint=key.fingerprint,
                    public_key=key.public_key, created_at=key.created_at,
-                   last_used_at=key.last_used_at)
+                   last_used_at=key.last_used_at, verified=key.verified)
 
 
 class SSHKeyList(BaseModel):

@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from fastapi import APIRouter, Response, status
 
 from server.api.deps import CurrentUser, SSHKeys
-from server.api.schemas import SSHKeyIn, SSHKeyList, SSHKeyOut
+from server.api.schemas import SSHKeyChallengeOut, SSHKeyIn, SSHKeyList, SSHKeyOut
+from server.ssh.proof import NAMESPACE
 
 router = APIRouter(prefix="/api/v1/users/me/ssh-keys", tags=["ssh"])
 
 
+@router.post("/challenge", response_model=SSHKeyChallengeOut)
+def key_challenge(user: CurrentUser, keys: SSHKeys) -> SSHKeyChallengeOut:
+    """A challenge to sign with the key to register (proof that you hold it)."""
+    text, expires = keys.challenge(user)
+    return SSHKeyChallengeOut(
+        challenge=text, namespace=NAMESPACE, expires_at=datetime.fromtimestamp(expires, UTC),
+        command=f"printf %s '{text}' | ssh-keygen -Y sign -n {NAMESPACE} -f ~/.ssh/id_ed25519")
+
+
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=SSHKeyOut)
 def add_key(body: SSHKeyIn, user: CurrentUser, keys: SSHKeys) -> SSHKeyOut:
-    return SSHKeyOut.of(keys.add(user, body.public_key, name=body.name))
+    return SSHKeyOut.of(keys.add(user, body.public_key, name=body.name,
+                                 challenge=body.challenge, signature=body.signature))
 
 
 @router.get("", response_model=SSHKeyList)

@@ -400,9 +400,18 @@ class Den:
 
     # --- SSH keys -----------------------------------------------------------------------------
 
-    def add_ssh_key(self, public_key: str, *, name: str | None = None) -> JSON:
-        """Register an SSH public key (one OpenSSH line) for the SSH gateway."""
-        body: JSON = {"public_key": public_key}
+    def ssh_key_challenge(self) -> str:
+        """A challenge to sign with the key to register (``ssh-keygen -Y sign -n
+        den-ssh-key``): proof that you hold it."""
+        return str(self.request_json("POST", "/api/v1/users/me/ssh-keys/challenge")
+                   ["challenge"])
+
+    def add_ssh_key(self, public_key: str, *, challenge: str, signature: str,
+                    name: str | None = None) -> JSON:
+        """Register an SSH public key (one OpenSSH line) for the SSH gateway, with
+        ``challenge`` (:meth:`ssh_key_challenge`) signed by its private key."""
+        body: JSON = {"public_key": public_key, "challenge": challenge,
+                      "signature": signature}
         if name is not None:
             body["name"] = name
         return self.request_json("POST", "/api/v1/users/me/ssh-keys", json_body=body)

@@ -11,7 +11,9 @@ import argparse
 import getpass
 import json
 import os
+import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -445,13 +447,36 @@ def _ssh_config(args: argparse.Namespace, ctx: _Context) -> int:
     return 0
 
 
+def sign_challenge(challenge: str, key_file: str) -> str:
+    """``challenge`` signed with ``ssh-keygen -Y sign -n den-ssh-key -f key_file`` (a private
+    key, or a public key whose private half is in ssh-agent); the SSH SIGNATURE block."""
+    try:
+        proc = subprocess.run(["ssh-keygen", "-Y", "sign", "-n", "den-ssh-key", "-f", key_file],
+                              input=challenge.encode(), stdout=subprocess.PIPE, check=False)
+    except OSError as exc:
+        raise CLIError(f"cannot run ssh-keygen to sign the challenge: {exc}") from exc
+    if proc.returncode != 0:
+        raise CLIError(f"ssh-keygen could not sign with {key_file} (exit {proc.returncode}); "
+                       "give the private key with --key, or add it to ssh-agent")
+    return proc.stdout.decode()
+
+
 def _ssh_key_add(args: argparse.Namespace, ctx: _Context) -> int:
     try:
         text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise CLIError(f"cannot read {args.file}: {exc}") from exc
-    with ctx.client() as den:
-        key = den.add_ssh_key(text, name=args.name)
+    with ctx.client() as den, tempfile.TemporaryDirectory(prefix="den-key-") as tmp:
+        signer = args.key
+        if signer is None and args.file != "-" and args.file.endswith(".pub") \
+                and Path(args.file[:-4]).exists():
+            signer = args.file[:-4]  # the private key next to it
+        if signer is None:  # the public key: ssh-keygen asks ssh-agent
+            signer = str(Path(tmp) / "key.pub")
+            Path(signer).write_text(text.strip() + "\n")
+        challenge = den.ssh_key_challenge()
+        signature = sign_challenge(challenge, signer)
+        key = den.add_ssh_key(text, name=args.name, challenge=challenge, signature=signature)
     print(f"{key['id']} {key['fingerprint']} {key['name']}")
     return 0
 
@@ -463,8 +488,12 @@ def _ssh_key_ls(args: argparse.Namespace, ctx: _Context) -> int:
         print(json.dumps(keys, indent=2))
         return 0
     rows = [[str(k["id"]), k["type"], k["fingerprint"], k["name"] or "-",
-             _when(k.get("last_used_at")) if k.get("last_used_at") else "never"] for k in keys]
-    print(_table(["ID", "TYPE", "FINGERPRINT", "NAME", "LAST USED"], rows))
+             _when(k.get("last_used_at")) if k.get("last_used_at") else "never",
+             "verified" if k.get("verified") else "UNVERIFIED"] for k in keys]
+    print(_table(["ID", "TYPE", "FINGERPRINT", "NAME", "LAST USED", "PROOF"], rows))
+    if any(not k.get("verified") for k in keys):
+        print("UNVERIFIED keys were added before Den asked for proof of possession; they "
+              "still work. `den ssh-key add` them again to prove them.", file=sys.stderr)
     return 0
 
 
@@ -700,9 +729,12 @@ def add_client_commands(
     keys = subparsers.add_parser("ssh-key", help="manage your SSH public keys",
                                  description="manage your SSH public keys")
     keys_sub = keys.add_subparsers(dest="ssh_key_command", required=True, metavar="ACTION")
-    p = keys_sub.add_parser("add", help="register a public key (FILE, or - for stdin)")
+    p = keys_sub.add_parser("add", help="register a public key (FILE, or - for stdin), "
+                            "signing Den's challenge with it (ssh-keygen -Y sign)")
     p.set_defaults(func=_bind(_ssh_key_add, ctx))
     p.add_argument("file", metavar="FILE", help="e.g. ~/.ssh/id_ed25519.pub")
+    p.add_argument("--key", metavar="PRIVATE", help="the private key that signs (default: "
+                   "FILE without .pub, else ssh-agent)")
     p.add_argument("--name", help="a label (default: the key's comment)")
     p = keys_sub.add_parser("ls", help="list your SSH keys")
     p.set_defaults(func=_bind(_ssh_key_ls, ctx))

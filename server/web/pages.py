@@ -14,6 +14,7 @@ from server.api.terminal import SESSION_RE
 from server.auth import tokens
 from server.db.models import User, Workspace
 from server.errors import DenError, NotFound, ValidationFailed
+from server.ssh.proof import NAMESPACE
 from server.web.deps import CSRF, WebUser
 from server.web.render import ago, flash, page
 from server.workspaces.service import CreateRequest, WorkspaceService
@@ -258,7 +259,9 @@ def revoke_token(request: Request, token_id: int, user: WebUser) -> Response:
 
 def _keys_page(request: Request, user: User, **extra: Any) -> Response:
     settings = request.app.state.settings
-    return page(request, "ssh_keys.html", user=user,
+    challenge, _ = request.app.state.ssh_keys.challenge(user)
+    return page(request, "ssh_keys.html", user=user, challenge=challenge,
+                namespace=NAMESPACE,
                 keys=request.app.state.ssh_keys.list_for(user),
                 ssh_port=settings.ssh_port, host=request.url.hostname or settings.host,
                 workspaces=_svc(request).list_for(user), **extra)
@@ -271,9 +274,11 @@ def keys_page(request: Request, user: WebUser) -> Response:
 
 @router.post("/ssh-keys", dependencies=[CSRF])
 def add_key(request: Request, user: WebUser, public_key: Annotated[str, Form()] = "",
-            name: Annotated[str, Form()] = "") -> Response:
+            name: Annotated[str, Form()] = "", challenge: Annotated[str, Form()] = "",
+            signature: Annotated[str, Form()] = "") -> Response:
     try:
-        row = request.app.state.ssh_keys.add(user, public_key, name=name.strip() or None)
+        row = request.app.state.ssh_keys.add(user, public_key, name=name.strip() or None,
+                                             challenge=challenge, signature=signature)
     except DenError as exc:
         return _keys_page(request, user, error=exc.message,
                           form={"public_key": public_key, "name": name})

@@ -7,6 +7,7 @@ import io
 import json
 import socket
 import stat
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
+import asyncssh
 import httpx
 import pytest
 from websockets.http11 import Request, Response
@@ -24,6 +26,7 @@ from server.client import Den, DenAPIError, ExecResult, FileEntry, Workspace
 from server.client.api import Snapshot, default_name
 from server.client.commands import _size, add_client_commands
 from server.client.config import ClientConfig, config_path, load_config, save_config
+from server.ssh import proof
 
 URL = "http://den.test"
 TOKEN = "den_secret"
@@ -1217,17 +1220,27 @@ def test_cli_ssh_key_add_ls_rm(cli: Callable[..., int], fake: FakeServer, logged
            "public_key": "ssh-ed25519 AAAA", "created_at": "2024-05-01T00:00:00Z",
            "last_used_at": None}
     path = "/api/v1/users/me/ssh-keys"
+    challenge = "den-ssh-key:1:99:abc:def"
+    fake.overrides[("POST", path + "/challenge")] = httpx.Response(
+        200, json={"challenge": challenge, "namespace": "den-ssh-key",
+                   "expires_at": "2024-05-01T00:00:00Z", "command": "x"})
     fake.overrides[("POST", path)] = httpx.Response(201, json=key)
     fake.overrides[("GET", path)] = httpx.Response(200, json={"ssh_keys": [key]})
     fake.overrides[("DELETE", path + "/7")] = httpx.Response(204)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "laptop",
+                    "-f", str(tmp_path / "id")], check=True)
     pub = tmp_path / "id.pub"
-    pub.write_text("ssh-ed25519 AAAA laptop\n")
     assert cli("ssh-key", "add", str(pub)) == 0
     assert capsys.readouterr().out == "7 SHA256:abc laptop\n"
     sent = json.loads(fake.requests[-1].content)
-    assert sent == {"public_key": "ssh-ed25519 AAAA laptop\n"}
+    assert sent["public_key"] == pub.read_text() and sent["challenge"] == challenge
+    # signed with the private key next to the .pub file, as ssh-keygen -Y sign does
+    assert proof.verify(asyncssh.read_public_key(str(pub)), sent["signature"],
+                        challenge.encode())
     assert cli("ssh-key", "ls") == 0
-    assert "SHA256:abc" in capsys.readouterr().out
+    listed = capsys.readouterr()
+    assert "SHA256:abc" in listed.out and "UNVERIFIED" in listed.out  # no "verified": old
+    assert "added before Den asked for proof" in listed.err
     assert cli("ssh-key", "rm", "7") == 0
     assert fake.requests[-1].method == "DELETE"
     assert cli("ssh-key", "add", str(tmp_path / "missing.pub")) == 1

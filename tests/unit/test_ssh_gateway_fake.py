@@ -40,8 +40,7 @@ def env(make_settings: Callable[..., Settings], make_repo: Callable[..., Any]) -
     with TestClient(app) as client:
         api = ApiClient(client, users(app))
         for name in ("alice", "bob"):
-            r = api.post("/api/v1/users/me/ssh-keys", user=name, json={
-                "public_key": keys[name].export_public_key().decode()})
+            r = api.add_key(keys[name], user=name)
             assert r.status_code == 201, r.text
         assert api.create(make_repo(), user="alice")["state"] == "running"
         assert api.create(make_repo("other"), name="other", user="bob")["state"] == "running"
@@ -64,19 +63,19 @@ def _run(aw: Any) -> Any:
 def test_key_api_add_list_delete(fake_api: ApiClient) -> None:
     key = asyncssh.generate_private_key("ssh-ed25519", comment="laptop")
     line = key.export_public_key().decode()
-    r = fake_api.post("/api/v1/users/me/ssh-keys", json={"public_key": line})
+    r = fake_api.add_key(key)
     assert r.status_code == 201, r.text
     out = r.json()
-    assert out["name"] == "laptop" and out["type"] == "ssh-ed25519"
+    assert out["name"] == "laptop" and out["type"] == "ssh-ed25519" and out["verified"]
     assert out["fingerprint"] == key.get_fingerprint("sha256")
     assert out["public_key"] == " ".join(line.split()[:2])
 
-    again = fake_api.post("/api/v1/users/me/ssh-keys", json={"public_key": line})
+    again = fake_api.add_key(key)
     assert (again.status_code, again.json()["error"]["code"]) == (409, "key_exists")
-    theirs = fake_api.post("/api/v1/users/me/ssh-keys", user="bob",
-                           json={"public_key": line, "name": "x"})
+    theirs = fake_api.add_key(key, user="bob", name="x")  # bob holds the same private key
     assert theirs.status_code == 409 and "another user" in theirs.json()["error"]["message"]
-    bad = fake_api.post("/api/v1/users/me/ssh-keys", json={"public_key": "ssh-dss AAAA"})
+    bad = fake_api.post("/api/v1/users/me/ssh-keys", json={
+        "public_key": "ssh-dss AAAA", "challenge": "x", "signature": "y"})
     assert bad.status_code == 422
 
     assert [k["id"] for k in fake_api.get("/api/v1/users/me/ssh-keys").json()["ssh_keys"]] \

@@ -224,8 +224,13 @@ def test_ssh_keys_page_adds_lists_and_removes_keys(web: ApiClient, tmp_path: Pat
     token = login(c, web.tokens["alice"])
     r = c.post("/ssh-keys", data={"csrf_token": token, "public_key": "ssh-dss AAAA x"})
     assert "flash error" in r.text and "ssh-dss AAAA x" in r.text  # the form is kept
-    r = c.post("/ssh-keys", data={"csrf_token": token, "public_key": public})
+    r = c.post("/ssh-keys", data={"csrf_token": token, "public_key": public,
+                                  "challenge": _challenge(c), "signature": "not a signature"})
+    assert "flash error" in r.text and "prove" in r.text
+    r = c.post("/ssh-keys", data={"csrf_token": token, "public_key": public,
+                                  **_proof(c, tmp_path / "k")})
     assert r.status_code == 200 and "me@laptop" in r.text and "SHA256:" in r.text
+    assert "verified" in r.text
     keys = web.get("/api/v1/users/me/ssh-keys").json()["ssh_keys"]
     assert [k["name"] for k in keys] == ["me@laptop"]  # the same keys as the API's
     assert "me@laptop" not in browser_for(web).get("/ssh-keys").text  # no session: login
@@ -235,10 +240,26 @@ def test_ssh_keys_page_adds_lists_and_removes_keys(web: ApiClient, tmp_path: Pat
     assert web.get("/api/v1/users/me/ssh-keys").json()["ssh_keys"] == []
     bob = browser_for(web)
     bob_csrf = login(bob, web.tokens["bob"])
-    c.post("/ssh-keys", data={"csrf_token": token, "public_key": public})
+    c.post("/ssh-keys", data={"csrf_token": token, "public_key": public,
+                              **_proof(c, tmp_path / "k")})
     kid = web.get("/api/v1/users/me/ssh-keys").json()["ssh_keys"][0]["id"]
     r = bob.post(f"/ssh-keys/{kid}/delete", data={"csrf_token": bob_csrf})
     assert r.status_code == 404  # another user's key is not there for bob
+
+
+def _challenge(c: TestClient) -> str:
+    found = re.search(r'name="challenge" value="([^"]+)"', c.get("/ssh-keys").text)
+    assert found is not None
+    return found.group(1)
+
+
+def _proof(c: TestClient, private_key: Path) -> dict[str, str]:
+    """The page's challenge, signed as the page says: with ssh-keygen -Y sign."""
+    challenge = _challenge(c)
+    signed = subprocess.run(["ssh-keygen", "-Y", "sign", "-n", "den-ssh-key", "-f",
+                             str(private_key)], input=challenge.encode(), capture_output=True,
+                            check=True)
+    return {"challenge": challenge, "signature": signed.stdout.decode()}
 
 
 def _terminal(client: TestClient, ws_id: str, **headers: str) -> dict[str, Any]:
