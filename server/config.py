@@ -389,6 +389,31 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Users in one of these groups become admins at login (JSON list).",
     )
+    oidc_registration: Literal["auto", "open", "allowlist"] = Field(
+        "auto",
+        description=(
+            "Who gets an account at their first single sign-on: `allowlist` (only logins "
+            "matching `DEN_OIDC_ALLOWED_*` or the admin policy), `open` (anyone the issuer "
+            "vouches for), `auto` (`allowlist` for public issuers, GitHub, gitlab.com, "
+            "Google, Microsoft, Apple, and whenever an allowlist is set; else `open`). "
+            "Existing accounts always keep working."
+        ),
+    )
+    oidc_allowed_email_domains: list[str] = Field(
+        default_factory=list,
+        description="A login with a verified email in one of these domains may get an "
+                    "account (JSON list).",
+    )
+    oidc_allowed_users: list[str] = Field(
+        default_factory=list,
+        description="Logins that may get an account: provider user names (GitHub login, "
+                    "`preferred_username`) or verified emails (JSON list).",
+    )
+    oidc_allowed_groups: list[str] = Field(
+        default_factory=list,
+        description="A login in one of these groups may get an account: GitHub "
+                    "organisations, GitLab groups, the OIDC groups claim (JSON list).",
+    )
 
     @field_validator("metrics_listen")
     @classmethod
