@@ -35,7 +35,7 @@ from server.api.observe import Observe
 from server.config import Settings
 from server.db.migrate import ensure_schema
 from server.db.models import Meta, Workspace
-from server.db.session import make_engine, make_session_factory
+from server.db.session import make_engine, make_session_factory, prepare_data_dir
 from server.errors import DenError
 from server.forges.pull_requests import ForgeService
 from server.logs import request_id
@@ -84,7 +84,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        prepare_data_dir(settings.data_dir)
         url = settings.resolved_database_url()
         engine = make_engine(url)
         ensure_schema(engine, url, auto_migrate=settings.auto_migrate)
@@ -149,7 +149,10 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
                 close()
             engine.dispose()
 
-    app = FastAPI(title="Den", version=__version__, lifespan=lifespan,
+    # No /docs or /redoc: FastAPI's pages load their scripts from a CDN (issue 11). The
+    # schema stays at /openapi.json for any OpenAPI viewer.
+    app = FastAPI(title="Den", version=__version__, lifespan=lifespan, docs_url=None,
+                  redoc_url=None,
                   description="Persistent dev workspaces, isolated with gVisor.")
     metrics = Metrics()  # this app's own registry
     app.state.metrics = metrics

@@ -28,9 +28,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _open_db(settings: Settings, *, migrate: bool) -> object:
     from server.db.migrate import ensure_schema
-    from server.db.session import make_engine, make_session_factory
+    from server.db.session import make_engine, make_session_factory, prepare_data_dir
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    prepare_data_dir(settings.data_dir)
     url = settings.resolved_database_url()
     engine = make_engine(url)
     ensure_schema(engine, url, auto_migrate=migrate or settings.auto_migrate)

@@ -157,7 +157,7 @@ class Mirror:
     def ensure(self) -> None:
         """Create the mirror if needed, and (re)write the config Den controls."""
         if not (self.path / "HEAD").exists():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             subprocess.run(["git", "init", "--quiet", "--bare", "--template=", str(self.path)],
                            env=_git_env(self.path.parent, self.path.parent / "kh"),
                            capture_output=True, check=True, timeout=60)

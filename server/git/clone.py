@@ -196,16 +196,14 @@ def clone(
     if branch:
         argv += ["--branch", branch]
     argv += ["--", pin.url, str(dest)]
+    # subprocess, not GitPython's execute: that merges the server's own environment (its
+    # secrets, proxies, GIT_* and XDG_* variables) into the one given.
+    errors = tempfile.TemporaryFile()  # noqa: SIM115 (closed in the finally below)
     try:
-        proc = git.Git().execute(
-            argv, as_process=True,
+        popen = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors,
             env={**_git_env(home, known_hosts or home / "known_hosts",
-                            ssh_options=pin.ssh_options), **(extra_env or {})},
-            stdout_as_string=True,
-            with_extended_output=True,
-        )
-        popen = proc.proc
-        assert popen is not None
+                            ssh_options=pin.ssh_options), **(extra_env or {})})
         deadline = time.monotonic() + timeout_s
         reason = ""
         while True:
@@ -222,7 +220,8 @@ def clone(
                 popen.kill()
                 popen.wait()
                 break
-        stderr = popen.stderr.read().decode(errors="replace") if popen.stderr else ""
+        errors.seek(max(0, errors.seek(0, os.SEEK_END) - 64 * 1024))  # its last 64 KiB
+        stderr = errors.read().decode(errors="replace")
         if reason:
             raise CloneFailed(f"clone of {source.url} stopped: {reason}")
         if popen.returncode != 0:
@@ -243,7 +242,7 @@ def clone(
         except (TypeError, ValueError, git.exc.GitError):
             head = branch or ""
         return head
-    except git.exc.GitError as exc:
+    except OSError as exc:
         shutil.rmtree(dest, ignore_errors=True)
         log.warning("clone of %s failed: %s", source.url, exc)
         raise CloneFailed(f"clone of {source.url} failed (details in the server log)"
@@ -252,6 +251,7 @@ def clone(
         shutil.rmtree(dest, ignore_errors=True)
         raise
     finally:
+        errors.close()
         shutil.rmtree(home, ignore_errors=True)
 
 

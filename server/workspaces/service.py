@@ -343,10 +343,13 @@ class WorkspaceService:
         /workspace) is a copy of the snapshot's."""
         if (problem := naming.validate_name(name)) is not None:
             raise ValidationFailed(problem)
+        # The policy of now, not of when the snapshot was taken (a runc snapshot after the
+        # operator turned runc off must not run unsandboxed).
+        runtime = self._validate_runtime(snap.runtime)
         row = self._insert(
             user, name, message_prefix=f"fork of snapshot {snap.id} ({snap.name}) of",
             repo_url=snap.repo_url, repo_branch=snap.repo_branch, repo_dir=snap.repo_dir,
-            image=snap.image, runtime=snap.runtime, cpus=self.settings.default_cpus,
+            image=snap.image, runtime=runtime, cpus=self.settings.default_cpus,
             memory_mb=self.settings.default_memory_mb, disk_gb=self.settings.default_disk_gb,
             gpus=0, env={},
         )
@@ -414,8 +417,11 @@ class WorkspaceService:
             return self.get(ws_id)
 
     def snapshot_memory_dir(self, snapshot_id: str) -> Path:
-        """Where a memory snapshot's checkpoint is kept on the host."""
-        return self.settings.data_dir / "snapshots" / snapshot_id
+        """Where a memory snapshot's checkpoint is kept on the host (under a 0700 directory:
+        it is the workspace's memory, unencrypted)."""
+        root = self.settings.data_dir / "snapshots"
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return root / snapshot_id
 
     async def _boot_from(self, spec: WorkspaceSpec, snap: Snapshot) -> str:
         """Start a container just loaded from ``snap``: from its saved memory when it has

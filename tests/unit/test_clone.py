@@ -337,3 +337,20 @@ def test_a_clone_that_hangs_is_killed_at_the_time_limit(tmp_path: Path) -> None:
     finally:
         for s in [*held, listener]:
             s.close()
+
+
+def test_the_clone_gets_a_clean_environment(make_repo: Callable[..., Path], tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11, finding 8: git ran with the server's whole environment (GitPython merges
+    os.environ), secrets and the caller's GIT_*, XDG and proxy variables included."""
+    bare = make_repo()
+    trace = tmp_path / "trace"
+    xdg = tmp_path / "xdg"
+    (xdg / "git").mkdir(parents=True)
+    (xdg / "git" / "config").write_text(f"[url \"/nonexistent/\"]\n\tinsteadOf = {bare}\n")
+    monkeypatch.setenv("GIT_TRACE", str(trace))  # a git that sees it writes there
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(xdg))
+    monkeypatch.setenv("GIT_CONFIG_PARAMETERS", "'core.hookspath=/tmp/evil'")
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    assert _clone(bare, tmp_path / "out") == "main"
+    assert not trace.exists()

@@ -145,12 +145,13 @@ async def test_unexpected_failure_while_creating_says_internal_error(
     assert fake_runtime.containers == {} and fake_runtime.volumes == {}
 
 
-async def test_a_repository_git_cannot_clone_errors_with_gits_reason(
+async def test_a_repository_git_cannot_clone_errors_with_a_reason(
         svc: WorkspaceService, fake_runtime: FakeRuntime, repos_root: Path) -> None:
     (repos_root / "notarepo").mkdir()
     ws = await create(svc, user(svc), repos_root / "notarepo")
     assert ws.state == "error"
-    assert "fatal:" in ws.state_reason
+    # Den's words, not git's (which can carry a remote's text: issue 11, finding 7)
+    assert "fatal:" not in ws.state_reason and "does not exist" in ws.state_reason
     assert "notarepo" in ws.state_reason
     assert fake_runtime.containers == {} and fake_runtime.volumes == {}
     assert "create" not in fake_runtime.calls
@@ -672,6 +673,22 @@ async def test_snapshots_fork_retention_and_reconcile(
     assert "den-orphan-snap" not in fake_runtime.volumes
     assert svc.snapshot_memory_dir(second.id).is_dir()
     assert not svc.snapshot_memory_dir("sngone").exists()
+
+
+async def test_a_fork_is_held_to_the_runtime_policy_of_now(
+        make_service: Callable[..., WorkspaceService], make_repo: Callable[..., Path]) -> None:
+    """Issue 11, finding 8: a fork of a runc snapshot ran unsandboxed after runc was off."""
+    from server.snapshots.service import SnapshotService
+
+    svc = make_service(allow_insecure_runc=True)
+    snaps = SnapshotService(svc)
+    alice = user(svc)
+    ws = await create(svc, alice, make_repo(), runtime="runc")
+    snap = await snaps.create(ws.id, name="one", memory=False, actor="alice")
+    svc.settings.allow_insecure_runc = False  # the operator turns runc off
+    with pytest.raises(ValidationFailed, match="runc"):
+        await snaps.fork(alice, snap, name="fork")
+    assert [w.name for w in svc.list_for(alice)] == ["api"]
 
 
 async def test_snapshot_of_a_workspace_in_transition_is_409(
