@@ -268,6 +268,7 @@ def _git_reason(stderr: str, branch: str | None) -> str:
             or "timed out" in low or "unable to connect" in low or "connection reset" in low:
         return "the repository's host could not be reached"
     if "not found" in low or "does not appear to be a git repository" in low or "401" in low \
+            or "does not exist" in low or "not a git repository" in low \
             or "403" in low or "authentication" in low or "could not read username" in low \
             or "permission denied" in low or "host key verification failed" in low:
         return ("the repository does not exist, or it cannot be read without credentials "
