@@ -36,6 +36,13 @@ def memory_headroom_mb(memory_mb: int) -> int:
     return max(256, memory_mb // 4)
 
 
+# Privileges a workspace never needs (issue 11, finding 8): no raw sockets, device nodes,
+# audit records or file capabilities; and no gaining privileges through exec. What the image's
+# sudo broker (root, starting commands as root or another user: SETUID, SETGID) and package
+# installs (CHOWN, DAC_OVERRIDE, FOWNER, FSETID) use stays.
+CAP_DROP = ["NET_RAW", "MKNOD", "AUDIT_WRITE", "SETFCAP"]
+SECURITY_OPT = ["no-new-privileges"]
+
 # With the agent (docs/agent.md), PID 1 is the agent's init, mounted read-only from the host;
 # it starts the image's den-init when there is one. Den reaches the agent through an engine
 # exec of `den-agent relay` per session (never through PID 1's stdio: see agent/relay.go).
@@ -59,6 +66,8 @@ def container_config(spec: WorkspaceSpec, *, gvisor_runtime: str, agent_dir: str
         "ulimits": [{"Name": "nproc", "Soft": spec.pids_limit, "Hard": spec.pids_limit}],
         "privileged": False,
         "cap_add": None,
+        "cap_drop": CAP_DROP,
+        "security_opt": SECURITY_OPT,
         "init": False,
         "restart_policy": {"Name": "no"},
         "log_config": {"type": "json-file", "config": {"max-size": "1m", "max-file": "1"}},
@@ -97,6 +106,8 @@ def copy_volume_config(*, image: str, runtime: str, src: str, dst: str, wipe: bo
             "runtime": runtime,
             "binds": {src: {"bind": "/from", "mode": "ro"}, dst: {"bind": "/to", "mode": "rw"}},
             "privileged": False,
+            "cap_drop": CAP_DROP,
+            "security_opt": SECURITY_OPT,
         },
     }
 

@@ -64,6 +64,8 @@ def _expected(runtime: str) -> dict[str, object]:
             "ulimits": [{"Name": "nproc", "Soft": 256, "Hard": 256}],
             "privileged": False,
             "cap_add": None,
+            "cap_drop": ["NET_RAW", "MKNOD", "AUDIT_WRITE", "SETFCAP"],
+            "security_opt": ["no-new-privileges"],
             "init": False,
             "restart_policy": {"Name": "no"},
             "log_config": {"type": "json-file", "config": {"max-size": "1m", "max-file": "1"}},
@@ -85,6 +87,7 @@ def test_container_config_never_grants_privileges_or_mounts_the_docker_socket() 
     host = cfg["host_config"]
     assert host["privileged"] is False
     assert not host["cap_add"]
+    assert "no-new-privileges" in host["security_opt"] and "NET_RAW" in host["cap_drop"]
     assert "devices" not in host
     assert "network_mode" not in host
     assert "pid_mode" not in host
