@@ -297,6 +297,19 @@ class Settings(BaseSettings):
     ssh_login_timeout_s: float = Field(
         30, description="An SSH connection that has not authenticated after this long is closed."
     )
+    ssh_max_preauth: int = Field(
+        64,
+        ge=1,
+        description=(
+            "SSH connections that may be authenticating at once (connected, not yet "
+            "authenticated); more are closed at once until some finish."
+        ),
+    )
+    ssh_max_preauth_per_address: int = Field(
+        8,
+        ge=1,
+        description="The same, per source address.",
+    )
     ssh_max_auth_failures: int = Field(
         10,
         description=(

@@ -45,7 +45,7 @@ import asyncssh
 
 from server.agent.ops import StreamEnded
 from server.config import Settings
-from server.db.models import User
+from server.db.models import User, Workspace
 from server.errors import DenError, NotFound
 from server.runtime.base import ExecRequest, ExecStream, StreamChunk
 from server.ssh import target
@@ -101,6 +101,17 @@ class Gateway:
         self._server: asyncssh.SSHAcceptor | None = None
         self._connections: set[_Connection] = set()
         self.port = 0
+
+    def preauth_full(self, address: str) -> str | None:
+        """Why a new connection from ``address`` must wait (too many connections have not
+        authenticated yet, in all or from that address), or None."""
+        waiting = [c for c in self._connections if c.auth is None]
+        if len(waiting) >= self.settings.ssh_max_preauth:
+            return f"{len(waiting)} connections are authenticating"
+        mine = sum(1 for c in waiting if c.peer[0] == address)
+        if mine >= self.settings.ssh_max_preauth_per_address:
+            return f"{mine} connections from {address} are authenticating"
+        return None
 
     async def start(self) -> None:
         if not log.isEnabledFor(logging.DEBUG):  # asyncssh logs every channel at INFO
@@ -171,6 +182,11 @@ class _Connection(asyncssh.SSHServer):
         sock = conn.get_extra_info("sockname") or ("?", 0)
         self.peer = (str(peer[0]), int(peer[1]))
         self.local = (str(sock[0]), int(sock[1]))
+        if reason := self.gw.preauth_full(self.peer[0]):
+            self._refused = True  # not a failed attempt: the limiter does not count it
+            log.info("ssh: refused %s: %s", self._where(), reason)
+            conn.abort()
+            return
         # asyncssh asks the connection whether to set up agent forwarding: answer no, and
         # remember that the client asked so that its sessions can say why.
         setattr(conn, "create_agent_listener", self._agent_requested)  # noqa: B010
@@ -234,21 +250,17 @@ class _Connection(asyncssh.SSHServer):
     def public_key_auth_supported(self) -> bool:
         return True
 
-    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+    async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         """True when ``key`` is registered and ``username`` names one of its owner's
-        workspaces; every other case is the same False (no existence leak)."""
+        workspaces; every other case is the same False (no existence leak). The database
+        is read on a worker thread: unauthenticated clients never hold the event loop."""
         if self._refused:
             return False
-        found = self.gw.keys.owner_of(key)
+        found = await asyncio.to_thread(self.gw.keys.owner_of, key)
         ws = None
         if found is not None:
             user, row = found
-            for ref in target.workspace_refs(username):
-                try:
-                    ws = self.svc.get_for(user, ref)
-                    break
-                except NotFound:
-                    continue
+            ws = await asyncio.to_thread(self._workspace_named, user, username)
         if found is None or ws is None:
             self._rejected += 1
             log.info("ssh: refused key %s for %r from %s", fingerprint(key), username,
@@ -260,6 +272,14 @@ class _Connection(asyncssh.SSHServer):
         self._candidate = _Auth(user=user, workspace_id=ws.id, workspace_name=ws.name,
                                 key_id=row.id, key_label=row.name or row.fingerprint)
         return True
+
+    def _workspace_named(self, user: User, username: str) -> Workspace | None:
+        for ref in target.workspace_refs(username):
+            try:
+                return self.svc.get_for(user, ref)
+            except NotFound:
+                continue
+        return None
 
     def auth_completed(self) -> None:
         # The last key accepted is the one whose signature just succeeded.

@@ -207,3 +207,52 @@ def test_open_ssh_connections_are_a_gauge(env: Env) -> None:
     while open_now() != 0:
         assert time.monotonic() < deadline, "the ssh gauge did not go back to 0"
         time.sleep(0.02)
+
+
+def test_unauthenticated_connections_are_limited(make_settings: Callable[..., Settings],
+                                                 make_repo: Callable[..., Any]) -> None:
+    """Issue 11, finding 8: any number of connections could sit in authentication."""
+    import socket
+    import time
+
+    app, port = _start(make_settings, ssh_max_preauth_per_address=2)
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    with TestClient(app) as client:
+        api = ApiClient(client, users(app))
+        assert api.add_key(key).status_code == 201
+        api.create(make_repo())
+        gateway = app.state.ssh_gateway
+
+        async def ssh() -> int:
+            async with asyncssh.connect("127.0.0.1", port, username="api", client_keys=[key],
+                                        known_hosts=None, agent_path=None) as conn:
+                return (await conn.run("true", check=False)).exit_status or 0
+
+        def pending() -> int:
+            return sum(1 for c in gateway._connections if c.auth is None)
+
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        try:
+            deadline = time.monotonic() + 30
+            while pending() < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            with pytest.raises((asyncssh.Error, OSError)):
+                _run(ssh())
+        finally:
+            for s in idle:
+                s.close()
+        deadline = time.monotonic() + 30
+        while pending():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert _run(ssh()) == 0
+
+
+def test_key_checks_do_not_run_on_the_event_loop() -> None:
+    """The database is read on a worker thread while a client authenticates."""
+    import inspect
+
+    from server.ssh.gateway import _Connection
+
+    assert inspect.iscoroutinefunction(_Connection.validate_public_key)
