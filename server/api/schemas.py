@@ -261,6 +261,9 @@ class UserOut(BaseModel):
 
 class TokenCreate(_Strict):
     name: str = Field("", max_length=128)
+    expires_in_s: StrictInt | None = Field(
+        None, ge=60, le=10 * 365 * 86400,
+        description="The token stops working this many seconds from now; null: never")
 
 
 class TokenOut(BaseModel):
@@ -268,6 +271,32 @@ class TokenOut(BaseModel):
     name: str
     created_at: datetime
     last_used_at: datetime | None = None
+    expires_at: datetime | None = None
+
+
+class IdentityOut(BaseModel):
+    id: int
+    issuer: str
+    subject: str
+    email: str
+    created_at: datetime
+    last_login_at: datetime
+
+
+class IdentityList(BaseModel):
+    identities: list[IdentityOut]
+
+
+class WebSessionOut(BaseModel):
+    id: int
+    method: str = Field(description="how it was opened: `token` or `oidc`")
+    token_id: int | None = Field(description="the API token it was opened with")
+    created_at: datetime
+    expires_at: datetime
+
+
+class WebSessionList(BaseModel):
+    sessions: list[WebSessionOut]
 
 
 class TokenCreated(TokenOut):

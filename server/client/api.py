@@ -362,9 +362,13 @@ class Den:
         """The authenticated user: ``{"id", "name", "is_admin"}``."""
         return self.request_json("GET", "/api/v1/users/me")
 
-    def create_token(self, name: str) -> JSON:
-        """Create an API token; the returned ``token`` is shown only this once."""
-        return self.request_json("POST", "/api/v1/users/me/tokens", json_body={"name": name})
+    def create_token(self, name: str, *, expires_in_s: int | None = None) -> JSON:
+        """Create an API token; the returned ``token`` is shown only this once. With
+        ``expires_in_s`` it stops working that many seconds from now."""
+        body: JSON = {"name": name}
+        if expires_in_s is not None:
+            body["expires_in_s"] = expires_in_s
+        return self.request_json("POST", "/api/v1/users/me/tokens", json_body=body)
 
     def tokens(self) -> list[JSON]:
         """The user's API tokens (without their secrets)."""

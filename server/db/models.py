@@ -75,6 +75,7 @@ class ApiToken(Base):
     prefix: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(default=None)
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)  # None: never
 
     user: Mapped[User] = relationship(lazy="joined")
 
@@ -245,3 +246,5 @@ class WebSession(Base):
     method: Mapped[str] = mapped_column(String(16))  # "token" or "oidc"
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime] = mapped_column()
+    # The API token a "token" session was opened with: revoking it ends the session.
+    token_id: Mapped[int | None] = mapped_column(Integer, default=None, index=True)

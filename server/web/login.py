@@ -10,7 +10,7 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse, Response
 
 from server.auth.identities import RegistrationClosed, admin_by_policy, user_for_login
-from server.auth.tokens import authenticate
+from server.auth.tokens import authenticate_token
 from server.errors import Forbidden, NotFound
 from server.web import oidc, sessions
 from server.web.deps import CSRF, safe_next
@@ -44,12 +44,14 @@ def login_with_token(request: Request, token: Annotated[str, Form()] = "",
     settings = request.app.state.settings
     if not settings.web_token_login:
         raise Forbidden("signing in with a token is turned off here")
-    user = authenticate(request.app.state.sessions, token.strip())
-    if user is None:
+    found = authenticate_token(request.app.state.sessions, token.strip())
+    if found is None:
         return page(request, "login.html", status_code=401, next=safe_next(next),
-                    token_login=True, error="That token is not valid (or was revoked).")
-    sessions.start(request, request.app.state.sessions, user, method="token",
-                   max_age_s=settings.session_max_age_s)
+                    token_login=True,
+                    error="That token is not valid (or was revoked, or has expired).")
+    sessions.start(request, request.app.state.sessions, found.user, method="token",
+                   max_age_s=settings.session_max_age_s, token_id=found.token_id,
+                   token_expires_at=found.expires_at)
     return _redirect(safe_next(next))
 
 

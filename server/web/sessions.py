@@ -47,16 +47,21 @@ def _hash(sid: str) -> str:
 
 
 def start(conn: HTTPConnection, sessions: sessionmaker[Session], user: User, *,
-          method: str, max_age_s: int) -> None:
+          method: str, max_age_s: int, token_id: int | None = None,
+          token_expires_at: datetime | None = None) -> None:
     """Sign ``user`` in: a fresh session (new id, new CSRF token; nothing carried over from
-    before the login, against session fixation)."""
+    before the login, against session fixation). A session opened with an API token
+    (``token_id``) ends when the token is revoked, and no later than the token expires."""
     end(conn, sessions)
     sid = secrets.token_urlsafe(32)
     now = datetime.now(UTC)
+    expires = now + timedelta(seconds=max_age_s)
+    if token_expires_at is not None:
+        expires = min(expires, token_expires_at)
     with sessions.begin() as s:
         s.execute(delete(WebSession).where(WebSession.expires_at < now))
         s.add(WebSession(user_id=user.id, session_hash=_hash(sid), method=method,
-                         created_at=now, expires_at=now + timedelta(seconds=max_age_s)))
+                         created_at=now, expires_at=expires, token_id=token_id))
     conn.session["sid"] = sid
     conn.session["csrf"] = secrets.token_urlsafe(32)
     conn.scope["den.web_user"] = user
