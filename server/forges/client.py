@@ -138,12 +138,15 @@ class ForgeClient:
         if status < 300:
             return self.provider.parse_created(data), True
         err = self.provider.create_error(status, data)
+        if err is not None and not isinstance(err, AlreadyExists):
+            log.warning("the forge answered HTTP %s while %s: %s", status, what,
+                        message_of(data))
         if isinstance(err, AlreadyExists):  # opened meanwhile by another call
             found = await self.find_open(repo, branch=branch, base=base)
             if found is not None:
                 return found, False
-            raise ForgeRejected(f"the forge says a pull request exists but lists none: "
-                                f"{err.message}")
+            raise ForgeRejected("the forge says a pull request exists but lists none",
+                                detail=err.message)
         if err is not None and status not in (401, 403, 429) and status < 500:
             raise err
         raise error_for(status, headers, data, what=what)

@@ -25,6 +25,7 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.config import Settings
+from server.errors import DenError
 from server.forges.base import RepoRef
 from server.forges.client import ForgeClient
 from server.forges.errors import ForgeUnavailable
@@ -197,6 +198,12 @@ async def test_a_forge_error_does_not_echo_its_body(forge: ForgeServer) -> None:
     with pytest.raises(ForgeUnavailable) as info:
         await client.find_open(RepoRef("acme/api"), branch="x", base="main")
     assert "INTERNAL-SECRET" not in info.value.message
+    forge.fail_next(422, {"message": "INTERNAL-SECRET-PAGE"}, method="POST")
+    with pytest.raises(DenError) as refused:  # the provider's reading of a refused create
+        await client.open(RepoRef("acme/api"), branch="x", base="main", title="t", body="",
+                          draft=False)
+    assert refused.value.status_code == 422
+    assert "INTERNAL-SECRET" not in refused.value.message
 
 
 @pytest.fixture
