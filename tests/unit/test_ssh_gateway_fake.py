@@ -113,9 +113,16 @@ def test_command_exit_status_activity_and_events(env: Env) -> None:
     assert failing.exit_status == 3
     assert busy
     assert not svc.activity.busy(ws_id)
-    events = [e["message"] for e in
-              env.api.get(f"/api/v1/workspaces/{ws_id}/events").json()["events"]
-              if e["kind"] == "ssh"]
+
+    def ssh_events() -> list[str]:
+        return [e["message"] for e in
+                env.api.get(f"/api/v1/workspaces/{ws_id}/events").json()["events"]
+                if e["kind"] == "ssh"]
+
+    deadline = time.monotonic() + 30  # the closing event is written on a worker thread
+    while len(events := ssh_events()) < 2:
+        assert time.monotonic() < deadline, events
+        time.sleep(0.01)
     assert events[0].startswith("ssh connection opened by alice from 127.0.0.1:")
     assert events[0].endswith("(key 'alice')")
     assert "closed after" in events[1] and "(3 sessions)" in events[1], events
