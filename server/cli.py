@@ -43,7 +43,8 @@ def cmd_admin_token(args: argparse.Namespace) -> int:
     sessions = _open_db(_settings(args), migrate=False)
     with sessions.begin() as s:  # type: ignore[attr-defined]
         user = ensure_user(s, args.user, admin=args.admin)
-        _row, token = issue_token(s, user, name=args.name or "admin-cli")
+        _row, token = issue_token(s, user, name=args.name or "admin-cli",
+                                  expires_in_s=args.expires_in_s)
     print(token)
     return 0
 
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--user", required=True, help="user name")
     token.add_argument("--admin", action="store_true", help="make the user an admin")
     token.add_argument("--name", help="a label for the token")
+    token.add_argument("--expires-in-s", type=int, metavar="SECONDS",
+                       help="the token stops working this many seconds from now (default: "
+                            "never)")
     _server_flags(token, listen=False)
     token.set_defaults(func=cmd_admin_token)
     migrate = admin_sub.add_parser("migrate", help="upgrade the database schema")

@@ -3,9 +3,14 @@ single sign-on identities and web sessions can be listed and removed by their us
 
 from __future__ import annotations
 
+import os
 import re
+import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -95,3 +100,15 @@ def test_a_user_lists_and_unlinks_their_identities(api: ApiClient) -> None:
     assert api.delete(f"{ME}/identities/{ident['id']}", user="bob").status_code == 404
     assert api.delete(f"{ME}/identities/{ident['id']}").status_code == 204
     assert api.get(f"{ME}/identities").json()["identities"] == []
+
+
+def test_den_admin_token_can_expire(tmp_path: Path) -> None:
+    env = {**os.environ, "DEN_DATA_DIR": str(tmp_path / "data")}
+    run = [sys.executable, "-m", "server.cli", "admin", "token", "--user", "ci"]
+    token = subprocess.run([*run, "--expires-in-s", "3600"], env=env, capture_output=True,
+                           text=True, check=True).stdout.strip()
+    bad = subprocess.run([*run, "--expires-in-s", "5"], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "expires_in_s" in bad.stderr
+    with sqlite3.connect(tmp_path / "data" / "den.db") as db:
+        [(expires,)] = db.execute("SELECT expires_at FROM api_tokens")
+    assert token.startswith("den_") and expires is not None
