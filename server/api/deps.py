@@ -6,6 +6,7 @@ import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request, WebSocket
+from starlette.concurrency import run_in_threadpool
 
 from server.auth.tokens import authenticate
 from server.db.models import User
@@ -41,17 +42,19 @@ def metrics_reader(request: Request) -> None:
     secret = request.app.state.settings.metrics_token.get_secret_value()
     if token is not None and secret and hmac.compare_digest(token.encode(), secret.encode()):
         return
-    if not current_user(request).is_admin:
+    if not user_from_header(request.app.state, request.headers.get("authorization")).is_admin:
         raise Forbidden("the metrics need an admin's API token or the metrics token")
 
 
-def current_user(request: Request) -> User:
+async def current_user(request: Request) -> User:
     """The bearer token's user: found by :class:`server.api.guard.BodyGuard` before the body
-    was read (every ``/api/`` request), or here for the few routes outside ``/api/``."""
+    was read (every ``/api/`` request; async, so taking it costs no thread hop), or here, on
+    a worker thread, for a route outside ``/api/``."""
     user = getattr(request.state, "user", None)
     if isinstance(user, User):
         return user
-    return user_from_header(request.app.state, request.headers.get("authorization"))
+    return await run_in_threadpool(user_from_header, request.app.state,
+                                   request.headers.get("authorization"))
 
 
 def websocket_user(websocket: WebSocket) -> User:
