@@ -6,7 +6,14 @@ from fastapi import APIRouter, Response, status
 from fastapi.responses import JSONResponse
 
 from server.api.deps import CurrentUser, Forges, Workspaces
-from server.api.schemas import ForgeLink, ForgeList, ForgeOut, PullRequestCreate, PullRequestOut
+from server.api.schemas import (
+    ForgeLink,
+    ForgeList,
+    ForgeOut,
+    PullRequestCreate,
+    PullRequestOut,
+    RowId,
+)
 from server.forges.pull_requests import PullRequestRequest
 
 router = APIRouter(tags=["forges"])
@@ -29,7 +36,7 @@ def list_forges(user: CurrentUser, forges: Forges) -> ForgeList:
 
 
 @router.delete("/api/v1/users/me/forges/{account_id}", status_code=204)
-def unlink_forge(account_id: int, user: CurrentUser, forges: Forges) -> Response:
+def unlink_forge(account_id: RowId, user: CurrentUser, forges: Forges) -> Response:
     forges.accounts.delete(user, account_id)
     return Response(status_code=204)
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from fastapi import Path
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic_core import PydanticCustomError
 
 from server.config import Settings
 from server.db.models import Event, ForgeAccount, Snapshot, SSHKey, Workspace
@@ -13,9 +15,44 @@ from server.runtime.base import ExecRequest, ProcessInfo
 from server.ssh.target import ssh_endpoint
 from server.workspaces.processes import LOG_BYTES_DEFAULT, LOG_BYTES_MAX, LOG_BYTES_MIN
 
+YEAR_S = 365 * 86400
+ROW_ID_MAX = 2**63 - 1  # the database's integer keys are signed 64-bit
+
+# The id of a token, SSH key or forge account in a path.
+RowId = Annotated[int, Path(ge=1, le=ROW_ID_MAX, description="The id from the listing")]
+
+
+def _lone_surrogate(value: Any) -> bool:
+    """Whether a string in ``value`` holds a lone surrogate (JSON allows ``"\\ud800"``; it
+    is no character and cannot be encoded as UTF-8)."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_lone_surrogate(k) or _lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_lone_surrogate(v) for v in value)
+    return False
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request body: unknown fields refused, no coercion (``"60"`` or ``true`` is not a
+    number), every string valid Unicode."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="after")
+    def _valid_unicode(self) -> Self:
+        for name, value in self:
+            if _lone_surrogate(value):
+                raise PydanticCustomError(
+                    "invalid_unicode",
+                    "{field}: text holds a lone surrogate (\\ud800-\\udfff), which is not "
+                    "a character", {"field": name})
+        return self
 
 
 class RepoIn(_Strict):
@@ -24,10 +61,10 @@ class RepoIn(_Strict):
 
 
 class ResourcesIn(_Strict):
-    cpus: float | None = None
-    memory_mb: int | None = None
-    disk_gb: int | None = None
-    gpus: int = 0
+    cpus: float | None = Field(default=None, ge=0.1, description="At most DEN_MAX_CPUS")
+    memory_mb: int | None = Field(default=None, ge=128, description="At most DEN_MAX_MEMORY_MB")
+    disk_gb: int | None = Field(default=None, ge=1, description="At most DEN_MAX_DISK_GB")
+    gpus: int = Field(default=0, ge=0, description="At most DEN_MAX_GPUS")
 
 
 class WorkspaceCreate(_Strict):
@@ -40,14 +77,17 @@ class WorkspaceCreate(_Strict):
     resources: ResourcesIn = Field(default_factory=ResourcesIn)
     env: dict[str, str] = Field(default_factory=dict)
     idle_timeout_s: int | None = Field(
-        None, description="Pause after this many idle seconds; 0 never; null the default")
+        None, ge=0, le=YEAR_S,
+        description="Pause after this many idle seconds; 0 never; null the default")
     stop_after_s: int | None = Field(
-        None, description="Stop after this many seconds paused; 0 never; null the default")
+        None, ge=0, le=YEAR_S,
+        description="Stop after this many seconds paused; 0 never; null the default")
     keep_alive: bool = False
 
 
 class KeepaliveIn(_Strict):
-    ttl_s: int = Field(description="Seconds to keep the workspace awake; 0 ends the lease")
+    ttl_s: int = Field(ge=0, description="Seconds to keep the workspace awake (at most "
+                       "DEN_MAX_KEEPALIVE_S); 0 ends the lease")
 
 
 class SnapshotCreate(_Strict):
@@ -135,7 +175,7 @@ class ExecIn(_Strict):
     cmd: list[str] | str
     cwd: str | None = Field(None, max_length=4096)
     env: dict[str, str] = Field(default_factory=dict)
-    timeout_s: float | None = None
+    timeout_s: float | None = Field(None, gt=0, description="At most DEN_EXEC_MAX_TIMEOUT_S")
     stdin: str | None = None
     tty: bool = False
     cols: int = Field(80, ge=1, le=1000)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response, status
 
 from server.api.deps import CurrentUser, SSHKeys
-from server.api.schemas import SSHKeyIn, SSHKeyList, SSHKeyOut
+from server.api.schemas import RowId, SSHKeyIn, SSHKeyList, SSHKeyOut
 
 router = APIRouter(prefix="/api/v1/users/me/ssh-keys", tags=["ssh"])
 
@@ -21,6 +21,6 @@ def list_keys(user: CurrentUser, keys: SSHKeys) -> SSHKeyList:
 
 
 @router.delete("/{key_id}", status_code=204)
-def delete_key(key_id: int, user: CurrentUser, keys: SSHKeys) -> Response:
+def delete_key(key_id: RowId, user: CurrentUser, keys: SSHKeys) -> Response:
     keys.delete(user, key_id)
     return Response(status_code=204)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response, status
 
 from server.api.deps import CurrentUser
-from server.api.schemas import TokenCreate, TokenCreated, TokenList, TokenOut, UserOut
+from server.api.schemas import RowId, TokenCreate, TokenCreated, TokenList, TokenOut, UserOut
 from server.auth import tokens
 
 router = APIRouter(prefix="/api/v1/users/me", tags=["users"])
@@ -33,7 +33,7 @@ def list_tokens(user: CurrentUser, request: Request) -> TokenList:
 
 
 @router.delete("/tokens/{token_id}", status_code=204)
-def revoke_token(token_id: int, user: CurrentUser, request: Request) -> Response:
+def revoke_token(token_id: RowId, user: CurrentUser, request: Request) -> Response:
     with request.app.state.sessions.begin() as s:
         tokens.revoke_token(s, user, token_id)
     return Response(status_code=204)

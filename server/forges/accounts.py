@@ -24,6 +24,7 @@ from server.config import Settings
 from server.db.models import ForgeAccount, User
 from server.errors import DenError, NotFound, ValidationFailed
 from server.forges.base import Profile
+from server.urls import split_url
 
 KEY_FILE = "forge.key"
 
@@ -91,7 +92,7 @@ class TokenCipher:
 def normalize_base_url(url: str, *, allowed_schemes: list[str]) -> str:
     """``scheme://host[:port][/prefix]`` with no trailing slash, query or credentials."""
     url = url.strip()
-    parts = urlsplit(url)
+    parts = split_url(url, what="base_url")
     scheme = parts.scheme.lower()
     if scheme not in ("https", "http"):
         raise ValidationFailed("base_url must be an https URL (the forge's web address)")
@@ -103,6 +104,17 @@ def normalize_base_url(url: str, *, allowed_schemes: list[str]) -> str:
     if parts.query or parts.fragment:
         raise ValidationFailed("base_url must not have a query or fragment")
     return urlunsplit((scheme, parts.netloc.lower(), parts.path.rstrip("/"), "", ""))
+
+
+def validate_token(token: str) -> str:
+    """A forge token as sent in an HTTP header: printable ASCII, no spaces."""
+    token = token.strip()
+    if not token or len(token) > 4096:
+        raise ValidationFailed("token is empty or too long")
+    if not all(0x21 <= ord(c) <= 0x7e for c in token):
+        raise ValidationFailed("token may contain only printable ASCII characters, "
+                               "no spaces (as forges issue them)")
+    return token
 
 
 def serves(account_base_url: str, repo_url: str) -> bool:

@@ -142,6 +142,9 @@ def _raise_for(result: ExecResult, path: str, *, want_dir: bool = False,
         raise ValidationFailed(f"{path} is not a directory", code="not_a_directory")
     if "No space left" in message:
         raise DenError(f"no space left in the workspace while writing {path}", code="disk_full")
+    if code > 128:  # killed: the workspace stopped (or paused) under the operation
+        raise Conflict(f"the file operation on {path} was cut short (signal {code - 128}): "
+                       "the workspace stopped or paused meanwhile, or it ran out of time")
     raise ValidationFailed(f"file operation on {path} failed: {message or f'exit {code}'}")
 
 

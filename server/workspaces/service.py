@@ -48,7 +48,7 @@ from server.runtime.base import (
     labels_for,
 )
 from server.runtime.errors import EngineConflict, ObjectMissing
-from server.workspaces import naming
+from server.workspaces import limits, naming
 from server.workspaces.activity import Activity
 from server.workspaces.states import (
     PAUSE,
@@ -261,7 +261,7 @@ class WorkspaceService:
         runtime = self._validate_runtime(req.runtime)
         image = await self._validate_image(req.image)
         cpus, memory_mb, disk_gb = self._validate_resources(req)
-        env = self._validate_env(req.env)
+        env = limits.validate_env(req.env)
         for field_name in ("idle_timeout_s", "stop_after_s"):
             value = getattr(req, field_name)
             if value is not None and not 0 <= value <= 365 * 86400:
@@ -465,19 +465,6 @@ class WorkspaceService:
                 f"{st.max_gpus}", code="gpus_unavailable",
             )
         return cpus, memory_mb, disk_gb
-
-    @staticmethod
-    def _validate_env(env: dict[str, str]) -> dict[str, str]:
-        if len(env) > 200:
-            raise ValidationFailed("env may hold at most 200 variables")
-        for k, v in env.items():
-            if not k or not (k[0].isalpha() or k[0] == "_") or not all(
-                c.isalnum() or c == "_" for c in k
-            ):
-                raise ValidationFailed(f"env name {k!r} is not a valid variable name")
-            if "\x00" in v or len(v) > 32768:
-                raise ValidationFailed(f"env value of {k} is too long or contains NUL")
-        return dict(env)
 
     async def _build(self, ws_id: str, source: git_clone.RepoSource, branch: str | None) -> None:
         """Clone, create the engine objects, start: ``creating`` -> ``running`` or ``error``."""
@@ -700,6 +687,10 @@ class WorkspaceService:
                 raise ValidationFailed("cmd is empty")
         if any("\x00" in a for a in argv):
             raise ValidationFailed("cmd contains a NUL byte")
+        if cwd is not None:
+            limits.check_path(cwd, what="cwd")
+        env = limits.validate_env(env or {})
+        limits.check_command(argv, {**ws.env, **env})
         timeout = self.settings.exec_default_timeout_s if timeout_s is None else timeout_s
         if not 0 < timeout <= self.settings.exec_max_timeout_s:
             raise ValidationFailed(
@@ -709,7 +700,7 @@ class WorkspaceService:
             argv=argv,
             user=user,
             cwd=posixpath.normpath(posixpath.join(self.repo_path(ws), cwd or ".")),
-            env=self._validate_env(env or {}),
+            env=env,
             stdin=stdin,
             timeout_s=timeout,
             max_output_bytes=self.settings.exec_max_output_bytes,
@@ -723,8 +714,10 @@ class WorkspaceService:
         argv = login_shell_argv(command)
         if command is not None and "\x00" in command:
             raise ValidationFailed("the command contains a NUL byte")
-        return ExecRequest(argv=argv, user="dev", cwd=self.repo_path(ws),
-                           env=self._validate_env(env or {}), tty=tty, size=size,
+        env = limits.validate_env(env or {})
+        limits.check_command(argv, {**ws.env, **env})
+        return ExecRequest(argv=argv, user="dev", cwd=self.repo_path(ws), env=env, tty=tty,
+                           size=size,
                            max_output_bytes=self.settings.exec_max_output_bytes)
 
     async def exec(self, ws_id: str, req: ExecRequest, *, actor: str) -> ExecResult:
@@ -875,8 +868,7 @@ class WorkspaceService:
 
 def path_in_workspace(path: str) -> str:
     """Normalise a user path to an absolute one under /workspace; Forbidden when it leaves."""
-    if "\x00" in path:
-        raise ValidationFailed("path contains a NUL byte")
+    limits.check_path(path, what="path")
     joined = posixpath.normpath(posixpath.join(WORKSPACE_ROOT, path or "."))
     if joined != WORKSPACE_ROOT and not joined.startswith(WORKSPACE_ROOT + "/"):
         raise Forbidden(f"path {path!r} is outside /workspace", code="path_outside")
