@@ -69,6 +69,22 @@ def default_runtime(settings: Settings) -> Runtime:
                          agent_dir=install_agent(settings))
 
 
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found",
+               405: "method_not_allowed", 413: "too_large", 422: "invalid"}
+
+
+def unparsable_body(cause: BaseException | None) -> str | None:
+    """Why FastAPI could not parse a JSON body (its 400 "error parsing the body"), or None
+    when the 400 had another cause."""
+    if isinstance(cause, UnicodeDecodeError):
+        return "the request body is not valid UTF-8 (JSON must be)"
+    if isinstance(cause, RecursionError):
+        return "the request body nests too deeply (more than about 1,000 levels)"
+    if isinstance(cause, ValueError):
+        return f"the request body is not valid JSON: {cause}"
+    return None
+
+
 def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
@@ -150,12 +166,16 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}
+        status, message = exc.status_code, str(exc.detail)
+        if status == 400 and (why := unparsable_body(exc.__cause__)) is not None:
+            status, message = 422, why  # like a JSON syntax error: bad input, 422 invalid
+        code = _HTTP_CODES.get(status, "http_error")
         if is_page(request):
-            return error_page(request, exc.status_code,
-                              codes.get(exc.status_code, "http_error"), str(exc.detail))
-        return _error(exc.status_code, codes.get(exc.status_code, "http_error"),
-                      str(exc.detail))
+            response = error_page(request, status, code, message)
+        else:
+            response = _error(status, code, message)
+        response.headers.update(exc.headers or {})  # 405 names the allowed methods (Allow)
+        return response
 
     @app.exception_handler(Exception)
     async def crash(request: Request, exc: Exception) -> JSONResponse:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 
 from fastapi import APIRouter, WebSocket
 from pydantic import ValidationError
@@ -42,7 +41,7 @@ async def exec_stream(websocket: WebSocket, ref: str) -> None:
         ws = svc.get_for(user, ref)
         try:
             body = ExecIn.model_validate(await websocket.receive_json())
-        except (ValidationError, json.JSONDecodeError, KeyError) as exc:
+        except (ValidationError, ValueError, RecursionError, KeyError) as exc:
             raise ValidationFailed(f"the first message must be an exec request: {exc}") from exc
         req = svc.exec_request(ws, body.cmd, cwd=body.cwd, env=body.env,
                                timeout_s=body.timeout_s)

@@ -233,3 +233,52 @@ def test_a_file_operation_killed_by_a_signal_is_a_conflict_not_a_422() -> None:
         assert getattr(info.value, "status_code", None) == 409, info.value
         assert "stopped" in str(info.value)
 
+
+# --- error shape everywhere ---------------------------------------------------------------------
+
+
+def test_bodies_that_are_not_utf8_or_nest_too_deeply_are_422_invalid(
+        api: ApiClient, running: dict[str, Any], fake_runtime: Any) -> None:
+    calls = len(fake_runtime.calls)
+    url = f"{WS}/api/exec"
+    for raw, words in [
+        (b'{"cmd": "\xff"}', "UTF-8"),
+        (b'{"cmd":' + b"[" * 5000 + b"]" * 5000 + b"}", "nests too deeply"),
+        (b'{"cmd":' + b'{"a":' * 3000 + b"1" + b"}" * 3000 + b"}", "nests too deeply"),
+    ]:
+        err = assert_error(_json(api, "POST", url, raw), 422, "invalid")
+        assert words in err["message"], (raw[:20], err)
+    # Deep but parseable: the model refuses it, in the same shape.
+    raw = b'{"cmd":' + b"[" * 900 + b"]" * 900 + b"}"
+    assert_error(_json(api, "POST", url, raw), 422, "invalid")
+    assert "exec" not in fake_runtime.calls[calls:]
+
+
+def test_405_names_the_allowed_methods(api: ApiClient, running: dict[str, Any]) -> None:
+    for method, url, allowed in [
+        ("PUT", "/healthz", {"GET"}),
+        ("PATCH", f"{WS}/api/exec", {"POST"}),
+        ("POST", "/api/v1/users/me", {"GET"}),
+    ]:
+        r = api.client.request(method, url, headers=api.h())
+        assert_error(r, 405, "method_not_allowed")
+        assert set(r.headers["allow"].replace(" ", "").split(",")) >= allowed, r.headers
+
+
+def test_the_exec_stream_refuses_bad_first_messages_and_survives_bad_input(
+        api: ApiClient, running: dict[str, Any]) -> None:
+    for text in ('{"cmd":' + "[" * 5000 + "]" * 5000 + "}", '{"cmd": "cat", "cwd": "\\ud800"}'):
+        with api.client.websocket_connect(f"{WS}/api/exec/stream", headers=api.h()) as ws:
+            ws.send_text(text)
+            msg = ws.receive_json()
+            assert (msg["type"], msg["error"]["code"]) == ("error", "invalid"), msg
+    with api.client.websocket_connect(f"{WS}/api/exec/stream", headers=api.h()) as ws:
+        ws.send_json({"cmd": ["cat"]})
+        ws.send_text("[" * 5000 + "]" * 5000)  # ignored
+        ws.send_text('{"type": "stdin", "data": "a\\ud800b"}')
+        ws.send_json({"type": "close_stdin"})
+        out = b""
+        while (msg := ws.receive_json())["type"] == "stdout":
+            out += msg["data"].encode()
+        assert msg == {"type": "exit", "exit_code": 0}
+        assert out == b"a?b"
