@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request, WebSocket
+from fastapi import Depends, Request, Security, WebSocket
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from server.auth.tokens import authenticate
 from server.db.models import User
@@ -34,7 +35,16 @@ def user_from_header(app_state: object, header: str | None) -> User:
     return user
 
 
-def current_user(request: Request) -> User:
+# Declares the scheme in the OpenAPI document; user_from_header alone decides (auto_error
+# off: a missing or malformed header gets Den's own 401).
+BEARER = HTTPBearer(auto_error=False, scheme_name="bearer",
+                    description="An API token: `Authorization: Bearer den_...`")
+
+
+def current_user(
+    request: Request,
+    _declared: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)],
+) -> User:
     return user_from_header(request.app.state, request.headers.get("authorization"))
 
 

@@ -8,14 +8,14 @@ from fastapi import APIRouter, WebSocket
 from pydantic import ValidationError
 
 from server.api.deps import CurrentUser, Workspaces, websocket_user
-from server.api.schemas import ExecIn, ExecOut
+from server.api.schemas import ExecIn, ExecOut, errors
 from server.api.streams import Opened, serve
 from server.errors import ValidationFailed
 
 router = APIRouter(prefix="/api/v1/workspaces/{ref}", tags=["exec"])
 
 
-@router.post("/exec", response_model=ExecOut)
+@router.post("/exec", response_model=ExecOut, responses=errors(404, 409, 502, 503, 504))
 async def exec_command(ref: str, body: ExecIn, user: CurrentUser, svc: Workspaces) -> ExecOut:
     ws = svc.get_for(user, ref)
     stdin = body.stdin.encode() if body.stdin is not None else None

@@ -15,6 +15,43 @@ from server.runtime.base import ExecRequest, ProcessInfo
 from server.ssh.target import ssh_endpoint
 from server.workspaces.processes import LOG_BYTES_DEFAULT, LOG_BYTES_MAX, LOG_BYTES_MIN
 
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="A stable slug (docs/api.md lists them)")
+    message: str = Field(description="For people; may change")
+
+
+class ErrorOut(BaseModel):
+    """Every error answer of the API."""
+
+    error: ErrorDetail
+
+
+_STATUS_TEXT = {
+    400: "The HTTP layer refused the request",
+    401: "No, unknown or revoked bearer token",
+    403: "Not allowed (inside the workspace, or a path outside /workspace)",
+    404: "No such object, or another user's",
+    409: "Not possible in the current state, or a name or key already taken",
+    413: "Too large",
+    422: "Invalid input",
+    429: "A quota is reached",
+    500: "A bug, or the workspace's disk is full",
+    501: "The workspace's runtime backend has no agent",
+    502: "The engine, a forge or the workspace's agent failed",
+    503: "The engine cannot be reached",
+    504: "The workspace's agent stopped answering",
+}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """Route ``responses=`` for the error statuses an operation can answer, each with the
+    error body's schema (401, 422 and 500 are added: every authenticated operation can
+    answer them)."""
+    wanted = sorted({401, 422, 500, *statuses})
+    return {s: {"model": ErrorOut, "description": _STATUS_TEXT[s]} for s in wanted}
+
+
 YEAR_S = 365 * 86400
 ROW_ID_MAX = 2**63 - 1  # the database's integer keys are signed 64-bit
 
