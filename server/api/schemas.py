@@ -53,7 +53,7 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 YEAR_S = 365 * 86400
-ROW_ID_MAX = 2**63 - 1  # the database's integer keys are signed 64-bit
+ROW_ID_MAX = 2**31 - 1  # integer keys: 32-bit on PostgreSQL (64 on SQLite)
 
 # The id of a token, SSH key or forge account in a path.
 RowId = Annotated[int, Path(ge=1, le=ROW_ID_MAX, description="The id from the listing")]
