@@ -89,20 +89,21 @@ class TokenCipher:
                             "keys") from exc
 
 
-def normalize_base_url(url: str, *, allowed_schemes: list[str]) -> str:
-    """``scheme://host[:port][/prefix]`` with no trailing slash, query or credentials."""
+def normalize_base_url(url: str, *, allowed_schemes: list[str], what: str = "base_url") -> str:
+    """``scheme://host[:port][/prefix]`` with no trailing slash, query or credentials
+    (``what`` names the field in messages)."""
     url = url.strip()
-    parts = split_url(url, what="base_url")
+    parts = split_url(url, what=what)
     scheme = parts.scheme.lower()
     if scheme not in ("https", "http"):
-        raise ValidationFailed("base_url must be an https URL (the forge's web address)")
+        raise ValidationFailed(f"{what} must be an https URL (the forge's web address)")
     if scheme not in allowed_schemes:
-        raise ValidationFailed(f"base_url scheme {scheme!r} is not allowed on this server "
+        raise ValidationFailed(f"{what} scheme {scheme!r} is not allowed on this server "
                                "(tokens are only sent over allowed schemes)")
     if not parts.hostname or parts.username or parts.password:
-        raise ValidationFailed("base_url needs a host and must not contain credentials")
+        raise ValidationFailed(f"{what} needs a host and must not contain credentials")
     if parts.query or parts.fragment:
-        raise ValidationFailed("base_url must not have a query or fragment")
+        raise ValidationFailed(f"{what} must not have a query or fragment")
     return urlunsplit((scheme, parts.netloc.lower(), parts.path.rstrip("/"), "", ""))
 
 

@@ -143,7 +143,7 @@ class ForgeService:
         prov = provider(kind)
         schemes = self.settings.allowed_git_schemes
         base = normalize_base_url(base_url, allowed_schemes=schemes)
-        api = (normalize_base_url(api_url, allowed_schemes=schemes) if api_url
+        api = (normalize_base_url(api_url, allowed_schemes=schemes, what="api_url") if api_url
                else prov.default_api_url(base))
         token = validate_token(token)
         probe = Credential(account_id=0, kind=kind, base_url=base, api_url=api, username="",

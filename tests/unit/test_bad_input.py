@@ -94,8 +94,9 @@ BAD_FORGES = [
     ({"base_url": "https://forge.example:abc"}, "port"),
     ({"base_url": "https://forge.example:99999"}, "port"),
     ({"base_url": "https://%zz"}, "host"),
-    ({"api_url": "https://[::1"}, "not a valid URL"),
-    ({"api_url": "https://api.example:abc"}, "port"),
+    ({"api_url": "https://[::1"}, "api_url is not a valid URL"),
+    ({"api_url": "https://api.example:abc"}, "api_url has an invalid port"),
+    ({"api_url": "ftp://api.example"}, "api_url must be"),
 ]
 
 
