@@ -203,7 +203,10 @@ class PreviewService:
         paused workspace resumes, a stopped one starts). PortClosed when nothing listens."""
         svc = self.workspaces
         try:
-            stream = await svc.connect_port(ws.id, "127.0.0.1", port, actor=actor)
+            try:
+                stream = await svc.connect_port(ws.id, "127.0.0.1", port, actor=actor)
+            except EngineConflict:  # a server on "localhost" may have bound ::1 only (Vite)
+                stream = await svc.connect_port(ws.id, "::1", port, actor=actor)
             if stream is None:  # a workspace without the agent: a relay through exec
                 req = ExecRequest(argv=target.relay_argv("127.0.0.1", port), user="dev",
                                   cwd=svc.repo_path(ws))

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect as ws_connect
 
 from server.client import Den
 from server.client.api import Workspace
@@ -22,6 +24,67 @@ from tests.server_process import DenServer
 pytestmark = pytest.mark.engine
 
 BIG_MB = 20
+# A tiny app on port 9000 (the standard library only): a server-sent event stream that sends
+# one event, waits for /tmp/go to exist, then sends two more; a WebSocket echo (unfragmented
+# frames).
+APP = r"""
+import base64, hashlib, http.server, os, struct, sys, time
+
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def chunk(self, data):
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def do_GET(self):
+        if self.path == "/events":
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.chunk(b"data: tick 0\n\n")
+            while not os.path.exists("/tmp/go"):
+                time.sleep(0.05)
+            self.chunk(b"data: tick 1\n\n")
+            self.chunk(b"data: tick 2\n\n")
+            self.wfile.write(b"0\r\n\r\n")
+        elif self.path == "/ws":
+            key = self.headers["Sec-WebSocket-Key"] + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+            accept = base64.b64encode(hashlib.sha1(key.encode()).digest()).decode()
+            self.send_response(101)
+            self.send_header("Upgrade", "websocket")
+            self.send_header("Connection", "Upgrade")
+            self.send_header("Sec-WebSocket-Accept", accept)
+            self.end_headers()
+            self.wfile.flush()
+            while True:
+                head = self.rfile.read(2)
+                if len(head) < 2:
+                    return
+                op, n = head[0] & 0x0F, head[1] & 0x7F
+                if n == 126:
+                    n = struct.unpack(">H", self.rfile.read(2))[0]
+                elif n == 127:
+                    n = struct.unpack(">Q", self.rfile.read(8))[0]
+                mask = self.rfile.read(4)
+                data = bytes(b ^ mask[i % 4] for i, b in enumerate(self.rfile.read(n)))
+                if op == 8:
+                    self.wfile.write(b"\x88\x02\x03\xe8")
+                    self.wfile.flush()
+                    return
+                size = bytes([n]) if n < 126 else (
+                    b"\x7e" + struct.pack(">H", n) if n < 65536 else b"\x7f" + struct.pack(">Q", n))
+                self.wfile.write(bytes([0x80 | op]) + size + data)
+                self.wfile.flush()
+        else:
+            self.send_error(404)
+
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
 
 
 @dataclass
@@ -52,6 +115,7 @@ def preview(engine: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     repos.mkdir()
     src.mkdir()
     (src / "index.html").write_text("<h1>served from the workspace</h1>\n")
+    (src / "app.py").write_text(APP)
     _git("init", "-q", "-b", "main", cwd=src)
     _git("add", "-A", cwd=src)
     _git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "i", cwd=src)
@@ -65,9 +129,10 @@ def preview(engine: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             ws = den.create(str(repos / "site.git"), name="site").wait_for("running")
             ws.exec(f"head -c {BIG_MB}M /dev/urandom > big.bin").check()
             ws.processes.start("exec python3 -m http.server 8000 --bind 127.0.0.1")
+            ws.processes.start("exec python3 app.py 9000")
             deadline = time.monotonic() + 60
-            while not any(p["port"] == 8000 and p["listening"] for p in ws.ports()):
-                assert time.monotonic() < deadline, "http.server did not start listening"
+            while {8000, 9000} - {p["port"] for p in ws.ports() if p["listening"]}:
+                assert time.monotonic() < deadline, "the servers did not start listening"
                 time.sleep(0.2)
             yield Preview(srv, ws, bob)
     finally:
@@ -95,6 +160,28 @@ def test_a_page_and_a_download_through_the_path_form(preview: Preview) -> None:
     inside = preview.ws.exec("sha256sum big.bin").check().stdout.split()[0]
     assert size == BIG_MB << 20
     assert digest.hexdigest() == inside
+
+
+def test_server_sent_events_stream_and_a_websocket_echoes(preview: Preview) -> None:
+    auth = {"Authorization": f"Bearer {preview.srv.token}"}
+    with httpx.Client(base_url=f"http://127.0.0.1:{preview.srv.port}", timeout=60) as c, \
+            c.stream("GET", preview.url("/events", 9000), headers=auth) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"] == "text/event-stream"
+        lines = r.iter_lines()
+        # the first event arrives while the app still holds the stream open: not buffered
+        assert next(lines) == "data: tick 0"
+        preview.ws.exec("touch /tmp/go").check()
+        assert [line for line in lines if line] == ["data: tick 1", "data: tick 2"]
+    url = f"ws://127.0.0.1:{preview.srv.port}{preview.url('/ws', 9000)}"
+    with ws_connect(url, additional_headers=auth, max_size=None) as ws:
+        ws.send("hello")
+        assert ws.recv(timeout=30) == "hello"
+        blob = bytes(range(256)) * 1000
+        ws.send(blob)
+        assert ws.recv(timeout=30) == blob
+    with pytest.raises(InvalidStatus):  # another user: refused before any upgrade
+        ws_connect(url, additional_headers={"Authorization": f"Bearer {preview.bob}"})
 
 
 def test_another_user_and_nobody_are_refused_and_a_closed_port_is_a_502(
