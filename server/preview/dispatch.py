@@ -15,6 +15,7 @@ and outside the app's exception handlers, so it renders its own errors.
 
 from __future__ import annotations
 
+import html
 import logging
 import time
 from dataclasses import dataclass
@@ -73,6 +74,22 @@ async def _redirect(send: Send, location: str, *, extra: list[tuple[bytes, bytes
                             (b"content-length", b"0"), (b"cache-control", b"no-store"),
                             *(extra or [])]})
     await send({"type": "http.response.body", "body": b""})
+
+
+async def _continue_page(send: Send, location: str) -> None:
+    """A page that goes on to ``location`` at once. Not a redirect: after the login form, a
+    redirect to another origin would be part of the form's navigation, which Den's
+    Content-Security-Policy (form-action 'self') rightly blocks."""
+    url = html.escape(location, quote=True)
+    body = (f'<!doctype html><meta charset=utf-8><meta http-equiv="refresh" content="0;url={url}">'
+            f'<title>Opening the preview</title><p><a href="{url}">Continue to the preview'
+            f'</a></p>').encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/html; charset=utf-8"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"cache-control", b"no-store"),
+                            (b"referrer-policy", b"no-referrer")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _safe_next(target: str) -> str:
@@ -153,8 +170,8 @@ class PreviewMiddleware:
         grant = access.grant(state.previews.key, preview_host=urls.host_name(parts.netloc),
                              session_hash=shash)
         back = _safe_next(parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        await _redirect(send, f"{parts.scheme}://{parts.netloc}{AUTH_PATH}?"
-                              + urlencode({"grant": grant, "next": back}))
+        await _continue_page(send, f"{parts.scheme}://{parts.netloc}{AUTH_PATH}?"
+                                   + urlencode({"grant": grant, "next": back}))
 
     async def _take_grant(self, scope: Scope, send: Send, state: Any, name: str) -> None:
         """On a preview origin: turn a grant into this origin's own cookie."""
