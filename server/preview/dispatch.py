@@ -215,8 +215,8 @@ class PreviewMiddleware:
                              "signing in to preview origins needs DEN_PUBLIC_URL on the server")
             return
         scheme = "https" if _secure(scope) else "http"
-        here = f"{scheme}://{_header(scope, b'host')}{scope['path']}" \
-            + (f"?{query}" if query else "")
+        path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+        here = f"{scheme}://{_header(scope, b'host')}{path}" + (f"?{query}" if query else "")
         await _redirect(send, f"{den}{GRANT_PATH}?" + urlencode({"to": here}))
 
     def _workspace(self, previews: PreviewService, target: _Target, user: User | None

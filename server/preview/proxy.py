@@ -32,6 +32,7 @@ from websockets.protocol import State as WSState
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
+from server.errors import DenError
 from server.preview.headers import Headers
 from server.runtime.base import ExecStream, StreamChunk
 
@@ -59,7 +60,10 @@ class Upstream:
         """The next bytes from the app; b"" once it closed its side."""
         while True:
             try:
-                chunk = await asyncio.wait_for(anext(self._chunks), self._idle)
+                if self._idle is None:
+                    chunk = await anext(self._chunks)
+                else:
+                    chunk = await asyncio.wait_for(anext(self._chunks), self._idle)
             except StopAsyncIteration:
                 return b""
             except TimeoutError:
@@ -160,7 +164,7 @@ async def http(scope: Scope, receive: Receive, send: Send, up: Upstream, *, targ
                 return
             elif isinstance(event, h11.ConnectionClosed):
                 raise h11.RemoteProtocolError("the app closed the connection", 502)
-    except (h11.RemoteProtocolError, h11.LocalProtocolError, UpstreamTimeout) as exc:
+    except (h11.RemoteProtocolError, h11.LocalProtocolError, UpstreamTimeout, DenError) as exc:
         if gone.is_set():
             return
         if started:  # too late for a status: end the response short, the browser sees it
