@@ -279,12 +279,16 @@ class PreviewMiddleware:
 
     async def _relay(self, scope: Scope, receive: Receive, send: Send, state: Any,
                      target: _Target, stream: Any) -> None:
+        given = [(k, v) for k, v in scope["headers"]]
         host = _header(scope, b"host")
+        if not host:  # an HTTP/1.0 request may lack one; the app gets Den's own address
+            server = scope.get("server") or ("localhost", None)
+            host = f"{server[0]}:{server[1]}" if server[1] else str(server[0])
+            given.append((b"host", host.encode("latin-1")))
         client = scope.get("client")
         proto = "https" if _secure(scope) else "http"
-        head = headers.request_headers(
-            [(k, v) for k, v in scope["headers"]], client_ip=client[0] if client else "",
-            proto=proto, host=host, prefix=target.prefix)
+        head = headers.request_headers(given, client_ip=client[0] if client else "",
+                                       proto=proto, host=host, prefix=target.prefix)
         qs = scope.get("query_string", b"")
         raw = (target.raw_target or b"/") + (b"?" + qs if qs else b"")
         if scope["type"] == "websocket":
