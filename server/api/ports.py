@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Annotated
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Request
 
@@ -36,12 +36,7 @@ def _port(text: str) -> int:
 
 def _urls(request: Request, previews: PreviewService, ws: Workspace, port: int
           ) -> tuple[str | None, str]:
-    base = previews.settings.public_url or str(request.base_url)
-    parts = urlsplit(base)
-    host_url = urls.host_url(scheme=parts.scheme or "http",
-                             domain=previews.settings.preview_domain, port=port,
-                             workspace=ws.name, owner=ws.owner.name, public_port=parts.port)
-    return host_url, urls.path_url(base, ws.id, port)
+    return previews.urls_of(ws, port, base_url=str(request.base_url))
 
 
 def _out(request: Request, previews: PreviewService, ws: Workspace, port: int, share: Share,
@@ -55,7 +50,7 @@ def _out(request: Request, previews: PreviewService, ws: Workspace, port: int, s
 async def list_ports(ref: str, request: Request, user: CurrentUser, svc: Workspaces,
                      previews: Previews) -> PortList:
     ws = svc.get_for(user, ref)
-    found = await previews.ports(ws, actor=user.name)
+    found = await previews.ports(ws)
     return PortList(ports=[_out(request, previews, ws, p.port, p.share, p.listening)
                            for p in found])
 

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
+from urllib.parse import urlsplit
 
 from sqlalchemy import delete, select
 
@@ -141,19 +142,38 @@ class PreviewService:
 
     # --- ports ------------------------------------------------------------------------------
 
-    async def ports(self, ws: Workspace, *, actor: str) -> list[PortInfo]:
+    async def ports(self, ws: Workspace) -> list[PortInfo]:
         """The ports listening inside a running workspace (asked of /proc/net/tcp{,6}, not
-        waking it) and the ports with a share level, sorted."""
+        waking it) and the ports with a share level, sorted; ``listening`` is None where the
+        workspace could not be asked."""
         shares = self._shares(ws.id)
         listening: set[int] | None = None
         if State(ws.state) is State.RUNNING:
+            # Straight to the runtime, not the service's exec: looking at the ports neither
+            # wakes the workspace nor counts as activity (a dashboard open on it would keep
+            # it awake forever).
             req = ExecRequest(argv=PROC_NET_TCP, user="dev", cwd="/", timeout_s=10.0,
                               max_output_bytes=PORTS_OUTPUT_BYTES)
-            result = await self.workspaces.exec(ws.id, req, actor=actor)
-            listening = set(urls.listening_ports(result.stdout.decode("ascii", "replace")))
+            try:
+                result = await self.workspaces.runtime.exec(self.workspaces.spec_for(ws), req)
+            except DenError as exc:
+                log.info("workspace %s: ports not read: %s", ws.id, exc.message)
+            else:
+                listening = set(urls.listening_ports(result.stdout.decode("ascii", "replace")))
         ports = sorted(set(shares) | (listening or set()))
         return [PortInfo(port=p, listening=None if listening is None else p in listening,
                          share=shares.get(p, Share.PRIVATE)) for p in ports]
+
+    def urls_of(self, ws: Workspace, port: int, *, base_url: str) -> tuple[str | None, str]:
+        """The subdomain URL (None without DEN_PREVIEW_DOMAIN or when the name cannot be a
+        DNS label) and the path-form URL of ``port``; ``base_url`` is Den's own URL when
+        DEN_PUBLIC_URL is not set (the request's)."""
+        base = self.settings.public_url or base_url
+        parts = urlsplit(base)
+        host_url = urls.host_url(scheme=parts.scheme or "http",
+                                 domain=self.settings.preview_domain, port=port,
+                                 workspace=ws.name, owner=ws.owner.name, public_port=parts.port)
+        return host_url, urls.path_url(base, ws.id, port)
 
     # --- share links ------------------------------------------------------------------------
 

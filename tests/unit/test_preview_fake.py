@@ -435,3 +435,34 @@ def test_grants_only_go_to_preview_origins(den: Callable[..., ApiClient]) -> Non
                "ftp://8000--api--alice.preview.test/"):
         r = api.client.get("/preview-auth", params={"to": to}, follow_redirects=False)
         assert r.status_code == 400, to
+
+
+# --- the dashboard ---------------------------------------------------------------------------
+
+
+def test_the_workspace_page_lists_ports_with_links_and_shares_them(api: ApiClient) -> None:
+    from tests.web.test_web_fake import csrf_of
+
+    c = api.client
+    token = login(c, api.tokens["alice"])
+    page = c.get(f"/workspaces/{wsid(api)}")
+    assert page.status_code == 200
+    link = f"http://testserver/preview/{wsid(api)}/8000/"
+    assert f'href="{link}"' in page.text and 'rel="noopener noreferrer"' in page.text
+    assert 'value="public"' in page.text  # public sharing is on for this server
+    r = c.post(f"/workspaces/{wsid(api)}/ports",
+               data={"csrf_token": token, "port": "8000", "share": "users"})
+    assert r.status_code == 200 and "Port 8000 of api is users." in r.text
+    assert api.client.get(link, headers=api.h("bob")).status_code == 200
+    for port, share in (("0", "users"), ("x", "users"), ("8000", "everyone")):
+        r = c.post(f"/workspaces/{wsid(api)}/ports",
+                   data={"csrf_token": csrf_of(r.text), "port": port, "share": share})
+        assert r.status_code == 200 and "Could not share port" in r.text
+    r = c.post(f"/workspaces/{wsid(api)}/ports", data={"port": "8000", "share": "public"})
+    assert r.status_code == 403  # no CSRF token
+    ports = {p["port"]: p for p in api.get("/api/v1/workspaces/api/ports").json()["ports"]}
+    assert ports[8000]["share"] == "users"
+    c.cookies.clear()
+    login(c, api.tokens["bob"])
+    assert c.get(f"/workspaces/{wsid(api)}").status_code == 404
+    c.cookies.clear()
