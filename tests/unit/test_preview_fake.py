@@ -7,6 +7,7 @@ import hashlib
 import html
 import json
 import re
+import socketserver
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -116,14 +117,48 @@ def ws_server() -> Iterator[int]:
         server.shutdown()
 
 
+class _Hostile(socketserver.BaseRequestHandler):
+    """Reads the request head, then answers with what ``ANSWERS[port]`` says."""
+
+    ANSWERS: dict[int, bytes] = {}
+
+    def handle(self) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data and len(data) < 65536:
+            more = self.request.recv(4096)
+            if not more:
+                return
+            data += more
+        self.request.sendall(self.ANSWERS[self.server.server_address[1]])
+
+
+@pytest.fixture(scope="module")
+def hostile() -> Iterator[dict[str, int]]:
+    """Apps that answer garbage, or a response head larger than Den takes (64 KiB)."""
+    servers = {}
+    for name, answer in (("garbage", b"SSH-2.0-OpenSSH\r\n\x00\x01\x02\r\n\r\n"),
+                         ("huge_head", b"HTTP/1.1 200 OK\r\n"
+                                       + b"X-Big: " + b"a" * 200_000 + b"\r\n\r\n")):
+        srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Hostile)
+        srv.daemon_threads = True
+        _Hostile.ANSWERS[srv.server_address[1]] = answer
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers[name] = srv
+    yield {name: srv.server_address[1] for name, srv in servers.items()}
+    for srv in servers.values():
+        srv.shutdown()
+
+
 @pytest.fixture
 def den(make_settings: Callable[..., Settings], app_server: int, ws_server: int,
-        tmp_path: Path) -> Iterator[Callable[..., ApiClient]]:
+        hostile: dict[str, int], tmp_path: Path) -> Iterator[Callable[..., ApiClient]]:
     clients: list[TestClient] = []
 
     def start(**overrides: Any) -> ApiClient:
         runtime = FakeRuntime()
-        runtime.listening = {8000: ("127.0.0.1", app_server), 8001: ("127.0.0.1", ws_server)}
+        runtime.listening = {8000: ("127.0.0.1", app_server), 8001: ("127.0.0.1", ws_server),
+                             8002: ("127.0.0.1", hostile["garbage"]),
+                             8003: ("127.0.0.1", hostile["huge_head"])}
         overrides.setdefault("data_dir", tmp_path / f"den{len(clients)}")
         app = create_app(make_settings(**overrides), runtime=runtime)
         client = TestClient(app)
@@ -223,6 +258,13 @@ def test_a_port_where_nothing_listens_is_a_502_naming_it(api: ApiClient) -> None
     assert r.status_code in (400, 426, 502), r.text  # the app's own refusal, or Den's 502
 
 
+def test_an_app_that_does_not_speak_http_or_floods_its_head_is_a_502(api: ApiClient) -> None:
+    for port in (8002, 8003):
+        err = assert_error(api.client.get(f"/preview/api/{port}/", headers=api.h()), 502,
+                           "bad_gateway")
+        assert f"port {port}" in err["message"]
+
+
 def test_bad_ports_and_other_users_are_404_alike(api: ApiClient) -> None:
     for path in ("/preview/api/0/", "/preview/api/65536/", "/preview/api/http/",
                  "/preview/nope/8000/", "/preview/api/-1/", "/preview/api/"):
@@ -299,7 +341,7 @@ def test_port_list(api: ApiClient) -> None:
     r = api.get("/api/v1/workspaces/api/ports")
     assert r.status_code == 200, r.text
     got = {p["port"]: p for p in r.json()["ports"]}
-    assert set(got) == {5173, 8000, 8001}
+    assert set(got) == {5173, 8000, 8001, 8002, 8003}
     assert got[8000] == {"port": 8000, "listening": True, "share": "private", "url": None,
                          "path_url": f"http://testserver/preview/{wsid(api)}/8000/"}
     assert got[5173]["listening"] is False and got[5173]["share"] == "users"
