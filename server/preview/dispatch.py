@@ -30,6 +30,7 @@ from server.errors import DenError
 from server.preview import access, headers, proxy, tokens, urls
 from server.preview.service import PreviewService, may_open
 from server.web import sessions as web_sessions
+from server.workspaces.states import State
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,22 @@ async def _redirect(send: Send, location: str, *, extra: list[tuple[bytes, bytes
                             (b"content-length", b"0"), (b"cache-control", b"no-store"),
                             *(extra or [])]})
     await send({"type": "http.response.body", "body": b""})
+
+
+def _navigation(scope: Scope) -> bool:
+    """A browser loading a page (not a script's request)."""
+    return scope["type"] == "http" and scope["method"] == "GET" and proxy.wants_html(scope)
+
+
+async def _waking_page(send: Send, name: str) -> None:
+    body = (f"<!doctype html><meta charset=utf-8><meta http-equiv=refresh content=1>"
+            f"<title>Waking {html.escape(name)}</title><p>Starting workspace "
+            f"{html.escape(name)}; this page reloads itself until the app answers.</p>").encode()
+    await send({"type": "http.response.start", "status": 503,
+                "headers": [(b"content-type", b"text/html; charset=utf-8"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"retry-after", b"1"), (b"cache-control", b"no-store")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _continue_page(send: Send, location: str) -> None:
@@ -199,9 +216,7 @@ class PreviewMiddleware:
 
     async def _sign_in(self, scope: Scope, send: Send, state: Any, target: _Target) -> None:
         query = scope.get("query_string", b"").decode("latin-1")
-        navigation = scope["type"] == "http" and scope["method"] == "GET" \
-            and proxy.wants_html(scope)
-        if not navigation:
+        if not _navigation(scope):
             await self._deny(scope, send, 401, "unauthorized",
                              "sign in to Den first, or send 'Authorization: Bearer <token>'")
             return
@@ -268,6 +283,10 @@ class PreviewMiddleware:
             await _redirect(send, target.prefix + "/" + (f"?{qs}" if qs else ""))
             return
         actor = user.name if user is not None else "preview"
+        if ws.state in (State.STOPPED.value, State.STARTING.value) and _navigation(scope):
+            previews.wake_in_background(ws, actor=actor)  # a cold start takes seconds
+            await _waking_page(send, ws.name)
+            return
         try:
             async with previews.slot(ws.id):
                 stream = await previews.connect(ws, target.port, actor=actor)

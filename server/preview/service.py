@@ -8,6 +8,7 @@ this service keeps its own table and only adds events).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -80,6 +81,7 @@ class PreviewService:
         self.settings = workspaces.settings
         self.key = key
         self._open: Counter[str] = Counter()
+        self._waking: dict[str, asyncio.Task[None]] = {}
 
     # --- finding the workspace -----------------------------------------------------------
 
@@ -197,6 +199,22 @@ class PreviewService:
             return False
         payload = tokens.verify(self.key, tokens.SHARE, token, now=time.time())
         return tokens.share_allows(payload, workspace_id=ws.id, port=port)
+
+    def wake_in_background(self, ws: Workspace, *, actor: str) -> None:
+        """Start a stopped workspace without waiting (a browser gets a page that reloads
+        itself meanwhile); one wake per workspace at a time."""
+        task = self._waking.get(ws.id)
+        if task is not None and not task.done():
+            return
+        self._waking[ws.id] = asyncio.create_task(self._wake(ws.id, actor))
+
+    async def _wake(self, workspace_id: str, actor: str) -> None:
+        try:
+            await self.workspaces.ensure_running(workspace_id, actor=actor)
+        except DenError as exc:
+            log.info("workspace %s: preview wake failed: %s", workspace_id, exc.message)
+        finally:
+            self._waking.pop(workspace_id, None)
 
     # --- connections ------------------------------------------------------------------------
 

@@ -359,6 +359,21 @@ def test_a_paused_workspace_wakes_on_a_preview_request(api: ApiClient) -> None:
     assert any(e["kind"] == "wake" and e["actor"] == "alice" for e in events)
 
 
+def test_a_stopped_workspace_shows_a_browser_a_waking_page_then_the_app(
+        api: ApiClient) -> None:
+    assert api.post("/api/v1/workspaces/api/stop").json()["state"] == "stopped"
+    html_nav = {**api.h(), "Accept": "text/html"}
+    r = api.client.get("/preview/api/8000/", headers=html_nav)
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert "<meta http-equiv=refresh content=1>" in r.text and "Starting workspace api" in r.text
+    assert api.wait_state(wsid(api), settled=("running", "error"))["state"] == "running"
+    r = api.client.get("/preview/api/8000/", headers=html_nav)
+    assert r.status_code == 200 and "hello from the app" in r.text
+    assert api.post("/api/v1/workspaces/api/stop").json()["state"] == "stopped"
+    r = api.client.get("/preview/api/8000/", headers=api.h())  # a script's request waits
+    assert r.status_code == 200 and "hello from the app" in r.text
+
+
 def test_share_links(api: ApiClient) -> None:
     r = api.post("/api/v1/workspaces/api/ports/8000/links", json={"ttl_s": 600})
     assert r.status_code == 201, r.text
