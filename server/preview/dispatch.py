@@ -276,7 +276,8 @@ class PreviewMiddleware:
             cookie = _cookie(access.SHARE_COOKIE, from_param, path=target.cookie_path,
                              max_age_s=max(1, int(payload["e"] - time.time())),
                              secure=_secure(scope))
-            await _redirect(send, scope["path"] + (f"?{rest}" if rest else ""), extra=[cookie])
+            here = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+            await _redirect(send, here + (f"?{rest}" if rest else ""), extra=[cookie])
             return
         if target.prefix is not None and not target.raw_target and scope["type"] == "http":
             qs = scope.get("query_string", b"").decode("latin-1")

@@ -21,6 +21,7 @@ import html
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import h11
 from starlette.types import Receive, Scope, Send
@@ -254,7 +255,7 @@ async def _browser_to_app(receive: Receive, proto: ClientProtocol, up: Upstream)
         msg = await receive()
         if msg["type"] == "websocket.disconnect":
             if proto.state is WSState.OPEN:
-                proto.send_close(msg.get("code", 1000) if msg.get("code") != 1006 else 1001)
+                proto.send_close(_sendable(msg.get("code")))
                 await up.write(b"".join(proto.data_to_send()))
             return
         if msg["type"] != "websocket.receive" or proto.state is not WSState.OPEN:
@@ -264,6 +265,15 @@ async def _browser_to_app(receive: Receive, proto: ClientProtocol, up: Upstream)
         elif msg.get("bytes") is not None:
             proto.send_binary(msg["bytes"])
         await up.write(b"".join(proto.data_to_send()))
+
+
+def _sendable(code: Any) -> int:
+    """A close code that may be sent on the wire (1005, 1006 and 1015 only say what
+    happened; the browser going away is 1001)."""
+    if not isinstance(code, int) or code in (1004, 1005, 1006, 1015) \
+            or not (1000 <= code <= 1014 or 3000 <= code <= 4999):
+        return 1001
+    return code
 
 
 async def _app_to_browser(send: Send, proto: ClientProtocol, up: Upstream) -> None:

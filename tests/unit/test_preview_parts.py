@@ -232,3 +232,11 @@ def _user(uid: int, admin: bool = False) -> Any:
 def test_may_open(share: Share, viewer: Any, link: bool, public_ok: bool, want: bool) -> None:
     assert may_open(share=share, viewer=viewer, owner_id=1, link_ok=link,
                     public_allowed=public_ok) is want
+
+
+def test_close_codes_passed_to_the_app_are_sendable() -> None:
+    from server.preview.proxy import _sendable
+
+    assert [_sendable(c) for c in (1000, 1001, 1011, 3000, 4999)] == [1000, 1001, 1011,
+                                                                      3000, 4999]
+    assert {_sendable(c) for c in (None, 1005, 1006, 1015, 999, 2000, 5000, "x")} == {1001}
