@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 PROC_NET_TCP = ["cat", "/proc/net/tcp", "/proc/net/tcp6"]
 PORTS_OUTPUT_BYTES = 1 << 20
+LONG_CONNECTION_S = 5.0  # the workspace service's activity debounce
 
 
 class Share(StrEnum):
@@ -227,6 +228,7 @@ class PreviewService:
                 f"too many preview connections to this workspace "
                 f"(DEN_PREVIEW_MAX_CONNECTIONS={self.settings.preview_max_connections})")
         self._open[workspace_id] += 1
+        started = time.monotonic()
         try:
             async with self.workspaces.activity.hold(workspace_id):
                 yield
@@ -234,7 +236,11 @@ class PreviewService:
             self._open[workspace_id] -= 1
             if self._open[workspace_id] <= 0:
                 del self._open[workspace_id]
-            self.workspaces.touch(workspace_id)
+            # connect() marked the start; a long connection (a WebSocket, a stream) marks its
+            # end too, so that the idle clock starts when it closed. A database write per
+            # short request would cost more than it tells.
+            if time.monotonic() - started > LONG_CONNECTION_S:
+                self.workspaces.touch(workspace_id)
 
     async def connect(self, ws: Workspace, port: int, *, actor: str) -> ExecStream:
         """A TCP connection to ``port`` on the workspace's loopback, waking it first (a

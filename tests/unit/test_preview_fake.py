@@ -359,6 +359,23 @@ def test_a_paused_workspace_wakes_on_a_preview_request(api: ApiClient) -> None:
     assert any(e["kind"] == "wake" and e["actor"] == "alice" for e in events)
 
 
+def test_preview_traffic_is_activity(api: ApiClient) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import update
+
+    from server.db.models import Workspace as Row
+
+    sessions = api.client.app.state.sessions  # type: ignore[attr-defined]
+    long_ago = datetime.now(UTC) - timedelta(hours=1)
+    with sessions.begin() as s:
+        s.execute(update(Row).where(Row.id == wsid(api)).values(last_activity_at=long_ago))
+    before = api.get("/api/v1/workspaces/api").json()["last_activity_at"]
+    assert api.client.get("/preview/api/8000/", headers=api.h()).status_code == 200
+    after = api.get("/api/v1/workspaces/api").json()["last_activity_at"]
+    assert datetime.fromisoformat(after) - datetime.fromisoformat(before) > timedelta(minutes=59)
+
+
 def test_a_stopped_workspace_shows_a_browser_a_waking_page_then_the_app(
         api: ApiClient) -> None:
     assert api.post("/api/v1/workspaces/api/stop").json()["state"] == "stopped"
@@ -417,6 +434,9 @@ def test_connection_cap_and_idle_timeout(den: Callable[..., ApiClient],
     # after the second request was refused, which needs the first one in the app
     held.start()
     assert _App.entered.wait(10)
+    svc = api.client.app.state.workspaces  # type: ignore[attr-defined]
+    ws_id = api.get("/api/v1/workspaces/api").json()["id"]
+    assert svc.activity.busy(ws_id)  # a request in progress keeps the workspace from idling
     r = api.client.get("/preview/api/8000/", headers=api.h())
     _App.release.set()
     held.join(30)
