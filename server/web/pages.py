@@ -120,6 +120,7 @@ async def workspace_page(request: Request, ref: str, user: WebUser) -> Response:
                 snapshots=request.app.state.snapshots.list_for(ws),
                 ports=await _ports(request, ws),
                 public_sharing=svc.settings.preview_public_sharing,
+                ssh_on=svc.settings.ssh_port > 0,
                 events=list(reversed(svc.events(ws.id, limit=100))))
 
 

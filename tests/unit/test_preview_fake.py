@@ -527,6 +527,7 @@ def test_the_workspace_page_lists_ports_with_links_and_shares_them(api: ApiClien
     link = f"http://testserver/preview/{wsid(api)}/8000/"
     assert f'href="{link}"' in page.text and 'rel="noopener noreferrer"' in page.text
     assert 'value="public"' in page.text  # public sharing is on for this server
+    assert "vscode://" not in page.text  # the SSH gateway is off in unit tests
     r = c.post(f"/workspaces/{wsid(api)}/ports",
                data={"csrf_token": token, "port": "8000", "share": "users"})
     assert r.status_code == 200 and "Port 8000 of api is users." in r.text
@@ -543,3 +544,14 @@ def test_the_workspace_page_lists_ports_with_links_and_shares_them(api: ApiClien
     login(c, api.tokens["bob"])
     assert c.get(f"/workspaces/{wsid(api)}").status_code == 404
     c.cookies.clear()
+
+
+def test_the_workspace_page_opens_vs_code_through_the_ssh_config_host(
+        den: Callable[..., ApiClient], make_repo: Callable[..., Path]) -> None:
+    from tests.conftest import free_port
+
+    api = den(ssh_port=free_port())
+    api.create(make_repo("api"), name="api")
+    login(api.client, api.tokens["alice"])
+    page = api.client.get("/workspaces/api")
+    assert 'href="vscode://vscode-remote/ssh-remote+den-api/workspace/api"' in page.text
