@@ -23,6 +23,7 @@ from server.api import (
     files,
     forges,
     health,
+    ports,
     processes,
     snapshots,
     ssh_keys,
@@ -39,12 +40,16 @@ from server.errors import DenError
 from server.forges.pull_requests import ForgeService
 from server.logs import request_id
 from server.metrics import Metrics, StateCollector, checkpoint_usage, serve_separately
+from server.preview import tokens as preview_tokens
+from server.preview.dispatch import PreviewMiddleware
+from server.preview.service import PreviewService
 from server.runtime.base import Runtime
 from server.runtime.errors import EngineUnavailable
 from server.snapshots.service import SnapshotService
 from server.ssh.keys import SSHKeyService
 from server.web.mount import mount as mount_web
 from server.web.render import error_page, is_page
+from server.web.sessions import session_secret
 from server.workspaces.files import FileService
 from server.workspaces.processes import ProcessService
 from server.workspaces.reaper import Reaper
@@ -97,6 +102,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
         app.state.files = FileService(svc)
         app.state.processes = ProcessService(svc)
         app.state.snapshots = SnapshotService(svc)
+        app.state.previews = PreviewService(
+            svc, key=preview_tokens.derive_key(session_secret(settings)))
         forge_svc = ForgeService(settings=settings, sessions=sessions, workspaces=svc)
         forge_svc.attach()
         app.state.forges = forge_svc
@@ -193,8 +200,9 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
         return response
 
     for module in (health, users, workspaces, exec_routes, files, processes, snapshots, forges,
-                   ssh_keys):
+                   ssh_keys, ports):
         app.include_router(module.router)
     app.include_router(terminal.router)
+    app.add_middleware(PreviewMiddleware)  # inside the session middleware that mount_web adds
     mount_web(app, settings)
     return app

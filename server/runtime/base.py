@@ -232,6 +232,19 @@ class EngineEvents(Protocol):
 
 
 @runtime_checkable
+class PortConnector(Protocol):
+    """Backends that can open a TCP connection to a port on a workspace's own loopback
+    (``ssh -L``, preview URLs). The service asks ``isinstance(runtime, PortConnector)``."""
+
+    async def connect(self, spec: WorkspaceSpec, host: str, port: int) -> ExecStream | None:
+        """A connection to ``host:port`` inside the workspace, as a stream (output: what the
+        port sends; ``write``: what it receives; ``close_stdin``: half-close; ``kill``:
+        close). None when this workspace cannot be reached that way (the caller relays
+        through exec then). Raises ``EngineConflict`` when nothing listens there."""
+        ...
+
+
+@runtime_checkable
 class AgentChannel(Protocol):
     """Backends whose workspaces run Den's agent (docs/agent.md) hand out its session; the
     protocol above it (:mod:`server.agent`) is the same for every backend."""

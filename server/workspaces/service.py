@@ -46,6 +46,7 @@ from server.runtime.base import (
     ExecRequest,
     ExecResult,
     ExecStream,
+    PortConnector,
     Runtime,
     SnapshotSpec,
     WorkspaceSpec,
@@ -819,7 +820,7 @@ class WorkspaceService:
         through exec then)."""
         ws = await self.ensure_running(ws_id, actor=actor)
         self.touch(ws_id)
-        if not isinstance(self.runtime, AgentChannel):
+        if not isinstance(self.runtime, PortConnector):
             return None
         return await self.runtime.connect(self.spec_for(ws), host, port)
 
