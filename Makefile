@@ -51,6 +51,7 @@ bench: setup
 	$(VENV)/bin/python -m tests.benchmarks.bench_workspaces
 	$(VENV)/bin/python -m tests.benchmarks.bench_ssh
 	$(VENV)/bin/python -m tests.benchmarks.bench_agent
+	$(VENV)/bin/python -m tests.benchmarks.bench_load
 
 ## Remove every engine object left by test runs (names start with dentest-).
 clean-engine:

@@ -276,7 +276,7 @@ func opExec(c *channel, r *request) error {
 	pgid := pr.pid
 	c.s.log.Printf("chan %d: exec pid %d %q", c.id, pr.pid, p.argv)
 
-	c.onMsg = func(m map[string]json.RawMessage) {
+	c.setOnMsg(func(m map[string]json.RawMessage) {
 		if raw, ok := m["signal"]; ok {
 			var name string
 			if json.Unmarshal(raw, &name) == nil {
@@ -297,7 +297,7 @@ func opExec(c *channel, r *request) error {
 				killGroup(fg, syscall.SIGWINCH)
 			}
 		}
-	}
+	})
 	c.setOnClose(func(sessionEnd bool) {
 		if pr.ptm != nil {
 			killGroup(pgid, syscall.SIGHUP)

@@ -89,10 +89,30 @@ func newServer(in io.Reader, out io.Writer, logger *log.Logger) *server {
 	return s
 }
 
+// maxBatch bounds how many bytes of queued frames one write to the host carries.
+const maxBatch = 256 * 1024
+
 func (s *server) writer(w io.Writer) {
 	defer close(s.writerDone)
 	var failed bool
+	var batch []byte
 	for b := range s.out {
+		// Frames queued meanwhile go out in the same write: every write wakes the relay and
+		// the engine's stream once (an exec's started, EOFs, exit and CLOSE come together).
+		batch = append(batch[:0], b...)
+	more:
+		for len(batch) < maxBatch {
+			select {
+			case next, ok := <-s.out:
+				if !ok {
+					break more
+				}
+				batch = append(batch, next...)
+			default:
+				break more
+			}
+		}
+		b = batch
 		if _, err := w.Write(b); err != nil {
 			// The host's attach is gone (a checkpoint, Den restarting): drop the frame and
 			// go on; the next session starts with a HELLO anyway.
@@ -152,8 +172,11 @@ func (s *server) handle(f frame) {
 			s.log.Printf("chan %d: bad MSG ignored", f.ch)
 			return
 		}
-		if c.onMsg != nil {
-			c.safe(func() { c.onMsg(m) })
+		c.mu.Lock()
+		onMsg := c.onMsg
+		c.mu.Unlock()
+		if onMsg != nil {
+			c.safe(func() { onMsg(m) })
 		}
 	case tData:
 		if q := c.in[stream]; q != nil {
@@ -302,6 +325,14 @@ type channel struct {
 	onMsg       func(map[string]json.RawMessage)
 	onClose     func(sessionEnd bool) // the host closed the channel, or its session ended
 	closeReason int                   // 0: open; 1: host CLOSE; 2: session ended
+}
+
+// setOnMsg sets what a MSG from the host does (set by the op's goroutine, read by the
+// session's reader).
+func (c *channel) setOnMsg(f func(map[string]json.RawMessage)) {
+	c.mu.Lock()
+	c.onMsg = f
+	c.mu.Unlock()
 }
 
 // setOnClose sets what a host CLOSE (or the session's end) does; when that has already

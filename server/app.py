@@ -23,6 +23,7 @@ from server.api import (
     files,
     forges,
     health,
+    ports,
     processes,
     snapshots,
     ssh_keys,
@@ -30,21 +31,30 @@ from server.api import (
     users,
     workspaces,
 )
+from server.api.observe import Observe
 from server.config import Settings
 from server.db.migrate import ensure_schema
 from server.db.models import Meta, Workspace
 from server.db.session import make_engine, make_session_factory
 from server.errors import DenError
 from server.forges.pull_requests import ForgeService
+from server.logs import request_id
+from server.metrics import Metrics, StateCollector, checkpoint_usage, serve_separately
+from server.preview import tokens as preview_tokens
+from server.preview.dispatch import PreviewMiddleware
+from server.preview.service import PreviewService
 from server.runtime.base import Runtime
+from server.runtime.errors import EngineUnavailable
 from server.snapshots.service import SnapshotService
 from server.ssh.keys import SSHKeyService
 from server.web.mount import mount as mount_web
 from server.web.render import error_page, is_page
+from server.web.sessions import session_secret
 from server.workspaces.files import FileService
 from server.workspaces.processes import ProcessService
 from server.workspaces.reaper import Reaper
 from server.workspaces.service import WorkspaceService
+from server.workspaces.supervisor import EngineSupervisor
 
 log = logging.getLogger(__name__)
 
@@ -101,23 +111,38 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
         sessions = make_session_factory(engine)
         rt = runtime if runtime is not None else default_runtime(settings)
         svc = WorkspaceService(settings=settings, sessions=sessions, runtime=rt,
-                               instance_id=instance_id(sessions))
+                               instance_id=instance_id(sessions), metrics=metrics)
         app.state.settings = settings
         app.state.sessions = sessions
         app.state.workspaces = svc
         app.state.files = FileService(svc)
         app.state.processes = ProcessService(svc)
         app.state.snapshots = SnapshotService(svc)
+        app.state.previews = PreviewService(
+            svc, key=preview_tokens.derive_key(session_secret(settings)))
         forge_svc = ForgeService(settings=settings, sessions=sessions, workspaces=svc)
         forge_svc.attach()
         app.state.forges = forge_svc
-        try:
-            await rt.check()
+        svc.remove_leftovers()
+
+        async def reconcile() -> None:
             await svc.reconcile()
             with sessions() as s:
                 forge_svc.reconcile(set(s.scalars(select(Workspace.id))))
-        except DenError as exc:
-            log.error("engine check or reconcile failed: %s (%s)", exc.message, exc.detail)
+
+        supervisor = EngineSupervisor(runtime=rt, reconcile=reconcile,
+                                      interval_s=settings.engine_check_interval_s,
+                                      retry_max_s=settings.engine_retry_max_s,
+                                      on_event=svc.apply_engine_event,
+                                      instance=svc.instance_id)
+        app.state.engine = supervisor
+        await supervisor.start()  # checks and reconciles once; then watches, follows events
+        collector = StateCollector(
+            metrics=metrics, sessions=sessions, gate=svc.long_calls.counts,
+            checkpoint_bytes=lambda: checkpoint_usage(rt, settings.data_dir))
+        metrics.registry.register(collector)
+        stop_listener = (serve_separately(settings.metrics_listen, metrics)
+                         if settings.metrics_listen else None)
         reaper = Reaper(svc, settings)
         app.state.reaper = reaper
         if settings.reaper_interval_s > 0:
@@ -136,7 +161,11 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
             if app.state.ssh_gateway is not None:
                 await app.state.ssh_gateway.stop()
             await reaper.stop()
+            await supervisor.stop()
             await svc.shutdown()
+            if stop_listener is not None:
+                stop_listener()
+            metrics.registry.unregister(collector)
             close = getattr(rt, "close", None)
             if runtime is None and close is not None:
                 close()
@@ -144,9 +173,14 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
 
     app = FastAPI(title="Den", version=__version__, lifespan=lifespan,
                   description="Persistent dev workspaces, isolated with gVisor.")
+    metrics = Metrics()  # this app's own registry
+    app.state.metrics = metrics
+    app.add_middleware(Observe, metrics=metrics)
 
     @app.exception_handler(DenError)
     async def den_error(request: Request, exc: DenError) -> Response:
+        if isinstance(exc, EngineUnavailable) and hasattr(request.app.state, "engine"):
+            request.app.state.engine.report_unavailable(exc.message)
         if exc.status_code >= 500:
             log.error("%s %s: %s (%s)", request.method, request.url.path, exc.message,
                       exc.detail)
@@ -180,11 +214,15 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
     @app.exception_handler(Exception)
     async def crash(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _error(500, "internal", "internal server error (this is a bug; see the log)")
+        response = _error(500, "internal", "internal server error (this is a bug; see the log)")
+        if rid := request_id.get():  # answered outside the middleware that adds it
+            response.headers["X-Request-ID"] = rid
+        return response
 
     for module in (health, users, workspaces, exec_routes, files, processes, snapshots, forges,
-                   ssh_keys):
+                   ssh_keys, ports):
         app.include_router(module.router)
     app.include_router(terminal.router)
+    app.add_middleware(PreviewMiddleware)  # inside the session middleware that mount_web adds
     mount_web(app, settings)
     return app

@@ -6,7 +6,6 @@ Settings are built once here (environment ``DEN_*``, then flags) and passed down
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -22,22 +21,9 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from server.serve import serve
 
-    from server.app import create_app
-
-    settings = _settings(args)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    app = create_app(settings)
-    print(f"den: serving on http://{settings.host}:{settings.port} "
-          f"(data in {settings.data_dir})", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower(), ws_max_size=16 * 1024 * 1024)
-    return 0
+    return serve(_settings(args))
 
 
 def _open_db(settings: Settings, *, migrate: bool) -> object:

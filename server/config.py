@@ -8,8 +8,9 @@ the environment for host, port, ssh_port and data_dir.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -47,6 +48,27 @@ class Settings(BaseSettings):
         ),
     )
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description=(
+            "`text` (one line per record) or `json` (one JSON object per line, for log "
+            "shippers). Both carry the request id and the workspace id."
+        ),
+    )
+    metrics_token: SecretStr = Field(
+        SecretStr(""),
+        description=(
+            "A bearer token that may read `/metrics` (besides an admin's API token), for a "
+            "Prometheus server. Empty: only admins' API tokens."
+        ),
+    )
+    metrics_listen: str = Field(
+        "",
+        description=(
+            "`host:port` of a second listener that serves only the metrics, without a token "
+            "(protect it by where it listens, e.g. 127.0.0.1:9464). Empty: none."
+        ),
+    )
     public_host: str = Field(
         "",
         description="Host name users reach Den by (shown in SSH details); empty means --host.",
@@ -65,7 +87,12 @@ class Settings(BaseSettings):
     )
     engine_threads: int = Field(
         32,
-        description="Threads for blocking Docker engine calls (the Docker backend's executor).",
+        ge=1,
+        description=(
+            "Threads for long blocking Docker engine calls (the Docker backend's executor for "
+            "execs through the engine, checkpoints, copies); short calls (state reads, "
+            "inspects) have a pool of their own, so they never wait behind these."
+        ),
     )
     agent_binary: str = Field(
         "",
@@ -104,6 +131,28 @@ class Settings(BaseSettings):
     )
     stop_timeout_s: int = Field(
         5, description="Seconds a stopping workspace gets after SIGTERM before SIGKILL."
+    )
+    engine_check_interval_s: float = Field(
+        10,
+        description=(
+            "How often the server checks that the engine answers while it works (`/healthz` "
+            "reports the last check); `0`: no periodic check (a call that finds the engine "
+            "unreachable still starts the retries)."
+        ),
+    )
+    engine_retry_max_s: float = Field(
+        30,
+        description=(
+            "While the engine does not answer, the server retries after 1 s, doubling up to "
+            "this; once it answers again, reconcile runs again."
+        ),
+    )
+    shutdown_grace_s: int = Field(
+        10,
+        description=(
+            "On SIGTERM or Ctrl-C, how long calls in flight get to finish before they are "
+            "cut; the process exits at most a few seconds after that."
+        ),
     )
 
     # --- resources -------------------------------------------------------------------
@@ -183,6 +232,17 @@ class Settings(BaseSettings):
     exec_max_output_bytes: int = Field(
         16 * 1024 * 1024,
         description="stdout and stderr of one exec call are each cut at this many bytes.",
+    )
+    exec_concurrency: int = Field(
+        64, ge=1, description="Exec calls the whole server runs at once; more wait in a queue."
+    )
+    exec_queue_max: int = Field(
+        256,
+        ge=0,
+        description=(
+            "Exec calls that may wait for a free slot; beyond this an exec is refused with "
+            "503 `overloaded` and a Retry-After header instead of queueing forever."
+        ),
     )
     file_max_bytes: int = Field(
         64 * 1024 * 1024, description="Largest file the files API reads or writes in one call."
@@ -310,6 +370,42 @@ class Settings(BaseSettings):
     oidc_admin_groups: list[str] = Field(
         default_factory=list,
         description="Users in one of these groups become admins at login (JSON list).",
+    )
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _listen_address(cls, value: str) -> str:
+        if value:
+            from server.metrics import split_listen
+
+            split_listen(value)
+        return value
+    # --- preview URLs (docs/preview.md) -------------------------------------------------
+    preview_domain: str = Field(
+        "",
+        description=(
+            "Domain whose subdomains are preview origins, <port>--<workspace>--<owner>."
+            "<domain> (wildcard DNS to Den). Empty: only the path form /preview/<workspace>/"
+            "<port>/ on Den's own origin."
+        ),
+    )
+    preview_public_sharing: bool = Field(
+        False,
+        description="Whether a port may be shared with anyone who has the URL (share: public).",
+    )
+    preview_max_connections: int = Field(
+        64, ge=1,
+        description="Preview connections open at once to one workspace; more get 503.",
+    )
+    preview_idle_timeout_s: float = Field(
+        300.0, gt=0,
+        description=(
+            "A preview connection on which the app sends nothing for this long is closed "
+            "(server-sent event streams should send a comment now and then)."
+        ),
+    )
+    preview_max_link_ttl_s: int = Field(
+        7 * 86400, ge=60, description="Longest lifetime of a signed share link, in seconds.",
     )
 
     def resolved_database_url(self) -> str:

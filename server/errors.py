@@ -9,7 +9,8 @@
     ├── Conflict                  409 conflict
     ├── PayloadTooLarge           413 too_large
     ├── QuotaExceeded             429 quota_exceeded
-    └── RuntimeUnavailable        503 runtime_unavailable
+    ├── RuntimeUnavailable        503 runtime_unavailable
+    └── Overloaded                503 overloaded (with Retry-After)
 
 Foreign exceptions (docker, git, SQLAlchemy) are translated into these at the module that
 calls the foreign library; routes only ever see DenError. ``message`` is safe to show to
@@ -74,3 +75,14 @@ class QuotaExceeded(DenError):
 class RuntimeUnavailable(DenError):
     status_code = 503
     code = "runtime_unavailable"
+
+
+class Overloaded(DenError):
+    """Too many long calls are running and waiting: shed, do not queue forever."""
+
+    status_code = 503
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1, detail: str = "") -> None:
+        super().__init__(message, detail=detail)
+        self.headers = {"Retry-After": str(max(1, retry_after_s))}

@@ -32,11 +32,14 @@ class DenServer:
     ``DEN_STOP_TIMEOUT_S=2``). Its output goes to ``server.log`` next to ``data_dir``.
     ``own_session`` starts it in a new session, out of reach of a Ctrl-C at the terminal
     (the caller stops it). It can be killed with SIGKILL and started again on the same port.
+    ``module`` runs another module's ``serve`` instead of ``den serve`` (``tests.fake_serve``:
+    the same server on the fake runtime).
     """
 
     def __init__(self, data_dir: Path, repos_root: Path, prefix: str, *, user: str,
                  http_timeout_s: float = 60, own_session: bool = False,
-                 **settings: object) -> None:
+                 module: str = "server.cli", **settings: object) -> None:
+        self.module = module
         self.port = free_port()
         # The SSH gateway's port: a free one, unless settings say (ssh_port=0 turns it off).
         self.ssh_port = int(str(settings.get("ssh_port", free_port())))
@@ -67,7 +70,7 @@ class DenServer:
         """Start it and wait until ``/healthz`` answers 200."""
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port)],
+                [sys.executable, "-m", self.module, "serve", "--port", str(self.port)],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=self.own_session,
             )

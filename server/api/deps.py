@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request, Security, WebSocket
@@ -9,7 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from server.auth.tokens import authenticate
 from server.db.models import User
-from server.errors import Unauthorized
+from server.errors import Forbidden, Unauthorized
 from server.forges.pull_requests import ForgeService
 from server.snapshots.service import SnapshotService
 from server.ssh.keys import SSHKeyService
@@ -33,6 +34,16 @@ def user_from_header(app_state: object, header: str | None) -> User:
     if user is None:
         raise Unauthorized("invalid or revoked token")
     return user
+
+
+def metrics_reader(request: Request) -> None:
+    """``/metrics``: the metrics token (``DEN_METRICS_TOKEN``) or an admin's API token."""
+    token = _bearer(request.headers.get("authorization"))
+    secret = request.app.state.settings.metrics_token.get_secret_value()
+    if token is not None and secret and hmac.compare_digest(token.encode(), secret.encode()):
+        return
+    if not user_from_header(request.app.state, request.headers.get("authorization")).is_admin:
+        raise Forbidden("the metrics need an admin's API token or the metrics token")
 
 
 # Declares the scheme in the OpenAPI document; user_from_header alone decides (auto_error
@@ -73,6 +84,7 @@ def ssh_key_service(request: Request) -> SSHKeyService:
 
 
 CurrentUser = Annotated[User, Depends(current_user)]
+MetricsReader = Annotated[None, Depends(metrics_reader)]
 Workspaces = Annotated[WorkspaceService, Depends(workspace_service)]
 Files = Annotated[FileService, Depends(file_service)]
 Processes = Annotated[ProcessService, Depends(process_service)]

@@ -87,8 +87,9 @@ async def follow_logs(websocket: WebSocket, ref: str, pid: str) -> None:
         ws = svc.get_for(user, ref)
         await procs.process(ws.id, number, actor=user.name)  # 404 before following
         chunks = procs.process_logs(ws.id, number, follow=True, actor=user.name)
-        if not await relay_output(websocket, chunks):
-            return  # the client left
+        with websocket.app.state.metrics.session_open("process_logs"):
+            if not await relay_output(websocket, chunks):
+                return  # the client left
         # Without waking it: a workspace paused meanwhile ends the stream and stays paused.
         info = await procs.process(ws.id, number, actor=user.name, wake=False)
         if info.running:

@@ -442,3 +442,34 @@ class SSHKeyOut(BaseModel):
 
 class SSHKeyList(BaseModel):
     ssh_keys: list[SSHKeyOut]
+
+
+class PortShareIn(_Strict):
+    share: Literal["private", "users", "public"] = Field(
+        description="private: the owner; users: anyone signed in to this Den; public: anyone "
+                    "with the URL")
+
+
+class PortOut(BaseModel):
+    port: int
+    listening: bool | None = Field(
+        description="Whether something listens on it now; null while the workspace is not "
+                    "running")
+    share: str
+    url: str | None = Field(description="The preview origin (null without DEN_PREVIEW_DOMAIN, "
+                                        "or when the name does not fit a DNS label)")
+    path_url: str = Field(description="The path form on Den's own origin")
+
+
+class PortList(BaseModel):
+    ports: list[PortOut]
+
+
+class ShareLinkIn(_Strict):
+    ttl_s: int = Field(3600, description="Seconds the link works for")
+
+
+class ShareLinkOut(BaseModel):
+    url: str | None
+    path_url: str
+    expires_at: datetime

@@ -38,13 +38,15 @@ class Opened:
     greeting: dict[str, Any] | None = None
 
 
-async def serve(websocket: WebSocket, start: Callable[[], Awaitable[Opened]]) -> None:
+async def serve(websocket: WebSocket, start: Callable[[], Awaitable[Opened]], *,
+                kind: str = "exec_stream") -> None:
     """Accept the socket, ``start`` the process (authorization, validation and waking are
     ``start``'s), relay it while it keeps the workspace awake, and end with ``{"type":
     "exit", "exit_code": int}``, or ``{"type": "paused", "reason"}`` (or ``stopped``) when the
     workspace went to sleep under it. A DenError, before or during, ends it with ``{"type":
     "error", "error": {"code", "message"}}`` and close code 4000 + its HTTP status. The
-    process is killed whenever the socket ends first."""
+    process is killed whenever the socket ends first. While it relays, it counts as an open
+    session of ``kind`` in the metrics."""
     await websocket.accept()
     opened: Opened | None = None
     try:
@@ -52,8 +54,9 @@ async def serve(websocket: WebSocket, start: Callable[[], Awaitable[Opened]]) ->
         if opened.greeting is not None:
             await websocket.send_json(opened.greeting)
         activity = websocket.app.state.workspaces.activity
-        async with activity.hold(opened.workspace_id):
-            code = await relay(websocket, opened.stream, stdin=opened.stdin)
+        with websocket.app.state.metrics.session_open(kind):
+            async with activity.hold(opened.workspace_id):
+                code = await relay(websocket, opened.stream, stdin=opened.stdin)
         await websocket.send_json({"type": "exit", "exit_code": code})
         await websocket.close()
     except WebSocketDisconnect:

@@ -70,4 +70,4 @@ async def terminal(websocket: WebSocket, ref: str, cols: int = 80, rows: int = 2
         return Opened(ws.id, stream, greeting={"type": "status", "state": "running",
                                                "message": "connected"})
 
-    await serve(websocket, start)
+    await serve(websocket, start, kind="terminal")

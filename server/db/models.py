@@ -241,3 +241,20 @@ class WebSession(Base):
     method: Mapped[str] = mapped_column(String(16))  # "token" or "oidc"
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime] = mapped_column()
+
+
+class PreviewPort(Base):
+    """A workspace port's share level for preview URLs (docs/preview.md). No row means
+    ``private``: only the owner (and admins) may open it."""
+
+    __tablename__ = "preview_ports"
+    __table_args__ = (UniqueConstraint("workspace_id", "port", name="uq_preview_ports_ws_port"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    workspace_id: Mapped[str] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), index=True
+    )
+    port: Mapped[int] = mapped_column(Integer)
+    share: Mapped[str] = mapped_column(String(16))  # "private" | "users" | "public"
+    updated_by: Mapped[str] = mapped_column(String(64), default="")
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)

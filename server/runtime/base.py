@@ -15,7 +15,7 @@ only caller. Rules for every method:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -98,6 +98,9 @@ class ExecRequest:
     # ``size`` (columns, rows) from the start.
     tty: bool = False
     size: tuple[int, int] | None = None
+    # A short call (a files operation through exec): not admitted through the gate of long
+    # calls, and run on a backend's pool of short calls where it has one.
+    short: bool = False
 
 
 @dataclass(frozen=True)
@@ -192,6 +195,52 @@ class ProcessControl(Protocol):
 
     async def signal(self, spec: WorkspaceSpec, pid: int, signal: str) -> None:
         """Send ``signal`` (one of :data:`SIGNALS`) to the process's group."""
+        ...
+
+
+class EngineEventKind(StrEnum):
+    START = "start"  # a workspace's container started
+    DIE = "die"  # it exited (whatever the cause: a stop, a kill, a crash, out of memory)
+    OOM = "oom"  # the kernel's OOM killer hit it (a ``die`` follows)
+    RESYNC = "resync"  # events may have been missed (the stream broke): reconcile
+
+
+@dataclass(frozen=True)
+class EngineEvent:
+    """One thing the engine says happened to a workspace's container (from
+    :meth:`EngineEvents.watch`). ``RESYNC`` carries no workspace."""
+
+    kind: EngineEventKind
+    workspace_id: str = ""
+    container: str = ""  # the container's name
+    exit_code: int | None = None  # DIE only
+
+
+@runtime_checkable
+class EngineEvents(Protocol):
+    """Backends that can tell what happens to workspaces as it happens (KubeSpawner's
+    reflector; Docker's event stream), so that Den learns that a sandbox died from the
+    engine rather than from the next failing exec."""
+
+    def watch(self, instance: str) -> AsyncGenerator[EngineEvent, None]:
+        """Events about the containers labelled with this Den ``instance``, until the
+        caller stops iterating. Never ends by itself: when the engine's stream breaks it
+        reconnects (backing off), then yields ``RESYNC``, as it does when it had to drop
+        events (its buffer is bounded). Events may repeat or come late: the caller checks
+        them against the engine's current status before acting."""
+        ...
+
+
+@runtime_checkable
+class PortConnector(Protocol):
+    """Backends that can open a TCP connection to a port on a workspace's own loopback
+    (``ssh -L``, preview URLs). The service asks ``isinstance(runtime, PortConnector)``."""
+
+    async def connect(self, spec: WorkspaceSpec, host: str, port: int) -> ExecStream | None:
+        """A connection to ``host:port`` inside the workspace, as a stream (output: what the
+        port sends; ``write``: what it receives; ``close_stdin``: half-close; ``kill``:
+        close). None when this workspace cannot be reached that way (the caller relays
+        through exec then). Raises ``EngineConflict`` when nothing listens there."""
         ...
 
 

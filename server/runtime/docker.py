@@ -1,7 +1,8 @@
 """The Docker engine backend, running workspaces under gVisor (``runsc``).
 
 Every blocking Docker SDK call goes through :meth:`DockerRuntime._call`, which runs it on
-the backend's bounded executor and translates ``docker.errors`` into Den's errors. The
+one of the backend's two bounded executors (long calls, short calls) and translates
+``docker.errors`` into Den's errors. The
 server never talks to a workspace by its IP: commands, files and processes go through the
 workspace's agent (reached by an engine exec of ``den-agent relay``), or through the engine's
 exec for a workspace without one.
@@ -20,7 +21,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,6 +41,8 @@ from server.runtime.base import (
     LABEL_SNAPSHOT,
     LABEL_WORKSPACE,
     ContainerStatus,
+    EngineEvent,
+    EngineEventKind,
     EngineObject,
     ExecRequest,
     ExecResult,
@@ -66,10 +69,13 @@ EXEC_GRACE_S = 30
 QUIESCE_WAIT_S = 5.0
 SETTLE_AFTER_EXEC_S = 2.0  # a pause this soon after an exec waits for descriptors to drop
 CHECKPOINT_TIMEOUT_S = 600
+SHORT_THREADS = 16  # the pool of short engine calls (state reads, inspects, start, stop)
 AGENT_ATTEMPTS = 4  # to reach an agent before the engine's exec serves a call instead
 AGENT_RETRY_S = 30  # how long the engine's exec then serves the workspace
 # Checkpoint images, beside the engine's checkpoints/ in each container's directory.
 IMAGES_DIR = "den-checkpoints"
+WATCH_QUEUE = 1024  # engine events waiting for the service; more are dropped (then RESYNC)
+WATCH_RETRY_MAX_S = 30.0
 
 
 def _translate(exc: Exception, what: str) -> Exception:
@@ -82,6 +88,11 @@ def _translate(exc: Exception, what: str) -> Exception:
         return EngineError(f"{what}: {exc.explanation or exc}", detail=str(exc))
     if isinstance(exc, requests.exceptions.ConnectionError | docker.errors.DockerException):
         return EngineUnavailable("the Docker engine is not reachable", detail=str(exc))
+    if isinstance(exc, requests.exceptions.RequestException):
+        # An answer that is cut short or not JSON (the object went away while the engine
+        # answered), a timeout: the engine failed this call.
+        return EngineError(f"{what}: the engine's answer was unusable ({type(exc).__name__})",
+                           detail=str(exc))
     return exc
 
 
@@ -107,6 +118,8 @@ class DockerRuntime:
         self._gvisor_runtime = gvisor_runtime
         self._helper_image = helper_image
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="docker")
+        self._short = ThreadPoolExecutor(max_workers=SHORT_THREADS,
+                                         thread_name_prefix="docker-short")
         self._client: docker.DockerClient | None = None
         self._docker_root: Path | None = None
         self._runsc_cmd: list[str] | None = None
@@ -129,7 +142,11 @@ class DockerRuntime:
                     ) from exc
             return self._client.api
 
-    async def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    async def _call(self, what: str, fn: Callable[..., T], *args: Any, slow: bool = False,
+                    **kwargs: Any) -> T:
+        """Run ``fn`` on an executor: ``slow`` calls (execs through the engine, checkpoints,
+        copies) on the long pool, every other call on the short pool, so that a state read
+        never waits behind a minute-long exec."""
         loop = asyncio.get_running_loop()
 
         def run() -> T:
@@ -138,10 +155,11 @@ class DockerRuntime:
             except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
                 raise _translate(exc, what) from exc
 
-        return await loop.run_in_executor(self._executor, run)
+        return await loop.run_in_executor(self._executor if slow else self._short, run)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._short.shutdown(wait=False, cancel_futures=True)
         if self._client is not None:
             self._client.close()
 
@@ -192,7 +210,7 @@ class DockerRuntime:
             with tar.open("rb") as fh:
                 self._api().put_archive(spec.container_name, docker_specs.WORKSPACE_MOUNT, fh)
 
-        await self._call(f"seed workspace {spec.workspace_id}", run)
+        await self._call(f"seed workspace {spec.workspace_id}", run, slow=True)
 
     async def start(self, spec: WorkspaceSpec) -> None:
         self._broken_agents.pop(spec.container_name, None)
@@ -285,7 +303,7 @@ class DockerRuntime:
                 raise EngineError(f"container {name} still runs after its checkpoint")
             _link_image(image, home / "checkpoints" / checkpoint)
 
-        await self._call(f"pause workspace {spec.workspace_id}", run)
+        await self._call(f"pause workspace {spec.workspace_id}", run, slow=True)
 
     def _runsc_command(self) -> list[str]:
         """runsc as the engine runs it (the registered runtime's path and its global flags)
@@ -359,7 +377,7 @@ class DockerRuntime:
                             params={"checkpoint": checkpoint})
             api._raise_for_status(res)
 
-        await self._call(f"resume workspace {spec.workspace_id}", run)
+        await self._call(f"resume workspace {spec.workspace_id}", run, slow=True)
 
     async def delete_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str) -> None:
         def run() -> None:
@@ -385,6 +403,83 @@ class DockerRuntime:
             return ContainerStatus.RUNNING if state.get("Running") else ContainerStatus.STOPPED
 
         return await self._call(f"status of workspace {spec.workspace_id}", run)
+
+    # --- events -----------------------------------------------------------------------
+
+    async def watch(self, instance: str) -> AsyncGenerator[EngineEvent, None]:
+        """:class:`~server.runtime.base.EngineEvents`: Docker's event stream, filtered by the
+        engine to this instance's containers, read by a thread of its own (it blocks for
+        good; not one of the executor's). On reconnect it asks for the events since the
+        last one it saw, and yields RESYNC: the engine may have restarted and forgotten."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[EngineEvent] = asyncio.Queue(maxsize=WATCH_QUEUE)
+        dropped = False
+        stop = threading.Event()
+        streams: list[Any] = []  # the open stream, closed from here to end the thread
+
+        def put(event: EngineEvent) -> None:  # on the loop
+            nonlocal dropped
+            try:
+                queue.put_nowait(event)
+            except asyncio.QueueFull:
+                dropped = True
+
+        def deliver(event: EngineEvent) -> bool:  # on the thread
+            try:
+                loop.call_soon_threadsafe(put, event)
+            except RuntimeError:  # the loop is closed
+                return False
+            return True
+
+        def read() -> None:
+            since: str | None = None
+            delay = 0.5
+            connected_before = False
+            while not stop.is_set():
+                try:
+                    stream = self._api().events(decode=True, since=since, filters={
+                        "type": "container", "event": ["start", "die", "oom"],
+                        "label": [f"{LABEL_MANAGED}=true", f"{LABEL_INSTANCE}={instance}"]})
+                    streams[:] = [stream]
+                    if connected_before and not deliver(EngineEvent(EngineEventKind.RESYNC)):
+                        return
+                    connected_before = True
+                    delay = 0.5
+                    for raw in stream:
+                        if stop.is_set():
+                            return
+                        if isinstance(raw, dict) and raw.get("timeNano"):
+                            since = f"{int(raw['timeNano']) / 1e9:.9f}"
+                        event = engine_event(raw)
+                        if event is not None and not deliver(event):
+                            return
+                except Exception as exc:  # any break: reconnect (the thread must not die)
+                    if stop.is_set():
+                        return
+                    # Once per outage at WARNING; the supervisor reports the engine's state.
+                    log.log(logging.WARNING if delay == 0.5 else logging.DEBUG,
+                            "engine events: %s; reconnecting in %.1f s",
+                            type(exc).__name__, delay)
+                if stop.wait(delay):
+                    return
+                delay = min(delay * 2, WATCH_RETRY_MAX_S)
+
+        reader = threading.Thread(target=read, name="docker-events", daemon=True)
+        reader.start()
+        try:
+            while True:
+                event = await queue.get()
+                if dropped and queue.empty():
+                    dropped = False
+                    yield event
+                    yield EngineEvent(EngineEventKind.RESYNC)
+                    continue
+                yield event
+        finally:
+            stop.set()
+            for stream in streams:
+                with contextlib.suppress(Exception):
+                    stream.close()
 
     # --- snapshots --------------------------------------------------------------------
 
@@ -423,7 +518,7 @@ class DockerRuntime:
             return size + self._copy_volume(spec.volume_name, snap.volume, wipe=True,
                                             labels=dict(snap.labels))
 
-        return await self._call(f"snapshot of workspace {spec.workspace_id}", run)
+        return await self._call(f"snapshot of workspace {spec.workspace_id}", run, slow=True)
 
     async def load_snapshot(self, spec: WorkspaceSpec, snap: SnapshotSpec) -> None:
         await self._drop_agent(spec, "stopped")
@@ -444,7 +539,7 @@ class DockerRuntime:
             api.create_container(**cfg, host_config=host_config)
             self._copy_volume(snap.volume, spec.volume_name, wipe=True, labels=dict(spec.labels))
 
-        await self._call(f"load snapshot into workspace {spec.workspace_id}", run)
+        await self._call(f"load snapshot into workspace {spec.workspace_id}", run, slow=True)
 
     def _container_dir(self, container: str) -> Path:
         """The container's directory under the engine's root. Docker 20.10 keeps checkpoints
@@ -459,6 +554,18 @@ class DockerRuntime:
             self._docker_root = Path(str(self._api().info()["DockerRootDir"]))
         return self._docker_root / "containers" / cid
 
+    def checkpoint_dirs(self) -> list[Path]:
+        """Where this backend keeps pause checkpoints on the host (for the checkpoint disk
+        use metric; blocking, called at scrape time off the event loop)."""
+        try:
+            with self._client_lock:
+                known = self._docker_root
+            root = known or Path(str(self._api().info()["DockerRootDir"]))
+        except (DenError, docker.errors.DockerException, requests.exceptions.RequestException):
+            return []
+        self._docker_root = root
+        return sorted((root / "containers").glob(f"*/{IMAGES_DIR}"))
+
     async def export_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str, dest: Path
                                 ) -> int:
         def run() -> int:
@@ -469,7 +576,8 @@ class DockerRuntime:
             shutil.copytree(src, dest)  # the image itself, not the links to it
             return sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
 
-        return await self._call(f"export checkpoint of workspace {spec.workspace_id}", run)
+        return await self._call(f"export checkpoint of workspace {spec.workspace_id}", run,
+                                slow=True)
 
     async def import_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str, src: Path
                                 ) -> None:
@@ -482,7 +590,8 @@ class DockerRuntime:
             shutil.copytree(src, image)
             _link_image(image, home / "checkpoints" / checkpoint)
 
-        await self._call(f"import checkpoint into workspace {spec.workspace_id}", run)
+        await self._call(f"import checkpoint into workspace {spec.workspace_id}", run,
+                         slow=True)
 
     async def delete_snapshot(self, snap: SnapshotSpec) -> None:
         def run() -> None:
@@ -493,7 +602,7 @@ class DockerRuntime:
             with contextlib.suppress(docker.errors.NotFound):
                 api.remove_volume(snap.volume, force=True)
 
-        await self._call(f"delete snapshot {snap.snapshot_id}", run)
+        await self._call(f"delete snapshot {snap.snapshot_id}", run, slow=True)
 
     async def cpu_time_ns(self, spec: WorkspaceSpec) -> int | None:
         """From the agent when the workspace has one (the CPU of the workspace's own
@@ -506,16 +615,8 @@ class DockerRuntime:
                 if isinstance(used, int) and used >= 0:
                     return used
 
-        def run() -> int | None:
-            try:
-                stats = self._api().stats(spec.container_name, stream=False, one_shot=True)
-            except docker.errors.NotFound:
-                return None
-            usage = (stats.get("cpu_stats") or {}).get("cpu_usage") or {}
-            total = usage.get("total_usage")
-            return int(total) if total else None
-
-        return await self._call(f"cpu of workspace {spec.workspace_id}", run)
+        return await self._call(f"cpu of workspace {spec.workspace_id}",
+                                lambda: _stats_cpu_ns(self._api(), spec.container_name))
 
     async def list_objects(self, instance: str) -> list[EngineObject]:
         def run() -> list[EngineObject]:
@@ -654,7 +755,8 @@ class DockerRuntime:
                 truncated=truncated,
             )
 
-        return await self._call(f"exec in workspace {spec.workspace_id}", run)
+        return await self._call(f"exec in workspace {spec.workspace_id}", run,
+                                slow=not req.short)
 
     def _exec_blocking(self, spec: WorkspaceSpec, req: ExecRequest) -> int:
         """A short helper command (no stdin, output discarded); returns its exit code."""
@@ -1060,6 +1162,54 @@ def _link_image(image: Path, target: Path) -> None:
     target.mkdir(parents=True)
     for f in image.iterdir():
         (target / f.name).symlink_to(f.resolve())
+
+
+def engine_event(raw: Any) -> EngineEvent | None:
+    """One decoded Docker event as an :class:`EngineEvent`, or None when it is not about a
+    workspace's container (or not one Den follows). Untrusted shape: checked, never assumed."""
+    if not isinstance(raw, dict) or raw.get("Type") != "container":
+        return None
+    try:
+        kind = EngineEventKind(str(raw.get("Action") or raw.get("status") or ""))
+    except ValueError:
+        return None
+    if kind is EngineEventKind.RESYNC:
+        return None
+    actor = raw.get("Actor")
+    attributes = actor.get("Attributes") if isinstance(actor, dict) else None
+    if not isinstance(attributes, dict):
+        return None
+    workspace_id = str(attributes.get(LABEL_WORKSPACE) or "")
+    if not workspace_id:
+        return None
+    exit_code = None
+    if kind is EngineEventKind.DIE:
+        with contextlib.suppress(TypeError, ValueError):
+            exit_code = int(str(attributes.get("exitCode")))
+    return EngineEvent(kind, workspace_id=workspace_id[:64],
+                       container=str(attributes.get("name") or "")[:256], exit_code=exit_code)
+
+
+def _stats_cpu_ns(api: Any, container: str) -> int | None:
+    """The container's CPU time from the engine's stats; None when it is not running or
+    gone. A container removed while the engine gathers its stats gets an empty or cut answer
+    (not JSON): that is "gone" too when the container is no longer there."""
+    try:
+        stats = api.stats(container, stream=False, one_shot=True)
+    except docker.errors.NotFound:
+        return None
+    except ValueError as exc:  # requests' JSONDecodeError is one
+        try:
+            api.inspect_container(container)
+        except docker.errors.NotFound:
+            return None
+        raise EngineError(f"stats of container {container}: the engine's answer was not "
+                          "JSON", detail=str(exc)) from exc
+    if not isinstance(stats, dict):
+        return None
+    usage = (stats.get("cpu_stats") or {}).get("cpu_usage") or {}
+    total = usage.get("total_usage") if isinstance(usage, dict) else None
+    return int(total) if isinstance(total, int) and total > 0 else None
 
 
 def _delete_checkpoint(api: Any, container: str, checkpoint: str) -> None:

@@ -11,12 +11,14 @@ import asyncio
 import dataclasses
 import signal as signals
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.runtime.base import (
     ContainerStatus,
+    EngineEvent,
+    EngineEventKind,
     EngineObject,
     ExecRequest,
     ExecResult,
@@ -57,26 +59,38 @@ class _Container:
 @dataclass
 class FakeRuntime:
     """Containers and volumes as dict entries. ``fail_next`` makes the next call of that
-    method raise, to test failure paths."""
+    method raise, ``fail_for`` every call of a method about one workspace (methods that pass
+    their spec to ``_enter``), to test failure paths."""
 
     images: set[str] = field(default_factory=lambda: {"den/workspace:latest"})
     containers: dict[str, _Container] = field(default_factory=dict)
     volumes: dict[str, dict[str, str]] = field(default_factory=dict)
     fail_next: dict[str, Exception] = field(default_factory=dict)
+    # (method, workspace id) -> what every such call about that workspace raises
+    fail_for: dict[tuple[str, str], Exception] = field(default_factory=dict)
     available: bool = True
     calls: list[str] = field(default_factory=list)
     # Files by volume name (tests write them directly) and their copies by snapshot id.
     files: dict[str, dict[str, bytes]] = field(default_factory=dict)
     snapshot_files: dict[str, dict[str, bytes]] = field(default_factory=dict)
     next_pid: int = 100
+    # The queues of the watchers of the event stream (``watch``); ``emit`` feeds them.
+    watchers: list[asyncio.Queue[EngineEvent]] = field(default_factory=list)
+    # An exec of exactly ["block"] waits until this is set (tests fill the exec queue).
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    # Ports "listening inside" every workspace: workspace port -> a real (host, port) on the
+    # test machine that ``connect`` dials (tests run a server there).
+    listening: dict[int, tuple[str, int]] = field(default_factory=dict)
 
     name = "fake"
 
-    def _enter(self, method: str) -> None:
+    def _enter(self, method: str, spec: WorkspaceSpec | None = None) -> None:
         self.calls.append(method)
         if not self.available:
             raise EngineUnavailable("the fake engine is down")
         exc = self.fail_next.pop(method, None)
+        if exc is None and spec is not None:
+            exc = self.fail_for.get((method, spec.workspace_id))
         if exc is not None:
             raise exc
 
@@ -153,11 +167,50 @@ class FakeRuntime:
         self._enter("exec")
         if not self._get(spec).running:
             raise EngineConflict(f"container {spec.container_name} is not running")
+        if list(req.argv) == ["block"]:
+            await self.release.wait()
+            return ExecResult(0, b"released\n", b"")
+        if list(req.argv) == ["cat", "/proc/net/tcp", "/proc/net/tcp6"]:
+            return ExecResult(0, _proc_net_tcp(self.listening), b"")
         return _run(req)
+
+    async def connect(self, spec: WorkspaceSpec, host: str, port: int) -> _FakeConnection:
+        self._enter("connect")
+        if not self._get(spec).running:
+            raise EngineConflict(f"container {spec.container_name} is not running")
+        where = self.listening.get(port)
+        if where is None:
+            raise EngineConflict(f"connect {host}:{port}: connection refused")
+        reader, writer = await asyncio.open_connection(*where)
+        return _FakeConnection(reader, writer)
 
     async def exec_stream(self, spec: WorkspaceSpec, req: ExecRequest) -> _FakeStream:
         result = await self.exec(spec, req)
         return _FakeStream(result, req.argv)
+
+    # --- EngineEvents ---------------------------------------------------------------------
+
+    async def watch(self, instance: str) -> AsyncGenerator[EngineEvent, None]:
+        queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
+        self.watchers.append(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self.watchers.remove(queue)
+
+    def emit(self, event: EngineEvent) -> None:
+        for queue in self.watchers:
+            queue.put_nowait(event)
+
+    def kill(self, spec: WorkspaceSpec, *, exit_code: int = 137, oom: bool = False) -> None:
+        """What ``docker kill`` (or the OOM killer) does from outside Den: the container
+        stops, and the engine says so."""
+        self._get(spec).running = False
+        if oom:
+            self.emit(EngineEvent(EngineEventKind.OOM, spec.workspace_id, spec.container_name))
+        self.emit(EngineEvent(EngineEventKind.DIE, spec.workspace_id, spec.container_name,
+                              exit_code=exit_code))
 
     # --- ProcessControl -------------------------------------------------------------------
 
@@ -248,7 +301,7 @@ class FakeRuntime:
         self.snapshot_files.pop(snap.snapshot_id, None)
 
     async def cpu_time_ns(self, spec: WorkspaceSpec) -> int | None:
-        self._enter("cpu_time_ns")
+        self._enter("cpu_time_ns", spec)
         c = self.containers.get(spec.container_name)
         return c.cpu_ns if c is not None and c.running else None
 
@@ -300,6 +353,45 @@ def _run(req: ExecRequest) -> ExecResult:
         case ["exit", code]:
             return ExecResult(int(code), b"", b"")
     return ExecResult(127, b"", f"fake runtime: {argv[0]}: command not found\n".encode())
+
+
+def _proc_net_tcp(listening: dict[int, tuple[str, int]]) -> bytes:
+    head = "  sl  local_address rem_address   st tx_queue rx_queue\n"
+    rows = [f"   {i}: 0100007F:{port:04X} 00000000:0000 0A 00000000:00000000\n"
+            for i, port in enumerate(sorted(listening))]
+    return (head + "".join(rows)).encode()
+
+
+class _FakeConnection:
+    """A real TCP connection on the test machine standing in for one inside a workspace."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    async def output(self) -> AsyncIterator[StreamChunk]:
+        while data := await self._reader.read(65536):
+            yield StreamChunk("stdout", data)
+
+    async def write(self, data: bytes) -> None:
+        self._writer.write(data)
+        await self._writer.drain()
+
+    async def close_stdin(self) -> None:
+        if self._writer.can_write_eof():
+            self._writer.write_eof()
+
+    async def resize(self, cols: int, rows: int) -> None:
+        """A connection has no terminal."""
+
+    async def wait(self) -> int:
+        return 0
+
+    async def signal(self, name: str) -> None:
+        """A connection has no process."""
+
+    async def kill(self) -> None:
+        self._writer.close()
 
 
 class _FakeStream:

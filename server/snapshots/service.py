@@ -78,7 +78,7 @@ class SnapshotService:
 
     async def _take(self, ws_id: str, *, name: str, memory: bool) -> Snapshot:
         svc = self.workspaces
-        async with svc.locked(ws_id):
+        async with svc.metrics.operation("snapshot"), svc.locked(ws_id):
             ws = svc.get(ws_id)
             allowed = (State.PAUSED,) if memory else SNAPSHOT_STATES
             if State(ws.state) not in allowed:

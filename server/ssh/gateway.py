@@ -121,6 +121,11 @@ class Gateway:
         self.port = int(self._server.sockets[0].getsockname()[1])
         log.info("ssh: gateway listening on %s:%d", self.settings.host, self.port)
 
+    @property
+    def serving(self) -> bool:
+        """Whether the gateway is listening."""
+        return self._server is not None
+
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
@@ -183,6 +188,7 @@ class _Connection(asyncssh.SSHServer):
             if not self._refused:
                 self.gw.limiter.record_failure(self.peer[0], time.monotonic())
             return
+        self.svc.metrics.session_closed("ssh")
         seconds = time.monotonic() - self._opened_at
         parts = [f"{n} {kind}{'s' if n != 1 else ''}" for kind, n in self.channels.items() if n]
         self._note(f"ssh connection from {self._where()} closed after {seconds:.0f} s"
@@ -260,6 +266,7 @@ class _Connection(asyncssh.SSHServer):
         assert self._candidate is not None
         self.auth = self._candidate
         self._opened_at = time.monotonic()
+        self.svc.metrics.session_opened("ssh")
         self.gw.keys.mark_used(self.auth.key_id)
         self._note(f"ssh connection opened by {self.auth.user.name} from {self._where()} "
                    f"(key {self.auth.key_label!r})")
@@ -465,6 +472,9 @@ class _Session(_Bridge, asyncssh.SSHServerSession[bytes]):
         self.command: str | None = None
         self.subsystem: str | None = None
         self._sized: tuple[int, int] | None = None
+        # Resizes in flight: the loop keeps only weak references to tasks, and a resize task
+        # collected mid-way was a window-change lost for good (the shell kept its old size).
+        self._resizes: set[asyncio.Task[None]] = set()
 
     def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int],
                       term_modes: Any) -> bool:
@@ -501,7 +511,9 @@ class _Session(_Bridge, asyncssh.SSHServerSession[bytes]):
         self.size = _size(width, height) or self.size
         if self.stream is not None and self.size is not None and self.size != self._sized:
             self._sized = self.size
-            asyncio.create_task(self.stream.resize(*self.size))  # noqa: RUF006
+            task = asyncio.create_task(self.stream.resize(*self.size))
+            self._resizes.add(task)
+            task.add_done_callback(self._resizes.discard)
 
     async def _make_stream(self) -> ExecStream:
         auth = self.conn.auth

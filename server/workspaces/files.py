@@ -229,7 +229,8 @@ class FileService:
         ws = svc.get(ws_id)
         req = svc.exec_request(ws, argv, cwd=WORKSPACE_ROOT, stdin=stdin, timeout_s=300)
         # A file may be as large as file_max_bytes; one byte more shows it was cut.
-        req = dataclasses.replace(req, max_output_bytes=self.max_bytes + 1)
+        # A files call is short: it never waits behind long execs (server/workspaces/admission).
+        req = dataclasses.replace(req, max_output_bytes=self.max_bytes + 1, short=True)
         return await svc.exec(ws_id, req, actor=actor)
 
     async def read(self, ws_id: str, path: str, *, actor: str) -> FileContent:

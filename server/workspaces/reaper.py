@@ -24,6 +24,7 @@ from sqlalchemy import select
 from server.config import Settings
 from server.db.models import Workspace
 from server.errors import DenError
+from server.logs import bind_workspace
 from server.workspaces.activity import Activity
 from server.workspaces.service import WorkspaceService
 from server.workspaces.states import State
@@ -119,15 +120,14 @@ class Reaper:
                 log.exception("idle reaper pass failed")
 
     async def _cpu_busy(self, ws: Workspace) -> bool:
-        """Whether the workspace used more than ``idle_cpu_percent`` since the last pass."""
-        try:
-            used_ns = await self.service.runtime.cpu_time_ns(self.service.spec_for(ws))
-        except DenError:
-            return False
+        """Whether the workspace used more than ``idle_cpu_percent`` since the last pass.
+        Raises what the engine raised (the caller skips the workspace this pass)."""
+        used_ns = await self.service.runtime.cpu_time_ns(self.service.spec_for(ws))
         now = time.monotonic()
         before = self._cpu.get(ws.id)
         if used_ns is None:
             return False
+        self.service.metrics.workspace_cpu(ws.id, used_ns)
         self._cpu[ws.id] = (used_ns, now)
         if before is None or now <= before[1]:
             return False
@@ -143,7 +143,17 @@ class Reaper:
         for ws in rows:
             busy = self.activity.busy(ws.id)
             if ws.state == State.RUNNING.value and not ws.keep_alive and not busy:
-                busy = await self._cpu_busy(ws)
+                # One workspace that cannot be measured (deleted under the pass, its
+                # container gone, the engine refusing) is left alone this pass; the others
+                # are not held back by it.
+                try:
+                    busy = await self._cpu_busy(ws)
+                except DenError as exc:
+                    log.info("reaper: workspace %s skipped this pass: %s", ws.id, exc.message)
+                    continue
+                except Exception:
+                    log.exception("reaper: workspace %s skipped this pass", ws.id)
+                    continue
             if busy:
                 self.service.touch(ws.id)
             views.append(IdleView(
@@ -158,12 +168,15 @@ class Reaper:
 
     async def run_once(self) -> list[tuple[str, Action]]:
         """One pass: measure, decide, act. Returns what it did (for tests and logs)."""
-        await asyncio.to_thread(sweep_restore_copies, self.settings.containerd_tmp_dir)
+        swept = await asyncio.to_thread(sweep_restore_copies, self.settings.containerd_tmp_dir)
+        self.service.metrics.reaper_action("sweep", result="ok", count=swept)
         actions = decide(await self.views(), datetime.now(UTC))
         await asyncio.gather(*(self._act(ws_id, action) for ws_id, action in actions))
         return actions
 
     async def _act(self, ws_id: str, action: Action) -> None:
+        bind_workspace(ws_id)
+        metrics = self.service.metrics
         async with self._limit:
             try:
                 if action is Action.PAUSE:
@@ -171,5 +184,7 @@ class Reaper:
                 else:
                     await self.service.stop(ws_id, actor="reaper")
                 self._cpu.pop(ws_id, None)
+                metrics.reaper_action(action.value, result="ok")
             except DenError as exc:  # in transition meanwhile, or the engine refused
                 log.info("reaper: %s of workspace %s skipped: %s", action, ws_id, exc.message)
+                metrics.reaper_action(action.value, result="skipped")

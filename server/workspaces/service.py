@@ -33,15 +33,20 @@ from server.errors import (
     ValidationFailed,
 )
 from server.git import clone as git_clone
+from server.logs import bind_workspace
+from server.metrics import Metrics
 from server.runtime.base import (
     LABEL_INSTANCE,
     LABEL_MANAGED,
     LABEL_SNAPSHOT,
     AgentChannel,
     ContainerStatus,
+    EngineEvent,
+    EngineEventKind,
     ExecRequest,
     ExecResult,
     ExecStream,
+    PortConnector,
     Runtime,
     SnapshotSpec,
     WorkspaceSpec,
@@ -50,6 +55,7 @@ from server.runtime.base import (
 from server.runtime.errors import EngineConflict, ObjectMissing
 from server.workspaces import limits, naming
 from server.workspaces.activity import Activity
+from server.workspaces.admission import Gate
 from server.workspaces.states import (
     PAUSE,
     RESUME,
@@ -68,6 +74,8 @@ WORKSPACE_ROOT = "/workspace"
 ACTIVITY_DEBOUNCE = timedelta(seconds=5)
 CHECKPOINT = "den-pause"  # the one memory checkpoint a paused workspace has
 RUNTIMES = ("gvisor", "runc", "microvm")
+OOM_MEMORY = 1024  # workspaces whose "oom" event waits for its "die"
+OOM_MEMORY_S = 60.0  # an "oom" this old no longer explains a "die"
 
 
 @dataclass(frozen=True)
@@ -110,14 +118,20 @@ class WorkspaceService:
         sessions: sessionmaker[Session],
         runtime: Runtime,
         instance_id: str,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics if metrics is not None else Metrics()
+        # Long calls (execs) are admitted through one gate: a bounded queue, then 503.
+        self.long_calls = Gate(limit=settings.exec_concurrency,
+                               queue_max=settings.exec_queue_max)
         self.sessions = sessions
         self.runtime = runtime
         self.instance_id = instance_id
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._tmp = settings.data_dir / "tmp"
+        self._oom: dict[str, float] = {}  # workspace -> when the engine last said "oom"
         self.activity = Activity()
         # Set by the forge service (server/forges): git environment that authenticates a
         # host-side clone (a linked account's token, in memory only), what to do to a fresh
@@ -147,6 +161,7 @@ class WorkspaceService:
                 )
             if row is None or (row.owner_id != user.id and not user.is_admin):
                 raise NotFound(f"no workspace {ref!r}")
+            bind_workspace(row.id)
             return row
 
     def get(self, workspace_id: str) -> Workspace:
@@ -193,6 +208,7 @@ class WorkspaceService:
     def locked(self, workspace_id: str) -> asyncio.Lock:
         """The workspace's operation lock: lifecycle operations hold it, and so does work
         that must not overlap one but changes no state (a snapshot)."""
+        bind_workspace(workspace_id)
         return self._locks.setdefault(workspace_id, asyncio.Lock())
 
     def _record(self, s: Session, workspace_id: str, *, kind: str, actor: str, message: str,
@@ -337,7 +353,7 @@ class WorkspaceService:
     async def _build_fork(self, ws_id: str, snap: Snapshot) -> None:
         spec = self.spec_for(self.get(ws_id))
         try:
-            async with self.locked(ws_id):
+            async with self.metrics.operation("fork"), self.locked(ws_id):
                 await self.runtime.load_snapshot(spec, self.snapshot_spec(snap))
                 how = await self._boot_from(spec, snap)
                 self._transition(ws_id, State.CREATING, State.RUNNING, actor="system",
@@ -374,7 +390,7 @@ class WorkspaceService:
         restore, say) can be restored too."""
         if self.get(ws_id).state != State.ERROR.value:
             await self.stop(ws_id, actor=actor)
-        async with self.locked(ws_id):
+        async with self.metrics.operation("restore"), self.locked(ws_id):
             ws = self.get(ws_id)
             if ws.state not in (State.STOPPED.value, State.ERROR.value):
                 raise Conflict(f"workspace is {ws.state}; try again")
@@ -472,7 +488,7 @@ class WorkspaceService:
         spec = self.spec_for(ws)
         work = self._tmp / ws_id
         try:
-            async with self.locked(ws_id):
+            async with self.metrics.operation("create"), self.locked(ws_id):
                 work.mkdir(parents=True, exist_ok=True)
                 repo = work / "repo"
                 tar = work / "seed.tar"
@@ -510,7 +526,7 @@ class WorkspaceService:
     async def start(self, ws_id: str, *, actor: str) -> Workspace:
         if self.get(ws_id).state == State.PAUSED.value:  # starting a paused one resumes it
             return await self.resume(ws_id, actor=actor)
-        async with self.locked(ws_id):
+        async with self.metrics.operation("start"), self.locked(ws_id):
             ws = self.get(ws_id)
             try:
                 step = plan(START, State(ws.state))
@@ -533,7 +549,7 @@ class WorkspaceService:
             return self.get(ws_id)
 
     async def stop(self, ws_id: str, *, actor: str) -> Workspace:
-        async with self.locked(ws_id):
+        async with self.metrics.operation("stop"), self.locked(ws_id):
             ws = self.get(ws_id)
             try:
                 step = plan(STOP, State(ws.state))
@@ -563,7 +579,7 @@ class WorkspaceService:
     async def pause(self, ws_id: str, *, actor: str) -> Workspace:
         """Checkpoint memory and processes and free CPU and RAM: ``running`` -> ``paused``.
         On failure the workspace is left running (or stopped) and the event log says why."""
-        async with self.locked(ws_id):
+        async with self.metrics.operation("pause"), self.locked(ws_id):
             ws = self.get(ws_id)
             step = self._plan(PAUSE, ws)
             if step is None:
@@ -593,7 +609,7 @@ class WorkspaceService:
         The checkpoint is kept after a restore: gVisor may still read memory from it (deleting
         it at once loses processes, measured). The next pause replaces it, a stop removes it:
         a workspace has at most one."""
-        async with self.locked(ws_id):
+        async with self.metrics.operation("resume"), self.locked(ws_id):
             ws = self.get(ws_id)
             step = self._plan(RESUME, ws)
             if step is None:
@@ -627,7 +643,7 @@ class WorkspaceService:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
-        async with self.locked(ws_id):
+        async with self.metrics.operation("delete"), self.locked(ws_id):
             ws = self.get(ws_id)
             if ws.state == State.DELETING.value:
                 return False
@@ -646,6 +662,7 @@ class WorkspaceService:
         with self.sessions.begin() as s:
             s.execute(delete(Event).where(Event.workspace_id == ws.id))
             s.execute(delete(Workspace).where(Workspace.id == ws.id))
+        self.metrics.forget_workspace(ws.id)
         for hook in self.deleted_hooks:
             hook(ws.id)
         log.info("workspace %s: deleted by %s", ws.id, actor)
@@ -721,6 +738,22 @@ class WorkspaceService:
                            max_output_bytes=self.settings.exec_max_output_bytes)
 
     async def exec(self, ws_id: str, req: ExecRequest, *, actor: str) -> ExecResult:
+        """Run ``req`` in the workspace (woken first). A long call (not ``req.short``) is
+        admitted through :attr:`long_calls`: it waits for a slot, or is refused with 503
+        ``overloaded`` when the queue is full."""
+        started = time.monotonic()
+        try:
+            admitted = contextlib.nullcontext() if req.short else self.long_calls.enter()
+            async with admitted:
+                result = await self._exec(ws_id, req, actor=actor)
+        except BaseException as exc:
+            self.metrics.exec_failed(time.monotonic() - started, exc, short=req.short)
+            raise
+        self.metrics.exec_done(time.monotonic() - started, short=req.short,
+                               timed_out=result.timed_out)
+        return result
+
+    async def _exec(self, ws_id: str, req: ExecRequest, *, actor: str) -> ExecResult:
         ws = await self.ensure_running(ws_id, actor=actor)
         spec = self.spec_for(ws)
         try:  # while it runs, the activity hold keeps the workspace from looking idle
@@ -780,38 +813,106 @@ class WorkspaceService:
         through exec then)."""
         ws = await self.ensure_running(ws_id, actor=actor)
         self.touch(ws_id)
-        if not isinstance(self.runtime, AgentChannel):
+        if not isinstance(self.runtime, PortConnector):
             return None
         return await self.runtime.connect(self.spec_for(ws), host, port)
 
+    # --- the engine's events ----------------------------------------------------------
+
+    async def apply_engine_event(self, event: EngineEvent) -> None:
+        """Follow what the engine says happened to a workspace's container (a container
+        that died, was OOM-killed, or was started from outside Den), so that the state
+        matches the engine within seconds and the event log says why. Ignored: events of
+        another container than the workspace's current one, workspaces with an operation of
+        Den's own in progress (its pause or stop is what made the container exit; that
+        operation settles the state), and anything the engine's current status contradicts
+        (events may come late or twice)."""
+        ws_id = event.workspace_id
+        if event.kind is EngineEventKind.OOM:
+            if len(self._oom) >= OOM_MEMORY:  # bounded: the oldest goes
+                self._oom.pop(next(iter(self._oom)))
+            self._oom[ws_id] = time.monotonic()
+            return
+        if event.kind not in (EngineEventKind.DIE, EngineEventKind.START) or self._busy(ws_id):
+            return
+        async with self.locked(ws_id):
+            with self.sessions() as s:
+                ws = s.get(Workspace, ws_id)
+            if ws is None:
+                return
+            spec = self.spec_for(ws)
+            if event.container != spec.container_name:
+                return
+            state = State(ws.state)
+            if event.kind is EngineEventKind.DIE and state is State.RUNNING:
+                if await self.runtime.status(spec) is ContainerStatus.RUNNING:
+                    return  # an older container's death, or restarted since
+                oom_at = self._oom.pop(ws_id, None)
+                oom = oom_at is not None and time.monotonic() - oom_at < OOM_MEMORY_S
+                self._transition(ws_id, state, State.STOPPED, actor="engine",
+                                 message=f"the container exited "
+                                         f"({describe_exit(event.exit_code, oom=oom)}); "
+                                         "it starts again on the next access")
+            elif event.kind is EngineEventKind.START and state in (State.STOPPED,
+                                                                    State.PAUSED):
+                if await self.runtime.status(spec) is not ContainerStatus.RUNNING:
+                    return
+                if state is State.PAUSED:
+                    self._transition(ws_id, state, State.RESUMING, actor="engine")
+                    state = State.RESUMING
+                self._transition(ws_id, state, State.RUNNING, actor="engine",
+                                 message="the container was started outside Den")
+
     # --- reconcile --------------------------------------------------------------------
 
-    async def reconcile(self) -> None:
-        """Bring the database and the engine into agreement (run at startup)."""
+    def remove_leftovers(self) -> None:
+        """At startup, before anything runs: the build directories and the saved memory of
+        snapshots without a row that a previous run left (it stopped while making them)."""
         shutil.rmtree(self._tmp, ignore_errors=True)
         with self.sessions() as s:
+            snapshots = set(s.scalars(select(Snapshot.id)))
+        saved = self.settings.data_dir / "snapshots"
+        for d in sorted(saved.iterdir()) if saved.is_dir() else []:
+            if d.name not in snapshots:
+                log.warning("startup: removing orphan saved memory %s", d)
+                shutil.rmtree(d, ignore_errors=True)
+
+    async def reconcile(self) -> None:
+        """Bring the database and the engine into agreement: at startup, and again each time
+        the engine answers after failing, while requests run. A workspace with an operation in
+        progress (its lock held, or its build running) is left to that operation, and so are
+        the engine objects it may be making."""
+        objects = await self.runtime.list_objects(self.instance_id)  # before the rows: an
+        with self.sessions() as s:  # object made meanwhile then has its row
             rows = list(s.scalars(select(Workspace)))
+            snapshots = set(s.scalars(select(Snapshot.id)))
         for ws in rows:
+            if self._busy(ws.id):
+                continue
             try:
-                await self._reconcile_one(ws)
+                async with self.locked(ws.id):
+                    with self.sessions() as s:
+                        current = s.get(Workspace, ws.id)
+                    if current is not None:
+                        await self._reconcile_one(current)
             except DenError as exc:
                 log.error("reconcile of workspace %s failed: %s %s", ws.id, exc.message,
                           exc.detail)
         known = {ws.id for ws in rows}
-        with self.sessions() as s:
-            snapshots = set(s.scalars(select(Snapshot.id)))
-        for obj in await self.runtime.list_objects(self.instance_id):
+        for obj in objects:
             if obj.snapshot_id and obj.snapshot_id in snapshots:
                 continue
-            if obj.workspace_id not in known or obj.snapshot_id:
-                log.warning("reconcile: removing orphan %s %s", obj.kind, obj.name)
-                await self.runtime.remove_object(obj)
-        # Saved memory of snapshots without a row (Den stopped while taking one).
-        saved = self.settings.data_dir / "snapshots"
-        for d in sorted(saved.iterdir()) if saved.is_dir() else []:
-            if d.name not in snapshots:
-                log.warning("reconcile: removing orphan saved memory %s", d)
-                shutil.rmtree(d, ignore_errors=True)
+            if obj.workspace_id in known and not obj.snapshot_id:
+                continue
+            if obj.workspace_id and self._busy(obj.workspace_id):
+                continue  # a snapshot or fork in progress
+            log.warning("reconcile: removing orphan %s %s", obj.kind, obj.name)
+            await self.runtime.remove_object(obj)
+
+    def _busy(self, workspace_id: str) -> bool:
+        """Whether an operation on the workspace is in progress in this process."""
+        lock = self._locks.get(workspace_id)
+        return workspace_id in self._tasks or (lock is not None and lock.locked())
 
     async def _reconcile_one(self, ws: Workspace) -> None:
         spec = self.spec_for(ws)
@@ -864,6 +965,21 @@ class WorkspaceService:
         for t in tasks:
             with contextlib.suppress(BaseException):
                 await t
+
+
+def describe_exit(code: int | None, *, oom: bool) -> str:
+    """Why a container exited, for the event log: "code 137, out of memory"."""
+    if code is None:
+        return "out of memory" if oom else "exit code unknown"
+    if oom:
+        return f"code {code}, out of memory"
+    if code > 128 and code - 128 in SIGNAL_NAMES:
+        return f"code {code}, killed by {SIGNAL_NAMES[code - 128]}"
+    return f"code {code}"
+
+
+SIGNAL_NAMES = {1: "SIGHUP", 2: "SIGINT", 6: "SIGABRT", 9: "SIGKILL", 11: "SIGSEGV",
+                15: "SIGTERM"}
 
 
 def path_in_workspace(path: str) -> str:

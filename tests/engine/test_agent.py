@@ -126,3 +126,22 @@ def test_the_deadline_holds_for_a_flood_and_the_agent_comes_back_when_killed(
         time.sleep(0.2)
     assert api.get(f"/api/v1/workspaces/{wid}").json()["state"] == "running"
     assert api.exec(wid, "cat README.md")["stdout"] == "# api\n"
+
+
+def test_tmux_clients_do_not_eat_the_sandbox(
+        real_api: ApiClient, make_repo: Callable[..., Path]) -> None:
+    """Each tmux client closes descriptor INT_MAX, and gVisor 20240729 kept ~35 MB of sandbox
+    memory per such call: about fifteen `tmux ls` (or web terminal connections) got a 512 MB
+    workspace OOM-killed, its memory lost. The image preloads libden-closefix.so into tmux."""
+    api = real_api
+    wid = api.create(make_repo())["id"]
+    api.exec(wid, "echo here > /tmp/sandbox-marker")  # /tmp is in the sandbox's memory
+    r = api.exec(wid, "for i in $(seq 30); do tmux ls >/dev/null && echo ok; done",
+                 timeout_s=120)
+    assert (r["exit_code"], r["stdout"].count("ok")) == (0, 30), r
+    assert api.exec(wid, "cat /tmp/sandbox-marker")["stdout"] == "here\n"  # no cold restart
+    # The library takes itself out of tmux's environment: shells in tmux do not inherit it.
+    r = api.exec(wid, "tmux new-session -d -s probe 'env > /tmp/probe-env; sleep 60'; "
+                      "for i in $(seq 100); do [ -s /tmp/probe-env ] && break; sleep 0.05; done; "
+                      "grep -c LD_PRELOAD /tmp/probe-env")
+    assert r["stdout"] == "0\n", r

@@ -213,3 +213,26 @@ def test_sudo_works_for_dev_through_the_broker(
     # Only the users listed in /etc/den/sudoers may use it.
     nobody = real_api.exec(wid, "sudo -u nobody sudo id", timeout_s=30)
     assert nobody["exit_code"] == 1 and "not allowed" in nobody["stderr"], nobody
+
+
+def test_a_container_killed_from_outside_is_known_within_seconds(
+        real_api: ApiClient, make_repo: Callable[..., Path]) -> None:
+    """Den follows the engine's events: `docker kill` from outside turns the workspace
+    `stopped` without any call touching it, and the event log says what happened."""
+    import time
+
+    ws = real_api.create(make_repo())
+    assert ws["state"] == "running", ws
+    container = f"{_prefix(real_api)}-{ws['id']}"
+    subprocess.run(["docker", "kill", container], check=True, capture_output=True, timeout=60)
+    deadline = time.monotonic() + 30
+    while real_api.get(f"/api/v1/workspaces/{ws['id']}").json()["state"] != "stopped":
+        assert time.monotonic() < deadline, subprocess.run(
+            ["docker", "inspect", "--format", "{{json .State}}", container],
+            capture_output=True, text=True).stdout
+        time.sleep(0.1)
+    last = real_api.get(f"/api/v1/workspaces/{ws['id']}/events").json()["events"][-1]
+    assert last["actor"] == "engine", last
+    assert last["message"].startswith("the container exited (code 137, killed by SIGKILL)"), last
+    # The next access starts it again.
+    assert real_api.exec(ws["id"], "true")["exit_code"] == 0

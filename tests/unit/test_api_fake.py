@@ -433,16 +433,20 @@ def test_token_create_refuses_unknown_fields(fake_api: ApiClient) -> None:
 
 def test_healthz(fake_api: ApiClient) -> None:
     r = fake_api.client.get("/healthz")
-    assert (r.status_code, r.json()) == (200, {"status": "ok"})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "ok"
+    assert body["engine"]["ok"] and body["engine"]["reconciled"] and body["database"]["ok"]
+    assert body["ssh"] == {"ok": True, "enabled": False, "error": ""}  # ssh_port 0 in tests
 
 
 def test_metrics_count_workspaces_by_state(fake_api: ApiClient,
                                            running: dict[str, Any]) -> None:
-    r = fake_api.client.get("/metrics")
+    r = fake_api.get("/metrics", user="root")  # an admin's token (tests/unit/test_metrics.py)
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain")
     assert "# TYPE den_workspaces gauge" in r.text
-    assert 'den_workspaces{state="running"} 1' in r.text.splitlines()
+    assert 'den_workspaces{state="running"} 1.0' in r.text.splitlines()
 
 
 def test_openapi_documents_the_stable_paths(fake_api: ApiClient) -> None:

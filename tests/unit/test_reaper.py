@@ -17,6 +17,7 @@ from server.config import Settings
 from server.db.migrate import ensure_schema
 from server.db.models import Workspace
 from server.db.session import make_engine, make_session_factory
+from server.runtime.errors import ObjectMissing
 from server.runtime.fake import FakeRuntime
 from server.workspaces.reaper import Action, IdleView, Reaper, decide
 from server.workspaces.service import CreateRequest, WorkspaceService
@@ -72,10 +73,10 @@ def service(make_settings: Callable[..., Settings], fake_runtime: FakeRuntime
     engine.dispose()
 
 
-async def _running(svc: WorkspaceService, repo: Path, **kw: Any) -> str:
+async def _running(svc: WorkspaceService, repo: Path, *, name: str = "api", **kw: Any) -> str:
     with svc.sessions.begin() as s:
         owner = ensure_user(s, "alice")
-    ws = await svc.create(owner, CreateRequest(name="api", repo_url=str(repo), **kw))
+    ws = await svc.create(owner, CreateRequest(name=name, repo_url=str(repo), **kw))
     await asyncio.wait({svc._tasks[ws.id]}, timeout=60)
     assert svc.get(ws.id).state == "running"
     return ws.id
@@ -184,3 +185,27 @@ def test_sweep_removes_only_old_restore_copies(tmp_path: Path) -> None:
     os.utime(other, (past, past))
     assert sweep_restore_copies(tmp_path) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ctrd-checkpoint2", "unrelated"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("error", [
+    ObjectMissing("container den-x: not found in the engine"),
+    # What the engine's stats leaked before it was translated (a workspace deleted while
+    # the engine answered): anything unexpected skips that one workspace as well.
+    ValueError("Expecting value: line 1 column 1 (char 0)"),
+])
+async def test_a_workspace_that_cannot_be_measured_is_skipped_and_the_pass_goes_on(
+        service: WorkspaceService, fake_runtime: FakeRuntime,
+        make_repo: Callable[..., Path], error: Exception) -> None:
+    repo = make_repo()
+    broken = await _running(service, repo, name="broken")
+    healthy = await _running(service, repo, name="healthy")
+    fake_runtime.fail_for[("cpu_time_ns", broken)] = error
+    reaper = Reaper(service, service.settings)
+    _age(service, broken, 61)
+    _age(service, healthy, 61)
+    assert await reaper.run_once() == [(healthy, Action.PAUSE)]
+    assert service.get(healthy).state == "paused"
+    assert service.get(broken).state == "running"
+    del fake_runtime.fail_for[("cpu_time_ns", broken)]
+    assert await reaper.run_once() == [(broken, Action.PAUSE)]

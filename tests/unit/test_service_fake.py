@@ -611,6 +611,29 @@ async def test_reconcile_settles_pause_and_resume(
     assert svc.get(ws.id).state == settles_to
 
 
+async def test_reconcile_while_den_runs_leaves_operations_in_progress_alone(
+        svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]
+        ) -> None:
+    """Reconcile runs again when the engine comes back, while requests run: a workspace
+    whose operation holds its lock, and that operation's engine objects, are not its to
+    settle."""
+    ws = await create(svc, user(svc), make_repo())
+    set_state(svc, ws.id, State.STARTING)  # a start in progress
+    snapshot_volume = WorkspaceSpec(  # a snapshot being taken: objects before its row
+        workspace_id=ws.id, container_name="unused", volume_name="den-snap-new",
+        image="den/workspace:latest", runtime="gvisor", cpus=1, memory_mb=512,
+        pids_limit=64, hostname="x", labels={**labels_for(
+            instance=INSTANCE, workspace_id=ws.id, owner="1"), "den.snapshot": "snnew"})
+    fake_runtime.volumes[snapshot_volume.volume_name] = dict(snapshot_volume.labels)
+    async with svc.locked(ws.id):
+        await svc.reconcile()
+        assert svc.get(ws.id).state == "starting"
+        assert snapshot_volume.volume_name in fake_runtime.volumes
+    await svc.reconcile()  # the operation is over (it left no row): settled now
+    assert svc.get(ws.id).state == "running"
+    assert snapshot_volume.volume_name not in fake_runtime.volumes
+
+
 # --- snapshots -----------------------------------------------------------------------------
 
 
@@ -636,13 +659,14 @@ async def test_snapshots_fork_retention_and_reconcile(
     assert fork.state == "running" and fork.image == second.image
     assert fake_runtime.files[svc.spec_for(fork).volume_name] == {"notes": b"v2"}
 
-    # Reconcile keeps the snapshots' volumes and saved memory, and removes those whose row
-    # is gone (Den stopped while taking a snapshot).
+    # Reconcile keeps the snapshots' volumes, and the cleanup at startup their saved memory;
+    # both remove those whose row is gone (Den stopped while taking a snapshot).
     fake_runtime.volumes["den-orphan-snap"] = {"den.instance": INSTANCE,
                                                "den.snapshot": "sngone"}
     for sid in (second.id, "sngone"):
         svc.snapshot_memory_dir(sid).mkdir(parents=True)
         (svc.snapshot_memory_dir(sid) / "pages.img").write_bytes(b"memory")
+    svc.remove_leftovers()
     await svc.reconcile()
     assert second.volume in fake_runtime.volumes and third.volume in fake_runtime.volumes
     assert "den-orphan-snap" not in fake_runtime.volumes

@@ -5,6 +5,7 @@ refusals and the persistent host key. (The real engine and OpenSSH: tests/engine
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -186,3 +187,24 @@ def test_host_key_is_kept_in_the_data_dir(make_settings: Callable[..., Settings]
             assert mode & 0o077 == 0
     assert seen[0] == seen[1] == ["ssh_host_ed25519_key", "ssh_host_ed25519_key.pub",
                                   "ssh_host_rsa_key", "ssh_host_rsa_key.pub"]
+
+
+
+def test_open_ssh_connections_are_a_gauge(env: Env) -> None:
+    from tests.unit.test_metrics import parse, value
+
+    def open_now() -> float | None:
+        m = parse(env.api.get("/metrics", user="root").text)
+        return value(m, "den_open_sessions", kind="ssh")
+
+    async def go() -> float | None:
+        async with await _connect(env, "api", "alice") as conn:
+            assert (await conn.run("true", check=False)).exit_status == 0
+            return await asyncio.to_thread(open_now)
+
+    assert open_now() == 0
+    assert _run(go()) == 1
+    deadline = time.monotonic() + 30  # the server sees the close on its own loop, soon after
+    while open_now() != 0:
+        assert time.monotonic() < deadline, "the ssh gauge did not go back to 0"
+        time.sleep(0.02)

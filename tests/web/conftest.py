@@ -148,8 +148,13 @@ def wait_for_line(page: Any, pattern: str, *, timeout_s: float = 30) -> str:
             if rx.fullmatch(line.strip()):
                 return line
         if time.monotonic() > deadline:
-            tail = "\n".join(screen_lines(page)[-30:])
-            raise AssertionError(f"no terminal line matches {pattern!r}; screen:\n{tail}")
+            lines = screen_lines(page)
+            while lines and not lines[-1]:
+                lines.pop()
+            shown = "\n".join(f"{n:3} |{line}" for n, line in enumerate(lines)
+                              if line or n >= len(lines) - 40)
+            raise AssertionError(f"no terminal line matches {pattern!r}; screen (blank lines "
+                                 f"left out, {len(lines)} in all):\n{shown}")
         page.wait_for_timeout(100)
 
 

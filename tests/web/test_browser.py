@@ -32,17 +32,11 @@ def sign_in(page: Any, base: str, token: str, *, next_path: str = "/workspaces")
 
 
 def terminal_connected(page: Any) -> None:
-    """Wait until the terminal is connected and the shell shows its prompt. Rarely (seen
-    twice in about twenty runs, through the proxy of the blip test) the first screen stays
-    blank after a quick reconnect; Enter, as a person would press, redraws the prompt."""
+    """Wait until the terminal is connected and the shell shows its prompt. (A blank screen
+    after a reconnect was the sandbox OOM-killed by gVisor's leak on tmux's close(INT_MAX),
+    see closefix.c: the screen must come back on its own.)"""
     page.locator('#terminal[data-state="connected"]').wait_for(timeout=LONG_MS)
-    try:
-        wait_for_line(page, r".*\$", timeout_s=30)
-    except AssertionError:
-        print("terminal: no prompt after 30 s; pressing Enter")
-        page.locator("#terminal").click()
-        page.keyboard.press("Enter")
-        wait_for_line(page, r".*\$", timeout_s=60)
+    wait_for_line(page, r".*\$", timeout_s=60)
 
 
 def type_line(page: Any, text: str) -> None:
@@ -170,7 +164,10 @@ def test_the_terminal_reconnects_after_a_network_blip(
         base = f"http://127.0.0.1:{proxy.port}"
         sign_in(page, base, srv.token, next_path=f"/workspaces/{ws['id']}/terminal")
         terminal_connected(page)
-        type_line(page, "BLIP=$((3*3))0")
+        # Cut only once the shell has the line: keys typed just before a cut may be lost
+        # with the connection, as they would be for a person.
+        type_line(page, "BLIP=$((3*3))0; echo set-$((4+4))")
+        wait_for_line(page, r"set-8")
         proxy.cut()  # every connection through the proxy drops, the WebSocket with them
         page.locator('#terminal:not([data-state="connected"])').wait_for(timeout=LONG_MS)
         terminal_connected(page)  # reconnected on its own

@@ -1,0 +1,64 @@
+"""The Docker backend's one seam for foreign exceptions, without an engine: what the SDK
+raises becomes a Den error, and the engine's stats of a container deleted meanwhile (an
+answer that is not JSON) read as "not running" instead of escaping."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import docker.errors
+import pytest
+import requests
+import requests.exceptions
+
+from server.errors import DenError
+from server.runtime.docker import _stats_cpu_ns, _translate
+from server.runtime.errors import EngineError, EngineUnavailable, ObjectMissing
+
+
+def _not_json() -> requests.exceptions.JSONDecodeError:
+    return requests.exceptions.JSONDecodeError("Expecting value", "", 0)
+
+
+class _Api:
+    """The two calls ``_stats_cpu_ns`` makes, answering as told."""
+
+    def __init__(self, stats: Any, *, exists: bool) -> None:
+        self._stats = stats
+        self._exists = exists
+
+    def stats(self, container: str, *, stream: bool, one_shot: bool) -> Any:
+        if isinstance(self._stats, Exception):
+            raise self._stats
+        return self._stats
+
+    def inspect_container(self, container: str) -> dict[str, Any]:
+        if not self._exists:
+            raise docker.errors.NotFound("No such container")
+        return {"State": {"Running": True}}
+
+
+@pytest.mark.parametrize(("exc", "expected"), [
+    (docker.errors.NotFound("gone"), ObjectMissing),
+    (requests.exceptions.ConnectionError("refused"), EngineUnavailable),
+    (_not_json(), EngineError),
+    (requests.exceptions.ReadTimeout("slow"), EngineError),
+])
+def test_translate_leaves_no_foreign_exception(exc: Exception, expected: type) -> None:
+    assert type(_translate(exc, "stats of workspace w")) is expected
+
+
+def test_stats_of_a_deleted_container_is_no_reading() -> None:
+    assert _stats_cpu_ns(_Api(_not_json(), exists=False), "den-w") is None
+    assert _stats_cpu_ns(_Api(docker.errors.NotFound("gone"), exists=False), "den-w") is None
+
+
+def test_stats_that_are_not_json_for_a_live_container_are_an_engine_error() -> None:
+    with pytest.raises(DenError):
+        _stats_cpu_ns(_Api(_not_json(), exists=True), "den-w")
+
+
+def test_stats_reading() -> None:
+    stats = {"cpu_stats": {"cpu_usage": {"total_usage": 1234}}}
+    assert _stats_cpu_ns(_Api(stats, exists=True), "den-w") == 1234
+    assert _stats_cpu_ns(_Api({"cpu_stats": {}}, exists=True), "den-w") is None

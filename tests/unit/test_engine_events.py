@@ -1,0 +1,205 @@
+"""Live engine status: the engine's events (container die, oom, start) move the workspace's
+state through the ledger, with the true reason, and everything Den itself does, or that the
+engine's current status contradicts, is ignored. On the fake runtime; the parser of Docker's
+events by equality."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.auth.tokens import ensure_user
+from server.config import Settings
+from server.db.migrate import ensure_schema
+from server.db.session import make_engine, make_session_factory
+from server.runtime.base import EngineEvent, EngineEventKind
+from server.runtime.docker import engine_event
+from server.runtime.fake import FakeRuntime
+from server.workspaces.service import CreateRequest, WorkspaceService, describe_exit
+from tests.conftest import ApiClient
+
+DIE, OOM, START = EngineEventKind.DIE, EngineEventKind.OOM, EngineEventKind.START
+
+
+def docker_event(action: str, **attributes: str) -> dict[str, Any]:
+    return {"Type": "container", "Action": action, "status": action,
+            "Actor": {"ID": "c0ffee", "Attributes": {"name": "den-ws1", **attributes}},
+            "time": 1, "timeNano": 1_000_000_001}
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    (docker_event("die", exitCode="137", **{"den.workspace": "ws1"}),
+     EngineEvent(DIE, "ws1", "den-ws1", exit_code=137)),
+    (docker_event("oom", **{"den.workspace": "ws1"}), EngineEvent(OOM, "ws1", "den-ws1")),
+    (docker_event("start", **{"den.workspace": "ws1"}), EngineEvent(START, "ws1", "den-ws1")),
+    (docker_event("die", exitCode="junk", **{"den.workspace": "ws1"}),
+     EngineEvent(DIE, "ws1", "den-ws1", exit_code=None)),
+    (docker_event("die", exitCode="0"), None),  # not a workspace's (no den.workspace)
+    (docker_event("exec_start", **{"den.workspace": "ws1"}), None),
+    (docker_event("resync", **{"den.workspace": "ws1"}), None),
+    ({**docker_event("die", **{"den.workspace": "ws1"}), "Type": "volume"}, None),
+    ({"Type": "container", "Action": "die", "Actor": "junk"}, None),
+    ("not an event", None),
+])
+def test_docker_events_parse(raw: Any, expected: EngineEvent | None) -> None:
+    assert engine_event(raw) == expected
+
+
+@pytest.mark.parametrize(("code", "oom", "text"), [
+    (137, True, "code 137, out of memory"),
+    (137, False, "code 137, killed by SIGKILL"),
+    (143, False, "code 143, killed by SIGTERM"),
+    (1, False, "code 1"),
+    (None, False, "exit code unknown"),
+])
+def test_describe_exit(code: int | None, oom: bool, text: str) -> None:
+    assert describe_exit(code, oom=oom) == text
+
+
+# --- the ledger's side (the service) ---------------------------------------------------------
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def svc(make_settings: Callable[..., Settings], fake_runtime: FakeRuntime
+        ) -> Iterator[WorkspaceService]:
+    settings = make_settings()
+    settings.data_dir.mkdir(parents=True)
+    url = settings.resolved_database_url()
+    engine = make_engine(url)
+    ensure_schema(engine, url, auto_migrate=True)
+    yield WorkspaceService(settings=settings, sessions=make_session_factory(engine),
+                           runtime=fake_runtime, instance_id="inst")
+    engine.dispose()
+
+
+async def _running(svc: WorkspaceService, repo: Path) -> str:
+    with svc.sessions.begin() as s:
+        owner = ensure_user(s, "alice")
+    ws = await svc.create(owner, CreateRequest(name="api", repo_url=str(repo)))
+    await asyncio.wait({svc._tasks[ws.id]}, timeout=60)
+    assert svc.get(ws.id).state == "running"
+    return ws.id
+
+
+def _last(svc: WorkspaceService, ws_id: str) -> tuple[str, str, str]:
+    ev = svc.events(ws_id)[-1]
+    return ev.actor, ev.to_state or "", ev.message
+
+
+@pytest.mark.anyio
+async def test_a_container_killed_from_outside_is_stopped_with_the_reason(
+        svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]
+        ) -> None:
+    ws_id = await _running(svc, make_repo())
+    spec = svc.spec_for(svc.get(ws_id))
+    fake_runtime.containers[spec.container_name].running = False
+    await svc.apply_engine_event(EngineEvent(OOM, ws_id, spec.container_name))
+    await svc.apply_engine_event(EngineEvent(DIE, ws_id, spec.container_name, exit_code=137))
+    assert svc.get(ws_id).state == "stopped"
+    assert _last(svc, ws_id) == (
+        "engine", "stopped", "the container exited (code 137, out of memory); it starts "
+                             "again on the next access")
+    # The next access starts it again.
+    await svc.ensure_running(ws_id, actor="alice")
+    assert svc.get(ws_id).state == "running"
+
+
+@pytest.mark.anyio
+async def test_events_den_itself_caused_or_that_the_engine_contradicts_are_ignored(
+        svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]
+        ) -> None:
+    ws_id = await _running(svc, make_repo())
+    spec = svc.spec_for(svc.get(ws_id))
+    events_before = len(svc.events(ws_id))
+    die = EngineEvent(DIE, ws_id, spec.container_name, exit_code=0)
+
+    # A late or repeated "die" while the container runs (it was started again since).
+    await svc.apply_engine_event(die)
+    # Another container's (an older one of the workspace, a helper with its labels).
+    fake_runtime.containers[spec.container_name].running = False
+    await svc.apply_engine_event(EngineEvent(DIE, ws_id, "den-copy-helper", exit_code=0))
+    # Den's own operation in progress (a pause or stop holds the lock): it settles the state.
+    async with svc.locked(ws_id):
+        await svc.apply_engine_event(die)
+    assert svc.get(ws_id).state == "running"
+    assert len(svc.events(ws_id)) == events_before
+    fake_runtime.containers[spec.container_name].running = True
+
+    # Den's pause makes the container exit; its "die" comes after the pause is done.
+    await svc.pause(ws_id, actor="alice")
+    await svc.apply_engine_event(die)
+    assert svc.get(ws_id).state == "paused"
+    # A workspace that is gone, and an unknown one.
+    await svc.apply_engine_event(EngineEvent(DIE, "wsnosuch00000", "den-x", exit_code=1))
+
+
+@pytest.mark.anyio
+async def test_a_container_started_outside_den_is_running(
+        svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]
+        ) -> None:
+    ws_id = await _running(svc, make_repo())
+    await svc.stop(ws_id, actor="alice")
+    spec = svc.spec_for(svc.get(ws_id))
+    start = EngineEvent(START, ws_id, spec.container_name)
+    await svc.apply_engine_event(start)  # a late event of an earlier start: still stopped
+    assert svc.get(ws_id).state == "stopped"
+    fake_runtime.containers[spec.container_name].running = True  # `docker start`
+    await svc.apply_engine_event(start)
+    assert svc.get(ws_id).state == "running"
+    assert _last(svc, ws_id) == ("engine", "running", "the container was started outside Den")
+
+
+# --- through the server: the supervisor follows the stream -----------------------------------
+
+
+def test_the_server_follows_the_engines_events(fake_api: ApiClient, fake_runtime: FakeRuntime,
+                                               make_repo: Callable[..., Path]) -> None:
+    ws = fake_api.create(make_repo("api"), name="api")
+    assert ws["state"] == "running"
+    spec = fake_api.app.state.workspaces.spec_for(fake_api.app.state.workspaces.get(ws["id"]))
+    assert fake_runtime.watchers, "the server does not follow the engine's events"
+    # The stream reaches the server's loop from the test's thread through the portal.
+    fake_api.client.portal.call(_kill, fake_runtime, spec)  # type: ignore[union-attr]
+    deadline = time.monotonic() + 30
+    while fake_api.get(f"/api/v1/workspaces/{ws['id']}").json()["state"] != "stopped":
+        assert time.monotonic() < deadline, "the workspace still says running"
+        time.sleep(0.02)
+    events = fake_api.get(f"/api/v1/workspaces/{ws['id']}/events").json()["events"]
+    assert events[-1]["actor"] == "engine"
+    assert "code 137, out of memory" in events[-1]["message"]
+
+
+async def _kill(fake_runtime: FakeRuntime, spec: Any) -> None:
+    fake_runtime.kill(spec, exit_code=137, oom=True)
+
+
+def test_missed_events_make_the_server_reconcile_again(
+        fake_api: ApiClient, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]) -> None:
+    """The stream broke and came back (dockerd restarted): what happened meanwhile is
+    learnt from reconcile."""
+    ws = fake_api.create(make_repo("api"), name="api")
+    supervisor = fake_api.app.state.engine
+    assert supervisor.reconciles == 1
+    spec = fake_api.app.state.workspaces.spec_for(fake_api.app.state.workspaces.get(ws["id"]))
+    fake_runtime.containers[spec.container_name].running = False  # died, event missed
+    fake_api.client.portal.call(_resync, fake_runtime)  # type: ignore[union-attr]
+    deadline = time.monotonic() + 30
+    while supervisor.reconciles < 2:
+        assert time.monotonic() < deadline, "no reconcile after RESYNC"
+        time.sleep(0.02)
+    got = fake_api.get(f"/api/v1/workspaces/{ws['id']}").json()
+    assert got["state"] == "stopped"
+
+
+async def _resync(fake_runtime: FakeRuntime) -> None:
+    fake_runtime.emit(EngineEvent(EngineEventKind.RESYNC))
