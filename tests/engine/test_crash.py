@@ -250,6 +250,62 @@ def test_crash_while_the_pause_checkpoint_is_written_uses_the_checkpoint(
     assert "restored from memory" in srv.events(wid)[-1]
 
 
+def test_a_checkpoint_whose_writer_died_too_is_removed_and_the_state_is_the_engines(
+        world: tuple[Crashing, str, str, list[str]]) -> None:
+    """Den and the checkpoint's writers (the marking shell and runsc) all killed: the
+    image has no completion marker. Reconcile removes it and records what the container is
+    (never ``running`` for an exited one); the files are kept."""
+    srv, wid, _, ids = world
+    srv.exec(wid, "true")  # running
+    srv.stop()
+    srv.env[faults.ENV] = "pause.checkpoint"
+    try:
+        srv.start()
+        srv._send_and_die(lambda: srv.http.post(f"/api/v1/workspaces/{wid}/pause"),
+                          lambda: None, timeout_s=120)
+    finally:
+        srv.env.pop(faults.ENV, None)
+    assert srv.proc is not None and srv.proc.returncode == -9, srv.log_tail()
+    killed = _kill_writers("/den-checkpoints/den-pause")
+    assert killed, "no checkpoint writer found to kill"
+    srv.start(timeout_s=240)
+    ws = srv.ws(wid)
+    running = _engine_running(f"{srv.prefix}-{wid}")
+    assert ws["state"] == ("running" if running else "stopped"), (ws, running)
+    assert "pause was interrupted by a restart" in srv.events(wid)[-1]
+    home = subprocess.run(["docker", "inspect", "-f", "{{.Id}}", f"{srv.prefix}-{wid}"],
+                          capture_output=True, text=True, timeout=30).stdout.strip()
+    root = subprocess.run(["docker", "info", "-f", "{{.DockerRootDir}}"],
+                          capture_output=True, text=True, timeout=30).stdout.strip()
+    images = Path(root) / "containers" / home / "den-checkpoints"
+    assert not (images / "den-pause").exists() or (images / "den-pause.complete").exists()
+    srv.check_consistent(ids)
+    assert srv.exec(wid, "cat /workspace/keep")["stdout"] == "v2\n"
+
+
+def _kill_writers(needle: str) -> list[int]:
+    """SIGKILL the host processes with an argument containing ``needle``."""
+    killed = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(needle.encode() in a for a in argv):
+            with contextlib.suppress(OSError):
+                os.kill(int(proc.name), 9)
+                killed.append(int(proc.name))
+    return killed
+
+
+def _engine_running(container: str) -> bool:
+    out = subprocess.run(["docker", "inspect", "-f", "{{.State.Running}}", container],
+                         capture_output=True, text=True, timeout=30)
+    return out.stdout.strip() == "true"
+
+
 def test_crash_while_deleting_finishes_the_delete(world: tuple[Crashing, str, str, list[str]]
                                                   ) -> None:
     srv, _, _, ids = world
