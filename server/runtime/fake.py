@@ -278,6 +278,27 @@ class FakeRuntime:
         self.volumes.setdefault(spec.volume_name, dict(spec.labels))
         self.files[spec.volume_name] = dict(self.snapshot_files.get(snap.snapshot_id, {}))
 
+    async def copy_snapshot(self, spec: WorkspaceSpec, snap: SnapshotSpec, *, volume: str
+                            ) -> None:
+        self._enter("copy_snapshot", spec)
+        if snap.image not in self.images or snap.volume not in self.volumes:
+            raise ObjectMissing(f"snapshot {snap.snapshot_id}: not found in the engine")
+        self.volumes[volume] = dict(spec.labels)
+        self.files[volume] = dict(self.snapshot_files.get(snap.snapshot_id, {}))
+
+    async def replace_container(self, spec: WorkspaceSpec, *, old_volume: str) -> None:
+        self._enter("replace_container", spec)
+        self.containers[spec.container_name] = _Container(spec)
+        if old_volume != spec.volume_name:
+            self.volumes.pop(old_volume, None)
+            self.files.pop(old_volume, None)
+
+    async def settle_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str, wait_s: float
+                                ) -> bool:
+        self._enter("settle_checkpoint", spec)
+        c = self.containers.get(spec.container_name)
+        return c is not None and not c.running and checkpoint in c.checkpoints
+
     async def export_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str, dest: Path
                                 ) -> int:
         self._enter("export_checkpoint")
@@ -308,7 +329,8 @@ class FakeRuntime:
     async def list_objects(self, instance: str) -> list[EngineObject]:
         self._enter("list_objects")
         found = [
-            EngineObject("container", name, c.spec.workspace_id, c.running)
+            EngineObject("container", name, c.spec.workspace_id, c.running,
+                         role=c.spec.labels.get("den.role", ""))
             for name, c in self.containers.items()
             if c.spec.labels.get("den.instance") == instance
         ]
