@@ -99,6 +99,16 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    """The methods the routes of ``request``'s path answer (one route per method here)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        regex, route_methods = getattr(route, "path_regex", None), getattr(route, "methods", None)
+        if regex is not None and route_methods and regex.match(request.url.path):
+            methods |= set(route_methods)
+    return sorted(methods - {"HEAD"})
+
+
 def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI:
     """Build the app. ``runtime`` defaults to the Docker engine with gVisor."""
 
@@ -208,7 +218,9 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
             response = error_page(request, status, code, message)
         else:
             response = _error(status, code, message)
-        response.headers.update(exc.headers or {})  # 405 names the allowed methods (Allow)
+        response.headers.update(exc.headers or {})
+        if status == 405:  # every method of the path, not only the first route's
+            response.headers["Allow"] = ", ".join(_allowed_methods(request))
         return response
 
     @app.exception_handler(Exception)

@@ -36,7 +36,16 @@ def user_from_header(app_state: object, header: str | None) -> User:
     return user
 
 
-def metrics_reader(request: Request) -> None:
+# Declares the scheme in the OpenAPI document; user_from_header alone decides (auto_error
+# off: a missing or malformed header gets Den's own 401).
+BEARER = HTTPBearer(auto_error=False, scheme_name="bearer",
+                    description="An API token: `Authorization: Bearer den_...`")
+
+
+def metrics_reader(
+    request: Request,
+    _declared: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)],
+) -> None:
     """``/metrics``: the metrics token (``DEN_METRICS_TOKEN``) or an admin's API token."""
     token = _bearer(request.headers.get("authorization"))
     secret = request.app.state.settings.metrics_token.get_secret_value()
@@ -44,12 +53,6 @@ def metrics_reader(request: Request) -> None:
         return
     if not user_from_header(request.app.state, request.headers.get("authorization")).is_admin:
         raise Forbidden("the metrics need an admin's API token or the metrics token")
-
-
-# Declares the scheme in the OpenAPI document; user_from_header alone decides (auto_error
-# off: a missing or malformed header gets Den's own 401).
-BEARER = HTTPBearer(auto_error=False, scheme_name="bearer",
-                    description="An API token: `Authorization: Bearer den_...`")
 
 
 def current_user(

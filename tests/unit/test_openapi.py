@@ -9,7 +9,7 @@ import pytest
 from server.api.schemas import ErrorOut
 from tests.conftest import ApiClient
 
-PUBLIC = {("/healthz", "get"), ("/metrics", "get")}
+PUBLIC = {("/healthz", "get")}
 ERROR_REF = "#/components/schemas/ErrorOut"
 
 
