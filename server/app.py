@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from server import __version__
 from server.api import exec as exec_routes
@@ -23,6 +24,7 @@ from server.api import (
     files,
     forges,
     health,
+    ports,
     processes,
     snapshots,
     ssh_keys,
@@ -40,12 +42,16 @@ from server.errors import DenError
 from server.forges.pull_requests import ForgeService
 from server.logs import request_id
 from server.metrics import Metrics, StateCollector, checkpoint_usage, serve_separately
+from server.preview import tokens as preview_tokens
+from server.preview.dispatch import PreviewMiddleware
+from server.preview.service import PreviewService
 from server.runtime.base import Runtime
 from server.runtime.errors import EngineUnavailable
 from server.snapshots.service import SnapshotService
 from server.ssh.keys import SSHKeyService
 from server.web.mount import mount as mount_web
 from server.web.render import error_page, is_page
+from server.web.sessions import session_secret
 from server.workspaces.files import FileService
 from server.workspaces.processes import ProcessService
 from server.workspaces.reaper import Reaper
@@ -75,8 +81,35 @@ def default_runtime(settings: Settings) -> Runtime:
                          agent_dir=install_agent(settings))
 
 
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found",
+               405: "method_not_allowed", 413: "too_large", 422: "invalid"}
+
+
+def unparsable_body(cause: BaseException | None) -> str | None:
+    """Why FastAPI could not parse a JSON body (its 400 "error parsing the body"), or None
+    when the 400 had another cause."""
+    if isinstance(cause, UnicodeDecodeError):
+        return "the request body is not valid UTF-8 (JSON must be)"
+    if isinstance(cause, RecursionError):
+        return "the request body nests too deeply (more than about 1,000 levels)"
+    if isinstance(cause, ValueError):
+        return f"the request body is not valid JSON: {cause}"
+    return None
+
+
 def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """The methods the routes of ``request``'s path answer (one route per method here):
+    each method is tried against the router as the request would be."""
+    allowed = []
+    for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return allowed
 
 
 def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI:
@@ -98,6 +131,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
         app.state.files = FileService(svc)
         app.state.processes = ProcessService(svc)
         app.state.snapshots = SnapshotService(svc)
+        app.state.previews = PreviewService(
+            svc, key=preview_tokens.derive_key(session_secret(settings)))
         forge_svc = ForgeService(settings=settings, sessions=sessions, workspaces=svc)
         forge_svc.attach()
         app.state.forges = forge_svc
@@ -182,15 +217,17 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized",
-                 413: "too_large"}
+        status, message = exc.status_code, str(exc.detail)
+        if status == 400 and (why := unparsable_body(exc.__cause__)) is not None:
+            status, message = 422, why  # like a JSON syntax error: bad input, 422 invalid
+        code = _HTTP_CODES.get(status, "http_error")
         if is_page(request):
-            response = error_page(request, exc.status_code,
-                                  codes.get(exc.status_code, "http_error"), str(exc.detail))
+            response = error_page(request, status, code, message)
         else:
-            response = _error(exc.status_code, codes.get(exc.status_code, "http_error"),
-                              str(exc.detail))
+            response = _error(status, code, message)
         response.headers.update(exc.headers or {})
+        if status == 405:  # every method of the path, not only the first route's
+            response.headers["Allow"] = ", ".join(_allowed_methods(request))
         return response
 
     @app.exception_handler(Exception)
@@ -202,8 +239,9 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
         return response
 
     for module in (health, users, workspaces, exec_routes, files, processes, snapshots, forges,
-                   ssh_keys):
+                   ssh_keys, ports):
         app.include_router(module.router)
     app.include_router(terminal.router)
+    app.add_middleware(PreviewMiddleware)  # inside the session middleware that mount_web adds
     mount_web(app, settings)
     return app

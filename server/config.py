@@ -436,6 +436,33 @@ class Settings(BaseSettings):
 
             split_listen(value)
         return value
+    # --- preview URLs (docs/preview.md) -------------------------------------------------
+    preview_domain: str = Field(
+        "",
+        description=(
+            "Domain whose subdomains are preview origins, <port>--<workspace>--<owner>."
+            "<domain> (wildcard DNS to Den). Empty: only the path form /preview/<workspace>/"
+            "<port>/ on Den's own origin."
+        ),
+    )
+    preview_public_sharing: bool = Field(
+        False,
+        description="Whether a port may be shared with anyone who has the URL (share: public).",
+    )
+    preview_max_connections: int = Field(
+        64, ge=1,
+        description="Preview connections open at once to one workspace; more get 503.",
+    )
+    preview_idle_timeout_s: float = Field(
+        300.0, gt=0,
+        description=(
+            "A preview connection on which the app sends nothing for this long is closed "
+            "(server-sent event streams should send a comment now and then)."
+        ),
+    )
+    preview_max_link_ttl_s: int = Field(
+        7 * 86400, ge=60, description="Longest lifetime of a signed share link, in seconds.",
+    )
 
     @field_validator("outbound_allow")
     @classmethod

@@ -5,7 +5,8 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, Request, WebSocket
+from fastapi import Depends, Request, Security, WebSocket
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
 from server.auth.tokens import authenticate
@@ -36,7 +37,16 @@ def user_from_header(app_state: object, header: str | None) -> User:
     return user
 
 
-def metrics_reader(request: Request) -> None:
+# Declares the scheme in the OpenAPI document; user_from_header alone decides (auto_error
+# off: a missing or malformed header gets Den's own 401).
+BEARER = HTTPBearer(auto_error=False, scheme_name="bearer",
+                    description="An API token: `Authorization: Bearer den_...`")
+
+
+def metrics_reader(
+    request: Request,
+    _declared: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)],
+) -> None:
     """``/metrics``: the metrics token (``DEN_METRICS_TOKEN``) or an admin's API token."""
     token = _bearer(request.headers.get("authorization"))
     secret = request.app.state.settings.metrics_token.get_secret_value()
@@ -46,7 +56,10 @@ def metrics_reader(request: Request) -> None:
         raise Forbidden("the metrics need an admin's API token or the metrics token")
 
 
-async def current_user(request: Request) -> User:
+async def current_user(
+    request: Request,
+    _declared: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)],
+) -> User:
     """The bearer token's user: found by :class:`server.api.guard.BodyGuard` before the body
     was read (every ``/api/`` request; async, so taking it costs no thread hop), or here, on
     a worker thread, for a route outside ``/api/``."""

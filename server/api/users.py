@@ -8,6 +8,7 @@ from server.api.deps import CurrentUser
 from server.api.schemas import (
     IdentityList,
     IdentityOut,
+    RowId,
     TokenCreate,
     TokenCreated,
     TokenList,
@@ -15,18 +16,20 @@ from server.api.schemas import (
     UserOut,
     WebSessionList,
     WebSessionOut,
+    errors,
 )
 from server.auth import logins, tokens
 
 router = APIRouter(prefix="/api/v1/users/me", tags=["users"])
 
 
-@router.get("", response_model=UserOut)
+@router.get("", response_model=UserOut, responses=errors())
 def me(user: CurrentUser) -> UserOut:
     return UserOut(id=user.id, name=user.name, is_admin=user.is_admin)
 
 
-@router.post("/tokens", status_code=status.HTTP_201_CREATED, response_model=TokenCreated)
+@router.post("/tokens", status_code=status.HTTP_201_CREATED, response_model=TokenCreated,
+             responses=errors())
 def create_token(body: TokenCreate, user: CurrentUser, request: Request) -> TokenCreated:
     with request.app.state.sessions.begin() as s:
         row, secret = tokens.issue_token(s, user, name=body.name,
@@ -35,7 +38,7 @@ def create_token(body: TokenCreate, user: CurrentUser, request: Request) -> Toke
                             expires_at=row.expires_at, token=secret)
 
 
-@router.get("/tokens", response_model=TokenList)
+@router.get("/tokens", response_model=TokenList, responses=errors())
 def list_tokens(user: CurrentUser, request: Request) -> TokenList:
     with request.app.state.sessions() as s:
         return TokenList(tokens=[
@@ -45,14 +48,14 @@ def list_tokens(user: CurrentUser, request: Request) -> TokenList:
         ])
 
 
-@router.delete("/tokens/{token_id}", status_code=204)
-def revoke_token(token_id: int, user: CurrentUser, request: Request) -> Response:
+@router.delete("/tokens/{token_id}", status_code=204, responses=errors(404))
+def revoke_token(token_id: RowId, user: CurrentUser, request: Request) -> Response:
     with request.app.state.sessions.begin() as s:
         tokens.revoke_token(s, user, token_id)
     return Response(status_code=204)
 
 
-@router.get("/identities", response_model=IdentityList)
+@router.get("/identities", response_model=IdentityList, responses=errors())
 def list_identities(user: CurrentUser, request: Request) -> IdentityList:
     """Your single sign-on logins (issuer and subject), linked to this user."""
     with request.app.state.sessions() as s:
@@ -62,14 +65,14 @@ def list_identities(user: CurrentUser, request: Request) -> IdentityList:
             for i in logins.identities_of(s, user)])
 
 
-@router.delete("/identities/{identity_id}", status_code=204)
-def unlink_identity(identity_id: int, user: CurrentUser, request: Request) -> Response:
+@router.delete("/identities/{identity_id}", status_code=204, responses=errors(404))
+def unlink_identity(identity_id: RowId, user: CurrentUser, request: Request) -> Response:
     with request.app.state.sessions.begin() as s:
         logins.unlink_identity(s, user, identity_id)
     return Response(status_code=204)
 
 
-@router.get("/sessions", response_model=WebSessionList)
+@router.get("/sessions", response_model=WebSessionList, responses=errors())
 def list_sessions(user: CurrentUser, request: Request) -> WebSessionList:
     """Your web sessions (browsers signed in), live ones only."""
     with request.app.state.sessions() as s:
@@ -79,8 +82,8 @@ def list_sessions(user: CurrentUser, request: Request) -> WebSessionList:
             for w in logins.sessions_of(s, user)])
 
 
-@router.delete("/sessions/{session_id}", status_code=204)
-def end_session(session_id: int, user: CurrentUser, request: Request) -> Response:
+@router.delete("/sessions/{session_id}", status_code=204, responses=errors(404))
+def end_session(session_id: RowId, user: CurrentUser, request: Request) -> Response:
     """Sign a browser out: its cookie stops working at once."""
     with request.app.state.sessions.begin() as s:
         logins.end_session(s, user, session_id)

@@ -674,6 +674,25 @@ class Workspace:
         """The event log: ``{"id", "at", "kind", "from_state", "to_state", "actor", "message"}``."""
         return list(self.den.request_json("GET", f"{self._path}/events")["events"])
 
+    # --- preview ports ----------------------------------------------------------------------
+
+    def ports(self) -> list[JSON]:
+        """Listening ports and ports with a share level: ``{"port", "listening" (None while
+        not running), "share", "url" (the preview origin, or None), "path_url"}``."""
+        return list(self.den.request_json("GET", f"{self._path}/ports")["ports"])
+
+    def share_port(self, port: int, share: str) -> JSON:
+        """Set the share level of ``port``: ``private`` (you), ``users`` (anyone signed in to
+        this Den) or ``public`` (anyone with the URL, when the server allows it)."""
+        return dict(self.den.request_json("PUT", f"{self._path}/ports/{int(port)}",
+                                          json_body={"share": share}))
+
+    def share_link(self, port: int, *, ttl_s: int = 3600) -> JSON:
+        """A signed link that opens ``port`` for ``ttl_s`` seconds without signing in:
+        ``{"url", "path_url", "expires_at"}``."""
+        return dict(self.den.request_json("POST", f"{self._path}/ports/{int(port)}/links",
+                                          json_body={"ttl_s": ttl_s}))
+
     @property
     def processes(self) -> Processes:
         """Background processes: ``start``, ``list``, ``logs``, ``kill``."""

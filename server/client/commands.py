@@ -298,6 +298,32 @@ def _keepalive(args: argparse.Namespace, ctx: _Context) -> int:
     return 0
 
 
+def _ports(args: argparse.Namespace, ctx: _Context) -> int:
+    with ctx.client() as den:
+        ports = den.workspace(args.name).ports()
+    if args.json:
+        print(json.dumps(ports, indent=2))
+        return 0
+    listening = {True: "yes", False: "no", None: "-"}
+    rows = [[str(p["port"]), listening[p["listening"]], p["share"], p["url"] or p["path_url"]]
+            for p in ports]
+    print(_table(["PORT", "LISTENING", "SHARE", "URL"], rows))
+    return 0
+
+
+def _share(args: argparse.Namespace, ctx: _Context) -> int:
+    with ctx.client() as den:
+        ws = den.workspace(args.name)
+        if args.link is not None:
+            link = ws.share_link(args.port, ttl_s=args.link)
+            print(link["url"] or link["path_url"])
+            print(f"valid until {_utc(str(link['expires_at']))}", file=sys.stderr)
+            return 0
+        port = ws.share_port(args.port, args.share or "private")
+    print(f"{ws.name} port {port['port']}: {port['share']}  {port['url'] or port['path_url']}")
+    return 0
+
+
 def _confirm(question: str) -> bool:
     print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
     return sys.stdin.readline().strip().lower() in {"y", "yes"}
@@ -569,9 +595,9 @@ def add_client_commands(
     *,
     client_factory: ClientFactory | None = None,
 ) -> None:
-    """Register login, create, ls, exec, spawn, ps, logs, kill, start, stop, pause, resume,
-    keepalive, rm, events, snapshot, snapshots, fork, restore, rm-snapshot, pr, forge (link,
-    ls, rm), ssh, ssh-config and ssh-key.
+    """Register login, create, ls, exec, spawn, ps, ports, share, logs, kill, start, stop,
+    pause, resume, keepalive, rm, events, snapshot, snapshots, fork, restore, rm-snapshot, pr,
+    forge (link, ls, rm), ssh, ssh-config and ssh-key.
 
     ``client_factory`` builds the :class:`Den` used by each verb (tests pass one that injects an
     ``httpx.MockTransport``); by default ``Den(config.url, config.token)``.
@@ -620,6 +646,23 @@ def add_client_commands(
     p = verb("ps", _ps, "list a workspace's background processes")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--json", action="store_true", help="print the raw JSON")
+
+    p = verb("ports", _ports, "list a workspace's listening ports with their preview URLs")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+
+    p = verb("share", _share, "set who may open a port's preview URL, or make a share link")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("port", metavar="PORT", type=int)
+    level = p.add_mutually_exclusive_group(required=True)
+    level.add_argument("--public", dest="share", action="store_const", const="public",
+                       help="anyone with the URL (when the server allows it)")
+    level.add_argument("--users", dest="share", action="store_const", const="users",
+                       help="anyone signed in to this Den")
+    level.add_argument("--private", dest="share", action="store_const", const="private",
+                       help="only you (the default)")
+    level.add_argument("--link", type=int, metavar="SECONDS",
+                       help="print a signed link that works without signing in for SECONDS")
 
     p = verb("logs", _logs, "print a background process's output (what the workspace kept)")
     p.add_argument("name", metavar="NAME")

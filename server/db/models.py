@@ -248,3 +248,20 @@ class WebSession(Base):
     expires_at: Mapped[datetime] = mapped_column()
     # The API token a "token" session was opened with: revoking it ends the session.
     token_id: Mapped[int | None] = mapped_column(Integer, default=None, index=True)
+
+
+class PreviewPort(Base):
+    """A workspace port's share level for preview URLs (docs/preview.md). No row means
+    ``private``: only the owner (and admins) may open it."""
+
+    __tablename__ = "preview_ports"
+    __table_args__ = (UniqueConstraint("workspace_id", "port", name="uq_preview_ports_ws_port"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    workspace_id: Mapped[str] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), index=True
+    )
+    port: Mapped[int] = mapped_column(Integer)
+    share: Mapped[str] = mapped_column(String(16))  # "private" | "users" | "public"
+    updated_by: Mapped[str] = mapped_column(String(64), default="")
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -34,7 +34,12 @@ from server.config import Settings
 from server.db.models import ForgeAccount, PullRequest, User, Workspace
 from server.errors import Conflict, DenError, ValidationFailed
 from server.forges import policy
-from server.forges.accounts import Credential, ForgeAccounts, normalize_base_url
+from server.forges.accounts import (
+    Credential,
+    ForgeAccounts,
+    normalize_base_url,
+    validate_token,
+)
 from server.forges.base import repo_ref
 from server.forges.client import ForgeClient
 from server.forges.errors import BaseMissing, ForgeNotLinked, PushTooLarge
@@ -140,11 +145,9 @@ class ForgeService:
         prov = provider(kind)
         schemes = self.settings.allowed_git_schemes
         base = normalize_base_url(base_url, allowed_schemes=schemes)
-        api = (normalize_base_url(api_url, allowed_schemes=schemes) if api_url
+        api = (normalize_base_url(api_url, allowed_schemes=schemes, what="api_url") if api_url
                else prov.default_api_url(base))
-        token = token.strip()
-        if not token or len(token) > 4096 or any(ord(c) < 0x21 for c in token):
-            raise ValidationFailed("token is empty, too long or contains whitespace")
+        token = validate_token(token)
         probe = Credential(account_id=0, kind=kind, base_url=base, api_url=api, username="",
                            author_name="", author_email="", token=token)
         profile = await self.client(probe).profile(base_url=base)

@@ -20,7 +20,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import git
 import git.exc
@@ -29,11 +28,13 @@ from server.errors import DenError, ValidationFailed
 from server.outbound import PUBLIC_ONLY, GitPin, OutboundPolicy, git_pin
 
 log = logging.getLogger(__name__)
+from server.urls import check_host, split_url
 
 WORKSPACE_UID = 1000
 WORKSPACE_GID = 1000
 
-_SCP_LIKE = re.compile(r"^(?:[A-Za-z0-9._~-]+@)?[A-Za-z0-9.-]+:(?!//)(.+)$")
+_SCP_LIKE = re.compile(r"^(?:([A-Za-z0-9._~-]+)@)?([A-Za-z0-9.-]+):(?!//)(.+)$")
+NAME_MAX = 255  # bytes in one path component (Linux)
 _TRANSPORT = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*::")
 
 
@@ -69,7 +70,7 @@ def validate_repo_url(
             "commands on the server; use an https, ssh or git URL"
         )
     if "://" in url:
-        parts = urlsplit(url)
+        parts = split_url(url, what="repo.url")
         scheme = parts.scheme.lower()
         if scheme == "file":
             return _local(Path(parts.path), url, local_roots)
@@ -92,9 +93,13 @@ def validate_repo_url(
         return RepoSource(url=url, kind=scheme)
     if url.startswith("/"):
         return _local(Path(url), url, local_roots)
-    if _SCP_LIKE.match(url):
+    if scp := _SCP_LIKE.match(url):
         if "ssh" not in allowed_schemes:
             raise ValidationFailed("ssh repository URLs are not allowed here")
+        user, host = scp.group(1) or "", scp.group(2)
+        if host.startswith("-") or user.startswith("-"):
+            raise ValidationFailed("repo.url has a host or user name starting with '-'")
+        check_host(host, what="repo.url")
         return RepoSource(url=url, kind="ssh")
     raise ValidationFailed(
         f"repo.url {url!r} is not a URL Den understands; use https://host/owner/repo.git, "
@@ -108,10 +113,19 @@ def _local(path: Path, url: str, roots: list[Path]) -> RepoSource:
             "local repositories are disabled on this server (the operator can allow "
             "directories with DEN_LOCAL_REPO_ROOTS)"
         )
-    real = Path(os.path.realpath(path))
-    if not any(real == r.resolve() or real.is_relative_to(r.resolve()) for r in roots):
+    if any(len(part.encode(errors="surrogateescape")) > NAME_MAX for part in path.parts):
+        raise ValidationFailed(
+            f"local repository path has a component longer than {NAME_MAX} bytes")
+    try:
+        real = Path(os.path.realpath(path))
+        inside = any(real == r.resolve() or real.is_relative_to(r.resolve()) for r in roots)
+        exists = inside and real.exists()
+    except OSError as exc:  # a path the kernel refuses (too long, a loop)
+        raise ValidationFailed(f"local repository {str(path)!r} is not usable: "
+                               f"{exc.strerror}") from exc
+    if not inside:
         raise ValidationFailed(f"local repository {str(path)!r} is outside the allowed roots")
-    if not real.exists():
+    if not exists:
         raise ValidationFailed(f"local repository {str(path)!r} does not exist")
     return RepoSource(url=str(real), kind="file")
 

@@ -15,6 +15,7 @@ from server.auth import tokens
 from server.db.models import User, Workspace
 from server.errors import DenError, NotFound, ValidationFailed
 from server.ssh.proof import NAMESPACE
+from server.preview.urls import valid_port
 from server.web.deps import CSRF, WebUser
 from server.web.render import ago, flash, page
 from server.workspaces.service import CreateRequest, WorkspaceService
@@ -97,13 +98,46 @@ async def create(request: Request, user: WebUser,
     return _back("/workspaces")
 
 
+async def _ports(request: Request, ws: Workspace) -> list[dict[str, Any]]:
+    """The workspace's ports for its page: number, listening, share level and link."""
+    previews = request.app.state.previews
+    try:
+        found = await previews.ports(ws)
+    except DenError:  # the page still shows; the ports are what the database knows
+        found = []
+    rows = []
+    for p in found:
+        url, path_url = previews.urls_of(ws, p.port, base_url=str(request.base_url))
+        rows.append({"port": p.port, "listening": p.listening,
+                     "share": previews.effective(p.share).value, "url": url or path_url})
+    return rows
+
+
 @router.get("/workspaces/{ref}")
-def workspace_page(request: Request, ref: str, user: WebUser) -> Response:
+async def workspace_page(request: Request, ref: str, user: WebUser) -> Response:
     svc = _svc(request)
     ws = svc.get_for(user, ref)
     return page(request, "workspace.html", user=user, ws=ws,
                 snapshots=request.app.state.snapshots.list_for(ws),
+                ports=await _ports(request, ws),
+                public_sharing=svc.settings.preview_public_sharing,
+                ssh_on=svc.settings.ssh_port > 0,
                 events=list(reversed(svc.events(ws.id, limit=100))))
+
+
+@router.post("/workspaces/{ref}/ports", dependencies=[CSRF])
+def share_port(request: Request, ref: str, user: WebUser, port: Annotated[str, Form()] = "",
+               share: Annotated[str, Form()] = "") -> Response:
+    ws = _svc(request).get_for(user, ref)
+    number = valid_port(port.strip())
+    try:
+        if number is None:
+            raise ValidationFailed(f"{port!r} is not a port (1-65535)")
+        level = request.app.state.previews.set_share(ws, number, share, actor=user.name)
+        flash(request, f"Port {number} of {ws.name} is {level.value}.")
+    except DenError as exc:
+        flash(request, f"Could not share port {port} of {ws.name}: {exc.message}", "error")
+    return _back(f"/workspaces/{ws.id}")
 
 
 @router.get("/workspaces/{ref}/state.json")

@@ -96,3 +96,25 @@ def user_of(conn: HTTPConnection, sessions: sessionmaker[Session]) -> User | Non
                     s.expunge(user)
     conn.scope["den.web_user"] = user
     return user
+
+
+def session_hash(conn: HTTPConnection) -> str | None:
+    """The stored hash of this request's session id (what a preview origin's cookie carries
+    instead of the id itself), or None without a session."""
+    if "session" not in conn.scope:
+        return None
+    sid = conn.session.get("sid")
+    return _hash(sid) if isinstance(sid, str) and len(sid) < 100 else None
+
+
+def user_of_hash(sessions: sessionmaker[Session], session_hash: str) -> User | None:
+    """The user of the live session whose id hashes to ``session_hash``: a preview origin's
+    sign-in lasts exactly as long as the Den session it came from (logout ends both)."""
+    with sessions() as s:
+        row = s.scalar(select(WebSession).where(WebSession.session_hash == session_hash))
+        if row is None or row.expires_at <= datetime.now(UTC):
+            return None
+        user = s.get(User, row.user_id)
+        if user is not None:
+            s.expunge(user)
+        return user

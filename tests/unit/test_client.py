@@ -1245,3 +1245,61 @@ def test_cli_ssh_key_add_ls_rm(cli: Callable[..., int], fake: FakeServer, logged
     assert fake.requests[-1].method == "DELETE"
     assert cli("ssh-key", "add", str(tmp_path / "missing.pub")) == 1
     assert "cannot read" in capsys.readouterr().err
+
+
+# --- preview ports ---------------------------------------------------------------------------
+
+PORTS = "/api/v1/workspaces/id-api/ports"
+LISTED = [
+    {"port": 5173, "listening": True, "share": "private",
+     "url": "https://5173--api--alice.p.test/", "path_url": "https://den.test/preview/ws1/5173/"},
+    {"port": 8000, "listening": False, "share": "public", "url": None,
+     "path_url": "https://den.test/preview/ws1/8000/"},
+]
+
+
+@pytest.mark.usefixtures("logged_in")
+def test_cli_ports(cli: Callable[..., int], fake: FakeServer,
+                   capsys: pytest.CaptureFixture[str]) -> None:
+    fake.add("api")
+    fake.overrides[("GET", PORTS)] = httpx.Response(200, json={"ports": LISTED})
+    assert cli("ports", "api") == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "PORT  LISTENING  SHARE    URL",
+        "5173  yes        private  https://5173--api--alice.p.test/",
+        "8000  no         public   https://den.test/preview/ws1/8000/",
+    ]
+    assert cli("ports", "api", "--json") == 0
+    assert json.loads(capsys.readouterr().out) == LISTED
+
+
+@pytest.mark.usefixtures("logged_in")
+def test_cli_share(cli: Callable[..., int], fake: FakeServer,
+                   capsys: pytest.CaptureFixture[str]) -> None:
+    fake.add("api")
+    fake.overrides[("PUT", f"{PORTS}/8000")] = httpx.Response(200, json={
+        **LISTED[1], "share": "users", "listening": None})
+    assert cli("share", "api", "8000", "--users") == 0
+    assert json.loads(fake.last("PUT", "/ports/8000").content) == {"share": "users"}
+    assert capsys.readouterr().out == \
+        "api port 8000: users  https://den.test/preview/ws1/8000/\n"
+    for flag, level in (("--public", "public"), ("--private", "private")):
+        assert cli("share", "api", "8000", flag) == 0
+        assert json.loads(fake.last("PUT", "/ports/8000").content) == {"share": level}
+    fake.overrides[("POST", f"{PORTS}/8000/links")] = httpx.Response(201, json={
+        "url": None, "path_url": "https://den.test/preview/ws1/8000/?den_share=t.m",
+        "expires_at": "2026-12-06T22:00:00Z"})
+    capsys.readouterr()
+    assert cli("share", "api", "8000", "--link", "600") == 0
+    assert json.loads(fake.last("POST", "/ports/8000/links").content) == {"ttl_s": 600}
+    out = capsys.readouterr()
+    assert out.out == "https://den.test/preview/ws1/8000/?den_share=t.m\n"
+    assert out.err == "valid until 2026-12-06 22:00:00 UTC\n"
+    fake.overrides[("PUT", f"{PORTS}/8000")] = httpx.Response(403, json={"error": {
+        "code": "public_sharing_off", "message": "public sharing is turned off"}})
+    assert cli("share", "api", "8000", "--public") == 1
+    assert capsys.readouterr().err == "den: public sharing is turned off\n"
+    with pytest.raises(SystemExit):  # a level is required, and only one
+        cli("share", "api", "8000")
+    with pytest.raises(SystemExit):
+        cli("share", "api", "8000", "--public", "--users")
