@@ -102,14 +102,28 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
 
 
 def _allowed_methods(request: Request) -> list[str]:
-    """The methods the routes of ``request``'s path answer (one route per method here):
-    each method is tried against the router as the request would be."""
-    allowed = []
-    for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
-        scope = {**request.scope, "method": method}
-        if any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes):
-            allowed.append(method)
-    return allowed
+    """The methods of ``request``'s path, as the OpenAPI document lists them: of the templates
+    that match, the one with the most literal segments wins (``/ssh-keys/challenge`` over
+    ``/ssh-keys/{key_id}``). A path the document does not describe (the web pages) is tried
+    against the router with each method."""
+    got = request.url.path.strip("/").split("/")
+    best, methods = -1, set[str]()
+    for template, ops in request.app.openapi().get("paths", {}).items():
+        parts = template.strip("/").split("/")
+        if len(parts) != len(got) or not all(
+                p.startswith("{") or p == g for p, g in zip(parts, got, strict=True)):
+            continue
+        literal = sum(not p.startswith("{") for p in parts)
+        if literal > best:
+            best, methods = literal, set()
+        if literal == best:
+            methods |= {m.upper() for m in ops}
+    if best < 0:
+        for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+            scope = {**request.scope, "method": method}
+            if any(r.matches(scope)[0] is Match.FULL for r in request.app.router.routes):
+                methods.add(method)
+    return sorted(methods)
 
 
 def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI:

@@ -26,9 +26,9 @@ import git.exc
 
 from server.errors import DenError, ValidationFailed
 from server.outbound import PUBLIC_ONLY, GitPin, OutboundPolicy, git_pin
+from server.urls import check_host, split_url
 
 log = logging.getLogger(__name__)
-from server.urls import check_host, split_url
 
 WORKSPACE_UID = 1000
 WORKSPACE_GID = 1000

@@ -14,8 +14,8 @@ from server.api.terminal import SESSION_RE
 from server.auth import tokens
 from server.db.models import User, Workspace
 from server.errors import DenError, NotFound, ValidationFailed
-from server.ssh.proof import NAMESPACE
 from server.preview.urls import valid_port
+from server.ssh.proof import NAMESPACE
 from server.web.deps import CSRF, WebUser
 from server.web.render import ago, flash, page
 from server.workspaces.service import CreateRequest, WorkspaceService
