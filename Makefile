@@ -6,7 +6,8 @@ HOST     ?= 127.0.0.1
 PORT     ?= 8080
 DEN      := $(VENV)/bin/den
 
-.PHONY: run setup host agent images venv test lint bench clean-engine web test-deps bench-terminal
+.PHONY: run setup host agent images venv test lint bench clean-engine web test-deps bench-terminal \
+        soak
 
 ## Set everything up (engine, gVisor, images, virtualenv) and run the server.
 run: setup
@@ -42,6 +43,11 @@ $(VENV)/.installed: pyproject.toml
 ## The whole suite: lint, types, unit tests, and engine/PostgreSQL tests on the real things.
 test: setup test-deps
 	@bash scripts/test.sh
+
+## The crash-consistency test with random kill -9 rounds besides its fault points.
+SOAK_ROUNDS ?= 20
+soak: setup
+	DEN_CRASH_SOAK=$(SOAK_ROUNDS) $(VENV)/bin/python -m pytest -v tests/engine/test_crash.py
 
 lint: venv
 	$(VENV)/bin/ruff check server tests migrations

@@ -62,15 +62,20 @@ func prepare(r *request) (*prepared, error) {
 			return nil, errf("invalid", "argv contains a NUL byte")
 		}
 	}
-	path, err := lookPath(r.Argv[0], r.Env["PATH"], cwd, u)
+	pathEnv, pathSet := r.Env["PATH"]
+	if !pathSet {
+		pathEnv = "/bin:/usr/bin"
+	}
+	path, err := lookPath(r.Argv[0], pathEnv, cwd, u)
 	if err != nil {
 		return nil, err
 	}
 	return &prepared{user: u, cwd: cwd, path: path, argv: r.Argv, env: env}, nil
 }
 
-// lookPath finds argv[0] like execvp: as is when it contains a slash, else in PATH (the
-// request's; "/bin:/usr/bin" when unset), checking the bits as the user would.
+// lookPath finds argv[0] like execvp: as is when it contains a slash, else in pathEnv (the
+// request's PATH; "/bin:/usr/bin" when unset), checking the bits as the user would. An empty
+// element, and so an empty PATH, means the working directory, as in a shell.
 func lookPath(name, pathEnv, cwd string, u *userInfo) (string, error) {
 	abs := func(p string) string {
 		if !filepath.IsAbs(p) {
@@ -81,9 +86,6 @@ func lookPath(name, pathEnv, cwd string, u *userInfo) (string, error) {
 	if strings.Contains(name, "/") {
 		p := abs(name)
 		return p, checkExec(p, name, u)
-	}
-	if pathEnv == "" {
-		pathEnv = "/bin:/usr/bin"
 	}
 	var denied error
 	for _, dir := range strings.Split(pathEnv, ":") {

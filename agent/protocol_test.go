@@ -149,6 +149,13 @@ func TestExecErrors(t *testing.T) {
 	if r := c.call(req); exitOf(t, r)["code"] != float64(0) {
 		t.Errorf("PATH skip: %v", r.msgs)
 	}
+	// An empty PATH is the working directory only (as for a shell), not the default.
+	req = execReq("true")
+	req["env"] = map[string]any{"PATH": ""}
+	req["cwd"] = "/"
+	if r := c.call(req); r.errCode() != "enoent" {
+		t.Errorf("empty PATH: want enoent, got %v", r.msgs)
+	}
 }
 
 func TestExecStdin(t *testing.T) {

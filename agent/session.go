@@ -89,10 +89,30 @@ func newServer(in io.Reader, out io.Writer, logger *log.Logger) *server {
 	return s
 }
 
+// maxBatch bounds how many bytes of queued frames one write to the host carries.
+const maxBatch = 256 * 1024
+
 func (s *server) writer(w io.Writer) {
 	defer close(s.writerDone)
 	var failed bool
+	var batch []byte
 	for b := range s.out {
+		// Frames queued meanwhile go out in the same write: every write wakes the relay and
+		// the engine's stream once (an exec's started, EOFs, exit and CLOSE come together).
+		batch = append(batch[:0], b...)
+	more:
+		for len(batch) < maxBatch {
+			select {
+			case next, ok := <-s.out:
+				if !ok {
+					break more
+				}
+				batch = append(batch, next...)
+			default:
+				break more
+			}
+		}
+		b = batch
 		if _, err := w.Write(b); err != nil {
 			// The host's attach is gone (a checkpoint, Den restarting): drop the frame and
 			// go on; the next session starts with a HELLO anyway.

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from server import __version__
 from server.api import exec as exec_routes
@@ -25,6 +26,7 @@ from server.api import (
     files,
     forges,
     health,
+    ports,
     processes,
     snapshots,
     ssh_keys,
@@ -32,11 +34,12 @@ from server.api import (
     users,
     workspaces,
 )
+from server.api.guard import BodyGuard
 from server.api.observe import Observe
 from server.config import Settings
 from server.db.migrate import ensure_schema
 from server.db.models import Meta, Workspace
-from server.db.session import make_engine, make_session_factory
+from server.db.session import make_engine, make_session_factory, prepare_data_dir
 from server.errors import DenError
 from server.forges.pull_requests import ForgeService
 from server.logs import request_id
@@ -44,12 +47,16 @@ from server.metrics import Metrics, StateCollector, checkpoint_usage, serve_sepa
 from server.network.denials import KmsgWatcher
 from server.network.firewall import bridge_name
 from server.network.guard import NetworkGuard, resolvers, write_resolv_conf
+from server.preview import tokens as preview_tokens
+from server.preview.dispatch import PreviewMiddleware
+from server.preview.service import PreviewService
 from server.runtime.base import Runtime
 from server.runtime.errors import EngineUnavailable
 from server.snapshots.service import SnapshotService
 from server.ssh.keys import SSHKeyService
 from server.web.mount import mount as mount_web
 from server.web.render import error_page, is_page
+from server.web.sessions import session_secret
 from server.workspaces.files import FileService
 from server.workspaces.processes import ProcessService
 from server.workspaces.reaper import Reaper
@@ -94,8 +101,49 @@ def default_runtime(settings: Settings) -> tuple[Runtime, NetworkGuard | None]:
     return rt, guard
 
 
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found",
+               405: "method_not_allowed", 413: "too_large", 422: "invalid"}
+
+
+def unparsable_body(cause: BaseException | None) -> str | None:
+    """Why FastAPI could not parse a JSON body (its 400 "error parsing the body"), or None
+    when the 400 had another cause."""
+    if isinstance(cause, UnicodeDecodeError):
+        return "the request body is not valid UTF-8 (JSON must be)"
+    if isinstance(cause, RecursionError):
+        return "the request body nests too deeply (more than about 1,000 levels)"
+    if isinstance(cause, ValueError):
+        return f"the request body is not valid JSON: {cause}"
+    return None
+
+
 def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """The methods of ``request``'s path, as the OpenAPI document lists them: of the templates
+    that match, the one with the most literal segments wins (``/ssh-keys/challenge`` over
+    ``/ssh-keys/{key_id}``). A path the document does not describe (the web pages) is tried
+    against the router with each method."""
+    got = request.url.path.strip("/").split("/")
+    best, methods = -1, set[str]()
+    for template, ops in request.app.openapi().get("paths", {}).items():
+        parts = template.strip("/").split("/")
+        if len(parts) != len(got) or not all(
+                p.startswith("{") or p == g for p, g in zip(parts, got, strict=True)):
+            continue
+        literal = sum(not p.startswith("{") for p in parts)
+        if literal > best:
+            best, methods = literal, set()
+        if literal == best:
+            methods |= {m.upper() for m in ops}
+    if best < 0:
+        for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+            scope = {**request.scope, "method": method}
+            if any(r.matches(scope)[0] is Match.FULL for r in request.app.router.routes):
+                methods.add(method)
+    return sorted(methods)
 
 
 def create_app(settings: Settings, *, runtime: Runtime | None = None,
@@ -105,7 +153,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        prepare_data_dir(settings.data_dir)
         url = settings.resolved_database_url()
         engine = make_engine(url)
         ensure_schema(engine, url, auto_migrate=settings.auto_migrate)
@@ -126,6 +174,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
         app.state.files = FileService(svc)
         app.state.processes = ProcessService(svc)
         app.state.snapshots = SnapshotService(svc)
+        app.state.previews = PreviewService(
+            svc, key=preview_tokens.derive_key(session_secret(settings)))
         forge_svc = ForgeService(settings=settings, sessions=sessions, workspaces=svc)
         forge_svc.attach()
         app.state.forges = forge_svc
@@ -179,10 +229,14 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
                 close()
             engine.dispose()
 
-    app = FastAPI(title="Den", version=__version__, lifespan=lifespan,
+    # No /docs or /redoc: FastAPI's pages load their scripts from a CDN (issue 11). The
+    # schema stays at /openapi.json for any OpenAPI viewer.
+    app = FastAPI(title="Den", version=__version__, lifespan=lifespan, docs_url=None,
+                  redoc_url=None,
                   description="Persistent dev workspaces, isolated with gVisor.")
     metrics = Metrics()  # this app's own registry
     app.state.metrics = metrics
+    app.add_middleware(BodyGuard, settings=settings)  # inside Observe: refusals are logged
     app.add_middleware(Observe, metrics=metrics)
 
     @app.exception_handler(DenError)
@@ -208,12 +262,18 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}
+        status, message = exc.status_code, str(exc.detail)
+        if status == 400 and (why := unparsable_body(exc.__cause__)) is not None:
+            status, message = 422, why  # like a JSON syntax error: bad input, 422 invalid
+        code = _HTTP_CODES.get(status, "http_error")
         if is_page(request):
-            return error_page(request, exc.status_code,
-                              codes.get(exc.status_code, "http_error"), str(exc.detail))
-        return _error(exc.status_code, codes.get(exc.status_code, "http_error"),
-                      str(exc.detail))
+            response = error_page(request, status, code, message)
+        else:
+            response = _error(status, code, message)
+        response.headers.update(exc.headers or {})
+        if status == 405:  # every method of the path, not only the first route's
+            response.headers["Allow"] = ", ".join(_allowed_methods(request))
+        return response
 
     @app.exception_handler(Exception)
     async def crash(request: Request, exc: Exception) -> JSONResponse:
@@ -224,8 +284,9 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
         return response
 
     for module in (health, users, workspaces, exec_routes, files, processes, snapshots, forges,
-                   ssh_keys):
+                   ssh_keys, ports):
         app.include_router(module.router)
     app.include_router(terminal.router)
+    app.add_middleware(PreviewMiddleware)  # inside the session middleware that mount_web adds
     mount_web(app, settings)
     return app

@@ -28,9 +28,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _open_db(settings: Settings, *, migrate: bool) -> object:
     from server.db.migrate import ensure_schema
-    from server.db.session import make_engine, make_session_factory
+    from server.db.session import make_engine, make_session_factory, prepare_data_dir
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    prepare_data_dir(settings.data_dir)
     url = settings.resolved_database_url()
     engine = make_engine(url)
     ensure_schema(engine, url, auto_migrate=migrate or settings.auto_migrate)
@@ -43,7 +43,8 @@ def cmd_admin_token(args: argparse.Namespace) -> int:
     sessions = _open_db(_settings(args), migrate=False)
     with sessions.begin() as s:  # type: ignore[attr-defined]
         user = ensure_user(s, args.user, admin=args.admin)
-        _row, token = issue_token(s, user, name=args.name or "admin-cli")
+        _row, token = issue_token(s, user, name=args.name or "admin-cli",
+                                  expires_in_s=args.expires_in_s)
     print(token)
     return 0
 
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--user", required=True, help="user name")
     token.add_argument("--admin", action="store_true", help="make the user an admin")
     token.add_argument("--name", help="a label for the token")
+    token.add_argument("--expires-in-s", type=int, metavar="SECONDS",
+                       help="the token stops working this many seconds from now (default: "
+                            "never)")
     _server_flags(token, listen=False)
     token.set_defaults(func=cmd_admin_token)
     migrate = admin_sub.add_parser("migrate", help="upgrade the database schema")

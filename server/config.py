@@ -275,6 +275,15 @@ class Settings(BaseSettings):
             "`ext::`, `fd::` and other transports are always refused."
         ),
     )
+    outbound_allow: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Private destinations the host may connect to for clones, pushes and forge API "
+            "calls: networks in CIDR notation (`10.20.0.0/16`, `127.0.0.1`) or host names "
+            "(`git.corp.example`, every address it resolves to). Everything else that is not "
+            "a public address (loopback, private, link-local, CGNAT, ULA) is refused."
+        ),
+    )
     local_repo_roots: list[Path] = Field(
         default_factory=list,
         description=(
@@ -307,6 +316,15 @@ class Settings(BaseSettings):
     file_max_bytes: int = Field(
         64 * 1024 * 1024, description="Largest file the files API reads or writes in one call."
     )
+    max_body_bytes: int = Field(
+        2 * 1024 * 1024,
+        ge=1024,
+        description=(
+            "Largest request body (and WebSocket message) of every route but a file upload "
+            "(`DEN_FILE_MAX_BYTES`): exec stdin and env, forms, JSON. Larger is refused with "
+            "413 before it is read."
+        ),
+    )
 
     # --- forges and pull requests ------------------------------------------------------------
     forge_keys: SecretStr = Field(
@@ -338,6 +356,19 @@ class Settings(BaseSettings):
     # --- ssh gateway ------------------------------------------------------------------
     ssh_login_timeout_s: float = Field(
         30, description="An SSH connection that has not authenticated after this long is closed."
+    )
+    ssh_max_preauth: int = Field(
+        64,
+        ge=1,
+        description=(
+            "SSH connections that may be authenticating at once (connected, not yet "
+            "authenticated); more are closed at once until some finish."
+        ),
+    )
+    ssh_max_preauth_per_address: int = Field(
+        8,
+        ge=1,
+        description="The same, per source address.",
     )
     ssh_max_auth_failures: int = Field(
         10,
@@ -431,6 +462,31 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Users in one of these groups become admins at login (JSON list).",
     )
+    oidc_registration: Literal["auto", "open", "allowlist"] = Field(
+        "auto",
+        description=(
+            "Who gets an account at their first single sign-on: `allowlist` (only logins "
+            "matching `DEN_OIDC_ALLOWED_*` or the admin policy), `open` (anyone the issuer "
+            "vouches for), `auto` (`allowlist` for public issuers, GitHub, gitlab.com, "
+            "Google, Microsoft, Apple, and whenever an allowlist is set; else `open`). "
+            "Existing accounts always keep working."
+        ),
+    )
+    oidc_allowed_email_domains: list[str] = Field(
+        default_factory=list,
+        description="A login with a verified email in one of these domains may get an "
+                    "account (JSON list).",
+    )
+    oidc_allowed_users: list[str] = Field(
+        default_factory=list,
+        description="Logins that may get an account: provider user names (GitHub login, "
+                    "`preferred_username`) or verified emails (JSON list).",
+    )
+    oidc_allowed_groups: list[str] = Field(
+        default_factory=list,
+        description="A login in one of these groups may get an account: GitHub "
+                    "organisations, GitLab groups, the OIDC groups claim (JSON list).",
+    )
 
     @field_validator("network_allow", "network_user_allow")
     @classmethod
@@ -455,6 +511,41 @@ class Settings(BaseSettings):
             from server.metrics import split_listen
 
             split_listen(value)
+        return value
+    # --- preview URLs (docs/preview.md) -------------------------------------------------
+    preview_domain: str = Field(
+        "",
+        description=(
+            "Domain whose subdomains are preview origins, <port>--<workspace>--<owner>."
+            "<domain> (wildcard DNS to Den). Empty: only the path form /preview/<workspace>/"
+            "<port>/ on Den's own origin."
+        ),
+    )
+    preview_public_sharing: bool = Field(
+        False,
+        description="Whether a port may be shared with anyone who has the URL (share: public).",
+    )
+    preview_max_connections: int = Field(
+        64, ge=1,
+        description="Preview connections open at once to one workspace; more get 503.",
+    )
+    preview_idle_timeout_s: float = Field(
+        300.0, gt=0,
+        description=(
+            "A preview connection on which the app sends nothing for this long is closed "
+            "(server-sent event streams should send a comment now and then)."
+        ),
+    )
+    preview_max_link_ttl_s: int = Field(
+        7 * 86400, ge=60, description="Longest lifetime of a signed share link, in seconds.",
+    )
+
+    @field_validator("outbound_allow")
+    @classmethod
+    def _outbound_entries(cls, value: list[str]) -> list[str]:
+        from server.outbound import parse_entries
+
+        parse_entries(value)  # ValueError names a malformed entry
         return value
 
     def resolved_database_url(self) -> str:

@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.app import create_app
 from server.config import Settings
+from server.db.session import prepare_data_dir
 from server.logs import configure as configure_logging
 from server.runtime.base import Runtime
 
@@ -103,7 +104,7 @@ def serve(settings: Settings, *, runtime: Runtime | None = None) -> int:
     """Run the server until SIGTERM or Ctrl-C. ``runtime`` is for tests (the fake engine);
     users get the Docker engine."""
     configure_logging(level=settings.log_level, fmt=settings.log_format)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    prepare_data_dir(settings.data_dir)
     app = create_app(settings, runtime=runtime)
     print(f"den: serving on http://{settings.host}:{settings.port} "
           f"(data in {settings.data_dir})", file=sys.stderr, flush=True)
@@ -112,7 +113,8 @@ def serve(settings: Settings, *, runtime: Runtime | None = None) -> int:
     # log, where the request id is known.
     config = uvicorn.Config(CutOnStop(app, grace_s=grace_s), host=settings.host,
                             port=settings.port, log_config=None, access_log=False,
-                            log_level=settings.log_level.lower(), ws_max_size=16 * 1024 * 1024,
+                            log_level=settings.log_level.lower(),
+                            ws_max_size=settings.max_body_bytes,
                             timeout_graceful_shutdown=grace_s)
     BoundedServer(config, grace_s=grace_s).run()
     return 0

@@ -157,6 +157,9 @@ def make_settings(tmp_path: Path, repos_root: Path) -> Callable[..., Settings]:
             "stop_timeout_s": 2,
             "reaper_interval_s": 0,  # tests that want the idle reaper turn it on
             "ssh_port": 0,  # tests that want the SSH gateway give it a free port
+            # The stand-in forges and git servers listen on loopback, which Den refuses by
+            # default (tests of that refusal pass outbound_allow=[]).
+            "outbound_allow": ["127.0.0.0/8", "::1"],
         }
         values.update(overrides)
         return Settings(**values)
@@ -212,6 +215,35 @@ class ApiClient:
         assert r.status_code == 200, r.text
         out: dict[str, Any] = r.json()
         return out
+
+
+    def add_key(self, key: Any, *, user: str = "alice", name: str | None = None,
+                public: str | None = None) -> Any:
+        """Register ``key`` (an asyncssh private key, or a private key file) for ``user``,
+        proving possession as ``den ssh-key add`` does; the response."""
+        return add_ssh_key(lambda m, u, **kw: self.client.request(m, u, headers=self.h(user),
+                                                                   **kw),
+                           key, name=name, public=public)
+
+
+def add_ssh_key(request: Callable[..., Any], key: Any, *, name: str | None = None,
+                public: str | None = None) -> Any:
+    """Register an SSH key through ``request(method, url, json=...)`` with a signed challenge;
+    ``key`` is an asyncssh private key or the path of a private key file."""
+    import asyncssh
+
+    from server.ssh.proof import sign
+
+    private = key if isinstance(key, asyncssh.SSHKey) else asyncssh.read_private_key(str(key))
+    r = request("POST", "/api/v1/users/me/ssh-keys/challenge")
+    assert r.status_code == 200, r.text
+    challenge = r.json()["challenge"]
+    body: dict[str, Any] = {
+        "public_key": public or private.export_public_key().decode(),
+        "challenge": challenge, "signature": sign(private, challenge.encode())}
+    if name is not None:
+        body["name"] = name
+    return request("POST", "/api/v1/users/me/ssh-keys", json=body)
 
 
 def users(app: Any) -> dict[str, str]:

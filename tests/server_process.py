@@ -52,6 +52,7 @@ class DenServer:
             "DEN_ENGINE_PREFIX": prefix,
             "DEN_LOCAL_REPO_ROOTS": json.dumps([str(repos_root)]),
             "DEN_SSH_PORT": str(self.ssh_port),
+            "DEN_OUTBOUND_ALLOW": '["127.0.0.0/8", "::1"]',  # the tests' stand-in servers
             **{f"DEN_{k.upper()}": str(v) for k, v in settings.items()},
         }
         self.proc: subprocess.Popen[bytes] | None = None

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, Request, WebSocket
+from fastapi import Depends, Request, Security, WebSocket
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
 from server.auth.tokens import authenticate
 from server.db.models import User
@@ -35,18 +37,37 @@ def user_from_header(app_state: object, header: str | None) -> User:
     return user
 
 
-def metrics_reader(request: Request) -> None:
+# Declares the scheme in the OpenAPI document; user_from_header alone decides (auto_error
+# off: a missing or malformed header gets Den's own 401).
+BEARER = HTTPBearer(auto_error=False, scheme_name="bearer",
+                    description="An API token: `Authorization: Bearer den_...`")
+
+
+def metrics_reader(
+    request: Request,
+    _declared: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)],
+) -> None:
     """``/metrics``: the metrics token (``DEN_METRICS_TOKEN``) or an admin's API token."""
     token = _bearer(request.headers.get("authorization"))
     secret = request.app.state.settings.metrics_token.get_secret_value()
     if token is not None and secret and hmac.compare_digest(token.encode(), secret.encode()):
         return
-    if not current_user(request).is_admin:
+    if not user_from_header(request.app.state, request.headers.get("authorization")).is_admin:
         raise Forbidden("the metrics need an admin's API token or the metrics token")
 
 
-def current_user(request: Request) -> User:
-    return user_from_header(request.app.state, request.headers.get("authorization"))
+async def current_user(
+    request: Request,
+    _declared: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)],
+) -> User:
+    """The bearer token's user: found by :class:`server.api.guard.BodyGuard` before the body
+    was read (every ``/api/`` request; async, so taking it costs no thread hop), or here, on
+    a worker thread, for a route outside ``/api/``."""
+    user = getattr(request.state, "user", None)
+    if isinstance(user, User):
+        return user
+    return await run_in_threadpool(user_from_header, request.app.state,
+                                   request.headers.get("authorization"))
 
 
 def websocket_user(websocket: WebSocket) -> User:

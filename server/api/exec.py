@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 
 from fastapi import APIRouter, WebSocket
 from pydantic import ValidationError
 
 from server.api.deps import CurrentUser, Workspaces, websocket_user
-from server.api.schemas import ExecIn, ExecOut
+from server.api.schemas import ExecIn, ExecOut, errors
 from server.api.streams import Opened, serve
 from server.errors import ValidationFailed
 
 router = APIRouter(prefix="/api/v1/workspaces/{ref}", tags=["exec"])
 
 
-@router.post("/exec", response_model=ExecOut)
+@router.post("/exec", response_model=ExecOut, responses=errors(404, 409, 502, 503, 504))
 async def exec_command(ref: str, body: ExecIn, user: CurrentUser, svc: Workspaces) -> ExecOut:
     ws = svc.get_for(user, ref)
     stdin = body.stdin.encode() if body.stdin is not None else None
@@ -42,7 +41,7 @@ async def exec_stream(websocket: WebSocket, ref: str) -> None:
         ws = svc.get_for(user, ref)
         try:
             body = ExecIn.model_validate(await websocket.receive_json())
-        except (ValidationError, json.JSONDecodeError, KeyError) as exc:
+        except (ValidationError, ValueError, RecursionError, KeyError) as exc:
             raise ValidationFailed(f"the first message must be an exec request: {exc}") from exc
         req = svc.exec_request(ws, body.cmd, cwd=body.cwd, env=body.env,
                                timeout_s=body.timeout_s)

@@ -4,21 +4,29 @@ writes stream."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Annotated
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from server.api.deps import CurrentUser, Files, Workspaces
-from server.api.schemas import FileEntryOut, FileList, FileRename, FileWritten
+from server.api.schemas import FileEntryOut, FileList, FileRename, FileWritten, errors
 from server.errors import PayloadTooLarge
 from server.workspaces.files import FileContent, FileEntry
 from server.workspaces.service import path_in_workspace
 
-router = APIRouter(prefix="/api/v1/workspaces/{ref}/files", tags=["files"])
+router = APIRouter(prefix="/api/v1/workspaces/{ref}/files", tags=["files"],
+                   responses=errors(403, 404, 409, 413, 502, 503, 504))
+
+_BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+# A path inside /workspace, as the query parameter ``path``.
+FilePath = Annotated[str, Query(max_length=4096, description="A path inside /workspace, "
+                                "relative to it or absolute")]
 
 
-@router.get("", response_class=StreamingResponse)
-async def read_file(ref: str, path: str, user: CurrentUser, svc: Workspaces, files: Files
+@router.get("", response_class=StreamingResponse,
+            responses={200: {"content": _BINARY, "description": "The file's bytes, streamed"}})
+async def read_file(ref: str, path: FilePath, user: CurrentUser, svc: Workspaces, files: Files
                     ) -> StreamingResponse:
     ws = svc.get_for(user, ref)
     content = await files.read(ws.id, path, actor=user.name)  # errors: before the first byte
@@ -36,8 +44,10 @@ async def _body(content: FileContent) -> AsyncIterator[bytes]:
         await content.aclose()
 
 
-@router.put("", response_model=FileWritten)
-async def write_file(ref: str, path: str, request: Request, user: CurrentUser,
+@router.put("", response_model=FileWritten, openapi_extra={
+    "requestBody": {"required": True, "content": _BINARY,
+                    "description": "The file's new content (any bytes), streamed"}})
+async def write_file(ref: str, path: FilePath, request: Request, user: CurrentUser,
                      svc: Workspaces, files: Files) -> FileWritten:
     ws = svc.get_for(user, ref)
     limit = svc.settings.file_max_bytes
@@ -49,7 +59,7 @@ async def write_file(ref: str, path: str, request: Request, user: CurrentUser,
 
 
 @router.delete("", status_code=204)
-async def delete_file(ref: str, path: str, user: CurrentUser, svc: Workspaces, files: Files,
+async def delete_file(ref: str, path: FilePath, user: CurrentUser, svc: Workspaces, files: Files,
                       recursive: bool = False) -> Response:
     ws = svc.get_for(user, ref)
     await files.delete(ws.id, path, recursive=recursive, actor=user.name)
@@ -58,7 +68,7 @@ async def delete_file(ref: str, path: str, user: CurrentUser, svc: Workspaces, f
 
 @router.get("/list", response_model=FileList)
 async def list_files(ref: str, user: CurrentUser, svc: Workspaces, files: Files,
-                     path: str = ".") -> FileList:
+                     path: FilePath = ".") -> FileList:
     ws = svc.get_for(user, ref)
     listing = await files.list(ws.id, path, actor=user.name)
     return FileList(
@@ -73,7 +83,7 @@ def _out(e: FileEntry) -> FileEntryOut:
 
 
 @router.get("/stat", response_model=FileEntryOut)
-async def stat_file(ref: str, path: str, user: CurrentUser, svc: Workspaces,
+async def stat_file(ref: str, path: FilePath, user: CurrentUser, svc: Workspaces,
                     files: Files) -> FileEntryOut:
     ws = svc.get_for(user, ref)
     return _out(await files.stat(ws.id, path, actor=user.name))
@@ -82,7 +92,7 @@ async def stat_file(ref: str, path: str, user: CurrentUser, svc: Workspaces,
 @router.post("/mkdir", status_code=201, response_model=FileEntryOut,
              responses={200: {"model": FileEntryOut,
                               "description": "It was already a directory (parents=true)"}})
-async def make_dir(ref: str, path: str, response: Response, user: CurrentUser,
+async def make_dir(ref: str, path: FilePath, response: Response, user: CurrentUser,
                    svc: Workspaces, files: Files, parents: bool = False) -> FileEntryOut:
     ws = svc.get_for(user, ref)
     entry, made = await files.mkdir(ws.id, path, parents=parents, actor=user.name)

@@ -6,14 +6,22 @@ from fastapi import APIRouter, Response, status
 from fastapi.responses import JSONResponse
 
 from server.api.deps import CurrentUser, Forges, Workspaces
-from server.api.schemas import ForgeLink, ForgeList, ForgeOut, PullRequestCreate, PullRequestOut
+from server.api.schemas import (
+    ForgeLink,
+    ForgeList,
+    ForgeOut,
+    PullRequestCreate,
+    PullRequestOut,
+    RowId,
+    errors,
+)
 from server.forges.pull_requests import PullRequestRequest
 
 router = APIRouter(tags=["forges"])
 
 
 @router.post("/api/v1/users/me/forges", status_code=status.HTTP_201_CREATED,
-             response_model=ForgeOut)
+             response_model=ForgeOut, responses=errors(429, 502))
 async def link_forge(body: ForgeLink, user: CurrentUser, forges: Forges) -> ForgeOut:
     """Check the token with the forge, then store it encrypted; linking the same base URL
     again replaces the token."""
@@ -23,13 +31,14 @@ async def link_forge(body: ForgeLink, user: CurrentUser, forges: Forges) -> Forg
     return ForgeOut.of(row)
 
 
-@router.get("/api/v1/users/me/forges", response_model=ForgeList)
+@router.get("/api/v1/users/me/forges", response_model=ForgeList, responses=errors())
 def list_forges(user: CurrentUser, forges: Forges) -> ForgeList:
     return ForgeList(forges=[ForgeOut.of(r) for r in forges.accounts.list_for(user)])
 
 
-@router.delete("/api/v1/users/me/forges/{account_id}", status_code=204)
-def unlink_forge(account_id: int, user: CurrentUser, forges: Forges) -> Response:
+@router.delete("/api/v1/users/me/forges/{account_id}", status_code=204,
+               responses=errors(404))
+def unlink_forge(account_id: RowId, user: CurrentUser, forges: Forges) -> Response:
     forges.accounts.delete(user, account_id)
     return Response(status_code=204)
 
@@ -38,7 +47,8 @@ def unlink_forge(account_id: int, user: CurrentUser, forges: Forges) -> Response
              status_code=status.HTTP_201_CREATED,
              responses={200: {"model": PullRequestOut,
                               "description": "An open pull request for the branch existed; "
-                                             "the branch was updated"}})
+                                             "the branch was updated"},
+                        **errors(403, 404, 409, 413, 429, 502, 503, 504)})
 async def open_pull_request(ref: str, body: PullRequestCreate, user: CurrentUser,
                             svc: Workspaces, forges: Forges) -> JSONResponse:
     ws = svc.get_for(user, ref)

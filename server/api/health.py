@@ -14,6 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.api.deps import MetricsReader
+from server.api.schemas import errors
 from server.metrics import CONTENT_TYPE
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ async def healthz(request: Request) -> JSONResponse:
 
 
 @router.get("/metrics", response_class=Response,
-            responses={200: {"content": {CONTENT_TYPE: {}}}})
+            responses={200: {"content": {CONTENT_TYPE: {}}}, **errors(403)})
 def metrics(request: Request, _: MetricsReader) -> Response:
     """Prometheus text format; needs the metrics token or an admin's API token."""
     return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE)

@@ -17,6 +17,7 @@ from server.api.schemas import (
     ProcessOut,
     SignalIn,
     SpawnIn,
+    errors,
 )
 from server.api.streams import relay_output, send_error
 from server.errors import DenError, ValidationFailed
@@ -24,7 +25,8 @@ from server.runtime.base import StreamChunk
 from server.runtime.errors import AgentUnavailable
 from server.workspaces.processes import PID_MAX
 
-router = APIRouter(prefix="/api/v1/workspaces/{ref}/processes", tags=["processes"])
+router = APIRouter(prefix="/api/v1/workspaces/{ref}/processes", tags=["processes"],
+                   responses=errors(404, 409, 501, 502, 503, 504))
 
 Pid = Annotated[int, Path(ge=1, le=PID_MAX, description="A pid from the process list")]
 _PID = TypeAdapter(Annotated[int, Field(ge=1, le=PID_MAX)])

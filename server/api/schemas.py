@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from fastapi import Path
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic_core import PydanticCustomError
 
 from server.config import Settings
 from server.db.models import Event, ForgeAccount, Snapshot, SSHKey, Workspace
@@ -14,8 +16,80 @@ from server.ssh.target import ssh_endpoint
 from server.workspaces.processes import LOG_BYTES_DEFAULT, LOG_BYTES_MAX, LOG_BYTES_MIN
 
 
+class ErrorDetail(BaseModel):
+    code: str = Field(description="A stable slug (docs/api.md lists them)")
+    message: str = Field(description="For people; may change")
+
+
+class ErrorOut(BaseModel):
+    """Every error answer of the API."""
+
+    error: ErrorDetail
+
+
+_STATUS_TEXT = {
+    400: "The HTTP layer refused the request",
+    401: "No, unknown or revoked bearer token",
+    403: "Not allowed (inside the workspace, or a path outside /workspace)",
+    404: "No such object, or another user's",
+    409: "Not possible in the current state, or a name or key already taken",
+    413: "Too large",
+    422: "Invalid input",
+    429: "A quota is reached",
+    500: "A bug, or the workspace's disk is full",
+    501: "The workspace's runtime backend has no agent",
+    502: "The engine, a forge or the workspace's agent failed",
+    503: "The engine cannot be reached",
+    504: "The workspace's agent stopped answering",
+}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """Route ``responses=`` for the error statuses an operation can answer, each with the
+    error body's schema (401, 422 and 500 are added: every authenticated operation can
+    answer them)."""
+    wanted = sorted({401, 422, 500, *statuses})
+    return {s: {"model": ErrorOut, "description": _STATUS_TEXT[s]} for s in wanted}
+
+
+YEAR_S = 365 * 86400
+ROW_ID_MAX = 2**31 - 1  # integer keys: 32-bit on PostgreSQL (64 on SQLite)
+
+# The id of a token, SSH key or forge account in a path.
+RowId = Annotated[int, Path(ge=1, le=ROW_ID_MAX, description="The id from the listing")]
+
+
+def _lone_surrogate(value: Any) -> bool:
+    """Whether a string in ``value`` holds a lone surrogate (JSON allows ``"\\ud800"``; it
+    is no character and cannot be encoded as UTF-8)."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_lone_surrogate(k) or _lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_lone_surrogate(v) for v in value)
+    return False
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request body: unknown fields refused, no coercion (``"60"`` or ``true`` is not a
+    number), every string valid Unicode."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="after")
+    def _valid_unicode(self) -> Self:
+        for name, value in self:
+            if _lone_surrogate(value):
+                raise PydanticCustomError(
+                    "invalid_unicode",
+                    "{field}: text holds a lone surrogate (\\ud800-\\udfff), which is not "
+                    "a character", {"field": name})
+        return self
 
 
 class RepoIn(_Strict):
@@ -24,10 +98,10 @@ class RepoIn(_Strict):
 
 
 class ResourcesIn(_Strict):
-    cpus: float | None = None
-    memory_mb: int | None = None
-    disk_gb: int | None = None
-    gpus: int = 0
+    cpus: float | None = Field(default=None, ge=0.1, description="At most DEN_MAX_CPUS")
+    memory_mb: int | None = Field(default=None, ge=128, description="At most DEN_MAX_MEMORY_MB")
+    disk_gb: int | None = Field(default=None, ge=1, description="At most DEN_MAX_DISK_GB")
+    gpus: int = Field(default=0, ge=0, description="At most DEN_MAX_GPUS")
 
 
 class NetworkIn(_Strict):
@@ -47,9 +121,11 @@ class WorkspaceCreate(_Strict):
     resources: ResourcesIn = Field(default_factory=ResourcesIn)
     env: dict[str, str] = Field(default_factory=dict)
     idle_timeout_s: int | None = Field(
-        None, description="Pause after this many idle seconds; 0 never; null the default")
+        None, ge=0, le=YEAR_S,
+        description="Pause after this many idle seconds; 0 never; null the default")
     stop_after_s: int | None = Field(
-        None, description="Stop after this many seconds paused; 0 never; null the default")
+        None, ge=0, le=YEAR_S,
+        description="Stop after this many seconds paused; 0 never; null the default")
     keep_alive: bool = False
     network: NetworkIn | None = Field(
         None, description="Network policy; null: the server's default mode")
@@ -60,7 +136,8 @@ class WorkspacePatch(_Strict):
 
 
 class KeepaliveIn(_Strict):
-    ttl_s: int = Field(description="Seconds to keep the workspace awake; 0 ends the lease")
+    ttl_s: int = Field(ge=0, description="Seconds to keep the workspace awake (at most "
+                       "DEN_MAX_KEEPALIVE_S); 0 ends the lease")
 
 
 class SnapshotCreate(_Strict):
@@ -157,7 +234,7 @@ class ExecIn(_Strict):
     cmd: list[str] | str
     cwd: str | None = Field(None, max_length=4096)
     env: dict[str, str] = Field(default_factory=dict)
-    timeout_s: float | None = None
+    timeout_s: float | None = Field(None, gt=0, description="At most DEN_EXEC_MAX_TIMEOUT_S")
     stdin: str | None = None
     tty: bool = False
     cols: int = Field(80, ge=1, le=1000)
@@ -283,6 +360,9 @@ class UserOut(BaseModel):
 
 class TokenCreate(_Strict):
     name: str = Field("", max_length=128)
+    expires_in_s: StrictInt | None = Field(
+        None, ge=60, le=10 * 365 * 86400,
+        description="The token stops working this many seconds from now; null: never")
 
 
 class TokenOut(BaseModel):
@@ -290,6 +370,32 @@ class TokenOut(BaseModel):
     name: str
     created_at: datetime
     last_used_at: datetime | None = None
+    expires_at: datetime | None = None
+
+
+class IdentityOut(BaseModel):
+    id: int
+    issuer: str
+    subject: str
+    email: str
+    created_at: datetime
+    last_login_at: datetime
+
+
+class IdentityList(BaseModel):
+    identities: list[IdentityOut]
+
+
+class WebSessionOut(BaseModel):
+    id: int
+    method: str = Field(description="how it was opened: `token` or `oidc`")
+    token_id: int | None = Field(description="the API token it was opened with")
+    created_at: datetime
+    expires_at: datetime
+
+
+class WebSessionList(BaseModel):
+    sessions: list[WebSessionOut]
 
 
 class TokenCreated(TokenOut):
@@ -367,6 +473,18 @@ class SSHKeyIn(_Strict):
     )
     name: str | None = Field(None, max_length=128,
                              description="a label; defaults to the key's comment")
+    challenge: str = Field(max_length=256, description=(
+        "a challenge from `POST /api/v1/users/me/ssh-keys/challenge`"))
+    signature: str = Field(max_length=16384, description=(
+        "the challenge signed with the key's private key: the output of "
+        "`ssh-keygen -Y sign -n den-ssh-key -f KEY` (an SSH SIGNATURE block)"))
+
+
+class SSHKeyChallengeOut(BaseModel):
+    challenge: str
+    namespace: str
+    expires_at: datetime
+    command: str = Field(description="how to sign it with OpenSSH")
 
 
 class SSHKeyOut(BaseModel):
@@ -377,13 +495,47 @@ class SSHKeyOut(BaseModel):
     public_key: str
     created_at: datetime
     last_used_at: datetime | None = None
+    verified: bool = Field(description=(
+        "registered with proof of possession; false for keys registered before Den asked "
+        "for one (they still work: remove and add them again to prove them)"))
 
     @classmethod
     def of(cls, key: SSHKey) -> SSHKeyOut:
         return cls(id=key.id, name=key.name, type=key.key_type, fingerprint=key.fingerprint,
                    public_key=key.public_key, created_at=key.created_at,
-                   last_used_at=key.last_used_at)
+                   last_used_at=key.last_used_at, verified=key.verified)
 
 
 class SSHKeyList(BaseModel):
     ssh_keys: list[SSHKeyOut]
+
+
+class PortShareIn(_Strict):
+    share: Literal["private", "users", "public"] = Field(
+        description="private: the owner; users: anyone signed in to this Den; public: anyone "
+                    "with the URL")
+
+
+class PortOut(BaseModel):
+    port: int
+    listening: bool | None = Field(
+        description="Whether something listens on it now; null while the workspace is not "
+                    "running")
+    share: str
+    url: str | None = Field(description="The preview origin (null without DEN_PREVIEW_DOMAIN, "
+                                        "or when the name does not fit a DNS label)")
+    path_url: str = Field(description="The path form on Den's own origin")
+
+
+class PortList(BaseModel):
+    ports: list[PortOut]
+
+
+class ShareLinkIn(_Strict):
+    ttl_s: int = Field(3600, description="Seconds the link works for")
+
+
+class ShareLinkOut(BaseModel):
+    url: str | None
+    path_url: str
+    expires_at: datetime

@@ -149,12 +149,13 @@ async def pump_input(websocket: WebSocket, stream: ExecStream) -> None:
             continue
         try:
             data = json.loads(msg.get("text") or "{}")
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deeply
             continue
         if not isinstance(data, dict):
             continue
         if data.get("type") == "stdin":
-            await stream.write(str(data.get("data", "")).encode())
+            # A lone surrogate ("\ud800" is valid JSON) is no character: sent as "?".
+            await stream.write(str(data.get("data", "")).encode(errors="replace"))
         elif data.get("type") == "close_stdin":
             await stream.close_stdin()
         elif data.get("type") == "signal" and data.get("signal") in SIGNALS:

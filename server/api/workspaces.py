@@ -13,14 +13,17 @@ from server.api.schemas import (
     WorkspaceList,
     WorkspaceOut,
     WorkspacePatch,
+    errors,
 )
 from server.errors import ValidationFailed
 from server.workspaces.service import CreateRequest
 
 router = APIRouter(prefix="/api/v1/workspaces", tags=["workspaces"])
+LIFECYCLE = errors(404, 409, 502, 503)
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=WorkspaceOut)
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=WorkspaceOut,
+             responses=errors(404, 409, 429, 503))
 async def create_workspace(body: WorkspaceCreate, user: CurrentUser, svc: Workspaces,
                            snaps: Snapshots) -> WorkspaceOut:
     if (body.repo is None) == (body.from_snapshot is None):
@@ -45,18 +48,18 @@ async def create_workspace(body: WorkspaceCreate, user: CurrentUser, svc: Worksp
     return WorkspaceOut.of(await svc.create(user, req), svc.settings)
 
 
-@router.get("", response_model=WorkspaceList)
+@router.get("", response_model=WorkspaceList, responses=errors())
 def list_workspaces(user: CurrentUser, svc: Workspaces) -> WorkspaceList:
     return WorkspaceList(workspaces=[WorkspaceOut.of(w, svc.settings)
                                      for w in svc.list_for(user)])
 
 
-@router.get("/{ref}", response_model=WorkspaceOut)
+@router.get("/{ref}", response_model=WorkspaceOut, responses=errors(404))
 def get_workspace(ref: str, user: CurrentUser, svc: Workspaces) -> WorkspaceOut:
     return WorkspaceOut.of(svc.get_for(user, ref), svc.settings)
 
 
-@router.patch("/{ref}", response_model=WorkspaceOut)
+@router.patch("/{ref}", response_model=WorkspaceOut, responses=errors(403, 404))
 async def update_workspace(ref: str, body: WorkspacePatch, user: CurrentUser, svc: Workspaces
                            ) -> WorkspaceOut:
     """Change settings of a workspace; a network policy applies at once, without a restart."""
@@ -67,31 +70,31 @@ async def update_workspace(ref: str, body: WorkspacePatch, user: CurrentUser, sv
     return WorkspaceOut.of(ws, svc.settings)
 
 
-@router.post("/{ref}/start", response_model=WorkspaceOut)
+@router.post("/{ref}/start", response_model=WorkspaceOut, responses=LIFECYCLE)
 async def start_workspace(ref: str, user: CurrentUser, svc: Workspaces) -> WorkspaceOut:
     ws = svc.get_for(user, ref)
     return WorkspaceOut.of(await svc.start(ws.id, actor=user.name), svc.settings)
 
 
-@router.post("/{ref}/stop", response_model=WorkspaceOut)
+@router.post("/{ref}/stop", response_model=WorkspaceOut, responses=LIFECYCLE)
 async def stop_workspace(ref: str, user: CurrentUser, svc: Workspaces) -> WorkspaceOut:
     ws = svc.get_for(user, ref)
     return WorkspaceOut.of(await svc.stop(ws.id, actor=user.name), svc.settings)
 
 
-@router.post("/{ref}/pause", response_model=WorkspaceOut)
+@router.post("/{ref}/pause", response_model=WorkspaceOut, responses=LIFECYCLE)
 async def pause_workspace(ref: str, user: CurrentUser, svc: Workspaces) -> WorkspaceOut:
     ws = svc.get_for(user, ref)
     return WorkspaceOut.of(await svc.pause(ws.id, actor=user.name), svc.settings)
 
 
-@router.post("/{ref}/resume", response_model=WorkspaceOut)
+@router.post("/{ref}/resume", response_model=WorkspaceOut, responses=LIFECYCLE)
 async def resume_workspace(ref: str, user: CurrentUser, svc: Workspaces) -> WorkspaceOut:
     ws = svc.get_for(user, ref)
     return WorkspaceOut.of(await svc.resume(ws.id, actor=user.name), svc.settings)
 
 
-@router.post("/{ref}/keepalive", response_model=WorkspaceOut)
+@router.post("/{ref}/keepalive", response_model=WorkspaceOut, responses=LIFECYCLE)
 async def keepalive(ref: str, body: KeepaliveIn, user: CurrentUser, svc: Workspaces
                     ) -> WorkspaceOut:
     ws = svc.get_for(user, ref)
@@ -99,7 +102,9 @@ async def keepalive(ref: str, body: KeepaliveIn, user: CurrentUser, svc: Workspa
                            svc.settings)
 
 
-@router.delete("/{ref}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete("/{ref}", status_code=status.HTTP_204_NO_CONTENT,
+               responses={202: {"description": "A delete of it is already in progress"},
+                          **LIFECYCLE})
 async def delete_workspace(ref: str, user: CurrentUser, svc: Workspaces, snaps: Snapshots,
                            snapshots: bool = False) -> Response:
     ws = svc.get_for(user, ref)
@@ -109,7 +114,7 @@ async def delete_workspace(ref: str, user: CurrentUser, svc: Workspaces, snaps: 
     return Response(status_code=204 if done else 202)
 
 
-@router.get("/{ref}/events", response_model=EventList)
+@router.get("/{ref}/events", response_model=EventList, responses=errors(404))
 def workspace_events(ref: str, user: CurrentUser, svc: Workspaces) -> EventList:
     ws = svc.get_for(user, ref)
     return EventList(events=[EventOut.of(e) for e in svc.events(ws.id)])

@@ -6,12 +6,13 @@ import hashlib
 import hmac
 import re
 import secrets
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.db.models import ApiToken, User
+from server.db.models import ApiToken, User, WebSession
 from server.errors import NotFound, ValidationFailed
 
 TOKEN_PREFIX = "den_"
@@ -43,20 +44,36 @@ def ensure_user(s: Session, name: str, *, admin: bool = False) -> User:
     return user
 
 
-def issue_token(s: Session, user: User, *, name: str = "") -> tuple[ApiToken, str]:
-    """A new token for ``user``: the row and the secret (the only time it exists in clear)."""
+MAX_TOKEN_LIFETIME_S = 10 * 365 * 86400
+
+
+def issue_token(s: Session, user: User, *, name: str = "",
+                expires_in_s: int | None = None) -> tuple[ApiToken, str]:
+    """A new token for ``user``: the row and the secret (the only time it exists in clear).
+    ``expires_in_s``: it stops working that many seconds from now (None: never)."""
     if len(name) > 128:
         raise ValidationFailed("token name is longer than 128 characters")
+    if expires_in_s is not None and not 60 <= expires_in_s <= MAX_TOKEN_LIFETIME_S:
+        raise ValidationFailed("expires_in_s must be between 60 seconds and ten years")
     token = new_token()
+    expires = (datetime.now(UTC) + timedelta(seconds=expires_in_s)
+               if expires_in_s is not None else None)
     row = ApiToken(user_id=user.id, name=name, token_hash=hash_token(token),
-                   prefix=token[: len(TOKEN_PREFIX) + 4])
+                   prefix=token[: len(TOKEN_PREFIX) + 4], expires_at=expires)
     s.add(row)
     s.flush()
     return row, token
 
 
-def authenticate(sessions: sessionmaker[Session], token: str) -> User | None:
-    """The user a bearer token belongs to, or None."""
+@dataclass(frozen=True)
+class Authenticated:
+    user: User
+    token_id: int
+    expires_at: datetime | None
+
+
+def authenticate_token(sessions: sessionmaker[Session], token: str) -> Authenticated | None:
+    """Whose a bearer token is (and which token it is), or None: unknown, revoked, expired."""
     if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
         return None
     digest = hash_token(token)
@@ -65,11 +82,19 @@ def authenticate(sessions: sessionmaker[Session], token: str) -> User | None:
         if row is None or not hmac.compare_digest(row.token_hash, digest):
             return None
         now = datetime.now(UTC)
+        if row.expires_at is not None and row.expires_at <= now:
+            return None
         if row.last_used_at is None or row.last_used_at < now - LAST_USED_DEBOUNCE:
             s.execute(update(ApiToken).where(ApiToken.id == row.id).values(last_used_at=now))
         user = row.user
         s.expunge(user)
-        return user
+        return Authenticated(user, row.id, row.expires_at)
+
+
+def authenticate(sessions: sessionmaker[Session], token: str) -> User | None:
+    """The user a bearer token belongs to, or None."""
+    found = authenticate_token(sessions, token)
+    return found.user if found is not None else None
 
 
 def list_tokens(s: Session, user: User) -> list[ApiToken]:
@@ -78,7 +103,9 @@ def list_tokens(s: Session, user: User) -> list[ApiToken]:
 
 
 def revoke_token(s: Session, user: User, token_id: int) -> None:
+    """Revoke one of ``user``'s tokens, and end the web sessions it opened."""
     row = s.get(ApiToken, token_id)
     if row is None or row.user_id != user.id:
         raise NotFound(f"no token {token_id}")
+    s.execute(delete(WebSession).where(WebSession.token_id == token_id))
     s.delete(row)

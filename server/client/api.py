@@ -362,9 +362,13 @@ class Den:
         """The authenticated user: ``{"id", "name", "is_admin"}``."""
         return self.request_json("GET", "/api/v1/users/me")
 
-    def create_token(self, name: str) -> JSON:
-        """Create an API token; the returned ``token`` is shown only this once."""
-        return self.request_json("POST", "/api/v1/users/me/tokens", json_body={"name": name})
+    def create_token(self, name: str, *, expires_in_s: int | None = None) -> JSON:
+        """Create an API token; the returned ``token`` is shown only this once. With
+        ``expires_in_s`` it stops working that many seconds from now."""
+        body: JSON = {"name": name}
+        if expires_in_s is not None:
+            body["expires_in_s"] = expires_in_s
+        return self.request_json("POST", "/api/v1/users/me/tokens", json_body=body)
 
     def tokens(self) -> list[JSON]:
         """The user's API tokens (without their secrets)."""
@@ -400,9 +404,18 @@ class Den:
 
     # --- SSH keys -----------------------------------------------------------------------------
 
-    def add_ssh_key(self, public_key: str, *, name: str | None = None) -> JSON:
-        """Register an SSH public key (one OpenSSH line) for the SSH gateway."""
-        body: JSON = {"public_key": public_key}
+    def ssh_key_challenge(self) -> str:
+        """A challenge to sign with the key to register (``ssh-keygen -Y sign -n
+        den-ssh-key``): proof that you hold it."""
+        return str(self.request_json("POST", "/api/v1/users/me/ssh-keys/challenge")
+                   ["challenge"])
+
+    def add_ssh_key(self, public_key: str, *, challenge: str, signature: str,
+                    name: str | None = None) -> JSON:
+        """Register an SSH public key (one OpenSSH line) for the SSH gateway, with
+        ``challenge`` (:meth:`ssh_key_challenge`) signed by its private key."""
+        body: JSON = {"public_key": public_key, "challenge": challenge,
+                      "signature": signature}
         if name is not None:
             body["name"] = name
         return self.request_json("POST", "/api/v1/users/me/ssh-keys", json_body=body)
@@ -679,6 +692,25 @@ class Workspace:
     def events(self) -> list[JSON]:
         """The event log: ``{"id", "at", "kind", "from_state", "to_state", "actor", "message"}``."""
         return list(self.den.request_json("GET", f"{self._path}/events")["events"])
+
+    # --- preview ports ----------------------------------------------------------------------
+
+    def ports(self) -> list[JSON]:
+        """Listening ports and ports with a share level: ``{"port", "listening" (None while
+        not running), "share", "url" (the preview origin, or None), "path_url"}``."""
+        return list(self.den.request_json("GET", f"{self._path}/ports")["ports"])
+
+    def share_port(self, port: int, share: str) -> JSON:
+        """Set the share level of ``port``: ``private`` (you), ``users`` (anyone signed in to
+        this Den) or ``public`` (anyone with the URL, when the server allows it)."""
+        return dict(self.den.request_json("PUT", f"{self._path}/ports/{int(port)}",
+                                          json_body={"share": share}))
+
+    def share_link(self, port: int, *, ttl_s: int = 3600) -> JSON:
+        """A signed link that opens ``port`` for ``ttl_s`` seconds without signing in:
+        ``{"url", "path_url", "expires_at"}``."""
+        return dict(self.den.request_json("POST", f"{self._path}/ports/{int(port)}/links",
+                                          json_body={"ttl_s": ttl_s}))
 
     @property
     def processes(self) -> Processes:

@@ -11,7 +11,9 @@ import argparse
 import getpass
 import json
 import os
+import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -298,6 +300,32 @@ def _keepalive(args: argparse.Namespace, ctx: _Context) -> int:
     return 0
 
 
+def _ports(args: argparse.Namespace, ctx: _Context) -> int:
+    with ctx.client() as den:
+        ports = den.workspace(args.name).ports()
+    if args.json:
+        print(json.dumps(ports, indent=2))
+        return 0
+    listening = {True: "yes", False: "no", None: "-"}
+    rows = [[str(p["port"]), listening[p["listening"]], p["share"], p["url"] or p["path_url"]]
+            for p in ports]
+    print(_table(["PORT", "LISTENING", "SHARE", "URL"], rows))
+    return 0
+
+
+def _share(args: argparse.Namespace, ctx: _Context) -> int:
+    with ctx.client() as den:
+        ws = den.workspace(args.name)
+        if args.link is not None:
+            link = ws.share_link(args.port, ttl_s=args.link)
+            print(link["url"] or link["path_url"])
+            print(f"valid until {_utc(str(link['expires_at']))}", file=sys.stderr)
+            return 0
+        port = ws.share_port(args.port, args.share or "private")
+    print(f"{ws.name} port {port['port']}: {port['share']}  {port['url'] or port['path_url']}")
+    return 0
+
+
 def _net(args: argparse.Namespace, ctx: _Context) -> int:
     with ctx.client() as den:
         ws = den.workspace(args.name)
@@ -462,13 +490,36 @@ def _ssh_config(args: argparse.Namespace, ctx: _Context) -> int:
     return 0
 
 
+def sign_challenge(challenge: str, key_file: str) -> str:
+    """``challenge`` signed with ``ssh-keygen -Y sign -n den-ssh-key -f key_file`` (a private
+    key, or a public key whose private half is in ssh-agent); the SSH SIGNATURE block."""
+    try:
+        proc = subprocess.run(["ssh-keygen", "-Y", "sign", "-n", "den-ssh-key", "-f", key_file],
+                              input=challenge.encode(), stdout=subprocess.PIPE, check=False)
+    except OSError as exc:
+        raise CLIError(f"cannot run ssh-keygen to sign the challenge: {exc}") from exc
+    if proc.returncode != 0:
+        raise CLIError(f"ssh-keygen could not sign with {key_file} (exit {proc.returncode}); "
+                       "give the private key with --key, or add it to ssh-agent")
+    return proc.stdout.decode()
+
+
 def _ssh_key_add(args: argparse.Namespace, ctx: _Context) -> int:
     try:
         text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise CLIError(f"cannot read {args.file}: {exc}") from exc
-    with ctx.client() as den:
-        key = den.add_ssh_key(text, name=args.name)
+    with ctx.client() as den, tempfile.TemporaryDirectory(prefix="den-key-") as tmp:
+        signer = args.key
+        if signer is None and args.file != "-" and args.file.endswith(".pub") \
+                and Path(args.file[:-4]).exists():
+            signer = args.file[:-4]  # the private key next to it
+        if signer is None:  # the public key: ssh-keygen asks ssh-agent
+            signer = str(Path(tmp) / "key.pub")
+            Path(signer).write_text(text.strip() + "\n")
+        challenge = den.ssh_key_challenge()
+        signature = sign_challenge(challenge, signer)
+        key = den.add_ssh_key(text, name=args.name, challenge=challenge, signature=signature)
     print(f"{key['id']} {key['fingerprint']} {key['name']}")
     return 0
 
@@ -480,8 +531,12 @@ def _ssh_key_ls(args: argparse.Namespace, ctx: _Context) -> int:
         print(json.dumps(keys, indent=2))
         return 0
     rows = [[str(k["id"]), k["type"], k["fingerprint"], k["name"] or "-",
-             _when(k.get("last_used_at")) if k.get("last_used_at") else "never"] for k in keys]
-    print(_table(["ID", "TYPE", "FINGERPRINT", "NAME", "LAST USED"], rows))
+             _when(k.get("last_used_at")) if k.get("last_used_at") else "never",
+             "verified" if k.get("verified") else "UNVERIFIED"] for k in keys]
+    print(_table(["ID", "TYPE", "FINGERPRINT", "NAME", "LAST USED", "PROOF"], rows))
+    if any(not k.get("verified") for k in keys):
+        print("UNVERIFIED keys were added before Den asked for proof of possession; they "
+              "still work. `den ssh-key add` them again to prove them.", file=sys.stderr)
     return 0
 
 
@@ -557,9 +612,9 @@ def add_client_commands(
     *,
     client_factory: ClientFactory | None = None,
 ) -> None:
-    """Register login, create, ls, exec, spawn, ps, logs, kill, start, stop, pause, resume,
-    keepalive, net, rm, events, snapshot, snapshots, fork, restore, rm-snapshot, pr, forge (link,
-    ls, rm), ssh, ssh-config and ssh-key.
+    """Register login, create, ls, exec, spawn, ps, ports, share, logs, kill, start, stop,
+    pause, resume, keepalive, net, rm, events, snapshot, snapshots, fork, restore, rm-snapshot,
+    pr, forge (link, ls, rm), ssh, ssh-config and ssh-key.
 
     ``client_factory`` builds the :class:`Den` used by each verb (tests pass one that injects an
     ``httpx.MockTransport``); by default ``Den(config.url, config.token)``.
@@ -612,6 +667,23 @@ def add_client_commands(
     p = verb("ps", _ps, "list a workspace's background processes")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--json", action="store_true", help="print the raw JSON")
+
+    p = verb("ports", _ports, "list a workspace's listening ports with their preview URLs")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+
+    p = verb("share", _share, "set who may open a port's preview URL, or make a share link")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("port", metavar="PORT", type=int)
+    level = p.add_mutually_exclusive_group(required=True)
+    level.add_argument("--public", dest="share", action="store_const", const="public",
+                       help="anyone with the URL (when the server allows it)")
+    level.add_argument("--users", dest="share", action="store_const", const="users",
+                       help="anyone signed in to this Den")
+    level.add_argument("--private", dest="share", action="store_const", const="private",
+                       help="only you (the default)")
+    level.add_argument("--link", type=int, metavar="SECONDS",
+                       help="print a signed link that works without signing in for SECONDS")
 
     p = verb("logs", _logs, "print a background process's output (what the workspace kept)")
     p.add_argument("name", metavar="NAME")
@@ -728,9 +800,12 @@ def add_client_commands(
     keys = subparsers.add_parser("ssh-key", help="manage your SSH public keys",
                                  description="manage your SSH public keys")
     keys_sub = keys.add_subparsers(dest="ssh_key_command", required=True, metavar="ACTION")
-    p = keys_sub.add_parser("add", help="register a public key (FILE, or - for stdin)")
+    p = keys_sub.add_parser("add", help="register a public key (FILE, or - for stdin), "
+                            "signing Den's challenge with it (ssh-keygen -Y sign)")
     p.set_defaults(func=_bind(_ssh_key_add, ctx))
     p.add_argument("file", metavar="FILE", help="e.g. ~/.ssh/id_ed25519.pub")
+    p.add_argument("--key", metavar="PRIVATE", help="the private key that signs (default: "
+                   "FILE without .pub, else ssh-agent)")
     p.add_argument("--name", help="a label (default: the key's comment)")
     p = keys_sub.add_parser("ls", help="list your SSH keys")
     p.set_defaults(func=_bind(_ssh_key_ls, ctx))

@@ -16,6 +16,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -74,6 +75,7 @@ class ApiToken(Base):
     prefix: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(default=None)
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)  # None: never
 
     user: Mapped[User] = relationship(lazy="joined")
 
@@ -214,6 +216,9 @@ class SSHKey(Base):
     public_key: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Registered with a signed challenge (proof of possession). Keys from before proofs
+    # were required are False: they keep working, and the list says so.
+    verified: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     user: Mapped[User] = relationship(lazy="joined")
 
@@ -244,3 +249,22 @@ class WebSession(Base):
     method: Mapped[str] = mapped_column(String(16))  # "token" or "oidc"
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime] = mapped_column()
+    # The API token a "token" session was opened with: revoking it ends the session.
+    token_id: Mapped[int | None] = mapped_column(Integer, default=None, index=True)
+
+
+class PreviewPort(Base):
+    """A workspace port's share level for preview URLs (docs/preview.md). No row means
+    ``private``: only the owner (and admins) may open it."""
+
+    __tablename__ = "preview_ports"
+    __table_args__ = (UniqueConstraint("workspace_id", "port", name="uq_preview_ports_ws_port"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    workspace_id: Mapped[str] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), index=True
+    )
+    port: Mapped[int] = mapped_column(Integer)
+    share: Mapped[str] = mapped_column(String(16))  # "private" | "users" | "public"
+    updated_by: Mapped[str] = mapped_column(String(64), default="")
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)

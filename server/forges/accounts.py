@@ -24,6 +24,7 @@ from server.config import Settings
 from server.db.models import ForgeAccount, User
 from server.errors import DenError, NotFound, ValidationFailed
 from server.forges.base import Profile
+from server.urls import split_url
 
 KEY_FILE = "forge.key"
 
@@ -88,21 +89,33 @@ class TokenCipher:
                             "keys") from exc
 
 
-def normalize_base_url(url: str, *, allowed_schemes: list[str]) -> str:
-    """``scheme://host[:port][/prefix]`` with no trailing slash, query or credentials."""
+def normalize_base_url(url: str, *, allowed_schemes: list[str], what: str = "base_url") -> str:
+    """``scheme://host[:port][/prefix]`` with no trailing slash, query or credentials
+    (``what`` names the field in messages)."""
     url = url.strip()
-    parts = urlsplit(url)
+    parts = split_url(url, what=what)
     scheme = parts.scheme.lower()
     if scheme not in ("https", "http"):
-        raise ValidationFailed("base_url must be an https URL (the forge's web address)")
+        raise ValidationFailed(f"{what} must be an https URL (the forge's web address)")
     if scheme not in allowed_schemes:
-        raise ValidationFailed(f"base_url scheme {scheme!r} is not allowed on this server "
+        raise ValidationFailed(f"{what} scheme {scheme!r} is not allowed on this server "
                                "(tokens are only sent over allowed schemes)")
     if not parts.hostname or parts.username or parts.password:
-        raise ValidationFailed("base_url needs a host and must not contain credentials")
+        raise ValidationFailed(f"{what} needs a host and must not contain credentials")
     if parts.query or parts.fragment:
-        raise ValidationFailed("base_url must not have a query or fragment")
+        raise ValidationFailed(f"{what} must not have a query or fragment")
     return urlunsplit((scheme, parts.netloc.lower(), parts.path.rstrip("/"), "", ""))
+
+
+def validate_token(token: str) -> str:
+    """A forge token as sent in an HTTP header: printable ASCII, no spaces."""
+    token = token.strip()
+    if not token or len(token) > 4096:
+        raise ValidationFailed("token is empty or too long")
+    if not all(0x21 <= ord(c) <= 0x7e for c in token):
+        raise ValidationFailed("token may contain only printable ASCII characters, "
+                               "no spaces (as forges issue them)")
+    return token
 
 
 def serves(account_base_url: str, repo_url: str) -> bool:

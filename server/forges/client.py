@@ -3,6 +3,7 @@ translates every failure (transport errors, 401/403/404/429/5xx) into Den's erro
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -29,6 +30,7 @@ from server.forges.errors import (
 )
 
 USER_AGENT = f"den/{__version__}"
+log = logging.getLogger(__name__)
 
 
 def retry_after_s(headers: httpx.Headers, *, now: float | None = None) -> int | None:
@@ -43,8 +45,10 @@ def retry_after_s(headers: httpx.Headers, *, now: float | None = None) -> int | 
 
 
 def error_for(status: int, headers: httpx.Headers, data: Any, *, what: str) -> DenError:
-    """The generic mapping of a forge's non-2xx answer."""
+    """The generic mapping of a forge's non-2xx answer. The forge's own words are logged,
+    not passed on: the user gets the status and Den's reading of it."""
     text = message_of(data) or f"HTTP {status}"
+    log.warning("the forge answered HTTP %s while %s: %s", status, what, text)
     wait = retry_after_s(headers)
     if status == 429 or (status == 403 and (wait is not None or "rate limit" in text.lower())):
         after = f"; retry after {wait} s" if wait is not None else ""
@@ -52,17 +56,18 @@ def error_for(status: int, headers: httpx.Headers, data: Any, *, what: str) -> D
                                 retry_after_s=wait, detail=text)
     if status == 401:
         return ForgeTokenInvalid(
-            f"the forge rejected the linked token while {what} ({text}); link the account "
-            "again with a valid token")
+            f"the forge rejected the linked token while {what} (HTTP 401); link the account "
+            "again with a valid token", detail=text)
     if status == 403:
-        return ForgeForbidden(f"the linked token may not do this ({what}): {text}")
+        return ForgeForbidden(f"the linked token may not do this ({what}): HTTP 403",
+                              detail=text)
     if status == 404:
         return ForgeNotFound(
             f"not found while {what}: the repository does not exist or the linked token "
-            "cannot see it")
+            "cannot see it", detail=text)
     if status >= 500:
-        return ForgeUnavailable(f"the forge failed while {what}: HTTP {status} {text}")
-    return ForgeRejected(f"the forge refused {what}: HTTP {status} {text}")
+        return ForgeUnavailable(f"the forge failed while {what}: HTTP {status}", detail=text)
+    return ForgeRejected(f"the forge refused {what}: HTTP {status}", detail=text)
 
 
 class ForgeClient:
@@ -89,8 +94,10 @@ class ForgeClient:
             raise ForgeUnavailable(f"the forge did not answer in time while {what}",
                                    detail=str(exc)) from exc
         except httpx.HTTPError as exc:
+            log.warning("the forge at %s could not be reached while %s: %r", self.api_url,
+                        what, exc)
             raise ForgeUnavailable(f"the forge at {self.api_url} could not be reached while "
-                                   f"{what}: {type(exc).__name__}", detail=str(exc)) from exc
+                                   f"{what}", detail=str(exc)) from exc
         try:
             data: Any = resp.json() if resp.content else None
         except ValueError:
@@ -131,12 +138,15 @@ class ForgeClient:
         if status < 300:
             return self.provider.parse_created(data), True
         err = self.provider.create_error(status, data)
+        if err is not None and not isinstance(err, AlreadyExists):
+            log.warning("the forge answered HTTP %s while %s: %s", status, what,
+                        message_of(data))
         if isinstance(err, AlreadyExists):  # opened meanwhile by another call
             found = await self.find_open(repo, branch=branch, base=base)
             if found is not None:
                 return found, False
-            raise ForgeRejected(f"the forge says a pull request exists but lists none: "
-                                f"{err.message}")
+            raise ForgeRejected("the forge says a pull request exists but lists none",
+                                detail=err.message)
         if err is not None and status not in (401, 403, 429) and status < 500:
             raise err
         raise error_for(status, headers, data, what=what)

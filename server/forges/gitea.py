@@ -63,7 +63,9 @@ class Gitea:
         if status == 409 and "already exists" in text:
             return AlreadyExists(text)
         if status == 404 or (status == 422 and "branch" in text.lower()):
-            return BaseMissing(f"the base branch does not exist on the forge: {text}")
+            return BaseMissing("the base branch does not exist on the forge", detail=text)
         if status in (409, 422):
-            return ForgeRejected(f"Gitea refused the pull request: {text}")
+            return ForgeRejected(
+                f"Gitea refused the pull request (HTTP {status}; its reason "
+                "is in the server log)", detail=text)
         return None

@@ -73,5 +73,7 @@ class GitHub:
         if "already exists" in text:
             return AlreadyExists(text)
         if any(isinstance(e, dict) and e.get("field") == "base" for e in errors):
-            return BaseMissing(f"the base branch does not exist on the forge: {text}")
-        return ForgeRejected(f"GitHub refused the pull request: {text}")
+            return BaseMissing("the base branch does not exist on the forge", detail=text)
+        return ForgeRejected(
+            f"GitHub refused the pull request (HTTP {status}; its reason "
+            "is in the server log)", detail=text)

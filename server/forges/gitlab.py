@@ -69,7 +69,9 @@ class GitLab:
         if status == 409 and "already exists" in text:
             return AlreadyExists(text)
         if status in (400, 404, 422) and "target_branch" in text.replace(" ", "_").lower():
-            return BaseMissing(f"the base branch does not exist on the forge: {text}")
+            return BaseMissing("the base branch does not exist on the forge", detail=text)
         if status in (400, 409, 422):
-            return ForgeRejected(f"GitLab refused the merge request: {text}")
+            return ForgeRejected(
+                f"GitLab refused the merge request (HTTP {status}; its reason "
+                "is in the server log)", detail=text)
         return None

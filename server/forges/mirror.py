@@ -13,6 +13,7 @@ Blocking: call these from a worker thread.
 from __future__ import annotations
 
 import base64
+import logging
 import shutil
 import subprocess
 import tempfile
@@ -33,6 +34,9 @@ from server.forges.errors import (
 from server.forges.policy import BadBundle, PushMode, is_sha
 from server.forges.providers import provider
 from server.git.clone import _git_env
+from server.outbound import PUBLIC_ONLY, GitPin, OutboundPolicy, git_pin
+
+log = logging.getLogger(__name__)
 
 FORGE_REFS = "refs/remotes/forge"
 DEN_REFS = "refs/den/heads"
@@ -82,9 +86,11 @@ def _reason(stderr: str) -> str:
 
 
 def translate(stderr: str, *, what: str) -> DenError:
-    """A forge's refusal, as git reported it, as a Den error."""
+    """A forge's refusal, as git reported it, as a Den error. What the forge said (its
+    ``remote:`` lines, an error page) goes to the server's log, not to the user."""
     low = stderr.lower()
-    reason = _reason(stderr)
+    log.warning("git failed while %s: %s", what, _reason(stderr))
+    reason = "details in the server log"
     if "stale info" in low or "fetch first" in low or "non-fast-forward" in low:
         return BranchConflict(f"the branch moved on the forge while {what}; try again "
                               f"({reason})")
@@ -107,12 +113,19 @@ def translate(stderr: str, *, what: str) -> DenError:
 class Mirror:
     """One workspace's bare mirror under ``<data_dir>/mirrors``."""
 
-    def __init__(self, path: Path, *, timeout_s: float) -> None:
+    def __init__(self, path: Path, *, timeout_s: float,
+                 outbound: OutboundPolicy = PUBLIC_ONLY) -> None:
         self.path = path
         self.timeout_s = timeout_s
+        self.outbound = outbound
+
+    def _remote(self, url: str) -> GitPin:
+        """``url`` checked against the outbound policy, its addresses pinned for git."""
+        return git_pin(url, _scheme(url), self.outbound)
 
     def _git(self, *args: str, cred: Credential | None = None, allow: tuple[str, ...] = (),
-             what: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+             what: str, check: bool = True, pin: GitPin | None = None
+             ) -> subprocess.CompletedProcess[str]:
         home = Path(tempfile.mkdtemp(prefix="den-git-home-"))
         env = _git_env(home, home / "known_hosts")
         env.update({"GIT_DIR": str(self.path), "GIT_CONFIG_GLOBAL": "/dev/null",
@@ -124,6 +137,8 @@ class Mirror:
             opts += ["-c", f"{key}={value}"]
         for scheme in allow:
             opts += ["-c", f"protocol.{scheme}.allow=always"]
+        for key, value in (pin.config if pin is not None else {}).items():
+            opts += ["-c", f"{key}={value}"]
         try:
             proc = subprocess.run(["git", *opts, *args], env=env, capture_output=True,
                                   text=True, timeout=self.timeout_s, stdin=subprocess.DEVNULL,
@@ -142,7 +157,7 @@ class Mirror:
     def ensure(self) -> None:
         """Create the mirror if needed, and (re)write the config Den controls."""
         if not (self.path / "HEAD").exists():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             subprocess.run(["git", "init", "--quiet", "--bare", "--template=", str(self.path)],
                            env=_git_env(self.path.parent, self.path.parent / "kh"),
                            capture_output=True, check=True, timeout=60)
@@ -164,9 +179,10 @@ class Mirror:
 
     def remote_heads(self, url: str, branches: list[str], cred: Credential) -> dict[str, str]:
         """``{branch: sha}`` of those of ``branches`` that exist on the forge."""
-        proc = self._git("ls-remote", "--refs", "--", url,
-                         *[f"refs/heads/{b}" for b in branches],
-                         cred=cred, allow=(_scheme(url),), what="reading the forge's branches")
+        pin = self._remote(url)
+        proc = self._git("ls-remote", "--refs", "--", pin.url,
+                         *[f"refs/heads/{b}" for b in branches], cred=cred,
+                         allow=(_scheme(url),), what="reading the forge's branches", pin=pin)
         out: dict[str, str] = {}
         for line in proc.stdout.splitlines():
             sha, _, ref = line.partition("\t")
@@ -179,8 +195,10 @@ class Mirror:
         if not branches:
             return
         specs = [f"+refs/heads/{b}:{FORGE_REFS}/{b}" for b in branches]
-        self._git("fetch", "--quiet", "--no-tags", "--no-write-fetch-head", "--", url, *specs,
-                  cred=cred, allow=(_scheme(url),), what="fetching from the forge")
+        pin = self._remote(url)
+        self._git("fetch", "--quiet", "--no-tags", "--no-write-fetch-head", "--", pin.url,
+                  *specs, cred=cred, allow=(_scheme(url),), what="fetching from the forge",
+                  pin=pin)
 
     def known_tips(self, limit: int = 50) -> list[str]:
         """Commits the mirror has at ref tips (the workspace's bundle can leave them out)."""
@@ -220,9 +238,10 @@ class Mirror:
         if mode is PushMode.UP_TO_DATE:
             return
         lease = f"--force-with-lease=refs/heads/{branch}:{remote_tip or ''}"
-        self._git("push", "--quiet", "--porcelain", "--no-verify", lease, "--", url,
+        pin = self._remote(url)
+        self._git("push", "--quiet", "--porcelain", "--no-verify", lease, "--", pin.url,
                   f"{DEN_REFS}/{branch}:refs/heads/{branch}", cred=cred,
-                  allow=(_scheme(url),), what=f"pushing branch {branch!r}")
+                  allow=(_scheme(url),), what=f"pushing branch {branch!r}", pin=pin)
 
 
 def _scheme(url: str) -> str:

@@ -34,13 +34,19 @@ from server.config import Settings
 from server.db.models import ForgeAccount, PullRequest, User, Workspace
 from server.errors import Conflict, DenError, ValidationFailed
 from server.forges import policy
-from server.forges.accounts import Credential, ForgeAccounts, normalize_base_url
+from server.forges.accounts import (
+    Credential,
+    ForgeAccounts,
+    normalize_base_url,
+    validate_token,
+)
 from server.forges.base import repo_ref
 from server.forges.client import ForgeClient
 from server.forges.errors import BaseMissing, ForgeNotLinked, PushTooLarge
 from server.forges.hooks import install_hooks
 from server.forges.mirror import Mirror, credential_env, mirror_path
 from server.forges.providers import provider
+from server.outbound import GuardedTransport
 from server.workspaces.service import WorkspaceService
 
 log = logging.getLogger(__name__)
@@ -129,7 +135,8 @@ class ForgeService:
     def client(self, cred: Credential) -> ForgeClient:
         return ForgeClient(provider(cred.kind), api_url=cred.api_url, token=cred.token,
                            timeout_s=self.settings.forge_api_timeout_s,
-                           transport=self._transport)
+                           transport=self._transport
+                           or GuardedTransport(self.workspaces.outbound))
 
     async def link(self, user: User, *, kind: str, base_url: str, token: str,
                    api_url: str | None = None, author_name: str = "",
@@ -138,11 +145,9 @@ class ForgeService:
         prov = provider(kind)
         schemes = self.settings.allowed_git_schemes
         base = normalize_base_url(base_url, allowed_schemes=schemes)
-        api = (normalize_base_url(api_url, allowed_schemes=schemes) if api_url
+        api = (normalize_base_url(api_url, allowed_schemes=schemes, what="api_url") if api_url
                else prov.default_api_url(base))
-        token = token.strip()
-        if not token or len(token) > 4096 or any(ord(c) < 0x21 for c in token):
-            raise ValidationFailed("token is empty, too long or contains whitespace")
+        token = validate_token(token)
         probe = Credential(account_id=0, kind=kind, base_url=base, api_url=api, username="",
                            author_name="", author_email="", token=token)
         profile = await self.client(probe).profile(base_url=base)
@@ -270,7 +275,8 @@ class ForgeService:
                     base: str, message: str) -> tuple[str, policy.PushMode]:
         await self._commit(user, ws, cred, branch=branch, message=message)
         mirror = Mirror(mirror_path(self.settings, ws.id),
-                        timeout_s=self.settings.forge_git_timeout_s)
+                        timeout_s=self.settings.forge_git_timeout_s,
+                        outbound=self.workspaces.outbound)
         await asyncio.to_thread(mirror.ensure)
         url = ws.repo_url
         heads = await asyncio.to_thread(mirror.remote_heads, url, [base, branch], cred)

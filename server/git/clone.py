@@ -9,6 +9,7 @@ The result is packed into a tar owned by the workspace user and unpacked into th
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -19,17 +20,21 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import git
 import git.exc
 
 from server.errors import DenError, ValidationFailed
+from server.outbound import PUBLIC_ONLY, GitPin, OutboundPolicy, git_pin
+from server.urls import check_host, split_url
+
+log = logging.getLogger(__name__)
 
 WORKSPACE_UID = 1000
 WORKSPACE_GID = 1000
 
-_SCP_LIKE = re.compile(r"^(?:[A-Za-z0-9._~-]+@)?[A-Za-z0-9.-]+:(?!//)(.+)$")
+_SCP_LIKE = re.compile(r"^(?:([A-Za-z0-9._~-]+)@)?([A-Za-z0-9.-]+):(?!//)(.+)$")
+NAME_MAX = 255  # bytes in one path component (Linux)
 _TRANSPORT = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*::")
 
 
@@ -65,7 +70,7 @@ def validate_repo_url(
             "commands on the server; use an https, ssh or git URL"
         )
     if "://" in url:
-        parts = urlsplit(url)
+        parts = split_url(url, what="repo.url")
         scheme = parts.scheme.lower()
         if scheme == "file":
             return _local(Path(parts.path), url, local_roots)
@@ -88,9 +93,13 @@ def validate_repo_url(
         return RepoSource(url=url, kind=scheme)
     if url.startswith("/"):
         return _local(Path(url), url, local_roots)
-    if _SCP_LIKE.match(url):
+    if scp := _SCP_LIKE.match(url):
         if "ssh" not in allowed_schemes:
             raise ValidationFailed("ssh repository URLs are not allowed here")
+        user, host = scp.group(1) or "", scp.group(2)
+        if host.startswith("-") or user.startswith("-"):
+            raise ValidationFailed("repo.url has a host or user name starting with '-'")
+        check_host(host, what="repo.url")
         return RepoSource(url=url, kind="ssh")
     raise ValidationFailed(
         f"repo.url {url!r} is not a URL Den understands; use https://host/owner/repo.git, "
@@ -104,15 +113,26 @@ def _local(path: Path, url: str, roots: list[Path]) -> RepoSource:
             "local repositories are disabled on this server (the operator can allow "
             "directories with DEN_LOCAL_REPO_ROOTS)"
         )
-    real = Path(os.path.realpath(path))
-    if not any(real == r.resolve() or real.is_relative_to(r.resolve()) for r in roots):
+    if any(len(part.encode(errors="surrogateescape")) > NAME_MAX for part in path.parts):
+        raise ValidationFailed(
+            f"local repository path has a component longer than {NAME_MAX} bytes")
+    try:
+        real = Path(os.path.realpath(path))
+        inside = any(real == r.resolve() or real.is_relative_to(r.resolve()) for r in roots)
+        exists = inside and real.exists()
+    except OSError as exc:  # a path the kernel refuses (too long, a loop)
+        raise ValidationFailed(f"local repository {str(path)!r} is not usable: "
+                               f"{exc.strerror}") from exc
+    if not inside:
         raise ValidationFailed(f"local repository {str(path)!r} is outside the allowed roots")
-    if not real.exists():
+    if not exists:
         raise ValidationFailed(f"local repository {str(path)!r} does not exist")
     return RepoSource(url=str(real), kind="file")
 
 
-def _git_env(home: Path, known_hosts: Path) -> dict[str, str]:
+def _git_env(home: Path, known_hosts: Path, *, ssh_options: str = "") -> dict[str, str]:
+    """The whole environment of a host git process: nothing of the server's own (its
+    secrets, proxies, ``GIT_*`` or ``XDG_*``) is passed on."""
     return {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(home),
@@ -127,12 +147,12 @@ def _git_env(home: Path, known_hosts: Path) -> dict[str, str]:
         "GIT_SSH_COMMAND": (
             "ssh -F /dev/null -o BatchMode=yes -o IdentitiesOnly=yes -o IdentityFile=none "
             "-o IdentityAgent=none -o StrictHostKeyChecking=accept-new "
-            f"-o UserKnownHostsFile={known_hosts} -o ConnectTimeout=15"
-        ),
+            f"-o UserKnownHostsFile={known_hosts} -o ConnectTimeout=15 {ssh_options}"
+        ).strip(),
     }
 
 
-def _safe_config(kind: str) -> list[str]:
+def _safe_config(kind: str, pinned: Mapping[str, str] | None = None) -> list[str]:
     opts = {
         "core.hooksPath": "/dev/null",
         "core.fsmonitor": "false",
@@ -142,6 +162,8 @@ def _safe_config(kind: str) -> list[str]:
         f"protocol.{kind}.allow": "always",
         "credential.helper": "",
         "uploadpack.allowFilter": "false",
+        "http.followRedirects": "false",
+        **(pinned or {}),
     }
     out: list[str] = []
     for k, v in opts.items():
@@ -167,31 +189,35 @@ def clone(
     max_bytes: int,
     known_hosts: Path | None = None,
     extra_env: Mapping[str, str] | None = None,
+    outbound: OutboundPolicy = PUBLIC_ONLY,
 ) -> str:
     """Clone ``source`` into ``dest`` (which must not exist). Returns the checked-out branch.
 
-    Blocking: call it from a worker thread. Raises CloneFailed with git's reason.
-    ``extra_env`` reaches only the git process (a forge credential as in-memory config);
-    nothing of it is written into the clone.
+    Blocking: call it from a worker thread. Raises CloneFailed with a reason of Den's words
+    (git's own, which may carry the remote's text, goes to the log). ``extra_env`` reaches
+    only the git process (a forge credential as in-memory config); nothing of it is written
+    into the clone. Git connects only to the addresses ``outbound`` allows, checked here and
+    pinned for the clone (DestinationRefused otherwise).
     """
     if branch is not None and (branch.startswith("-") or not branch.strip()):
         raise ValidationFailed(f"invalid branch name {branch!r}")
+    pin: GitPin = git_pin(source.url, source.kind, outbound)
     home = Path(tempfile.mkdtemp(prefix="den-git-home-"))
-    argv = ["git", *_safe_config(source.kind), "clone", "--quiet", "--no-recurse-submodules"]
+    argv = ["git", *_safe_config(source.kind, pin.config), "clone", "--quiet",
+            "--no-recurse-submodules"]
     if source.kind == "file":
         argv.append("--no-local")
     if branch:
         argv += ["--branch", branch]
-    argv += ["--", source.url, str(dest)]
+    argv += ["--", pin.url, str(dest)]
+    # subprocess, not GitPython's execute: that merges the server's own environment (its
+    # secrets, proxies, GIT_* and XDG_* variables) into the one given.
+    errors = tempfile.TemporaryFile()  # noqa: SIM115 (closed in the finally below)
     try:
-        proc = git.Git().execute(
-            argv, as_process=True,
-            env={**_git_env(home, known_hosts or home / "known_hosts"), **(extra_env or {})},
-            stdout_as_string=True,
-            with_extended_output=True,
-        )
-        popen = proc.proc
-        assert popen is not None
+        popen = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors,
+            env={**_git_env(home, known_hosts or home / "known_hosts",
+                            ssh_options=pin.ssh_options), **(extra_env or {})})
         deadline = time.monotonic() + timeout_s
         reason = ""
         while True:
@@ -208,37 +234,60 @@ def clone(
                 popen.kill()
                 popen.wait()
                 break
-        stderr = popen.stderr.read().decode(errors="replace") if popen.stderr else ""
+        errors.seek(max(0, errors.seek(0, os.SEEK_END) - 64 * 1024))  # its last 64 KiB
+        stderr = errors.read().decode(errors="replace")
         if reason:
             raise CloneFailed(f"clone of {source.url} stopped: {reason}")
         if popen.returncode != 0:
-            raise CloneFailed(f"clone of {source.url} failed: {_git_reason(stderr)}",
+            log.warning("clone of %s failed: %s", source.url, stderr[-2000:].strip())
+            raise CloneFailed(f"clone of {source.url} failed: {_git_reason(stderr, branch)}",
                               detail=stderr)
         if _tree_size(dest) > max_bytes:
             raise CloneFailed(
                 f"clone of {source.url} stopped: the repository is larger than "
                 f"{max_bytes // (1024 * 1024)} MiB"
             )
+        if pin.url != source.url:  # git:// went to the checked address; name the host again
+            subprocess.run(["git", "-C", str(dest), "config", "remote.origin.url", source.url],
+                           env=_git_env(home, home / "known_hosts"), check=True,
+                           capture_output=True, timeout=30)
         try:
             head = git.Repo(dest).active_branch.name
         except (TypeError, ValueError, git.exc.GitError):
             head = branch or ""
         return head
-    except git.exc.GitError as exc:
+    except OSError as exc:
         shutil.rmtree(dest, ignore_errors=True)
-        raise CloneFailed(f"clone of {source.url} failed: {exc}") from exc
+        log.warning("clone of %s failed: %s", source.url, exc)
+        raise CloneFailed(f"clone of {source.url} failed (details in the server log)"
+                          ) from exc
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
     finally:
+        errors.close()
         shutil.rmtree(home, ignore_errors=True)
 
 
-def _git_reason(stderr: str) -> str:
-    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
-    useful = [ln for ln in lines if ln.startswith(("fatal:", "error:", "warning: Could not"))]
-    text = "; ".join(useful or lines[-3:]) or "git exited with an error"
-    return text[:500]
+def _git_reason(stderr: str, branch: str | None) -> str:
+    """Why a clone failed, in Den's words: git's text can carry the remote's (an HTTP error
+    page, a banner), which is not echoed to the user."""
+    low = stderr.lower()
+    if branch and "remote branch" in low and "not found" in low:
+        return f"the branch {branch!r} was not found in the repository"
+    if "redirect" in low or re.search(r"error: 30[12378]\b", low):
+        return ("the server answered with a redirect, which Den does not follow; use the "
+                "repository's own URL")
+    if "could not resolve" in low or "failed to connect" in low or "connection refused" in low \
+            or "timed out" in low or "unable to connect" in low or "connection reset" in low:
+        return "the repository's host could not be reached"
+    if "not found" in low or "does not appear to be a git repository" in low or "401" in low \
+            or "does not exist" in low or "not a git repository" in low \
+            or "403" in low or "authentication" in low or "could not read username" in low \
+            or "permission denied" in low or "host key verification failed" in low:
+        return ("the repository does not exist, or it cannot be read without credentials "
+                "(link a forge account for a private repository)")
+    return "git could not clone it (details in the server log)"
 
 
 def pack_for_workspace(src: Path, *, arcname: str, out: Path) -> None:

@@ -29,6 +29,10 @@ LABEL_INSTANCE = "den.instance"
 LABEL_WORKSPACE = "den.workspace"
 LABEL_OWNER = "den.owner"
 LABEL_SNAPSHOT = "den.snapshot"
+# What a short-lived object is for: "copy" marks a helper container copying a volume. Such a
+# helper is never the workspace's own container, and one left by a crash holds its volumes.
+LABEL_ROLE = "den.role"
+ROLE_COPY = "copy"
 
 
 def labels_for(*, instance: str, workspace_id: str, owner: str) -> dict[str, str]:
@@ -83,6 +87,7 @@ class EngineObject:
     workspace_id: str
     running: bool = False
     snapshot_id: str = ""
+    role: str = ""  # LABEL_ROLE: "copy" for a volume-copy helper, "" for the rest
 
 
 @dataclass(frozen=True)
@@ -255,6 +260,19 @@ class ManagedNetwork(Protocol):
 
 
 @runtime_checkable
+class PortConnector(Protocol):
+    """Backends that can open a TCP connection to a port on a workspace's own loopback
+    (``ssh -L``, preview URLs). The service asks ``isinstance(runtime, PortConnector)``."""
+
+    async def connect(self, spec: WorkspaceSpec, host: str, port: int) -> ExecStream | None:
+        """A connection to ``host:port`` inside the workspace, as a stream (output: what the
+        port sends; ``write``: what it receives; ``close_stdin``: half-close; ``kill``:
+        close). None when this workspace cannot be reached that way (the caller relays
+        through exec then). Raises ``EngineConflict`` when nothing listens there."""
+        ...
+
+
+@runtime_checkable
 class AgentChannel(Protocol):
     """Backends whose workspaces run Den's agent (docs/agent.md) hand out its session; the
     protocol above it (:mod:`server.agent`) is the same for every backend."""
@@ -335,10 +353,32 @@ class Runtime(Protocol):
         ...
 
     async def load_snapshot(self, spec: WorkspaceSpec, snap: SnapshotSpec) -> None:
-        """Make the workspace a copy of ``snap``: its container is (re)created from
-        ``snap.image`` (``spec.image`` must name it) and its volume's contents are replaced by
-        the snapshot's. The container must not be running; it is left created, not started.
-        Used to restore a snapshot into its workspace and to fork a new one."""
+        """Make a new workspace (a fork) a copy of ``snap``: its container is (re)created
+        from ``snap.image`` (``spec.image`` must name it) and its volume's contents are
+        replaced by the snapshot's. It is left created, not started."""
+        ...
+
+    async def copy_snapshot(self, spec: WorkspaceSpec, snap: SnapshotSpec, *, volume: str
+                            ) -> None:
+        """The first half of a restore: a new volume ``volume``, labelled as the
+        workspace's, filled with a copy of ``snap``'s. The workspace's container and its
+        current volume are not touched, so a crash here loses nothing (reconcile removes
+        the unused volume). Idempotent: an existing ``volume`` is emptied first."""
+        ...
+
+    async def replace_container(self, spec: WorkspaceSpec, *, old_volume: str) -> None:
+        """The second half of a restore: the container is recreated from ``spec`` (its
+        image and volume: the snapshot's image and the copy made by ``copy_snapshot``), then
+        ``old_volume`` is removed. Left created, not started. Idempotent (a crash in it is
+        finished by calling it again)."""
+        ...
+
+    async def settle_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str, wait_s: float
+                                ) -> bool:
+        """After a crash during ``pause``: wait (at most ``wait_s``) for a checkpoint still
+        being written, then True when ``checkpoint`` is complete and installed for
+        ``resume`` (the container has exited), False when there is none or it was
+        incomplete (it is removed; the container may still run)."""
         ...
 
     async def export_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str, dest: Path

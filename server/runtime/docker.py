@@ -14,8 +14,10 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import secrets
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -31,6 +33,7 @@ import docker.errors
 import docker.types
 import requests.exceptions
 
+from server import faults
 from server.agent import ops as agent_ops
 from server.agent.protocol import DockerDemux
 from server.agent.session import AgentOpError, AgentSession
@@ -39,6 +42,7 @@ from server.runtime import docker_specs
 from server.runtime.base import (
     LABEL_INSTANCE,
     LABEL_MANAGED,
+    LABEL_ROLE,
     LABEL_SNAPSHOT,
     LABEL_WORKSPACE,
     ContainerStatus,
@@ -78,6 +82,7 @@ AGENT_RETRY_S = 30  # how long the engine's exec then serves the workspace
 IMAGES_DIR = "den-checkpoints"
 WATCH_QUEUE = 1024  # engine events waiting for the service; more are dropped (then RESYNC)
 WATCH_RETRY_MAX_S = 30.0
+EXIT_WAIT_S = 10.0  # the engine sees a checkpointed sandbox exit a moment after runsc ends
 
 
 def _translate(exc: Exception, what: str) -> Exception:
@@ -338,17 +343,8 @@ class DockerRuntime:
             self._last_exec.pop(spec.container_name, None)
             with contextlib.suppress(docker.errors.NotFound):
                 api.remove_container(spec.container_name, force=True, v=False)
-            for attempt in range(10):
-                try:
-                    api.remove_volume(spec.volume_name, force=True)
-                    return
-                except docker.errors.NotFound:
-                    return
-                except docker.errors.APIError as exc:
-                    # The engine can briefly report the volume in use after a forced remove.
-                    if exc.status_code != 409 or attempt == 9:
-                        raise
-                    time.sleep(0.2)
+            faults.point("delete.volume")
+            _remove_volume(api, spec.volume_name)
 
         await self._call(f"destroy workspace {spec.workspace_id}", run)
 
@@ -375,24 +371,27 @@ class DockerRuntime:
             home = self._home(cid)
             image = home / IMAGES_DIR / checkpoint
             image.mkdir(parents=True)
+            # runsc's output goes to a file, not a pipe: runsc outlives a Den that dies
+            # meanwhile (reconcile then finds it), and a pipe with no reader would fail it.
+            out = image.with_name(image.name + ".log")
             try:
-                done = subprocess.run(
-                    [*self._runsc_command(), "checkpoint", "--compression=none",
-                     "--image-path", str(image), cid],
-                    capture_output=True, text=True, timeout=CHECKPOINT_TIMEOUT_S)
+                with out.open("wb") as fh:
+                    proc = subprocess.Popen(
+                        docker_specs.checkpoint_argv(self._runsc_command(), image=image,
+                                                     cid=cid),
+                        stdin=subprocess.DEVNULL, stdout=fh, stderr=fh)
+                faults.point("pause.checkpoint")
+                code = proc.wait(timeout=CHECKPOINT_TIMEOUT_S)
             except (OSError, subprocess.SubprocessError) as exc:
-                shutil.rmtree(image, ignore_errors=True)
+                self._delete_checkpoint(cid, checkpoint)
                 raise EngineError(f"checkpoint of {name} failed: {exc}") from exc
-            if done.returncode != 0:
-                shutil.rmtree(image, ignore_errors=True)
-                raise EngineError(f"checkpoint of {name} failed: "
-                                  f"{done.stderr.strip()[-500:] or done.returncode}")
-            for _ in range(200):  # the engine sees the sandbox exit a moment later
-                if not api.inspect_container(name)["State"].get("Running"):
-                    break
-                time.sleep(0.05)
-            else:
-                shutil.rmtree(image, ignore_errors=True)
+            said = out.read_text(errors="replace").strip()[-500:]
+            out.unlink(missing_ok=True)
+            if code != 0 or not docker_specs.checkpoint_marker(image).exists():
+                self._delete_checkpoint(cid, checkpoint)
+                raise EngineError(f"checkpoint of {name} failed: {said or code}")
+            if not _wait_exited(api, name, EXIT_WAIT_S):
+                self._delete_checkpoint(cid, checkpoint)
                 raise EngineError(f"container {name} still runs after its checkpoint")
             _link_image(image, home / "checkpoints" / checkpoint)
 
@@ -485,7 +484,51 @@ class DockerRuntime:
     def _delete_checkpoint(self, cid: str, checkpoint: str) -> None:
         """The engine's checkpoint (its directory of links) and the image beside it."""
         _delete_checkpoint(self._api(), cid, checkpoint)
-        shutil.rmtree(self._home(cid) / IMAGES_DIR / checkpoint, ignore_errors=True)
+        image = self._home(cid) / IMAGES_DIR / checkpoint
+        docker_specs.checkpoint_marker(image).unlink(missing_ok=True)
+        image.with_name(image.name + ".log").unlink(missing_ok=True)
+        shutil.rmtree(image, ignore_errors=True)
+
+    async def settle_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str, wait_s: float
+                                ) -> bool:
+        """A checkpoint still being written (its runsc, or the shell that marks it complete,
+        outlived the Den that started it) is waited for, at most ``wait_s``, then ended.
+        Complete (its marker exists) and the sandbox gone: installed for ``resume``. No
+        marker: the partial image is removed. A sandbox still running with a marked image
+        and no writer keeps it: that is the image it was resumed from (gVisor may still read
+        it), not this pause's."""
+
+        def run() -> bool:
+            api = self._api()
+            name = spec.container_name
+            try:
+                cid = str(api.inspect_container(name)["Id"])
+            except docker.errors.NotFound:
+                return False
+            home = self._home(cid)
+            image = home / IMAGES_DIR / checkpoint
+            writers = _processes_naming(str(image))
+            wrote = bool(writers)
+            deadline = time.monotonic() + wait_s
+            while writers and time.monotonic() < deadline:
+                time.sleep(0.1)
+                writers = _processes_naming(str(image))
+            for pid in writers:  # past the bound: end it, its image is incomplete
+                log.warning("container %s: ending checkpoint writer %d after %s s", name, pid,
+                            wait_s)
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            complete = not writers and docker_specs.checkpoint_marker(image).exists()
+            running = not _wait_exited(api, name, EXIT_WAIT_S if complete and wrote else 0)
+            if complete and not running:
+                _link_image(image, home / "checkpoints" / checkpoint)
+                return True
+            if not complete and (wrote or not running):
+                self._delete_checkpoint(cid, checkpoint)
+            return False
+
+        return await self._call(f"settle checkpoint of workspace {spec.workspace_id}", run,
+                                slow=True)
 
     async def status(self, spec: WorkspaceSpec) -> ContainerStatus:
         def run() -> ContainerStatus:
@@ -576,17 +619,17 @@ class DockerRuntime:
 
     # --- snapshots --------------------------------------------------------------------
 
-    def _copy_volume(self, src: str, dst: str, *, wipe: bool, labels: dict[str, str]) -> int:
+    def _copy_volume(self, src: str, dst: str, *, wipe: bool, labels: dict[str, str],
+                     workspace_id: str, fault: str) -> int:
         api = self._api()
         cfg = docker_specs.copy_volume_config(
             image=self._helper_image, runtime=self._gvisor_runtime, src=src, dst=dst,
-            wipe=wipe, labels={k: v for k, v in labels.items()
-                               if k in (LABEL_MANAGED, LABEL_INSTANCE)})
+            wipe=wipe, labels=docker_specs.copy_helper_labels(labels, workspace_id=workspace_id))
         host_config = api.create_host_config(**cfg.pop("host_config"))
-        # Labelled with Den's and the instance's labels only: reconcile removes a leftover.
         helper = api.create_container(**cfg, host_config=host_config)["Id"]
         try:
             api.start(helper)
+            faults.point(fault)
             code = api.wait(helper, timeout=3600).get("StatusCode", -1)
             logs = api.logs(helper, stdout=True, stderr=True).decode(errors="replace")
             if code != 0:
@@ -608,8 +651,11 @@ class DockerRuntime:
                 api.inspect_volume(snap.volume)
             except docker.errors.NotFound:
                 api.create_volume(**docker_specs.snapshot_volume_config(snap))
+            faults.point("snapshot.commit")
             return size + self._copy_volume(spec.volume_name, snap.volume, wipe=True,
-                                            labels=dict(snap.labels))
+                                            labels=dict(snap.labels),
+                                            workspace_id=spec.workspace_id,
+                                            fault="snapshot.copy")
 
         return await self._call(f"snapshot of workspace {spec.workspace_id}", run, slow=True)
 
@@ -628,9 +674,42 @@ class DockerRuntime:
             cfg = self._container_config(spec)
             host_config = api.create_host_config(**cfg.pop("host_config"))
             api.create_container(**cfg, host_config=host_config)
-            self._copy_volume(snap.volume, spec.volume_name, wipe=True, labels=dict(spec.labels))
+            self._copy_volume(snap.volume, spec.volume_name, wipe=True, labels=dict(spec.labels),
+                              workspace_id=spec.workspace_id, fault="fork.copy")
 
         await self._call(f"load snapshot into workspace {spec.workspace_id}", run, slow=True)
+
+    async def copy_snapshot(self, spec: WorkspaceSpec, snap: SnapshotSpec, *, volume: str
+                            ) -> None:
+        def run() -> None:
+            api = self._api()
+            try:
+                api.inspect_volume(volume)
+            except docker.errors.NotFound:
+                api.create_volume(**docker_specs.volume_config(spec, name=volume))
+            self._copy_volume(snap.volume, volume, wipe=True, labels=dict(spec.labels),
+                              workspace_id=spec.workspace_id, fault="restore.copy")
+
+        await self._call(f"copy snapshot {snap.snapshot_id} for workspace "
+                         f"{spec.workspace_id}", run, slow=True)
+
+    async def replace_container(self, spec: WorkspaceSpec, *, old_volume: str) -> None:
+        await self._drop_agent(spec, "stopped")
+        self._agent_info.pop(spec.container_name, None)
+
+        def run() -> None:
+            api = self._api()
+            with contextlib.suppress(docker.errors.NotFound):
+                api.remove_container(spec.container_name, force=True, v=False)
+            cfg = docker_specs.container_config(
+                spec, gvisor_runtime=self._gvisor_runtime,
+                agent_dir=str(self._agent_dir) if self._agent_dir is not None else None)
+            host_config = api.create_host_config(**cfg.pop("host_config"))
+            api.create_container(**cfg, host_config=host_config)
+            if old_volume != spec.volume_name:
+                _remove_volume(api, old_volume)
+
+        await self._call(f"replace container of workspace {spec.workspace_id}", run)
 
     def _container_dir(self, container: str) -> Path:
         """The container's directory under the engine's root. Docker 20.10 keeps checkpoints
@@ -722,6 +801,7 @@ class DockerRuntime:
                         name=name,
                         workspace_id=c["Labels"].get(LABEL_WORKSPACE, ""),
                         running=c.get("State") == "running",
+                        role=c["Labels"].get(LABEL_ROLE, ""),
                     )
                 )
             for v in api.volumes(filters={"label": label}).get("Volumes") or []:
@@ -1301,6 +1381,52 @@ def _stats_cpu_ns(api: Any, container: str) -> int | None:
     usage = (stats.get("cpu_stats") or {}).get("cpu_usage") or {}
     total = usage.get("total_usage") if isinstance(usage, dict) else None
     return int(total) if isinstance(total, int) and total > 0 else None
+
+
+def _remove_volume(api: Any, volume: str) -> None:
+    """Remove a volume; a missing one is success."""
+    for attempt in range(10):
+        try:
+            api.remove_volume(volume, force=True)
+            return
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError as exc:
+            # The engine can briefly report the volume in use after a forced remove.
+            if exc.status_code != 409 or attempt == 9:
+                raise
+            time.sleep(0.2)
+
+
+def _wait_exited(api: Any, container: str, wait_s: float) -> bool:
+    """Whether ``container`` is not running (gone counts), waiting at most ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            running = api.inspect_container(container)["State"].get("Running")
+        except docker.errors.NotFound:
+            return True
+        if not running:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
+def _processes_naming(arg: str) -> list[int]:
+    """The host processes with ``arg`` as one of their arguments (a checkpoint's writers:
+    runsc and the shell that marks it complete both name its image directory)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if arg.encode() in argv:
+            found.append(int(proc.name))
+    return found
 
 
 def _delete_checkpoint(api: Any, container: str, checkpoint: str) -> None:

@@ -5,9 +5,19 @@ from __future__ import annotations
 import re
 import shlex
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from server.runtime.base import ExecRequest, SnapshotSpec, WorkspaceSpec
+from server.runtime.base import (
+    LABEL_INSTANCE,
+    LABEL_MANAGED,
+    LABEL_ROLE,
+    LABEL_WORKSPACE,
+    ROLE_COPY,
+    ExecRequest,
+    SnapshotSpec,
+    WorkspaceSpec,
+)
 
 WORKSPACE_MOUNT = "/workspace"
 
@@ -37,6 +47,13 @@ def memory_headroom_mb(memory_mb: int) -> int:
     return max(256, memory_mb // 4)
 
 
+# Privileges a workspace never needs (issue 11, finding 8): no raw sockets, device nodes,
+# audit records or file capabilities; and no gaining privileges through exec. What the image's
+# sudo broker (root, starting commands as root or another user: SETUID, SETGID) and package
+# installs (CHOWN, DAC_OVERRIDE, FOWNER, FSETID) use stays.
+CAP_DROP = ["NET_RAW", "MKNOD", "AUDIT_WRITE", "SETFCAP"]
+SECURITY_OPT = ["no-new-privileges"]
+
 # With the agent (docs/agent.md), PID 1 is the agent's init, mounted read-only from the host;
 # it starts the image's den-init when there is one. Den reaches the agent through an engine
 # exec of `den-agent relay` per session (never through PID 1's stdio: see agent/relay.go).
@@ -65,6 +82,8 @@ def container_config(spec: WorkspaceSpec, *, gvisor_runtime: str, agent_dir: str
         "ulimits": [{"Name": "nproc", "Soft": spec.pids_limit, "Hard": spec.pids_limit}],
         "privileged": False,
         "cap_add": None,
+        "cap_drop": CAP_DROP,
+        "security_opt": SECURITY_OPT,
         "init": False,
         "restart_policy": {"Name": "no"},
         "log_config": {"type": "json-file", "config": {"max-size": "1m", "max-file": "1"}},
@@ -143,17 +162,45 @@ def copy_volume_config(*, image: str, runtime: str, src: str, dst: str, wipe: bo
             "runtime": runtime,
             "binds": {src: {"bind": "/from", "mode": "ro"}, dst: {"bind": "/to", "mode": "rw"}},
             "privileged": False,
+            "cap_drop": CAP_DROP,
+            "security_opt": SECURITY_OPT,
         },
     }
+
+
+def copy_helper_labels(labels: Mapping[str, str], *, workspace_id: str) -> dict[str, str]:
+    """The labels of a volume-copy helper: Den's and the instance's, the workspace it works
+    for (reconcile leaves the helper of a workspace with an operation in progress alone) and
+    its role (any other helper is a crash's leftover, removed before the volumes it holds)."""
+    kept = {k: v for k, v in labels.items() if k in (LABEL_MANAGED, LABEL_INSTANCE)}
+    return {**kept, LABEL_WORKSPACE: workspace_id, LABEL_ROLE: ROLE_COPY}
+
+
+# A pause's checkpoint is complete when this file exists beside its image directory: runsc
+# is run by a shell that creates it once runsc succeeded, so that a checkpoint that completes
+# after Den itself died (the shell and runsc outlive it) is still known to be whole.
+COMPLETE_SUFFIX = ".complete"
+
+
+def checkpoint_marker(image: Path) -> Path:
+    return image.with_name(image.name + COMPLETE_SUFFIX)
+
+
+def checkpoint_argv(runsc: Sequence[str], *, image: Path, cid: str) -> list[str]:
+    """runsc checkpoint of container ``cid`` into ``image``, creating the completion marker
+    when (and only when) it succeeds."""
+    return ["/bin/sh", "-c", '"$@" && : > "$0"', str(checkpoint_marker(image)),
+            *runsc, "checkpoint", "--compression=none", "--image-path", str(image), cid]
 
 
 def snapshot_volume_config(snap: SnapshotSpec) -> dict[str, Any]:
     return {"name": snap.volume, "driver": "local", "labels": dict(snap.labels)}
 
 
-def volume_config(spec: WorkspaceSpec) -> dict[str, Any]:
-    """Arguments of ``APIClient.create_volume``."""
-    return {"name": spec.volume_name, "driver": "local", "labels": dict(spec.labels)}
+def volume_config(spec: WorkspaceSpec, *, name: str | None = None) -> dict[str, Any]:
+    """Arguments of ``APIClient.create_volume``: the workspace's volume, or another of its
+    volumes (a restore's new copy) named ``name``."""
+    return {"name": name or spec.volume_name, "driver": "local", "labels": dict(spec.labels)}
 
 
 def exec_env(user: str, base: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:

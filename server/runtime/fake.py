@@ -79,6 +79,9 @@ class FakeRuntime:
     watchers: list[asyncio.Queue[EngineEvent]] = field(default_factory=list)
     # An exec of exactly ["block"] waits until this is set (tests fill the exec queue).
     release: asyncio.Event = field(default_factory=asyncio.Event)
+    # Ports "listening inside" every workspace: workspace port -> a real (host, port) on the
+    # test machine that ``connect`` dials (tests run a server there).
+    listening: dict[int, tuple[str, int]] = field(default_factory=dict)
 
     name = "fake"
 
@@ -175,7 +178,19 @@ class FakeRuntime:
         if list(req.argv) == ["block"]:
             await self.release.wait()
             return ExecResult(0, b"released\n", b"")
+        if list(req.argv) == ["cat", "/proc/net/tcp", "/proc/net/tcp6"]:
+            return ExecResult(0, _proc_net_tcp(self.listening), b"")
         return _run(req)
+
+    async def connect(self, spec: WorkspaceSpec, host: str, port: int) -> _FakeConnection:
+        self._enter("connect")
+        if not self._get(spec).running:
+            raise EngineConflict(f"container {spec.container_name} is not running")
+        where = self.listening.get(port)
+        if where is None:
+            raise EngineConflict(f"connect {host}:{port}: connection refused")
+        reader, writer = await asyncio.open_connection(*where)
+        return _FakeConnection(reader, writer)
 
     async def exec_stream(self, spec: WorkspaceSpec, req: ExecRequest) -> _FakeStream:
         result = await self.exec(spec, req)
@@ -271,6 +286,27 @@ class FakeRuntime:
         self.volumes.setdefault(spec.volume_name, dict(spec.labels))
         self.files[spec.volume_name] = dict(self.snapshot_files.get(snap.snapshot_id, {}))
 
+    async def copy_snapshot(self, spec: WorkspaceSpec, snap: SnapshotSpec, *, volume: str
+                            ) -> None:
+        self._enter("copy_snapshot", spec)
+        if snap.image not in self.images or snap.volume not in self.volumes:
+            raise ObjectMissing(f"snapshot {snap.snapshot_id}: not found in the engine")
+        self.volumes[volume] = dict(spec.labels)
+        self.files[volume] = dict(self.snapshot_files.get(snap.snapshot_id, {}))
+
+    async def replace_container(self, spec: WorkspaceSpec, *, old_volume: str) -> None:
+        self._enter("replace_container", spec)
+        self.containers[spec.container_name] = _Container(spec)
+        if old_volume != spec.volume_name:
+            self.volumes.pop(old_volume, None)
+            self.files.pop(old_volume, None)
+
+    async def settle_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str, wait_s: float
+                                ) -> bool:
+        self._enter("settle_checkpoint", spec)
+        c = self.containers.get(spec.container_name)
+        return c is not None and not c.running and checkpoint in c.checkpoints
+
     async def export_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str, dest: Path
                                 ) -> int:
         self._enter("export_checkpoint")
@@ -301,7 +337,8 @@ class FakeRuntime:
     async def list_objects(self, instance: str) -> list[EngineObject]:
         self._enter("list_objects")
         found = [
-            EngineObject("container", name, c.spec.workspace_id, c.running)
+            EngineObject("container", name, c.spec.workspace_id, c.running,
+                         role=c.spec.labels.get("den.role", ""))
             for name, c in self.containers.items()
             if c.spec.labels.get("den.instance") == instance
         ]
@@ -346,6 +383,45 @@ def _run(req: ExecRequest) -> ExecResult:
         case ["exit", code]:
             return ExecResult(int(code), b"", b"")
     return ExecResult(127, b"", f"fake runtime: {argv[0]}: command not found\n".encode())
+
+
+def _proc_net_tcp(listening: dict[int, tuple[str, int]]) -> bytes:
+    head = "  sl  local_address rem_address   st tx_queue rx_queue\n"
+    rows = [f"   {i}: 0100007F:{port:04X} 00000000:0000 0A 00000000:00000000\n"
+            for i, port in enumerate(sorted(listening))]
+    return (head + "".join(rows)).encode()
+
+
+class _FakeConnection:
+    """A real TCP connection on the test machine standing in for one inside a workspace."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    async def output(self) -> AsyncIterator[StreamChunk]:
+        while data := await self._reader.read(65536):
+            yield StreamChunk("stdout", data)
+
+    async def write(self, data: bytes) -> None:
+        self._writer.write(data)
+        await self._writer.drain()
+
+    async def close_stdin(self) -> None:
+        if self._writer.can_write_eof():
+            self._writer.write_eof()
+
+    async def resize(self, cols: int, rows: int) -> None:
+        """A connection has no terminal."""
+
+    async def wait(self) -> int:
+        return 0
+
+    async def signal(self, name: str) -> None:
+        """A connection has no process."""
+
+    async def kill(self) -> None:
+        self._writer.close()
 
 
 class _FakeStream:

@@ -37,7 +37,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ import asyncssh
 
 from server.agent.ops import StreamEnded
 from server.config import Settings
-from server.db.models import User
+from server.db.models import User, Workspace
 from server.errors import DenError, NotFound
 from server.runtime.base import ExecRequest, ExecStream, StreamChunk
 from server.ssh import target
@@ -100,7 +100,27 @@ class Gateway:
         self._bind_port = settings.ssh_port if port is None else port
         self._server: asyncssh.SSHAcceptor | None = None
         self._connections: set[_Connection] = set()
+        self._background: set[asyncio.Task[Any]] = set()
         self.port = 0
+
+    def background(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run ``work`` as a task the gateway holds until it ends (the loop holds tasks
+        only weakly)."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    def preauth_full(self, address: str) -> str | None:
+        """Why a new connection from ``address`` must wait (too many connections have not
+        authenticated yet, in all or from that address), or None."""
+        waiting = [c for c in self._connections if c.auth is None]
+        if len(waiting) >= self.settings.ssh_max_preauth:
+            return f"{len(waiting)} connections are authenticating"
+        mine = sum(1 for c in waiting if c.peer[0] == address)
+        if mine >= self.settings.ssh_max_preauth_per_address:
+            return f"{mine} connections from {address} are authenticating"
+        return None
 
     async def start(self) -> None:
         if not log.isEnabledFor(logging.DEBUG):  # asyncssh logs every channel at INFO
@@ -133,6 +153,8 @@ class Gateway:
             self._server = None
         for conn in list(self._connections):
             conn.close()
+        if self._background:  # events still being written
+            await asyncio.wait(set(self._background), timeout=5)
 
 
 @dataclasses.dataclass
@@ -159,6 +181,7 @@ class _Connection(asyncssh.SSHServer):
         self._refused = False
         self._opened_at = 0.0
         self._wake: asyncio.Future[Any] | None = None
+        self._recorded: asyncio.Task[None] | None = None
         self.agent_requested = False
         self.agent_notice_sent = False
         self.channels = {"session": 0, "forward": 0}
@@ -171,6 +194,11 @@ class _Connection(asyncssh.SSHServer):
         sock = conn.get_extra_info("sockname") or ("?", 0)
         self.peer = (str(peer[0]), int(peer[1]))
         self.local = (str(sock[0]), int(sock[1]))
+        if reason := self.gw.preauth_full(self.peer[0]):
+            self._refused = True  # not a failed attempt: the limiter does not count it
+            log.info("ssh: refused %s: %s", self._where(), reason)
+            conn.abort()
+            return
         # asyncssh asks the connection whether to set up agent forwarding: answer no, and
         # remember that the client asked so that its sessions can say why.
         setattr(conn, "create_agent_listener", self._agent_requested)  # noqa: B010
@@ -191,8 +219,9 @@ class _Connection(asyncssh.SSHServer):
         self.svc.metrics.session_closed("ssh")
         seconds = time.monotonic() - self._opened_at
         parts = [f"{n} {kind}{'s' if n != 1 else ''}" for kind, n in self.channels.items() if n]
-        self._note(f"ssh connection from {self._where()} closed after {seconds:.0f} s"
-                   + (f" ({', '.join(parts)})" if parts else ""))
+        self.gw.background(self._record_close(
+            f"ssh connection from {self._where()} closed after {seconds:.0f} s"
+            + (f" ({', '.join(parts)})" if parts else "")))
         log.info("ssh: %s from %s to workspace %s closed after %.1f s", self.auth.user.name,
                  self._where(), self.auth.workspace_id, seconds)
 
@@ -234,21 +263,17 @@ class _Connection(asyncssh.SSHServer):
     def public_key_auth_supported(self) -> bool:
         return True
 
-    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+    async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         """True when ``key`` is registered and ``username`` names one of its owner's
-        workspaces; every other case is the same False (no existence leak)."""
+        workspaces; every other case is the same False (no existence leak). The database
+        is read on a worker thread: unauthenticated clients never hold the event loop."""
         if self._refused:
             return False
-        found = self.gw.keys.owner_of(key)
+        found = await asyncio.to_thread(self.gw.keys.owner_of, key)
         ws = None
         if found is not None:
             user, row = found
-            for ref in target.workspace_refs(username):
-                try:
-                    ws = self.svc.get_for(user, ref)
-                    break
-                except NotFound:
-                    continue
+            ws = await asyncio.to_thread(self._workspace_named, user, username)
         if found is None or ws is None:
             self._rejected += 1
             log.info("ssh: refused key %s for %r from %s", fingerprint(key), username,
@@ -261,19 +286,43 @@ class _Connection(asyncssh.SSHServer):
                                 key_id=row.id, key_label=row.name or row.fingerprint)
         return True
 
+    def _workspace_named(self, user: User, username: str) -> Workspace | None:
+        for ref in target.workspace_refs(username):
+            try:
+                return self.svc.get_for(user, ref)
+            except NotFound:
+                continue
+        return None
+
     def auth_completed(self) -> None:
         # The last key accepted is the one whose signature just succeeded.
         assert self._candidate is not None
         self.auth = self._candidate
         self._opened_at = time.monotonic()
         self.svc.metrics.session_opened("ssh")
-        self.gw.keys.mark_used(self.auth.key_id)
-        self._note(f"ssh connection opened by {self.auth.user.name} from {self._where()} "
-                   f"(key {self.auth.key_label!r})")
         log.info("ssh: %s from %s authenticated for workspace %s", self.auth.user.name,
                  self._where(), self.auth.workspace_id)
-        self._wake = asyncio.ensure_future(
-            self.svc.ensure_running(self.auth.workspace_id, actor=self.auth.user.name))
+        self._recorded = self.gw.background(self._record_open(self.auth))
+        self._wake = asyncio.ensure_future(self._wake_after_record(self.auth))
+
+    async def _record_open(self, auth: _Auth) -> None:
+        """The key's last use and the workspace's event, written on worker threads (the
+        event loop serves every session)."""
+        await asyncio.to_thread(self.gw.keys.mark_used, auth.key_id)
+        await asyncio.to_thread(self._note, f"ssh connection opened by {auth.user.name} from "
+                                            f"{self._where()} (key {auth.key_label!r})")
+
+    async def _wake_after_record(self, auth: _Auth) -> Any:
+        if self._recorded is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._recorded)
+        return await self.svc.ensure_running(auth.workspace_id, actor=auth.user.name)
+
+    async def _record_close(self, message: str) -> None:
+        if self._recorded is not None:  # after the opening event, whatever became of it
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._recorded)
+        await asyncio.to_thread(self._note, message)
 
     async def awake(self) -> None:
         """Wait for the wake started at authentication (raises its DenError)."""

@@ -1,13 +1,18 @@
 """Users' SSH public keys: parse and check them, and the service behind the API and the gateway.
 
 A key identifies exactly one user at the gateway, so a key (its SHA-256 fingerprint) can be
-registered by one user only. Accepted: Ed25519, ECDSA (NIST P-256/384/521), RSA of at least
+registered by one user only, and only by whoever holds its private key: registration takes a
+signed challenge (:mod:`server.ssh.proof`). Nothing about an existing registration is said
+before that proof, so the API does not tell strangers whether a key is registered.
+
+Accepted: Ed25519, ECDSA (NIST P-256/384/521), RSA of at least
 2048 bits, and the FIDO security-key forms of Ed25519 and ECDSA. Refused: DSA, short RSA,
 certificates, and lines with ``authorized_keys`` options.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -17,6 +22,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from server.db.models import SSHKey, User
 from server.errors import Conflict, NotFound, QuotaExceeded, ValidationFailed
+from server.ssh import proof
+
+log = logging.getLogger(__name__)
 
 ALLOWED_TYPES = frozenset({
     "ssh-ed25519",
@@ -101,24 +109,56 @@ class SSHKeyService:
 
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self.sessions = sessions
+        self.challenges = proof.Challenges()
 
-    def add(self, user: User, text: str, *, name: str | None = None) -> SSHKey:
+    def challenge(self, user: User) -> tuple[str, int]:
+        """A challenge for ``user`` to sign, and when it expires (unix seconds)."""
+        return self.challenges.issue(user.id)
+
+    def add(self, user: User, text: str, *, challenge: str, signature: str,
+            name: str | None = None) -> SSHKey:
+        """Register a key whose holder signed ``challenge`` with it (``ssh-keygen -Y sign -n
+        den-ssh-key``). A registration of the same key without proof, by another user (made
+        before proofs were required), gives way to the proven one."""
         parsed = parse_public_key(text)
         label = (name if name is not None else parsed.comment).strip()
         if len(label) > 128:
             raise ValidationFailed("the key's name is longer than 128 characters")
+        self.challenges.check(user.id, challenge)
+        key = asyncssh.import_public_key(parsed.public_key)
+        message = challenge.strip().encode()
+        if not any(proof.verify(key, signature, m) for m in (message, message + b"\n")):
+            raise ValidationFailed(
+                "the signature does not prove that you hold this key: sign the challenge "
+                f"with its private key (ssh-keygen -Y sign -n {proof.NAMESPACE} -f KEY)")
         with self.sessions.begin() as s:
             existing = s.scalar(select(SSHKey).where(SSHKey.fingerprint == parsed.fingerprint))
-            if existing is not None:
-                whose = "you" if existing.user_id == user.id else "another user"
+            if existing is not None and existing.user_id == user.id:
+                if existing.verified:
+                    raise Conflict(f"this key ({parsed.fingerprint}) is already registered "
+                                   "by you", code="key_exists")
+                existing.verified = True  # proven now
+                s.flush()
+                s.refresh(existing)
+                s.expunge(existing)
+                return existing
+            if existing is not None and existing.verified:
+                # Only a holder of the private key gets this far.
                 raise Conflict(f"this key ({parsed.fingerprint}) is already registered by "
-                               f"{whose}", code="key_exists")
+                               "another user", code="key_exists")
+            if existing is not None:
+                log.warning("ssh key %s: unproven registration by user %s replaced by %s, "
+                            "who proved possession", parsed.fingerprint, existing.user_id,
+                            user.name)
+                s.delete(existing)
+                s.flush()
             count = s.scalar(select(func.count()).select_from(SSHKey)
                              .where(SSHKey.user_id == user.id)) or 0
             if count >= MAX_KEYS_PER_USER:
                 raise QuotaExceeded(f"at most {MAX_KEYS_PER_USER} SSH keys per user")
             row = SSHKey(user_id=user.id, name=label, key_type=parsed.key_type,
-                         fingerprint=parsed.fingerprint, public_key=parsed.public_key)
+                         fingerprint=parsed.fingerprint, public_key=parsed.public_key,
+                         verified=True)
             s.add(row)
             s.flush()
             s.refresh(row)

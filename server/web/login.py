@@ -3,19 +3,21 @@ configured OIDC / OAuth provider. Both end in the same kind of session for the s
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse, Response
 
-from server.auth.identities import admin_by_policy, user_for_login
-from server.auth.tokens import authenticate
+from server.auth.identities import RegistrationClosed, admin_by_policy, user_for_login
+from server.auth.tokens import authenticate_token
 from server.errors import Forbidden, NotFound
 from server.web import oidc, sessions
 from server.web.deps import CSRF, safe_next
 from server.web.render import flash, page
 
 router = APIRouter(include_in_schema=False)
+log = logging.getLogger(__name__)
 
 
 def _redirect(url: str) -> RedirectResponse:
@@ -42,12 +44,14 @@ def login_with_token(request: Request, token: Annotated[str, Form()] = "",
     settings = request.app.state.settings
     if not settings.web_token_login:
         raise Forbidden("signing in with a token is turned off here")
-    user = authenticate(request.app.state.sessions, token.strip())
-    if user is None:
+    found = authenticate_token(request.app.state.sessions, token.strip())
+    if found is None:
         return page(request, "login.html", status_code=401, next=safe_next(next),
-                    token_login=True, error="That token is not valid (or was revoked).")
-    sessions.start(request, request.app.state.sessions, user, method="token",
-                   max_age_s=settings.session_max_age_s)
+                    token_login=True,
+                    error="That token is not valid (or was revoked, or has expired).")
+    sessions.start(request, request.app.state.sessions, found.user, method="token",
+                   max_age_s=settings.session_max_age_s, token_id=found.token_id,
+                   token_expires_at=found.expires_at)
     return _redirect(safe_next(next))
 
 
@@ -80,8 +84,15 @@ async def oidc_callback(request: Request) -> Response:
                             groups=settings.oidc_admin_groups)
     db = request.app.state.sessions
     signed_in = sessions.user_of(request, db)
-    with db.begin() as s:
-        user = user_for_login(s, profile, admin=admin, link_to=signed_in)
+    try:
+        with db.begin() as s:
+            user = user_for_login(s, profile, admin=admin, link_to=signed_in,
+                                  admitted=oidc.admission(settings).admits(profile))
+    except RegistrationClosed as exc:
+        log.info("oidc: no account for %s %s (email %r, verified %s): not on the allowlist",
+                 profile.issuer, profile.subject, profile.email, profile.email_verified)
+        return page(request, "login.html", status_code=403, next="/workspaces",
+                    token_login=settings.web_token_login, error=exc.message)
     target = safe_next(request.session.pop("next", None))
     sessions.start(request, db, user, method="oidc", max_age_s=settings.session_max_age_s)
     if signed_in is not None and signed_in.id == user.id:

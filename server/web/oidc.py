@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
-from server.auth.identities import Profile
+from server.auth.identities import Admission, Profile
 from server.config import Settings
 from server.errors import BadRequest
 
@@ -46,6 +47,28 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+# Issuers that vouch for anyone on the internet: closed registration unless the operator
+# opens it (DEN_OIDC_REGISTRATION=open) or lists who may come in.
+PUBLIC_ISSUER_HOSTS = frozenset({"github.com", "gitlab.com", "accounts.google.com",
+                                 "login.microsoftonline.com", "appleid.apple.com"})
+
+
+def public_issuer(settings: Settings) -> bool:
+    """Whether the configured issuer is a public one (anyone can have an identity there)."""
+    issuer = settings.oidc_issuer or preset(settings).default_issuer
+    host = (urlsplit(issuer).hostname or "").lower()
+    return settings.oidc_provider == "github" or host in PUBLIC_ISSUER_HOSTS
+
+
+def admission(settings: Settings) -> Admission:
+    """Who gets an account at first login (``DEN_OIDC_REGISTRATION`` and the allowlists)."""
+    lists = Admission.of(open=False, email_domains=settings.oidc_allowed_email_domains,
+                         users=settings.oidc_allowed_users, groups=settings.oidc_allowed_groups)
+    mode = settings.oidc_registration
+    is_open = mode == "open" or (mode == "auto" and lists.empty and not public_issuer(settings))
+    return Admission(is_open, lists.email_domains, lists.users, lists.groups)
+
+
 def preset(settings: Settings) -> Preset:
     try:
         return PRESETS[settings.oidc_provider]
@@ -73,8 +96,8 @@ def scopes(settings: Settings) -> str:
     if settings.oidc_scopes:
         return settings.oidc_scopes
     p = preset(settings)
-    extra = " groups" if p.oidc and settings.oidc_admin_groups and \
-        settings.oidc_provider == "oidc" else ""
+    wants_groups = settings.oidc_admin_groups or settings.oidc_allowed_groups
+    extra = " groups" if p.oidc and wants_groups and settings.oidc_provider == "oidc" else ""
     return p.default_scopes + extra
 
 

@@ -14,6 +14,8 @@ from server.api.terminal import SESSION_RE
 from server.auth import tokens
 from server.db.models import User, Workspace
 from server.errors import DenError, NotFound, ValidationFailed
+from server.preview.urls import valid_port
+from server.ssh.proof import NAMESPACE
 from server.web.deps import CSRF, WebUser
 from server.web.render import ago, flash, page
 from server.workspaces.service import CreateRequest, WorkspaceService
@@ -96,13 +98,46 @@ async def create(request: Request, user: WebUser,
     return _back("/workspaces")
 
 
+async def _ports(request: Request, ws: Workspace) -> list[dict[str, Any]]:
+    """The workspace's ports for its page: number, listening, share level and link."""
+    previews = request.app.state.previews
+    try:
+        found = await previews.ports(ws)
+    except DenError:  # the page still shows; the ports are what the database knows
+        found = []
+    rows = []
+    for p in found:
+        url, path_url = previews.urls_of(ws, p.port, base_url=str(request.base_url))
+        rows.append({"port": p.port, "listening": p.listening,
+                     "share": previews.effective(p.share).value, "url": url or path_url})
+    return rows
+
+
 @router.get("/workspaces/{ref}")
-def workspace_page(request: Request, ref: str, user: WebUser) -> Response:
+async def workspace_page(request: Request, ref: str, user: WebUser) -> Response:
     svc = _svc(request)
     ws = svc.get_for(user, ref)
     return page(request, "workspace.html", user=user, ws=ws,
                 snapshots=request.app.state.snapshots.list_for(ws),
+                ports=await _ports(request, ws),
+                public_sharing=svc.settings.preview_public_sharing,
+                ssh_on=svc.settings.ssh_port > 0,
                 events=list(reversed(svc.events(ws.id, limit=100))))
+
+
+@router.post("/workspaces/{ref}/ports", dependencies=[CSRF])
+def share_port(request: Request, ref: str, user: WebUser, port: Annotated[str, Form()] = "",
+               share: Annotated[str, Form()] = "") -> Response:
+    ws = _svc(request).get_for(user, ref)
+    number = valid_port(port.strip())
+    try:
+        if number is None:
+            raise ValidationFailed(f"{port!r} is not a port (1-65535)")
+        level = request.app.state.previews.set_share(ws, number, share, actor=user.name)
+        flash(request, f"Port {number} of {ws.name} is {level.value}.")
+    except DenError as exc:
+        flash(request, f"Could not share port {port} of {ws.name}: {exc.message}", "error")
+    return _back(f"/workspaces/{ws.id}")
 
 
 @router.get("/workspaces/{ref}/state.json")
@@ -275,7 +310,9 @@ def revoke_token(request: Request, token_id: int, user: WebUser) -> Response:
 
 def _keys_page(request: Request, user: User, **extra: Any) -> Response:
     settings = request.app.state.settings
-    return page(request, "ssh_keys.html", user=user,
+    challenge, _ = request.app.state.ssh_keys.challenge(user)
+    return page(request, "ssh_keys.html", user=user, challenge=challenge,
+                namespace=NAMESPACE,
                 keys=request.app.state.ssh_keys.list_for(user),
                 ssh_port=settings.ssh_port, host=request.url.hostname or settings.host,
                 workspaces=_svc(request).list_for(user), **extra)
@@ -288,9 +325,11 @@ def keys_page(request: Request, user: WebUser) -> Response:
 
 @router.post("/ssh-keys", dependencies=[CSRF])
 def add_key(request: Request, user: WebUser, public_key: Annotated[str, Form()] = "",
-            name: Annotated[str, Form()] = "") -> Response:
+            name: Annotated[str, Form()] = "", challenge: Annotated[str, Form()] = "",
+            signature: Annotated[str, Form()] = "") -> Response:
     try:
-        row = request.app.state.ssh_keys.add(user, public_key, name=name.strip() or None)
+        row = request.app.state.ssh_keys.add(user, public_key, name=name.strip() or None,
+                                             challenge=challenge, signature=signature)
     except DenError as exc:
         return _keys_page(request, user, error=exc.message,
                           form={"public_key": public_key, "name": name})

@@ -47,16 +47,21 @@ def _hash(sid: str) -> str:
 
 
 def start(conn: HTTPConnection, sessions: sessionmaker[Session], user: User, *,
-          method: str, max_age_s: int) -> None:
+          method: str, max_age_s: int, token_id: int | None = None,
+          token_expires_at: datetime | None = None) -> None:
     """Sign ``user`` in: a fresh session (new id, new CSRF token; nothing carried over from
-    before the login, against session fixation)."""
+    before the login, against session fixation). A session opened with an API token
+    (``token_id``) ends when the token is revoked, and no later than the token expires."""
     end(conn, sessions)
     sid = secrets.token_urlsafe(32)
     now = datetime.now(UTC)
+    expires = now + timedelta(seconds=max_age_s)
+    if token_expires_at is not None:
+        expires = min(expires, token_expires_at)
     with sessions.begin() as s:
         s.execute(delete(WebSession).where(WebSession.expires_at < now))
         s.add(WebSession(user_id=user.id, session_hash=_hash(sid), method=method,
-                         created_at=now, expires_at=now + timedelta(seconds=max_age_s)))
+                         created_at=now, expires_at=expires, token_id=token_id))
     conn.session["sid"] = sid
     conn.session["csrf"] = secrets.token_urlsafe(32)
     conn.scope["den.web_user"] = user
@@ -91,3 +96,25 @@ def user_of(conn: HTTPConnection, sessions: sessionmaker[Session]) -> User | Non
                     s.expunge(user)
     conn.scope["den.web_user"] = user
     return user
+
+
+def session_hash(conn: HTTPConnection) -> str | None:
+    """The stored hash of this request's session id (what a preview origin's cookie carries
+    instead of the id itself), or None without a session."""
+    if "session" not in conn.scope:
+        return None
+    sid = conn.session.get("sid")
+    return _hash(sid) if isinstance(sid, str) and len(sid) < 100 else None
+
+
+def user_of_hash(sessions: sessionmaker[Session], session_hash: str) -> User | None:
+    """The user of the live session whose id hashes to ``session_hash``: a preview origin's
+    sign-in lasts exactly as long as the Den session it came from (logout ends both)."""
+    with sessions() as s:
+        row = s.scalar(select(WebSession).where(WebSession.session_hash == session_hash))
+        if row is None or row.expires_at <= datetime.now(UTC):
+            return None
+        user = s.get(User, row.user_id)
+        if user is not None:
+            s.expunge(user)
+        return user

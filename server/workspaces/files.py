@@ -21,8 +21,9 @@ from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaita
 from server.agent.files import LIST_LIMIT, AgentFiles, FileEntry, Listing
 from server.errors import Conflict, DenError, Forbidden, NotFound, PayloadTooLarge, ValidationFailed
 from server.runtime.base import AgentChannel, ExecResult
-from server.runtime.errors import EngineConflict
+from server.runtime.errors import AgentTimeout, AgentUnavailable, EngineConflict
 from server.workspaces.service import WORKSPACE_ROOT, WorkspaceService, path_in_workspace
+from server.workspaces.states import State
 
 __all__ = ["FileContent", "FileEntry", "FileService", "Listing", "parse_listing"]
 
@@ -142,6 +143,9 @@ def _raise_for(result: ExecResult, path: str, *, want_dir: bool = False,
         raise ValidationFailed(f"{path} is not a directory", code="not_a_directory")
     if "No space left" in message:
         raise DenError(f"no space left in the workspace while writing {path}", code="disk_full")
+    if code > 128:  # killed: the workspace stopped (or paused) under the operation
+        raise Conflict(f"the file operation on {path} was cut short (signal {code - 128}): "
+                       "the workspace stopped or paused meanwhile, or it ran out of time")
     raise ValidationFailed(f"file operation on {path} failed: {message or f'exit {code}'}")
 
 
@@ -200,12 +204,24 @@ class FileService:
 
     @contextlib.asynccontextmanager
     async def _busy(self, ws_id: str) -> AsyncIterator[None]:
-        """Like an exec: the workspace is busy meanwhile, and used when it ends."""
+        """Like an exec: the workspace is busy meanwhile, and used when it ends. An agent
+        that goes away because the workspace stopped or paused under the call is a 409."""
         try:
             async with self.workspaces.activity.hold(ws_id):
                 yield
+        except (AgentUnavailable, AgentTimeout) as exc:
+            if not self._still_running(ws_id):
+                raise Conflict("the workspace stopped or paused during the file operation, "
+                               "which was cut short; try again") from exc
+            raise
         finally:
             self.workspaces.touch(ws_id)
+
+    def _still_running(self, ws_id: str) -> bool:
+        try:
+            return self.workspaces.get(ws_id).state == State.RUNNING.value
+        except NotFound:
+            return False
 
     async def _run(self, ws_id: str, actor: str, argv: list[str], *,
                    stdin: bytes | None = None) -> ExecResult:

@@ -32,6 +32,12 @@ def volume_name(prefix: str, workspace_id: str) -> str:
     return f"{prefix}-{workspace_id}-data"
 
 
+def restore_volume_name(prefix: str, workspace_id: str) -> str:
+    """A new volume for a restore's copy, beside the workspace's current one (the restore
+    switches to it once the copy is complete)."""
+    return f"{prefix}-{workspace_id}-data-{secrets.token_hex(3)}"
+
+
 def repo_basename(url: str) -> str:
     """The directory a repo URL clones into, like ``git clone`` picks it: ``api`` for
     ``https://x/acme/api.git``. Always a safe single path component."""

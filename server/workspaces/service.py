@@ -22,6 +22,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from server import faults
 from server.config import Settings
 from server.db.models import Event, Snapshot, User, Workspace
 from server.errors import (
@@ -38,24 +39,28 @@ from server.metrics import Metrics
 from server.network import policy as net_policy
 from server.network.denials import Denial, RateLimit
 from server.network.guard import NetworkGuard
+from server.outbound import OutboundPolicy, git_pin
 from server.runtime.base import (
     LABEL_INSTANCE,
     LABEL_MANAGED,
     LABEL_SNAPSHOT,
+    ROLE_COPY,
     AgentChannel,
     ContainerStatus,
     EngineEvent,
     EngineEventKind,
+    EngineObject,
     ExecRequest,
     ExecResult,
     ExecStream,
+    PortConnector,
     Runtime,
     SnapshotSpec,
     WorkspaceSpec,
     labels_for,
 )
 from server.runtime.errors import EngineConflict, ObjectMissing
-from server.workspaces import naming
+from server.workspaces import limits, naming
 from server.workspaces.activity import Activity
 from server.workspaces.admission import Gate
 from server.workspaces.states import (
@@ -78,6 +83,10 @@ CHECKPOINT = "den-pause"  # the one memory checkpoint a paused workspace has
 RUNTIMES = ("gvisor", "runc", "microvm")
 OOM_MEMORY = 1024  # workspaces whose "oom" event waits for its "die"
 OOM_MEMORY_S = 60.0  # an "oom" this old no longer explains a "die"
+# How long reconcile waits for a pause's checkpoint that a crash left being written (1 GiB
+# takes ~3 s; docs/benchmarks.md): longer, and the writer is ended and its image removed.
+CHECKPOINT_SETTLE_S = 120.0
+RESTORING = "restoring"  # the key, in a workspace's engine handle, of a restore in progress
 
 
 @dataclass(frozen=True)
@@ -131,6 +140,7 @@ class WorkspaceService:
         self.network = network
         self._containers: dict[str, str] = {}  # container name -> workspace id
         self._denials = RateLimit()
+        self.outbound = OutboundPolicy.of(settings.outbound_allow)
         self.metrics = metrics if metrics is not None else Metrics()
         # Long calls (execs) are admitted through one gate: a bounded queue, then 503.
         self.long_calls = Gate(limit=settings.exec_concurrency,
@@ -281,13 +291,15 @@ class WorkspaceService:
             allowed_schemes=self.settings.allowed_git_schemes,
             local_roots=self.settings.local_repo_roots,
         )
+        # Checked again, and pinned, when the clone connects (DNS may change meanwhile).
+        await asyncio.to_thread(git_pin, source.url, source.kind, self.outbound)
         name = req.name if req.name is not None else naming.default_name(req.repo_url)
         if (problem := naming.validate_name(name)) is not None:
             raise ValidationFailed(problem)
         runtime = self._validate_runtime(req.runtime)
         image = await self._validate_image(req.image)
         cpus, memory_mb, disk_gb = self._validate_resources(req)
-        env = self._validate_env(req.env)
+        env = limits.validate_env(req.env)
         network = self.validate_network(req.network_mode, req.network_allow)
         for field_name in ("idle_timeout_s", "stop_after_s"):
             value = getattr(req, field_name)
@@ -351,10 +363,13 @@ class WorkspaceService:
         /workspace) is a copy of the snapshot's."""
         if (problem := naming.validate_name(name)) is not None:
             raise ValidationFailed(problem)
+        # The policy of now, not of when the snapshot was taken (a runc snapshot after the
+        # operator turned runc off must not run unsandboxed).
+        runtime = self._validate_runtime(snap.runtime)
         row = self._insert(
             user, name, message_prefix=f"fork of snapshot {snap.id} ({snap.name}) of",
             repo_url=snap.repo_url, repo_branch=snap.repo_branch, repo_dir=snap.repo_dir,
-            image=snap.image, runtime=snap.runtime, cpus=self.settings.default_cpus,
+            image=snap.image, runtime=runtime, cpus=self.settings.default_cpus,
             memory_mb=self.settings.default_memory_mb, disk_gb=self.settings.default_disk_gb,
             gpus=0, env={}, network=self._forked_network(snap).to_json(),
         )
@@ -399,33 +414,80 @@ class WorkspaceService:
     async def restore_snapshot(self, ws_id: str, snap: Snapshot, *, actor: str) -> Workspace:
         """Roll the workspace back to ``snap``: stop it, replace its container filesystem and
         /workspace with the snapshot's, start it. A workspace in ``error`` (a failed
-        restore, say) can be restored too."""
+        restore, say) can be restored too.
+
+        Atomic: the snapshot is copied into a new volume while the workspace keeps its own;
+        only once the copy is complete does the row switch to it (one transaction, with its
+        event), and then the container is recreated on it and the old volume removed. The
+        row's engine handle says a restore is in progress (``restoring``), so that reconcile
+        after a crash knows which half it was in: before the switch it removes the partial
+        copy and the workspace is as it was; after it, it finishes the restore."""
         if self.get(ws_id).state != State.ERROR.value:
             await self.stop(ws_id, actor=actor)
         async with self.metrics.operation("restore"), self.locked(ws_id):
             ws = self.get(ws_id)
             if ws.state not in (State.STOPPED.value, State.ERROR.value):
                 raise Conflict(f"workspace is {ws.state}; try again")
-            self._transition(ws_id, State(ws.state), State.STARTING, actor=actor,
+            was = State(ws.state)
+            old = self.spec_for(ws)
+            volume = naming.restore_volume_name(self.settings.engine_prefix, ws_id)
+            self._transition(ws_id, was, State.STARTING, actor=actor,
                              message=f"restore snapshot {snap.id} ({snap.name})")
-            with self.sessions.begin() as s:
-                s.execute(update(Workspace).where(Workspace.id == ws_id).values(image=snap.image))
+            self._set_engine(ws_id, {**ws.engine, RESTORING: {
+                "snapshot": snap.id, "volume": volume, "old_volume": old.volume_name,
+                "from": was.value, "reason": ws.state_reason}})
+            try:
+                await self.runtime.copy_snapshot(old, self.snapshot_spec(snap), volume=volume)
+            except DenError as exc:
+                with contextlib.suppress(DenError):
+                    await self.runtime.remove_object(EngineObject("volume", volume, ws_id))
+                self._set_engine(ws_id, _without_restore(self.get(ws_id).engine))
+                why = (f"restore of snapshot {snap.id} failed ({exc.message}); the workspace "
+                       "is as it was")
+                self._transition(ws_id, State.STARTING, was, actor=actor, message=why,
+                                 reason=ws.state_reason if was is State.ERROR else "")
+                raise
+            self._switch_volume(ws_id, snap, volume, actor=actor)
+            faults.point("restore.swap")
             spec = self.spec_for(self.get(ws_id))
             try:
-                await self.runtime.load_snapshot(spec, self.snapshot_spec(snap))
+                await self.runtime.replace_container(spec, old_volume=old.volume_name)
+                self._set_engine(ws_id, _without_restore(self.get(ws_id).engine))
                 how = await self._boot_from(spec, snap)
                 await self.sync_network(ws_id)
             except DenError as exc:
                 self._transition(ws_id, State.STARTING, State.ERROR, actor=actor,
-                                 reason=f"restore of snapshot {snap.id} failed: {exc.message}")
+                                 reason=f"restore of snapshot {snap.id} failed: {exc.message}; "
+                                        "restore it again")
                 raise
             self._transition(ws_id, State.STARTING, State.RUNNING, actor=actor,
                              message=f"restored snapshot {snap.id} ({snap.name}; {how})")
             return self.get(ws_id)
 
+    def _set_engine(self, ws_id: str, engine: dict[str, Any]) -> None:
+        """Persist the workspace's engine handle (no state change)."""
+        with self.sessions.begin() as s:
+            s.execute(update(Workspace).where(Workspace.id == ws_id).values(engine=engine))
+
+    def _switch_volume(self, ws_id: str, snap: Snapshot, volume: str, *, actor: str) -> None:
+        """The commit point of a restore: the workspace's data is now the complete copy in
+        ``volume`` (and its image the snapshot's), with the event saying so."""
+        with self.sessions.begin() as s:
+            ws = s.get(Workspace, ws_id)
+            if ws is None:
+                raise NotFound(f"no workspace {ws_id!r}")
+            ws.engine = {**ws.engine, "volume": volume}
+            ws.image = snap.image
+            self._record(s, ws_id, kind="restore", actor=actor,
+                         message=f"the copy of snapshot {snap.id} is complete; the workspace "
+                                 f"now uses it (volume {volume})")
+
     def snapshot_memory_dir(self, snapshot_id: str) -> Path:
-        """Where a memory snapshot's checkpoint is kept on the host."""
-        return self.settings.data_dir / "snapshots" / snapshot_id
+        """Where a memory snapshot's checkpoint is kept on the host (under a 0700 directory:
+        it is the workspace's memory, unencrypted)."""
+        root = self.settings.data_dir / "snapshots"
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return root / snapshot_id
 
     async def _boot_from(self, spec: WorkspaceSpec, snap: Snapshot) -> str:
         """Start a container just loaded from ``snap``: from its saved memory when it has
@@ -495,19 +557,6 @@ class WorkspaceService:
             )
         return cpus, memory_mb, disk_gb
 
-    @staticmethod
-    def _validate_env(env: dict[str, str]) -> dict[str, str]:
-        if len(env) > 200:
-            raise ValidationFailed("env may hold at most 200 variables")
-        for k, v in env.items():
-            if not k or not (k[0].isalpha() or k[0] == "_") or not all(
-                c.isalnum() or c == "_" for c in k
-            ):
-                raise ValidationFailed(f"env name {k!r} is not a valid variable name")
-            if "\x00" in v or len(v) > 32768:
-                raise ValidationFailed(f"env value of {k} is too long or contains NUL")
-        return dict(env)
-
     async def _build(self, ws_id: str, source: git_clone.RepoSource, branch: str | None) -> None:
         """Clone, create the engine objects, start: ``creating`` -> ``running`` or ``error``."""
         ws = self.get(ws_id)
@@ -524,6 +573,7 @@ class WorkspaceService:
                     max_bytes=self.settings.clone_max_mb * 1024 * 1024,
                     known_hosts=self.settings.data_dir / "ssh_known_hosts",
                     extra_env=self.clone_env(ws) if self.clone_env else None,
+                    outbound=self.outbound,
                 )
                 if self.prepare_clone is not None:
                     await asyncio.to_thread(self.prepare_clone, ws, repo, head)
@@ -535,6 +585,7 @@ class WorkspaceService:
                         s.execute(update(Workspace).where(Workspace.id == ws_id)
                                   .values(repo_branch=head))
                 self.note(ws_id, "clone", f"cloned {ws.repo_url} ({head or 'detached'})")
+                faults.point("create.clone")
                 await self.runtime.create(spec)
                 await self.runtime.start(spec)
                 await self.sync_network(ws_id)
@@ -810,6 +861,10 @@ class WorkspaceService:
                 raise ValidationFailed("cmd is empty")
         if any("\x00" in a for a in argv):
             raise ValidationFailed("cmd contains a NUL byte")
+        if cwd is not None:
+            limits.check_path(cwd, what="cwd")
+        env = limits.validate_env(env or {})
+        limits.check_command(argv, {**ws.env, **env})
         timeout = self.settings.exec_default_timeout_s if timeout_s is None else timeout_s
         if not 0 < timeout <= self.settings.exec_max_timeout_s:
             raise ValidationFailed(
@@ -819,7 +874,7 @@ class WorkspaceService:
             argv=argv,
             user=user,
             cwd=posixpath.normpath(posixpath.join(self.repo_path(ws), cwd or ".")),
-            env=self._validate_env(env or {}),
+            env=env,
             stdin=stdin,
             timeout_s=timeout,
             max_output_bytes=self.settings.exec_max_output_bytes,
@@ -833,8 +888,10 @@ class WorkspaceService:
         argv = login_shell_argv(command)
         if command is not None and "\x00" in command:
             raise ValidationFailed("the command contains a NUL byte")
-        return ExecRequest(argv=argv, user="dev", cwd=self.repo_path(ws),
-                           env=self._validate_env(env or {}), tty=tty, size=size,
+        env = limits.validate_env(env or {})
+        limits.check_command(argv, {**ws.env, **env})
+        return ExecRequest(argv=argv, user="dev", cwd=self.repo_path(ws), env=env, tty=tty,
+                           size=size,
                            max_output_bytes=self.settings.exec_max_output_bytes)
 
     async def exec(self, ws_id: str, req: ExecRequest, *, actor: str) -> ExecResult:
@@ -913,7 +970,7 @@ class WorkspaceService:
         through exec then)."""
         ws = await self.ensure_running(ws_id, actor=actor)
         self.touch(ws_id)
-        if not isinstance(self.runtime, AgentChannel):
+        if not isinstance(self.runtime, PortConnector):
             return None
         return await self.runtime.connect(self.spec_for(ws), host, port)
 
@@ -982,11 +1039,22 @@ class WorkspaceService:
         """Bring the database and the engine into agreement: at startup, and again each time
         the engine answers after failing, while requests run. A workspace with an operation in
         progress (its lock held, or its build running) is left to that operation, and so are
-        the engine objects it may be making."""
+        the engine objects it may be making.
+
+        Three passes: volume-copy helpers left by a crash go first (they hold the volumes
+        that a fork's or a restore's clean-up must remove: "volume is in use"); then each
+        workspace's row is settled; then what belongs to no row, and volumes of a workspace
+        that are not its current one (a restore's unfinished copy, or the data it replaced),
+        are removed."""
         objects = await self.runtime.list_objects(self.instance_id)  # before the rows: an
         with self.sessions() as s:  # object made meanwhile then has its row
             rows = list(s.scalars(select(Workspace)))
             snapshots = set(s.scalars(select(Snapshot.id)))
+        for obj in objects:
+            if obj.role == ROLE_COPY and not self._busy(obj.workspace_id):
+                log.warning("reconcile: removing copy helper %s of workspace %s left by a "
+                            "restart", obj.name, obj.workspace_id or "?")
+                await self.runtime.remove_object(obj)
         for ws in rows:
             if self._busy(ws.id):
                 continue
@@ -999,14 +1067,19 @@ class WorkspaceService:
             except DenError as exc:
                 log.error("reconcile of workspace %s failed: %s %s", ws.id, exc.message,
                           exc.detail)
-        known = {ws.id for ws in rows}
+        with self.sessions() as s:
+            volumes = {ws.id: self.spec_for(ws).volume_name
+                       for ws in s.scalars(select(Workspace))}
         for obj in objects:
+            if obj.role == ROLE_COPY:
+                continue
             if obj.snapshot_id and obj.snapshot_id in snapshots:
                 continue
-            if obj.workspace_id in known and not obj.snapshot_id:
+            if obj.workspace_id in volumes and not obj.snapshot_id and (
+                    obj.kind != "volume" or obj.name == volumes[obj.workspace_id]):
                 continue
             if obj.workspace_id and self._busy(obj.workspace_id):
-                continue  # a snapshot or fork in progress
+                continue  # a snapshot, fork or restore in progress
             log.warning("reconcile: removing orphan %s %s", obj.kind, obj.name)
             await self.runtime.remove_object(obj)
         if self.network is not None:
@@ -1023,14 +1096,22 @@ class WorkspaceService:
         status = await self.runtime.status(spec)
         actor = "reconcile"
         if state is State.CREATING:
-            await self.runtime.destroy(spec)
+            left = ""
+            try:
+                await self.runtime.destroy(spec)
+            except DenError as exc:  # the row must not stay "creating": say what remains
+                left = f"; its engine objects could not all be removed ({exc.message})"
             self._transition(ws.id, state, State.ERROR, actor=actor,
-                             reason="Den restarted while this workspace was being created; "
-                                    "delete it and create it again")
+                             reason="Den restarted while this workspace was being created"
+                                    f"{left}; delete it and create it again")
         elif state is State.DELETING:
             await self._finish_delete(ws, actor=actor)
-        elif state in (State.PAUSING, State.RESUMING) and status is not ContainerStatus.MISSING:
-            # A checkpoint may or may not have been written; resume falls back to a cold
+        elif state is State.STARTING and RESTORING in ws.engine:
+            await self._reconcile_restore(ws)
+        elif state is State.PAUSING and status is not ContainerStatus.MISSING:
+            await self._reconcile_pause(ws, spec)
+        elif state is State.RESUMING and status is not ContainerStatus.MISSING:
+            # Its checkpoint is kept (or it started cold); resume falls back to a cold
             # start when it is missing, so "paused" is always safe.
             dst = State.RUNNING if status is ContainerStatus.RUNNING else State.PAUSED
             self._transition(ws.id, state, dst, actor=actor,
@@ -1060,6 +1141,55 @@ class WorkspaceService:
             self._transition(ws.id, state, State.RUNNING, actor=actor,
                              message="found running in the engine")
 
+    async def _reconcile_restore(self, ws: Workspace) -> None:
+        """A restore cut short by a crash: before its commit point (the row still names the
+        old volume) the workspace is exactly as it was and the partial copy goes; after it,
+        the restore is finished (container recreated on the copy, old volume removed) and the
+        workspace is left stopped (the next access starts it)."""
+        pending = dict(ws.engine[RESTORING])
+        spec = self.spec_for(ws)
+        what = f"restore of snapshot {pending.get('snapshot', '?')}"
+        was = State(str(pending.get("from") or State.STOPPED.value))
+        if spec.volume_name != pending.get("volume"):
+            await self.runtime.remove_object(
+                EngineObject("volume", str(pending.get("volume")), ws.id))
+            self._set_engine(ws.id, _without_restore(ws.engine))
+            self._transition(ws.id, State.STARTING, was, actor="reconcile",
+                             message=f"{what} was interrupted by a restart before its copy was "
+                                     "complete; the partial copy is removed and the workspace "
+                                     "is exactly as it was",
+                             reason=str(pending.get("reason") or "")
+                             if was is State.ERROR else "")
+            return
+        await self.runtime.replace_container(
+            spec, old_volume=str(pending.get("old_volume") or spec.volume_name))
+        self._set_engine(ws.id, _without_restore(ws.engine))
+        self._transition(ws.id, State.STARTING, State.STOPPED, actor="reconcile",
+                         message=f"{what} was interrupted by a restart after its copy was "
+                                 "complete; it is finished now (files restored; memory not): "
+                                 "the workspace starts on the next access")
+
+    async def _reconcile_pause(self, ws: Workspace, spec: WorkspaceSpec) -> None:
+        """A pause cut short by a crash: its checkpoint may still be being written (runsc
+        outlives Den). Wait for it, bounded; a complete one makes the workspace paused, an
+        incomplete one is removed and the workspace is what its container is."""
+        saved = await self.runtime.settle_checkpoint(spec, checkpoint=CHECKPOINT,
+                                                     wait_s=CHECKPOINT_SETTLE_S)
+        status = await self.runtime.status(spec)
+        if saved and status is not ContainerStatus.RUNNING:
+            self._transition(ws.id, State.PAUSING, State.PAUSED, actor="reconcile",
+                             message="pause was interrupted by a restart; its checkpoint was "
+                                     "complete: memory and processes are saved")
+        elif status is ContainerStatus.RUNNING:
+            self._transition(ws.id, State.PAUSING, State.RUNNING, actor="reconcile",
+                             message="pause was interrupted by a restart before its "
+                                     "checkpoint was made; the workspace kept running")
+        else:
+            self._transition(ws.id, State.PAUSING, State.STOPPED, actor="reconcile",
+                             message="pause was interrupted by a restart and its checkpoint "
+                                     "was incomplete (removed): running processes were lost, "
+                                     "files are kept; it starts on the next access")
+
     async def shutdown(self) -> None:
         """Cancel unfinished background work; reconcile cleans up at the next start."""
         tasks = list(self._tasks.values())
@@ -1068,6 +1198,10 @@ class WorkspaceService:
         for t in tasks:
             with contextlib.suppress(BaseException):
                 await t
+
+
+def _without_restore(engine: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in engine.items() if k != RESTORING}
 
 
 def describe_exit(code: int | None, *, oom: bool) -> str:
@@ -1087,8 +1221,7 @@ SIGNAL_NAMES = {1: "SIGHUP", 2: "SIGINT", 6: "SIGABRT", 9: "SIGKILL", 11: "SIGSE
 
 def path_in_workspace(path: str) -> str:
     """Normalise a user path to an absolute one under /workspace; Forbidden when it leaves."""
-    if "\x00" in path:
-        raise ValidationFailed("path contains a NUL byte")
+    limits.check_path(path, what="path")
     joined = posixpath.normpath(posixpath.join(WORKSPACE_ROOT, path or "."))
     if joined != WORKSPACE_ROOT and not joined.startswith(WORKSPACE_ROOT + "/"):
         raise Forbidden(f"path {path!r} is outside /workspace", code="path_outside")

@@ -9,7 +9,9 @@ the agent built by scripts/build-agent.sh), creates one workspace through the AP
 runsc container with the flags Den would use (``bench_workspaces.Raw``), and does the same
 work on both:
 
-1. exec ``true``: ``POST .../exec`` vs the SDK's ``exec_run(["true"])``; p50/p90.
+1. exec ``true``: ``POST .../exec`` vs the SDK's ``exec_run(["true"])``; p50/p90. And the
+   floor under both: ``subprocess.run(["true"])`` timed inside the sandbox by one Python
+   process (gVisor's cost of a new process, which every exec pays).
 2. agent round trip: a ``ping`` on the agent's session, opened in this process with the
    server's own ``DockerRuntime`` (no raw equivalent). Opening it replaces den serve's session
    with the agent (a relay per session, the newest wins); den serve attaches again at its next
@@ -78,6 +80,10 @@ MiB = 1 << 20
 FILE_BYTES = 100 * MB
 CONCURRENCY = 100
 SLEEP_CMD = ["sh", "-c", "sleep 0.2; echo ok"]
+SPAWN_FLOOR = ("import subprocess, sys, time\n"
+               "for _ in range(int(sys.argv[1])):\n"
+               "    t0 = time.perf_counter(); subprocess.run(['true'], check=True)\n"
+               "    print(time.perf_counter() - t0)\n")
 
 
 def p99(xs: list[float]) -> float:
@@ -177,6 +183,12 @@ def bench_exec(b: Bench, samples: int, deadline_s: float) -> None:
     for _ in range(3):
         den()
         raw()
+    # The floor: the same `true` spawned inside the sandbox by a process already there (no
+    # Den, no engine), timed in there. Under gVisor a new process costs most of an exec.
+    floor = b.den_exec(["python3", "-c", SPAWN_FLOOR, str(samples)])
+    check(floor["exit_code"] == 0, f"the spawn-floor script failed: {floor['stderr']}")
+    for line in floor["stdout"].split():
+        b.res.add("in-sandbox spawn of true", float(line))
     end = time.monotonic() + deadline_s
     for i in range(samples):
         pair = [("den exec true", den), ("raw exec true", raw)]
@@ -508,6 +520,11 @@ def table(res: Results) -> tuple[str, list[dict[str, Any]]]:
         add(f"exec `true` p50 (p90), n={len(d)}", f"{ms(median(r))} ({ms(p90(r))})",
             f"{ms(median(d))} ({ms(p90(d))})", median(d) / median(r), "<= 10 ms p50",
             median(d) <= 0.010)
+    f = get("in-sandbox spawn of true")
+    if f and d:
+        add(f"exec `true` p50 against spawning it inside the sandbox, n={len(f)}",
+            f"{ms(median(f))} ({ms(p90(f))})", f"{ms(median(d))} ({ms(p90(d))})",
+            median(d) / median(f), "-", None)
     if d := get("agent ping"):
         add(f"agent ping p50 (p90), n={len(d)}", "-", f"{median(d) * 1e3:.2f} ms "
             f"({p90(d) * 1e3:.2f} ms)", None, "<= 2 ms", median(d) <= 0.002)

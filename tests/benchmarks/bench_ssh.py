@@ -157,7 +157,12 @@ def bench(srv: Server, work: Path, repo: Path, rounds: int, mb: int, res: Result
     key = work / "id_ed25519"
     sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "bench", "-f", str(key))
     public = key.with_suffix(".pub").read_text().strip()
-    r = srv.http.post("/api/v1/users/me/ssh-keys", json={"public_key": public})
+    challenge = srv.http.post("/api/v1/users/me/ssh-keys/challenge").json()["challenge"]
+    signature = subprocess.run(["ssh-keygen", "-Y", "sign", "-n", "den-ssh-key", "-f", str(key)],
+                               input=challenge.encode(), capture_output=True,
+                               check=True).stdout.decode()
+    r = srv.http.post("/api/v1/users/me/ssh-keys", json={
+        "public_key": public, "challenge": challenge, "signature": signature})
     if r.status_code != 201:
         raise RuntimeError(f"registering the key: {r.status_code} {r.text}")
     wid = srv.create("bench", repo)

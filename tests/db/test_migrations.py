@@ -77,6 +77,11 @@ def test_the_app_works_on_the_database(
         with app.state.sessions.begin() as s:
             token = issue_token(s, ensure_user(s, "alice"))[1]
         h = {"Authorization": f"Bearer {token}"}
+        for kind in ("tokens", "ssh-keys", "forges"):  # the largest id the columns take
+            r = client.delete(f"/api/v1/users/me/{kind}/{2**31 - 1}", headers=h)
+            assert r.status_code == 404, r.text
+            r = client.delete(f"/api/v1/users/me/{kind}/{2**31}", headers=h)
+            assert r.status_code == 422, r.text
         r = client.post("/api/v1/workspaces", headers=h,
                         json={"name": "api", "repo": {"url": str(make_repo())}})
         assert r.status_code == 202, r.text

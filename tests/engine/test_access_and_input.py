@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import asyncio
+import functools
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.config import Settings
+from server.errors import DenError
 from tests.conftest import ApiClient, engine_objects, users
 
 pytestmark = pytest.mark.engine
@@ -199,3 +202,61 @@ def test_memory_hog_is_killed_inside_its_workspace_only(
     assert real_api.exec(ws["id"], "echo still-here")["stdout"] == "still-here\n"
     assert real_api.exec(other["id"], "echo fine")["stdout"] == "fine\n"
     assert real_api.get(f"/api/v1/workspaces/{ws['id']}").json()["state"] == "running"
+
+
+async def _stalled_body(first: bytes, pulled: asyncio.Event, go: asyncio.Event
+                        ) -> AsyncIterator[bytes]:
+    yield first
+    pulled.set()  # the write is under way: it asks for more
+    await go.wait()
+    yield b"rest"
+
+
+def test_bad_exec_and_files_input_has_the_right_meaning(
+        real_api: ApiClient, make_repo: Callable[..., Path]) -> None:
+    """Issue 16 §3 on one workspace: what a shell answers for a command that cannot run,
+    422 for an unusable cwd, a command at the size limits runs, a PUT cut by a stop is 409."""
+    env = {"V0": "x" * 30000, "V1": "y" * 30000}  # near the env limit: every exec carries it
+    ws = real_api.create(make_repo(), env=env)
+    assert ws["state"] == "running", ws
+    url = f"/api/v1/workspaces/{ws['id']}/exec"
+    seen: dict[str, Any] = {}
+    for label, body in [
+        ("not found", {"cmd": ["no-such-command-x"]}),
+        ("a directory", {"cmd": ["/workspace"]}),
+        ("not executable", {"cmd": ["./README.md"]}),
+        ("empty PATH", {"cmd": ["ls"], "env": {"PATH": ""}}),
+        ("shell not found", {"cmd": "no-such-command-x"}),
+    ]:
+        r = real_api.post(url, json=body)
+        seen[label] = (r.status_code, r.json())
+    assert seen["not found"][0] == 200 and seen["not found"][1]["exit_code"] == 127, seen
+    assert seen["a directory"][0] == 200 and seen["a directory"][1]["exit_code"] == 126, seen
+    assert seen["not executable"][0] == 200
+    assert seen["not executable"][1]["exit_code"] == 126, seen
+    assert seen["shell not found"][1]["exit_code"] == 127, seen
+    # An empty PATH searches the working directory only, as a shell's does: no `ls` there.
+    assert seen["empty PATH"][0] == 200 and seen["empty PATH"][1]["exit_code"] == 127, seen
+    for cwd in ("no-such-dir", "README.md", "/nonexistent/deeper"):
+        r = real_api.post(url, json={"cmd": "pwd", "cwd": cwd})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "bad_cwd", r.text
+    # At the limits, the command still runs: argv of 120,000 bytes with 60 KB of env.
+    big = "z" * 120_000
+    r = real_api.post(url, json={"cmd": ["sh", "-c", 'echo ${#V0} ${#V1} ${#1}', "sh", big]})
+    assert r.status_code == 200 and r.json()["stdout"] == "30000 30000 120000\n", r.text[:300]
+    # A PUT cut short by a stop: 409, and the workspace works afterwards.
+    app = real_api.app
+    portal = real_api.client.portal
+    assert portal is not None
+    pulled, go = portal.call(asyncio.Event), portal.call(asyncio.Event)
+    write = portal.start_task_soon(functools.partial(
+        app.state.files.write, ws["id"], "cut.txt", _stalled_body(b"first", pulled, go),
+        actor="alice"))
+    portal.call(pulled.wait)
+    r = real_api.post(f"/api/v1/workspaces/{ws['id']}/stop")
+    assert r.status_code == 200, r.text
+    portal.call(go.set)
+    with pytest.raises(DenError) as info:
+        write.result(timeout=120)
+    assert info.value.status_code == 409, (info.value.code, info.value.message)
+    assert real_api.exec(ws["id"], "cat README.md")["stdout"] == "# api\n"

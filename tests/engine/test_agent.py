@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import docker
 import pytest
 
 from tests.conftest import ApiClient
@@ -128,7 +129,7 @@ def test_the_deadline_holds_for_a_flood_and_the_agent_comes_back_when_killed(
     assert api.exec(wid, "cat README.md")["stdout"] == "# api\n"
 
 
-def test_tmux_clients_do_not_eat_the_sandbox(
+def test_tmux_clients_do_not_eat_the_sandbox_and_sudo_waits_for_its_broker(
         real_api: ApiClient, make_repo: Callable[..., Path]) -> None:
     """Each tmux client closes descriptor INT_MAX, and gVisor 20240729 kept ~35 MB of sandbox
     memory per such call: about fifteen `tmux ls` (or web terminal connections) got a 512 MB
@@ -145,3 +146,14 @@ def test_tmux_clients_do_not_eat_the_sandbox(
                       "for i in $(seq 100); do [ -s /tmp/probe-env ] && break; sleep 0.05; done; "
                       "grep -c LD_PRELOAD /tmp/probe-env")
     assert r["stdout"] == "0\n", r
+
+    # sudo waits for its broker (den-init starts it as the workspace starts): here the broker
+    # is gone and comes back a second later, as at boot.
+    ctr = docker.from_env().containers.list(filters={"label": f"den.workspace={wid}"})[0]
+    code, out = ctr.exec_run(["sh", "-c", "pkill -f [d]en-sudo-broker; rm -f /run/den-sudo.sock"],
+                             user="root")
+    assert code == 0, out
+    ctr.exec_run(["sh", "-c", "sleep 1; exec /usr/local/lib/den/den-sudo-broker"], user="root",
+                 detach=True)
+    r = api.exec(wid, "sudo -n id -u")
+    assert (r["exit_code"], r["stdout"]) == (0, "0\n"), r

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RUN_PREFIX
+from tests.conftest import RUN_PREFIX, add_ssh_key
 from tests.server_process import DenServer
 
 pytestmark = pytest.mark.engine
@@ -149,8 +149,7 @@ def den(engine: None, tmp_path: Path, repos_root: Path,
     try:
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(srv.key)],
                        check=True)
-        r = srv.http.post("/api/v1/users/me/ssh-keys",
-                          json={"public_key": srv.key.with_suffix(".pub").read_text()})
+        r = add_ssh_key(srv.http.request, srv.key)
         assert r.status_code == 201, r.text
         r = srv.http.post("/api/v1/workspaces",
                           json={"name": "flood", "repo": {"url": str(make_repo())}})

@@ -213,6 +213,12 @@ def test_sudo_works_for_dev_through_the_broker(
     # Only the users listed in /etc/den/sudoers may use it.
     nobody = real_api.exec(wid, "sudo -u nobody sudo id", timeout_s=30)
     assert nobody["exit_code"] == 1 and "not allowed" in nobody["stderr"], nobody
+    # With no-new-privileges and the dropped capabilities (issue 11), root still does what
+    # package installs do: own files to other users, write where only root may.
+    root = real_api.exec(wid, "sudo sh -c 'touch /usr/local/share/x && chown nobody "
+                              "/usr/local/share/x && chmod 4755 /usr/local/share/x && "
+                              "stat -c %U /usr/local/share/x && dpkg --version >/dev/null'")
+    assert (root["exit_code"], root["stdout"]) == (0, "nobody\n"), root
 
 
 def test_a_container_killed_from_outside_is_known_within_seconds(

@@ -122,7 +122,8 @@ def test_twenty_cycles_leave_nothing_behind(
         assert real_api.exec(wid, "cat /workspace/kept")["stdout"] == "kept\n"
     assert _checkpoints(real_api, wid) == ["den-pause"]
     images = _images_dir(real_api, wid)
-    assert sorted(p.name for p in images.iterdir()) == ["den-pause"]
+    # The image and its completion marker (docs/architecture.md, "Pause and resume").
+    assert sorted(p.name for p in images.iterdir()) == ["den-pause", "den-pause.complete"]
     container_id = _engine(real_api, wid, "{{.Id}}")
     shims = subprocess.run(["pgrep", "-c", "-f", f"containerd-shim.*{container_id}"],
                            capture_output=True, text=True).stdout.strip()

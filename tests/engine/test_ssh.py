@@ -78,8 +78,7 @@ def gw(engine: None, make_settings: Callable[..., Settings], tmp_path: Path) -> 
     with TestClient(app) as client:
         api = ApiClient(client, users(app))
         for user in ("alice", "bob"):
-            r = api.post("/api/v1/users/me/ssh-keys", user=user,
-                         json={"public_key": (keys[user].with_suffix(".pub")).read_text()})
+            r = api.add_key(keys[user], user=user)
             assert r.status_code == 201, r.text
         yield Gw(api, port, keys, tmp_path / "known_hosts")
         for ws in api.get("/api/v1/workspaces", user="root").json()["workspaces"]:

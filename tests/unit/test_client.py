@@ -7,6 +7,7 @@ import io
 import json
 import socket
 import stat
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
+import asyncssh
 import httpx
 import pytest
 from websockets.http11 import Request, Response
@@ -24,6 +26,7 @@ from server.client import Den, DenAPIError, ExecResult, FileEntry, Workspace
 from server.client.api import Snapshot, default_name
 from server.client.commands import _size, add_client_commands
 from server.client.config import ClientConfig, config_path, load_config, save_config
+from server.ssh import proof
 
 URL = "http://den.test"
 TOKEN = "den_secret"
@@ -1220,17 +1223,27 @@ def test_cli_ssh_key_add_ls_rm(cli: Callable[..., int], fake: FakeServer, logged
            "public_key": "ssh-ed25519 AAAA", "created_at": "2024-05-01T00:00:00Z",
            "last_used_at": None}
     path = "/api/v1/users/me/ssh-keys"
+    challenge = "den-ssh-key:1:99:abc:def"
+    fake.overrides[("POST", path + "/challenge")] = httpx.Response(
+        200, json={"challenge": challenge, "namespace": "den-ssh-key",
+                   "expires_at": "2024-05-01T00:00:00Z", "command": "x"})
     fake.overrides[("POST", path)] = httpx.Response(201, json=key)
     fake.overrides[("GET", path)] = httpx.Response(200, json={"ssh_keys": [key]})
     fake.overrides[("DELETE", path + "/7")] = httpx.Response(204)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "laptop",
+                    "-f", str(tmp_path / "id")], check=True)
     pub = tmp_path / "id.pub"
-    pub.write_text("ssh-ed25519 AAAA laptop\n")
     assert cli("ssh-key", "add", str(pub)) == 0
     assert capsys.readouterr().out == "7 SHA256:abc laptop\n"
     sent = json.loads(fake.requests[-1].content)
-    assert sent == {"public_key": "ssh-ed25519 AAAA laptop\n"}
+    assert sent["public_key"] == pub.read_text() and sent["challenge"] == challenge
+    # signed with the private key next to the .pub file, as ssh-keygen -Y sign does
+    assert proof.verify(asyncssh.read_public_key(str(pub)), sent["signature"],
+                        challenge.encode())
     assert cli("ssh-key", "ls") == 0
-    assert "SHA256:abc" in capsys.readouterr().out
+    listed = capsys.readouterr()
+    assert "SHA256:abc" in listed.out and "UNVERIFIED" in listed.out  # no "verified": old
+    assert "added before Den asked for proof" in listed.err
     assert cli("ssh-key", "rm", "7") == 0
     assert fake.requests[-1].method == "DELETE"
     assert cli("ssh-key", "add", str(tmp_path / "missing.pub")) == 1
@@ -1254,3 +1267,61 @@ def test_cli_net_shows_and_sets_the_policy(cli: Callable[..., int], fake: FakeSe
     assert cli("create", "https://forge.example/a/web.git", "--network", "none") == 0
     assert json.loads(fake.last("POST", "/workspaces").content)["network"] == {
         "mode": "none", "allow": []}
+
+
+# --- preview ports ---------------------------------------------------------------------------
+
+PORTS = "/api/v1/workspaces/id-api/ports"
+LISTED = [
+    {"port": 5173, "listening": True, "share": "private",
+     "url": "https://5173--api--alice.p.test/", "path_url": "https://den.test/preview/ws1/5173/"},
+    {"port": 8000, "listening": False, "share": "public", "url": None,
+     "path_url": "https://den.test/preview/ws1/8000/"},
+]
+
+
+@pytest.mark.usefixtures("logged_in")
+def test_cli_ports(cli: Callable[..., int], fake: FakeServer,
+                   capsys: pytest.CaptureFixture[str]) -> None:
+    fake.add("api")
+    fake.overrides[("GET", PORTS)] = httpx.Response(200, json={"ports": LISTED})
+    assert cli("ports", "api") == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "PORT  LISTENING  SHARE    URL",
+        "5173  yes        private  https://5173--api--alice.p.test/",
+        "8000  no         public   https://den.test/preview/ws1/8000/",
+    ]
+    assert cli("ports", "api", "--json") == 0
+    assert json.loads(capsys.readouterr().out) == LISTED
+
+
+@pytest.mark.usefixtures("logged_in")
+def test_cli_share(cli: Callable[..., int], fake: FakeServer,
+                   capsys: pytest.CaptureFixture[str]) -> None:
+    fake.add("api")
+    fake.overrides[("PUT", f"{PORTS}/8000")] = httpx.Response(200, json={
+        **LISTED[1], "share": "users", "listening": None})
+    assert cli("share", "api", "8000", "--users") == 0
+    assert json.loads(fake.last("PUT", "/ports/8000").content) == {"share": "users"}
+    assert capsys.readouterr().out == \
+        "api port 8000: users  https://den.test/preview/ws1/8000/\n"
+    for flag, level in (("--public", "public"), ("--private", "private")):
+        assert cli("share", "api", "8000", flag) == 0
+        assert json.loads(fake.last("PUT", "/ports/8000").content) == {"share": level}
+    fake.overrides[("POST", f"{PORTS}/8000/links")] = httpx.Response(201, json={
+        "url": None, "path_url": "https://den.test/preview/ws1/8000/?den_share=t.m",
+        "expires_at": "2026-12-06T22:00:00Z"})
+    capsys.readouterr()
+    assert cli("share", "api", "8000", "--link", "600") == 0
+    assert json.loads(fake.last("POST", "/ports/8000/links").content) == {"ttl_s": 600}
+    out = capsys.readouterr()
+    assert out.out == "https://den.test/preview/ws1/8000/?den_share=t.m\n"
+    assert out.err == "valid until 2026-12-06 22:00:00 UTC\n"
+    fake.overrides[("PUT", f"{PORTS}/8000")] = httpx.Response(403, json={"error": {
+        "code": "public_sharing_off", "message": "public sharing is turned off"}})
+    assert cli("share", "api", "8000", "--public") == 1
+    assert capsys.readouterr().err == "den: public sharing is turned off\n"
+    with pytest.raises(SystemExit):  # a level is required, and only one
+        cli("share", "api", "8000")
+    with pytest.raises(SystemExit):
+        cli("share", "api", "8000", "--public", "--users")

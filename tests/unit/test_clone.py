@@ -20,6 +20,7 @@ from server.git.clone import (
     pack_for_workspace,
     validate_repo_url,
 )
+from server.outbound import DestinationRefused, OutboundPolicy
 
 DEFAULT_SCHEMES = ["https", "ssh", "git"]
 MiB = 1024 * 1024
@@ -292,7 +293,7 @@ def test_clone_runs_no_hooks_of_the_source_repository(make_repo: Callable[..., P
 def test_clone_does_not_run_an_ssh_proxy_command(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     src = RepoSource(url=f"ssh://-oProxyCommand=touch%20{marker}/x.git", kind="ssh")
-    with pytest.raises(CloneFailed):
+    with pytest.raises((CloneFailed, DestinationRefused)):
         clone(src, branch=None, dest=tmp_path / "out", timeout_s=30, max_bytes=MiB)
     assert not marker.exists()
 
@@ -330,8 +331,26 @@ def test_a_clone_that_hangs_is_killed_at_the_time_limit(tmp_path: Path) -> None:
                                local_roots=[])
     try:
         with pytest.raises(CloneFailed, match="took longer than 1 s"):
-            clone(source, branch=None, dest=tmp_path / "out", timeout_s=1, max_bytes=MiB)
+            clone(source, branch=None, dest=tmp_path / "out", timeout_s=1, max_bytes=MiB,
+                  outbound=OutboundPolicy.of(["127.0.0.1"]))
         assert not (tmp_path / "out").exists()
     finally:
         for s in [*held, listener]:
             s.close()
+
+
+def test_the_clone_gets_a_clean_environment(make_repo: Callable[..., Path], tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11, finding 8: git ran with the server's whole environment (GitPython merges
+    os.environ), secrets and the caller's GIT_*, XDG and proxy variables included."""
+    bare = make_repo()
+    trace = tmp_path / "trace"
+    xdg = tmp_path / "xdg"
+    (xdg / "git").mkdir(parents=True)
+    (xdg / "git" / "config").write_text(f"[url \"/nonexistent/\"]\n\tinsteadOf = {bare}\n")
+    monkeypatch.setenv("GIT_TRACE", str(trace))  # a git that sees it writes there
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(xdg))
+    monkeypatch.setenv("GIT_CONFIG_PARAMETERS", "'core.hookspath=/tmp/evil'")
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    assert _clone(bare, tmp_path / "out") == "main"
+    assert not trace.exists()

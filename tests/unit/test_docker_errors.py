@@ -62,3 +62,19 @@ def test_stats_reading() -> None:
     stats = {"cpu_stats": {"cpu_usage": {"total_usage": 1234}}}
     assert _stats_cpu_ns(_Api(stats, exists=True), "den-w") == 1234
     assert _stats_cpu_ns(_Api({"cpu_stats": {}}, exists=True), "den-w") is None
+
+
+def test_engine_errors_do_not_show_host_paths() -> None:
+    """Issue 11, finding 8: the engine's messages named host paths."""
+    explanation = ("failed to create task for container: failed to create shim task: OCI "
+                   "runtime create failed: open /var/lib/docker/overlay2/3f9a/merged/etc/x: "
+                   "no such file or directory")
+    exc = docker.errors.APIError("500 Server Error", explanation=explanation)
+    err = _translate(exc, "start of workspace w")
+    assert isinstance(err, EngineError)
+    assert "/var/lib" not in err.message and "overlay2" not in err.message
+    assert err.message.endswith("open …: no such file or directory"), err.message
+    assert "/var/lib/docker/overlay2/3f9a/merged/etc/x" in err.detail  # for the log
+    missing = ObjectMissing("saved memory at /srv/den/data/snapshots/sn1")
+    assert missing.message == "saved memory at …" and missing.status_code == 404
+    assert "in /workspace" in EngineError("no space left in /workspace").message

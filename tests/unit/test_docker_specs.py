@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -64,6 +65,8 @@ def _expected(runtime: str) -> dict[str, object]:
             "ulimits": [{"Name": "nproc", "Soft": 256, "Hard": 256}],
             "privileged": False,
             "cap_add": None,
+            "cap_drop": ["NET_RAW", "MKNOD", "AUDIT_WRITE", "SETFCAP"],
+            "security_opt": ["no-new-privileges"],
             "init": False,
             "restart_policy": {"Name": "no"},
             "log_config": {"type": "json-file", "config": {"max-size": "1m", "max-file": "1"}},
@@ -85,6 +88,7 @@ def test_container_config_never_grants_privileges_or_mounts_the_docker_socket() 
     host = cfg["host_config"]
     assert host["privileged"] is False
     assert not host["cap_add"]
+    assert "no-new-privileges" in host["security_opt"] and "NET_RAW" in host["cap_drop"]
     assert "devices" not in host
     assert "network_mode" not in host
     assert "pid_mode" not in host
@@ -226,3 +230,29 @@ def test_container_config_with_the_agent_mounts_it_read_only_and_runs_its_init()
     assert cfg["host_config"] == plain["host_config"]
     assert {k: v for k, v in cfg.items() if k not in ("command", "labels", "host_config")} == {
         k: v for k, v in plain.items() if k not in ("command", "labels", "host_config")}
+
+
+def test_a_copy_helper_is_labelled_with_its_workspace_and_role_only() -> None:
+    from server.runtime.docker_specs import copy_helper_labels
+
+    labels = {**labels_for(instance="i1", workspace_id="ws1", owner="7"), "den.snapshot": "sn1"}
+    assert copy_helper_labels(labels, workspace_id="ws2") == {
+        "den.managed": "true", "den.instance": "i1", "den.workspace": "ws2", "den.role": "copy"}
+
+
+def test_the_checkpoint_command_marks_completion_only_after_runsc_succeeds(
+        tmp_path: Path) -> None:
+    import subprocess
+
+    from server.runtime.docker_specs import checkpoint_argv, checkpoint_marker
+
+    image = tmp_path / "den-checkpoints" / "den-pause"
+    argv = checkpoint_argv(["runsc", "--root", "/r"], image=image, cid="c1")
+    assert argv[4:] == ["runsc", "--root", "/r", "checkpoint", "--compression=none",
+                        "--image-path", str(image), "c1"]
+    assert checkpoint_marker(image) == image.with_name("den-pause.complete")
+    image.parent.mkdir(parents=True)
+    # The same shell with a runsc that fails, then one that succeeds.
+    for runsc, marked in (["false"], False), (["true"], True):
+        subprocess.run(checkpoint_argv(runsc, image=image, cid="c1")[:4] + runsc, check=False)
+        assert checkpoint_marker(image).exists() is marked

@@ -30,10 +30,12 @@ from server.forges.errors import (
 from server.forges.hooks import install_hooks
 from server.forges.mirror import DEN_REFS, Mirror, credential_env
 from server.forges.providers import PROVIDERS
+from server.outbound import OutboundPolicy
 from tests.forge_server import ForgeServer, make_forge_repo
 
 TOKEN = "fgt_unit_0123456789abcdef"
 KINDS = ["github", "gitlab", "gitea"]
+LOOPBACK = OutboundPolicy.of(["127.0.0.0/8"])  # the stand-in forge listens there
 
 
 def git(*args: str, cwd: Path, env: dict[str, str] | None = None) -> str:
@@ -273,7 +275,7 @@ def test_mirror_pushes_bundle_commits_without_running_workspace_config(
 
     cred = cred_for(forge)
     url = forge.repo_url("acme/api")
-    mirror = Mirror(tmp_path / "mirror.git", timeout_s=60)
+    mirror = Mirror(tmp_path / "mirror.git", timeout_s=60, outbound=LOOPBACK)
     mirror.ensure()
     heads = mirror.remote_heads(url, ["main", "feature"], cred)
     assert set(heads) == {"main"}
@@ -314,7 +316,7 @@ def test_mirror_pushes_bundle_commits_without_running_workspace_config(
 
 def test_mirror_errors(forge: ForgeServer, tmp_path: Path) -> None:
     url = forge.repo_url("acme/api")
-    mirror = Mirror(tmp_path / "m.git", timeout_s=60)
+    mirror = Mirror(tmp_path / "m.git", timeout_s=60, outbound=LOOPBACK)
     mirror.ensure()
     with pytest.raises(ForgeTokenInvalid):
         mirror.remote_heads(url, ["main"], cred_for(forge, "fgt_wrong_token_000000"))

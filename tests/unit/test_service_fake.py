@@ -18,7 +18,7 @@ from server.db.models import Event, User, Workspace
 from server.db.session import make_engine, make_session_factory
 from server.errors import Conflict, QuotaExceeded, ValidationFailed
 from server.runtime.base import WorkspaceSpec, labels_for
-from server.runtime.errors import EngineError
+from server.runtime.errors import EngineConflict, EngineError
 from server.runtime.fake import FakeRuntime
 from server.workspaces.service import CreateRequest, WorkspaceService, login_shell_argv
 from server.workspaces.states import State
@@ -145,12 +145,13 @@ async def test_unexpected_failure_while_creating_says_internal_error(
     assert fake_runtime.containers == {} and fake_runtime.volumes == {}
 
 
-async def test_a_repository_git_cannot_clone_errors_with_gits_reason(
+async def test_a_repository_git_cannot_clone_errors_with_a_reason(
         svc: WorkspaceService, fake_runtime: FakeRuntime, repos_root: Path) -> None:
     (repos_root / "notarepo").mkdir()
     ws = await create(svc, user(svc), repos_root / "notarepo")
     assert ws.state == "error"
-    assert "fatal:" in ws.state_reason
+    # Den's words, not git's (which can carry a remote's text: issue 11, finding 7)
+    assert "fatal:" not in ws.state_reason and "does not exist" in ws.state_reason
     assert "notarepo" in ws.state_reason
     assert fake_runtime.containers == {} and fake_runtime.volumes == {}
     assert "create" not in fake_runtime.calls
@@ -594,21 +595,30 @@ async def test_concurrent_wakers_cause_exactly_one_resume(
         ("paused", "resuming")]
 
 
-@pytest.mark.parametrize(("left_in", "running", "settles_to"), [
-    (State.PAUSING, False, "paused"),
-    (State.PAUSING, True, "running"),
-    (State.RESUMING, False, "paused"),
-    (State.RESUMING, True, "running"),
-    (State.PAUSED, True, "running"),
+@pytest.mark.parametrize(("left_in", "running", "checkpoint", "settles_to"), [
+    (State.PAUSING, False, True, "paused"),  # the checkpoint completed: use it
+    (State.PAUSING, False, False, "stopped"),  # none, and the container exited: the truth
+    (State.PAUSING, True, False, "running"),
+    (State.RESUMING, False, True, "paused"),
+    (State.RESUMING, True, True, "running"),
+    (State.PAUSED, True, True, "running"),
 ])
 async def test_reconcile_settles_pause_and_resume(
         svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path],
-        left_in: State, running: bool, settles_to: str) -> None:
+        left_in: State, running: bool, checkpoint: bool, settles_to: str) -> None:
     ws = await create(svc, user(svc), make_repo())
-    fake_runtime.containers[svc.spec_for(ws).container_name].running = running
+    container = fake_runtime.containers[svc.spec_for(ws).container_name]
+    container.running = running
+    if checkpoint:
+        container.checkpoints.add("den-pause")
     set_state(svc, ws.id, left_in)
     await svc.reconcile()
     assert svc.get(ws.id).state == settles_to
+    if left_in is State.PAUSING:
+        last = svc.events(ws.id)[-1].message
+        assert "pause was interrupted by a restart" in last
+        if settles_to == "stopped":
+            assert "processes were lost" in last
 
 
 async def test_reconcile_while_den_runs_leaves_operations_in_progress_alone(
@@ -674,6 +684,22 @@ async def test_snapshots_fork_retention_and_reconcile(
     assert not svc.snapshot_memory_dir("sngone").exists()
 
 
+async def test_a_fork_is_held_to_the_runtime_policy_of_now(
+        make_service: Callable[..., WorkspaceService], make_repo: Callable[..., Path]) -> None:
+    """Issue 11, finding 8: a fork of a runc snapshot ran unsandboxed after runc was off."""
+    from server.snapshots.service import SnapshotService
+
+    svc = make_service(allow_insecure_runc=True)
+    snaps = SnapshotService(svc)
+    alice = user(svc)
+    ws = await create(svc, alice, make_repo(), runtime="runc")
+    snap = await snaps.create(ws.id, name="one", memory=False, actor="alice")
+    svc.settings.allow_insecure_runc = False  # the operator turns runc off
+    with pytest.raises(ValidationFailed, match="runc"):
+        await snaps.fork(alice, snap, name="fork")
+    assert [w.name for w in svc.list_for(alice)] == ["api"]
+
+
 async def test_snapshot_of_a_workspace_in_transition_is_409(
         svc: WorkspaceService, make_repo: Callable[..., Path]) -> None:
     from server.snapshots.service import SnapshotService
@@ -695,7 +721,10 @@ async def test_restore_brings_back_the_snapshots_files(
     snap = await snaps.create(ws.id, name="one", memory=False, actor="alice")
     fake_runtime.files[volume] = {"notes": b"v2"}
     restored = await snaps.restore(snap, actor="alice")
-    assert restored.state == "running" and fake_runtime.files[volume] == {"notes": b"v1"}
+    copy = svc.spec_for(restored).volume_name
+    assert copy != volume and volume not in fake_runtime.volumes  # switched, old one gone
+    assert restored.state == "running" and fake_runtime.files[copy] == {"notes": b"v1"}
+    assert restored.engine.get("restoring") is None
     assert transitions(svc, ws.id)[-4:] == [("running", "stopping"), ("stopping", "stopped"),
                                             ("stopped", "starting"), ("starting", "running")]
 
@@ -725,3 +754,107 @@ async def test_a_shell_request_is_a_login_shell_as_dev_in_the_repo_without_deadl
     assert command.argv[-2:] == ["-c", "make test"]
     with pytest.raises(ValidationFailed):
         svc.shell_request(ws, "echo \x00", tty=False)
+
+
+# --- crash consistency: what reconcile makes of an operation a crash cut short ------------
+
+
+async def _restore_setup(svc: WorkspaceService, fake_runtime: FakeRuntime,
+                         make_repo: Callable[..., Path]) -> tuple[Workspace, Any]:
+    from server.snapshots.service import SnapshotService
+
+    ws = await create(svc, user(svc), make_repo())
+    volume = svc.spec_for(ws).volume_name
+    fake_runtime.files[volume] = {"notes": b"v1"}
+    snap = await SnapshotService(svc).create(ws.id, name="one", memory=False, actor="alice")
+    fake_runtime.files[volume] = {"notes": b"v2"}
+    await svc.stop(ws.id, actor="alice")
+    return svc.get(ws.id), snap
+
+
+async def test_a_failed_restore_copy_leaves_the_workspace_as_it_was(
+        svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]) -> None:
+    ws, snap = await _restore_setup(svc, fake_runtime, make_repo)
+    volume = svc.spec_for(ws).volume_name
+    fake_runtime.fail_next["copy_snapshot"] = EngineError("disk full")
+    with pytest.raises(EngineError):
+        await svc.restore_snapshot(ws.id, snap, actor="alice")
+    after = svc.get(ws.id)
+    assert after.state == "stopped" and svc.spec_for(after).volume_name == volume
+    assert fake_runtime.files[volume] == {"notes": b"v2"} and "restoring" not in after.engine
+    assert [v for v in fake_runtime.volumes if v.startswith(volume)] == [volume]
+    assert "the workspace is as it was" in svc.events(ws.id)[-1].message
+
+
+async def test_reconcile_of_a_restore_cut_before_its_copy_completed_keeps_the_old_data(
+        svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]) -> None:
+    ws, snap = await _restore_setup(svc, fake_runtime, make_repo)
+    volume = svc.spec_for(ws).volume_name
+    partial = volume + "-abc123"  # what the crash left: a partial copy, and the marker
+    fake_runtime.volumes[partial] = dict(svc.spec_for(ws).labels)
+    with svc.sessions.begin() as s:
+        s.execute(update(Workspace).where(Workspace.id == ws.id).values(
+            state="starting", engine={**ws.engine, "restoring": {
+                "snapshot": snap.id, "volume": partial, "old_volume": volume,
+                "from": "stopped", "reason": ""}}))
+    await svc.reconcile()
+    after = svc.get(ws.id)
+    assert after.state == "stopped" and "restoring" not in after.engine
+    assert partial not in fake_runtime.volumes and fake_runtime.files[volume] == {"notes": b"v2"}
+    assert "exactly as it was" in svc.events(ws.id)[-1].message
+
+
+async def test_reconcile_of_a_restore_cut_after_its_copy_completed_finishes_it(
+        svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]) -> None:
+    ws, snap = await _restore_setup(svc, fake_runtime, make_repo)
+    volume = svc.spec_for(ws).volume_name
+    copy = volume + "-abc123"
+    fake_runtime.volumes[copy] = dict(svc.spec_for(ws).labels)
+    fake_runtime.files[copy] = {"notes": b"v1"}
+    with svc.sessions.begin() as s:  # the commit point passed: the row names the copy
+        s.execute(update(Workspace).where(Workspace.id == ws.id).values(
+            state="starting", engine={**ws.engine, "volume": copy, "restoring": {
+                "snapshot": snap.id, "volume": copy, "old_volume": volume,
+                "from": "stopped", "reason": ""}}))
+    await svc.reconcile()
+    after = svc.get(ws.id)
+    assert after.state == "stopped" and "restoring" not in after.engine
+    spec = svc.spec_for(after)
+    assert spec.volume_name == copy and volume not in fake_runtime.volumes
+    assert fake_runtime.containers[spec.container_name].spec.volume_name == copy
+    assert "it is finished now" in svc.events(ws.id)[-1].message
+    result = await svc.exec(ws.id, svc.exec_request(after, ["true"]), actor="alice")
+    assert result.exit_code == 0 and svc.get(ws.id).state == "running"
+
+
+async def test_reconcile_of_a_fork_cut_mid_copy_removes_the_helper_first_and_ends_in_error(
+        svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]) -> None:
+    """The copy helper holds the fork's volume: it goes before the fork's objects, and the
+    row never stays ``creating`` (issue 16: a second restart was needed)."""
+    import dataclasses
+
+    ws = await create(svc, user(svc), make_repo())
+    spec = svc.spec_for(ws)
+    helper = dataclasses.replace(spec, container_name="helper-1", labels={
+        **spec.labels, "den.role": "copy"})
+    fake_runtime.containers["helper-1"] = type(fake_runtime.containers[spec.container_name])(
+        helper, running=True)
+    set_state(svc, ws.id, State.CREATING)
+    await svc.reconcile()
+    assert "helper-1" not in fake_runtime.containers
+    assert fake_runtime.calls.index("remove_object") < fake_runtime.calls.index("destroy")
+    after = svc.get(ws.id)
+    assert after.state == "error" and "restarted while" in after.state_reason
+    assert spec.volume_name not in fake_runtime.volumes
+
+
+async def test_a_creating_row_ends_in_error_even_when_its_objects_cannot_be_removed(
+        svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]) -> None:
+    ws = await create(svc, user(svc), make_repo())
+    set_state(svc, ws.id, State.CREATING)
+    fake_runtime.fail_next["destroy"] = EngineConflict("volume is in use")
+    await svc.reconcile()
+    after = svc.get(ws.id)
+    assert after.state == "error" and "could not all be removed" in after.state_reason
+    await svc.delete(ws.id, actor="alice")  # a delete retries the removal
+    assert svc.spec_for(ws).volume_name not in fake_runtime.volumes

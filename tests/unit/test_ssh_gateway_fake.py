@@ -40,8 +40,7 @@ def env(make_settings: Callable[..., Settings], make_repo: Callable[..., Any]) -
     with TestClient(app) as client:
         api = ApiClient(client, users(app))
         for name in ("alice", "bob"):
-            r = api.post("/api/v1/users/me/ssh-keys", user=name, json={
-                "public_key": keys[name].export_public_key().decode()})
+            r = api.add_key(keys[name], user=name)
             assert r.status_code == 201, r.text
         assert api.create(make_repo(), user="alice")["state"] == "running"
         assert api.create(make_repo("other"), name="other", user="bob")["state"] == "running"
@@ -64,19 +63,19 @@ def _run(aw: Any) -> Any:
 def test_key_api_add_list_delete(fake_api: ApiClient) -> None:
     key = asyncssh.generate_private_key("ssh-ed25519", comment="laptop")
     line = key.export_public_key().decode()
-    r = fake_api.post("/api/v1/users/me/ssh-keys", json={"public_key": line})
+    r = fake_api.add_key(key)
     assert r.status_code == 201, r.text
     out = r.json()
-    assert out["name"] == "laptop" and out["type"] == "ssh-ed25519"
+    assert out["name"] == "laptop" and out["type"] == "ssh-ed25519" and out["verified"]
     assert out["fingerprint"] == key.get_fingerprint("sha256")
     assert out["public_key"] == " ".join(line.split()[:2])
 
-    again = fake_api.post("/api/v1/users/me/ssh-keys", json={"public_key": line})
+    again = fake_api.add_key(key)
     assert (again.status_code, again.json()["error"]["code"]) == (409, "key_exists")
-    theirs = fake_api.post("/api/v1/users/me/ssh-keys", user="bob",
-                           json={"public_key": line, "name": "x"})
+    theirs = fake_api.add_key(key, user="bob", name="x")  # bob holds the same private key
     assert theirs.status_code == 409 and "another user" in theirs.json()["error"]["message"]
-    bad = fake_api.post("/api/v1/users/me/ssh-keys", json={"public_key": "ssh-dss AAAA"})
+    bad = fake_api.post("/api/v1/users/me/ssh-keys", json={
+        "public_key": "ssh-dss AAAA", "challenge": "x", "signature": "y"})
     assert bad.status_code == 422
 
     assert [k["id"] for k in fake_api.get("/api/v1/users/me/ssh-keys").json()["ssh_keys"]] \
@@ -114,9 +113,16 @@ def test_command_exit_status_activity_and_events(env: Env) -> None:
     assert failing.exit_status == 3
     assert busy
     assert not svc.activity.busy(ws_id)
-    events = [e["message"] for e in
-              env.api.get(f"/api/v1/workspaces/{ws_id}/events").json()["events"]
-              if e["kind"] == "ssh"]
+
+    def ssh_events() -> list[str]:
+        return [e["message"] for e in
+                env.api.get(f"/api/v1/workspaces/{ws_id}/events").json()["events"]
+                if e["kind"] == "ssh"]
+
+    deadline = time.monotonic() + 30  # the closing event is written on a worker thread
+    while len(events := ssh_events()) < 2:
+        assert time.monotonic() < deadline, events
+        time.sleep(0.01)
     assert events[0].startswith("ssh connection opened by alice from 127.0.0.1:")
     assert events[0].endswith("(key 'alice')")
     assert "closed after" in events[1] and "(3 sessions)" in events[1], events
@@ -208,3 +214,52 @@ def test_open_ssh_connections_are_a_gauge(env: Env) -> None:
     while open_now() != 0:
         assert time.monotonic() < deadline, "the ssh gauge did not go back to 0"
         time.sleep(0.02)
+
+
+def test_unauthenticated_connections_are_limited(make_settings: Callable[..., Settings],
+                                                 make_repo: Callable[..., Any]) -> None:
+    """Issue 11, finding 8: any number of connections could sit in authentication."""
+    import socket
+    import time
+
+    app, port = _start(make_settings, ssh_max_preauth_per_address=2)
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    with TestClient(app) as client:
+        api = ApiClient(client, users(app))
+        assert api.add_key(key).status_code == 201
+        api.create(make_repo())
+        gateway = app.state.ssh_gateway
+
+        async def ssh() -> int:
+            async with asyncssh.connect("127.0.0.1", port, username="api", client_keys=[key],
+                                        known_hosts=None, agent_path=None) as conn:
+                return (await conn.run("true", check=False)).exit_status or 0
+
+        def pending() -> int:
+            return sum(1 for c in gateway._connections if c.auth is None)
+
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        try:
+            deadline = time.monotonic() + 30
+            while pending() < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            with pytest.raises((asyncssh.Error, OSError)):
+                _run(ssh())
+        finally:
+            for s in idle:
+                s.close()
+        deadline = time.monotonic() + 30
+        while pending():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert _run(ssh()) == 0
+
+
+def test_key_checks_do_not_run_on_the_event_loop() -> None:
+    """The database is read on a worker thread while a client authenticates."""
+    import inspect
+
+    from server.ssh.gateway import _Connection
+
+    assert inspect.iscoroutinefunction(_Connection.validate_public_key)

@@ -7,6 +7,7 @@ makes the user, the admin group maps to admin, and token and OIDC sessions are t
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Callable
 from typing import Any
 
@@ -94,3 +95,45 @@ def test_oidc_code_flow_through_den_in_chromium(
     # The callback refuses a forged or replayed state.
     r = httpx.get(f"{base}/auth/callback", params={"code": "x", "state": "forged"})
     assert r.status_code == 400 and "login failed" in r.text.lower()
+
+
+def test_an_allowlist_gives_accounts_only_to_whom_it_names(
+    browser: Any, den: Callable[..., DenServer], oidc_provider: Callable[..., OidcProvider],
+) -> None:
+    """Issue 11, finding 2: every identity the issuer vouched for got an account."""
+    srv = den(started_now=False)
+    idp = oidc_provider(srv.port, ACCOUNTS)
+    srv.env.update({
+        "DEN_OIDC_ISSUER": idp.issuer, "DEN_OIDC_CLIENT_ID": idp.client_id,
+        "DEN_OIDC_CLIENT_SECRET": idp.client_secret, "DEN_OIDC_DISPLAY_NAME": "Test IdP",
+        "DEN_OIDC_ALLOWED_EMAIL_DOMAINS": json.dumps(["corp.example"]),
+    })
+    srv.start()
+    base = f"http://127.0.0.1:{srv.port}"
+    ctx = browser.new_context()
+    page = ctx.new_page()
+    try:  # dave's verified email is at elsewhere.example: no account
+        page.goto(f"{base}/workspaces")
+        page.get_by_role("link", name="Sign in with Test IdP").click()
+        page.locator('input[name="login"]').fill("dave")
+        page.locator('input[name="password"]').fill("any password")
+        page.locator('button[type="submit"]').click()
+        with page.expect_response(lambda r: "/auth/callback" in r.url) as answer:
+            page.get_by_role("button", name="Continue").click()
+        assert answer.value.status == 403
+        assert "does not give accounts to this login" in page.content()
+        assert page.goto(f"{base}/workspaces") is not None and "/login" in page.url
+    finally:
+        ctx.close()
+    ctx = browser.new_context()
+    page = ctx.new_page()
+    try:  # carol's is at corp.example
+        oidc_login(page, base, "carol")
+        assert page.locator(".user-name").inner_text() == "carol"
+    finally:
+        ctx.close()
+    names = srv.http.get("/api/v1/workspaces").status_code  # the server is fine
+    assert names == 200
+    with sqlite3.connect(srv.env["DEN_DATA_DIR"] + "/den.db") as db:
+        users = {row[0] for row in db.execute("SELECT name FROM users")}
+    assert "carol" in users and "dave" not in users

@@ -18,7 +18,13 @@ from sqlalchemy import select
 from starlette.testclient import WebSocketDenialResponse
 
 from server.app import create_app
-from server.auth.identities import Profile, admin_by_policy, name_candidate, user_for_login
+from server.auth.identities import (
+    Profile,
+    RegistrationClosed,
+    admin_by_policy,
+    name_candidate,
+    user_for_login,
+)
 from server.auth.tokens import ensure_user
 from server.config import Settings
 from server.db.models import Identity, User, WebSession
@@ -232,8 +238,13 @@ def test_ssh_keys_page_adds_lists_and_removes_keys(web: ApiClient, tmp_path: Pat
     token = login(c, web.tokens["alice"])
     r = c.post("/ssh-keys", data={"csrf_token": token, "public_key": "ssh-dss AAAA x"})
     assert "flash error" in r.text and "ssh-dss AAAA x" in r.text  # the form is kept
-    r = c.post("/ssh-keys", data={"csrf_token": token, "public_key": public})
+    r = c.post("/ssh-keys", data={"csrf_token": token, "public_key": public,
+                                  "challenge": _challenge(c), "signature": "not a signature"})
+    assert "flash error" in r.text and "prove" in r.text
+    r = c.post("/ssh-keys", data={"csrf_token": token, "public_key": public,
+                                  **_proof(c, tmp_path / "k")})
     assert r.status_code == 200 and "me@laptop" in r.text and "SHA256:" in r.text
+    assert "verified" in r.text
     keys = web.get("/api/v1/users/me/ssh-keys").json()["ssh_keys"]
     assert [k["name"] for k in keys] == ["me@laptop"]  # the same keys as the API's
     assert "me@laptop" not in browser_for(web).get("/ssh-keys").text  # no session: login
@@ -243,10 +254,26 @@ def test_ssh_keys_page_adds_lists_and_removes_keys(web: ApiClient, tmp_path: Pat
     assert web.get("/api/v1/users/me/ssh-keys").json()["ssh_keys"] == []
     bob = browser_for(web)
     bob_csrf = login(bob, web.tokens["bob"])
-    c.post("/ssh-keys", data={"csrf_token": token, "public_key": public})
+    c.post("/ssh-keys", data={"csrf_token": token, "public_key": public,
+                              **_proof(c, tmp_path / "k")})
     kid = web.get("/api/v1/users/me/ssh-keys").json()["ssh_keys"][0]["id"]
     r = bob.post(f"/ssh-keys/{kid}/delete", data={"csrf_token": bob_csrf})
     assert r.status_code == 404  # another user's key is not there for bob
+
+
+def _challenge(c: TestClient) -> str:
+    found = re.search(r'name="challenge" value="([^"]+)"', c.get("/ssh-keys").text)
+    assert found is not None
+    return found.group(1)
+
+
+def _proof(c: TestClient, private_key: Path) -> dict[str, str]:
+    """The page's challenge, signed as the page says: with ssh-keygen -Y sign."""
+    challenge = _challenge(c)
+    signed = subprocess.run(["ssh-keygen", "-Y", "sign", "-n", "den-ssh-key", "-f",
+                             str(private_key)], input=challenge.encode(), capture_output=True,
+                            check=True)
+    return {"challenge": challenge, "signature": signed.stdout.decode()}
 
 
 def _terminal(client: TestClient, ws_id: str, **headers: str) -> dict[str, Any]:
@@ -373,20 +400,67 @@ def test_admin_policy_and_user_names() -> None:
     assert name_candidate(Profile("i", "s", username="!!!")) == "user"
 
 
+def test_who_gets_an_account_at_first_login(make_settings: Callable[..., Settings]) -> None:
+    """Issue 11, finding 2: single sign-on with a public issuer was open registration."""
+    carol = Profile("i", "1", "carol", "carol@Corp.Example", True, ("Acme",))
+    unverified = Profile("i", "2", "eve", "eve@corp.example", False)
+    stranger = Profile("i", "3", "mallory", "m@evil.example", True, ("evil",))
+
+    def admission(**kw: Any) -> Any:
+        return oidc.admission(make_settings(oidc_client_id="c", **kw))
+
+    # Public issuers are closed by default: nobody gets in until the operator says who.
+    for public in ({"oidc_provider": "github"}, {"oidc_provider": "gitlab"},
+                   {"oidc_issuer": "https://accounts.google.com"}):
+        assert not admission(**public).admits(carol)
+        assert admission(**public, oidc_registration="open").admits(stranger)
+    # A private issuer stays open by default, until an allowlist is set.
+    private = {"oidc_issuer": "https://sso.corp.example"}
+    assert admission(**private).admits(stranger)
+    assert not admission(**private, oidc_registration="allowlist").admits(carol)
+    by_domain = admission(**private, oidc_allowed_email_domains=["corp.example"])
+    assert by_domain.admits(carol) and not by_domain.admits(stranger)
+    assert not by_domain.admits(unverified)  # unverified emails never count
+    by_user = admission(oidc_provider="github", oidc_allowed_users=["CAROL", "m@evil.example"])
+    assert by_user.admits(carol) and by_user.admits(stranger)
+    assert not by_user.admits(unverified)
+    by_group = admission(oidc_provider="github", oidc_allowed_groups=["acme"])
+    assert by_group.admits(carol) and not by_group.admits(stranger)
+    assert "groups" in oidc.scopes(make_settings(oidc_client_id="c", oidc_issuer="https://x",
+                                                 oidc_allowed_groups=["acme"]))
+
+
+def test_closed_registration_keeps_existing_accounts(fake_api: ApiClient) -> None:
+    sessions = fake_api.app.state.sessions
+    known = Profile("https://i", "sub-1", "carol", "carol@x.example", True)
+    with sessions.begin() as s:
+        user_for_login(s, known, admin=False, admitted=True)  # made while it was open
+    with sessions.begin() as s:
+        assert user_for_login(s, known, admin=False, admitted=False).name == "carol"
+        with pytest.raises(RegistrationClosed):
+            user_for_login(s, Profile("https://i", "sub-9", "new"), admin=False,
+                           admitted=False)
+        # the admin policy admits on its own
+        assert user_for_login(s, Profile("https://i", "sub-8", "boss"), admin=True,
+                              admitted=False).is_admin
+    with sessions() as s:
+        assert s.scalar(select(User).where(User.name == "new")) is None
+
+
 def test_logins_map_to_users(fake_api: ApiClient) -> None:
     sessions = fake_api.app.state.sessions
     carol = Profile("https://i", "sub-1", "alice", "alice@else.example", True)
     with sessions.begin() as s:
-        first = user_for_login(s, carol, admin=False)
+        first = user_for_login(s, carol, admin=False, admitted=True)
         # "alice" is taken by a token user: the login gets its own user, not hers.
         assert first.name == "alice-2" and not first.is_admin
-        again = user_for_login(s, carol, admin=True)
+        again = user_for_login(s, carol, admin=True, admitted=True)
         assert again.id == first.id and again.is_admin  # same identity, admin granted
-        kept = user_for_login(s, carol, admin=False)
+        kept = user_for_login(s, carol, admin=False, admitted=True)
         assert kept.is_admin  # never revoked at login
         alice = s.scalar(select(User).where(User.name == "alice"))
         other = Profile("https://i", "sub-2", "whoever")
-        linked = user_for_login(s, other, admin=False, link_to=alice)
+        linked = user_for_login(s, other, admin=False, link_to=alice, admitted=False)
         assert linked.id == alice.id  # signed in as alice: the login is linked to her
         assert len(s.scalars(select(Identity)).all()) == 2
         ensure_user(s, "zed")

@@ -1,0 +1,84 @@
+"""Preview ports: the listening ports of a workspace with their URLs, share levels and
+signed share links (docs/preview.md)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Depends, Request
+
+from server.api.deps import CurrentUser, Workspaces
+from server.api.schemas import (
+    PortList,
+    PortOut,
+    PortShareIn,
+    ShareLinkIn,
+    ShareLinkOut,
+    errors,
+)
+from server.db.models import Workspace
+from server.errors import NotFound
+from server.preview import urls
+from server.preview.access import SHARE_PARAM
+from server.preview.service import PreviewService, Share
+
+router = APIRouter(prefix="/api/v1/workspaces", tags=["ports"])
+
+
+def preview_service(request: Request) -> PreviewService:
+    return request.app.state.previews  # type: ignore[no-any-return]
+
+
+Previews = Annotated[PreviewService, Depends(preview_service)]
+
+
+def _port(text: str) -> int:
+    port = urls.valid_port(text)
+    if port is None:
+        raise NotFound(f"no port {text!r}: ports are 1-65535")
+    return port
+
+
+def _urls(request: Request, previews: PreviewService, ws: Workspace, port: int
+          ) -> tuple[str | None, str]:
+    return previews.urls_of(ws, port, base_url=str(request.base_url))
+
+
+def _out(request: Request, previews: PreviewService, ws: Workspace, port: int, share: Share,
+         listening: bool | None) -> PortOut:
+    url, path_url = _urls(request, previews, ws, port)
+    return PortOut(port=port, listening=listening, share=previews.effective(share).value,
+                   url=url, path_url=path_url)
+
+
+@router.get("/{ref}/ports", response_model=PortList, responses=errors(404, 409, 502, 503))
+async def list_ports(ref: str, request: Request, user: CurrentUser, svc: Workspaces,
+                     previews: Previews) -> PortList:
+    ws = svc.get_for(user, ref)
+    found = await previews.ports(ws)
+    return PortList(ports=[_out(request, previews, ws, p.port, p.share, p.listening)
+                           for p in found])
+
+
+@router.put("/{ref}/ports/{port}", response_model=PortOut, responses=errors(403, 404))
+def set_port_share(ref: str, port: str, body: PortShareIn, request: Request,
+                   user: CurrentUser, svc: Workspaces, previews: Previews) -> PortOut:
+    ws = svc.get_for(user, ref)
+    number = _port(port)
+    share = previews.set_share(ws, number, body.share, actor=user.name)
+    return _out(request, previews, ws, number, share, None)
+
+
+@router.post("/{ref}/ports/{port}/links", response_model=ShareLinkOut, status_code=201,
+             responses=errors(403, 404))
+def make_share_link(ref: str, port: str, body: ShareLinkIn, request: Request,
+                    user: CurrentUser, svc: Workspaces, previews: Previews) -> ShareLinkOut:
+    ws = svc.get_for(user, ref)
+    number = _port(port)
+    token, expires_at = previews.share_link(ws, number, body.ttl_s, actor=user.name)
+    url, path_url = _urls(request, previews, ws, number)
+    query = "?" + urlencode({SHARE_PARAM: token})
+    return ShareLinkOut(url=url + query if url else None, path_url=path_url + query,
+                        expires_at=datetime.fromtimestamp(expires_at, UTC))

@@ -1,0 +1,261 @@
+"""Preview ports: share levels (stored per workspace and port), the listening ports, signed
+share links, the per-workspace connection cap, and connections into the workspace.
+
+Share-level changes and public exposure are recorded in the workspace's event log through
+the workspace service (the one writer of workspace state; a share level is not a state, so
+this service keeps its own table and only adds events).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from urllib.parse import urlsplit
+
+from sqlalchemy import delete, select
+
+from server.db.models import PreviewPort, User, Workspace
+from server.errors import DenError, Forbidden, NotFound, ValidationFailed
+from server.preview import tokens, urls
+from server.runtime.base import ExecRequest, ExecStream
+from server.runtime.errors import AgentTimeout, AgentUnavailable, EngineConflict
+from server.ssh import target
+from server.workspaces.service import WorkspaceService
+from server.workspaces.states import State
+
+log = logging.getLogger(__name__)
+
+PROC_NET_TCP = ["cat", "/proc/net/tcp", "/proc/net/tcp6"]
+PORTS_OUTPUT_BYTES = 1 << 20
+LONG_CONNECTION_S = 5.0  # the workspace service's activity debounce
+
+
+class Share(StrEnum):
+    PRIVATE = "private"  # the owner (and admins)
+    USERS = "users"  # anyone signed in to this Den
+    PUBLIC = "public"  # anyone with the URL
+
+
+class PortClosed(DenError):
+    """Nothing answers on the port inside the workspace."""
+
+    status_code = 502
+    code = "port_closed"
+
+
+class TooManyConnections(DenError):
+    status_code = 503
+    code = "too_many_connections"
+
+
+@dataclass(frozen=True)
+class PortInfo:
+    port: int
+    listening: bool | None  # None: the workspace is not running, nobody can tell
+    share: Share
+
+
+def may_open(*, share: Share, viewer: User | None, owner_id: int, link_ok: bool,
+             public_allowed: bool) -> bool:
+    """Whether ``viewer`` (None: not signed in) may open a port: the one decision."""
+    if viewer is not None and (viewer.id == owner_id or viewer.is_admin):
+        return True
+    if link_ok:
+        return True
+    if share is Share.PUBLIC and public_allowed:
+        return True
+    return share in (Share.USERS, Share.PUBLIC) and viewer is not None
+
+
+class PreviewService:
+    """Share levels, port listing, links, and connections for preview URLs."""
+
+    def __init__(self, workspaces: WorkspaceService, *, key: bytes) -> None:
+        self.workspaces = workspaces
+        self.settings = workspaces.settings
+        self.key = key
+        self._open: Counter[str] = Counter()
+        self._waking: dict[str, asyncio.Task[None]] = {}
+
+    # --- finding the workspace -----------------------------------------------------------
+
+    def by_owner_and_name(self, owner: str, name: str) -> Workspace | None:
+        with self.workspaces.sessions() as s:
+            return s.scalar(select(Workspace).join(User, Workspace.owner_id == User.id)
+                            .where(User.name == owner, Workspace.name == name))
+
+    def by_ref(self, ref: str, viewer: User | None) -> Workspace | None:
+        """The path form's ``<workspace>``: an id (anyone's), or a name of the viewer's own."""
+        with self.workspaces.sessions() as s:
+            row = s.get(Workspace, ref)
+            if row is None and viewer is not None:
+                row = s.scalar(select(Workspace).where(Workspace.owner_id == viewer.id,
+                                                       Workspace.name == ref))
+            return row
+
+    # --- share levels ----------------------------------------------------------------------
+
+    def _shares(self, workspace_id: str) -> dict[int, Share]:
+        with self.workspaces.sessions() as s:
+            rows = s.scalars(select(PreviewPort).where(PreviewPort.workspace_id == workspace_id))
+            return {r.port: Share(r.share) for r in rows}
+
+    def share_of(self, workspace_id: str, port: int) -> Share:
+        return self._shares(workspace_id).get(port, Share.PRIVATE)
+
+    def set_share(self, ws: Workspace, port: int, share: str, *, actor: str) -> Share:
+        if urls.valid_port(str(port)) is None:
+            raise NotFound(f"no port {port}: ports are 1-65535")
+        try:
+            level = Share(share)
+        except ValueError:
+            raise ValidationFailed("share must be one of private, users, public") from None
+        if level is Share.PUBLIC and not self.settings.preview_public_sharing:
+            raise Forbidden("public sharing is turned off on this server "
+                            "(DEN_PREVIEW_PUBLIC_SHARING)", code="public_sharing_off")
+        old = self.share_of(ws.id, port)
+        if old is level:
+            return level
+        now = datetime.now(UTC)
+        with self.workspaces.sessions.begin() as s:
+            s.execute(delete(PreviewPort).where(PreviewPort.workspace_id == ws.id,
+                                                PreviewPort.port == port))
+            if level is not Share.PRIVATE:
+                s.add(PreviewPort(workspace_id=ws.id, port=port, share=level.value,
+                                  updated_by=actor[:64], updated_at=now))
+        message = f"port {port}: share {old.value} -> {level.value}"
+        if level is Share.PUBLIC:
+            message += " (public: anyone with its URL can open it, without signing in)"
+        self.workspaces.note(ws.id, "share", message, actor=actor)
+        log.info("workspace %s: %s by %s", ws.id, message, actor)
+        return level
+
+    def effective(self, share: Share) -> Share:
+        """A share level as served: ``public`` reads as ``users`` while public sharing is off."""
+        if share is Share.PUBLIC and not self.settings.preview_public_sharing:
+            return Share.USERS
+        return share
+
+    # --- ports ------------------------------------------------------------------------------
+
+    async def ports(self, ws: Workspace) -> list[PortInfo]:
+        """The ports listening inside a running workspace (asked of /proc/net/tcp{,6}, not
+        waking it) and the ports with a share level, sorted; ``listening`` is None where the
+        workspace could not be asked."""
+        shares = self._shares(ws.id)
+        listening: set[int] | None = None
+        if State(ws.state) is State.RUNNING:
+            # Straight to the runtime, not the service's exec: looking at the ports neither
+            # wakes the workspace nor counts as activity (a dashboard open on it would keep
+            # it awake forever).
+            req = ExecRequest(argv=PROC_NET_TCP, user="dev", cwd="/", timeout_s=10.0,
+                              max_output_bytes=PORTS_OUTPUT_BYTES)
+            try:
+                result = await self.workspaces.runtime.exec(self.workspaces.spec_for(ws), req)
+            except DenError as exc:
+                log.info("workspace %s: ports not read: %s", ws.id, exc.message)
+            else:
+                listening = set(urls.listening_ports(result.stdout.decode("ascii", "replace")))
+        ports = sorted(set(shares) | (listening or set()))
+        return [PortInfo(port=p, listening=None if listening is None else p in listening,
+                         share=shares.get(p, Share.PRIVATE)) for p in ports]
+
+    def urls_of(self, ws: Workspace, port: int, *, base_url: str) -> tuple[str | None, str]:
+        """The subdomain URL (None without DEN_PREVIEW_DOMAIN or when the name cannot be a
+        DNS label) and the path-form URL of ``port``; ``base_url`` is Den's own URL when
+        DEN_PUBLIC_URL is not set (the request's)."""
+        base = self.settings.public_url or base_url
+        parts = urlsplit(base)
+        host_url = urls.host_url(scheme=parts.scheme or "http",
+                                 domain=self.settings.preview_domain, port=port,
+                                 workspace=ws.name, owner=ws.owner.name, public_port=parts.port)
+        return host_url, urls.path_url(base, ws.id, port)
+
+    # --- share links ------------------------------------------------------------------------
+
+    def share_link(self, ws: Workspace, port: int, ttl_s: int, *, actor: str) -> tuple[str, int]:
+        """A signed token that opens ``port`` of ``ws`` for ``ttl_s`` seconds, and its expiry
+        (unix seconds). Recorded in the event log."""
+        if urls.valid_port(str(port)) is None:
+            raise NotFound(f"no port {port}: ports are 1-65535")
+        if not 60 <= ttl_s <= self.settings.preview_max_link_ttl_s:
+            raise ValidationFailed(
+                f"ttl_s must be between 60 and {self.settings.preview_max_link_ttl_s}")
+        expires_at = int(time.time()) + ttl_s
+        token = tokens.share_link(self.key, workspace_id=ws.id, port=port,
+                                  expires_at=expires_at)
+        self.workspaces.note(ws.id, "share",
+                             f"port {port}: share link made, valid for {ttl_s} s", actor=actor)
+        return token, expires_at
+
+    def link_allows(self, token: str | None, ws: Workspace, port: int) -> bool:
+        if not token:
+            return False
+        payload = tokens.verify(self.key, tokens.SHARE, token, now=time.time())
+        return tokens.share_allows(payload, workspace_id=ws.id, port=port)
+
+    def wake_in_background(self, ws: Workspace, *, actor: str) -> None:
+        """Start a stopped workspace without waiting (a browser gets a page that reloads
+        itself meanwhile); one wake per workspace at a time."""
+        task = self._waking.get(ws.id)
+        if task is not None and not task.done():
+            return
+        self._waking[ws.id] = asyncio.create_task(self._wake(ws.id, actor))
+
+    async def _wake(self, workspace_id: str, actor: str) -> None:
+        try:
+            await self.workspaces.ensure_running(workspace_id, actor=actor)
+        except DenError as exc:
+            log.info("workspace %s: preview wake failed: %s", workspace_id, exc.message)
+        finally:
+            self._waking.pop(workspace_id, None)
+
+    # --- connections ------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def slot(self, workspace_id: str) -> AsyncIterator[None]:
+        """One of the workspace's preview connections (503 past the cap); activity while
+        held, so a workspace serving a preview is never idle."""
+        if self._open[workspace_id] >= self.settings.preview_max_connections:
+            raise TooManyConnections(
+                f"too many preview connections to this workspace "
+                f"(DEN_PREVIEW_MAX_CONNECTIONS={self.settings.preview_max_connections})")
+        self._open[workspace_id] += 1
+        started = time.monotonic()
+        try:
+            async with self.workspaces.activity.hold(workspace_id):
+                yield
+        finally:
+            self._open[workspace_id] -= 1
+            if self._open[workspace_id] <= 0:
+                del self._open[workspace_id]
+            # connect() marked the start; a long connection (a WebSocket, a stream) marks its
+            # end too, so that the idle clock starts when it closed. A database write per
+            # short request would cost more than it tells.
+            if time.monotonic() - started > LONG_CONNECTION_S:
+                self.workspaces.touch(workspace_id)
+
+    async def connect(self, ws: Workspace, port: int, *, actor: str) -> ExecStream:
+        """A TCP connection to ``port`` on the workspace's loopback, waking it first (a
+        paused workspace resumes, a stopped one starts). PortClosed when nothing listens."""
+        svc = self.workspaces
+        try:
+            try:
+                stream = await svc.connect_port(ws.id, "127.0.0.1", port, actor=actor)
+            except EngineConflict:  # a server on "localhost" may have bound ::1 only (Vite)
+                stream = await svc.connect_port(ws.id, "::1", port, actor=actor)
+            if stream is None:  # a workspace without the agent: a relay through exec
+                req = ExecRequest(argv=target.relay_argv("127.0.0.1", port), user="dev",
+                                  cwd=svc.repo_path(ws))
+                stream = await svc.exec_stream(ws.id, req, actor=actor)
+        except (EngineConflict, AgentUnavailable, AgentTimeout) as exc:
+            raise PortClosed(f"nothing answers on port {port} in workspace {ws.name}: "
+                             f"{exc.message}") from exc
+        return stream
