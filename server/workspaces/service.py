@@ -938,9 +938,12 @@ class WorkspaceService:
         with contextlib.suppress(DenError):
             if await self.runtime.status(spec) is ContainerStatus.RUNNING:
                 return False
-            self._transition(ws_id, State.RUNNING, State.STOPPED, actor=actor,
-                             message="the workspace's sandbox exited unexpectedly "
-                                     "(out of memory?); it starts again on the next access")
+            try:
+                self._transition(ws_id, State.RUNNING, State.STOPPED, actor=actor,
+                                 message="the workspace's sandbox exited unexpectedly "
+                                         "(out of memory?); it starts again on the next access")
+            except Conflict:  # the engine's event stream recorded it first
+                return self.get(ws_id).state == State.STOPPED.value
             return True
         return False
 

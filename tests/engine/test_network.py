@@ -114,8 +114,7 @@ def lab(engine: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]
             app = create_app(settings)
             with TestClient(app) as client:
                 api = ApiClient(client, users(app))
-                r = api.post("/api/v1/users/me/ssh-keys",
-                             json={"public_key": key.with_suffix(".pub").read_text()})
+                r = api.add_key(key)
                 assert r.status_code == 201, r.text
                 lab = Lab(api, settings, net.ns, net.public, net.host_link, net.lan,
                           host_srv.server_port, ssh_port, key)

@@ -115,6 +115,21 @@ async def test_a_container_killed_from_outside_is_stopped_with_the_reason(
 
 
 @pytest.mark.anyio
+async def test_an_exec_that_finds_the_sandbox_dead_after_the_event_stream_restarts_it(
+        svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]
+        ) -> None:
+    """The exec's own check finds the container dead after the event stream already recorded
+    it `stopped` (a failed checkpoint kills the sandbox): the exec starts it again and runs,
+    as when the exec notices first (it answered 409 exec_failed)."""
+    ws_id = await _running(svc, make_repo())
+    spec = svc.spec_for(svc.get(ws_id))
+    fake_runtime.containers[spec.container_name].running = False
+    await svc.apply_engine_event(EngineEvent(DIE, ws_id, spec.container_name, exit_code=128))
+    assert svc.get(ws_id).state == "stopped"
+    assert await svc._check_alive(ws_id, spec, actor="alice") is True
+
+
+@pytest.mark.anyio
 async def test_events_den_itself_caused_or_that_the_engine_contradicts_are_ignored(
         svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]
         ) -> None:
