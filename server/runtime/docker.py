@@ -507,12 +507,12 @@ class DockerRuntime:
                 return False
             home = self._home(cid)
             image = home / IMAGES_DIR / checkpoint
-            writers = _processes_naming(str(image))
+            writers = processes_naming(str(image))
             wrote = bool(writers)
             deadline = time.monotonic() + wait_s
             while writers and time.monotonic() < deadline:
                 time.sleep(0.1)
-                writers = _processes_naming(str(image))
+                writers = processes_naming(str(image))
             for pid in writers:  # past the bound: end it, its image is incomplete
                 log.warning("container %s: ending checkpoint writer %d after %s s", name, pid,
                             wait_s)
@@ -1413,7 +1413,7 @@ def _wait_exited(api: Any, container: str, wait_s: float) -> bool:
         time.sleep(0.05)
 
 
-def _processes_naming(arg: str) -> list[int]:
+def processes_naming(arg: str) -> list[int]:
     """The host processes with ``arg`` as one of their arguments (a checkpoint's writers:
     runsc and the shell that marks it complete both name its image directory)."""
     found = []

@@ -26,6 +26,7 @@ import httpx
 import pytest
 
 from server import faults
+from server.runtime.docker import processes_naming
 from tests.conftest import RUN_PREFIX, engine_objects, git
 from tests.server_process import DenServer
 
@@ -266,37 +267,29 @@ def test_a_checkpoint_whose_writer_died_too_is_removed_and_the_state_is_the_engi
     finally:
         srv.env.pop(faults.ENV, None)
     assert srv.proc is not None and srv.proc.returncode == -9, srv.log_tail()
-    killed = _kill_writers("/den-checkpoints/den-pause")
+    home = subprocess.run(["docker", "inspect", "-f", "{{.Id}}", f"{srv.prefix}-{wid}"],
+                          capture_output=True, text=True, timeout=30).stdout.strip()
+    root = subprocess.run(["docker", "info", "-f", "{{.DockerRootDir}}"],
+                          capture_output=True, text=True, timeout=30).stdout.strip()
+    images = Path(root) / "containers" / home / "den-checkpoints"
+    killed = _kill_writers(images / "den-pause")
     assert killed, "no checkpoint writer found to kill"
     srv.start(timeout_s=240)
     ws = srv.ws(wid)
     running = _engine_running(f"{srv.prefix}-{wid}")
     assert ws["state"] == ("running" if running else "stopped"), (ws, running)
     assert "pause was interrupted by a restart" in srv.events(wid)[-1]
-    home = subprocess.run(["docker", "inspect", "-f", "{{.Id}}", f"{srv.prefix}-{wid}"],
-                          capture_output=True, text=True, timeout=30).stdout.strip()
-    root = subprocess.run(["docker", "info", "-f", "{{.DockerRootDir}}"],
-                          capture_output=True, text=True, timeout=30).stdout.strip()
-    images = Path(root) / "containers" / home / "den-checkpoints"
     assert not (images / "den-pause").exists() or (images / "den-pause.complete").exists()
     srv.check_consistent(ids)
     assert srv.exec(wid, "cat /workspace/keep")["stdout"] == "v2\n"
 
 
-def _kill_writers(needle: str) -> list[int]:
-    """SIGKILL the host processes with an argument containing ``needle``."""
-    killed = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(needle.encode() in a for a in argv):
-            with contextlib.suppress(OSError):
-                os.kill(int(proc.name), 9)
-                killed.append(int(proc.name))
+def _kill_writers(image: Path) -> list[int]:
+    """SIGKILL the host processes writing the checkpoint ``image`` (those Den waits for)."""
+    killed = processes_naming(str(image))
+    for pid in killed:
+        with contextlib.suppress(OSError):
+            os.kill(pid, 9)
     return killed
 
 
