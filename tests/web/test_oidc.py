@@ -37,18 +37,27 @@ def oidc_login(page: Any, base: str, login: str, *, provider_session: bool = Fal
     page.wait_for_url(f"{base}/workspaces")
 
 
-def test_oidc_code_flow_through_den_in_chromium(
-    browser: Any, den: Callable[..., DenServer], oidc_provider: Callable[..., OidcProvider],
-) -> None:
+def _den_with_idp(den: Callable[..., DenServer],
+                  oidc_provider: Callable[..., OidcProvider], **env: str
+                  ) -> tuple[DenServer, str]:
+    """A real den serve signing in through a real OIDC provider (ACCOUNTS), with ``env`` on
+    top; started. Its base URL too."""
     srv = den(started_now=False)
     idp = oidc_provider(srv.port, ACCOUNTS)
     srv.env.update({
         "DEN_OIDC_ISSUER": idp.issuer, "DEN_OIDC_CLIENT_ID": idp.client_id,
         "DEN_OIDC_CLIENT_SECRET": idp.client_secret, "DEN_OIDC_DISPLAY_NAME": "Test IdP",
-        "DEN_OIDC_ADMIN_GROUPS": json.dumps(["den-admins"]),
+        **env,
     })
     srv.start()
-    base = f"http://127.0.0.1:{srv.port}"
+    return srv, f"http://127.0.0.1:{srv.port}"
+
+
+def test_oidc_code_flow_through_den_in_chromium(
+    browser: Any, den: Callable[..., DenServer], oidc_provider: Callable[..., OidcProvider],
+) -> None:
+    srv, base = _den_with_idp(den, oidc_provider,
+                              DEN_OIDC_ADMIN_GROUPS=json.dumps(["den-admins"]))
 
     ctx = browser.new_context()
     page = ctx.new_page()
@@ -101,15 +110,8 @@ def test_an_allowlist_gives_accounts_only_to_whom_it_names(
     browser: Any, den: Callable[..., DenServer], oidc_provider: Callable[..., OidcProvider],
 ) -> None:
     """Issue 11, finding 2: every identity the issuer vouched for got an account."""
-    srv = den(started_now=False)
-    idp = oidc_provider(srv.port, ACCOUNTS)
-    srv.env.update({
-        "DEN_OIDC_ISSUER": idp.issuer, "DEN_OIDC_CLIENT_ID": idp.client_id,
-        "DEN_OIDC_CLIENT_SECRET": idp.client_secret, "DEN_OIDC_DISPLAY_NAME": "Test IdP",
-        "DEN_OIDC_ALLOWED_EMAIL_DOMAINS": json.dumps(["corp.example"]),
-    })
-    srv.start()
-    base = f"http://127.0.0.1:{srv.port}"
+    srv, base = _den_with_idp(den, oidc_provider,
+                              DEN_OIDC_ALLOWED_EMAIL_DOMAINS=json.dumps(["corp.example"]))
     ctx = browser.new_context()
     page = ctx.new_page()
     try:  # dave's verified email is at elsewhere.example: no account
