@@ -28,7 +28,10 @@ from fastapi.testclient import TestClient
 from server.app import create_app
 from server.auth.tokens import ensure_user, issue_token
 from server.config import Settings
+from server.db.migrate import ensure_schema
+from server.db.session import make_engine, make_session_factory
 from server.runtime.fake import FakeRuntime
+from server.workspaces.service import WorkspaceService
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 RUN_PREFIX = f"dentest-{secrets.token_hex(3)}"
@@ -259,6 +262,30 @@ def users(app: Any) -> dict[str, str]:
 @pytest.fixture
 def fake_runtime() -> FakeRuntime:
     return FakeRuntime()
+
+
+@pytest.fixture
+def make_service(make_settings: Callable[..., Settings], fake_runtime: FakeRuntime
+                 ) -> Iterator[Callable[..., WorkspaceService]]:
+    """``make(**settings)``: a WorkspaceService on the fake runtime and a fresh SQLite database;
+    ``service_kw`` (``instance_id``, ``network``) go to the service."""
+    engines = []
+
+    def make(*, service_kw: dict[str, Any] | None = None, **overrides: Any
+             ) -> WorkspaceService:
+        settings = make_settings(**overrides)
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        url = settings.resolved_database_url()
+        engine = make_engine(url)
+        engines.append(engine)
+        ensure_schema(engine, url, auto_migrate=True)
+        return WorkspaceService(settings=settings, sessions=make_session_factory(engine),
+                                runtime=fake_runtime,
+                                **{"instance_id": "inst-test", **(service_kw or {})})
+
+    yield make
+    for engine in engines:
+        engine.dispose()
 
 
 @pytest.fixture

@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from server.auth.tokens import ensure_user
-from server.config import Settings
-from server.db.migrate import ensure_schema
-from server.db.session import make_engine, make_session_factory
 from server.runtime.base import EngineEvent, EngineEventKind
 from server.runtime.docker import engine_event
 from server.runtime.fake import FakeRuntime
@@ -70,16 +67,8 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-def svc(make_settings: Callable[..., Settings], fake_runtime: FakeRuntime
-        ) -> Iterator[WorkspaceService]:
-    settings = make_settings()
-    settings.data_dir.mkdir(parents=True)
-    url = settings.resolved_database_url()
-    engine = make_engine(url)
-    ensure_schema(engine, url, auto_migrate=True)
-    yield WorkspaceService(settings=settings, sessions=make_session_factory(engine),
-                           runtime=fake_runtime, instance_id="inst")
-    engine.dispose()
+def svc(make_service: Callable[..., WorkspaceService]) -> WorkspaceService:
+    return make_service(service_kw={"instance_id": "inst"})
 
 
 async def _running(svc: WorkspaceService, repo: Path) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -13,10 +13,7 @@ import pytest
 from sqlalchemy import update
 
 from server.auth.tokens import ensure_user
-from server.config import Settings
-from server.db.migrate import ensure_schema
 from server.db.models import Workspace
-from server.db.session import make_engine, make_session_factory
 from server.runtime.errors import ObjectMissing
 from server.runtime.fake import FakeRuntime
 from server.workspaces.reaper import Action, IdleView, Reaper, decide
@@ -61,16 +58,9 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-def service(make_settings: Callable[..., Settings], fake_runtime: FakeRuntime
-            ) -> Iterator[WorkspaceService]:
-    settings = make_settings(idle_timeout_s=60, stop_after_s=3600, idle_cpu_percent=10)
-    settings.data_dir.mkdir(parents=True)
-    url = settings.resolved_database_url()
-    engine = make_engine(url)
-    ensure_schema(engine, url, auto_migrate=True)
-    yield WorkspaceService(settings=settings, sessions=make_session_factory(engine),
-                           runtime=fake_runtime, instance_id="inst")
-    engine.dispose()
+def service(make_service: Callable[..., WorkspaceService]) -> WorkspaceService:
+    return make_service(idle_timeout_s=60, stop_after_s=3600, idle_cpu_percent=10,
+                        service_kw={"instance_id": "inst"})
 
 
 async def _running(svc: WorkspaceService, repo: Path, *, name: str = "api", **kw: Any) -> str:

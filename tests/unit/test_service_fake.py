@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,26 +30,6 @@ INSTANCE = "inst-test"
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture
-def make_service(make_settings: Callable[..., Settings], fake_runtime: FakeRuntime
-                 ) -> Iterator[Callable[..., WorkspaceService]]:
-    engines = []
-
-    def make(**overrides: Any) -> WorkspaceService:
-        settings = make_settings(**overrides)
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        url = settings.resolved_database_url()
-        engine = make_engine(url)
-        engines.append(engine)
-        ensure_schema(engine, url, auto_migrate=True)
-        return WorkspaceService(settings=settings, sessions=make_session_factory(engine),
-                                runtime=fake_runtime, instance_id=INSTANCE)
-
-    yield make
-    for engine in engines:
-        engine.dispose()
 
 
 @pytest.fixture
