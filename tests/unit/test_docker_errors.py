@@ -12,7 +12,8 @@ import requests
 import requests.exceptions
 
 from server.errors import DenError
-from server.runtime.docker import _stats_cpu_ns, _translate
+from server.runtime.base import ResourceUsage
+from server.runtime.docker import _stats_usage, _translate
 from server.runtime.errors import EngineError, EngineUnavailable, ObjectMissing
 
 
@@ -21,7 +22,7 @@ def _not_json() -> requests.exceptions.JSONDecodeError:
 
 
 class _Api:
-    """The two calls ``_stats_cpu_ns`` makes, answering as told."""
+    """The two calls ``_stats_usage`` makes, answering as told."""
 
     def __init__(self, stats: Any, *, exists: bool) -> None:
         self._stats = stats
@@ -49,19 +50,24 @@ def test_translate_leaves_no_foreign_exception(exc: Exception, expected: type) -
 
 
 def test_stats_of_a_deleted_container_is_no_reading() -> None:
-    assert _stats_cpu_ns(_Api(_not_json(), exists=False), "den-w") is None
-    assert _stats_cpu_ns(_Api(docker.errors.NotFound("gone"), exists=False), "den-w") is None
+    assert _stats_usage(_Api(_not_json(), exists=False), "den-w") is None
+    assert _stats_usage(_Api(docker.errors.NotFound("gone"), exists=False), "den-w") is None
 
 
 def test_stats_that_are_not_json_for_a_live_container_are_an_engine_error() -> None:
     with pytest.raises(DenError):
-        _stats_cpu_ns(_Api(_not_json(), exists=True), "den-w")
+        _stats_usage(_Api(_not_json(), exists=True), "den-w")
 
 
 def test_stats_reading() -> None:
-    stats = {"cpu_stats": {"cpu_usage": {"total_usage": 1234}}}
-    assert _stats_cpu_ns(_Api(stats, exists=True), "den-w") == 1234
-    assert _stats_cpu_ns(_Api({"cpu_stats": {}}, exists=True), "den-w") is None
+    stats: dict[str, Any] = {"cpu_stats": {"cpu_usage": {"total_usage": 1234}}}
+    assert _stats_usage(_Api(stats, exists=True), "den-w") == ResourceUsage(1234, None)
+    assert _stats_usage(_Api({"cpu_stats": {}}, exists=True), "den-w") is None
+    # Memory as `docker stats` shows it: usage less the inactive file cache (v1, then v2).
+    stats["memory_stats"] = {"usage": 5000, "stats": {"total_inactive_file": 1000}}
+    assert _stats_usage(_Api(stats, exists=True), "den-w") == ResourceUsage(1234, 4000)
+    stats["memory_stats"] = {"usage": 5000, "stats": {"inactive_file": 3000}}
+    assert _stats_usage(_Api(stats, exists=True), "den-w") == ResourceUsage(1234, 2000)
 
 
 def test_engine_errors_do_not_show_host_paths() -> None:
