@@ -1,5 +1,6 @@
 """What an operator sees on the real engine: a workspace's CPU and memory, the metrics of a
-pause (its checkpoint on disk included), and shedding when the exec queue is full while files calls still pass."""
+pause (its checkpoint on disk included), and shedding when the exec queue is full while files
+calls still pass."""
 
 from __future__ import annotations
 
