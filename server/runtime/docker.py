@@ -1393,7 +1393,9 @@ def _stats_memory(memory: Any) -> int | None:
     cache (cgroup v1 calls it total_inactive_file, v2 inactive_file)."""
     if not isinstance(memory, dict) or not isinstance(memory.get("usage"), int):
         return None
-    stats = memory.get("stats") if isinstance(memory.get("stats"), dict) else {}
+    stats = memory.get("stats")
+    if not isinstance(stats, dict):
+        stats = {}
     inactive = stats.get("total_inactive_file", stats.get("inactive_file", 0))
     inactive = inactive if isinstance(inactive, int) else 0
     return max(0, int(memory["usage"]) - inactive)
