@@ -3,11 +3,10 @@ signed share links (docs/preview.md)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Annotated
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 
 from server.api.deps import CurrentUser, Workspaces
 from server.api.schemas import (
@@ -15,6 +14,8 @@ from server.api.schemas import (
     PortOut,
     PortShareIn,
     ShareLinkIn,
+    ShareLinkInfo,
+    ShareLinkList,
     ShareLinkOut,
     errors,
 )
@@ -77,8 +78,25 @@ def make_share_link(ref: str, port: str, body: ShareLinkIn, request: Request,
                     user: CurrentUser, svc: Workspaces, previews: Previews) -> ShareLinkOut:
     ws = svc.get_for(user, ref)
     number = _port(port)
-    token, expires_at = previews.share_link(ws, number, body.ttl_s, actor=user.name)
+    token, link = previews.share_link(ws, number, body.ttl_s, actor=user.name)
     url, path_url = _urls(request, previews, ws, number)
     query = "?" + urlencode({SHARE_PARAM: token})
-    return ShareLinkOut(url=url + query if url else None, path_url=path_url + query,
-                        expires_at=datetime.fromtimestamp(expires_at, UTC))
+    return ShareLinkOut(id=link.id, url=url + query if url else None,
+                        path_url=path_url + query, expires_at=link.expires_at)
+
+
+@router.get("/{ref}/ports/{port}/links", response_model=ShareLinkList, responses=errors(404))
+def list_share_links(ref: str, port: str, user: CurrentUser, svc: Workspaces,
+                     previews: Previews) -> ShareLinkList:
+    ws = svc.get_for(user, ref)
+    return ShareLinkList(links=[
+        ShareLinkInfo(id=r.id, port=r.port, created_by=r.created_by, created_at=r.created_at,
+                      expires_at=r.expires_at) for r in previews.links(ws, _port(port))])
+
+
+@router.delete("/{ref}/ports/{port}/links/{link_id}", status_code=204, responses=errors(404))
+def revoke_share_link(ref: str, port: str, link_id: str, user: CurrentUser, svc: Workspaces,
+                      previews: Previews) -> Response:
+    ws = svc.get_for(user, ref)
+    previews.revoke_link(ws, _port(port), link_id, actor=user.name)
+    return Response(status_code=204)

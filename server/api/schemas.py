@@ -536,6 +536,21 @@ class ShareLinkIn(_Strict):
 
 
 class ShareLinkOut(BaseModel):
+    id: str = Field(description="The link's id, to revoke it before it expires")
     url: str | None
     path_url: str
     expires_at: datetime
+
+
+class ShareLinkInfo(BaseModel):
+    """A live share link (the link itself is shown only when it is made)."""
+
+    id: str
+    port: int
+    created_by: str
+    created_at: datetime
+    expires_at: datetime
+
+
+class ShareLinkList(BaseModel):
+    links: list[ShareLinkInfo]

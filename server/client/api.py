@@ -712,6 +712,17 @@ class Workspace:
         return dict(self.den.request_json("POST", f"{self._path}/ports/{int(port)}/links",
                                           json_body={"ttl_s": ttl_s}))
 
+    def share_links(self, port: int) -> list[JSON]:
+        """The live share links of ``port``: ``{"id", "port", "created_by", "created_at",
+        "expires_at"}`` (the links themselves are shown only when made)."""
+        return list(self.den.request_json("GET", f"{self._path}/ports/{int(port)}/links")
+                    ["links"])
+
+    def revoke_share_link(self, port: int, link_id: str) -> None:
+        """End a share link before it expires; it is then refused like a tampered one."""
+        self.den.request("DELETE", f"{self._path}/ports/{int(port)}/links/"
+                                   f"{quote(link_id, safe='')}")
+
     @property
     def processes(self) -> Processes:
         """Background processes: ``start``, ``list``, ``logs``, ``kill``."""

@@ -319,7 +319,19 @@ def _share(args: argparse.Namespace, ctx: _Context) -> int:
         if args.link is not None:
             link = ws.share_link(args.port, ttl_s=args.link)
             print(link["url"] or link["path_url"])
-            print(f"valid until {_utc(str(link['expires_at']))}", file=sys.stderr)
+            print(f"link {link['id']}, valid until {_utc(str(link['expires_at']))}; "
+                  f"den share {args.name} {args.port} --revoke {link['id']} ends it",
+                  file=sys.stderr)
+            return 0
+        if args.links:
+            links = ws.share_links(args.port)
+            rows = [[str(x["id"]), str(x["created_by"]), _utc(str(x["created_at"])),
+                     _utc(str(x["expires_at"]))] for x in links]
+            print(_table(["LINK", "MADE BY", "MADE", "EXPIRES"], rows))
+            return 0
+        if args.revoke is not None:
+            ws.revoke_share_link(args.port, args.revoke)
+            print(f"{ws.name} port {args.port}: share link {args.revoke} revoked")
             return 0
         port = ws.share_port(args.port, args.share or "private")
     print(f"{ws.name} port {port['port']}: {port['share']}  {port['url'] or port['path_url']}")
@@ -684,6 +696,10 @@ def add_client_commands(
                        help="only you (the default)")
     level.add_argument("--link", type=int, metavar="SECONDS",
                        help="print a signed link that works without signing in for SECONDS")
+    level.add_argument("--links", action="store_true",
+                       help="list the port's live share links")
+    level.add_argument("--revoke", metavar="LINK",
+                       help="end a share link (its id, from --links) before it expires")
 
     p = verb("logs", _logs, "print a background process's output (what the workspace kept)")
     p.add_argument("name", metavar="NAME")

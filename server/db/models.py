@@ -268,3 +268,20 @@ class PreviewPort(Base):
     share: Mapped[str] = mapped_column(String(16))  # "private" | "users" | "public"
     updated_by: Mapped[str] = mapped_column(String(64), default="")
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class PreviewLink(Base):
+    """A signed share link of a workspace port (docs/preview.md): the token names this row,
+    and a link works only while its row exists, so deleting the row revokes it. Rows of
+    expired links are removed when the workspace's links are listed or made."""
+
+    __tablename__ = "preview_links"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    workspace_id: Mapped[str] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), index=True
+    )
+    port: Mapped[int] = mapped_column(Integer)
+    created_by: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()

@@ -290,15 +290,15 @@ class PreviewMiddleware:
             return
         try:
             async with previews.slot(ws.id):
-                stream = await previews.connect(ws, target.port, actor=actor)
-                await self._relay(scope, receive, send, state, target, stream)
+                await self._relay(scope, receive, send, state, target, ws, actor)
         except DenError as exc:
             if exc.status_code >= 500:
                 log.info("preview of %s port %d: %s", ws.id, target.port, exc.message)
             await self._deny(scope, send, exc.status_code, exc.code, exc.message)
 
     async def _relay(self, scope: Scope, receive: Receive, send: Send, state: Any,
-                     target: _Target, stream: Any) -> None:
+                     target: _Target, ws: Workspace, actor: str) -> None:
+        previews: PreviewService = state.previews
         given = [(k, v) for k, v in scope["headers"]]
         host = _header(scope, b"host")
         if not host:  # an HTTP/1.0 request may lack one; the app gets Den's own address
@@ -312,17 +312,27 @@ class PreviewMiddleware:
         qs = scope.get("query_string", b"")
         raw = (target.raw_target or b"/") + (b"?" + qs if qs else b"")
         if scope["type"] == "websocket":
+            stream = await previews.connect(ws, target.port, actor=actor)
             up = proxy.Upstream(stream, idle_timeout_s=None)
             await proxy.websocket(scope, receive, send, up, target=raw.decode("latin-1"),
                                   host=host, head=head, port=target.port)
             return
-        up = proxy.Upstream(stream, idle_timeout_s=state.settings.preview_idle_timeout_s)
         names = {k.lower() for k, _ in scope["headers"]}
         chunked = b"transfer-encoding" in names and b"content-length" not in names
+        body = proxy.has_body(scope["headers"])
         origin = state.settings.public_url.rstrip("/")
 
         def rewrite(h: headers.Headers) -> headers.Headers:
             return headers.response_headers(h, prefix=target.prefix, origin=origin)
 
-        await proxy.http(scope, receive, send, up, target=raw, head=head, chunked=chunked,
-                         rewrite=rewrite, port=target.port)
+        for fresh in (False, True):  # a reused connection found closed: once more, anew
+            up = await previews.upstream(ws, target.port, actor=actor, fresh=fresh)
+            try:
+                kept = await proxy.http(scope, receive, send, up, target=raw, head=head,
+                                        body=body, chunked=chunked, rewrite=rewrite,
+                                        port=target.port)
+            except proxy.StaleUpstream:
+                continue
+            if kept:
+                previews.pool.give(ws.id, target.port, up)
+            return

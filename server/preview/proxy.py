@@ -8,9 +8,9 @@ bytes: text and binary messages, close codes and the negotiated subprotocol pass
 pings are answered on each side; extensions (permessage-deflate) are not negotiated with the
 app. Nothing is buffered whole: request and response bodies move in the chunks they arrive
 in, each ``send`` waits for the browser's socket (ASGI flow control) and each ``write`` for
-the agent's window, so a slow reader slows the other side instead of growing memory. One
-upstream connection per request (``Connection: close``); keep-alive is between the browser
-and Den.
+the agent's window, so a slow reader slows the other side instead of growing memory.
+Connections to the app are HTTP/1.1 keep-alive: one that ends a response cleanly idle goes
+back to :mod:`server.preview.pool` for the next request to the same port.
 """
 
 from __future__ import annotations
@@ -49,22 +49,36 @@ class UpstreamTimeout(Exception):
 
 
 class Upstream:
-    """Reads of an :class:`ExecStream` connection with an idle timeout (None: none)."""
+    """Reads of an :class:`ExecStream` connection with an idle timeout (None: none). It may
+    be parked between requests (:class:`~server.preview.pool.UpstreamPool`): a read then
+    waits on it, so that the app closing it or sending anything unasked is seen at once."""
 
     def __init__(self, stream: ExecStream, *, idle_timeout_s: float | None) -> None:
         self.stream = stream
         self._chunks: AsyncIterator[StreamChunk] = aiter(stream.output())
         self._idle = idle_timeout_s
         self.errors = bytearray()  # stderr of an exec relay: why it failed, bounded
+        self.reused = False  # it served a request before this one
+        self._next: asyncio.Task[StreamChunk] | None = None  # the read waiting while parked
+        self._expiry: asyncio.TimerHandle | None = None
+
+    async def _pull(self) -> StreamChunk:
+        return await anext(self._chunks)
+
+    async def _chunk(self) -> StreamChunk:
+        if self._next is None:
+            return await self._pull()
+        task, self._next = self._next, None
+        return await task
 
     async def read(self) -> bytes:
         """The next bytes from the app; b"" once it closed its side."""
         while True:
             try:
                 if self._idle is None:
-                    chunk = await anext(self._chunks)
+                    chunk = await self._chunk()
                 else:
-                    chunk = await asyncio.wait_for(anext(self._chunks), self._idle)
+                    chunk = await asyncio.wait_for(self._chunk(), self._idle)
             except StopAsyncIteration:
                 return b""
             except TimeoutError:
@@ -78,7 +92,30 @@ class Upstream:
         if data:
             await self.stream.write(data)
 
+    def park(self, *, on_activity: Callable[[Upstream], None], idle_s: float) -> None:
+        """Wait idle: ``on_activity(self)`` when the app says anything (or closes), or after
+        ``idle_s``."""
+        self._next = asyncio.ensure_future(self._pull())
+        self._next.add_done_callback(lambda _: on_activity(self))
+        self._expiry = asyncio.get_running_loop().call_later(idle_s, on_activity, self)
+
+    def unpark(self) -> bool:
+        """Back in use; False when it may not be (the app spoke or closed while parked)."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        if self._next is None or self._next.done():
+            return False
+        self.reused = True
+        return True
+
     async def close(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        if self._next is not None:
+            self._next.cancel()
+            with contextlib.suppress(BaseException):
+                await self._next
         with contextlib.suppress(Exception):
             await self.stream.kill()
 
@@ -111,10 +148,9 @@ async def error_response(send: Send, scope: Scope, status: int, code: str, messa
 
 
 async def _request_body(receive: Receive, conn: h11.Connection, up: Upstream,
-                        done: asyncio.Event) -> None:
-    """The browser's body to the app as it arrives; then wait for the browser to go away
-    (``done``: it did, and the response should end)."""
-    sending = True
+                        done: asyncio.Event, *, sending: bool) -> None:
+    """The browser's body to the app as it arrives (``sending``: there is one); then wait
+    for the browser to go away (``done``: it did, and the response should end)."""
     while True:
         msg = await receive()
         if msg["type"] == "http.disconnect":
@@ -131,25 +167,46 @@ async def _request_body(receive: Receive, conn: h11.Connection, up: Upstream,
             sending = False
 
 
+class StaleUpstream(Exception):
+    """A reused connection turned out closed before the app answered anything, for a request
+    without a body: it may go again on a fresh connection."""
+
+
+def has_body(headers: Headers) -> bool:
+    for name, value in headers:
+        low = name.lower()
+        if low == b"transfer-encoding" or (low == b"content-length" and value.strip() != b"0"):
+            return True
+    return False
+
+
 async def http(scope: Scope, receive: Receive, send: Send, up: Upstream, *, target: bytes,
-               head: Headers, chunked: bool,
-               rewrite: Callable[[Headers], Headers], port: int) -> None:
-    """Relay one HTTP request to the app and its response back, streaming both bodies."""
+               head: Headers, body: bool, chunked: bool,
+               rewrite: Callable[[Headers], Headers], port: int) -> bool:
+    """Relay one HTTP request to the app and its response back, streaming both bodies.
+    True when ``up`` is left idle and reusable (both sides done, nothing left over); else
+    it has been closed. StaleUpstream (``up`` closed, nothing sent to the browser) when a
+    reused connection was found closed and the request may be sent again."""
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
-    head = [*head, (b"connection", b"close")]
     if chunked:
-        head.append((b"transfer-encoding", b"chunked"))
+        head = [*head, (b"transfer-encoding", b"chunked")]
     gone = asyncio.Event()
     started = False
+    answered = False  # any byte from the app
+    keep = False
     pump: asyncio.Task[None] | None = None
     try:
-        await up.write(conn.send(h11.Request(method=scope["method"], target=target,
-                                             headers=head)) or b"")
-        pump = asyncio.create_task(_request_body(receive, conn, up, gone))
+        data = conn.send(h11.Request(method=scope["method"], target=target, headers=head)) or b""
+        if not body:  # the whole request in one write; the pump only watches the browser
+            data += conn.send(h11.EndOfMessage()) or b""
+        await up.write(data)
+        pump = asyncio.create_task(_request_body(receive, conn, up, gone, sending=body))
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                conn.receive_data(await up.read())
+                data = await up.read()
+                answered = answered or bool(data)
+                conn.receive_data(data)
                 continue
             if isinstance(event, h11.InformationalResponse):
                 continue  # 100 Continue: the browser's server already answered its own
@@ -161,13 +218,19 @@ async def http(scope: Scope, receive: Receive, send: Send, up: Upstream, *, targ
                 await send({"type": "http.response.body", "body": bytes(event.data),
                             "more_body": True})
             elif isinstance(event, h11.EndOfMessage):
+                reusable = (conn.our_state is h11.DONE and conn.their_state is h11.DONE
+                            and conn.trailing_data == (b"", False) and not gone.is_set())
                 await send({"type": "http.response.body", "body": b""})
-                return
+                keep = reusable
+                return keep
             elif isinstance(event, h11.ConnectionClosed):
                 raise h11.RemoteProtocolError("the app closed the connection", 502)
     except (h11.RemoteProtocolError, h11.LocalProtocolError, UpstreamTimeout, DenError) as exc:
+        keep = False
         if gone.is_set():
-            return
+            return False
+        if up.reused and not answered and not body and not isinstance(exc, UpstreamTimeout):
+            raise StaleUpstream() from exc
         if started:  # too late for a status: end the response short, the browser sees it
             log.info("preview: port %d: response cut short: %s", port,
                      exc.__class__.__name__)
@@ -179,12 +242,14 @@ async def http(scope: Scope, receive: Receive, send: Send, up: Upstream, *, targ
             why = up.errors.decode(errors="replace").strip() or str(exc)
             await error_response(send, scope, 502, "bad_gateway",
                                  f"the app on port {port} did not answer with HTTP: {why}")
+        return False
     finally:
         if pump is not None:
             pump.cancel()
             with contextlib.suppress(BaseException):
                 await pump
-        await up.close()
+        if not keep:
+            await up.close()
 
 
 class CutShort(Exception):

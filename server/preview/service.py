@@ -11,19 +11,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 
-from server.db.models import PreviewPort, User, Workspace
-from server.errors import DenError, Forbidden, NotFound, ValidationFailed
+from server.db.models import PreviewLink, PreviewPort, User, Workspace
+from server.errors import Conflict, DenError, Forbidden, NotFound, ValidationFailed
 from server.preview import tokens, urls
+from server.preview.pool import UpstreamPool
+from server.preview.proxy import Upstream
 from server.runtime.base import ExecRequest, ExecStream
 from server.runtime.errors import AgentTimeout, AgentUnavailable, EngineConflict
 from server.ssh import target
@@ -35,6 +39,7 @@ log = logging.getLogger(__name__)
 PROC_NET_TCP = ["cat", "/proc/net/tcp", "/proc/net/tcp6"]
 PORTS_OUTPUT_BYTES = 1 << 20
 LONG_CONNECTION_S = 5.0  # the workspace service's activity debounce
+MAX_LINKS = 100  # live share links per workspace
 
 
 class Share(StrEnum):
@@ -83,6 +88,8 @@ class PreviewService:
         self.key = key
         self._open: Counter[str] = Counter()
         self._waking: dict[str, asyncio.Task[None]] = {}
+        self.pool = UpstreamPool()
+        self._touched: dict[str, float] = {}  # workspace id -> when a reuse last marked it
 
     # --- finding the workspace -----------------------------------------------------------
 
@@ -180,26 +187,78 @@ class PreviewService:
 
     # --- share links ------------------------------------------------------------------------
 
-    def share_link(self, ws: Workspace, port: int, ttl_s: int, *, actor: str) -> tuple[str, int]:
-        """A signed token that opens ``port`` of ``ws`` for ``ttl_s`` seconds, and its expiry
-        (unix seconds). Recorded in the event log."""
+    def share_link(self, ws: Workspace, port: int, ttl_s: int, *, actor: str
+                   ) -> tuple[str, PreviewLink]:
+        """A signed token that opens ``port`` of ``ws`` for ``ttl_s`` seconds, and its row
+        (id, expiry): the link works while the row exists. Recorded in the event log."""
         if urls.valid_port(str(port)) is None:
             raise NotFound(f"no port {port}: ports are 1-65535")
         if not 60 <= ttl_s <= self.settings.preview_max_link_ttl_s:
             raise ValidationFailed(
                 f"ttl_s must be between 60 and {self.settings.preview_max_link_ttl_s}")
         expires_at = int(time.time()) + ttl_s
-        token = tokens.share_link(self.key, workspace_id=ws.id, port=port,
+        row = PreviewLink(id="lk" + secrets.token_hex(8), workspace_id=ws.id, port=port,
+                          created_by=actor[:64], created_at=datetime.now(UTC),
+                          expires_at=datetime.fromtimestamp(expires_at, UTC))
+        with self.workspaces.sessions.begin() as s:
+            self._prune(s, ws.id)
+            live = s.scalar(select(func.count()).select_from(PreviewLink)
+                            .where(PreviewLink.workspace_id == ws.id)) or 0
+            if live >= MAX_LINKS:
+                raise Conflict(f"workspace {ws.name} has {MAX_LINKS} live share links; "
+                               "revoke some first (den share NAME PORT --links)",
+                               code="too_many_links")
+            s.add(row)
+            s.flush()
+            s.expunge(row)
+        token = tokens.share_link(self.key, workspace_id=ws.id, port=port, link_id=row.id,
                                   expires_at=expires_at)
-        self.workspaces.note(ws.id, "share",
-                             f"port {port}: share link made, valid for {ttl_s} s", actor=actor)
-        return token, expires_at
+        self.workspaces.note(ws.id, "share", f"port {port}: share link {row.id} made, "
+                                             f"valid for {ttl_s} s", actor=actor)
+        return token, row
+
+    @staticmethod
+    def _prune(s: Any, workspace_id: str) -> None:
+        s.execute(delete(PreviewLink).where(PreviewLink.workspace_id == workspace_id,
+                                            PreviewLink.expires_at <= datetime.now(UTC)))
+
+    def links(self, ws: Workspace, port: int) -> list[PreviewLink]:
+        """The live share links of ``port``, oldest first."""
+        with self.workspaces.sessions.begin() as s:
+            self._prune(s, ws.id)
+            rows = list(s.scalars(select(PreviewLink).where(
+                PreviewLink.workspace_id == ws.id, PreviewLink.port == port)
+                .order_by(PreviewLink.created_at, PreviewLink.id)))
+            s.expunge_all()
+            return rows
+
+    def revoke_link(self, ws: Workspace, port: int, link_id: str, *, actor: str) -> None:
+        """End a share link before it expires: from now on it is refused as a tampered one
+        is (and so is the cookie it left in a browser)."""
+        with self.workspaces.sessions.begin() as s:
+            res = s.execute(delete(PreviewLink).where(
+                PreviewLink.id == link_id, PreviewLink.workspace_id == ws.id,
+                PreviewLink.port == port))
+            gone = res.rowcount  # type: ignore[attr-defined]
+        if not gone:
+            raise NotFound(f"no live share link {link_id!r} for port {port} of {ws.name}")
+        self.workspaces.note(ws.id, "share", f"port {port}: share link {link_id} revoked",
+                             actor=actor)
+        log.info("workspace %s: port %d: share link %s revoked by %s", ws.id, port, link_id,
+                 actor)
 
     def link_allows(self, token: str | None, ws: Workspace, port: int) -> bool:
+        """Whether ``token`` is a valid, unexpired, unrevoked share link for ``port``."""
         if not token:
             return False
         payload = tokens.verify(self.key, tokens.SHARE, token, now=time.time())
-        return tokens.share_allows(payload, workspace_id=ws.id, port=port)
+        link_id = tokens.share_link_id(payload, workspace_id=ws.id, port=port)
+        if link_id is None:
+            return False
+        with self.workspaces.sessions() as s:
+            row = s.get(PreviewLink, link_id)
+            return (row is not None and row.workspace_id == ws.id and row.port == port
+                    and row.expires_at > datetime.now(UTC))
 
     def wake_in_background(self, ws: Workspace, *, actor: str) -> None:
         """Start a stopped workspace without waiting (a browser gets a page that reloads
@@ -259,3 +318,19 @@ class PreviewService:
             raise PortClosed(f"nothing answers on port {port} in workspace {ws.name}: "
                              f"{exc.message}") from exc
         return stream
+
+    async def upstream(self, ws: Workspace, port: int, *, actor: str, fresh: bool = False
+                       ) -> Upstream:
+        """A connection to ``port`` for one HTTP request: an idle one from the pool (the
+        workspace is running, or it would be gone), else a new one (:meth:`connect`)."""
+        up = None if fresh else self.pool.take(ws.id, port)
+        if up is None:
+            stream = await self.connect(ws, port, actor=actor)
+            return Upstream(stream, idle_timeout_s=self.settings.preview_idle_timeout_s)
+        now = time.monotonic()  # activity, as connect marks it, without a write per request
+        if now - self._touched.get(ws.id, -LONG_CONNECTION_S) >= LONG_CONNECTION_S:
+            if len(self._touched) >= 4096:
+                self._touched.clear()
+            self._touched[ws.id] = now
+            self.workspaces.touch(ws.id)
+        return up

@@ -19,7 +19,7 @@ from typing import Any
 MAX_TOKEN = 1024
 _SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")  # unpadded base64url, one dot
 
-SHARE = "share"  # {"w": workspace id, "p": port, "e": expiry}
+SHARE = "share"  # {"w": workspace id, "p": port, "i": link id (its row), "e": expiry}
 GRANT = "grant"  # {"h": preview host, "s": web session hash, "e": expiry} (a minute)
 COOKIE = "cookie"  # {"h": host or path prefix, "s": session hash | "w"+"p" of a link, "e"}
 
@@ -66,9 +66,17 @@ def verify(key: bytes, purpose: str, token: str, *, now: float) -> dict[str, Any
     return payload
 
 
-def share_link(key: bytes, *, workspace_id: str, port: int, expires_at: int) -> str:
-    return sign(key, SHARE, {"w": workspace_id, "p": port}, expires_at=expires_at)
+def share_link(key: bytes, *, workspace_id: str, port: int, link_id: str,
+               expires_at: int) -> str:
+    return sign(key, SHARE, {"w": workspace_id, "p": port, "i": link_id},
+                expires_at=expires_at)
 
 
-def share_allows(payload: dict[str, Any] | None, *, workspace_id: str, port: int) -> bool:
-    return payload is not None and payload.get("w") == workspace_id and payload.get("p") == port
+def share_link_id(payload: dict[str, Any] | None, *, workspace_id: str, port: int
+                  ) -> str | None:
+    """The link id of a verified share-link payload for this workspace and port; None when
+    it is for another, or names no link (made before links could be revoked)."""
+    if payload is None or payload.get("w") != workspace_id or payload.get("p") != port:
+        return None
+    link_id = payload.get("i")
+    return link_id if isinstance(link_id, str) and link_id else None

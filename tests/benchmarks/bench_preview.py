@@ -3,13 +3,16 @@
     .venv/bin/python -m tests.benchmarks.bench_preview [--quick] [--json out.json]
 
 Starts a real ``den serve`` (temporary data dir, engine prefix ``denbench-preview-<random>``)
-and one workspace running ``python3 -m http.server 8000`` (a page and a 100 MB file) and the
+and one workspace running ``python3 -m http.server 8000 --protocol HTTP/1.1`` (a page and a
+100 MB file; HTTP/1.1 so that it offers keep-alive, as dev servers do) and the
 tests' tiny WebSocket echo app (tests/preview_app.py) on port 9000. Then, through the path
 form (``/preview/<id>/<port>/``, a bearer token, one keep-alive connection from this
 process) and directly (a Python client run inside the workspace against 127.0.0.1):
 
 1. request latency: GET of the page, p50 and p90 of N requests (and, for context, an
-   authenticated ``GET /api/v1/workspaces/{id}`` on the same server);
+   authenticated ``GET /api/v1/workspaces/{id}`` on the same server); directly both with a
+   new connection per request and on one keep-alive connection (the fairer of the two: the
+   benchmark's client keeps its connection to Den, and Den its connections to the app);
 2. throughput: GET of the 100 MB file, read and discarded, best of 3;
 3. WebSocket echo round trip: 16-byte text messages on one connection, p50 and p90.
 
@@ -48,6 +51,15 @@ for _ in range(n):
     t = time.perf_counter()
     urllib.request.urlopen("http://127.0.0.1:8000/index.html").read()
     lat.append(time.perf_counter() - t)
+import http.client
+conn = http.client.HTTPConnection("127.0.0.1", 8000)
+lat_ka = []  # one keep-alive connection, as a browser (and Den, to the app) holds one
+for _ in range(n):
+    t = time.perf_counter()
+    conn.request("GET", "/index.html")
+    conn.getresponse().read()
+    lat_ka.append(time.perf_counter() - t)
+conn.close()
 rates = []
 for _ in range(3):
     t = time.perf_counter()
@@ -79,7 +91,7 @@ for _ in range(rounds):
     head = recv_exact(2)
     recv_exact(head[1] & 0x7F)
     rtt.append(time.perf_counter() - t)
-print(json.dumps({"lat": lat, "rates": rates, "rtt": rtt}))
+print(json.dumps({"lat": lat, "lat_ka": lat_ka, "rates": rates, "rtt": rtt}))
 '''
 
 
@@ -116,7 +128,8 @@ def main() -> int:
         with Den(f"http://127.0.0.1:{srv.port}", srv.token) as den:
             ws = den.create(str(repos / "site.git"), name="site").wait_for("running")
             ws.exec(f"head -c {BIG_MB}000000 /dev/urandom > big.bin").check()
-            ws.processes.start("exec python3 -m http.server 8000 --bind 127.0.0.1")
+            ws.processes.start("exec python3 -m http.server 8000 --bind 127.0.0.1 "
+                               "--protocol HTTP/1.1")
             ws.processes.start("exec python3 app.py 9000")
             deadline = time.monotonic() + 60
             while {8000, 9000} - {p["port"] for p in ws.ports() if p["listening"]}:
@@ -162,6 +175,7 @@ def main() -> int:
                                "preview_p90": pct(lat, 0.9) * 1e3,
                                "direct_p50": pct(direct["lat"], 0.5) * 1e3,
                                "direct_p90": pct(direct["lat"], 0.9) * 1e3,
+                               "direct_keepalive_p50": pct(direct["lat_ka"], 0.5) * 1e3,
                                "api_get_p50": pct(api, 0.5) * 1e3},
                 "download_MBps": {"preview_best": max(rates), "direct_best": max(direct["rates"]),
                                   "preview_median": statistics.median(rates),
@@ -174,6 +188,7 @@ def main() -> int:
             lm, dm, wm = results["latency_ms"], results["download_MBps"], results["ws_rtt_ms"]
             results["ratios"] = {
                 "latency_p50": lm["preview_p50"] / lm["direct_p50"],
+                "latency_p50_keepalive": lm["preview_p50"] / lm["direct_keepalive_p50"],
                 "download_best": dm["preview_best"] / dm["direct_best"],
                 "ws_rtt_p50": wm["preview_p50"] / wm["direct_p50"],
             }

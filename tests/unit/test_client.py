@@ -1309,14 +1309,32 @@ def test_cli_share(cli: Callable[..., int], fake: FakeServer,
         assert cli("share", "api", "8000", flag) == 0
         assert json.loads(fake.last("PUT", "/ports/8000").content) == {"share": level}
     fake.overrides[("POST", f"{PORTS}/8000/links")] = httpx.Response(201, json={
-        "url": None, "path_url": "https://den.test/preview/ws1/8000/?den_share=t.m",
+        "id": "lk1", "url": None,
+        "path_url": "https://den.test/preview/ws1/8000/?den_share=t.m",
         "expires_at": "2026-12-06T22:00:00Z"})
     capsys.readouterr()
     assert cli("share", "api", "8000", "--link", "600") == 0
     assert json.loads(fake.last("POST", "/ports/8000/links").content) == {"ttl_s": 600}
     out = capsys.readouterr()
     assert out.out == "https://den.test/preview/ws1/8000/?den_share=t.m\n"
-    assert out.err == "valid until 2026-12-06 22:00:00 UTC\n"
+    assert out.err == ("link lk1, valid until 2026-12-06 22:00:00 UTC; "
+                       "den share api 8000 --revoke lk1 ends it\n")
+    fake.overrides[("GET", f"{PORTS}/8000/links")] = httpx.Response(200, json={"links": [
+        {"id": "lk1", "port": 8000, "created_by": "alice",
+         "created_at": "2026-12-06T21:00:00Z", "expires_at": "2026-12-06T22:00:00Z"}]})
+    assert cli("share", "api", "8000", "--links") == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "LINK  MADE BY  MADE                     EXPIRES",
+        "lk1   alice    2026-12-06 21:00:00 UTC  2026-12-06 22:00:00 UTC",
+    ]
+    fake.overrides[("DELETE", f"{PORTS}/8000/links/lk1")] = httpx.Response(204)
+    assert cli("share", "api", "8000", "--revoke", "lk1") == 0
+    assert fake.last("DELETE", "/ports/8000/links/lk1") is not None
+    assert capsys.readouterr().out == "api port 8000: share link lk1 revoked\n"
+    fake.overrides[("DELETE", f"{PORTS}/8000/links/lk2")] = httpx.Response(404, json={
+        "error": {"code": "not_found", "message": "no live share link 'lk2'"}})
+    assert cli("share", "api", "8000", "--revoke", "lk2") == 1
+    assert capsys.readouterr().err == "den: no live share link 'lk2'\n"
     fake.overrides[("PUT", f"{PORTS}/8000")] = httpx.Response(403, json={"error": {
         "code": "public_sharing_off", "message": "public sharing is turned off"}})
     assert cli("share", "api", "8000", "--public") == 1

@@ -73,6 +73,9 @@ class _App(BaseHTTPRequestHandler):
             type(self).entered.set()
             type(self).release.wait(30)
             self._send(200, b"released")
+        elif self.path == "/then-close":  # keep-alive offered, then closed anyway
+            self._send(200, b"bye")
+            self.close_connection = True
         elif self.path == "/close-delimited":
             self.send_response(200)
             self.send_header("Connection", "close")
@@ -394,7 +397,7 @@ def test_a_stopped_workspace_shows_a_browser_a_waking_page_then_the_app(
 def test_share_links(api: ApiClient) -> None:
     r = api.post("/api/v1/workspaces/api/ports/8000/links", json={"ttl_s": 600})
     assert r.status_code == 201, r.text
-    link = r.json()["path_url"]
+    link, link_id = r.json()["path_url"], r.json()["id"]
     path = link.removeprefix("http://testserver")
     r = api.client.get(path, follow_redirects=False)
     assert r.status_code == 303 and r.headers["location"] == f"/preview/{wsid(api)}/8000/"
@@ -404,14 +407,16 @@ def test_share_links(api: ApiClient) -> None:
     assert api.client.get(f"/preview/{wsid(api)}/8001/").status_code == 401  # not that port
     api.client.cookies.clear()
     key = api.client.app.state.previews.key  # type: ignore[attr-defined]
-    expired = tokens.share_link(key, workspace_id=wsid(api), port=8000,
+    expired = tokens.share_link(key, workspace_id=wsid(api), port=8000, link_id=link_id,
                                 expires_at=int(time.time()) - 1)
     token = path.split("den_share=")[1]
     tampered = token[:-3] + ("AAA" if token[-3:] != "AAA" else "BBB")
-    other = tokens.share_link(key, workspace_id=wsid(api), port=8001,
+    other = tokens.share_link(key, workspace_id=wsid(api), port=8001, link_id=link_id,
                               expires_at=int(time.time()) + 60)
+    unknown = tokens.share_link(key, workspace_id=wsid(api), port=8000, link_id="lk0",
+                                expires_at=int(time.time()) + 60)
     for ref, bad in ((wsid(api), expired), (wsid(api), tampered), ("wsffffffffffff", token),
-                     ("wsffffffffffff", tampered), (wsid(api), other)):
+                     ("wsffffffffffff", tampered), (wsid(api), other), (wsid(api), unknown)):
         r = api.client.get(f"/preview/{ref}/8000/?den_share={bad}")
         assert_error(r, 403, "forbidden")
         assert "invalid or has expired" in r.json()["error"]["message"]
@@ -555,3 +560,72 @@ def test_the_workspace_page_opens_vs_code_through_the_ssh_config_host(
     login(api.client, api.tokens["alice"])
     page = api.client.get("/workspaces/api")
     assert 'href="vscode://vscode-remote/ssh-remote+den-api/workspace/api"' in page.text
+
+
+def test_connections_to_the_app_are_reused_across_requests_and_users(
+        api: ApiClient) -> None:
+    runtime = api.client.app.state.workspaces.runtime  # type: ignore[attr-defined]
+
+    def connects() -> int:
+        return runtime.calls.count("connect")  # type: ignore[no-any-return]
+
+    before = connects()
+    seen = []
+    for i in range(5):
+        r = api.client.get(f"/preview/api/8000/headers?n={i}", headers=api.h())
+        assert r.status_code == 200, r.text
+        seen.append(dict((k, v) for k, v in r.json()["headers"]))
+    assert connects() - before == 1  # one connection served all five
+    # Each request on it carries only its own head: no credential of Den's, ever.
+    assert all("authorization" not in h and "cookie" not in h for h in seen)
+    pool = api.client.app.state.previews.pool  # type: ignore[attr-defined]
+    assert len(pool) == 1
+    # A response the app ends by closing (Connection: close) is not put back.
+    r = api.client.get("/preview/api/8000/close-delimited", headers=api.h())
+    assert r.status_code == 200 and r.text == "until the end"
+    assert len(pool) == 0 and connects() - before == 1  # it went on the parked one
+    r = api.client.get("/preview/api/8000/", headers=api.h())
+    assert r.status_code == 200 and connects() - before == 2 and len(pool) == 1
+
+
+def test_a_kept_connection_the_app_closed_is_never_a_failed_request(api: ApiClient) -> None:
+    # The app closes right after answering: the close reaches Den while the connection is
+    # parked (dropped) or just as the next request goes out on it (sent again on a new one).
+    for _ in range(10):
+        assert api.client.get("/preview/api/8000/then-close", headers=api.h()).text == "bye"
+        r = api.client.get("/preview/api/8000/", headers=api.h())
+        assert r.status_code == 200 and r.text == "<h1>hello from the app</h1>"
+
+
+def test_a_share_link_is_listed_and_revoked_before_it_expires(api: ApiClient) -> None:
+    links = "/api/v1/workspaces/api/ports/8000/links"
+    made = [api.post(links, json={"ttl_s": 600}).json() for _ in range(2)]
+    listed = api.get(links).json()["links"]
+    assert [x["id"] for x in listed] == [m["id"] for m in made]
+    assert listed[0]["port"] == 8000 and listed[0]["created_by"] == "alice"
+    assert "url" not in listed[0]  # the link itself is shown once, when made
+    assert api.get("/api/v1/workspaces/api/ports/8001/links").json() == {"links": []}
+    path = made[0]["path_url"].removeprefix("http://testserver")
+    assert api.client.get(path, follow_redirects=False).status_code == 303  # cookie set
+    page = f"/preview/{wsid(api)}/8000/"
+    assert api.client.get(page).status_code == 200
+    # Another user can neither list nor revoke it (404: the workspace is not theirs).
+    assert_error(api.get(links, user="bob"), 404)
+    assert_error(api.delete(f"{links}/{made[0]['id']}", user="bob"), 404)
+    r = api.delete(f"{links}/{made[0]['id']}")
+    assert r.status_code == 204, r.text
+    # Refused as a tampered link is; the cookie it left opens nothing either.
+    r = api.client.get(path, follow_redirects=False)
+    assert_error(r, 403, "forbidden")
+    assert "invalid or has expired" in r.json()["error"]["message"]
+    assert api.client.get(page).status_code == 401
+    # The other link still works; the list and the event log say what happened.
+    api.client.cookies.clear()
+    other = made[1]["path_url"].removeprefix("http://testserver")
+    assert api.client.get(other, follow_redirects=False).status_code == 303
+    assert [x["id"] for x in api.get(links).json()["links"]] == [made[1]["id"]]
+    events = api.get("/api/v1/workspaces/api/events").json()["events"]
+    assert any(f"share link {made[0]['id']} revoked" in e["message"] for e in events)
+    assert_error(api.delete(f"{links}/{made[0]['id']}"), 404)  # already gone
+    assert_error(api.delete(f"{links}/lk0"), 404)
+    assert_error(api.delete(f"/api/v1/workspaces/api/ports/8001/links/{made[1]['id']}"), 404)

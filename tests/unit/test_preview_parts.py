@@ -193,11 +193,16 @@ KEY = tokens.derive_key("secret")
 
 def test_share_links_verify_only_unaltered_unexpired_and_for_their_purpose() -> None:
     now = time.time()
-    token = tokens.share_link(KEY, workspace_id="ws1", port=8000, expires_at=int(now) + 60)
+    token = tokens.share_link(KEY, workspace_id="ws1", port=8000, link_id="lk1",
+                              expires_at=int(now) + 60)
     payload = tokens.verify(KEY, tokens.SHARE, token, now=now)
-    assert tokens.share_allows(payload, workspace_id="ws1", port=8000)
-    assert not tokens.share_allows(payload, workspace_id="ws1", port=8001)
-    assert not tokens.share_allows(payload, workspace_id="ws2", port=8000)
+    assert tokens.share_link_id(payload, workspace_id="ws1", port=8000) == "lk1"
+    assert tokens.share_link_id(payload, workspace_id="ws1", port=8001) is None
+    assert tokens.share_link_id(payload, workspace_id="ws2", port=8000) is None
+    # A link made before links could be revoked names no row: it opens nothing.
+    old = tokens.sign(KEY, tokens.SHARE, {"w": "ws1", "p": 8000}, expires_at=int(now) + 60)
+    old_payload = tokens.verify(KEY, tokens.SHARE, old, now=now)
+    assert tokens.share_link_id(old_payload, workspace_id="ws1", port=8000) is None
     assert tokens.verify(KEY, tokens.SHARE, token, now=now + 61) is None  # expired
     assert tokens.verify(KEY, tokens.COOKIE, token, now=now) is None  # another purpose
     assert tokens.verify(tokens.derive_key("other"), tokens.SHARE, token, now=now) is None
@@ -207,7 +212,7 @@ def test_share_links_verify_only_unaltered_unexpired_and_for_their_purpose() -> 
     for bad in (f"{forged_body}.{mac}", f"{body}.{mac[:-2]}AA", f"{body}x.{mac}", body, "",
                 ".", "a.b.c", "x" * 2000, f"{body}.{mac}=", "!!.!!"):
         assert tokens.verify(KEY, tokens.SHARE, bad, now=now) is None, bad
-    assert not tokens.share_allows(None, workspace_id="ws1", port=8000)
+    assert tokens.share_link_id(None, workspace_id="ws1", port=8000) is None
 
 
 # --- the decision ----------------------------------------------------------------------------
