@@ -31,6 +31,7 @@ from server.api import (
     snapshots,
     ssh_keys,
     terminal,
+    usage,
     users,
     workspaces,
 )
@@ -284,7 +285,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
         return response
 
     for module in (health, users, workspaces, exec_routes, files, processes, snapshots, forges,
-                   ssh_keys, ports):
+                   ssh_keys, ports, usage):
         app.include_router(module.router)
     app.include_router(terminal.router)
     app.add_middleware(PreviewMiddleware)  # inside the session middleware that mount_web adds

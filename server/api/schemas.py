@@ -554,3 +554,17 @@ class ShareLinkInfo(BaseModel):
 
 class ShareLinkList(BaseModel):
     links: list[ShareLinkInfo]
+
+
+class UsageOut(BaseModel):
+    """What a workspace uses now against its limits; the figures are null while it is not
+    running (reading them never wakes it)."""
+
+    state: str
+    cpu_ns: int | None = Field(description="CPU time used so far, in nanoseconds: the rate "
+                                           "is the difference of two readings over their "
+                                           "interval")
+    memory_bytes: int | None = Field(description="Memory held now")
+    cpus: float = Field(description="The CPU limit, in cores")
+    memory_limit_bytes: int
+    at: datetime = Field(description="When it was read")

@@ -34,7 +34,10 @@ def home(request: Request) -> Response:
 def login_page(request: Request, next: str = "/workspaces") -> Response:
     if sessions.user_of(request, request.app.state.sessions) is not None:
         return _redirect(safe_next(next))
-    return page(request, "login.html", next=safe_next(next),
+    # A cookie naming a session that is no more (expired, revoked, signed out elsewhere, or
+    # replayed after a sign-out): say so, once.
+    ended = request.session.pop("sid", None) is not None
+    return page(request, "login.html", next=safe_next(next), ended=ended,
                 token_login=request.app.state.settings.web_token_login)
 
 

@@ -12,7 +12,7 @@ from starlette.middleware.sessions import SessionMiddleware
 from starlette.staticfiles import StaticFiles
 
 from server.config import Settings
-from server.web import login, oidc, pages
+from server.web import live, login, oidc, pages
 from server.web.render import make_templates, web_dir
 from server.web.sessions import COOKIE, session_secret
 
@@ -32,6 +32,7 @@ def mount(app: FastAPI, settings: Settings) -> None:
     )
     app.include_router(login.router)
     app.include_router(pages.router)
+    app.include_router(live.router)
     app.mount("/static/vendor/@xterm", StaticFiles(
         directory=root / "node_modules" / "@xterm", check_dir=False), name="vendor")
     app.mount("/static", StaticFiles(directory=root / "static", check_dir=False),

@@ -53,8 +53,9 @@ def _state(ws: Workspace) -> dict[str, Any]:
 @router.get("/workspaces")
 def dashboard(request: Request, user: WebUser) -> Response:
     settings = request.app.state.settings
+    failed = request.session.pop("create_form", None) or {}  # the last create's error, once
     return page(request, "dashboard.html", user=user, workspaces=_svc(request).list_for(user),
-                form={}, defaults=settings)
+                form=failed.get("form", {}), error=failed.get("error", ""), defaults=settings)
 
 
 @router.get("/workspaces/state.json")
@@ -90,15 +91,14 @@ async def create(request: Request, user: WebUser,
             cpus=_number(cpus, float, "CPUs"), memory_mb=_number(memory_mb, int, "Memory"),
             disk_gb=_number(disk_gb, int, "Disk"),
         ))
-    except DenError as exc:
-        return page(request, "dashboard.html", status_code=exc.status_code, user=user,
-                    workspaces=svc.list_for(user), form=form, error=exc.message,
-                    defaults=request.app.state.settings)
-    flash(request, f"Creating {ws.name}: cloning {ws.repo_url}.")
+    except DenError as exc:  # redirect-after-post: a reload shows the error, not a re-send
+        request.session["create_form"] = {"form": form, "error": exc.message}
+        return _back("/workspaces#new")
+    flash(request, f"Creating {ws.name}: cloning {ws.repo_url}.", while_creating=ws.id)
     return _back("/workspaces")
 
 
-async def _ports(request: Request, ws: Workspace) -> list[dict[str, Any]]:
+async def ports_of(request: Request, ws: Workspace) -> list[dict[str, Any]]:
     """The workspace's ports for its page: number, listening, share level and link."""
     previews = request.app.state.previews
     try:
@@ -119,7 +119,7 @@ async def workspace_page(request: Request, ref: str, user: WebUser) -> Response:
     ws = svc.get_for(user, ref)
     return page(request, "workspace.html", user=user, ws=ws,
                 snapshots=request.app.state.snapshots.list_for(ws),
-                ports=await _ports(request, ws),
+                ports=await ports_of(request, ws),
                 public_sharing=svc.settings.preview_public_sharing,
                 ssh_on=svc.settings.ssh_port > 0,
                 events=list(reversed(svc.events(ws.id, limit=100))))

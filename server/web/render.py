@@ -49,16 +49,25 @@ def ago(when: datetime | None) -> str:
     return "just now"
 
 
+def sentence(text: str) -> str:
+    """A message as a sentence for a page: its first letter in upper case (the API's
+    messages start in lower case, to be quoted after a prefix)."""
+    return text[:1].upper() + text[1:]
+
+
 def make_templates(directory: Path) -> Jinja2Templates:
     templates = Jinja2Templates(directory=str(directory / "templates"))
     templates.env.filters["ago"] = ago
+    templates.env.filters["sentence"] = sentence
     templates.env.globals["version"] = __version__
     return templates
 
 
-def flash(request: Request, message: str, kind: str = "info") -> None:
-    """A message shown once, on the next page."""
-    request.session.setdefault("flash", []).append([kind, message])
+def flash(request: Request, message: str, kind: str = "info", *,
+          while_creating: str = "") -> None:
+    """A message shown once, on the next page; ``while_creating``: a workspace id whose
+    leaving ``creating`` makes the page take the message away (it is no longer true)."""
+    request.session.setdefault("flash", []).append([kind, message, while_creating])
 
 
 def page(request: Request, template: str, *, status_code: int = 200,

@@ -2,10 +2,12 @@
 workspace at ``<port>--<workspace>--<owner>.localhost`` (Chromium resolves ``*.localhost`` to
 the loopback: a browser origin of its own without DNS), signing in through Den, the page's
 WebSocket and server-sent events, and the page's JavaScript seeing neither Den's cookies nor
-Den's API."""
+Den's API; then Den's own page of the workspace: its usage chart with figures, and its ports
+table showing a new server without a reload."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +18,7 @@ import pytest
 from server.client import Den
 from tests.preview_app import APP
 from tests.server_process import DenServer
+from tests.web.conftest import DOCS
 from tests.web.test_browser import LONG_MS
 
 pytestmark = [pytest.mark.engine, pytest.mark.browser]
@@ -71,5 +74,24 @@ def test_a_preview_origin_in_chromium(engine: None, browser: Any,
         assert "nothing answers on port 8000" in page.content()  # a 502 page naming the port
         assert ("den_preview", "8000--site--alice.localhost") in {
             (c["name"], c["domain"]) for c in ctx.cookies()}
+
+        # Den's page of the workspace: a live usage chart with figures, and the ports table
+        # following what listens, without a reload.
+        den_page = ctx.new_page()
+        den_page.goto(f"{base}/workspaces/{ws.id}")
+        den_page.evaluate("window.notReloaded = true")
+        den_page.locator("[data-usage-cpu]").filter(has_text=re.compile(r"^\d+%$")).wait_for(
+            timeout=LONG_MS)
+        den_page.locator("[data-usage-mem]").filter(
+            has_text=re.compile(r"^\d+ MiB \(\d+%\)$")).wait_for(timeout=LONG_MS)
+        points = den_page.locator("[data-chart-cpu] polyline").get_attribute("points")
+        assert points and len(points.split()) >= 1
+        assert den_page.locator('tr[data-port="9100"]').count() == 0
+        with Den(base, srv.token) as client:
+            client.workspace("site").processes.start(
+                "exec python3 -m http.server 9100 --bind 127.0.0.1")
+        den_page.locator('tr[data-port="9100"]').wait_for(timeout=LONG_MS)
+        assert den_page.evaluate("window.notReloaded") is True
+        den_page.screenshot(path=str(DOCS / "web-workspace-usage.png"), full_page=True)
     finally:
         ctx.close()

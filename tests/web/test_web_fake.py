@@ -96,6 +96,12 @@ def test_token_login_sets_a_safe_cookie_and_logout_ends_the_session(web: ApiClie
     assert other.get("/workspaces", follow_redirects=False).status_code == 303
     with web.app.state.sessions() as s:
         assert s.scalars(select(WebSession)).all() == []
+    # The replayed cookie lands on the login page with a notice that the session ended,
+    # once; a visitor who never signed in (or signed out here) gets none.
+    r = other.get("/workspaces")
+    assert r.url.path == "/login" and "data-session-ended" in r.text
+    assert "data-session-ended" not in other.get("/login").text
+    assert "data-session-ended" not in c.get("/workspaces").text
 
 
 def test_a_wrong_token_does_not_sign_in(web: ApiClient) -> None:
@@ -188,10 +194,19 @@ def test_a_bad_create_shows_the_error_and_keeps_the_form(web: ApiClient) -> None
     c = web.client
     token = login(c, web.tokens["alice"])
     r = c.post("/workspaces", data={"csrf_token": token, "repo_url": "ext::sh -c x",
-                                    "name": "keepme"})
-    assert r.status_code == 422 and 'value="keepme"' in r.text
+                                    "name": "keepme"}, follow_redirects=False)
+    # Redirect-after-post: the error and the form come on the page after, once; reloading
+    # it sends nothing again.
+    assert r.status_code == 303 and r.headers["location"] == "/workspaces#new"
+    r = c.get("/workspaces")
+    assert 'value="keepme"' in r.text and 'class="flash error"' in r.text
+    error = r.text.split('class="flash error" role="alert">')[1].split("<")[0]
+    assert error[:1].isupper(), error  # a sentence, not the API's lower-case message
+    r = c.get("/workspaces")
+    assert 'value="keepme"' not in r.text and 'class="flash error"' not in r.text
     r = c.post("/workspaces", data={"csrf_token": token, "repo_url": "/x", "cpus": "lots"})
-    assert r.status_code == 422 and "CPUs must be a number" in r.text
+    assert r.status_code == 200 and "CPUs must be a number" in r.text
+    assert r.url.path == "/workspaces"
 
 
 def test_other_users_workspaces_are_404_and_admins_see_all(

@@ -51,6 +51,11 @@
         if (!row) { if (!typing) window.location.reload(); return; }
         if (setBadge(row, ws)) announce(ws.name + " is now " + ws.state + ".");
         showActions(row, ws.state);
+        if (ws.state !== "creating") {  // "Creating hello: cloning ..." is over
+          document.querySelectorAll('[data-while-creating="' + ws.id + '"]').forEach(function (el) {
+            el.remove();
+          });
+        }
         var act = row.querySelector("[data-activity]");
         if (act) act.textContent = ws.last_activity;
       });
@@ -98,8 +103,59 @@
     }).catch(function () { schedule(pollOne, false); });
   }
 
+  // The workspace page's ports table and usage chart, refreshed without a reload. The ports
+  // table is left alone while the person is choosing a share level in it.
+  var liveUrl = one && one.getAttribute("data-live");
+  var portsBox = document.querySelector("[data-ports]");
+  var usageBox = document.querySelector("[data-usage]");
+  var SAMPLES = 60, LIVE_MS = 2000;
+  var cpuPts = [], memPts = [], last = null, portsDirty = false, portsHtml = null;
+  if (portsBox) portsBox.addEventListener("change", function () { portsDirty = true; });
+
+  function draw(svg, points) {
+    var line = svg.querySelector("polyline"), step = 120 / (SAMPLES - 1), off = SAMPLES - points.length;
+    line.setAttribute("points", points.map(function (v, i) {
+      return ((off + i) * step).toFixed(1) + "," + (32 - Math.min(100, v) * 0.31).toFixed(1);
+    }).join(" "));
+  }
+
+  function mib(n) { return Math.round(n / 1048576) + " MiB"; }
+
+  function showUsage(u, running) {
+    var idle = document.querySelector("[data-usage-idle]");
+    if (idle) idle.hidden = running;
+    if (!usageBox) return;
+    var cpuText = usageBox.querySelector("[data-usage-cpu]"), memText = usageBox.querySelector("[data-usage-mem]");
+    if (u.cpu_ns === null) { last = null; cpuText.textContent = "-"; memText.textContent = "-"; return; }
+    if (last && u.at > last.at && u.cpu_ns >= last.cpu_ns) {
+      var pct = (u.cpu_ns - last.cpu_ns) / ((u.at - last.at) * 1e9) / u.cpus * 100;
+      cpuPts.push(pct); if (cpuPts.length > SAMPLES) cpuPts.shift();
+      cpuText.textContent = Math.round(pct) + "%";
+      draw(usageBox.querySelector("[data-chart-cpu]"), cpuPts);
+    }
+    last = u;
+    if (u.memory_bytes !== null) {
+      var mpct = u.memory_bytes / u.memory_limit_bytes * 100;
+      memPts.push(mpct); if (memPts.length > SAMPLES) memPts.shift();
+      memText.textContent = mib(u.memory_bytes) + " (" + Math.round(mpct) + "%)";
+      draw(usageBox.querySelector("[data-chart-mem]"), memPts);
+    }
+  }
+
+  function pollLive() {
+    fetchJSON(liveUrl).then(function (data) {
+      if (portsBox && !portsDirty && !portsBox.contains(document.activeElement) &&
+          data.ports_html !== portsHtml) {
+        portsBox.innerHTML = portsHtml = data.ports_html;
+      }
+      showUsage(data.usage, data.state === "running");
+      schedule(pollLive, false);
+    }).catch(function () { schedule(pollLive, false); });
+  }
+
   if (table) schedule(pollTable, false);
   if (one) schedule(pollOne, true);
+  if (liveUrl) pollLive();
 
   document.querySelectorAll("[data-copy]").forEach(function (button) {
     button.addEventListener("click", function () {

@@ -37,6 +37,27 @@
       "/terminal?cols=" + term.cols + "&rows=" + term.rows + "&session=" + encodeURIComponent(session);
   }
 
+  // Why the shell ended, in words: the workspace was paused or stopped (Enter wakes it), or
+  // the shell itself ended while the workspace runs.
+  var ENDED = {
+    paused: "the workspace was paused · press Enter to resume it and reconnect",
+    pausing: "the workspace is being paused · press Enter to resume it and reconnect",
+    stopped: "the workspace was stopped · press Enter to start it and reconnect",
+    stopping: "the workspace is stopping · press Enter to start it and reconnect",
+    running: "the shell ended · press Enter to start a new one",
+  };
+  function explainEnd() {
+    fetch("/workspaces/" + encodeURIComponent(wsId) + "/state.json",
+          { credentials: "same-origin", headers: { Accept: "application/json" } })
+      .then(function (r) { return r.ok ? r.json() : null; })
+      .then(function (ws) {
+        if (!ended || !ws) return;
+        setStatus(ENDED[ws.state] || ("disconnected: the workspace is " + ws.state +
+                                      " · press Enter to reconnect"), "ended");
+      })
+      .catch(function () { /* the generic message stays */ });
+  }
+
   function connect() {
     ended = false;
     setStatus(attempts ? "reconnecting…" : "connecting…", "connecting");
@@ -54,7 +75,8 @@
         }
       } else if (msg.type === "exit") {
         ended = true;
-        setStatus("the shell ended (or the workspace was paused or stopped) · press Enter to reconnect", "ended");
+        setStatus("the shell ended · press Enter to reconnect", "ended");
+        explainEnd();
       } else if (msg.type === "error") {
         ended = true;
         if (msg.error.code === "unauthorized") {
