@@ -221,6 +221,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
             if denials is not None:
                 await asyncio.to_thread(denials.stop)
             await supervisor.stop()
+            await app.state.previews.pool.close()
             await svc.shutdown()
             if stop_listener is not None:
                 stop_listener()

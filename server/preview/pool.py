@@ -53,14 +53,14 @@ class UpstreamPool:
         self._idle[up] = key
         up.park(on_activity=self._drop, idle_s=self.idle_s)
 
-    def forget(self, workspace_id: str) -> None:
-        """Close every parked connection into ``workspace_id`` (it pauses, stops or goes)."""
-        for up in [u for u, k in self._idle.items() if k[0] == workspace_id]:
-            self._drop(up)
-
-    def close_all(self) -> None:
+    async def close(self) -> None:
+        """Close every parked connection (the server stops). A workspace that pauses or
+        stops needs nothing of this: its agent session ends, and with it every parked
+        connection's channel, which drops it."""
         for up in list(self._idle):
             self._drop(up)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
     def _drop(self, up: Upstream) -> None:
         if self._idle.pop(up, None) is not None:
