@@ -105,12 +105,23 @@ def test_dashboard_and_terminal_in_chromium(
 
         # Pause from the workspace page, then open the terminal: it wakes the workspace,
         # and the shell (in dev's tmux, which a pause keeps) is still the same.
+        # The terminal stays open in its tab meanwhile: its screen is kept, and it says the
+        # workspace was paused (not a bare "disconnected").
         ws_id = srv.http.get("/api/v1/workspaces/hello").json()["id"]
+        terminal_page = page
+        page = ctx.new_page()
         page.goto(f"{base}/workspaces/{ws_id}")
         page.get_by_role("button", name="Pause hello").click()
         page.locator(".page-head [data-state]").filter(has_text="paused").wait_for(
             timeout=LONG_MS)
         assert srv.http.get(f"/api/v1/workspaces/{ws_id}").json()["state"] == "paused"
+        status = terminal_page.locator("#term-status")
+        try:
+            status.filter(has_text="the workspace was paused").wait_for(timeout=LONG_MS)
+        except Exception:
+            raise AssertionError(f"terminal status: {status.inner_text()!r}") from None
+        assert any("still-21" in line for line in screen_lines(terminal_page))
+        terminal_page.close()
         page.goto(f"{base}/workspaces/{ws_id}/terminal")
         terminal_connected(page)
         assert srv.http.get(f"/api/v1/workspaces/{ws_id}").json()["state"] == "running"

@@ -41,21 +41,22 @@
   // the shell itself ended while the workspace runs.
   var ENDED = {
     paused: "the workspace was paused · press Enter to resume it and reconnect",
-    pausing: "the workspace is being paused · press Enter to resume it and reconnect",
+    pausing: "the workspace was paused · press Enter to resume it and reconnect",
     stopped: "the workspace was stopped · press Enter to start it and reconnect",
-    stopping: "the workspace is stopping · press Enter to start it and reconnect",
+    stopping: "the workspace was stopped · press Enter to start it and reconnect",
     running: "the shell ended · press Enter to start a new one",
   };
+  function workspaceState() {
+    return fetch("/workspaces/" + encodeURIComponent(wsId) + "/state.json",
+                 { credentials: "same-origin", headers: { Accept: "application/json" } })
+      .then(function (r) { return r.ok ? r.json() : null; });
+  }
   function explainEnd() {
-    fetch("/workspaces/" + encodeURIComponent(wsId) + "/state.json",
-          { credentials: "same-origin", headers: { Accept: "application/json" } })
-      .then(function (r) { return r.ok ? r.json() : null; })
-      .then(function (ws) {
-        if (!ended || !ws) return;
-        setStatus(ENDED[ws.state] || ("disconnected: the workspace is " + ws.state +
-                                      " · press Enter to reconnect"), "ended");
-      })
-      .catch(function () { /* the generic message stays */ });
+    workspaceState().then(function (ws) {
+      if (!ended || !ws) return;
+      setStatus(ENDED[ws.state] || ("disconnected: the workspace is " + ws.state +
+                                    " · press Enter to reconnect"), "ended");
+    }).catch(function () { /* the generic message stays */ });
   }
 
   function connect() {
@@ -88,10 +89,22 @@
     sock.onclose = function () {
       sock = null;
       if (ended) return;
-      attempts += 1; // a network blip: try again, backing off up to 10 s
-      var delay = Math.min(10000, 500 * Math.pow(2, Math.min(attempts - 1, 5)));
-      setStatus("connection lost · reconnecting in " + Math.ceil(delay / 1000) + " s…", "reconnecting");
-      setTimeout(connect, delay);
+      var retry = function () {
+        attempts += 1; // a network blip: try again, backing off up to 10 s
+        var delay = Math.min(10000, 500 * Math.pow(2, Math.min(attempts - 1, 5)));
+        setStatus("connection lost · reconnecting in " + Math.ceil(delay / 1000) + " s…", "reconnecting");
+        setTimeout(connect, delay);
+      };
+      // The workspace was paused or stopped: say so and wait for Enter, rather than wake it
+      // again at once by reconnecting.
+      workspaceState().then(function (ws) {
+        if (ws && ws.state !== "running" && ENDED[ws.state]) {
+          ended = true;
+          setStatus(ENDED[ws.state], "ended");
+        } else {
+          retry();
+        }
+      }, retry);
     };
   }
 
