@@ -22,6 +22,10 @@ from server.runtime.errors import AgentTimeout, AgentUnavailable, EngineConflict
 START_TIMEOUT_S = 10.0  # from OPEN to "started": the agent forks and execs
 EXEC_GRACE_S = 30.0  # past the command's own deadline, which the agent enforces
 REQUEST_TIMEOUT_S = 30.0
+# What a TCP connection into the workspace (`connect`) may have in flight towards Den, unread:
+# 4x the protocol's initial window, so that a download is not held to one window per round
+# trip through the engine. Bounded per connection (previews cap connections per workspace).
+CONNECT_WINDOW = 1 << 20
 STREAMS = ("stdout", "stderr")
 
 
@@ -235,6 +239,7 @@ class AgentExecStream:
                         raise EngineConflict(f"cannot connect to {host}:{port} in the "
                                              f"workspace: {err.message}") from err
                     break
+            await ch.widen(0, CONNECT_WINDOW)
         except BaseException:
             await ch.close()
             raise

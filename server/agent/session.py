@@ -80,6 +80,7 @@ class Channel:
         self._unread = [0, 0]  # data bytes received but not yet consumed, per stream
         self._unacked = [0, 0]  # consumed but not yet granted back
         self._credit = [WINDOW, WINDOW]  # what we may still send, per stream
+        self._window = [WINDOW, WINDOW]  # what the agent may send us unread, per stream
         self._credit_changed = asyncio.Event()
         self._messages = 0
         self.ended = False
@@ -96,7 +97,7 @@ class Channel:
         stream = 1 if frame.flags == 1 else 0
         if frame.type is Type.DATA:
             self._unread[stream] += len(frame.payload)
-            if self._unread[stream] > WINDOW:
+            if self._unread[stream] > self._window[stream]:
                 raise ProtocolError(f"channel {self.chan}: data beyond the window")
             self._push(Event("data", stream, data=frame.payload))
         elif frame.type is Type.EOF:
@@ -146,9 +147,18 @@ class Channel:
         (batched, a quarter window at a time)."""
         self._unread[stream] -= n
         self._unacked[stream] += n
-        if self._unacked[stream] >= WINDOW // 4 and not self.ended:
+        if self._unacked[stream] >= self._window[stream] // 4 and not self.ended:
             grant, self._unacked[stream] = self._unacked[stream], 0
             await self._session.send(window(self.chan, stream, grant))
+
+    async def widen(self, stream: int, size: int) -> None:
+        """Let the agent send up to ``size`` unread bytes on ``stream`` (more than the
+        protocol's initial window: a bulk stream whose round trip through the engine would
+        otherwise leave the agent waiting for credit). Never narrows."""
+        extra = size - self._window[stream]
+        if extra > 0 and not self.ended:
+            self._window[stream] = size
+            await self._session.send(window(self.chan, stream, extra))
 
     async def write(self, data: bytes, *, stream: int = 0) -> None:
         """Send ``data`` as the agent's window allows; raises once the channel is over."""

@@ -147,3 +147,23 @@ async def test_consumed_data_is_granted_back_and_close_is_sent() -> None:
     await ch.close()
     assert peer.sent[-1][2] == Type.CLOSE
     await session.close()
+
+
+@run
+async def test_a_widened_window_is_granted_and_still_enforced() -> None:
+    peer = Peer()
+    _hello_answerer(peer)
+    session = await AgentSession.connect(peer, name="t", timeout_s=1)
+    ch = await session.open({"op": "connect"})
+    await ch.widen(0, 4 * 262144)
+    grant = [d for d in peer.sent if d[2] == Type.WINDOW][-1]
+    assert grant[3] == 0 and struct.unpack(">I", grant[12:])[0] == 3 * 262144
+    await ch.widen(0, 262144)  # never narrows: nothing sent
+    assert [d for d in peer.sent if d[2] == Type.WINDOW][-1] is grant
+    for _ in range(17):  # 16 chunks of 64 KiB fit the widened window; the 17th does not
+        peer.to_host.put_nowait(encode(Type.DATA, ch.chan, b"x" * 65536))
+    events = [await ch.next(1) for _ in range(16)]
+    assert all(e.kind == "data" for e in events)
+    end = await ch.next(1)
+    assert end.kind == "end" and "window" in end.reason
+    assert not session.alive
