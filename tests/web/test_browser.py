@@ -71,9 +71,14 @@ def test_dashboard_and_terminal_in_chromium(
         page.get_by_label("Repository URL").fill(str(repo))
         page.get_by_label("Branch (optional)").fill("main")
         page.get_by_label("Name (optional)").fill("hello")
-        page.get_by_role("button", name="Create workspace").click()
+        with page.expect_response(lambda r: r.url == f"{base}/workspaces"
+                                  and r.request.method == "GET") as created:
+            page.get_by_role("button", name="Create workspace").click()
+        assert "data-while-creating" in created.value.text()  # "Creating hello: cloning ..."
         row = page.locator('tr[data-ws-name="hello"]')
         row.locator("[data-state]").filter(has_text="running").wait_for(timeout=LONG_MS)
+        # ... which goes once the workspace runs, without a reload.
+        page.locator("[data-while-creating]").wait_for(state="detached", timeout=LONG_MS)
         assert "main" in row.inner_text()
         page.goto(f"{base}/workspaces")  # without the "Creating..." message, for the README
         page.screenshot(path=str(DOCS / "web-dashboard.png"))
