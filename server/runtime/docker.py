@@ -104,6 +104,14 @@ def _translate(exc: Exception, what: str) -> Exception:
     return exc
 
 
+# What scripts/setup-host.sh registers runsc with, and what goes wrong without each.
+REQUIRED_RUNSC_FLAGS = {
+    "--overlay2=none": "changes outside /workspace are lost at every stop",
+    "--net-disconnect-ok": "a TCP connection open at a pause makes the checkpoint fail and "
+                           "the workspace loses its processes",
+}
+
+
 class DockerRuntime:
     """Workspaces as Docker containers with a named volume at ``/workspace``."""
 
@@ -135,6 +143,7 @@ class DockerRuntime:
         self._runsc_root = runsc_root
         self._base_url = base_url
         self._gvisor_runtime = gvisor_runtime
+        self._warned: set[str] = set()  # runsc flags found missing and logged
         self._helper_image = helper_image
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="docker")
         self._short = ThreadPoolExecutor(max_workers=SHORT_THREADS,
@@ -192,6 +201,13 @@ class DockerRuntime:
                 f"the Docker engine has no runtime named {self._gvisor_runtime!r}; "
                 "run scripts/setup-host.sh (or `make setup`) to install gVisor"
             )
+        args = (runtimes[self._gvisor_runtime] or {}).get("runtimeArgs") or []
+        for flag, without in REQUIRED_RUNSC_FLAGS.items():
+            if flag not in args and flag not in self._warned:
+                self._warned.add(flag)  # once: the check runs every interval
+                log.warning("the engine's runtime %r runs without %s: %s; run "
+                            "scripts/setup-host.sh (or `make setup`)", self._gvisor_runtime,
+                            flag, without)
 
     async def image_exists(self, image: str) -> bool:
         try:
