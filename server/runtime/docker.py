@@ -402,11 +402,13 @@ class DockerRuntime:
             except (OSError, subprocess.SubprocessError) as exc:
                 self._delete_checkpoint(cid, checkpoint)
                 raise EngineError(f"checkpoint of {name} failed: {exc}") from exc
-            said = out.read_text(errors="replace").strip()[-500:]
+            said = out.read_text(errors="replace").strip()
             out.unlink(missing_ok=True)
             if code != 0 or not docker_specs.checkpoint_marker(image).exists():
                 self._delete_checkpoint(cid, checkpoint)
-                raise EngineError(f"checkpoint of {name} failed: {said or code}")
+                raise EngineError(f"checkpoint of {name} failed: "
+                                  f"{docker_specs.runsc_failure(said) or code}",
+                                  detail=said[-4000:])
             if not _wait_exited(api, name, EXIT_WAIT_S):
                 self._delete_checkpoint(cid, checkpoint)
                 raise EngineError(f"container {name} still runs after its checkpoint")
