@@ -25,6 +25,7 @@ from server.api import exec as exec_routes
 from server.api import (
     files,
     forges,
+    gpus,
     health,
     ports,
     processes,
@@ -42,6 +43,8 @@ from server.db.models import Meta, Workspace
 from server.db.session import make_engine, make_session_factory, prepare_data_dir
 from server.errors import DenError
 from server.forges.pull_requests import ForgeService
+from server.gpus.allocation import GpuPool
+from server.gpus.container import gpu_sandbox
 from server.logs import request_id
 from server.metrics import Metrics, StateCollector, checkpoint_usage, serve_separately
 from server.network.denials import KmsgWatcher
@@ -76,7 +79,8 @@ def instance_id(sessions: sessionmaker[Session]) -> str:
         return row.value
 
 
-def default_runtime(settings: Settings) -> tuple[Runtime, NetworkGuard | None]:
+def default_runtime(settings: Settings, *, gpus: GpuPool | None = None
+                    ) -> tuple[Runtime, NetworkGuard | None]:
     """The Docker engine with gVisor, and the guard of its network when isolation is on."""
     from server.agent.install import install_agent
     from server.runtime.docker import DockerRuntime
@@ -95,7 +99,9 @@ def default_runtime(settings: Settings) -> tuple[Runtime, NetworkGuard | None]:
     rt = DockerRuntime(base_url=settings.docker_url, gvisor_runtime=settings.gvisor_runtime,
                        threads=settings.engine_threads, helper_image=settings.default_image,
                        runsc=settings.runsc_path, runsc_root=settings.runsc_root,
-                       agent_dir=install_agent(settings), **network)
+                       agent_dir=install_agent(settings),
+                       gpu=gpu_sandbox(settings) if gpus is not None and gpus.gpus else None,
+                       **network)
     guard = (NetworkGuard(runtime=rt, settings=settings, resolver_addresses=servers)
              if settings.network_isolation else None)
     return rt, guard
@@ -158,10 +164,12 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
         engine = make_engine(url)
         ensure_schema(engine, url, auto_migrate=settings.auto_migrate)
         sessions = make_session_factory(engine)
-        rt, guard = (runtime, network) if runtime is not None else default_runtime(settings)
+        pool = await asyncio.to_thread(GpuPool.from_settings, settings)
+        rt, guard = ((runtime, network) if runtime is not None
+                     else default_runtime(settings, gpus=pool))
         svc = WorkspaceService(settings=settings, sessions=sessions, runtime=rt,
                                instance_id=instance_id(sessions), metrics=metrics,
-                               network=guard)
+                               network=guard, gpus=pool)
         denials: KmsgWatcher | None = None
         if guard is not None:  # fail closed: no server whose workspaces escape the policy
             await guard.sync(svc.network_policies)
@@ -195,7 +203,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
         await supervisor.start()  # checks and reconciles once; then watches, follows events
         collector = StateCollector(
             metrics=metrics, sessions=sessions, gate=svc.long_calls.counts,
-            checkpoint_bytes=lambda: checkpoint_usage(rt, settings.data_dir))
+            checkpoint_bytes=lambda: checkpoint_usage(rt, settings.data_dir),
+            gpu_total=len(pool.gpus))
         metrics.registry.register(collector)
         stop_listener = (serve_separately(settings.metrics_listen, metrics)
                          if settings.metrics_listen else None)
@@ -284,7 +293,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
         return response
 
     for module in (health, users, workspaces, exec_routes, files, processes, snapshots, forges,
-                   ssh_keys, ports):
+                   ssh_keys, ports, gpus):
         app.include_router(module.router)
     app.include_router(terminal.router)
     app.add_middleware(PreviewMiddleware)  # inside the session middleware that mount_web adds

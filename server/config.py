@@ -223,7 +223,41 @@ class Settings(BaseSettings):
     max_cpus: float = Field(8.0, description="Largest CPU count a workspace may ask for.")
     max_memory_mb: int = Field(16384, description="Largest memory limit a workspace may ask for.")
     max_disk_gb: int = Field(200, description="Largest disk a workspace may ask for, in GB.")
-    max_gpus: int = Field(0, description="Largest GPU count a workspace may ask for.")
+    max_gpus: int = Field(
+        8, description="Largest GPU count a workspace may ask for (more is 409 `gpus_unavailable`)."
+    )
+    gpus: str = Field(
+        "auto",
+        description=(
+            "GPUs Den may hand out: `auto` (discovered through NVML or `nvidia-smi -q -x`), "
+            "`none`, a comma-separated list of GPU UUIDs (discovered, then only these), or a "
+            "JSON array describing them (`[{\"uuid\": \"GPU-...\", \"model\": ..., "
+            "\"memory_mb\": ..., \"minor\": 0}]`, not checked against the driver). See "
+            "docs/gpus.md."
+        ),
+    )
+    gpu_runtime: str = Field(
+        "runsc-gpu",
+        description="Docker runtime of gVisor workspaces with GPUs (runsc with `--nvproxy`).",
+    )
+    gpu_device_requests: bool = Field(
+        False,
+        description=(
+            "Give runc workspaces their GPUs through Docker device requests (needs the NVIDIA "
+            "container toolkit); otherwise Den passes the device nodes and driver files itself."
+        ),
+    )
+    gpu_checkpoint: bool = Field(
+        False,
+        description=(
+            "GPU workspaces may be paused (memory saved): only where gVisor's nvproxy "
+            "checkpointing has been shown to work on this host. Otherwise their idle action is "
+            "`stop` and a pause is refused."
+        ),
+    )
+    gpu_idle_percent: float = Field(
+        5.0, description="GPU utilization (NVML) above which a GPU workspace counts as busy."
+    )
     max_workspaces_per_user: int = Field(
         20, description="Workspaces one user may own at once (429 beyond)."
     )

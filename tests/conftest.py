@@ -163,6 +163,8 @@ def make_settings(tmp_path: Path, repos_root: Path) -> Callable[..., Settings]:
             # The stand-in forges and git servers listen on loopback, which Den refuses by
             # default (tests of that refusal pass outbound_allow=[]).
             "outbound_allow": ["127.0.0.0/8", "::1"],
+            # No GPU unless a test describes some (a GPU host runs the same tests).
+            "gpus": "none",
         }
         values.update(overrides)
         return Settings(**values)

@@ -11,6 +11,7 @@ from pydantic_core import PydanticCustomError
 
 from server.config import Settings
 from server.db.models import Event, ForgeAccount, Snapshot, SSHKey, Workspace
+from server.gpus.allocation import idle_action
 from server.runtime.base import ExecRequest, ProcessInfo
 from server.ssh.target import ssh_endpoint
 from server.workspaces.processes import LOG_BYTES_DEFAULT, LOG_BYTES_MAX, LOG_BYTES_MIN
@@ -101,7 +102,11 @@ class ResourcesIn(_Strict):
     cpus: float | None = Field(default=None, ge=0.1, description="At most DEN_MAX_CPUS")
     memory_mb: int | None = Field(default=None, ge=128, description="At most DEN_MAX_MEMORY_MB")
     disk_gb: int | None = Field(default=None, ge=1, description="At most DEN_MAX_DISK_GB")
-    gpus: int = Field(default=0, ge=0, description="At most DEN_MAX_GPUS")
+    gpus: int = Field(default=0, ge=0, description="Whole GPUs, held while running; at most "
+                      "DEN_MAX_GPUS")
+    gpu_model: str | None = Field(
+        default=None, max_length=255,
+        description='Only GPUs whose model contains this (any case), e.g. "A100"')
 
 
 class NetworkIn(_Strict):
@@ -174,6 +179,9 @@ class ResourcesOut(BaseModel):
     memory_mb: int
     disk_gb: int
     gpus: int
+    gpu_model: str | None
+    gpu_uuids: list[str] = Field(description="The GPUs its container is made with (held "
+                                 "while it runs)")
     pids: int
 
 
@@ -201,6 +209,8 @@ class WorkspaceOut(BaseModel):
     updated_at: datetime
     last_activity_at: datetime
     network: NetworkOut
+    idle_action: str = Field(description='What idling does: "pause" (memory kept) or "stop" '
+                             '(disk kept: a GPU workspace, see docs/gpus.md)')
     ssh: dict[str, str | int] | None = None
 
     @classmethod
@@ -213,7 +223,9 @@ class WorkspaceOut(BaseModel):
                          path=f"/workspace/{ws.repo_dir}"),
             image=ws.image, runtime=ws.runtime,
             resources=ResourcesOut(cpus=ws.cpus, memory_mb=ws.memory_mb, disk_gb=ws.disk_gb,
-                                   gpus=ws.gpus, pids=ws.pids_limit),
+                                   gpus=ws.gpus, gpu_model=ws.gpu_model,
+                                   gpu_uuids=list((ws.engine or {}).get("gpus", [])),
+                                   pids=ws.pids_limit),
             env={str(k): str(v) for k, v in ws.env.items()},
             idle_timeout_s=ws.idle_timeout_s, stop_after_s=ws.stop_after_s,
             keep_alive=ws.keep_alive, keepalive_until=ws.keepalive_until,
@@ -222,6 +234,8 @@ class WorkspaceOut(BaseModel):
             network=NetworkOut(mode=str((ws.network or {}).get("mode") or (
                 settings.network_default_mode if settings is not None else "internet")),
                                allow=[str(a) for a in (ws.network or {}).get("allow") or []]),
+            idle_action=idle_action(ws.gpus, checkpoint=settings is not None
+                                    and settings.gpu_checkpoint),
             ssh=ssh_endpoint(settings, ws.name) if settings is not None else None,
         )
 

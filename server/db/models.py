@@ -96,6 +96,7 @@ class Workspace(Base):
     memory_mb: Mapped[int] = mapped_column(Integer)
     disk_gb: Mapped[int] = mapped_column(Integer)
     gpus: Mapped[int] = mapped_column(Integer, default=0)
+    gpu_model: Mapped[str | None] = mapped_column(String(255), default=None)
     pids_limit: Mapped[int] = mapped_column(Integer)
     env: Mapped[dict[str, Any]] = mapped_column(default=dict)
     idle_timeout_s: Mapped[int | None] = mapped_column(Integer, default=None)
@@ -113,6 +114,18 @@ class Workspace(Base):
     last_activity_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     owner: Mapped[User] = relationship(lazy="joined")
+
+
+class GpuAllocation(Base):
+    """A GPU held by a workspace. The primary key is the GPU: a second holder cannot be
+    written, whatever the database's isolation level (server/gpus/allocation.py)."""
+
+    __tablename__ = "gpu_allocations"
+    gpu_uuid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    workspace_id: Mapped[str] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), index=True
+    )
+    allocated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Snapshot(Base):

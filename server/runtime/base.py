@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from server.agent.session import AgentSession
+    from server.gpus.inventory import Gpu
 
 LABEL_MANAGED = "den.managed"
 LABEL_INSTANCE = "den.instance"
@@ -59,6 +60,7 @@ class WorkspaceSpec:
     hostname: str
     labels: Mapping[str, str]
     env: Mapping[str, str] = field(default_factory=dict)
+    gpus: tuple[Gpu, ...] = ()  # the GPUs its container is made with (server/gpus)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from server.agent import ops as agent_ops
 from server.agent.protocol import DockerDemux
 from server.agent.session import AgentOpError, AgentSession
 from server.errors import DenError
+from server.gpus.container import GpuSandbox
 from server.runtime import docker_specs
 from server.runtime.base import (
     LABEL_INSTANCE,
@@ -121,7 +122,7 @@ class DockerRuntime:
                  helper_image: str = "den/workspace:latest", runsc: str = "runsc",
                  runsc_root: str = "/run/docker/runtime-runc/moby", agent_dir: Path | None = None,
                  network: str = "", network_interface: str = "", network_subnet: str = "",
-                 resolv_conf: Path | None = None):
+                 resolv_conf: Path | None = None, gpu: GpuSandbox | None = None):
         """``network``: the bridge network every new workspace joins (created when missing,
         its host interface named ``network_interface``); empty keeps the engine's default
         bridge. ``resolv_conf`` is mounted as the workspaces' /etc/resolv.conf."""
@@ -130,6 +131,7 @@ class DockerRuntime:
         self._network_interface = network_interface
         self._network_subnet = network_subnet
         self._resolv_conf = resolv_conf
+        self._gpu = gpu  # how containers get GPUs (None: this host hands out none)
         self._network_lock = threading.Lock()
         self._ports: dict[str, str] = {}  # endpoint id -> the host's end of its veth
         self._agents: dict[str, AgentSession] = {}  # container -> live session
@@ -245,7 +247,8 @@ class DockerRuntime:
             spec, gvisor_runtime=self._gvisor_runtime,
             agent_dir=str(self._agent_dir) if self._agent_dir is not None else None,
             network=self._network or None,
-            resolv_conf=str(self._resolv_conf) if self._network and self._resolv_conf else None)
+            resolv_conf=str(self._resolv_conf) if self._network and self._resolv_conf else None,
+            gpu=self._gpu)
 
     def _ensure_network(self) -> dict[str, Any]:
         """Inspect Den's network, creating it first when it is missing (blocking)."""

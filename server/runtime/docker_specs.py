@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from server.gpus import container as gpu_container
+from server.gpus.container import GpuSandbox
 from server.runtime.base import (
     LABEL_INSTANCE,
     LABEL_MANAGED,
@@ -63,8 +65,8 @@ LABEL_AGENT = "den.agent"
 
 
 def container_config(spec: WorkspaceSpec, *, gvisor_runtime: str, agent_dir: str | None = None,
-                     network: str | None = None, resolv_conf: str | None = None
-                     ) -> dict[str, Any]:
+                     network: str | None = None, resolv_conf: str | None = None,
+                     gpu: GpuSandbox | None = None) -> dict[str, Any]:
     """Arguments of ``APIClient.create_container`` (host_config as a plain dict). With
     ``network`` the container joins Den's own bridge; ``resolv_conf`` then replaces the one
     the engine would write: on a user-defined network the engine names its embedded DNS
@@ -96,14 +98,18 @@ def container_config(spec: WorkspaceSpec, *, gvisor_runtime: str, agent_dir: str
         host_config["network_mode"] = network
     if resolv_conf is not None:
         host_config["binds"][resolv_conf] = {"bind": "/etc/resolv.conf", "mode": "ro"}
+    environment = {**spec.env, "DEN_MEMORY_MB": str(spec.memory_mb),
+                   "DEN_PIDS": str(spec.pids_limit)}
+    if spec.gpus:
+        gpu_container.merge(host_config, environment, *gpu_container.gpu_config(
+            spec.gpus, runtime=spec.runtime, sandbox=gpu or GpuSandbox()))
     return {
         "image": spec.image,
         "name": spec.container_name,
         "command": AGENT_COMMAND if agent_dir is not None else INIT_COMMAND,
         "hostname": spec.hostname,
         "labels": labels,
-        "environment": {**spec.env, "DEN_MEMORY_MB": str(spec.memory_mb),
-                        "DEN_PIDS": str(spec.pids_limit)},
+        "environment": environment,
         "working_dir": WORKSPACE_MOUNT,
         "host_config": host_config,
     }

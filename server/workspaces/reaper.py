@@ -2,7 +2,9 @@
 
 What counts as use (activity): API calls on the workspace (they touch ``last_activity_at``),
 exec calls and streams still running (:class:`Activity` holds), a keepalive lease, and CPU
-use above ``idle_cpu_percent`` measured by the engine between two passes. The decision is a
+use above ``idle_cpu_percent`` measured by the engine between two passes, and GPU use above
+``gpu_idle_percent`` (NVML). A GPU workspace idles into ``stop``, not ``pause``, unless
+GPU checkpointing is enabled (docs/gpus.md). The decision is a
 pure function (:func:`decide`) over plain views of the rows; the loop around it only reads,
 measures and calls the workspace service, which alone changes state.
 """
@@ -50,6 +52,7 @@ class IdleView:
     state_since: datetime
     keepalive_until: datetime | None
     busy: bool
+    idle_stop: bool = False  # idling stops it instead of pausing it (a GPU workspace)
 
 
 def decide(views: list[IdleView], now: datetime) -> list[tuple[str, Action]]:
@@ -64,7 +67,7 @@ def decide(views: list[IdleView], now: datetime) -> list[tuple[str, Action]]:
             if v.idle_timeout_s > 0 and now - v.last_activity_at >= timedelta(
                 seconds=v.idle_timeout_s
             ):
-                actions.append((v.id, Action.PAUSE))
+                actions.append((v.id, Action.STOP if v.idle_stop else Action.PAUSE))
         elif v.state is State.PAUSED and v.stop_after_s > 0 and now - v.state_since >= timedelta(
             seconds=v.stop_after_s
         ):
@@ -135,6 +138,14 @@ class Reaper:
         percent = (used_ns - before[0]) / ((now - before[1]) * 1e9) * 100
         return percent > self.settings.idle_cpu_percent
 
+    async def _gpu_busy(self, ws: Workspace) -> bool:
+        """Whether one of the workspace's GPUs is busier than ``gpu_idle_percent`` (a
+        training run with an idle terminal is not idle)."""
+        uuids = [g.uuid for g in self.service.gpus.devices_for(ws)]
+        used = await asyncio.to_thread(self.service.gpus.utilization, uuids)
+        self.service.metrics.gpu_utilization(used)
+        return any(p > self.settings.gpu_idle_percent for p in used.values())
+
     async def views(self) -> list[IdleView]:
         with self.service.sessions() as s:
             rows = list(s.scalars(select(Workspace).where(
@@ -143,6 +154,9 @@ class Reaper:
         st = self.settings
         for ws in rows:
             busy = self.activity.busy(ws.id)
+            if ws.state == State.RUNNING.value and ws.gpus > 0 and not ws.keep_alive \
+                    and not busy:
+                busy = await self._gpu_busy(ws)
             if ws.state == State.RUNNING.value and not ws.keep_alive and not busy:
                 # One workspace that cannot be measured (deleted under the pass, its
                 # container gone, the engine refusing) is left alone this pass; the others
@@ -164,6 +178,7 @@ class Reaper:
                 stop_after_s=st.stop_after_s if ws.stop_after_s is None else ws.stop_after_s,
                 last_activity_at=ws.last_activity_at, state_since=ws.updated_at,
                 keepalive_until=ws.keepalive_until, busy=busy,
+                idle_stop=self.service.gpus.idle_action(ws) == "stop",
             ))
         return views
 

@@ -34,6 +34,7 @@ from server.errors import (
     ValidationFailed,
 )
 from server.git import clone as git_clone
+from server.gpus.allocation import GpuPool
 from server.logs import bind_workspace
 from server.metrics import Metrics
 from server.network import policy as net_policy
@@ -102,6 +103,7 @@ class CreateRequest:
     memory_mb: int | None = None
     disk_gb: int | None = None
     gpus: int = 0
+    gpu_model: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     idle_timeout_s: int | None = None
     stop_after_s: int | None = None
@@ -133,8 +135,10 @@ class WorkspaceService:
         instance_id: str,
         metrics: Metrics | None = None,
         network: NetworkGuard | None = None,
+        gpus: GpuPool | None = None,
     ) -> None:
         self.settings = settings
+        self.gpus = gpus if gpus is not None else GpuPool()  # allocated in _transition
         # Enforces network policies on the host (None: workspaces on the engine's default
         # bridge, no policy enforced).
         self.network = network
@@ -218,6 +222,7 @@ class WorkspaceService:
                 instance=self.instance_id, workspace_id=ws.id, owner=str(ws.owner_id)
             ),
             env={str(k): str(v) for k, v in ws.env.items()},
+            gpus=self.gpus.devices_for(ws),
         )
 
     def repo_path(self, ws: Workspace) -> str:
@@ -256,6 +261,7 @@ class WorkspaceService:
                 raise Conflict(
                     f"workspace is {current or 'gone'}, not {src.value}; try again",
                 )
+            self.gpus.on_transition(s, workspace_id, src, dst)  # taken or given back with it
             self._record(s, workspace_id, kind="state", actor=actor,
                          message=message or reason, src=src, dst=dst)
         log.info("workspace %s: %s -> %s %s", workspace_id, src.value, dst.value, reason)
@@ -310,6 +316,7 @@ class WorkspaceService:
             repo_url=source.url if source.kind != "file" else req.repo_url.strip(),
             repo_branch=req.branch, repo_dir=naming.repo_basename(source.url), image=image,
             runtime=runtime, cpus=cpus, memory_mb=memory_mb, disk_gb=disk_gb, gpus=req.gpus,
+            gpu_model=req.gpu_model,
             env=env, idle_timeout_s=req.idle_timeout_s, stop_after_s=req.stop_after_s,
             keep_alive=req.keep_alive, network=network.to_json(),
         )
@@ -346,6 +353,7 @@ class WorkspaceService:
             )
             s.add(row)
             s.flush()
+            self.gpus.on_transition(s, ws_id, None, State.CREATING)
             self._record(s, ws_id, kind="state", actor=user.name,
                          message=f"{message_prefix} {row.repo_url}", dst=State.CREATING)
         log.info("workspace %s: creating %r for %s (%s %s)", ws_id, name, user.name,
@@ -548,13 +556,7 @@ class WorkspaceService:
             )
         if not 1 <= disk_gb <= st.max_disk_gb:
             raise ValidationFailed(f"resources.disk_gb must be between 1 and {st.max_disk_gb}")
-        if req.gpus < 0:
-            raise ValidationFailed("resources.gpus must be 0 or more")
-        if req.gpus > st.max_gpus:
-            raise Conflict(
-                f"{req.gpus} GPU(s) asked, but this server can give a workspace at most "
-                f"{st.max_gpus}", code="gpus_unavailable",
-            )
+        self.gpus.validate(req.gpus, req.gpu_model, max_gpus=st.max_gpus)
         return cpus, memory_mb, disk_gb
 
     async def _build(self, ws_id: str, source: git_clone.RepoSource, branch: str | None) -> None:
@@ -738,6 +740,7 @@ class WorkspaceService:
             step = self._plan(PAUSE, ws)
             if step is None:
                 return ws
+            self.gpus.check_pause(ws)
             self._transition(ws_id, State.RUNNING, step, actor=actor)
             spec = self.spec_for(ws)
             started = time.monotonic()
