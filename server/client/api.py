@@ -420,6 +420,15 @@ class Den:
             body["name"] = name
         return self.request_json("POST", "/api/v1/users/me/ssh-keys", json_body=body)
 
+    def gpus(self) -> JSON:
+        """The server's GPUs: ``total``, ``free``, ``models`` (free per model),
+        ``idle_action``; ``gpus`` (each with its holder) for admins, else None."""
+        return dict(self.request_json("GET", "/api/v1/gpus"))
+
+    def reclaim_gpu(self, uuid: str) -> JSON:
+        """(admin) Stop the workspace holding GPU ``uuid``; the GPU as it then is."""
+        return dict(self.request_json("POST", f"/api/v1/gpus/{_seg(uuid)}/reclaim"))
+
     def ssh_keys(self) -> list[JSON]:
         """The user's SSH keys: ``id, name, type, fingerprint, public_key, created_at, ...``."""
         return list(self.request_json("GET", "/api/v1/users/me/ssh-keys")["ssh_keys"])
@@ -442,6 +451,7 @@ class Den:
         memory_mb: int | None = None,
         disk_gb: int | None = None,
         gpus: int | None = None,
+        gpu_model: str | None = None,
         env: Mapping[str, str] | None = None,
         idle_timeout_s: int | None = None,
         stop_after_s: int | None = None,
@@ -467,7 +477,8 @@ class Den:
             "name": name or default_name(repo_url),
             "repo": {"url": repo_url, "branch": branch},
         }
-        resources = {"cpus": cpus, "memory_mb": memory_mb, "disk_gb": disk_gb, "gpus": gpus}
+        resources = {"cpus": cpus, "memory_mb": memory_mb, "disk_gb": disk_gb, "gpus": gpus,
+                     "gpu_model": gpu_model}
         optional: JSON = {
             "image": image,
             "runtime": runtime,

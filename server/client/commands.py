@@ -170,6 +170,7 @@ def _create(args: argparse.Namespace, ctx: _Context) -> int:
             memory_mb=args.memory_mb,
             disk_gb=args.disk_gb,
             gpus=args.gpus,
+            gpu_model=args.gpu_model,
             network=args.network,
             allow=args.allow,
             wait=not args.no_wait,
@@ -190,6 +191,36 @@ def _ls(args: argparse.Namespace, ctx: _Context) -> int:
         for ws in workspaces
     ]
     print(_table(["NAME", "STATE", "REPO", "CREATED"], rows))
+    return 0
+
+
+def _gpus(args: argparse.Namespace, ctx: _Context) -> int:
+    with ctx.client() as den:
+        info = den.gpus() if args.reclaim is None else None
+        if args.reclaim is not None:
+            gpu = den.reclaim_gpu(args.reclaim)
+            print(f"{gpu['uuid']}: free (its workspace was stopped; its disk is kept)")
+            return 0
+    assert info is not None
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    if not info["total"]:
+        print("this server has no GPUs")
+        return 0
+    if info.get("gpus") is not None:  # an admin: each GPU and its holder
+        rows = [[str(g["index"] if g["index"] is not None else "-"), g["uuid"],
+                 g["model"] or "(not in the inventory)",
+                 f"{g['held_by']['owner']}/{g['held_by']['workspace']}" if g["held_by"]
+                 else "free",
+                 "-" if g["utilization_percent"] is None else f"{g['utilization_percent']}%"]
+                for g in info["gpus"]]
+        print(_table(["INDEX", "UUID", "MODEL", "HELD BY", "UTIL"], rows))
+    else:
+        rows = [[m["model"], str(m["free"]), str(m["total"])] for m in info["models"]]
+        print(_table(["MODEL", "FREE", "TOTAL"], rows))
+    print(f"{info['free']} of {info['total']} free; an idle GPU workspace is "
+          f"{'stopped' if info['idle_action'] == 'stop' else 'paused'}")
     return 0
 
 
@@ -641,13 +672,19 @@ def add_client_commands(
     p.add_argument("--cpus", type=float, help="CPU limit")
     p.add_argument("--memory-mb", type=int, help="memory limit in MiB")
     p.add_argument("--disk-gb", type=int, help="disk size in GiB")
-    p.add_argument("--gpus", type=int, help="number of GPUs")
+    p.add_argument("--gpus", type=int, help="number of whole GPUs (held while it runs)")
+    p.add_argument("--gpu-model", help='only GPUs whose model contains this, e.g. "A100"')
     p.add_argument("--network", choices=["none", "internet", "allowlist"],
                    help="network mode (default: the server's)")
     p.add_argument("--allow", action="append", metavar="ENTRY",
                    help="with --network allowlist: a CIDR, address or address:port (repeat)")
     p.add_argument("--no-wait", action="store_true", help="return while it is still creating")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
+
+    p = verb("gpus", _gpus, "the server's GPUs: free per model (admins: who holds each)")
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+    p.add_argument("--reclaim", metavar="UUID",
+                   help="(admin) free a GPU by stopping the workspace that holds it")
 
     p = verb("ls", _ls, "list workspaces")
     p.add_argument("--json", action="store_true", help="print the raw JSON")
