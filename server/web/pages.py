@@ -53,8 +53,13 @@ def _state(ws: Workspace) -> dict[str, Any]:
 @router.get("/workspaces")
 def dashboard(request: Request, user: WebUser) -> Response:
     settings = request.app.state.settings
-    return page(request, "dashboard.html", user=user, workspaces=_svc(request).list_for(user),
-                form={}, defaults=settings)
+    svc = _svc(request)
+    gpus = None
+    if user.is_admin and svc.gpus.gpus:  # who holds which GPU: admins only
+        with svc.sessions() as s:
+            gpus = svc.gpus.holders(s)
+    return page(request, "dashboard.html", user=user, workspaces=svc.list_for(user),
+                form={}, defaults=settings, gpus=gpus)
 
 
 @router.get("/workspaces/state.json")

@@ -190,3 +190,16 @@ def test_reaper_stops_an_idle_gpu_workspace_and_counts_gpu_use_as_activity(
             Workspace, a["id"]).last_activity_at.replace(year=2000)
     assert portal.call(reaper.run_once) == [(a["id"], Action.STOP)]
     assert svc.get(a["id"]).state == "stopped" and held(api) == {}
+
+
+def test_dashboard_shows_gpu_holders_to_admins_only(
+        api: ApiClient, make_repo: Callable[..., Path]) -> None:
+    from tests.unit.test_tokens_and_sessions import _browser_signed_in_with
+
+    api.create(make_repo(), resources={"gpus": 1, "gpu_model": "L4"})
+    admin = _browser_signed_in_with(api, api.tokens["root"]).get("/workspaces").text
+    assert 'id="gpus-title"' in admin
+    assert ">alice/api</a>" in admin and "GPU-aaaa</span> (/dev/nvidia0)" in admin
+    assert "1 GPU</td>" in admin
+    user = _browser_signed_in_with(api, api.tokens["alice"]).get("/workspaces").text
+    assert 'id="gpus-title"' not in user and "1 GPU</td>" in user
