@@ -167,9 +167,17 @@ fi
 # 4. /etc/docker/daemon.json: merge, never drop other keys
 # ---------------------------------------------------------------------------------------------
 mkdir -p "$(dirname "$DAEMON_JSON")"
-json_status=$(python3 - "$DAEMON_JSON" "$RUNTIME_PATH" <<'PY'
+# A second runtime, runsc-gpu (runsc --nvproxy: GPUs for gVisor workspaces, docs/gpus.md), only
+# on a host whose NVIDIA driver is loaded and lists a GPU; never elsewhere.
+HAVE_GPUS=0
+if [ -e /dev/nvidiactl ] && command -v nvidia-smi >/dev/null 2>&1 \
+        && nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then
+    HAVE_GPUS=1
+    log "NVIDIA GPUs found: registering runtime runsc-gpu (runsc --nvproxy)"
+fi
+json_status=$(python3 - "$DAEMON_JSON" "$RUNTIME_PATH" "$HAVE_GPUS" <<'PY'
 import json, os, sys
-path, runtime = sys.argv[1], sys.argv[2]
+path, runtime, have_gpus = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 try:
     with open(path) as f:
         text = f.read()
@@ -191,6 +199,14 @@ ours = ("--overlay2", "--net-disconnect-ok")
 args = [a for a in entry.get("runtimeArgs") or [] if not a.startswith(ours)]
 entry["runtimeArgs"] = ["--overlay2=none", "--net-disconnect-ok", *args]
 runtimes["runsc"] = entry
+if have_gpus:
+    # nvproxy passes the device nodes listed in the container's spec (Den lists exactly the
+    # allocated GPUs') through to the host driver; the driver version must be one this runsc
+    # supports (runsc nvproxy list-supported-drivers, newer releases).
+    gpu = dict(runtimes.get("runsc-gpu") or {})
+    gpu["path"] = runtime
+    gpu["runtimeArgs"] = [*entry["runtimeArgs"], "--nvproxy"]
+    runtimes["runsc-gpu"] = gpu
 if new == old:
     print("unchanged")
 else:
