@@ -6,7 +6,7 @@
 #   REPO_URL  any repository Den may clone (a small one: nothing in it is used)
 #   DEN_TOKEN an admin's API token (the check reads who holds which GPU)
 # Environment:
-#   GPU_CHECK_CUDA=0      skip the CUDA computation (it installs CuPy from PyPI inside the
+#   GPU_CHECK_CUDA=0      skip the CUDA computation (it installs PyTorch from PyPI inside the
 #                         workspace: the workspace needs network mode internet)
 #   GPU_CHECK_IDLE_S=60   the idle timeout given to the idle-handling workspace
 #
@@ -25,7 +25,6 @@ REPO=${1:?usage: DEN_URL=... DEN_TOKEN=... $0 REPO_URL}
 CUDA=${GPU_CHECK_CUDA:-1}
 IDLE_S=${GPU_CHECK_IDLE_S:-60}
 PREFIX="gpucheck-$$"
-MADE=()
 
 log() { printf 'gpu-check: %s\n' "$*"; }
 fail() { printf 'gpu-check: FAILED: %s\n' "$*" >&2; exit 1; }
@@ -54,7 +53,7 @@ create() {  # create NAME RESOURCES_JSON [EXTRA_JSON_FIELDS] -> workspace id (wa
         "{\"name\": \"$1\", \"repo\": {\"url\": \"$REPO\"}, \"resources\": $2${3:+, $3}}")
     case $(status) in 201|202) ;; *) printf '%s' "$out"; return 1 ;; esac
     id=$(printf '%s' "$out" | field 'd["id"]')
-    MADE+=("$id")
+    echo "$id" >>"$MADE_FILE"  # create runs in a subshell: the list is a file
     for _ in $(seq 1 600); do
         state=$(api GET "/api/v1/workspaces/$id" | field 'd["state"]')
         [ "$state" = running ] && { printf '%s' "$id"; return 0; }
@@ -64,10 +63,12 @@ create() {  # create NAME RESOURCES_JSON [EXTRA_JSON_FIELDS] -> workspace id (wa
     fail "workspace $1 not running after 600 s"
 }
 cleanup() {
-    for id in "${MADE[@]}"; do api DELETE "/api/v1/workspaces/$id" >/dev/null || true; done
-    rm -f "$STATUS_FILE"
+    local id
+    while read -r id; do api DELETE "/api/v1/workspaces/$id" >/dev/null || true; done <"$MADE_FILE"
+    rm -f "$STATUS_FILE" "$MADE_FILE"
 }
 STATUS_FILE=$(mktemp)
+MADE_FILE=$(mktemp)
 trap cleanup EXIT
 
 # 1. -------------------------------------------------------------------------------------
@@ -94,17 +95,18 @@ log "2. workspace $a holds $mine and nvidia-smi inside lists exactly it"
 
 # 3. -------------------------------------------------------------------------------------
 if [ "$CUDA" = 1 ]; then
-    run_in "$a" 'python3 -m pip install --quiet --user cupy-cuda12x >/dev/null 2>&1 ||
-                 python3 -m pip install --quiet --user --break-system-packages cupy-cuda12x' >/dev/null
+    # PyTorch's wheels from PyPI bring their own CUDA runtime (about 3 GB to download).
+    run_in "$a" 'python3 -m pip install --quiet --user torch >/dev/null 2>&1 ||
+                 python3 -m pip install --quiet --user --break-system-packages torch' >/dev/null
     got=$(run_in "$a" 'python3 -c "
-import cupy as cp
-a = cp.arange(1024, dtype=cp.float64).reshape(32, 32)
-print(int(cp.asnumpy((a @ a.T).sum())))"')
-    want=$(python3 -c 'import itertools
-a=[[r*32+c for c in range(32)] for r in range(32)]
+import torch
+assert torch.cuda.is_available() and torch.cuda.device_count() == 1, torch.cuda.device_count()
+a = torch.arange(1024, dtype=torch.float64, device=\"cuda\").reshape(32, 32)
+print(int((a @ a.T).sum().item()))"')
+    want=$(python3 -c 'a=[[r*32+c for c in range(32)] for r in range(32)]
 print(sum(sum(x*y for x,y in zip(a[i],a[j])) for i in range(32) for j in range(32)))')
     [ "$got" = "$want" ] || fail "CUDA matmul gave $got, want $want"
-    log "3. CUDA computation inside (CuPy matmul) is right: $got"
+    log "3. CUDA computation inside (a PyTorch matmul on the GPU) is right: $got"
 else
     log "3. CUDA computation skipped (GPU_CHECK_CUDA=0)"
 fi
