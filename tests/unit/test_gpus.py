@@ -244,3 +244,23 @@ def test_allocation_rules() -> None:
     assert pick(gpus, set(), count=3, model=None) == gpus
     assert idle_action(1, checkpoint=False) == "stop"
     assert idle_action(1, checkpoint=True) == idle_action(0, checkpoint=False) == "pause"
+
+
+@pytest.mark.parametrize(("runtime", "requests"), [("gvisor", False), ("runc", False),
+                                                   ("runc", True)])
+def test_docker_py_takes_the_gpu_host_config(runtime: str, requests: bool) -> None:
+    import docker.types
+
+    cfg = docker_specs.container_config(
+        spec(runtime), gvisor_runtime="runsc",
+        gpu=gc.GpuSandbox(device_requests=requests, driver=DRIVER))
+    hc = docker.types.HostConfig(version="1.43", **cfg["host_config"])
+    if requests:
+        assert hc["DeviceRequests"] == [{"Driver": "nvidia", "Count": 0,
+                                         "DeviceIDs": ["GPU-1"], "Options": {},
+                                         "Capabilities": [["gpu", "compute", "utility"]]}]
+    else:
+        assert hc["Devices"][0] == {"PathOnHost": "/dev/nvidia1",
+                                    "PathInContainer": "/dev/nvidia1",
+                                    "CgroupPermissions": "rwm"}
+        assert "/usr/local/bin/nvidia-smi:/usr/bin/nvidia-smi:ro" in hc["Binds"]
