@@ -79,6 +79,7 @@ def instance_id(sessions: sessionmaker[Session]) -> str:
 def default_runtime(settings: Settings) -> tuple[Runtime, NetworkGuard | None]:
     """The Docker engine with gVisor, and the guard of its network when isolation is on."""
     from server.agent.install import install_agent
+    from server.runtime.disk_quota import Disks
     from server.runtime.docker import DockerRuntime
 
     network: dict[str, Any] = {}
@@ -95,7 +96,9 @@ def default_runtime(settings: Settings) -> tuple[Runtime, NetworkGuard | None]:
     rt = DockerRuntime(base_url=settings.docker_url, gvisor_runtime=settings.gvisor_runtime,
                        threads=settings.engine_threads, helper_image=settings.default_image,
                        runsc=settings.runsc_path, runsc_root=settings.runsc_root,
-                       agent_dir=install_agent(settings), **network)
+                       agent_dir=install_agent(settings),
+                       disks=Disks(settings.data_dir / "disks") if settings.enforce_disk_gb
+                       else None, **network)
     guard = (NetworkGuard(runtime=rt, settings=settings, resolver_addresses=servers)
              if settings.network_isolation else None)
     return rt, guard

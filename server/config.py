@@ -218,11 +218,22 @@ class Settings(BaseSettings):
     # --- resources -------------------------------------------------------------------
     default_cpus: float = Field(2.0, description="CPUs of a workspace that asks for none.")
     default_memory_mb: int = Field(2048, description="Memory limit of a workspace, in MiB.")
-    default_disk_gb: int = Field(10, description="Disk size recorded for a workspace, in GB.")
+    default_disk_gb: int = Field(
+        10, description="Disk of a workspace that asks for none, in GiB (/workspace and its "
+        "root filesystem together).")
     default_pids: int = Field(1024, description="Process limit of a workspace (pids cgroup).")
     max_cpus: float = Field(8.0, description="Largest CPU count a workspace may ask for.")
     max_memory_mb: int = Field(16384, description="Largest memory limit a workspace may ask for.")
-    max_disk_gb: int = Field(200, description="Largest disk a workspace may ask for, in GB.")
+    max_disk_gb: int = Field(200, description="Largest disk a workspace may ask for, in GiB.")
+    enforce_disk_gb: bool = Field(
+        True,
+        description=(
+            "Give each new workspace a disk of its own: a sparse ext4 image of disk_gb GiB "
+            "under <data_dir>/disks, loop-mounted (as root), holding /workspace and the "
+            "container's writable layer; filling it is ENOSPC inside. Off: disk_gb is "
+            "recorded only and a workspace may fill the engine's disk."
+        ),
+    )
     max_gpus: int = Field(0, description="Largest GPU count a workspace may ask for.")
     max_workspaces_per_user: int = Field(
         20, description="Workspaces one user may own at once (429 beyond)."

@@ -84,6 +84,16 @@ def engine() -> Iterator[None]:
     subprocess.run(["docker", "image", "prune", "-f", "--filter", "label=den.managed=true"],
                    capture_output=True, timeout=120)
     remove_networks(RUN_PREFIX)
+    unmount_disks(RUN_PREFIX)
+
+
+def unmount_disks(prefix: str) -> None:
+    """Disk images of this run's volumes still mounted (their volumes are gone by now):
+    detach them, so that nothing is left mounted under the tests' temporary directories."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        mnt = Path(line.split()[4])
+        if mnt.parent.name == "disks" and mnt.name.startswith(prefix):
+            subprocess.run(["umount", "--lazy", str(mnt)], capture_output=True, timeout=60)
 
 
 def remove_networks(prefix: str) -> None:

@@ -59,6 +59,7 @@ class WorkspaceSpec:
     hostname: str
     labels: Mapping[str, str]
     env: Mapping[str, str] = field(default_factory=dict)
+    disk_gb: int = 0  # /workspace and the root filesystem together; 0: not enforced
 
 
 @dataclass(frozen=True)

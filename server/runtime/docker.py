@@ -38,7 +38,7 @@ from server.agent import ops as agent_ops
 from server.agent.protocol import DockerDemux
 from server.agent.session import AgentOpError, AgentSession
 from server.errors import DenError
-from server.runtime import docker_specs
+from server.runtime import disk_quota, docker_specs
 from server.runtime.base import (
     LABEL_INSTANCE,
     LABEL_MANAGED,
@@ -58,6 +58,7 @@ from server.runtime.base import (
     StreamChunk,
     WorkspaceSpec,
 )
+from server.runtime.disk_quota import Disks
 from server.runtime.errors import (
     AgentTimeout,
     AgentUnavailable,
@@ -112,10 +113,12 @@ class DockerRuntime:
                  helper_image: str = "den/workspace:latest", runsc: str = "runsc",
                  runsc_root: str = "/run/docker/runtime-runc/moby", agent_dir: Path | None = None,
                  network: str = "", network_interface: str = "", network_subnet: str = "",
-                 resolv_conf: Path | None = None):
+                 resolv_conf: Path | None = None, disks: Disks | None = None):
         """``network``: the bridge network every new workspace joins (created when missing,
         its host interface named ``network_interface``); empty keeps the engine's default
-        bridge. ``resolv_conf`` is mounted as the workspaces' /etc/resolv.conf."""
+        bridge. ``resolv_conf`` is mounted as the workspaces' /etc/resolv.conf. ``disks``
+        enforces each workspace's ``disk_gb`` (None: not enforced)."""
+        self._disks = disks
         self._agent_dir = agent_dir
         self._network = network
         self._network_interface = network_interface
@@ -207,11 +210,10 @@ class DockerRuntime:
 
         def run() -> None:
             api = self._api()
-            vol = docker_specs.volume_config(spec)
             try:
                 api.inspect_volume(spec.volume_name)
             except docker.errors.NotFound:
-                api.create_volume(**vol)
+                api.create_volume(**self._volume_config(spec))
             cfg = self._container_config(spec)
             host_config = api.create_host_config(**cfg.pop("host_config"))
             try:
@@ -220,6 +222,24 @@ class DockerRuntime:
                 api.create_container(**cfg, host_config=host_config)
 
         await self._call(what, run)
+
+    def _volume_config(self, spec: WorkspaceSpec, name: str | None = None) -> dict[str, Any]:
+        """A new volume of the workspace, on a disk image of its own when disks are enforced
+        (blocking: makes and mounts the image)."""
+        name = name or spec.volume_name
+        opts = (self._disks.create(name, size_gb=spec.disk_gb)
+                if self._disks is not None and spec.disk_gb > 0 else None)
+        return docker_specs.volume_config(spec, name=name, driver_opts=opts)
+
+    def _disk_ready(self, spec: WorkspaceSpec, inspect: dict[str, Any]) -> None:
+        """Before the container starts or is committed: its disk image mounted and its
+        writable layer on it (again, after a host reboot). Blocking."""
+        if self._disks is not None:
+            self._disks.ready(spec.volume_name, disk_quota.layer_dir(inspect))
+
+    def _remove_disk(self, volume: str) -> None:
+        if self._disks is not None:
+            self._disks.remove(volume)
 
     def _container_config(self, spec: WorkspaceSpec) -> dict[str, Any]:
         if self._network:
@@ -315,8 +335,9 @@ class DockerRuntime:
 
         def run() -> None:
             api = self._api()
-            state = api.inspect_container(spec.container_name)["State"]
-            if not state.get("Running"):
+            info = api.inspect_container(spec.container_name)
+            if not info["State"].get("Running"):
+                self._disk_ready(spec, info)
                 api.start(spec.container_name)
 
         await self._call(f"start workspace {spec.workspace_id}", run)
@@ -345,6 +366,7 @@ class DockerRuntime:
                 api.remove_container(spec.container_name, force=True, v=False)
             faults.point("delete.volume")
             _remove_volume(api, spec.volume_name)
+            self._remove_disk(spec.volume_name)
 
         await self._call(f"destroy workspace {spec.workspace_id}", run)
 
@@ -463,8 +485,10 @@ class DockerRuntime:
         def run() -> None:
             api = self._api()
             name = spec.container_name
-            if api.inspect_container(name)["State"].get("Running"):
+            info = api.inspect_container(name)
+            if info["State"].get("Running"):
                 return
+            self._disk_ready(spec, info)
             res = api._post(api._url("/containers/{0}/start", name),
                             params={"checkpoint": checkpoint})
             api._raise_for_status(res)
@@ -644,6 +668,7 @@ class DockerRuntime:
         def run() -> int:
             api = self._api()
             repository, _, tag = snap.image.rpartition(":")
+            self._disk_ready(spec, api.inspect_container(spec.container_name))
             image = api.commit(spec.container_name, repository=repository, tag=tag,
                                conf={"Labels": dict(snap.labels)}, pause=False)
             size = int(api.inspect_image(image["Id"]).get("Size") or 0)
@@ -670,7 +695,7 @@ class DockerRuntime:
             try:
                 api.inspect_volume(spec.volume_name)
             except docker.errors.NotFound:
-                api.create_volume(**docker_specs.volume_config(spec))
+                api.create_volume(**self._volume_config(spec))
             cfg = self._container_config(spec)
             host_config = api.create_host_config(**cfg.pop("host_config"))
             api.create_container(**cfg, host_config=host_config)
@@ -686,7 +711,7 @@ class DockerRuntime:
             try:
                 api.inspect_volume(volume)
             except docker.errors.NotFound:
-                api.create_volume(**docker_specs.volume_config(spec, name=volume))
+                api.create_volume(**self._volume_config(spec, volume))
             self._copy_volume(snap.volume, volume, wipe=True, labels=dict(spec.labels),
                               workspace_id=spec.workspace_id, fault="restore.copy")
 
@@ -708,6 +733,7 @@ class DockerRuntime:
             api.create_container(**cfg, host_config=host_config)
             if old_volume != spec.volume_name:
                 _remove_volume(api, old_volume)
+                self._remove_disk(old_volume)
 
         await self._call(f"replace container of workspace {spec.workspace_id}", run)
 
@@ -847,6 +873,8 @@ class DockerRuntime:
                             api.remove_image(obj.name, force=True)
                 else:
                     api.remove_volume(obj.name, force=True)
+            if obj.kind == "volume":
+                self._remove_disk(obj.name)
 
         await self._call(f"remove {obj.kind} {obj.name}", run)
 

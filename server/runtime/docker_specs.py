@@ -197,10 +197,16 @@ def snapshot_volume_config(snap: SnapshotSpec) -> dict[str, Any]:
     return {"name": snap.volume, "driver": "local", "labels": dict(snap.labels)}
 
 
-def volume_config(spec: WorkspaceSpec, *, name: str | None = None) -> dict[str, Any]:
+def volume_config(spec: WorkspaceSpec, *, name: str | None = None,
+                  driver_opts: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Arguments of ``APIClient.create_volume``: the workspace's volume, or another of its
-    volumes (a restore's new copy) named ``name``."""
-    return {"name": name or spec.volume_name, "driver": "local", "labels": dict(spec.labels)}
+    volumes (a restore's new copy) named ``name``; ``driver_opts`` bind it to a directory
+    (its disk image: server/runtime/disk_quota.py)."""
+    cfg: dict[str, Any] = {"name": name or spec.volume_name, "driver": "local",
+                           "labels": dict(spec.labels)}
+    if driver_opts:
+        cfg["driver_opts"] = dict(driver_opts)
+    return cfg
 
 
 def exec_env(user: str, base: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:

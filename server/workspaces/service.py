@@ -212,6 +212,7 @@ class WorkspaceService:
             runtime=ws.runtime,
             cpus=ws.cpus,
             memory_mb=ws.memory_mb,
+            disk_gb=ws.disk_gb,
             pids_limit=ws.pids_limit,
             hostname=ws.name,
             labels=labels_for(
@@ -370,11 +371,20 @@ class WorkspaceService:
             user, name, message_prefix=f"fork of snapshot {snap.id} ({snap.name}) of",
             repo_url=snap.repo_url, repo_branch=snap.repo_branch, repo_dir=snap.repo_dir,
             image=snap.image, runtime=runtime, cpus=self.settings.default_cpus,
-            memory_mb=self.settings.default_memory_mb, disk_gb=self.settings.default_disk_gb,
+            memory_mb=self.settings.default_memory_mb, disk_gb=self._forked_disk_gb(snap),
             gpus=0, env={}, network=self._forked_network(snap).to_json(),
         )
         self._spawn(row.id, self._build_fork(row.id, snap))
         return self.get(row.id)
+
+    def _forked_disk_gb(self, snap: Snapshot) -> int:
+        """The origin's disk while it exists (else the default), and room for the snapshot."""
+        base = self.settings.default_disk_gb
+        if snap.workspace_id is not None:
+            with self.sessions() as s:
+                origin = s.get(Workspace, snap.workspace_id)
+                base = origin.disk_gb if origin is not None else base
+        return min(max(base, -(-snap.size_bytes // 1024**3)), self.settings.max_disk_gb)
 
     async def _build_fork(self, ws_id: str, snap: Snapshot) -> None:
         spec = self.spec_for(self.get(ws_id))

@@ -680,6 +680,31 @@ async def test_a_fork_is_held_to_the_runtime_policy_of_now(
     assert [w.name for w in svc.list_for(alice)] == ["api"]
 
 
+async def test_a_fork_gets_its_origins_disk_and_room_for_the_snapshot(
+        make_service: Callable[..., WorkspaceService], make_repo: Callable[..., Path]) -> None:
+    """disk_gb is enforced (server/runtime/disk_quota.py): a fork with the default disk
+    could not hold a bigger origin's files, nor keep a smaller origin's limit."""
+    from sqlalchemy import update
+
+    from server.db.models import Snapshot
+    from server.snapshots.service import SnapshotService
+
+    svc = make_service(default_disk_gb=10, max_disk_gb=50)
+    snaps = SnapshotService(svc)
+    alice = user(svc)
+    ws = await create(svc, alice, make_repo(), disk_gb=3)
+    snap = await snaps.create(ws.id, name="one", memory=False, actor="alice")
+    fork = await settle(svc, (await snaps.fork(alice, snap, name="f1")).id)
+    assert (fork.disk_gb, svc.spec_for(fork).disk_gb) == (3, 3)
+
+    await svc.delete(ws.id, actor="alice")  # origin gone: the default, or what it needs
+    assert (await snaps.fork(alice, snaps.get(snap.id), name="f2")).disk_gb == 10
+    with svc.sessions.begin() as s:
+        s.execute(update(Snapshot).where(Snapshot.id == snap.id)
+                  .values(size_bytes=20 * 1024**3 + 1))
+    assert (await snaps.fork(alice, snaps.get(snap.id), name="f3")).disk_gb == 21
+
+
 async def test_snapshot_of_a_workspace_in_transition_is_409(
         svc: WorkspaceService, make_repo: Callable[..., Path]) -> None:
     from server.snapshots.service import SnapshotService
