@@ -103,11 +103,16 @@ class Disks:
     def has(self, volume: str) -> bool:
         return self.image(volume).exists()
 
-    def create(self, volume: str, *, size_gb: int) -> dict[str, str]:
+    def owner_file(self, volume: str) -> Path:
+        return self.root / f"{check_name(volume)}.workspace"
+
+    def create(self, volume: str, *, size_gb: int, workspace_id: str) -> dict[str, str]:
         """Make and mount the volume's image (idempotent; an image already there is kept,
-        whatever its size) and return the volume's ``driver_opts``."""
+        whatever its size) and return the volume's ``driver_opts``. The workspace's id is
+        kept beside it, for :meth:`orphans`."""
         image = self.image(volume)
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.owner_file(volume).write_text(workspace_id)
         if not image.exists():
             tmp = image.with_name(image.name + ".new")
             tmp.unlink(missing_ok=True)
@@ -172,12 +177,27 @@ class Disks:
             mnt.rmdir()
         image.unlink(missing_ok=True)
         image.with_name(image.name + ".new").unlink(missing_ok=True)
+        self.owner_file(volume).unlink(missing_ok=True)
 
     def volumes(self) -> list[str]:
-        """Volumes that have an image here."""
+        """Volumes that have an image (or its owner file: a create cut short) here."""
         if not self.root.is_dir():
             return []
-        return sorted(p.name[: -len(".img")] for p in self.root.glob("*.img"))
+        return sorted({p.stem for p in self.root.iterdir()
+                       if p.suffix in (".img", ".workspace") and _NAME.match(p.stem)})
+
+    def orphans(self, engine_volumes: set[str]) -> list[tuple[str, str]]:
+        """(volume, workspace id) of each image whose volume the engine does not have: a
+        crash between the two, or a create cut short (reconcile decides, by workspace)."""
+        found = []
+        for volume in self.volumes():
+            if volume not in engine_volumes:
+                try:
+                    owner = self.owner_file(volume).read_text().strip()
+                except OSError:
+                    owner = ""
+                found.append((volume, owner))
+        return found
 
 
 def _run(argv: list[str], what: str) -> None:

@@ -227,7 +227,7 @@ class DockerRuntime:
         """A new volume of the workspace, on a disk image of its own when disks are enforced
         (blocking: makes and mounts the image)."""
         name = name or spec.volume_name
-        opts = (self._disks.create(name, size_gb=spec.disk_gb)
+        opts = (self._disks.create(name, size_gb=spec.disk_gb, workspace_id=spec.workspace_id)
                 if self._disks is not None and spec.disk_gb > 0 else None)
         return docker_specs.volume_config(spec, name=name, driver_opts=opts)
 
@@ -840,6 +840,10 @@ class DockerRuntime:
                         snapshot_id=labels.get(LABEL_SNAPSHOT, ""),
                     )
                 )
+            if self._disks is not None:  # disk images whose volume is gone (a crash)
+                names = {str(v["Name"]) for v in api.volumes().get("Volumes") or []}
+                found += [EngineObject(kind="volume", name=volume, workspace_id=owner)
+                          for volume, owner in self._disks.orphans(names)]
             for image in api.images(all=False, filters={"label": label}):
                 labels = image.get("Labels") or {}
                 tags = [t for t in image.get("RepoTags") or [] if t != "<none>:<none>"]

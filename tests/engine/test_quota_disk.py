@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from server.runtime.disk_quota import Disks
 from tests.conftest import ApiClient
 
 pytestmark = pytest.mark.engine
@@ -147,3 +148,16 @@ def test_fork_and_restore_keep_the_limit(real_api: ApiClient,
     assert _volume(api, wid) != old_volume
     assert not (_disks(api) / f"{old_volume}.img").exists()
     assert _mounts_under(_disks(api) / old_volume) == []
+
+    # A disk whose volume is gone (Den killed between removing the two) goes at reconcile;
+    # the workspaces' own stay.
+    orphan = f"{api.app.state.settings.engine_prefix}-wsgone-data"
+    Disks(_disks(api)).create(orphan, size_gb=1, workspace_id="wsgone")
+    assert _mounts_under(_disks(api) / orphan)
+    assert api.client.portal is not None
+    api.client.portal.call(api.app.state.workspaces.reconcile)
+    assert not (_disks(api) / f"{orphan}.img").exists()
+    assert _mounts_under(_disks(api) / orphan) == []
+    assert api.exec(wid, "cat /workspace/notes")["stdout"] == "v1\n"
+    assert sorted(Disks(_disks(api)).volumes()) == sorted(
+        [_volume(api, wid), _volume(api, fork["id"])])

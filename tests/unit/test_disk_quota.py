@@ -72,3 +72,16 @@ def test_volumes_and_remove_of_nothing(tmp_path: Path) -> None:
     disks.remove("den-ws1-data")  # not mounted: the image goes
     assert disks.volumes() == ["den-ws2-data"]
     assert not disks.ready("den-ws3-data", None)  # no image: an unenforced volume
+
+
+def test_orphans_are_images_whose_volume_the_engine_lacks(tmp_path: Path) -> None:
+    disks = Disks(tmp_path)
+    for volume, owner in (("den-ws1-data", "ws1"), ("den-ws2-data", "ws2")):
+        (tmp_path / f"{volume}.img").write_bytes(b"")
+        disks.owner_file(volume).write_text(owner)
+    (tmp_path / "den-ws3-data.workspace").write_text("ws3")  # a create cut before mkfs
+    (tmp_path / "den-ws4-data.img.new").write_bytes(b"")  # not an image (yet)
+    (tmp_path / "den-ws1-data").mkdir()  # a mountpoint
+    assert disks.orphans({"den-ws1-data"}) == [("den-ws2-data", "ws2"), ("den-ws3-data", "ws3")]
+    disks.remove("den-ws3-data")
+    assert disks.orphans({"den-ws1-data"}) == [("den-ws2-data", "ws2")]
