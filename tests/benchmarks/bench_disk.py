@@ -5,22 +5,23 @@
 
 (docs/benchmarks.md, "Disk quota", explains the results.)
 
-Makes two workspaces with the server's own Docker backend (``DockerRuntime.create`` and
-``start``, runsc, the same container config, names ``denbench-disk-<random>-*``): one with
-``disk_gb`` enforced (a loop-mounted ext4 image under a temporary directory holding
-``/workspace`` and the container's writable layer: server/runtime/disk_quota.py), one
-without (``disk_gb`` 0: a plain local volume and the engine's overlay2 layer on the host's
-disk, what every workspace had before). In each, round by round, alternating which goes
-first, timed inside the sandbox (``date +%s%N`` around the work, so that the exec's own cost
-is left out):
+Makes three workspaces with the server's own Docker backend (``DockerRuntime.create`` and
+``start``, runsc, the same container config, names ``denbench-disk-<random>-*``): ``enforced``,
+with ``disk_gb`` enforced as Den does it (a loop-mounted ext4 image under a temporary
+directory holding ``/workspace`` and the container's writable layer, the loop device on
+direct I/O: server/runtime/disk_quota.py); ``buffered``, the same with the loop device on
+buffered I/O (the kernel's default); ``plain``, without (``disk_gb`` 0: a plain local volume
+and the engine's overlay2 layer on the host's disk, what every workspace had before). In
+each, round by round, rotating which goes first, timed inside the sandbox (``date +%s%N``
+around the work, so that the exec's own cost is left out):
 
 - ``write``: M MiB (512) of zeros with ``dd bs=1M conv=fsync``, in ``/workspace`` and in
   ``/var/tmp`` (the root filesystem), then the file removed (untimed);
 - ``create``: F (2,000) small files (``echo`` by the shell, no process per file) in a new
   directory, then ``rm -rf`` of it (timed apart: ``delete``).
 
-Prints medians per side and the ratio enforced/plain (above 1: the enforced disk is slower).
-Both workspaces and the image are removed at the end, also after a failure. Nothing asserts
+Prints medians per side and the ratios to plain (for rates, below 1: slower than plain).
+The workspaces and images are removed at the end, also after a failure. Nothing asserts
 on time.
 """
 
@@ -49,6 +50,14 @@ CREATE = ("mkdir -p {dir}/bench.d && cd {dir}/bench.d && t0=$(date +%s%N); i=0; 
           "echo $(( (t1 - t0) / 1000 )) $(( (t2 - t1) / 1000 ))")
 
 
+class BufferedDisks(Disks):
+    """Den's disks with the loop device left on buffered I/O."""
+
+    @staticmethod
+    def _direct_io(volume: str, mnt: Path) -> None:
+        return None
+
+
 def spec(prefix: str, side: str, disk_gb: int) -> WorkspaceSpec:
     return WorkspaceSpec(
         workspace_id=side, container_name=f"{prefix}-{side}", volume_name=f"{prefix}-{side}-data",
@@ -74,14 +83,17 @@ async def main() -> None:
     prefix = f"denbench-disk-{secrets.token_hex(3)}"
     tmp = Path(tempfile.mkdtemp(prefix="denbench-disk-"))
     rt = DockerRuntime(helper_image=IMAGE, disks=Disks(tmp / "disks"))
-    sides = {"enforced": spec(prefix, "enforced", 4), "plain": spec(prefix, "plain", 0)}
+    buffered = DockerRuntime(helper_image=IMAGE, disks=BufferedDisks(tmp / "disks"))
+    sides = {"enforced": spec(prefix, "enforced", 4), "buffered": spec(prefix, "buffered", 4),
+             "plain": spec(prefix, "plain", 0)}
+    runtimes = {"enforced": rt, "buffered": buffered, "plain": rt}
     samples: dict[str, dict[str, list[float]]] = {s: {} for s in sides}
     try:
-        for s in sides.values():
-            await rt.create(s)
-            await rt.start(s)
+        for side, s in sides.items():
+            await runtimes[side].create(s)
+            await runtimes[side].start(s)
         for r in range(args.rounds):
-            order = list(sides) if r % 2 == 0 else list(reversed(sides))
+            order = list(sides)[r % 3:] + list(sides)[:r % 3]
             for side in order:
                 name = sides[side].container_name
                 for where, path in (("workspace", "/workspace"), ("root", "/var/tmp")):
@@ -100,15 +112,16 @@ async def main() -> None:
             except Exception as exc:
                 print(f"cleanup of {s.container_name}: {exc}")
         rt.close()
+        buffered.close()
         subprocess.run(["rm", "-rf", str(tmp)], check=False)
 
     result = {side: {k: statistics.median(v) for k, v in m.items()}
               for side, m in samples.items()}
-    print(f"{'measure (median of ' + str(args.rounds) + ')':32} {'enforced':>10} {'plain':>10}"
-          f" {'ratio':>7}")
+    print(f"{'measure (median of ' + str(args.rounds) + ')':30} {'enforced':>9} {'buffered':>9}"
+          f" {'plain':>9} {'enf/plain':>9} {'buf/plain':>9}")
     for key in result["plain"]:
-        a, b = result["enforced"][key], result["plain"][key]
-        print(f"{key:32} {a:10.2f} {b:10.2f} {a / b:7.2f}")
+        a, b, p = (result[side][key] for side in ("enforced", "buffered", "plain"))
+        print(f"{key:30} {a:9.2f} {b:9.2f} {p:9.2f} {a / p:9.2f} {b / p:9.2f}")
     if args.json:
         args.json.write_text(json.dumps({"samples": samples, "medians": result}, indent=2))
 

@@ -74,6 +74,9 @@ def test_disk_gb_bounds_workspace_and_root(real_api: ApiClient,
     volume = _volume(api, wid)
     image = _disks(api) / f"{volume}.img"
     assert image.exists()
+    dio = subprocess.run(["losetup", "--list", "-n", "-O", "DIO", "-j", str(image)],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert dio == ["1"]  # one loop device, on direct I/O
     _assert_one_gib(api, wid)
 
     # As dev in /workspace, then as root in the root filesystem: both hit the same wall.
