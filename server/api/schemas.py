@@ -100,7 +100,9 @@ class RepoIn(_Strict):
 class ResourcesIn(_Strict):
     cpus: float | None = Field(default=None, ge=0.1, description="At most DEN_MAX_CPUS")
     memory_mb: int | None = Field(default=None, ge=128, description="At most DEN_MAX_MEMORY_MB")
-    disk_gb: int | None = Field(default=None, ge=1, description="At most DEN_MAX_DISK_GB")
+    disk_gb: int | None = Field(
+        default=None, ge=1, description="GiB for /workspace and the root filesystem together "
+        "(writing past it is ENOSPC inside); at most DEN_MAX_DISK_GB")
     gpus: int = Field(default=0, ge=0, description="At most DEN_MAX_GPUS")
 
 

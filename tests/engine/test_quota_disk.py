@@ -4,6 +4,7 @@ limit survives stop/start, pause/resume, a lost mount (host reboot), fork and re
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -164,3 +165,43 @@ def test_fork_and_restore_keep_the_limit(real_api: ApiClient,
     assert api.exec(wid, "cat /workspace/notes")["stdout"] == "v1\n"
     assert sorted(Disks(_disks(api)).volumes()) == sorted(
         [_volume(api, wid), _volume(api, fork["id"])])
+
+
+def test_a_workspace_made_before_keeps_its_plain_volume(engine: None, tmp_path: Path) -> None:
+    """A workspace whose volume has no disk image (made before disk_gb was enforced, or
+    with DEN_ENFORCE_DISK_GB off) starts, stops and is deleted as before, unlimited."""
+    from server.runtime.base import WorkspaceSpec, labels_for
+    from server.runtime.docker import DockerRuntime
+    from tests.conftest import RUN_PREFIX
+
+    name = f"{RUN_PREFIX}-legacy"
+    spec = WorkspaceSpec(
+        workspace_id="wslegacy", container_name=name, volume_name=f"{name}-data",
+        image="den/workspace:latest", runtime="gvisor", cpus=1, memory_mb=512, pids_limit=256,
+        hostname="legacy", labels=labels_for(instance=name, workspace_id="wslegacy", owner="0"),
+        disk_gb=1)
+    disks = Disks(tmp_path / "disks")
+    before = DockerRuntime(disks=None)
+    after = DockerRuntime(disks=disks)
+
+    def sh(script: str) -> str:
+        return subprocess.run(["docker", "exec", name, "sh", "-c", script], capture_output=True,
+                              text=True, check=True).stdout
+
+    async def scenario() -> None:
+        await before.create(spec)  # the old code: a plain volume
+        await after.start(spec)  # the new code starts it as it is
+        assert int(sh(SIZE.format("/workspace"))) > 2 * GIB  # the host's disk, not 1 GiB
+        assert disks.volumes() == []
+        sh("echo kept > /workspace/a && echo kept > /var/b")
+        await after.stop(spec, timeout_s=2)
+        await after.start(spec)
+        assert sh("cat /workspace/a /var/b") == "kept\nkept\n"
+        await after.destroy(spec)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        before.close()
+        after.close()
+    assert disks.volumes() == []
