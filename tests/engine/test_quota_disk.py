@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -205,3 +206,41 @@ def test_a_workspace_made_before_keeps_its_plain_volume(engine: None, tmp_path: 
         before.close()
         after.close()
     assert disks.volumes() == []
+
+
+def test_the_limit_survives_a_kill9_and_a_delete_cut_short_leaves_no_disk(
+        engine: None, tmp_path: Path, repos_root: Path, make_repo: Callable[..., Path]) -> None:
+    from tests.conftest import RUN_PREFIX
+    from tests.engine.test_reconcile import Server, _kill9_during
+
+    server = Server(tmp_path / "data", repos_root, f"{RUN_PREFIX}-kq{os.getpid() % 1000}")
+    server.start()
+    try:
+        r = server.http.post("/api/v1/workspaces", json={
+            "name": "api", "repo": {"url": str(make_repo())}, "resources": {"disk_gb": 1}})
+        assert r.status_code == 202, r.text
+        wid = r.json()["id"]
+
+        def exec_(cmd: str) -> dict[str, Any]:
+            out = server.http.post(f"/api/v1/workspaces/{wid}/exec", json={"cmd": cmd})
+            assert out.status_code == 200, out.text
+            return dict(out.json())
+
+        deadline = time.monotonic() + 120
+        while server.ws(wid).get("state") != "running" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        server.kill9()
+        server.start()
+        assert server.ws(wid)["state"] == "running"
+        assert 0.8 * GIB < int(exec_(SIZE.format("/"))["stdout"]) <= GIB
+        _assert_full(exec_(FILL_ROOT))
+
+        disks = tmp_path / "data" / "disks"
+        assert Disks(disks).volumes() != []
+        _kill9_during(server, wid, lambda: server.http.delete(f"/api/v1/workspaces/{wid}"),
+                      ("deleting", None), timeout_s=30)
+        server.start()
+        assert server.ws(wid) == {"status": 404}
+        assert Disks(disks).volumes() == [] and _mounts_under(disks) == []
+    finally:
+        server.close()
