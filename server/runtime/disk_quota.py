@@ -141,8 +141,8 @@ class Disks:
     @staticmethod
     def _direct_io(volume: str, mnt: Path) -> None:
         """The loop device reads and writes its file with O_DIRECT: without, every block is
-        cached twice (the image's pages and the loop device's) and large writes ran at 0.57-0.76x
-        of the host's file system, against 0.85-1.02x (docs/benchmarks.md, "Disk quota").
+        cached twice (the image's pages and the loop device's), and large writes were slower
+        in both runs of docs/benchmarks.md, "Disk quota".
         Best effort: a file system without O_DIRECT (tmpfs) keeps buffered I/O."""
         try:
             device = subprocess.run(["findmnt", "-no", "SOURCE", str(mnt)], capture_output=True,
