@@ -235,6 +235,28 @@ class Settings(BaseSettings):
     stop_after_s: int = Field(
         86400, description="A workspace paused for this long is stopped (its disk is kept)."
     )
+    frozen_max_s: int = Field(
+        1800,
+        description=(
+            "An idle workspace is first frozen in place (memory kept, no CPU, wakes in "
+            "milliseconds); frozen this long, its memory is saved to disk. 0 skips the "
+            "frozen tier: idle workspaces are checkpointed to disk at once."
+        ),
+    )
+    frozen_memory_budget_mb: int = Field(
+        4096,
+        description=(
+            "Memory that frozen workspaces may hold together (MiB); beyond it the longest "
+            "frozen are saved to disk. 0: no budget."
+        ),
+    )
+    host_min_available_mb: int = Field(
+        1024,
+        description=(
+            "When the host's available memory is below this (MiB), frozen workspaces are "
+            "saved to disk, longest frozen first, until it would be above. 0: not watched."
+        ),
+    )
     reaper_interval_s: float = Field(
         15, description="How often the idle reaper looks at running and paused workspaces."
     )

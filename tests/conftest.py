@@ -72,6 +72,8 @@ def engine() -> Iterator[None]:
     yield
     leftovers = engine_objects(RUN_PREFIX)
     for kind, name in leftovers:
+        if kind == "container":  # a frozen (docker pause) sandbox cannot be force-removed
+            subprocess.run(["docker", "unpause", name], capture_output=True, timeout=60)
         cmd = ["docker", "rm", "-f", name] if kind == "container" else [
             "docker", "volume", "rm", "-f", name]
         subprocess.run(cmd, capture_output=True, timeout=60)

@@ -188,6 +188,10 @@ class WorkspaceOut(BaseModel):
     owner: str
     state: str
     state_reason: str
+    sleep: Literal["frozen", "saved"] | None = Field(
+        None, description="How a paused workspace sleeps: frozen in place (memory kept, wakes "
+                          "in milliseconds) or saved to disk (memory checkpointed); null "
+                          "unless paused")
     repo: RepoOut
     image: str
     runtime: str
@@ -209,6 +213,7 @@ class WorkspaceOut(BaseModel):
         return cls(
             id=ws.id, name=ws.name, owner=ws.owner.name, state=ws.state,
             state_reason=ws.state_reason,
+            sleep=_sleep_of(ws),
             repo=RepoOut(url=ws.repo_url, branch=ws.repo_branch,
                          path=f"/workspace/{ws.repo_dir}"),
             image=ws.image, runtime=ws.runtime,
@@ -224,6 +229,12 @@ class WorkspaceOut(BaseModel):
                                allow=[str(a) for a in (ws.network or {}).get("allow") or []]),
             ssh=ssh_endpoint(settings, ws.name) if settings is not None else None,
         )
+
+
+def _sleep_of(ws: Workspace) -> Literal["frozen", "saved"] | None:
+    if ws.state != "paused":
+        return None
+    return "frozen" if ws.sleep == "frozen" else "saved"
 
 
 class WorkspaceList(BaseModel):

@@ -104,6 +104,8 @@ class Workspace(Base):
     keepalive_until: Mapped[datetime | None] = mapped_column(default=None)
     state: Mapped[str] = mapped_column(String(16), index=True)
     state_reason: Mapped[str] = mapped_column(Text, default="")
+    # How a paused workspace sleeps: "frozen" (in place) or "saved" (to disk); None otherwise.
+    sleep: Mapped[str | None] = mapped_column(String(8), default=None)
     # Opaque runtime handle (container and volume names), persisted before any engine call.
     engine: Mapped[dict[str, Any]] = mapped_column(default=dict)
     # Network policy: {"mode": "none" | "internet" | "allowlist", "allow": [...]}

@@ -327,6 +327,7 @@ class DockerRuntime:
         def run() -> None:
             api = self._api()
             try:
+                _thaw(api, spec.container_name)
                 api.stop(spec.container_name, timeout=timeout_s)
             except docker.errors.NotFound:
                 return
@@ -342,6 +343,7 @@ class DockerRuntime:
             api = self._api()
             self._last_exec.pop(spec.container_name, None)
             with contextlib.suppress(docker.errors.NotFound):
+                _thaw(api, spec.container_name)
                 api.remove_container(spec.container_name, force=True, v=False)
             faults.point("delete.volume")
             _remove_volume(api, spec.volume_name)
@@ -366,6 +368,7 @@ class DockerRuntime:
             if not info["State"].get("Running"):
                 raise EngineConflict(f"container {name} is not running")
             cid = str(info["Id"])
+            _thaw(api, name)  # a frozen sandbox neither answers the settle exec nor saves
             self._delete_checkpoint(cid, checkpoint)
             self._quiesce(spec, cid)
             home = self._home(cid)
@@ -536,9 +539,37 @@ class DockerRuntime:
                 state = self._api().inspect_container(spec.container_name)["State"]
             except docker.errors.NotFound:
                 return ContainerStatus.MISSING
-            return ContainerStatus.RUNNING if state.get("Running") else ContainerStatus.STOPPED
+            if not state.get("Running"):
+                return ContainerStatus.STOPPED
+            return ContainerStatus.FROZEN if state.get("Paused") else ContainerStatus.RUNNING
 
         return await self._call(f"status of workspace {spec.workspace_id}", run)
+
+    # --- Freezer: the light sleep tier (docker pause: the cgroup freezer) ---------------
+
+    async def freeze(self, spec: WorkspaceSpec) -> int | None:
+        """Freeze the sandbox (~50 ms), then read what memory it holds (stable now). The
+        agent's session is kept: a request on it waits until the thaw, and the first call
+        after a wake needs no new relay."""
+        def run() -> int | None:
+            api = self._api()
+            state = api.inspect_container(spec.container_name)["State"]
+            if not state.get("Running"):
+                raise EngineConflict(f"container {spec.container_name} is not running")
+            if not state.get("Paused"):
+                api.pause(spec.container_name)
+            return _stats_memory_bytes(api, spec.container_name)
+
+        return await self._call(f"freeze workspace {spec.workspace_id}", run)
+
+    async def thaw(self, spec: WorkspaceSpec) -> None:
+        def run() -> None:
+            api = self._api()
+            if not api.inspect_container(spec.container_name)["State"].get("Running"):
+                raise EngineConflict(f"container {spec.container_name} is not running")
+            _thaw(api, spec.container_name)
+
+        await self._call(f"thaw workspace {spec.workspace_id}", run)
 
     # --- events -----------------------------------------------------------------------
 
@@ -1381,6 +1412,29 @@ def _stats_cpu_ns(api: Any, container: str) -> int | None:
     usage = (stats.get("cpu_stats") or {}).get("cpu_usage") or {}
     total = usage.get("total_usage") if isinstance(usage, dict) else None
     return int(total) if isinstance(total, int) and total > 0 else None
+
+
+def _stats_memory_bytes(api: Any, container: str) -> int | None:
+    """The memory a container holds, as ``docker stats`` counts it (usage less inactive
+    file cache); None when the engine does not say."""
+    stats = api.stats(container, stream=False, one_shot=True)
+    mem = stats.get("memory_stats") if isinstance(stats, dict) else None
+    usage = mem.get("usage") if isinstance(mem, dict) else None
+    if not isinstance(usage, int):
+        return None
+    detail = mem.get("stats") if isinstance(mem, dict) else None
+    inactive = detail.get("total_inactive_file", 0) if isinstance(detail, dict) else 0
+    return max(0, usage - inactive) if isinstance(inactive, int) else usage
+
+
+def _thaw(api: Any, container: str) -> None:
+    """Unfreeze a frozen (``docker pause``d) container; others are left alone. The engine
+    cannot stop, remove or checkpoint a frozen gVisor sandbox: a stop waits out its timeout
+    and leaves runsc's state behind (the next start: "id already in use"), a forced remove
+    fails ("zombie")."""
+    if api.inspect_container(container)["State"].get("Paused"):
+        with contextlib.suppress(docker.errors.APIError):  # thawed meanwhile: "not paused"
+            api.unpause(container)
 
 
 def _remove_volume(api: Any, volume: str) -> None:

@@ -53,6 +53,7 @@ from server.runtime.base import (
     ExecRequest,
     ExecResult,
     ExecStream,
+    Freezer,
     PortConnector,
     Runtime,
     SnapshotSpec,
@@ -70,6 +71,7 @@ from server.workspaces.states import (
     STOP,
     TRANSITIONAL,
     Operation,
+    Sleep,
     State,
     can_transition,
     plan,
@@ -87,6 +89,7 @@ OOM_MEMORY_S = 60.0  # an "oom" this old no longer explains a "die"
 # takes ~3 s; docs/benchmarks.md): longer, and the writer is ended and its image removed.
 CHECKPOINT_SETTLE_S = 120.0
 RESTORING = "restoring"  # the key, in a workspace's engine handle, of a restore in progress
+FROZEN_BYTES = "frozen_bytes"  # the key, in the engine handle, of the memory it held frozen
 
 
 @dataclass(frozen=True)
@@ -237,12 +240,14 @@ class WorkspaceService:
                     from_state=src.value if src else None, to_state=dst.value if dst else None))
 
     def _transition(self, workspace_id: str, src: State, dst: State, *, actor: str,
-                    message: str = "", reason: str = "") -> None:
-        """Move ``workspace_id`` from ``src`` to ``dst`` atomically, with an event."""
+                    message: str = "", reason: str = "", sleep: Sleep = Sleep.SAVED) -> None:
+        """Move ``workspace_id`` from ``src`` to ``dst`` atomically, with an event. ``sleep``
+        is the tier a ``paused`` workspace sleeps in (any other state has none)."""
         if not can_transition(src, dst):
             raise Conflict(f"cannot go from {src.value} to {dst.value}")
         now = datetime.now(UTC)
-        values: dict[str, Any] = {"state": dst.value, "state_reason": reason, "updated_at": now}
+        values: dict[str, Any] = {"state": dst.value, "state_reason": reason, "updated_at": now,
+                                  "sleep": sleep.value if dst is State.PAUSED else None}
         if dst is State.RUNNING:  # a start or a resume is activity: the idle clock restarts
             values["last_activity_at"] = now
         with self.sessions.begin() as s:
@@ -731,9 +736,37 @@ class WorkspaceService:
             raise Conflict(str(exc)) from exc
 
     async def pause(self, ws_id: str, *, actor: str) -> Workspace:
-        """Checkpoint memory and processes and free CPU and RAM: ``running`` -> ``paused``.
-        On failure the workspace is left running (or stopped) and the event log says why."""
+        """Checkpoint memory and processes and free CPU and RAM: ``running`` (or ``paused``
+        frozen) -> ``paused`` saved. On failure the workspace is left running, frozen or
+        stopped, and the event log says why."""
         async with self.metrics.operation("pause"), self.locked(ws_id):
+            ws = self.get(ws_id)
+            frozen = ws.state == State.PAUSED.value and ws.sleep == Sleep.FROZEN.value
+            step = State.PAUSING if frozen else self._plan(PAUSE, ws)
+            if step is None:
+                return ws
+            self._transition(ws_id, State(ws.state), step, actor=actor,
+                             message="saving a frozen workspace's memory to disk"
+                             if frozen else "")
+            spec = self.spec_for(ws)
+            started = time.monotonic()
+            try:
+                await self.runtime.pause(spec, checkpoint=CHECKPOINT)
+            except DenError as exc:
+                await self._sleep_failed(ws_id, spec, exc, actor=actor, what="pause")
+                raise
+            self._transition(ws_id, step, State.PAUSED, actor=actor,
+                             message=f"memory saved in {time.monotonic() - started:.2f} s")
+            await self.sync_network(ws_id)
+            return self.get(ws_id)
+
+    async def freeze(self, ws_id: str, *, actor: str) -> Workspace:
+        """The light sleep tier (server/workspaces/sleep.py): ``running`` -> ``paused``
+        frozen in place, CPU freed, memory kept. A runtime that cannot freeze saves the
+        memory to disk instead (:meth:`pause`)."""
+        if not isinstance(self.runtime, Freezer):
+            return await self.pause(ws_id, actor=actor)
+        async with self.metrics.operation("freeze"), self.locked(ws_id):
             ws = self.get(ws_id)
             step = self._plan(PAUSE, ws)
             if step is None:
@@ -742,20 +775,27 @@ class WorkspaceService:
             spec = self.spec_for(ws)
             started = time.monotonic()
             try:
-                await self.runtime.pause(spec, checkpoint=CHECKPOINT)
+                held = await self.runtime.freeze(spec)
             except DenError as exc:
-                status = ContainerStatus.MISSING
-                with contextlib.suppress(DenError):
-                    status = await self.runtime.status(spec)
-                dst = State.RUNNING if status is ContainerStatus.RUNNING else State.STOPPED
-                self._transition(ws_id, step, dst, actor=actor,
-                                 message=f"pause failed: {exc.message}; the workspace is "
-                                         f"{dst.value}")
+                await self._sleep_failed(ws_id, spec, exc, actor=actor, what="freeze")
                 raise
-            self._transition(ws_id, step, State.PAUSED, actor=actor,
-                             message=f"memory saved in {time.monotonic() - started:.2f} s")
-            await self.sync_network(ws_id)
+            self._set_engine(ws_id, {**ws.engine, FROZEN_BYTES: held})
+            mib = "" if held is None else f", holding {held / 2**20:.0f} MiB"
+            self._transition(ws_id, step, State.PAUSED, actor=actor, sleep=Sleep.FROZEN,
+                             message=f"frozen in {time.monotonic() - started:.2f} s{mib}")
             return self.get(ws_id)
+
+    async def _sleep_failed(self, ws_id: str, spec: WorkspaceSpec, exc: DenError, *,
+                            actor: str, what: str) -> None:
+        """A pause or freeze failed: the workspace is what its container is now."""
+        status = ContainerStatus.MISSING
+        with contextlib.suppress(DenError):
+            status = await self.runtime.status(spec)
+        dst = {ContainerStatus.RUNNING: State.RUNNING,
+               ContainerStatus.FROZEN: State.PAUSED}.get(status, State.STOPPED)
+        self._transition(ws_id, State.PAUSING, dst, actor=actor, sleep=Sleep.FROZEN,
+                         message=f"{what} failed: {exc.message}; the workspace is "
+                                 f"{'frozen' if dst is State.PAUSED else dst.value}")
 
     async def resume(self, ws_id: str, *, actor: str) -> Workspace:
         """Restore a paused workspace from its checkpoint; when that fails, start it cold
@@ -769,12 +809,17 @@ class WorkspaceService:
             step = self._plan(RESUME, ws)
             if step is None:
                 return ws
+            frozen = ws.sleep == Sleep.FROZEN.value
             self._transition(ws_id, State.PAUSED, step, actor=actor)
             spec = self.spec_for(ws)
             started = time.monotonic()
             try:
-                await self.runtime.resume(spec, checkpoint=CHECKPOINT)
-                message = f"restored from memory in {time.monotonic() - started:.2f} s"
+                if frozen and isinstance(self.runtime, Freezer):
+                    await self.runtime.thaw(spec)
+                    message = f"thawed in {time.monotonic() - started:.3f} s (frozen tier)"
+                else:
+                    await self.runtime.resume(spec, checkpoint=CHECKPOINT)
+                    message = f"restored from memory in {time.monotonic() - started:.2f} s"
             except DenError as exc:
                 log.warning("workspace %s: restore failed: %s %s", ws_id, exc.message,
                             exc.detail)
@@ -785,8 +830,9 @@ class WorkspaceService:
                                      reason=f"restore failed ({exc.message}) and so did a cold "
                                             f"start ({cold.message})")
                     raise
-                message = (f"restore from memory failed ({exc.message}); started cold from "
-                           "disk: files are kept, running processes were not")
+                message = (f"{'thaw' if frozen else 'restore from memory'} failed "
+                           f"({exc.message}); started cold from disk: files are kept, running "
+                           "processes were not")
             await self.sync_network(ws_id)
             self._transition(ws_id, step, State.RUNNING, actor=actor, message=message)
             return self.get(ws_id)
@@ -936,7 +982,7 @@ class WorkspaceService:
         """After a failed exec: record a workspace whose sandbox died (out of memory, most
         often) as stopped, so that the next access starts it again. True when it did."""
         with contextlib.suppress(DenError):
-            if await self.runtime.status(spec) is ContainerStatus.RUNNING:
+            if (await self.runtime.status(spec)).alive:
                 return False
             try:
                 self._transition(ws_id, State.RUNNING, State.STOPPED, actor=actor,
@@ -1005,8 +1051,9 @@ class WorkspaceService:
             if event.container != spec.container_name:
                 return
             state = State(ws.state)
-            if event.kind is EngineEventKind.DIE and state is State.RUNNING:
-                if await self.runtime.status(spec) is ContainerStatus.RUNNING:
+            frozen = state is State.PAUSED and ws.sleep == Sleep.FROZEN.value
+            if event.kind is EngineEventKind.DIE and (state is State.RUNNING or frozen):
+                if (await self.runtime.status(spec)).alive:
                     return  # an older container's death, or restarted since
                 oom_at = self._oom.pop(ws_id, None)
                 oom = oom_at is not None and time.monotonic() - oom_at < OOM_MEMORY_S
@@ -1115,10 +1162,23 @@ class WorkspaceService:
             await self._reconcile_pause(ws, spec)
         elif state is State.RESUMING and status is not ContainerStatus.MISSING:
             # Its checkpoint is kept (or it started cold); resume falls back to a cold
-            # start when it is missing, so "paused" is always safe.
+            # start when it is missing, so "paused" is always safe. A wake from the frozen
+            # tier cut short before the thaw: still frozen, and recorded so.
             dst = State.RUNNING if status is ContainerStatus.RUNNING else State.PAUSED
             self._transition(ws.id, state, dst, actor=actor,
+                             sleep=Sleep.FROZEN if status is ContainerStatus.FROZEN
+                             else Sleep.SAVED,
                              message=f"{state.value} was interrupted by a restart")
+        elif (state is State.PAUSED and ws.sleep == Sleep.FROZEN.value
+              and status is ContainerStatus.STOPPED):
+            self._transition(ws.id, state, State.STOPPED, actor=actor,
+                             message="the frozen workspace's container exited meanwhile: "
+                                     "running processes were lost, files are kept; it starts "
+                                     "on the next access")
+        elif state is State.RUNNING and status is ContainerStatus.FROZEN:
+            if isinstance(self.runtime, Freezer):  # frozen from outside Den: it must answer
+                await self.runtime.thaw(spec)
+                self.note(ws.id, "reconcile", "found frozen in the engine; thawed")
         elif state is State.PAUSED and status is ContainerStatus.RUNNING:
             self._transition(ws.id, state, State.RESUMING, actor=actor)
             self._transition(ws.id, State.RESUMING, State.RUNNING, actor=actor,
@@ -1179,7 +1239,12 @@ class WorkspaceService:
         saved = await self.runtime.settle_checkpoint(spec, checkpoint=CHECKPOINT,
                                                      wait_s=CHECKPOINT_SETTLE_S)
         status = await self.runtime.status(spec)
-        if saved and status is not ContainerStatus.RUNNING:
+        if status is ContainerStatus.FROZEN:  # a freeze (or a save of a frozen one) cut short
+            self._transition(ws.id, State.PAUSING, State.PAUSED, actor="reconcile",
+                             sleep=Sleep.FROZEN,
+                             message="pause was interrupted by a restart; the workspace is "
+                                     "frozen in place, memory and processes kept")
+        elif saved and status is not ContainerStatus.RUNNING:
             self._transition(ws.id, State.PAUSING, State.PAUSED, actor="reconcile",
                              message="pause was interrupted by a restart; its checkpoint was "
                                      "complete: memory and processes are saved")
