@@ -186,6 +186,11 @@ entry["path"] = runtime
 args = [a for a in entry.get("runtimeArgs") or [] if not a.startswith("--overlay2")]
 entry["runtimeArgs"] = ["--overlay2=none", *args]
 runtimes["runsc"] = entry
+# The same runsc on the ptrace platform, for operators who choose it (DEN_GVISOR_RUNTIME=
+# runsc-ptrace): an idle sandbox costs almost no host CPU on it (docs/benchmarks.md, "Sleep
+# tiers and idle cost"). Its other flags follow runsc's.
+ptrace = [a for a in entry["runtimeArgs"] if not a.startswith("--platform")]
+runtimes["runsc-ptrace"] = {"path": runtime, "runtimeArgs": [*ptrace, "--platform=ptrace"]}
 if new == old:
     print("unchanged")
 else:
@@ -198,7 +203,7 @@ else:
 PY
 )
 if [ "$json_status" = changed ]; then
-    log "updated $DAEMON_JSON (experimental, runtimes.runsc.path=$RUNTIME_PATH)"
+    log "updated $DAEMON_JSON (experimental, runtimes.runsc and runsc-ptrace -> $RUNTIME_PATH)"
 else
     log "$DAEMON_JSON already has experimental and runtimes.runsc.path=$RUNTIME_PATH"
 fi
@@ -231,10 +236,13 @@ stop_docker() {
     die "dockerd (pid $pid) did not stop within 60 s"
 }
 config_live() {  # the daemon runs with experimental on, runsc at RUNTIME_PATH, no rootfs overlay
-    local live
+    local live ptrace
     live=$("$DOCKER" info --format '{{json (index .Runtimes "runsc")}}' 2>/dev/null || true)
+    ptrace=$("$DOCKER" info --format '{{json (index .Runtimes "runsc-ptrace")}}' 2>/dev/null ||
+             true)
     [ "$("$DOCKER" version --format '{{.Server.Experimental}}' 2>/dev/null)" = true ] &&
-    [[ "$live" == *"\"$RUNTIME_PATH\""* && "$live" == *'"--overlay2=none"'* ]]
+    [[ "$live" == *"\"$RUNTIME_PATH\""* && "$live" == *'"--overlay2=none"'* ]] &&
+    [[ "$ptrace" == *'"--platform=ptrace"'* ]]
 }
 
 if ! docker_up; then

@@ -565,6 +565,12 @@ class Workspace:
         return str(self._data.get("state", ""))
 
     @property
+    def sleep(self) -> str | None:
+        """How a paused workspace sleeps: "frozen" (in place) or "saved" (to disk)."""
+        sleep = self._data.get("sleep")
+        return None if sleep is None else str(sleep)
+
+    @property
     def state_reason(self) -> str | None:
         reason = self._data.get("state_reason")
         return None if reason is None else str(reason)

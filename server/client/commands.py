@@ -120,8 +120,14 @@ def _utc(value: str) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def _state(ws: Workspace) -> str:
+    """The state, with a paused workspace's sleep tier: "paused (frozen)"."""
+    sleep = ws.raw.get("sleep")
+    return f"{ws.state} ({sleep})" if ws.state == "paused" and sleep else ws.state
+
+
 def _status_line(ws: Workspace) -> str:
-    return f"{ws.name} {ws.state}"
+    return f"{ws.name} {_state(ws)}"
 
 
 def _size(n: int) -> str:
@@ -186,7 +192,7 @@ def _ls(args: argparse.Namespace, ctx: _Context) -> int:
         print(json.dumps([ws.raw for ws in workspaces], indent=2))
         return 0
     rows = [
-        [ws.name, ws.state, ws.repo_url or "-", _when(ws.raw.get("created_at"))]
+        [ws.name, _state(ws), ws.repo_url or "-", _when(ws.raw.get("created_at"))]
         for ws in workspaces
     ]
     print(_table(["NAME", "STATE", "REPO", "CREATED"], rows))

@@ -114,16 +114,21 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"machine": machine(), "idle_n": args.idle, "idle": {},
                               "work": {}}
     try:
-        for rt in runtimes:  # idle cost
-            names = [run(f"{prefix}-{rt}-idle{i}", rt) for i in range(args.idle)]
-            made += names
-            for n in names:
-                sh("docker", "exec", n, "true")
-            time.sleep(5)  # booted: boot CPU is not idle CPU
-            result["idle"][rt] = machine_percent([full_id(n) for n in names], args.window)
-            remove(names)
+        # Every sandbox is made first, in one go: a runtime is needed only to create one.
         workers = {rt: run(f"{prefix}-{rt}-work", rt) for rt in runtimes}
         made += list(workers.values())
+        idle = {rt: [run(f"{prefix}-{rt}-idle{i}", rt) for i in range(args.idle)]
+                for rt in runtimes}
+        for names in idle.values():
+            made += names
+        for names in idle.values():
+            for n in names:
+                sh("docker", "exec", n, "true")
+        time.sleep(5)  # booted: boot CPU is not idle CPU
+        for rt, names in idle.items():  # idle cost, one set at a time, the others idle too
+            result["idle"][rt] = machine_percent([full_id(n) for n in names], args.window)
+        for names in idle.values():
+            remove(names)
         for name in workers.values():
             sh("docker", "exec", "-u", "root", name, "sh", "-c", SETUP_TESTS, timeout=1200)
         samples: dict[str, dict[str, list[float]]] = {

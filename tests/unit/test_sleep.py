@@ -324,3 +324,25 @@ async def test_a_disk_snapshot_of_a_frozen_workspace_keeps_it_frozen(
     mem = await snaps.create(ws_id, name="s2", memory=True, actor="alice")
     assert (snap.memory, mem.memory) == (False, True)
     assert _sleep(service, ws_id) == ("paused", "saved")  # memory comes from a save
+
+
+def test_the_client_and_cli_show_the_sleep_tier() -> None:
+    from server.client.api import Workspace as ClientWorkspace
+    from server.client.commands import _state
+
+    frozen = ClientWorkspace(None, {"id": "w", "state": "paused", "sleep": "frozen"})  # type: ignore[arg-type]
+    running = ClientWorkspace(None, {"id": "w", "state": "running", "sleep": None})  # type: ignore[arg-type]
+    assert (frozen.sleep, running.sleep) == ("frozen", None)
+    assert (_state(frozen), _state(running)) == ("paused (frozen)", "running")
+
+
+def test_the_api_shows_the_sleep_tier(fake_api: Any, fake_runtime: FakeRuntime,
+                                      make_repo: Callable[..., Path]) -> None:
+    api = fake_api
+    wid = api.create(make_repo())["id"]
+    assert api.get(f"/api/v1/workspaces/{wid}").json()["sleep"] is None
+    svc = api.app.state.workspaces
+    api.client.portal.call(lambda: svc.freeze(wid, actor="test"))
+    assert api.get(f"/api/v1/workspaces/{wid}").json()["sleep"] == "frozen"
+    assert api.post(f"/api/v1/workspaces/{wid}/pause").json()["sleep"] == "saved"
+    assert api.post(f"/api/v1/workspaces/{wid}/resume").json()["sleep"] is None
