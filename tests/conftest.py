@@ -72,8 +72,8 @@ def engine() -> Iterator[None]:
     yield
     leftovers = engine_objects(RUN_PREFIX)
     for kind, name in leftovers:
-        if kind == "container":  # a frozen (docker pause) sandbox cannot be force-removed
-            subprocess.run(["docker", "unpause", name], capture_output=True, timeout=60)
+        if kind == "container":  # a frozen sandbox cannot be force-removed
+            thaw_container(name)
         cmd = ["docker", "rm", "-f", name] if kind == "container" else [
             "docker", "volume", "rm", "-f", name]
         subprocess.run(cmd, capture_output=True, timeout=60)
@@ -113,6 +113,17 @@ def _networks_go_after_engine_tests(request: pytest.FixtureRequest) -> Iterator[
     yield
     if "engine" in request.keywords:
         remove_networks(RUN_PREFIX)
+
+
+def thaw_container(name: str) -> None:
+    """Thaw a workspace container Den froze (its cgroup, then ``docker unpause``)."""
+    from server.runtime.cgroup_freezer import set_frozen
+
+    pid = subprocess.run(["docker", "inspect", "-f", "{{.State.Pid}}", name],
+                         capture_output=True, text=True, timeout=60).stdout.strip()
+    if pid.isdigit():
+        set_frozen(int(pid), False)
+    subprocess.run(["docker", "unpause", name], capture_output=True, timeout=60)
 
 
 def engine_objects(prefix: str) -> list[tuple[str, str]]:

@@ -38,7 +38,7 @@ from server.agent import ops as agent_ops
 from server.agent.protocol import DockerDemux
 from server.agent.session import AgentOpError, AgentSession
 from server.errors import DenError
-from server.runtime import docker_specs
+from server.runtime import cgroup_freezer, docker_specs
 from server.runtime.base import (
     LABEL_INSTANCE,
     LABEL_MANAGED,
@@ -558,6 +558,7 @@ class DockerRuntime:
                 raise EngineConflict(f"container {spec.container_name} is not running")
             if not state.get("Paused"):
                 api.pause(spec.container_name)
+            cgroup_freezer.set_frozen(int(state.get("Pid") or 0), True)  # or it keeps CPU
             return _stats_memory_bytes(api, spec.container_name)
 
         return await self._call(f"freeze workspace {spec.workspace_id}", run)
@@ -1428,11 +1429,14 @@ def _stats_memory_bytes(api: Any, container: str) -> int | None:
 
 
 def _thaw(api: Any, container: str) -> None:
-    """Unfreeze a frozen (``docker pause``d) container; others are left alone. The engine
+    """Unfreeze a frozen (``docker pause``d, its cgroup frozen: server/runtime/
+    cgroup_freezer.py) container; others are left alone. The engine
     cannot stop, remove or checkpoint a frozen gVisor sandbox: a stop waits out its timeout
     and leaves runsc's state behind (the next start: "id already in use"), a forced remove
     fails ("zombie")."""
-    if api.inspect_container(container)["State"].get("Paused"):
+    state = api.inspect_container(container)["State"]
+    if state.get("Paused"):
+        cgroup_freezer.set_frozen(int(state.get("Pid") or 0), False)  # runsc must answer
         with contextlib.suppress(docker.errors.APIError):  # thawed meanwhile: "not paused"
             api.unpause(container)
 

@@ -1170,6 +1170,9 @@ class WorkspaceService:
                              else Sleep.SAVED,
                              message=f"{state.value} was interrupted by a restart")
         elif (state is State.PAUSED and ws.sleep == Sleep.FROZEN.value
+              and status is ContainerStatus.FROZEN and isinstance(self.runtime, Freezer)):
+            await self.runtime.freeze(spec)  # idempotent; a thaw cut short left it half-frozen
+        elif (state is State.PAUSED and ws.sleep == Sleep.FROZEN.value
               and status is ContainerStatus.STOPPED):
             self._transition(ws.id, state, State.STOPPED, actor=actor,
                              message="the frozen workspace's container exited meanwhile: "

@@ -50,6 +50,7 @@ from tests.benchmarks.bench_workspaces import (
     sigterm_as_interrupt,
     start_run,
 )
+from tests.conftest import thaw_container
 
 CPUACCT = Path("/sys/fs/cgroup/cpuacct/docker")
 
@@ -110,6 +111,8 @@ def bench_wake(srv: Server, prefix: str, repo: Path, rounds: int) -> dict[str, l
        *docker_specs.INIT_COMMAND)
     sh("docker", "exec", raw, "true")
     api = docker.from_env(timeout=120).api
+    from server.runtime.cgroup_freezer import set_frozen
+    raw_pid = int(sh("docker", "inspect", "-f", "{{.State.Pid}}", raw).strip())
     out: dict[str, list[float]] = {"den: frozen -> exec true": [],
                                    "raw CLI: unpause + exec true": [],
                                    "raw SDK: unpause + exec_run true": []}
@@ -118,12 +121,14 @@ def bench_wake(srv: Server, prefix: str, repo: Path, rounds: int) -> dict[str, l
             srv._ok(srv.http.get(f"/api/v1/workspaces/{wid}"), 200)) == ("paused", "frozen"),
             60)
         out["den: frozen -> exec true"].append(timed(lambda: srv.exec_true(wid)))
-        sh("docker", "pause", raw)
+        freeze_container(raw)
         if i % 2 == 0:
             out["raw CLI: unpause + exec true"].append(timed(lambda: (
-                sh("docker", "unpause", raw), sh("docker", "exec", raw, "true"))))
+                set_frozen(raw_pid, False), sh("docker", "unpause", raw),
+                sh("docker", "exec", raw, "true"))))
         else:
             def sdk() -> None:
+                set_frozen(raw_pid, False)
                 api.unpause(raw)
                 exec_id = api.exec_create(raw, ["true"])["Id"]
                 api.exec_start(exec_id)
@@ -171,16 +176,23 @@ def bench_idle(srv: Server, prefix: str, repo: Path, n: int, window_s: float,
     res["den: N idle running workspaces, % of machine"] = machine_percent(ids, window_s)
     res["exec p50, with N idle running (s)"] = p50([timed(lambda: srv.exec_true(probe))
                                                     for _ in range(exec_samples)])
-    for w in wids:
-        sh("docker", "pause", f"{srv.prefix}-{w}")  # what the frozen tier does
+    for w in wids:  # what the frozen tier does: docker pause, then the cgroup freezer
+        freeze_container(f"{srv.prefix}-{w}")
     res["den: N frozen workspaces, % of machine"] = machine_percent(ids, window_s)
     res["exec p50, with N frozen (s)"] = p50([timed(lambda: srv.exec_true(probe))
                                               for _ in range(exec_samples)])
     for w in wids:
-        subprocess.run(["docker", "unpause", f"{srv.prefix}-{w}"], capture_output=True)
+        thaw_container(f"{srv.prefix}-{w}")
     for w in [*wids, probe]:
         srv.delete(w)
     return res
+
+
+def freeze_container(name: str) -> None:
+    from server.runtime.cgroup_freezer import set_frozen
+
+    sh("docker", "pause", name)
+    set_frozen(int(sh("docker", "inspect", "-f", "{{.State.Pid}}", name).strip()), True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,7 +247,7 @@ def thaw(prefix: str) -> None:
                         capture_output=True, text=True)
     for name in ps.stdout.split():
         if name.startswith(prefix):
-            subprocess.run(["docker", "unpause", name], capture_output=True)
+            thaw_container(name)
 
 
 if __name__ == "__main__":

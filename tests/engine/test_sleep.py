@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from server.runtime.cgroup_freezer import control_file
 from tests.conftest import RUN_PREFIX, engine_objects, git
 from tests.server_process import DenServer
 
@@ -149,6 +150,9 @@ def test_idle_freezes_in_place_and_an_exec_thaws_it(frozen_srv: Sleepy, repo: Pa
     assert wait(lambda: srv.counted(wid) > 2, 30)
     srv.asleep(wid, "frozen")
     assert engine_state(srv.container(wid)) == "paused"
+    # the whole sandbox is frozen by the kernel, not only its tasks by runsc: it uses no CPU
+    freezer = control_file(int(docker("inspect", "-f", "{{.State.Pid}}", srv.container(wid))))
+    assert freezer is not None and freezer.read_text().strip() in ("FROZEN", "1")
     assert still_for(lambda: srv.counter(wid), 1.5), "the counter advanced while frozen"
     pid, frozen_at = srv.counter(wid)
     out = srv.exec(wid, "cat /workspace/count")  # wakes it: a thaw, not a restore

@@ -346,3 +346,25 @@ def test_the_api_shows_the_sleep_tier(fake_api: Any, fake_runtime: FakeRuntime,
     assert api.get(f"/api/v1/workspaces/{wid}").json()["sleep"] == "frozen"
     assert api.post(f"/api/v1/workspaces/{wid}/pause").json()["sleep"] == "saved"
     assert api.post(f"/api/v1/workspaces/{wid}/resume").json()["sleep"] is None
+
+
+def test_the_cgroup_freezer_file_of_a_process_v1_and_v2(tmp_path: Path) -> None:
+    from server.runtime.cgroup_freezer import control_file, set_frozen
+
+    proc, root = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "7").mkdir(parents=True)
+    (proc / "7" / "cgroup").write_text("12:cpu,cpuacct:/docker/abc\n6:freezer:/docker/abc\n")
+    state = root / "freezer" / "docker" / "abc" / "freezer.state"
+    assert control_file(7, proc=proc, root=root) == state
+    assert not set_frozen(7, True, proc=proc, root=root)  # no such cgroup: nothing done
+    state.parent.mkdir(parents=True)
+    state.write_text("THAWED\n")
+    assert set_frozen(7, True, proc=proc, root=root)
+    assert state.read_text() == "FROZEN"
+    assert set_frozen(7, False, proc=proc, root=root)
+    assert state.read_text() == "THAWED"
+    (proc / "8").mkdir()
+    (proc / "8" / "cgroup").write_text("0::/system.slice/docker-abc.scope\n")
+    assert control_file(8, proc=proc, root=root) == (
+        root / "system.slice" / "docker-abc.scope" / "cgroup.freeze")
+    assert control_file(9, proc=proc, root=root) is None
