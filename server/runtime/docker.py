@@ -566,9 +566,10 @@ class DockerRuntime:
     async def thaw(self, spec: WorkspaceSpec) -> None:
         def run() -> None:
             api = self._api()
-            if not api.inspect_container(spec.container_name)["State"].get("Running"):
+            state = api.inspect_container(spec.container_name)["State"]
+            if not state.get("Running"):
                 raise EngineConflict(f"container {spec.container_name} is not running")
-            _thaw(api, spec.container_name)
+            _thaw(api, spec.container_name, state)
 
         await self._call(f"thaw workspace {spec.workspace_id}", run)
 
@@ -1428,13 +1429,13 @@ def _stats_memory_bytes(api: Any, container: str) -> int | None:
     return max(0, usage - inactive) if isinstance(inactive, int) else usage
 
 
-def _thaw(api: Any, container: str) -> None:
+def _thaw(api: Any, container: str, state: dict[str, Any] | None = None) -> None:
     """Unfreeze a frozen (``docker pause``d, its cgroup frozen: server/runtime/
     cgroup_freezer.py) container; others are left alone. The engine
     cannot stop, remove or checkpoint a frozen gVisor sandbox: a stop waits out its timeout
     and leaves runsc's state behind (the next start: "id already in use"), a forced remove
     fails ("zombie")."""
-    state = api.inspect_container(container)["State"]
+    state = state if state is not None else api.inspect_container(container)["State"]
     if state.get("Paused"):
         cgroup_freezer.set_frozen(int(state.get("Pid") or 0), False)  # runsc must answer
         with contextlib.suppress(docker.errors.APIError):  # thawed meanwhile: "not paused"

@@ -813,9 +813,11 @@ class WorkspaceService:
             self._transition(ws_id, State.PAUSED, step, actor=actor)
             spec = self.spec_for(ws)
             started = time.monotonic()
+            thawed = False  # in place: the container kept its address, the firewall its rules
             try:
                 if frozen and isinstance(self.runtime, Freezer):
                     await self.runtime.thaw(spec)
+                    thawed = True
                     message = f"thawed in {time.monotonic() - started:.3f} s (frozen tier)"
                 else:
                     await self.runtime.resume(spec, checkpoint=CHECKPOINT)
@@ -833,7 +835,8 @@ class WorkspaceService:
                 message = (f"{'thaw' if frozen else 'restore from memory'} failed "
                            f"({exc.message}); started cold from disk: files are kept, running "
                            "processes were not")
-            await self.sync_network(ws_id)
+            if not thawed:
+                await self.sync_network(ws_id)
             self._transition(ws_id, step, State.RUNNING, actor=actor, message=message)
             return self.get(ws_id)
 

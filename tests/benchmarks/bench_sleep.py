@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                          idle_timeout_s=1, frozen_max_s=3600, max_workspaces_per_user=1000)
             srv.start()
             wake = bench_wake(srv, run.prefix, repo, args.rounds)
-            idle = bench_idle(srv, run.prefix, repo, args.idle, args.window, args.exec_samples)
+            idle = (bench_idle(srv, run.prefix, repo, args.idle, args.window, args.exec_samples)
+                    if args.idle else {})
         except BaseException as exc:
             code = report_failure(exc, srv)
             thaw(run.prefix)
@@ -226,18 +227,20 @@ def main(argv: list[str] | None = None) -> int:
               "wake": {k: {"p50_s": p50(v), "n": len(v)} for k, v in wake.items()},
               "idle": idle}
     print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
     raw_cli = p50(wake["raw CLI: unpause + exec true"])
     raw_sdk = p50(wake["raw SDK: unpause + exec_run true"])
     den = p50(wake["den: frozen -> exec true"])
     print(f"\nwake from frozen -> first exec: Den p50 {den * 1000:.0f} ms; raw CLI "
           f"{raw_cli * 1000:.0f} ms ({den / raw_cli:.2f}x), raw SDK {raw_sdk * 1000:.0f} ms "
           f"({den / raw_sdk:.2f}x)")
+    if not idle:
+        return 0
     print(f"exec p50 with {idle['n']} idle running / alone: "
           f"{idle['exec p50, with N idle running (s)'] / idle['exec p50, alone (s)']:.2f}x; "
           f"with {idle['n']} frozen / alone: "
           f"{idle['exec p50, with N frozen (s)'] / idle['exec p50, alone (s)']:.2f}x")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
     return 0
 
 
