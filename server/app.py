@@ -26,6 +26,7 @@ from server.api import (
     files,
     forges,
     health,
+    limits,
     ports,
     processes,
     snapshots,
@@ -50,6 +51,7 @@ from server.network.guard import NetworkGuard, resolvers, write_resolv_conf
 from server.preview import tokens as preview_tokens
 from server.preview.dispatch import PreviewMiddleware
 from server.preview.service import PreviewService
+from server.quotas.rates import RateLimit
 from server.runtime.base import Runtime
 from server.runtime.errors import EngineUnavailable
 from server.snapshots.service import SnapshotService
@@ -117,8 +119,10 @@ def unparsable_body(cause: BaseException | None) -> str | None:
     return None
 
 
-def _error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+def _error(status: int, code: str, message: str,
+           fields: dict[str, object] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, **(fields or {})}},
+                        status_code=status)
 
 
 def _allowed_methods(request: Request) -> list[str]:
@@ -237,6 +241,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
     metrics = Metrics()  # this app's own registry
     app.state.metrics = metrics
     app.add_middleware(BodyGuard, settings=settings)  # inside Observe: refusals are logged
+    app.add_middleware(RateLimit, settings=settings)  # before authentication reads the database
     app.add_middleware(Observe, metrics=metrics)
 
     @app.exception_handler(DenError)
@@ -248,7 +253,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
                       exc.detail)
         if is_page(request):
             return error_page(request, exc.status_code, exc.code, exc.message)
-        response = _error(exc.status_code, exc.code, exc.message)
+        response = _error(exc.status_code, exc.code, exc.message, getattr(exc, "fields", None))
         response.headers.update(getattr(exc, "headers", None) or {})
         return response
 
@@ -283,8 +288,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
             response.headers["X-Request-ID"] = rid
         return response
 
-    for module in (health, users, workspaces, exec_routes, files, processes, snapshots, forges,
-                   ssh_keys, ports):
+    for module in (health, users, limits, workspaces, exec_routes, files, processes, snapshots,
+                   forges, ssh_keys, ports):
         app.include_router(module.router)
     app.include_router(terminal.router)
     app.add_middleware(PreviewMiddleware)  # inside the session middleware that mount_web adds

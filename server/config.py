@@ -225,7 +225,49 @@ class Settings(BaseSettings):
     max_disk_gb: int = Field(200, description="Largest disk a workspace may ask for, in GB.")
     max_gpus: int = Field(0, description="Largest GPU count a workspace may ask for.")
     max_workspaces_per_user: int = Field(
-        20, description="Workspaces one user may own at once (429 beyond)."
+        20, ge=0,
+        description="Workspaces one user may own at once, in any state (409 `quota_exceeded` "
+                    "beyond). This and the other `*_per_user` limits are defaults: an admin "
+                    "sets a user's own with `PUT /api/v1/users/{name}/limits`.",
+    )
+
+    # --- per-user limits (docs/operations.md, "Quotas") ----------------------------------
+    max_cpus_per_user: float = Field(
+        32.0, ge=0, description="CPUs of all of one user's workspaces together, in any state."
+    )
+    max_memory_mb_per_user: int = Field(
+        65536, ge=0,
+        description="Memory limits of all of one user's workspaces together, in MiB.",
+    )
+    max_disk_gb_per_user: int = Field(
+        500, ge=0, description="Disk sizes of all of one user's workspaces together, in GB."
+    )
+    max_snapshots_per_user: int = Field(
+        50, ge=0,
+        description=(
+            "Snapshots one user may keep, with memory or not, those of deleted workspaces "
+            "included (409 `quota_exceeded` beyond)."
+        ),
+    )
+    max_execs_per_user: int = Field(
+        16, ge=0,
+        description=(
+            "One-shot exec calls of one user running or waiting at once (429 "
+            "`quota_exceeded` beyond): one user cannot fill `DEN_EXEC_CONCURRENCY` for all."
+        ),
+    )
+    max_streams_per_user: int = Field(
+        16, ge=0, description="Streaming execs (WebSocket) one user may have open at once."
+    )
+    max_terminals_per_user: int = Field(
+        8, ge=0, description="Web terminals one user may have open at once."
+    )
+    max_ssh_channels_per_user: int = Field(
+        32, ge=0,
+        description=(
+            "SSH channels (shells, commands, SFTP, `-L` forwards) one user may have open at "
+            "once, over all their connections."
+        ),
     )
 
     # --- idle policy -------------------------------------------------------------------
@@ -351,6 +393,38 @@ class Settings(BaseSettings):
     )
     forge_api_timeout_s: float = Field(
         30, description="Timeout of one call to a forge's REST API."
+    )
+
+    # --- API rate limits (docs/operations.md, "Rate limits") ---------------------------------
+    rate_limit_per_token: float = Field(
+        20.0, ge=0,
+        description=(
+            "Requests per second one API token (or web session) may make on average under "
+            "`/api/`; beyond the burst, a 429 `rate_limited` with Retry-After. 0: no limit."
+        ),
+    )
+    rate_limit_token_burst: int = Field(
+        200, ge=1, description="Requests one token may make at once before its rate applies."
+    )
+    rate_limit_per_address: float = Field(
+        50.0, ge=0,
+        description=(
+            "Requests per second one source address may make on average under `/api/` and to "
+            "the login forms (`/login`, `/auth/`), whatever token they carry. 0: no limit."
+        ),
+    )
+    rate_limit_address_burst: int = Field(
+        500, ge=1, description="Requests one address may make at once before its rate applies."
+    )
+    rate_limit_login_per_address: float = Field(
+        0.2, ge=0,
+        description=(
+            "Sign-in attempts per second (the login forms and OIDC callbacks) one source "
+            "address may make on average; 0: no limit of its own."
+        ),
+    )
+    rate_limit_login_burst: int = Field(
+        10, ge=1, description="Sign-in attempts one address may make at once."
     )
 
     # --- ssh gateway ------------------------------------------------------------------

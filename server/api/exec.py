@@ -15,13 +15,14 @@ from server.errors import ValidationFailed
 router = APIRouter(prefix="/api/v1/workspaces/{ref}", tags=["exec"])
 
 
-@router.post("/exec", response_model=ExecOut, responses=errors(404, 409, 502, 503, 504))
+@router.post("/exec", response_model=ExecOut, responses=errors(404, 409, 429, 502, 503, 504))
 async def exec_command(ref: str, body: ExecIn, user: CurrentUser, svc: Workspaces) -> ExecOut:
     ws = svc.get_for(user, ref)
     stdin = body.stdin.encode() if body.stdin is not None else None
     req = svc.exec_request(ws, body.cmd, cwd=body.cwd, env=body.env, timeout_s=body.timeout_s,
                            stdin=stdin)
-    r = await svc.exec(ws.id, req, actor=user.name)
+    with svc.quotas.take(user, "execs"):  # before the server's gate: one user cannot fill it
+        r = await svc.exec(ws.id, req, actor=user.name)
     return ExecOut(
         exit_code=r.exit_code, stdout=r.stdout.decode(errors="replace"),
         stderr=r.stderr.decode(errors="replace"), timed_out=r.timed_out,
@@ -47,7 +48,12 @@ async def exec_stream(websocket: WebSocket, ref: str) -> None:
                                timeout_s=body.timeout_s)
         if body.tty:
             req = dataclasses.replace(req, tty=True, size=(body.cols, body.rows))
-        stream = await svc.exec_stream(ws.id, req, actor=user.name)
-        return Opened(ws.id, stream, stdin=body.stdin)
+        slot = svc.quotas.take(user, "streams")
+        try:
+            stream = await svc.exec_stream(ws.id, req, actor=user.name)
+        except BaseException:
+            slot.release()
+            raise
+        return Opened(ws.id, stream, stdin=body.stdin, slot=slot)
 
     await serve(websocket, start)

@@ -359,8 +359,19 @@ class Den:
         return self.request_json("GET", "/healthz")
 
     def me(self) -> JSON:
-        """The authenticated user: ``{"id", "name", "is_admin"}``."""
+        """The authenticated user: ``{"id", "name", "is_admin", "quotas"}`` (each limit with
+        ``limit``, ``used`` and the server's ``default``)."""
         return self.request_json("GET", "/api/v1/users/me")
+
+    def user_limits(self, name: str) -> JSON:
+        """A user's limits and use (admins): ``{"user", "quotas"}``."""
+        return self.request_json("GET", f"/api/v1/users/{quote(name, safe='')}/limits")
+
+    def set_user_limits(self, name: str, limits: Mapping[str, float | None]) -> JSON:
+        """Set a user's own limits (admins), replacing those set before; a limit left out
+        or None is the server's."""
+        return self.request_json("PUT", f"/api/v1/users/{quote(name, safe='')}/limits",
+                                 json_body=dict(limits))
 
     def create_token(self, name: str, *, expires_in_s: int | None = None) -> JSON:
         """Create an API token; the returned ``token`` is shown only this once. With

@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -30,7 +30,6 @@ from server.errors import (
     DenError,
     Forbidden,
     NotFound,
-    QuotaExceeded,
     ValidationFailed,
 )
 from server.git import clone as git_clone
@@ -40,6 +39,7 @@ from server.network import policy as net_policy
 from server.network.denials import Denial, RateLimit
 from server.network.guard import NetworkGuard
 from server.outbound import OutboundPolicy, git_pin
+from server.quotas.service import Quotas
 from server.runtime.base import (
     LABEL_INSTANCE,
     LABEL_MANAGED,
@@ -133,8 +133,11 @@ class WorkspaceService:
         instance_id: str,
         metrics: Metrics | None = None,
         network: NetworkGuard | None = None,
+        quotas: Quotas | None = None,
     ) -> None:
         self.settings = settings
+        self.quotas = quotas if quotas is not None else Quotas(settings=settings,
+                                                               sessions=sessions)
         # Enforces network policies on the host (None: workspaces on the engine's default
         # bridge, no policy enforced).
         self.network = network
@@ -318,17 +321,11 @@ class WorkspaceService:
 
     def _insert(self, user: User, name: str, *, message_prefix: str, **fields: Any
                 ) -> Workspace:
-        """Insert a workspace row in ``creating`` (quota and name checked, event recorded)."""
+        """Insert a workspace row in ``creating`` (limits and name checked, event recorded)."""
         ws_id = naming.new_workspace_id()
         with self.sessions.begin() as s:
-            count = s.scalar(
-                select(func.count()).select_from(Workspace).where(Workspace.owner_id == user.id)
-            )
-            if (count or 0) >= self.settings.max_workspaces_per_user:
-                raise QuotaExceeded(
-                    f"you already have {count} workspaces, the most this server allows; "
-                    "delete one first"
-                )
+            self.quotas.check_workspace(s, user, cpus=fields["cpus"],
+                                        memory_mb=fields["memory_mb"], disk_gb=fields["disk_gb"])
             exists = s.scalar(
                 select(Workspace.id).where(Workspace.owner_id == user.id, Workspace.name == name)
             )
