@@ -1201,6 +1201,7 @@ class DockerExecStream:
         finally:
             self._rt._note_exec(self._spec.container_name)
             self._loop.call_soon_threadsafe(self._queue.put_nowait, None)
+            self._loop.call_soon_threadsafe(self._eof.set)  # wait() holds no thread
 
     async def output(self) -> AsyncIterator[StreamChunk]:
         while True:
@@ -1232,10 +1233,7 @@ class DockerExecStream:
             await self._rt._call("resize", self._rt._resize, self._exec_id, cols, rows)
 
     async def wait(self) -> int:
-        if self._reader is None:
-            await self._eof.wait()
-        else:
-            await asyncio.to_thread(self._reader.join)
+        await self._eof.wait()  # set by the reader, thread or loop: no pool thread waits
         code = await self._rt._call(
             "exec status", lambda: _exit_code(self._rt._api(), self._exec_id)
         )
