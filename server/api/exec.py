@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 from fastapi import APIRouter, WebSocket
+from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from server.api.deps import CurrentUser, Workspaces, websocket_user
+from server.api.exec_body import exec_response
 from server.api.schemas import ExecIn, ExecOut, errors
 from server.api.streams import Opened, serve
 from server.errors import ValidationFailed
@@ -16,18 +18,15 @@ router = APIRouter(prefix="/api/v1/workspaces/{ref}", tags=["exec"])
 
 
 @router.post("/exec", response_model=ExecOut, responses=errors(404, 409, 429, 502, 503, 504))
-async def exec_command(ref: str, body: ExecIn, user: CurrentUser, svc: Workspaces) -> ExecOut:
+async def exec_command(ref: str, body: ExecIn, user: CurrentUser, svc: Workspaces
+                       ) -> StreamingResponse:
     ws = svc.get_for(user, ref)
     stdin = body.stdin.encode() if body.stdin is not None else None
     req = svc.exec_request(ws, body.cmd, cwd=body.cwd, env=body.env, timeout_s=body.timeout_s,
                            stdin=stdin)
     with svc.quotas.take(user, "execs"):  # before the server's gate: one user cannot fill it
         r = await svc.exec(ws.id, req, actor=user.name)
-    return ExecOut(
-        exit_code=r.exit_code, stdout=r.stdout.decode(errors="replace"),
-        stderr=r.stderr.decode(errors="replace"), timed_out=r.timed_out,
-        duration_ms=r.duration_ms, truncated=r.truncated,
-    )
+    return exec_response(r)  # the ExecOut document, encoded as it is sent
 
 
 @router.websocket("/exec/stream")
