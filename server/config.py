@@ -293,6 +293,19 @@ class Settings(BaseSettings):
         ),
     )
 
+    # --- devcontainer.json ---------------------------------------------------------------
+    devcontainer_build_timeout_s: float = Field(
+        1800, gt=0, description=(
+            "A devcontainer image build (its Dockerfile, then Den's layer) taking longer is "
+            "cancelled and the workspace goes to `error`."))
+    devcontainer_command_timeout_s: float = Field(
+        600, gt=0, description=(
+            "Deadline of each devcontainer lifecycle command (onCreateCommand, "
+            "postCreateCommand, postStartCommand); one that runs longer is stopped and the "
+            "workspace goes to `error`."))
+    devcontainer_context_max_mb: int = Field(
+        512, ge=1, description="Largest devcontainer build context sent to the engine, in MiB.")
+
     # --- exec and files -------------------------------------------------------------------
     exec_default_timeout_s: float = Field(
         600, description="Timeout of an exec call that names none, in seconds."

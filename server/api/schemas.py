@@ -129,6 +129,10 @@ class WorkspaceCreate(_Strict):
     keep_alive: bool = False
     network: NetworkIn | None = Field(
         None, description="Network policy; null: the server's default mode")
+    devcontainer: bool = Field(
+        True, description="Build the workspace from the repository's devcontainer.json "
+                          "(.devcontainer/devcontainer.json or .devcontainer.json) when it has "
+                          "one; false ignores the file (docs/devcontainer.md)")
 
 
 class WorkspacePatch(_Strict):
@@ -525,6 +529,8 @@ class PortOut(BaseModel):
     url: str | None = Field(description="The preview origin (null without DEN_PREVIEW_DOMAIN, "
                                         "or when the name does not fit a DNS label)")
     path_url: str = Field(description="The path form on Den's own origin")
+    label: str = Field("", description="The port's label from the repository's "
+                                      "devcontainer.json (portsAttributes), else empty")
 
 
 class PortList(BaseModel):

@@ -1,0 +1,33 @@
+"""devcontainer: what a workspace keeps of its devcontainer.json, and port labels
+
+Revision ID: 0013
+Revises: 0010
+Create Date: 2026-12-06
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0013"
+down_revision = "0010"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    # Empty: the workspace was not made from a devcontainer.json.
+    with op.batch_alter_table("workspaces", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("devcontainer", sa.JSON(), nullable=False,
+                                      server_default=sa.text("'{}'")))
+    with op.batch_alter_table("preview_ports", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("label", sa.String(64), nullable=False,
+                                      server_default=""))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("preview_ports", schema=None) as batch_op:
+        batch_op.drop_column("label")
+    with op.batch_alter_table("workspaces", schema=None) as batch_op:
+        batch_op.drop_column("devcontainer")
