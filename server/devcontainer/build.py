@@ -53,6 +53,9 @@ class ImageBuilder(Protocol):
         """Build the context tar into ``tag``, output lines to ``on_output``; raise a
         DenError (BuildFailed) that says why when it fails."""
 
+    async def image_env(self, image: str) -> dict[str, str]:
+        """The environment an image sets (its ``Config.Env``)."""
+
     async def remove(self, image: str) -> None:
         """Untag an image, best effort."""
 
@@ -141,6 +144,8 @@ class ImageMaker:
         self.check_image = check_image
         self.timeout_s = timeout_s
         self.context_max_bytes = context_max_mb * 1024 * 1024
+        recipe = "\0".join((IMAGES / rel).read_text() for rel in sorted(LAYER_FILES.values()))
+        self._layer_key = _hash(recipe + helper_image)  # Den's layer, in every image's hash
 
     def tag(self, digest: str) -> str:
         return f"{self.prefix}-devc:{digest[:24]}"
@@ -181,7 +186,7 @@ class ImageMaker:
                                      max_bytes=self.context_max_bytes)
         key = "\0".join(["build", content, *ids, build.target or "",
                          *(f"{k}={v}" for k, v in sorted(build.args.items()))])
-        final = self.tag(_hash(key + "\0" + self._layer_key()))
+        final = self.tag(_hash(key + "\0" + self._layer_key))
         if await self.builder.image_id(final) is not None:
             return Built(image=final, cached=True)
         intermediate = f"{self.prefix}-devc-build:{_hash(key)[:24]}"
@@ -203,13 +208,9 @@ class ImageMaker:
         finally:  # the final image keeps its layers; the intermediate name is not needed
             await self.builder.remove(intermediate)
 
-    def _layer_key(self) -> str:
-        recipe = "\0".join((IMAGES / rel).read_text() for rel in sorted(LAYER_FILES.values()))
-        return _hash(recipe + self.helper_image)
-
     async def _with_layer(self, base: str, base_id: str, *, work: Path, log_to: BuildLog,
                           key: str, final: str | None = None) -> Built:
-        final = final or self.tag(_hash(key + "\0" + self._layer_key()))
+        final = final or self.tag(_hash(key + "\0" + self._layer_key))
         if await self.builder.image_id(final) is not None:
             return Built(image=final, cached=True)
         ctx = work / "layer.tar"

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.devcontainer import lifecycle, source
+from server.devcontainer import lifecycle, source, variables
 from server.devcontainer.build import BuildLog, ImageMaker
 from server.devcontainer.parse import DevContainer, parse, unmet
 from server.errors import DenError, ValidationFailed
@@ -84,10 +84,17 @@ class DevContainers:
             raise
         log.close()
         note("devcontainer", f"image {built.image} ({'cached' if built.cached else 'built'})")
+        folder = posixpath.normpath(variables.substitute(
+            config.workspace_folder or repo_path, folder=repo_path, container_env={}))
+        if folder != "/workspace" and not folder.startswith("/workspace/"):
+            note("devcontainer", f"workspaceFolder {folder} not acted on: the repository is "
+                                 f"at {repo_path}, where the lifecycle commands run")
+            folder = repo_path
         # Den's sessions are remote: remoteEnv applies to them all, over containerEnv; the
         # user's own env (the API's "env") wins over both.
-        env = {**config.container_env, **config.remote_env, **user_env}
-        folder = config.workspace_folder or repo_path
+        env = {**variables.env_of(await self.maker.builder.image_env(built.image),
+                                  config.container_env, config.remote_env, folder=folder),
+               **user_env}
         stored = {"file": found.path, "folder": folder, "remote_user": config.remote_user,
                   "post_start": lifecycle.to_json(config.post_start)}
         return Plan(file=found.path, config=config, image=built.image, env=env, stored=stored)

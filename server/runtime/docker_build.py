@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -28,6 +30,10 @@ from server.runtime.errors import EngineError, EngineUnavailable, without_host_p
 log = logging.getLogger(__name__)
 
 
+_STEP_IMAGE = re.compile(r"^ ---> ([0-9a-f]{12,64})$")
+_FROM_STEP = re.compile(r"^Step \d+/\d+ : FROM ", re.IGNORECASE)
+
+
 class BuildFailed(ValidationFailed):
     """The repository's image did not build (its Dockerfile failed, or took too long)."""
 
@@ -40,6 +46,14 @@ class DockerImageBuilder:
 
     def __init__(self, *, base_url: str = "") -> None:
         self._base_url = base_url
+        self._short: Any = None  # one client for inspects (a new one asks the version first)
+        self._lock = threading.Lock()
+
+    def _inspector(self) -> Any:
+        with self._lock:
+            if self._short is None:
+                self._short = self._client(60)
+            return self._short
 
     def _client(self, timeout_s: float) -> Any:
         try:
@@ -52,7 +66,7 @@ class DockerImageBuilder:
     async def image_id(self, image: str) -> str | None:
         """The local image's id, or None when the engine has no such image."""
         def run() -> str | None:
-            api = self._client(60)
+            api = self._inspector()
             try:
                 return str(api.inspect_image(image)["Id"])
             except docker.errors.ImageNotFound:
@@ -64,8 +78,17 @@ class DockerImageBuilder:
             except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
                 raise EngineUnavailable("the Docker engine is not reachable",
                                         detail=str(exc)) from exc
-            finally:
-                api.close()
+
+        return await asyncio.to_thread(run)
+
+    async def image_env(self, image: str) -> dict[str, str]:
+        def run() -> dict[str, str]:
+            try:
+                env = (self._inspector().inspect_image(image).get("Config") or {}).get("Env")
+            except (docker.errors.DockerException,
+                    requests.exceptions.RequestException) as exc:
+                raise EngineError(f"image {image}: cannot be inspected", detail=str(exc)) from exc
+            return dict(e.split("=", 1) for e in env or [] if "=" in e)
 
         return await asyncio.to_thread(run)
 
@@ -74,6 +97,18 @@ class DockerImageBuilder:
                     timeout_s: float, on_output: Callable[[str], None]) -> None:
         """Build ``context`` (a tar) into ``tag``; each output line goes to ``on_output`` (on
         a worker thread). BuildFailed with the engine's error when it fails or times out."""
+        steps: list[str] = []  # the images of the steps done, the FROM images left out
+
+        def line(text: str) -> None:
+            m = _STEP_IMAGE.match(text)
+            if m and not (steps and steps[-1] == "FROM"):
+                steps.append(m.group(1))
+            elif m:
+                steps.pop()
+            elif _FROM_STEP.match(text):
+                steps.append("FROM")
+            on_output(text)
+
         def run() -> None:
             deadline = time.monotonic() + timeout_s
             api = self._client(timeout_s)
@@ -82,7 +117,8 @@ class DockerImageBuilder:
                     stream = api.build(
                         fileobj=fh, custom_context=True, dockerfile=dockerfile, tag=tag,
                         buildargs=dict(args), target=target, labels=dict(labels),
-                        network_mode="none", pull=False, rm=True, forcerm=True, decode=True)
+                        network_mode="none", pull=False, rm=True, forcerm=True, decode=True,
+                        timeout=timeout_s)  # each read; the whole build: ``deadline``
                     for chunk in stream:
                         if "error" in chunk:
                             msg = str(chunk.get("error") or "").strip()
@@ -91,9 +127,9 @@ class DockerImageBuilder:
                                               f"{without_host_paths(msg)[-500:]}")
                         text = chunk.get("stream")
                         if isinstance(text, str):
-                            for line in text.splitlines():
-                                if line.strip():
-                                    on_output(line)
+                            for one in text.splitlines():
+                                if one.strip():
+                                    line(one)
                         if time.monotonic() > deadline:
                             raise BuildFailed(f"the image build took longer than {timeout_s:g} "
                                               "s (DEN_DEVCONTAINER_BUILD_TIMEOUT_S) and was "
@@ -113,18 +149,31 @@ class DockerImageBuilder:
             finally:
                 api.close()  # closing the connection cancels a build still running
 
-        await asyncio.to_thread(run)
+        try:
+            await asyncio.to_thread(run)
+        except BaseException:
+            await asyncio.to_thread(self._drop_steps, steps)
+            raise
+
+    def _drop_steps(self, steps: list[str]) -> None:
+        """Remove the untagged step images a failed build left, newest first (one another
+        image still builds on, or a container uses, stays: the engine refuses)."""
+        api = self._inspector()
+        for image in reversed([s for s in steps if s != "FROM"]):
+            try:
+                if api.inspect_image(image).get("RepoTags"):
+                    continue
+                api.remove_image(image, noprune=True)
+            except (docker.errors.DockerException, requests.exceptions.RequestException):
+                continue
 
     async def remove(self, image: str) -> None:
         """Untag ``image`` (best effort; an image in use stays)."""
         def run() -> None:
-            api = self._client(60)
             try:
-                api.remove_image(image, noprune=False)
+                self._inspector().remove_image(image, noprune=False)
             except (docker.errors.DockerException,
                     requests.exceptions.RequestException) as exc:
                 log.info("image %s not removed: %s", image, exc)
-            finally:
-                api.close()
 
         await asyncio.to_thread(run)

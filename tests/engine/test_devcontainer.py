@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,15 +23,28 @@ pytestmark = pytest.mark.engine
 COMMAND_TIMEOUT_S = 5
 
 
-@pytest.fixture
-def api(engine: None, make_settings: Callable[..., Settings]) -> Iterator[ApiClient]:
-    app = create_app(make_settings(devcontainer_command_timeout_s=COMMAND_TIMEOUT_S))
+BUILD_TIMEOUT_S = 4
+
+
+def _api(settings: Settings) -> Iterator[ApiClient]:
+    app = create_app(settings)
     with TestClient(app) as client:
         yield ApiClient(client, users(app))
         for ws in app.state.workspaces.list_for(_admin(app)):
             with contextlib.suppress(Exception):
                 client.delete(f"/api/v1/workspaces/{ws.id}", headers={
                     "Authorization": f"Bearer {users(app)['root']}"})
+
+
+@pytest.fixture
+def api(engine: None, make_settings: Callable[..., Settings]) -> Iterator[ApiClient]:
+    yield from _api(make_settings(devcontainer_command_timeout_s=COMMAND_TIMEOUT_S))
+
+
+@pytest.fixture
+def impatient_api(engine: None, make_settings: Callable[..., Settings]) -> Iterator[ApiClient]:
+    """Builds cancelled after BUILD_TIMEOUT_S."""
+    yield from _api(make_settings(devcontainer_build_timeout_s=BUILD_TIMEOUT_S))
 
 
 def _prefix(api: ApiClient) -> str:
@@ -169,15 +184,22 @@ def test_refused_keys_end_in_error_with_nothing_left(
 def test_failing_build_and_hanging_command_end_in_error(
     api: ApiClient, make_repo: Callable[..., Path]
 ) -> None:
-    dockerfile = "FROM den/base:bookworm\nRUN echo about-to-fail && exit 7\n"
+    dockerfile = ("FROM den/base:bookworm\nRUN echo step-one > /one\n"
+                  "RUN echo about-to-fail && exit 7\n")
     ws = api.create(make_repo("fails", {
         ".devcontainer/devcontainer.json": '{"build": {"dockerfile": "Dockerfile"}}',
         ".devcontainer/Dockerfile": dockerfile}))
     assert ws["state"] == "error", ws
     assert "the image build failed" in ws["state_reason"], ws
     assert "about-to-fail" in ws["state_reason"], ws  # the tail of the log
-    assert "about-to-fail" in _messages(api, ws["id"], "build")
+    build = _messages(api, ws["id"], "build")
+    assert "about-to-fail" in build
     assert _left_behind(api, ws["id"]) == []
+    # The image of the step that worked is removed with the failed build.
+    step = re.search(r"Step 2/\d+ : RUN echo step-one.*?\n ---> ([0-9a-f]{12})\n", build, re.S)
+    assert step is not None, build
+    assert subprocess.run(["docker", "image", "inspect", step.group(1)],
+                          capture_output=True).returncode != 0
     assert not [i for i in _images(_prefix(api)) if "-devc-build:" in i]
 
     hangs = api.create(make_repo("hangs", {
@@ -196,3 +218,24 @@ def test_failing_build_and_hanging_command_end_in_error(
     assert fails["state"] == "error", fails
     assert "postCreateCommand failed (exit code 4)" in fails["state_reason"]
     assert "oops" in fails["state_reason"]
+
+
+def test_a_build_past_its_deadline_is_cancelled(
+    impatient_api: ApiClient, make_repo: Callable[..., Path]
+) -> None:
+    api = impatient_api
+    dockerfile = "FROM den/base:bookworm\nRUN echo sleeping && sleep 300\n"
+    ws = api.create(make_repo("slow", {
+        ".devcontainer/devcontainer.json": '{"build": {"dockerfile": "Dockerfile"}}',
+        ".devcontainer/Dockerfile": dockerfile}))
+    assert ws["state"] == "error", ws
+    assert f"took longer than {BUILD_TIMEOUT_S} s" in ws["state_reason"], ws
+    assert _left_behind(api, ws["id"]) == []
+    # The step's container is gone once the engine has cancelled the build.
+    running = re.search(r"---> Running in ([0-9a-f]{12})", _messages(api, ws["id"], "build"))
+    assert running is not None
+    deadline = time.monotonic() + 60
+    while subprocess.run(["docker", "container", "inspect", running.group(1)],
+                         capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "the build's container is still there"
+        time.sleep(0.2)

@@ -23,6 +23,7 @@ from server.devcontainer.parse import (
     unmet,
 )
 from server.devcontainer.ports import rows
+from server.devcontainer.variables import env_of, substitute
 
 
 def test_jsonc_comments_and_trailing_commas() -> None:
@@ -240,3 +241,14 @@ def test_base_images() -> None:
     """
     assert source.base_images(text, {}) == ["den/base:bookworm", "den/workspace:latest"]
     assert source.base_images(text, {"BASE": "den/other:1"})[0] == "den/other:1"
+
+
+def test_variables_never_read_the_host() -> None:
+    image = {"PATH": "/usr/bin", "HOME": "/root"}
+    assert substitute("${localWorkspaceFolderBasename}|${containerWorkspaceFolder}|"
+                      "${localEnv:HOME}|${localEnv:X:fallback}|${env:USER}|${containerEnv:HOME}|"
+                      "${containerEnv:NOPE:d}|${devcontainerId}",
+                      folder="/workspace/api", container_env=image) == (
+        "api|/workspace/api||fallback||/root|d|${devcontainerId}")
+    assert env_of(image, {"PATH": "${containerEnv:PATH}:/a"}, {"PATH": "${containerEnv:PATH}:/b"},
+                  folder="/workspace/api") == {"PATH": "/usr/bin:/a:/b"}
