@@ -23,6 +23,7 @@ from typing import Any
 import docker
 import docker.errors
 import requests.exceptions
+import urllib3.exceptions
 
 from server.errors import DenError, ValidationFailed
 from server.runtime.errors import EngineError, EngineUnavailable, without_host_paths
@@ -134,7 +135,8 @@ class DockerImageBuilder:
                             raise BuildFailed(f"the image build took longer than {timeout_s:g} "
                                               "s (DEN_DEVCONTAINER_BUILD_TIMEOUT_S) and was "
                                               "cancelled")
-            except requests.exceptions.ReadTimeout as exc:
+            except (requests.exceptions.ReadTimeout, urllib3.exceptions.ReadTimeoutError,
+                    TimeoutError) as exc:  # a streamed read times out in urllib3 itself
                 raise BuildFailed(f"the image build took longer than {timeout_s:g} s "
                                   "(DEN_DEVCONTAINER_BUILD_TIMEOUT_S) and was cancelled") from exc
             except docker.errors.APIError as exc:
@@ -143,7 +145,8 @@ class DockerImageBuilder:
                                   detail=str(exc)) from exc
             except DenError:
                 raise
-            except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            except (docker.errors.DockerException, requests.exceptions.RequestException,
+                    urllib3.exceptions.HTTPError, OSError) as exc:
                 raise EngineUnavailable("the Docker engine failed during an image build",
                                         detail=str(exc)) from exc
             finally:

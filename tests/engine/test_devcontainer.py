@@ -123,7 +123,7 @@ FROM ${BASE}
 ARG GREETING=unset
 RUN echo "built with $GREETING" > /built.txt && ls /sys/class/net > /build-nets.txt
 COPY tool.sh /usr/local/bin/tool
-RUN chmod 0755 /usr/local/bin/tool
+RUN chmod 0755 /usr/local/bin/tool && groupadd -g 1000 node && useradd -u 1000 -g 1000 -m node
 """
 
 
@@ -141,10 +141,12 @@ def test_dockerfile_from_the_local_base_with_container_env_is_built_once(
                              "tool.sh": "#!/bin/sh\necho tool ran\n"})
     ws = api.create(repo)
     assert ws["state"] == "running", (ws, _events(api, ws["id"]))
-    out = api.exec(ws["id"], "cat /built.txt /build-nets.txt from-tool.txt; echo $MODE; id -un")
+    out = api.exec(ws["id"], "cat /built.txt /build-nets.txt from-tool.txt; echo $MODE; "
+                             "id -u; touch mine && echo writable")
     assert out["exit_code"] == 0, out
-    # The RUN step had no network: only the loopback interface.
-    assert out["stdout"] == "built with args\nlo\ntool ran\ncontainer\ndev\n", out
+    # The RUN step had no network: only the loopback interface. The image's own user 1000
+    # (node) and dev are one uid, which owns the repository's files.
+    assert out["stdout"] == "built with args\nlo\ntool ran\ncontainer\n1000\nwritable\n", out
     build = _messages(api, ws["id"], "build")
     assert "Step 1/" in build and "den-layer.sh" in build
     assert "(built)" in _messages(api, ws["id"], "devcontainer")

@@ -13,23 +13,24 @@ L=/usr/local/lib/den/layer
 fail() { echo "den: $*" >&2; exit 3; }
 
 command -v useradd >/dev/null 2>&1 || fail "this image has no useradd (package passwd): Den needs it to add its user dev; use a Debian- or Ubuntu-based image"
+# dev is uid and gid 1000, the owner Den gives the repository's files: when the image already
+# has a user 1000 (vscode, node), dev shares its uid (and so its files).
 if ! id dev >/dev/null 2>&1; then
-    if ! getent group dev >/dev/null 2>&1; then
-        if getent group 1000 >/dev/null 2>&1; then groupadd dev; else groupadd --gid 1000 dev; fi
-    fi
+    getent group 1000 >/dev/null 2>&1 || groupadd --gid 1000 dev
     shell=/bin/sh
     [ -x /bin/bash ] && shell=/bin/bash
-    if getent passwd 1000 >/dev/null 2>&1; then
-        useradd --gid dev --create-home --home-dir /home/dev --shell "$shell" dev
-    else
-        useradd --uid 1000 --gid dev --create-home --home-dir /home/dev --shell "$shell" dev
-    fi
+    useradd --non-unique --uid 1000 --gid 1000 --create-home --home-dir /home/dev \
+        --shell "$shell" dev
 fi
-install -d -o dev -g dev -m 0755 /home/dev /workspace
+[ "$(id -u dev)" = 1000 ] || echo "den: user dev is uid $(id -u dev), not 1000: the repository's files (uid 1000) are not dev's"
+install -d -o dev -g 1000 -m 0755 /home/dev /workspace
 
 install -d -m 0755 /usr/local/bin /usr/local/lib/den /etc/den
 install -m 0755 $L/den-init /usr/local/bin/den-init
-grep -qx dev /etc/den/sudoers 2>/dev/null || echo dev >> /etc/den/sudoers
+# The broker knows its callers by uid: the name of uid 1000 may be the image's user, not dev.
+for name in dev "$(getent passwd 1000 | cut -d: -f1)"; do
+    grep -qx "$name" /etc/den/sudoers 2>/dev/null || echo "$name" >> /etc/den/sudoers
+done
 if [ -x /usr/bin/python3 ]; then
     install -m 0755 $L/den-sudo-broker /usr/local/lib/den/den-sudo-broker
     install -m 0755 $L/den-sudo /usr/local/bin/den-sudo
