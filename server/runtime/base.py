@@ -242,6 +242,7 @@ class NetworkInfo:
 
     interface: str  # the host's bridge interface
     subnet: str  # IPv4 CIDR
+    gateway: str = ""  # the host's address on the bridge ("" where unknown)
     addresses: Mapping[str, str] = field(default_factory=dict)  # running container -> IPv4
     # running container -> its port on the bridge (the host's end of its veth), where known:
     # unlike an address, a workspace cannot forge the port its packets come in by.

@@ -260,6 +260,7 @@ class DockerRuntime:
             inspect = self._ensure_network()
             subnet, addresses = docker_specs.network_addresses(inspect)
             return NetworkInfo(interface=self._network_interface, subnet=subnet,
+                               gateway=docker_specs.network_gateway(inspect),
                                addresses=addresses, ports=self._bridge_ports(inspect))
 
         return await self._call(f"network {self._network}", run)

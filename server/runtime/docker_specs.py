@@ -138,6 +138,12 @@ def network_addresses(inspect: dict[str, Any]) -> tuple[str, dict[str, str]]:
     return subnet, found
 
 
+def network_gateway(inspect: dict[str, Any]) -> str:
+    """The IPv4 gateway (the host's address on the bridge) from a network's inspect."""
+    configs = (inspect.get("IPAM") or {}).get("Config") or []
+    return next((str(c["Gateway"]) for c in configs if "." in str(c.get("Gateway", ""))), "")
+
+
 def veth_peer_index(ip_link: str) -> int | None:
     """The host-side peer's interface index from ``ip -o link show eth0`` run in a
     container's network namespace (``4451: eth0@if4452: ...`` -> 4452)."""

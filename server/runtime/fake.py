@@ -108,7 +108,7 @@ class FakeRuntime:
         """Running containers get addresses in 10.88.0.0/16, in order of their names."""
         self._enter("network")
         running = sorted(n for n, c in self.containers.items() if c.running)
-        return NetworkInfo(interface="den-fake", subnet="10.88.0.0/16",
+        return NetworkInfo(interface="den-fake", subnet="10.88.0.0/16", gateway="10.88.0.1",
                            addresses={n: f"10.88.0.{i + 2}" for i, n in enumerate(running)})
 
     async def image_exists(self, image: str) -> bool:

@@ -1,0 +1,133 @@
+"""Den's DNS forwarder: the name server of every workspace on Den's network (its resolv.conf
+names the bridge's gateway, where this listens, UDP port 53).
+
+It answers only the workspaces the firewall knows (by source address; the firewall also
+checks their bridge port), forwards each query to the host's name servers from a fresh
+socket (a random source port and a new query id, checked on the answer), and, before a
+workspace gets an answer, hands the answer's IPv4 addresses to ``learn``, which pins those
+the workspace's policy allows (pins.py) and updates the firewall. Everything is bounded:
+query and answer sizes, queries in flight in all and per workspace (more are dropped: the
+resolver retries), the wait for the upstream server. UDP only: an answer too big for UDP
+comes back truncated, as from any server, and a retry over TCP is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import socket
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+
+from server.network import dnswire
+
+log = logging.getLogger(__name__)
+
+QUERY_MAX = 1232  # bytes: a query is small (the EDNS "safe" UDP size)
+ANSWER_MAX = 4096  # bytes from upstream; larger answers are refused (SERVFAIL)
+IN_FLIGHT_MAX = 256
+PER_SOURCE_MAX = 32
+UPSTREAM_TIMEOUT_S = 2.0
+
+Learn = Callable[[str, str, list[tuple[str, int]]], Awaitable[None]]
+
+
+class Forwarder(asyncio.DatagramProtocol):
+    def __init__(self, upstreams: Sequence[str], *, learn: Learn,
+                 known: Callable[[str], bool], port: int = 53,
+                 upstream_port: int = 53) -> None:
+        self.upstreams = list(upstreams)
+        self.learn = learn
+        self.known = known
+        self.port = port
+        self.upstream_port = upstream_port
+        self.address = ""  # where it listens ("" before start)
+        self.dropped = 0
+        self._transport: asyncio.DatagramTransport | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._per_source: Counter[str] = Counter()
+
+    async def start(self, address: str) -> None:
+        """Listen on ``address`` (the bridge's gateway); again elsewhere if it changed."""
+        if self._transport is not None and self.address == address:
+            return
+        self.close()
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: self, local_addr=(address, self.port), family=socket.AF_INET)
+        self._transport = transport
+        self.address = address
+        log.info("DNS forwarder for workspaces on %s:%d (upstream %s)", address, self.port,
+                 ", ".join(self.upstreams) or "none")
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+        for task in list(self._tasks):
+            task.cancel()
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:  # type: ignore[override]
+        source = addr[0]
+        if (len(data) > QUERY_MAX or len(self._tasks) >= IN_FLIGHT_MAX
+                or self._per_source[source] >= PER_SOURCE_MAX or not self.known(source)):
+            self.dropped += 1
+            return
+        self._per_source[source] += 1
+        task = asyncio.get_running_loop().create_task(self._answer(data, addr))
+        self._tasks.add(task)
+        task.add_done_callback(lambda t: self._done(t, source))
+
+    def _done(self, task: asyncio.Task[None], source: str) -> None:
+        self._tasks.discard(task)
+        self._per_source[source] -= 1
+        if self._per_source[source] <= 0:
+            del self._per_source[source]
+
+    async def _answer(self, query: bytes, addr: tuple[str, int]) -> None:
+        try:
+            q = dnswire.question(query)
+        except dnswire.Malformed:
+            return
+        reply = dnswire.error_answer(query, q, dnswire.SERVFAIL)
+        try:
+            answer = await self.resolve(query, q)
+            if answer is not None:
+                found = dnswire.answers_a(answer)
+                if found:
+                    await self.learn(addr[0], q.name, found)
+                reply = dnswire.with_id(answer, q.id)
+        except asyncio.CancelledError:
+            raise
+        except dnswire.Malformed:
+            pass
+        except Exception:  # the firewall refused: no answer opens anything
+            log.exception("DNS forwarder: answering %r failed", q.name)
+        if self._transport is not None:
+            self._transport.sendto(reply, addr)
+
+    async def resolve(self, query: bytes, q: dnswire.Question) -> bytes | None:
+        """The first upstream server's answer to ``query`` (under a new id), or None."""
+        loop = asyncio.get_running_loop()
+        ident = secrets.randbelow(65536)
+        wire = dnswire.with_id(query, ident)
+        for server in self.upstreams:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.setblocking(False)
+                try:
+                    sock.connect((server, self.upstream_port))
+                    await loop.sock_sendall(sock, wire)
+                    async with asyncio.timeout(UPSTREAM_TIMEOUT_S):
+                        while True:
+                            data = await loop.sock_recv(sock, 65535)
+                            if len(data) > ANSWER_MAX:
+                                break
+                            with contextlib.suppress(dnswire.Malformed):
+                                got = dnswire.question(data, response=True)
+                                if (got.id, got.name, got.qtype) == (ident, q.name, q.qtype):
+                                    return data
+                except (OSError, TimeoutError):
+                    continue
+        return None
