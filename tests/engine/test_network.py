@@ -241,10 +241,10 @@ def test_policy_changes_live_without_a_restart(two: Lab) -> None:
     assert r.status_code == 201, r.text
     pid = r.json()["pid"]
 
-    # Refused: domain names (not supported yet), private ranges the operator did not allow,
+    # Refused: what is no address nor domain name, private ranges the operator did not allow,
     # unknown modes; nothing changes.
     for body, status, code in [
-        ({"mode": "allowlist", "allow": ["pypi.org"]}, 422, "invalid"),
+        ({"mode": "allowlist", "allow": ["pypi"]}, 422, "invalid"),
         ({"mode": "allowlist", "allow": ["10.0.0.0/8"]}, 403, "network_not_allowed"),
         ({"mode": "everything"}, 422, "invalid"),
     ]:

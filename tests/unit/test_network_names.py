@@ -52,8 +52,9 @@ def _policy(*allow: str, mode: str = "allowlist") -> NetworkPolicy:
 
 
 def _pins(name: str, answers: list[tuple[str, int]], policy: NetworkPolicy,
-          operator: Operator = Operator()) -> list[str]:
-    return [f"{p}@{ttl}" for p, ttl in pins_for(name, answers, policy, operator, BRIDGE)]
+          operator: Operator | None = None) -> list[str]:
+    return [f"{p}@{ttl}" for p, ttl in pins_for(name, answers, policy, operator or Operator(),
+                                                 BRIDGE)]
 
 
 def test_only_allowed_names_pin_and_only_public_answers() -> None:
