@@ -217,6 +217,11 @@ class Iptables:
             self._run([f"{self._v6}-restore", "--noflush"], stdin=v6)
             self._ensure_jumps(self._v6, jumps_v6(self.prefix, bridge))
 
+    def apply_v4(self, v4: str) -> None:
+        """Replace Den's IPv4 chains only (a new DNS pin: the jumps and the IPv6 chain are
+        in place since the last :meth:`apply`)."""
+        self._run([f"{self._v4}-restore", "--noflush"], stdin=v4)
+
     def _ensure_jumps(self, tool: str, wanted: list[tuple[str, list[str]]]) -> None:
         for chain, rule in wanted:
             if self._run([tool, "-w", "-C", chain, *rule], check=False).returncode != 0:

@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 
 from server.network import dnswire
+from server.network.firewall import FirewallError
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,12 @@ class Forwarder(asyncio.DatagramProtocol):
             return
         self.close()
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: self, local_addr=(address, self.port), family=socket.AF_INET)
+        try:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: self, local_addr=(address, self.port), family=socket.AF_INET)
+        except OSError as exc:
+            raise FirewallError(f"Den's DNS forwarder cannot listen on {address}:{self.port}",
+                                detail=str(exc)) from exc
         self._transport = transport
         self.address = address
         log.info("DNS forwarder for workspaces on %s:%d (upstream %s)", address, self.port,

@@ -135,7 +135,7 @@ class NetworkGuard:
                 return
             found = pins_for(name, answers, policy, self.operator, self._info.subnet)
             if self.pins.add(container, name, found, time.monotonic()):
-                await self._apply()
+                await self._apply(pins_only=True)
 
     async def _sweep(self) -> None:
         while True:
@@ -143,7 +143,7 @@ class NetworkGuard:
             async with self._lock:
                 if self.pins.expire(time.monotonic()):
                     with contextlib.suppress(firewall.FirewallError):
-                        await self._apply()
+                        await self._apply(pins_only=True)
 
     async def close(self) -> None:
         if self._sweeper is not None:
@@ -154,8 +154,9 @@ class NetworkGuard:
         if self.dns is not None:
             self.dns.close()
 
-    async def _apply(self) -> None:
-        """Rebuild the rules from the last sync's state and the pins (under the lock)."""
+    async def _apply(self, *, pins_only: bool = False) -> None:
+        """Rebuild the rules from the last sync's state and the pins (under the lock);
+        ``pins_only``: only the pins changed since the last full apply."""
         info = self._info
         assert info is not None
         bridge = firewall.Bridge(interface=info.interface, subnet=info.subnet)
@@ -165,8 +166,11 @@ class NetworkGuard:
         dns = [info.gateway] if self.dns is not None and info.gateway else self.resolvers
         v4 = firewall.ruleset(self.prefix, bridge, members, resolvers=dns,
                               operator_allow=self.operator_allow, log_denied=self.log_denied)
-        await asyncio.to_thread(self.iptables.apply, v4, firewall.ruleset_v6(self.prefix),
-                                bridge)
+        if pins_only:
+            await asyncio.to_thread(self.iptables.apply_v4, v4)
+        else:
+            await asyncio.to_thread(self.iptables.apply, v4, firewall.ruleset_v6(self.prefix),
+                                    bridge)
         self.applied = v4
         log.debug("network rules applied for %d workspaces, %d pins", len(members),
                   len(self.pins))

@@ -213,6 +213,9 @@ class Recording(firewall.Iptables):
     def apply(self, v4: str, v6: str, bridge: firewall.Bridge) -> None:
         self.applied.append(v4)
 
+    def apply_v4(self, v4: str) -> None:
+        self.applied.append(v4)
+
 
 @pytest.fixture
 def netsvc(make_settings: Callable[..., Settings], fake_runtime: FakeRuntime

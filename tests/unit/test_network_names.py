@@ -17,6 +17,7 @@ from server.config import Settings
 from server.db.migrate import ensure_schema
 from server.db.session import make_engine, make_session_factory
 from server.network import dnswire, forwarder
+from server.network.firewall import FirewallError
 from server.network.guard import NetworkGuard
 from server.network.names import NameEntry, ports_for
 from server.network.pins import Operator, PinTable, pins_for
@@ -202,6 +203,10 @@ async def test_forwarder_learns_before_it_answers_and_bounds_what_it_takes(
             async with asyncio.timeout(0.5):
                 await _ask(port, "ok.example")
         assert fwd.dropped == 2 and len(learned) == 1
+        # A port someone else holds: a clear error (den serve refuses to start).
+        other = forwarder.Forwarder([], learn=learn, known=lambda a: True, port=port)
+        with pytest.raises(FirewallError, match="cannot listen on 127.0.0.1"):
+            await other.start("127.0.0.1")
     finally:
         fwd.close()
         transport.close()
