@@ -205,7 +205,7 @@ async def test_forwarder_learns_before_it_answers_and_bounds_what_it_takes(
         assert fwd.dropped == 2 and len(learned) == 1
         # A port someone else holds: a clear error (den serve refuses to start).
         other = forwarder.Forwarder([], learn=learn, known=lambda a: True, port=port)
-        with pytest.raises(FirewallError, match="cannot listen on 127.0.0.1"):
+        with pytest.raises(FirewallError, match=r"cannot listen on 127\.0\.0\.1"):
             await other.start("127.0.0.1")
     finally:
         fwd.close()
@@ -263,3 +263,15 @@ async def test_guard_pins_answers_for_allowed_names_and_drops_them_on_a_change(
     assert pin in rec.applied[-1]
     await svc.set_network(ws.id, "allowlist", ["x.example"], actor="alice")
     assert "198.51.100.7" not in rec.applied[-1]
+
+
+def test_operator_settings_may_name_domains(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, network_allow=["mirror.corp.example:8443"],
+                        network_user_allow=["*.corp.example", "10.20.0.0/16"])
+    operator = Operator.from_entries(parse_ranges(settings.network_allow),
+                                     parse_ranges(settings.network_user_allow))
+    assert operator.names == (NameEntry("mirror.corp.example", 8443),)
+    assert operator.user_names == (NameEntry("*.corp.example"),)
+    assert [str(r) for r in operator.ranges] == ["10.20.0.0/16"]
+    with pytest.raises(ValueError, match="neither an address"):
+        Settings(data_dir=tmp_path, network_allow=["localhost"])
