@@ -55,22 +55,40 @@ def _ns_answers(ns: str, addr: str) -> bool:
               "--max-time", "2", f"http://{addr}:{PORT}/", check=False).stdout == "200"
 
 
-# The DNS stand-in: a UDP server in the namespace answering A queries from a JSON map of
-# name -> addresses (TTL 60), with no records for any other name.
+# The DNS stand-in: a UDP and TCP server in the namespace answering A queries from a JSON map
+# of name -> addresses (TTL 60), with no records for any other name.
 DNS_SERVER = """
-import json, socket, sys
+import json, socket, sys, threading
 from server.network import dnswire
 records = json.loads(sys.argv[1])
+
+def answer(data):
+    q = dnswire.question(data)
+    found = records.get(q.name, []) if q.qtype == dnswire.TYPE_A else []
+    return dnswire.build_answer(data, [(a, 60) for a in found])
+
+def tcp():
+    server = socket.create_server(("0.0.0.0", 53))
+    while True:
+        conn, _ = server.accept()
+        with conn:
+            try:
+                size = int.from_bytes(conn.recv(2, socket.MSG_WAITALL), "big")
+                data = conn.recv(size, socket.MSG_WAITALL)
+                out = answer(data)
+                conn.sendall(len(out).to_bytes(2, "big") + out)
+            except (OSError, dnswire.Malformed):
+                pass
+
+threading.Thread(target=tcp, daemon=True).start()
 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 sock.bind(("0.0.0.0", 53))
 while True:
     data, peer = sock.recvfrom(4096)
     try:
-        q = dnswire.question(data)
+        sock.sendto(answer(data), peer)
     except dnswire.Malformed:
-        continue
-    found = records.get(q.name, []) if q.qtype == dnswire.TYPE_A else []
-    sock.sendto(dnswire.build_answer(data, [(a, 60) for a in found]), peer)
+        pass
 """
 
 

@@ -170,6 +170,25 @@ async def _ask(port: int, name: str, ident: int = 99) -> bytes:
             return await loop.sock_recv(sock, 4096)
 
 
+async def _ask_tcp(port: int, name: str) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    query = dnswire.build_query(5, name)
+    writer.write(len(query).to_bytes(2, "big") + query)
+    async with asyncio.timeout(10):
+        size = int.from_bytes(await reader.readexactly(2), "big")
+        data = await reader.readexactly(size)
+    writer.close()
+    return data
+
+
+async def _tcp_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    size = int.from_bytes(await reader.readexactly(2), "big")
+    answer = dnswire.build_answer(await reader.readexactly(size), [("198.51.100.7", 60)])
+    writer.write(len(answer).to_bytes(2, "big") + answer)
+    await writer.drain()
+    writer.close()
+
+
 async def test_forwarder_learns_before_it_answers_and_bounds_what_it_takes(
         monkeypatch: pytest.MonkeyPatch) -> None:
     loop = asyncio.get_running_loop()
@@ -177,6 +196,7 @@ async def test_forwarder_learns_before_it_answers_and_bounds_what_it_takes(
     transport, _ = await loop.create_datagram_endpoint(
         lambda: Upstream({"ok.example": [("198.51.100.7", 60)]}),
         local_addr=("127.0.0.1", up_port))
+    tcp_upstream = await asyncio.start_server(_tcp_upstream, "127.0.0.1", up_port)
     learned: list[tuple[str, str, list[tuple[str, int]]]] = []
 
     async def learn(source: str, name: str, answers: list[tuple[str, int]]) -> None:
@@ -192,6 +212,11 @@ async def test_forwarder_learns_before_it_answers_and_bounds_what_it_takes(
         assert dnswire.question(reply, response=True).id == 4242  # the client's id back
         assert dnswire.answers_a(reply) == [("198.51.100.7", 60)]
         assert learned == [("127.0.0.1", "ok.example", [("198.51.100.7", 60)])]
+        # Over TCP (a resolver's retry after a truncated answer): the same, over TCP upstream.
+        reply = await _ask_tcp(port, "ok.example")
+        assert dnswire.answers_a(reply) == [("198.51.100.7", 60)]
+        assert learned[-1] == ("127.0.0.1", "ok.example", [("198.51.100.7", 60)])
+        del learned[1:]
         # No answer upstream: SERVFAIL, nothing learned.
         reply = await _ask(port, "slow.example")
         assert dnswire.rcode(reply) == dnswire.SERVFAIL and len(learned) == 1
@@ -210,6 +235,7 @@ async def test_forwarder_learns_before_it_answers_and_bounds_what_it_takes(
     finally:
         fwd.close()
         transport.close()
+        tcp_upstream.close()
 
 
 # --- the guard: pins become rules ----------------------------------------------------------
