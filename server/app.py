@@ -46,7 +46,7 @@ from server.logs import request_id
 from server.metrics import Metrics, StateCollector, checkpoint_usage, serve_separately
 from server.network.denials import KmsgWatcher
 from server.network.firewall import bridge_name
-from server.network.guard import NetworkGuard, upstream_resolvers, write_resolv_conf
+from server.network.guard import NetworkGuard, resolv_conf, upstream_resolvers
 from server.preview import tokens as preview_tokens
 from server.preview.dispatch import PreviewMiddleware
 from server.preview.service import PreviewService
@@ -90,7 +90,7 @@ def default_runtime(settings: Settings) -> tuple[Runtime, NetworkGuard | None]:
         # Names Den's DNS forwarder, on the bridge's gateway, once the bridge exists (guard).
         network = {"network": name, "network_interface": bridge_name(name),
                    "network_subnet": settings.network_subnet,
-                   "resolv_conf": write_resolv_conf(settings, [])}
+                   "resolv_conf": resolv_conf(settings)}
     rt = DockerRuntime(base_url=settings.docker_url, gvisor_runtime=settings.gvisor_runtime,
                        threads=settings.engine_threads, helper_image=settings.default_image,
                        runsc=settings.runsc_path, runsc_root=settings.runsc_root,

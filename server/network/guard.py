@@ -57,6 +57,15 @@ def write_resolv_conf(settings: Settings, servers: list[str]) -> Path:
     return path
 
 
+def resolv_conf(settings: Settings) -> Path:
+    """The path of that file, created empty when missing: its content (Den's forwarder) is
+    written once the bridge exists; a restart leaves what running workspaces read alone."""
+    path = settings.data_dir / "network" / "resolv.conf"
+    if not path.exists():
+        write_resolv_conf(settings, [])
+    return path
+
+
 SWEEP_S = 30.0  # how often expired pins are dropped
 
 
