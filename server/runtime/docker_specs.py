@@ -199,6 +199,23 @@ def checkpoint_argv(runsc: Sequence[str], *, image: Path, cid: str) -> list[str]
             *runsc, "checkpoint", "--compression=none", "--image-path", str(image), cid]
 
 
+def runsc_failure(output: str, limit: int = 400) -> str:
+    """What a failed ``runsc checkpoint`` says, for a person: the line that carries its error
+    (runsc wraps it in "checkpoint failed: ...", and may follow it with a Go stack trace of
+    its sandbox), else the output's last line. The whole output belongs in the log."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for line in lines:
+        if "checkpoint failed" in line:
+            said = line[line.index("checkpoint failed"):]
+            # The deepest cause is the part a person can act on.
+            for cause in ("save rejected", "endpoint cannot be saved"):
+                if cause in said:
+                    said = said[said.index(cause):]
+                    break
+            return said[:limit]
+    return lines[-1][:limit] if lines else ""
+
+
 def snapshot_volume_config(snap: SnapshotSpec) -> dict[str, Any]:
     return {"name": snap.volume, "driver": "local", "labels": dict(snap.labels)}
 
