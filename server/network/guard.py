@@ -125,8 +125,10 @@ class NetworkGuard:
             self._policies = policies()
             self._info = info = await self.runtime.network()
             self._containers = {addr: name for name, addr in info.addresses.items()}
-            self.pins.keep({n: p for n, p in self._policies.items() if n in info.addresses},
-                           self.operator, info.subnet)
+            # Pins follow the workspace, not its presence on the network: a paused
+            # container's processes keep the addresses they resolved, and get the pins back
+            # at the resume. Only a policy change or a deleted workspace drops them.
+            self.pins.keep(self._policies, self.operator, info.subnet)
             await self._apply()
             if self.dns is not None and info.gateway:
                 await self.dns.start(info.gateway)

@@ -284,6 +284,12 @@ async def test_guard_pins_answers_for_allowed_names_and_drops_them_on_a_change(
     fwd = [r for r in rec.applied[-1].splitlines() if "-s 10.88.0.2/32" in r]
     assert fwd.index(f"-A DEN-T-FWD {pin}") < fwd.index("-A DEN-T-FWD -s 10.88.0.2/32 -j "
                                                         "DEN-T-REJ")
+    # A pause takes the container off the network: its processes keep the addresses they
+    # resolved, so the pin waits for the resume rather than go.
+    await svc.pause(ws.id, actor="alice")
+    assert "10.88.0.2" not in rec.applied[-1]
+    await svc.resume(ws.id, actor="alice")
+    assert pin in rec.applied[-1]
     # A live change that still allows the name keeps the pin; one that does not drops it.
     await svc.set_network(ws.id, "allowlist", ["ok.example:443", "x.example"], actor="alice")
     assert pin in rec.applied[-1]
