@@ -50,7 +50,7 @@ from server.logs import request_id
 from server.metrics import Metrics, StateCollector, checkpoint_usage, serve_separately
 from server.network.denials import KmsgWatcher
 from server.network.firewall import bridge_name
-from server.network.guard import NetworkGuard, resolvers, write_resolv_conf
+from server.network.guard import NetworkGuard, resolv_conf, upstream_resolvers
 from server.preview import tokens as preview_tokens
 from server.preview.dispatch import PreviewMiddleware
 from server.preview.service import PreviewService
@@ -87,21 +87,20 @@ def default_runtime(settings: Settings) -> tuple[Runtime, NetworkGuard | None]:
     from server.runtime.docker import DockerRuntime
 
     network: dict[str, Any] = {}
-    servers: list[str] = []
     if settings.network_isolation:
         name = settings.resolved_network_name()
-        servers = resolvers(settings)
-        if not servers:
-            log.warning("no name server for workspaces (the host's /etc/resolv.conf names only "
-                        "loopback ones, e.g. systemd-resolved): set DEN_NETWORK_DNS")
+        if not upstream_resolvers(settings):
+            log.warning("no name server for workspaces' DNS forwarder (the host's "
+                        "/etc/resolv.conf names none): set DEN_NETWORK_DNS")
+        # Names Den's DNS forwarder, on the bridge's gateway, once the bridge exists (guard).
         network = {"network": name, "network_interface": bridge_name(name),
                    "network_subnet": settings.network_subnet,
-                   "resolv_conf": write_resolv_conf(settings, servers)}
+                   "resolv_conf": resolv_conf(settings)}
     rt = DockerRuntime(base_url=settings.docker_url, gvisor_runtime=settings.gvisor_runtime,
                        threads=settings.engine_threads, helper_image=settings.default_image,
                        runsc=settings.runsc_path, runsc_root=settings.runsc_root,
                        agent_dir=install_agent(settings), **network)
-    guard = (NetworkGuard(runtime=rt, settings=settings, resolver_addresses=servers)
+    guard = (NetworkGuard(runtime=rt, settings=settings, resolver_addresses=[], forwarder=True)
              if settings.network_isolation else None)
     return rt, guard
 
@@ -237,6 +236,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
             await reaper.stop()
             if denials is not None:
                 await asyncio.to_thread(denials.stop)
+            if guard is not None:
+                await guard.close()
             await supervisor.stop()
             await svc.shutdown()
             if stop_listener is not None:

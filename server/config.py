@@ -188,14 +188,16 @@ class Settings(BaseSettings):
         description=(
             "Addresses every workspace with network (modes `internet` and `allowlist`) may "
             "reach although they are private or the host's, for example an internal package "
-            "mirror: CIDRs or `ip:port` (JSON list)."
+            "mirror: CIDRs, `ip:port` or domain names (open on whatever private address "
+            "Den's DNS forwarder resolves them to) (JSON list)."
         ),
     )
     network_user_allow: list[str] = Field(
         default_factory=list,
         description=(
-            "Private ranges users may name in an allowlist (JSON list of CIDRs or `ip:port`); "
-            "without them an allowlist may name public addresses only."
+            "Private ranges users may name in an allowlist (JSON list of CIDRs or `ip:port`), "
+            "and domain names users may list that resolve to private addresses; without them "
+            "an allowlist may name public addresses only, and names open public ones only."
         ),
     )
     network_log_denied: bool = Field(
@@ -209,9 +211,8 @@ class Settings(BaseSettings):
     network_dns: list[str] = Field(
         default_factory=list,
         description=(
-            "Name servers of the workspaces (IPv4, JSON list); empty means the host's "
-            "(/etc/resolv.conf, loopback ones left out). Their port 53 stays reachable in modes "
-            "`internet` and `allowlist`."
+            "Upstream name servers of Den's DNS forwarder, which workspaces use (IPv4, JSON "
+            "list); empty means the host's (/etc/resolv.conf)."
         ),
     )
 

@@ -106,9 +106,10 @@ class ResourcesIn(_Strict):
 
 class NetworkIn(_Strict):
     mode: str = Field(max_length=16, description='"none", "internet" or "allowlist"')
-    allow: list[Annotated[str, Field(max_length=64)]] = Field(
+    allow: list[Annotated[str, Field(max_length=260)]] = Field(
         default_factory=list, max_length=64,
-        description="Allowlist entries: CIDRs, addresses, address:port (no domain names yet)")
+        description="Allowlist entries: CIDRs, addresses, domain names (`*.name`: its "
+                    "subdomains), each optionally with :port")
 
 
 class WorkspaceCreate(_Strict):

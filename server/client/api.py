@@ -458,7 +458,8 @@ class Den:
         ignores the file.
 
         ``network`` is the network mode (``none``, ``internet`` or ``allowlist`` with
-        ``allow``: CIDRs, addresses, ``address:port``); None takes the server's default.
+        ``allow``: CIDRs, addresses, domain names, each optionally with ``:port``); None takes
+        the server's default.
 
         ``idle_timeout_s`` (pause after that long idle) and ``stop_after_s`` (stop after that
         long paused) override the server's defaults, 0 meaning never; ``keep_alive=True``

@@ -646,7 +646,8 @@ def add_client_commands(
     p.add_argument("--network", choices=["none", "internet", "allowlist"],
                    help="network mode (default: the server's)")
     p.add_argument("--allow", action="append", metavar="ENTRY",
-                   help="with --network allowlist: a CIDR, address or address:port (repeat)")
+                   help="with --network allowlist: a CIDR, address or domain name, optionally "
+                        "with :port (repeat)")
     p.add_argument("--no-devcontainer", action="store_true",
                    help="ignore the repository's devcontainer.json (default: build from it)")
     p.add_argument("--no-wait", action="store_true", help="return while it is still creating")
@@ -720,7 +721,8 @@ def add_client_commands(
     p.add_argument("mode", nargs="?", choices=["none", "internet", "allowlist"],
                    help="the new mode; without it, show the policy")
     p.add_argument("--allow", action="append", metavar="ENTRY",
-                   help="with allowlist: a CIDR, address or address:port (repeat)")
+                   help="with allowlist: a CIDR, address or domain name, optionally with :port "
+                        "(repeat)")
 
     p = verb("rm", _rm, "delete a workspace and its disk")
     p.add_argument("name", metavar="NAME")

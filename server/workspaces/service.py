@@ -1046,9 +1046,12 @@ class WorkspaceService:
         (events may come late or twice)."""
         ws_id = event.workspace_id
         if event.kind is EngineEventKind.OOM:
+            before = self._oom.pop(ws_id, None)
             if len(self._oom) >= OOM_MEMORY:  # bounded: the oldest goes
                 self._oom.pop(next(iter(self._oom)))
-            self._oom[ws_id] = time.monotonic()
+            self._oom[ws_id] = now = time.monotonic()
+            if before is None or now - before >= OOM_MEMORY_S:  # one note a minute at most
+                self._note_oom(ws_id)
             return
         if event.kind not in (EngineEventKind.DIE, EngineEventKind.START) or self._busy(ws_id):
             return
@@ -1080,6 +1083,18 @@ class WorkspaceService:
                     state = State.RESUMING
                 self._transition(ws_id, state, State.RUNNING, actor="engine",
                                  message="the container was started outside Den")
+
+    def _note_oom(self, ws_id: str) -> None:
+        """The host's OOM killer hit the sandbox. Under gVisor it usually ends one process of
+        the workspace and the sandbox lives on (the engine sends no "die"), so the event log
+        is the only place that says why that process vanished."""
+        with self.sessions() as s:
+            ws = s.get(Workspace, ws_id)
+        if ws is None:
+            return
+        self.note(ws_id, "oom", f"the workspace reached its memory limit ({ws.memory_mb} MB "
+                  "plus the sandbox's headroom): the host's out-of-memory killer ended a "
+                  "process", actor="engine")
 
     # --- reconcile --------------------------------------------------------------------
 
