@@ -109,11 +109,13 @@ def devcontainers(settings: Settings) -> DevContainers:
     """Workspaces from devcontainer.json, with images built on the Docker engine."""
     from server.runtime.docker_build import DockerImageBuilder
 
-    maker = ImageMaker(DockerImageBuilder(base_url=settings.docker_url),
+    maker = ImageMaker(DockerImageBuilder(base_url=settings.docker_url,
+                                          gvisor_runtime=settings.gvisor_runtime),
                        prefix=settings.engine_prefix, helper_image=settings.default_image,
                        check_image=functools.partial(image_policy.check, settings),
                        timeout_s=settings.devcontainer_build_timeout_s,
-                       context_max_mb=settings.devcontainer_context_max_mb)
+                       context_max_mb=settings.devcontainer_context_max_mb,
+                       builds=settings.devcontainer_builds)
     return DevContainers(maker, command_timeout_s=settings.devcontainer_command_timeout_s)
 
 

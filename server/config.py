@@ -306,6 +306,14 @@ class Settings(BaseSettings):
             "workspace goes to `error`."))
     devcontainer_context_max_mb: int = Field(
         512, ge=1, description="Largest devcontainer build context sent to the engine, in MiB.")
+    devcontainer_builds: Literal["auto", "on", "off"] = Field(
+        "auto", description=(
+            "Whether Den builds a repository's own Dockerfile (`build` in devcontainer.json). "
+            "The engine runs a build's `RUN` steps on its default runtime, outside Den's "
+            "sandbox: `auto` builds only when that default runtime is gVisor (`\"default-"
+            "runtime\": \"runsc\"` in /etc/docker/daemon.json), `on` builds whatever it is "
+            "(the repositories are trusted), `off` never. A refused build puts the workspace "
+            "in `error` saying so; `image` devcontainers are not affected."))
 
     # --- exec and files -------------------------------------------------------------------
     exec_default_timeout_s: float = Field(

@@ -17,13 +17,13 @@ depends_on = None
 
 
 def upgrade() -> None:
+    # Plain ADD COLUMN (SQLite has it): a batch operation that copies a table would drop the
+    # old one, and with it, through ON DELETE CASCADE, every row that refers to it.
     # Empty: the workspace was not made from a devcontainer.json.
-    with op.batch_alter_table("workspaces", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("devcontainer", sa.JSON(), nullable=False,
-                                      server_default=sa.text("'{}'")))
-    with op.batch_alter_table("preview_ports", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("label", sa.String(64), nullable=False,
-                                      server_default=""))
+    op.add_column("workspaces", sa.Column("devcontainer", sa.JSON(), nullable=False,
+                                          server_default=sa.text("'{}'")))
+    op.add_column("preview_ports", sa.Column("label", sa.String(64), nullable=False,
+                                             server_default=""))
 
 
 def downgrade() -> None:

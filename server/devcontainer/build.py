@@ -59,6 +59,10 @@ class ImageBuilder(Protocol):
     async def remove(self, image: str) -> None:
         """Untag an image, best effort."""
 
+    async def builds_sandboxed(self) -> bool:
+        """Whether a build's RUN steps run in the sandbox (the engine's default runtime is
+        gVisor's)."""
+
 
 class BuildLog:
     """Build output: into the workspace's events in bounded chunks, and its tail kept for the
@@ -135,10 +139,12 @@ class ImageMaker:
 
     def __init__(self, builder: ImageBuilder, *, prefix: str, helper_image: str,
                  check_image: Callable[[str], None], timeout_s: float,
-                 context_max_mb: int) -> None:
+                 context_max_mb: int, builds: str = "auto") -> None:
         """``check_image`` raises when the server's image policy does not allow an image
-        (the same rule as the API's ``image`` field)."""
+        (the same rule as the API's ``image`` field); ``builds`` is the operator's
+        ``devcontainer_builds``."""
         self.builder = builder
+        self.builds = builds
         self.prefix = prefix
         self.helper_image = helper_image
         self.check_image = check_image
@@ -188,7 +194,8 @@ class ImageMaker:
                          *(f"{k}={v}" for k, v in sorted(build.args.items()))])
         final = self.tag(_hash(key + "\0" + self._layer_key))
         if await self.builder.image_id(final) is not None:
-            return Built(image=final, cached=True)
+            return Built(image=final, cached=True)  # runs nothing of the repository's
+        await self._may_build()
         intermediate = f"{self.prefix}-devc-build:{_hash(key)[:24]}"
         ctx = work / "context.tar"
         source.context_tar(repo, context_rel, dockerfile=text, out=ctx,
@@ -207,6 +214,20 @@ class ImageMaker:
                                           key=key, final=final)
         finally:  # the final image keeps its layers; the intermediate name is not needed
             await self.builder.remove(intermediate)
+
+    async def _may_build(self) -> None:
+        """Refuse to run a repository's RUN steps outside the sandbox unless the operator
+        said so (``devcontainer_builds``)."""
+        if self.builds == "on" or (self.builds == "auto"
+                                   and await self.builder.builds_sandboxed()):
+            return
+        why = ("this server does not build repositories' Dockerfiles" if self.builds == "off"
+               else "this server builds a repository's Dockerfile only when the engine runs "
+                    "builds in the gVisor sandbox, and its default runtime is not gVisor")
+        raise ValidationFailed(
+            f"{why}: their RUN steps would run outside the sandbox. Use `image` with one of "
+            "this server's images and install what you need in postCreateCommand, or ask the "
+            "operator (DEN_DEVCONTAINER_BUILDS)", code="build_not_allowed")
 
     async def _with_layer(self, base: str, base_id: str, *, work: Path, log_to: BuildLog,
                           key: str, final: str | None = None) -> Built:

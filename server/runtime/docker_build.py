@@ -45,8 +45,9 @@ class DockerImageBuilder:
     """Builds and inspects images through its own engine client (builds are long: they do
     not take a thread of the runtime's executors)."""
 
-    def __init__(self, *, base_url: str = "") -> None:
+    def __init__(self, *, base_url: str = "", gvisor_runtime: str = "runsc") -> None:
         self._base_url = base_url
+        self._gvisor_runtime = gvisor_runtime
         self._short: Any = None  # one client for inspects (a new one asks the version first)
         self._lock = threading.Lock()
 
@@ -79,6 +80,19 @@ class DockerImageBuilder:
             except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
                 raise EngineUnavailable("the Docker engine is not reachable",
                                         detail=str(exc)) from exc
+
+        return await asyncio.to_thread(run)
+
+    async def builds_sandboxed(self) -> bool:
+        """Whether the engine's default runtime (which runs a build's steps) is gVisor's."""
+        def run() -> bool:
+            try:
+                info = self._inspector().info()
+            except (docker.errors.DockerException,
+                    requests.exceptions.RequestException) as exc:
+                raise EngineUnavailable("the Docker engine is not reachable",
+                                        detail=str(exc)) from exc
+            return bool(info.get("DefaultRuntime") == self._gvisor_runtime)
 
         return await asyncio.to_thread(run)
 

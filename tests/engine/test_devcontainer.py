@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -16,6 +17,7 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.config import Settings
+from server.runtime.docker_build import DockerImageBuilder
 from tests.conftest import ApiClient, _admin, engine_objects, users
 
 pytestmark = pytest.mark.engine
@@ -36,15 +38,28 @@ def _api(settings: Settings) -> Iterator[ApiClient]:
                     "Authorization": f"Bearer {users(app)['root']}"})
 
 
+# This machine's engine runs builds on runc (its default runtime): the tests' repositories are
+# trusted, as an operator says with DEN_DEVCONTAINER_BUILDS=on.
 @pytest.fixture
 def api(engine: None, make_settings: Callable[..., Settings]) -> Iterator[ApiClient]:
-    yield from _api(make_settings(devcontainer_command_timeout_s=COMMAND_TIMEOUT_S))
+    yield from _api(make_settings(devcontainer_command_timeout_s=COMMAND_TIMEOUT_S,
+                                  devcontainer_builds="on"))
 
 
 @pytest.fixture
 def impatient_api(engine: None, make_settings: Callable[..., Settings]) -> Iterator[ApiClient]:
     """Builds cancelled after BUILD_TIMEOUT_S."""
-    yield from _api(make_settings(devcontainer_build_timeout_s=BUILD_TIMEOUT_S))
+    yield from _api(make_settings(devcontainer_build_timeout_s=BUILD_TIMEOUT_S,
+                                  devcontainer_builds="on"))
+
+
+def test_the_engines_default_runtime_decides_whether_builds_are_sandboxed(engine: None) -> None:
+    """What `auto` asks of the real engine: its default runtime, as `docker info` says."""
+    default = subprocess.run(["docker", "info", "--format", "{{.DefaultRuntime}}"],
+                             capture_output=True, text=True, check=True, timeout=30
+                             ).stdout.strip()
+    sandboxed = asyncio.run(DockerImageBuilder(gvisor_runtime="runsc").builds_sandboxed())
+    assert sandboxed is (default == "runsc"), default
 
 
 def _prefix(api: ApiClient) -> str:

@@ -32,6 +32,7 @@ class FakeBuilder:
         self.images = {"den/workspace:latest": "sha256:ws", "den/base:bookworm": "sha256:base"}
         self.builds: list[str] = []
         self.fail: str | None = None
+        self.sandboxed = False  # the engine's default runtime is not gVisor
 
     async def image_id(self, image: str) -> str | None:
         return self.images.get(image)
@@ -53,6 +54,9 @@ class FakeBuilder:
     async def remove(self, image: str) -> None:
         self.images.pop(image, None)
 
+    async def builds_sandboxed(self) -> bool:
+        return self.sandboxed
+
 
 @pytest.fixture
 def builder() -> FakeBuilder:
@@ -63,7 +67,8 @@ def builder() -> FakeBuilder:
 def svc(make_service: Callable[..., WorkspaceService], builder: FakeBuilder
         ) -> WorkspaceService:
     maker = ImageMaker(builder, prefix="dentest-unit", helper_image="den/workspace:latest",
-                       check_image=lambda _image: None, timeout_s=60, context_max_mb=16)
+                       check_image=lambda _image: None, timeout_s=60, context_max_mb=16,
+                       builds="on")
     return make_service(service_kw={
         "devcontainers": DevContainers(maker, command_timeout_s=5)})
 
@@ -162,3 +167,36 @@ async def test_a_server_that_cannot_build_refuses_the_file(
     assert ws.state == State.ERROR and "--no-devcontainer" in ws.state_reason
     ok = await create(svc, alice, repo, name="ok", devcontainer=False)
     assert ok.state == State.RUNNING
+
+
+BUILD = {".devcontainer/devcontainer.json": '{"build": {"dockerfile": "Dockerfile"}}',
+         ".devcontainer/Dockerfile": "FROM den/base:bookworm\nRUN echo repo code\n"}
+
+
+@pytest.mark.parametrize(("builds", "sandboxed", "built"), [
+    ("auto", False, False), ("auto", True, True), ("on", False, True), ("off", True, False)])
+async def test_a_repositorys_dockerfile_is_built_only_where_the_operator_allows(
+    svc: WorkspaceService, builder: FakeBuilder, fake_runtime: FakeRuntime,
+    make_repo: Callable[..., Path], builds: str, sandboxed: bool, built: bool
+) -> None:
+    """A build's RUN steps run on the engine's default runtime, outside the sandbox."""
+    maker = svc.devcontainers.maker  # type: ignore[union-attr]
+    maker.builds, builder.sandboxed = builds, sandboxed
+    alice = user(svc)
+    ws = await create(svc, alice, make_repo("api", BUILD))
+    if built:
+        assert ws.state == State.RUNNING, ws.state_reason
+        assert any("-devc-build:" in b for b in builder.builds), builder.builds
+        return
+    assert ws.state == State.ERROR and builder.builds == []
+    assert "their RUN steps would run outside the sandbox" in ws.state_reason
+    assert "DEN_DEVCONTAINER_BUILDS" in ws.state_reason
+    assert fake_runtime.containers == {}
+    # An image already built (while the operator allowed it) runs nothing of the
+    # repository's: it is used.
+    maker.builds = "on"
+    first = await create(svc, alice, make_repo("api2", BUILD), name="first")
+    assert first.state == State.RUNNING
+    maker.builds = builds
+    again = await create(svc, alice, make_repo("api3", BUILD), name="again")
+    assert again.state == State.RUNNING and again.image == first.image
