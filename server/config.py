@@ -188,14 +188,16 @@ class Settings(BaseSettings):
         description=(
             "Addresses every workspace with network (modes `internet` and `allowlist`) may "
             "reach although they are private or the host's, for example an internal package "
-            "mirror: CIDRs or `ip:port` (JSON list)."
+            "mirror: CIDRs, `ip:port` or domain names (open on whatever private address "
+            "Den's DNS forwarder resolves them to) (JSON list)."
         ),
     )
     network_user_allow: list[str] = Field(
         default_factory=list,
         description=(
-            "Private ranges users may name in an allowlist (JSON list of CIDRs or `ip:port`); "
-            "without them an allowlist may name public addresses only."
+            "Private ranges users may name in an allowlist (JSON list of CIDRs or `ip:port`), "
+            "and domain names users may list that resolve to private addresses; without them "
+            "an allowlist may name public addresses only, and names open public ones only."
         ),
     )
     network_log_denied: bool = Field(
@@ -209,9 +211,8 @@ class Settings(BaseSettings):
     network_dns: list[str] = Field(
         default_factory=list,
         description=(
-            "Name servers of the workspaces (IPv4, JSON list); empty means the host's "
-            "(/etc/resolv.conf, loopback ones left out). Their port 53 stays reachable in modes "
-            "`internet` and `allowlist`."
+            "Upstream name servers of Den's DNS forwarder, which workspaces use (IPv4, JSON "
+            "list); empty means the host's (/etc/resolv.conf)."
         ),
     )
 
@@ -334,6 +335,27 @@ class Settings(BaseSettings):
             "own disk."
         ),
     )
+
+    # --- devcontainer.json ---------------------------------------------------------------
+    devcontainer_build_timeout_s: float = Field(
+        1800, gt=0, description=(
+            "A devcontainer image build (its Dockerfile, then Den's layer) taking longer is "
+            "cancelled and the workspace goes to `error`."))
+    devcontainer_command_timeout_s: float = Field(
+        600, gt=0, description=(
+            "Deadline of each devcontainer lifecycle command (onCreateCommand, "
+            "postCreateCommand, postStartCommand); one that runs longer is stopped and the "
+            "workspace goes to `error`."))
+    devcontainer_context_max_mb: int = Field(
+        512, ge=1, description="Largest devcontainer build context sent to the engine, in MiB.")
+    devcontainer_builds: Literal["auto", "on", "off"] = Field(
+        "auto", description=(
+            "Whether Den builds a repository's own Dockerfile (`build` in devcontainer.json). "
+            "The engine runs a build's `RUN` steps on its default runtime, outside Den's "
+            "sandbox: `auto` builds only when that default runtime is gVisor (`\"default-"
+            "runtime\": \"runsc\"` in /etc/docker/daemon.json), `on` builds whatever it is "
+            "(the repositories are trusted), `off` never. A refused build puts the workspace "
+            "in `error` saying so; `image` devcontainers are not affected."))
 
     # --- exec and files -------------------------------------------------------------------
     exec_default_timeout_s: float = Field(

@@ -115,9 +115,10 @@ class ResourcesIn(_Strict):
 
 class NetworkIn(_Strict):
     mode: str = Field(max_length=16, description='"none", "internet" or "allowlist"')
-    allow: list[Annotated[str, Field(max_length=64)]] = Field(
+    allow: list[Annotated[str, Field(max_length=260)]] = Field(
         default_factory=list, max_length=64,
-        description="Allowlist entries: CIDRs, addresses, address:port (no domain names yet)")
+        description="Allowlist entries: CIDRs, addresses, domain names (`*.name`: its "
+                    "subdomains), each optionally with :port")
 
 
 class WorkspaceCreate(_Strict):
@@ -138,6 +139,10 @@ class WorkspaceCreate(_Strict):
     keep_alive: bool = False
     network: NetworkIn | None = Field(
         None, description="Network policy; null: the server's default mode")
+    devcontainer: bool = Field(
+        True, description="Build the workspace from the repository's devcontainer.json "
+                          "(.devcontainer/devcontainer.json or .devcontainer.json) when it has "
+                          "one; false ignores the file (docs/devcontainer.md)")
 
 
 class WorkspacePatch(_Strict):
@@ -571,6 +576,8 @@ class PortOut(BaseModel):
     url: str | None = Field(description="The preview origin (null without DEN_PREVIEW_DOMAIN, "
                                         "or when the name does not fit a DNS label)")
     path_url: str = Field(description="The path form on Den's own origin")
+    label: str = Field("", description="The port's label from the repository's "
+                                      "devcontainer.json (portsAttributes), else empty")
 
 
 class PortList(BaseModel):

@@ -172,6 +172,7 @@ def _create(args: argparse.Namespace, ctx: _Context) -> int:
             gpus=args.gpus,
             network=args.network,
             allow=args.allow,
+            devcontainer=not args.no_devcontainer,
             wait=not args.no_wait,
             timeout_s=args.timeout,
         )
@@ -686,7 +687,10 @@ def add_client_commands(
     p.add_argument("--network", choices=["none", "internet", "allowlist"],
                    help="network mode (default: the server's)")
     p.add_argument("--allow", action="append", metavar="ENTRY",
-                   help="with --network allowlist: a CIDR, address or address:port (repeat)")
+                   help="with --network allowlist: a CIDR, address or domain name, optionally "
+                        "with :port (repeat)")
+    p.add_argument("--no-devcontainer", action="store_true",
+                   help="ignore the repository's devcontainer.json (default: build from it)")
     p.add_argument("--no-wait", action="store_true", help="return while it is still creating")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
 
@@ -769,7 +773,8 @@ def add_client_commands(
     p.add_argument("mode", nargs="?", choices=["none", "internet", "allowlist"],
                    help="the new mode; without it, show the policy")
     p.add_argument("--allow", action="append", metavar="ENTRY",
-                   help="with allowlist: a CIDR, address or address:port (repeat)")
+                   help="with allowlist: a CIDR, address or domain name, optionally with :port "
+                        "(repeat)")
 
     p = verb("rm", _rm, "delete a workspace and its disk")
     p.add_argument("name", metavar="NAME")

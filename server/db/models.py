@@ -112,6 +112,8 @@ class Workspace(Base):
     engine: Mapped[dict[str, Any]] = mapped_column(default=dict)
     # Network policy: {"mode": "none" | "internet" | "allowlist", "allow": [...]}
     network: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # What it keeps of its devcontainer.json (server/devcontainer/): empty when none.
+    devcontainer: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_activity_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -270,5 +272,6 @@ class PreviewPort(Base):
     )
     port: Mapped[int] = mapped_column(Integer)
     share: Mapped[str] = mapped_column(String(16))  # "private" | "users" | "public"
+    label: Mapped[str] = mapped_column(String(64), default="")  # devcontainer portsAttributes
     updated_by: Mapped[str] = mapped_column(String(64), default="")
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)

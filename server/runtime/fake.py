@@ -24,6 +24,7 @@ from server.runtime.base import (
     ExecResult,
     NetworkInfo,
     ProcessInfo,
+    ResourceUsage,
     SnapshotSpec,
     StreamChunk,
     WorkspaceSpec,
@@ -54,6 +55,7 @@ class _Container:
     checkpoints: set[str] = field(default_factory=set)
     restored: int = 0
     cpu_ns: int = 0  # tests advance it to look busy
+    memory_bytes: int = 0
     processes: dict[int, _Process] = field(default_factory=dict)  # spawned, by pid
 
 
@@ -108,7 +110,7 @@ class FakeRuntime:
         """Running containers get addresses in 10.88.0.0/16, in order of their names."""
         self._enter("network")
         running = sorted(n for n, c in self.containers.items() if c.running)
-        return NetworkInfo(interface="den-fake", subnet="10.88.0.0/16",
+        return NetworkInfo(interface="den-fake", subnet="10.88.0.0/16", gateway="10.88.0.1",
                            addresses={n: f"10.88.0.{i + 2}" for i, n in enumerate(running)})
 
     async def image_exists(self, image: str) -> bool:
@@ -329,10 +331,10 @@ class FakeRuntime:
         self.volumes.pop(snap.volume, None)
         self.snapshot_files.pop(snap.snapshot_id, None)
 
-    async def cpu_time_ns(self, spec: WorkspaceSpec) -> int | None:
-        self._enter("cpu_time_ns", spec)
+    async def usage(self, spec: WorkspaceSpec) -> ResourceUsage | None:
+        self._enter("usage", spec)
         c = self.containers.get(spec.container_name)
-        return c.cpu_ns if c is not None and c.running else None
+        return ResourceUsage(c.cpu_ns, c.memory_bytes) if c is not None and c.running else None
 
     async def list_objects(self, instance: str) -> list[EngineObject]:
         self._enter("list_objects")

@@ -473,8 +473,9 @@ class _Bridge:
             with contextlib.suppress(Exception):
                 self.chan.close()
         finally:
-            with contextlib.suppress(Exception):
-                svc.touch(auth.workspace_id)
+            # The activity write off the event loop (it is a database write), in a task of
+            # the gateway's: nothing here waits for it.
+            self.conn.gw.background(_touch(svc, auth.workspace_id))
             if self.stream is not None:
                 # Ends what is left of a process whose channel went away; for one that has
                 # exited it only closes the engine's stream.
@@ -671,3 +672,10 @@ def _size(cols: int, rows: int) -> tuple[int, int] | None:
     if 0 < cols <= 1000 and 0 < rows <= 1000:
         return cols, rows
     return None
+
+
+async def _touch(svc: WorkspaceService, workspace_id: str) -> None:
+    try:
+        await asyncio.to_thread(svc.touch, workspace_id)
+    except Exception as exc:  # the workspace may be gone; activity lost is no failure
+        log.debug("ssh: activity of %s not recorded: %s", workspace_id, exc)
