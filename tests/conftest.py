@@ -138,6 +138,11 @@ def engine_objects(prefix: str) -> list[tuple[str, str]]:
     return found
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that restart the shared engine run after every other test."""
+    items.sort(key=lambda item: "engine_restart" in item.keywords)  # stable: order kept
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
     outcome = yield

@@ -97,6 +97,15 @@ class EngineObject:
 
 
 @dataclass(frozen=True)
+class ResourceUsage:
+    """What a running workspace has used: CPU time so far, and memory now (None when the
+    backend cannot tell)."""
+
+    cpu_ns: int
+    memory_bytes: int | None = None
+
+
+@dataclass(frozen=True)
 class ExecRequest:
     argv: Sequence[str]
     user: str = "dev"
@@ -248,6 +257,7 @@ class NetworkInfo:
 
     interface: str  # the host's bridge interface
     subnet: str  # IPv4 CIDR
+    gateway: str = ""  # the host's address on the bridge ("" where unknown)
     addresses: Mapping[str, str] = field(default_factory=dict)  # running container -> IPv4
     # running container -> its port on the bridge (the host's end of its veth), where known:
     # unlike an address, a workspace cannot forge the port its packets come in by.
@@ -427,9 +437,10 @@ class Runtime(Protocol):
 
     async def status(self, spec: WorkspaceSpec) -> ContainerStatus: ...
 
-    async def cpu_time_ns(self, spec: WorkspaceSpec) -> int | None:
-        """CPU time the workspace has used so far (nanoseconds), or None when not running.
-        The idle reaper differences two readings to see whether it is busy."""
+    async def usage(self, spec: WorkspaceSpec) -> ResourceUsage | None:
+        """CPU time the workspace has used so far and the memory it holds now, or None when
+        it is not running. The idle reaper differences two CPU readings to see whether it is
+        busy; the metrics export both."""
         ...
 
     async def exec(self, spec: WorkspaceSpec, req: ExecRequest) -> ExecResult:

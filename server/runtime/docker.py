@@ -54,6 +54,7 @@ from server.runtime.base import (
     ExecStream,
     NetworkInfo,
     ProcessInfo,
+    ResourceUsage,
     SnapshotSpec,
     StreamChunk,
     WorkspaceSpec,
@@ -103,6 +104,14 @@ def _translate(exc: Exception, what: str) -> Exception:
     return exc
 
 
+# What scripts/setup-host.sh registers runsc with, and what goes wrong without each.
+REQUIRED_RUNSC_FLAGS = {
+    "--overlay2=none": "changes outside /workspace are lost at every stop",
+    "--net-disconnect-ok": "a TCP connection open at a pause makes the checkpoint fail and "
+                           "the workspace loses its processes",
+}
+
+
 class DockerRuntime:
     """Workspaces as Docker containers with a named volume at ``/workspace``."""
 
@@ -134,6 +143,7 @@ class DockerRuntime:
         self._runsc_root = runsc_root
         self._base_url = base_url
         self._gvisor_runtime = gvisor_runtime
+        self._warned: set[str] = set()  # runsc flags found missing and logged
         self._helper_image = helper_image
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="docker")
         self._short = ThreadPoolExecutor(max_workers=SHORT_THREADS,
@@ -191,6 +201,13 @@ class DockerRuntime:
                 f"the Docker engine has no runtime named {self._gvisor_runtime!r}; "
                 "run scripts/setup-host.sh (or `make setup`) to install gVisor"
             )
+        args = (runtimes[self._gvisor_runtime] or {}).get("runtimeArgs") or []
+        for flag, without in REQUIRED_RUNSC_FLAGS.items():
+            if flag not in args and flag not in self._warned:
+                self._warned.add(flag)  # once: the check runs every interval
+                log.warning("the engine's runtime %r runs without %s: %s; run "
+                            "scripts/setup-host.sh (or `make setup`)", self._gvisor_runtime,
+                            flag, without)
 
     async def image_exists(self, image: str) -> bool:
         try:
@@ -260,6 +277,7 @@ class DockerRuntime:
             inspect = self._ensure_network()
             subnet, addresses = docker_specs.network_addresses(inspect)
             return NetworkInfo(interface=self._network_interface, subnet=subnet,
+                               gateway=docker_specs.network_gateway(inspect),
                                addresses=addresses, ports=self._bridge_ports(inspect))
 
         return await self._call(f"network {self._network}", run)
@@ -388,11 +406,13 @@ class DockerRuntime:
             except (OSError, subprocess.SubprocessError) as exc:
                 self._delete_checkpoint(cid, checkpoint)
                 raise EngineError(f"checkpoint of {name} failed: {exc}") from exc
-            said = out.read_text(errors="replace").strip()[-500:]
+            said = out.read_text(errors="replace").strip()
             out.unlink(missing_ok=True)
             if code != 0 or not docker_specs.checkpoint_marker(image).exists():
                 self._delete_checkpoint(cid, checkpoint)
-                raise EngineError(f"checkpoint of {name} failed: {said or code}")
+                raise EngineError(f"checkpoint of {name} failed: "
+                                  f"{docker_specs.runsc_failure(said) or code}",
+                                  detail=said[-4000:])
             if not _wait_exited(api, name, EXIT_WAIT_S):
                 self._delete_checkpoint(cid, checkpoint)
                 raise EngineError(f"container {name} still runs after its checkpoint")
@@ -807,19 +827,21 @@ class DockerRuntime:
 
         await self._call(f"delete snapshot {snap.snapshot_id}", run, slow=True)
 
-    async def cpu_time_ns(self, spec: WorkspaceSpec) -> int | None:
-        """From the agent when the workspace has one (the CPU of the workspace's own
-        processes, without gVisor's overhead on the host, and without asking the engine);
-        else from the engine's stats."""
+    async def usage(self, spec: WorkspaceSpec) -> ResourceUsage | None:
+        """From the agent when the workspace has one (what the workspace's own processes and
+        files use inside the sandbox, without gVisor's overhead on the host, and without
+        asking the engine); else from the engine's stats (the sandbox's cgroup on the host)."""
         session = await self._agent_or_fallback(spec)
         if session is not None:
             with contextlib.suppress(AgentUnavailable, AgentTimeout, AgentOpError):
-                used = (await agent_ops.status(session)).get("cpu_ns")
+                status = await agent_ops.status(session)
+                used, memory = status.get("cpu_ns"), status.get("memory_bytes")
                 if isinstance(used, int) and used >= 0:
-                    return used
+                    return ResourceUsage(used, memory if isinstance(memory, int)
+                                         and memory >= 0 else None)
 
-        return await self._call(f"cpu of workspace {spec.workspace_id}",
-                                lambda: _stats_cpu_ns(self._api(), spec.container_name))
+        return await self._call(f"usage of workspace {spec.workspace_id}",
+                                lambda: _stats_usage(self._api(), spec.container_name))
 
     async def list_objects(self, instance: str) -> list[EngineObject]:
         def run() -> list[EngineObject]:
@@ -1234,6 +1256,7 @@ class DockerExecStream:
         finally:
             self._rt._note_exec(self._spec.container_name)
             self._loop.call_soon_threadsafe(self._queue.put_nowait, None)
+            self._loop.call_soon_threadsafe(self._eof.set)  # wait() holds no thread
 
     async def output(self) -> AsyncIterator[StreamChunk]:
         while True:
@@ -1265,10 +1288,7 @@ class DockerExecStream:
             await self._rt._call("resize", self._rt._resize, self._exec_id, cols, rows)
 
     async def wait(self) -> int:
-        if self._reader is None:
-            await self._eof.wait()
-        else:
-            await asyncio.to_thread(self._reader.join)
+        await self._eof.wait()  # set by the reader, thread or loop: no pool thread waits
         code = await self._rt._call(
             "exec status", lambda: _exit_code(self._rt._api(), self._exec_id)
         )
@@ -1394,10 +1414,10 @@ def engine_event(raw: Any) -> EngineEvent | None:
                        container=str(attributes.get("name") or "")[:256], exit_code=exit_code)
 
 
-def _stats_cpu_ns(api: Any, container: str) -> int | None:
-    """The container's CPU time from the engine's stats; None when it is not running or
-    gone. A container removed while the engine gathers its stats gets an empty or cut answer
-    (not JSON): that is "gone" too when the container is no longer there."""
+def _stats_usage(api: Any, container: str) -> ResourceUsage | None:
+    """The container's CPU time and memory from the engine's stats; None when it is not
+    running or gone. A container removed while the engine gathers its stats gets an empty or
+    cut answer (not JSON): that is "gone" too when the container is no longer there."""
     try:
         stats = api.stats(container, stream=False, one_shot=True)
     except docker.errors.NotFound:
@@ -1413,7 +1433,22 @@ def _stats_cpu_ns(api: Any, container: str) -> int | None:
         return None
     usage = (stats.get("cpu_stats") or {}).get("cpu_usage") or {}
     total = usage.get("total_usage") if isinstance(usage, dict) else None
-    return int(total) if isinstance(total, int) and total > 0 else None
+    if not isinstance(total, int) or total <= 0:
+        return None
+    return ResourceUsage(total, _stats_memory(stats.get("memory_stats")))
+
+
+def _stats_memory(memory: Any) -> int | None:
+    """Memory in use as `docker stats` shows it: the cgroup's usage less its inactive file
+    cache (cgroup v1 calls it total_inactive_file, v2 inactive_file)."""
+    if not isinstance(memory, dict) or not isinstance(memory.get("usage"), int):
+        return None
+    stats = memory.get("stats")
+    if not isinstance(stats, dict):
+        stats = {}
+    inactive = stats.get("total_inactive_file", stats.get("inactive_file", 0))
+    inactive = inactive if isinstance(inactive, int) else 0
+    return max(0, int(memory["usage"]) - inactive)
 
 
 def _stats_memory_bytes(api: Any, container: str) -> int | None:

@@ -24,6 +24,7 @@ from server.runtime.base import (
     ExecResult,
     NetworkInfo,
     ProcessInfo,
+    ResourceUsage,
     SnapshotSpec,
     StreamChunk,
     WorkspaceSpec,
@@ -51,7 +52,7 @@ class _Container:
     spec: WorkspaceSpec
     running: bool = False
     frozen: bool = False  # running, but stopped by the freezer (``freeze``)
-    memory_bytes: int = 64 << 20  # what ``freeze`` reports it holds
+    memory_bytes: int = 64 << 20  # what ``freeze`` and ``usage`` report it holds
     seeded: bool = False
     checkpoints: set[str] = field(default_factory=set)
     restored: int = 0
@@ -110,7 +111,7 @@ class FakeRuntime:
         """Running containers get addresses in 10.88.0.0/16, in order of their names."""
         self._enter("network")
         running = sorted(n for n, c in self.containers.items() if c.running)
-        return NetworkInfo(interface="den-fake", subnet="10.88.0.0/16",
+        return NetworkInfo(interface="den-fake", subnet="10.88.0.0/16", gateway="10.88.0.1",
                            addresses={n: f"10.88.0.{i + 2}" for i, n in enumerate(running)})
 
     async def image_exists(self, image: str) -> bool:
@@ -350,10 +351,10 @@ class FakeRuntime:
         self.volumes.pop(snap.volume, None)
         self.snapshot_files.pop(snap.snapshot_id, None)
 
-    async def cpu_time_ns(self, spec: WorkspaceSpec) -> int | None:
-        self._enter("cpu_time_ns", spec)
+    async def usage(self, spec: WorkspaceSpec) -> ResourceUsage | None:
+        self._enter("usage", spec)
         c = self.containers.get(spec.container_name)
-        return c.cpu_ns if c is not None and c.running else None
+        return ResourceUsage(c.cpu_ns, c.memory_bytes) if c is not None and c.running else None
 
     async def list_objects(self, instance: str) -> list[EngineObject]:
         self._enter("list_objects")

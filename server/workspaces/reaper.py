@@ -147,12 +147,13 @@ class Reaper:
     async def _cpu_busy(self, ws: Workspace) -> bool:
         """Whether the workspace used more than ``idle_cpu_percent`` since the last pass.
         Raises what the engine raised (the caller skips the workspace this pass)."""
-        used_ns = await self.service.runtime.cpu_time_ns(self.service.spec_for(ws))
+        usage = await self.service.runtime.usage(self.service.spec_for(ws))
         now = time.monotonic()
         before = self._cpu.get(ws.id)
-        if used_ns is None:
+        if usage is None:
             return False
-        self.service.metrics.workspace_cpu(ws.id, used_ns)
+        used_ns = usage.cpu_ns
+        self.service.metrics.workspace_usage(ws.id, usage)
         self._cpu[ws.id] = (used_ns, now)
         if before is None or now <= before[1]:
             return False

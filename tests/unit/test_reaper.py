@@ -192,12 +192,12 @@ async def test_a_workspace_that_cannot_be_measured_is_skipped_and_the_pass_goes_
     repo = make_repo()
     broken = await _running(service, repo, name="broken")
     healthy = await _running(service, repo, name="healthy")
-    fake_runtime.fail_for[("cpu_time_ns", broken)] = error
+    fake_runtime.fail_for[("usage", broken)] = error
     reaper = Reaper(service, service.settings)
     _age(service, broken, 61)
     _age(service, healthy, 61)
     assert await reaper.run_once() == [(healthy, Action.PAUSE)]
     assert service.get(healthy).state == "paused"
     assert service.get(broken).state == "running"
-    del fake_runtime.fail_for[("cpu_time_ns", broken)]
+    del fake_runtime.fail_for[("usage", broken)]
     assert await reaper.run_once() == [(broken, Action.PAUSE)]
