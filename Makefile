@@ -59,6 +59,7 @@ bench: setup
 	$(VENV)/bin/python -m tests.benchmarks.bench_agent
 	$(VENV)/bin/python -m tests.benchmarks.bench_load
 	$(VENV)/bin/python -m tests.benchmarks.bench_network
+	$(VENV)/bin/python -m tests.benchmarks.bench_dns
 	$(VENV)/bin/python -m tests.benchmarks.bench_disk
 
 ## Remove every engine object left by test runs (names start with dentest-).

@@ -29,7 +29,7 @@ func TestSpawnPsLogsSignal(t *testing.T) {
 	if string(r.data[0]) != "out\n" || string(r.data[1]) != "err\n" || r.last("ok")["running"] != true || !r.eof[0] || !r.eof[1] {
 		t.Fatalf("logs: %q %q %v", r.data[0], r.data[1], r.msgs)
 	}
-	if st := c.call(map[string]any{"op": "status"}).last("ok"); st["processes"].(float64) < 1 || st["version"] != version || st["cpu_ns"].(float64) <= 0 {
+	if st := c.call(map[string]any{"op": "status"}).last("ok"); st["processes"].(float64) < 1 || st["version"] != version || st["cpu_ns"].(float64) <= 0 || st["memory_bytes"].(float64) <= 0 {
 		t.Fatalf("status: %v", st)
 	}
 	follow := c.open(map[string]any{"op": "logs", "pid": pid, "follow": true})

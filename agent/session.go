@@ -594,8 +594,41 @@ func opStatus(c *channel, r *request) error {
 	}
 	s.mu.Unlock()
 	c.ok(map[string]any{"processes": s.procs.running(), "sessions": sessions, "version": version,
-		"cpu_ns": cpuNanos()})
+		"cpu_ns": cpuNanos(), "memory_bytes": memoryBytes()})
 	return nil
+}
+
+// memoryBytes is the memory the workspace holds now: its processes, page cache and tmpfs
+// files. Under gVisor the memory cgroup's usage (cgroup v1 inside the sandbox) is the
+// sandbox's own accounting; else cgroup v2's memory.current; else MemTotal less MemAvailable
+// from /proc/meminfo. -1 when unknown.
+func memoryBytes() int64 {
+	for _, path := range []string{"/sys/fs/cgroup/memory/memory.usage_in_bytes",
+		"/sys/fs/cgroup/memory.current"} {
+		if data, err := os.ReadFile(path); err == nil {
+			if n, err := strconv.ParseInt(strings.TrimSpace(string(data)), 10, 64); err == nil {
+				return n
+			}
+		}
+	}
+	data, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return -1
+	}
+	kb := map[string]int64{}
+	for _, line := range strings.Split(string(data), "\n") {
+		if f := strings.Fields(line); len(f) >= 2 {
+			if n, err := strconv.ParseInt(f[1], 10, 64); err == nil {
+				kb[strings.TrimSuffix(f[0], ":")] = n
+			}
+		}
+	}
+	total, okT := kb["MemTotal"]
+	avail, okA := kb["MemAvailable"]
+	if !okT || !okA || avail > total {
+		return -1
+	}
+	return (total - avail) * 1024
 }
 
 // cpuNanos is the CPU time the workspace's processes have used: the cpuacct cgroup's usage

@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from server.db.models import Workspace
 from server.errors import DenError, Overloaded
+from server.runtime.base import ResourceUsage
 from server.runtime.errors import (
     AgentTimeout,
     AgentUnavailable,
@@ -100,7 +101,7 @@ class Metrics:
             ["kind"], registry=r)
         for kind in SESSION_KINDS:
             self.open_sessions.labels(kind)
-        self._cpu_s: dict[str, float] = {}  # workspace -> CPU seconds the reaper last saw
+        self._usage: dict[str, ResourceUsage] = {}  # workspace -> what the reaper last saw
 
     # --- one function per event ---------------------------------------------------------
 
@@ -158,15 +159,16 @@ class Metrics:
         finally:
             self.session_closed(kind)
 
-    def workspace_cpu(self, ws_id: str, cpu_ns: int) -> None:
-        """The CPU time a workspace has used, as the reaper measured it."""
-        self._cpu_s[ws_id] = cpu_ns / 1e9
+    def workspace_usage(self, ws_id: str, usage: ResourceUsage) -> None:
+        """The CPU time a workspace has used and the memory it holds, as the reaper measured
+        them."""
+        self._usage[ws_id] = usage
 
-    def cpu_seen(self) -> dict[str, float]:
-        return dict(self._cpu_s)
+    def usage_seen(self) -> dict[str, ResourceUsage]:
+        return dict(self._usage)
 
     def forget_workspace(self, ws_id: str) -> None:
-        self._cpu_s.pop(ws_id, None)
+        self._usage.pop(ws_id, None)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -262,7 +264,14 @@ class StateCollector(Collector):
             "den_workspace_cpu_seconds",
             "CPU time used by each running workspace, as last measured by the idle reaper "
             "(a workspace appears once the reaper has measured it).", labels=["workspace"])
-        for ws_id, seconds in sorted(self._metrics.cpu_seen().items()):
+        memory = GaugeMetricFamily(
+            "den_workspace_memory_bytes",
+            "Memory held by each running workspace (its processes, page cache and tmpfs "
+            "inside the sandbox), as last measured by the idle reaper.", labels=["workspace"])
+        for ws_id, usage in sorted(self._metrics.usage_seen().items()):
             if ws_id in running:
-                cpu.add_metric([ws_id], seconds)
+                cpu.add_metric([ws_id], usage.cpu_ns / 1e9)
+                if usage.memory_bytes is not None:
+                    memory.add_metric([ws_id], usage.memory_bytes)
         yield cpu
+        yield memory

@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.app import create_app
 from server.config import Settings
 from server.db.session import prepare_data_dir
+from server.http_head import BoundedHeadProtocol
 from server.logs import configure as configure_logging
 from server.runtime.base import Runtime
 
@@ -113,6 +114,7 @@ def serve(settings: Settings, *, runtime: Runtime | None = None) -> int:
     # log, where the request id is known.
     config = uvicorn.Config(CutOnStop(app, grace_s=grace_s), host=settings.host,
                             port=settings.port, log_config=None, access_log=False,
+                            http=BoundedHeadProtocol,
                             log_level=settings.log_level.lower(),
                             ws_max_size=settings.max_body_bytes,
                             timeout_graceful_shutdown=grace_s)

@@ -108,3 +108,13 @@ def forge_service(request: Request) -> ForgeService:
 
 Forges = Annotated[ForgeService, Depends(forge_service)]
 SSHKeys = Annotated[SSHKeyService, Depends(ssh_key_service)]
+
+
+def admin_user(user: CurrentUser) -> User:
+    """The current user, who must be an admin (403 otherwise)."""
+    if not user.is_admin:
+        raise Forbidden("only an admin may do this")
+    return user
+
+
+AdminUser = Annotated[User, Depends(admin_user)]

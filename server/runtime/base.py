@@ -75,8 +75,14 @@ class SnapshotSpec:
 
 class ContainerStatus(StrEnum):
     RUNNING = "running"
+    FROZEN = "frozen"  # running, its processes stopped by the engine's freezer (Freezer)
     STOPPED = "stopped"
     MISSING = "missing"
+
+    @property
+    def alive(self) -> bool:
+        """Running or frozen: the sandbox and its memory are there."""
+        return self in (ContainerStatus.RUNNING, ContainerStatus.FROZEN)
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,15 @@ class EngineObject:
     running: bool = False
     snapshot_id: str = ""
     role: str = ""  # LABEL_ROLE: "copy" for a volume-copy helper, "" for the rest
+
+
+@dataclass(frozen=True)
+class ResourceUsage:
+    """What a running workspace has used: CPU time so far, and memory now (None when the
+    backend cannot tell)."""
+
+    cpu_ns: int
+    memory_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -243,6 +258,7 @@ class NetworkInfo:
 
     interface: str  # the host's bridge interface
     subnet: str  # IPv4 CIDR
+    gateway: str = ""  # the host's address on the bridge ("" where unknown)
     addresses: Mapping[str, str] = field(default_factory=dict)  # running container -> IPv4
     # running container -> its port on the bridge (the host's end of its veth), where known:
     # unlike an address, a workspace cannot forge the port its packets come in by.
@@ -257,6 +273,28 @@ class ManagedNetwork(Protocol):
     async def network(self) -> NetworkInfo:
         """The network, created when it is missing (idempotent), with the address of each
         running container on it."""
+        ...
+
+
+@runtime_checkable
+class Freezer(Protocol):
+    """Backends that can freeze a running workspace in place (the light sleep tier): its
+    processes stop at once and use no CPU, its memory stays where it is, and a thaw takes
+    milliseconds (a memory checkpoint to disk and its restore take a second or more). A
+    frozen workspace's ``status`` is ``FROZEN``. Its other lifecycle calls (``stop``,
+    ``destroy``, ``pause``, ``snapshot``) work on it as on a running one: the backend thaws
+    it first where the engine needs that. The service asks ``isinstance(runtime, Freezer)``.
+    """
+
+    async def freeze(self, spec: WorkspaceSpec) -> int | None:
+        """Freeze a running workspace; returns the memory it holds while frozen (bytes; None
+        when unknown). A frozen one is left alone. Raises ``EngineConflict`` when it is not
+        running."""
+        ...
+
+    async def thaw(self, spec: WorkspaceSpec) -> None:
+        """Let a frozen workspace run again, as it was. One that is not frozen is left
+        alone; raises ``EngineConflict`` when it is not running at all."""
         ...
 
 
@@ -400,9 +438,10 @@ class Runtime(Protocol):
 
     async def status(self, spec: WorkspaceSpec) -> ContainerStatus: ...
 
-    async def cpu_time_ns(self, spec: WorkspaceSpec) -> int | None:
-        """CPU time the workspace has used so far (nanoseconds), or None when not running.
-        The idle reaper differences two readings to see whether it is busy."""
+    async def usage(self, spec: WorkspaceSpec) -> ResourceUsage | None:
+        """CPU time the workspace has used so far and the memory it holds now, or None when
+        it is not running. The idle reaper differences two CPU readings to see whether it is
+        busy; the metrics export both."""
         ...
 
     async def exec(self, spec: WorkspaceSpec, req: ExecRequest) -> ExecResult:

@@ -38,7 +38,7 @@ from server.agent import ops as agent_ops
 from server.agent.protocol import DockerDemux
 from server.agent.session import AgentOpError, AgentSession
 from server.errors import DenError
-from server.runtime import disk_quota, docker_specs
+from server.runtime import cgroup_freezer, disk_quota, docker_specs
 from server.runtime.base import (
     LABEL_INSTANCE,
     LABEL_MANAGED,
@@ -54,6 +54,7 @@ from server.runtime.base import (
     ExecStream,
     NetworkInfo,
     ProcessInfo,
+    ResourceUsage,
     SnapshotSpec,
     StreamChunk,
     WorkspaceSpec,
@@ -104,6 +105,14 @@ def _translate(exc: Exception, what: str) -> Exception:
     return exc
 
 
+# What scripts/setup-host.sh registers runsc with, and what goes wrong without each.
+REQUIRED_RUNSC_FLAGS = {
+    "--overlay2=none": "changes outside /workspace are lost at every stop",
+    "--net-disconnect-ok": "a TCP connection open at a pause makes the checkpoint fail and "
+                           "the workspace loses its processes",
+}
+
+
 class DockerRuntime:
     """Workspaces as Docker containers with a named volume at ``/workspace``."""
 
@@ -137,6 +146,7 @@ class DockerRuntime:
         self._runsc_root = runsc_root
         self._base_url = base_url
         self._gvisor_runtime = gvisor_runtime
+        self._warned: set[str] = set()  # runsc flags found missing and logged
         self._helper_image = helper_image
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="docker")
         self._short = ThreadPoolExecutor(max_workers=SHORT_THREADS,
@@ -194,6 +204,13 @@ class DockerRuntime:
                 f"the Docker engine has no runtime named {self._gvisor_runtime!r}; "
                 "run scripts/setup-host.sh (or `make setup`) to install gVisor"
             )
+        args = (runtimes[self._gvisor_runtime] or {}).get("runtimeArgs") or []
+        for flag, without in REQUIRED_RUNSC_FLAGS.items():
+            if flag not in args and flag not in self._warned:
+                self._warned.add(flag)  # once: the check runs every interval
+                log.warning("the engine's runtime %r runs without %s: %s; run "
+                            "scripts/setup-host.sh (or `make setup`)", self._gvisor_runtime,
+                            flag, without)
 
     async def image_exists(self, image: str) -> bool:
         try:
@@ -280,6 +297,7 @@ class DockerRuntime:
             inspect = self._ensure_network()
             subnet, addresses = docker_specs.network_addresses(inspect)
             return NetworkInfo(interface=self._network_interface, subnet=subnet,
+                               gateway=docker_specs.network_gateway(inspect),
                                addresses=addresses, ports=self._bridge_ports(inspect))
 
         return await self._call(f"network {self._network}", run)
@@ -348,6 +366,7 @@ class DockerRuntime:
         def run() -> None:
             api = self._api()
             try:
+                _thaw(api, spec.container_name)
                 api.stop(spec.container_name, timeout=timeout_s)
             except docker.errors.NotFound:
                 return
@@ -363,6 +382,7 @@ class DockerRuntime:
             api = self._api()
             self._last_exec.pop(spec.container_name, None)
             with contextlib.suppress(docker.errors.NotFound):
+                _thaw(api, spec.container_name)
                 api.remove_container(spec.container_name, force=True, v=False)
             faults.point("delete.volume")
             _remove_volume(api, spec.volume_name)
@@ -388,6 +408,7 @@ class DockerRuntime:
             if not info["State"].get("Running"):
                 raise EngineConflict(f"container {name} is not running")
             cid = str(info["Id"])
+            _thaw(api, name)  # a frozen sandbox neither answers the settle exec nor saves
             self._delete_checkpoint(cid, checkpoint)
             self._quiesce(spec, cid)
             home = self._home(cid)
@@ -407,11 +428,13 @@ class DockerRuntime:
             except (OSError, subprocess.SubprocessError) as exc:
                 self._delete_checkpoint(cid, checkpoint)
                 raise EngineError(f"checkpoint of {name} failed: {exc}") from exc
-            said = out.read_text(errors="replace").strip()[-500:]
+            said = out.read_text(errors="replace").strip()
             out.unlink(missing_ok=True)
             if code != 0 or not docker_specs.checkpoint_marker(image).exists():
                 self._delete_checkpoint(cid, checkpoint)
-                raise EngineError(f"checkpoint of {name} failed: {said or code}")
+                raise EngineError(f"checkpoint of {name} failed: "
+                                  f"{docker_specs.runsc_failure(said) or code}",
+                                  detail=said[-4000:])
             if not _wait_exited(api, name, EXIT_WAIT_S):
                 self._delete_checkpoint(cid, checkpoint)
                 raise EngineError(f"container {name} still runs after its checkpoint")
@@ -560,9 +583,39 @@ class DockerRuntime:
                 state = self._api().inspect_container(spec.container_name)["State"]
             except docker.errors.NotFound:
                 return ContainerStatus.MISSING
-            return ContainerStatus.RUNNING if state.get("Running") else ContainerStatus.STOPPED
+            if not state.get("Running"):
+                return ContainerStatus.STOPPED
+            return ContainerStatus.FROZEN if state.get("Paused") else ContainerStatus.RUNNING
 
         return await self._call(f"status of workspace {spec.workspace_id}", run)
+
+    # --- Freezer: the light sleep tier (docker pause: the cgroup freezer) ---------------
+
+    async def freeze(self, spec: WorkspaceSpec) -> int | None:
+        """Freeze the sandbox (~50 ms), then read what memory it holds (stable now). The
+        agent's session is kept: a request on it waits until the thaw, and the first call
+        after a wake needs no new relay."""
+        def run() -> int | None:
+            api = self._api()
+            state = api.inspect_container(spec.container_name)["State"]
+            if not state.get("Running"):
+                raise EngineConflict(f"container {spec.container_name} is not running")
+            if not state.get("Paused"):
+                api.pause(spec.container_name)
+            cgroup_freezer.set_frozen(int(state.get("Pid") or 0), True)  # or it keeps CPU
+            return _stats_memory_bytes(api, spec.container_name)
+
+        return await self._call(f"freeze workspace {spec.workspace_id}", run)
+
+    async def thaw(self, spec: WorkspaceSpec) -> None:
+        def run() -> None:
+            api = self._api()
+            state = api.inspect_container(spec.container_name)["State"]
+            if not state.get("Running"):
+                raise EngineConflict(f"container {spec.container_name} is not running")
+            _thaw(api, spec.container_name, state)
+
+        await self._call(f"thaw workspace {spec.workspace_id}", run)
 
     # --- events -----------------------------------------------------------------------
 
@@ -800,19 +853,21 @@ class DockerRuntime:
 
         await self._call(f"delete snapshot {snap.snapshot_id}", run, slow=True)
 
-    async def cpu_time_ns(self, spec: WorkspaceSpec) -> int | None:
-        """From the agent when the workspace has one (the CPU of the workspace's own
-        processes, without gVisor's overhead on the host, and without asking the engine);
-        else from the engine's stats."""
+    async def usage(self, spec: WorkspaceSpec) -> ResourceUsage | None:
+        """From the agent when the workspace has one (what the workspace's own processes and
+        files use inside the sandbox, without gVisor's overhead on the host, and without
+        asking the engine); else from the engine's stats (the sandbox's cgroup on the host)."""
         session = await self._agent_or_fallback(spec)
         if session is not None:
             with contextlib.suppress(AgentUnavailable, AgentTimeout, AgentOpError):
-                used = (await agent_ops.status(session)).get("cpu_ns")
+                status = await agent_ops.status(session)
+                used, memory = status.get("cpu_ns"), status.get("memory_bytes")
                 if isinstance(used, int) and used >= 0:
-                    return used
+                    return ResourceUsage(used, memory if isinstance(memory, int)
+                                         and memory >= 0 else None)
 
-        return await self._call(f"cpu of workspace {spec.workspace_id}",
-                                lambda: _stats_cpu_ns(self._api(), spec.container_name))
+        return await self._call(f"usage of workspace {spec.workspace_id}",
+                                lambda: _stats_usage(self._api(), spec.container_name))
 
     async def list_objects(self, instance: str) -> list[EngineObject]:
         def run() -> list[EngineObject]:
@@ -1233,6 +1288,7 @@ class DockerExecStream:
         finally:
             self._rt._note_exec(self._spec.container_name)
             self._loop.call_soon_threadsafe(self._queue.put_nowait, None)
+            self._loop.call_soon_threadsafe(self._eof.set)  # wait() holds no thread
 
     async def output(self) -> AsyncIterator[StreamChunk]:
         while True:
@@ -1264,10 +1320,7 @@ class DockerExecStream:
             await self._rt._call("resize", self._rt._resize, self._exec_id, cols, rows)
 
     async def wait(self) -> int:
-        if self._reader is None:
-            await self._eof.wait()
-        else:
-            await asyncio.to_thread(self._reader.join)
+        await self._eof.wait()  # set by the reader, thread or loop: no pool thread waits
         code = await self._rt._call(
             "exec status", lambda: _exit_code(self._rt._api(), self._exec_id)
         )
@@ -1393,10 +1446,10 @@ def engine_event(raw: Any) -> EngineEvent | None:
                        container=str(attributes.get("name") or "")[:256], exit_code=exit_code)
 
 
-def _stats_cpu_ns(api: Any, container: str) -> int | None:
-    """The container's CPU time from the engine's stats; None when it is not running or
-    gone. A container removed while the engine gathers its stats gets an empty or cut answer
-    (not JSON): that is "gone" too when the container is no longer there."""
+def _stats_usage(api: Any, container: str) -> ResourceUsage | None:
+    """The container's CPU time and memory from the engine's stats; None when it is not
+    running or gone. A container removed while the engine gathers its stats gets an empty or
+    cut answer (not JSON): that is "gone" too when the container is no longer there."""
     try:
         stats = api.stats(container, stream=False, one_shot=True)
     except docker.errors.NotFound:
@@ -1412,7 +1465,48 @@ def _stats_cpu_ns(api: Any, container: str) -> int | None:
         return None
     usage = (stats.get("cpu_stats") or {}).get("cpu_usage") or {}
     total = usage.get("total_usage") if isinstance(usage, dict) else None
-    return int(total) if isinstance(total, int) and total > 0 else None
+    if not isinstance(total, int) or total <= 0:
+        return None
+    return ResourceUsage(total, _stats_memory(stats.get("memory_stats")))
+
+
+def _stats_memory(memory: Any) -> int | None:
+    """Memory in use as `docker stats` shows it: the cgroup's usage less its inactive file
+    cache (cgroup v1 calls it total_inactive_file, v2 inactive_file)."""
+    if not isinstance(memory, dict) or not isinstance(memory.get("usage"), int):
+        return None
+    stats = memory.get("stats")
+    if not isinstance(stats, dict):
+        stats = {}
+    inactive = stats.get("total_inactive_file", stats.get("inactive_file", 0))
+    inactive = inactive if isinstance(inactive, int) else 0
+    return max(0, int(memory["usage"]) - inactive)
+
+
+def _stats_memory_bytes(api: Any, container: str) -> int | None:
+    """The memory a container holds, as ``docker stats`` counts it (usage less inactive
+    file cache); None when the engine does not say."""
+    stats = api.stats(container, stream=False, one_shot=True)
+    mem = stats.get("memory_stats") if isinstance(stats, dict) else None
+    usage = mem.get("usage") if isinstance(mem, dict) else None
+    if not isinstance(usage, int):
+        return None
+    detail = mem.get("stats") if isinstance(mem, dict) else None
+    inactive = detail.get("total_inactive_file", 0) if isinstance(detail, dict) else 0
+    return max(0, usage - inactive) if isinstance(inactive, int) else usage
+
+
+def _thaw(api: Any, container: str, state: dict[str, Any] | None = None) -> None:
+    """Unfreeze a frozen (``docker pause``d, its cgroup frozen: server/runtime/
+    cgroup_freezer.py) container; others are left alone. The engine
+    cannot stop, remove or checkpoint a frozen gVisor sandbox: a stop waits out its timeout
+    and leaves runsc's state behind (the next start: "id already in use"), a forced remove
+    fails ("zombie")."""
+    state = state if state is not None else api.inspect_container(container)["State"]
+    if state.get("Paused"):
+        cgroup_freezer.set_frozen(int(state.get("Pid") or 0), False)  # runsc must answer
+        with contextlib.suppress(docker.errors.APIError):  # thawed meanwhile: "not paused"
+            api.unpause(container)
 
 
 def _remove_volume(api: Any, volume: str) -> None:

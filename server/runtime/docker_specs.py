@@ -138,6 +138,12 @@ def network_addresses(inspect: dict[str, Any]) -> tuple[str, dict[str, str]]:
     return subnet, found
 
 
+def network_gateway(inspect: dict[str, Any]) -> str:
+    """The IPv4 gateway (the host's address on the bridge) from a network's inspect."""
+    configs = (inspect.get("IPAM") or {}).get("Config") or []
+    return next((str(c["Gateway"]) for c in configs if "." in str(c.get("Gateway", ""))), "")
+
+
 def veth_peer_index(ip_link: str) -> int | None:
     """The host-side peer's interface index from ``ip -o link show eth0`` run in a
     container's network namespace (``4451: eth0@if4452: ...`` -> 4452)."""
@@ -191,6 +197,23 @@ def checkpoint_argv(runsc: Sequence[str], *, image: Path, cid: str) -> list[str]
     when (and only when) it succeeds."""
     return ["/bin/sh", "-c", '"$@" && : > "$0"', str(checkpoint_marker(image)),
             *runsc, "checkpoint", "--compression=none", "--image-path", str(image), cid]
+
+
+def runsc_failure(output: str, limit: int = 400) -> str:
+    """What a failed ``runsc checkpoint`` says, for a person: the line that carries its error
+    (runsc wraps it in "checkpoint failed: ...", and may follow it with a Go stack trace of
+    its sandbox), else the output's last line. The whole output belongs in the log."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for line in lines:
+        if "checkpoint failed" in line:
+            said = line[line.index("checkpoint failed"):]
+            # The deepest cause is the part a person can act on.
+            for cause in ("save rejected", "endpoint cannot be saved"):
+                if cause in said:
+                    said = said[said.index(cause):]
+                    break
+            return said[:limit]
+    return lines[-1][:limit] if lines else ""
 
 
 def snapshot_volume_config(snap: SnapshotSpec) -> dict[str, Any]:

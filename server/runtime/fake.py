@@ -24,6 +24,7 @@ from server.runtime.base import (
     ExecResult,
     NetworkInfo,
     ProcessInfo,
+    ResourceUsage,
     SnapshotSpec,
     StreamChunk,
     WorkspaceSpec,
@@ -50,6 +51,8 @@ class _Process:
 class _Container:
     spec: WorkspaceSpec
     running: bool = False
+    frozen: bool = False  # running, but stopped by the freezer (``freeze``)
+    memory_bytes: int = 64 << 20  # what ``freeze`` and ``usage`` report it holds
     seeded: bool = False
     checkpoints: set[str] = field(default_factory=set)
     restored: int = 0
@@ -108,7 +111,7 @@ class FakeRuntime:
         """Running containers get addresses in 10.88.0.0/16, in order of their names."""
         self._enter("network")
         running = sorted(n for n, c in self.containers.items() if c.running)
-        return NetworkInfo(interface="den-fake", subnet="10.88.0.0/16",
+        return NetworkInfo(interface="den-fake", subnet="10.88.0.0/16", gateway="10.88.0.1",
                            addresses={n: f"10.88.0.{i + 2}" for i, n in enumerate(running)})
 
     async def image_exists(self, image: str) -> bool:
@@ -132,7 +135,7 @@ class FakeRuntime:
         self._enter("stop")
         c = self.containers.get(spec.container_name)
         if c is not None:
-            c.running = False
+            c.running = c.frozen = False
             c.processes.clear()  # a stop ends every process; a pause keeps them
 
     async def destroy(self, spec: WorkspaceSpec) -> None:
@@ -146,7 +149,7 @@ class FakeRuntime:
         if not c.running:
             raise EngineConflict(f"container {spec.container_name} is not running")
         c.checkpoints.add(checkpoint)
-        c.running = False
+        c.running = c.frozen = False
 
     async def resume(self, spec: WorkspaceSpec, *, checkpoint: str) -> None:
         self._enter("resume")
@@ -169,12 +172,31 @@ class FakeRuntime:
         c = self.containers.get(spec.container_name)
         if c is None:
             return ContainerStatus.MISSING
+        if c.frozen:
+            return ContainerStatus.FROZEN
         return ContainerStatus.RUNNING if c.running else ContainerStatus.STOPPED
+
+    async def freeze(self, spec: WorkspaceSpec) -> int | None:
+        self._enter("freeze", spec)
+        c = self._get(spec)
+        if not c.running:
+            raise EngineConflict(f"container {spec.container_name} is not running")
+        c.frozen = True
+        return c.memory_bytes
+
+    async def thaw(self, spec: WorkspaceSpec) -> None:
+        self._enter("thaw", spec)
+        c = self._get(spec)
+        if not c.running:
+            raise EngineConflict(f"container {spec.container_name} is not running")
+        c.frozen = False
 
     async def exec(self, spec: WorkspaceSpec, req: ExecRequest) -> ExecResult:
         self._enter("exec")
         if not self._get(spec).running:
             raise EngineConflict(f"container {spec.container_name} is not running")
+        if self._get(spec).frozen:  # as the engine answers (409)
+            raise EngineConflict(f"container {spec.container_name} is paused")
         if list(req.argv) == ["block"]:
             await self.release.wait()
             return ExecResult(0, b"released\n", b"")
@@ -329,10 +351,10 @@ class FakeRuntime:
         self.volumes.pop(snap.volume, None)
         self.snapshot_files.pop(snap.snapshot_id, None)
 
-    async def cpu_time_ns(self, spec: WorkspaceSpec) -> int | None:
-        self._enter("cpu_time_ns", spec)
+    async def usage(self, spec: WorkspaceSpec) -> ResourceUsage | None:
+        self._enter("usage", spec)
         c = self.containers.get(spec.container_name)
-        return c.cpu_ns if c is not None and c.running else None
+        return ResourceUsage(c.cpu_ns, c.memory_bytes) if c is not None and c.running else None
 
     async def list_objects(self, instance: str) -> list[EngineObject]:
         self._enter("list_objects")

@@ -1,5 +1,6 @@
-"""What an operator sees on the real engine: the metrics of a pause (its checkpoint on disk
-included), and shedding when the exec queue is full while files calls still pass."""
+"""What an operator sees on the real engine: a workspace's CPU and memory, the metrics of a
+pause (its checkpoint on disk included), and shedding when the exec queue is full while files
+calls still pass."""
 
 from __future__ import annotations
 
@@ -34,7 +35,14 @@ def test_a_pause_shows_in_the_metrics_with_its_checkpoint_on_disk(
         real_api: ApiClient, make_repo: Callable[..., Path]) -> None:
     ws = real_api.create(make_repo())
     assert ws["state"] == "running", ws
-    assert real_api.exec(ws["id"], ["true"])["exit_code"] == 0
+    # 64 MiB in a file of the sandbox's memory-backed root: the workspace's memory, as the
+    # agent reports it through the reaper's measurement.
+    assert real_api.exec(ws["id"], ["sh", "-c", "head -c 67108864 /dev/urandom > /tmp/m"]
+                         )["exit_code"] == 0
+    assert real_api.client.portal.call(real_api.client.app.state.reaper.run_once) == []
+    m = parse(real_api.get("/metrics", user="root").text)
+    assert (value(m, "den_workspace_cpu_seconds_total", workspace=ws["id"]) or 0) > 0
+    assert (value(m, "den_workspace_memory_bytes", workspace=ws["id"]) or 0) > 64 * 2**20
     assert real_api.post(f"{WS}/{ws['id']}/pause").json()["state"] == "paused"
     m = parse(real_api.get("/metrics", user="root").text)
     assert value(m, "den_workspaces", state="paused") == 1

@@ -104,6 +104,27 @@ async def test_a_container_killed_from_outside_is_stopped_with_the_reason(
 
 
 @pytest.mark.anyio
+async def test_an_oom_kill_the_sandbox_survives_is_in_the_event_log_once_a_minute(
+        svc: WorkspaceService, make_repo: Callable[..., Path]) -> None:
+    """Under gVisor the host's OOM killer usually ends one process (a systrap stub) and the
+    sandbox lives on: the engine sends "oom" and no "die" (observed with runsc 20240729)."""
+    ws_id = await _running(svc, make_repo())
+    spec = svc.spec_for(svc.get(ws_id))
+    for _ in range(3):  # an OOM storm: one note
+        await svc.apply_engine_event(EngineEvent(OOM, ws_id, spec.container_name))
+    ooms = [e for e in svc.events(ws_id) if e.kind == "oom"]
+    assert [(e.actor, e.message) for e in ooms] == [(
+        "engine", "the workspace reached its memory limit (512 MB plus the sandbox's "
+                  "headroom): the host's out-of-memory killer ended a process")]
+    assert svc.get(ws_id).state == "running"
+    svc._oom[ws_id] -= 61  # a minute later: noted again
+    await svc.apply_engine_event(EngineEvent(OOM, ws_id, spec.container_name))
+    assert len([e for e in svc.events(ws_id) if e.kind == "oom"]) == 2
+    # An unknown workspace (deleted meanwhile) is no error.
+    await svc.apply_engine_event(EngineEvent(OOM, "ws-gone", "den-gone"))
+
+
+@pytest.mark.anyio
 async def test_an_exec_that_finds_the_sandbox_dead_after_the_event_stream_restarts_it(
         svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]
         ) -> None:

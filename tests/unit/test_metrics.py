@@ -172,25 +172,28 @@ def test_exec_and_lifecycle_durations_and_failures_by_cause(
     assert value(m, "den_engine_errors_total", kind="engine_error") == 1
 
 
-def test_reaper_actions_and_workspace_cpu(fake_api: ApiClient, fake_runtime: FakeRuntime,
-                                          running: dict[str, Any]) -> None:
+def test_reaper_actions_and_workspace_usage(fake_api: ApiClient, fake_runtime: FakeRuntime,
+                                            running: dict[str, Any]) -> None:
     ws_id = running["id"]
     container = next(iter(fake_runtime.containers.values()))
     container.cpu_ns = 3 * 10**9
+    container.memory_bytes = 200 * 2**20
     reaper = fake_api.app.state.reaper
     portal = fake_api.client.portal
     assert portal.call(reaper.run_once) == []  # measures the CPU, pauses nothing
     m = scrape(fake_api)
     assert value(m, "den_workspace_cpu_seconds_total", workspace=ws_id) == 3.0
+    assert value(m, "den_workspace_memory_bytes", workspace=ws_id) == 200 * 2**20
     then = datetime.now(UTC) - timedelta(days=2)
     with fake_api.app.state.sessions.begin() as s:
         s.execute(update(Workspace).where(Workspace.id == ws_id)
                   .values(last_activity_at=then, updated_at=then))
-    assert [a for _, a in portal.call(reaper.run_once)] == ["pause"]
+    assert [a for _, a in portal.call(reaper.run_once)] == ["freeze"]
     m = scrape(fake_api)
-    assert value(m, "den_reaper_actions_total", action="pause", result="ok") == 1
-    # Paused: no longer a running workspace's CPU.
+    assert value(m, "den_reaper_actions_total", action="freeze", result="ok") == 1
+    # Frozen: no longer a running workspace's CPU or memory.
     assert value(m, "den_workspace_cpu_seconds_total", workspace=ws_id) is None
+    assert value(m, "den_workspace_memory_bytes", workspace=ws_id) is None
 
 
 def test_checkpoint_disk_use(fake_api: ApiClient) -> None:

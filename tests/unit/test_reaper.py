@@ -59,8 +59,10 @@ def anyio_backend() -> str:
 
 @pytest.fixture
 def service(make_service: Callable[..., WorkspaceService]) -> WorkspaceService:
+    # Without the frozen tier: idle workspaces are saved to disk at once (test_sleep.py has
+    # the frozen tier).
     return make_service(idle_timeout_s=60, stop_after_s=3600, idle_cpu_percent=10,
-                        service_kw={"instance_id": "inst"})
+                        frozen_max_s=0, service_kw={"instance_id": "inst"})
 
 
 async def _running(svc: WorkspaceService, repo: Path, *, name: str = "api", **kw: Any) -> str:
@@ -190,12 +192,12 @@ async def test_a_workspace_that_cannot_be_measured_is_skipped_and_the_pass_goes_
     repo = make_repo()
     broken = await _running(service, repo, name="broken")
     healthy = await _running(service, repo, name="healthy")
-    fake_runtime.fail_for[("cpu_time_ns", broken)] = error
+    fake_runtime.fail_for[("usage", broken)] = error
     reaper = Reaper(service, service.settings)
     _age(service, broken, 61)
     _age(service, healthy, 61)
     assert await reaper.run_once() == [(healthy, Action.PAUSE)]
     assert service.get(healthy).state == "paused"
     assert service.get(broken).state == "running"
-    del fake_runtime.fail_for[("cpu_time_ns", broken)]
+    del fake_runtime.fail_for[("usage", broken)]
     assert await reaper.run_once() == [(broken, Action.PAUSE)]

@@ -16,7 +16,7 @@ from server.config import Settings
 from server.db.migrate import ensure_schema
 from server.db.models import Event, User, Workspace
 from server.db.session import make_engine, make_session_factory
-from server.errors import Conflict, QuotaExceeded, ValidationFailed
+from server.errors import Conflict, LimitReached, ValidationFailed
 from server.runtime.base import WorkspaceSpec, labels_for
 from server.runtime.errors import EngineConflict, EngineError
 from server.runtime.fake import FakeRuntime
@@ -207,16 +207,17 @@ async def test_name_taken_is_409_and_per_owner(svc: WorkspaceService,
     assert ws.state == "running"
 
 
-async def test_quota_is_429(make_service: Callable[..., WorkspaceService],
+async def test_workspace_limit_is_409(make_service: Callable[..., WorkspaceService],
                             make_repo: Callable[..., Path]) -> None:
     svc = make_service(max_workspaces_per_user=2)
     repo = make_repo()
     alice = user(svc)
     await create(svc, alice, repo, name="one")
     await create(svc, alice, repo, name="two")
-    with pytest.raises(QuotaExceeded) as info:
+    with pytest.raises(LimitReached) as info:
         await svc.create(alice, CreateRequest(name="three", repo_url=str(repo)))
-    assert info.value.status_code == 429
+    assert info.value.status_code == 409
+    assert info.value.fields == {"limit": "workspaces", "value": 2}
     assert len(svc.list_for(alice)) == 2
     assert (await create(svc, user(svc, "bob"), repo, name="one")).state == "running"
 
