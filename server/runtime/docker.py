@@ -779,9 +779,9 @@ class DockerRuntime:
             api = self._api()
             with contextlib.suppress(docker.errors.NotFound):
                 api.remove_container(spec.container_name, force=True, v=False)
-            cfg = docker_specs.container_config(
-                spec, gvisor_runtime=self._gvisor_runtime,
-                agent_dir=str(self._agent_dir) if self._agent_dir is not None else None)
+            # The same configuration as a create: Den's network (and so its policy), the
+            # agent, the resolver (a restored container left Den's network before).
+            cfg = self._container_config(spec)
             host_config = api.create_host_config(**cfg.pop("host_config"))
             api.create_container(**cfg, host_config=host_config)
             if old_volume != spec.volume_name:
