@@ -207,6 +207,11 @@ if have_gpus:
     gpu["path"] = runtime
     gpu["runtimeArgs"] = [*entry["runtimeArgs"], "--nvproxy"]
     runtimes["runsc-gpu"] = gpu
+# The same runsc on the ptrace platform, for operators who choose it (DEN_GVISOR_RUNTIME=
+# runsc-ptrace): an idle sandbox costs almost no host CPU on it (docs/benchmarks.md, "Sleep
+# tiers and idle cost"). Its other flags follow runsc's.
+ptrace = [a for a in entry["runtimeArgs"] if not a.startswith("--platform")]
+runtimes["runsc-ptrace"] = {"path": runtime, "runtimeArgs": [*ptrace, "--platform=ptrace"]}
 if new == old:
     print("unchanged")
 else:
@@ -219,7 +224,7 @@ else:
 PY
 )
 if [ "$json_status" = changed ]; then
-    log "updated $DAEMON_JSON (experimental, runtimes.runsc.path=$RUNTIME_PATH)"
+    log "updated $DAEMON_JSON (experimental, runtimes.runsc and runsc-ptrace -> $RUNTIME_PATH)"
 else
     log "$DAEMON_JSON already has experimental and runtimes.runsc.path=$RUNTIME_PATH"
 fi
@@ -252,12 +257,15 @@ stop_docker() {
     die "dockerd (pid $pid) did not stop within 60 s"
 }
 config_live() {  # the daemon runs with experimental on, runsc at RUNTIME_PATH, no rootfs overlay,
-               # connections reset at a checkpoint
-    local live
+                # connections reset at a checkpoint, and the ptrace variant registered
+    local live ptrace
     live=$("$DOCKER" info --format '{{json (index .Runtimes "runsc")}}' 2>/dev/null || true)
+    ptrace=$("$DOCKER" info --format '{{json (index .Runtimes "runsc-ptrace")}}' 2>/dev/null ||
+             true)
     [ "$("$DOCKER" version --format '{{.Server.Experimental}}' 2>/dev/null)" = true ] &&
     [[ "$live" == *"\"$RUNTIME_PATH\""* && "$live" == *'"--overlay2=none"'* &&
-       "$live" == *'"--net-disconnect-ok"'* ]]
+       "$live" == *'"--net-disconnect-ok"'* ]] &&
+    [[ "$ptrace" == *'"--platform=ptrace"'* ]]
 }
 
 if ! docker_up; then

@@ -118,3 +118,4 @@ def forge_service(request: Request) -> ForgeService:
 
 Forges = Annotated[ForgeService, Depends(forge_service)]
 SSHKeys = Annotated[SSHKeyService, Depends(ssh_key_service)]
+

@@ -45,6 +45,7 @@ async def create_workspace(body: WorkspaceCreate, user: CurrentUser, svc: Worksp
         keep_alive=body.keep_alive,
         network_mode=body.network.mode if body.network is not None else None,
         network_allow=tuple(body.network.allow) if body.network is not None else (),
+        devcontainer=body.devcontainer,
     )
     return WorkspaceOut.of(await svc.create(user, req), svc.settings)
 

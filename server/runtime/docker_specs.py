@@ -144,6 +144,12 @@ def network_addresses(inspect: dict[str, Any]) -> tuple[str, dict[str, str]]:
     return subnet, found
 
 
+def network_gateway(inspect: dict[str, Any]) -> str:
+    """The IPv4 gateway (the host's address on the bridge) from a network's inspect."""
+    configs = (inspect.get("IPAM") or {}).get("Config") or []
+    return next((str(c["Gateway"]) for c in configs if "." in str(c.get("Gateway", ""))), "")
+
+
 def veth_peer_index(ip_link: str) -> int | None:
     """The host-side peer's interface index from ``ip -o link show eth0`` run in a
     container's network namespace (``4451: eth0@if4452: ...`` -> 4452)."""
@@ -220,10 +226,16 @@ def snapshot_volume_config(snap: SnapshotSpec) -> dict[str, Any]:
     return {"name": snap.volume, "driver": "local", "labels": dict(snap.labels)}
 
 
-def volume_config(spec: WorkspaceSpec, *, name: str | None = None) -> dict[str, Any]:
+def volume_config(spec: WorkspaceSpec, *, name: str | None = None,
+                  driver_opts: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Arguments of ``APIClient.create_volume``: the workspace's volume, or another of its
-    volumes (a restore's new copy) named ``name``."""
-    return {"name": name or spec.volume_name, "driver": "local", "labels": dict(spec.labels)}
+    volumes (a restore's new copy) named ``name``; ``driver_opts`` bind it to a directory
+    (its disk image: server/runtime/disk_quota.py)."""
+    cfg: dict[str, Any] = {"name": name or spec.volume_name, "driver": "local",
+                           "labels": dict(spec.labels)}
+    if driver_opts:
+        cfg["driver_opts"] = dict(driver_opts)
+    return cfg
 
 
 def exec_env(user: str, base: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:

@@ -241,10 +241,10 @@ def test_policy_changes_live_without_a_restart(two: Lab) -> None:
     assert r.status_code == 201, r.text
     pid = r.json()["pid"]
 
-    # Refused: domain names (not supported yet), private ranges the operator did not allow,
+    # Refused: what is no address nor domain name, private ranges the operator did not allow,
     # unknown modes; nothing changes.
     for body, status, code in [
-        ({"mode": "allowlist", "allow": ["pypi.org"]}, 422, "invalid"),
+        ({"mode": "allowlist", "allow": ["pypi"]}, 422, "invalid"),
         ({"mode": "allowlist", "allow": ["10.0.0.0/8"]}, 403, "network_not_allowed"),
         ({"mode": "everything"}, 422, "invalid"),
     ]:
@@ -275,7 +275,7 @@ def test_policy_changes_live_without_a_restart(two: Lab) -> None:
                            "network policy set to internet"]
 
 
-def test_pause_resume_and_fork_keep_the_policy(two: Lab) -> None:
+def test_pause_resume_fork_and_restore_keep_the_policy(two: Lab) -> None:
     """On a workspace of its own, created with an allowlist: its pause and its memory
     snapshot come before it makes any connection (the pause right after connections is the
     next test's)."""
@@ -293,13 +293,18 @@ def test_pause_resume_and_fork_keep_the_policy(two: Lab) -> None:
     assert r.status_code == 200 and r.json()["state"] == "running", r.text
     r = lab.api.post(f"/api/v1/workspaces/{wid}/snapshots", json={"name": "s1", "memory": True})
     assert r.status_code in (200, 201), r.text
-    r = lab.api.post("/api/v1/workspaces", json={"name": "f", "from_snapshot": r.json()["id"]})
+    snap = r.json()["id"]
+    r = lab.api.post("/api/v1/workspaces", json={"name": "f", "from_snapshot": snap})
     assert r.status_code in (201, 202), r.text
     lab.ids["f"] = r.json()["id"]
     assert r.json()["network"] == allow
     assert lab.api.wait_state(lab.ids["f"])["state"] == "running"
     events = lab.api.get(f"/api/v1/workspaces/{lab.ids['f']}/events").json()["events"]
     assert "with its memory and processes" in events[-1]["message"], events[-1]
+
+    # A restore replaces the workspace's container: the new one is on Den's network too.
+    r = lab.api.post(f"/api/v1/snapshots/{snap}/restore")
+    assert r.status_code == 200 and r.json()["state"] == "running", r.text
 
     for name in ("p", "f"):
         assert lab.reach(name, lab.lan)

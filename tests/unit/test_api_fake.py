@@ -20,7 +20,8 @@ def assert_error(r: Any, status: int, code: str | None = None) -> dict[str, Any]
     assert r.status_code == status, r.text
     body = r.json()
     assert set(body) == {"error"}, body
-    assert set(body["error"]) == {"code", "message"}, body
+    # limit and value: which per-user limit a quota_exceeded passed
+    assert {"code", "message"} <= set(body["error"]) <= {"code", "message", "limit", "value"}
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
     if code is not None:
         assert body["error"]["code"] == code, body
@@ -249,7 +250,8 @@ def test_create_failure_shows_the_reason(fake_api: ApiClient, make_repo: Callabl
     assert fake_runtime.containers == {} and fake_runtime.volumes == {}
 
 
-def test_quota_is_429(make_settings: Callable[..., Any], make_repo: Callable[..., Path]) -> None:
+def test_workspace_limit_is_409(make_settings: Callable[..., Any],
+                                make_repo: Callable[..., Path]) -> None:
     from fastapi.testclient import TestClient
 
     from server.app import create_app
@@ -264,7 +266,8 @@ def test_quota_is_429(make_settings: Callable[..., Any], make_repo: Callable[...
         repo = make_repo()
         api.create(repo, name="one", user="carol")
         r = api.post(WS, user="carol", json={"name": "two", "repo": {"url": str(repo)}})
-        assert_error(r, 429, "quota_exceeded")
+        body = assert_error(r, 409, "quota_exceeded")
+        assert (body["limit"], body["value"]) == ("workspaces", 1)
 
 
 # --- isolation between users -----------------------------------------------------------------

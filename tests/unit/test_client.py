@@ -903,9 +903,11 @@ def test_cli_create(cli: Callable[..., int], fake: FakeServer,
     body = json.loads(fake.last("POST", "/api/v1/workspaces").content)
     assert body["repo"] == {"url": "https://forge/acme/api.git", "branch": "dev"}
     assert body["resources"] == {"cpus": 2.0, "memory_mb": 1024}
+    assert "devcontainer" not in body  # the server's default: build from it
     assert cli("create", "https://forge/acme/x.git", "--name", "web", "--image", "py",
-               "--no-wait") == 0
+               "--no-wait", "--no-devcontainer") == 0
     assert capsys.readouterr().out == "web creating\n"
+    assert json.loads(fake.last("POST", "/api/v1/workspaces").content)["devcontainer"] is False
 
 
 @pytest.mark.usefixtures("logged_in")

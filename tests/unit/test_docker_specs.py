@@ -122,6 +122,9 @@ def test_volume_config() -> None:
         "driver": "local",
         "labels": dict(LABELS),
     }
+    opts = {"type": "none", "o": "bind", "device": "/d/v/workspace"}
+    assert volume_config(SPEC, name="v2", driver_opts=opts) == {
+        "name": "v2", "driver": "local", "labels": dict(LABELS), "driver_opts": opts}
 
 
 def test_exec_argv_without_timeout_is_the_command() -> None:

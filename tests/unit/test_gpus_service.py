@@ -5,6 +5,7 @@ an idle GPU workspace instead of pausing it, and counts GPU use as activity."""
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -183,13 +184,35 @@ def test_reaper_stops_an_idle_gpu_workspace_and_counts_gpu_use_as_activity(
     assert portal is not None
     # A training run: the GPU is busy though nobody types.
     monkeypatch.setattr(svc.gpus, "utilization", lambda uuids: dict.fromkeys(uuids, 90))
-    assert portal.call(reaper.run_once) == [(b["id"], Action.PAUSE)]
+    assert portal.call(reaper.run_once) == [(b["id"], Action.FREEZE)]
     monkeypatch.setattr(svc.gpus, "utilization", lambda uuids: dict.fromkeys(uuids, 0))
     with svc.sessions.begin() as s:
         s.get(Workspace, a["id"]).last_activity_at = s.get(
             Workspace, a["id"]).last_activity_at.replace(year=2000)
     assert portal.call(reaper.run_once) == [(a["id"], Action.STOP)]
     assert svc.get(a["id"]).state == "stopped" and held(api) == {}
+
+
+def test_an_idle_gpu_workspace_with_checkpointing_is_saved_never_frozen(
+        make_settings: Callable[..., Settings], fake_runtime: FakeRuntime,
+        make_repo: Callable[..., Path]) -> None:
+    """Its GPU goes back to the pool while it sleeps: a frozen process would still hold it."""
+    for api in make_api(make_settings, fake_runtime, gpu_checkpoint=True):
+        a = api.create(make_repo(), resources={"gpus": 1}, idle_timeout_s=1)
+        svc = api.app.state.workspaces
+        with svc.sessions.begin() as s:
+            row = s.get(Workspace, a["id"])
+            row.last_activity_at = row.last_activity_at.replace(year=2000)
+        portal = api.client.portal
+        assert portal is not None
+        svc.gpus.utilization = lambda uuids: dict.fromkeys(uuids, 0)
+        assert portal.call(api.app.state.reaper.run_once) == [(a["id"], Action.PAUSE)]
+        got = api.get(f"{WS}/{a['id']}").json()
+        assert (got["state"], got["sleep"]) == ("paused", "saved") and held(api) == {}
+        assert api.post(f"{WS}/{a['id']}/resume").json()["state"] == "running"
+        # Asked to freeze it (as the reaper would a workspace without GPUs): saved instead.
+        assert portal.call(functools.partial(svc.freeze, a["id"], actor="alice")) is not None
+        assert api.get(f"{WS}/{a['id']}").json()["sleep"] == "saved"
 
 
 def test_dashboard_shows_gpu_holders_to_admins_only(

@@ -1,7 +1,7 @@
 """gpus: GPU allocations (one row per GPU held) and a workspace's wanted GPU model
 
-Revision ID: 0017
-Revises: 0010
+Revision ID: 0014
+Revises: 0013
 Create Date: 2026-12-07
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0017"
-down_revision = "0010"
+revision = "0014"
+down_revision = "0013"
 branch_labels = None
 depends_on = None
 
@@ -25,16 +25,14 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["workspace_id"], ["workspaces.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("gpu_uuid"),
     )
-    with op.batch_alter_table("gpu_allocations", schema=None) as batch_op:
-        batch_op.create_index(batch_op.f("ix_gpu_allocations_workspace_id"), ["workspace_id"],
-                              unique=False)
-    with op.batch_alter_table("workspaces", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("gpu_model", sa.String(length=255), nullable=True))
+    op.create_index("ix_gpu_allocations_workspace_id", "gpu_allocations", ["workspace_id"],
+                    unique=False)
+    # Plain ADD COLUMN: a batch copy of `workspaces` on SQLite would drop the old table and,
+    # through ON DELETE CASCADE, every row that refers to it.
+    op.add_column("workspaces", sa.Column("gpu_model", sa.String(length=255), nullable=True))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("workspaces", schema=None) as batch_op:
-        batch_op.drop_column("gpu_model")
-    with op.batch_alter_table("gpu_allocations", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_gpu_allocations_workspace_id"))
+    op.drop_column("workspaces", "gpu_model")  # SQLite 3.35+ drops a column in place
+    op.drop_index("ix_gpu_allocations_workspace_id", table_name="gpu_allocations")
     op.drop_table("gpu_allocations")
