@@ -32,6 +32,18 @@ def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(argv), capture_output=True, text=True, timeout=60, check=check)
 
 
+def bench_repo(repos: Path, name: str = "r") -> Path:
+    """A one-commit repository ``repos/name`` for the network benchmarks' workspaces."""
+    repo = repos / name
+    repo.mkdir(parents=True)
+    sh("git", "init", "-q", "-b", "main", str(repo))
+    (repo / "README.md").write_text("bench\n")
+    sh("git", "-C", str(repo), "add", ".")
+    sh("git", "-C", str(repo), "-c", "user.name=b", "-c", "user.email=b@e", "commit",
+       "-q", "-m", "init")
+    return repo
+
+
 def wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

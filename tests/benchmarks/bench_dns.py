@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from server.network.firewall import Iptables, bridge_name, chain_prefix
-from tests.netlab import sh, stand_ins
+from tests.netlab import bench_repo, sh, stand_ins
 from tests.server_process import DenServer
 
 QUERY_SCRIPT = """
@@ -66,12 +66,7 @@ def main() -> int:
     chains, bridge = chain_prefix(network), bridge_name(network)
     work = Path(tempfile.mkdtemp(prefix="denbench-dns-"))
     repos = work / "repos"
-    (repos / "r").mkdir(parents=True)
-    sh("git", "init", "-q", "-b", "main", str(repos / "r"))
-    (repos / "r" / "README.md").write_text("bench\n")
-    sh("git", "-C", str(repos / "r"), "add", ".")
-    sh("git", "-C", str(repos / "r"), "-c", "user.name=b", "-c", "user.email=b@e", "commit",
-       "-q", "-m", "init")
+    bench_repo(repos)
     names = [f"n{i}.den.test" for i in range(min(args.names, 200))]
     records = {n: [f"203.0.113.{20 + i}"] for i, n in enumerate(names)}  # TEST-NET-3
     times: dict[str, list[float]] = {"first": [], "pinned": [], "direct": []}

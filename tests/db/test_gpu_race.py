@@ -4,12 +4,10 @@ database connection, on SQLite and on a real PostgreSQL, with fewer GPUs than st
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import select
 
 from server.auth.tokens import ensure_user
 from server.config import Settings
@@ -28,20 +26,6 @@ pytestmark = pytest.mark.postgres
 GPUS = [Gpu(index=i, uuid=f"GPU-{i}", model="NVIDIA A100", memory_mb=40960, minor=i)
         for i in range(3)]
 STARTS = 12
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'den.db'}"
-        return
-    base: str = request.getfixturevalue("postgres_url")
-    name = f"den_gpu_race_{int(time.time() * 1000) % 10**8}"
-    admin = make_engine(base)
-    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    yield base.rsplit("/", 1)[0] + f"/{name}"
 
 
 @pytest.mark.parametrize("gpus_each", [1, 2])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,20 +23,6 @@ from server.db.session import make_engine
 from server.runtime.fake import FakeRuntime
 
 pytestmark = pytest.mark.postgres
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'den.db'}"
-        return
-    base: str = request.getfixturevalue("postgres_url")
-    name = f"den_{request.node.name.split('[')[0][-20:]}_{int(time.time() * 1000) % 10**8}"
-    admin = make_engine(base)
-    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    yield base.rsplit("/", 1)[0] + f"/{name}"
 
 
 def _fresh(url: str) -> Engine:
