@@ -59,12 +59,14 @@ bench: setup
 	$(VENV)/bin/python -m tests.benchmarks.bench_agent
 	$(VENV)/bin/python -m tests.benchmarks.bench_load
 	$(VENV)/bin/python -m tests.benchmarks.bench_network
+	$(VENV)/bin/python -m tests.benchmarks.bench_dns
+	$(VENV)/bin/python -m tests.benchmarks.bench_disk
 
 ## Remove every engine object left by test runs (names start with dentest-).
 clean-engine:
 	@docker ps -aq --filter name=dentest- | xargs -r docker rm -f >/dev/null
 	@docker volume ls -q --filter name=dentest- | xargs -r docker volume rm -f >/dev/null
-	@PYTHONPATH=$(CURDIR) $(VENV)/bin/python -c "import tests.conftest as c; c.remove_networks('dentest-')"
+	@PYTHONPATH=$(CURDIR) $(VENV)/bin/python -c "import tests.conftest as c; c.remove_networks('dentest-'); c.unmount_disks('dentest-')"
 
 ## The web terminal's xterm.js from npm into web/node_modules (served by Den).
 web:

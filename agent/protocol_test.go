@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -459,5 +460,45 @@ func TestPanicInOneChannel(t *testing.T) {
 	}
 	if r := c.call(map[string]any{"op": "ping"}); r.last("ok") == nil {
 		t.Fatalf("ping after bad requests: %v", r.msgs)
+	}
+}
+
+// An idle init sleeps until a signal: no tick (each wakeup costs the host CPU under gVisor).
+func TestInitSleepsWhenIdle(t *testing.T) {
+	dir := t.TempDir()
+	script := dir + "/den-init"
+	os.WriteFile(script, []byte("#!/bin/sh\nexec sleep 1000\n"), 0o755)
+	cmd := exec.Command(os.Args[0], "init", "--", script)
+	cmd.Env = append(os.Environ(), "DEN_AGENT_TEST_MAIN=1", "DEN_AGENT_STDIO=1")
+	stdin, _ := cmd.StdinPipe()
+	stdout, _ := cmd.StdoutPipe()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		cmd.Wait()
+	}()
+	c := startClient(t, stdin, stdout)
+	c.sayHello("1111") // serve and the image's init are up
+	switches := func() int {
+		total := 0
+		tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/status", cmd.Process.Pid))
+		for _, f := range tasks {
+			b, _ := os.ReadFile(f)
+			for _, line := range strings.Split(string(b), "\n") {
+				if strings.HasPrefix(line, "voluntary_ctxt_switches:") {
+					n, _ := strconv.Atoi(strings.TrimSpace(strings.TrimPrefix(line, "voluntary_ctxt_switches:")))
+					total += n
+				}
+			}
+		}
+		return total
+	}
+	time.Sleep(500 * time.Millisecond) // let the start settle
+	before := switches()
+	time.Sleep(3 * time.Second)
+	if woke := switches() - before; woke > 2 {
+		t.Fatalf("an idle init woke %d times in 3 s", woke)
 	}
 }

@@ -167,9 +167,17 @@ fi
 # 4. /etc/docker/daemon.json: merge, never drop other keys
 # ---------------------------------------------------------------------------------------------
 mkdir -p "$(dirname "$DAEMON_JSON")"
-json_status=$(python3 - "$DAEMON_JSON" "$RUNTIME_PATH" <<'PY'
+# A second runtime, runsc-gpu (runsc --nvproxy: GPUs for gVisor workspaces, docs/gpus.md), only
+# on a host whose NVIDIA driver is loaded and lists a GPU; never elsewhere.
+HAVE_GPUS=0
+if [ -e /dev/nvidiactl ] && command -v nvidia-smi >/dev/null 2>&1 \
+        && nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then
+    HAVE_GPUS=1
+    log "NVIDIA GPUs found: registering runtime runsc-gpu (runsc --nvproxy)"
+fi
+json_status=$(python3 - "$DAEMON_JSON" "$RUNTIME_PATH" "$HAVE_GPUS" <<'PY'
 import json, os, sys
-path, runtime = sys.argv[1], sys.argv[2]
+path, runtime, have_gpus = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 try:
     with open(path) as f:
         text = f.read()
@@ -183,9 +191,27 @@ entry = dict(runtimes.get("runsc") or {})
 entry["path"] = runtime
 # The container's own filesystem must outlive a stop (packages installed with apt stay);
 # gVisor's default rootfs overlay (root:self) keeps it in sandbox memory only.
-args = [a for a in entry.get("runtimeArgs") or [] if not a.startswith("--overlay2")]
-entry["runtimeArgs"] = ["--overlay2=none", *args]
+# A TCP connection open at checkpoint time (or one the workspace closed in the last minute:
+# TIME_WAIT) makes runsc refuse to save ("endpoint cannot be saved in connected state"), and
+# a failed checkpoint leaves the container exited: every process lost. --net-disconnect-ok
+# resets such connections at the save instead (the peer gets a reset, as after a restore).
+ours = ("--overlay2", "--net-disconnect-ok")
+args = [a for a in entry.get("runtimeArgs") or [] if not a.startswith(ours)]
+entry["runtimeArgs"] = ["--overlay2=none", "--net-disconnect-ok", *args]
 runtimes["runsc"] = entry
+if have_gpus:
+    # nvproxy passes the device nodes listed in the container's spec (Den lists exactly the
+    # allocated GPUs') through to the host driver; the driver version must be one this runsc
+    # supports (runsc nvproxy list-supported-drivers, newer releases).
+    gpu = dict(runtimes.get("runsc-gpu") or {})
+    gpu["path"] = runtime
+    gpu["runtimeArgs"] = [*entry["runtimeArgs"], "--nvproxy"]
+    runtimes["runsc-gpu"] = gpu
+# The same runsc on the ptrace platform, for operators who choose it (DEN_GVISOR_RUNTIME=
+# runsc-ptrace): an idle sandbox costs almost no host CPU on it (docs/benchmarks.md, "Sleep
+# tiers and idle cost"). Its other flags follow runsc's.
+ptrace = [a for a in entry["runtimeArgs"] if not a.startswith("--platform")]
+runtimes["runsc-ptrace"] = {"path": runtime, "runtimeArgs": [*ptrace, "--platform=ptrace"]}
 if new == old:
     print("unchanged")
 else:
@@ -198,7 +224,7 @@ else:
 PY
 )
 if [ "$json_status" = changed ]; then
-    log "updated $DAEMON_JSON (experimental, runtimes.runsc.path=$RUNTIME_PATH)"
+    log "updated $DAEMON_JSON (experimental, runtimes.runsc and runsc-ptrace -> $RUNTIME_PATH)"
 else
     log "$DAEMON_JSON already has experimental and runtimes.runsc.path=$RUNTIME_PATH"
 fi
@@ -230,11 +256,16 @@ stop_docker() {
     for _ in $(seq 1 120); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.5; done
     die "dockerd (pid $pid) did not stop within 60 s"
 }
-config_live() {  # the daemon runs with experimental on, runsc at RUNTIME_PATH, no rootfs overlay
-    local live
+config_live() {  # the daemon runs with experimental on, runsc at RUNTIME_PATH, no rootfs overlay,
+                # connections reset at a checkpoint, and the ptrace variant registered
+    local live ptrace
     live=$("$DOCKER" info --format '{{json (index .Runtimes "runsc")}}' 2>/dev/null || true)
+    ptrace=$("$DOCKER" info --format '{{json (index .Runtimes "runsc-ptrace")}}' 2>/dev/null ||
+             true)
     [ "$("$DOCKER" version --format '{{.Server.Experimental}}' 2>/dev/null)" = true ] &&
-    [[ "$live" == *"\"$RUNTIME_PATH\""* && "$live" == *'"--overlay2=none"'* ]]
+    [[ "$live" == *"\"$RUNTIME_PATH\""* && "$live" == *'"--overlay2=none"'* &&
+       "$live" == *'"--net-disconnect-ok"'* ]] &&
+    [[ "$ptrace" == *'"--platform=ptrace"'* ]]
 }
 
 if ! docker_up; then

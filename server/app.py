@@ -6,6 +6,7 @@ No import-time globals: everything hangs off ``app.state`` and is built from Set
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 from collections.abc import AsyncIterator
@@ -21,11 +22,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from server import __version__
-from server.api import exec as exec_routes
 from server.api import (
+    event_stream,
     files,
     forges,
+    gpus,
     health,
+    limits,
     ports,
     processes,
     snapshots,
@@ -35,22 +38,28 @@ from server.api import (
     users,
     workspaces,
 )
+from server.api import exec as exec_routes
 from server.api.guard import BodyGuard
 from server.api.observe import Observe
 from server.config import Settings
 from server.db.migrate import ensure_schema
 from server.db.models import Meta, Workspace
 from server.db.session import make_engine, make_session_factory, prepare_data_dir
+from server.devcontainer.build import ImageMaker
+from server.devcontainer.setup import DevContainers
 from server.errors import DenError
 from server.forges.pull_requests import ForgeService
+from server.gpus.allocation import GpuPool
+from server.gpus.container import gpu_sandbox
 from server.logs import request_id
 from server.metrics import Metrics, StateCollector, checkpoint_usage, serve_separately
 from server.network.denials import KmsgWatcher
 from server.network.firewall import bridge_name
-from server.network.guard import NetworkGuard, resolvers, write_resolv_conf
+from server.network.guard import NetworkGuard, resolv_conf, upstream_resolvers
 from server.preview import tokens as preview_tokens
 from server.preview.dispatch import PreviewMiddleware
 from server.preview.service import PreviewService
+from server.quotas.rates import RateLimit
 from server.runtime.base import Runtime
 from server.runtime.errors import EngineUnavailable
 from server.snapshots.service import SnapshotService
@@ -58,6 +67,7 @@ from server.ssh.keys import SSHKeyService
 from server.web.mount import mount as mount_web
 from server.web.render import error_page, is_page
 from server.web.sessions import session_secret
+from server.workspaces import image_policy
 from server.workspaces.files import FileService
 from server.workspaces.processes import ProcessService
 from server.workspaces.reaper import Reaper
@@ -77,29 +87,48 @@ def instance_id(sessions: sessionmaker[Session]) -> str:
         return row.value
 
 
-def default_runtime(settings: Settings) -> tuple[Runtime, NetworkGuard | None]:
+def default_runtime(settings: Settings, *, gpus: GpuPool | None = None
+                    ) -> tuple[Runtime, NetworkGuard | None]:
     """The Docker engine with gVisor, and the guard of its network when isolation is on."""
     from server.agent.install import install_agent
+    from server.runtime.disk_quota import Disks
     from server.runtime.docker import DockerRuntime
 
     network: dict[str, Any] = {}
-    servers: list[str] = []
     if settings.network_isolation:
         name = settings.resolved_network_name()
-        servers = resolvers(settings)
-        if not servers:
-            log.warning("no name server for workspaces (the host's /etc/resolv.conf names only "
-                        "loopback ones, e.g. systemd-resolved): set DEN_NETWORK_DNS")
+        if not upstream_resolvers(settings):
+            log.warning("no name server for workspaces' DNS forwarder (the host's "
+                        "/etc/resolv.conf names none): set DEN_NETWORK_DNS")
+        # Names Den's DNS forwarder, on the bridge's gateway, once the bridge exists (guard).
         network = {"network": name, "network_interface": bridge_name(name),
                    "network_subnet": settings.network_subnet,
-                   "resolv_conf": write_resolv_conf(settings, servers)}
+                   "resolv_conf": resolv_conf(settings)}
     rt = DockerRuntime(base_url=settings.docker_url, gvisor_runtime=settings.gvisor_runtime,
                        threads=settings.engine_threads, helper_image=settings.default_image,
                        runsc=settings.runsc_path, runsc_root=settings.runsc_root,
-                       agent_dir=install_agent(settings), **network)
-    guard = (NetworkGuard(runtime=rt, settings=settings, resolver_addresses=servers)
+                       agent_dir=install_agent(settings),
+                       disks=Disks(settings.data_dir / "disks") if settings.enforce_disk_gb
+                       else None,
+                       gpu=gpu_sandbox(settings) if gpus is not None and gpus.gpus else None,
+                       **network)
+    guard = (NetworkGuard(runtime=rt, settings=settings, resolver_addresses=[], forwarder=True)
              if settings.network_isolation else None)
     return rt, guard
+
+
+def devcontainers(settings: Settings) -> DevContainers:
+    """Workspaces from devcontainer.json, with images built on the Docker engine."""
+    from server.runtime.docker_build import DockerImageBuilder
+
+    maker = ImageMaker(DockerImageBuilder(base_url=settings.docker_url,
+                                          gvisor_runtime=settings.gvisor_runtime),
+                       prefix=settings.engine_prefix, helper_image=settings.default_image,
+                       check_image=functools.partial(image_policy.check, settings),
+                       timeout_s=settings.devcontainer_build_timeout_s,
+                       context_max_mb=settings.devcontainer_context_max_mb,
+                       builds=settings.devcontainer_builds)
+    return DevContainers(maker, command_timeout_s=settings.devcontainer_command_timeout_s)
 
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found",
@@ -118,8 +147,10 @@ def unparsable_body(cause: BaseException | None) -> str | None:
     return None
 
 
-def _error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+def _error(status: int, code: str, message: str,
+           fields: dict[str, object] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, **(fields or {})}},
+                        status_code=status)
 
 
 def _allowed_methods(request: Request) -> list[str]:
@@ -159,10 +190,13 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
         engine = make_engine(url)
         ensure_schema(engine, url, auto_migrate=settings.auto_migrate)
         sessions = make_session_factory(engine)
-        rt, guard = (runtime, network) if runtime is not None else default_runtime(settings)
+        pool = await asyncio.to_thread(GpuPool.from_settings, settings)
+        rt, guard = ((runtime, network) if runtime is not None
+                     else default_runtime(settings, gpus=pool))
         svc = WorkspaceService(settings=settings, sessions=sessions, runtime=rt,
                                instance_id=instance_id(sessions), metrics=metrics,
-                               network=guard)
+                               network=guard, gpus=pool,
+                               devcontainers=devcontainers(settings) if runtime is None else None)
         denials: KmsgWatcher | None = None
         if guard is not None:  # fail closed: no server whose workspaces escape the policy
             await guard.sync(svc.network_policies)
@@ -196,7 +230,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
         await supervisor.start()  # checks and reconciles once; then watches, follows events
         collector = StateCollector(
             metrics=metrics, sessions=sessions, gate=svc.long_calls.counts,
-            checkpoint_bytes=lambda: checkpoint_usage(rt, settings.data_dir))
+            checkpoint_bytes=lambda: checkpoint_usage(rt, settings.data_dir),
+            gpu_total=len(pool.gpus))
         metrics.registry.register(collector)
         stop_listener = (serve_separately(settings.metrics_listen, metrics)
                          if settings.metrics_listen else None)
@@ -220,6 +255,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
             await reaper.stop()
             if denials is not None:
                 await asyncio.to_thread(denials.stop)
+            if guard is not None:
+                await guard.close()
             await supervisor.stop()
             await app.state.previews.pool.close()
             await svc.shutdown()
@@ -239,6 +276,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
     metrics = Metrics()  # this app's own registry
     app.state.metrics = metrics
     app.add_middleware(BodyGuard, settings=settings)  # inside Observe: refusals are logged
+    app.add_middleware(RateLimit, settings=settings)  # before authentication reads the database
     app.add_middleware(Observe, metrics=metrics)
 
     @app.exception_handler(DenError)
@@ -250,7 +288,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
                       exc.detail)
         if is_page(request):
             return error_page(request, exc.status_code, exc.code, exc.message)
-        response = _error(exc.status_code, exc.code, exc.message)
+        response = _error(exc.status_code, exc.code, exc.message, getattr(exc, "fields", None))
         response.headers.update(getattr(exc, "headers", None) or {})
         return response
 
@@ -285,10 +323,11 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
             response.headers["X-Request-ID"] = rid
         return response
 
-    for module in (health, users, workspaces, exec_routes, files, processes, snapshots, forges,
-                   ssh_keys, ports, usage):
+    for module in (health, users, limits, workspaces, exec_routes, files, processes, snapshots,
+                   forges, ssh_keys, ports, gpus, usage):
         app.include_router(module.router)
     app.include_router(terminal.router)
+    app.include_router(event_stream.router)
     app.add_middleware(PreviewMiddleware)  # inside the session middleware that mount_web adds
     mount_web(app, settings)
     return app

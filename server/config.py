@@ -188,14 +188,16 @@ class Settings(BaseSettings):
         description=(
             "Addresses every workspace with network (modes `internet` and `allowlist`) may "
             "reach although they are private or the host's, for example an internal package "
-            "mirror: CIDRs or `ip:port` (JSON list)."
+            "mirror: CIDRs, `ip:port` or domain names (open on whatever private address "
+            "Den's DNS forwarder resolves them to) (JSON list)."
         ),
     )
     network_user_allow: list[str] = Field(
         default_factory=list,
         description=(
-            "Private ranges users may name in an allowlist (JSON list of CIDRs or `ip:port`); "
-            "without them an allowlist may name public addresses only."
+            "Private ranges users may name in an allowlist (JSON list of CIDRs or `ip:port`), "
+            "and domain names users may list that resolve to private addresses; without them "
+            "an allowlist may name public addresses only, and names open public ones only."
         ),
     )
     network_log_denied: bool = Field(
@@ -209,23 +211,109 @@ class Settings(BaseSettings):
     network_dns: list[str] = Field(
         default_factory=list,
         description=(
-            "Name servers of the workspaces (IPv4, JSON list); empty means the host's "
-            "(/etc/resolv.conf, loopback ones left out). Their port 53 stays reachable in modes "
-            "`internet` and `allowlist`."
+            "Upstream name servers of Den's DNS forwarder, which workspaces use (IPv4, JSON "
+            "list); empty means the host's (/etc/resolv.conf)."
         ),
     )
 
     # --- resources -------------------------------------------------------------------
     default_cpus: float = Field(2.0, description="CPUs of a workspace that asks for none.")
     default_memory_mb: int = Field(2048, description="Memory limit of a workspace, in MiB.")
-    default_disk_gb: int = Field(10, description="Disk size recorded for a workspace, in GB.")
+    default_disk_gb: int = Field(
+        10, description="Disk of a workspace that asks for none, in GiB (/workspace and its "
+        "root filesystem together).")
     default_pids: int = Field(1024, description="Process limit of a workspace (pids cgroup).")
     max_cpus: float = Field(8.0, description="Largest CPU count a workspace may ask for.")
     max_memory_mb: int = Field(16384, description="Largest memory limit a workspace may ask for.")
-    max_disk_gb: int = Field(200, description="Largest disk a workspace may ask for, in GB.")
-    max_gpus: int = Field(0, description="Largest GPU count a workspace may ask for.")
+    max_disk_gb: int = Field(200, description="Largest disk a workspace may ask for, in GiB.")
+    enforce_disk_gb: bool = Field(
+        True,
+        description=(
+            "Give each new workspace a disk of its own: a sparse ext4 image of disk_gb GiB "
+            "under <data_dir>/disks, loop-mounted (as root), holding /workspace and the "
+            "container's writable layer; filling it is ENOSPC inside. Off: disk_gb is "
+            "recorded only and a workspace may fill the engine's disk."
+        ),
+    )
+    max_gpus: int = Field(
+        8, description="Largest GPU count a workspace may ask for (more is 409 `gpus_unavailable`)."
+    )
+    gpus: str = Field(
+        "auto",
+        description=(
+            "GPUs Den may hand out: `auto` (discovered through NVML or `nvidia-smi -q -x`), "
+            "`none`, a comma-separated list of GPU UUIDs (discovered, then only these), or a "
+            "JSON array describing them (`[{\"uuid\": \"GPU-...\", \"model\": ..., "
+            "\"memory_mb\": ..., \"minor\": 0}]`, not checked against the driver). See "
+            "docs/gpus.md."
+        ),
+    )
+    gpu_runtime: str = Field(
+        "runsc-gpu",
+        description="Docker runtime of gVisor workspaces with GPUs (runsc with `--nvproxy`).",
+    )
+    gpu_device_requests: bool = Field(
+        False,
+        description=(
+            "Give runc workspaces their GPUs through Docker device requests (needs the NVIDIA "
+            "container toolkit); otherwise Den passes the device nodes and driver files itself."
+        ),
+    )
+    gpu_checkpoint: bool = Field(
+        False,
+        description=(
+            "GPU workspaces may be paused (memory saved): only where gVisor's nvproxy "
+            "checkpointing has been shown to work on this host. Otherwise their idle action is "
+            "`stop` and a pause is refused."
+        ),
+    )
+    gpu_idle_percent: float = Field(
+        5.0, description="GPU utilization (NVML) above which a GPU workspace counts as busy."
+    )
     max_workspaces_per_user: int = Field(
-        20, description="Workspaces one user may own at once (429 beyond)."
+        20, ge=0,
+        description="Workspaces one user may own at once, in any state (409 `quota_exceeded` "
+                    "beyond). This and the other `*_per_user` limits are defaults: an admin "
+                    "sets a user's own with `PUT /api/v1/users/{name}/limits`.",
+    )
+
+    # --- per-user limits (docs/operations.md, "Quotas") ----------------------------------
+    max_cpus_per_user: float = Field(
+        32.0, ge=0, description="CPUs of all of one user's workspaces together, in any state."
+    )
+    max_memory_mb_per_user: int = Field(
+        65536, ge=0,
+        description="Memory limits of all of one user's workspaces together, in MiB.",
+    )
+    max_disk_gb_per_user: int = Field(
+        500, ge=0, description="Disk sizes of all of one user's workspaces together, in GB."
+    )
+    max_snapshots_per_user: int = Field(
+        50, ge=0,
+        description=(
+            "Snapshots one user may keep, with memory or not, those of deleted workspaces "
+            "included (409 `quota_exceeded` beyond)."
+        ),
+    )
+    max_execs_per_user: int = Field(
+        16, ge=0,
+        description=(
+            "One-shot exec calls of one user running or waiting at once (429 "
+            "`quota_exceeded` beyond): one user cannot fill `DEN_EXEC_CONCURRENCY` for all."
+        ),
+    )
+    max_streams_per_user: int = Field(
+        16, ge=0, description="Streaming execs (WebSocket) one user may have open at once."
+    )
+    max_terminals_per_user: int = Field(
+        8, ge=0, description="Web terminals one user may have open at once."
+    )
+    max_ssh_channels_per_user: int = Field(
+        32, ge=0,
+        description=(
+            "SSH channels (shells, commands, SFTP, `-L` forwards) one user may have open at "
+            "once, over all their connections."
+        ),
     )
 
     # --- idle policy -------------------------------------------------------------------
@@ -234,6 +322,28 @@ class Settings(BaseSettings):
     )
     stop_after_s: int = Field(
         86400, description="A workspace paused for this long is stopped (its disk is kept)."
+    )
+    frozen_max_s: int = Field(
+        1800,
+        description=(
+            "An idle workspace is first frozen in place (memory kept, no CPU, wakes in "
+            "milliseconds); frozen this long, its memory is saved to disk. 0 skips the "
+            "frozen tier: idle workspaces are checkpointed to disk at once."
+        ),
+    )
+    frozen_memory_budget_mb: int = Field(
+        4096,
+        description=(
+            "Memory that frozen workspaces may hold together (MiB); beyond it the longest "
+            "frozen are saved to disk. 0: no budget."
+        ),
+    )
+    host_min_available_mb: int = Field(
+        1024,
+        description=(
+            "When the host's available memory is below this (MiB), frozen workspaces are "
+            "saved to disk, longest frozen first, until it would be above. 0: not watched."
+        ),
     )
     reaper_interval_s: float = Field(
         15, description="How often the idle reaper looks at running and paused workspaces."
@@ -293,6 +403,27 @@ class Settings(BaseSettings):
         ),
     )
 
+    # --- devcontainer.json ---------------------------------------------------------------
+    devcontainer_build_timeout_s: float = Field(
+        1800, gt=0, description=(
+            "A devcontainer image build (its Dockerfile, then Den's layer) taking longer is "
+            "cancelled and the workspace goes to `error`."))
+    devcontainer_command_timeout_s: float = Field(
+        600, gt=0, description=(
+            "Deadline of each devcontainer lifecycle command (onCreateCommand, "
+            "postCreateCommand, postStartCommand); one that runs longer is stopped and the "
+            "workspace goes to `error`."))
+    devcontainer_context_max_mb: int = Field(
+        512, ge=1, description="Largest devcontainer build context sent to the engine, in MiB.")
+    devcontainer_builds: Literal["auto", "on", "off"] = Field(
+        "auto", description=(
+            "Whether Den builds a repository's own Dockerfile (`build` in devcontainer.json). "
+            "The engine runs a build's `RUN` steps on its default runtime, outside Den's "
+            "sandbox: `auto` builds only when that default runtime is gVisor (`\"default-"
+            "runtime\": \"runsc\"` in /etc/docker/daemon.json), `on` builds whatever it is "
+            "(the repositories are trusted), `off` never. A refused build puts the workspace "
+            "in `error` saying so; `image` devcontainers are not affected."))
+
     # --- exec and files -------------------------------------------------------------------
     exec_default_timeout_s: float = Field(
         600, description="Timeout of an exec call that names none, in seconds."
@@ -351,6 +482,38 @@ class Settings(BaseSettings):
     )
     forge_api_timeout_s: float = Field(
         30, description="Timeout of one call to a forge's REST API."
+    )
+
+    # --- API rate limits (docs/operations.md, "Rate limits") ---------------------------------
+    rate_limit_per_token: float = Field(
+        20.0, ge=0,
+        description=(
+            "Requests per second one API token (or web session) may make on average under "
+            "`/api/`; beyond the burst, a 429 `rate_limited` with Retry-After. 0: no limit."
+        ),
+    )
+    rate_limit_token_burst: int = Field(
+        200, ge=1, description="Requests one token may make at once before its rate applies."
+    )
+    rate_limit_per_address: float = Field(
+        50.0, ge=0,
+        description=(
+            "Requests per second one source address may make on average under `/api/` and to "
+            "the login forms (`/login`, `/auth/`), whatever token they carry. 0: no limit."
+        ),
+    )
+    rate_limit_address_burst: int = Field(
+        500, ge=1, description="Requests one address may make at once before its rate applies."
+    )
+    rate_limit_login_per_address: float = Field(
+        0.2, ge=0,
+        description=(
+            "Sign-in attempts per second (the login forms and OIDC callbacks) one source "
+            "address may make on average; 0: no limit of its own."
+        ),
+    )
+    rate_limit_login_burst: int = Field(
+        10, ge=1, description="Sign-in attempts one address may make at once."
     )
 
     # --- ssh gateway ------------------------------------------------------------------

@@ -7,8 +7,10 @@
     ├── Forbidden                 403 forbidden
     ├── NotFound                  404 not_found
     ├── Conflict                  409 conflict
+    │   └── LimitReached          409 quota_exceeded (a per-user stock limit: limit, value)
     ├── PayloadTooLarge           413 too_large
-    ├── QuotaExceeded             429 quota_exceeded
+    ├── QuotaExceeded             429 quota_exceeded (a per-user concurrency limit)
+    ├── RateLimited               429 rate_limited (with Retry-After)
     ├── RuntimeUnavailable        503 runtime_unavailable
     └── Overloaded                503 overloaded (with Retry-After)
 
@@ -67,9 +69,40 @@ class PayloadTooLarge(DenError):
     code = "too_large"
 
 
+class LimitReached(Conflict):
+    """A per-user stock limit (workspaces, CPUs, memory, disk, snapshots) would be passed.
+    The error body names the limit and its value (``limit``, ``value``)."""
+
+    code = "quota_exceeded"
+
+    def __init__(self, message: str, *, limit: str, value: float) -> None:
+        super().__init__(message)
+        self.fields: dict[str, object] = {"limit": limit, "value": value}
+
+
 class QuotaExceeded(DenError):
+    """Too many of something at once (SSH keys; a per-user concurrency limit, named in the
+    body as ``limit`` and ``value`` when there is one)."""
+
     status_code = 429
     code = "quota_exceeded"
+
+    def __init__(self, message: str, *, limit: str | None = None,
+                 value: float | None = None) -> None:
+        super().__init__(message)
+        self.fields: dict[str, object] = (
+            {} if limit is None else {"limit": limit, "value": value})
+
+
+class RateLimited(DenError):
+    """More requests than the rate allows; Retry-After says when the next one is let in."""
+
+    status_code = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(max(1, retry_after_s))}
 
 
 class RuntimeUnavailable(DenError):

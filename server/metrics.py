@@ -31,7 +31,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.db.models import Workspace
+from server.db.models import GpuAllocation, Workspace
 from server.errors import DenError, Overloaded
 from server.runtime.base import ResourceUsage
 from server.runtime.errors import (
@@ -102,6 +102,7 @@ class Metrics:
         for kind in SESSION_KINDS:
             self.open_sessions.labels(kind)
         self._usage: dict[str, ResourceUsage] = {}  # workspace -> what the reaper last saw
+        self._gpu_percent: dict[str, int] = {}  # GPU UUID -> utilization the reaper last saw
 
     # --- one function per event ---------------------------------------------------------
 
@@ -163,6 +164,13 @@ class Metrics:
         """The CPU time a workspace has used and the memory it holds, as the reaper measured
         them."""
         self._usage[ws_id] = usage
+
+    def gpu_utilization(self, percent_by_uuid: dict[str, int]) -> None:
+        """GPU utilization (NVML) as the reaper last measured it."""
+        self._gpu_percent.update(percent_by_uuid)
+
+    def gpu_utilization_seen(self) -> dict[str, int]:
+        return dict(self._gpu_percent)
 
     def usage_seen(self) -> dict[str, ResourceUsage]:
         return dict(self._usage)
@@ -228,8 +236,9 @@ class StateCollector(Collector):
 
     def __init__(self, *, metrics: Metrics, sessions: sessionmaker[Session],
                  gate: Callable[[], tuple[int, int, int]],
-                 checkpoint_bytes: Callable[[], dict[str, int]]) -> None:
+                 checkpoint_bytes: Callable[[], dict[str, int]], gpu_total: int = 0) -> None:
         self._metrics = metrics
+        self._gpu_total = gpu_total
         self._sessions = sessions
         self._gate = gate
         self._checkpoint_bytes = checkpoint_bytes
@@ -240,6 +249,7 @@ class StateCollector(Collector):
             states = {str(state): int(n) for state, n in rows}
             running = set(s.scalars(select(Workspace.id).where(
                 Workspace.state == State.RUNNING.value)))
+            gpus_held = s.scalar(select(func.count()).select_from(GpuAllocation)) or 0
         by_state = GaugeMetricFamily("den_workspaces", "Workspaces by state.", labels=["state"])
         for st in State:
             by_state.add_metric([st.value], states.get(st.value, 0))
@@ -275,3 +285,16 @@ class StateCollector(Collector):
                     memory.add_metric([ws_id], usage.memory_bytes)
         yield cpu
         yield memory
+
+        gpus = GaugeMetricFamily("den_gpus", "GPUs Den may hand out, by state (held, free).",
+                                 labels=["state"])
+        gpus.add_metric(["held"], gpus_held)
+        gpus.add_metric(["free"], max(0, self._gpu_total - gpus_held))
+        yield gpus
+        util = GaugeMetricFamily(
+            "den_gpu_utilization_percent",
+            "Utilization of each held GPU (NVML), as last measured by the idle reaper.",
+            labels=["gpu"])
+        for uuid, percent in sorted(self._metrics.gpu_utilization_seen().items()):
+            util.add_metric([uuid], percent)
+        yield util

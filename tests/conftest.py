@@ -72,6 +72,8 @@ def engine() -> Iterator[None]:
     yield
     leftovers = engine_objects(RUN_PREFIX)
     for kind, name in leftovers:
+        if kind == "container":  # a frozen sandbox cannot be force-removed
+            thaw_container(name)
         cmd = ["docker", "rm", "-f", name] if kind == "container" else [
             "docker", "volume", "rm", "-f", name]
         subprocess.run(cmd, capture_output=True, timeout=60)
@@ -84,6 +86,16 @@ def engine() -> Iterator[None]:
     subprocess.run(["docker", "image", "prune", "-f", "--filter", "label=den.managed=true"],
                    capture_output=True, timeout=120)
     remove_networks(RUN_PREFIX)
+    unmount_disks(RUN_PREFIX)
+
+
+def unmount_disks(prefix: str) -> None:
+    """Disk images of this run's volumes still mounted (their volumes are gone by now):
+    detach them, so that nothing is left mounted under the tests' temporary directories."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        mnt = Path(line.split()[4])
+        if mnt.parent.name == "disks" and mnt.name.startswith(prefix):
+            subprocess.run(["umount", "--lazy", str(mnt)], capture_output=True, timeout=60)
 
 
 def remove_networks(prefix: str) -> None:
@@ -113,6 +125,17 @@ def _networks_go_after_engine_tests(request: pytest.FixtureRequest) -> Iterator[
         remove_networks(RUN_PREFIX)
 
 
+def thaw_container(name: str) -> None:
+    """Thaw a workspace container Den froze (its cgroup, then ``docker unpause``)."""
+    from server.runtime.cgroup_freezer import set_frozen
+
+    pid = subprocess.run(["docker", "inspect", "-f", "{{.State.Pid}}", name],
+                         capture_output=True, text=True, timeout=60).stdout.strip()
+    if pid.isdigit():
+        set_frozen(int(pid), False)
+    subprocess.run(["docker", "unpause", name], capture_output=True, timeout=60)
+
+
 def engine_objects(prefix: str) -> list[tuple[str, str]]:
     """(kind, name) of every container and volume whose name starts with ``prefix``."""
     found: list[tuple[str, str]] = []
@@ -123,6 +146,11 @@ def engine_objects(prefix: str) -> list[tuple[str, str]]:
                           capture_output=True, text=True, timeout=30)
     found += [("volume", n) for n in vols.stdout.split() if n.startswith(prefix)]
     return found
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that restart the shared engine run after every other test."""
+    items.sort(key=lambda item: "engine_restart" in item.keywords)  # stable: order kept
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -163,6 +191,8 @@ def make_settings(tmp_path: Path, repos_root: Path) -> Callable[..., Settings]:
             # The stand-in forges and git servers listen on loopback, which Den refuses by
             # default (tests of that refusal pass outbound_allow=[]).
             "outbound_allow": ["127.0.0.0/8", "::1"],
+            # No GPU unless a test describes some (a GPU host runs the same tests).
+            "gpus": "none",
         }
         values.update(overrides)
         return Settings(**values)

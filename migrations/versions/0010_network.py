@@ -18,13 +18,14 @@ depends_on = None
 
 def upgrade() -> None:
     # An empty policy reads as the operator's default mode (DEN_NETWORK_DEFAULT_MODE).
+    # A plain ADD COLUMN, not a batch operation: on SQLite the batch copied `workspaces` into
+    # a new table and dropped the old one, and the drop cascaded to every workspace's events
+    # and preview ports (tests/db: a database from 0001 upgraded to head keeps its data).
     for table in ("workspaces", "snapshots"):
-        with op.batch_alter_table(table, schema=None) as batch_op:
-            batch_op.add_column(sa.Column("network", sa.JSON(), nullable=False,
-                                          server_default=sa.text("'{}'")))
+        op.add_column(table, sa.Column("network", sa.JSON(), nullable=False,
+                                       server_default=sa.text("'{}'")))
 
 
 def downgrade() -> None:
     for table in ("workspaces", "snapshots"):
-        with op.batch_alter_table(table, schema=None) as batch_op:
-            batch_op.drop_column("network")
+        op.drop_column(table, "network")  # SQLite 3.35+ drops a column in place

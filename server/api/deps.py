@@ -95,6 +95,16 @@ def ssh_key_service(request: Request) -> SSHKeyService:
 
 
 CurrentUser = Annotated[User, Depends(current_user)]
+
+
+def admin_user(user: CurrentUser) -> User:
+    """The caller, who must be an admin (403 otherwise)."""
+    if not user.is_admin:
+        raise Forbidden("only an admin may do this")
+    return user
+
+
+AdminUser = Annotated[User, Depends(admin_user)]
 MetricsReader = Annotated[None, Depends(metrics_reader)]
 Workspaces = Annotated[WorkspaceService, Depends(workspace_service)]
 Files = Annotated[FileService, Depends(file_service)]
@@ -108,3 +118,4 @@ def forge_service(request: Request) -> ForgeService:
 
 Forges = Annotated[ForgeService, Depends(forge_service)]
 SSHKeys = Annotated[SSHKeyService, Depends(ssh_key_service)]
+

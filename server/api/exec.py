@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 from fastapi import APIRouter, WebSocket
+from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from server.api.deps import CurrentUser, Workspaces, websocket_user
+from server.api.exec_body import exec_response
 from server.api.schemas import ExecIn, ExecOut, errors
 from server.api.streams import Opened, serve
 from server.errors import ValidationFailed
@@ -15,18 +17,16 @@ from server.errors import ValidationFailed
 router = APIRouter(prefix="/api/v1/workspaces/{ref}", tags=["exec"])
 
 
-@router.post("/exec", response_model=ExecOut, responses=errors(404, 409, 502, 503, 504))
-async def exec_command(ref: str, body: ExecIn, user: CurrentUser, svc: Workspaces) -> ExecOut:
+@router.post("/exec", response_model=ExecOut, responses=errors(404, 409, 429, 502, 503, 504))
+async def exec_command(ref: str, body: ExecIn, user: CurrentUser, svc: Workspaces
+                       ) -> StreamingResponse:
     ws = svc.get_for(user, ref)
     stdin = body.stdin.encode() if body.stdin is not None else None
     req = svc.exec_request(ws, body.cmd, cwd=body.cwd, env=body.env, timeout_s=body.timeout_s,
                            stdin=stdin)
-    r = await svc.exec(ws.id, req, actor=user.name)
-    return ExecOut(
-        exit_code=r.exit_code, stdout=r.stdout.decode(errors="replace"),
-        stderr=r.stderr.decode(errors="replace"), timed_out=r.timed_out,
-        duration_ms=r.duration_ms, truncated=r.truncated,
-    )
+    with svc.quotas.take(user, "execs"):  # before the server's gate: one user cannot fill it
+        r = await svc.exec(ws.id, req, actor=user.name)
+    return exec_response(r)  # the ExecOut document, encoded as it is sent
 
 
 @router.websocket("/exec/stream")
@@ -47,7 +47,12 @@ async def exec_stream(websocket: WebSocket, ref: str) -> None:
                                timeout_s=body.timeout_s)
         if body.tty:
             req = dataclasses.replace(req, tty=True, size=(body.cols, body.rows))
-        stream = await svc.exec_stream(ws.id, req, actor=user.name)
-        return Opened(ws.id, stream, stdin=body.stdin)
+        slot = svc.quotas.take(user, "streams")
+        try:
+            stream = await svc.exec_stream(ws.id, req, actor=user.name)
+        except BaseException:
+            slot.release()
+            raise
+        return Opened(ws.id, stream, stdin=body.stdin, slot=slot)
 
     await serve(websocket, start)

@@ -48,10 +48,10 @@ def _urls(request: Request, previews: PreviewService, ws: Workspace, port: int
 
 
 def _out(request: Request, previews: PreviewService, ws: Workspace, port: int, share: Share,
-         listening: bool | None) -> PortOut:
+         listening: bool | None, label: str = "") -> PortOut:
     url, path_url = _urls(request, previews, ws, port)
     return PortOut(port=port, listening=listening, share=previews.effective(share).value,
-                   url=url, path_url=path_url)
+                   url=url, path_url=path_url, label=label)
 
 
 @router.get("/{ref}/ports", response_model=PortList, responses=errors(404, 409, 502, 503))
@@ -59,7 +59,7 @@ async def list_ports(ref: str, request: Request, user: CurrentUser, svc: Workspa
                      previews: Previews) -> PortList:
     ws = svc.get_for(user, ref)
     found = await previews.ports(ws)
-    return PortList(ports=[_out(request, previews, ws, p.port, p.share, p.listening)
+    return PortList(ports=[_out(request, previews, ws, p.port, p.share, p.listening, p.label)
                            for p in found])
 
 

@@ -11,6 +11,7 @@ from pydantic_core import PydanticCustomError
 
 from server.config import Settings
 from server.db.models import Event, ForgeAccount, Snapshot, SSHKey, Workspace
+from server.gpus.allocation import idle_action
 from server.runtime.base import ExecRequest, ProcessInfo
 from server.ssh.target import ssh_endpoint
 from server.workspaces.processes import LOG_BYTES_DEFAULT, LOG_BYTES_MAX, LOG_BYTES_MIN
@@ -19,6 +20,9 @@ from server.workspaces.processes import LOG_BYTES_DEFAULT, LOG_BYTES_MAX, LOG_BY
 class ErrorDetail(BaseModel):
     code: str = Field(description="A stable slug (docs/api.md lists them)")
     message: str = Field(description="For people; may change")
+    limit: str | None = Field(None, description="`quota_exceeded`: the per-user limit passed "
+                                               "(`workspaces`, `cpus`, `execs`, ...)")
+    value: float | None = Field(None, description="`quota_exceeded`: that limit's value")
 
 
 class ErrorOut(BaseModel):
@@ -35,7 +39,8 @@ _STATUS_TEXT = {
     409: "Not possible in the current state, or a name or key already taken",
     413: "Too large",
     422: "Invalid input",
-    429: "A quota is reached",
+    429: "A per-user limit is reached (`quota_exceeded`), or too many requests "
+         "(`rate_limited`, with Retry-After)",
     500: "A bug, or the workspace's disk is full",
     501: "The workspace's runtime backend has no agent",
     502: "The engine, a forge or the workspace's agent failed",
@@ -47,9 +52,14 @@ _STATUS_TEXT = {
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """Route ``responses=`` for the error statuses an operation can answer, each with the
     error body's schema (401, 422 and 500 are added: every authenticated operation can
-    answer them)."""
-    wanted = sorted({401, 422, 500, *statuses})
-    return {s: {"model": ErrorOut, "description": _STATUS_TEXT[s]} for s in wanted}
+    answer them, and 429: the rate limits apply to every one)."""
+    wanted = sorted({401, 422, 429, 500, *statuses})
+    out: dict[int | str, dict[str, Any]] = {
+        s: {"model": ErrorOut, "description": _STATUS_TEXT[s]} for s in wanted}
+    out[429]["headers"] = {"Retry-After": {
+        "description": "Seconds until a request is let in again (with `rate_limited`)",
+        "schema": {"type": "integer"}}}
+    return out
 
 
 YEAR_S = 365 * 86400
@@ -100,15 +110,22 @@ class RepoIn(_Strict):
 class ResourcesIn(_Strict):
     cpus: float | None = Field(default=None, ge=0.1, description="At most DEN_MAX_CPUS")
     memory_mb: int | None = Field(default=None, ge=128, description="At most DEN_MAX_MEMORY_MB")
-    disk_gb: int | None = Field(default=None, ge=1, description="At most DEN_MAX_DISK_GB")
-    gpus: int = Field(default=0, ge=0, description="At most DEN_MAX_GPUS")
+    disk_gb: int | None = Field(
+        default=None, ge=1, description="GiB for /workspace and the root filesystem together "
+        "(writing past it is ENOSPC inside); at most DEN_MAX_DISK_GB")
+    gpus: int = Field(default=0, ge=0, description="Whole GPUs, held while running; at most "
+                      "DEN_MAX_GPUS")
+    gpu_model: str | None = Field(
+        default=None, max_length=255,
+        description='Only GPUs whose model contains this (any case), e.g. "A100"')
 
 
 class NetworkIn(_Strict):
     mode: str = Field(max_length=16, description='"none", "internet" or "allowlist"')
-    allow: list[Annotated[str, Field(max_length=64)]] = Field(
+    allow: list[Annotated[str, Field(max_length=260)]] = Field(
         default_factory=list, max_length=64,
-        description="Allowlist entries: CIDRs, addresses, address:port (no domain names yet)")
+        description="Allowlist entries: CIDRs, addresses, domain names (`*.name`: its "
+                    "subdomains), each optionally with :port")
 
 
 class WorkspaceCreate(_Strict):
@@ -129,6 +146,10 @@ class WorkspaceCreate(_Strict):
     keep_alive: bool = False
     network: NetworkIn | None = Field(
         None, description="Network policy; null: the server's default mode")
+    devcontainer: bool = Field(
+        True, description="Build the workspace from the repository's devcontainer.json "
+                          "(.devcontainer/devcontainer.json or .devcontainer.json) when it has "
+                          "one; false ignores the file (docs/devcontainer.md)")
 
 
 class WorkspacePatch(_Strict):
@@ -174,6 +195,9 @@ class ResourcesOut(BaseModel):
     memory_mb: int
     disk_gb: int
     gpus: int
+    gpu_model: str | None
+    gpu_uuids: list[str] = Field(description="The GPUs its container is made with (held "
+                                 "while it runs)")
     pids: int
 
 
@@ -188,6 +212,10 @@ class WorkspaceOut(BaseModel):
     owner: str
     state: str
     state_reason: str
+    sleep: Literal["frozen", "saved"] | None = Field(
+        None, description="How a paused workspace sleeps: frozen in place (memory kept, wakes "
+                          "in milliseconds) or saved to disk (memory checkpointed); null "
+                          "unless paused")
     repo: RepoOut
     image: str
     runtime: str
@@ -201,6 +229,8 @@ class WorkspaceOut(BaseModel):
     updated_at: datetime
     last_activity_at: datetime
     network: NetworkOut
+    idle_action: str = Field(description='What idling does: "pause" (memory kept) or "stop" '
+                             '(disk kept: a GPU workspace, see docs/gpus.md)')
     ssh: dict[str, str | int] | None = None
 
     @classmethod
@@ -209,11 +239,14 @@ class WorkspaceOut(BaseModel):
         return cls(
             id=ws.id, name=ws.name, owner=ws.owner.name, state=ws.state,
             state_reason=ws.state_reason,
+            sleep=_sleep_of(ws),
             repo=RepoOut(url=ws.repo_url, branch=ws.repo_branch,
                          path=f"/workspace/{ws.repo_dir}"),
             image=ws.image, runtime=ws.runtime,
             resources=ResourcesOut(cpus=ws.cpus, memory_mb=ws.memory_mb, disk_gb=ws.disk_gb,
-                                   gpus=ws.gpus, pids=ws.pids_limit),
+                                   gpus=ws.gpus, gpu_model=ws.gpu_model,
+                                   gpu_uuids=list((ws.engine or {}).get("gpus", [])),
+                                   pids=ws.pids_limit),
             env={str(k): str(v) for k, v in ws.env.items()},
             idle_timeout_s=ws.idle_timeout_s, stop_after_s=ws.stop_after_s,
             keep_alive=ws.keep_alive, keepalive_until=ws.keepalive_until,
@@ -222,8 +255,16 @@ class WorkspaceOut(BaseModel):
             network=NetworkOut(mode=str((ws.network or {}).get("mode") or (
                 settings.network_default_mode if settings is not None else "internet")),
                                allow=[str(a) for a in (ws.network or {}).get("allow") or []]),
+            idle_action=idle_action(ws.gpus, checkpoint=settings is not None
+                                    and settings.gpu_checkpoint),
             ssh=ssh_endpoint(settings, ws.name) if settings is not None else None,
         )
+
+
+def _sleep_of(ws: Workspace) -> Literal["frozen", "saved"] | None:
+    if ws.state != "paused":
+        return None
+    return "frozen" if ws.sleep == "frozen" else "saved"
 
 
 class WorkspaceList(BaseModel):
@@ -352,10 +393,47 @@ class FileWritten(BaseModel):
     size: int
 
 
+class QuotaOut(BaseModel):
+    limit: int | float = Field(description="The most the user may have (or have open)")
+    used: int | float = Field(description="What the user has now")
+    default: int | float = Field(description="The server's limit; `limit` differs where an "
+                                             "admin set this user's own")
+
+
+QUOTAS_DESCRIPTION = (
+    "Each per-user limit with its use: `workspaces`, `cpus`, `memory_mb`, `disk_gb` (all "
+    "workspaces, any state), `snapshots` (those of deleted workspaces too), and what is open "
+    "now: `execs`, `streams`, `terminals`, `ssh_channels`")
+
+
 class UserOut(BaseModel):
     id: int
     name: str
     is_admin: bool
+    quotas: dict[str, QuotaOut] = Field(description=QUOTAS_DESCRIPTION)
+
+
+class UserLimitsOut(BaseModel):
+    user: str
+    quotas: dict[str, QuotaOut] = Field(description=QUOTAS_DESCRIPTION)
+
+
+_LIMIT_MAX = 1_000_000
+
+
+class LimitsIn(_Strict):
+    """A user's own limits, replacing those set before; a limit left out (or null) is the
+    server's (`DEN_MAX_*_PER_USER`)."""
+
+    workspaces: StrictInt | None = Field(None, ge=0, le=_LIMIT_MAX)
+    cpus: float | None = Field(None, ge=0, le=_LIMIT_MAX)
+    memory_mb: StrictInt | None = Field(None, ge=0, le=_LIMIT_MAX)
+    disk_gb: StrictInt | None = Field(None, ge=0, le=_LIMIT_MAX)
+    snapshots: StrictInt | None = Field(None, ge=0, le=_LIMIT_MAX)
+    execs: StrictInt | None = Field(None, ge=0, le=_LIMIT_MAX)
+    streams: StrictInt | None = Field(None, ge=0, le=_LIMIT_MAX)
+    terminals: StrictInt | None = Field(None, ge=0, le=_LIMIT_MAX)
+    ssh_channels: StrictInt | None = Field(None, ge=0, le=_LIMIT_MAX)
 
 
 class TokenCreate(_Strict):
@@ -525,6 +603,8 @@ class PortOut(BaseModel):
     url: str | None = Field(description="The preview origin (null without DEN_PREVIEW_DOMAIN, "
                                         "or when the name does not fit a DNS label)")
     path_url: str = Field(description="The path form on Den's own origin")
+    label: str = Field("", description="The port's label from the repository's "
+                                      "devcontainer.json (portsAttributes), else empty")
 
 
 class PortList(BaseModel):

@@ -22,6 +22,7 @@ from fastapi import WebSocket, WebSocketDisconnect
 
 from server.agent.ops import StreamEnded
 from server.errors import DenError
+from server.quotas.service import Slot
 from server.runtime.base import SIGNALS, ExecStream, StreamChunk
 
 ENDINGS = ("paused", "stopped")  # sent as {"type": "paused"} and {"type": "stopped"}
@@ -36,6 +37,7 @@ class Opened:
     stream: ExecStream
     stdin: str | None = None
     greeting: dict[str, Any] | None = None
+    slot: Slot | None = None  # the user's stream or terminal, released when it ends
 
 
 async def serve(websocket: WebSocket, start: Callable[[], Awaitable[Opened]], *,
@@ -70,6 +72,8 @@ async def serve(websocket: WebSocket, start: Callable[[], Awaitable[Opened]], *,
         await send_error(websocket, exc)
     finally:
         if opened is not None:
+            if opened.slot is not None:
+                opened.slot.release()
             await opened.stream.kill()
 
 

@@ -66,8 +66,13 @@ async def terminal(websocket: WebSocket, ref: str, cols: int = 80, rows: int = 2
             await websocket.send_json({"type": "status", "state": ws.state,
                                        "message": f"waking the workspace ({ws.state})"})
         req = svc.shell_request(ws, tmux_command(session), tty=True, size=size)
-        stream = await svc.exec_stream(ws.id, req, actor=user.name)
+        slot = svc.quotas.take(user, "terminals")
+        try:
+            stream = await svc.exec_stream(ws.id, req, actor=user.name)
+        except BaseException:
+            slot.release()
+            raise
         return Opened(ws.id, stream, greeting={"type": "status", "state": "running",
-                                               "message": "connected"})
+                                               "message": "connected"}, slot=slot)
 
     await serve(websocket, start, kind="terminal")

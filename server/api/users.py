@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response, status
 
 from server.api.deps import CurrentUser
+from server.api.limits import quotas_out
 from server.api.schemas import (
     IdentityList,
     IdentityOut,
@@ -24,8 +25,10 @@ router = APIRouter(prefix="/api/v1/users/me", tags=["users"])
 
 
 @router.get("", response_model=UserOut, responses=errors())
-def me(user: CurrentUser) -> UserOut:
-    return UserOut(id=user.id, name=user.name, is_admin=user.is_admin)
+def me(user: CurrentUser, request: Request) -> UserOut:
+    """Who you are, and your limits with what you use of each."""
+    return UserOut(id=user.id, name=user.name, is_admin=user.is_admin,
+                   quotas=quotas_out(request.app.state.workspaces.quotas, user))
 
 
 @router.post("/tokens", status_code=status.HTTP_201_CREATED, response_model=TokenCreated,

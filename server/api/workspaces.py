@@ -39,11 +39,13 @@ async def create_workspace(body: WorkspaceCreate, user: CurrentUser, svc: Worksp
     req = CreateRequest(
         name=body.name, repo_url=body.repo.url, branch=body.repo.branch, image=body.image,
         runtime=body.runtime, cpus=body.resources.cpus, memory_mb=body.resources.memory_mb,
-        disk_gb=body.resources.disk_gb, gpus=body.resources.gpus, env=body.env,
+        disk_gb=body.resources.disk_gb, gpus=body.resources.gpus,
+        gpu_model=body.resources.gpu_model, env=body.env,
         idle_timeout_s=body.idle_timeout_s, stop_after_s=body.stop_after_s,
         keep_alive=body.keep_alive,
         network_mode=body.network.mode if body.network is not None else None,
         network_allow=tuple(body.network.allow) if body.network is not None else (),
+        devcontainer=body.devcontainer,
     )
     return WorkspaceOut.of(await svc.create(user, req), svc.settings)
 

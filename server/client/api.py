@@ -359,8 +359,19 @@ class Den:
         return self.request_json("GET", "/healthz")
 
     def me(self) -> JSON:
-        """The authenticated user: ``{"id", "name", "is_admin"}``."""
+        """The authenticated user: ``{"id", "name", "is_admin", "quotas"}`` (each limit with
+        ``limit``, ``used`` and the server's ``default``)."""
         return self.request_json("GET", "/api/v1/users/me")
+
+    def user_limits(self, name: str) -> JSON:
+        """A user's limits and use (admins): ``{"user", "quotas"}``."""
+        return self.request_json("GET", f"/api/v1/users/{quote(name, safe='')}/limits")
+
+    def set_user_limits(self, name: str, limits: Mapping[str, float | None]) -> JSON:
+        """Set a user's own limits (admins), replacing those set before; a limit left out
+        or None is the server's."""
+        return self.request_json("PUT", f"/api/v1/users/{quote(name, safe='')}/limits",
+                                 json_body=dict(limits))
 
     def create_token(self, name: str, *, expires_in_s: int | None = None) -> JSON:
         """Create an API token; the returned ``token`` is shown only this once. With
@@ -420,6 +431,15 @@ class Den:
             body["name"] = name
         return self.request_json("POST", "/api/v1/users/me/ssh-keys", json_body=body)
 
+    def gpus(self) -> JSON:
+        """The server's GPUs: ``total``, ``free``, ``models`` (free per model),
+        ``idle_action``; ``gpus`` (each with its holder) for admins, else None."""
+        return dict(self.request_json("GET", "/api/v1/gpus"))
+
+    def reclaim_gpu(self, uuid: str) -> JSON:
+        """(admin) Stop the workspace holding GPU ``uuid``; the GPU as it then is."""
+        return dict(self.request_json("POST", f"/api/v1/gpus/{_seg(uuid)}/reclaim"))
+
     def ssh_keys(self) -> list[JSON]:
         """The user's SSH keys: ``id, name, type, fingerprint, public_key, created_at, ...``."""
         return list(self.request_json("GET", "/api/v1/users/me/ssh-keys")["ssh_keys"])
@@ -442,19 +462,25 @@ class Den:
         memory_mb: int | None = None,
         disk_gb: int | None = None,
         gpus: int | None = None,
+        gpu_model: str | None = None,
         env: Mapping[str, str] | None = None,
         idle_timeout_s: int | None = None,
         stop_after_s: int | None = None,
         keep_alive: bool | None = None,
         network: str | None = None,
         allow: Sequence[str] | None = None,
+        devcontainer: bool = True,
         wait: bool = True,
         timeout_s: float = 300.0,
     ) -> Workspace:
         """Create a workspace from a repo; with ``wait`` (default), return once it is running.
 
+        A repository with a devcontainer.json is built from it; ``devcontainer=False``
+        ignores the file.
+
         ``network`` is the network mode (``none``, ``internet`` or ``allowlist`` with
-        ``allow``: CIDRs, addresses, ``address:port``); None takes the server's default.
+        ``allow``: CIDRs, addresses, domain names, each optionally with ``:port``); None takes
+        the server's default.
 
         ``idle_timeout_s`` (pause after that long idle) and ``stop_after_s`` (stop after that
         long paused) override the server's defaults, 0 meaning never; ``keep_alive=True``
@@ -467,7 +493,8 @@ class Den:
             "name": name or default_name(repo_url),
             "repo": {"url": repo_url, "branch": branch},
         }
-        resources = {"cpus": cpus, "memory_mb": memory_mb, "disk_gb": disk_gb, "gpus": gpus}
+        resources = {"cpus": cpus, "memory_mb": memory_mb, "disk_gb": disk_gb, "gpus": gpus,
+                     "gpu_model": gpu_model}
         optional: JSON = {
             "image": image,
             "runtime": runtime,
@@ -480,6 +507,8 @@ class Den:
                         if network is not None else None),
         }
         body.update({k: v for k, v in optional.items() if v is not None})
+        if not devcontainer:
+            body["devcontainer"] = False
         ws = Workspace(self, self.request_json("POST", "/api/v1/workspaces", json_body=body))
         if wait:
             ws.wait_for("running", timeout_s=timeout_s)
@@ -563,6 +592,12 @@ class Workspace:
     def state(self) -> str:
         """The state when last seen; call :meth:`refresh` to update it."""
         return str(self._data.get("state", ""))
+
+    @property
+    def sleep(self) -> str | None:
+        """How a paused workspace sleeps: "frozen" (in place) or "saved" (to disk)."""
+        sleep = self._data.get("sleep")
+        return None if sleep is None else str(sleep)
 
     @property
     def state_reason(self) -> str | None:

@@ -120,8 +120,14 @@ def _utc(value: str) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def _state(ws: Workspace) -> str:
+    """The state, with a paused workspace's sleep tier: "paused (frozen)"."""
+    sleep = ws.raw.get("sleep")
+    return f"{ws.state} ({sleep})" if ws.state == "paused" and sleep else ws.state
+
+
 def _status_line(ws: Workspace) -> str:
-    return f"{ws.name} {ws.state}"
+    return f"{ws.name} {_state(ws)}"
 
 
 def _size(n: int) -> str:
@@ -170,8 +176,10 @@ def _create(args: argparse.Namespace, ctx: _Context) -> int:
             memory_mb=args.memory_mb,
             disk_gb=args.disk_gb,
             gpus=args.gpus,
+            gpu_model=args.gpu_model,
             network=args.network,
             allow=args.allow,
+            devcontainer=not args.no_devcontainer,
             wait=not args.no_wait,
             timeout_s=args.timeout,
         )
@@ -186,10 +194,40 @@ def _ls(args: argparse.Namespace, ctx: _Context) -> int:
         print(json.dumps([ws.raw for ws in workspaces], indent=2))
         return 0
     rows = [
-        [ws.name, ws.state, ws.repo_url or "-", _when(ws.raw.get("created_at"))]
+        [ws.name, _state(ws), ws.repo_url or "-", _when(ws.raw.get("created_at"))]
         for ws in workspaces
     ]
     print(_table(["NAME", "STATE", "REPO", "CREATED"], rows))
+    return 0
+
+
+def _gpus(args: argparse.Namespace, ctx: _Context) -> int:
+    with ctx.client() as den:
+        info = den.gpus() if args.reclaim is None else None
+        if args.reclaim is not None:
+            gpu = den.reclaim_gpu(args.reclaim)
+            print(f"{gpu['uuid']}: free (its workspace was stopped; its disk is kept)")
+            return 0
+    assert info is not None
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    if not info["total"]:
+        print("this server has no GPUs")
+        return 0
+    if info.get("gpus") is not None:  # an admin: each GPU and its holder
+        rows = [[str(g["index"] if g["index"] is not None else "-"), g["uuid"],
+                 g["model"] or "(not in the inventory)",
+                 f"{g['held_by']['owner']}/{g['held_by']['workspace']}" if g["held_by"]
+                 else "free",
+                 "-" if g["utilization_percent"] is None else f"{g['utilization_percent']}%"]
+                for g in info["gpus"]]
+        print(_table(["INDEX", "UUID", "MODEL", "HELD BY", "UTIL"], rows))
+    else:
+        rows = [[m["model"], str(m["free"]), str(m["total"])] for m in info["models"]]
+        print(_table(["MODEL", "FREE", "TOTAL"], rows))
+    print(f"{info['free']} of {info['total']} free; an idle GPU workspace is "
+          f"{'stopped' if info['idle_action'] == 'stop' else 'paused'}")
     return 0
 
 
@@ -619,6 +657,47 @@ def _forge_rm(args: argparse.Namespace, ctx: _Context) -> int:
     return 0
 
 
+def _quota_rows(quotas: Mapping[str, Any]) -> list[list[str]]:
+    return [[name, f"{q['used']:g}", f"{q['limit']:g}",
+             "" if q["limit"] == q["default"] else f"(server: {q['default']:g})"]
+            for name, q in quotas.items()]
+
+
+def _me(args: argparse.Namespace, ctx: _Context) -> int:
+    with ctx.client() as den:
+        me = den.me()
+    if args.json:
+        print(json.dumps(me, indent=2))
+        return 0
+    print(f"{me['name']}{' (admin)' if me['is_admin'] else ''}")
+    print(_table(["LIMIT", "USED", "OF", ""], _quota_rows(me["quotas"])))
+    return 0
+
+
+def _limits(args: argparse.Namespace, ctx: _Context) -> int:
+    with ctx.client() as den:
+        out = den.user_limits(args.user)
+        if args.set:
+            own: dict[str, float | None] = {
+                name: q["limit"] for name, q in out["quotas"].items()
+                if q["limit"] != q["default"]}
+            for pair in args.set:
+                name, sep, value = pair.partition("=")
+                if not sep:
+                    raise CLIError(f"{pair!r}: write NAME=VALUE (or NAME=default)", 2)
+                try:
+                    own[name] = None if value == "default" else (
+                        float(value) if "." in value else int(value))
+                except ValueError:
+                    raise CLIError(f"{pair!r}: the value is not a number", 2) from None
+            out = den.set_user_limits(args.user, own)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(_table(["LIMIT", "USED", "OF", ""], _quota_rows(out["quotas"])))
+    return 0
+
+
 def add_client_commands(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
     *,
@@ -626,7 +705,7 @@ def add_client_commands(
 ) -> None:
     """Register login, create, ls, exec, spawn, ps, ports, share, logs, kill, start, stop,
     pause, resume, keepalive, net, rm, events, snapshot, snapshots, fork, restore, rm-snapshot,
-    pr, forge (link, ls, rm), ssh, ssh-config and ssh-key.
+    pr, forge (link, ls, rm), ssh, ssh-config, ssh-key, me and limits.
 
     ``client_factory`` builds the :class:`Den` used by each verb (tests pass one that injects an
     ``httpx.MockTransport``); by default ``Den(config.url, config.token)``.
@@ -653,13 +732,33 @@ def add_client_commands(
     p.add_argument("--cpus", type=float, help="CPU limit")
     p.add_argument("--memory-mb", type=int, help="memory limit in MiB")
     p.add_argument("--disk-gb", type=int, help="disk size in GiB")
-    p.add_argument("--gpus", type=int, help="number of GPUs")
+    p.add_argument("--gpus", type=int, help="number of whole GPUs (held while it runs)")
+    p.add_argument("--gpu-model", help='only GPUs whose model contains this, e.g. "A100"')
     p.add_argument("--network", choices=["none", "internet", "allowlist"],
                    help="network mode (default: the server's)")
     p.add_argument("--allow", action="append", metavar="ENTRY",
-                   help="with --network allowlist: a CIDR, address or address:port (repeat)")
+                   help="with --network allowlist: a CIDR, address or domain name, optionally "
+                        "with :port (repeat)")
+    p.add_argument("--no-devcontainer", action="store_true",
+                   help="ignore the repository's devcontainer.json (default: build from it)")
     p.add_argument("--no-wait", action="store_true", help="return while it is still creating")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
+
+    p = verb("gpus", _gpus, "the server's GPUs: free per model (admins: who holds each)")
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+    p.add_argument("--reclaim", metavar="UUID",
+                   help="(admin) free a GPU by stopping the workspace that holds it")
+
+    p = verb("me", _me, "who you are, and your limits with what you use of each")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = verb("limits", _limits, "a user's limits (admins); NAME=VALUE sets the user's own "
+                                "(NAME=default: the server's again)")
+    p.add_argument("user", metavar="USER")
+    p.add_argument("set", metavar="NAME=VALUE", nargs="*",
+                   help="workspaces, cpus, memory_mb, disk_gb, snapshots, execs, streams, "
+                        "terminals, ssh_channels")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
     p = verb("ls", _ls, "list workspaces")
     p.add_argument("--json", action="store_true", help="print the raw JSON")
@@ -733,7 +832,8 @@ def add_client_commands(
     p.add_argument("mode", nargs="?", choices=["none", "internet", "allowlist"],
                    help="the new mode; without it, show the policy")
     p.add_argument("--allow", action="append", metavar="ENTRY",
-                   help="with allowlist: a CIDR, address or address:port (repeat)")
+                   help="with allowlist: a CIDR, address or domain name, optionally with :port "
+                        "(repeat)")
 
     p = verb("rm", _rm, "delete a workspace and its disk")
     p.add_argument("name", metavar="NAME")

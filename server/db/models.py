@@ -17,6 +17,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     false,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -62,6 +63,9 @@ class User(Base):
     name: Mapped[str] = mapped_column(String(64), unique=True)
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # An admin's overrides of the server's per-user limits ({"workspaces": 5, ...};
+    # server/quotas/limits.py names them); absent ones are the server's.
+    limits: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default=text("'{}'"))
 
 
 class ApiToken(Base):
@@ -96,6 +100,7 @@ class Workspace(Base):
     memory_mb: Mapped[int] = mapped_column(Integer)
     disk_gb: Mapped[int] = mapped_column(Integer)
     gpus: Mapped[int] = mapped_column(Integer, default=0)
+    gpu_model: Mapped[str | None] = mapped_column(String(255), default=None)
     pids_limit: Mapped[int] = mapped_column(Integer)
     env: Mapped[dict[str, Any]] = mapped_column(default=dict)
     idle_timeout_s: Mapped[int | None] = mapped_column(Integer, default=None)
@@ -104,15 +109,31 @@ class Workspace(Base):
     keepalive_until: Mapped[datetime | None] = mapped_column(default=None)
     state: Mapped[str] = mapped_column(String(16), index=True)
     state_reason: Mapped[str] = mapped_column(Text, default="")
+    # How a paused workspace sleeps: "frozen" (in place) or "saved" (to disk); None otherwise.
+    sleep: Mapped[str | None] = mapped_column(String(8), default=None)
     # Opaque runtime handle (container and volume names), persisted before any engine call.
     engine: Mapped[dict[str, Any]] = mapped_column(default=dict)
     # Network policy: {"mode": "none" | "internet" | "allowlist", "allow": [...]}
     network: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # What it keeps of its devcontainer.json (server/devcontainer/): empty when none.
+    devcontainer: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_activity_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     owner: Mapped[User] = relationship(lazy="joined")
+
+
+class GpuAllocation(Base):
+    """A GPU held by a workspace. The primary key is the GPU: a second holder cannot be
+    written, whatever the database's isolation level (server/gpus/allocation.py)."""
+
+    __tablename__ = "gpu_allocations"
+    gpu_uuid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    workspace_id: Mapped[str] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), index=True
+    )
+    allocated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Snapshot(Base):
@@ -266,6 +287,7 @@ class PreviewPort(Base):
     )
     port: Mapped[int] = mapped_column(Integer)
     share: Mapped[str] = mapped_column(String(16))  # "private" | "users" | "public"
+    label: Mapped[str] = mapped_column(String(64), default="")  # devcontainer portsAttributes
     updated_by: Mapped[str] = mapped_column(String(64), default="")
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 

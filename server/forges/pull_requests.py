@@ -17,7 +17,6 @@ The flow (``ForgeService.open_pull_request``), each step recorded in the workspa
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import shutil
 import tempfile
@@ -46,6 +45,7 @@ from server.forges.errors import BaseMissing, ForgeNotLinked, PushTooLarge
 from server.forges.hooks import install_hooks
 from server.forges.mirror import Mirror, credential_env, mirror_path
 from server.forges.providers import provider
+from server.forges.spool import spool_stdout
 from server.outbound import GuardedTransport
 from server.workspaces.service import WorkspaceService
 
@@ -337,35 +337,35 @@ class ForgeService:
         """Bring the branch's new commits from the sandbox into the mirror; returns the tip."""
         svc = self.workspaces
         limit = self.settings.forge_max_push_mb * 1024 * 1024
-        req = dataclasses.replace(
-            svc.exec_request(ws, script_argv(BUNDLE_SCRIPT, branch, *known),
-                             timeout_s=self.settings.forge_git_timeout_s),
-            max_output_bytes=limit + 1)
-        result = await svc.exec(ws.id, req, actor=user.name)
-        if result.timed_out:
-            raise Conflict("exporting the commits from the workspace timed out",
-                           code="export_failed")
-        if result.truncated or len(result.stdout) > limit:
-            raise PushTooLarge(
-                f"the new commits on {branch!r} are larger than the "
-                f"{self.settings.forge_max_push_mb} MiB this server pushes at once")
-        if result.exit_code == 31:  # nothing new: the tip is already in the mirror
-            tip = result.stdout.decode(errors="replace").strip()
-            if not policy.is_sha(tip) or not await asyncio.to_thread(mirror.has_commit, tip):
-                raise policy.BadBundle("the workspace reported a commit Den does not have")
-            await asyncio.to_thread(mirror.set_ref, branch, tip)
-            return tip
-        if result.exit_code != 0:
-            err = result.stderr.decode(errors="replace").strip()[-500:]
-            raise ValidationFailed(f"could not export branch {branch!r} from the workspace: "
-                                   f"{err or 'exit ' + str(result.exit_code)}",
-                                   code="export_failed")
-        header = policy.parse_bundle_header(result.stdout)
-        tip = policy.bundle_tip(header, branch)
+        req = svc.exec_request(ws, script_argv(BUNDLE_SCRIPT, branch, *known),
+                               timeout_s=self.settings.forge_git_timeout_s)
         tmp = Path(tempfile.mkdtemp(prefix="den-bundle-", dir=self._tmpdir()))
-        try:
+        try:  # the bundle goes to a file as it comes, never whole into memory
             bundle = tmp / "branch.bundle"
-            bundle.write_bytes(result.stdout)
+            result = await spool_stdout(svc, ws.id, req, dest=bundle, limit=limit,
+                                        timeout_s=self.settings.forge_git_timeout_s,
+                                        actor=user.name)
+            if result.timed_out:
+                raise Conflict("exporting the commits from the workspace timed out",
+                               code="export_failed")
+            if result.too_large:
+                raise PushTooLarge(
+                    f"the new commits on {branch!r} are larger than the "
+                    f"{self.settings.forge_max_push_mb} MiB this server pushes at once")
+            head = await asyncio.to_thread(_head, bundle, policy.MAX_HEADER_BYTES)
+            if result.exit_code == 31:  # nothing new: the tip is already in the mirror
+                tip = head.decode(errors="replace").strip()
+                if not policy.is_sha(tip) or not await asyncio.to_thread(mirror.has_commit,
+                                                                         tip):
+                    raise policy.BadBundle("the workspace reported a commit Den does not have")
+                await asyncio.to_thread(mirror.set_ref, branch, tip)
+                return tip
+            if result.exit_code != 0:
+                err = result.stderr.decode(errors="replace").strip()[-500:]
+                raise ValidationFailed(f"could not export branch {branch!r} from the "
+                                       f"workspace: {err or 'exit ' + str(result.exit_code)}",
+                                       code="export_failed")
+            tip = policy.bundle_tip(policy.parse_bundle_header(head), branch)
             await asyncio.to_thread(mirror.import_bundle, bundle, branch)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -378,3 +378,8 @@ class ForgeService:
         path = self.settings.data_dir / "tmp"
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+
+def _head(path: Path, n: int) -> bytes:
+    with path.open("rb") as f:
+        return f.read(n)

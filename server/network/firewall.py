@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.errors import DenError
-from server.network.policy import BLOCKED_V4, AllowEntry, NetworkPolicy
+from server.network.policy import BLOCKED_V4, AllowEntry, Entry, NetworkPolicy, addresses
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,8 @@ class Member:
     address: str
     policy: NetworkPolicy
     port: str = ""  # its port on the bridge; "" matches by address only
+    # addresses its allowed domain names resolved to through Den's forwarder (pins.py)
+    pins: tuple[AllowEntry, ...] = ()
 
 
 def _match(entry: AllowEntry) -> list[list[str]]:
@@ -89,7 +91,7 @@ def log_tag(prefix: str) -> str:
 
 
 def ruleset(prefix: str, bridge: Bridge, members: Sequence[Member], *,
-            resolvers: Sequence[str], operator_allow: Sequence[AllowEntry],
+            resolvers: Sequence[str], operator_allow: Sequence[Entry],
             log_denied: bool = False) -> str:
     """The ``iptables-restore --noflush`` input that replaces Den's IPv4 chains. With
     ``log_denied`` each refusal is also logged (at most 20 a second, bursts of 50, for all
@@ -97,6 +99,7 @@ def ruleset(prefix: str, bridge: Bridge, members: Sequence[Member], *,
     fwd, inet, rej = f"{prefix}-FWD", f"{prefix}-INET", f"{prefix}-REJ"
     lines = ["*filter", f":{fwd} - [0:0]", f":{inet} - [0:0]", f":{rej} - [0:0]"]
     deny = ["-j", rej]
+    operator_allow = addresses(operator_allow)  # names are pinned per member
 
     def add(chain: str, *parts: list[str]) -> None:
         lines.append(" ".join(["-A", chain, *[p for part in parts for p in part]]))
@@ -109,6 +112,11 @@ def ruleset(prefix: str, bridge: Bridge, members: Sequence[Member], *,
         if m.port:  # a packet with this address from another port is forged: rejected below
             src += ["-m", "physdev", "--physdev-in", m.port]
         if m.policy.mode == "internet":
+            if m.pins:  # private answers of names the operator allows; never the host's
+                add(fwd, src, ["-m", "addrtype", "--dst-type", "LOCAL"], ["-g", inet])
+                for entry in m.pins:
+                    for match in _match(entry):
+                        add(fwd, src, match, ["-j", "RETURN"])
             add(fwd, src, ["-g", inet])
         elif m.policy.mode == "allowlist":
             for dns in _dns(resolvers):
@@ -118,7 +126,7 @@ def ruleset(prefix: str, bridge: Bridge, members: Sequence[Member], *,
                 for match in _match(entry):
                     add(fwd, src, match, ["-j", "RETURN"])
             add(fwd, src, ["-m", "addrtype", "--dst-type", "LOCAL"], deny)
-            for entry in m.policy.allow:
+            for entry in (*m.policy.addresses, *m.pins):
                 for match in _match(entry):
                     add(fwd, src, match, ["-j", "RETURN"])
             add(fwd, src, deny)
@@ -162,9 +170,9 @@ def jumps_v6(prefix: str, bridge: Bridge) -> list[tuple[str, list[str]]]:
     return [("FORWARD", rule), ("INPUT", rule)]
 
 
-def host_resolvers(resolv_conf: str) -> list[str]:
+def host_resolvers(resolv_conf: str, *, loopback: bool = False) -> list[str]:
     """IPv4 name servers of a resolv.conf's text that a workspace can reach (not loopback:
-    the workspace's loopback is its own)."""
+    the workspace's loopback is its own; ``loopback``: the host's forwarder can)."""
     found = []
     for line in resolv_conf.splitlines():
         parts = line.split()
@@ -173,7 +181,7 @@ def host_resolvers(resolv_conf: str) -> list[str]:
                 addr = ipaddress.ip_address(parts[1])
             except ValueError:
                 continue
-            if isinstance(addr, ipaddress.IPv4Address) and not addr.is_loopback:
+            if isinstance(addr, ipaddress.IPv4Address) and (loopback or not addr.is_loopback):
                 found.append(str(addr))
     return found
 
@@ -209,6 +217,11 @@ class Iptables:
             self._run([f"{self._v6}-restore", "--noflush"], stdin=v6)
             self._ensure_jumps(self._v6, jumps_v6(self.prefix, bridge))
 
+    def apply_v4(self, v4: str) -> None:
+        """Replace Den's IPv4 chains only (a new DNS pin: the jumps and the IPv6 chain are
+        in place since the last :meth:`apply`)."""
+        self._run([f"{self._v4}-restore", "--noflush"], stdin=v4)
+
     def _ensure_jumps(self, tool: str, wanted: list[tuple[str, list[str]]]) -> None:
         for chain, rule in wanted:
             if self._run([tool, "-w", "-C", chain, *rule], check=False).returncode != 0:
@@ -233,13 +246,15 @@ class Iptables:
                     self._run([tool, "-w", "-X", parts[1]], check=False)
 
 
-def members_of(addresses: Mapping[str, str], policies: Mapping[str, NetworkPolicy],
-               ports: Mapping[str, str] | None = None) -> list[Member]:
-    """Members from container name -> address and -> bridge port (the engine) and container
-    name -> policy (the database); containers without a row get no network."""
+def members_of(by_name: Mapping[str, str], policies: Mapping[str, NetworkPolicy],
+               ports: Mapping[str, str] | None = None,
+               pins: Mapping[str, tuple[AllowEntry, ...]] | None = None) -> list[Member]:
+    """Members from container name -> address and -> bridge port (the engine), container
+    name -> policy (the database) and -> pinned addresses; containers without a row get no
+    network."""
     return [Member(address=addr, policy=policies.get(name, NetworkPolicy(mode="none")),
-                   port=(ports or {}).get(name, ""))
-            for name, addr in sorted(addresses.items())]
+                   port=(ports or {}).get(name, ""), pins=(pins or {}).get(name, ()))
+            for name, addr in sorted(by_name.items())]
 
 
 def bridge_filtering(proc: Path = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")

@@ -3,9 +3,9 @@
 ``none``: no network at all (exec, files, terminals and SSH go through the agent, which
 needs none). ``internet``: public addresses, plus what the operator allows; never the host,
 other workspaces, private, loopback, link-local, CGNAT or multicast ranges. ``allowlist``:
-only the entries listed (CIDRs, ``ip`` or ``ip:port``), plus DNS. Domain names are refused
-for now: a rule on a name needs an egress proxy or DNS-pinned rules, which Den does not have
-yet (docs/security.md).
+only the entries listed (CIDRs, ``ip`` or ``ip:port``, domain names ``name``, ``*.name`` or
+``name:port``), plus DNS. A name is enforced by DNS-pinned rules: the addresses Den's own
+forwarder answers for it are opened for that workspace (server/network/pins.py).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.errors import Forbidden, ValidationFailed
+from server.network.names import NameEntry, parse_name
 
 MODES = ("none", "allowlist", "internet")  # from least to most open: the ceiling's order
 MAX_ENTRIES = 64
@@ -49,10 +50,21 @@ class AllowEntry:
         return f"{net}:{self.port}" if self.port else net
 
 
+Entry = AllowEntry | NameEntry
+
+
 @dataclass(frozen=True)
 class NetworkPolicy:
     mode: str = "internet"
-    allow: tuple[AllowEntry, ...] = ()
+    allow: tuple[Entry, ...] = ()
+
+    @property
+    def addresses(self) -> tuple[AllowEntry, ...]:
+        return addresses(self.allow)
+
+    @property
+    def names(self) -> tuple[NameEntry, ...]:
+        return names(self.allow)
 
     def to_json(self) -> dict[str, Any]:
         return {"mode": self.mode, "allow": [str(e) for e in self.allow]}
@@ -66,10 +78,19 @@ class NetworkPolicy:
                    allow=tuple(parse_entry(str(e)) for e in data.get("allow") or []))
 
 
-def parse_entry(text: str) -> AllowEntry:
-    """``10.20.0.0/16``, ``203.0.113.7``, ``203.0.113.7:443``, ``198.51.100.0/24:53``."""
+def addresses(entries: Iterable[Entry]) -> tuple[AllowEntry, ...]:
+    return tuple(e for e in entries if isinstance(e, AllowEntry))
+
+
+def names(entries: Iterable[Entry]) -> tuple[NameEntry, ...]:
+    return tuple(e for e in entries if isinstance(e, NameEntry))
+
+
+def parse_entry(text: str) -> Entry:
+    """``10.20.0.0/16``, ``203.0.113.7``, ``203.0.113.7:443``, ``198.51.100.0/24:53``,
+    ``pypi.org``, ``*.npmjs.org``, ``git.corp.example:443``."""
     raw = text.strip()
-    if not raw or len(raw) > 64:
+    if not raw or len(raw) > 260:
         raise ValidationFailed(f"network allow entry {text[:64]!r} is empty or too long")
     host, port = raw, 0
     if raw.count(":") == 1:
@@ -83,15 +104,18 @@ def parse_entry(text: str) -> AllowEntry:
     try:
         network = ipaddress.ip_network(host, strict=False)
     except ValueError:
-        raise ValidationFailed(
-            f"network allow entry {raw!r}: domain names are not supported yet; give an "
-            "address or a CIDR range (optionally with :port)") from None
+        name = parse_name(host, port)
+        if name is None:
+            raise ValidationFailed(
+                f"network allow entry {raw!r} is neither an address, a CIDR range nor a "
+                "domain name (like pypi.org or *.npmjs.org, optionally with :port)") from None
+        return name
     if not isinstance(network, ipaddress.IPv4Network):
         raise ValidationFailed(f"network allow entry {raw!r}: IPv6 is not supported yet")
     return AllowEntry(network=network, port=port)
 
 
-def parse_ranges(values: Iterable[str]) -> tuple[AllowEntry, ...]:
+def parse_ranges(values: Iterable[str]) -> tuple[Entry, ...]:
     return tuple(parse_entry(v) for v in values)
 
 
@@ -99,16 +123,18 @@ def _blocked() -> list[ipaddress.IPv4Network]:
     return [ipaddress.IPv4Network(n) for n in BLOCKED_V4]
 
 
-def _covered(net: ipaddress.IPv4Network, by: Sequence[AllowEntry]) -> bool:
-    return any(net.subnet_of(e.network) for e in by)
+def _covered(net: ipaddress.IPv4Network, by: Sequence[Entry]) -> bool:
+    return any(net.subnet_of(e.network) for e in addresses(by))
 
 
 def validate(mode: str, allow: Sequence[str], *, ceiling: str,
-             user_ranges: Sequence[AllowEntry], operator: Sequence[AllowEntry]
+             user_ranges: Sequence[Entry], operator: Sequence[Entry]
              ) -> NetworkPolicy:
     """A user's requested policy, checked against the operator's ceiling: the mode may be at
     most ``ceiling`` (403 beyond it), and allowlist entries may name public addresses, or
-    private ones inside the operator's ranges (``operator`` or ``user_ranges``)."""
+    private ones inside the operator's ranges (``operator`` or ``user_ranges``). Domain
+    names are always accepted: what they open is checked when they are resolved (public
+    addresses only, unless the operator lists the name or the address)."""
     if mode not in MODES:
         raise ValidationFailed(f"network mode must be one of {', '.join(MODES)}")
     if MODES.index(mode) > MODES.index(ceiling):
@@ -119,7 +145,7 @@ def validate(mode: str, allow: Sequence[str], *, ceiling: str,
     if len(allow) > MAX_ENTRIES:
         raise ValidationFailed(f"at most {MAX_ENTRIES} network allow entries")
     entries = tuple(dict.fromkeys(parse_entry(e) for e in allow))
-    for entry in entries:
+    for entry in addresses(entries):
         private = any(entry.network.overlaps(b) for b in _blocked())
         if private and not _covered(entry.network, [*user_ranges, *operator]):
             raise Forbidden(

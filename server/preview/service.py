@@ -65,6 +65,7 @@ class PortInfo:
     port: int
     listening: bool | None  # None: the workspace is not running, nobody can tell
     share: Share
+    label: str = ""  # from the devcontainer's portsAttributes
 
 
 def may_open(*, share: Share, viewer: User | None, owner_id: int, link_ok: bool,
@@ -109,10 +110,13 @@ class PreviewService:
 
     # --- share levels ----------------------------------------------------------------------
 
-    def _shares(self, workspace_id: str) -> dict[int, Share]:
+    def _rows(self, workspace_id: str) -> dict[int, PreviewPort]:
         with self.workspaces.sessions() as s:
             rows = s.scalars(select(PreviewPort).where(PreviewPort.workspace_id == workspace_id))
-            return {r.port: Share(r.share) for r in rows}
+            return {r.port: r for r in rows}
+
+    def _shares(self, workspace_id: str) -> dict[int, Share]:
+        return {p: Share(r.share) for p, r in self._rows(workspace_id).items()}
 
     def share_of(self, workspace_id: str, port: int) -> Share:
         return self._shares(workspace_id).get(port, Share.PRIVATE)
@@ -131,12 +135,13 @@ class PreviewService:
         if old is level:
             return level
         now = datetime.now(UTC)
+        label = getattr(self._rows(ws.id).get(port), "label", "")
         with self.workspaces.sessions.begin() as s:
             s.execute(delete(PreviewPort).where(PreviewPort.workspace_id == ws.id,
                                                 PreviewPort.port == port))
-            if level is not Share.PRIVATE:
+            if level is not Share.PRIVATE or label:  # a labelled port stays listed
                 s.add(PreviewPort(workspace_id=ws.id, port=port, share=level.value,
-                                  updated_by=actor[:64], updated_at=now))
+                                  label=label, updated_by=actor[:64], updated_at=now))
         message = f"port {port}: share {old.value} -> {level.value}"
         if level is Share.PUBLIC:
             message += " (public: anyone with its URL can open it, without signing in)"
@@ -156,7 +161,8 @@ class PreviewService:
         """The ports listening inside a running workspace (asked of /proc/net/tcp{,6}, not
         waking it) and the ports with a share level, sorted; ``listening`` is None where the
         workspace could not be asked."""
-        shares = self._shares(ws.id)
+        rows = self._rows(ws.id)
+        shares = {p: Share(r.share) for p, r in rows.items()}
         listening: set[int] | None = None
         if State(ws.state) is State.RUNNING:
             # Straight to the runtime, not the service's exec: looking at the ports neither
@@ -172,7 +178,8 @@ class PreviewService:
                 listening = set(urls.listening_ports(result.stdout.decode("ascii", "replace")))
         ports = sorted(set(shares) | (listening or set()))
         return [PortInfo(port=p, listening=None if listening is None else p in listening,
-                         share=shares.get(p, Share.PRIVATE)) for p in ports]
+                         share=shares.get(p, Share.PRIVATE),
+                         label=rows[p].label if p in rows else "") for p in ports]
 
     def urls_of(self, ws: Workspace, port: int, *, base_url: str) -> tuple[str | None, str]:
         """The subdomain URL (None without DEN_PREVIEW_DOMAIN or when the name cannot be a

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from server.agent.session import AgentSession
+    from server.gpus.inventory import Gpu
 
 LABEL_MANAGED = "den.managed"
 LABEL_INSTANCE = "den.instance"
@@ -59,6 +60,8 @@ class WorkspaceSpec:
     hostname: str
     labels: Mapping[str, str]
     env: Mapping[str, str] = field(default_factory=dict)
+    disk_gb: int = 0  # /workspace and the root filesystem together; 0: not enforced
+    gpus: tuple[Gpu, ...] = ()  # the GPUs its container is made with (server/gpus)
 
 
 @dataclass(frozen=True)
@@ -74,8 +77,14 @@ class SnapshotSpec:
 
 class ContainerStatus(StrEnum):
     RUNNING = "running"
+    FROZEN = "frozen"  # running, its processes stopped by the engine's freezer (Freezer)
     STOPPED = "stopped"
     MISSING = "missing"
+
+    @property
+    def alive(self) -> bool:
+        """Running or frozen: the sandbox and its memory are there."""
+        return self in (ContainerStatus.RUNNING, ContainerStatus.FROZEN)
 
 
 @dataclass(frozen=True)
@@ -251,6 +260,7 @@ class NetworkInfo:
 
     interface: str  # the host's bridge interface
     subnet: str  # IPv4 CIDR
+    gateway: str = ""  # the host's address on the bridge ("" where unknown)
     addresses: Mapping[str, str] = field(default_factory=dict)  # running container -> IPv4
     # running container -> its port on the bridge (the host's end of its veth), where known:
     # unlike an address, a workspace cannot forge the port its packets come in by.
@@ -265,6 +275,28 @@ class ManagedNetwork(Protocol):
     async def network(self) -> NetworkInfo:
         """The network, created when it is missing (idempotent), with the address of each
         running container on it."""
+        ...
+
+
+@runtime_checkable
+class Freezer(Protocol):
+    """Backends that can freeze a running workspace in place (the light sleep tier): its
+    processes stop at once and use no CPU, its memory stays where it is, and a thaw takes
+    milliseconds (a memory checkpoint to disk and its restore take a second or more). A
+    frozen workspace's ``status`` is ``FROZEN``. Its other lifecycle calls (``stop``,
+    ``destroy``, ``pause``, ``snapshot``) work on it as on a running one: the backend thaws
+    it first where the engine needs that. The service asks ``isinstance(runtime, Freezer)``.
+    """
+
+    async def freeze(self, spec: WorkspaceSpec) -> int | None:
+        """Freeze a running workspace; returns the memory it holds while frozen (bytes; None
+        when unknown). A frozen one is left alone. Raises ``EngineConflict`` when it is not
+        running."""
+        ...
+
+    async def thaw(self, spec: WorkspaceSpec) -> None:
+        """Let a frozen workspace run again, as it was. One that is not frozen is left
+        alone; raises ``EngineConflict`` when it is not running at all."""
         ...
 
 

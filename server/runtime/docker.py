@@ -38,7 +38,8 @@ from server.agent import ops as agent_ops
 from server.agent.protocol import DockerDemux
 from server.agent.session import AgentOpError, AgentSession
 from server.errors import DenError
-from server.runtime import docker_specs
+from server.gpus.container import GpuSandbox
+from server.runtime import cgroup_freezer, disk_quota, docker_specs
 from server.runtime.base import (
     LABEL_INSTANCE,
     LABEL_MANAGED,
@@ -59,6 +60,7 @@ from server.runtime.base import (
     StreamChunk,
     WorkspaceSpec,
 )
+from server.runtime.disk_quota import Disks
 from server.runtime.errors import (
     AgentTimeout,
     AgentUnavailable,
@@ -104,6 +106,14 @@ def _translate(exc: Exception, what: str) -> Exception:
     return exc
 
 
+# What scripts/setup-host.sh registers runsc with, and what goes wrong without each.
+REQUIRED_RUNSC_FLAGS = {
+    "--overlay2=none": "changes outside /workspace are lost at every stop",
+    "--net-disconnect-ok": "a TCP connection open at a pause makes the checkpoint fail and "
+                           "the workspace loses its processes",
+}
+
+
 class DockerRuntime:
     """Workspaces as Docker containers with a named volume at ``/workspace``."""
 
@@ -113,15 +123,19 @@ class DockerRuntime:
                  helper_image: str = "den/workspace:latest", runsc: str = "runsc",
                  runsc_root: str = "/run/docker/runtime-runc/moby", agent_dir: Path | None = None,
                  network: str = "", network_interface: str = "", network_subnet: str = "",
-                 resolv_conf: Path | None = None):
+                 resolv_conf: Path | None = None, disks: Disks | None = None,
+                 gpu: GpuSandbox | None = None):
         """``network``: the bridge network every new workspace joins (created when missing,
         its host interface named ``network_interface``); empty keeps the engine's default
-        bridge. ``resolv_conf`` is mounted as the workspaces' /etc/resolv.conf."""
+        bridge. ``resolv_conf`` is mounted as the workspaces' /etc/resolv.conf. ``disks``
+        enforces each workspace's ``disk_gb`` (None: not enforced)."""
+        self._disks = disks
         self._agent_dir = agent_dir
         self._network = network
         self._network_interface = network_interface
         self._network_subnet = network_subnet
         self._resolv_conf = resolv_conf
+        self._gpu = gpu  # how containers get GPUs (None: this host hands out none)
         self._network_lock = threading.Lock()
         self._ports: dict[str, str] = {}  # endpoint id -> the host's end of its veth
         self._agents: dict[str, AgentSession] = {}  # container -> live session
@@ -135,6 +149,7 @@ class DockerRuntime:
         self._runsc_root = runsc_root
         self._base_url = base_url
         self._gvisor_runtime = gvisor_runtime
+        self._warned: set[str] = set()  # runsc flags found missing and logged
         self._helper_image = helper_image
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="docker")
         self._short = ThreadPoolExecutor(max_workers=SHORT_THREADS,
@@ -192,6 +207,13 @@ class DockerRuntime:
                 f"the Docker engine has no runtime named {self._gvisor_runtime!r}; "
                 "run scripts/setup-host.sh (or `make setup`) to install gVisor"
             )
+        args = (runtimes[self._gvisor_runtime] or {}).get("runtimeArgs") or []
+        for flag, without in REQUIRED_RUNSC_FLAGS.items():
+            if flag not in args and flag not in self._warned:
+                self._warned.add(flag)  # once: the check runs every interval
+                log.warning("the engine's runtime %r runs without %s: %s; run "
+                            "scripts/setup-host.sh (or `make setup`)", self._gvisor_runtime,
+                            flag, without)
 
     async def image_exists(self, image: str) -> bool:
         try:
@@ -208,11 +230,10 @@ class DockerRuntime:
 
         def run() -> None:
             api = self._api()
-            vol = docker_specs.volume_config(spec)
             try:
                 api.inspect_volume(spec.volume_name)
             except docker.errors.NotFound:
-                api.create_volume(**vol)
+                api.create_volume(**self._volume_config(spec))
             cfg = self._container_config(spec)
             host_config = api.create_host_config(**cfg.pop("host_config"))
             try:
@@ -222,6 +243,24 @@ class DockerRuntime:
 
         await self._call(what, run)
 
+    def _volume_config(self, spec: WorkspaceSpec, name: str | None = None) -> dict[str, Any]:
+        """A new volume of the workspace, on a disk image of its own when disks are enforced
+        (blocking: makes and mounts the image)."""
+        name = name or spec.volume_name
+        opts = (self._disks.create(name, size_gb=spec.disk_gb, workspace_id=spec.workspace_id)
+                if self._disks is not None and spec.disk_gb > 0 else None)
+        return docker_specs.volume_config(spec, name=name, driver_opts=opts)
+
+    def _disk_ready(self, spec: WorkspaceSpec, inspect: dict[str, Any]) -> None:
+        """Before the container starts or is committed: its disk image mounted and its
+        writable layer on it (again, after a host reboot). Blocking."""
+        if self._disks is not None:
+            self._disks.ready(spec.volume_name, disk_quota.layer_dir(inspect))
+
+    def _remove_disk(self, volume: str) -> None:
+        if self._disks is not None:
+            self._disks.remove(volume)
+
     def _container_config(self, spec: WorkspaceSpec) -> dict[str, Any]:
         if self._network:
             self._ensure_network()
@@ -229,7 +268,8 @@ class DockerRuntime:
             spec, gvisor_runtime=self._gvisor_runtime,
             agent_dir=str(self._agent_dir) if self._agent_dir is not None else None,
             network=self._network or None,
-            resolv_conf=str(self._resolv_conf) if self._network and self._resolv_conf else None)
+            resolv_conf=str(self._resolv_conf) if self._network and self._resolv_conf else None,
+            gpu=self._gpu)
 
     def _ensure_network(self) -> dict[str, Any]:
         """Inspect Den's network, creating it first when it is missing (blocking)."""
@@ -261,6 +301,7 @@ class DockerRuntime:
             inspect = self._ensure_network()
             subnet, addresses = docker_specs.network_addresses(inspect)
             return NetworkInfo(interface=self._network_interface, subnet=subnet,
+                               gateway=docker_specs.network_gateway(inspect),
                                addresses=addresses, ports=self._bridge_ports(inspect))
 
         return await self._call(f"network {self._network}", run)
@@ -316,8 +357,9 @@ class DockerRuntime:
 
         def run() -> None:
             api = self._api()
-            state = api.inspect_container(spec.container_name)["State"]
-            if not state.get("Running"):
+            info = api.inspect_container(spec.container_name)
+            if not info["State"].get("Running"):
+                self._disk_ready(spec, info)
                 api.start(spec.container_name)
 
         await self._call(f"start workspace {spec.workspace_id}", run)
@@ -328,6 +370,7 @@ class DockerRuntime:
         def run() -> None:
             api = self._api()
             try:
+                _thaw(api, spec.container_name)
                 api.stop(spec.container_name, timeout=timeout_s)
             except docker.errors.NotFound:
                 return
@@ -343,9 +386,11 @@ class DockerRuntime:
             api = self._api()
             self._last_exec.pop(spec.container_name, None)
             with contextlib.suppress(docker.errors.NotFound):
+                _thaw(api, spec.container_name)
                 api.remove_container(spec.container_name, force=True, v=False)
             faults.point("delete.volume")
             _remove_volume(api, spec.volume_name)
+            self._remove_disk(spec.volume_name)
 
         await self._call(f"destroy workspace {spec.workspace_id}", run)
 
@@ -367,6 +412,7 @@ class DockerRuntime:
             if not info["State"].get("Running"):
                 raise EngineConflict(f"container {name} is not running")
             cid = str(info["Id"])
+            _thaw(api, name)  # a frozen sandbox neither answers the settle exec nor saves
             self._delete_checkpoint(cid, checkpoint)
             self._quiesce(spec, cid)
             home = self._home(cid)
@@ -386,11 +432,13 @@ class DockerRuntime:
             except (OSError, subprocess.SubprocessError) as exc:
                 self._delete_checkpoint(cid, checkpoint)
                 raise EngineError(f"checkpoint of {name} failed: {exc}") from exc
-            said = out.read_text(errors="replace").strip()[-500:]
+            said = out.read_text(errors="replace").strip()
             out.unlink(missing_ok=True)
             if code != 0 or not docker_specs.checkpoint_marker(image).exists():
                 self._delete_checkpoint(cid, checkpoint)
-                raise EngineError(f"checkpoint of {name} failed: {said or code}")
+                raise EngineError(f"checkpoint of {name} failed: "
+                                  f"{docker_specs.runsc_failure(said) or code}",
+                                  detail=said[-4000:])
             if not _wait_exited(api, name, EXIT_WAIT_S):
                 self._delete_checkpoint(cid, checkpoint)
                 raise EngineError(f"container {name} still runs after its checkpoint")
@@ -464,8 +512,10 @@ class DockerRuntime:
         def run() -> None:
             api = self._api()
             name = spec.container_name
-            if api.inspect_container(name)["State"].get("Running"):
+            info = api.inspect_container(name)
+            if info["State"].get("Running"):
                 return
+            self._disk_ready(spec, info)
             res = api._post(api._url("/containers/{0}/start", name),
                             params={"checkpoint": checkpoint})
             api._raise_for_status(res)
@@ -537,9 +587,39 @@ class DockerRuntime:
                 state = self._api().inspect_container(spec.container_name)["State"]
             except docker.errors.NotFound:
                 return ContainerStatus.MISSING
-            return ContainerStatus.RUNNING if state.get("Running") else ContainerStatus.STOPPED
+            if not state.get("Running"):
+                return ContainerStatus.STOPPED
+            return ContainerStatus.FROZEN if state.get("Paused") else ContainerStatus.RUNNING
 
         return await self._call(f"status of workspace {spec.workspace_id}", run)
+
+    # --- Freezer: the light sleep tier (docker pause: the cgroup freezer) ---------------
+
+    async def freeze(self, spec: WorkspaceSpec) -> int | None:
+        """Freeze the sandbox (~50 ms), then read what memory it holds (stable now). The
+        agent's session is kept: a request on it waits until the thaw, and the first call
+        after a wake needs no new relay."""
+        def run() -> int | None:
+            api = self._api()
+            state = api.inspect_container(spec.container_name)["State"]
+            if not state.get("Running"):
+                raise EngineConflict(f"container {spec.container_name} is not running")
+            if not state.get("Paused"):
+                api.pause(spec.container_name)
+            cgroup_freezer.set_frozen(int(state.get("Pid") or 0), True)  # or it keeps CPU
+            return _stats_memory_bytes(api, spec.container_name)
+
+        return await self._call(f"freeze workspace {spec.workspace_id}", run)
+
+    async def thaw(self, spec: WorkspaceSpec) -> None:
+        def run() -> None:
+            api = self._api()
+            state = api.inspect_container(spec.container_name)["State"]
+            if not state.get("Running"):
+                raise EngineConflict(f"container {spec.container_name} is not running")
+            _thaw(api, spec.container_name, state)
+
+        await self._call(f"thaw workspace {spec.workspace_id}", run)
 
     # --- events -----------------------------------------------------------------------
 
@@ -645,6 +725,7 @@ class DockerRuntime:
         def run() -> int:
             api = self._api()
             repository, _, tag = snap.image.rpartition(":")
+            self._disk_ready(spec, api.inspect_container(spec.container_name))
             image = api.commit(spec.container_name, repository=repository, tag=tag,
                                conf={"Labels": dict(snap.labels)}, pause=False)
             size = int(api.inspect_image(image["Id"]).get("Size") or 0)
@@ -671,7 +752,7 @@ class DockerRuntime:
             try:
                 api.inspect_volume(spec.volume_name)
             except docker.errors.NotFound:
-                api.create_volume(**docker_specs.volume_config(spec))
+                api.create_volume(**self._volume_config(spec))
             cfg = self._container_config(spec)
             host_config = api.create_host_config(**cfg.pop("host_config"))
             api.create_container(**cfg, host_config=host_config)
@@ -687,7 +768,7 @@ class DockerRuntime:
             try:
                 api.inspect_volume(volume)
             except docker.errors.NotFound:
-                api.create_volume(**docker_specs.volume_config(spec, name=volume))
+                api.create_volume(**self._volume_config(spec, volume))
             self._copy_volume(snap.volume, volume, wipe=True, labels=dict(spec.labels),
                               workspace_id=spec.workspace_id, fault="restore.copy")
 
@@ -702,13 +783,14 @@ class DockerRuntime:
             api = self._api()
             with contextlib.suppress(docker.errors.NotFound):
                 api.remove_container(spec.container_name, force=True, v=False)
-            cfg = docker_specs.container_config(
-                spec, gvisor_runtime=self._gvisor_runtime,
-                agent_dir=str(self._agent_dir) if self._agent_dir is not None else None)
+            # The same configuration as a create: Den's network (and so its policy), the
+            # agent, the resolver (a restored container left Den's network before).
+            cfg = self._container_config(spec)
             host_config = api.create_host_config(**cfg.pop("host_config"))
             api.create_container(**cfg, host_config=host_config)
             if old_volume != spec.volume_name:
                 _remove_volume(api, old_volume)
+                self._remove_disk(old_volume)
 
         await self._call(f"replace container of workspace {spec.workspace_id}", run)
 
@@ -817,6 +899,10 @@ class DockerRuntime:
                         snapshot_id=labels.get(LABEL_SNAPSHOT, ""),
                     )
                 )
+            if self._disks is not None:  # disk images whose volume is gone (a crash)
+                names = {str(v["Name"]) for v in api.volumes().get("Volumes") or []}
+                found += [EngineObject(kind="volume", name=volume, workspace_id=owner)
+                          for volume, owner in self._disks.orphans(names)]
             for image in api.images(all=False, filters={"label": label}):
                 labels = image.get("Labels") or {}
                 tags = [t for t in image.get("RepoTags") or [] if t != "<none>:<none>"]
@@ -850,6 +936,8 @@ class DockerRuntime:
                             api.remove_image(obj.name, force=True)
                 else:
                     api.remove_volume(obj.name, force=True)
+            if obj.kind == "volume":
+                self._remove_disk(obj.name)
 
         await self._call(f"remove {obj.kind} {obj.name}", run)
 
@@ -1204,6 +1292,7 @@ class DockerExecStream:
         finally:
             self._rt._note_exec(self._spec.container_name)
             self._loop.call_soon_threadsafe(self._queue.put_nowait, None)
+            self._loop.call_soon_threadsafe(self._eof.set)  # wait() holds no thread
 
     async def output(self) -> AsyncIterator[StreamChunk]:
         while True:
@@ -1235,10 +1324,7 @@ class DockerExecStream:
             await self._rt._call("resize", self._rt._resize, self._exec_id, cols, rows)
 
     async def wait(self) -> int:
-        if self._reader is None:
-            await self._eof.wait()
-        else:
-            await asyncio.to_thread(self._reader.join)
+        await self._eof.wait()  # set by the reader, thread or loop: no pool thread waits
         code = await self._rt._call(
             "exec status", lambda: _exit_code(self._rt._api(), self._exec_id)
         )
@@ -1399,6 +1485,32 @@ def _stats_memory(memory: Any) -> int | None:
     inactive = stats.get("total_inactive_file", stats.get("inactive_file", 0))
     inactive = inactive if isinstance(inactive, int) else 0
     return max(0, int(memory["usage"]) - inactive)
+
+
+def _stats_memory_bytes(api: Any, container: str) -> int | None:
+    """The memory a container holds, as ``docker stats`` counts it (usage less inactive
+    file cache); None when the engine does not say."""
+    stats = api.stats(container, stream=False, one_shot=True)
+    mem = stats.get("memory_stats") if isinstance(stats, dict) else None
+    usage = mem.get("usage") if isinstance(mem, dict) else None
+    if not isinstance(usage, int):
+        return None
+    detail = mem.get("stats") if isinstance(mem, dict) else None
+    inactive = detail.get("total_inactive_file", 0) if isinstance(detail, dict) else 0
+    return max(0, usage - inactive) if isinstance(inactive, int) else usage
+
+
+def _thaw(api: Any, container: str, state: dict[str, Any] | None = None) -> None:
+    """Unfreeze a frozen (``docker pause``d, its cgroup frozen: server/runtime/
+    cgroup_freezer.py) container; others are left alone. The engine
+    cannot stop, remove or checkpoint a frozen gVisor sandbox: a stop waits out its timeout
+    and leaves runsc's state behind (the next start: "id already in use"), a forced remove
+    fails ("zombie")."""
+    state = state if state is not None else api.inspect_container(container)["State"]
+    if state.get("Paused"):
+        cgroup_freezer.set_frozen(int(state.get("Pid") or 0), False)  # runsc must answer
+        with contextlib.suppress(docker.errors.APIError):  # thawed meanwhile: "not paused"
+            api.unpause(container)
 
 
 def _remove_volume(api: Any, volume: str) -> None:

@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from server.gpus import container as gpu_container
+from server.gpus.container import GpuSandbox
 from server.runtime.base import (
     LABEL_INSTANCE,
     LABEL_MANAGED,
@@ -63,8 +65,8 @@ LABEL_AGENT = "den.agent"
 
 
 def container_config(spec: WorkspaceSpec, *, gvisor_runtime: str, agent_dir: str | None = None,
-                     network: str | None = None, resolv_conf: str | None = None
-                     ) -> dict[str, Any]:
+                     network: str | None = None, resolv_conf: str | None = None,
+                     gpu: GpuSandbox | None = None) -> dict[str, Any]:
     """Arguments of ``APIClient.create_container`` (host_config as a plain dict). With
     ``network`` the container joins Den's own bridge; ``resolv_conf`` then replaces the one
     the engine would write: on a user-defined network the engine names its embedded DNS
@@ -96,14 +98,18 @@ def container_config(spec: WorkspaceSpec, *, gvisor_runtime: str, agent_dir: str
         host_config["network_mode"] = network
     if resolv_conf is not None:
         host_config["binds"][resolv_conf] = {"bind": "/etc/resolv.conf", "mode": "ro"}
+    environment = {**spec.env, "DEN_MEMORY_MB": str(spec.memory_mb),
+                   "DEN_PIDS": str(spec.pids_limit)}
+    if spec.gpus:
+        gpu_container.merge(host_config, environment, *gpu_container.gpu_config(
+            spec.gpus, runtime=spec.runtime, sandbox=gpu or GpuSandbox()))
     return {
         "image": spec.image,
         "name": spec.container_name,
         "command": AGENT_COMMAND if agent_dir is not None else INIT_COMMAND,
         "hostname": spec.hostname,
         "labels": labels,
-        "environment": {**spec.env, "DEN_MEMORY_MB": str(spec.memory_mb),
-                        "DEN_PIDS": str(spec.pids_limit)},
+        "environment": environment,
         "working_dir": WORKSPACE_MOUNT,
         "host_config": host_config,
     }
@@ -136,6 +142,12 @@ def network_addresses(inspect: dict[str, Any]) -> tuple[str, dict[str, str]]:
         if addr and c.get("Name"):
             found[str(c["Name"])] = addr
     return subnet, found
+
+
+def network_gateway(inspect: dict[str, Any]) -> str:
+    """The IPv4 gateway (the host's address on the bridge) from a network's inspect."""
+    configs = (inspect.get("IPAM") or {}).get("Config") or []
+    return next((str(c["Gateway"]) for c in configs if "." in str(c.get("Gateway", ""))), "")
 
 
 def veth_peer_index(ip_link: str) -> int | None:
@@ -193,14 +205,37 @@ def checkpoint_argv(runsc: Sequence[str], *, image: Path, cid: str) -> list[str]
             *runsc, "checkpoint", "--compression=none", "--image-path", str(image), cid]
 
 
+def runsc_failure(output: str, limit: int = 400) -> str:
+    """What a failed ``runsc checkpoint`` says, for a person: the line that carries its error
+    (runsc wraps it in "checkpoint failed: ...", and may follow it with a Go stack trace of
+    its sandbox), else the output's last line. The whole output belongs in the log."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for line in lines:
+        if "checkpoint failed" in line:
+            said = line[line.index("checkpoint failed"):]
+            # The deepest cause is the part a person can act on.
+            for cause in ("save rejected", "endpoint cannot be saved"):
+                if cause in said:
+                    said = said[said.index(cause):]
+                    break
+            return said[:limit]
+    return lines[-1][:limit] if lines else ""
+
+
 def snapshot_volume_config(snap: SnapshotSpec) -> dict[str, Any]:
     return {"name": snap.volume, "driver": "local", "labels": dict(snap.labels)}
 
 
-def volume_config(spec: WorkspaceSpec, *, name: str | None = None) -> dict[str, Any]:
+def volume_config(spec: WorkspaceSpec, *, name: str | None = None,
+                  driver_opts: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Arguments of ``APIClient.create_volume``: the workspace's volume, or another of its
-    volumes (a restore's new copy) named ``name``."""
-    return {"name": name or spec.volume_name, "driver": "local", "labels": dict(spec.labels)}
+    volumes (a restore's new copy) named ``name``; ``driver_opts`` bind it to a directory
+    (its disk image: server/runtime/disk_quota.py)."""
+    cfg: dict[str, Any] = {"name": name or spec.volume_name, "driver": "local",
+                           "labels": dict(spec.labels)}
+    if driver_opts:
+        cfg["driver_opts"] = dict(driver_opts)
+    return cfg
 
 
 def exec_env(user: str, base: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:

@@ -51,11 +51,12 @@ class _Process:
 class _Container:
     spec: WorkspaceSpec
     running: bool = False
+    frozen: bool = False  # running, but stopped by the freezer (``freeze``)
+    memory_bytes: int = 64 << 20  # what ``freeze`` and ``usage`` report it holds
     seeded: bool = False
     checkpoints: set[str] = field(default_factory=set)
     restored: int = 0
     cpu_ns: int = 0  # tests advance it to look busy
-    memory_bytes: int = 0
     processes: dict[int, _Process] = field(default_factory=dict)  # spawned, by pid
 
 
@@ -110,7 +111,7 @@ class FakeRuntime:
         """Running containers get addresses in 10.88.0.0/16, in order of their names."""
         self._enter("network")
         running = sorted(n for n, c in self.containers.items() if c.running)
-        return NetworkInfo(interface="den-fake", subnet="10.88.0.0/16",
+        return NetworkInfo(interface="den-fake", subnet="10.88.0.0/16", gateway="10.88.0.1",
                            addresses={n: f"10.88.0.{i + 2}" for i, n in enumerate(running)})
 
     async def image_exists(self, image: str) -> bool:
@@ -134,7 +135,7 @@ class FakeRuntime:
         self._enter("stop")
         c = self.containers.get(spec.container_name)
         if c is not None:
-            c.running = False
+            c.running = c.frozen = False
             c.processes.clear()  # a stop ends every process; a pause keeps them
 
     async def destroy(self, spec: WorkspaceSpec) -> None:
@@ -148,7 +149,7 @@ class FakeRuntime:
         if not c.running:
             raise EngineConflict(f"container {spec.container_name} is not running")
         c.checkpoints.add(checkpoint)
-        c.running = False
+        c.running = c.frozen = False
 
     async def resume(self, spec: WorkspaceSpec, *, checkpoint: str) -> None:
         self._enter("resume")
@@ -171,12 +172,31 @@ class FakeRuntime:
         c = self.containers.get(spec.container_name)
         if c is None:
             return ContainerStatus.MISSING
+        if c.frozen:
+            return ContainerStatus.FROZEN
         return ContainerStatus.RUNNING if c.running else ContainerStatus.STOPPED
+
+    async def freeze(self, spec: WorkspaceSpec) -> int | None:
+        self._enter("freeze", spec)
+        c = self._get(spec)
+        if not c.running:
+            raise EngineConflict(f"container {spec.container_name} is not running")
+        c.frozen = True
+        return c.memory_bytes
+
+    async def thaw(self, spec: WorkspaceSpec) -> None:
+        self._enter("thaw", spec)
+        c = self._get(spec)
+        if not c.running:
+            raise EngineConflict(f"container {spec.container_name} is not running")
+        c.frozen = False
 
     async def exec(self, spec: WorkspaceSpec, req: ExecRequest) -> ExecResult:
         self._enter("exec")
         if not self._get(spec).running:
             raise EngineConflict(f"container {spec.container_name} is not running")
+        if self._get(spec).frozen:  # as the engine answers (409)
+            raise EngineConflict(f"container {spec.container_name} is paused")
         if list(req.argv) == ["block"]:
             await self.release.wait()
             return ExecResult(0, b"released\n", b"")

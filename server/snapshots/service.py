@@ -57,6 +57,17 @@ class SnapshotService:
         if not name or len(name) > 64 or any(c in name for c in "\0\n"):
             raise ValidationFailed("snapshot name must be 1-64 characters on one line")
         svc = self.workspaces
+        with svc.quotas.snapshot_slot(svc.get(ws_id).owner_id):
+            snap = await self._pause_and_take(ws_id, name=name, memory=memory, actor=actor)
+        what = "with memory" if memory else "disk only"
+        svc.note(ws_id, "snapshot", f"snapshot {snap.id} ({name}, {what}) taken, "
+                                    f"{snap.size_bytes // (1024 * 1024)} MiB", actor=actor)
+        await self._retain(ws_id, actor=actor)
+        return self.get(snap.id)
+
+    async def _pause_and_take(self, ws_id: str, *, name: str, memory: bool, actor: str
+                              ) -> Snapshot:
+        svc = self.workspaces
         paused_here = False
         if memory:  # memory comes from a pause; the disk is then copied at the same moment
             state = State(svc.get(ws_id).state)
@@ -70,11 +81,7 @@ class SnapshotService:
         finally:
             if paused_here:
                 await svc.resume(ws_id, actor=actor)
-        what = "with memory" if memory else "disk only"
-        svc.note(ws_id, "snapshot", f"snapshot {snap.id} ({name}, {what}) taken, "
-                                    f"{snap.size_bytes // (1024 * 1024)} MiB", actor=actor)
-        await self._retain(ws_id, actor=actor)
-        return self.get(snap.id)
+        return snap
 
     async def _take(self, ws_id: str, *, name: str, memory: bool) -> Snapshot:
         svc = self.workspaces

@@ -46,7 +46,8 @@ import asyncssh
 from server.agent.ops import StreamEnded
 from server.config import Settings
 from server.db.models import User, Workspace
-from server.errors import DenError, NotFound
+from server.errors import DenError, NotFound, QuotaExceeded
+from server.quotas.service import Slot
 from server.runtime.base import ExecRequest, ExecStream, StreamChunk
 from server.ssh import target
 from server.ssh.keys import SSHKeyService, fingerprint
@@ -334,8 +335,9 @@ class _Connection(asyncssh.SSHServer):
     def session_requested(self) -> asyncssh.SSHServerSession[bytes] | bool:
         if self.auth is None:
             return False
+        session = _Session(self, self._channel_slot())
         self.channels["session"] += 1
-        return _Session(self)
+        return session
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
                              orig_port: int) -> asyncssh.SSHTCPSession[bytes]:
@@ -347,8 +349,20 @@ class _Connection(asyncssh.SSHServer):
             raise asyncssh.ChannelOpenError(
                 asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
                 "only the workspace itself can be reached (localhost, 127.0.0.1, ::1)")
+        forward = _Forward(self, dest_host, dest_port, self._channel_slot())
         self.channels["forward"] += 1
-        return _Forward(self, dest_host, dest_port)
+        return forward
+
+    def _channel_slot(self) -> Slot:
+        """One of the user's SSH channels (``DEN_MAX_SSH_CHANNELS_PER_USER``), or the
+        channel is refused with the limit's message."""
+        assert self.auth is not None
+        try:
+            return self.svc.quotas.take(self.auth.user, "ssh_channels")
+        except QuotaExceeded as exc:
+            log.info("ssh: channel refused for %s: %s", self.auth.user.name, exc.message)
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_RESOURCE_SHORTAGE,
+                                            exc.message) from None
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
         log.info("ssh: refused remote forwarding of %s:%d", listen_host, listen_port)
@@ -374,8 +388,9 @@ class _Bridge:
 
     kind = "channel"
 
-    def __init__(self, conn: _Connection) -> None:
+    def __init__(self, conn: _Connection, slot: Slot) -> None:
         self.conn = conn
+        self.slot = slot  # the user's channel, released when the channel closes
         self.chan: Any = None
         self._inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._inbox_bytes = 0
@@ -408,6 +423,7 @@ class _Bridge:
         self._can_write.set()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.slot.release()
         if self._task is not None and not self._task.done():
             self._task.cancel()
 
@@ -457,8 +473,9 @@ class _Bridge:
             with contextlib.suppress(Exception):
                 self.chan.close()
         finally:
-            with contextlib.suppress(Exception):
-                svc.touch(auth.workspace_id)
+            # The activity write off the event loop (it is a database write), in a task of
+            # the gateway's: nothing here waits for it.
+            self.conn.gw.background(_touch(svc, auth.workspace_id))
             if self.stream is not None:
                 # Ends what is left of a process whose channel went away; for one that has
                 # exited it only closes the engine's stream.
@@ -514,8 +531,8 @@ class _Session(_Bridge, asyncssh.SSHServerSession[bytes]):
 
     kind = "session"
 
-    def __init__(self, conn: _Connection) -> None:
-        super().__init__(conn)
+    def __init__(self, conn: _Connection, slot: Slot) -> None:
+        super().__init__(conn, slot)
         self.term: str | None = None
         self.size: tuple[int, int] | None = None
         self.command: str | None = None
@@ -613,8 +630,8 @@ class _Forward(_Bridge, asyncssh.SSHTCPSession[bytes]):
 
     kind = "forward"
 
-    def __init__(self, conn: _Connection, dest_host: str, dest_port: int) -> None:
-        super().__init__(conn)
+    def __init__(self, conn: _Connection, dest_host: str, dest_port: int, slot: Slot) -> None:
+        super().__init__(conn, slot)
         self.dest = (dest_host, dest_port)
         self._errors = bytearray()
 
@@ -655,3 +672,10 @@ def _size(cols: int, rows: int) -> tuple[int, int] | None:
     if 0 < cols <= 1000 and 0 < rows <= 1000:
         return cols, rows
     return None
+
+
+async def _touch(svc: WorkspaceService, workspace_id: str) -> None:
+    try:
+        await asyncio.to_thread(svc.touch, workspace_id)
+    except Exception as exc:  # the workspace may be gone; activity lost is no failure
+        log.debug("ssh: activity of %s not recorded: %s", workspace_id, exc)

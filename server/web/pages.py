@@ -54,8 +54,14 @@ def _state(ws: Workspace) -> dict[str, Any]:
 def dashboard(request: Request, user: WebUser) -> Response:
     settings = request.app.state.settings
     failed = request.session.pop("create_form", None) or {}  # the last create's error, once
-    return page(request, "dashboard.html", user=user, workspaces=_svc(request).list_for(user),
-                form=failed.get("form", {}), error=failed.get("error", ""), defaults=settings)
+    svc = _svc(request)
+    gpus = None
+    if user.is_admin and svc.gpus.gpus:  # who holds which GPU: admins only
+        with svc.sessions() as s:
+            gpus = svc.gpus.holders(s)
+    return page(request, "dashboard.html", user=user, workspaces=svc.list_for(user),
+                form=failed.get("form", {}), error=failed.get("error", ""), defaults=settings,
+                gpus=gpus)
 
 
 @router.get("/workspaces/state.json")

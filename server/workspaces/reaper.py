@@ -1,8 +1,14 @@
-"""The idle reaper: pauses workspaces nobody uses and stops ones paused for too long.
+"""The idle reaper: puts workspaces nobody uses to sleep and stops ones paused for too long.
+
+Sleep has two tiers (server/workspaces/sleep.py): an idle workspace is frozen in place first,
+and its memory saved to disk after ``frozen_max_s``, or sooner when the frozen ones hold more
+than their budget or the host runs short of memory.
 
 What counts as use (activity): API calls on the workspace (they touch ``last_activity_at``),
 exec calls and streams still running (:class:`Activity` holds), a keepalive lease, and CPU
-use above ``idle_cpu_percent`` measured by the engine between two passes. The decision is a
+use above ``idle_cpu_percent`` measured by the engine between two passes, and GPU use above
+``gpu_idle_percent`` (NVML). A GPU workspace idles into ``stop``, not ``pause``, unless
+GPU checkpointing is enabled (docs/gpus.md). The decision is a
 pure function (:func:`decide`) over plain views of the rows; the loop around it only reads,
 measures and calls the workspace service, which alone changes state.
 """
@@ -25,15 +31,19 @@ from server.config import Settings
 from server.db.models import Workspace
 from server.errors import DenError
 from server.logs import bind_workspace
+from server.runtime.base import Freezer
 from server.workspaces.activity import Activity
-from server.workspaces.service import WorkspaceService
-from server.workspaces.states import State
+from server.workspaces.service import FROZEN_BYTES, WorkspaceService
+from server.workspaces.sleep import Frozen, SleepPolicy, host_available_bytes, to_save
+from server.workspaces.states import Sleep, State
 
 log = logging.getLogger(__name__)
 
 
 class Action(StrEnum):
-    PAUSE = "pause"
+    FREEZE = "freeze"  # running -> paused, frozen in place
+    PAUSE = "pause"  # running -> paused, saved to disk (no frozen tier)
+    SAVE = "save"  # paused frozen -> paused saved
     STOP = "stop"
 
 
@@ -50,11 +60,23 @@ class IdleView:
     state_since: datetime
     keepalive_until: datetime | None
     busy: bool
+    idle_stop: bool = False  # idling stops it instead of pausing it (a GPU workspace)
+    # A GPU workspace is never frozen: its GPU goes back to the pool while it sleeps, and a
+    # frozen process would still hold the device and its memory.
+    freezable: bool = True
+    sleep: Sleep | None = None  # a paused one's tier
+    memory_bytes: int | None = None  # what a frozen one holds, where measured
 
 
-def decide(views: list[IdleView], now: datetime) -> list[tuple[str, Action]]:
-    """Which workspaces to pause and which to stop, now. A timeout of 0 means never."""
+NO_FROZEN_TIER = SleepPolicy(frozen_max_s=0, budget_bytes=0, host_floor_bytes=0)
+
+
+def decide(views: list[IdleView], now: datetime, policy: SleepPolicy = NO_FROZEN_TIER, *,
+           host_available_bytes: int | None = None) -> list[tuple[str, Action]]:
+    """Which workspaces to put to sleep (frozen, or saved at once without a frozen tier),
+    which frozen ones to save to disk and which to stop, now. A timeout of 0 means never."""
     actions: list[tuple[str, Action]] = []
+    frozen: list[Frozen] = []
     for v in views:
         if v.keep_alive or v.busy:
             continue
@@ -64,12 +86,19 @@ def decide(views: list[IdleView], now: datetime) -> list[tuple[str, Action]]:
             if v.idle_timeout_s > 0 and now - v.last_activity_at >= timedelta(
                 seconds=v.idle_timeout_s
             ):
-                actions.append((v.id, Action.PAUSE))
+                if v.idle_stop:
+                    actions.append((v.id, Action.STOP))
+                else:
+                    actions.append((v.id, Action.FREEZE if policy.freezes and v.freezable
+                                    else Action.PAUSE))
         elif v.state is State.PAUSED and v.stop_after_s > 0 and now - v.state_since >= timedelta(
             seconds=v.stop_after_s
         ):
             actions.append((v.id, Action.STOP))
-    return actions
+        elif v.state is State.PAUSED and v.sleep is Sleep.FROZEN:
+            frozen.append(Frozen(v.id, v.state_since, v.memory_bytes))
+    saves = to_save(frozen, now, policy, host_available_bytes=host_available_bytes)
+    return actions + [(ws_id, Action.SAVE) for ws_id in saves]
 
 
 RESTORE_COPY_MAX_AGE_S = 600
@@ -101,6 +130,12 @@ class Reaper:
         self._cpu: dict[str, tuple[int, float]] = {}  # workspace -> (cpu ns, monotonic time)
         self._task: asyncio.Task[None] | None = None
         self._limit = asyncio.Semaphore(max(1, settings.reaper_concurrency))
+        freezes = isinstance(service.runtime, Freezer)
+        self.policy = SleepPolicy(
+            frozen_max_s=settings.frozen_max_s if freezes else 0,
+            budget_bytes=settings.frozen_memory_budget_mb * 2**20,
+            host_floor_bytes=settings.host_min_available_mb * 2**20)
+        self.meminfo = Path("/proc/meminfo")  # tests point it at a file of their own
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="idle-reaper")
@@ -135,6 +170,14 @@ class Reaper:
         percent = (used_ns - before[0]) / ((now - before[1]) * 1e9) * 100
         return percent > self.settings.idle_cpu_percent
 
+    async def _gpu_busy(self, ws: Workspace) -> bool:
+        """Whether one of the workspace's GPUs is busier than ``gpu_idle_percent`` (a
+        training run with an idle terminal is not idle)."""
+        uuids = [g.uuid for g in self.service.gpus.devices_for(ws)]
+        used = await asyncio.to_thread(self.service.gpus.utilization, uuids)
+        self.service.metrics.gpu_utilization(used)
+        return any(p > self.settings.gpu_idle_percent for p in used.values())
+
     async def views(self) -> list[IdleView]:
         with self.service.sessions() as s:
             rows = list(s.scalars(select(Workspace).where(
@@ -143,6 +186,9 @@ class Reaper:
         st = self.settings
         for ws in rows:
             busy = self.activity.busy(ws.id)
+            if ws.state == State.RUNNING.value and ws.gpus > 0 and not ws.keep_alive \
+                    and not busy:
+                busy = await self._gpu_busy(ws)
             if ws.state == State.RUNNING.value and not ws.keep_alive and not busy:
                 # One workspace that cannot be measured (deleted under the pass, its
                 # container gone, the engine refusing) is left alone this pass; the others
@@ -164,6 +210,10 @@ class Reaper:
                 stop_after_s=st.stop_after_s if ws.stop_after_s is None else ws.stop_after_s,
                 last_activity_at=ws.last_activity_at, state_since=ws.updated_at,
                 keepalive_until=ws.keepalive_until, busy=busy,
+                idle_stop=self.service.gpus.idle_action(ws) == "stop",
+                freezable=not ws.gpus,
+                sleep=Sleep(ws.sleep) if ws.sleep else None,
+                memory_bytes=_int_or_none((ws.engine or {}).get(FROZEN_BYTES)),
             ))
         return views
 
@@ -171,7 +221,9 @@ class Reaper:
         """One pass: measure, decide, act. Returns what it did (for tests and logs)."""
         swept = await asyncio.to_thread(sweep_restore_copies, self.settings.containerd_tmp_dir)
         self.service.metrics.reaper_action("sweep", result="ok", count=swept)
-        actions = decide(await self.views(), datetime.now(UTC))
+        available = await asyncio.to_thread(host_available_bytes, self.meminfo)
+        actions = decide(await self.views(), datetime.now(UTC), self.policy,
+                         host_available_bytes=available)
         await asyncio.gather(*(self._act(ws_id, action) for ws_id, action in actions))
         return actions
 
@@ -180,7 +232,9 @@ class Reaper:
         metrics = self.service.metrics
         async with self._limit:
             try:
-                if action is Action.PAUSE:
+                if action is Action.FREEZE:
+                    await self.service.freeze(ws_id, actor="reaper")
+                elif action in (Action.PAUSE, Action.SAVE):
                     await self.service.pause(ws_id, actor="reaper")
                 else:
                     await self.service.stop(ws_id, actor="reaper")
@@ -189,3 +243,7 @@ class Reaper:
             except DenError as exc:  # in transition meanwhile, or the engine refused
                 log.info("reaper: %s of workspace %s skipped: %s", action, ws_id, exc.message)
                 metrics.reaper_action(action.value, result="skipped")
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import posixpath
 import shutil
 import time
@@ -18,28 +19,32 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from server import faults
 from server.config import Settings
 from server.db.models import Event, Snapshot, User, Workspace
+from server.devcontainer import ports as devc_ports
+from server.devcontainer import source as devc_source
+from server.devcontainer.setup import DevContainers, Plan, Resources
 from server.errors import (
     Conflict,
     DenError,
     Forbidden,
     NotFound,
-    QuotaExceeded,
     ValidationFailed,
 )
 from server.git import clone as git_clone
+from server.gpus.allocation import GpuPool
 from server.logs import bind_workspace
 from server.metrics import Metrics
 from server.network import policy as net_policy
 from server.network.denials import Denial, RateLimit
 from server.network.guard import NetworkGuard
 from server.outbound import OutboundPolicy, git_pin
+from server.quotas.service import Quotas
 from server.runtime.base import (
     LABEL_INSTANCE,
     LABEL_MANAGED,
@@ -53,6 +58,7 @@ from server.runtime.base import (
     ExecRequest,
     ExecResult,
     ExecStream,
+    Freezer,
     PortConnector,
     Runtime,
     SnapshotSpec,
@@ -60,9 +66,10 @@ from server.runtime.base import (
     labels_for,
 )
 from server.runtime.errors import EngineConflict, ObjectMissing
-from server.workspaces import limits, naming
+from server.workspaces import image_policy, limits, naming
 from server.workspaces.activity import Activity
 from server.workspaces.admission import Gate
+from server.workspaces.feed import EventFeed
 from server.workspaces.states import (
     PAUSE,
     RESUME,
@@ -70,6 +77,7 @@ from server.workspaces.states import (
     STOP,
     TRANSITIONAL,
     Operation,
+    Sleep,
     State,
     can_transition,
     plan,
@@ -87,6 +95,7 @@ OOM_MEMORY_S = 60.0  # an "oom" this old no longer explains a "die"
 # takes ~3 s; docs/benchmarks.md): longer, and the writer is ended and its image removed.
 CHECKPOINT_SETTLE_S = 120.0
 RESTORING = "restoring"  # the key, in a workspace's engine handle, of a restore in progress
+FROZEN_BYTES = "frozen_bytes"  # the key, in the engine handle, of the memory it held frozen
 
 
 @dataclass(frozen=True)
@@ -102,12 +111,14 @@ class CreateRequest:
     memory_mb: int | None = None
     disk_gb: int | None = None
     gpus: int = 0
+    gpu_model: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     idle_timeout_s: int | None = None
     stop_after_s: int | None = None
     keep_alive: bool = False
     network_mode: str | None = None  # None: the operator's default
     network_allow: tuple[str, ...] = ()
+    devcontainer: bool = True  # build from the repository's devcontainer.json, if it has one
 
 
 # bash when the image has it, else sh: any image works (one sh more per session, ~20 ms).
@@ -133,8 +144,17 @@ class WorkspaceService:
         instance_id: str,
         metrics: Metrics | None = None,
         network: NetworkGuard | None = None,
+        quotas: Quotas | None = None,
+        devcontainers: DevContainers | None = None,
+        gpus: GpuPool | None = None,
     ) -> None:
         self.settings = settings
+        self.quotas = quotas if quotas is not None else Quotas(settings=settings,
+                                                               sessions=sessions)
+        # Builds workspaces from devcontainer.json (None: a runtime that builds no images;
+        # a repository with one is then refused).
+        self.devcontainers = devcontainers
+        self.gpus = gpus if gpus is not None else GpuPool()  # allocated in _transition
         # Enforces network policies on the host (None: workspaces on the engine's default
         # bridge, no policy enforced).
         self.network = network
@@ -153,6 +173,7 @@ class WorkspaceService:
         self._tmp = settings.data_dir / "tmp"
         self._oom: dict[str, float] = {}  # workspace -> when the engine last said "oom"
         self.activity = Activity()
+        self.feed = EventFeed()  # wakes the readers of the events WebSocket
         # Set by the forge service (server/forges): git environment that authenticates a
         # host-side clone (a linked account's token, in memory only), what to do to a fresh
         # clone before it is packed (Den's git hooks), and clean-up after a delete.
@@ -191,11 +212,12 @@ class WorkspaceService:
                 raise NotFound(f"no workspace {workspace_id!r}")
             return row
 
-    def events(self, workspace_id: str, *, limit: int = 500) -> list[Event]:
+    def events(self, workspace_id: str, *, limit: int = 500, after: int = 0) -> list[Event]:
+        """The last ``limit`` events (those after id ``after``), oldest first."""
         with self.sessions() as s:
             q = (
                 select(Event)
-                .where(Event.workspace_id == workspace_id)
+                .where(Event.workspace_id == workspace_id, Event.id > after)
                 .order_by(Event.id.desc())
                 .limit(limit)
             )
@@ -212,12 +234,14 @@ class WorkspaceService:
             runtime=ws.runtime,
             cpus=ws.cpus,
             memory_mb=ws.memory_mb,
+            disk_gb=ws.disk_gb,
             pids_limit=ws.pids_limit,
             hostname=ws.name,
             labels=labels_for(
                 instance=self.instance_id, workspace_id=ws.id, owner=str(ws.owner_id)
             ),
             env={str(k): str(v) for k, v in ws.env.items()},
+            gpus=self.gpus.devices_for(ws),
         )
 
     def repo_path(self, ws: Workspace) -> str:
@@ -237,12 +261,14 @@ class WorkspaceService:
                     from_state=src.value if src else None, to_state=dst.value if dst else None))
 
     def _transition(self, workspace_id: str, src: State, dst: State, *, actor: str,
-                    message: str = "", reason: str = "") -> None:
-        """Move ``workspace_id`` from ``src`` to ``dst`` atomically, with an event."""
+                    message: str = "", reason: str = "", sleep: Sleep = Sleep.SAVED) -> None:
+        """Move ``workspace_id`` from ``src`` to ``dst`` atomically, with an event. ``sleep``
+        is the tier a ``paused`` workspace sleeps in (any other state has none)."""
         if not can_transition(src, dst):
             raise Conflict(f"cannot go from {src.value} to {dst.value}")
         now = datetime.now(UTC)
-        values: dict[str, Any] = {"state": dst.value, "state_reason": reason, "updated_at": now}
+        values: dict[str, Any] = {"state": dst.value, "state_reason": reason, "updated_at": now,
+                                  "sleep": sleep.value if dst is State.PAUSED else None}
         if dst is State.RUNNING:  # a start or a resume is activity: the idle clock restarts
             values["last_activity_at"] = now
         with self.sessions.begin() as s:
@@ -256,8 +282,10 @@ class WorkspaceService:
                 raise Conflict(
                     f"workspace is {current or 'gone'}, not {src.value}; try again",
                 )
+            self.gpus.on_transition(s, workspace_id, src, dst)  # taken or given back with it
             self._record(s, workspace_id, kind="state", actor=actor,
                          message=message or reason, src=src, dst=dst)
+        self.feed.changed(workspace_id)
         log.info("workspace %s: %s -> %s %s", workspace_id, src.value, dst.value, reason)
 
     def _agent_fallback(self, workspace_id: str, reason: str) -> None:
@@ -270,6 +298,7 @@ class WorkspaceService:
         """Record an event that is not a state change."""
         with self.sessions.begin() as s:
             self._record(s, workspace_id, kind=kind, actor=actor, message=message)
+        self.feed.changed(workspace_id)
 
     def touch(self, workspace_id: str) -> None:
         """Mark activity on a workspace (debounced writes)."""
@@ -310,25 +339,21 @@ class WorkspaceService:
             repo_url=source.url if source.kind != "file" else req.repo_url.strip(),
             repo_branch=req.branch, repo_dir=naming.repo_basename(source.url), image=image,
             runtime=runtime, cpus=cpus, memory_mb=memory_mb, disk_gb=disk_gb, gpus=req.gpus,
+            gpu_model=req.gpu_model,
             env=env, idle_timeout_s=req.idle_timeout_s, stop_after_s=req.stop_after_s,
             keep_alive=req.keep_alive, network=network.to_json(),
         )
-        self._spawn(row.id, self._build(row.id, source, req.branch))
+        self._spawn(row.id, self._build(row.id, source, req.branch,
+                                        devcontainer=req.devcontainer))
         return self.get(row.id)
 
     def _insert(self, user: User, name: str, *, message_prefix: str, **fields: Any
                 ) -> Workspace:
-        """Insert a workspace row in ``creating`` (quota and name checked, event recorded)."""
+        """Insert a workspace row in ``creating`` (limits and name checked, event recorded)."""
         ws_id = naming.new_workspace_id()
         with self.sessions.begin() as s:
-            count = s.scalar(
-                select(func.count()).select_from(Workspace).where(Workspace.owner_id == user.id)
-            )
-            if (count or 0) >= self.settings.max_workspaces_per_user:
-                raise QuotaExceeded(
-                    f"you already have {count} workspaces, the most this server allows; "
-                    "delete one first"
-                )
+            self.quotas.check_workspace(s, user, cpus=fields["cpus"],
+                                        memory_mb=fields["memory_mb"], disk_gb=fields["disk_gb"])
             exists = s.scalar(
                 select(Workspace.id).where(Workspace.owner_id == user.id, Workspace.name == name)
             )
@@ -346,6 +371,7 @@ class WorkspaceService:
             )
             s.add(row)
             s.flush()
+            self.gpus.on_transition(s, ws_id, None, State.CREATING)
             self._record(s, ws_id, kind="state", actor=user.name,
                          message=f"{message_prefix} {row.repo_url}", dst=State.CREATING)
         log.info("workspace %s: creating %r for %s (%s %s)", ws_id, name, user.name,
@@ -370,11 +396,20 @@ class WorkspaceService:
             user, name, message_prefix=f"fork of snapshot {snap.id} ({snap.name}) of",
             repo_url=snap.repo_url, repo_branch=snap.repo_branch, repo_dir=snap.repo_dir,
             image=snap.image, runtime=runtime, cpus=self.settings.default_cpus,
-            memory_mb=self.settings.default_memory_mb, disk_gb=self.settings.default_disk_gb,
+            memory_mb=self.settings.default_memory_mb, disk_gb=self._forked_disk_gb(snap),
             gpus=0, env={}, network=self._forked_network(snap).to_json(),
         )
         self._spawn(row.id, self._build_fork(row.id, snap))
         return self.get(row.id)
+
+    def _forked_disk_gb(self, snap: Snapshot) -> int:
+        """The origin's disk while it exists (else the default), and room for the snapshot."""
+        base = self.settings.default_disk_gb
+        if snap.workspace_id is not None:
+            with self.sessions() as s:
+                origin = s.get(Workspace, snap.workspace_id)
+                base = origin.disk_gb if origin is not None else base
+        return min(max(base, -(-snap.size_bytes // 1024**3)), self.settings.max_disk_gb)
 
     async def _build_fork(self, ws_id: str, snap: Snapshot) -> None:
         spec = self.spec_for(self.get(ws_id))
@@ -521,13 +556,7 @@ class WorkspaceService:
 
     async def _validate_image(self, image: str | None) -> str:
         image = image or self.settings.default_image
-        allowed = image == self.settings.default_image or (
-            image in self.settings.allowed_images
-            if self.settings.allowed_images
-            else image.startswith("den/")
-        )
-        if not allowed:
-            raise ValidationFailed(f"image {image!r} is not allowed on this server")
+        image_policy.check(self.settings, image)
         if not await self.runtime.image_exists(image):
             raise ValidationFailed(
                 f"image {image!r} is not built on this server (run `make images`)",
@@ -548,16 +577,11 @@ class WorkspaceService:
             )
         if not 1 <= disk_gb <= st.max_disk_gb:
             raise ValidationFailed(f"resources.disk_gb must be between 1 and {st.max_disk_gb}")
-        if req.gpus < 0:
-            raise ValidationFailed("resources.gpus must be 0 or more")
-        if req.gpus > st.max_gpus:
-            raise Conflict(
-                f"{req.gpus} GPU(s) asked, but this server can give a workspace at most "
-                f"{st.max_gpus}", code="gpus_unavailable",
-            )
+        self.gpus.validate(req.gpus, req.gpu_model, max_gpus=st.max_gpus)
         return cpus, memory_mb, disk_gb
 
-    async def _build(self, ws_id: str, source: git_clone.RepoSource, branch: str | None) -> None:
+    async def _build(self, ws_id: str, source: git_clone.RepoSource, branch: str | None, *,
+                     devcontainer: bool = True) -> None:
         """Clone, create the engine objects, start: ``creating`` -> ``running`` or ``error``."""
         ws = self.get(ws_id)
         spec = self.spec_for(ws)
@@ -586,10 +610,15 @@ class WorkspaceService:
                                   .values(repo_branch=head))
                 self.note(ws_id, "clone", f"cloned {ws.repo_url} ({head or 'detached'})")
                 faults.point("create.clone")
+                setup = await self._devcontainer(ws, repo, work) if devcontainer else None
+                spec = self.spec_for(self.get(ws_id)) if setup else spec
                 await self.runtime.create(spec)
                 await self.runtime.start(spec)
                 await self.sync_network(ws_id)
                 await self.runtime.seed(spec, tar)
+                if setup is not None and self.devcontainers is not None:
+                    await self.devcontainers.created(self.runtime, spec, setup,
+                                                     note=self._noter(ws_id))
                 self._transition(ws_id, State.CREATING, State.RUNNING, actor="system",
                                  message=f"running under {ws.runtime}")
         except asyncio.CancelledError:
@@ -598,6 +627,35 @@ class WorkspaceService:
             await self._creation_failed(ws_id, spec, exc)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    def _noter(self, ws_id: str) -> Callable[[str, str], None]:
+        return lambda kind, message: self.note(ws_id, kind, message)
+
+    async def _devcontainer(self, ws: Workspace, repo: Path, work: Path) -> Plan | None:
+        """The plan of the clone's devcontainer.json (server/devcontainer/), written into the
+        row (image, env, what later starts need, forwarded ports); None when it has none."""
+        if self.devcontainers is None:
+            if any(os.path.lexists(repo / c) for c in devc_source.CANDIDATES):
+                raise ValidationFailed("this server's runtime cannot build devcontainer "
+                                       "images; create the workspace with --no-devcontainer")
+            return None
+        made = await self.devcontainers.prepare(
+            repo, repo_path=self.repo_path(ws), user_env=ws.env, work=work,
+            resources=Resources(cpus=ws.cpus, memory_mb=ws.memory_mb, disk_gb=ws.disk_gb,
+                                gpus=ws.gpus), note=self._noter(ws.id))
+        if made is None:
+            return None
+        forwarded = devc_ports.rows(made.config,
+                                    public_allowed=self.settings.preview_public_sharing)
+        with self.sessions.begin() as s:
+            s.execute(update(Workspace).where(Workspace.id == ws.id).values(
+                image=made.image, env=limits.validate_env(dict(made.env)),
+                devcontainer=made.stored))
+            devc_ports.write(s, ws.id, forwarded)
+            if forwarded:
+                self._record(s, ws.id, kind="devcontainer", actor="system",
+                             message=f"forwarded ports: {devc_ports.describe(forwarded)}")
+        return made
 
     # --- network policy ---------------------------------------------------------------
 
@@ -699,7 +757,19 @@ class WorkspaceService:
                 raise
             await self.sync_network(ws_id)
             self._transition(ws_id, step, State.RUNNING, actor=actor)
+            await self._post_start(ws_id, spec, ws.devcontainer)
             return self.get(ws_id)
+
+    async def _post_start(self, ws_id: str, spec: WorkspaceSpec, stored: dict[str, Any]
+                          ) -> None:
+        """The devcontainer's postStartCommand after a cold start; a failure is recorded
+        (the workspace runs: its disk and tools are there)."""
+        if self.devcontainers is None or not stored.get("post_start"):
+            return
+        try:
+            await self.devcontainers.started(self.runtime, spec, stored, note=self._noter(ws_id))
+        except DenError as exc:
+            self.note(ws_id, "devcontainer", exc.message)
 
     async def stop(self, ws_id: str, *, actor: str) -> Workspace:
         async with self.metrics.operation("stop"), self.locked(ws_id):
@@ -731,9 +801,40 @@ class WorkspaceService:
             raise Conflict(str(exc)) from exc
 
     async def pause(self, ws_id: str, *, actor: str) -> Workspace:
-        """Checkpoint memory and processes and free CPU and RAM: ``running`` -> ``paused``.
-        On failure the workspace is left running (or stopped) and the event log says why."""
+        """Checkpoint memory and processes and free CPU and RAM: ``running`` (or ``paused``
+        frozen) -> ``paused`` saved. On failure the workspace is left running, frozen or
+        stopped, and the event log says why."""
         async with self.metrics.operation("pause"), self.locked(ws_id):
+            ws = self.get(ws_id)
+            frozen = ws.state == State.PAUSED.value and ws.sleep == Sleep.FROZEN.value
+            step = State.PAUSING if frozen else self._plan(PAUSE, ws)
+            if step is None:
+                return ws
+            self.gpus.check_pause(ws)
+            self._transition(ws_id, State(ws.state), step, actor=actor,
+                             message="saving a frozen workspace's memory to disk"
+                             if frozen else "")
+            spec = self.spec_for(ws)
+            started = time.monotonic()
+            try:
+                await self.runtime.pause(spec, checkpoint=CHECKPOINT)
+            except DenError as exc:
+                await self._sleep_failed(ws_id, spec, exc, actor=actor, what="pause")
+                raise
+            self._transition(ws_id, step, State.PAUSED, actor=actor,
+                             message=f"memory saved in {time.monotonic() - started:.2f} s")
+            await self.sync_network(ws_id)
+            return self.get(ws_id)
+
+    async def freeze(self, ws_id: str, *, actor: str) -> Workspace:
+        """The light sleep tier (server/workspaces/sleep.py): ``running`` -> ``paused``
+        frozen in place, CPU freed, memory kept. A runtime that cannot freeze saves the
+        memory to disk instead (:meth:`pause`)."""
+        # A GPU workspace is never frozen: its GPUs go back to the pool while it sleeps, and
+        # a frozen process would still hold them.
+        if not isinstance(self.runtime, Freezer) or self.get(ws_id).gpus:
+            return await self.pause(ws_id, actor=actor)
+        async with self.metrics.operation("freeze"), self.locked(ws_id):
             ws = self.get(ws_id)
             step = self._plan(PAUSE, ws)
             if step is None:
@@ -742,20 +843,27 @@ class WorkspaceService:
             spec = self.spec_for(ws)
             started = time.monotonic()
             try:
-                await self.runtime.pause(spec, checkpoint=CHECKPOINT)
+                held = await self.runtime.freeze(spec)
             except DenError as exc:
-                status = ContainerStatus.MISSING
-                with contextlib.suppress(DenError):
-                    status = await self.runtime.status(spec)
-                dst = State.RUNNING if status is ContainerStatus.RUNNING else State.STOPPED
-                self._transition(ws_id, step, dst, actor=actor,
-                                 message=f"pause failed: {exc.message}; the workspace is "
-                                         f"{dst.value}")
+                await self._sleep_failed(ws_id, spec, exc, actor=actor, what="freeze")
                 raise
-            self._transition(ws_id, step, State.PAUSED, actor=actor,
-                             message=f"memory saved in {time.monotonic() - started:.2f} s")
-            await self.sync_network(ws_id)
+            self._set_engine(ws_id, {**ws.engine, FROZEN_BYTES: held})
+            mib = "" if held is None else f", holding {held / 2**20:.0f} MiB"
+            self._transition(ws_id, step, State.PAUSED, actor=actor, sleep=Sleep.FROZEN,
+                             message=f"frozen in {time.monotonic() - started:.2f} s{mib}")
             return self.get(ws_id)
+
+    async def _sleep_failed(self, ws_id: str, spec: WorkspaceSpec, exc: DenError, *,
+                            actor: str, what: str) -> None:
+        """A pause or freeze failed: the workspace is what its container is now."""
+        status = ContainerStatus.MISSING
+        with contextlib.suppress(DenError):
+            status = await self.runtime.status(spec)
+        dst = {ContainerStatus.RUNNING: State.RUNNING,
+               ContainerStatus.FROZEN: State.PAUSED}.get(status, State.STOPPED)
+        self._transition(ws_id, State.PAUSING, dst, actor=actor, sleep=Sleep.FROZEN,
+                         message=f"{what} failed: {exc.message}; the workspace is "
+                                 f"{'frozen' if dst is State.PAUSED else dst.value}")
 
     async def resume(self, ws_id: str, *, actor: str) -> Workspace:
         """Restore a paused workspace from its checkpoint; when that fails, start it cold
@@ -769,12 +877,19 @@ class WorkspaceService:
             step = self._plan(RESUME, ws)
             if step is None:
                 return ws
+            frozen = ws.sleep == Sleep.FROZEN.value
             self._transition(ws_id, State.PAUSED, step, actor=actor)
             spec = self.spec_for(ws)
             started = time.monotonic()
+            thawed = False  # in place: the container kept its address, the firewall its rules
             try:
-                await self.runtime.resume(spec, checkpoint=CHECKPOINT)
-                message = f"restored from memory in {time.monotonic() - started:.2f} s"
+                if frozen and isinstance(self.runtime, Freezer):
+                    await self.runtime.thaw(spec)
+                    thawed = True
+                    message = f"thawed in {time.monotonic() - started:.3f} s (frozen tier)"
+                else:
+                    await self.runtime.resume(spec, checkpoint=CHECKPOINT)
+                    message = f"restored from memory in {time.monotonic() - started:.2f} s"
             except DenError as exc:
                 log.warning("workspace %s: restore failed: %s %s", ws_id, exc.message,
                             exc.detail)
@@ -785,9 +900,11 @@ class WorkspaceService:
                                      reason=f"restore failed ({exc.message}) and so did a cold "
                                             f"start ({cold.message})")
                     raise
-                message = (f"restore from memory failed ({exc.message}); started cold from "
-                           "disk: files are kept, running processes were not")
-            await self.sync_network(ws_id)
+                message = (f"{'thaw' if frozen else 'restore from memory'} failed "
+                           f"({exc.message}); started cold from disk: files are kept, running "
+                           "processes were not")
+            if not thawed:
+                await self.sync_network(ws_id)
             self._transition(ws_id, step, State.RUNNING, actor=actor, message=message)
             return self.get(ws_id)
 
@@ -818,6 +935,7 @@ class WorkspaceService:
         with self.sessions.begin() as s:
             s.execute(delete(Event).where(Event.workspace_id == ws.id))
             s.execute(delete(Workspace).where(Workspace.id == ws.id))
+        self.feed.changed(ws.id)
         self.metrics.forget_workspace(ws.id)
         await self.sync_network(ws.id)
         for hook in self.deleted_hooks:
@@ -936,7 +1054,7 @@ class WorkspaceService:
         """After a failed exec: record a workspace whose sandbox died (out of memory, most
         often) as stopped, so that the next access starts it again. True when it did."""
         with contextlib.suppress(DenError):
-            if await self.runtime.status(spec) is ContainerStatus.RUNNING:
+            if (await self.runtime.status(spec)).alive:
                 return False
             try:
                 self._transition(ws_id, State.RUNNING, State.STOPPED, actor=actor,
@@ -1008,8 +1126,9 @@ class WorkspaceService:
             if event.container != spec.container_name:
                 return
             state = State(ws.state)
-            if event.kind is EngineEventKind.DIE and state is State.RUNNING:
-                if await self.runtime.status(spec) is ContainerStatus.RUNNING:
+            frozen = state is State.PAUSED and ws.sleep == Sleep.FROZEN.value
+            if event.kind is EngineEventKind.DIE and (state is State.RUNNING or frozen):
+                if (await self.runtime.status(spec)).alive:
                     return  # an older container's death, or restarted since
                 oom_at = self._oom.pop(ws_id, None)
                 oom = oom_at is not None and time.monotonic() - oom_at < OOM_MEMORY_S
@@ -1130,10 +1249,26 @@ class WorkspaceService:
             await self._reconcile_pause(ws, spec)
         elif state is State.RESUMING and status is not ContainerStatus.MISSING:
             # Its checkpoint is kept (or it started cold); resume falls back to a cold
-            # start when it is missing, so "paused" is always safe.
+            # start when it is missing, so "paused" is always safe. A wake from the frozen
+            # tier cut short before the thaw: still frozen, and recorded so.
             dst = State.RUNNING if status is ContainerStatus.RUNNING else State.PAUSED
             self._transition(ws.id, state, dst, actor=actor,
+                             sleep=Sleep.FROZEN if status is ContainerStatus.FROZEN
+                             else Sleep.SAVED,
                              message=f"{state.value} was interrupted by a restart")
+        elif (state is State.PAUSED and ws.sleep == Sleep.FROZEN.value
+              and status is ContainerStatus.FROZEN and isinstance(self.runtime, Freezer)):
+            await self.runtime.freeze(spec)  # idempotent; a thaw cut short left it half-frozen
+        elif (state is State.PAUSED and ws.sleep == Sleep.FROZEN.value
+              and status is ContainerStatus.STOPPED):
+            self._transition(ws.id, state, State.STOPPED, actor=actor,
+                             message="the frozen workspace's container exited meanwhile: "
+                                     "running processes were lost, files are kept; it starts "
+                                     "on the next access")
+        elif state is State.RUNNING and status is ContainerStatus.FROZEN:
+            if isinstance(self.runtime, Freezer):  # frozen from outside Den: it must answer
+                await self.runtime.thaw(spec)
+                self.note(ws.id, "reconcile", "found frozen in the engine; thawed")
         elif state is State.PAUSED and status is ContainerStatus.RUNNING:
             self._transition(ws.id, state, State.RESUMING, actor=actor)
             self._transition(ws.id, State.RESUMING, State.RUNNING, actor=actor,
@@ -1194,7 +1329,12 @@ class WorkspaceService:
         saved = await self.runtime.settle_checkpoint(spec, checkpoint=CHECKPOINT,
                                                      wait_s=CHECKPOINT_SETTLE_S)
         status = await self.runtime.status(spec)
-        if saved and status is not ContainerStatus.RUNNING:
+        if status is ContainerStatus.FROZEN:  # a freeze (or a save of a frozen one) cut short
+            self._transition(ws.id, State.PAUSING, State.PAUSED, actor="reconcile",
+                             sleep=Sleep.FROZEN,
+                             message="pause was interrupted by a restart; the workspace is "
+                                     "frozen in place, memory and processes kept")
+        elif saved and status is not ContainerStatus.RUNNING:
             self._transition(ws.id, State.PAUSING, State.PAUSED, actor="reconcile",
                              message="pause was interrupted by a restart; its checkpoint was "
                                      "complete: memory and processes are saved")

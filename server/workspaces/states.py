@@ -19,6 +19,13 @@ class State(StrEnum):
     DELETING = "deleting"
 
 
+class Sleep(StrEnum):
+    """How deeply a ``paused`` workspace sleeps (docs/api.md, "Sleep tiers")."""
+
+    FROZEN = "frozen"  # processes stopped in place by the engine's freezer; memory kept
+    SAVED = "saved"  # memory and processes checkpointed to disk; no memory, no CPU
+
+
 TRANSITIONAL: frozenset[State] = frozenset(
     {State.CREATING, State.STOPPING, State.STARTING, State.PAUSING, State.RESUMING, State.DELETING}
 )
@@ -32,7 +39,8 @@ _EDGES: dict[State, frozenset[State]] = {
     State.STOPPED: frozenset({State.STARTING, State.RUNNING}),
     State.STARTING: frozenset({State.RUNNING, State.STOPPED}),
     State.PAUSING: frozenset({State.PAUSED, State.RUNNING, State.STOPPED}),
-    State.PAUSED: frozenset({State.RESUMING, State.STOPPING, State.STOPPED}),
+    # paused -> pausing: a frozen workspace's memory is being saved (frozen -> saved).
+    State.PAUSED: frozenset({State.RESUMING, State.STOPPING, State.STOPPED, State.PAUSING}),
     State.RESUMING: frozenset({State.RUNNING, State.STOPPED, State.PAUSED}),
     State.ERROR: frozenset({State.STARTING}),
     State.DELETING: frozenset(),

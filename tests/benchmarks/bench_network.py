@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from server.network.firewall import Iptables, bridge_name, chain_prefix
-from tests.netlab import PORT, sh, stand_ins
+from tests.netlab import PORT, bench_repo, sh, stand_ins
 from tests.server_process import DenServer
 
 CONNECT_SCRIPT = """
@@ -65,12 +65,7 @@ def main() -> int:
     chains, bridge = chain_prefix(network), bridge_name(network)
     work = Path(tempfile.mkdtemp(prefix="denbench-net-"))
     repos = work / "repos"
-    (repos / "r").mkdir(parents=True)
-    sh("git", "init", "-q", "-b", "main", str(repos / "r"))
-    (repos / "r" / "README.md").write_text("bench\n")
-    sh("git", "-C", str(repos / "r"), "add", ".")
-    sh("git", "-C", str(repos / "r"), "-c", "user.name=b", "-c", "user.email=b@e", "commit",
-       "-q", "-m", "init")
+    bench_repo(repos)
     with (work / "blob").open("wb") as fh:
         fh.truncate(args.mib * 1024 * 1024)  # zeros: the network is measured, not the disk
     srv = DenServer(work / "data", repos, prefix, user="bench", http_timeout_s=600,

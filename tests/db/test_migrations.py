@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,20 +23,6 @@ from server.db.session import make_engine
 from server.runtime.fake import FakeRuntime
 
 pytestmark = pytest.mark.postgres
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'den.db'}"
-        return
-    base: str = request.getfixturevalue("postgres_url")
-    name = f"den_{request.node.name.split('[')[0][-20:]}_{int(time.time() * 1000) % 10**8}"
-    admin = make_engine(base)
-    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    yield base.rsplit("/", 1)[0] + f"/{name}"
 
 
 def _fresh(url: str) -> Engine:
@@ -106,3 +92,71 @@ def test_serve_refuses_an_old_schema_with_a_clear_message(tmp_path: Path) -> Non
                          env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
     assert "den admin migrate" in out.stderr
+
+
+def test_a_database_from_the_first_migration_upgrades_to_head_with_its_data(
+        db_url: str, make_settings: Callable[..., Settings]) -> None:
+    """Rows written under revision 0001 (a user, a token, a workspace, its events) survive
+    every later migration, get the defaults of the columns added since, and serve the app."""
+    from alembic import command
+
+    from server.auth.tokens import hash_token
+    from server.db.migrate import alembic_config
+
+    engine = _fresh(db_url)
+    cfg = alembic_config(db_url)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+    secret = "den_" + "m" * 43
+    at = "2026-01-02 03:04:05+00:00"
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO users (name, is_admin, created_at) "
+                          "VALUES ('olduser', false, :at)"), {"at": at})
+        uid = conn.execute(text("SELECT id FROM users WHERE name = 'olduser'")).scalar_one()
+        conn.execute(text("INSERT INTO api_tokens (user_id, name, token_hash, prefix, "
+                          "created_at) VALUES (:u, 'cli', :h, :p, :at)"),
+                     {"u": uid, "h": hash_token(secret), "p": secret[:12], "at": at})
+        conn.execute(text(
+            "INSERT INTO workspaces (id, owner_id, name, repo_url, repo_branch, repo_dir, "
+            "image, runtime, cpus, memory_mb, disk_gb, gpus, pids_limit, env, idle_timeout_s, "
+            "keep_alive, state, state_reason, engine, created_at, updated_at, "
+            "last_activity_at) VALUES ('wsold0000001', :u, 'legacy', 'https://x.example/a.git',"
+            " NULL, 'a', 'den/workspace:latest', 'gvisor', 1.5, 1024, 5, 0, 512, "
+            "'{\"A\": \"1\"}', NULL, false, 'stopped', '', "
+            "'{\"container\": \"den-wsold0000001\"}', :at, :at, :at)"), {"u": uid, "at": at})
+        for to_state in ("creating", "running", "stopping", "stopped"):
+            conn.execute(text("INSERT INTO events (workspace_id, at, kind, to_state, actor, "
+                              "message) VALUES ('wsold0000001', :at, 'state', :s, 'olduser', "
+                              "'')"), {"at": at, "s": to_state})
+    upgrade(engine, db_url)
+    assert current_revision_of(engine) == head_revision(db_url)
+    with engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+        assert compare_metadata(ctx, Base.metadata) == []
+    engine.dispose()
+
+    settings = make_settings(database_url=db_url)
+    app = create_app(settings, runtime=FakeRuntime())
+    with TestClient(app) as client:
+        h = {"Authorization": f"Bearer {secret}"}
+        me = client.get("/api/v1/users/me", headers=h)
+        assert me.status_code == 200, me.text
+        assert me.json()["name"] == "olduser"
+        quotas = me.json()["quotas"]
+        assert quotas["workspaces"]["used"] == 1 and quotas["cpus"]["used"] == 1.5
+        assert quotas["workspaces"]["limit"] == settings.max_workspaces_per_user  # limits: {}
+        ws = client.get("/api/v1/workspaces/legacy", headers=h).json()
+        # (its state is reconcile's: the fake engine has no container for it)
+        assert (ws["id"], ws["resources"]["memory_mb"]) == ("wsold0000001", 1024)
+        assert ws["network"]["mode"] == settings.network_default_mode  # network: {}
+        events = client.get("/api/v1/workspaces/legacy/events", headers=h).json()["events"]
+        assert [e["to_state"] for e in events][:4] == ["creating", "running", "stopping",
+                                                       "stopped"]
+        assert client.get("/api/v1/users/me/tokens", headers=h).json()["tokens"][0][
+            "expires_at"] is None  # added by 0009: never
+
+
+def current_revision_of(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()

@@ -1,5 +1,6 @@
 """The Python client and the CLI against a real ``den serve`` on the real engine: background
-processes (start, list, logs, follow, kill) and exec."""
+processes (start, list, logs, follow, kill) and exec; `den me`, `den limits` and a user's
+exec limit."""
 
 from __future__ import annotations
 
@@ -68,3 +69,54 @@ def test_processes_through_the_client_and_the_cli(
         time.sleep(0.2)
     r = _den(server, "logs", "api", str(pid))
     assert r.returncode == 0, r.stderr
+
+
+def test_limits_through_the_cli_and_a_users_execs_capped_on_the_engine(
+        server: DenServer, make_repo: Callable[..., Path]) -> None:
+    """`den me` and `den limits` against a real server; one user's long execs fill their own
+    limit (429), not the server's gate (issue 11, finding 5)."""
+    import threading
+
+    import httpx
+
+    admin = server._cli("admin", "token", "--user", "root", "--admin")
+    r = server.http.post("/api/v1/workspaces",
+                         json={"name": "api", "repo": {"url": str(make_repo())}})
+    assert r.status_code == 202, r.text
+    with Den(f"http://127.0.0.1:{server.port}", server.token) as den:
+        den.workspace("api").wait_for("running")
+
+    as_root = {**os.environ, "DEN_TOKEN": admin}
+    r = subprocess.run([sys.executable, "-m", "server.cli", "limits", "carol", "workspaces=1",
+                        "execs=1"], env={**as_root, "DEN_URL": f"http://127.0.0.1:{server.port}",
+                                         "HOME": str(server.log.parent)},
+                       text=True, capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    r = _den(server, "me")
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line.split()[1:3] for line in r.stdout.splitlines()[2:]}
+    assert rows["workspaces"] == ["1", "1"] and rows["execs"] == ["0", "1"]
+    r = _den(server, "create", str(make_repo("other")), "--name", "other")
+    assert r.returncode == 1 and "workspaces: 1" in r.stderr, r.stderr
+
+    ws_id = server.http.get("/api/v1/workspaces/api").json()["id"]
+    held: list[httpx.Response] = []
+    long = threading.Thread(target=lambda: held.append(server.http.post(
+        f"/api/v1/workspaces/{ws_id}/exec", json={"cmd": "sleep 8; echo done"})))
+    long.start()
+    try:
+        deadline = time.monotonic() + 30
+        while server.http.get("/api/v1/users/me").json()["quotas"]["execs"]["used"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        r2 = server.http.post(f"/api/v1/workspaces/{ws_id}/exec", json={"cmd": "true"})
+        assert r2.status_code == 429, r2.text
+        assert (r2.json()["error"]["limit"], r2.json()["error"]["value"]) == ("execs", 1)
+        # another user's exec runs meanwhile (root, on carol's workspace, as an admin may)
+        r3 = httpx.post(f"http://127.0.0.1:{server.port}/api/v1/workspaces/{ws_id}/exec",
+                        json={"cmd": "echo other"}, headers={"Authorization": f"Bearer {admin}"},
+                        timeout=60)
+        assert (r3.status_code, r3.json()["stdout"]) == (200, "other\n"), r3.text
+    finally:
+        long.join()
+    assert held[0].status_code == 200 and held[0].json()["stdout"] == "done\n"

@@ -20,7 +20,8 @@ def assert_error(r: Any, status: int, code: str | None = None) -> dict[str, Any]
     assert r.status_code == status, r.text
     body = r.json()
     assert set(body) == {"error"}, body
-    assert set(body["error"]) == {"code", "message"}, body
+    # limit and value: which per-user limit a quota_exceeded passed
+    assert {"code", "message"} <= set(body["error"]) <= {"code", "message", "limit", "value"}
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
     if code is not None:
         assert body["error"]["code"] == code, body
@@ -111,8 +112,9 @@ BAD_CREATES: list[tuple[dict[str, Any], int, str, str]] = [
     ({"resources": {"memory_mb": 10**9}}, 422, "invalid", "memory_mb"),
     ({"resources": {"disk_gb": 0}}, 422, "invalid", "disk_gb"),
     ({"resources": {"cpus": "lots"}}, 422, "invalid", "cpus"),
-    ({"resources": {"gpus": 1}}, 409, "gpus_unavailable", "GPU"),
-    ({"resources": {"gpus": 8}}, 409, "gpus_unavailable", "GPU"),
+    ({"resources": {"gpus": 1}}, 422, "no_gpus", "no GPUs"),
+    ({"resources": {"gpus": 8}}, 422, "no_gpus", "no GPUs"),
+    ({"resources": {"gpu_model": "A100"}}, 422, "invalid", "gpu_model"),
     ({"resources": {"gpus": -1}}, 422, "invalid", "gpus"),
     ({"runtime": "runc"}, 422, "invalid", "runc"),
     ({"image": "docker.io/evil:latest"}, 422, "invalid", "image"),
@@ -248,7 +250,8 @@ def test_create_failure_shows_the_reason(fake_api: ApiClient, make_repo: Callabl
     assert fake_runtime.containers == {} and fake_runtime.volumes == {}
 
 
-def test_quota_is_429(make_settings: Callable[..., Any], make_repo: Callable[..., Path]) -> None:
+def test_workspace_limit_is_409(make_settings: Callable[..., Any],
+                                make_repo: Callable[..., Path]) -> None:
     from fastapi.testclient import TestClient
 
     from server.app import create_app
@@ -263,7 +266,8 @@ def test_quota_is_429(make_settings: Callable[..., Any], make_repo: Callable[...
         repo = make_repo()
         api.create(repo, name="one", user="carol")
         r = api.post(WS, user="carol", json={"name": "two", "repo": {"url": str(repo)}})
-        assert_error(r, 429, "quota_exceeded")
+        body = assert_error(r, 409, "quota_exceeded")
+        assert (body["limit"], body["value"]) == ("workspaces", 1)
 
 
 # --- isolation between users -----------------------------------------------------------------

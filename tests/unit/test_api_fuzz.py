@@ -25,6 +25,9 @@ def test_schemathesis_finds_nothing(tmp_path: Path, repos_root: Path,
                                     make_repo: Callable[..., Path]) -> None:
     srv = DenServer(tmp_path / "data", repos_root, "dentest-fuzz", user="alice",
                     module="tests.fake_serve", ssh_port=0)
+    # Schemathesis sends as fast as it can: rate limits off (tests/unit/test_rate_limits.py
+    # has them), else its checks meet 429s (declared, but they hide the routes' answers).
+    srv.env.update(DEN_RATE_LIMIT_PER_TOKEN="0", DEN_RATE_LIMIT_PER_ADDRESS="0")
     try:
         srv.start()
         # A workspace the {ref} operations can find (most examples still miss it: 404).

@@ -903,9 +903,11 @@ def test_cli_create(cli: Callable[..., int], fake: FakeServer,
     body = json.loads(fake.last("POST", "/api/v1/workspaces").content)
     assert body["repo"] == {"url": "https://forge/acme/api.git", "branch": "dev"}
     assert body["resources"] == {"cpus": 2.0, "memory_mb": 1024}
+    assert "devcontainer" not in body  # the server's default: build from it
     assert cli("create", "https://forge/acme/x.git", "--name", "web", "--image", "py",
-               "--no-wait") == 0
+               "--no-wait", "--no-devcontainer") == 0
     assert capsys.readouterr().out == "web creating\n"
+    assert json.loads(fake.last("POST", "/api/v1/workspaces").content)["devcontainer"] is False
 
 
 @pytest.mark.usefixtures("logged_in")
@@ -1343,3 +1345,47 @@ def test_cli_share(cli: Callable[..., int], fake: FakeServer,
         cli("share", "api", "8000")
     with pytest.raises(SystemExit):
         cli("share", "api", "8000", "--public", "--users")
+
+
+@pytest.mark.usefixtures("logged_in")
+def test_cli_create_with_gpus(cli: Callable[..., int], fake: FakeServer) -> None:
+    assert cli("create", "https://forge/acme/api.git", "--gpus", "1", "--gpu-model",
+               "A100") == 0
+    body = json.loads(fake.last("POST", "/api/v1/workspaces").content)
+    assert body["resources"] == {"gpus": 1, "gpu_model": "A100"}
+
+
+GPUS_ADMIN = {"total": 2, "free": 1, "idle_action": "stop",
+              "models": [{"model": "NVIDIA A100-SXM4-40GB", "total": 1, "free": 1},
+                         {"model": "NVIDIA L4", "total": 1, "free": 0}],
+              "gpus": [{"uuid": "GPU-aaaa", "index": 0, "model": "NVIDIA A100-SXM4-40GB",
+                        "memory_mb": 40960, "device": "/dev/nvidia0", "held_by": None,
+                        "utilization_percent": None},
+                       {"uuid": "GPU-bbbb", "index": 1, "model": "NVIDIA L4",
+                        "memory_mb": 23034, "device": "/dev/nvidia1",
+                        "held_by": {"workspace_id": "w1", "workspace": "api",
+                                    "owner": "alice"},
+                        "utilization_percent": 93}]}
+
+
+@pytest.mark.usefixtures("logged_in")
+def test_cli_gpus(cli: Callable[..., int], fake: FakeServer,
+                  capsys: pytest.CaptureFixture[str]) -> None:
+    fake.overrides[("GET", "/api/v1/gpus")] = httpx.Response(200, json=GPUS_ADMIN)
+    assert cli("gpus") == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["INDEX", "UUID", "MODEL", "HELD", "BY", "UTIL"]
+    assert out[2].split() == ["1", "GPU-bbbb", "NVIDIA", "L4", "alice/api", "93%"]
+    assert out[-1] == "1 of 2 free; an idle GPU workspace is stopped"
+    fake.overrides[("GET", "/api/v1/gpus")] = httpx.Response(
+        200, json={**GPUS_ADMIN, "gpus": None})
+    assert cli("gpus") == 0
+    assert capsys.readouterr().out.splitlines()[2].split() == ["NVIDIA", "L4", "0", "1"]
+    fake.overrides[("GET", "/api/v1/gpus")] = httpx.Response(
+        200, json={"total": 0, "free": 0, "models": [], "idle_action": "stop", "gpus": None})
+    assert cli("gpus") == 0
+    assert capsys.readouterr().out == "this server has no GPUs\n"
+    fake.overrides[("POST", "/api/v1/gpus/GPU-bbbb/reclaim")] = httpx.Response(
+        200, json={**GPUS_ADMIN["gpus"][1], "held_by": None})  # type: ignore[index]
+    assert cli("gpus", "--reclaim", "GPU-bbbb") == 0
+    assert capsys.readouterr().out.startswith("GPU-bbbb: free")

@@ -66,4 +66,5 @@ def test_secure_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "http" not in s.allowed_git_schemes
     assert s.allowed_git_schemes == ["https", "ssh", "git"]
     assert s.gvisor_runtime == "runsc"
-    assert s.max_gpus == 0
+    assert s.max_gpus == 8
+    assert s.gpus == "auto" and s.gpu_checkpoint is False

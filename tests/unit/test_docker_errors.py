@@ -84,3 +84,20 @@ def test_engine_errors_do_not_show_host_paths() -> None:
     missing = ObjectMissing("saved memory at /srv/den/data/snapshots/sn1")
     assert missing.message == "saved memory at …" and missing.status_code == 404
     assert "in /workspace" in EngineError("no space left in /workspace").message
+
+
+@pytest.mark.anyio
+async def test_a_runsc_registered_without_den_s_flags_is_logged_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Without --net-disconnect-ok a pause after network use loses the workspace's
+    processes: say so at start, not at every periodic engine check."""
+    from server.runtime.docker import DockerRuntime
+
+    rt = DockerRuntime()
+    info = {"Runtimes": {"runsc": {"path": "/x", "runtimeArgs": ["--overlay2=none"]}}}
+    rt._api = lambda: type("Api", (), {"info": staticmethod(lambda: info)})()  # type: ignore[method-assign]
+    with caplog.at_level("WARNING"):
+        await rt.check()
+        await rt.check()
+    missing = [r.getMessage() for r in caplog.records if "runs without" in r.getMessage()]
+    assert len(missing) == 1 and "--net-disconnect-ok" in missing[0], missing

@@ -18,6 +18,7 @@ from server.runtime.docker_specs import (
     kill_marked_argv,
     memory_headroom_mb,
     parse_runsc_ps,
+    runsc_failure,
     stream_argv,
     volume_config,
 )
@@ -121,6 +122,9 @@ def test_volume_config() -> None:
         "driver": "local",
         "labels": dict(LABELS),
     }
+    opts = {"type": "none", "o": "bind", "device": "/d/v/workspace"}
+    assert volume_config(SPEC, name="v2", driver_opts=opts) == {
+        "name": "v2", "driver": "local", "labels": dict(LABELS), "driver_opts": opts}
 
 
 def test_exec_argv_without_timeout_is_the_command() -> None:
@@ -256,3 +260,21 @@ def test_the_checkpoint_command_marks_completion_only_after_runsc_succeeds(
     for runsc, marked in (["false"], False), (["true"], True):
         subprocess.run(checkpoint_argv(runsc, image=image, cid="c1")[:4] + runsc, check=False)
         assert checkpoint_marker(image).exists() is marked
+
+
+def test_a_failed_checkpoint_says_its_cause_without_the_stack_trace() -> None:
+    """As runsc 20240729 printed it when a TCP connection was open (before
+    --net-disconnect-ok): the cause, then a Go stack trace of the sandbox."""
+    output = (
+        "checkpoint failed: checkpointing container \"4bd9\": encoding error: save rejected "
+        "due to unsupported networking state: endpoint cannot be saved in connected state: "
+        "local 172.17.0.2:62920, remote 172.17.0.1:8125\n"
+        "goroutine 16 [running]:\ngvisor.dev/gvisor/pkg/state.safely.func1()\n"
+        "\tgvisor.dev/gvisor/pkg/urpc/urpc.go:451 +0x6b\n")
+    assert runsc_failure(output) == (
+        "save rejected due to unsupported networking state: endpoint cannot be saved in "
+        "connected state: local 172.17.0.2:62920, remote 172.17.0.1:8125")
+    assert runsc_failure("checkpoint failed: no space left on device\n") == (
+        "checkpoint failed: no space left on device")
+    assert runsc_failure("something else\nlast words\n") == "last words"
+    assert runsc_failure("") == ""

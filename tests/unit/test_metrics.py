@@ -188,10 +188,10 @@ def test_reaper_actions_and_workspace_usage(fake_api: ApiClient, fake_runtime: F
     with fake_api.app.state.sessions.begin() as s:
         s.execute(update(Workspace).where(Workspace.id == ws_id)
                   .values(last_activity_at=then, updated_at=then))
-    assert [a for _, a in portal.call(reaper.run_once)] == ["pause"]
+    assert [a for _, a in portal.call(reaper.run_once)] == ["freeze"]
     m = scrape(fake_api)
-    assert value(m, "den_reaper_actions_total", action="pause", result="ok") == 1
-    # Paused: no longer a running workspace's CPU or memory.
+    assert value(m, "den_reaper_actions_total", action="freeze", result="ok") == 1
+    # Frozen: no longer a running workspace's CPU or memory.
     assert value(m, "den_workspace_cpu_seconds_total", workspace=ws_id) is None
     assert value(m, "den_workspace_memory_bytes", workspace=ws_id) is None
 

@@ -17,6 +17,7 @@ from server.db.session import make_engine, make_session_factory
 from server.errors import Forbidden, ValidationFailed
 from server.network import denials, firewall
 from server.network.guard import NetworkGuard
+from server.network.names import NameEntry
 from server.network.policy import NetworkPolicy, parse_entry, validate
 from server.runtime import docker_specs
 from server.runtime.fake import FakeRuntime
@@ -39,12 +40,20 @@ def test_entries_parse_and_print_back() -> None:
     assert str(parse_entry(" 203.0.113.7:443 ")) == "203.0.113.7:443"
     assert str(parse_entry("198.51.100.9/24")) == "198.51.100.0/24"
     assert str(parse_entry("10.20.0.0/16:5432")) == "10.20.0.0/16:5432"
+    assert parse_entry(" PyPI.org. ") == NameEntry("pypi.org")
+    assert str(parse_entry("*.npmjs.org")) == "*.npmjs.org"
+    assert parse_entry("git.corp.example:443") == NameEntry("git.corp.example", 443)
 
 
 @pytest.mark.parametrize("entry, words", [
-    ("pypi.org", "domain names are not supported yet"),
-    ("*.npmjs.org", "domain names are not supported yet"),
-    ("git.corp.example:443", "domain names are not supported yet"),
+    ("localhost", "neither an address, a CIDR range nor a domain name"),
+    ("*.org", "neither an address"),
+    ("a.*.example", "neither an address"),
+    ("-bad.example", "neither an address"),
+    ("1.2.3", "neither an address"),
+    ("999.1.1.1", "neither an address"),
+    ("pypi.org:x", "port must be 1-65535"),
+    ("a" * 64 + ".example", "neither an address"),
     ("203.0.113.7:0", "port must be 1-65535"),
     ("203.0.113.7:http", "port must be 1-65535"),
     ("2001:db8::1", "IPv6 is not supported yet"),
@@ -64,6 +73,12 @@ def test_the_ceiling_and_private_ranges() -> None:
 
     assert check("allowlist", ["203.0.113.0/24", "10.9.1.2:80", "192.168.5.7"]).to_json() == {
         "mode": "allowlist", "allow": ["203.0.113.0/24", "10.9.1.2:80", "192.168.5.7"]}
+    # Names are accepted in order, mixed with addresses; what they open is judged later.
+    mixed = check("allowlist", ["pypi.org", "203.0.113.0/24", "*.npmjs.org:443"])
+    assert mixed.to_json()["allow"] == ["pypi.org", "203.0.113.0/24", "*.npmjs.org:443"]
+    assert NetworkPolicy.from_json(mixed.to_json()) == mixed
+    assert mixed.names == (NameEntry("pypi.org"), NameEntry("*.npmjs.org", 443))
+    assert [str(e) for e in mixed.addresses] == ["203.0.113.0/24"]
     for private in ("10.0.0.0/8", "169.254.169.254", "127.0.0.1:22", "172.17.0.1",
                     "100.64.0.1", "192.168.6.1", "0.0.0.0/0"):
         with pytest.raises(Forbidden, match="operator's permission"):
@@ -198,6 +213,9 @@ class Recording(firewall.Iptables):
     def apply(self, v4: str, v6: str, bridge: firewall.Bridge) -> None:
         self.applied.append(v4)
 
+    def apply_v4(self, v4: str) -> None:
+        self.applied.append(v4)
+
 
 @pytest.fixture
 def netsvc(make_settings: Callable[..., Settings], fake_runtime: FakeRuntime
@@ -266,7 +284,7 @@ def test_api_create_patch_and_errors(fake_api: ApiClient, make_repo: Callable[..
     r = fake_api.client.patch(url, headers=fake_api.h(), json={"network": {"mode": "none"}})
     assert r.status_code == 200 and r.json()["network"] == {"mode": "none", "allow": []}
     for body, status, code in [
-        ({"network": {"mode": "allowlist", "allow": ["pypi.org"]}}, 422, "invalid"),
+        ({"network": {"mode": "allowlist", "allow": ["pypi"]}}, 422, "invalid"),
         ({"network": {"mode": "allowlist", "allow": ["192.168.1.1"]}}, 403,
          "network_not_allowed"),
         ({"network": {"mode": "internet", "extra": 1}}, 422, "invalid"),

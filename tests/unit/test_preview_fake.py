@@ -346,7 +346,7 @@ def test_port_list(api: ApiClient) -> None:
     got = {p["port"]: p for p in r.json()["ports"]}
     assert set(got) == {5173, 8000, 8001, 8002, 8003}
     assert got[8000] == {"port": 8000, "listening": True, "share": "private", "url": None,
-                         "path_url": f"http://testserver/preview/{wsid(api)}/8000/"}
+                         "path_url": f"http://testserver/preview/{wsid(api)}/8000/", "label": ""}
     assert got[5173]["listening"] is False and got[5173]["share"] == "users"
     api.post("/api/v1/workspaces/api/stop")
     stopped = {p["port"]: p for p in api.get("/api/v1/workspaces/api/ports").json()["ports"]}

@@ -59,8 +59,10 @@ def anyio_backend() -> str:
 
 @pytest.fixture
 def service(make_service: Callable[..., WorkspaceService]) -> WorkspaceService:
+    # Without the frozen tier: idle workspaces are saved to disk at once (test_sleep.py has
+    # the frozen tier).
     return make_service(idle_timeout_s=60, stop_after_s=3600, idle_cpu_percent=10,
-                        service_kw={"instance_id": "inst"})
+                        frozen_max_s=0, service_kw={"instance_id": "inst"})
 
 
 async def _running(svc: WorkspaceService, repo: Path, *, name: str = "api", **kw: Any) -> str:

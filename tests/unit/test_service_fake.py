@@ -16,7 +16,7 @@ from server.config import Settings
 from server.db.migrate import ensure_schema
 from server.db.models import Event, User, Workspace
 from server.db.session import make_engine, make_session_factory
-from server.errors import Conflict, QuotaExceeded, ValidationFailed
+from server.errors import Conflict, LimitReached, ValidationFailed
 from server.runtime.base import WorkspaceSpec, labels_for
 from server.runtime.errors import EngineConflict, EngineError
 from server.runtime.fake import FakeRuntime
@@ -160,7 +160,8 @@ BAD_REQUESTS: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"cpus": float("nan")}, ValidationFailed, "cpus"),
     ({"memory_mb": 1}, ValidationFailed, "memory_mb"),
     ({"disk_gb": 100_000}, ValidationFailed, "disk_gb"),
-    ({"gpus": 1}, Conflict, "GPU"),
+    ({"gpus": 1}, ValidationFailed, "no GPUs"),
+    ({"gpu_model": "A100"}, ValidationFailed, "gpu_model"),
     ({"gpus": -1}, ValidationFailed, "gpus"),
     ({"runtime": "runc"}, ValidationFailed, "runc"),
     ({"runtime": "kata"}, ValidationFailed, "unknown runtime"),
@@ -207,16 +208,17 @@ async def test_name_taken_is_409_and_per_owner(svc: WorkspaceService,
     assert ws.state == "running"
 
 
-async def test_quota_is_429(make_service: Callable[..., WorkspaceService],
+async def test_workspace_limit_is_409(make_service: Callable[..., WorkspaceService],
                             make_repo: Callable[..., Path]) -> None:
     svc = make_service(max_workspaces_per_user=2)
     repo = make_repo()
     alice = user(svc)
     await create(svc, alice, repo, name="one")
     await create(svc, alice, repo, name="two")
-    with pytest.raises(QuotaExceeded) as info:
+    with pytest.raises(LimitReached) as info:
         await svc.create(alice, CreateRequest(name="three", repo_url=str(repo)))
-    assert info.value.status_code == 429
+    assert info.value.status_code == 409
+    assert info.value.fields == {"limit": "workspaces", "value": 2}
     assert len(svc.list_for(alice)) == 2
     assert (await create(svc, user(svc, "bob"), repo, name="one")).state == "running"
 
@@ -678,6 +680,31 @@ async def test_a_fork_is_held_to_the_runtime_policy_of_now(
     with pytest.raises(ValidationFailed, match="runc"):
         await snaps.fork(alice, snap, name="fork")
     assert [w.name for w in svc.list_for(alice)] == ["api"]
+
+
+async def test_a_fork_gets_its_origins_disk_and_room_for_the_snapshot(
+        make_service: Callable[..., WorkspaceService], make_repo: Callable[..., Path]) -> None:
+    """disk_gb is enforced (server/runtime/disk_quota.py): a fork with the default disk
+    could not hold a bigger origin's files, nor keep a smaller origin's limit."""
+    from sqlalchemy import update
+
+    from server.db.models import Snapshot
+    from server.snapshots.service import SnapshotService
+
+    svc = make_service(default_disk_gb=10, max_disk_gb=50)
+    snaps = SnapshotService(svc)
+    alice = user(svc)
+    ws = await create(svc, alice, make_repo(), disk_gb=3)
+    snap = await snaps.create(ws.id, name="one", memory=False, actor="alice")
+    fork = await settle(svc, (await snaps.fork(alice, snap, name="f1")).id)
+    assert (fork.disk_gb, svc.spec_for(fork).disk_gb) == (3, 3)
+
+    await svc.delete(ws.id, actor="alice")  # origin gone: the default, or what it needs
+    assert (await snaps.fork(alice, snaps.get(snap.id), name="f2")).disk_gb == 10
+    with svc.sessions.begin() as s:
+        s.execute(update(Snapshot).where(Snapshot.id == snap.id)
+                  .values(size_bytes=20 * 1024**3 + 1))
+    assert (await snaps.fork(alice, snaps.get(snap.id), name="f3")).disk_gb == 21
 
 
 async def test_snapshot_of_a_workspace_in_transition_is_409(

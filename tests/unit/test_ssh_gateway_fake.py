@@ -99,9 +99,8 @@ def test_command_exit_status_activity_and_events(env: Env) -> None:
             failing = await conn.run("exit 3", check=False)
             # an open channel holds the workspace busy
             proc = await conn.create_process("cat")
-            for _ in range(100):
-                if svc.activity.busy(ws_id):
-                    break
+            deadline = time.monotonic() + 15  # a loaded machine is slow to open it
+            while not svc.activity.busy(ws_id) and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
             busy = svc.activity.busy(ws_id)
             proc.stdin.write_eof()

@@ -38,6 +38,7 @@ EXPECTED_EDGES = {
     (S.PAUSED, S.RESUMING),
     (S.PAUSED, S.STOPPING),  # STOP is allowed from paused, through stopping
     (S.PAUSED, S.STOPPED),
+    (S.PAUSED, S.PAUSING),  # a frozen workspace's memory saved to disk (frozen -> saved)
     (S.RESUMING, S.RUNNING),
     (S.RESUMING, S.STOPPED),
     (S.RESUMING, S.PAUSED),  # reconcile: a resume interrupted by a restart

@@ -1,0 +1,1 @@
+"""Workspaces built from a repository's devcontainer.json (docs/devcontainer.md)."""
