@@ -149,6 +149,13 @@ def machine() -> dict[str, Any]:
 # --- the server under test ---------------------------------------------------------------------
 
 
+# A benchmark measures Den's speed, one user firing as fast as it can: the per-user limits and
+# the API rate limits (which would answer 429 to a burst of 100 execs) are out of the way.
+BENCH_LIMITS = {"rate_limit_per_token": 0, "rate_limit_per_address": 0,
+                "max_execs_per_user": 100000, "max_streams_per_user": 100000,
+                "max_terminals_per_user": 100000, "max_ssh_channels_per_user": 100000}
+
+
 class Server(DenServer):
     """``den serve`` for the benchmark, with the API calls it makes, each checked."""
 
@@ -158,7 +165,7 @@ class Server(DenServer):
                          own_session=True,  # Ctrl-C reaches the benchmark, which stops it
                          **{"default_memory_mb": MEMORY_MB, "default_cpus": CPUS,
                             "default_pids": PIDS, "stop_timeout_s": STOP_TIMEOUT_S,
-                            **settings})
+                            **BENCH_LIMITS, **settings})
 
     # API calls, each checked ---------------------------------------------------------------
 
