@@ -37,6 +37,7 @@ import httpx
 from websockets.sync.client import connect
 
 from server.client import Den
+from tests.conftest import remove_networks
 from tests.preview_app import APP
 from tests.server_process import DenServer
 
@@ -120,8 +121,8 @@ def main() -> int:
     git("add", "-A", cwd=src)
     git("-c", "user.name=b", "-c", "user.email=b@b", "commit", "-q", "-m", "b", cwd=src)
     git("clone", "-q", "--bare", str(src), str(repos / "site.git"), cwd=root)
-    srv = DenServer(root / "data", repos, f"denbench-preview-{secrets.token_hex(2)}",
-                    user="alice", ssh_port=0, reaper_interval_s=0)
+    prefix = f"denbench-preview-{secrets.token_hex(2)}"
+    srv = DenServer(root / "data", repos, prefix, user="alice", ssh_port=0, reaper_interval_s=0)
     srv.start()
     results: dict[str, Any] = {}
     try:
@@ -196,6 +197,7 @@ def main() -> int:
             ws.delete()
     finally:
         srv.close()
+        remove_networks(prefix)  # Den's network and its firewall chains (it kept them)
         subprocess.run(["rm", "-rf", str(root)], check=False)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
