@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,17 +14,14 @@ import pytest
 
 from server.auth.tokens import ensure_user
 from server.config import Settings
-from server.db.migrate import ensure_schema
-from server.db.session import make_engine, make_session_factory
 from server.network import dnswire, forwarder
 from server.network.firewall import FirewallError
 from server.network.guard import NetworkGuard
 from server.network.names import NameEntry, ports_for
 from server.network.pins import Operator, PinTable, pins_for
 from server.network.policy import NetworkPolicy, parse_entry, parse_ranges
-from server.runtime.fake import FakeRuntime
 from server.workspaces.service import CreateRequest, WorkspaceService
-from tests.unit.test_network import Recording
+from tests.unit.test_network import Recording, netsvc  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.anyio
 
@@ -242,19 +239,12 @@ async def test_forwarder_learns_before_it_answers_and_bounds_what_it_takes(
 
 
 @pytest.fixture
-def guarded(make_settings: Callable[..., Settings], fake_runtime: FakeRuntime
-            ) -> Iterator[tuple[WorkspaceService, NetworkGuard, Recording]]:
-    settings = make_settings()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    url = settings.resolved_database_url()
-    engine = make_engine(url)
-    ensure_schema(engine, url, auto_migrate=True)
-    rec = Recording()
-    guard = NetworkGuard(runtime=fake_runtime, settings=settings, iptables=rec,
-                         resolver_addresses=["10.255.255.53"])
-    yield WorkspaceService(settings=settings, sessions=make_session_factory(engine),
-                           runtime=fake_runtime, instance_id="i", network=guard), guard, rec
-    engine.dispose()
+def guarded(netsvc: tuple[WorkspaceService, Recording]  # noqa: F811 (the imported fixture)
+            ) -> tuple[WorkspaceService, NetworkGuard, Recording]:
+    """test_network's service with its guard (recording the rules it applies)."""
+    svc, rec = netsvc
+    assert svc.network is not None
+    return svc, svc.network, rec
 
 
 async def test_guard_pins_answers_for_allowed_names_and_drops_them_on_a_change(
