@@ -3,7 +3,6 @@ and the service's transitions on the fake runtime (tests/engine/test_sleep.py: t
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,15 +11,15 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
-from server.auth.tokens import ensure_user
 from server.db.models import Workspace
 from server.runtime.base import ContainerStatus, EngineEvent, EngineEventKind
 from server.runtime.errors import EngineError
 from server.runtime.fake import FakeRuntime
 from server.workspaces.reaper import Action, IdleView, Reaper, decide
-from server.workspaces.service import CreateRequest, WorkspaceService
+from server.workspaces.service import WorkspaceService
 from server.workspaces.sleep import Frozen, SleepPolicy, host_available_bytes, to_save
 from server.workspaces.states import Sleep, State
+from tests.unit.test_reaper import _age, _running
 
 NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
 MIB = 2**20
@@ -107,22 +106,6 @@ def anyio_backend() -> str:
 def service(make_service: Callable[..., WorkspaceService]) -> WorkspaceService:
     return make_service(idle_timeout_s=60, stop_after_s=86400, frozen_max_s=600,
                         frozen_memory_budget_mb=0, host_min_available_mb=0)
-
-
-async def _running(svc: WorkspaceService, repo: Path, *, name: str = "api") -> str:
-    with svc.sessions.begin() as s:
-        owner = ensure_user(s, "alice")
-    ws = await svc.create(owner, CreateRequest(name=name, repo_url=str(repo)))
-    await asyncio.wait({svc._tasks[ws.id]}, timeout=60)
-    assert svc.get(ws.id).state == "running"
-    return ws.id
-
-
-def _age(svc: WorkspaceService, ws_id: str, seconds: int) -> None:
-    then = datetime.now(UTC) - timedelta(seconds=seconds)
-    with svc.sessions.begin() as s:
-        s.execute(update(Workspace).where(Workspace.id == ws_id)
-                  .values(last_activity_at=then, updated_at=then))
 
 
 def _sleep(svc: WorkspaceService, ws_id: str) -> tuple[str, str | None]:
