@@ -56,6 +56,7 @@ from server.metrics import Metrics, StateCollector, checkpoint_usage, serve_sepa
 from server.network.denials import KmsgWatcher
 from server.network.firewall import bridge_name
 from server.network.guard import NetworkGuard, resolv_conf, upstream_resolvers
+from server.pool.warm import WarmPool
 from server.preview import tokens as preview_tokens
 from server.preview.dispatch import PreviewMiddleware
 from server.preview.service import PreviewService
@@ -193,9 +194,11 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
         pool = await asyncio.to_thread(GpuPool.from_settings, settings)
         rt, guard = ((runtime, network) if runtime is not None
                      else default_runtime(settings, gpus=pool))
+        instance = instance_id(sessions)
+        warm = WarmPool(settings=settings, runtime=rt, instance_id=instance, metrics=metrics)
         svc = WorkspaceService(settings=settings, sessions=sessions, runtime=rt,
-                               instance_id=instance_id(sessions), metrics=metrics,
-                               network=guard, gpus=pool,
+                               instance_id=instance, metrics=metrics,
+                               network=guard, gpus=pool, pool=warm,
                                devcontainers=devcontainers(settings) if runtime is None else None)
         denials: KmsgWatcher | None = None
         if guard is not None:  # fail closed: no server whose workspaces escape the policy
@@ -228,6 +231,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
                                       instance=svc.instance_id)
         app.state.engine = supervisor
         await supervisor.start()  # checks and reconciles once; then watches, follows events
+        warm.start()  # after the first reconcile: it removed the last run's pool
         collector = StateCollector(
             metrics=metrics, sessions=sessions, gate=svc.long_calls.counts,
             checkpoint_bytes=lambda: checkpoint_usage(rt, settings.data_dir),
@@ -253,6 +257,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
             if app.state.ssh_gateway is not None:
                 await app.state.ssh_gateway.stop()
             await reaper.stop()
+            await warm.stop()
             if denials is not None:
                 await asyncio.to_thread(denials.stop)
             if guard is not None:

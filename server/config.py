@@ -345,6 +345,26 @@ class Settings(BaseSettings):
             "saved to disk, longest frozen first, until it would be above. 0: not watched."
         ),
     )
+    # --- warm pool (server/pool/) -----------------------------------------------------
+    pool_size: int = Field(
+        0,
+        description=(
+            "Sandboxes the warm pool keeps booted (frozen) and waiting for each of "
+            "`pool_images`; a create that fits one claims it and only seeds its repository. "
+            "0 disables the pool."
+        ),
+    )
+    pool_images: list[str] = Field(
+        default_factory=list,
+        description="Images the warm pool keeps sandboxes of; empty means the default image.",
+    )
+    pool_memory_budget_mb: int = Field(
+        1024,
+        description=(
+            "Memory the warm pool's sandboxes may hold together (MiB, as measured when each "
+            "is frozen); the pool makes no sandbox that would take it past this. 0: no budget."
+        ),
+    )
     reaper_interval_s: float = Field(
         15, description="How often the idle reaper looks at running and paused workspaces."
     )

@@ -34,6 +34,9 @@ LABEL_SNAPSHOT = "den.snapshot"
 # helper is never the workspace's own container, and one left by a crash holds its volumes.
 LABEL_ROLE = "den.role"
 ROLE_COPY = "copy"
+# A sandbox the warm pool made (server/pool/): it has no row until a create claims it, and
+# keeps the label after (labels are immutable), so the role says nothing about ownership.
+ROLE_POOL = "pool"
 
 
 def labels_for(*, instance: str, workspace_id: str, owner: str) -> dict[str, str]:
@@ -297,6 +300,19 @@ class Freezer(Protocol):
     async def thaw(self, spec: WorkspaceSpec) -> None:
         """Let a frozen workspace run again, as it was. One that is not frozen is left
         alone; raises ``EngineConflict`` when it is not running at all."""
+        ...
+
+
+@runtime_checkable
+class Rehost(Protocol):
+    """Backends whose sandboxes can take a new host name after boot, so that a sandbox made
+    ahead of demand (the warm pool, server/pool/) can become a named workspace. The service
+    asks ``isinstance(runtime, Rehost)``."""
+
+    async def set_hostname(self, spec: WorkspaceSpec, hostname: str, *, was: str) -> None:
+        """Make ``hostname`` the running sandbox's host name (the kernel's, /etc/hostname and
+        its /etc/hosts entry, which said ``was``). Called by Den only, before any user code
+        runs in it. Raises ``EngineError`` when it could not."""
         ...
 
 

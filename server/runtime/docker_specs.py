@@ -238,6 +238,17 @@ def volume_config(spec: WorkspaceSpec, *, name: str | None = None,
     return cfg
 
 
+def set_hostname_argv(hostname: str, *, was: str) -> list[str]:
+    """A root shell that renames a sandbox's host (the warm pool's claim): the kernel's name
+    (needs CAP_SYS_ADMIN: a privileged exec), /etc/hostname and the /etc/hosts line of the
+    old name. The files are the engine's bind mounts, so they are rewritten in place, not
+    replaced (``sed -i`` renames)."""
+    script = ('hostname "$1" && printf "%s\\n" "$1" > /etc/hostname && '
+              'hosts=$(sed "s/[[:space:]]$2\\$/\\t$1/" /etc/hosts) && '
+              'printf "%s\\n" "$hosts" > /etc/hosts')
+    return ["/bin/sh", "-c", script, "den-hostname", hostname, was]
+
+
 def exec_env(user: str, base: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
     """The environment of an exec: sensible defaults, then the workspace's, then the call's."""
     home = "/root" if user == "root" else f"/home/{user}"

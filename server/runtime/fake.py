@@ -54,6 +54,7 @@ class _Container:
     frozen: bool = False  # running, but stopped by the freezer (``freeze``)
     memory_bytes: int = 64 << 20  # what ``freeze`` and ``usage`` report it holds
     seeded: bool = False
+    hostname: str = ""  # set by ``set_hostname`` (else the spec's)
     checkpoints: set[str] = field(default_factory=set)
     restored: int = 0
     cpu_ns: int = 0  # tests advance it to look busy
@@ -190,6 +191,13 @@ class FakeRuntime:
         if not c.running:
             raise EngineConflict(f"container {spec.container_name} is not running")
         c.frozen = False
+
+    async def set_hostname(self, spec: WorkspaceSpec, hostname: str, *, was: str) -> None:
+        self._enter("set_hostname", spec)
+        c = self._get(spec)
+        if not c.running or c.frozen:
+            raise EngineConflict(f"container {spec.container_name} is not running")
+        c.hostname = hostname
 
     async def exec(self, spec: WorkspaceSpec, req: ExecRequest) -> ExecResult:
         self._enter("exec")

@@ -44,6 +44,8 @@ from server.network import policy as net_policy
 from server.network.denials import Denial, RateLimit
 from server.network.guard import NetworkGuard
 from server.outbound import OutboundPolicy, git_pin
+from server.pool import fit as pool_fit
+from server.pool.warm import Pooled, WarmPool
 from server.quotas.service import Quotas
 from server.runtime.base import (
     LABEL_INSTANCE,
@@ -147,8 +149,11 @@ class WorkspaceService:
         quotas: Quotas | None = None,
         devcontainers: DevContainers | None = None,
         gpus: GpuPool | None = None,
+        pool: WarmPool | None = None,
     ) -> None:
         self.settings = settings
+        # Sandboxes booted ahead of demand (server/pool/); None: every create boots its own.
+        self.pool = pool
         self.quotas = quotas if quotas is not None else Quotas(settings=settings,
                                                                sessions=sessions)
         # Builds workspaces from devcontainer.json (None: a runtime that builds no images;
@@ -334,23 +339,34 @@ class WorkspaceService:
             value = getattr(req, field_name)
             if value is not None and not 0 <= value <= 365 * 86400:
                 raise ValidationFailed(f"{field_name} must be between 0 (never) and a year")
-        row = self._insert(
-            user, name, message_prefix="create from",
-            repo_url=source.url if source.kind != "file" else req.repo_url.strip(),
-            repo_branch=req.branch, repo_dir=naming.repo_basename(source.url), image=image,
-            runtime=runtime, cpus=cpus, memory_mb=memory_mb, disk_gb=disk_gb, gpus=req.gpus,
-            gpu_model=req.gpu_model,
-            env=env, idle_timeout_s=req.idle_timeout_s, stop_after_s=req.stop_after_s,
-            keep_alive=req.keep_alive, network=network.to_json(),
-        )
+        pooled = self.pool.take(pool_fit.request_key(
+            image=image, runtime=runtime, cpus=cpus, memory_mb=memory_mb, disk_gb=disk_gb,
+            pids_limit=self.settings.default_pids, gpus=req.gpus, env=env,
+        )) if self.pool is not None else None
+        try:
+            row = self._insert(
+                user, name, message_prefix="create from",
+                repo_url=source.url if source.kind != "file" else req.repo_url.strip(),
+                repo_branch=req.branch, repo_dir=naming.repo_basename(source.url), image=image,
+                runtime=runtime, cpus=cpus, memory_mb=memory_mb, disk_gb=disk_gb,
+                gpus=req.gpus, gpu_model=req.gpu_model,
+                env=env, idle_timeout_s=req.idle_timeout_s, stop_after_s=req.stop_after_s,
+                keep_alive=req.keep_alive, network=network.to_json(),
+                ws_id=pooled.workspace_id if pooled is not None else None,
+            )
+        except BaseException:
+            if pooled is not None and self.pool is not None:
+                self.pool.give_back(pooled)
+            raise
         self._spawn(row.id, self._build(row.id, source, req.branch,
-                                        devcontainer=req.devcontainer))
+                                        devcontainer=req.devcontainer, pooled=pooled))
         return self.get(row.id)
 
-    def _insert(self, user: User, name: str, *, message_prefix: str, **fields: Any
-                ) -> Workspace:
-        """Insert a workspace row in ``creating`` (limits and name checked, event recorded)."""
-        ws_id = naming.new_workspace_id()
+    def _insert(self, user: User, name: str, *, message_prefix: str, ws_id: str | None = None,
+                **fields: Any) -> Workspace:
+        """Insert a workspace row in ``creating`` (limits and name checked, event recorded);
+        ``ws_id``: the id of the pooled sandbox it takes."""
+        ws_id = ws_id or naming.new_workspace_id()
         with self.sessions.begin() as s:
             self.quotas.check_workspace(s, user, cpus=fields["cpus"],
                                         memory_mb=fields["memory_mb"], disk_gb=fields["disk_gb"])
@@ -581,7 +597,7 @@ class WorkspaceService:
         return cpus, memory_mb, disk_gb
 
     async def _build(self, ws_id: str, source: git_clone.RepoSource, branch: str | None, *,
-                     devcontainer: bool = True) -> None:
+                     devcontainer: bool = True, pooled: Pooled | None = None) -> None:
         """Clone, create the engine objects, start: ``creating`` -> ``running`` or ``error``."""
         ws = self.get(ws_id)
         spec = self.spec_for(ws)
@@ -612,8 +628,9 @@ class WorkspaceService:
                 faults.point("create.clone")
                 setup = await self._devcontainer(ws, repo, work) if devcontainer else None
                 spec = self.spec_for(self.get(ws_id)) if setup else spec
-                await self.runtime.create(spec)
-                await self.runtime.start(spec)
+                if not await self._claim(ws_id, pooled, fits=setup is None):
+                    await self.runtime.create(spec)
+                    await self.runtime.start(spec)
                 await self.sync_network(ws_id)
                 await self.runtime.seed(spec, tar)
                 if setup is not None and self.devcontainers is not None:
@@ -627,6 +644,20 @@ class WorkspaceService:
             await self._creation_failed(ws_id, spec, exc)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    async def _claim(self, ws_id: str, pooled: Pooled | None, *, fits: bool) -> bool:
+        """Whether the workspace took the pooled sandbox taken for it (server/pool/); one
+        that does not fit after all (a devcontainer.json) or could not be claimed is removed,
+        and the caller makes a fresh one under the same names."""
+        if pooled is None or self.pool is None:
+            return False
+        if not fits:
+            await self.pool.discard(pooled)
+            return False
+        problem = await self.pool.claim(pooled, hostname=self.get(ws_id).name)
+        self.note(ws_id, "pool", "took a sandbox from the warm pool" if problem is None else
+                  f"the warm pool's sandbox could not be taken ({problem}); booting a new one")
+        return problem is None
 
     def _noter(self, ws_id: str) -> Callable[[str, str], None]:
         return lambda kind, message: self.note(ws_id, kind, message)
@@ -1217,6 +1248,8 @@ class WorkspaceService:
                 continue
             if obj.workspace_id and self._busy(obj.workspace_id):
                 continue  # a snapshot, fork or restore in progress
+            if self.pool is not None and obj.workspace_id in self.pool.owned():
+                continue  # a warm pool's sandbox (made before its row)
             log.warning("reconcile: removing orphan %s %s", obj.kind, obj.name)
             await self.runtime.remove_object(obj)
         if self.network is not None:
