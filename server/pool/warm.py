@@ -241,6 +241,13 @@ class WarmPool:
         spec = self.spec_of(key, ws_id)
         self._making.add(ws_id)
         try:
+            return await self._boot(key, spec)
+        finally:  # waiting by now, or removed (or left to reconcile: a bug, a cancel)
+            self._making.discard(ws_id)
+
+    async def _boot(self, key: PoolKey, spec: WorkspaceSpec) -> bool:
+        assert isinstance(self.runtime, Freezer)
+        try:
             await self.runtime.create(spec)
             await self.runtime.start(spec)
             if isinstance(self.runtime, AgentChannel):
@@ -251,21 +258,19 @@ class WarmPool:
                         exc.message, exc.detail)
             with contextlib.suppress(DenError):
                 await self.runtime.destroy(spec)
-            self._making.discard(ws_id)
             return False
         self._measured = [*self._measured[-9:], memory]
+        pooled = Pooled(spec.workspace_id, key, spec, memory, time.monotonic())
         budget = self.settings.pool_memory_budget_mb * fit.MIB
         if fit.over_budget(held_bytes=self.held_bytes() + memory, budget_bytes=budget):
             log.info("warm pool: a sandbox of %s holds %d MiB, past the budget; removed",
                      key.image, memory // fit.MIB)
-            await self.discard(Pooled(ws_id, key, spec, memory, time.monotonic()))
-            self._making.discard(ws_id)
+            await self.discard(pooled)
             return False
-        self._making.discard(ws_id)
-        self._idle[key].append(Pooled(ws_id, key, spec, memory, time.monotonic()))
+        self._idle[key].append(pooled)
         self._changed(key)
-        log.info("warm pool: sandbox %s of %s ready (%d MiB frozen)", ws_id, key.image,
-                 memory // fit.MIB)
+        log.info("warm pool: sandbox %s of %s ready (%d MiB frozen)", spec.workspace_id,
+                 key.image, memory // fit.MIB)
         return True
 
     def _changed(self, key: PoolKey) -> None:

@@ -15,6 +15,8 @@ interleaved round by round on the same small repository (7 files over 4 commits)
 * **cold**: the same on the server without a pool.
 * **raw**: ``docker run -d`` (Den's own container spec as flags) and ``docker exec C true``;
   and the raw create as bench_workspaces times it (clone, volume, run, cp, first exec).
+* **thaw**: Den's runtime thawing the raw sandbox after freezing it (cgroup freezer and
+  ``docker unpause``): what a claim pays for keeping pooled sandboxes frozen.
 
 Workspaces are deleted after each round (not counted). Nothing asserts on time.
 """
@@ -22,6 +24,7 @@ Workspaces are deleted after each round (not counted). Nothing asserts on time.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import secrets
@@ -59,6 +62,29 @@ def waiting(srv: Server) -> int:
                    if line.startswith("den_pool_sandboxes{")))
 
 
+def thaw_time(container: str) -> float:
+    """Seconds Den's runtime takes to thaw a frozen sandbox (what a claim pays for keeping
+    pooled sandboxes frozen instead of running)."""
+    from server.runtime.base import WorkspaceSpec
+    from server.runtime.docker import DockerRuntime
+
+    rt = DockerRuntime()
+    spec = WorkspaceSpec(workspace_id=container, container_name=container, volume_name="",
+                         image="", runtime="gvisor", cpus=1, memory_mb=512, pids_limit=1,
+                         hostname="", labels={})
+
+    async def run() -> float:
+        await rt.freeze(spec)
+        t = time.perf_counter()
+        await rt.thaw(spec)
+        return time.perf_counter() - t
+
+    try:
+        return asyncio.run(run())
+    finally:
+        rt.close()
+
+
 def den_create(srv: Server, name: str, repo: Path) -> tuple[float, bool]:
     """Seconds from the create's POST to the first exec's answer; whether the pool served it."""
     t = time.perf_counter()
@@ -87,7 +113,7 @@ def main() -> int:
                for kind, size in (("warm", 1), ("cold", 0))}
     raw = Raw(f"{prefix}-raw", work, repo)
     samples: dict[str, list[float]] = {"warm": [], "cold": [], "raw_run_exec": [],
-                                       "raw_create": []}
+                                       "raw_create": [], "thaw": []}
     misses = 0
     try:
         for srv in servers.values():
@@ -111,6 +137,7 @@ def main() -> int:
             run = timed(lambda n=name: sh(*raw.run_args(n, f"{n}-vol")))
             first = timed(lambda n=name: sh("docker", "exec", n, "true"))
             samples["raw_run_exec"].append(run + first)
+            samples["thaw"].append(thaw_time(name))
             raw.remove(name)
             subprocess.run(["docker", "volume", "rm", "-f", f"{name}-vol"], capture_output=True)
             samples["raw_create"].append(raw.create(f"{prefix}-rawc-{i}")["total"])
