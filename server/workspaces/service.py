@@ -45,6 +45,7 @@ from server.network.denials import Denial, RateLimit
 from server.network.guard import NetworkGuard
 from server.outbound import OutboundPolicy, git_pin
 from server.pool import fit as pool_fit
+from server.pool.claim import PendingClaim
 from server.pool.warm import Pooled, WarmPool
 from server.quotas.service import Quotas
 from server.runtime.base import (
@@ -602,6 +603,9 @@ class WorkspaceService:
         ws = self.get(ws_id)
         spec = self.spec_for(ws)
         work = self._tmp / ws_id
+        claim = (PendingClaim(self.pool, pooled, hostname=ws.name,
+                              then=lambda: self.sync_network(ws_id))
+                 if pooled is not None and self.pool is not None else None)
         try:
             async with self.metrics.operation("create"), self.locked(ws_id):
                 work.mkdir(parents=True, exist_ok=True)
@@ -628,10 +632,10 @@ class WorkspaceService:
                 faults.point("create.clone")
                 setup = await self._devcontainer(ws, repo, work) if devcontainer else None
                 spec = self.spec_for(self.get(ws_id)) if setup else spec
-                if not await self._claim(ws_id, pooled, fits=setup is None):
+                if not await self._claimed(ws_id, claim, fits=setup is None):
                     await self.runtime.create(spec)
                     await self.runtime.start(spec)
-                await self.sync_network(ws_id)
+                    await self.sync_network(ws_id)
                 await self.runtime.seed(spec, tar)
                 if setup is not None and self.devcontainers is not None:
                     await self.devcontainers.created(self.runtime, spec, setup,
@@ -641,23 +645,26 @@ class WorkspaceService:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            if claim is not None:
+                await claim.abandon()
             await self._creation_failed(ws_id, spec, exc)
         finally:
+            if claim is not None:
+                await claim.abandon()
             shutil.rmtree(work, ignore_errors=True)
 
-    async def _claim(self, ws_id: str, pooled: Pooled | None, *, fits: bool) -> bool:
+    async def _claimed(self, ws_id: str, claim: PendingClaim | None, *, fits: bool) -> bool:
         """Whether the workspace took the pooled sandbox taken for it (server/pool/); one
         that does not fit after all (a devcontainer.json) or could not be claimed is removed,
         and the caller makes a fresh one under the same names."""
-        if pooled is None or self.pool is None:
+        if claim is None:
             return False
-        if not fits:
-            await self.pool.discard(pooled)
-            return False
-        problem = await self.pool.claim(pooled, hostname=self.get(ws_id).name)
-        self.note(ws_id, "pool", "took a sandbox from the warm pool" if problem is None else
-                  f"the warm pool's sandbox could not be taken ({problem}); booting a new one")
-        return problem is None
+        took, problem = await claim.settle(fits=fits)
+        if took or problem is not None:
+            self.note(ws_id, "pool", "took a sandbox from the warm pool" if took else
+                      f"the warm pool's sandbox could not be taken ({problem}); booting a "
+                      "new one")
+        return took
 
     def _noter(self, ws_id: str) -> Callable[[str, str], None]:
         return lambda kind, message: self.note(ws_id, kind, message)
