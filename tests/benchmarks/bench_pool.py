@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import secrets
@@ -134,8 +135,8 @@ def main() -> int:
                 misses += 1
             samples["cold"].append(den_create(servers["cold"], f"c{i}", repo)[0])
             name = f"{prefix}-raw-{i}"
-            run = timed(lambda n=name: sh(*raw.run_args(n, f"{n}-vol")))
-            first = timed(lambda n=name: sh("docker", "exec", n, "true"))
+            run = timed(functools.partial(sh, *raw.run_args(name, f"{name}-vol")))
+            first = timed(functools.partial(sh, "docker", "exec", name, "true"))
             samples["raw_run_exec"].append(run + first)
             samples["thaw"].append(thaw_time(name))
             raw.remove(name)
