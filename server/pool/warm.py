@@ -78,6 +78,7 @@ class WarmPool:
         self._making: set[str] = set()
         self._claimed: dict[str, float] = {}  # id -> when it was taken
         self._measured: list[int] = []  # what the last sandboxes held (bounded)
+        self._full = False  # the budget had no room for another (logged once)
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         registry = metrics.registry if metrics is not None else None
@@ -215,6 +216,11 @@ class WarmPool:
                 continue
             if not fit.room_for_one(held_bytes=self.held_bytes(), budget_bytes=budget,
                                     estimate=fit.estimate_bytes(self._measured)):
+                if not self._full:  # once, until the pool changes
+                    self._full = True
+                    log.info("warm pool: %d sandboxes hold %d MiB; the budget of %d MiB has "
+                             "no room for another", self.size(), self.held_bytes() // fit.MIB,
+                             budget // fit.MIB)
                 return False
             return await self._make(key)
         return False
@@ -274,6 +280,7 @@ class WarmPool:
         return True
 
     def _changed(self, key: PoolKey) -> None:
+        self._full = False
         self._gauge.labels(key.image).set(len(self._idle.get(key, [])))
         self._held.set(self.held_bytes())
         if self._wake is not None:
