@@ -336,8 +336,12 @@ class AgentChannel(Protocol):
         ...
 
 
-class Runtime(Protocol):
-    """A workspace backend. ``name`` is what the workspace record says it runs under."""
+@runtime_checkable
+class Lifecycle(Protocol):
+    """What every backend does: make, start, stop and remove a workspace's sandbox and its
+    disk, and say what state it is in. ``name`` names the backend (``/healthz``)."""
+
+    name: str
 
     async def check(self) -> None:
         """Raise EngineUnavailable unless the engine answers and has what Den needs."""
@@ -369,6 +373,48 @@ class Runtime(Protocol):
         """Remove the container and the volume. Missing objects are success."""
         ...
 
+    async def status(self, spec: WorkspaceSpec) -> ContainerStatus: ...
+
+    async def usage(self, spec: WorkspaceSpec) -> ResourceUsage | None:
+        """CPU time the workspace has used so far and the memory it holds now, or None when
+        it is not running. The idle reaper differences two CPU readings to see whether it is
+        busy; the metrics export both."""
+        ...
+
+
+@runtime_checkable
+class Execs(Protocol):
+    """Processes in a running workspace, through the engine (or the agent: AgentChannel)."""
+
+    async def exec(self, spec: WorkspaceSpec, req: ExecRequest) -> ExecResult:
+        """Run a process to completion. A timeout kills it and its children and sets
+        ``timed_out``. Raises ObjectMissing/Conflict when the container is not running."""
+        ...
+
+    async def exec_stream(self, spec: WorkspaceSpec, req: ExecRequest) -> ExecStream:
+        """Start a process with open stdin/stdout/stderr."""
+        ...
+
+
+@runtime_checkable
+class Inventory(Protocol):
+    """The engine objects a backend made, found again by their labels (reconcile)."""
+
+    async def list_objects(self, instance: str) -> list[EngineObject]:
+        """Every container, volume and image labelled with this Den ``instance``."""
+        ...
+
+    async def remove_object(self, obj: EngineObject) -> None:
+        """Remove one object found by ``list_objects`` (orphan cleanup). Idempotent."""
+        ...
+
+
+@runtime_checkable
+class Checkpoints(Protocol):
+    """Backends that can save a running workspace's memory and processes and start it again
+    from them: pause and resume, and memory snapshots. Without them a workspace cannot be
+    paused (its idle action is a stop) and snapshots are disk only."""
+
     async def pause(self, spec: WorkspaceSpec, *, checkpoint: str) -> None:
         """Save the memory and processes of a running workspace as ``checkpoint`` and stop
         its container, freeing CPU and RAM. Processes that cannot be restored (those started
@@ -386,6 +432,48 @@ class Runtime(Protocol):
     async def delete_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str) -> None:
         """Remove ``checkpoint``; a missing one is success."""
         ...
+
+    async def settle_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str, wait_s: float
+                                ) -> bool:
+        """After a crash during ``pause``: wait (at most ``wait_s``) for a checkpoint still
+        being written, then True when ``checkpoint`` is complete and installed for
+        ``resume`` (the container has exited), False when there is none or it was
+        incomplete (it is removed; the container may still run)."""
+        ...
+
+    async def export_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str, dest: Path
+                                ) -> int:
+        """Copy the memory checkpoint out to the host directory ``dest`` (a memory snapshot);
+        returns its size in bytes."""
+        ...
+
+    def checkpoint_dirs(self) -> list[Path]:
+        """Where pause checkpoints are kept on the host (the checkpoint disk-use metric;
+        blocking: called at scrape time off the event loop)."""
+        ...
+
+    async def import_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str, src: Path
+                                ) -> None:
+        """Install a checkpoint exported by ``export_checkpoint`` (from this workspace or
+        another made from the same snapshot) as ``checkpoint``, for ``resume``."""
+        ...
+
+
+@runtime_checkable
+class Housekeeping(Protocol):
+    """Backends that leave files of the engine's on the host to tidy now and then (the idle
+    reaper calls it on each pass)."""
+
+    async def sweep(self) -> int:
+        """Remove what the engine left behind and no operation uses any more; returns how
+        many things it removed."""
+        ...
+
+
+@runtime_checkable
+class DiskSnapshots(Protocol):
+    """Backends that can copy a workspace's disk into a snapshot and make workspaces from one:
+    snapshots, forks and restores."""
 
     async def snapshot(self, spec: WorkspaceSpec, snap: SnapshotSpec) -> int:
         """Copy the workspace's disk into ``snap``: commit the container's filesystem as
@@ -414,51 +502,28 @@ class Runtime(Protocol):
         finished by calling it again)."""
         ...
 
-    async def settle_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str, wait_s: float
-                                ) -> bool:
-        """After a crash during ``pause``: wait (at most ``wait_s``) for a checkpoint still
-        being written, then True when ``checkpoint`` is complete and installed for
-        ``resume`` (the container has exited), False when there is none or it was
-        incomplete (it is removed; the container may still run)."""
-        ...
-
-    async def export_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str, dest: Path
-                                ) -> int:
-        """Copy the memory checkpoint out to the host directory ``dest`` (a memory snapshot);
-        returns its size in bytes."""
-        ...
-
-    async def import_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str, src: Path
-                                ) -> None:
-        """Install a checkpoint exported by ``export_checkpoint`` (from this workspace or
-        another made from the same snapshot) as ``checkpoint``, for ``resume``."""
-        ...
-
     async def delete_snapshot(self, snap: SnapshotSpec) -> None:
         """Remove the snapshot's image and volume; missing ones are success."""
         ...
 
-    async def status(self, spec: WorkspaceSpec) -> ContainerStatus: ...
 
-    async def usage(self, spec: WorkspaceSpec) -> ResourceUsage | None:
-        """CPU time the workspace has used so far and the memory it holds now, or None when
-        it is not running. The idle reaper differences two CPU readings to see whether it is
-        busy; the metrics export both."""
-        ...
+class Runtime(Lifecycle, Execs, Inventory, Protocol):
+    """A workspace backend: what every backend implements. What some can do besides
+    (Checkpoints, DiskSnapshots, Freezer, AgentChannel, ProcessControl, PortConnector,
+    ManagedNetwork, EngineEvents) the service asks with ``isinstance``; :func:`features`
+    names them for ``/healthz``."""
 
-    async def exec(self, spec: WorkspaceSpec, req: ExecRequest) -> ExecResult:
-        """Run a process to completion. A timeout kills it and its children and sets
-        ``timed_out``. Raises ObjectMissing/Conflict when the container is not running."""
-        ...
 
-    async def exec_stream(self, spec: WorkspaceSpec, req: ExecRequest) -> ExecStream:
-        """Start a process with open stdin/stdout/stderr."""
-        ...
+FEATURES: dict[str, type] = {}  # filled below: feature name -> protocol
 
-    async def list_objects(self, instance: str) -> list[EngineObject]:
-        """Every container, volume and image labelled with this Den ``instance``."""
-        ...
 
-    async def remove_object(self, obj: EngineObject) -> None:
-        """Remove one object found by ``list_objects`` (orphan cleanup). Idempotent."""
-        ...
+def features(runtime: object) -> list[str]:
+    """The optional protocols ``runtime`` implements, by name."""
+    return [name for name, proto in FEATURES.items() if isinstance(runtime, proto)]
+
+
+FEATURES.update({
+    "checkpoints": Checkpoints, "disk_snapshots": DiskSnapshots, "freezer": Freezer,
+    "agent": AgentChannel, "processes": ProcessControl, "port_connect": PortConnector,
+    "managed_network": ManagedNetwork, "engine_events": EngineEvents,
+})

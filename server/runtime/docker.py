@@ -39,7 +39,13 @@ from server.agent.protocol import DockerDemux
 from server.agent.session import AgentOpError, AgentSession
 from server.errors import DenError
 from server.gpus.container import GpuSandbox
-from server.runtime import cgroup_freezer, disk_quota, docker_engine, docker_specs
+from server.runtime import (
+    cgroup_freezer,
+    containerd_tmp,
+    disk_quota,
+    docker_engine,
+    docker_specs,
+)
 from server.runtime.base import (
     LABEL_INSTANCE,
     LABEL_MANAGED,
@@ -124,12 +130,14 @@ class DockerRuntime:
                  runsc_root: str = "/run/docker/runtime-runc/moby", agent_dir: Path | None = None,
                  network: str = "", network_interface: str = "", network_subnet: str = "",
                  resolv_conf: Path | None = None, disks: Disks | None = None,
-                 gpu: GpuSandbox | None = None):
+                 gpu: GpuSandbox | None = None, containerd_tmp_dir: Path | None = None):
         """``network``: the bridge network every new workspace joins (created when missing,
         its host interface named ``network_interface``); empty keeps the engine's default
         bridge. ``resolv_conf`` is mounted as the workspaces' /etc/resolv.conf. ``disks``
-        enforces each workspace's ``disk_gb`` (None: not enforced)."""
+        enforces each workspace's ``disk_gb`` (None: not enforced). ``containerd_tmp_dir``:
+        where containerd leaves a copy of each restored checkpoint (:meth:`sweep`)."""
         self._disks = disks
+        self._containerd_tmp = containerd_tmp_dir
         self._agent_dir = agent_dir
         self._network = network
         self._network_interface = network_interface
@@ -804,6 +812,14 @@ class DockerRuntime:
         if self._docker_root is None:
             self._docker_root = Path(str(self._api().info()["DockerRootDir"]))
         return self._docker_root / "containers" / cid
+
+    async def sweep(self) -> int:
+        """Housekeeping: the checkpoint copies containerd 1.6 leaves in its temp dir at every
+        restore (a full memory image each), once older than any restore in progress."""
+        if self._containerd_tmp is None:
+            return 0
+        return await asyncio.to_thread(containerd_tmp.sweep_restore_copies,
+                                       self._containerd_tmp)
 
     def checkpoint_dirs(self) -> list[Path]:
         """Where this backend keeps pause checkpoints on the host (for the checkpoint disk

@@ -329,6 +329,9 @@ class FakeRuntime:
         c = self.containers.get(spec.container_name)
         return c is not None and not c.running and checkpoint in c.checkpoints
 
+    def checkpoint_dirs(self) -> list[Path]:
+        return []  # checkpoints live in memory here
+
     async def export_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str, dest: Path
                                 ) -> int:
         self._enter("export_checkpoint")

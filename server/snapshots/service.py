@@ -55,6 +55,7 @@ class SnapshotService:
         if not name or len(name) > 64 or any(c in name for c in "\0\n"):
             raise ValidationFailed("snapshot name must be 1-64 characters on one line")
         svc = self.workspaces
+        svc.restores.disks()  # 409 when this backend makes no snapshots
         with svc.quotas.snapshot_slot(svc.get(ws_id).owner_id):
             snap = await self._pause_and_take(ws_id, name=name, memory=memory, actor=actor)
         what = "with memory" if memory else "disk only"

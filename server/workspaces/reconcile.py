@@ -18,6 +18,7 @@ from server.db.models import Snapshot, Workspace
 from server.errors import DenError
 from server.runtime.base import (
     ROLE_COPY,
+    Checkpoints,
     ContainerStatus,
     EngineObject,
     Freezer,
@@ -195,7 +196,7 @@ class Reconciler:
                                    reason=str(pending.get("reason") or "")
                                    if was is State.ERROR else "")
             return
-        await self.runtime.replace_container(
+        await self.svc.restores.disks().replace_container(
             spec, old_volume=str(pending.get("old_volume") or spec.volume_name))
         self.ledger.set_engine(ws.id, without_restore(ws.engine))
         self.ledger.transition(ws.id, State.STARTING, State.STOPPED, actor="reconcile",
@@ -207,8 +208,8 @@ class Reconciler:
         """A pause cut short by a crash: its checkpoint may still be being written (runsc
         outlives Den). Wait for it, bounded; a complete one makes the workspace paused, an
         incomplete one is removed and the workspace is what its container is."""
-        saved = await self.runtime.settle_checkpoint(spec, checkpoint=CHECKPOINT,
-                                                     wait_s=CHECKPOINT_SETTLE_S)
+        saved = isinstance(self.runtime, Checkpoints) and await self.runtime.settle_checkpoint(
+            spec, checkpoint=CHECKPOINT, wait_s=CHECKPOINT_SETTLE_S)
         status = await self.runtime.status(spec)
         if status is ContainerStatus.FROZEN:  # a freeze (or a save of a frozen one) cut short
             self.ledger.transition(ws.id, State.PAUSING, State.PAUSED, actor="reconcile",

@@ -22,6 +22,8 @@ from server.runtime.base import (
     LABEL_INSTANCE,
     LABEL_MANAGED,
     LABEL_SNAPSHOT,
+    Checkpoints,
+    DiskSnapshots,
     EngineObject,
     SnapshotSpec,
     WorkspaceSpec,
@@ -46,11 +48,18 @@ class Restores:
         self.sessions = svc.sessions
         self.settings = svc.settings
 
+    def disks(self) -> DiskSnapshots:
+        """The runtime, as one that copies disks into snapshots; 409 when it cannot."""
+        if not isinstance(self.runtime, DiskSnapshots):
+            raise Conflict("this server's backend cannot snapshot, fork or restore "
+                           "workspaces", code="snapshots_unsupported")
+        return self.runtime
+
     async def build_fork(self, ws_id: str, snap: Snapshot) -> None:
         spec = self.svc.spec_for(self.svc.get(ws_id))
         try:
             async with self.svc.metrics.operation("fork"), self.svc.locked(ws_id):
-                await self.runtime.load_snapshot(spec, self.snapshot_spec(snap))
+                await self.disks().load_snapshot(spec, self.snapshot_spec(snap))
                 how = await self.boot_from(spec, snap)
                 await self.svc.networks.sync(ws_id)
                 self.ledger.transition(ws_id, State.CREATING, State.RUNNING, actor="system",
@@ -78,6 +87,7 @@ class Restores:
         row's engine handle says a restore is in progress (``restoring``), so that reconcile
         after a crash knows which half it was in: before the switch it removes the partial
         copy and the workspace is as it was; after it, it finishes the restore."""
+        disks = self.disks()
         if self.svc.get(ws_id).state != State.ERROR.value:
             await self.svc.stop(ws_id, actor=actor)
         async with self.svc.metrics.operation("restore"), self.svc.locked(ws_id):
@@ -93,7 +103,7 @@ class Restores:
                 "snapshot": snap.id, "volume": volume, "old_volume": old.volume_name,
                 "from": was.value, "reason": ws.state_reason}})
             try:
-                await self.runtime.copy_snapshot(old, self.snapshot_spec(snap), volume=volume)
+                await disks.copy_snapshot(old, self.snapshot_spec(snap), volume=volume)
             except DenError as exc:
                 with contextlib.suppress(DenError):
                     await self.runtime.remove_object(EngineObject("volume", volume, ws_id))
@@ -107,7 +117,7 @@ class Restores:
             faults.point("restore.swap")
             spec = self.svc.spec_for(self.svc.get(ws_id))
             try:
-                await self.runtime.replace_container(spec, old_volume=old.volume_name)
+                await disks.replace_container(spec, old_volume=old.volume_name)
                 self.ledger.set_engine(ws_id, without_restore(self.svc.get(ws_id).engine))
                 how = await self.boot_from(spec, snap)
                 await self.svc.networks.sync(ws_id)
@@ -143,7 +153,10 @@ class Restores:
     async def boot_from(self, spec: WorkspaceSpec, snap: Snapshot) -> str:
         """Start a container just loaded from ``snap``: from its saved memory when it has
         some (processes running), else, or when that fails, cold from its disk."""
-        if snap.memory:
+        if snap.memory and not isinstance(self.runtime, Checkpoints):
+            await self.runtime.start(spec)
+            return "started cold from disk: this server's backend cannot restore memory"
+        if snap.memory and isinstance(self.runtime, Checkpoints):
             try:
                 await self.runtime.import_checkpoint(
                     spec, checkpoint=CHECKPOINT, src=self.memory_dir(snap.id))
@@ -163,21 +176,25 @@ class Restores:
         """Copy the workspace's disk (and, for a memory snapshot of a paused workspace, its
         checkpoint) into ``snap``'s engine objects; returns the bytes copied. A failure (a
         disk full while copying memory too) leaves nothing behind."""
+        disks = self.disks()
         spec = self.snapshot_spec(snap)
         memory_dir = self.memory_dir(snap.id)
         try:
-            size = await self.runtime.snapshot(self.svc.spec_for(ws), spec)
+            size = await disks.snapshot(self.svc.spec_for(ws), spec)
             if snap.memory:
+                if not isinstance(self.runtime, Checkpoints):
+                    raise Conflict("this server's backend cannot save a workspace's memory",
+                                   code="pause_unsupported")
                 size += await self.runtime.export_checkpoint(
                     self.svc.spec_for(ws), checkpoint=CHECKPOINT, dest=memory_dir)
         except Exception:
             with contextlib.suppress(DenError):
-                await self.runtime.delete_snapshot(spec)
+                await disks.delete_snapshot(spec)
             shutil.rmtree(memory_dir, ignore_errors=True)
             raise
         return size
 
     async def delete(self, snap: Snapshot) -> None:
         """Remove the snapshot's engine objects and saved memory; missing ones are success."""
-        await self.runtime.delete_snapshot(self.snapshot_spec(snap))
+        await self.disks().delete_snapshot(self.snapshot_spec(snap))
         shutil.rmtree(self.memory_dir(snap.id), ignore_errors=True)

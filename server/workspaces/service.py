@@ -50,6 +50,7 @@ from server.outbound import OutboundPolicy, git_pin
 from server.quotas.service import Quotas
 from server.runtime.base import (
     AgentChannel,
+    Checkpoints,
     ContainerStatus,
     EngineEvent,
     ExecRequest,
@@ -259,6 +260,12 @@ class WorkspaceService:
         """Mark activity on a workspace (the ledger's, debounced)."""
         self.ledger.touch(workspace_id)
 
+    @property
+    def can_checkpoint(self) -> bool:
+        """Whether the backend can save a workspace's memory (pause, memory snapshots);
+        without it idling stops a workspace instead."""
+        return isinstance(self.runtime, Checkpoints)
+
     def add_hooks(self, hooks: WorkspaceHooks) -> None:
         self.hooks.append(hooks)
 
@@ -346,6 +353,7 @@ class WorkspaceService:
         # The policy of now, not of when the snapshot was taken (a runc snapshot after the
         # operator turned runc off must not run unsandboxed).
         runtime = validation.runtime_name(self.settings, snap.runtime)
+        self.restores.disks()  # 409 before anything is written when forks are impossible
         row = self._insert(
             user, name, message_prefix=f"fork of snapshot {snap.id} ({snap.name}) of",
             repo_url=snap.repo_url, repo_branch=snap.repo_branch, repo_dir=snap.repo_dir,
@@ -511,7 +519,9 @@ class WorkspaceService:
             try:
                 await self.runtime.stop(self.spec_for(ws), timeout_s=self.settings.stop_timeout_s)
                 # Stop drops the memory (of a pause, or kept since the last resume).
-                await self.runtime.delete_checkpoint(self.spec_for(ws), checkpoint=CHECKPOINT)
+                if isinstance(self.runtime, Checkpoints):
+                    await self.runtime.delete_checkpoint(self.spec_for(ws),
+                                                         checkpoint=CHECKPOINT)
             except DenError as exc:
                 self.ledger.transition(ws_id, step, State.ERROR, actor=actor,
                                        reason=f"stop failed: {exc.message}")
@@ -537,6 +547,9 @@ class WorkspaceService:
             if step is None:
                 return ws
             self.gpus.check_pause(ws)
+            if not isinstance(self.runtime, Checkpoints):
+                raise Conflict("this server's backend cannot save a workspace's memory; stop "
+                               "it instead: files are kept", code="pause_unsupported")
             self.ledger.transition(ws_id, State(ws.state), step, actor=actor,
                                    message="saving a frozen workspace's memory to disk"
                                    if frozen else "")
@@ -613,9 +626,11 @@ class WorkspaceService:
                     await self.runtime.thaw(spec)
                     thawed = True
                     message = f"thawed in {time.monotonic() - started:.3f} s (frozen tier)"
-                else:
+                elif isinstance(self.runtime, Checkpoints):
                     await self.runtime.resume(spec, checkpoint=CHECKPOINT)
                     message = f"restored from memory in {time.monotonic() - started:.2f} s"
+                else:
+                    raise ObjectMissing("this server's backend keeps no memory")
             except DenError as exc:
                 log.warning("workspace %s: restore failed: %s %s", ws_id, exc.message,
                             exc.detail)
