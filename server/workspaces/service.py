@@ -57,6 +57,7 @@ from server.runtime.base import (
     ExecResult,
     ExecStream,
     Freezer,
+    ManagedNetwork,
     PortConnector,
     Runtime,
     WorkspaceSpec,
@@ -68,7 +69,7 @@ from server.workspaces.activity import Activity
 from server.workspaces.admission import Gate
 from server.workspaces.engine_events import EngineFollower
 from server.workspaces.feed import EventFeed
-from server.workspaces.handles import CHECKPOINT, FROZEN_BYTES
+from server.workspaces.handles import CHECKPOINT, FROZEN_BYTES, backend_handle
 from server.workspaces.hooks import WorkspaceHooks
 from server.workspaces.ledger import Ledger
 from server.workspaces.networking import WorkspaceNetworks
@@ -218,10 +219,7 @@ class WorkspaceService:
     def spec_for(self, ws: Workspace) -> WorkspaceSpec:
         return WorkspaceSpec(
             workspace_id=ws.id,
-            container_name=ws.engine.get("container")
-            or naming.container_name(self.settings.engine_prefix, ws.id),
-            volume_name=ws.engine.get("volume")
-            or naming.volume_name(self.settings.engine_prefix, ws.id),
+            handle=backend_handle(ws.engine or {}) or self.runtime.new_handle(ws.id),
             image=ws.image,
             runtime=ws.runtime,
             cpus=ws.cpus,
@@ -235,6 +233,13 @@ class WorkspaceService:
             env={str(k): str(v) for k, v in ws.env.items()},
             gpus=self.gpus.devices_for(ws),
         )
+
+    def sandbox_name(self, ws: Workspace) -> str:
+        """The name the backend's network knows the workspace by (network policies are
+        keyed by it); its id where the backend manages no network."""
+        if isinstance(self.runtime, ManagedNetwork):
+            return self.runtime.sandbox_name(self.spec_for(ws))
+        return ws.id
 
     def repo_path(self, ws: Workspace) -> str:
         return f"{WORKSPACE_ROOT}/{ws.repo_dir}"
@@ -327,10 +332,7 @@ class WorkspaceService:
 
         row = Workspace(
             id=ws_id, owner_id=user.id, name=name, pids_limit=self.settings.default_pids,
-            engine={
-                "container": naming.container_name(self.settings.engine_prefix, ws_id),
-                "volume": naming.volume_name(self.settings.engine_prefix, ws_id),
-            },
+            engine=self.runtime.new_handle(ws_id),
             **fields,
         )
         self.ledger.insert(row, check=check, actor=user.name,

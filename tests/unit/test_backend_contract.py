@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import update
@@ -21,6 +22,7 @@ from server.runtime.base import (
     ExecRequest,
     ExecResult,
     ExecStream,
+    Handle,
     ResourceUsage,
     Runtime,
     WorkspaceSpec,
@@ -48,6 +50,12 @@ class Minimal:
 
     def __init__(self, inner: FakeRuntime) -> None:
         self.inner = inner
+
+    def new_handle(self, workspace_id: str) -> dict[str, Any]:
+        return self.inner.new_handle(workspace_id)
+
+    def stale(self, obj: EngineObject, handle: Handle) -> bool:
+        return self.inner.stale(obj, handle)
 
     async def check(self) -> None:
         await self.inner.check()
