@@ -228,13 +228,11 @@ class WarmPool:
     def spec_of(self, key: PoolKey, workspace_id: str) -> WorkspaceSpec:
         """A pooled sandbox's spec: the names a workspace of this id gets, no owner yet, and
         its id as host name until a claim renames it."""
-        prefix = self.settings.engine_prefix
         labels = {**labels_for(instance=self.instance_id, workspace_id=workspace_id,
                                owner=""), LABEL_ROLE: ROLE_POOL}
         return WorkspaceSpec(
             workspace_id=workspace_id,
-            container_name=naming.container_name(prefix, workspace_id),
-            volume_name=naming.volume_name(prefix, workspace_id),
+            handle=self.runtime.new_handle(workspace_id),
             image=key.image, runtime=key.runtime, cpus=key.cpus, memory_mb=key.memory_mb,
             pids_limit=key.pids_limit, hostname=workspace_id, labels=labels,
             disk_gb=key.disk_gb)

@@ -70,7 +70,7 @@ def thaw_time(container: str) -> float:
     from server.runtime.docker import DockerRuntime
 
     rt = DockerRuntime()
-    spec = WorkspaceSpec(workspace_id=container, container_name=container, volume_name="",
+    spec = WorkspaceSpec(workspace_id=container, handle={"container": container, "volume": ""},
                          image="", runtime="gvisor", cpus=1, memory_mb=512, pids_limit=1,
                          hostname="", labels={})
 

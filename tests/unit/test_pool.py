@@ -15,6 +15,7 @@ from server.pool import fit
 from server.pool.fit import PoolKey
 from server.pool.warm import WarmPool
 from server.runtime.base import ContainerStatus
+from server.runtime.docker_specs import container_of
 from server.runtime.fake import FakeRuntime
 from server.workspaces.service import WorkspaceService
 from tests.unit.test_service_fake import create, user
@@ -80,7 +81,7 @@ async def test_pool_fills_frozen_and_a_create_claims_one(
     ws = await create(svc, user(svc), make_repo("api"))
     assert ws.state == "running"
     assert ws.id in waiting  # it took a pooled sandbox's id and objects
-    c = fake_runtime.containers[svc.spec_for(ws).container_name]
+    c = fake_runtime.containers[container_of(svc.spec_for(ws))]
     assert c.running and not c.frozen and c.seeded and c.hostname == "api"
     assert c.spec.labels["den.role"] == "pool"
     assert [e.message for e in svc.events(ws.id) if e.kind == "pool"] == [
@@ -140,7 +141,7 @@ async def test_a_failed_claim_boots_a_fresh_sandbox(
     fake_runtime.fail_next["set_hostname"] = EngineError("no")
     ws = await create(svc, user(svc), make_repo("api"))
     assert ws.state == "running"
-    c = fake_runtime.containers[svc.spec_for(ws).container_name]
+    c = fake_runtime.containers[container_of(svc.spec_for(ws))]
     assert c.running and not c.frozen and c.hostname == ""  # made anew, not renamed
     assert any("could not be taken" in e.message for e in svc.events(ws.id))
 
