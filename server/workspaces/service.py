@@ -17,7 +17,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import SQLAlchemyError
@@ -119,6 +119,25 @@ class CreateRequest:
     network_mode: str | None = None  # None: the operator's default
     network_allow: tuple[str, ...] = ()
     devcontainer: bool = True  # build from the repository's devcontainer.json, if it has one
+    prebuild: bool = True  # fork from the owner's prebuild of the repo and branch, if ready
+
+
+@dataclass(frozen=True)
+class PrebuildUse:
+    """A prebuild a create forks from (server/prebuilds/): its snapshot, the row's fields
+    it sets, the event's words, and what runs after the boot, before ``running``."""
+
+    snapshot: Snapshot
+    fields: Mapping[str, Any]
+    message_prefix: str
+    then: Callable[[str, WorkspaceSpec], Coroutine[Any, Any, None]]
+
+
+class PrebuildFinder(Protocol):
+    async def find(self, user: User, fields: Mapping[str, Any], req: CreateRequest
+                   ) -> PrebuildUse | None:
+        """The prebuild a create of these validated ``fields`` should fork from, or None."""
+        ...
 
 
 # bash when the image has it, else sh: any image works (one sh more per session, ~20 ms).
@@ -313,8 +332,10 @@ class WorkspaceService:
 
     # --- create -----------------------------------------------------------------------
 
-    async def create(self, user: User, req: CreateRequest) -> Workspace:
-        """Validate, insert the row in ``creating`` and start building in the background."""
+    async def create(self, user: User, req: CreateRequest, *,
+                     prebuilds: PrebuildFinder | None = None) -> Workspace:
+        """Validate, insert the row in ``creating`` and start building in the background
+        (or forking from a prebuild that ``prebuilds`` finds)."""
         source = git_clone.validate_repo_url(
             req.repo_url,
             allowed_schemes=self.settings.allowed_git_schemes,
@@ -334,8 +355,7 @@ class WorkspaceService:
             value = getattr(req, field_name)
             if value is not None and not 0 <= value <= 365 * 86400:
                 raise ValidationFailed(f"{field_name} must be between 0 (never) and a year")
-        row = self._insert(
-            user, name, message_prefix="create from",
+        fields: dict[str, Any] = dict(
             repo_url=source.url if source.kind != "file" else req.repo_url.strip(),
             repo_branch=req.branch, repo_dir=naming.repo_basename(source.url), image=image,
             runtime=runtime, cpus=cpus, memory_mb=memory_mb, disk_gb=disk_gb, gpus=req.gpus,
@@ -343,6 +363,13 @@ class WorkspaceService:
             env=env, idle_timeout_s=req.idle_timeout_s, stop_after_s=req.stop_after_s,
             keep_alive=req.keep_alive, network=network.to_json(),
         )
+        if prebuilds is not None and req.prebuild and (
+                use := await prebuilds.find(user, fields, req)) is not None:
+            row = self._insert(user, name, message_prefix=use.message_prefix,
+                               **{**fields, **use.fields})
+            self._spawn(row.id, self._build_fork(row.id, use.snapshot, then=use.then))
+            return self.get(row.id)
+        row = self._insert(user, name, message_prefix="create from", **fields)
         self._spawn(row.id, self._build(row.id, source, req.branch,
                                         devcontainer=req.devcontainer))
         return self.get(row.id)
@@ -384,6 +411,12 @@ class WorkspaceService:
         self._tasks[ws_id] = task
         task.add_done_callback(lambda _t: self._tasks.pop(ws_id, None))
 
+    async def built(self, ws_id: str) -> Workspace:
+        """The workspace once its create or fork in the background has ended (either way)."""
+        if (task := self._tasks.get(ws_id)) is not None:
+            await asyncio.wait({task})
+        return self.get(ws_id)
+
     async def create_fork(self, user: User, name: str, snap: Snapshot) -> Workspace:
         """A new, independent workspace from a snapshot: its disk (container filesystem and
         /workspace) is a copy of the snapshot's."""
@@ -411,13 +444,16 @@ class WorkspaceService:
                 base = origin.disk_gb if origin is not None else base
         return min(max(base, -(-snap.size_bytes // 1024**3)), self.settings.max_disk_gb)
 
-    async def _build_fork(self, ws_id: str, snap: Snapshot) -> None:
+    async def _build_fork(self, ws_id: str, snap: Snapshot, *, then: Callable[
+            [str, WorkspaceSpec], Coroutine[Any, Any, None]] | None = None) -> None:
         spec = self.spec_for(self.get(ws_id))
         try:
             async with self.metrics.operation("fork"), self.locked(ws_id):
                 await self.runtime.load_snapshot(spec, self.snapshot_spec(snap))
                 how = await self._boot_from(spec, snap)
                 await self.sync_network(ws_id)
+                if then is not None:  # a prebuild's: newer commits, postStartCommand
+                    await then(ws_id, spec)
                 self._transition(ws_id, State.CREATING, State.RUNNING, actor="system",
                                  message=f"running from snapshot {snap.id} ({how})")
         except asyncio.CancelledError:
