@@ -469,13 +469,13 @@ def _restore(args: argparse.Namespace, ctx: _Context) -> int:
 
 
 def _prebuild(args: argparse.Namespace, ctx: _Context) -> int:
+    if (args.url is None) == (args.delete is None):
+        raise CLIError("give a repository URL, or --delete ID", exit_code=2)
     with ctx.client() as den:
         if args.delete is not None:
             den.delete_prebuild(args.delete)
             print(f"{args.delete} deleted")
             return 0
-        if args.url is None:
-            raise SystemExit("den prebuild: give a repository URL, or --delete ID")
         pb = den.prebuild(args.url, branch=args.branch, wait=not args.no_wait,
                           timeout_s=args.timeout)
     print(f"{pb.id} {pb.state}" + (f" ({pb.commit[:12]})" if pb.commit else ""))

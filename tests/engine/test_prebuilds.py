@@ -8,6 +8,9 @@ memory snapshot and a delete)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -204,11 +207,23 @@ def test_deleting_a_prebuild_leaves_its_running_fork_whole(den: Den, srv: DenSer
 def test_a_failing_post_create_command_fails_the_prebuild_and_leaves_nothing(
         den: Den, root: Path, srv: DenServer) -> None:
     bad = Repo(root, "bad", {".devcontainer/devcontainer.json": FAILING})
-    pb = den.prebuild(str(bad.bare), wait=True, timeout_s=600)
+    made = cli(srv, "prebuild", str(bad.bare))  # the CLI, against the same server
+    assert made.returncode == 1, made
+    [pb] = den.prebuilds()
+    assert made.stdout.split() == [pb.id, "failed"], made
     assert pb.state == "failed", pb
     assert "postCreateCommand failed (exit code 3)" in pb.reason, pb.reason
-    assert "boom-output" in pb.reason, pb.reason
+    assert "boom-output" in pb.reason and "boom-output" in made.stderr, (pb.reason, made)
     assert den.workspaces() == [] and snapshot_ids(srv) == []
     assert engine_objects(srv.prefix) == []
-    den.delete_prebuild(pb.id)
+    listed = cli(srv, "prebuilds")
+    assert listed.returncode == 0 and pb.id in listed.stdout and "failed" in listed.stdout
+    gone = cli(srv, "prebuild", "--delete", pb.id)
+    assert gone.returncode == 0 and gone.stdout.strip() == f"{pb.id} deleted", gone
     assert den.prebuilds() == []
+
+
+def cli(srv: DenServer, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DEN_URL": f"http://127.0.0.1:{srv.port}", "DEN_TOKEN": srv.token}
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=600)
