@@ -30,6 +30,7 @@ from server.outbound import git_pin
 from server.prebuilds import matching
 from server.prebuilds.matching import BUILDING, FAILED, READY
 from server.prebuilds.update import bring_up_to_date
+from server.runtime.base import WorkspaceSpec
 from server.snapshots.service import SnapshotService
 from server.workspaces import limits
 from server.workspaces.service import (
@@ -151,14 +152,15 @@ class PrebuildService:
                       env=dict(ws.env), devcontainer=dict(ws.devcontainer),
                       finished_at=datetime.now(UTC))
             log.info("prebuild %s: ready (commit %s, snapshot %s)", prebuild_id, commit, snap.id)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # the server stops: recover() finishes it next start
+            ws_id = None
             raise
         except Exception as exc:
             reason = (exc.message if isinstance(exc, DenError)
                       else "internal error while making the prebuild")
             log.warning("prebuild %s: failed: %s", prebuild_id, reason,
                         exc_info=None if isinstance(exc, DenError) else exc)
-            self._set(prebuild_id, state=FAILED, reason=reason[-REASON_MAX:],
+            self._set(prebuild_id, state=FAILED, reason=_shorten(reason),
                       finished_at=datetime.now(UTC))
         finally:
             if ws_id is not None:  # the snapshot is what is kept; the workspace goes
@@ -217,7 +219,7 @@ class PrebuildService:
             then=functools.partial(self._after_fork, pb),
         )
 
-    async def _after_fork(self, pb: Prebuild, ws_id: str, spec: Any) -> None:
+    async def _after_fork(self, pb: Prebuild, ws_id: str, spec: WorkspaceSpec) -> None:
         """In the fork, before it is ``running``: newer commits, postStartCommand; and a
         new prebuild in the background when this one is out of date."""
         svc = self.workspaces
@@ -289,3 +291,10 @@ class PrebuildService:
         for task in tasks:
             with contextlib.suppress(BaseException):
                 await task
+
+
+def _shorten(reason: str) -> str:
+    """At most REASON_MAX characters: what failed (the head) and the log's last lines."""
+    if len(reason) <= REASON_MAX:
+        return reason
+    return reason[:1024] + "\n…\n" + reason[-(REASON_MAX - 1027):]
