@@ -33,11 +33,8 @@ from server.prebuilds.update import bring_up_to_date
 from server.runtime.base import WorkspaceSpec
 from server.snapshots.service import SnapshotService
 from server.workspaces import limits
-from server.workspaces.service import (
-    CreateRequest,
-    PrebuildUse,
-    WorkspaceService,
-)
+from server.workspaces.prebuild_seam import PrebuildUse
+from server.workspaces.service import CreateRequest, WorkspaceService
 from server.workspaces.states import State
 
 log = logging.getLogger(__name__)

@@ -19,6 +19,7 @@ from server.db.models import Prebuild, Workspace
 from server.errors import DenError
 from server.git import clone as git_clone
 from server.runtime.base import ExecRequest, WorkspaceSpec
+from server.workspaces import hooks
 from server.workspaces.service import WorkspaceService
 
 UPDATE_DIR = ".den-prebuild-update"  # under /workspace, removed again by the same command
@@ -44,7 +45,7 @@ async def bring_up_to_date(svc: WorkspaceService, ws: Workspace, spec: Workspace
             git_clone.clone, source, branch=branch, dest=repo, timeout_s=st.clone_timeout_s,
             max_bytes=st.clone_max_mb * 1024 * 1024,
             known_hosts=st.data_dir / "ssh_known_hosts",
-            extra_env=svc.clone_env(ws) if svc.clone_env else None, outbound=svc.outbound)
+            extra_env=hooks.clone_env(svc.hooks, ws), outbound=svc.outbound)
         head = await asyncio.to_thread(_head_commit, repo)
         if head == prebuild.commit:
             svc.note(ws.id, "prebuild", f"prebuild {prebuild.id} is at the head of "

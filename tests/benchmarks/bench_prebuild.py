@@ -79,7 +79,8 @@ def bench(settings: Settings, repo: str, rounds: int) -> dict[str, Any]:
             assert client.delete(f"/api/v1/workspaces/{ws_id}", headers=h).status_code == 204
             return took
 
-        with_pb, without = [], []
+        with_pb: list[float] = []
+        without: list[float] = []
         for i in range(rounds):
             order = [True, False] if i % 2 == 0 else [False, True]
             for use in order:
