@@ -143,7 +143,7 @@ class PrebuildService:
                 raise ValidationFailed(ws.state_reason or f"its workspace is {ws.state}")
             commit = await self._commit(ws)
             await svc.pause(ws_id, actor=ACTOR)  # the snapshot then keeps it paused
-            snap = await self.snapshots.create(ws_id, name=f"prebuild {prebuild_id}",
+            snap = await self.snapshots.create(ws_id, name=_snapshot_name(prebuild_id),
                                                memory=True, actor=ACTOR)
             self._set(prebuild_id, state=READY, commit=commit, snapshot_id=snap.id,
                       env=dict(ws.env), devcontainer=dict(ws.devcontainer),
@@ -274,12 +274,19 @@ class PrebuildService:
         for pb in left:
             if pb.id in self._tasks:
                 continue
-            self._set(pb.id, state=FAILED, workspace_id=None, finished_at=datetime.now(UTC),
+            self._set(pb.id, state=FAILED, workspace_id=None, snapshot_id=None,
+                      finished_at=datetime.now(UTC),
                       reason="the server stopped while the prebuild was being made; "
                              "make it again")
             if pb.workspace_id is not None:
                 with contextlib.suppress(DenError):
                     await self.workspaces.delete(pb.workspace_id, actor=ACTOR)
+            with self.sessions() as s:  # taken just before the stop, the row not yet ready
+                taken = list(s.scalars(select(Snapshot.id).where(
+                    Snapshot.owner_id == pb.owner_id, Snapshot.name == _snapshot_name(pb.id))))
+            for sid in taken:
+                with contextlib.suppress(DenError):
+                    await self.snapshots.delete(sid, actor=ACTOR)
 
     async def shutdown(self) -> None:
         tasks = list(self._tasks.values())
@@ -288,6 +295,10 @@ class PrebuildService:
         for task in tasks:
             with contextlib.suppress(BaseException):
                 await task
+
+
+def _snapshot_name(prebuild_id: str) -> str:
+    return f"prebuild {prebuild_id}"
 
 
 def _shorten(reason: str) -> str:

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import update
+
 from server.db.models import Prebuild
 from server.prebuilds import matching
 from tests.conftest import ApiClient
@@ -175,3 +177,21 @@ def test_the_snapshot_limit_counts_prebuilds(fake_api: ApiClient,
     assert r.status_code == 200, r.text
     r = fake_api.post(PB, user="bob", json={"repo": str(make_repo("api"))})
     assert r.status_code == 409 and r.json()["error"]["code"] == "quota_exceeded", r.text
+
+
+def test_a_prebuild_left_building_by_a_stopped_server_fails_at_the_next_start(
+        fake_api: ApiClient, make_repo: Callable[..., Path]) -> None:
+    # A finished prebuild put back as a stop in the middle of its build leaves it: building,
+    # with its workspace (here a fork of it) and its snapshot already taken.
+    repo = str(make_repo("api"))
+    pb = wait_prebuild(fake_api, fake_api.post(PB, json={"repo": repo}).json()["id"])
+    ws = fake_api.create(repo, name="left")
+    with fake_api.app.state.sessions.begin() as s:
+        s.execute(update(Prebuild).where(Prebuild.id == pb["id"]).values(
+            state="building", workspace_id=ws["id"]))
+    fake_api.call(fake_api.app.state.prebuilds.recover)
+    after = fake_api.get(f"{PB}/{pb['id']}").json()
+    assert after["state"] == "failed" and "server stopped" in after["reason"], after
+    assert after["workspace_id"] is None and after["snapshot_id"] is None
+    assert fake_api.get("/api/v1/workspaces").json()["workspaces"] == []
+    assert fake_api.get("/api/v1/snapshots").json()["snapshots"] == []
