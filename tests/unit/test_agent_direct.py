@@ -10,6 +10,7 @@ import struct
 from typing import Any
 
 import pytest
+import uvloop
 
 from server.agent import direct
 from server.agent.session import AgentOpError
@@ -73,6 +74,16 @@ class FakeSession:
         self.agent = agent
         self.knows_direct = knows_direct
         self.requests: list[dict[str, Any]] = []
+        self.listeners: list[Any] = []
+        self.end_reason = ""
+
+    def when_ended(self, listener: Any) -> None:
+        self.listeners.append(listener)
+
+    def end(self) -> None:
+        self.end_reason = "the agent's stream ended"
+        for listener in self.listeners:
+            listener()
 
     async def request(self, req: dict[str, Any], *, timeout_s: float) -> Any:
         self.requests.append(req)
@@ -83,9 +94,11 @@ class FakeSession:
 
 
 def run(fn):  # type: ignore[no-untyped-def]
-    """Run an async test body on a fresh event loop (with a deadline: nothing hangs)."""
+    """Run an async test body on a fresh event loop, asyncio's and uvloop's (den serve
+    runs on uvloop), with a deadline: nothing hangs."""
     def sync() -> None:
         asyncio.run(asyncio.wait_for(fn(), 30))
+        uvloop.run(asyncio.wait_for(fn(), 30))
     sync.__name__ = fn.__name__
     return sync
 
@@ -190,3 +203,19 @@ def test_proofs_depend_on_every_input() -> None:
     assert direct.host_proof(s, n1, n2, b"\x04\x00\x50") != direct.host_proof(
         s, n1, n2, b"\x04\x00\x51")
     assert base != direct.host_proof(s, n1, n2, b"10.0.0.2:7386")  # labels differ
+
+
+@run
+async def test_the_session_ending_closes_its_direct_connections() -> None:
+    agent = FakeAgent()
+    paths = direct.DirectPaths(port=await agent.start())
+    app, app_port = await echo_app()
+    session = FakeSession(agent)
+    stream = await paths.connect("ws1", session, address, "127.0.0.1", app_port)  # type: ignore[arg-type]
+    assert stream is not None
+    await stream.write(b"ping")
+    session.end()  # the workspace pauses: its agent session ends
+    assert await read_all(stream) in (b"", b"ping")  # closed, not left hanging
+    await asyncio.wait_for(stream.wait(), 5)
+    assert await paths.connect("ws1", session, address, "127.0.0.1", app_port) is None  # type: ignore[arg-type]
+    app.close()
