@@ -159,7 +159,7 @@ BENCH_LIMITS = {"rate_limit_per_token": 0, "rate_limit_per_address": 0,
 class Server(DenServer):
     """``den serve`` for the benchmark, with the API calls it makes, each checked."""
 
-    def __init__(self, work: Path, repos_root: Path, prefix: str, **settings: object) -> None:
+    def __init__(self, work: Path, repos_root: Path, prefix: str, **settings: Any) -> None:
         """``settings``: further server settings (``file_max_bytes=...``), as DenServer's."""
         super().__init__(work / "data", repos_root, prefix, user="bench", http_timeout_s=120,
                          own_session=True,  # Ctrl-C reaches the benchmark, which stops it
