@@ -1,6 +1,6 @@
 """Preview URLs against the same servers reached directly inside the workspace, in one run.
 
-    .venv/bin/python -m tests.benchmarks.bench_preview [--quick] [--json out.json]
+    .venv/bin/python -m tests.benchmarks.bench_preview [--quick] [--json out.json] [--agent BIN]
 
 Starts a real ``den serve`` (temporary data dir, engine prefix ``denbench-preview-<random>``)
 and one workspace running ``python3 -m http.server 8000 --protocol HTTP/1.1`` (a page and a
@@ -17,8 +17,14 @@ process) and directly (a Python client run inside the workspace against 127.0.0.
 3. WebSocket echo round trip: 16-byte text messages on one connection, p50 and p90.
 
 The direct client runs in the workspace's Python (inside gVisor), the preview client here on
-the host: the ratio is what a user sees through Den against what the app itself sees. Nothing
-asserts on time; everything named with the prefix is removed at the end.
+the host: the ratio is what a user sees through Den against what the app itself sees. For
+the raw engine doing the same work from the same side (``bridge``), the same servers also
+listen on every address (ports 8001 and 9001) and this process reaches them at the
+container's address on Den's bridge with the same clients, and reads the 100 MB file through
+the engine's exec stream (``docker exec cat``). ``--agent`` runs another agent binary in the
+workspace (one without the direct path measures the relay through the agent session in the
+same machine state). Nothing asserts on time; everything named with the prefix is removed at
+the end.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import struct
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -93,7 +94,7 @@ class FakeSession:
         return {"port": direct.PORT}
 
 
-def run(fn):  # type: ignore[no-untyped-def]
+def run(fn: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
     """Run an async test body on a fresh event loop, asyncio's and uvloop's (den serve
     runs on uvloop), with a deadline: nothing hangs."""
     def sync() -> None:
