@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import logging
@@ -302,7 +303,7 @@ class DirectPaths:
         path = self._paths.get(name)
         if path is None or path.session is not session:
             path = self._paths[name] = _Path(session)
-            session.when_ended(path.end)
+            session.when_ended(functools.partial(self._ended, name, path))
         async with path.lock:
             if path.ready:
                 return path
@@ -324,8 +325,10 @@ class DirectPaths:
             path.address, path.secret = found, secret
             return path
 
-    def forget(self, name: str) -> None:
-        self._paths.pop(name, None)
+    def _ended(self, name: str, path: _Path) -> None:
+        path.end()
+        if self._paths.get(name) is path:
+            del self._paths[name]
 
 
 def direct_counts(runtime: object) -> dict[str, int]:

@@ -15,7 +15,7 @@ import uvloop
 
 from server.agent import direct
 from server.agent.session import AgentOpError
-from server.runtime.errors import EngineConflict
+from server.runtime.errors import AgentUnavailable, EngineConflict
 
 
 class FakeAgent:
@@ -79,7 +79,10 @@ class FakeSession:
         self.end_reason = ""
 
     def when_ended(self, listener: Any) -> None:
-        self.listeners.append(listener)
+        if self.end_reason:
+            listener()
+        else:
+            self.listeners.append(listener)
 
     def end(self) -> None:
         self.end_reason = "the agent's stream ended"
@@ -88,6 +91,8 @@ class FakeSession:
 
     async def request(self, req: dict[str, Any], *, timeout_s: float) -> Any:
         self.requests.append(req)
+        if self.end_reason:
+            raise AgentUnavailable(self.end_reason)
         if not self.knows_direct:
             raise AgentOpError("invalid", 'unknown op "direct"')
         self.agent.secret = bytes.fromhex(req["secret"])
@@ -216,6 +221,7 @@ async def test_the_session_ending_closes_its_direct_connections() -> None:
     assert stream is not None
     await stream.write(b"ping")
     session.end()  # the workspace pauses: its agent session ends
+    assert not paths._paths  # nothing kept for a session that is over
     assert await read_all(stream) in (b"", b"ping")  # closed, not left hanging
     await asyncio.wait_for(stream.wait(), 5)
     assert await paths.connect("ws1", session, address, "127.0.0.1", app_port) is None  # type: ignore[arg-type]
