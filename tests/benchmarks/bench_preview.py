@@ -186,8 +186,9 @@ def main() -> int:
     git("clone", "-q", "--bare", str(src), str(repos / "site.git"), cwd=root)
     prefix = f"denbench-preview-{secrets.token_hex(2)}"
     extra = {"agent_binary": args.agent} if args.agent else {}
+    # no API rate limit: the full run reads the workspace 500 times in a row (a 429 otherwise)
     srv = DenServer(root / "data", repos, prefix, user="alice", ssh_port=0, reaper_interval_s=0,
-                    **extra)
+                    rate_limit_per_token=0, **extra)
     srv.start()
     results: dict[str, Any] = {}
     try:
@@ -271,6 +272,8 @@ def main() -> int:
             print(json.dumps(results, indent=2))
             ws.delete()
     finally:
+        for w in srv.http.get("/api/v1/workspaces").json().get("workspaces", []):
+            srv.http.delete(f"/api/v1/workspaces/{w['id']}")  # also when a measure failed
         srv.close()
         remove_networks(prefix)  # Den's network and its firewall chains (it kept them)
         subprocess.run(["rm", "-rf", str(root)], check=False)
