@@ -1246,13 +1246,13 @@ class DockerRuntime:
         session = await self._agent_or_fallback(spec)
         if session is None:
             return None
-        stream = await self.direct.connect(spec.container_name, session,
+        stream = await self.direct.connect(container_of(spec), session,
                                            lambda: self._address(spec), host, port)
         return stream or await agent_ops.AgentExecStream.connect(session, host, port)
 
     async def _address(self, spec: WorkspaceSpec) -> str | None:
         """The container's address on Den's network, asked of the engine now."""
-        return (await self.network()).addresses.get(spec.container_name)
+        return (await self.network()).addresses.get(container_of(spec))
 
 
     def _resize(self, exec_id: str, cols: int, rows: int) -> None:
