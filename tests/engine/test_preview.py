@@ -175,6 +175,11 @@ def test_a_public_share_works_without_signing_in_until_set_private(preview: Prev
 def test_a_paused_workspace_wakes_when_its_preview_is_opened(preview: Preview) -> None:
     preview.ws.pause()
     assert preview.ws.refresh().state == "paused"
+    before = port_connections(preview)
     r = preview.get("/", token=preview.srv.token)
     assert r.status_code == 200 and "served from the workspace" in r.text
     assert preview.ws.refresh().state == "running"
+    # The restored sandbox's listener answers, with the new session's secret: still direct.
+    after = port_connections(preview)
+    assert after.get("direct", 0) > before.get("direct", 0), (before, after)
+    assert after.get("relay", 0) == before.get("relay", 0), (before, after)
