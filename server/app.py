@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from server import __version__, backends
+from server.agent.direct import direct_counts
 from server.api import (
     event_stream,
     files,
@@ -191,7 +192,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
         collector = StateCollector(
             metrics=metrics, sessions=sessions, gate=svc.long_calls.counts,
             checkpoint_bytes=lambda: checkpoint_usage(rt, settings.data_dir),
-            gpu_total=len(pool.gpus))
+            gpu_total=len(pool.gpus), port_connections=lambda: direct_counts(rt))
         metrics.registry.register(collector)
         stop_listener = (serve_separately(settings.metrics_listen, metrics)
                          if settings.metrics_listen else None)
