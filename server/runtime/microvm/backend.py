@@ -60,6 +60,7 @@ KIND = "vm"  # EngineObject.kind of a VM directory
 SYNC_TIMEOUT_S = 10.0  # the guest's `sync` before QEMU is told to end
 PROBE_TIMEOUT_S = 15.0
 AGENT_ATTEMPT_S = 1.0  # one hello's wait while the guest boots
+DEFAULT_WORKSPACE_GB = 10  # /workspace of a spec without disk_gb (0: a row made before it)
 
 
 class MicroVmRuntime:
@@ -69,8 +70,7 @@ class MicroVmRuntime:
 
     def __init__(self, *, boot_dir: Path, vms_dir: Path, image: str, prefix: str = "den",
                  qemu: str = "qemu-system-x86_64", accel: str = "auto",
-                 boot_timeout_s: float = 120.0, workspace_gb: int = 10,
-                 console_log: bool = False) -> None:
+                 boot_timeout_s: float = 120.0, console_log: bool = False) -> None:
         self.boot = BootFiles.under(boot_dir)
         self.vms_dir = vms_dir
         self.image = image
@@ -79,7 +79,6 @@ class MicroVmRuntime:
         self._accel_setting = accel
         self.accelerator = "" if accel == "auto" else accel  # decided by check()
         self.boot_timeout_s = boot_timeout_s
-        self.workspace_gb = workspace_gb
         self.console_log = console_log
         self._tsc_khz = 0
         self._agents: dict[str, AgentSession] = {}
@@ -147,7 +146,7 @@ class MicroVmRuntime:
                   "created": time.time()}
         await self._io(functools.partial(
             disks.make, self.files(spec), rootfs=self.boot.rootfs,
-            workspace_gb=spec.disk_gb or self.workspace_gb, record=record))
+            workspace_gb=spec.disk_gb or DEFAULT_WORKSPACE_GB, record=record))
 
     async def seed(self, spec: WorkspaceSpec, tar: Path) -> None:
         """Unpack ``tar`` into /workspace through the agent (``tar -x`` as root, owners kept)."""
