@@ -101,6 +101,7 @@ def test_unknown_accelerator_is_a_programming_error() -> None:
 def test_probe_boots_with_kvm_and_powers_off() -> None:
     argv = probe_argv("qemu", BOOT)
     assert _opt(argv, "-accel") == ["kvm"] and _opt(argv, "-serial") == ["stdio"]
+    assert _opt(probe_argv("qemu", BOOT, accel="tcg"), "-cpu") == ["max"]
     assert "den.probe=1" in _opt(argv, "-append")[0]
     assert "-daemonize" not in argv
 

@@ -128,15 +128,18 @@ def qemu_argv(qemu: str, boot: BootFiles, files: VmFiles, *, accel: str, cpus: f
     return argv
 
 
-def probe_argv(qemu: str, boot: BootFiles) -> list[str]:
+def probe_argv(qemu: str, boot: BootFiles, *, accel: str = "kvm", tsc_khz: int = 0
+               ) -> list[str]:
     """A VM that boots the kernel and initramfs and powers off at once, its console on
-    stdout: whether an accelerator (KVM) can run a guest here."""
+    stdout: whether an accelerator (KVM) can run a guest here (and the bare boot that
+    benchmarks compare Den's with)."""
     return [
-        qemu, "-M", "microvm,x-option-roms=off,rtc=on,pcie=off", "-accel", "kvm",
-        "-cpu", "host", "-smp", "1", "-m", "256M", "-nodefaults", "-no-user-config",
-        "-display", "none", "-no-reboot", "-kernel", str(boot.kernel),
-        "-initrd", str(boot.initramfs),
-        "-append", kernel_cmdline("probe", console=True, probe=True), "-serial", "stdio",
+        qemu, "-M", "microvm,x-option-roms=off,rtc=on,pcie=off", "-accel", accel,
+        "-cpu", "host" if accel == "kvm" else "max", "-smp", "1", "-m", "256M",
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-kernel", str(boot.kernel), "-initrd", str(boot.initramfs),
+        "-append", kernel_cmdline("probe", console=True, probe=True, tsc_khz=tsc_khz),
+        "-serial", "stdio",
     ]
 
 

@@ -80,7 +80,7 @@ class MicroVmRuntime:
         self.accelerator = "" if accel == "auto" else accel  # decided by check()
         self.boot_timeout_s = boot_timeout_s
         self.console_log = console_log
-        self._tsc_khz = 0
+        self.tsc_khz = 0
         self._agents: dict[str, AgentSession] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._listeners: list[Callable[[str, str], None]] = []
@@ -114,10 +114,10 @@ class MicroVmRuntime:
             log.warning("microVMs run with %s", "KVM" if self.accelerator == "kvm" else
                         "TCG (software emulation, no usable KVM here): guest CPU is several "
                         "times slower")
-        if self.accelerator == "tcg" and not self._tsc_khz:
+        if self.accelerator == "tcg" and not self.tsc_khz:
             with contextlib.suppress(OSError):
-                self._tsc_khz = host_tsc_khz(Path("/proc/cpuinfo").read_text())
-            if not self._tsc_khz:
+                self.tsc_khz = host_tsc_khz(Path("/proc/cpuinfo").read_text())
+            if not self.tsc_khz:
                 raise EngineUnavailable("cannot read the host's TSC frequency (/proc/cpuinfo "
                                         "has no `cpu MHz`): TCG guests cannot keep time")
         self.vms_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -184,7 +184,7 @@ class MicroVmRuntime:
         await self.check()
         argv = qemu_argv(self.qemu, self.boot, files, accel=self.accelerator, cpus=spec.cpus,
                          memory_mb=spec.memory_mb, hostname=spec.hostname,
-                         tsc_khz=self._tsc_khz, console_log=self.console_log)
+                         tsc_khz=self.tsc_khz, console_log=self.console_log)
         for sock in (files.agent, files.qmp):
             sock.unlink(missing_ok=True)
         started = time.monotonic()
