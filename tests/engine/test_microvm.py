@@ -6,6 +6,7 @@ without them the module is skipped and says so. One VM is shared by the tests, i
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import subprocess
@@ -160,3 +161,55 @@ def test_delete_leaves_no_process_and_no_directory(vm_api: ApiClient,
     assert not files.dir.exists()
     assert not Path(f"/proc/{pid}").exists() or b"qemu" not in Path(
         f"/proc/{pid}/cmdline").read_bytes()
+
+
+def test_a_restarted_den_finds_the_running_vm_and_its_agent(tmp_path: Path) -> None:
+    """QEMU runs daemonized: a new runtime (Den after a restart) finds the VM by its directory,
+    lists it for reconcile, and reaches the same agent once the old session is gone."""
+    problem = _setup_problem()
+    if problem is not None:
+        pytest.skip(problem)
+    from server.runtime.base import ContainerStatus, ExecRequest, WorkspaceSpec, labels_for
+    from server.runtime.microvm.backend import MicroVmRuntime
+
+    prefix = f"{RUN_PREFIX}-{secrets.token_hex(2)}"
+    vms = BOOT_DIR / "vms"
+
+    def runtime() -> MicroVmRuntime:
+        return MicroVmRuntime(boot_dir=BOOT_DIR, vms_dir=vms, image="den/workspace:latest",
+                              prefix=prefix)
+
+    first = runtime()
+    spec = WorkspaceSpec(workspace_id="r1", handle=first.new_handle("r1"),
+                         image="den/workspace:latest", runtime="microvm", cpus=1,
+                         memory_mb=512, pids_limit=1024, hostname="r1",
+                         labels=labels_for(instance=prefix, workspace_id="r1", owner="t"),
+                         disk_gb=1)
+
+    async def scenario() -> None:
+        await first.check()
+        await first.create(spec)
+        await first.start(spec)
+        before = await first.exec(spec, ExecRequest(argv=["sh", "-c", "echo $$ > /tmp/mark"]))
+        assert before.exit_code == 0, before
+        old = await first.agent(spec)
+        assert old is not None
+        await old.close("Den went away")
+        again = runtime()
+        await again.check()
+        assert await again.status(spec) is ContainerStatus.RUNNING
+        [obj] = await again.list_objects(prefix)
+        assert (obj.name, obj.workspace_id, obj.running) == (spec.handle["vm"], "r1", True)
+        assert not again.stale(obj, spec.handle)
+        out = await again.exec(spec, ExecRequest(argv=["cat", "/tmp/mark"]))
+        assert out.exit_code == 0 and out.stdout.strip().isdigit(), out  # same boot: /tmp kept
+        await again.remove_object(obj)
+        assert await again.status(spec) is ContainerStatus.MISSING
+        assert await again.list_objects(prefix) == []
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for d in vms.glob(f"{prefix}-*"):
+            process.end(VmFiles(d), timeout_s=0)
+            subprocess.run(["rm", "-rf", str(d)], check=False)

@@ -21,7 +21,6 @@ from server.errors import ValidationFailed
 # A Unix socket's path must fit sockaddr_un (108 bytes with its NUL).
 MAX_SOCKET_PATH = 107
 AGENT_PORT = "den.agent"  # the virtio-serial port's name (/dev/vportNpM in the guest)
-CONSOLE_LOG_BYTES = 1 << 20  # the console log (debugging only) is cut at this size
 
 
 @dataclass(frozen=True)
