@@ -126,6 +126,12 @@ def test_exec_streams_and_exit_codes_through_the_agent(vm_api: ApiClient,
     assert missing["exit_code"] == 127, missing
 
 
+def test_workspace_disk_has_the_size_asked_for(vm_api: ApiClient, vm: dict[str, Any]) -> None:
+    out = vm_api.exec(vm["id"], ["df", "--output=size", "-B1M", "/workspace"])
+    size_mb = int(out["stdout"].split()[-1])
+    assert 900 <= size_mb <= 1024, out  # disk_gb 1: ext4's own metadata takes the rest
+
+
 def test_stop_then_start_keeps_workspace_files(vm_api: ApiClient, vm: dict[str, Any]) -> None:
     ws_id = vm["id"]
     assert vm_api.exec(ws_id, "echo kept > /workspace/api/note")["exit_code"] == 0
