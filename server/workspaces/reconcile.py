@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
@@ -32,9 +31,6 @@ from server.workspaces.handles import (
 )
 from server.workspaces.part import ServicePart
 from server.workspaces.states import Sleep, State
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 

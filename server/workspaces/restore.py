@@ -14,7 +14,7 @@ import logging
 import shutil
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from server import faults
 from server.db.models import Snapshot, Workspace
@@ -33,9 +33,6 @@ from server.runtime.base import (
 from server.workspaces.handles import CHECKPOINT, RESTORING, backend_handle, without_restore
 from server.workspaces.part import ServicePart
 from server.workspaces.states import State
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 
