@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Host setup for the microVM backend (DEN_BACKEND=microvm, docs/microvm.md). Idempotent; run
-# as root; nothing calls it by default. Builds, under DIR (default <data_dir>/microvm, i.e.
-# /var/lib/den/microvm; the backend reads DEN_MICROVM_DIR):
+# as root; `make test` runs it (the microVM engine tests need it). Builds, under DIR (default
+# <data_dir>/microvm, i.e. /var/lib/den/microvm; the backend reads DEN_MICROVM_DIR):
 #
 #   vmlinux          the Debian kernel, uncompressed (PVH boot: the xz vmlinuz is slow to
 #                    unpack under TCG)
