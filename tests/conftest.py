@@ -152,6 +152,8 @@ def remove_engine_objects(prefix: str) -> None:
     """Every container, volume, image and network whose name starts with ``prefix`` (what a
     benchmark made), removed."""
     for kind, name in engine_objects(prefix):
+        if kind == "container":  # a frozen sandbox (a warm pool's) cannot be force-removed
+            thaw_container(name)
         subprocess.run(["docker", "rm", "-f", name] if kind == "container"
                        else ["docker", "volume", "rm", "-f", name], capture_output=True)
     images = subprocess.run(["docker", "images", "--format", "{{.Repository}}:{{.Tag}}"],

@@ -40,13 +40,12 @@ from typing import Any
 from tests.benchmarks.bench_workspaces import (
     Raw,
     Server,
-    cleanup_engine,
     machine,
     make_repo,
     sh,
     timed,
 )
-from tests.conftest import engine_objects, thaw_container
+from tests.conftest import remove_engine_objects
 
 METRICS_TOKEN = "bench-pool"
 
@@ -162,10 +161,7 @@ def main() -> int:
     finally:
         for srv in servers.values():
             srv.close()
-        for kind, name in engine_objects(prefix):
-            if kind == "container":  # the pool's frozen sandbox cannot be force-removed
-                thaw_container(name)
-        cleanup_engine(prefix)
+        remove_engine_objects(prefix)  # the pool's frozen sandbox too
         shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -6,7 +6,6 @@ own, the budget holds, and a restart (``kill -9``) leaves no orphan and refills 
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,14 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import (
-    RUN_PREFIX,
-    engine_objects,
-    git,
-    remove_networks,
-    thaw_container,
-    unmount_disks,
-)
+from tests.conftest import RUN_PREFIX, engine_objects, git, remove_engine_objects, unmount_disks
 from tests.engine.test_sleep import docker, wait
 from tests.server_process import DenServer
 
@@ -78,14 +70,8 @@ class Pooled(DenServer):
                    if line.startswith(name + "{") or line.startswith(name + " "))
 
 
-def remove_engine_objects(prefix: str) -> None:
-    for kind, name in engine_objects(prefix + "-"):
-        if kind == "container":  # a frozen sandbox cannot be force-removed
-            thaw_container(name)
-        subprocess.run(["docker", "rm", "-f", name] if kind == "container"
-                       else ["docker", "volume", "rm", "-f", name], capture_output=True,
-                       timeout=60)
-    remove_networks(prefix)
+def remove_server_objects(prefix: str) -> None:
+    remove_engine_objects(prefix + "-")  # the pool's frozen sandboxes too, and the network
     unmount_disks(prefix)
 
 
@@ -120,7 +106,7 @@ def srv(engine: None, repo: Path, tmp_path_factory: pytest.TempPathFactory
         yield s
     finally:
         s.close()
-        remove_engine_objects(s.prefix)
+        remove_server_objects(s.prefix)
 
 
 def test_a_create_claims_a_pooled_sandbox_and_the_pool_refills(srv: Pooled, repo: Path
@@ -199,4 +185,4 @@ def test_the_budget_holds_and_a_restart_leaves_no_orphan(
         assert not any(old in name for old in before for name in left), left
     finally:
         s.close()
-        remove_engine_objects(s.prefix)
+        remove_server_objects(s.prefix)
