@@ -149,7 +149,6 @@ def test_websocket_opens_take_from_the_same_buckets_and_are_refused_before_the_u
     assert srv.http.get(ME).status_code == 200  # 1 of the token's 3
     for _ in range(2):  # 2 and 3: opened (then ended: no such workspace)
         with ws_connect(url, additional_headers=headers) as conn:
-            conn.send(json.dumps({"cmd": "true"}))
             assert json.loads(conn.recv(timeout=WAIT_S))["error"]["code"] == "not_found"
             with pytest.raises(ConnectionClosed) as closed:
                 conn.recv(timeout=WAIT_S)
