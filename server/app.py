@@ -6,12 +6,10 @@ No import-time globals: everything hangs off ``app.state`` and is built from Set
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from server import __version__
+from server import __version__, backends
 from server.api import (
     event_stream,
     files,
@@ -41,21 +39,18 @@ from server.api import (
 from server.api import exec as exec_routes
 from server.api.guard import BodyGuard
 from server.api.observe import Observe
+from server.backends import Backend
 from server.config import Settings
 from server.db.migrate import ensure_schema
 from server.db.models import Meta, Workspace
 from server.db.session import make_engine, make_session_factory, prepare_data_dir
-from server.devcontainer.build import ImageMaker
-from server.devcontainer.setup import DevContainers
 from server.errors import DenError
 from server.forges.pull_requests import ForgeService
 from server.gpus.allocation import GpuPool
-from server.gpus.container import gpu_sandbox
 from server.logs import request_id
 from server.metrics import Metrics, StateCollector, checkpoint_usage, serve_separately
 from server.network.denials import KmsgWatcher
-from server.network.firewall import bridge_name
-from server.network.guard import NetworkGuard, resolv_conf, upstream_resolvers
+from server.network.guard import NetworkGuard
 from server.preview import tokens as preview_tokens
 from server.preview.dispatch import PreviewMiddleware
 from server.preview.service import PreviewService
@@ -67,7 +62,6 @@ from server.ssh.keys import SSHKeyService
 from server.web.mount import mount as mount_web
 from server.web.render import error_page, is_page
 from server.web.sessions import session_secret
-from server.workspaces import image_policy
 from server.workspaces.files import FileService
 from server.workspaces.processes import ProcessService
 from server.workspaces.reaper import Reaper
@@ -85,50 +79,6 @@ def instance_id(sessions: sessionmaker[Session]) -> str:
             row = Meta(key="instance_id", value=secrets.token_hex(8))
             s.add(row)
         return row.value
-
-
-def default_runtime(settings: Settings, *, gpus: GpuPool | None = None
-                    ) -> tuple[Runtime, NetworkGuard | None]:
-    """The Docker engine with gVisor, and the guard of its network when isolation is on."""
-    from server.agent.install import install_agent
-    from server.runtime.disk_quota import Disks
-    from server.runtime.docker import DockerRuntime
-
-    network: dict[str, Any] = {}
-    if settings.network_isolation:
-        name = settings.resolved_network_name()
-        if not upstream_resolvers(settings):
-            log.warning("no name server for workspaces' DNS forwarder (the host's "
-                        "/etc/resolv.conf names none): set DEN_NETWORK_DNS")
-        # Names Den's DNS forwarder, on the bridge's gateway, once the bridge exists (guard).
-        network = {"network": name, "network_interface": bridge_name(name),
-                   "network_subnet": settings.network_subnet,
-                   "resolv_conf": resolv_conf(settings)}
-    rt = DockerRuntime(base_url=settings.docker_url, gvisor_runtime=settings.gvisor_runtime,
-                       threads=settings.engine_threads, helper_image=settings.default_image,
-                       runsc=settings.runsc_path, runsc_root=settings.runsc_root,
-                       agent_dir=install_agent(settings),
-                       disks=Disks(settings.data_dir / "disks") if settings.enforce_disk_gb
-                       else None,
-                       gpu=gpu_sandbox(settings) if gpus is not None and gpus.gpus else None,
-                       **network)
-    guard = (NetworkGuard(runtime=rt, settings=settings, resolver_addresses=[], forwarder=True)
-             if settings.network_isolation else None)
-    return rt, guard
-
-
-def devcontainers(settings: Settings) -> DevContainers:
-    """Workspaces from devcontainer.json, with images built on the Docker engine."""
-    from server.runtime.docker_build import DockerImageBuilder
-
-    maker = ImageMaker(DockerImageBuilder(base_url=settings.docker_url,
-                                          gvisor_runtime=settings.gvisor_runtime),
-                       prefix=settings.engine_prefix, helper_image=settings.default_image,
-                       check_image=functools.partial(image_policy.check, settings),
-                       timeout_s=settings.devcontainer_build_timeout_s,
-                       context_max_mb=settings.devcontainer_context_max_mb,
-                       builds=settings.devcontainer_builds)
-    return DevContainers(maker, command_timeout_s=settings.devcontainer_command_timeout_s)
 
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found",
@@ -180,8 +130,9 @@ def _allowed_methods(request: Request) -> list[str]:
 
 def create_app(settings: Settings, *, runtime: Runtime | None = None,
                network: NetworkGuard | None = None) -> FastAPI:
-    """Build the app. ``runtime`` defaults to the Docker engine with gVisor (and then
-    ``network`` to the guard of its network, per settings)."""
+    """Build the app. Without ``runtime``, the backend the settings name (server/backends.py)
+    gives the runtime, its network guard and its devcontainer builder; with one (tests),
+    ``network`` is its guard and devcontainer.json is refused."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -191,17 +142,17 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
         ensure_schema(engine, url, auto_migrate=settings.auto_migrate)
         sessions = make_session_factory(engine)
         pool = await asyncio.to_thread(GpuPool.from_settings, settings)
-        rt, guard = ((runtime, network) if runtime is not None
-                     else default_runtime(settings, gpus=pool))
+        backend = (Backend(runtime=runtime, network=network) if runtime is not None
+                   else backends.load(settings, gpus=pool))
+        rt, guard = backend.runtime, backend.network
         svc = WorkspaceService(settings=settings, sessions=sessions, runtime=rt,
                                instance_id=instance_id(sessions), metrics=metrics,
-                               network=guard, gpus=pool,
-                               devcontainers=devcontainers(settings) if runtime is None else None)
+                               network=guard, gpus=pool, devcontainers=backend.devcontainers)
         denials: KmsgWatcher | None = None
         if guard is not None:  # fail closed: no server whose workspaces escape the policy
-            await guard.sync(svc.network_policies)
+            await guard.sync(svc.networks.policies)
             if guard.log_denied:
-                denials = KmsgWatcher(guard.log_tag, svc.record_denial)
+                denials = KmsgWatcher(guard.log_tag, svc.networks.record_denial)
                 denials.start()
         app.state.settings = settings
         app.state.sessions = sessions

@@ -85,6 +85,11 @@ class Settings(BaseSettings):
             "installations (or test runs) share one engine."
         ),
     )
+    backend: Literal["docker"] = Field(
+        "docker",
+        description="The workspace backend (server/backends.py): `docker`, the Docker "
+        "engine with gVisor.",
+    )
     engine_threads: int = Field(
         32,
         ge=1,

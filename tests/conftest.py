@@ -155,7 +155,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
-    outcome = yield
+    outcome: Any = yield
     rep = outcome.get_result()
     if rep.when == "call" and rep.failed and "engine" in item.keywords:
         ps = subprocess.run(
@@ -225,6 +225,11 @@ class ApiClient:
     @property
     def app(self) -> Any:
         return self.client.app
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` run on the app's event loop (a coroutine function is awaited)."""
+        assert self.client.portal is not None, "the TestClient is not started"
+        return self.client.portal.call(fn, *args)
 
     def create(self, repo: Path | str, *, name: str = "api", user: str = "alice",
                wait: bool = True, **extra: Any) -> dict[str, Any]:

@@ -67,7 +67,7 @@ async def update_workspace(ref: str, body: WorkspacePatch, user: CurrentUser, sv
     """Change settings of a workspace; a network policy applies at once, without a restart."""
     ws = svc.get_for(user, ref)
     if body.network is not None:
-        ws = await svc.set_network(ws.id, body.network.mode, body.network.allow,
+        ws = await svc.networks.set(ws.id, body.network.mode, body.network.allow,
                                    actor=user.name)
     return WorkspaceOut.of(ws, svc.settings)
 

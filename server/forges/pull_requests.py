@@ -124,11 +124,9 @@ class ForgeService:
         self._locks: dict[str, asyncio.Lock] = {}
 
     def attach(self) -> None:
-        """Give the workspace service its clone hooks (credentials, Den's git hooks) and the
-        clean-up of mirrors when a workspace is deleted."""
-        self.workspaces.clone_env = self.clone_env
-        self.workspaces.prepare_clone = self.prepare_clone
-        self.workspaces.deleted_hooks.append(self.forget)
+        """Register with the workspace service as its hooks (server/workspaces/hooks.py):
+        clone credentials, Den's git hooks, and the clean-up of mirrors after a delete."""
+        self.workspaces.add_hooks(self)
 
     # --- accounts -----------------------------------------------------------------------
 
@@ -178,7 +176,8 @@ class ForgeService:
         if git_dir.is_dir():
             install_hooks(git_dir, workspace=ws.name, protected=protected, author=author)
 
-    def forget(self, workspace_id: str) -> None:
+    def deleted(self, workspace_id: str) -> None:
+        """A deleted workspace's mirror goes with it."""
         shutil.rmtree(mirror_path(self.settings, workspace_id), ignore_errors=True)
 
     def reconcile(self, known: set[str]) -> None:

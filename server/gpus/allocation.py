@@ -1,5 +1,5 @@
 """Exclusive allocation of whole GPUs, written in the same transaction as the state change
-that needs it (the ledger, ``WorkspaceService._transition``, calls :meth:`GpuPool.on_transition`).
+that needs it (the ledger, ``Ledger.transition``, calls :meth:`GpuPool.on_transition`).
 
 A workspace holds its GPUs while its container may run: they are taken on the way into
 ``creating``, ``starting`` and ``resuming`` (:data:`TAKES`) and given back on the way into

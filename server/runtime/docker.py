@@ -39,7 +39,7 @@ from server.agent.protocol import DockerDemux
 from server.agent.session import AgentOpError, AgentSession
 from server.errors import DenError
 from server.gpus.container import GpuSandbox
-from server.runtime import cgroup_freezer, disk_quota, docker_specs
+from server.runtime import cgroup_freezer, disk_quota, docker_engine, docker_specs
 from server.runtime.base import (
     LABEL_INSTANCE,
     LABEL_MANAGED,
@@ -518,9 +518,7 @@ class DockerRuntime:
             if info["State"].get("Running"):
                 return
             self._disk_ready(spec, info)
-            res = api._post(api._url("/containers/{0}/start", name),
-                            params={"checkpoint": checkpoint})
-            api._raise_for_status(res)
+            docker_engine.start_from_checkpoint(api, name, checkpoint)
 
         await self._call(f"resume workspace {spec.workspace_id}", run, slow=True)
 
@@ -536,7 +534,7 @@ class DockerRuntime:
 
     def _delete_checkpoint(self, cid: str, checkpoint: str) -> None:
         """The engine's checkpoint (its directory of links) and the image beside it."""
-        _delete_checkpoint(self._api(), cid, checkpoint)
+        docker_engine.delete_checkpoint(self._api(), cid, checkpoint)
         image = self._home(cid) / IMAGES_DIR / checkpoint
         docker_specs.checkpoint_marker(image).unlink(missing_ok=True)
         image.with_name(image.name + ".log").unlink(missing_ok=True)
@@ -1567,14 +1565,6 @@ def processes_naming(arg: str) -> list[int]:
         if arg.encode() in argv:
             found.append(int(proc.name))
     return found
-
-
-def _delete_checkpoint(api: Any, container: str, checkpoint: str) -> None:
-    """Docker's checkpoint API has no SDK wrapper; a missing checkpoint is success."""
-    res = api._delete(api._url("/containers/{0}/checkpoints/{1}", container, checkpoint))
-    if res.status_code == 404 or "does not exist" in res.text:  # Docker 20.10 answers 500
-        return
-    api._raise_for_status(res)
 
 
 # --- the Docker attach protocol: 8-byte frame headers (stream, 0, 0, 0, size) --------------

@@ -3,16 +3,14 @@ fork's build) go through the workspace service, which alone writes state."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import secrets
-import shutil
 
 from sqlalchemy import delete, select
 
 from server.db.models import Snapshot, User, Workspace
-from server.errors import Conflict, DenError, NotFound, ValidationFailed
-from server.workspaces.service import CHECKPOINT, WorkspaceService
+from server.errors import Conflict, NotFound, ValidationFailed
+from server.workspaces.service import WorkspaceService
 from server.workspaces.states import State
 
 log = logging.getLogger(__name__)
@@ -101,18 +99,7 @@ class SnapshotService:
                 repo_url=ws.repo_url, repo_branch=ws.repo_branch, repo_dir=ws.repo_dir,
                 runtime=ws.runtime, network=dict(ws.network or {}),
             )
-            spec = svc.snapshot_spec(snap)
-            memory_dir = svc.snapshot_memory_dir(sid)
-            try:
-                snap.size_bytes = await svc.runtime.snapshot(svc.spec_for(ws), spec)
-                if memory:
-                    snap.size_bytes += await svc.runtime.export_checkpoint(
-                        svc.spec_for(ws), checkpoint=CHECKPOINT, dest=memory_dir)
-            except Exception:  # a disk full while copying memory too: leave nothing behind
-                with contextlib.suppress(DenError):
-                    await svc.runtime.delete_snapshot(spec)
-                shutil.rmtree(memory_dir, ignore_errors=True)
-                raise
+            snap.size_bytes = await svc.restores.take(ws, snap)
             with self.sessions.begin() as s:
                 s.add(snap)
             return snap
@@ -134,15 +121,14 @@ class SnapshotService:
         if snap.workspace_id is None:
             raise Conflict("the snapshot's workspace is deleted; fork the snapshot instead",
                            code="workspace_gone")
-        return await self.workspaces.restore_snapshot(snap.workspace_id, snap, actor=actor)
+        return await self.workspaces.restores.restore(snap.workspace_id, snap, actor=actor)
 
     async def fork(self, user: User, snap: Snapshot, *, name: str) -> Workspace:
         return await self.workspaces.create_fork(user, name, snap)
 
     async def delete(self, snapshot_id: str, *, actor: str) -> None:
         snap = self.get(snapshot_id)
-        await self.workspaces.runtime.delete_snapshot(self.workspaces.snapshot_spec(snap))
-        shutil.rmtree(self.workspaces.snapshot_memory_dir(snap.id), ignore_errors=True)
+        await self.workspaces.restores.delete(snap)
         with self.sessions.begin() as s:
             s.execute(delete(Snapshot).where(Snapshot.id == snapshot_id))
         if snap.workspace_id is not None:

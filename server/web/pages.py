@@ -190,7 +190,7 @@ async def set_network(request: Request, ref: str, user: WebUser,
     ws = svc.get_for(user, ref)
     entries = [e for e in allow.replace(",", " ").split() if e]
     try:
-        await svc.set_network(ws.id, mode, entries if mode == "allowlist" else [],
+        await svc.networks.set(ws.id, mode, entries if mode == "allowlist" else [],
                               actor=user.name)
         flash(request, f"Network of {ws.name}: {mode}.")
     except DenError as exc:

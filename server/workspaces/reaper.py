@@ -33,7 +33,8 @@ from server.errors import DenError
 from server.logs import bind_workspace
 from server.runtime.base import Freezer
 from server.workspaces.activity import Activity
-from server.workspaces.service import FROZEN_BYTES, WorkspaceService
+from server.workspaces.handles import FROZEN_BYTES
+from server.workspaces.service import WorkspaceService
 from server.workspaces.sleep import Frozen, SleepPolicy, host_available_bytes, to_save
 from server.workspaces.states import Sleep, State
 

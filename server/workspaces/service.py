@@ -1,7 +1,12 @@
-"""The workspace service: the only writer of workspace state, the only caller of the runtime's
-lifecycle methods. Every state change goes through :meth:`WorkspaceService._transition`,
-which checks the transition table, compares-and-sets the row and records an event in the
-same database transaction.
+"""The workspace service: what the API, SSH and the web do to workspaces (create, start, stop,
+pause, resume, delete, exec) and the only caller of the runtime's lifecycle methods.
+
+It decides; the ledger (server/workspaces/ledger.py) writes: every state change is a
+:meth:`~server.workspaces.ledger.Ledger.transition`. The rest of the package does one thing
+each, for the service: validation.py checks create requests, restore.py forks and restores
+from snapshots, networking.py keeps the host's firewall in step with network policies,
+reconcile.py settles rows and engine objects after a crash or an engine outage, and
+engine_events.py follows what the engine says happened.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import os
 import posixpath
 import shutil
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -40,36 +45,34 @@ from server.git import clone as git_clone
 from server.gpus.allocation import GpuPool
 from server.logs import bind_workspace
 from server.metrics import Metrics
-from server.network import policy as net_policy
-from server.network.denials import Denial, RateLimit
 from server.network.guard import NetworkGuard
 from server.outbound import OutboundPolicy, git_pin
 from server.quotas.service import Quotas
 from server.runtime.base import (
-    LABEL_INSTANCE,
-    LABEL_MANAGED,
-    LABEL_SNAPSHOT,
-    ROLE_COPY,
     AgentChannel,
     ContainerStatus,
     EngineEvent,
-    EngineEventKind,
-    EngineObject,
     ExecRequest,
     ExecResult,
     ExecStream,
     Freezer,
     PortConnector,
     Runtime,
-    SnapshotSpec,
     WorkspaceSpec,
     labels_for,
 )
 from server.runtime.errors import EngineConflict, ObjectMissing
-from server.workspaces import image_policy, limits, naming
+from server.workspaces import hooks, limits, naming, validation
 from server.workspaces.activity import Activity
 from server.workspaces.admission import Gate
+from server.workspaces.engine_events import EngineFollower
 from server.workspaces.feed import EventFeed
+from server.workspaces.handles import CHECKPOINT, FROZEN_BYTES
+from server.workspaces.hooks import WorkspaceHooks
+from server.workspaces.ledger import Ledger
+from server.workspaces.networking import WorkspaceNetworks
+from server.workspaces.reconcile import Reconciler
+from server.workspaces.restore import Restores
 from server.workspaces.states import (
     PAUSE,
     RESUME,
@@ -79,23 +82,12 @@ from server.workspaces.states import (
     Operation,
     Sleep,
     State,
-    can_transition,
     plan,
 )
 
 log = logging.getLogger(__name__)
 
 WORKSPACE_ROOT = "/workspace"
-ACTIVITY_DEBOUNCE = timedelta(seconds=5)
-CHECKPOINT = "den-pause"  # the one memory checkpoint a paused workspace has
-RUNTIMES = ("gvisor", "runc", "microvm")
-OOM_MEMORY = 1024  # workspaces whose "oom" event waits for its "die"
-OOM_MEMORY_S = 60.0  # an "oom" this old no longer explains a "die"
-# How long reconcile waits for a pause's checkpoint that a crash left being written (1 GiB
-# takes ~3 s; docs/benchmarks.md): longer, and the writer is ended and its image removed.
-CHECKPOINT_SETTLE_S = 120.0
-RESTORING = "restoring"  # the key, in a workspace's engine handle, of a restore in progress
-FROZEN_BYTES = "frozen_bytes"  # the key, in the engine handle, of the memory it held frozen
 
 
 @dataclass(frozen=True)
@@ -154,12 +146,10 @@ class WorkspaceService:
         # Builds workspaces from devcontainer.json (None: a runtime that builds no images;
         # a repository with one is then refused).
         self.devcontainers = devcontainers
-        self.gpus = gpus if gpus is not None else GpuPool()  # allocated in _transition
+        self.gpus = gpus if gpus is not None else GpuPool()  # allocated by the ledger
         # Enforces network policies on the host (None: workspaces on the engine's default
         # bridge, no policy enforced).
         self.network = network
-        self._containers: dict[str, str] = {}  # container name -> workspace id
-        self._denials = RateLimit()
         self.outbound = OutboundPolicy.of(settings.outbound_allow)
         self.metrics = metrics if metrics is not None else Metrics()
         # Long calls (execs) are admitted through one gate: a bounded queue, then 503.
@@ -171,15 +161,16 @@ class WorkspaceService:
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._tmp = settings.data_dir / "tmp"
-        self._oom: dict[str, float] = {}  # workspace -> when the engine last said "oom"
         self.activity = Activity()
         self.feed = EventFeed()  # wakes the readers of the events WebSocket
-        # Set by the forge service (server/forges): git environment that authenticates a
-        # host-side clone (a linked account's token, in memory only), what to do to a fresh
-        # clone before it is packed (Den's git hooks), and clean-up after a delete.
-        self.clone_env: Callable[[Workspace], Mapping[str, str] | None] | None = None
-        self.prepare_clone: Callable[[Workspace, Path, str], None] | None = None
-        self.deleted_hooks: list[Callable[[str], None]] = []
+        self.ledger = Ledger(sessions=sessions, gpus=self.gpus, feed=self.feed)
+        self.networks = WorkspaceNetworks(self)
+        self.restores = Restores(self)
+        self.reconciler = Reconciler(self)
+        self.engine_events = EngineFollower(self)
+        # What other services do at points of a workspace's life (the forges: a clone's
+        # credentials, Den's git hooks, clean-up after a delete): server/workspaces/hooks.py.
+        self.hooks: list[WorkspaceHooks] = []
         if isinstance(runtime, AgentChannel):
             runtime.on_fallback(self._agent_fallback)
 
@@ -255,61 +246,27 @@ class WorkspaceService:
         bind_workspace(workspace_id)
         return self._locks.setdefault(workspace_id, asyncio.Lock())
 
-    def _record(self, s: Session, workspace_id: str, *, kind: str, actor: str, message: str,
-                src: State | None = None, dst: State | None = None) -> None:
-        s.add(Event(workspace_id=workspace_id, kind=kind, actor=actor, message=message,
-                    from_state=src.value if src else None, to_state=dst.value if dst else None))
+    def busy(self, workspace_id: str) -> bool:
+        """Whether an operation on the workspace is in progress in this process."""
+        lock = self._locks.get(workspace_id)
+        return workspace_id in self._tasks or (lock is not None and lock.locked())
 
-    def _transition(self, workspace_id: str, src: State, dst: State, *, actor: str,
-                    message: str = "", reason: str = "", sleep: Sleep = Sleep.SAVED) -> None:
-        """Move ``workspace_id`` from ``src`` to ``dst`` atomically, with an event. ``sleep``
-        is the tier a ``paused`` workspace sleeps in (any other state has none)."""
-        if not can_transition(src, dst):
-            raise Conflict(f"cannot go from {src.value} to {dst.value}")
-        now = datetime.now(UTC)
-        values: dict[str, Any] = {"state": dst.value, "state_reason": reason, "updated_at": now,
-                                  "sleep": sleep.value if dst is State.PAUSED else None}
-        if dst is State.RUNNING:  # a start or a resume is activity: the idle clock restarts
-            values["last_activity_at"] = now
-        with self.sessions.begin() as s:
-            res = s.execute(
-                update(Workspace)
-                .where(Workspace.id == workspace_id, Workspace.state == src.value)
-                .values(**values)
-            )
-            if res.rowcount != 1:  # type: ignore[attr-defined]
-                current = s.scalar(select(Workspace.state).where(Workspace.id == workspace_id))
-                raise Conflict(
-                    f"workspace is {current or 'gone'}, not {src.value}; try again",
-                )
-            self.gpus.on_transition(s, workspace_id, src, dst)  # taken or given back with it
-            self._record(s, workspace_id, kind="state", actor=actor,
-                         message=message or reason, src=src, dst=dst)
-        self.feed.changed(workspace_id)
-        log.info("workspace %s: %s -> %s %s", workspace_id, src.value, dst.value, reason)
+    def note(self, workspace_id: str, kind: str, message: str, *, actor: str = "system") -> None:
+        """Record an event that is not a state change (the ledger's)."""
+        self.ledger.note(workspace_id, kind, message, actor=actor)
+
+    def touch(self, workspace_id: str) -> None:
+        """Mark activity on a workspace (the ledger's, debounced)."""
+        self.ledger.touch(workspace_id)
+
+    def add_hooks(self, hooks: WorkspaceHooks) -> None:
+        self.hooks.append(hooks)
 
     def _agent_fallback(self, workspace_id: str, reason: str) -> None:
         try:
             self.note(workspace_id, "agent", f"the workspace's agent did not answer: {reason}")
         except SQLAlchemyError:  # the workspace is gone meanwhile; the server log has it
             log.info("workspace %s: no event for the agent's fallback", workspace_id)
-
-    def note(self, workspace_id: str, kind: str, message: str, *, actor: str = "system") -> None:
-        """Record an event that is not a state change."""
-        with self.sessions.begin() as s:
-            self._record(s, workspace_id, kind=kind, actor=actor, message=message)
-        self.feed.changed(workspace_id)
-
-    def touch(self, workspace_id: str) -> None:
-        """Mark activity on a workspace (debounced writes)."""
-        now = datetime.now(UTC)
-        with self.sessions.begin() as s:
-            s.execute(
-                update(Workspace)
-                .where(Workspace.id == workspace_id,
-                       Workspace.last_activity_at < now - ACTIVITY_DEBOUNCE)
-                .values(last_activity_at=now)
-            )
 
     # --- create -----------------------------------------------------------------------
 
@@ -325,15 +282,14 @@ class WorkspaceService:
         name = req.name if req.name is not None else naming.default_name(req.repo_url)
         if (problem := naming.validate_name(name)) is not None:
             raise ValidationFailed(problem)
-        runtime = self._validate_runtime(req.runtime)
-        image = await self._validate_image(req.image)
-        cpus, memory_mb, disk_gb = self._validate_resources(req)
+        runtime = validation.runtime_name(self.settings, req.runtime)
+        image = await validation.image(self.settings, self.runtime, req.image)
+        cpus, memory_mb, disk_gb = validation.resources(
+            self.settings, self.gpus, cpus=req.cpus, memory_mb=req.memory_mb,
+            disk_gb=req.disk_gb, gpu_count=req.gpus, gpu_model=req.gpu_model)
         env = limits.validate_env(req.env)
-        network = self.validate_network(req.network_mode, req.network_allow)
-        for field_name in ("idle_timeout_s", "stop_after_s"):
-            value = getattr(req, field_name)
-            if value is not None and not 0 <= value <= 365 * 86400:
-                raise ValidationFailed(f"{field_name} must be between 0 (never) and a year")
+        network = self.networks.validate(req.network_mode, req.network_allow)
+        validation.timers(idle_timeout_s=req.idle_timeout_s, stop_after_s=req.stop_after_s)
         row = self._insert(
             user, name, message_prefix="create from",
             repo_url=source.url if source.kind != "file" else req.repo_url.strip(),
@@ -351,7 +307,8 @@ class WorkspaceService:
                 ) -> Workspace:
         """Insert a workspace row in ``creating`` (limits and name checked, event recorded)."""
         ws_id = naming.new_workspace_id()
-        with self.sessions.begin() as s:
+
+        def check(s: Session) -> None:
             self.quotas.check_workspace(s, user, cpus=fields["cpus"],
                                         memory_mb=fields["memory_mb"], disk_gb=fields["disk_gb"])
             exists = s.scalar(
@@ -360,20 +317,17 @@ class WorkspaceService:
             if exists is not None:
                 raise Conflict(f"you already have a workspace named {name!r}",
                                code="name_taken")
-            row = Workspace(
-                id=ws_id, owner_id=user.id, name=name, pids_limit=self.settings.default_pids,
-                state=State.CREATING.value,
-                engine={
-                    "container": naming.container_name(self.settings.engine_prefix, ws_id),
-                    "volume": naming.volume_name(self.settings.engine_prefix, ws_id),
-                },
-                **fields,
-            )
-            s.add(row)
-            s.flush()
-            self.gpus.on_transition(s, ws_id, None, State.CREATING)
-            self._record(s, ws_id, kind="state", actor=user.name,
-                         message=f"{message_prefix} {row.repo_url}", dst=State.CREATING)
+
+        row = Workspace(
+            id=ws_id, owner_id=user.id, name=name, pids_limit=self.settings.default_pids,
+            engine={
+                "container": naming.container_name(self.settings.engine_prefix, ws_id),
+                "volume": naming.volume_name(self.settings.engine_prefix, ws_id),
+            },
+            **fields,
+        )
+        self.ledger.insert(row, check=check, actor=user.name,
+                           message=f"{message_prefix} {row.repo_url}")
         log.info("workspace %s: creating %r for %s (%s %s)", ws_id, name, user.name,
                  message_prefix, row.repo_url)
         return row
@@ -391,15 +345,15 @@ class WorkspaceService:
             raise ValidationFailed(problem)
         # The policy of now, not of when the snapshot was taken (a runc snapshot after the
         # operator turned runc off must not run unsandboxed).
-        runtime = self._validate_runtime(snap.runtime)
+        runtime = validation.runtime_name(self.settings, snap.runtime)
         row = self._insert(
             user, name, message_prefix=f"fork of snapshot {snap.id} ({snap.name}) of",
             repo_url=snap.repo_url, repo_branch=snap.repo_branch, repo_dir=snap.repo_dir,
             image=snap.image, runtime=runtime, cpus=self.settings.default_cpus,
             memory_mb=self.settings.default_memory_mb, disk_gb=self._forked_disk_gb(snap),
-            gpus=0, env={}, network=self._forked_network(snap).to_json(),
+            gpus=0, env={}, network=self.networks.forked(snap).to_json(),
         )
-        self._spawn(row.id, self._build_fork(row.id, snap))
+        self._spawn(row.id, self.restores.build_fork(row.id, snap))
         return self.get(row.id)
 
     def _forked_disk_gb(self, snap: Snapshot) -> int:
@@ -411,21 +365,7 @@ class WorkspaceService:
                 base = origin.disk_gb if origin is not None else base
         return min(max(base, -(-snap.size_bytes // 1024**3)), self.settings.max_disk_gb)
 
-    async def _build_fork(self, ws_id: str, snap: Snapshot) -> None:
-        spec = self.spec_for(self.get(ws_id))
-        try:
-            async with self.metrics.operation("fork"), self.locked(ws_id):
-                await self.runtime.load_snapshot(spec, self.snapshot_spec(snap))
-                how = await self._boot_from(spec, snap)
-                await self.sync_network(ws_id)
-                self._transition(ws_id, State.CREATING, State.RUNNING, actor="system",
-                                 message=f"running from snapshot {snap.id} ({how})")
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            await self._creation_failed(ws_id, spec, exc)
-
-    async def _creation_failed(self, ws_id: str, spec: WorkspaceSpec, exc: Exception) -> None:
+    async def creation_failed(self, ws_id: str, spec: WorkspaceSpec, exc: Exception) -> None:
         """Remove what a failed create or fork made; the row goes to ``error`` with why."""
         reason = exc.message if isinstance(exc, DenError) else "internal error while creating"
         if not isinstance(exc, DenError):
@@ -435,150 +375,8 @@ class WorkspaceService:
         with contextlib.suppress(Exception):
             await self.runtime.destroy(spec)
         with contextlib.suppress(Conflict):
-            self._transition(ws_id, State.CREATING, State.ERROR, actor="system", reason=reason)
-
-    # --- snapshots: the state-changing part (server/snapshots/ owns the rest) ----------
-
-    def snapshot_spec(self, snap: Snapshot) -> SnapshotSpec:
-        return SnapshotSpec(
-            snapshot_id=snap.id, image=snap.image, volume=snap.volume,
-            labels={LABEL_MANAGED: "true", LABEL_INSTANCE: self.instance_id,
-                    LABEL_SNAPSHOT: snap.id},
-        )
-
-    async def restore_snapshot(self, ws_id: str, snap: Snapshot, *, actor: str) -> Workspace:
-        """Roll the workspace back to ``snap``: stop it, replace its container filesystem and
-        /workspace with the snapshot's, start it. A workspace in ``error`` (a failed
-        restore, say) can be restored too.
-
-        Atomic: the snapshot is copied into a new volume while the workspace keeps its own;
-        only once the copy is complete does the row switch to it (one transaction, with its
-        event), and then the container is recreated on it and the old volume removed. The
-        row's engine handle says a restore is in progress (``restoring``), so that reconcile
-        after a crash knows which half it was in: before the switch it removes the partial
-        copy and the workspace is as it was; after it, it finishes the restore."""
-        if self.get(ws_id).state != State.ERROR.value:
-            await self.stop(ws_id, actor=actor)
-        async with self.metrics.operation("restore"), self.locked(ws_id):
-            ws = self.get(ws_id)
-            if ws.state not in (State.STOPPED.value, State.ERROR.value):
-                raise Conflict(f"workspace is {ws.state}; try again")
-            was = State(ws.state)
-            old = self.spec_for(ws)
-            volume = naming.restore_volume_name(self.settings.engine_prefix, ws_id)
-            self._transition(ws_id, was, State.STARTING, actor=actor,
-                             message=f"restore snapshot {snap.id} ({snap.name})")
-            self._set_engine(ws_id, {**ws.engine, RESTORING: {
-                "snapshot": snap.id, "volume": volume, "old_volume": old.volume_name,
-                "from": was.value, "reason": ws.state_reason}})
-            try:
-                await self.runtime.copy_snapshot(old, self.snapshot_spec(snap), volume=volume)
-            except DenError as exc:
-                with contextlib.suppress(DenError):
-                    await self.runtime.remove_object(EngineObject("volume", volume, ws_id))
-                self._set_engine(ws_id, _without_restore(self.get(ws_id).engine))
-                why = (f"restore of snapshot {snap.id} failed ({exc.message}); the workspace "
-                       "is as it was")
-                self._transition(ws_id, State.STARTING, was, actor=actor, message=why,
-                                 reason=ws.state_reason if was is State.ERROR else "")
-                raise
-            self._switch_volume(ws_id, snap, volume, actor=actor)
-            faults.point("restore.swap")
-            spec = self.spec_for(self.get(ws_id))
-            try:
-                await self.runtime.replace_container(spec, old_volume=old.volume_name)
-                self._set_engine(ws_id, _without_restore(self.get(ws_id).engine))
-                how = await self._boot_from(spec, snap)
-                await self.sync_network(ws_id)
-            except DenError as exc:
-                self._transition(ws_id, State.STARTING, State.ERROR, actor=actor,
-                                 reason=f"restore of snapshot {snap.id} failed: {exc.message}; "
-                                        "restore it again")
-                raise
-            self._transition(ws_id, State.STARTING, State.RUNNING, actor=actor,
-                             message=f"restored snapshot {snap.id} ({snap.name}; {how})")
-            return self.get(ws_id)
-
-    def _set_engine(self, ws_id: str, engine: dict[str, Any]) -> None:
-        """Persist the workspace's engine handle (no state change)."""
-        with self.sessions.begin() as s:
-            s.execute(update(Workspace).where(Workspace.id == ws_id).values(engine=engine))
-
-    def _switch_volume(self, ws_id: str, snap: Snapshot, volume: str, *, actor: str) -> None:
-        """The commit point of a restore: the workspace's data is now the complete copy in
-        ``volume`` (and its image the snapshot's), with the event saying so."""
-        with self.sessions.begin() as s:
-            ws = s.get(Workspace, ws_id)
-            if ws is None:
-                raise NotFound(f"no workspace {ws_id!r}")
-            ws.engine = {**ws.engine, "volume": volume}
-            ws.image = snap.image
-            self._record(s, ws_id, kind="restore", actor=actor,
-                         message=f"the copy of snapshot {snap.id} is complete; the workspace "
-                                 f"now uses it (volume {volume})")
-
-    def snapshot_memory_dir(self, snapshot_id: str) -> Path:
-        """Where a memory snapshot's checkpoint is kept on the host (under a 0700 directory:
-        it is the workspace's memory, unencrypted)."""
-        root = self.settings.data_dir / "snapshots"
-        root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        return root / snapshot_id
-
-    async def _boot_from(self, spec: WorkspaceSpec, snap: Snapshot) -> str:
-        """Start a container just loaded from ``snap``: from its saved memory when it has
-        some (processes running), else, or when that fails, cold from its disk."""
-        if snap.memory:
-            try:
-                await self.runtime.import_checkpoint(
-                    spec, checkpoint=CHECKPOINT, src=self.snapshot_memory_dir(snap.id))
-                await self.runtime.resume(spec, checkpoint=CHECKPOINT)
-                return "with its memory and processes"
-            except DenError as exc:
-                log.warning("workspace %s: memory of snapshot %s not restored: %s %s",
-                            spec.workspace_id, snap.id, exc.message, exc.detail)
-                await self.runtime.start(spec)
-                return f"memory not restored ({exc.message}); started cold from disk"
-        await self.runtime.start(spec)
-        return "started from disk"
-
-    def _validate_runtime(self, runtime: str | None) -> str:
-        runtime = runtime or "gvisor"
-        if runtime not in RUNTIMES:
-            raise ValidationFailed(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
-        if runtime == "microvm":
-            raise ValidationFailed("the microvm runtime is not available on this server yet")
-        if runtime == "runc" and not self.settings.allow_insecure_runc:
-            raise ValidationFailed(
-                "runtime 'runc' is disabled: it runs workspaces without the gVisor sandbox "
-                "(the operator can allow it with DEN_ALLOW_INSECURE_RUNC=true)"
-            )
-        return runtime
-
-    async def _validate_image(self, image: str | None) -> str:
-        image = image or self.settings.default_image
-        image_policy.check(self.settings, image)
-        if not await self.runtime.image_exists(image):
-            raise ValidationFailed(
-                f"image {image!r} is not built on this server (run `make images`)",
-                code="image_missing",
-            )
-        return image
-
-    def _validate_resources(self, req: CreateRequest) -> tuple[float, int, int]:
-        st = self.settings
-        cpus = st.default_cpus if req.cpus is None else req.cpus
-        memory_mb = st.default_memory_mb if req.memory_mb is None else req.memory_mb
-        disk_gb = st.default_disk_gb if req.disk_gb is None else req.disk_gb
-        if not 0.1 <= cpus <= st.max_cpus:
-            raise ValidationFailed(f"resources.cpus must be between 0.1 and {st.max_cpus:g}")
-        if not 128 <= memory_mb <= st.max_memory_mb:
-            raise ValidationFailed(
-                f"resources.memory_mb must be between 128 and {st.max_memory_mb}"
-            )
-        if not 1 <= disk_gb <= st.max_disk_gb:
-            raise ValidationFailed(f"resources.disk_gb must be between 1 and {st.max_disk_gb}")
-        self.gpus.validate(req.gpus, req.gpu_model, max_gpus=st.max_gpus)
-        return cpus, memory_mb, disk_gb
+            self.ledger.transition(ws_id, State.CREATING, State.ERROR, actor="system",
+                                   reason=reason)
 
     async def _build(self, ws_id: str, source: git_clone.RepoSource, branch: str | None, *,
                      devcontainer: bool = True) -> None:
@@ -596,11 +394,11 @@ class WorkspaceService:
                     timeout_s=self.settings.clone_timeout_s,
                     max_bytes=self.settings.clone_max_mb * 1024 * 1024,
                     known_hosts=self.settings.data_dir / "ssh_known_hosts",
-                    extra_env=self.clone_env(ws) if self.clone_env else None,
+                    extra_env=hooks.clone_env(self.hooks, ws),
                     outbound=self.outbound,
                 )
-                if self.prepare_clone is not None:
-                    await asyncio.to_thread(self.prepare_clone, ws, repo, head)
+                for hook in self.hooks:
+                    await asyncio.to_thread(hook.prepare_clone, ws, repo, head)
                 await asyncio.to_thread(
                     git_clone.pack_for_workspace, repo, arcname=ws.repo_dir, out=tar
                 )
@@ -614,17 +412,17 @@ class WorkspaceService:
                 spec = self.spec_for(self.get(ws_id)) if setup else spec
                 await self.runtime.create(spec)
                 await self.runtime.start(spec)
-                await self.sync_network(ws_id)
+                await self.networks.sync(ws_id)
                 await self.runtime.seed(spec, tar)
                 if setup is not None and self.devcontainers is not None:
                     await self.devcontainers.created(self.runtime, spec, setup,
                                                      note=self._noter(ws_id))
-                self._transition(ws_id, State.CREATING, State.RUNNING, actor="system",
-                                 message=f"running under {ws.runtime}")
+                self.ledger.transition(ws_id, State.CREATING, State.RUNNING, actor="system",
+                                       message=f"running under {ws.runtime}")
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            await self._creation_failed(ws_id, spec, exc)
+            await self.creation_failed(ws_id, spec, exc)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -653,84 +451,11 @@ class WorkspaceService:
                 devcontainer=made.stored))
             devc_ports.write(s, ws.id, forwarded)
             if forwarded:
-                self._record(s, ws.id, kind="devcontainer", actor="system",
-                             message=f"forwarded ports: {devc_ports.describe(forwarded)}")
+                self.ledger.record(s, ws.id, kind="devcontainer", actor="system",
+                                   message=f"forwarded ports: {devc_ports.describe(forwarded)}")
         return made
 
     # --- network policy ---------------------------------------------------------------
-
-    def validate_network(self, mode: str | None, allow: Sequence[str]) -> net_policy.NetworkPolicy:
-        """A requested policy checked against the operator's ceiling (422/403)."""
-        st = self.settings
-        return net_policy.validate(
-            mode or st.network_default_mode, list(allow), ceiling=st.network_max_mode,
-            user_ranges=net_policy.parse_ranges(st.network_user_allow),
-            operator=net_policy.parse_ranges(st.network_allow),
-            domains=net_policy.user_domains(st))
-
-    def network_policy(self, ws: Workspace) -> net_policy.NetworkPolicy:
-        return net_policy.NetworkPolicy.from_json(ws.network,
-                                                  default=self.settings.network_default_mode)
-
-    def _forked_network(self, snap: Snapshot) -> net_policy.NetworkPolicy:
-        """A fork gets its origin's policy (kept on the snapshot), within today's ceiling."""
-        wanted = net_policy.NetworkPolicy.from_json(snap.network,
-                                                    default=self.settings.network_default_mode)
-        ceiling = self.settings.network_max_mode
-        if net_policy.MODES.index(wanted.mode) > net_policy.MODES.index(ceiling):
-            return net_policy.NetworkPolicy(mode=ceiling)
-        return net_policy.within(wanted, net_policy.user_domains(self.settings))
-
-    async def set_network(self, ws_id: str, mode: str, allow: Sequence[str], *, actor: str
-                          ) -> Workspace:
-        """Change a workspace's policy; a running one gets it at once, with its processes
-        and connections as they are (a tighter policy cuts the connections it forbids)."""
-        policy = self.validate_network(mode, allow)
-        with self.sessions.begin() as s:
-            res = s.execute(update(Workspace).where(Workspace.id == ws_id)
-                            .values(network=policy.to_json(), updated_at=datetime.now(UTC)))
-            if res.rowcount != 1:  # type: ignore[attr-defined]
-                raise NotFound(f"no workspace {ws_id!r}")
-            allowed = f" ({', '.join(str(e) for e in policy.allow)})" if policy.allow else ""
-            self._record(s, ws_id, kind="network", actor=actor,
-                         message=f"network policy set to {policy.mode}{allowed}")
-        if self.network is not None:
-            await self.network.sync(self.network_policies)
-        return self.get(ws_id)
-
-    def network_policies(self) -> dict[str, net_policy.NetworkPolicy]:
-        with self.sessions() as s:
-            rows = list(s.scalars(select(Workspace)))
-        self._containers = {self.spec_for(ws).container_name: ws.id for ws in rows}
-        return {self.spec_for(ws).container_name: self.network_policy(ws) for ws in rows}
-
-    def record_denial(self, denial: Denial) -> None:
-        """A connection the firewall refused: an event of kind ``network`` on the workspace
-        that tried (at most one per destination a minute)."""
-        container = self.network.container_at(denial.source) if self.network else None
-        ws_id = self._containers.get(container or "")
-        if ws_id is None or not self._denials.allow(ws_id, denial.describe()):
-            return
-        try:
-            mode = self.network_policy(self.get(ws_id)).mode
-            self.note(ws_id, "network", f"denied {denial.describe()} (network policy {mode}; "
-                                        "further denials of it are not recorded for a minute)")
-        except (DenError, SQLAlchemyError):  # the workspace went meanwhile
-            return
-
-    async def sync_network(self, ws_id: str) -> None:
-        """Bring the host's firewall in step after ``ws_id`` started, stopped or went.
-        A failure leaves the workspace without network (unknown addresses are rejected)
-        and is recorded."""
-        if self.network is None:
-            return
-        try:
-            await self.network.sync(self.network_policies)
-        except DenError as exc:
-            log.error("workspace %s: network rules not applied: %s %s", ws_id, exc.message,
-                      exc.detail)
-            with contextlib.suppress(SQLAlchemyError):
-                self.note(ws_id, "network", f"network rules not applied: {exc.message}")
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -746,18 +471,18 @@ class WorkspaceService:
             if step is None:
                 return ws
             src = State(ws.state)
-            self._transition(ws_id, src, step, actor=actor)
+            self.ledger.transition(ws_id, src, step, actor=actor)
             spec = self.spec_for(ws)
             try:
                 if await self.runtime.status(spec) is ContainerStatus.MISSING:
                     raise ObjectMissing("the workspace's container is gone from the engine")
                 await self.runtime.start(spec)
             except DenError as exc:
-                self._transition(ws_id, step, State.ERROR, actor=actor,
-                                 reason=f"start failed: {exc.message}")
+                self.ledger.transition(ws_id, step, State.ERROR, actor=actor,
+                                       reason=f"start failed: {exc.message}")
                 raise
-            await self.sync_network(ws_id)
-            self._transition(ws_id, step, State.RUNNING, actor=actor)
+            await self.networks.sync(ws_id)
+            self.ledger.transition(ws_id, step, State.RUNNING, actor=actor)
             await self._post_start(ws_id, spec, ws.devcontainer)
             return self.get(ws_id)
 
@@ -782,17 +507,17 @@ class WorkspaceService:
             if step is None:
                 return ws
             was = State(ws.state)
-            self._transition(ws_id, was, step, actor=actor)
+            self.ledger.transition(ws_id, was, step, actor=actor)
             try:
                 await self.runtime.stop(self.spec_for(ws), timeout_s=self.settings.stop_timeout_s)
                 # Stop drops the memory (of a pause, or kept since the last resume).
                 await self.runtime.delete_checkpoint(self.spec_for(ws), checkpoint=CHECKPOINT)
             except DenError as exc:
-                self._transition(ws_id, step, State.ERROR, actor=actor,
-                                 reason=f"stop failed: {exc.message}")
+                self.ledger.transition(ws_id, step, State.ERROR, actor=actor,
+                                       reason=f"stop failed: {exc.message}")
                 raise
-            self._transition(ws_id, step, State.STOPPED, actor=actor)
-            await self.sync_network(ws_id)
+            self.ledger.transition(ws_id, step, State.STOPPED, actor=actor)
+            await self.networks.sync(ws_id)
             return self.get(ws_id)
 
     def _plan(self, op: Operation, ws: Workspace) -> State | None:
@@ -812,9 +537,9 @@ class WorkspaceService:
             if step is None:
                 return ws
             self.gpus.check_pause(ws)
-            self._transition(ws_id, State(ws.state), step, actor=actor,
-                             message="saving a frozen workspace's memory to disk"
-                             if frozen else "")
+            self.ledger.transition(ws_id, State(ws.state), step, actor=actor,
+                                   message="saving a frozen workspace's memory to disk"
+                                   if frozen else "")
             spec = self.spec_for(ws)
             started = time.monotonic()
             try:
@@ -822,9 +547,9 @@ class WorkspaceService:
             except DenError as exc:
                 await self._sleep_failed(ws_id, spec, exc, actor=actor, what="pause")
                 raise
-            self._transition(ws_id, step, State.PAUSED, actor=actor,
-                             message=f"memory saved in {time.monotonic() - started:.2f} s")
-            await self.sync_network(ws_id)
+            self.ledger.transition(ws_id, step, State.PAUSED, actor=actor,
+                                   message=f"memory saved in {time.monotonic() - started:.2f} s")
+            await self.networks.sync(ws_id)
             return self.get(ws_id)
 
     async def freeze(self, ws_id: str, *, actor: str) -> Workspace:
@@ -840,7 +565,7 @@ class WorkspaceService:
             step = self._plan(PAUSE, ws)
             if step is None:
                 return ws
-            self._transition(ws_id, State.RUNNING, step, actor=actor)
+            self.ledger.transition(ws_id, State.RUNNING, step, actor=actor)
             spec = self.spec_for(ws)
             started = time.monotonic()
             try:
@@ -848,10 +573,10 @@ class WorkspaceService:
             except DenError as exc:
                 await self._sleep_failed(ws_id, spec, exc, actor=actor, what="freeze")
                 raise
-            self._set_engine(ws_id, {**ws.engine, FROZEN_BYTES: held})
+            self.ledger.set_engine(ws_id, {**ws.engine, FROZEN_BYTES: held})
             mib = "" if held is None else f", holding {held / 2**20:.0f} MiB"
-            self._transition(ws_id, step, State.PAUSED, actor=actor, sleep=Sleep.FROZEN,
-                             message=f"frozen in {time.monotonic() - started:.2f} s{mib}")
+            self.ledger.transition(ws_id, step, State.PAUSED, actor=actor, sleep=Sleep.FROZEN,
+                                   message=f"frozen in {time.monotonic() - started:.2f} s{mib}")
             return self.get(ws_id)
 
     async def _sleep_failed(self, ws_id: str, spec: WorkspaceSpec, exc: DenError, *,
@@ -862,9 +587,9 @@ class WorkspaceService:
             status = await self.runtime.status(spec)
         dst = {ContainerStatus.RUNNING: State.RUNNING,
                ContainerStatus.FROZEN: State.PAUSED}.get(status, State.STOPPED)
-        self._transition(ws_id, State.PAUSING, dst, actor=actor, sleep=Sleep.FROZEN,
-                         message=f"{what} failed: {exc.message}; the workspace is "
-                                 f"{'frozen' if dst is State.PAUSED else dst.value}")
+        self.ledger.transition(ws_id, State.PAUSING, dst, actor=actor, sleep=Sleep.FROZEN,
+                               message=f"{what} failed: {exc.message}; the workspace is "
+                                       f"{'frozen' if dst is State.PAUSED else dst.value}")
 
     async def resume(self, ws_id: str, *, actor: str) -> Workspace:
         """Restore a paused workspace from its checkpoint; when that fails, start it cold
@@ -879,7 +604,7 @@ class WorkspaceService:
             if step is None:
                 return ws
             frozen = ws.sleep == Sleep.FROZEN.value
-            self._transition(ws_id, State.PAUSED, step, actor=actor)
+            self.ledger.transition(ws_id, State.PAUSED, step, actor=actor)
             spec = self.spec_for(ws)
             started = time.monotonic()
             thawed = False  # in place: the container kept its address, the firewall its rules
@@ -897,16 +622,16 @@ class WorkspaceService:
                 try:
                     await self.runtime.start(spec)
                 except DenError as cold:
-                    self._transition(ws_id, step, State.ERROR, actor=actor,
-                                     reason=f"restore failed ({exc.message}) and so did a cold "
-                                            f"start ({cold.message})")
+                    self.ledger.transition(ws_id, step, State.ERROR, actor=actor,
+                                           reason=f"restore failed ({exc.message}) and so did "
+                                                  f"a cold start ({cold.message})")
                     raise
                 message = (f"{'thaw' if frozen else 'restore from memory'} failed "
                            f"({exc.message}); started cold from disk: files are kept, running "
                            "processes were not")
             if not thawed:
-                await self.sync_network(ws_id)
-            self._transition(ws_id, step, State.RUNNING, actor=actor, message=message)
+                await self.networks.sync(ws_id)
+            self.ledger.transition(ws_id, step, State.RUNNING, actor=actor, message=message)
             return self.get(ws_id)
 
     async def delete(self, ws_id: str, *, actor: str) -> bool:
@@ -921,26 +646,26 @@ class WorkspaceService:
             ws = self.get(ws_id)
             if ws.state == State.DELETING.value:
                 return False
-            self._transition(ws_id, State(ws.state), State.DELETING, actor=actor)
-            await self._finish_delete(ws, actor=actor)
+            self.ledger.transition(ws_id, State(ws.state), State.DELETING, actor=actor)
+            await self.finish_delete(ws, actor=actor)
         self._locks.pop(ws_id, None)
         return True
 
-    async def _finish_delete(self, ws: Workspace, *, actor: str) -> None:
+    async def finish_delete(self, ws: Workspace, *, actor: str) -> None:
         try:
             await self.runtime.destroy(self.spec_for(ws))
         except DenError as exc:
-            self._transition(ws.id, State.DELETING, State.ERROR, actor=actor,
-                             reason=f"delete failed: {exc.message}; delete again to retry")
+            self.ledger.transition(ws.id, State.DELETING, State.ERROR, actor=actor,
+                                   reason=f"delete failed: {exc.message}; delete again to retry")
             raise
         with self.sessions.begin() as s:
             s.execute(delete(Event).where(Event.workspace_id == ws.id))
             s.execute(delete(Workspace).where(Workspace.id == ws.id))
         self.feed.changed(ws.id)
         self.metrics.forget_workspace(ws.id)
-        await self.sync_network(ws.id)
-        for hook in self.deleted_hooks:
-            hook(ws.id)
+        await self.networks.sync(ws.id)
+        for hook in self.hooks:
+            hook.deleted(ws.id)
         log.info("workspace %s: deleted by %s", ws.id, actor)
 
     async def ensure_running(self, ws_id: str, *, actor: str) -> Workspace:
@@ -1058,9 +783,10 @@ class WorkspaceService:
             if (await self.runtime.status(spec)).alive:
                 return False
             try:
-                self._transition(ws_id, State.RUNNING, State.STOPPED, actor=actor,
-                                 message="the workspace's sandbox exited unexpectedly "
-                                         "(out of memory?); it starts again on the next access")
+                self.ledger.transition(ws_id, State.RUNNING, State.STOPPED, actor=actor,
+                                       message="the workspace's sandbox exited unexpectedly "
+                                               "(out of memory?); it starts again on the next "
+                                               "access")
             except Conflict:  # the engine's event stream recorded it first
                 return self.get(ws_id).state == State.STOPPED.value
             return True
@@ -1098,256 +824,19 @@ class WorkspaceService:
 
     # --- the engine's events ----------------------------------------------------------
 
-    async def apply_engine_event(self, event: EngineEvent) -> None:
-        """Follow what the engine says happened to a workspace's container (a container
-        that died, was OOM-killed, or was started from outside Den), so that the state
-        matches the engine within seconds and the event log says why. Ignored: events of
-        another container than the workspace's current one, workspaces with an operation of
-        Den's own in progress (its pause or stop is what made the container exit; that
-        operation settles the state), and anything the engine's current status contradicts
-        (events may come late or twice)."""
-        ws_id = event.workspace_id
-        if event.kind is EngineEventKind.OOM:
-            before = self._oom.pop(ws_id, None)
-            if len(self._oom) >= OOM_MEMORY:  # bounded: the oldest goes
-                self._oom.pop(next(iter(self._oom)))
-            self._oom[ws_id] = now = time.monotonic()
-            if before is None or now - before >= OOM_MEMORY_S:  # one note a minute at most
-                self._note_oom(ws_id)
-            return
-        if event.kind not in (EngineEventKind.DIE, EngineEventKind.START) or self._busy(ws_id):
-            return
-        await self.sync_network(ws_id)  # the container's address came or went
-        async with self.locked(ws_id):
-            with self.sessions() as s:
-                ws = s.get(Workspace, ws_id)
-            if ws is None:
-                return
-            spec = self.spec_for(ws)
-            if event.container != spec.container_name:
-                return
-            state = State(ws.state)
-            frozen = state is State.PAUSED and ws.sleep == Sleep.FROZEN.value
-            if event.kind is EngineEventKind.DIE and (state is State.RUNNING or frozen):
-                if (await self.runtime.status(spec)).alive:
-                    return  # an older container's death, or restarted since
-                oom_at = self._oom.pop(ws_id, None)
-                oom = oom_at is not None and time.monotonic() - oom_at < OOM_MEMORY_S
-                self._transition(ws_id, state, State.STOPPED, actor="engine",
-                                 message=f"the container exited "
-                                         f"({describe_exit(event.exit_code, oom=oom)}); "
-                                         "it starts again on the next access")
-            elif event.kind is EngineEventKind.START and state in (State.STOPPED,
-                                                                    State.PAUSED):
-                if await self.runtime.status(spec) is not ContainerStatus.RUNNING:
-                    return
-                if state is State.PAUSED:
-                    self._transition(ws_id, state, State.RESUMING, actor="engine")
-                    state = State.RESUMING
-                self._transition(ws_id, state, State.RUNNING, actor="engine",
-                                 message="the container was started outside Den")
-
-    def _note_oom(self, ws_id: str) -> None:
-        """The host's OOM killer hit the sandbox. Under gVisor it usually ends one process of
-        the workspace and the sandbox lives on (the engine sends no "die"), so the event log
-        is the only place that says why that process vanished."""
-        with self.sessions() as s:
-            ws = s.get(Workspace, ws_id)
-        if ws is None:
-            return
-        self.note(ws_id, "oom", f"the workspace reached its memory limit ({ws.memory_mb} MB "
-                  "plus the sandbox's headroom): the host's out-of-memory killer ended a "
-                  "process", actor="engine")
-
-    # --- reconcile --------------------------------------------------------------------
+    # --- reconcile and the engine's events (server/workspaces/reconcile.py, engine_events.py)
 
     def remove_leftovers(self) -> None:
-        """At startup, before anything runs: the build directories and the saved memory of
-        snapshots without a row that a previous run left (it stopped while making them)."""
-        shutil.rmtree(self._tmp, ignore_errors=True)
-        with self.sessions() as s:
-            snapshots = set(s.scalars(select(Snapshot.id)))
-        saved = self.settings.data_dir / "snapshots"
-        for d in sorted(saved.iterdir()) if saved.is_dir() else []:
-            if d.name not in snapshots:
-                log.warning("startup: removing orphan saved memory %s", d)
-                shutil.rmtree(d, ignore_errors=True)
+        """At startup, before anything runs: what a previous run left half-made."""
+        self.reconciler.remove_leftovers()
 
     async def reconcile(self) -> None:
-        """Bring the database and the engine into agreement: at startup, and again each time
-        the engine answers after failing, while requests run. A workspace with an operation in
-        progress (its lock held, or its build running) is left to that operation, and so are
-        the engine objects it may be making.
+        """Bring the database and the engine into agreement (Reconciler.reconcile)."""
+        await self.reconciler.reconcile()
 
-        Three passes: volume-copy helpers left by a crash go first (they hold the volumes
-        that a fork's or a restore's clean-up must remove: "volume is in use"); then each
-        workspace's row is settled; then what belongs to no row, and volumes of a workspace
-        that are not its current one (a restore's unfinished copy, or the data it replaced),
-        are removed."""
-        objects = await self.runtime.list_objects(self.instance_id)  # before the rows: an
-        with self.sessions() as s:  # object made meanwhile then has its row
-            rows = list(s.scalars(select(Workspace)))
-            snapshots = set(s.scalars(select(Snapshot.id)))
-        for obj in objects:
-            if obj.role == ROLE_COPY and not self._busy(obj.workspace_id):
-                log.warning("reconcile: removing copy helper %s of workspace %s left by a "
-                            "restart", obj.name, obj.workspace_id or "?")
-                await self.runtime.remove_object(obj)
-        for ws in rows:
-            if self._busy(ws.id):
-                continue
-            try:
-                async with self.locked(ws.id):
-                    with self.sessions() as s:
-                        current = s.get(Workspace, ws.id)
-                    if current is not None:
-                        await self._reconcile_one(current)
-            except DenError as exc:
-                log.error("reconcile of workspace %s failed: %s %s", ws.id, exc.message,
-                          exc.detail)
-        with self.sessions() as s:
-            volumes = {ws.id: self.spec_for(ws).volume_name
-                       for ws in s.scalars(select(Workspace))}
-        for obj in objects:
-            if obj.role == ROLE_COPY:
-                continue
-            if obj.snapshot_id and obj.snapshot_id in snapshots:
-                continue
-            if obj.workspace_id in volumes and not obj.snapshot_id and (
-                    obj.kind != "volume" or obj.name == volumes[obj.workspace_id]):
-                continue
-            if obj.workspace_id and self._busy(obj.workspace_id):
-                continue  # a snapshot, fork or restore in progress
-            log.warning("reconcile: removing orphan %s %s", obj.kind, obj.name)
-            await self.runtime.remove_object(obj)
-        if self.network is not None:
-            await self.network.sync(self.network_policies)
-
-    def _busy(self, workspace_id: str) -> bool:
-        """Whether an operation on the workspace is in progress in this process."""
-        lock = self._locks.get(workspace_id)
-        return workspace_id in self._tasks or (lock is not None and lock.locked())
-
-    async def _reconcile_one(self, ws: Workspace) -> None:
-        spec = self.spec_for(ws)
-        state = State(ws.state)
-        status = await self.runtime.status(spec)
-        actor = "reconcile"
-        if state is State.CREATING:
-            left = ""
-            try:
-                await self.runtime.destroy(spec)
-            except DenError as exc:  # the row must not stay "creating": say what remains
-                left = f"; its engine objects could not all be removed ({exc.message})"
-            self._transition(ws.id, state, State.ERROR, actor=actor,
-                             reason="Den restarted while this workspace was being created"
-                                    f"{left}; delete it and create it again")
-        elif state is State.DELETING:
-            await self._finish_delete(ws, actor=actor)
-        elif state is State.STARTING and RESTORING in ws.engine:
-            await self._reconcile_restore(ws)
-        elif state is State.PAUSING and status is not ContainerStatus.MISSING:
-            await self._reconcile_pause(ws, spec)
-        elif state is State.RESUMING and status is not ContainerStatus.MISSING:
-            # Its checkpoint is kept (or it started cold); resume falls back to a cold
-            # start when it is missing, so "paused" is always safe. A wake from the frozen
-            # tier cut short before the thaw: still frozen, and recorded so.
-            dst = State.RUNNING if status is ContainerStatus.RUNNING else State.PAUSED
-            self._transition(ws.id, state, dst, actor=actor,
-                             sleep=Sleep.FROZEN if status is ContainerStatus.FROZEN
-                             else Sleep.SAVED,
-                             message=f"{state.value} was interrupted by a restart")
-        elif (state is State.PAUSED and ws.sleep == Sleep.FROZEN.value
-              and status is ContainerStatus.FROZEN and isinstance(self.runtime, Freezer)):
-            await self.runtime.freeze(spec)  # idempotent; a thaw cut short left it half-frozen
-        elif (state is State.PAUSED and ws.sleep == Sleep.FROZEN.value
-              and status is ContainerStatus.STOPPED):
-            self._transition(ws.id, state, State.STOPPED, actor=actor,
-                             message="the frozen workspace's container exited meanwhile: "
-                                     "running processes were lost, files are kept; it starts "
-                                     "on the next access")
-        elif state is State.RUNNING and status is ContainerStatus.FROZEN:
-            if isinstance(self.runtime, Freezer):  # frozen from outside Den: it must answer
-                await self.runtime.thaw(spec)
-                self.note(ws.id, "reconcile", "found frozen in the engine; thawed")
-        elif state is State.PAUSED and status is ContainerStatus.RUNNING:
-            self._transition(ws.id, state, State.RESUMING, actor=actor)
-            self._transition(ws.id, State.RESUMING, State.RUNNING, actor=actor,
-                             message="found running in the engine")
-        elif state is State.STARTING and status is not ContainerStatus.MISSING:
-            if status is ContainerStatus.RUNNING:
-                self._transition(ws.id, state, State.RUNNING, actor=actor)
-            else:
-                self._transition(ws.id, state, State.STOPPED, actor=actor,
-                                 message="start was interrupted by a restart")
-        elif state is State.STOPPING and status is not ContainerStatus.MISSING:
-            await self.runtime.stop(spec, timeout_s=self.settings.stop_timeout_s)
-            self._transition(ws.id, state, State.STOPPED, actor=actor,
-                             message="finished a stop interrupted by a restart")
-        elif status is ContainerStatus.MISSING and state is not State.ERROR:
-            self._transition(ws.id, state, State.ERROR, actor=actor,
-                             reason="the workspace's container is gone from the engine; "
-                                    "its data volume may remain; delete the workspace")
-        elif state is State.RUNNING and status is ContainerStatus.STOPPED:
-            self._transition(ws.id, state, State.STOPPED, actor=actor,
-                             message="found stopped in the engine")
-        elif state is State.STOPPED and status is ContainerStatus.RUNNING:
-            self._transition(ws.id, state, State.RUNNING, actor=actor,
-                             message="found running in the engine")
-
-    async def _reconcile_restore(self, ws: Workspace) -> None:
-        """A restore cut short by a crash: before its commit point (the row still names the
-        old volume) the workspace is exactly as it was and the partial copy goes; after it,
-        the restore is finished (container recreated on the copy, old volume removed) and the
-        workspace is left stopped (the next access starts it)."""
-        pending = dict(ws.engine[RESTORING])
-        spec = self.spec_for(ws)
-        what = f"restore of snapshot {pending.get('snapshot', '?')}"
-        was = State(str(pending.get("from") or State.STOPPED.value))
-        if spec.volume_name != pending.get("volume"):
-            await self.runtime.remove_object(
-                EngineObject("volume", str(pending.get("volume")), ws.id))
-            self._set_engine(ws.id, _without_restore(ws.engine))
-            self._transition(ws.id, State.STARTING, was, actor="reconcile",
-                             message=f"{what} was interrupted by a restart before its copy was "
-                                     "complete; the partial copy is removed and the workspace "
-                                     "is exactly as it was",
-                             reason=str(pending.get("reason") or "")
-                             if was is State.ERROR else "")
-            return
-        await self.runtime.replace_container(
-            spec, old_volume=str(pending.get("old_volume") or spec.volume_name))
-        self._set_engine(ws.id, _without_restore(ws.engine))
-        self._transition(ws.id, State.STARTING, State.STOPPED, actor="reconcile",
-                         message=f"{what} was interrupted by a restart after its copy was "
-                                 "complete; it is finished now (files restored; memory not): "
-                                 "the workspace starts on the next access")
-
-    async def _reconcile_pause(self, ws: Workspace, spec: WorkspaceSpec) -> None:
-        """A pause cut short by a crash: its checkpoint may still be being written (runsc
-        outlives Den). Wait for it, bounded; a complete one makes the workspace paused, an
-        incomplete one is removed and the workspace is what its container is."""
-        saved = await self.runtime.settle_checkpoint(spec, checkpoint=CHECKPOINT,
-                                                     wait_s=CHECKPOINT_SETTLE_S)
-        status = await self.runtime.status(spec)
-        if status is ContainerStatus.FROZEN:  # a freeze (or a save of a frozen one) cut short
-            self._transition(ws.id, State.PAUSING, State.PAUSED, actor="reconcile",
-                             sleep=Sleep.FROZEN,
-                             message="pause was interrupted by a restart; the workspace is "
-                                     "frozen in place, memory and processes kept")
-        elif saved and status is not ContainerStatus.RUNNING:
-            self._transition(ws.id, State.PAUSING, State.PAUSED, actor="reconcile",
-                             message="pause was interrupted by a restart; its checkpoint was "
-                                     "complete: memory and processes are saved")
-        elif status is ContainerStatus.RUNNING:
-            self._transition(ws.id, State.PAUSING, State.RUNNING, actor="reconcile",
-                             message="pause was interrupted by a restart before its "
-                                     "checkpoint was made; the workspace kept running")
-        else:
-            self._transition(ws.id, State.PAUSING, State.STOPPED, actor="reconcile",
-                             message="pause was interrupted by a restart and its checkpoint "
-                                     "was incomplete (removed): running processes were lost, "
-                                     "files are kept; it starts on the next access")
+    async def apply_engine_event(self, event: EngineEvent) -> None:
+        """Follow what the engine says happened to a workspace (EngineFollower.apply)."""
+        await self.engine_events.apply(event)
 
     async def shutdown(self) -> None:
         """Cancel unfinished background work; reconcile cleans up at the next start."""
@@ -1357,25 +846,6 @@ class WorkspaceService:
         for t in tasks:
             with contextlib.suppress(BaseException):
                 await t
-
-
-def _without_restore(engine: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in engine.items() if k != RESTORING}
-
-
-def describe_exit(code: int | None, *, oom: bool) -> str:
-    """Why a container exited, for the event log: "code 137, out of memory"."""
-    if code is None:
-        return "out of memory" if oom else "exit code unknown"
-    if oom:
-        return f"code {code}, out of memory"
-    if code > 128 and code - 128 in SIGNAL_NAMES:
-        return f"code {code}, killed by {SIGNAL_NAMES[code - 128]}"
-    return f"code {code}"
-
-
-SIGNAL_NAMES = {1: "SIGHUP", 2: "SIGINT", 6: "SIGABRT", 9: "SIGKILL", 11: "SIGSEGV",
-                15: "SIGTERM"}
 
 
 def path_in_workspace(path: str) -> str:

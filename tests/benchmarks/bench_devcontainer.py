@@ -36,7 +36,8 @@ from typing import Any
 import docker
 from fastapi.testclient import TestClient
 
-from server.app import create_app, devcontainers
+from server.app import create_app
+from server.backends import docker_devcontainers as devcontainers
 from server.config import Settings
 from server.devcontainer.setup import Resources
 from tests.conftest import engine_objects, git, remove_networks, users
@@ -96,7 +97,8 @@ async def bench_prepare(settings: Settings, clones: dict[str, Path], rounds: int
 
 def bench_create(settings: Settings, repos: Path, rounds: int) -> dict[str, Any]:
     app = create_app(settings)
-    plain, devc = [], []
+    plain: list[float] = []
+    devc: list[float] = []
     with TestClient(app) as client:
         h = {"Authorization": f"Bearer {users(app)['alice']}"}
 

@@ -124,8 +124,7 @@ def main() -> int:
                                             - summary["none"]["connect_ms_p50"], 3)
     summary["throughput_ratio"] = round(summary["rules"]["download_MBps_median"]
                                         / summary["none"]["download_MBps_median"], 3)
-    with open("/proc/loadavg") as fh:
-        summary["loadavg"] = fh.read().split()[:3]
+    summary["loadavg"] = Path("/proc/loadavg").read_text().split()[:3]
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -970,10 +970,10 @@ def main(argv: list[str] | None = None) -> int:
             "samples": res.samples,
         }, indent=2))
         print(f"\nbench: wrote {args.json}")
-    lost = [f"{label(i['size_mb'])} {w}" for i in infos
+    holders_lost = [f"{label(i['size_mb'])} {w}" for i in infos
             for w, h in (i.get("holder") or {}).items() if h["lost_at"]]
-    if lost:
-        print(f"bench: memory holders lost: {', '.join(lost)}", file=sys.stderr)
+    if holders_lost:
+        print(f"bench: memory holders lost: {', '.join(holders_lost)}", file=sys.stderr)
         return 1
     return 0
 

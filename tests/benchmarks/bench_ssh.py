@@ -102,7 +102,7 @@ class Clients:
                      "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR", "-i", str(key)]
         proxy = (f"docker exec -i -u dev {container} python3 -I -S {SSHD_DIR}/relay.py "
                  f"127.0.0.1 {SSHD_PORT}")
-        self.paths = {
+        self.paths: dict[str, dict[str, Any]] = {
             "den": {"opts": [*self.base, "-o", f"Port={ssh_port}"],
                     "target": "bench@127.0.0.1"},
             "sshd": {"opts": [*self.base, "-o", f"ProxyCommand={proxy}",

@@ -159,7 +159,7 @@ BENCH_LIMITS = {"rate_limit_per_token": 0, "rate_limit_per_address": 0,
 class Server(DenServer):
     """``den serve`` for the benchmark, with the API calls it makes, each checked."""
 
-    def __init__(self, work: Path, repos_root: Path, prefix: str, **settings: object) -> None:
+    def __init__(self, work: Path, repos_root: Path, prefix: str, **settings: Any) -> None:
         """``settings``: further server settings (``file_max_bytes=...``), as DenServer's."""
         super().__init__(work / "data", repos_root, prefix, user="bench", http_timeout_s=120,
                          own_session=True,  # Ctrl-C reaches the benchmark, which stops it
@@ -471,6 +471,7 @@ def breakdown(prefix: str, work: Path, repo: Path, rounds: int) -> Results:
     from server.runtime import docker_specs
     from server.runtime.base import ExecRequest, WorkspaceSpec
     from server.runtime.docker import DockerRuntime, _collect, _raw_socket
+    from server.runtime.output import Captured
 
     res = Results()
     rt = DockerRuntime(gvisor_runtime="runsc")
@@ -559,7 +560,7 @@ def breakdown(prefix: str, work: Path, repo: Path, rounds: int) -> Results:
                                  workdir=base_req.cwd, environment=env)
             t1 = time.perf_counter()
             sock = api.exec_start(ex["Id"], socket=True)
-            _collect(_raw_socket(sock), 1 << 20, None)
+            _collect(_raw_socket(sock), Captured(1 << 20), Captured(1 << 20), None)
             sock.close()
             t2 = time.perf_counter()
             n = 0

@@ -49,7 +49,7 @@ def test_concurrent_starts_never_share_a_gpu(db_url: str, tmp_path: Path,
     def start(ws_id: str) -> None:
         barrier.wait()
         try:
-            svc._transition(ws_id, State.STOPPED, State.STARTING, actor="race")
+            svc.ledger.transition(ws_id, State.STOPPED, State.STARTING, actor="race")
             results[ws_id] = "took"
         except Conflict as exc:
             results[ws_id] = exc.code

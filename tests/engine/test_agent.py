@@ -39,7 +39,7 @@ def _moves_on(api: ApiClient, wid: str, name: str, timeout_s: float = 10) -> Non
 
 
 def _alive(api: ApiClient, wid: str, pid: int) -> bool:
-    return api.exec(wid, f"kill -0 {pid}")["exit_code"] == 0
+    return bool(api.exec(wid, f"kill -0 {pid}")["exit_code"] == 0)
 
 
 def test_background_processes_keep_their_pid_and_count_across_pauses_and_a_memory_fork(

@@ -87,17 +87,17 @@ def test_limits_through_the_cli_and_a_users_execs_capped_on_the_engine(
         den.workspace("api").wait_for("running")
 
     as_root = {**os.environ, "DEN_TOKEN": admin}
-    r = subprocess.run([sys.executable, "-m", "server.cli", "limits", "carol", "workspaces=1",
+    p = subprocess.run([sys.executable, "-m", "server.cli", "limits", "carol", "workspaces=1",
                         "execs=1"], env={**as_root, "DEN_URL": f"http://127.0.0.1:{server.port}",
                                          "HOME": str(server.log.parent)},
                        text=True, capture_output=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    r = _den(server, "me")
-    assert r.returncode == 0, r.stderr
-    rows = {line.split()[0]: line.split()[1:3] for line in r.stdout.splitlines()[2:]}
+    assert p.returncode == 0, p.stderr
+    p = _den(server, "me")
+    assert p.returncode == 0, p.stderr
+    rows = {line.split()[0]: line.split()[1:3] for line in p.stdout.splitlines()[2:]}
     assert rows["workspaces"] == ["1", "1"] and rows["execs"] == ["0", "1"]
-    r = _den(server, "create", str(make_repo("other")), "--name", "other")
-    assert r.returncode == 1 and "workspaces: 1" in r.stderr, r.stderr
+    p = _den(server, "create", str(make_repo("other")), "--name", "other")
+    assert p.returncode == 1 and "workspaces: 1" in p.stderr, p.stderr
 
     ws_id = server.http.get("/api/v1/workspaces/api").json()["id"]
     held: list[httpx.Response] = []

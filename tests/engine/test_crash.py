@@ -75,7 +75,11 @@ class Crashing(DenServer):
 
     def kill_during(self, action: Callable[[], object], delay_s: float) -> None:
         """kill -9 from outside ``delay_s`` after ``action`` starts; start again."""
-        self._send_and_die(action, lambda: (time.sleep(delay_s), self.kill9()), timeout_s=120)
+        def later() -> None:
+            time.sleep(delay_s)
+            self.kill9()
+
+        self._send_and_die(action, later, timeout_s=120)
         self.start(timeout_s=240)
 
     def _send_and_die(self, action: Callable[[], object], kill: Callable[[], object], *,

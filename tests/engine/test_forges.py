@@ -80,7 +80,7 @@ def root_exec(api: ApiClient, ws_id: str, script: str, timeout_s: float = 300) -
     svc = api.app.state.workspaces
     req = svc.exec_request(svc.get(ws_id), ["bash", "-c", script], user="root",
                            timeout_s=timeout_s)
-    result: ExecResult = api.client.portal.call(functools.partial(svc.exec, ws_id, req,
+    result: ExecResult = api.call(functools.partial(svc.exec, ws_id, req,
                                                                   actor="test"))
     return result
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -116,7 +117,7 @@ def test_exec_stream_on_a_terminal_has_its_size_and_takes_resizes(
             out += msg["data"]
         sock.send_json({"type": "resize", "cols": 90, "rows": 31})
         sock.send_json({"type": "stdin", "data": "go\r"})
-        messages = []
+        messages: list[dict[str, Any]] = []
         while not messages or messages[-1]["type"] not in ("exit", "error"):
             messages.append(sock.receive_json())
     out += "".join(m["data"] for m in messages if m["type"] == "stdout")

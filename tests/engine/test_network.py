@@ -243,11 +243,12 @@ def test_policy_changes_live_without_a_restart(two: Lab) -> None:
 
     # Refused: what is no address nor domain name, private ranges the operator did not allow,
     # unknown modes; nothing changes.
-    for body, status, code in [
+    refusals: list[tuple[dict[str, Any], int, str]] = [
         ({"mode": "allowlist", "allow": ["pypi"]}, 422, "invalid"),
         ({"mode": "allowlist", "allow": ["10.0.0.0/8"]}, 403, "network_not_allowed"),
         ({"mode": "everything"}, 422, "invalid"),
-    ]:
+    ]
+    for body, status, code in refusals:
         r = lab.patch("a", body)
         assert r.status_code == status, r.text
         assert r.json()["error"]["code"] == code, r.text
@@ -363,7 +364,9 @@ def test_startup_and_reconcile_recreate_the_network_and_the_rules(
         assert present() == (True, True, True)
         remove()
         assert present() == (False, False, False)
-        client.portal.call(client.app.state.workspaces.reconcile)  # type: ignore[attr-defined]
+        app: Any = client.app
+        assert client.portal is not None
+        client.portal.call(app.state.workspaces.reconcile)
         assert present() == (True, True, True)
     remove()
     with TestClient(create_app(settings)):

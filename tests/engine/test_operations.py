@@ -39,7 +39,7 @@ def test_a_pause_shows_in_the_metrics_with_its_checkpoint_on_disk(
     # agent reports it through the reaper's measurement.
     assert real_api.exec(ws["id"], ["sh", "-c", "head -c 67108864 /dev/urandom > /tmp/m"]
                          )["exit_code"] == 0
-    assert real_api.client.portal.call(real_api.client.app.state.reaper.run_once) == []
+    assert real_api.call(real_api.app.state.reaper.run_once) == []
     m = parse(real_api.get("/metrics", user="root").text)
     assert (value(m, "den_workspace_cpu_seconds_total", workspace=ws["id"]) or 0) > 0
     assert (value(m, "den_workspace_memory_bytes", workspace=ws["id"]) or 0) > 64 * 2**20

@@ -379,8 +379,8 @@ def test_an_image_without_python_bash_or_tmux_runs_exec_files_terminal_and_ssh(
     assert api.get(url, params={"path": "api/new.txt"}).content == b"made\n"
     assert api.exec(wid, "cat new.txt")["stdout"] == "made\n"
     # SSH: a command (run by sh, the image's only shell) and its exit status.
-    r = gw.ssh("api", "echo via-ssh; exit 4")
-    assert (r.returncode, r.stdout) == (4, b"via-ssh\n"), r
+    done = gw.ssh("api", "echo via-ssh; exit 4")
+    assert (done.returncode, done.stdout) == (4, b"via-ssh\n"), done
     # The web terminal: no tmux, so a plain login shell on a terminal.
     with api.client.websocket_connect(f"/api/v1/workspaces/{wid}/terminal?cols=90&rows=30",
                                       headers=api.h()) as sock:

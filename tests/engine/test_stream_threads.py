@@ -48,5 +48,5 @@ def test_a_stream_ends_while_the_default_pool_is_full(
             loop.set_default_executor(ThreadPoolExecutor())
             full.shutdown(wait=False)
 
-    out, code = real_api.client.portal.call(go)
+    out, code = real_api.call(go)
     assert (out, code) == (b"out\n", 7)

@@ -145,7 +145,7 @@ def test_a_full_exec_queue_answers_503_and_short_calls_still_pass(
         assert value(m, "den_exec_shed_total") == 1
         assert value(m, "den_exec_duration_seconds_count", kind="exec", outcome="shed") == 1
     finally:
-        small_api.client.portal.call(fake_runtime.release.set)
+        small_api.call(fake_runtime.release.set)
         for t in threads:
             t.join(timeout=30)
     assert [results[n].status_code for n in ("a", "b")] == [200, 200]

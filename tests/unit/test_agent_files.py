@@ -484,8 +484,9 @@ class AgentRuntime(FakeRuntime):
     def on_fallback(self, listener: Callable[[str, str], None]) -> None:
         pass  # the scripted agent always answers
 
-    async def connect(self, spec: WorkspaceSpec, host: str, port: int) -> ExecStream | None:
-        return None  # not used by the files tests
+    async def connect(  # type: ignore[override]  # the files tests have no connections
+            self, spec: WorkspaceSpec, host: str, port: int) -> ExecStream | None:
+        return None
 
 
 @pytest.fixture

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import pytest
 
@@ -62,7 +64,7 @@ def test_docker_demux_splits_streams_across_reads() -> None:
         assert (out, err) == (b"helloworld", b"log\n")
 
 
-def run(fn):  # type: ignore[no-untyped-def]
+def run(fn: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
     """Run an async test body on a fresh event loop."""
     def sync() -> None:
         asyncio.run(fn())

@@ -17,7 +17,8 @@ from server.auth.tokens import ensure_user
 from server.runtime.base import EngineEvent, EngineEventKind
 from server.runtime.docker import engine_event
 from server.runtime.fake import FakeRuntime
-from server.workspaces.service import CreateRequest, WorkspaceService, describe_exit
+from server.workspaces.engine_events import describe_exit
+from server.workspaces.service import CreateRequest, WorkspaceService
 from tests.conftest import ApiClient
 
 DIE, OOM, START = EngineEventKind.DIE, EngineEventKind.OOM, EngineEventKind.START
@@ -117,7 +118,7 @@ async def test_an_oom_kill_the_sandbox_survives_is_in_the_event_log_once_a_minut
         "engine", "the workspace reached its memory limit (512 MB plus the sandbox's "
                   "headroom): the host's out-of-memory killer ended a process")]
     assert svc.get(ws_id).state == "running"
-    svc._oom[ws_id] -= 61  # a minute later: noted again
+    svc.engine_events._oom[ws_id] -= 61  # a minute later: noted again
     await svc.apply_engine_event(EngineEvent(OOM, ws_id, spec.container_name))
     assert len([e for e in svc.events(ws_id) if e.kind == "oom"]) == 2
     # An unknown workspace (deleted meanwhile) is no error.

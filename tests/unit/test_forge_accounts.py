@@ -225,7 +225,7 @@ def test_client_pull_request_and_forges() -> None:
     seen: list[httpx.Request] = []
     den = Den("http://den.test", "den_t", transport=_den_api(seen))
     pr = den.workspace("api").pull_request("Fix it", body="why", draft=True)
-    assert pr == PullRequest(7, PR_JSON["url"], "den/api", "main", "a" * 40, True, "create",
+    assert pr == PullRequest(7, str(PR_JSON["url"]), "den/api", "main", "a" * 40, True, "create",
                              "github")
     assert json.loads(seen[-1].content) == {"title": "Fix it", "body": "why", "draft": True}
     den.link_forge("github", "https://github.com", "ghp_x")

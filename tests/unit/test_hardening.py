@@ -34,7 +34,7 @@ def test_the_data_directory_and_database_are_private(
         wal = settings.data_dir / "den.db-wal"
         assert not wal.exists() or _mode(wal) == 0o600
         svc = client.app.state.workspaces  # type: ignore[attr-defined]
-        assert _mode(svc.snapshot_memory_dir("x").parent) == 0o700
+        assert _mode(svc.restores.memory_dir("x").parent) == 0o700
 
 
 def test_no_cdn_documentation_pages(make_settings: Callable[..., Settings]) -> None:

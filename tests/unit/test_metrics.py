@@ -179,8 +179,7 @@ def test_reaper_actions_and_workspace_usage(fake_api: ApiClient, fake_runtime: F
     container.cpu_ns = 3 * 10**9
     container.memory_bytes = 200 * 2**20
     reaper = fake_api.app.state.reaper
-    portal = fake_api.client.portal
-    assert portal.call(reaper.run_once) == []  # measures the CPU, pauses nothing
+    assert fake_api.call(reaper.run_once) == []  # measures the CPU, pauses nothing
     m = scrape(fake_api)
     assert value(m, "den_workspace_cpu_seconds_total", workspace=ws_id) == 3.0
     assert value(m, "den_workspace_memory_bytes", workspace=ws_id) == 200 * 2**20
@@ -188,7 +187,7 @@ def test_reaper_actions_and_workspace_usage(fake_api: ApiClient, fake_runtime: F
     with fake_api.app.state.sessions.begin() as s:
         s.execute(update(Workspace).where(Workspace.id == ws_id)
                   .values(last_activity_at=then, updated_at=then))
-    assert [a for _, a in portal.call(reaper.run_once)] == ["freeze"]
+    assert [a for _, a in fake_api.call(reaper.run_once)] == ["freeze"]
     m = scrape(fake_api)
     assert value(m, "den_reaper_actions_total", action="freeze", result="ok") == 1
     # Frozen: no longer a running workspace's CPU or memory.

@@ -248,20 +248,20 @@ async def test_rules_follow_start_stop_and_live_changes(
     with svc.sessions.begin() as s:
         alice = ensure_user(s, "alice")
     ws_id = await _running(svc, alice, make_repo("api"), network_mode="none")
-    assert svc.network_policy(svc.get(ws_id)) == NetworkPolicy("none")
+    assert svc.networks.policy(svc.get(ws_id)) == NetworkPolicy("none")
     assert "-A DEN-T-FWD -s 10.88.0.2/32 -j DEN-T-REJ" in rec.applied[-1]
 
-    await svc.set_network(ws_id, "allowlist", ["10.20.1.1:5432"], actor="alice")
+    await svc.networks.set(ws_id, "allowlist", ["10.20.1.1:5432"], actor="alice")
     assert "-s 10.88.0.2/32 -d 10.20.1.1/32 -p tcp --dport 5432 -j RETURN" in rec.applied[-1]
     assert svc.events(ws_id)[-1].message == "network policy set to allowlist (10.20.1.1:5432)"
 
     with pytest.raises(Forbidden):
-        await svc.set_network(ws_id, "allowlist", ["10.30.0.1"], actor="alice")
-    assert svc.network_policy(svc.get(ws_id)).mode == "allowlist"  # unchanged
+        await svc.networks.set(ws_id, "allowlist", ["10.30.0.1"], actor="alice")
+    assert svc.networks.policy(svc.get(ws_id)).mode == "allowlist"  # unchanged
 
-    svc.record_denial(denials.Denial("10.88.0.2", "10.30.0.1", "TCP", 22))
-    svc.record_denial(denials.Denial("10.88.0.2", "10.30.0.1", "TCP", 22))  # within a minute
-    svc.record_denial(denials.Denial("10.88.0.99", "10.30.0.1", "TCP", 22))  # nobody's
+    svc.networks.record_denial(denials.Denial("10.88.0.2", "10.30.0.1", "TCP", 22))
+    svc.networks.record_denial(denials.Denial("10.88.0.2", "10.30.0.1", "TCP", 22))  # a minute
+    svc.networks.record_denial(denials.Denial("10.88.0.99", "10.30.0.1", "TCP", 22))  # nobody's
     assert [e.message for e in svc.events(ws_id) if e.message.startswith("denied")] == [
         "denied TCP to 10.30.0.1:22 (network policy allowlist; further denials of it are not "
         "recorded for a minute)"]

@@ -127,7 +127,7 @@ async def test_a_fork_keeps_only_the_names_todays_ceiling_allows(
     ws = await settle(svc, ws.id)
     snaps = SnapshotService(svc)
     snap = await snaps.create(ws.id, name="one", memory=False, actor="alice")
-    svc.settings = svc.settings.model_copy(update={"network_user_domains": ["pypi.org"]})
+    svc.settings.network_user_domains = ["pypi.org"]  # the operator lowered the ceiling
     fork = await settle(svc, (await snaps.fork(alice, snap, name="fork")).id)
-    assert svc.network_policy(fork).to_json() == {"mode": "allowlist",
+    assert svc.networks.policy(fork).to_json() == {"mode": "allowlist",
                                                   "allow": ["pypi.org", "203.0.113.7"]}

@@ -281,9 +281,9 @@ async def test_guard_pins_answers_for_allowed_names_and_drops_them_on_a_change(
     await svc.resume(ws.id, actor="alice")
     assert pin in rec.applied[-1]
     # A live change that still allows the name keeps the pin; one that does not drops it.
-    await svc.set_network(ws.id, "allowlist", ["ok.example:443", "x.example"], actor="alice")
+    await svc.networks.set(ws.id, "allowlist", ["ok.example:443", "x.example"], actor="alice")
     assert pin in rec.applied[-1]
-    await svc.set_network(ws.id, "allowlist", ["x.example"], actor="alice")
+    await svc.networks.set(ws.id, "allowlist", ["x.example"], actor="alice")
     assert "198.51.100.7" not in rec.applied[-1]
 
 

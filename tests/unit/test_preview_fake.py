@@ -132,7 +132,8 @@ class _Hostile(socketserver.BaseRequestHandler):
             if not more:
                 return
             data += more
-        self.request.sendall(self.ANSWERS[self.server.server_address[1]])
+        port = int(self.server.server_address[1])  # type: ignore[index]
+        self.request.sendall(self.ANSWERS[port])
 
 
 @pytest.fixture(scope="module")
@@ -329,7 +330,9 @@ def test_share_level_input(api: ApiClient, den: Callable[..., ApiClient],
     ports = "/api/v1/workspaces/api/ports"
     for port in ("0", "65536", "abc", "-1", "1.5"):
         assert_error(api.put(f"{ports}/{port}", json={"share": "users"}), 404, "not_found")
-    for body in ({"share": "everyone"}, {}, {"share": None}, {"share": "users", "x": 1}, []):
+    bodies: list[Any] = [{"share": "everyone"}, {}, {"share": None}, {"share": "users", "x": 1},
+                         []]
+    for body in bodies:
         assert_error(api.put(f"{ports}/8000", json=body), 422, "invalid")
     assert_error(api.put(f"{ports}/8000", user="bob", json={"share": "users"}), 404)
     assert_error(api.get(ports, user="bob"), 404)

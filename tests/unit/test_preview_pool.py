@@ -5,7 +5,7 @@ closed, the caps, and a reused connection found closed (sent again only without 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
 
 import pytest
@@ -96,10 +96,11 @@ async def relay(up: proxy.Upstream, *, body: bool) -> tuple[Any, list[dict[str, 
         await asyncio.Event().wait()
         return {}
 
-    async def send(msg: dict[str, Any]) -> None:
-        sent.append(msg)
+    async def send(msg: MutableMapping[str, Any]) -> None:
+        sent.append(dict(msg))
 
-    scope = {"type": "http", "method": "POST" if body else "GET", "headers": []}
+    scope: dict[str, Any] = {"type": "http", "method": "POST" if body else "GET",
+                             "headers": []}
     head = [(b"host", b"app")] + ([(b"content-length", b"1")] if body else [])
     try:
         result: Any = await proxy.http(scope, receive, send, up, target=b"/", head=head,

@@ -170,12 +170,13 @@ def test_another_users_workspace_is_404(fake_api: ApiClient, running: dict[str, 
     pid = spawn(fake_api, ["true"])["pid"]
     ref = running["id"] if by == "id" else running["name"]
     calls = list(fake_runtime.calls)
-    for method, path, kw in [
+    calls_by_bob: list[tuple[str, str, dict[str, Any]]] = [
         ("POST", "processes", {"json": {"cmd": ["true"]}}),
         ("GET", "processes", {}),
         ("GET", f"processes/{pid}/logs", {}),
         ("POST", f"processes/{pid}/signal", {"json": {"signal": "KILL"}}),
-    ]:
+    ]
+    for method, path, kw in calls_by_bob:
         r = fake_api.client.request(method, f"{WS}/{ref}/{path}", headers=fake_api.h("bob"),
                                     **kw)
         assert_error(r, 404, "not_found")

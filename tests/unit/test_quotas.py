@@ -167,7 +167,7 @@ def test_one_users_execs_are_capped_and_other_users_are_unaffected(
         # bob's exec runs at once: alice holds 2 of the server's 8 slots
         assert api.exec(bobs["id"], ["true"], user="bob")["exit_code"] == 0
     finally:
-        api.client.portal.call(fake_runtime.release.set)
+        api.call(fake_runtime.release.set)
         for t in threads:
             t.join()
     assert [r.status_code for r in results] == [200, 200]

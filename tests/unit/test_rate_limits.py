@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from starlette.types import Message, Scope
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
@@ -168,15 +169,15 @@ def test_websocket_opens_take_from_the_same_buckets_and_are_refused_before_the_u
 
 
 def test_a_server_without_websocket_denials_closes_with_4429() -> None:
-    sent: list[dict[str, Any]] = []
+    sent: list[Message] = []
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> Message:
         return {"type": "websocket.connect"}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: Message) -> None:
         sent.append(message)
 
-    scope = {"type": "websocket", "path": "/api/v1/workspaces/x/terminal", "extensions": {}}
+    scope: Scope = {"type": "websocket", "path": "/api/v1/workspaces/x/terminal", "extensions": {}}
     asyncio.run(refuse_websocket(scope, receive, send, 2.5))
     assert [m["type"] for m in sent] == ["websocket.accept", "websocket.send",
                                          "websocket.close"]

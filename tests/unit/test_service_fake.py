@@ -656,14 +656,14 @@ async def test_snapshots_fork_retention_and_reconcile(
     fake_runtime.volumes["den-orphan-snap"] = {"den.instance": INSTANCE,
                                                "den.snapshot": "sngone"}
     for sid in (second.id, "sngone"):
-        svc.snapshot_memory_dir(sid).mkdir(parents=True)
-        (svc.snapshot_memory_dir(sid) / "pages.img").write_bytes(b"memory")
+        svc.restores.memory_dir(sid).mkdir(parents=True)
+        (svc.restores.memory_dir(sid) / "pages.img").write_bytes(b"memory")
     svc.remove_leftovers()
     await svc.reconcile()
     assert second.volume in fake_runtime.volumes and third.volume in fake_runtime.volumes
     assert "den-orphan-snap" not in fake_runtime.volumes
-    assert svc.snapshot_memory_dir(second.id).is_dir()
-    assert not svc.snapshot_memory_dir("sngone").exists()
+    assert svc.restores.memory_dir(second.id).is_dir()
+    assert not svc.restores.memory_dir("sngone").exists()
 
 
 async def test_a_fork_is_held_to_the_runtime_policy_of_now(
@@ -785,7 +785,7 @@ async def test_a_failed_restore_copy_leaves_the_workspace_as_it_was(
     volume = svc.spec_for(ws).volume_name
     fake_runtime.fail_next["copy_snapshot"] = EngineError("disk full")
     with pytest.raises(EngineError):
-        await svc.restore_snapshot(ws.id, snap, actor="alice")
+        await svc.restores.restore(ws.id, snap, actor="alice")
     after = svc.get(ws.id)
     assert after.state == "stopped" and svc.spec_for(after).volume_name == volume
     assert fake_runtime.files[volume] == {"notes": b"v2"} and "restoring" not in after.engine

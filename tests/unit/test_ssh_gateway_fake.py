@@ -106,6 +106,7 @@ def test_command_exit_status_activity_and_events(env: Env) -> None:
             proc.stdin.write_eof()
             await proc.wait()
             return hello, failing, busy
+        raise AssertionError("unreachable: the connection's exit swallowed an error")
 
     hello, failing, busy = _run(go())
     assert (hello.stdout, hello.exit_status) == ("hello\n", 0)
@@ -167,6 +168,7 @@ def test_forwarding_refusals(env: Env) -> None:
             except asyncssh.ChannelOpenError as e:
                 outside = e
             return remote, outside
+        raise AssertionError("unreachable: the connection's exit swallowed an error")
 
     remote, outside = _run(go())
     assert remote is not None
@@ -184,7 +186,9 @@ def test_host_key_is_kept_in_the_data_dir(make_settings: Callable[..., Settings]
                     asyncssh.SSHClient, "127.0.0.1", port, known_hosts=None,
                     username="x", client_keys=None, agent_path=None,
                     preferred_auth="none")
-                return str(conn.get_server_host_key().get_fingerprint())
+                host_key = conn.get_server_host_key()
+                assert host_key is not None
+                return str(host_key.get_fingerprint())
             with pytest.raises(asyncssh.PermissionDenied):
                 _run(key())
             seen.append(sorted(p.name for p in app.state.settings.data_dir.glob("ssh_host_*")))
@@ -206,6 +210,7 @@ def test_open_ssh_connections_are_a_gauge(env: Env) -> None:
         async with await _connect(env, "api", "alice") as conn:
             assert (await conn.run("true", check=False)).exit_status == 0
             return await asyncio.to_thread(open_now)
+        raise AssertionError("unreachable: the connection's exit swallowed an error")
 
     assert open_now() == 0
     assert _run(go()) == 1

@@ -63,7 +63,7 @@ def test_transition_table_matches_the_design() -> None:
 
 
 def test_deleting_ends_with_the_row_gone_or_in_error() -> None:
-    # WorkspaceService._finish_delete moves a failed delete to error ("delete again to retry")
+    # WorkspaceService.finish_delete moves a failed delete to error ("delete again to retry")
     assert [dst for dst in State if can_transition(S.DELETING, dst)] == [S.ERROR]
 
 

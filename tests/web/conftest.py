@@ -63,12 +63,12 @@ def browser() -> Iterator[Any]:
 
 
 @pytest.fixture
-def den(tmp_path: Path, repos_root: Path) -> Callable[..., DenServer]:
+def den(tmp_path: Path, repos_root: Path) -> Iterator[Callable[..., DenServer]]:
     """Make a real ``den serve`` (user alice holds ``.token``) and start it unless
     ``started=False`` (the caller sets ``.env`` and calls ``.start()``); stopped at the end."""
     started: list[DenServer] = []
 
-    def start(*, started_now: bool = True, **settings: object) -> DenServer:
+    def start(*, started_now: bool = True, **settings: Any) -> DenServer:
         srv = DenServer(tmp_path / "data", repos_root, f"{RUN_PREFIX}-{secrets.token_hex(2)}",
                         user="alice", stop_timeout_s=2, default_memory_mb=512,
                         default_cpus=1.0, reaper_interval_s=0, **settings)
@@ -77,7 +77,7 @@ def den(tmp_path: Path, repos_root: Path) -> Callable[..., DenServer]:
             srv.start()
         return srv
 
-    yield start  # type: ignore[misc]
+    yield start
     for srv in started:
         with contextlib.suppress(Exception):
             for ws in srv.http.get("/api/v1/workspaces").json().get("workspaces", []):

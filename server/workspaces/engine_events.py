@@ -1,0 +1,107 @@
+"""Following the engine: what the engine says happened to a workspace's container (it died,
+the OOM killer hit it, someone started it outside Den) becomes, through the ledger, the
+workspace's state and an event saying why, within seconds (the supervisor feeds the events:
+server/workspaces/supervisor.py)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from server.db.models import Workspace
+from server.runtime.base import ContainerStatus, EngineEvent, EngineEventKind
+from server.workspaces.states import Sleep, State
+
+if TYPE_CHECKING:
+    from server.workspaces.service import WorkspaceService
+
+OOM_MEMORY = 1024  # workspaces whose "oom" event waits for its "die"
+OOM_MEMORY_S = 60.0  # an "oom" this old no longer explains a "die"
+
+
+class EngineFollower:
+    """Applies engine events to the workspaces of :class:`WorkspaceService`."""
+
+    def __init__(self, svc: WorkspaceService) -> None:
+        self.svc = svc
+        self.ledger = svc.ledger
+        self.runtime = svc.runtime
+        self.sessions = svc.sessions
+        self._oom: dict[str, float] = {}  # workspace -> when the engine last said "oom"
+
+    async def apply(self, event: EngineEvent) -> None:
+        """Follow what the engine says happened to a workspace's container (a container
+        that died, was OOM-killed, or was started from outside Den), so that the state
+        matches the engine within seconds and the event log says why. Ignored: events of
+        another container than the workspace's current one, workspaces with an operation of
+        Den's own in progress (its pause or stop is what made the container exit; that
+        operation settles the state), and anything the engine's current status contradicts
+        (events may come late or twice)."""
+        ws_id = event.workspace_id
+        if event.kind is EngineEventKind.OOM:
+            before = self._oom.pop(ws_id, None)
+            if len(self._oom) >= OOM_MEMORY:  # bounded: the oldest goes
+                self._oom.pop(next(iter(self._oom)))
+            self._oom[ws_id] = now = time.monotonic()
+            if before is None or now - before >= OOM_MEMORY_S:  # one note a minute at most
+                self._note_oom(ws_id)
+            return
+        if event.kind not in (EngineEventKind.DIE, EngineEventKind.START) or self.svc.busy(ws_id):
+            return
+        await self.svc.networks.sync(ws_id)  # the container's address came or went
+        async with self.svc.locked(ws_id):
+            with self.sessions() as s:
+                ws = s.get(Workspace, ws_id)
+            if ws is None:
+                return
+            spec = self.svc.spec_for(ws)
+            if event.container != spec.container_name:
+                return
+            state = State(ws.state)
+            frozen = state is State.PAUSED and ws.sleep == Sleep.FROZEN.value
+            if event.kind is EngineEventKind.DIE and (state is State.RUNNING or frozen):
+                if (await self.runtime.status(spec)).alive:
+                    return  # an older container's death, or restarted since
+                oom_at = self._oom.pop(ws_id, None)
+                oom = oom_at is not None and time.monotonic() - oom_at < OOM_MEMORY_S
+                self.ledger.transition(ws_id, state, State.STOPPED, actor="engine",
+                                       message=f"the container exited "
+                                               f"({describe_exit(event.exit_code, oom=oom)}); "
+                                               "it starts again on the next access")
+            elif event.kind is EngineEventKind.START and state in (State.STOPPED,
+                                                                    State.PAUSED):
+                if await self.runtime.status(spec) is not ContainerStatus.RUNNING:
+                    return
+                if state is State.PAUSED:
+                    self.ledger.transition(ws_id, state, State.RESUMING, actor="engine")
+                    state = State.RESUMING
+                self.ledger.transition(ws_id, state, State.RUNNING, actor="engine",
+                                       message="the container was started outside Den")
+
+    def _note_oom(self, ws_id: str) -> None:
+        """The host's OOM killer hit the sandbox. Under gVisor it usually ends one process of
+        the workspace and the sandbox lives on (the engine sends no "die"), so the event log
+        is the only place that says why that process vanished."""
+        with self.sessions() as s:
+            ws = s.get(Workspace, ws_id)
+        if ws is None:
+            return
+        self.ledger.note(ws_id, "oom", f"the workspace reached its memory limit ({ws.memory_mb} MB "
+                         "plus the sandbox's headroom): the host's out-of-memory killer ended a "
+                         "process", actor="engine")
+
+
+
+def describe_exit(code: int | None, *, oom: bool) -> str:
+    """Why a container exited, for the event log: "code 137, out of memory"."""
+    if code is None:
+        return "out of memory" if oom else "exit code unknown"
+    if oom:
+        return f"code {code}, out of memory"
+    if code > 128 and code - 128 in SIGNAL_NAMES:
+        return f"code {code}, killed by {SIGNAL_NAMES[code - 128]}"
+    return f"code {code}"
+
+
+SIGNAL_NAMES = {1: "SIGHUP", 2: "SIGINT", 6: "SIGABRT", 9: "SIGKILL", 11: "SIGSEGV",
+                15: "SIGTERM"}

@@ -1,0 +1,114 @@
+"""The ledger: the one writer of workspace state.
+
+Every change of a workspace's ``state`` goes through :meth:`Ledger.transition`, which checks
+the transition table, compares-and-sets the row, takes or gives back the workspace's GPUs and
+records an event, all in one database transaction. The rest of the workspaces package (the
+service's lifecycle, restores and forks, reconcile, the engine's events) decides *what* should
+happen and calls the ledger to write it; nothing else updates ``Workspace.state``.
+
+Besides transitions the ledger writes what is not a state change but must be recorded with
+the same care: events (:meth:`note`), activity (:meth:`touch`) and the backend's engine
+handle (:meth:`set_engine`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from server.db.models import Event, Workspace
+from server.errors import Conflict
+from server.gpus.allocation import GpuPool
+from server.workspaces.feed import EventFeed
+from server.workspaces.states import Sleep, State, can_transition
+
+log = logging.getLogger(__name__)
+
+ACTIVITY_DEBOUNCE = timedelta(seconds=5)
+
+
+class Ledger:
+    """Writes workspace state, events, activity and engine handles (see the module doc)."""
+
+    def __init__(self, *, sessions: sessionmaker[Session], gpus: GpuPool,
+                 feed: EventFeed) -> None:
+        self.sessions = sessions
+        self.gpus = gpus  # allocated in the transaction of each transition
+        self.feed = feed  # wakes the readers of the events WebSocket
+
+    def record(self, s: Session, workspace_id: str, *, kind: str, actor: str, message: str,
+               src: State | None = None, dst: State | None = None) -> None:
+        """Add an event to the open transaction ``s``."""
+        s.add(Event(workspace_id=workspace_id, kind=kind, actor=actor, message=message,
+                    from_state=src.value if src else None, to_state=dst.value if dst else None))
+
+    def insert(self, row: Workspace, *, check: Callable[[Session], None], actor: str,
+               message: str) -> None:
+        """Add a new workspace in ``creating``, with its event and GPUs, in one transaction
+        that first runs ``check`` (limits, a unique name: it raises to refuse)."""
+        row.state = State.CREATING.value
+        with self.sessions.begin() as s:
+            check(s)
+            s.add(row)
+            s.flush()
+            self.gpus.on_transition(s, row.id, None, State.CREATING)
+            self.record(s, row.id, kind="state", actor=actor, message=message,
+                        dst=State.CREATING)
+        self.feed.changed(row.id)
+
+    def transition(self, workspace_id: str, src: State, dst: State, *, actor: str,
+                   message: str = "", reason: str = "", sleep: Sleep = Sleep.SAVED) -> None:
+        """Move ``workspace_id`` from ``src`` to ``dst`` atomically, with an event. ``sleep``
+        is the tier a ``paused`` workspace sleeps in (any other state has none). Conflict
+        when the move is not in the table or the row is no longer in ``src``."""
+        if not can_transition(src, dst):
+            raise Conflict(f"cannot go from {src.value} to {dst.value}")
+        now = datetime.now(UTC)
+        values: dict[str, Any] = {"state": dst.value, "state_reason": reason, "updated_at": now,
+                                  "sleep": sleep.value if dst is State.PAUSED else None}
+        if dst is State.RUNNING:  # a start or a resume is activity: the idle clock restarts
+            values["last_activity_at"] = now
+        with self.sessions.begin() as s:
+            res = s.execute(
+                update(Workspace)
+                .where(Workspace.id == workspace_id, Workspace.state == src.value)
+                .values(**values)
+            )
+            if res.rowcount != 1:  # type: ignore[attr-defined]
+                current = s.scalar(select(Workspace.state).where(Workspace.id == workspace_id))
+                raise Conflict(
+                    f"workspace is {current or 'gone'}, not {src.value}; try again",
+                )
+            self.gpus.on_transition(s, workspace_id, src, dst)  # taken or given back with it
+            self.record(s, workspace_id, kind="state", actor=actor,
+                        message=message or reason, src=src, dst=dst)
+        self.feed.changed(workspace_id)
+        log.info("workspace %s: %s -> %s %s", workspace_id, src.value, dst.value, reason)
+
+    def note(self, workspace_id: str, kind: str, message: str, *, actor: str = "system") -> None:
+        """Record an event that is not a state change."""
+        with self.sessions.begin() as s:
+            self.record(s, workspace_id, kind=kind, actor=actor, message=message)
+        self.feed.changed(workspace_id)
+
+    def touch(self, workspace_id: str) -> None:
+        """Mark activity on a workspace (debounced writes)."""
+        now = datetime.now(UTC)
+        with self.sessions.begin() as s:
+            s.execute(
+                update(Workspace)
+                .where(Workspace.id == workspace_id,
+                       Workspace.last_activity_at < now - ACTIVITY_DEBOUNCE)
+                .values(last_activity_at=now)
+            )
+
+    def set_engine(self, workspace_id: str, engine: dict[str, Any]) -> None:
+        """Persist the workspace's engine handle (no state change)."""
+        with self.sessions.begin() as s:
+            s.execute(update(Workspace).where(Workspace.id == workspace_id)
+                      .values(engine=engine))

@@ -1,0 +1,113 @@
+"""Workspaces' network policies (server/network/): checked against the operator's ceiling,
+stored on the row, and brought into the host's firewall after every start, stop, pause and
+delete. Denied connections become rate-limited events on the workspace that tried."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from server.db.models import Snapshot, Workspace
+from server.errors import DenError, NotFound
+from server.network import policy as net_policy
+from server.network.denials import Denial, RateLimit
+
+if TYPE_CHECKING:
+    from server.workspaces.service import WorkspaceService
+
+log = logging.getLogger(__name__)
+
+
+class WorkspaceNetworks:
+    """The network-policy side of :class:`WorkspaceService`."""
+
+    def __init__(self, svc: WorkspaceService) -> None:
+        self.svc = svc
+        self.ledger = svc.ledger
+        self.sessions = svc.sessions
+        self.settings = svc.settings
+        self._containers: dict[str, str] = {}  # container name -> workspace id
+        self._denials = RateLimit()
+        self.guard = svc.network  # None: no policy enforced on this host
+
+    def validate(self, mode: str | None, allow: Sequence[str]) -> net_policy.NetworkPolicy:
+        """A requested policy checked against the operator's ceiling (422/403)."""
+        st = self.settings
+        return net_policy.validate(
+            mode or st.network_default_mode, list(allow), ceiling=st.network_max_mode,
+            user_ranges=net_policy.parse_ranges(st.network_user_allow),
+            operator=net_policy.parse_ranges(st.network_allow),
+            domains=net_policy.user_domains(st))
+
+    def policy(self, ws: Workspace) -> net_policy.NetworkPolicy:
+        return net_policy.NetworkPolicy.from_json(ws.network,
+                                                  default=self.settings.network_default_mode)
+
+    def forked(self, snap: Snapshot) -> net_policy.NetworkPolicy:
+        """A fork gets its origin's policy (kept on the snapshot), within today's ceiling."""
+        wanted = net_policy.NetworkPolicy.from_json(snap.network,
+                                                    default=self.settings.network_default_mode)
+        ceiling = self.settings.network_max_mode
+        if net_policy.MODES.index(wanted.mode) > net_policy.MODES.index(ceiling):
+            return net_policy.NetworkPolicy(mode=ceiling)
+        return net_policy.within(wanted, net_policy.user_domains(self.settings))
+
+    async def set(self, ws_id: str, mode: str, allow: Sequence[str], *, actor: str
+                          ) -> Workspace:
+        """Change a workspace's policy; a running one gets it at once, with its processes
+        and connections as they are (a tighter policy cuts the connections it forbids)."""
+        policy = self.validate(mode, allow)
+        with self.sessions.begin() as s:
+            res = s.execute(update(Workspace).where(Workspace.id == ws_id)
+                            .values(network=policy.to_json(), updated_at=datetime.now(UTC)))
+            if res.rowcount != 1:  # type: ignore[attr-defined]
+                raise NotFound(f"no workspace {ws_id!r}")
+            allowed = f" ({', '.join(str(e) for e in policy.allow)})" if policy.allow else ""
+            self.ledger.record(s, ws_id, kind="network", actor=actor,
+                               message=f"network policy set to {policy.mode}{allowed}")
+        if self.guard is not None:
+            await self.guard.sync(self.policies)
+        return self.svc.get(ws_id)
+
+    def policies(self) -> dict[str, net_policy.NetworkPolicy]:
+        with self.sessions() as s:
+            rows = list(s.scalars(select(Workspace)))
+        self._containers = {self.svc.spec_for(ws).container_name: ws.id for ws in rows}
+        return {self.svc.spec_for(ws).container_name: self.policy(ws) for ws in rows}
+
+    def record_denial(self, denial: Denial) -> None:
+        """A connection the firewall refused: an event of kind ``network`` on the workspace
+        that tried (at most one per destination a minute)."""
+        container = self.guard.container_at(denial.source) if self.guard else None
+        ws_id = self._containers.get(container or "")
+        if ws_id is None or not self._denials.allow(ws_id, denial.describe()):
+            return
+        try:
+            mode = self.policy(self.svc.get(ws_id)).mode
+            self.ledger.note(ws_id, "network",
+                             f"denied {denial.describe()} (network policy {mode}; further "
+                             "denials of it are not recorded for a minute)")
+        except (DenError, SQLAlchemyError):  # the workspace went meanwhile
+            return
+
+    async def sync(self, ws_id: str) -> None:
+        """Bring the host's firewall in step after ``ws_id`` started, stopped or went.
+        A failure leaves the workspace without network (unknown addresses are rejected)
+        and is recorded."""
+        if self.guard is None:
+            return
+        try:
+            await self.guard.sync(self.policies)
+        except DenError as exc:
+            log.error("workspace %s: network rules not applied: %s %s", ws_id, exc.message,
+                      exc.detail)
+            with contextlib.suppress(SQLAlchemyError):
+                self.ledger.note(ws_id, "network", f"network rules not applied: {exc.message}")
+
+
