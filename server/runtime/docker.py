@@ -1015,6 +1015,8 @@ class DockerRuntime:
             except BaseException:
                 out.close()
                 err.close()
+                with contextlib.suppress(OSError):
+                    sock.close()
                 raise
             return ExecResult(
                 exit_code=exit_code,

@@ -22,8 +22,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import BinaryIO
 
+from server.errors import DenError
+
 MEMORY_BYTES = 256 * 1024
 READ_BYTES = 256 * 1024
+
+
+class SpoolFailed(DenError):
+    """Output could not be written to the spool file (503: the operator's disk)."""
+
+    status_code = 503
+    code = "spool_failed"
 
 
 class Captured:
@@ -76,12 +85,18 @@ class Captured:
             await asyncio.to_thread(self._flush)
 
     def _flush(self) -> None:
-        if self._file is None:
-            assert self._spool_dir is not None
-            self._spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            # 0600 and unlinked; closed by close() (or the collector), not a `with` block
-            self._file = tempfile.TemporaryFile(dir=self._spool_dir)  # noqa: SIM115
-        self._file.write(self._buf)
+        try:
+            if self._file is None:
+                assert self._spool_dir is not None
+                self._spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+                # 0600 and unlinked; closed by close() (or the collector), not a `with` block
+                self._file = tempfile.TemporaryFile(dir=self._spool_dir)  # noqa: SIM115
+            self._file.write(self._buf)
+        except OSError as exc:  # the data directory's disk is full, most likely
+            self.close()
+            raise SpoolFailed(
+                f"the server could not keep the command's output ({exc.strerror}); the "
+                "command ran", detail=str(exc)) from exc
         self._buf = bytearray()
 
     def head(self, n: int) -> bytes:

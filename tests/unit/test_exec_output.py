@@ -14,7 +14,7 @@ import pytest
 
 from server.api.exec_body import exec_document
 from server.runtime.base import ExecResult
-from server.runtime.output import MEMORY_BYTES, Captured
+from server.runtime.output import MEMORY_BYTES, Captured, SpoolFailed
 from tests.conftest import ApiClient
 
 
@@ -112,3 +112,27 @@ def test_an_api_exec_spools_and_leaves_no_file(fake_api: ApiClient,
     assert spool.is_dir()  # it was spooled there ...
     assert open_files_under(spool) == []  # ... and nothing is left open once it is sent
 
+
+
+def test_a_spool_that_cannot_be_written_is_a_clear_503(fake_api: ApiClient,
+                                                     make_repo: Callable[..., Path]) -> None:
+    ws = fake_api.create(make_repo("api"), name="api")
+    tmp = fake_api.app.state.settings.data_dir / "tmp"
+    tmp.mkdir(exist_ok=True)
+    (tmp / "exec").write_text("not a directory")  # as a full or broken disk would fail
+    r = fake_api.post(f"/api/v1/workspaces/{ws['id']}/exec",
+                      json={"cmd": f"head -c {2 * MEMORY_BYTES}"})
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "spool_failed"
+    assert "could not keep the command's output" in r.json()["error"]["message"]
+    assert str(tmp) not in r.text  # no host path
+    small = fake_api.exec(ws["id"], "echo fine")  # small output never needs the spool
+    assert small["stdout"] == "fine\n"
+
+
+def test_spool_failure_frees_what_was_held(tmp_path: Path) -> None:
+    (tmp_path / "exec").write_text("")
+    c = Captured(4 * MEMORY_BYTES, spool_dir=tmp_path / "exec")
+    with pytest.raises(SpoolFailed):
+        c.add(b"x" * MEMORY_BYTES)
+    assert len(c) == 0 and not c.spooled
