@@ -20,15 +20,17 @@ import json
 import os
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import RUN_PREFIX, git
+from tests.conftest import RUN_PREFIX, ApiClient, git
 from tests.engine.test_backpressure import wait_for
 from tests.server_process import DenServer
+from tests.unit.test_exec_output import open_files_under
 
 pytestmark = pytest.mark.engine
 
@@ -225,3 +227,25 @@ def test_a_client_that_goes_away_mid_answer_leaves_no_spool_file(
         assert first.startswith(b'{"exit_code":0,"stdout":"')
     # The connection is closed with most of the answer unread.
     wait_for(lambda: spool_files(srv) == [], 30, "the spool file to be closed")
+
+
+def test_an_exec_through_the_engine_is_spooled_too(
+        real_api: ApiClient, make_repo: Callable[..., Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A workspace without its agent runs one-shot execs through the engine's exec (a
+    worker thread reads the multiplexed stream): its output is spooled the same way."""
+    ws = real_api.create(make_repo())
+    svc = real_api.app.state.workspaces
+
+    async def no_agent(*_args: Any) -> None:
+        return None
+
+    monkeypatch.setattr(svc.runtime, "_agent_or_fallback", no_agent)
+    size = 3 << 20
+    out = real_api.exec(ws["id"], f"head -c {size} /dev/zero | tr '\\0' a; "
+                                  f"head -c {size} /dev/zero | tr '\\0' e >&2; exit 3")
+    assert out["exit_code"] == 3 and not out["truncated"]
+    assert out["stdout"] == "a" * size and out["stderr"] == "e" * size
+    spool = real_api.app.state.settings.data_dir / "tmp" / "exec"
+    assert spool.is_dir()  # made by the first spill: the engine path spooled
+    assert open_files_under(spool) == []

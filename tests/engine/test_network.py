@@ -24,6 +24,7 @@ import contextlib
 import http.server
 import json
 import secrets
+import shlex
 import subprocess
 import threading
 import time
@@ -225,15 +226,14 @@ def test_workspaces_have_no_ipv6_and_mapped_addresses_are_ipv4_under_the_policy(
     assert "default via" in v4
     # Every IPv6 destination fails at once: global (documentation range), ULA, link-local,
     # the host's loopback. (::/0 has no route, so nothing leaves the sandbox.)
-    r = lab.exec("a", ["python3", "-c", IPV6_PROBE % PORT, "2001:db8::1",
-                       "2606:4700:4700::1111", "fd00::1", "fe80::1", "::1"])
+    probe = f"python3 -c {shlex.quote(IPV6_PROBE % PORT)}"
+    r = lab.exec("a", f"{probe} 2001:db8::1 2606:4700:4700::1111 fd00::1 fe80::1 ::1")
     results = dict(line.split() for line in r["stdout"].splitlines())
     assert set(results.values()) <= {"EHOSTUNREACH", "ENETUNREACH", "EADDRNOTAVAIL"}, results
     assert len(results) == 5, r
     # An IPv4-mapped address is IPv4 on the wire, under the IPv4 policy: the public stand-in
     # answers through it, the LAN and metadata stand-ins do not.
-    r = lab.exec("a", ["python3", "-c", IPV6_PROBE % PORT, f"::ffff:{lab.public}",
-                       f"::ffff:{lab.lan}", f"::ffff:{METADATA}"])
+    r = lab.exec("a", f"{probe} ::ffff:{lab.public} ::ffff:{lab.lan} ::ffff:{METADATA}")
     results = dict(line.split() for line in r["stdout"].splitlines())
     assert results[f"::ffff:{lab.public}"] == "connected", results
     assert results[f"::ffff:{lab.lan}"] != "connected", results
