@@ -60,6 +60,8 @@ def docker(settings: Settings, *, gpus: GpuPool | None = None) -> Backend:
                        disks=Disks(settings.data_dir / "disks") if settings.enforce_disk_gb
                        else None,
                        gpu=gpu_sandbox(settings) if gpus is not None and gpus.gpus else None,
+                       containerd_tmp_dir=settings.containerd_tmp_dir,
+                       prefix=settings.engine_prefix,
                        **network)
     guard = (NetworkGuard(runtime=rt, settings=settings, resolver_addresses=[], forwarder=True)
              if settings.network_isolation else None)

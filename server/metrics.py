@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from server.db.models import GpuAllocation, Workspace
 from server.errors import DenError, Overloaded
-from server.runtime.base import ResourceUsage
+from server.runtime.base import Checkpoints, ResourceUsage
 from server.runtime.errors import (
     AgentTimeout,
     AgentUnavailable,
@@ -212,8 +212,8 @@ def serve_separately(listen: str, metrics: Metrics) -> Callable[[], None]:
 def checkpoint_usage(runtime: object, data_dir: Path) -> dict[str, int]:
     """Bytes of pause checkpoints (where the backend says it keeps them, when it does) and of
     snapshots' saved memory (under the data dir). Blocking: walks directories."""
-    dirs = getattr(runtime, "checkpoint_dirs", None)
-    pause = sum(dir_bytes(d) for d in dirs()) if callable(dirs) else 0
+    dirs = runtime.checkpoint_dirs() if isinstance(runtime, Checkpoints) else []
+    pause = sum(dir_bytes(d) for d in dirs)
     return {"pause": pause, "snapshot": dir_bytes(data_dir / "snapshots")}
 
 

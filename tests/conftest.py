@@ -303,7 +303,7 @@ def fake_runtime() -> FakeRuntime:
 def make_service(make_settings: Callable[..., Settings], fake_runtime: FakeRuntime
                  ) -> Iterator[Callable[..., WorkspaceService]]:
     """``make(**settings)``: a WorkspaceService on the fake runtime and a fresh SQLite database;
-    ``service_kw`` (``instance_id``, ``network``) go to the service."""
+    ``service_kw`` (``instance_id``, ``network``, ``runtime``) go to the service."""
     engines = []
 
     def make(*, service_kw: dict[str, Any] | None = None, **overrides: Any
@@ -314,9 +314,9 @@ def make_service(make_settings: Callable[..., Settings], fake_runtime: FakeRunti
         engine = make_engine(url)
         engines.append(engine)
         ensure_schema(engine, url, auto_migrate=True)
-        return WorkspaceService(settings=settings, sessions=make_session_factory(engine),
-                                runtime=fake_runtime,
-                                **{"instance_id": "inst-test", **(service_kw or {})})
+        kw: dict[str, Any] = {"instance_id": "inst-test", "runtime": fake_runtime,
+                              **(service_kw or {})}
+        return WorkspaceService(settings=settings, sessions=make_session_factory(engine), **kw)
 
     yield make
     for engine in engines:

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from server.api.deps import MetricsReader
 from server.api.schemas import errors
 from server.metrics import CONTENT_TYPE
+from server.runtime.base import features
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
@@ -28,6 +29,13 @@ class EngineHealthOut(BaseModel):
     reconciled: bool = Field(description="Reconcile has run since the engine last answered.")
     error: str = Field(description="Why not ok; empty when ok.")
     checked_at: datetime | None = Field(description="When the engine was last checked.")
+    backend: str = Field("", description="The workspace backend (`DEN_BACKEND`), e.g. `docker`.")
+    features: list[str] = Field(
+        default_factory=list,
+        description="What this backend can do besides create, start, stop and exec: "
+        "`checkpoints` (pause with memory, memory snapshots), `disk_snapshots` (snapshots, "
+        "forks, restores), `freezer` (the frozen sleep tier), `agent`, `processes`, "
+        "`port_connect`, `managed_network`, `engine_events`.")
 
 
 class PartHealthOut(BaseModel):
@@ -77,7 +85,9 @@ async def healthz(request: Request) -> JSONResponse:
         engine=EngineHealthOut(
             ok=engine.ok, reconciled=engine.reconciled, error=engine.error,
             checked_at=None if engine.checked_at is None
-            else datetime.fromtimestamp(engine.checked_at, UTC)),
+            else datetime.fromtimestamp(engine.checked_at, UTC),
+            backend=state.workspaces.runtime.name,
+            features=features(state.workspaces.runtime)),
         database=await _database(state.sessions),
         ssh=SSHHealthOut(ok=serving or not enabled, enabled=enabled,
                          error="" if serving or not enabled else "the gateway is not listening"),

@@ -137,8 +137,9 @@ class GpuAllocation(Base):
 
 
 class Snapshot(Base):
-    """A point-in-time copy of a workspace's disk: its container filesystem as an image and
-    its /workspace volume as a volume. It outlives the workspace unless deleted with it."""
+    """A point-in-time copy of a workspace's disk (Docker: its container filesystem as an
+    image and its /workspace volume as a volume). It outlives the workspace unless deleted
+    with it."""
 
     __tablename__ = "snapshots"
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -148,8 +149,9 @@ class Snapshot(Base):
     )
     name: Mapped[str] = mapped_column(String(64))
     memory: Mapped[bool] = mapped_column(Boolean, default=False)
-    image: Mapped[str] = mapped_column(String(255))
-    volume: Mapped[str] = mapped_column(String(255))
+    image: Mapped[str] = mapped_column(String(255))  # what a fork of it runs
+    # The backend's names of its engine objects (server/runtime/base.py, Handle).
+    engine: Mapped[dict[str, Any]] = mapped_column(default=dict)
     repo_url: Mapped[str] = mapped_column(Text)
     repo_branch: Mapped[str | None] = mapped_column(String(255), default=None)
     repo_dir: Mapped[str] = mapped_column(String(255))

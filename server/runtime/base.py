@@ -19,7 +19,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Se
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from server.runtime.output import Captured
 
@@ -47,13 +47,26 @@ def labels_for(*, instance: str, workspace_id: str, owner: str) -> dict[str, str
     }
 
 
+Handle = Mapping[str, Any]
+"""A backend's own record of a workspace's (or a snapshot's) engine objects: made by the
+backend (:meth:`Lifecycle.new_handle`, :meth:`DiskSnapshots.new_snapshot`, a restore's
+:meth:`DiskSnapshots.copy_snapshot`), stored by the service with the row and handed back in
+every spec, never read by the service (JupyterHub's ``Spawner.get_state``/``load_state``).
+Its string values name the engine objects that are the workspace's now (:func:`names`); the
+service may keep keys of its own beside them (server/workspaces/handles.py)."""
+
+
+def names(handle: Handle) -> set[str]:
+    """The engine objects a handle names: its string values."""
+    return {v for v in handle.values() if isinstance(v, str)}
+
+
 @dataclass(frozen=True)
 class WorkspaceSpec:
     """Everything a backend needs to create a workspace; plain data, no I/O."""
 
     workspace_id: str
-    container_name: str
-    volume_name: str
+    handle: Handle  # the backend's names of its engine objects (new_handle)
     image: str
     runtime: str  # "gvisor" or "runc"
     cpus: float
@@ -68,12 +81,13 @@ class WorkspaceSpec:
 
 @dataclass(frozen=True)
 class SnapshotSpec:
-    """A snapshot's engine objects: the container filesystem committed as ``image`` and a
-    copy of the /workspace volume as ``volume``."""
+    """A snapshot, as the backend that made it (:meth:`DiskSnapshots.new_snapshot`) names
+    it: ``image`` is what a workspace made from it runs (its ``image``), ``handle`` the
+    backend's own record of the snapshot's engine objects."""
 
     snapshot_id: str
     image: str
-    volume: str
+    handle: Handle
     labels: Mapping[str, str]
 
 
@@ -267,7 +281,7 @@ class EngineEvent:
 
     kind: EngineEventKind
     workspace_id: str = ""
-    container: str = ""  # the container's name
+    container: str = ""  # the engine object's name (one of the workspace's handle names)
     exit_code: int | None = None  # DIE only
 
 
@@ -307,6 +321,10 @@ class ManagedNetwork(Protocol):
     async def network(self) -> NetworkInfo:
         """The network, created when it is missing (idempotent), with the address of each
         running container on it."""
+        ...
+
+    def sandbox_name(self, spec: WorkspaceSpec) -> str:
+        """The name :class:`NetworkInfo` knows this workspace's sandbox by."""
         ...
 
 
@@ -368,8 +386,18 @@ class AgentChannel(Protocol):
         ...
 
 
-class Runtime(Protocol):
-    """A workspace backend. ``name`` is what the workspace record says it runs under."""
+@runtime_checkable
+class Lifecycle(Protocol):
+    """What every backend does: make, start, stop and remove a workspace's sandbox and its
+    disk, and say what state it is in. ``name`` names the backend (``/healthz``)."""
+
+    name: str
+
+    def new_handle(self, workspace_id: str) -> dict[str, Any]:
+        """The names the engine objects of a new workspace will have (its :data:`Handle`):
+        the service stores them with the row before anything is made, so that reconcile can
+        find what a crash left half-made."""
+        ...
 
     async def check(self) -> None:
         """Raise EngineUnavailable unless the engine answers and has what Den needs."""
@@ -401,6 +429,53 @@ class Runtime(Protocol):
         """Remove the container and the volume. Missing objects are success."""
         ...
 
+    async def status(self, spec: WorkspaceSpec) -> ContainerStatus: ...
+
+    async def usage(self, spec: WorkspaceSpec) -> ResourceUsage | None:
+        """CPU time the workspace has used so far and the memory it holds now, or None when
+        it is not running. The idle reaper differences two CPU readings to see whether it is
+        busy; the metrics export both."""
+        ...
+
+
+@runtime_checkable
+class Execs(Protocol):
+    """Processes in a running workspace, through the engine (or the agent: AgentChannel)."""
+
+    async def exec(self, spec: WorkspaceSpec, req: ExecRequest) -> ExecResult:
+        """Run a process to completion. A timeout kills it and its children and sets
+        ``timed_out``. Raises ObjectMissing/Conflict when the container is not running."""
+        ...
+
+    async def exec_stream(self, spec: WorkspaceSpec, req: ExecRequest) -> ExecStream:
+        """Start a process with open stdin/stdout/stderr."""
+        ...
+
+
+@runtime_checkable
+class Inventory(Protocol):
+    """The engine objects a backend made, found again by their labels (reconcile)."""
+
+    async def list_objects(self, instance: str) -> list[EngineObject]:
+        """Every container, volume and image labelled with this Den ``instance``."""
+        ...
+
+    def stale(self, obj: EngineObject, handle: Handle) -> bool:
+        """Whether ``obj``, labelled as the workspace's, is no longer part of it (data a
+        restore replaced or left half-copied): reconcile removes it."""
+        ...
+
+    async def remove_object(self, obj: EngineObject) -> None:
+        """Remove one object found by ``list_objects`` (orphan cleanup). Idempotent."""
+        ...
+
+
+@runtime_checkable
+class Checkpoints(Protocol):
+    """Backends that can save a running workspace's memory and processes and start it again
+    from them: pause and resume, and memory snapshots. Without them a workspace cannot be
+    paused (its idle action is a stop) and snapshots are disk only."""
+
     async def pause(self, spec: WorkspaceSpec, *, checkpoint: str) -> None:
         """Save the memory and processes of a running workspace as ``checkpoint`` and stop
         its container, freeing CPU and RAM. Processes that cannot be restored (those started
@@ -419,33 +494,6 @@ class Runtime(Protocol):
         """Remove ``checkpoint``; a missing one is success."""
         ...
 
-    async def snapshot(self, spec: WorkspaceSpec, snap: SnapshotSpec) -> int:
-        """Copy the workspace's disk into ``snap``: commit the container's filesystem as
-        ``snap.image`` and copy the volume into ``snap.volume``. The workspace keeps running
-        (a running one is copied as it is at that moment). Returns the bytes copied."""
-        ...
-
-    async def load_snapshot(self, spec: WorkspaceSpec, snap: SnapshotSpec) -> None:
-        """Make a new workspace (a fork) a copy of ``snap``: its container is (re)created
-        from ``snap.image`` (``spec.image`` must name it) and its volume's contents are
-        replaced by the snapshot's. It is left created, not started."""
-        ...
-
-    async def copy_snapshot(self, spec: WorkspaceSpec, snap: SnapshotSpec, *, volume: str
-                            ) -> None:
-        """The first half of a restore: a new volume ``volume``, labelled as the
-        workspace's, filled with a copy of ``snap``'s. The workspace's container and its
-        current volume are not touched, so a crash here loses nothing (reconcile removes
-        the unused volume). Idempotent: an existing ``volume`` is emptied first."""
-        ...
-
-    async def replace_container(self, spec: WorkspaceSpec, *, old_volume: str) -> None:
-        """The second half of a restore: the container is recreated from ``spec`` (its
-        image and volume: the snapshot's image and the copy made by ``copy_snapshot``), then
-        ``old_volume`` is removed. Left created, not started. Idempotent (a crash in it is
-        finished by calling it again)."""
-        ...
-
     async def settle_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str, wait_s: float
                                 ) -> bool:
         """After a crash during ``pause``: wait (at most ``wait_s``) for a checkpoint still
@@ -460,37 +508,98 @@ class Runtime(Protocol):
         returns its size in bytes."""
         ...
 
+    def checkpoint_dirs(self) -> list[Path]:
+        """Where pause checkpoints are kept on the host (the checkpoint disk-use metric;
+        blocking: called at scrape time off the event loop)."""
+        ...
+
     async def import_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str, src: Path
                                 ) -> None:
         """Install a checkpoint exported by ``export_checkpoint`` (from this workspace or
         another made from the same snapshot) as ``checkpoint``, for ``resume``."""
         ...
 
+
+@runtime_checkable
+class Housekeeping(Protocol):
+    """Backends that leave files of the engine's on the host to tidy now and then (the idle
+    reaper calls it on each pass)."""
+
+    async def sweep(self) -> int:
+        """Remove what the engine left behind and no operation uses any more; returns how
+        many things it removed."""
+        ...
+
+
+@runtime_checkable
+class DiskSnapshots(Protocol):
+    """Backends that can copy a workspace's disk into a snapshot and make workspaces from one:
+    snapshots, forks and restores."""
+
+    def new_snapshot(self, snapshot_id: str, labels: Mapping[str, str]) -> SnapshotSpec:
+        """The names of a new snapshot's engine objects (stored with its row before
+        :meth:`snapshot` makes them)."""
+        ...
+
+    async def snapshot(self, spec: WorkspaceSpec, snap: SnapshotSpec) -> int:
+        """Copy the workspace's disk into the objects ``snap`` names (Docker: the container's
+        filesystem committed as ``snap.image``, the volume copied). The workspace keeps
+        running (a running one is copied as it is at that moment). Returns the bytes
+        copied."""
+        ...
+
+    async def load_snapshot(self, spec: WorkspaceSpec, snap: SnapshotSpec) -> None:
+        """Make a new workspace (a fork) a copy of ``snap``: its sandbox is (re)created from
+        ``snap.image`` (``spec.image`` names it) and its data replaced by the snapshot's. It
+        is left created, not started."""
+        ...
+
+    def restore_handle(self, spec: WorkspaceSpec) -> dict[str, Any]:
+        """The handle a restore of this workspace will switch to: its current one with a new
+        name for the copy of the snapshot's data (:meth:`copy_snapshot` makes it). The
+        service stores it before the copy starts, so that reconcile can remove a partial
+        copy after a crash."""
+        ...
+
+    async def copy_snapshot(self, spec: WorkspaceSpec, snap: SnapshotSpec, *, into: Handle
+                            ) -> None:
+        """The first half of a restore: the data object that ``into`` names and ``spec``'s
+        handle does not (a new volume, for Docker), labelled as the workspace's, filled with
+        a copy of ``snap``'s. The workspace's container and its current data are not
+        touched, so a crash here loses nothing (reconcile removes the unused copy).
+        Idempotent: an existing copy is emptied first."""
+        ...
+
+    async def replace_container(self, spec: WorkspaceSpec, *, old: Handle) -> None:
+        """The second half of a restore: the sandbox is recreated from ``spec`` (its image
+        and its handle: the snapshot's image and the copy made by ``copy_snapshot``), then
+        what ``old`` names and ``spec``'s handle does not (the replaced data) is removed.
+        Left created, not started. Idempotent (a crash in it is finished by calling it
+        again)."""
+        ...
+
     async def delete_snapshot(self, snap: SnapshotSpec) -> None:
         """Remove the snapshot's image and volume; missing ones are success."""
         ...
 
-    async def status(self, spec: WorkspaceSpec) -> ContainerStatus: ...
 
-    async def usage(self, spec: WorkspaceSpec) -> ResourceUsage | None:
-        """CPU time the workspace has used so far and the memory it holds now, or None when
-        it is not running. The idle reaper differences two CPU readings to see whether it is
-        busy; the metrics export both."""
-        ...
+class Runtime(Lifecycle, Execs, Inventory, Protocol):
+    """A workspace backend: what every backend implements. What some can do besides
+    (Checkpoints, DiskSnapshots, Freezer, AgentChannel, ProcessControl, PortConnector,
+    ManagedNetwork, EngineEvents) the service asks with ``isinstance``; :func:`features`
+    names them for ``/healthz``."""
 
-    async def exec(self, spec: WorkspaceSpec, req: ExecRequest) -> ExecResult:
-        """Run a process to completion. A timeout kills it and its children and sets
-        ``timed_out``. Raises ObjectMissing/Conflict when the container is not running."""
-        ...
 
-    async def exec_stream(self, spec: WorkspaceSpec, req: ExecRequest) -> ExecStream:
-        """Start a process with open stdin/stdout/stderr."""
-        ...
+FEATURES: dict[str, type] = {}  # filled below: feature name -> protocol
 
-    async def list_objects(self, instance: str) -> list[EngineObject]:
-        """Every container, volume and image labelled with this Den ``instance``."""
-        ...
 
-    async def remove_object(self, obj: EngineObject) -> None:
-        """Remove one object found by ``list_objects`` (orphan cleanup). Idempotent."""
-        ...
+def features(runtime: object) -> list[str]:
+    """The optional protocols ``runtime`` implements, by name."""
+    return [name for name, proto in FEATURES.items() if isinstance(runtime, proto)]
+
+
+FEATURES.update({
+    "checkpoints": Checkpoints, "disk_snapshots": DiskSnapshots, "freezer": Freezer,
+    "agent": AgentChannel, "processes": ProcessControl, "port_connect": PortConnector,
+    "managed_network": ManagedNetwork, "engine_events": EngineEvents,
+})

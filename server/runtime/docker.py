@@ -23,7 +23,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,7 +39,13 @@ from server.agent.protocol import DockerDemux
 from server.agent.session import AgentOpError, AgentSession
 from server.errors import DenError
 from server.gpus.container import GpuSandbox
-from server.runtime import cgroup_freezer, disk_quota, docker_engine, docker_specs
+from server.runtime import (
+    cgroup_freezer,
+    containerd_tmp,
+    disk_quota,
+    docker_engine,
+    docker_specs,
+)
 from server.runtime.base import (
     LABEL_INSTANCE,
     LABEL_MANAGED,
@@ -53,6 +59,7 @@ from server.runtime.base import (
     ExecRequest,
     ExecResult,
     ExecStream,
+    Handle,
     NetworkInfo,
     ProcessInfo,
     ResourceUsage,
@@ -61,6 +68,7 @@ from server.runtime.base import (
     WorkspaceSpec,
 )
 from server.runtime.disk_quota import Disks
+from server.runtime.docker_specs import container_of, snapshot_volume, volume_of
 from server.runtime.errors import (
     AgentTimeout,
     AgentUnavailable,
@@ -126,12 +134,18 @@ class DockerRuntime:
                  runsc_root: str = "/run/docker/runtime-runc/moby", agent_dir: Path | None = None,
                  network: str = "", network_interface: str = "", network_subnet: str = "",
                  resolv_conf: Path | None = None, disks: Disks | None = None,
-                 gpu: GpuSandbox | None = None):
+                 gpu: GpuSandbox | None = None, containerd_tmp_dir: Path | None = None,
+                 prefix: str = "den"):
         """``network``: the bridge network every new workspace joins (created when missing,
         its host interface named ``network_interface``); empty keeps the engine's default
         bridge. ``resolv_conf`` is mounted as the workspaces' /etc/resolv.conf. ``disks``
-        enforces each workspace's ``disk_gb`` (None: not enforced)."""
+        enforces each workspace's ``disk_gb`` (None: not enforced). ``containerd_tmp_dir``:
+        where containerd leaves a copy of each restored checkpoint (:meth:`sweep`).
+        ``prefix`` begins the name of every container, volume and image this backend makes
+        (``DEN_ENGINE_PREFIX``)."""
+        self._prefix = prefix
         self._disks = disks
+        self._containerd_tmp = containerd_tmp_dir
         self._agent_dir = agent_dir
         self._network = network
         self._network_interface = network_interface
@@ -201,6 +215,12 @@ class DockerRuntime:
 
     # --- engine facts -----------------------------------------------------------------
 
+    def new_handle(self, workspace_id: str) -> dict[str, Any]:
+        return docker_specs.new_handle(self._prefix, workspace_id)
+
+    def sandbox_name(self, spec: WorkspaceSpec) -> str:
+        return container_of(spec)
+
     async def check(self) -> None:
         info = await self._call("engine info", lambda: self._api().info())
         runtimes = info.get("Runtimes") or {}
@@ -228,18 +248,18 @@ class DockerRuntime:
 
     async def create(self, spec: WorkspaceSpec) -> None:
         what = f"create workspace {spec.workspace_id}"
-        self._agent_info.pop(spec.container_name, None)
+        self._agent_info.pop(container_of(spec), None)
 
         def run() -> None:
             api = self._api()
             try:
-                api.inspect_volume(spec.volume_name)
+                api.inspect_volume(volume_of(spec))
             except docker.errors.NotFound:
                 api.create_volume(**self._volume_config(spec))
             cfg = self._container_config(spec)
             host_config = api.create_host_config(**cfg.pop("host_config"))
             try:
-                api.inspect_container(spec.container_name)
+                api.inspect_container(container_of(spec))
             except docker.errors.NotFound:
                 api.create_container(**cfg, host_config=host_config)
 
@@ -248,7 +268,7 @@ class DockerRuntime:
     def _volume_config(self, spec: WorkspaceSpec, name: str | None = None) -> dict[str, Any]:
         """A new volume of the workspace, on a disk image of its own when disks are enforced
         (blocking: makes and mounts the image)."""
-        name = name or spec.volume_name
+        name = name or volume_of(spec)
         opts = (self._disks.create(name, size_gb=spec.disk_gb, workspace_id=spec.workspace_id)
                 if self._disks is not None and spec.disk_gb > 0 else None)
         return docker_specs.volume_config(spec, name=name, driver_opts=opts)
@@ -257,7 +277,7 @@ class DockerRuntime:
         """Before the container starts or is committed: its disk image mounted and its
         writable layer on it (again, after a host reboot). Blocking."""
         if self._disks is not None:
-            self._disks.ready(spec.volume_name, disk_quota.layer_dir(inspect))
+            self._disks.ready(volume_of(spec), disk_quota.layer_dir(inspect))
 
     def _remove_disk(self, volume: str) -> None:
         if self._disks is not None:
@@ -350,19 +370,19 @@ class DockerRuntime:
     async def seed(self, spec: WorkspaceSpec, tar: Path) -> None:
         def run() -> None:
             with tar.open("rb") as fh:
-                self._api().put_archive(spec.container_name, docker_specs.WORKSPACE_MOUNT, fh)
+                self._api().put_archive(container_of(spec), docker_specs.WORKSPACE_MOUNT, fh)
 
         await self._call(f"seed workspace {spec.workspace_id}", run, slow=True)
 
     async def start(self, spec: WorkspaceSpec) -> None:
-        self._broken_agents.pop(spec.container_name, None)
+        self._broken_agents.pop(container_of(spec), None)
 
         def run() -> None:
             api = self._api()
-            info = api.inspect_container(spec.container_name)
+            info = api.inspect_container(container_of(spec))
             if not info["State"].get("Running"):
                 self._disk_ready(spec, info)
-                api.start(spec.container_name)
+                api.start(container_of(spec))
 
         await self._call(f"start workspace {spec.workspace_id}", run)
 
@@ -372,8 +392,8 @@ class DockerRuntime:
         def run() -> None:
             api = self._api()
             try:
-                _thaw(api, spec.container_name)
-                api.stop(spec.container_name, timeout=timeout_s)
+                _thaw(api, container_of(spec))
+                api.stop(container_of(spec), timeout=timeout_s)
             except docker.errors.NotFound:
                 return
 
@@ -381,18 +401,18 @@ class DockerRuntime:
 
     async def destroy(self, spec: WorkspaceSpec) -> None:
         await self._drop_agent(spec, "stopped")
-        self._agent_info.pop(spec.container_name, None)
-        self._agent_locks.pop(spec.container_name, None)
+        self._agent_info.pop(container_of(spec), None)
+        self._agent_locks.pop(container_of(spec), None)
 
         def run() -> None:
             api = self._api()
-            self._last_exec.pop(spec.container_name, None)
+            self._last_exec.pop(container_of(spec), None)
             with contextlib.suppress(docker.errors.NotFound):
-                _thaw(api, spec.container_name)
-                api.remove_container(spec.container_name, force=True, v=False)
+                _thaw(api, container_of(spec))
+                api.remove_container(container_of(spec), force=True, v=False)
             faults.point("delete.volume")
-            _remove_volume(api, spec.volume_name)
-            self._remove_disk(spec.volume_name)
+            _remove_volume(api, volume_of(spec))
+            self._remove_disk(volume_of(spec))
 
         await self._call(f"destroy workspace {spec.workspace_id}", run)
 
@@ -409,7 +429,7 @@ class DockerRuntime:
 
         def run() -> None:
             api = self._api()
-            name = spec.container_name
+            name = container_of(spec)
             info = api.inspect_container(name)
             if not info["State"].get("Running"):
                 raise EngineConflict(f"container {name} is not running")
@@ -471,7 +491,7 @@ class DockerRuntime:
                             cid, "KILL"], capture_output=True, timeout=10, check=False)
         if strays:
             self._wait_for_exec_processes(cid)
-        if strays or self._exec_recently(spec.container_name):
+        if strays or self._exec_recently(container_of(spec)):
             settle = ExecRequest(argv=docker_specs.settle_argv(), user="root", cwd="/")
             if self._exec_blocking(spec, settle) != 0:
                 log.warning("container %s: host descriptors still held after the settle wait; "
@@ -509,11 +529,11 @@ class DockerRuntime:
                     "anyway", cid[:12], QUIESCE_WAIT_S)
 
     async def resume(self, spec: WorkspaceSpec, *, checkpoint: str) -> None:
-        self._broken_agents.pop(spec.container_name, None)
+        self._broken_agents.pop(container_of(spec), None)
 
         def run() -> None:
             api = self._api()
-            name = spec.container_name
+            name = container_of(spec)
             info = api.inspect_container(name)
             if info["State"].get("Running"):
                 return
@@ -525,7 +545,7 @@ class DockerRuntime:
     async def delete_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str) -> None:
         def run() -> None:
             try:
-                cid = str(self._api().inspect_container(spec.container_name)["Id"])
+                cid = str(self._api().inspect_container(container_of(spec))["Id"])
             except docker.errors.NotFound:
                 return  # the image went with the container's directory
             self._delete_checkpoint(cid, checkpoint)
@@ -551,7 +571,7 @@ class DockerRuntime:
 
         def run() -> bool:
             api = self._api()
-            name = spec.container_name
+            name = container_of(spec)
             try:
                 cid = str(api.inspect_container(name)["Id"])
             except docker.errors.NotFound:
@@ -584,7 +604,7 @@ class DockerRuntime:
     async def status(self, spec: WorkspaceSpec) -> ContainerStatus:
         def run() -> ContainerStatus:
             try:
-                state = self._api().inspect_container(spec.container_name)["State"]
+                state = self._api().inspect_container(container_of(spec))["State"]
             except docker.errors.NotFound:
                 return ContainerStatus.MISSING
             if not state.get("Running"):
@@ -601,23 +621,23 @@ class DockerRuntime:
         after a wake needs no new relay."""
         def run() -> int | None:
             api = self._api()
-            state = api.inspect_container(spec.container_name)["State"]
+            state = api.inspect_container(container_of(spec))["State"]
             if not state.get("Running"):
-                raise EngineConflict(f"container {spec.container_name} is not running")
+                raise EngineConflict(f"container {container_of(spec)} is not running")
             if not state.get("Paused"):
-                api.pause(spec.container_name)
+                api.pause(container_of(spec))
             cgroup_freezer.set_frozen(int(state.get("Pid") or 0), True)  # or it keeps CPU
-            return _stats_memory_bytes(api, spec.container_name)
+            return _stats_memory_bytes(api, container_of(spec))
 
         return await self._call(f"freeze workspace {spec.workspace_id}", run)
 
     async def thaw(self, spec: WorkspaceSpec) -> None:
         def run() -> None:
             api = self._api()
-            state = api.inspect_container(spec.container_name)["State"]
+            state = api.inspect_container(container_of(spec))["State"]
             if not state.get("Running"):
-                raise EngineConflict(f"container {spec.container_name} is not running")
-            _thaw(api, spec.container_name, state)
+                raise EngineConflict(f"container {container_of(spec)} is not running")
+            _thaw(api, container_of(spec), state)
 
         await self._call(f"thaw workspace {spec.workspace_id}", run)
 
@@ -721,20 +741,23 @@ class DockerRuntime:
             with contextlib.suppress(docker.errors.DockerException):
                 api.remove_container(helper, force=True)
 
+    def new_snapshot(self, snapshot_id: str, labels: Mapping[str, str]) -> SnapshotSpec:
+        return docker_specs.new_snapshot(self._prefix, snapshot_id, labels)
+
     async def snapshot(self, spec: WorkspaceSpec, snap: SnapshotSpec) -> int:
         def run() -> int:
             api = self._api()
-            repository, _, tag = snap.image.rpartition(":")
-            self._disk_ready(spec, api.inspect_container(spec.container_name))
-            image = api.commit(spec.container_name, repository=repository, tag=tag,
+            repository, _, tag = str(snap.handle["image"]).rpartition(":")
+            self._disk_ready(spec, api.inspect_container(container_of(spec)))
+            image = api.commit(container_of(spec), repository=repository, tag=tag,
                                conf={"Labels": dict(snap.labels)}, pause=False)
             size = int(api.inspect_image(image["Id"]).get("Size") or 0)
             try:
-                api.inspect_volume(snap.volume)
+                api.inspect_volume(snapshot_volume(snap))
             except docker.errors.NotFound:
                 api.create_volume(**docker_specs.snapshot_volume_config(snap))
             faults.point("snapshot.commit")
-            return size + self._copy_volume(spec.volume_name, snap.volume, wipe=True,
+            return size + self._copy_volume(volume_of(spec), snapshot_volume(snap), wipe=True,
                                             labels=dict(snap.labels),
                                             workspace_id=spec.workspace_id,
                                             fault="snapshot.copy")
@@ -743,52 +766,60 @@ class DockerRuntime:
 
     async def load_snapshot(self, spec: WorkspaceSpec, snap: SnapshotSpec) -> None:
         await self._drop_agent(spec, "stopped")
-        self._agent_info.pop(spec.container_name, None)
+        self._agent_info.pop(container_of(spec), None)
 
         def run() -> None:
             api = self._api()
             with contextlib.suppress(docker.errors.NotFound):
-                api.remove_container(spec.container_name, force=True, v=False)
+                api.remove_container(container_of(spec), force=True, v=False)
             try:
-                api.inspect_volume(spec.volume_name)
+                api.inspect_volume(volume_of(spec))
             except docker.errors.NotFound:
                 api.create_volume(**self._volume_config(spec))
             cfg = self._container_config(spec)
             host_config = api.create_host_config(**cfg.pop("host_config"))
             api.create_container(**cfg, host_config=host_config)
-            self._copy_volume(snap.volume, spec.volume_name, wipe=True, labels=dict(spec.labels),
-                              workspace_id=spec.workspace_id, fault="fork.copy")
+            self._copy_volume(snapshot_volume(snap), volume_of(spec), wipe=True,
+                              labels=dict(spec.labels), workspace_id=spec.workspace_id,
+                              fault="fork.copy")
 
         await self._call(f"load snapshot into workspace {spec.workspace_id}", run, slow=True)
 
-    async def copy_snapshot(self, spec: WorkspaceSpec, snap: SnapshotSpec, *, volume: str
+    def restore_handle(self, spec: WorkspaceSpec) -> dict[str, Any]:
+        return docker_specs.restore_handle(spec, self._prefix)
+
+    async def copy_snapshot(self, spec: WorkspaceSpec, snap: SnapshotSpec, *, into: Handle
                             ) -> None:
+        volume = str(into["volume"])
+
         def run() -> None:
             api = self._api()
             try:
                 api.inspect_volume(volume)
             except docker.errors.NotFound:
                 api.create_volume(**self._volume_config(spec, volume))
-            self._copy_volume(snap.volume, volume, wipe=True, labels=dict(spec.labels),
+            self._copy_volume(snapshot_volume(snap), volume, wipe=True, labels=dict(spec.labels),
                               workspace_id=spec.workspace_id, fault="restore.copy")
 
         await self._call(f"copy snapshot {snap.snapshot_id} for workspace "
                          f"{spec.workspace_id}", run, slow=True)
 
-    async def replace_container(self, spec: WorkspaceSpec, *, old_volume: str) -> None:
+    async def replace_container(self, spec: WorkspaceSpec, *, old: Handle) -> None:
+        old_volume = str(old.get("volume") or volume_of(spec))
+
         await self._drop_agent(spec, "stopped")
-        self._agent_info.pop(spec.container_name, None)
+        self._agent_info.pop(container_of(spec), None)
 
         def run() -> None:
             api = self._api()
             with contextlib.suppress(docker.errors.NotFound):
-                api.remove_container(spec.container_name, force=True, v=False)
+                api.remove_container(container_of(spec), force=True, v=False)
             # The same configuration as a create: Den's network (and so its policy), the
             # agent, the resolver (a restored container left Den's network before).
             cfg = self._container_config(spec)
             host_config = api.create_host_config(**cfg.pop("host_config"))
             api.create_container(**cfg, host_config=host_config)
-            if old_volume != spec.volume_name:
+            if old_volume != volume_of(spec):
                 _remove_volume(api, old_volume)
                 self._remove_disk(old_volume)
 
@@ -807,6 +838,14 @@ class DockerRuntime:
             self._docker_root = Path(str(self._api().info()["DockerRootDir"]))
         return self._docker_root / "containers" / cid
 
+    async def sweep(self) -> int:
+        """Housekeeping: the checkpoint copies containerd 1.6 leaves in its temp dir at every
+        restore (a full memory image each), once older than any restore in progress."""
+        if self._containerd_tmp is None:
+            return 0
+        return await asyncio.to_thread(containerd_tmp.sweep_restore_copies,
+                                       self._containerd_tmp)
+
     def checkpoint_dirs(self) -> list[Path]:
         """Where this backend keeps pause checkpoints on the host (for the checkpoint disk
         use metric; blocking, called at scrape time off the event loop)."""
@@ -822,9 +861,9 @@ class DockerRuntime:
     async def export_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str, dest: Path
                                 ) -> int:
         def run() -> int:
-            src = self._container_dir(spec.container_name) / "checkpoints" / checkpoint
+            src = self._container_dir(container_of(spec)) / "checkpoints" / checkpoint
             if not src.is_dir():
-                raise ObjectMissing(f"checkpoint {checkpoint} of {spec.container_name}")
+                raise ObjectMissing(f"checkpoint {checkpoint} of {container_of(spec)}")
             shutil.rmtree(dest, ignore_errors=True)
             shutil.copytree(src, dest)  # the image itself, not the links to it
             return sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
@@ -837,7 +876,7 @@ class DockerRuntime:
         def run() -> None:
             if not src.is_dir():
                 raise ObjectMissing(f"saved memory at {src}")
-            home = self._container_dir(spec.container_name)
+            home = self._container_dir(container_of(spec))
             image = home / IMAGES_DIR / checkpoint
             shutil.rmtree(image, ignore_errors=True)
             shutil.copytree(src, image)
@@ -851,9 +890,9 @@ class DockerRuntime:
             api = self._api()
             with contextlib.suppress(docker.errors.NotFound):
                 # Untags even while a fork's container uses it; layers go with the last user.
-                api.remove_image(snap.image, force=True, noprune=False)
+                api.remove_image(str(snap.handle["image"]), force=True, noprune=False)
             with contextlib.suppress(docker.errors.NotFound):
-                api.remove_volume(snap.volume, force=True)
+                api.remove_volume(snapshot_volume(snap), force=True)
 
         await self._call(f"delete snapshot {snap.snapshot_id}", run, slow=True)
 
@@ -871,7 +910,7 @@ class DockerRuntime:
                                          and memory >= 0 else None)
 
         return await self._call(f"usage of workspace {spec.workspace_id}",
-                                lambda: _stats_usage(self._api(), spec.container_name))
+                                lambda: _stats_usage(self._api(), container_of(spec)))
 
     async def list_objects(self, instance: str) -> list[EngineObject]:
         def run() -> list[EngineObject]:
@@ -918,6 +957,9 @@ class DockerRuntime:
 
         return await self._call("list engine objects", run)
 
+    def stale(self, obj: EngineObject, handle: Handle) -> bool:
+        return obj.kind == "volume" and obj.name != handle.get("volume")
+
     async def remove_object(self, obj: EngineObject) -> None:
         def run() -> None:
             api = self._api()
@@ -945,12 +987,12 @@ class DockerRuntime:
 
     def _exec_create(self, spec: WorkspaceSpec, argv: list[str], req: ExecRequest,
                      *, stdin: bool, marker: str = "") -> str:
-        self._note_exec(spec.container_name)
+        self._note_exec(container_of(spec))
         env = docker_specs.exec_env(req.user, spec.env, req.env)
         if marker:
             env[docker_specs.EXEC_MARKER] = marker
         created = self._api().exec_create(
-            spec.container_name,
+            container_of(spec),
             argv,
             stdout=True,
             stderr=True,
@@ -1007,7 +1049,7 @@ class DockerRuntime:
                 with contextlib.suppress(OSError):
                     sock.close()
                 exit_code = _exit_code(self._api(), exec_id)
-                self._note_exec(spec.container_name)
+                self._note_exec(container_of(spec))
                 failed = out.head(len(OCI_FAILED))
                 if exit_code in (126, 128) and failed == OCI_FAILED:
                     # The engine could not start the process: the sandbox is gone or full.
@@ -1065,25 +1107,25 @@ class DockerRuntime:
     async def _agent_facts(self, spec: WorkspaceSpec) -> tuple[bool, dict[str, str]]:
         """Whether the container runs Den's agent, and its environment (the image's and the
         container's variables, which an engine exec would inherit)."""
-        facts = self._agent_info.get(spec.container_name)
+        facts = self._agent_info.get(container_of(spec))
         if facts is None:
             info = await self._call(f"inspect workspace {spec.workspace_id}",
-                                    lambda: self._api().inspect_container(spec.container_name))
+                                    lambda: self._api().inspect_container(container_of(spec)))
             config = info.get("Config") or {}
             env = dict(e.split("=", 1) for e in config.get("Env") or [] if "=" in e)
             has = (config.get("Labels") or {}).get(docker_specs.LABEL_AGENT) == "1"
             facts = (has, env)
-            self._agent_info[spec.container_name] = facts
+            self._agent_info[container_of(spec)] = facts
         return facts
 
     def _agent_env(self, spec: WorkspaceSpec, req: ExecRequest) -> dict[str, str]:
-        base = self._agent_info.get(spec.container_name, (True, {}))[1]
+        base = self._agent_info.get(container_of(spec), (True, {}))[1]
         return {**base, **docker_specs.exec_env(req.user, spec.env, req.env)}
 
     async def _agent(self, spec: WorkspaceSpec) -> AgentSession | None:
         """A live session with the workspace's agent (starting a relay when there is none), or
         None for a container made without one (the engine's exec serves it then)."""
-        name = spec.container_name
+        name = container_of(spec)
         session = self._agents.get(name)
         if session is not None and session.alive:
             return session
@@ -1135,11 +1177,11 @@ class DockerRuntime:
         """Use the engine's exec for this container for a while (or until it starts again)."""
         log.warning("workspace %s: %s; the engine's exec serves it for the next %d s",
                     spec.workspace_id, why, AGENT_RETRY_S)
-        self._broken_agents[spec.container_name] = time.monotonic() + AGENT_RETRY_S
+        self._broken_agents[container_of(spec)] = time.monotonic() + AGENT_RETRY_S
         for listener in self._fallback_listeners:
             listener(spec.workspace_id, f"{why}; commands run through the engine's exec "
                                         f"for the next {AGENT_RETRY_S} s")
-        session = self._agents.pop(spec.container_name, None)
+        session = self._agents.pop(container_of(spec), None)
         if session is not None:
             session._shutdown(why)
 
@@ -1150,7 +1192,7 @@ class DockerRuntime:
     async def _agent_or_fallback(self, spec: WorkspaceSpec) -> AgentSession | None:
         """The agent's session; None (the engine's exec then) for a workspace without one, or
         whose agent cannot be reached (logged: the workspace stays usable, more slowly)."""
-        if self._broken_agents.get(spec.container_name, 0.0) > time.monotonic():
+        if self._broken_agents.get(container_of(spec), 0.0) > time.monotonic():
             return None
         for attempt in range(AGENT_ATTEMPTS):  # a restarting agent is back within ~0.3 s
             try:
@@ -1165,11 +1207,11 @@ class DockerRuntime:
     async def _drop_agent(self, spec: WorkspaceSpec, reason: str) -> None:
         """End the session; its relay then exits (waited for, briefly: a checkpoint must not
         find it, as it holds the engine's descriptors)."""
-        session = self._agents.pop(spec.container_name, None)
+        session = self._agents.pop(container_of(spec), None)
         if session is None:
             return
         await session.close(reason)
-        exec_id = self._relays.pop(spec.container_name, "")
+        exec_id = self._relays.pop(container_of(spec), "")
         if exec_id:
             def wait() -> None:
                 for _ in range(100):
@@ -1283,7 +1325,7 @@ class DockerExecStream:
             with contextlib.suppress(Exception):
                 self._loop.remove_reader(self._raw.fileno())
             self._eof.set()
-            self._rt._note_exec(self._spec.container_name)
+            self._rt._note_exec(container_of(self._spec))
             self._queue.put_nowait(None)
 
     def _pump(self) -> None:
@@ -1300,7 +1342,7 @@ class DockerExecStream:
         except OSError:
             pass
         finally:
-            self._rt._note_exec(self._spec.container_name)
+            self._rt._note_exec(container_of(self._spec))
             self._loop.call_soon_threadsafe(self._queue.put_nowait, None)
             self._loop.call_soon_threadsafe(self._eof.set)  # wait() holds no thread
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import secrets
 import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,6 +23,41 @@ from server.runtime.base import (
 )
 
 WORKSPACE_MOUNT = "/workspace"
+
+
+# --- the names of Den's engine objects: the Docker backend's handles ----------------------
+
+
+def new_handle(prefix: str, workspace_id: str) -> dict[str, str]:
+    """A new workspace's container and its /workspace volume."""
+    return {"container": f"{prefix}-{workspace_id}", "volume": f"{prefix}-{workspace_id}-data"}
+
+
+def restore_handle(spec: WorkspaceSpec, prefix: str) -> dict[str, str]:
+    """The handle a restore switches to: the same container, on a new volume that the
+    snapshot's data is copied into (beside the current one until the switch)."""
+    return {**spec.handle, "volume": f"{prefix}-{spec.workspace_id}-data-{secrets.token_hex(3)}"}
+
+
+def container_of(spec: WorkspaceSpec) -> str:
+    return str(spec.handle["container"])
+
+
+def volume_of(spec: WorkspaceSpec) -> str:
+    return str(spec.handle["volume"])
+
+
+def new_snapshot(prefix: str, snapshot_id: str, labels: Mapping[str, str]) -> SnapshotSpec:
+    """A snapshot: the container's filesystem committed as an image, /workspace copied into a
+    volume."""
+    return SnapshotSpec(snapshot_id=snapshot_id, image=f"{prefix}-snapshot:{snapshot_id}",
+                        handle={"image": f"{prefix}-snapshot:{snapshot_id}",
+                                "volume": f"{prefix}-{snapshot_id}-snap"},
+                        labels=labels)
+
+
+def snapshot_volume(snap: SnapshotSpec) -> str:
+    return str(snap.handle["volume"])
 
 # PID 1 of every workspace: the image's den-init when it has one (it starts the services a
 # workspace needs, like the sudo broker and dev's tmux server), else a plain sh loop that
@@ -76,7 +112,7 @@ def container_config(spec: WorkspaceSpec, *, gvisor_runtime: str, agent_dir: str
     memory_bytes = (spec.memory_mb + memory_headroom_mb(spec.memory_mb)) * 1024 * 1024
     host_config: dict[str, Any] = {
         "runtime": runtime,
-        "binds": {spec.volume_name: {"bind": WORKSPACE_MOUNT, "mode": "rw"}},
+        "binds": {volume_of(spec): {"bind": WORKSPACE_MOUNT, "mode": "rw"}},
         "nano_cpus": int(spec.cpus * 1_000_000_000),
         "mem_limit": memory_bytes,
         "memswap_limit": memory_bytes,
@@ -105,7 +141,7 @@ def container_config(spec: WorkspaceSpec, *, gvisor_runtime: str, agent_dir: str
             spec.gpus, runtime=spec.runtime, sandbox=gpu or GpuSandbox()))
     return {
         "image": spec.image,
-        "name": spec.container_name,
+        "name": container_of(spec),
         "command": AGENT_COMMAND if agent_dir is not None else INIT_COMMAND,
         "hostname": spec.hostname,
         "labels": labels,
@@ -223,7 +259,7 @@ def runsc_failure(output: str, limit: int = 400) -> str:
 
 
 def snapshot_volume_config(snap: SnapshotSpec) -> dict[str, Any]:
-    return {"name": snap.volume, "driver": "local", "labels": dict(snap.labels)}
+    return {"name": snapshot_volume(snap), "driver": "local", "labels": dict(snap.labels)}
 
 
 def volume_config(spec: WorkspaceSpec, *, name: str | None = None,
@@ -231,7 +267,7 @@ def volume_config(spec: WorkspaceSpec, *, name: str | None = None,
     """Arguments of ``APIClient.create_volume``: the workspace's volume, or another of its
     volumes (a restore's new copy) named ``name``; ``driver_opts`` bind it to a directory
     (its disk image: server/runtime/disk_quota.py)."""
-    cfg: dict[str, Any] = {"name": name or spec.volume_name, "driver": "local",
+    cfg: dict[str, Any] = {"name": name or volume_of(spec), "driver": "local",
                            "labels": dict(spec.labels)}
     if driver_opts:
         cfg["driver_opts"] = dict(driver_opts)

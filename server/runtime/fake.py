@@ -11,10 +11,12 @@ import asyncio
 import dataclasses
 import signal as signals
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from server.runtime import docker_specs
 from server.runtime.base import (
     ContainerStatus,
     EngineEvent,
@@ -22,6 +24,7 @@ from server.runtime.base import (
     EngineObject,
     ExecRequest,
     ExecResult,
+    Handle,
     NetworkInfo,
     ProcessInfo,
     ResourceUsage,
@@ -29,6 +32,7 @@ from server.runtime.base import (
     StreamChunk,
     WorkspaceSpec,
 )
+from server.runtime.docker_specs import container_of, snapshot_volume, volume_of
 from server.runtime.errors import (
     AgentUnavailable,
     EngineConflict,
@@ -88,6 +92,13 @@ class FakeRuntime:
     listening: dict[int, tuple[str, int]] = field(default_factory=dict)
 
     name = "fake"
+    prefix = "den"  # begins the names it gives (as DEN_ENGINE_PREFIX does for Docker)
+
+    def new_handle(self, workspace_id: str) -> dict[str, Any]:
+        return docker_specs.new_handle(self.prefix, workspace_id)
+
+    def sandbox_name(self, spec: WorkspaceSpec) -> str:
+        return container_of(spec)
 
     def _enter(self, method: str, spec: WorkspaceSpec | None = None) -> None:
         self.calls.append(method)
@@ -100,9 +111,9 @@ class FakeRuntime:
             raise exc
 
     def _get(self, spec: WorkspaceSpec) -> _Container:
-        c = self.containers.get(spec.container_name)
+        c = self.containers.get(container_of(spec))
         if c is None:
-            raise ObjectMissing(f"container {spec.container_name}: not found in the engine")
+            raise ObjectMissing(f"container {container_of(spec)}: not found in the engine")
         return c
 
     async def check(self) -> None:
@@ -121,8 +132,8 @@ class FakeRuntime:
 
     async def create(self, spec: WorkspaceSpec) -> None:
         self._enter("create")
-        self.volumes.setdefault(spec.volume_name, dict(spec.labels))
-        self.containers.setdefault(spec.container_name, _Container(spec))
+        self.volumes.setdefault(volume_of(spec), dict(spec.labels))
+        self.containers.setdefault(container_of(spec), _Container(spec))
 
     async def seed(self, spec: WorkspaceSpec, tar: Path) -> None:
         self._enter("seed")
@@ -134,21 +145,21 @@ class FakeRuntime:
 
     async def stop(self, spec: WorkspaceSpec, *, timeout_s: int) -> None:
         self._enter("stop")
-        c = self.containers.get(spec.container_name)
+        c = self.containers.get(container_of(spec))
         if c is not None:
             c.running = c.frozen = False
             c.processes.clear()  # a stop ends every process; a pause keeps them
 
     async def destroy(self, spec: WorkspaceSpec) -> None:
         self._enter("destroy")
-        self.containers.pop(spec.container_name, None)
-        self.volumes.pop(spec.volume_name, None)
+        self.containers.pop(container_of(spec), None)
+        self.volumes.pop(volume_of(spec), None)
 
     async def pause(self, spec: WorkspaceSpec, *, checkpoint: str) -> None:
         self._enter("pause")
         c = self._get(spec)
         if not c.running:
-            raise EngineConflict(f"container {spec.container_name} is not running")
+            raise EngineConflict(f"container {container_of(spec)} is not running")
         c.checkpoints.add(checkpoint)
         c.running = c.frozen = False
 
@@ -164,13 +175,13 @@ class FakeRuntime:
 
     async def delete_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str) -> None:
         self._enter("delete_checkpoint")
-        c = self.containers.get(spec.container_name)
+        c = self.containers.get(container_of(spec))
         if c is not None:
             c.checkpoints.discard(checkpoint)
 
     async def status(self, spec: WorkspaceSpec) -> ContainerStatus:
         self._enter("status")
-        c = self.containers.get(spec.container_name)
+        c = self.containers.get(container_of(spec))
         if c is None:
             return ContainerStatus.MISSING
         if c.frozen:
@@ -181,7 +192,7 @@ class FakeRuntime:
         self._enter("freeze", spec)
         c = self._get(spec)
         if not c.running:
-            raise EngineConflict(f"container {spec.container_name} is not running")
+            raise EngineConflict(f"container {container_of(spec)} is not running")
         c.frozen = True
         return c.memory_bytes
 
@@ -189,15 +200,15 @@ class FakeRuntime:
         self._enter("thaw", spec)
         c = self._get(spec)
         if not c.running:
-            raise EngineConflict(f"container {spec.container_name} is not running")
+            raise EngineConflict(f"container {container_of(spec)} is not running")
         c.frozen = False
 
     async def exec(self, spec: WorkspaceSpec, req: ExecRequest) -> ExecResult:
         self._enter("exec")
         if not self._get(spec).running:
-            raise EngineConflict(f"container {spec.container_name} is not running")
+            raise EngineConflict(f"container {container_of(spec)} is not running")
         if self._get(spec).frozen:  # as the engine answers (409)
-            raise EngineConflict(f"container {spec.container_name} is paused")
+            raise EngineConflict(f"container {container_of(spec)} is paused")
         if list(req.argv) == ["block"]:
             await self.release.wait()
             return ExecResult(0, b"released\n", b"")
@@ -208,7 +219,7 @@ class FakeRuntime:
     async def connect(self, spec: WorkspaceSpec, host: str, port: int) -> _FakeConnection:
         self._enter("connect")
         if not self._get(spec).running:
-            raise EngineConflict(f"container {spec.container_name} is not running")
+            raise EngineConflict(f"container {container_of(spec)} is not running")
         where = self.listening.get(port)
         if where is None:
             raise EngineConflict(f"connect {host}:{port}: connection refused")
@@ -239,8 +250,8 @@ class FakeRuntime:
         stops, and the engine says so."""
         self._get(spec).running = False
         if oom:
-            self.emit(EngineEvent(EngineEventKind.OOM, spec.workspace_id, spec.container_name))
-        self.emit(EngineEvent(EngineEventKind.DIE, spec.workspace_id, spec.container_name,
+            self.emit(EngineEvent(EngineEventKind.OOM, spec.workspace_id, container_of(spec)))
+        self.emit(EngineEvent(EngineEventKind.DIE, spec.workspace_id, container_of(spec),
                               exit_code=exit_code))
 
     # --- ProcessControl -------------------------------------------------------------------
@@ -248,7 +259,7 @@ class FakeRuntime:
     def _agent(self, spec: WorkspaceSpec) -> _Container:
         c = self._get(spec)
         if not c.running:
-            raise AgentUnavailable(f"the agent of {spec.container_name} is not running")
+            raise AgentUnavailable(f"the agent of {container_of(spec)} is not running")
         return c
 
     def _process(self, spec: WorkspaceSpec, pid: int) -> _Process:
@@ -296,39 +307,53 @@ class FakeRuntime:
     async def snapshot(self, spec: WorkspaceSpec, snap: SnapshotSpec) -> int:
         self._enter("snapshot")
         self._get(spec)
-        self.images.add(snap.image)
-        self.volumes[snap.volume] = dict(snap.labels)
-        self.snapshot_files[snap.snapshot_id] = dict(self.files.get(spec.volume_name, {}))
+        self.images.add(str(snap.handle["image"]))
+        self.volumes[snapshot_volume(snap)] = dict(snap.labels)
+        self.snapshot_files[snap.snapshot_id] = dict(self.files.get(volume_of(spec), {}))
         return 4096
 
     async def load_snapshot(self, spec: WorkspaceSpec, snap: SnapshotSpec) -> None:
         self._enter("load_snapshot")
-        if snap.image not in self.images or snap.volume not in self.volumes:
+        if not self._has_snapshot(snap):
             raise ObjectMissing(f"snapshot {snap.snapshot_id}: not found in the engine")
-        self.containers[spec.container_name] = _Container(spec)
-        self.volumes.setdefault(spec.volume_name, dict(spec.labels))
-        self.files[spec.volume_name] = dict(self.snapshot_files.get(snap.snapshot_id, {}))
+        self.containers[container_of(spec)] = _Container(spec)
+        self.volumes.setdefault(volume_of(spec), dict(spec.labels))
+        self.files[volume_of(spec)] = dict(self.snapshot_files.get(snap.snapshot_id, {}))
 
-    async def copy_snapshot(self, spec: WorkspaceSpec, snap: SnapshotSpec, *, volume: str
+    def _has_snapshot(self, snap: SnapshotSpec) -> bool:
+        return str(snap.handle["image"]) in self.images and snapshot_volume(snap) in self.volumes
+
+    def new_snapshot(self, snapshot_id: str, labels: Mapping[str, str]) -> SnapshotSpec:
+        return docker_specs.new_snapshot(self.prefix, snapshot_id, labels)
+
+    def restore_handle(self, spec: WorkspaceSpec) -> dict[str, Any]:
+        return docker_specs.restore_handle(spec, self.prefix)
+
+    async def copy_snapshot(self, spec: WorkspaceSpec, snap: SnapshotSpec, *, into: Handle
                             ) -> None:
         self._enter("copy_snapshot", spec)
-        if snap.image not in self.images or snap.volume not in self.volumes:
+        volume = str(into["volume"])
+        if not self._has_snapshot(snap):
             raise ObjectMissing(f"snapshot {snap.snapshot_id}: not found in the engine")
         self.volumes[volume] = dict(spec.labels)
         self.files[volume] = dict(self.snapshot_files.get(snap.snapshot_id, {}))
 
-    async def replace_container(self, spec: WorkspaceSpec, *, old_volume: str) -> None:
+    async def replace_container(self, spec: WorkspaceSpec, *, old: Handle) -> None:
         self._enter("replace_container", spec)
-        self.containers[spec.container_name] = _Container(spec)
-        if old_volume != spec.volume_name:
+        old_volume = str(old.get("volume") or volume_of(spec))
+        self.containers[container_of(spec)] = _Container(spec)
+        if old_volume != volume_of(spec):
             self.volumes.pop(old_volume, None)
             self.files.pop(old_volume, None)
 
     async def settle_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str, wait_s: float
                                 ) -> bool:
         self._enter("settle_checkpoint", spec)
-        c = self.containers.get(spec.container_name)
+        c = self.containers.get(container_of(spec))
         return c is not None and not c.running and checkpoint in c.checkpoints
+
+    def checkpoint_dirs(self) -> list[Path]:
+        return []  # checkpoints live in memory here
 
     async def export_checkpoint(self, spec: WorkspaceSpec, *, checkpoint: str, dest: Path
                                 ) -> int:
@@ -348,13 +373,13 @@ class FakeRuntime:
 
     async def delete_snapshot(self, snap: SnapshotSpec) -> None:
         self._enter("delete_snapshot")
-        self.images.discard(snap.image)
-        self.volumes.pop(snap.volume, None)
+        self.images.discard(str(snap.handle["image"]))
+        self.volumes.pop(snapshot_volume(snap), None)
         self.snapshot_files.pop(snap.snapshot_id, None)
 
     async def usage(self, spec: WorkspaceSpec) -> ResourceUsage | None:
         self._enter("usage", spec)
-        c = self.containers.get(spec.container_name)
+        c = self.containers.get(container_of(spec))
         return ResourceUsage(c.cpu_ns, c.memory_bytes) if c is not None and c.running else None
 
     async def list_objects(self, instance: str) -> list[EngineObject]:
@@ -372,6 +397,9 @@ class FakeRuntime:
             if labels.get("den.instance") == instance
         ]
         return found
+
+    def stale(self, obj: EngineObject, handle: Handle) -> bool:
+        return obj.kind == "volume" and obj.name != handle.get("volume")
 
     async def remove_object(self, obj: EngineObject) -> None:
         self._enter("remove_object")

@@ -55,6 +55,7 @@ class SnapshotService:
         if not name or len(name) > 64 or any(c in name for c in "\0\n"):
             raise ValidationFailed("snapshot name must be 1-64 characters on one line")
         svc = self.workspaces
+        svc.restores.disks()  # 409 when this backend makes no snapshots
         with svc.quotas.snapshot_slot(svc.get(ws_id).owner_id):
             snap = await self._pause_and_take(ws_id, name=name, memory=memory, actor=actor)
         what = "with memory" if memory else "disk only"
@@ -91,11 +92,10 @@ class SnapshotService:
                     "workspace was woken while its memory was being saved; try again"
                     if memory else f"workspace is {ws.state}; snapshot it when it is running, "
                     "paused or stopped")
-            sid = new_snapshot_id()
-            prefix = self.settings.engine_prefix
+            named = svc.restores.new_snapshot(new_snapshot_id())
             snap = Snapshot(
-                id=sid, owner_id=ws.owner_id, workspace_id=ws.id, name=name, memory=memory,
-                image=f"{prefix}-snapshot:{sid}", volume=f"{prefix}-{sid}-snap",
+                id=named.snapshot_id, owner_id=ws.owner_id, workspace_id=ws.id, name=name,
+                memory=memory, image=named.image, engine=dict(named.handle),
                 repo_url=ws.repo_url, repo_branch=ws.repo_branch, repo_dir=ws.repo_dir,
                 runtime=ws.runtime, network=dict(ws.network or {}),
             )

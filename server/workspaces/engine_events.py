@@ -9,7 +9,7 @@ import time
 from typing import TYPE_CHECKING
 
 from server.db.models import Workspace
-from server.runtime.base import ContainerStatus, EngineEvent, EngineEventKind
+from server.runtime.base import ContainerStatus, EngineEvent, EngineEventKind, names
 from server.workspaces.states import Sleep, State
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ class EngineFollower:
             if ws is None:
                 return
             spec = self.svc.spec_for(ws)
-            if event.container != spec.container_name:
+            if event.container not in names(spec.handle):
                 return
             state = State(ws.state)
             frozen = state is State.PAUSED and ws.sleep == Sleep.FROZEN.value

@@ -1,4 +1,5 @@
-"""The one place that makes workspace ids, engine object names and repo directory names."""
+"""Workspace ids, names and repo directory names (a backend names its own engine objects:
+server/runtime/base.py, ``Runtime.new_handle``)."""
 
 from __future__ import annotations
 
@@ -22,20 +23,6 @@ def validate_name(name: str) -> str | None:
     if NAME_RE.fullmatch(name) is None:
         return f"invalid workspace name {name!r}: use {_NAME_RULE}"
     return None
-
-
-def container_name(prefix: str, workspace_id: str) -> str:
-    return f"{prefix}-{workspace_id}"
-
-
-def volume_name(prefix: str, workspace_id: str) -> str:
-    return f"{prefix}-{workspace_id}-data"
-
-
-def restore_volume_name(prefix: str, workspace_id: str) -> str:
-    """A new volume for a restore's copy, beside the workspace's current one (the restore
-    switches to it once the copy is complete)."""
-    return f"{prefix}-{workspace_id}-data-{secrets.token_hex(3)}"
 
 
 def repo_basename(url: str) -> str:

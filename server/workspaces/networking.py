@@ -78,8 +78,9 @@ class WorkspaceNetworks:
     def policies(self) -> dict[str, net_policy.NetworkPolicy]:
         with self.sessions() as s:
             rows = list(s.scalars(select(Workspace)))
-        self._containers = {self.svc.spec_for(ws).container_name: ws.id for ws in rows}
-        return {self.svc.spec_for(ws).container_name: self.policy(ws) for ws in rows}
+        sandbox = self.svc.sandbox_name
+        self._containers = {sandbox(ws): ws.id for ws in rows}
+        return {sandbox(ws): self.policy(ws) for ws in rows}
 
     def record_denial(self, denial: Denial) -> None:
         """A connection the firewall refused: an event of kind ``network`` on the workspace

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -31,7 +30,7 @@ from server.config import Settings
 from server.db.models import Workspace
 from server.errors import DenError
 from server.logs import bind_workspace
-from server.runtime.base import Freezer
+from server.runtime.base import Freezer, Housekeeping
 from server.workspaces.activity import Activity
 from server.workspaces.handles import FROZEN_BYTES
 from server.workspaces.service import WorkspaceService
@@ -100,25 +99,6 @@ def decide(views: list[IdleView], now: datetime, policy: SleepPolicy = NO_FROZEN
             frozen.append(Frozen(v.id, v.state_since, v.memory_bytes))
     saves = to_save(frozen, now, policy, host_available_bytes=host_available_bytes)
     return actions + [(ws_id, Action.SAVE) for ws_id in saves]
-
-
-RESTORE_COPY_MAX_AGE_S = 600
-
-
-def sweep_restore_copies(tmp_dir: Path, *, max_age_s: float = RESTORE_COPY_MAX_AGE_S) -> int:
-    """Remove the copies of checkpoints containerd leaves in its temp dir at every restore
-    (``ctrd-checkpoint*``, never deleted by containerd 1.6: a full memory image each) once
-    they are older than any restore in progress. Returns how many it removed."""
-    removed = 0
-    cutoff = time.time() - max_age_s
-    for path in tmp_dir.glob("ctrd-checkpoint*"):
-        try:
-            if path.stat().st_mtime < cutoff:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-                removed += 1
-        except OSError:
-            continue
-    return removed
 
 
 class Reaper:
@@ -211,7 +191,8 @@ class Reaper:
                 stop_after_s=st.stop_after_s if ws.stop_after_s is None else ws.stop_after_s,
                 last_activity_at=ws.last_activity_at, state_since=ws.updated_at,
                 keepalive_until=ws.keepalive_until, busy=busy,
-                idle_stop=self.service.gpus.idle_action(ws) == "stop",
+                idle_stop=self.service.gpus.idle_action(ws) == "stop"
+                or not self.service.can_checkpoint,
                 freezable=not ws.gpus,
                 sleep=Sleep(ws.sleep) if ws.sleep else None,
                 memory_bytes=_int_or_none((ws.engine or {}).get(FROZEN_BYTES)),
@@ -220,8 +201,10 @@ class Reaper:
 
     async def run_once(self) -> list[tuple[str, Action]]:
         """One pass: measure, decide, act. Returns what it did (for tests and logs)."""
-        swept = await asyncio.to_thread(sweep_restore_copies, self.settings.containerd_tmp_dir)
-        self.service.metrics.reaper_action("sweep", result="ok", count=swept)
+        runtime = self.service.runtime
+        if isinstance(runtime, Housekeeping):  # what the engine leaves behind on the host
+            swept = await runtime.sweep()
+            self.service.metrics.reaper_action("sweep", result="ok", count=swept)
         available = await asyncio.to_thread(host_available_bytes, self.meminfo)
         actions = decide(await self.views(), datetime.now(UTC), self.policy,
                          host_available_bytes=available)

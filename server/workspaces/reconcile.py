@@ -18,12 +18,18 @@ from server.db.models import Snapshot, Workspace
 from server.errors import DenError
 from server.runtime.base import (
     ROLE_COPY,
+    Checkpoints,
     ContainerStatus,
-    EngineObject,
     Freezer,
     WorkspaceSpec,
+    names,
 )
-from server.workspaces.handles import CHECKPOINT, RESTORING, without_restore
+from server.workspaces.handles import (
+    CHECKPOINT,
+    RESTORING,
+    restore_handles,
+    without_restore,
+)
 from server.workspaces.states import Sleep, State
 
 if TYPE_CHECKING:
@@ -91,15 +97,15 @@ class Reconciler:
                 log.error("reconcile of workspace %s failed: %s %s", ws.id, exc.message,
                           exc.detail)
         with self.sessions() as s:
-            volumes = {ws.id: self.svc.spec_for(ws).volume_name
+            handles = {ws.id: self.svc.spec_for(ws).handle
                        for ws in s.scalars(select(Workspace))}
         for obj in objects:
             if obj.role == ROLE_COPY:
                 continue
             if obj.snapshot_id and obj.snapshot_id in snapshots:
                 continue
-            if obj.workspace_id in volumes and not obj.snapshot_id and (
-                    obj.kind != "volume" or obj.name == volumes[obj.workspace_id]):
+            if obj.workspace_id in handles and not obj.snapshot_id and not self.runtime.stale(
+                    obj, handles[obj.workspace_id]):
                 continue
             if obj.workspace_id and self.svc.busy(obj.workspace_id):
                 continue  # a snapshot, fork or restore in progress
@@ -176,17 +182,17 @@ class Reconciler:
                                    message="found running in the engine")
 
     async def _restore(self, ws: Workspace) -> None:
-        """A restore cut short by a crash: before its commit point (the row still names the
-        old volume) the workspace is exactly as it was and the partial copy goes; after it,
-        the restore is finished (container recreated on the copy, old volume removed) and the
-        workspace is left stopped (the next access starts it)."""
+        """A restore cut short by a crash: before its commit point (the row's handle is still
+        the old one) the workspace is exactly as it was and the partial copy goes; after it,
+        the restore is finished (container recreated on the copy, the old data removed) and
+        the workspace is left stopped (the next access starts it)."""
         pending = dict(ws.engine[RESTORING])
         spec = self.svc.spec_for(ws)
         what = f"restore of snapshot {pending.get('snapshot', '?')}"
         was = State(str(pending.get("from") or State.STOPPED.value))
-        if spec.volume_name != pending.get("volume"):
-            await self.runtime.remove_object(
-                EngineObject("volume", str(pending.get("volume")), ws.id))
+        new, old = restore_handles(pending, spec.handle)
+        if dict(spec.handle) != new:
+            await self.svc.restores.remove_named(ws.id, names(new) - names(spec.handle))
             self.ledger.set_engine(ws.id, without_restore(ws.engine))
             self.ledger.transition(ws.id, State.STARTING, was, actor="reconcile",
                                    message=f"{what} was interrupted by a restart before its "
@@ -195,8 +201,8 @@ class Reconciler:
                                    reason=str(pending.get("reason") or "")
                                    if was is State.ERROR else "")
             return
-        await self.runtime.replace_container(
-            spec, old_volume=str(pending.get("old_volume") or spec.volume_name))
+        await self.svc.restores.disks().replace_container(
+            spec, old=old)
         self.ledger.set_engine(ws.id, without_restore(ws.engine))
         self.ledger.transition(ws.id, State.STARTING, State.STOPPED, actor="reconcile",
                                message=f"{what} was interrupted by a restart after its copy was "
@@ -207,8 +213,8 @@ class Reconciler:
         """A pause cut short by a crash: its checkpoint may still be being written (runsc
         outlives Den). Wait for it, bounded; a complete one makes the workspace paused, an
         incomplete one is removed and the workspace is what its container is."""
-        saved = await self.runtime.settle_checkpoint(spec, checkpoint=CHECKPOINT,
-                                                     wait_s=CHECKPOINT_SETTLE_S)
+        saved = isinstance(self.runtime, Checkpoints) and await self.runtime.settle_checkpoint(
+            spec, checkpoint=CHECKPOINT, wait_s=CHECKPOINT_SETTLE_S)
         status = await self.runtime.status(spec)
         if status is ContainerStatus.FROZEN:  # a freeze (or a save of a frozen one) cut short
             self.ledger.transition(ws.id, State.PAUSING, State.PAUSED, actor="reconcile",

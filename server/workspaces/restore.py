@@ -22,12 +22,14 @@ from server.runtime.base import (
     LABEL_INSTANCE,
     LABEL_MANAGED,
     LABEL_SNAPSHOT,
-    EngineObject,
+    Checkpoints,
+    DiskSnapshots,
+    Handle,
     SnapshotSpec,
     WorkspaceSpec,
+    names,
 )
-from server.workspaces import naming
-from server.workspaces.handles import CHECKPOINT, RESTORING, without_restore
+from server.workspaces.handles import CHECKPOINT, RESTORING, backend_handle, without_restore
 from server.workspaces.states import State
 
 if TYPE_CHECKING:
@@ -46,11 +48,18 @@ class Restores:
         self.sessions = svc.sessions
         self.settings = svc.settings
 
+    def disks(self) -> DiskSnapshots:
+        """The runtime, as one that copies disks into snapshots; 409 when it cannot."""
+        if not isinstance(self.runtime, DiskSnapshots):
+            raise Conflict("this server's backend cannot snapshot, fork or restore "
+                           "workspaces", code="snapshots_unsupported")
+        return self.runtime
+
     async def build_fork(self, ws_id: str, snap: Snapshot) -> None:
         spec = self.svc.spec_for(self.svc.get(ws_id))
         try:
             async with self.svc.metrics.operation("fork"), self.svc.locked(ws_id):
-                await self.runtime.load_snapshot(spec, self.snapshot_spec(snap))
+                await self.disks().load_snapshot(spec, self.snapshot_spec(snap))
                 how = await self.boot_from(spec, snap)
                 await self.svc.networks.sync(ws_id)
                 self.ledger.transition(ws_id, State.CREATING, State.RUNNING, actor="system",
@@ -60,12 +69,17 @@ class Restores:
         except Exception as exc:
             await self.svc.creation_failed(ws_id, spec, exc)
 
+    def labels(self, snapshot_id: str) -> dict[str, str]:
+        return {LABEL_MANAGED: "true", LABEL_INSTANCE: self.svc.instance_id,
+                LABEL_SNAPSHOT: snapshot_id}
+
+    def new_snapshot(self, snapshot_id: str) -> SnapshotSpec:
+        """A new snapshot as the backend names it (its row stores ``image`` and ``handle``)."""
+        return self.disks().new_snapshot(snapshot_id, self.labels(snapshot_id))
+
     def snapshot_spec(self, snap: Snapshot) -> SnapshotSpec:
-        return SnapshotSpec(
-            snapshot_id=snap.id, image=snap.image, volume=snap.volume,
-            labels={LABEL_MANAGED: "true", LABEL_INSTANCE: self.svc.instance_id,
-                    LABEL_SNAPSHOT: snap.id},
-        )
+        return SnapshotSpec(snapshot_id=snap.id, image=snap.image, handle=snap.engine,
+                            labels=self.labels(snap.id))
 
     async def restore(self, ws_id: str, snap: Snapshot, *, actor: str) -> Workspace:
         """Roll the workspace back to ``snap``: stop it, replace its container filesystem and
@@ -78,6 +92,7 @@ class Restores:
         row's engine handle says a restore is in progress (``restoring``), so that reconcile
         after a crash knows which half it was in: before the switch it removes the partial
         copy and the workspace is as it was; after it, it finishes the restore."""
+        disks = self.disks()
         if self.svc.get(ws_id).state != State.ERROR.value:
             await self.svc.stop(ws_id, actor=actor)
         async with self.svc.metrics.operation("restore"), self.svc.locked(ws_id):
@@ -86,28 +101,28 @@ class Restores:
                 raise Conflict(f"workspace is {ws.state}; try again")
             was = State(ws.state)
             old = self.svc.spec_for(ws)
-            volume = naming.restore_volume_name(self.settings.engine_prefix, ws_id)
+            new = disks.restore_handle(old)
             self.ledger.transition(ws_id, was, State.STARTING, actor=actor,
                                    message=f"restore snapshot {snap.id} ({snap.name})")
             self.ledger.set_engine(ws_id, {**ws.engine, RESTORING: {
-                "snapshot": snap.id, "volume": volume, "old_volume": old.volume_name,
+                "snapshot": snap.id, "handle": new, "old": dict(old.handle),
                 "from": was.value, "reason": ws.state_reason}})
             try:
-                await self.runtime.copy_snapshot(old, self.snapshot_spec(snap), volume=volume)
+                await disks.copy_snapshot(old, self.snapshot_spec(snap), into=new)
             except DenError as exc:
                 with contextlib.suppress(DenError):
-                    await self.runtime.remove_object(EngineObject("volume", volume, ws_id))
+                    await self.remove_named(ws_id, names(new) - names(old.handle))
                 self.ledger.set_engine(ws_id, without_restore(self.svc.get(ws_id).engine))
                 why = (f"restore of snapshot {snap.id} failed ({exc.message}); the workspace "
                        "is as it was")
                 self.ledger.transition(ws_id, State.STARTING, was, actor=actor, message=why,
                                        reason=ws.state_reason if was is State.ERROR else "")
                 raise
-            self._switch_volume(ws_id, snap, volume, actor=actor)
+            self._switch(ws_id, snap, new, actor=actor)
             faults.point("restore.swap")
             spec = self.svc.spec_for(self.svc.get(ws_id))
             try:
-                await self.runtime.replace_container(spec, old_volume=old.volume_name)
+                await disks.replace_container(spec, old=old.handle)
                 self.ledger.set_engine(ws_id, without_restore(self.svc.get(ws_id).engine))
                 how = await self.boot_from(spec, snap)
                 await self.svc.networks.sync(ws_id)
@@ -120,18 +135,25 @@ class Restores:
                                    message=f"restored snapshot {snap.id} ({snap.name}; {how})")
             return self.svc.get(ws_id)
 
-    def _switch_volume(self, ws_id: str, snap: Snapshot, volume: str, *, actor: str) -> None:
-        """The commit point of a restore: the workspace's data is now the complete copy in
-        ``volume`` (and its image the snapshot's), with the event saying so."""
+    def _switch(self, ws_id: str, snap: Snapshot, handle: Handle, *, actor: str) -> None:
+        """The commit point of a restore: the workspace's data is now the complete copy that
+        ``handle`` names (and its image the snapshot's), with the event saying so."""
         with self.sessions.begin() as s:
             ws = s.get(Workspace, ws_id)
             if ws is None:
                 raise NotFound(f"no workspace {ws_id!r}")
-            ws.engine = {**ws.engine, "volume": volume}
+            copy = ", ".join(sorted(names(handle) - names(backend_handle(ws.engine or {}))))
+            ws.engine = {**ws.engine, **handle}
             ws.image = snap.image
             self.ledger.record(s, ws_id, kind="restore", actor=actor,
-                               message=f"the copy of snapshot {snap.id} is complete; the workspace "
-                                       f"now uses it (volume {volume})")
+                               message=f"the copy of snapshot {snap.id} is complete; the "
+                                       f"workspace now uses it ({copy})")
+
+    async def remove_named(self, ws_id: str, wanted: set[str]) -> None:
+        """Remove the workspace's engine objects of these names (a restore's partial copy)."""
+        for obj in await self.runtime.list_objects(self.svc.instance_id):
+            if obj.workspace_id == ws_id and obj.name in wanted:
+                await self.runtime.remove_object(obj)
 
     def memory_dir(self, snapshot_id: str) -> Path:
         """Where a memory snapshot's checkpoint is kept on the host (under a 0700 directory:
@@ -143,7 +165,10 @@ class Restores:
     async def boot_from(self, spec: WorkspaceSpec, snap: Snapshot) -> str:
         """Start a container just loaded from ``snap``: from its saved memory when it has
         some (processes running), else, or when that fails, cold from its disk."""
-        if snap.memory:
+        if snap.memory and not isinstance(self.runtime, Checkpoints):
+            await self.runtime.start(spec)
+            return "started cold from disk: this server's backend cannot restore memory"
+        if snap.memory and isinstance(self.runtime, Checkpoints):
             try:
                 await self.runtime.import_checkpoint(
                     spec, checkpoint=CHECKPOINT, src=self.memory_dir(snap.id))
@@ -163,21 +188,25 @@ class Restores:
         """Copy the workspace's disk (and, for a memory snapshot of a paused workspace, its
         checkpoint) into ``snap``'s engine objects; returns the bytes copied. A failure (a
         disk full while copying memory too) leaves nothing behind."""
+        disks = self.disks()
         spec = self.snapshot_spec(snap)
         memory_dir = self.memory_dir(snap.id)
         try:
-            size = await self.runtime.snapshot(self.svc.spec_for(ws), spec)
+            size = await disks.snapshot(self.svc.spec_for(ws), spec)
             if snap.memory:
+                if not isinstance(self.runtime, Checkpoints):
+                    raise Conflict("this server's backend cannot save a workspace's memory",
+                                   code="pause_unsupported")
                 size += await self.runtime.export_checkpoint(
                     self.svc.spec_for(ws), checkpoint=CHECKPOINT, dest=memory_dir)
         except Exception:
             with contextlib.suppress(DenError):
-                await self.runtime.delete_snapshot(spec)
+                await disks.delete_snapshot(spec)
             shutil.rmtree(memory_dir, ignore_errors=True)
             raise
         return size
 
     async def delete(self, snap: Snapshot) -> None:
         """Remove the snapshot's engine objects and saved memory; missing ones are success."""
-        await self.runtime.delete_snapshot(self.snapshot_spec(snap))
+        await self.disks().delete_snapshot(self.snapshot_spec(snap))
         shutil.rmtree(self.memory_dir(snap.id), ignore_errors=True)

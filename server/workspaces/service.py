@@ -50,12 +50,14 @@ from server.outbound import OutboundPolicy, git_pin
 from server.quotas.service import Quotas
 from server.runtime.base import (
     AgentChannel,
+    Checkpoints,
     ContainerStatus,
     EngineEvent,
     ExecRequest,
     ExecResult,
     ExecStream,
     Freezer,
+    ManagedNetwork,
     PortConnector,
     Runtime,
     WorkspaceSpec,
@@ -67,7 +69,7 @@ from server.workspaces.activity import Activity
 from server.workspaces.admission import Gate
 from server.workspaces.engine_events import EngineFollower
 from server.workspaces.feed import EventFeed
-from server.workspaces.handles import CHECKPOINT, FROZEN_BYTES
+from server.workspaces.handles import CHECKPOINT, FROZEN_BYTES, backend_handle
 from server.workspaces.hooks import WorkspaceHooks
 from server.workspaces.ledger import Ledger
 from server.workspaces.networking import WorkspaceNetworks
@@ -217,10 +219,7 @@ class WorkspaceService:
     def spec_for(self, ws: Workspace) -> WorkspaceSpec:
         return WorkspaceSpec(
             workspace_id=ws.id,
-            container_name=ws.engine.get("container")
-            or naming.container_name(self.settings.engine_prefix, ws.id),
-            volume_name=ws.engine.get("volume")
-            or naming.volume_name(self.settings.engine_prefix, ws.id),
+            handle=backend_handle(ws.engine or {}) or self.runtime.new_handle(ws.id),
             image=ws.image,
             runtime=ws.runtime,
             cpus=ws.cpus,
@@ -234,6 +233,13 @@ class WorkspaceService:
             env={str(k): str(v) for k, v in ws.env.items()},
             gpus=self.gpus.devices_for(ws),
         )
+
+    def sandbox_name(self, ws: Workspace) -> str:
+        """The name the backend's network knows the workspace by (network policies are
+        keyed by it); its id where the backend manages no network."""
+        if isinstance(self.runtime, ManagedNetwork):
+            return self.runtime.sandbox_name(self.spec_for(ws))
+        return ws.id
 
     def repo_path(self, ws: Workspace) -> str:
         return f"{WORKSPACE_ROOT}/{ws.repo_dir}"
@@ -258,6 +264,12 @@ class WorkspaceService:
     def touch(self, workspace_id: str) -> None:
         """Mark activity on a workspace (the ledger's, debounced)."""
         self.ledger.touch(workspace_id)
+
+    @property
+    def can_checkpoint(self) -> bool:
+        """Whether the backend can save a workspace's memory (pause, memory snapshots);
+        without it idling stops a workspace instead."""
+        return isinstance(self.runtime, Checkpoints)
 
     def add_hooks(self, hooks: WorkspaceHooks) -> None:
         self.hooks.append(hooks)
@@ -320,10 +332,7 @@ class WorkspaceService:
 
         row = Workspace(
             id=ws_id, owner_id=user.id, name=name, pids_limit=self.settings.default_pids,
-            engine={
-                "container": naming.container_name(self.settings.engine_prefix, ws_id),
-                "volume": naming.volume_name(self.settings.engine_prefix, ws_id),
-            },
+            engine=self.runtime.new_handle(ws_id),
             **fields,
         )
         self.ledger.insert(row, check=check, actor=user.name,
@@ -346,6 +355,7 @@ class WorkspaceService:
         # The policy of now, not of when the snapshot was taken (a runc snapshot after the
         # operator turned runc off must not run unsandboxed).
         runtime = validation.runtime_name(self.settings, snap.runtime)
+        self.restores.disks()  # 409 before anything is written when forks are impossible
         row = self._insert(
             user, name, message_prefix=f"fork of snapshot {snap.id} ({snap.name}) of",
             repo_url=snap.repo_url, repo_branch=snap.repo_branch, repo_dir=snap.repo_dir,
@@ -511,7 +521,9 @@ class WorkspaceService:
             try:
                 await self.runtime.stop(self.spec_for(ws), timeout_s=self.settings.stop_timeout_s)
                 # Stop drops the memory (of a pause, or kept since the last resume).
-                await self.runtime.delete_checkpoint(self.spec_for(ws), checkpoint=CHECKPOINT)
+                if isinstance(self.runtime, Checkpoints):
+                    await self.runtime.delete_checkpoint(self.spec_for(ws),
+                                                         checkpoint=CHECKPOINT)
             except DenError as exc:
                 self.ledger.transition(ws_id, step, State.ERROR, actor=actor,
                                        reason=f"stop failed: {exc.message}")
@@ -537,6 +549,9 @@ class WorkspaceService:
             if step is None:
                 return ws
             self.gpus.check_pause(ws)
+            if not isinstance(self.runtime, Checkpoints):
+                raise Conflict("this server's backend cannot save a workspace's memory; stop "
+                               "it instead: files are kept", code="pause_unsupported")
             self.ledger.transition(ws_id, State(ws.state), step, actor=actor,
                                    message="saving a frozen workspace's memory to disk"
                                    if frozen else "")
@@ -613,9 +628,11 @@ class WorkspaceService:
                     await self.runtime.thaw(spec)
                     thawed = True
                     message = f"thawed in {time.monotonic() - started:.3f} s (frozen tier)"
-                else:
+                elif isinstance(self.runtime, Checkpoints):
                     await self.runtime.resume(spec, checkpoint=CHECKPOINT)
                     message = f"restored from memory in {time.monotonic() - started:.2f} s"
+                else:
+                    raise ObjectMissing("this server's backend keeps no memory")
             except DenError as exc:
                 log.warning("workspace %s: restore failed: %s %s", ws_id, exc.message,
                             exc.detail)

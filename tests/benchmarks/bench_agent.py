@@ -205,10 +205,9 @@ def bench_exec(b: Bench, samples: int, deadline_s: float) -> None:
 def bench_ping(b: Bench, data_dir: Path, samples: int, deadline_s: float) -> None:
     from server.runtime.base import WorkspaceSpec
     from server.runtime.docker import DockerRuntime
-    from server.workspaces import naming
+    from server.runtime.docker_specs import new_handle
 
-    spec = WorkspaceSpec(workspace_id=b.wid, container_name=naming.container_name(b.prefix, b.wid),
-                         volume_name=naming.volume_name(b.prefix, b.wid), image=IMAGE,
+    spec = WorkspaceSpec(workspace_id=b.wid, handle=new_handle(b.prefix, b.wid), image=IMAGE,
                          runtime="gvisor", cpus=CPUS, memory_mb=MEMORY_MB, pids_limit=PIDS,
                          hostname="bench", labels={})
 

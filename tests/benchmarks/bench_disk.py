@@ -39,6 +39,7 @@ from pathlib import Path
 from server.runtime.base import WorkspaceSpec, labels_for
 from server.runtime.disk_quota import Disks
 from server.runtime.docker import DockerRuntime
+from server.runtime.docker_specs import container_of
 
 IMAGE = "den/workspace:latest"
 
@@ -60,7 +61,8 @@ class BufferedDisks(Disks):
 
 def spec(prefix: str, side: str, disk_gb: int) -> WorkspaceSpec:
     return WorkspaceSpec(
-        workspace_id=side, container_name=f"{prefix}-{side}", volume_name=f"{prefix}-{side}-data",
+        workspace_id=side,
+        handle={"container": f"{prefix}-{side}", "volume": f"{prefix}-{side}-data"},
         image=IMAGE, runtime="gvisor", cpus=1.0, memory_mb=1024, pids_limit=256,
         hostname=side, labels=labels_for(instance=prefix, workspace_id=side, owner="0"),
         disk_gb=disk_gb)
@@ -95,7 +97,7 @@ async def main() -> None:
         for r in range(args.rounds):
             order = list(sides)[r % 3:] + list(sides)[:r % 3]
             for side in order:
-                name = sides[side].container_name
+                name = container_of(sides[side])
                 for where, path in (("workspace", "/workspace"), ("root", "/var/tmp")):
                     (us,) = run_in(name, WRITE.format(dir=path, mib=args.mib))
                     samples[side].setdefault(f"write {where} MB/s", []).append(
@@ -110,7 +112,7 @@ async def main() -> None:
             try:
                 await rt.destroy(s)
             except Exception as exc:
-                print(f"cleanup of {s.container_name}: {exc}")
+                print(f"cleanup of {container_of(s)}: {exc}")
         rt.close()
         buffered.close()
         subprocess.run(["rm", "-rf", str(tmp)], check=False)

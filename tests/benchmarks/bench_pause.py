@@ -588,8 +588,9 @@ def steps_breakdown(raw: RawContainer, root: Path, tag: str, res: Results, copie
               "may no longer mirror it", file=sys.stderr, flush=True)
     rt = docker.DockerRuntime(gvisor_runtime="runsc")
     api = rt._api()
-    spec = WorkspaceSpec(workspace_id="raw", container_name=raw.name,
-                         volume_name=f"{raw.name}-data", image=IMAGE, runtime="gvisor",
+    spec = WorkspaceSpec(workspace_id="raw",
+                         handle={"container": raw.name, "volume": f"{raw.name}-data"},
+                         image=IMAGE, runtime="gvisor",
                          cpus=CPUS, memory_mb=MEMORY_MB, pids_limit=PIDS, hostname="raw",
                          labels={})
     cid = raw.id

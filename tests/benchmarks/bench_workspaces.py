@@ -223,7 +223,7 @@ def raw_run_flags(volume: str, *, image: str = IMAGE, cpus: float = CPUS,
     from server.runtime import docker_specs
     from server.runtime.base import WorkspaceSpec
 
-    spec = WorkspaceSpec(workspace_id="raw", container_name="raw", volume_name=volume,
+    spec = WorkspaceSpec(workspace_id="raw", handle={"container": "raw", "volume": volume},
                          image=image, runtime="gvisor", cpus=cpus, memory_mb=memory_mb,
                          pids_limit=pids, hostname="raw", labels={})
     cfg = docker_specs.container_config(spec, gvisor_runtime="runsc")
@@ -471,6 +471,7 @@ def breakdown(prefix: str, work: Path, repo: Path, rounds: int) -> Results:
     from server.runtime import docker_specs
     from server.runtime.base import ExecRequest, WorkspaceSpec
     from server.runtime.docker import DockerRuntime, _collect, _raw_socket
+    from server.runtime.docker_specs import container_of, volume_of
     from server.runtime.output import Captured
 
     res = Results()
@@ -480,8 +481,9 @@ def breakdown(prefix: str, work: Path, repo: Path, rounds: int) -> Results:
 
     def spec(i: int) -> WorkspaceSpec:
         name = f"{prefix}-bd{i}"
-        return WorkspaceSpec(workspace_id=f"bd{i}", container_name=name,
-                             volume_name=f"{name}-data", image=IMAGE, runtime="gvisor",
+        return WorkspaceSpec(workspace_id=f"bd{i}",
+                             handle={"container": name, "volume": f"{name}-data"},
+                             image=IMAGE, runtime="gvisor",
                              cpus=CPUS, memory_mb=MEMORY_MB, pids_limit=PIDS, hostname="bd",
                              labels={"denbench": prefix})
 
@@ -504,17 +506,17 @@ def breakdown(prefix: str, work: Path, repo: Path, rounds: int) -> Results:
 
         def create_volume() -> None:
             with contextlib.suppress(docker.errors.NotFound):
-                api.inspect_volume(s.volume_name)
+                api.inspect_volume(volume_of(s))
             api.create_volume(**docker_specs.volume_config(s))
 
         def create_container() -> None:
             with contextlib.suppress(docker.errors.NotFound):
-                api.inspect_container(s.container_name)
+                api.inspect_container(container_of(s))
             api.create_container(**cfg, host_config=api.create_host_config(**hc))
 
         def put() -> None:
             with tar.open("rb") as fh:
-                api.put_archive(s.container_name, docker_specs.WORKSPACE_MOUNT, fh)
+                api.put_archive(container_of(s), docker_specs.WORKSPACE_MOUNT, fh)
 
         try:
             return {
@@ -549,13 +551,13 @@ def breakdown(prefix: str, work: Path, repo: Path, rounds: int) -> Results:
         base_req = ExecRequest(argv=["true"], cwd=f"/workspace/{REPO}", timeout_s=600)
         env = docker_specs.exec_env("dev", {}, {})
         sdk = docker.from_env(timeout=120)
-        ctr = sdk.containers.get(s.container_name)
+        ctr = sdk.containers.get(container_of(s))
         polls: list[int] = []
 
         def by_hand() -> None:
             # DockerRuntime.exec, step by step: create, start + read to EOF, inspect until done
             t0 = time.perf_counter()
-            ex = api.exec_create(s.container_name, list(base_req.argv),
+            ex = api.exec_create(container_of(s), list(base_req.argv),
                                  stdout=True, stderr=True, stdin=False, tty=False, user="dev",
                                  workdir=base_req.cwd, environment=env)
             t1 = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -160,3 +161,35 @@ def test_a_database_from_the_first_migration_upgrades_to_head_with_its_data(
 def current_revision_of(engine: Engine) -> str | None:
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
+
+
+def test_snapshots_get_their_engine_handle_from_their_image_and_volume(db_url: str) -> None:
+    """0016: the Docker backend's names of a snapshot's objects move from two columns into
+    the snapshot's engine handle, and back on a downgrade."""
+    from alembic import command
+
+    from server.db.migrate import alembic_config
+
+    engine = _fresh(db_url)
+    cfg = alembic_config(db_url)
+    at = "2026-01-02 03:04:05+00:00"
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0015")
+        conn.execute(text("INSERT INTO users (name, is_admin, created_at, limits) "
+                          "VALUES ('o', false, :at, '{}')"), {"at": at})
+        uid = conn.execute(text("SELECT id FROM users WHERE name = 'o'")).scalar_one()
+        conn.execute(text(
+            "INSERT INTO snapshots (id, owner_id, name, memory, image, volume, repo_url, "
+            "repo_dir, runtime, network, size_bytes, created_at) VALUES ('snold', :u, 's', "
+            "false, 'den-snapshot:snold', 'den-snold-snap', 'https://x.example/a.git', 'a', "
+            "'gvisor', '{}', 1, :at)"), {"u": uid, "at": at})
+        command.upgrade(cfg, "0016")
+        row = conn.execute(text("SELECT image, engine FROM snapshots")).one()
+        engine_json = row[1] if isinstance(row[1], dict) else json.loads(row[1])
+        assert (row[0], engine_json) == ("den-snapshot:snold", {
+            "image": "den-snapshot:snold", "volume": "den-snold-snap"})
+        assert "volume" not in {c["name"] for c in inspect(conn).get_columns("snapshots")}
+        command.downgrade(cfg, "0015")
+        assert conn.execute(text("SELECT volume FROM snapshots")).scalar_one() == "den-snold-snap"
+    engine.dispose()

@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 from server.app import create_app
 from server.config import Settings
 from server.runtime.base import ExecResult
+from server.runtime.docker_specs import container_of
 from tests.conftest import ApiClient, users
 from tests.forge_server import ForgeServer, make_forge_repo
 
@@ -112,8 +113,8 @@ def assert_no_credential_inside(api: ApiClient, ws_id: str) -> None:
                       "echo rc=$?; ps -eo args")
     out = procs.stdout.decode()
     assert "rc=1" in out and TOKEN not in out, out
-    container = api.app.state.workspaces.spec_for(
-        api.app.state.workspaces.get(ws_id)).container_name
+    container = container_of(api.app.state.workspaces.spec_for(
+        api.app.state.workspaces.get(ws_id)))
     inspect = subprocess.run(["docker", "inspect", container], capture_output=True, text=True,
                              check=True).stdout
     assert TOKEN not in inspect

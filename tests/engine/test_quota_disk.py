@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from server.runtime.disk_quota import Disks
+from server.runtime.docker_specs import container_of, volume_of
 from tests.conftest import ApiClient
 
 pytestmark = pytest.mark.engine
@@ -33,7 +34,7 @@ def _disks(api: ApiClient) -> Path:
 
 def _volume(api: ApiClient, wid: str) -> str:
     ws = api.app.state.workspaces.get(wid)
-    return str(api.app.state.workspaces.spec_for(ws).volume_name)
+    return str(volume_of(api.app.state.workspaces.spec_for(ws)))
 
 
 def _mounts_under(path: Path) -> list[str]:
@@ -106,8 +107,8 @@ def test_disk_gb_bounds_workspace_and_root(real_api: ApiClient,
     # After a host reboot the mounts are gone: the next start makes them again, with the
     # files on the disk image (not the engine's empty layer underneath).
     assert api.post(f"/api/v1/workspaces/{wid}/stop").json()["state"] == "stopped"
-    container = api.app.state.workspaces.spec_for(
-        api.app.state.workspaces.get(wid)).container_name
+    container = container_of(api.app.state.workspaces.spec_for(
+        api.app.state.workspaces.get(wid)))
     layer = Path(_inspect(container)["GraphDriver"]["Data"]["UpperDir"]).parent
     assert str(layer) in _mounts_under(layer)
     subprocess.run(["umount", str(layer)], check=True)
@@ -178,7 +179,7 @@ def test_a_workspace_made_before_keeps_its_plain_volume(engine: None, tmp_path: 
 
     name = f"{RUN_PREFIX}-legacy"
     spec = WorkspaceSpec(
-        workspace_id="wslegacy", container_name=name, volume_name=f"{name}-data",
+        workspace_id="wslegacy", handle={"container": name, "volume": f"{name}-data"},
         image="den/workspace:latest", runtime="gvisor", cpus=1, memory_mb=512, pids_limit=256,
         hostname="legacy", labels=labels_for(instance=name, workspace_id="wslegacy", owner="0"),
         disk_gb=1)

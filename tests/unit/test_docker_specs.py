@@ -21,14 +21,15 @@ from server.runtime.docker_specs import (
     runsc_failure,
     stream_argv,
     volume_config,
+    volume_of,
 )
 
 LABELS = labels_for(instance="inst1", workspace_id="ws0123456789ab", owner="7")
 
 SPEC = WorkspaceSpec(
     workspace_id="ws0123456789ab",
-    container_name="den-ws0123456789ab",
-    volume_name="den-ws0123456789ab-data",
+    handle={"container": "den-ws0123456789ab", "volume": "den-ws0123456789ab-data"},
+
     image="den/workspace:latest",
     runtime="gvisor",
     cpus=1.5,
@@ -93,7 +94,7 @@ def test_container_config_never_grants_privileges_or_mounts_the_docker_socket() 
     assert "devices" not in host
     assert "network_mode" not in host
     assert "pid_mode" not in host
-    assert list(host["binds"]) == [SPEC.volume_name]
+    assert list(host["binds"]) == [volume_of(SPEC)]
     assert all("docker.sock" not in str(v) for v in host["binds"].values())
 
 

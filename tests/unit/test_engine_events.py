@@ -16,6 +16,7 @@ import pytest
 from server.auth.tokens import ensure_user
 from server.runtime.base import EngineEvent, EngineEventKind
 from server.runtime.docker import engine_event
+from server.runtime.docker_specs import container_of
 from server.runtime.fake import FakeRuntime
 from server.workspaces.engine_events import describe_exit
 from server.workspaces.service import CreateRequest, WorkspaceService
@@ -92,9 +93,9 @@ async def test_a_container_killed_from_outside_is_stopped_with_the_reason(
         ) -> None:
     ws_id = await _running(svc, make_repo())
     spec = svc.spec_for(svc.get(ws_id))
-    fake_runtime.containers[spec.container_name].running = False
-    await svc.apply_engine_event(EngineEvent(OOM, ws_id, spec.container_name))
-    await svc.apply_engine_event(EngineEvent(DIE, ws_id, spec.container_name, exit_code=137))
+    fake_runtime.containers[container_of(spec)].running = False
+    await svc.apply_engine_event(EngineEvent(OOM, ws_id, container_of(spec)))
+    await svc.apply_engine_event(EngineEvent(DIE, ws_id, container_of(spec), exit_code=137))
     assert svc.get(ws_id).state == "stopped"
     assert _last(svc, ws_id) == (
         "engine", "stopped", "the container exited (code 137, out of memory); it starts "
@@ -112,14 +113,14 @@ async def test_an_oom_kill_the_sandbox_survives_is_in_the_event_log_once_a_minut
     ws_id = await _running(svc, make_repo())
     spec = svc.spec_for(svc.get(ws_id))
     for _ in range(3):  # an OOM storm: one note
-        await svc.apply_engine_event(EngineEvent(OOM, ws_id, spec.container_name))
+        await svc.apply_engine_event(EngineEvent(OOM, ws_id, container_of(spec)))
     ooms = [e for e in svc.events(ws_id) if e.kind == "oom"]
     assert [(e.actor, e.message) for e in ooms] == [(
         "engine", "the workspace reached its memory limit (512 MB plus the sandbox's "
                   "headroom): the host's out-of-memory killer ended a process")]
     assert svc.get(ws_id).state == "running"
     svc.engine_events._oom[ws_id] -= 61  # a minute later: noted again
-    await svc.apply_engine_event(EngineEvent(OOM, ws_id, spec.container_name))
+    await svc.apply_engine_event(EngineEvent(OOM, ws_id, container_of(spec)))
     assert len([e for e in svc.events(ws_id) if e.kind == "oom"]) == 2
     # An unknown workspace (deleted meanwhile) is no error.
     await svc.apply_engine_event(EngineEvent(OOM, "ws-gone", "den-gone"))
@@ -134,8 +135,8 @@ async def test_an_exec_that_finds_the_sandbox_dead_after_the_event_stream_restar
     as when the exec notices first (it answered 409 exec_failed)."""
     ws_id = await _running(svc, make_repo())
     spec = svc.spec_for(svc.get(ws_id))
-    fake_runtime.containers[spec.container_name].running = False
-    await svc.apply_engine_event(EngineEvent(DIE, ws_id, spec.container_name, exit_code=128))
+    fake_runtime.containers[container_of(spec)].running = False
+    await svc.apply_engine_event(EngineEvent(DIE, ws_id, container_of(spec), exit_code=128))
     assert svc.get(ws_id).state == "stopped"
     assert await svc._check_alive(ws_id, spec, actor="alice") is True
 
@@ -147,19 +148,19 @@ async def test_events_den_itself_caused_or_that_the_engine_contradicts_are_ignor
     ws_id = await _running(svc, make_repo())
     spec = svc.spec_for(svc.get(ws_id))
     events_before = len(svc.events(ws_id))
-    die = EngineEvent(DIE, ws_id, spec.container_name, exit_code=0)
+    die = EngineEvent(DIE, ws_id, container_of(spec), exit_code=0)
 
     # A late or repeated "die" while the container runs (it was started again since).
     await svc.apply_engine_event(die)
     # Another container's (an older one of the workspace, a helper with its labels).
-    fake_runtime.containers[spec.container_name].running = False
+    fake_runtime.containers[container_of(spec)].running = False
     await svc.apply_engine_event(EngineEvent(DIE, ws_id, "den-copy-helper", exit_code=0))
     # Den's own operation in progress (a pause or stop holds the lock): it settles the state.
     async with svc.locked(ws_id):
         await svc.apply_engine_event(die)
     assert svc.get(ws_id).state == "running"
     assert len(svc.events(ws_id)) == events_before
-    fake_runtime.containers[spec.container_name].running = True
+    fake_runtime.containers[container_of(spec)].running = True
 
     # Den's pause makes the container exit; its "die" comes after the pause is done.
     await svc.pause(ws_id, actor="alice")
@@ -176,10 +177,10 @@ async def test_a_container_started_outside_den_is_running(
     ws_id = await _running(svc, make_repo())
     await svc.stop(ws_id, actor="alice")
     spec = svc.spec_for(svc.get(ws_id))
-    start = EngineEvent(START, ws_id, spec.container_name)
+    start = EngineEvent(START, ws_id, container_of(spec))
     await svc.apply_engine_event(start)  # a late event of an earlier start: still stopped
     assert svc.get(ws_id).state == "stopped"
-    fake_runtime.containers[spec.container_name].running = True  # `docker start`
+    fake_runtime.containers[container_of(spec)].running = True  # `docker start`
     await svc.apply_engine_event(start)
     assert svc.get(ws_id).state == "running"
     assert _last(svc, ws_id) == ("engine", "running", "the container was started outside Den")
@@ -217,7 +218,7 @@ def test_missed_events_make_the_server_reconcile_again(
     supervisor = fake_api.app.state.engine
     assert supervisor.reconciles == 1
     spec = fake_api.app.state.workspaces.spec_for(fake_api.app.state.workspaces.get(ws["id"]))
-    fake_runtime.containers[spec.container_name].running = False  # died, event missed
+    fake_runtime.containers[container_of(spec)].running = False  # died, event missed
     fake_api.client.portal.call(_resync, fake_runtime)  # type: ignore[union-attr]
     deadline = time.monotonic() + 30
     while supervisor.reconciles < 2:

@@ -183,7 +183,7 @@ G1 = Gpu(index=1, uuid="GPU-1", model="A100", memory_mb=40960, minor=1)
 
 
 def spec(runtime: str = "gvisor", gpus: tuple[Gpu, ...] = (G1,)) -> WorkspaceSpec:
-    return WorkspaceSpec(workspace_id="w1", container_name="den-w1", volume_name="den-w1-v",
+    return WorkspaceSpec(workspace_id="w1", handle={"container": "den-w1", "volume": "den-w1-v"},
                          image="den/workspace:latest", runtime=runtime, cpus=1, memory_mb=1024,
                          pids_limit=512, hostname="api", labels={}, gpus=gpus)
 

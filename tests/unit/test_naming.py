@@ -96,11 +96,6 @@ def test_default_name(url: str, expected: str) -> None:
     assert naming.validate_name(name) is None
 
 
-def test_engine_object_names() -> None:
-    assert naming.container_name("den", "ws0123456789ab") == "den-ws0123456789ab"
-    assert naming.volume_name("den", "ws0123456789ab") == "den-ws0123456789ab-data"
-
-
 def test_workspace_ids_are_unique_and_valid_names() -> None:
     ids = {naming.new_workspace_id() for _ in range(200)}
     assert len(ids) == 200

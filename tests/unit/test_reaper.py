@@ -165,7 +165,7 @@ def test_sweep_removes_only_old_restore_copies(tmp_path: Path) -> None:
     import os
     import time
 
-    from server.workspaces.reaper import sweep_restore_copies
+    from server.runtime.containerd_tmp import sweep_restore_copies
 
     old, new, other = (tmp_path / "ctrd-checkpoint1", tmp_path / "ctrd-checkpoint2",
                        tmp_path / "unrelated")

@@ -18,6 +18,7 @@ from server.db.models import Event, User, Workspace
 from server.db.session import make_engine, make_session_factory
 from server.errors import Conflict, LimitReached, ValidationFailed
 from server.runtime.base import WorkspaceSpec, labels_for
+from server.runtime.docker_specs import container_of, volume_of
 from server.runtime.errors import EngineConflict, EngineError
 from server.runtime.fake import FakeRuntime
 from server.workspaces.service import CreateRequest, WorkspaceService, login_shell_argv
@@ -84,10 +85,10 @@ async def test_create_reaches_running(svc: WorkspaceService, fake_runtime: FakeR
     assert ws.repo_dir == "api"
     assert ws.runtime == "gvisor"
     spec = svc.spec_for(ws)
-    assert set(fake_runtime.containers) == {spec.container_name}
-    container = fake_runtime.containers[spec.container_name]
+    assert set(fake_runtime.containers) == {container_of(spec)}
+    container = fake_runtime.containers[container_of(spec)]
     assert container.running and container.seeded
-    assert fake_runtime.volumes == {spec.volume_name: dict(spec.labels)}
+    assert fake_runtime.volumes == {volume_of(spec): dict(spec.labels)}
     assert spec.labels == labels_for(instance=INSTANCE, workspace_id=ws.id, owner=str(alice.id))
     assert transitions(svc, ws.id) == [(None, "creating"), ("creating", "running")]
     assert [e.kind for e in svc.events(ws.id)] == ["state", "clone", "state"]
@@ -229,7 +230,7 @@ async def test_workspace_limit_is_409(make_service: Callable[..., WorkspaceServi
 async def test_stop_and_start_are_idempotent(svc: WorkspaceService, fake_runtime: FakeRuntime,
                                              make_repo: Callable[..., Path]) -> None:
     ws = await create(svc, user(svc), make_repo())
-    container = fake_runtime.containers[svc.spec_for(ws).container_name]
+    container = fake_runtime.containers[container_of(svc.spec_for(ws))]
 
     stopped = await svc.stop(ws.id, actor="alice")
     assert stopped.state == "stopped" and not container.running
@@ -317,8 +318,8 @@ async def test_delete_removes_rows_events_and_engine_objects(
     assert await svc.delete(ws.id, actor="alice") is True
     assert count(svc.sessions, Workspace, ws.id) == 0
     assert count(svc.sessions, Event, ws.id) == 0
-    assert set(fake_runtime.containers) == {svc.spec_for(keep).container_name}
-    assert set(fake_runtime.volumes) == {svc.spec_for(keep).volume_name}
+    assert set(fake_runtime.containers) == {container_of(svc.spec_for(keep))}
+    assert set(fake_runtime.volumes) == {volume_of(svc.spec_for(keep))}
     assert [w.id for w in svc.list_for(alice)] == [keep.id]
 
 
@@ -403,7 +404,7 @@ async def test_reconcile_settles_interrupted_transitions_and_removes_orphans(
         await svc.stop(ws[n].id, actor="alice")
 
     def container(n: str) -> Any:
-        return fake_runtime.containers[svc.spec_for(ws[n]).container_name]
+        return fake_runtime.containers[container_of(svc.spec_for(ws[n]))]
 
     set_state(svc, ws["creating"].id, State.CREATING)
     set_state(svc, ws["starting-up"].id, State.STARTING)
@@ -411,20 +412,22 @@ async def test_reconcile_settles_interrupted_transitions_and_removes_orphans(
     container("starting-down").running = False
     set_state(svc, ws["stopping"].id, State.STOPPING)
     set_state(svc, ws["deleting"].id, State.DELETING)
-    del fake_runtime.containers[svc.spec_for(ws["lost"]).container_name]
+    del fake_runtime.containers[container_of(svc.spec_for(ws["lost"]))]
     container("found-stopped").running = False
     container("found-running").running = True
 
     # orphans: labelled with this instance but no row; and an object of another instance
     orphan = WorkspaceSpec(
-        workspace_id="wsorphan00000", container_name="den-wsorphan00000",
-        volume_name="den-wsorphan00000-data", image="den/workspace:latest", runtime="gvisor",
+        workspace_id="wsorphan00000",
+        handle={"container": "den-wsorphan00000", "volume": "den-wsorphan00000-data"},
+        image="den/workspace:latest", runtime="gvisor",
         cpus=1, memory_mb=512, pids_limit=64, hostname="orphan",
         labels=labels_for(instance=INSTANCE, workspace_id="wsorphan00000", owner="1"),
     )
     foreign = WorkspaceSpec(
-        workspace_id="wsforeign0000", container_name="other-wsforeign0000",
-        volume_name="other-wsforeign0000-data", image="den/workspace:latest", runtime="gvisor",
+        workspace_id="wsforeign0000",
+        handle={"container": "other-wsforeign0000", "volume": "other-wsforeign0000-data"},
+        image="den/workspace:latest", runtime="gvisor",
         cpus=1, memory_mb=512, pids_limit=64, hostname="foreign",
         labels=labels_for(instance="another-den", workspace_id="wsforeign0000", owner="1"),
     )
@@ -447,19 +450,19 @@ async def test_reconcile_settles_interrupted_transitions_and_removes_orphans(
     assert count(svc.sessions, Workspace, ws["deleting"].id) == 0
     assert count(svc.sessions, Event, ws["deleting"].id) == 0
     # the interrupted create's objects are gone; its row stays to say why
-    assert svc.spec_for(ws["creating"]).container_name not in fake_runtime.containers
+    assert container_of(svc.spec_for(ws["creating"])) not in fake_runtime.containers
     assert "restarted" in svc.get(ws["creating"].id).state_reason
     assert not container("stopping").running
     assert all(w.state_reason == "" for w in svc.list_for(alice)
                if w.state in ("running", "stopped"))
 
-    assert orphan.container_name not in fake_runtime.containers
-    assert orphan.volume_name not in fake_runtime.volumes
-    assert foreign.container_name in fake_runtime.containers
-    assert foreign.volume_name in fake_runtime.volumes
-    live = {svc.spec_for(ws[n]).container_name for n in names
+    assert container_of(orphan) not in fake_runtime.containers
+    assert volume_of(orphan) not in fake_runtime.volumes
+    assert container_of(foreign) in fake_runtime.containers
+    assert volume_of(foreign) in fake_runtime.volumes
+    live = {container_of(svc.spec_for(ws[n])) for n in names
             if n not in ("creating", "deleting", "lost")}
-    assert set(fake_runtime.containers) == live | {foreign.container_name}
+    assert set(fake_runtime.containers) == live | {container_of(foreign)}
 
     # every state change reconcile made is in the event log
     for n in ("creating", "starting-up", "stopping", "lost"):
@@ -497,7 +500,7 @@ async def test_list_and_get_respect_ownership(svc: WorkspaceService,
 async def test_pause_and_resume(svc: WorkspaceService, fake_runtime: FakeRuntime,
                                 make_repo: Callable[..., Path]) -> None:
     ws = await create(svc, user(svc), make_repo())
-    container = fake_runtime.containers[svc.spec_for(ws).container_name]
+    container = fake_runtime.containers[container_of(svc.spec_for(ws))]
     paused = await svc.pause(ws.id, actor="alice")
     assert paused.state == "paused" and not container.running
     assert container.checkpoints == {"den-pause"}
@@ -542,7 +545,7 @@ async def test_a_failed_restore_starts_cold_from_disk(
         svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]) -> None:
     ws = await create(svc, user(svc), make_repo())
     await svc.pause(ws.id, actor="alice")
-    container = fake_runtime.containers[svc.spec_for(ws).container_name]
+    container = fake_runtime.containers[container_of(svc.spec_for(ws))]
     container.checkpoints.clear()  # the checkpoint is gone
     resumed = await svc.resume(ws.id, actor="alice")
     assert resumed.state == "running" and container.running and container.restored == 0
@@ -554,7 +557,7 @@ async def test_stop_of_a_paused_workspace_drops_the_checkpoint(
     ws = await create(svc, user(svc), make_repo())
     await svc.pause(ws.id, actor="alice")
     assert (await svc.stop(ws.id, actor="alice")).state == "stopped"
-    assert fake_runtime.containers[svc.spec_for(ws).container_name].checkpoints == set()
+    assert fake_runtime.containers[container_of(svc.spec_for(ws))].checkpoints == set()
 
 
 async def test_start_of_a_paused_workspace_resumes_it(
@@ -562,7 +565,7 @@ async def test_start_of_a_paused_workspace_resumes_it(
     ws = await create(svc, user(svc), make_repo())
     await svc.pause(ws.id, actor="alice")
     assert (await svc.start(ws.id, actor="alice")).state == "running"
-    assert fake_runtime.containers[svc.spec_for(ws).container_name].restored == 1
+    assert fake_runtime.containers[container_of(svc.spec_for(ws))].restored == 1
 
 
 async def test_concurrent_wakers_cause_exactly_one_resume(
@@ -572,7 +575,7 @@ async def test_concurrent_wakers_cause_exactly_one_resume(
     req = svc.exec_request(ws, ["echo", "hi"])
     results = await asyncio.gather(*(svc.exec(ws.id, req, actor="alice") for _ in range(10)))
     assert [r.stdout for r in results] == [b"hi\n"] * 10
-    assert fake_runtime.containers[svc.spec_for(ws).container_name].restored == 1
+    assert fake_runtime.containers[container_of(svc.spec_for(ws))].restored == 1
     assert [t for t in transitions(svc, ws.id) if t == ("paused", "resuming")] == [
         ("paused", "resuming")]
 
@@ -589,7 +592,7 @@ async def test_reconcile_settles_pause_and_resume(
         svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path],
         left_in: State, running: bool, checkpoint: bool, settles_to: str) -> None:
     ws = await create(svc, user(svc), make_repo())
-    container = fake_runtime.containers[svc.spec_for(ws).container_name]
+    container = fake_runtime.containers[container_of(svc.spec_for(ws))]
     container.running = running
     if checkpoint:
         container.checkpoints.add("den-pause")
@@ -612,18 +615,18 @@ async def test_reconcile_while_den_runs_leaves_operations_in_progress_alone(
     ws = await create(svc, user(svc), make_repo())
     set_state(svc, ws.id, State.STARTING)  # a start in progress
     snapshot_volume = WorkspaceSpec(  # a snapshot being taken: objects before its row
-        workspace_id=ws.id, container_name="unused", volume_name="den-snap-new",
+        workspace_id=ws.id, handle={"container": "unused", "volume": "den-snap-new"},
         image="den/workspace:latest", runtime="gvisor", cpus=1, memory_mb=512,
         pids_limit=64, hostname="x", labels={**labels_for(
             instance=INSTANCE, workspace_id=ws.id, owner="1"), "den.snapshot": "snnew"})
-    fake_runtime.volumes[snapshot_volume.volume_name] = dict(snapshot_volume.labels)
+    fake_runtime.volumes[volume_of(snapshot_volume)] = dict(snapshot_volume.labels)
     async with svc.locked(ws.id):
         await svc.reconcile()
         assert svc.get(ws.id).state == "starting"
-        assert snapshot_volume.volume_name in fake_runtime.volumes
+        assert volume_of(snapshot_volume) in fake_runtime.volumes
     await svc.reconcile()  # the operation is over (it left no row): settled now
     assert svc.get(ws.id).state == "running"
-    assert snapshot_volume.volume_name not in fake_runtime.volumes
+    assert volume_of(snapshot_volume) not in fake_runtime.volumes
 
 
 # --- snapshots -----------------------------------------------------------------------------
@@ -638,18 +641,19 @@ async def test_snapshots_fork_retention_and_reconcile(
     snaps = SnapshotService(svc)
     alice = user(svc)
     ws = await create(svc, alice, make_repo())
-    fake_runtime.files[svc.spec_for(ws).volume_name] = {"notes": b"v1"}
+    fake_runtime.files[volume_of(svc.spec_for(ws))] = {"notes": b"v1"}
     first = await snaps.create(ws.id, name="one", memory=False, actor="alice")
-    fake_runtime.files[svc.spec_for(ws).volume_name] = {"notes": b"v2"}
+    fake_runtime.files[volume_of(svc.spec_for(ws))] = {"notes": b"v2"}
     second = await snaps.create(ws.id, name="two", memory=False, actor="alice")
     third = await snaps.create(ws.id, name="three", memory=False, actor="alice")
     assert [s.name for s in snaps.list_for(ws)] == ["two", "three"]  # the oldest went
-    assert first.volume not in fake_runtime.volumes and first.image not in fake_runtime.images
+    assert first.engine["volume"] not in fake_runtime.volumes
+    assert first.image not in fake_runtime.images
 
     fork = await snaps.fork(alice, second, name="fork")
     fork = await settle(svc, fork.id)
     assert fork.state == "running" and fork.image == second.image
-    assert fake_runtime.files[svc.spec_for(fork).volume_name] == {"notes": b"v2"}
+    assert fake_runtime.files[volume_of(svc.spec_for(fork))] == {"notes": b"v2"}
 
     # Reconcile keeps the snapshots' volumes, and the cleanup at startup their saved memory;
     # both remove those whose row is gone (Den stopped while taking a snapshot).
@@ -660,7 +664,8 @@ async def test_snapshots_fork_retention_and_reconcile(
         (svc.restores.memory_dir(sid) / "pages.img").write_bytes(b"memory")
     svc.remove_leftovers()
     await svc.reconcile()
-    assert second.volume in fake_runtime.volumes and third.volume in fake_runtime.volumes
+    assert second.engine["volume"] in fake_runtime.volumes
+    assert third.engine["volume"] in fake_runtime.volumes
     assert "den-orphan-snap" not in fake_runtime.volumes
     assert svc.restores.memory_dir(second.id).is_dir()
     assert not svc.restores.memory_dir("sngone").exists()
@@ -723,12 +728,12 @@ async def test_restore_brings_back_the_snapshots_files(
 
     snaps = SnapshotService(svc)
     ws = await create(svc, user(svc), make_repo())
-    volume = svc.spec_for(ws).volume_name
+    volume = volume_of(svc.spec_for(ws))
     fake_runtime.files[volume] = {"notes": b"v1"}
     snap = await snaps.create(ws.id, name="one", memory=False, actor="alice")
     fake_runtime.files[volume] = {"notes": b"v2"}
     restored = await snaps.restore(snap, actor="alice")
-    copy = svc.spec_for(restored).volume_name
+    copy = volume_of(svc.spec_for(restored))
     assert copy != volume and volume not in fake_runtime.volumes  # switched, old one gone
     assert restored.state == "running" and fake_runtime.files[copy] == {"notes": b"v1"}
     assert restored.engine.get("restoring") is None
@@ -739,7 +744,7 @@ async def test_restore_brings_back_the_snapshots_files(
 async def test_exec_restarts_a_sandbox_that_died_and_retries_once(
         svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]) -> None:
     ws = await create(svc, user(svc), make_repo())
-    fake_runtime.containers[svc.spec_for(ws).container_name].running = False  # it died
+    fake_runtime.containers[container_of(svc.spec_for(ws))].running = False  # it died
     result = await svc.exec(ws.id, svc.exec_request(ws, ["echo", "back"]), actor="alice")
     assert result.stdout == b"back\n"
     assert svc.get(ws.id).state == "running"
@@ -771,7 +776,7 @@ async def _restore_setup(svc: WorkspaceService, fake_runtime: FakeRuntime,
     from server.snapshots.service import SnapshotService
 
     ws = await create(svc, user(svc), make_repo())
-    volume = svc.spec_for(ws).volume_name
+    volume = volume_of(svc.spec_for(ws))
     fake_runtime.files[volume] = {"notes": b"v1"}
     snap = await SnapshotService(svc).create(ws.id, name="one", memory=False, actor="alice")
     fake_runtime.files[volume] = {"notes": b"v2"}
@@ -782,28 +787,40 @@ async def _restore_setup(svc: WorkspaceService, fake_runtime: FakeRuntime,
 async def test_a_failed_restore_copy_leaves_the_workspace_as_it_was(
         svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]) -> None:
     ws, snap = await _restore_setup(svc, fake_runtime, make_repo)
-    volume = svc.spec_for(ws).volume_name
+    volume = volume_of(svc.spec_for(ws))
     fake_runtime.fail_next["copy_snapshot"] = EngineError("disk full")
     with pytest.raises(EngineError):
         await svc.restores.restore(ws.id, snap, actor="alice")
     after = svc.get(ws.id)
-    assert after.state == "stopped" and svc.spec_for(after).volume_name == volume
+    assert after.state == "stopped" and volume_of(svc.spec_for(after)) == volume
     assert fake_runtime.files[volume] == {"notes": b"v2"} and "restoring" not in after.engine
     assert [v for v in fake_runtime.volumes if v.startswith(volume)] == [volume]
     assert "the workspace is as it was" in svc.events(ws.id)[-1].message
 
 
+def _restoring(snap_id: str, handle: dict[str, Any], new: str, old: str, *, legacy: bool
+               ) -> dict[str, Any]:
+    """The record of a restore in progress: as Den writes it, or as it wrote it before the
+    backends named their own objects (two volume names)."""
+    if legacy:
+        return {"snapshot": snap_id, "volume": new, "old_volume": old, "from": "stopped",
+                "reason": ""}
+    return {"snapshot": snap_id, "handle": {**handle, "volume": new},
+            "old": {**handle, "volume": old}, "from": "stopped", "reason": ""}
+
+
+@pytest.mark.parametrize("legacy", [False, True])
 async def test_reconcile_of_a_restore_cut_before_its_copy_completed_keeps_the_old_data(
-        svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]) -> None:
+        svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path],
+        legacy: bool) -> None:
     ws, snap = await _restore_setup(svc, fake_runtime, make_repo)
-    volume = svc.spec_for(ws).volume_name
+    volume = volume_of(svc.spec_for(ws))
     partial = volume + "-abc123"  # what the crash left: a partial copy, and the marker
     fake_runtime.volumes[partial] = dict(svc.spec_for(ws).labels)
     with svc.sessions.begin() as s:
         s.execute(update(Workspace).where(Workspace.id == ws.id).values(
-            state="starting", engine={**ws.engine, "restoring": {
-                "snapshot": snap.id, "volume": partial, "old_volume": volume,
-                "from": "stopped", "reason": ""}}))
+            state="starting", engine={**ws.engine, "restoring": _restoring(
+                snap.id, dict(svc.spec_for(ws).handle), partial, volume, legacy=legacy)}))
     await svc.reconcile()
     after = svc.get(ws.id)
     assert after.state == "stopped" and "restoring" not in after.engine
@@ -811,24 +828,25 @@ async def test_reconcile_of_a_restore_cut_before_its_copy_completed_keeps_the_ol
     assert "exactly as it was" in svc.events(ws.id)[-1].message
 
 
+@pytest.mark.parametrize("legacy", [False, True])
 async def test_reconcile_of_a_restore_cut_after_its_copy_completed_finishes_it(
-        svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]) -> None:
+        svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path],
+        legacy: bool) -> None:
     ws, snap = await _restore_setup(svc, fake_runtime, make_repo)
-    volume = svc.spec_for(ws).volume_name
+    volume = volume_of(svc.spec_for(ws))
     copy = volume + "-abc123"
     fake_runtime.volumes[copy] = dict(svc.spec_for(ws).labels)
     fake_runtime.files[copy] = {"notes": b"v1"}
     with svc.sessions.begin() as s:  # the commit point passed: the row names the copy
         s.execute(update(Workspace).where(Workspace.id == ws.id).values(
-            state="starting", engine={**ws.engine, "volume": copy, "restoring": {
-                "snapshot": snap.id, "volume": copy, "old_volume": volume,
-                "from": "stopped", "reason": ""}}))
+            state="starting", engine={**ws.engine, "volume": copy, "restoring": _restoring(
+                snap.id, dict(svc.spec_for(ws).handle), copy, volume, legacy=legacy)}))
     await svc.reconcile()
     after = svc.get(ws.id)
     assert after.state == "stopped" and "restoring" not in after.engine
     spec = svc.spec_for(after)
-    assert spec.volume_name == copy and volume not in fake_runtime.volumes
-    assert fake_runtime.containers[spec.container_name].spec.volume_name == copy
+    assert volume_of(spec) == copy and volume not in fake_runtime.volumes
+    assert volume_of(fake_runtime.containers[container_of(spec)].spec) == copy
     assert "it is finished now" in svc.events(ws.id)[-1].message
     result = await svc.exec(ws.id, svc.exec_request(after, ["true"]), actor="alice")
     assert result.exit_code == 0 and svc.get(ws.id).state == "running"
@@ -842,9 +860,9 @@ async def test_reconcile_of_a_fork_cut_mid_copy_removes_the_helper_first_and_end
 
     ws = await create(svc, user(svc), make_repo())
     spec = svc.spec_for(ws)
-    helper = dataclasses.replace(spec, container_name="helper-1", labels={
+    helper = dataclasses.replace(spec, handle={**spec.handle, "container": "helper-1"}, labels={
         **spec.labels, "den.role": "copy"})
-    fake_runtime.containers["helper-1"] = type(fake_runtime.containers[spec.container_name])(
+    fake_runtime.containers["helper-1"] = type(fake_runtime.containers[container_of(spec)])(
         helper, running=True)
     set_state(svc, ws.id, State.CREATING)
     await svc.reconcile()
@@ -852,7 +870,7 @@ async def test_reconcile_of_a_fork_cut_mid_copy_removes_the_helper_first_and_end
     assert fake_runtime.calls.index("remove_object") < fake_runtime.calls.index("destroy")
     after = svc.get(ws.id)
     assert after.state == "error" and "restarted while" in after.state_reason
-    assert spec.volume_name not in fake_runtime.volumes
+    assert volume_of(spec) not in fake_runtime.volumes
 
 
 async def test_a_creating_row_ends_in_error_even_when_its_objects_cannot_be_removed(
@@ -864,4 +882,4 @@ async def test_a_creating_row_ends_in_error_even_when_its_objects_cannot_be_remo
     after = svc.get(ws.id)
     assert after.state == "error" and "could not all be removed" in after.state_reason
     await svc.delete(ws.id, actor="alice")  # a delete retries the removal
-    assert svc.spec_for(ws).volume_name not in fake_runtime.volumes
+    assert volume_of(svc.spec_for(ws)) not in fake_runtime.volumes

@@ -13,6 +13,7 @@ from sqlalchemy import update
 
 from server.db.models import Workspace
 from server.runtime.base import ContainerStatus, EngineEvent, EngineEventKind
+from server.runtime.docker_specs import container_of
 from server.runtime.errors import EngineError
 from server.runtime.fake import FakeRuntime
 from server.workspaces.reaper import Action, IdleView, Reaper, decide
@@ -124,14 +125,14 @@ async def test_idle_is_frozen_then_saved_then_stopped(
     assert await reaper.run_once() == [(ws_id, Action.FREEZE)]
     assert _sleep(service, ws_id) == ("paused", "frozen")
     assert await fake_runtime.status(spec) is ContainerStatus.FROZEN
-    assert not fake_runtime.containers[spec.container_name].checkpoints  # memory in place
+    assert not fake_runtime.containers[container_of(spec)].checkpoints  # memory in place
     assert service.get(ws_id).engine["frozen_bytes"] == 64 * MIB
     assert await reaper.run_once() == []  # frozen for less than frozen_max_s
     _age(service, ws_id, 600)
     assert await reaper.run_once() == [(ws_id, Action.SAVE)]
     assert _sleep(service, ws_id) == ("paused", "saved")
     assert await fake_runtime.status(spec) is ContainerStatus.STOPPED
-    assert fake_runtime.containers[spec.container_name].checkpoints
+    assert fake_runtime.containers[container_of(spec)].checkpoints
     assert [(e.from_state, e.to_state) for e in service.events(ws_id) if e.kind == "state"][-4:] \
         == [("running", "pausing"), ("pausing", "paused"), ("paused", "pausing"),
             ("pausing", "paused")]
@@ -187,7 +188,7 @@ async def test_a_wake_from_frozen_thaws_in_place(
     ws_id = await _running(service, make_repo())
     spec = service.spec_for(service.get(ws_id))
     await service.freeze(ws_id, actor="test")
-    container = fake_runtime.containers[spec.container_name]
+    container = fake_runtime.containers[container_of(spec)]
     result = await service.exec(ws_id, service.exec_request(service.get(ws_id), ["true"]),
                                 actor="alice")
     assert result.exit_code == 0
@@ -209,7 +210,7 @@ async def test_explicit_pause_of_a_frozen_workspace_saves_it_and_resume_restores
     await service.pause(ws_id, actor="alice")  # satisfied: nothing changes
     assert _sleep(service, ws_id) == ("paused", "saved")
     await service.resume(ws_id, actor="alice")
-    assert fake_runtime.containers[spec.container_name].restored == 1
+    assert fake_runtime.containers[container_of(spec)].restored == 1
     # and a pause of a running workspace goes straight to disk, as it always did
     await service.pause(ws_id, actor="alice")
     assert _sleep(service, ws_id) == ("paused", "saved")
@@ -241,7 +242,7 @@ async def test_stop_and_delete_of_a_frozen_workspace(
     await service.start(ws_id, actor="alice")
     await service.freeze(ws_id, actor="test")
     assert await service.delete(ws_id, actor="alice")
-    assert spec.container_name not in fake_runtime.containers
+    assert container_of(spec) not in fake_runtime.containers
 
 
 @pytest.mark.anyio
@@ -256,7 +257,7 @@ async def test_reconcile_keeps_frozen_workspaces_frozen_and_settles_cut_operatio
         await service.freeze(ws_id, actor="test")
 
     def container(ws_id: str) -> Any:
-        return fake_runtime.containers[service.spec_for(service.get(ws_id)).container_name]
+        return fake_runtime.containers[container_of(service.spec_for(service.get(ws_id)))]
 
     def set_state(ws_id: str, state: State) -> None:
         with service.sessions.begin() as s:
@@ -286,10 +287,10 @@ async def test_a_frozen_workspace_whose_container_dies_is_recorded_stopped(
     ws_id = await _running(service, make_repo())
     spec = service.spec_for(service.get(ws_id))
     await service.freeze(ws_id, actor="test")
-    c = fake_runtime.containers[spec.container_name]
+    c = fake_runtime.containers[container_of(spec)]
     c.running = c.frozen = False
     await service.apply_engine_event(EngineEvent(EngineEventKind.DIE, workspace_id=ws_id,
-                                                 container=spec.container_name, exit_code=137))
+                                                 container=container_of(spec), exit_code=137))
     assert _sleep(service, ws_id) == ("stopped", None)
 
 
