@@ -43,6 +43,7 @@ type request struct {
 	To        string            `json:"to"`
 	Host      string            `json:"host"`
 	Port      int               `json:"port"`
+	Secret    string            `json:"secret"`
 }
 
 // opError is an error answered as {"error": {"code", "message"}}.
@@ -248,6 +249,7 @@ var ops = map[string]func(*channel, *request) error{
 	"rename":  opRename,
 	"connect": opConnect,
 	"status":  opStatus,
+	"direct":  opDirect,
 }
 
 func (s *server) open(f frame) {

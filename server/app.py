@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from server import __version__, backends
+from server.agent.direct import direct_counts
 from server.api import (
     event_stream,
     files,
@@ -28,6 +29,7 @@ from server.api import (
     health,
     limits,
     ports,
+    prebuilds,
     processes,
     snapshots,
     ssh_keys,
@@ -51,6 +53,7 @@ from server.logs import request_id
 from server.metrics import Metrics, StateCollector, checkpoint_usage, serve_separately
 from server.network.denials import KmsgWatcher
 from server.network.guard import NetworkGuard
+from server.prebuilds.service import PrebuildService
 from server.preview import tokens as preview_tokens
 from server.preview.dispatch import PreviewMiddleware
 from server.preview.service import PreviewService
@@ -160,6 +163,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
         app.state.files = FileService(svc)
         app.state.processes = ProcessService(svc)
         app.state.snapshots = SnapshotService(svc)
+        app.state.prebuilds = PrebuildService(svc, app.state.snapshots)
         app.state.previews = PreviewService(
             svc, key=preview_tokens.derive_key(session_secret(settings)))
         forge_svc = ForgeService(settings=settings, sessions=sessions, workspaces=svc)
@@ -179,10 +183,11 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
                                       instance=svc.instance_id)
         app.state.engine = supervisor
         await supervisor.start()  # checks and reconciles once; then watches, follows events
+        await app.state.prebuilds.recover()
         collector = StateCollector(
             metrics=metrics, sessions=sessions, gate=svc.long_calls.counts,
             checkpoint_bytes=lambda: checkpoint_usage(rt, settings.data_dir),
-            gpu_total=len(pool.gpus))
+            gpu_total=len(pool.gpus), port_connections=lambda: direct_counts(rt))
         metrics.registry.register(collector)
         stop_listener = (serve_separately(settings.metrics_listen, metrics)
                          if settings.metrics_listen else None)
@@ -210,6 +215,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
                 await guard.close()
             await supervisor.stop()
             await app.state.previews.pool.close()
+            await app.state.prebuilds.shutdown()
             await svc.shutdown()
             if stop_listener is not None:
                 stop_listener()
@@ -275,7 +281,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
         return response
 
     for module in (health, users, limits, workspaces, exec_routes, files, processes, snapshots,
-                   forges, ssh_keys, ports, gpus, usage):
+                   prebuilds, forges, ssh_keys, ports, gpus, usage):
         app.include_router(module.router)
     app.include_router(terminal.router)
     app.include_router(event_stream.router)

@@ -387,6 +387,10 @@ class Settings(BaseSettings):
     max_snapshots_per_workspace: int = Field(
         10, ge=1, description="Snapshots kept per workspace; taking one more deletes the oldest."
     )
+    prebuilds_keep: int = Field(
+        1, ge=1, le=100, description="Ready prebuilds kept per owner, repository and branch; a "
+        "newer one that becomes ready deletes the oldest (docs/prebuilds.md)."
+    )
 
     # --- git -------------------------------------------------------------------------
     clone_timeout_s: int = Field(300, description="A clone taking longer is killed.")

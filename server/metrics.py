@@ -236,12 +236,14 @@ class StateCollector(Collector):
 
     def __init__(self, *, metrics: Metrics, sessions: sessionmaker[Session],
                  gate: Callable[[], tuple[int, int, int]],
-                 checkpoint_bytes: Callable[[], dict[str, int]], gpu_total: int = 0) -> None:
+                 checkpoint_bytes: Callable[[], dict[str, int]], gpu_total: int = 0,
+                 port_connections: Callable[[], dict[str, int]] = dict) -> None:
         self._metrics = metrics
         self._gpu_total = gpu_total
         self._sessions = sessions
         self._gate = gate
         self._checkpoint_bytes = checkpoint_bytes
+        self._port_connections = port_connections
 
     def collect(self) -> Iterable[Metric]:
         with self._sessions() as s:
@@ -269,6 +271,15 @@ class StateCollector(Collector):
         for kind, n in sorted(self._checkpoint_bytes().items()):
             disk.add_metric([kind], n)
         yield disk
+
+        conns = CounterMetricFamily(
+            "den_port_connections",
+            "Connections into workspaces' ports (previews, ssh -L) by path: direct (to the "
+            "agent's listener on the workspace's address) or relay (through the agent's "
+            "session, when the direct path cannot be used).", labels=["path"])
+        for path, n in sorted(self._port_connections().items()):
+            conns.add_metric([path], n)
+        yield conns
 
         cpu = CounterMetricFamily(
             "den_workspace_cpu_seconds",

@@ -215,6 +215,7 @@ class AgentSession:
         self.alive = False
         self.end_reason = ""
         self.on_end: Callable[[AgentSession], None] | None = None
+        self._end_listeners: list[Callable[[], None]] = []
 
     @classmethod
     async def connect(cls, transport: Transport, *, name: str,
@@ -317,6 +318,16 @@ class AgentSession:
         self._channels.clear()
         if self.on_end is not None:
             self.on_end(self)
+        for listener in self._end_listeners:
+            listener()
+        self._end_listeners.clear()
+
+    def when_ended(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` once the session is over (at once if it is)."""
+        if not self.alive and self.end_reason:
+            listener()
+        else:
+            self._end_listeners.append(listener)
 
     async def send(self, data: bytes) -> None:
         if not self.alive:

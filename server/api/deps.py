@@ -13,6 +13,7 @@ from server.auth.tokens import authenticate
 from server.db.models import User
 from server.errors import Forbidden, Unauthorized
 from server.forges.pull_requests import ForgeService
+from server.prebuilds.service import PrebuildService
 from server.snapshots.service import SnapshotService
 from server.ssh.keys import SSHKeyService
 from server.workspaces.files import FileService
@@ -110,6 +111,13 @@ Workspaces = Annotated[WorkspaceService, Depends(workspace_service)]
 Files = Annotated[FileService, Depends(file_service)]
 Processes = Annotated[ProcessService, Depends(process_service)]
 Snapshots = Annotated[SnapshotService, Depends(snapshot_service)]
+
+
+def prebuild_service(request: Request) -> PrebuildService:
+    return request.app.state.prebuilds  # type: ignore[no-any-return]
+
+
+Prebuilds = Annotated[PrebuildService, Depends(prebuild_service)]
 
 
 def forge_service(request: Request) -> ForgeService:

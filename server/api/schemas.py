@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 from pydantic_core import PydanticCustomError
 
 from server.config import Settings
-from server.db.models import Event, ForgeAccount, Snapshot, SSHKey, Workspace
+from server.db.models import Event, ForgeAccount, Prebuild, Snapshot, SSHKey, Workspace
 from server.gpus.allocation import idle_action
 from server.runtime.base import ExecRequest, ProcessInfo
 from server.ssh.target import ssh_endpoint
@@ -150,6 +150,9 @@ class WorkspaceCreate(_Strict):
         True, description="Build the workspace from the repository's devcontainer.json "
                           "(.devcontainer/devcontainer.json or .devcontainer.json) when it has "
                           "one; false ignores the file (docs/devcontainer.md)")
+    prebuild: bool = Field(
+        True, description="Fork from your newest ready prebuild of the repository and branch "
+                          "when there is one (docs/prebuilds.md); false builds from scratch")
 
 
 class WorkspacePatch(_Strict):
@@ -182,6 +185,35 @@ class SnapshotOut(BaseModel):
 
 class SnapshotList(BaseModel):
     snapshots: list[SnapshotOut]
+
+
+class PrebuildCreate(_Strict):
+    repo: str = Field(max_length=2048, description="The repository's URL, as for a create")
+    branch: str | None = Field(None, max_length=255, description="null: the default branch")
+
+
+class PrebuildOut(BaseModel):
+    id: str
+    repo: str
+    branch: str | None = Field(description="null: the repository's default branch")
+    state: str = Field(description='"building", "ready" or "failed"')
+    reason: str = Field(description="Why it failed, with the tail of the log; else empty")
+    commit: str = Field(description="The commit it holds, once ready")
+    snapshot_id: str | None = Field(description="Its memory snapshot, once ready")
+    workspace_id: str | None = Field(description="The workspace making it, while building")
+    created_at: datetime
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, pb: Prebuild) -> PrebuildOut:
+        return cls(id=pb.id, repo=pb.repo_url, branch=pb.branch or None, state=pb.state,
+                   reason=pb.reason, commit=pb.commit, snapshot_id=pb.snapshot_id,
+                   workspace_id=pb.workspace_id, created_at=pb.created_at,
+                   finished_at=pb.finished_at)
+
+
+class PrebuildList(BaseModel):
+    prebuilds: list[PrebuildOut]
 
 
 class RepoOut(BaseModel):

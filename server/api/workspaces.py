@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
 
-from server.api.deps import CurrentUser, Snapshots, Workspaces
+from server.api.deps import CurrentUser, Prebuilds, Snapshots, Workspaces
 from server.api.schemas import (
     EventList,
     EventOut,
@@ -25,7 +25,7 @@ LIFECYCLE = errors(404, 409, 502, 503)
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=WorkspaceOut,
              responses=errors(404, 409, 429, 503))
 async def create_workspace(body: WorkspaceCreate, user: CurrentUser, svc: Workspaces,
-                           snaps: Snapshots) -> WorkspaceOut:
+                           snaps: Snapshots, prebuilds: Prebuilds) -> WorkspaceOut:
     if (body.repo is None) == (body.from_snapshot is None):
         raise ValidationFailed("give either repo or from_snapshot")
     if body.from_snapshot is not None:
@@ -45,9 +45,9 @@ async def create_workspace(body: WorkspaceCreate, user: CurrentUser, svc: Worksp
         keep_alive=body.keep_alive,
         network_mode=body.network.mode if body.network is not None else None,
         network_allow=tuple(body.network.allow) if body.network is not None else (),
-        devcontainer=body.devcontainer,
+        devcontainer=body.devcontainer, prebuild=body.prebuild,
     )
-    return WorkspaceOut.of(await svc.create(user, req), svc.settings)
+    return WorkspaceOut.of(await svc.create(user, req, prebuilds=prebuilds), svc.settings)
 
 
 @router.get("", response_model=WorkspaceList, responses=errors())

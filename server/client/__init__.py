@@ -5,10 +5,19 @@ commands, move files and run background processes (``ws.processes``); every fail
 ``DenAPIError``.
 """
 
-from .api import Den, DenAPIError, ExecResult, FileEntry, PullRequest, Snapshot, Workspace
+from .api import (
+    Den,
+    DenAPIError,
+    ExecResult,
+    FileEntry,
+    Prebuild,
+    PullRequest,
+    Snapshot,
+    Workspace,
+)
 from .processes import LogChunk, Process, ProcessLogs
 
 __all__ = [
-    "Den", "DenAPIError", "ExecResult", "FileEntry", "LogChunk", "Process", "ProcessLogs",
-    "PullRequest", "Snapshot", "Workspace",
+    "Den", "DenAPIError", "ExecResult", "FileEntry", "LogChunk", "Prebuild", "Process",
+    "ProcessLogs", "PullRequest", "Snapshot", "Workspace",
 ]

@@ -45,7 +45,8 @@ if TYPE_CHECKING:
     from .processes import Processes
 
 __all__ = [
-    "Den", "DenAPIError", "ExecResult", "FileEntry", "PullRequest", "Snapshot", "Workspace",
+    "Den", "DenAPIError", "ExecResult", "FileEntry", "Prebuild", "PullRequest", "Snapshot",
+    "Workspace",
     "default_name",
 ]
 
@@ -181,6 +182,34 @@ class PullRequest:
                    head_sha=str(data.get("head_sha", "")), created=bool(data.get("created")),
                    push=str(data.get("push", "")), forge=str(data.get("forge", "")),
                    raw=dict(data))
+
+
+@dataclass(frozen=True)
+class Prebuild:
+    """A prebuild, as :meth:`Den.prebuild` and :meth:`Den.prebuilds` return it. ``state`` is
+    ``building``, ``ready`` or ``failed`` (then ``reason`` says why, with the log's tail);
+    ``branch`` is None for the repository's default branch. ``raw`` is the JSON."""
+
+    id: str
+    repo: str
+    branch: str | None
+    state: str
+    reason: str
+    commit: str
+    snapshot_id: str | None
+    created_at: str
+    raw: JSON = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Prebuild:
+        """Build one from the server's JSON."""
+        branch, snap = data.get("branch"), data.get("snapshot_id")
+        return cls(id=str(data["id"]), repo=str(data.get("repo", "")),
+                   branch=None if branch is None else str(branch),
+                   state=str(data.get("state", "")), reason=str(data.get("reason") or ""),
+                   commit=str(data.get("commit") or ""),
+                   snapshot_id=None if snap is None else str(snap),
+                   created_at=str(data.get("created_at") or ""), raw=dict(data))
 
 
 def _snapshot_id(snapshot: Snapshot | str) -> str:
@@ -470,13 +499,15 @@ class Den:
         network: str | None = None,
         allow: Sequence[str] | None = None,
         devcontainer: bool = True,
+        prebuild: bool = True,
         wait: bool = True,
         timeout_s: float = 300.0,
     ) -> Workspace:
         """Create a workspace from a repo; with ``wait`` (default), return once it is running.
 
         A repository with a devcontainer.json is built from it; ``devcontainer=False``
-        ignores the file.
+        ignores the file. When you have a ready prebuild of the repo and branch the
+        workspace forks from it; ``prebuild=False`` builds it from scratch.
 
         ``network`` is the network mode (``none``, ``internet`` or ``allowlist`` with
         ``allow``: CIDRs, addresses, domain names, each optionally with ``:port``); None takes
@@ -509,6 +540,8 @@ class Den:
         body.update({k: v for k, v in optional.items() if v is not None})
         if not devcontainer:
             body["devcontainer"] = False
+        if not prebuild:
+            body["prebuild"] = False
         ws = Workspace(self, self.request_json("POST", "/api/v1/workspaces", json_body=body))
         if wait:
             ws.wait_for("running", timeout_s=timeout_s)
@@ -563,6 +596,46 @@ class Den:
     def delete_snapshot(self, snapshot_id: Snapshot | str) -> None:
         """Delete a snapshot (its image, volume and saved memory); forks made from it stay."""
         self.request("DELETE", f"/api/v1/snapshots/{_seg(_snapshot_id(snapshot_id))}")
+
+    # --- prebuilds --------------------------------------------------------------------------
+
+    def prebuild(self, repo_url: str, *, branch: str | None = None, wait: bool = False,
+                 timeout_s: float = 1800.0) -> Prebuild:
+        """Start a prebuild of ``repo_url`` at ``branch`` (None: its default branch); the
+        server answers the one in progress when there is one. With ``wait``, return once it
+        is ``ready`` or ``failed``."""
+        body: JSON = {"repo": repo_url}
+        if branch is not None:
+            body["branch"] = branch
+        pb = Prebuild.from_json(self.request_json("POST", "/api/v1/prebuilds", json_body=body))
+        return self.wait_prebuild(pb.id, timeout_s=timeout_s) if wait else pb
+
+    def prebuilds(self) -> list[Prebuild]:
+        """Your prebuilds, oldest first (every user's for an admin)."""
+        data = self.request_json("GET", "/api/v1/prebuilds")
+        return [Prebuild.from_json(item) for item in data["prebuilds"]]
+
+    def get_prebuild(self, prebuild_id: str) -> Prebuild:
+        return Prebuild.from_json(
+            self.request_json("GET", f"/api/v1/prebuilds/{_seg(prebuild_id)}"))
+
+    def wait_prebuild(self, prebuild_id: str, *, timeout_s: float = 1800.0) -> Prebuild:
+        """Poll until the prebuild is no longer ``building``; DenAPIError ``timeout``."""
+        deadline = time.monotonic() + timeout_s
+        delay = 0.2
+        while True:
+            pb = self.get_prebuild(prebuild_id)
+            if pb.state != "building":
+                return pb
+            if time.monotonic() + delay > deadline:
+                raise DenAPIError(0, "timeout", f"prebuild {prebuild_id} still building "
+                                                f"after {timeout_s:g} s")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 2.0)
+
+    def delete_prebuild(self, prebuild_id: str) -> None:
+        """Delete a prebuild and its snapshot; workspaces made from it keep running."""
+        self.request("DELETE", f"/api/v1/prebuilds/{_seg(prebuild_id)}")
 
 
 class Workspace:

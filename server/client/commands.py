@@ -180,6 +180,7 @@ def _create(args: argparse.Namespace, ctx: _Context) -> int:
             network=args.network,
             allow=args.allow,
             devcontainer=not args.no_devcontainer,
+            prebuild=not args.no_prebuild,
             wait=not args.no_wait,
             timeout_s=args.timeout,
         )
@@ -467,6 +468,35 @@ def _restore(args: argparse.Namespace, ctx: _Context) -> int:
     return 0
 
 
+def _prebuild(args: argparse.Namespace, ctx: _Context) -> int:
+    if (args.url is None) == (args.delete is None):
+        raise CLIError("give a repository URL, or --delete ID", exit_code=2)
+    with ctx.client() as den:
+        if args.delete is not None:
+            den.delete_prebuild(args.delete)
+            print(f"{args.delete} deleted")
+            return 0
+        pb = den.prebuild(args.url, branch=args.branch, wait=not args.no_wait,
+                          timeout_s=args.timeout)
+    print(f"{pb.id} {pb.state}" + (f" ({pb.commit[:12]})" if pb.commit else ""))
+    if pb.state == "failed":
+        print(pb.reason, file=sys.stderr)
+        return 1
+    return 0
+
+
+def _prebuilds(args: argparse.Namespace, ctx: _Context) -> int:
+    with ctx.client() as den:
+        pbs = den.prebuilds()
+    if args.json:
+        print(json.dumps([pb.raw for pb in pbs], indent=2))
+        return 0
+    rows = [[pb.id, pb.repo, pb.branch or "(default)", pb.state, pb.commit[:12] or "-",
+             _when(pb.created_at)] for pb in pbs]
+    print(_table(["ID", "REPO", "BRANCH", "STATE", "COMMIT", "CREATED"], rows))
+    return 0
+
+
 def _rm_snapshot(args: argparse.Namespace, ctx: _Context) -> int:
     with ctx.client() as den:
         den.delete_snapshot(args.snapshot)
@@ -705,6 +735,7 @@ def add_client_commands(
 ) -> None:
     """Register login, create, ls, exec, spawn, ps, ports, share, logs, kill, start, stop,
     pause, resume, keepalive, net, rm, events, snapshot, snapshots, fork, restore, rm-snapshot,
+    prebuild, prebuilds,
     pr, forge (link, ls, rm), ssh, ssh-config, ssh-key, me and limits.
 
     ``client_factory`` builds the :class:`Den` used by each verb (tests pass one that injects an
@@ -741,6 +772,8 @@ def add_client_commands(
                         "with :port (repeat)")
     p.add_argument("--no-devcontainer", action="store_true",
                    help="ignore the repository's devcontainer.json (default: build from it)")
+    p.add_argument("--no-prebuild", action="store_true",
+                   help="build from scratch even when you have a ready prebuild of the repo")
     p.add_argument("--no-wait", action="store_true", help="return while it is still creating")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
 
@@ -869,6 +902,19 @@ def add_client_commands(
 
     p = verb("rm-snapshot", _rm_snapshot, "delete a snapshot (forks made from it stay)")
     p.add_argument("snapshot", metavar="SNAPSHOT", help="the snapshot id")
+
+    p = verb("prebuild", _prebuild,
+             "prebuild a repository's branch (clone, build, create commands, memory snapshot) "
+             "so that new workspaces of it fork from it; or delete one with --delete")
+    p.add_argument("url", metavar="URL", nargs="?", help="the repository")
+    p.add_argument("--branch", help="branch (default: the repo's default)")
+    p.add_argument("--delete", metavar="ID", help="delete this prebuild and its snapshot")
+    p.add_argument("--no-wait", action="store_true", help="return while it is still building")
+    p.add_argument("--timeout", type=float, default=1800.0,
+                   help="seconds to wait (default 1800)")
+
+    p = verb("prebuilds", _prebuilds, "list your prebuilds")
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
 
     p = verb("pr", _pr, "commit, push and open a pull request from a workspace (the forge "
                         "token stays on the server)")

@@ -309,3 +309,25 @@ class PreviewLink(Base):
     created_by: Mapped[str] = mapped_column(String(64), default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime] = mapped_column()
+
+
+class Prebuild(Base):
+    """A repository and branch made ready ahead of time (docs/prebuilds.md): a memory snapshot
+    of a workspace that cloned it, built its devcontainer and ran its create commands. New
+    workspaces of the same owner, repository and branch fork from the newest ``ready`` one."""
+
+    __tablename__ = "prebuilds"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    repo_url: Mapped[str] = mapped_column(Text)
+    branch: Mapped[str] = mapped_column(String(255), default="")  # "": the default branch
+    state: Mapped[str] = mapped_column(String(16))  # building, ready, failed
+    reason: Mapped[str] = mapped_column(Text, default="")  # why it failed, with the log tail
+    commit: Mapped[str] = mapped_column(String(64), default="")
+    snapshot_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    workspace_id: Mapped[str | None] = mapped_column(String(32), default=None)  # while building
+    env: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the devcontainer's, for forks
+    devcontainer: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)

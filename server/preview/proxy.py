@@ -214,6 +214,10 @@ async def http(scope: Scope, receive: Receive, send: Send, up: Upstream, *, targ
                 await send({"type": "http.response.start", "status": event.status_code,
                             "headers": rewrite(list(event.headers))})
                 started = True
+                length = raw_length(scope["method"], event)
+                if length is not None:  # a large body: raw, and the connection is not kept
+                    await _raw_body(send, conn, up, length)
+                    return False
             elif isinstance(event, h11.Data):
                 await send({"type": "http.response.body", "body": bytes(event.data),
                             "more_body": True})
@@ -250,6 +254,44 @@ async def http(scope: Scope, receive: Receive, send: Send, up: Upstream, *, targ
                 await pump
         if not keep:
             await up.close()
+
+
+RAW_BODY = 1 << 20  # a response body this large skips h11 (its per-byte copies)
+
+
+def raw_length(method: str, response: h11.Response) -> int | None:
+    """The body's length when it is large enough to relay raw (Content-Length only)."""
+    if method == "HEAD" or response.status_code in (204, 304) or response.status_code < 200:
+        return None
+    lengths = [v for k, v in response.headers if k == b"content-length"]
+    if len(lengths) != 1 or any(k == b"transfer-encoding" for k, _ in response.headers):
+        return None
+    try:
+        n = int(lengths[0])
+    except ValueError:
+        return None
+    return n if n >= RAW_BODY else None
+
+
+async def _raw_body(send: Send, conn: h11.Connection, up: Upstream, length: int) -> None:
+    """Relay exactly ``length`` bytes of body: what h11 holds already, then what the app
+    sends, as it comes (anything past the body is dropped with the connection)."""
+    left = length
+    while left:
+        event = conn.next_event()
+        if not isinstance(event, h11.Data):
+            break
+        left -= len(event.data)
+        await send({"type": "http.response.body", "body": bytes(event.data), "more_body": True})
+    while left > 0:
+        data = await up.read()
+        if not data:
+            raise h11.RemoteProtocolError("the app closed the connection", 502)
+        if len(data) > left:
+            data = data[:left]
+        left -= len(data)
+        await send({"type": "http.response.body", "body": data, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
 
 
 class CutShort(Exception):

@@ -35,6 +35,7 @@ import requests.exceptions
 
 from server import faults
 from server.agent import ops as agent_ops
+from server.agent.direct import DirectPaths
 from server.agent.protocol import DockerDemux
 from server.agent.session import AgentOpError, AgentSession
 from server.errors import DenError
@@ -155,6 +156,7 @@ class DockerRuntime:
         self._network_lock = threading.Lock()
         self._ports: dict[str, str] = {}  # endpoint id -> the host's end of its veth
         self._agents: dict[str, AgentSession] = {}  # container -> live session
+        self.direct = DirectPaths()  # connections into workspaces without the exec stream
         self._relays: dict[str, str] = {}  # container -> the exec id of its session's relay
         self._agent_info: dict[str, tuple[bool, dict[str, str]]] = {}  # has agent, its env
         self._agent_locks: dict[str, asyncio.Lock] = {}
@@ -1256,7 +1258,13 @@ class DockerRuntime:
         session = await self._agent_or_fallback(spec)
         if session is None:
             return None
-        return await agent_ops.AgentExecStream.connect(session, host, port)
+        stream = await self.direct.connect(container_of(spec), session,
+                                           lambda: self._address(spec), host, port)
+        return stream or await agent_ops.AgentExecStream.connect(session, host, port)
+
+    async def _address(self, spec: WorkspaceSpec) -> str | None:
+        """The container's address on Den's network, asked of the engine now."""
+        return (await self.network()).addresses.get(container_of(spec))
 
 
     def _resize(self, exec_id: str, cols: int, rows: int) -> None:

@@ -12,8 +12,9 @@ import asyncio
 import contextlib
 import logging
 import shutil
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from server import faults
 from server.db.models import Snapshot, Workspace
@@ -55,13 +56,16 @@ class Restores:
                            "workspaces", code="snapshots_unsupported")
         return self.runtime
 
-    async def build_fork(self, ws_id: str, snap: Snapshot) -> None:
+    async def build_fork(self, ws_id: str, snap: Snapshot, *, then: Callable[
+            [str, WorkspaceSpec], Coroutine[Any, Any, None]] | None = None) -> None:
         spec = self.svc.spec_for(self.svc.get(ws_id))
         try:
             async with self.svc.metrics.operation("fork"), self.svc.locked(ws_id):
                 await self.disks().load_snapshot(spec, self.snapshot_spec(snap))
                 how = await self.boot_from(spec, snap)
                 await self.svc.networks.sync(ws_id)
+                if then is not None:  # a prebuild's: newer commits, postStartCommand
+                    await then(ws_id, spec)
                 self.ledger.transition(ws_id, State.CREATING, State.RUNNING, actor="system",
                                        message=f"running from snapshot {snap.id} ({how})")
         except asyncio.CancelledError:

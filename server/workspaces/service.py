@@ -73,6 +73,7 @@ from server.workspaces.handles import CHECKPOINT, FROZEN_BYTES, backend_handle
 from server.workspaces.hooks import WorkspaceHooks
 from server.workspaces.ledger import Ledger
 from server.workspaces.networking import WorkspaceNetworks
+from server.workspaces.prebuild_seam import PrebuildFinder
 from server.workspaces.reconcile import Reconciler
 from server.workspaces.restore import Restores
 from server.workspaces.states import (
@@ -113,6 +114,7 @@ class CreateRequest:
     network_mode: str | None = None  # None: the operator's default
     network_allow: tuple[str, ...] = ()
     devcontainer: bool = True  # build from the repository's devcontainer.json, if it has one
+    prebuild: bool = True  # fork from the owner's prebuild of the repo and branch, if ready
 
 
 # bash when the image has it, else sh: any image works (one sh more per session, ~20 ms).
@@ -282,8 +284,10 @@ class WorkspaceService:
 
     # --- create -----------------------------------------------------------------------
 
-    async def create(self, user: User, req: CreateRequest) -> Workspace:
-        """Validate, insert the row in ``creating`` and start building in the background."""
+    async def create(self, user: User, req: CreateRequest, *,
+                     prebuilds: PrebuildFinder | None = None) -> Workspace:
+        """Validate, insert the row in ``creating`` and start building in the background
+        (or forking from a prebuild that ``prebuilds`` finds)."""
         source = git_clone.validate_repo_url(
             req.repo_url,
             allowed_schemes=self.settings.allowed_git_schemes,
@@ -302,8 +306,7 @@ class WorkspaceService:
         env = limits.validate_env(req.env)
         network = self.networks.validate(req.network_mode, req.network_allow)
         validation.timers(idle_timeout_s=req.idle_timeout_s, stop_after_s=req.stop_after_s)
-        row = self._insert(
-            user, name, message_prefix="create from",
+        fields: dict[str, Any] = dict(
             repo_url=source.url if source.kind != "file" else req.repo_url.strip(),
             repo_branch=req.branch, repo_dir=naming.repo_basename(source.url), image=image,
             runtime=runtime, cpus=cpus, memory_mb=memory_mb, disk_gb=disk_gb, gpus=req.gpus,
@@ -311,6 +314,13 @@ class WorkspaceService:
             env=env, idle_timeout_s=req.idle_timeout_s, stop_after_s=req.stop_after_s,
             keep_alive=req.keep_alive, network=network.to_json(),
         )
+        if prebuilds is not None and req.prebuild and (
+                use := await prebuilds.find(user, fields, req)) is not None:
+            row = self._insert(user, name, message_prefix=use.message_prefix,
+                               **{**fields, **use.fields})
+            self._spawn(row.id, self.restores.build_fork(row.id, use.snapshot, then=use.then))
+            return self.get(row.id)
+        row = self._insert(user, name, message_prefix="create from", **fields)
         self._spawn(row.id, self._build(row.id, source, req.branch,
                                         devcontainer=req.devcontainer))
         return self.get(row.id)
@@ -346,6 +356,12 @@ class WorkspaceService:
         task = asyncio.create_task(work, name=f"build-{ws_id}")
         self._tasks[ws_id] = task
         task.add_done_callback(lambda _t: self._tasks.pop(ws_id, None))
+
+    async def built(self, ws_id: str) -> Workspace:
+        """The workspace once its create or fork in the background has ended (either way)."""
+        if (task := self._tasks.get(ws_id)) is not None:
+            await asyncio.wait({task})
+        return self.get(ws_id)
 
     async def create_fork(self, user: User, name: str, snap: Snapshot) -> Workspace:
         """A new, independent workspace from a snapshot: its disk (container filesystem and

@@ -262,6 +262,14 @@ def test_a_checkpoint_whose_writer_died_too_is_removed_and_the_state_is_the_engi
     (never ``running`` for an exited one); the files are kept."""
     srv, wid, _, ids = world
     srv.exec(wid, "true")  # running
+    # Where the checkpoint goes, found before the crash, so that its writers are looked for
+    # the moment Den dies (a small checkpoint takes a fraction of a second; two docker CLI
+    # calls on a loaded machine took longer, and the writers were gone).
+    home = subprocess.run(["docker", "inspect", "-f", "{{.Id}}", f"{srv.prefix}-{wid}"],
+                          capture_output=True, text=True, timeout=30).stdout.strip()
+    root = subprocess.run(["docker", "info", "-f", "{{.DockerRootDir}}"],
+                          capture_output=True, text=True, timeout=30).stdout.strip()
+    images = Path(root) / "containers" / home / "den-checkpoints"
     srv.stop()
     srv.env[faults.ENV] = "pause.checkpoint"
     try:
@@ -270,13 +278,8 @@ def test_a_checkpoint_whose_writer_died_too_is_removed_and_the_state_is_the_engi
                           lambda: None, timeout_s=120)
     finally:
         srv.env.pop(faults.ENV, None)
-    assert srv.proc is not None and srv.proc.returncode == -9, srv.log_tail()
-    home = subprocess.run(["docker", "inspect", "-f", "{{.Id}}", f"{srv.prefix}-{wid}"],
-                          capture_output=True, text=True, timeout=30).stdout.strip()
-    root = subprocess.run(["docker", "info", "-f", "{{.DockerRootDir}}"],
-                          capture_output=True, text=True, timeout=30).stdout.strip()
-    images = Path(root) / "containers" / home / "den-checkpoints"
     killed = _kill_writers(images / "den-pause")
+    assert srv.proc is not None and srv.proc.returncode == -9, srv.log_tail()
     assert killed, "no checkpoint writer found to kill"
     srv.start(timeout_s=240)
     ws = srv.ws(wid)

@@ -23,8 +23,10 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
+import re
 import secrets
 import shlex
+import socket
 import subprocess
 import threading
 import time
@@ -36,6 +38,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from server.agent import direct
 from server.app import create_app
 from server.config import Settings
 from server.network import firewall
@@ -160,6 +163,64 @@ def _address(lab: Lab, name: str) -> str:
 def _host_reaches(addr: str, port: int) -> bool:
     return sh("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2",
               f"http://{addr}:{port}/", check=False).stdout == "200"
+
+
+def _port_connections(lab: Lab) -> dict[str, float]:
+    text = lab.api.get("/metrics", user="root").text
+    return {m[1]: float(m[2]) for m in
+            re.finditer(r'^den_port_connections_total\{path="(\w+)"\} (\S+)$', text, re.M)}
+
+
+def test_the_direct_path_works_in_none_mode_and_no_workspace_reaches_another_agent(
+        two: Lab) -> None:
+    """The direct path (server/agent/direct.py): the host opens the connection to the
+    agent's listener on the workspace's address, so it works under ``network: none`` (the
+    replies pass Den's firewall as replies), while no workspace reaches another's listener.
+    An impostor that took the listener's port first gets nothing: Den relays instead."""
+    lab = two
+    b_addr = _address(lab, "b")
+    wait_for(lambda: _host_reaches(b_addr, 9000), 60, "b's HTTP server")
+    before = _port_connections(lab)
+    r = lab.api.get(f"/preview/{lab.ids['b']}/9000/")
+    assert r.status_code == 200, r.text
+    after = _port_connections(lab)
+    assert after.get("direct", 0) > before.get("direct", 0), (before, after)
+    assert after.get("relay", 0) == before.get("relay", 0), (before, after)
+    # The host reaches b's listener (control); workspace a does not.
+    with socket.create_connection((b_addr, direct.PORT), timeout=5):
+        pass
+    probe = (f"python3 -c \"import socket; socket.create_connection(('{b_addr}', "
+             f"{direct.PORT}), timeout=5)\"")
+    assert lab.exec("a", probe)["exit_code"] != 0
+    assert lab.exec("b", probe)["exit_code"] == 0  # the same probe works where it may
+
+    # In a, before Den ever connects into it, a process of the user's takes the port.
+    impostor = ("import socket\n"
+                "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+                f"s.bind(('0.0.0.0', {direct.PORT})); s.listen()\n"
+                "open('/tmp/impostor.ready', 'w').close()\n"
+                "while True:\n"
+                "    c, _ = s.accept(); open('/tmp/impostor.hit', 'a').write('x'); c.close()\n")
+    r = lab.api.put(f"/api/v1/workspaces/{lab.ids['a']}/files",
+                    params={"path": "/workspace/impostor.py"}, content=impostor.encode())
+    assert r.status_code in (200, 201), r.text
+    r = lab.api.post(f"/api/v1/workspaces/{lab.ids['a']}/processes",
+                     json={"cmd": ["python3", "/workspace/impostor.py"]})
+    assert r.status_code == 201, r.text
+    r = lab.api.post(f"/api/v1/workspaces/{lab.ids['a']}/processes",
+                     json={"cmd": ["python3", "-m", "http.server", "9001"]})
+    assert r.status_code == 201, r.text
+    wait_for(lambda: lab.exec("a", "test -e /tmp/impostor.ready")["exit_code"] == 0, 30,
+             "the impostor")
+    wait_for(lambda: lab.exec("a", "curl -s -o /dev/null http://127.0.0.1:9001/")[
+        "exit_code"] == 0, 30, "a's HTTP server")
+    before = _port_connections(lab)
+    r = lab.api.get(f"/preview/{lab.ids['a']}/9001/")
+    assert r.status_code == 200, r.text  # served all the same, through the agent session
+    after = _port_connections(lab)
+    assert after.get("relay", 0) == before.get("relay", 0) + 1, (before, after)
+    assert after.get("direct", 0) == before.get("direct", 0), (before, after)
+    assert lab.exec("a", "test -e /tmp/impostor.hit")["exit_code"] != 0  # never contacted
 
 
 def test_default_mode_reaches_the_internet_and_nothing_else(two: Lab) -> None:

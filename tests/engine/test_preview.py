@@ -5,6 +5,8 @@ workspace for the whole module (making one costs more than all the checks)."""
 from __future__ import annotations
 
 import hashlib
+import re
+import secrets
 import subprocess
 import time
 from collections.abc import Iterator
@@ -32,6 +34,7 @@ class Preview:
     srv: DenServer
     ws: Workspace
     bob: str  # another user's token
+    metrics_token: str
 
     def url(self, path: str = "/", port: int = 8000) -> str:
         return f"/preview/{self.ws.id}/{port}{path}"
@@ -61,7 +64,8 @@ def preview(engine: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     _git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "i", cwd=src)
     _git("clone", "-q", "--bare", str(src), str(repos / "site.git"), cwd=root)
     srv = DenServer(root / "data", repos, f"{RUN_PREFIX}-preview", user="alice", ssh_port=0,
-                    reaper_interval_s=0, preview_public_sharing="true")
+                    reaper_interval_s=0, preview_public_sharing="true",
+                    metrics_token=(metrics_token := secrets.token_hex(16)))
     bob = srv._cli("admin", "token", "--user", "bob")
     srv.start()
     try:
@@ -74,7 +78,7 @@ def preview(engine: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             while {8000, 9000} - {p["port"] for p in ws.ports() if p["listening"]}:
                 assert time.monotonic() < deadline, "the servers did not start listening"
                 time.sleep(0.2)
-            yield Preview(srv, ws, bob)
+            yield Preview(srv, ws, bob, metrics_token)
     finally:
         for w in srv.http.get("/api/v1/workspaces").json().get("workspaces", []):
             srv.http.delete(f"/api/v1/workspaces/{w['id']}")
@@ -124,6 +128,29 @@ def test_server_sent_events_stream_and_a_websocket_echoes(preview: Preview) -> N
         ws_connect(url, additional_headers={"Authorization": f"Bearer {preview.bob}"})
 
 
+def port_connections(preview: Preview) -> dict[str, float]:
+    """den_port_connections by path, from /metrics."""
+    text = preview.srv.http.get("/metrics", headers={
+        "Authorization": f"Bearer {preview.metrics_token}"}).text
+    return {m[1]: float(m[2]) for m in
+            re.finditer(r'^den_port_connections_total\{path="(\w+)"\} (\S+)$', text, re.M)}
+
+
+def test_previews_go_over_the_direct_path(preview: Preview) -> None:
+    """Each connection into the workspace goes to the agent's listener on the workspace's
+    address (server/agent/direct.py), not through the agent session's framed connect."""
+    before = port_connections(preview)
+    url = f"ws://127.0.0.1:{preview.srv.port}{preview.url('/ws', 9000)}"
+    for _ in range(2):  # a WebSocket always has a connection of its own
+        with ws_connect(url, additional_headers={
+                "Authorization": f"Bearer {preview.srv.token}"}) as ws:
+            ws.send("direct?")
+            assert ws.recv(timeout=30) == "direct?"
+    after = port_connections(preview)
+    assert after.get("direct", 0) - before.get("direct", 0) == 2, (before, after)
+    assert after.get("relay", 0) == before.get("relay", 0), (before, after)
+
+
 def test_another_user_and_nobody_are_refused_and_a_closed_port_is_a_502(
         preview: Preview) -> None:
     assert preview.get("/", token=preview.bob).status_code == 404
@@ -148,6 +175,11 @@ def test_a_public_share_works_without_signing_in_until_set_private(preview: Prev
 def test_a_paused_workspace_wakes_when_its_preview_is_opened(preview: Preview) -> None:
     preview.ws.pause()
     assert preview.ws.refresh().state == "paused"
+    before = port_connections(preview)
     r = preview.get("/", token=preview.srv.token)
     assert r.status_code == 200 and "served from the workspace" in r.text
     assert preview.ws.refresh().state == "running"
+    # The restored sandbox's listener answers, with the new session's secret: still direct.
+    after = port_connections(preview)
+    assert after.get("direct", 0) > before.get("direct", 0), (before, after)
+    assert after.get("relay", 0) == before.get("relay", 0), (before, after)

@@ -22,8 +22,11 @@ pytestmark = pytest.mark.engine
 
 # A loop in tmux (it survives pauses) writing "<its pid> <count>" into the volume five times a
 # second; the host reads the file straight from the volume, without waking the workspace.
+# The count is written beside and renamed into place, so that a freeze between the truncate
+# and the write never leaves the host an empty file to read.
 COUNTER = ("tmux new-session -d -s count "
-           "'i=0; while :; do i=$((i+1)); echo \"$$ $i\" > /workspace/count; sleep 0.2; done'")
+           "'i=0; while :; do i=$((i+1)); echo \"$$ $i\" > /workspace/count.new; "
+           "mv /workspace/count.new /workspace/count; sleep 0.2; done'")
 
 
 class Sleepy(DenServer):
