@@ -75,6 +75,7 @@ web:
 ## What the browser tests need besides: Chromium (Debian) and the test OpenID provider (npm).
 test-deps:
 	@bash scripts/setup-web.sh --test
+	@bash scripts/setup-microvm.sh >/dev/null  # QEMU, a Debian kernel, the microVM root fs
 
 ## Keystroke-to-echo latency of the web terminal against docker exec -it.
 bench-terminal: setup

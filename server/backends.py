@@ -82,7 +82,21 @@ def docker_devcontainers(settings: Settings) -> DevContainers:
     return DevContainers(maker, command_timeout_s=settings.devcontainer_command_timeout_s)
 
 
-BACKENDS: dict[str, Callable[..., Backend]] = {"docker": docker}
+def microvm(settings: Settings, *, gpus: GpuPool | None = None) -> Backend:
+    """QEMU microVMs (docs/microvm.md): no network policy (the guests have no network yet),
+    no devcontainer images."""
+    from server.runtime.microvm.backend import MicroVmRuntime
+
+    root = settings.microvm_dir or settings.data_dir / "microvm"
+    rt = MicroVmRuntime(boot_dir=root, vms_dir=root / "vms", image=settings.default_image,
+                        prefix=settings.engine_prefix, qemu=settings.microvm_qemu,
+                        accel=settings.microvm_accel,
+                        boot_timeout_s=settings.microvm_boot_timeout_s,
+                        console_log=settings.microvm_console_log)
+    return Backend(runtime=rt)
+
+
+BACKENDS: dict[str, Callable[..., Backend]] = {"docker": docker, "microvm": microvm}
 
 
 def load(settings: Settings, *, gpus: GpuPool | None = None) -> Backend:

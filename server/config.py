@@ -85,10 +85,35 @@ class Settings(BaseSettings):
             "installations (or test runs) share one engine."
         ),
     )
-    backend: Literal["docker"] = Field(
+    backend: Literal["docker", "microvm"] = Field(
         "docker",
         description="The workspace backend (server/backends.py): `docker`, the Docker "
-        "engine with gVisor.",
+        "engine with gVisor; `microvm`, QEMU microVMs (docs/microvm.md).",
+    )
+    microvm_dir: Path | None = Field(
+        None,
+        description="The microVM backend's boot files (vmlinux, initramfs.cpio, rootfs.ext4, "
+        "built by scripts/setup-microvm.sh) and, under vms/, one directory per workspace VM. "
+        "Unset: <data_dir>/microvm.",
+    )
+    microvm_accel: Literal["auto", "kvm", "tcg"] = Field(
+        "auto",
+        description="How microVMs run: `kvm` (hardware virtualization), `tcg` (QEMU's software "
+        "emulation, several times slower), or `auto`: KVM when /dev/kvm boots a guest (checked "
+        "at start), else TCG.",
+    )
+    microvm_qemu: str = Field(
+        "qemu-system-x86_64", description="The QEMU binary that runs microVMs."
+    )
+    microvm_boot_timeout_s: float = Field(
+        120.0, gt=0,
+        description="How long a microVM may take from start until its agent answers; past it "
+        "the start fails and the VM is ended.",
+    )
+    microvm_console_log: bool = Field(
+        False,
+        description="Keep each microVM's serial console (kernel and agent messages) in "
+        "console.log in its directory, for debugging a guest that does not boot.",
     )
     engine_threads: int = Field(
         32,

@@ -148,6 +148,20 @@ def engine_objects(prefix: str) -> list[tuple[str, str]]:
     return found
 
 
+def remove_engine_objects(prefix: str) -> None:
+    """Every container, volume, image and network whose name starts with ``prefix`` (what a
+    benchmark made), removed."""
+    for kind, name in engine_objects(prefix):
+        subprocess.run(["docker", "rm", "-f", name] if kind == "container"
+                       else ["docker", "volume", "rm", "-f", name], capture_output=True)
+    images = subprocess.run(["docker", "images", "--format", "{{.Repository}}:{{.Tag}}"],
+                            capture_output=True, text=True).stdout.split()
+    for image in images:
+        if image.startswith(prefix):
+            subprocess.run(["docker", "rmi", "-f", image], capture_output=True)
+    remove_networks(prefix)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that restart the shared engine run after every other test."""
     items.sort(key=lambda item: "engine_restart" in item.keywords)  # stable: order kept

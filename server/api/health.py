@@ -30,6 +30,10 @@ class EngineHealthOut(BaseModel):
     error: str = Field(description="Why not ok; empty when ok.")
     checked_at: datetime | None = Field(description="When the engine was last checked.")
     backend: str = Field("", description="The workspace backend (`DEN_BACKEND`), e.g. `docker`.")
+    accelerator: str = Field(
+        "", description="How the microvm backend runs its guests: `kvm` (hardware "
+        "virtualization) or `tcg` (software emulation, several times slower), decided when the "
+        "engine is first checked; empty for other backends.")
     features: list[str] = Field(
         default_factory=list,
         description="What this backend can do besides create, start, stop and exec: "
@@ -87,6 +91,7 @@ async def healthz(request: Request) -> JSONResponse:
             checked_at=None if engine.checked_at is None
             else datetime.fromtimestamp(engine.checked_at, UTC),
             backend=state.workspaces.runtime.name,
+            accelerator=str(getattr(state.workspaces.runtime, "accelerator", "")),
             features=features(state.workspaces.runtime)),
         database=await _database(state.sessions),
         ssh=SSHHealthOut(ok=serving or not enabled, enabled=enabled,

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from server.db.models import Workspace
 from server.runtime.base import ContainerStatus, EngineEvent, EngineEventKind, names
+from server.workspaces.part import ServicePart
 from server.workspaces.states import Sleep, State
 
 if TYPE_CHECKING:
@@ -19,14 +20,11 @@ OOM_MEMORY = 1024  # workspaces whose "oom" event waits for its "die"
 OOM_MEMORY_S = 60.0  # an "oom" this old no longer explains a "die"
 
 
-class EngineFollower:
+class EngineFollower(ServicePart):
     """Applies engine events to the workspaces of :class:`WorkspaceService`."""
 
     def __init__(self, svc: WorkspaceService) -> None:
-        self.svc = svc
-        self.ledger = svc.ledger
-        self.runtime = svc.runtime
-        self.sessions = svc.sessions
+        super().__init__(svc)
         self._oom: dict[str, float] = {}  # workspace -> when the engine last said "oom"
 
     async def apply(self, event: EngineEvent) -> None:

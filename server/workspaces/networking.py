@@ -17,6 +17,7 @@ from server.db.models import Snapshot, Workspace
 from server.errors import DenError, NotFound
 from server.network import policy as net_policy
 from server.network.denials import Denial, RateLimit
+from server.workspaces.part import ServicePart
 
 if TYPE_CHECKING:
     from server.workspaces.service import WorkspaceService
@@ -24,14 +25,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class WorkspaceNetworks:
+class WorkspaceNetworks(ServicePart):
     """The network-policy side of :class:`WorkspaceService`."""
 
     def __init__(self, svc: WorkspaceService) -> None:
-        self.svc = svc
-        self.ledger = svc.ledger
-        self.sessions = svc.sessions
-        self.settings = svc.settings
+        super().__init__(svc)
         self._containers: dict[str, str] = {}  # container name -> workspace id
         self._denials = RateLimit()
         self.guard = svc.network  # None: no policy enforced on this host

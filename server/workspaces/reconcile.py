@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
@@ -30,10 +29,8 @@ from server.workspaces.handles import (
     restore_handles,
     without_restore,
 )
+from server.workspaces.part import ServicePart
 from server.workspaces.states import Sleep, State
-
-if TYPE_CHECKING:
-    from server.workspaces.service import WorkspaceService
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +39,9 @@ log = logging.getLogger(__name__)
 CHECKPOINT_SETTLE_S = 120.0
 
 
-class Reconciler:
+class Reconciler(ServicePart):
     """Settles rows and engine objects for :class:`WorkspaceService` (which calls it)."""
 
-    def __init__(self, svc: WorkspaceService) -> None:
-        self.svc = svc
-        self.ledger = svc.ledger
-        self.runtime = svc.runtime
-        self.sessions = svc.sessions
-        self.settings = svc.settings
 
     def remove_leftovers(self) -> None:
         """At startup, before anything runs: the build directories and the saved memory of

@@ -14,7 +14,7 @@ import logging
 import shutil
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from server import faults
 from server.db.models import Snapshot, Workspace
@@ -31,23 +31,15 @@ from server.runtime.base import (
     names,
 )
 from server.workspaces.handles import CHECKPOINT, RESTORING, backend_handle, without_restore
+from server.workspaces.part import ServicePart
 from server.workspaces.states import State
-
-if TYPE_CHECKING:
-    from server.workspaces.service import WorkspaceService
 
 log = logging.getLogger(__name__)
 
 
-class Restores:
+class Restores(ServicePart):
     """Forks, restores and the engine objects of snapshots, for :class:`WorkspaceService`."""
 
-    def __init__(self, svc: WorkspaceService) -> None:
-        self.svc = svc
-        self.ledger = svc.ledger
-        self.runtime = svc.runtime
-        self.sessions = svc.sessions
-        self.settings = svc.settings
 
     def disks(self) -> DiskSnapshots:
         """The runtime, as one that copies disks into snapshots; 409 when it cannot."""

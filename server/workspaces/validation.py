@@ -16,11 +16,19 @@ MAX_TIMER_S = 365 * 86400
 
 def runtime_name(settings: Settings, runtime: str | None) -> str:
     """The sandbox a workspace runs under (default gVisor), if this server allows it."""
-    runtime = runtime or "gvisor"
-    if runtime not in RUNTIMES:
+    if runtime is not None and runtime not in RUNTIMES:
         raise ValidationFailed(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
+    if settings.backend == "microvm":  # every workspace of this server is a microVM
+        if runtime not in (None, "microvm"):
+            raise ValidationFailed(f"runtime {runtime!r} is not available on this server: it "
+                                   "runs microVMs (DEN_BACKEND=microvm); use runtime 'microvm' "
+                                   "or leave it out")
+        return "microvm"
+    runtime = runtime or "gvisor"
     if runtime == "microvm":
-        raise ValidationFailed("the microvm runtime is not available on this server yet")
+        raise ValidationFailed(f"runtime 'microvm' needs a server started with "
+                               f"DEN_BACKEND=microvm (docs/microvm.md); this one runs "
+                               f"{settings.backend}")
     if runtime == "runc" and not settings.allow_insecure_runc:
         raise ValidationFailed(
             "runtime 'runc' is disabled: it runs workspaces without the gVisor sandbox "

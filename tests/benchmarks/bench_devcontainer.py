@@ -40,7 +40,7 @@ from server.app import create_app
 from server.backends import docker_devcontainers as devcontainers
 from server.config import Settings
 from server.devcontainer.setup import Resources
-from tests.conftest import engine_objects, git, remove_networks, users
+from tests.conftest import git, remove_engine_objects, users
 
 IMAGE_CONFIG = '{"image": "den/workspace:latest", "forwardPorts": [3000]}'
 BUILD_CONFIG = '{"build": {"dockerfile": "Dockerfile", "context": ".."}}'
@@ -154,15 +154,7 @@ def main() -> int:
         if args.json:
             args.json.write_text(json.dumps(result, indent=2))
     finally:
-        for kind, name in engine_objects(prefix):
-            subprocess.run(["docker", "rm", "-f", name] if kind == "container"
-                           else ["docker", "volume", "rm", "-f", name], capture_output=True)
-        images = subprocess.run(["docker", "images", "--format", "{{.Repository}}:{{.Tag}}"],
-                                capture_output=True, text=True).stdout.split()
-        for image in images:
-            if image.startswith(prefix):
-                subprocess.run(["docker", "rmi", "-f", image], capture_output=True)
-        remove_networks(prefix)
+        remove_engine_objects(prefix)
         subprocess.run(["rm", "-rf", str(root)], capture_output=True)
     return 0
 

@@ -36,7 +36,7 @@ from fastapi.testclient import TestClient
 from server.app import create_app
 from server.config import Settings
 from tests.benchmarks.bench_devcontainer import make_repo
-from tests.conftest import engine_objects, remove_networks, users
+from tests.conftest import remove_engine_objects, users
 
 CONFIG = '{"image": "den/workspace:latest", "postCreateCommand": "sleep 30"}'
 
@@ -133,15 +133,7 @@ def main() -> int:
         if args.json:
             args.json.write_text(json.dumps(result, indent=2))
     finally:
-        for kind, name in engine_objects(prefix):
-            subprocess.run(["docker", "rm", "-f", name] if kind == "container"
-                           else ["docker", "volume", "rm", "-f", name], capture_output=True)
-        images = subprocess.run(["docker", "images", "--format", "{{.Repository}}:{{.Tag}}"],
-                                capture_output=True, text=True).stdout.split()
-        for image in images:
-            if image.startswith(prefix):
-                subprocess.run(["docker", "rmi", "-f", image], capture_output=True)
-        remove_networks(prefix)
+        remove_engine_objects(prefix)
         subprocess.run(["rm", "-rf", str(root)], capture_output=True)
     return 0
 

@@ -1,0 +1,323 @@
+"""The microVM runtime: a workspace is a QEMU ``microvm`` guest (server/runtime/base.py's
+Lifecycle, Execs, Inventory and AgentChannel). Every command runs through Den's agent in the
+guest; there is no engine exec to fall back on, so an agent that does not answer is an error.
+
+Not yet (docs/microvm.md): pause with memory (Checkpoints), disk snapshots and forks,
+networking (the guest has no network device), a cgroup per VM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from server.agent import ops as agent_ops
+from server.agent.session import AgentSession
+from server.runtime import docker_specs
+from server.runtime.base import (
+    LABEL_INSTANCE,
+    LABEL_WORKSPACE,
+    ContainerStatus,
+    EngineObject,
+    ExecRequest,
+    ExecResult,
+    ExecStream,
+    Handle,
+    ResourceUsage,
+    WorkspaceSpec,
+    names,
+)
+from server.runtime.errors import (
+    AgentUnavailable,
+    EngineConflict,
+    EngineError,
+    EngineUnavailable,
+    ObjectMissing,
+)
+from server.runtime.microvm import disks, process
+from server.runtime.microvm.argv import (
+    BootFiles,
+    VmFiles,
+    host_tsc_khz,
+    probe_argv,
+    qemu_argv,
+)
+from server.runtime.microvm.transport import PortTransport
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+KIND = "vm"  # EngineObject.kind of a VM directory
+SYNC_TIMEOUT_S = 10.0  # the guest's `sync` before QEMU is told to end
+PROBE_TIMEOUT_S = 15.0
+AGENT_ATTEMPT_S = 1.0  # one hello's wait while the guest boots
+DEFAULT_WORKSPACE_GB = 10  # /workspace of a spec without disk_gb (0: a row made before it)
+
+
+class MicroVmRuntime:
+    """Workspaces as QEMU microVMs, each in a directory of ``vms_dir`` (its handle: ``vm``)."""
+
+    name = "microvm"
+
+    def __init__(self, *, boot_dir: Path, vms_dir: Path, image: str, prefix: str = "den",
+                 qemu: str = "qemu-system-x86_64", accel: str = "auto",
+                 boot_timeout_s: float = 120.0, console_log: bool = False) -> None:
+        self.boot = BootFiles.under(boot_dir)
+        self.vms_dir = vms_dir
+        self.image = image
+        self.prefix = prefix
+        self.qemu = qemu
+        self._accel_setting = accel
+        self.accelerator = "" if accel == "auto" else accel  # decided by check()
+        self.boot_timeout_s = boot_timeout_s
+        self.console_log = console_log
+        self.tsc_khz = 0
+        self._agents: dict[str, AgentSession] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._listeners: list[Callable[[str, str], None]] = []
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def files(self, spec_or_handle: WorkspaceSpec | Handle) -> VmFiles:
+        handle = spec_or_handle.handle if isinstance(spec_or_handle, WorkspaceSpec) \
+            else spec_or_handle
+        return VmFiles(self.vms_dir / str(handle["vm"]))
+
+    async def _io(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.to_thread(fn, *args)
+
+    # --- Lifecycle ----------------------------------------------------------------------
+
+    def new_handle(self, workspace_id: str) -> dict[str, Any]:
+        return {"vm": f"{self.prefix}-vm-{workspace_id}"}
+
+    async def check(self) -> None:
+        if shutil.which(self.qemu) is None:
+            raise EngineUnavailable(f"{self.qemu} is not installed: run scripts/setup-microvm.sh")
+        missing = [p.name for p in (self.boot.kernel, self.boot.initramfs, self.boot.rootfs)
+                   if not p.is_file()]
+        if missing:
+            raise EngineUnavailable(f"the microVM boot files are not built ({', '.join(missing)} "
+                                    f"missing in {self.boot.kernel.parent}): run "
+                                    "scripts/setup-microvm.sh")
+        if not self.accelerator:
+            self.accelerator = await self._io(self._detect_accel)
+            log.warning("microVMs run with %s", "KVM" if self.accelerator == "kvm" else
+                        "TCG (software emulation, no usable KVM here): guest CPU is several "
+                        "times slower")
+        if self.accelerator == "tcg" and not self.tsc_khz:
+            with contextlib.suppress(OSError):
+                self.tsc_khz = host_tsc_khz(Path("/proc/cpuinfo").read_text())
+            if not self.tsc_khz:
+                raise EngineUnavailable("cannot read the host's TSC frequency (/proc/cpuinfo "
+                                        "has no `cpu MHz`): TCG guests cannot keep time")
+        self.vms_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def _detect_accel(self) -> str:
+        """KVM when /dev/kvm boots a guest (a paravirtual /dev/kvm may exist and fail),
+        else TCG."""
+        if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+            return "tcg"
+        try:
+            out = subprocess.run(probe_argv(self.qemu, self.boot), capture_output=True,
+                                 timeout=PROBE_TIMEOUT_S, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return "tcg"
+        return "kvm" if b"den-probe-ok" in out.stdout else "tcg"
+
+    async def image_exists(self, image: str) -> bool:
+        """MicroVMs boot the root filesystem built from one image (scripts/setup-microvm.sh)."""
+        return image == self.image
+
+    async def create(self, spec: WorkspaceSpec) -> None:
+        if spec.image != self.image:
+            raise EngineConflict(f"microVMs run only {self.image} (the image their root "
+                                 f"filesystem was built from), not {spec.image}")
+        record = {"labels": dict(spec.labels), "workspace_id": spec.workspace_id,
+                  "created": time.time()}
+        await self._io(functools.partial(
+            disks.make, self.files(spec), rootfs=self.boot.rootfs,
+            workspace_gb=spec.disk_gb or DEFAULT_WORKSPACE_GB, record=record))
+
+    async def seed(self, spec: WorkspaceSpec, tar: Path) -> None:
+        """Unpack ``tar`` into /workspace through the agent (``tar -x`` as root, owners kept)."""
+        req = ExecRequest(argv=["tar", "-x", "--same-owner", "-C", "/workspace", "-f", "-"],
+                          user="root", cwd="/")
+        stream = await self.exec_stream(spec, req)
+        err = bytearray()
+
+        async def drain() -> None:
+            async for chunk in stream.output():
+                if len(err) < 4096:
+                    err.extend(chunk.data[:4096])
+
+        reader = asyncio.create_task(drain())
+        try:
+            with tar.open("rb") as f:
+                while block := await self._io(f.read, 1 << 20):
+                    await stream.write(block)
+            await stream.close_stdin()
+            await reader
+            code = await stream.wait()
+        finally:
+            reader.cancel()
+            await stream.kill()
+        if code != 0:
+            raise EngineError(f"unpacking into /workspace failed ({code}): "
+                              f"{err.decode(errors='replace')[:1000]}")
+
+    async def start(self, spec: WorkspaceSpec) -> None:
+        files = self.files(spec)
+        if await self._io(process.running, files) is not None:
+            return
+        if not files.root.exists() or not files.workspace.exists():
+            raise ObjectMissing(f"the VM of workspace {spec.workspace_id} is missing")
+        await self.check()
+        argv = qemu_argv(self.qemu, self.boot, files, accel=self.accelerator, cpus=spec.cpus,
+                         memory_mb=spec.memory_mb, hostname=spec.hostname,
+                         tsc_khz=self.tsc_khz, console_log=self.console_log)
+        for sock in (files.agent, files.qmp):
+            sock.unlink(missing_ok=True)
+        started = time.monotonic()
+        await self._io(process.launch, argv)
+        try:
+            await self._session(spec, boot=True)
+        except BaseException:
+            await self._io(functools.partial(process.end, files, timeout_s=0.0))
+            raise
+        log.info("workspace %s: microVM booted (%s) in %.1f s", spec.workspace_id,
+                 self.accelerator, time.monotonic() - started)
+
+    async def stop(self, spec: WorkspaceSpec, *, timeout_s: int) -> None:
+        files = self.files(spec)
+        if await self._io(process.running, files) is None:
+            return
+        session = self._agents.get(files.dir.name)
+        if session is not None and session.alive:  # flush the guest's page cache to disk
+            with contextlib.suppress(Exception):
+                await agent_ops.run(session, ExecRequest(argv=["sync"], user="root", cwd="/",
+                                                         timeout_s=SYNC_TIMEOUT_S), {})
+        await self._drop_agent(files, "the workspace stopped")
+        await self._io(functools.partial(process.end, files, timeout_s=float(timeout_s)))
+
+    async def destroy(self, spec: WorkspaceSpec) -> None:
+        await self._remove(self.files(spec))
+
+    async def _remove(self, files: VmFiles) -> None:
+        await self._drop_agent(files, "the workspace was deleted")
+        await self._io(functools.partial(process.end, files, timeout_s=0.0))
+        await self._io(functools.partial(shutil.rmtree, files.dir, ignore_errors=True))
+
+    async def status(self, spec: WorkspaceSpec) -> ContainerStatus:
+        files = self.files(spec)
+        if await self._io(process.running, files) is not None:
+            return ContainerStatus.RUNNING
+        return ContainerStatus.STOPPED if files.record.exists() else ContainerStatus.MISSING
+
+    async def usage(self, spec: WorkspaceSpec) -> ResourceUsage | None:
+        pid = await self._io(process.running, self.files(spec))
+        if pid is None:
+            return None
+        cpu = process.cpu_ns(pid)
+        return None if cpu is None else ResourceUsage(cpu_ns=cpu,
+                                                      memory_bytes=process.rss_bytes(pid))
+
+    # --- Execs (all through the agent) ---------------------------------------------------
+
+    def _env(self, spec: WorkspaceSpec, req: ExecRequest) -> dict[str, str]:
+        return docker_specs.exec_env(req.user, spec.env, req.env)
+
+    async def exec(self, spec: WorkspaceSpec, req: ExecRequest) -> ExecResult:
+        return await agent_ops.run(await self._session(spec), req, self._env(spec, req))
+
+    async def exec_stream(self, spec: WorkspaceSpec, req: ExecRequest) -> ExecStream:
+        return await agent_ops.AgentExecStream.start(await self._session(spec), req,
+                                                     self._env(spec, req))
+
+    # --- AgentChannel ---------------------------------------------------------------------
+
+    async def agent(self, spec: WorkspaceSpec) -> AgentSession | None:
+        return await self._session(spec)
+
+    async def connect(self, spec: WorkspaceSpec, host: str, port: int) -> ExecStream | None:
+        return await agent_ops.AgentExecStream.connect(await self._session(spec), host, port)
+
+    def on_fallback(self, listener: Callable[[str, str], None]) -> None:
+        self._listeners.append(listener)  # never called: a VM has no other way in
+
+    async def _session(self, spec: WorkspaceSpec, *, boot: bool = False) -> AgentSession:
+        """The live session with the VM's agent. ``boot``: wait for the guest to come up
+        (at most the boot timeout) instead of failing at once."""
+        files = self.files(spec)
+        key = files.dir.name
+        session = self._agents.get(key)
+        if session is not None and session.alive:
+            return session
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            session = self._agents.get(key)
+            if session is not None and session.alive:
+                return session
+            deadline = time.monotonic() + (self.boot_timeout_s if boot else 2 * AGENT_ATTEMPT_S)
+            while True:
+                if await self._io(process.running, files) is None:
+                    raise EngineConflict(f"workspace {spec.workspace_id} is not running")
+                try:
+                    transport = await PortTransport.open(files.agent)
+                    session = await AgentSession.connect(transport, name=spec.workspace_id,
+                                                         timeout_s=AGENT_ATTEMPT_S)
+                    break
+                except (OSError, AgentUnavailable) as exc:
+                    if time.monotonic() >= deadline:
+                        raise AgentUnavailable(
+                            f"the agent of workspace {spec.workspace_id} does not answer "
+                            f"({'boot' if boot else 'call'}: {exc}); stop and start the "
+                            "workspace") from exc
+                    await asyncio.sleep(0.05)  # the guest is booting: its port is not open
+            session.on_end = functools.partial(self._forget, key)
+            self._agents[key] = session
+            return session
+
+    def _forget(self, key: str, session: AgentSession) -> None:
+        if self._agents.get(key) is session:
+            del self._agents[key]
+
+    async def _drop_agent(self, files: VmFiles, reason: str) -> None:
+        session = self._agents.pop(files.dir.name, None)
+        if session is not None:
+            await session.close(reason)
+
+    # --- Inventory ----------------------------------------------------------------------
+
+    async def list_objects(self, instance: str) -> list[EngineObject]:
+        return await self._io(self._list, instance)
+
+    def _list(self, instance: str) -> list[EngineObject]:
+        found = []
+        with contextlib.suppress(FileNotFoundError):
+            for d in sorted(self.vms_dir.iterdir()):
+                files = VmFiles(d)
+                record = disks.read_record(files)
+                labels = record.get("labels") if record else None
+                if not isinstance(labels, dict) or labels.get(LABEL_INSTANCE) != instance:
+                    continue
+                found.append(EngineObject(kind=KIND, name=d.name,
+                                          workspace_id=str(labels.get(LABEL_WORKSPACE, "")),
+                                          running=process.running(files) is not None))
+        return found
+
+    def stale(self, obj: EngineObject, handle: Handle) -> bool:
+        return obj.name not in names(handle)
+
+    async def remove_object(self, obj: EngineObject) -> None:
+        if obj.kind == KIND and obj.name and "/" not in obj.name and obj.name not in (".", ".."):
+            await self._remove(VmFiles(self.vms_dir / obj.name))
+

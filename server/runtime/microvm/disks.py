@@ -1,0 +1,67 @@
+"""A VM's disks and its record, made in its directory. Blocking (qemu-img, mkfs.ext4).
+
+Each file is made under a temporary name and renamed into place, so that a crash leaves no
+half-made disk that a later ``create`` would take for a finished one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from server.runtime.errors import EngineError
+from server.runtime.microvm.argv import VmFiles
+
+TOOL_TIMEOUT_S = 120.0
+WORKSPACE_LABEL = "den-workspace"  # the initramfs mounts the disk with this label
+DEV_UID = 1000  # the image's `dev` user owns /workspace, as in a container
+
+
+def make(files: VmFiles, *, rootfs: Path, workspace_gb: int, record: Mapping[str, Any]) -> None:
+    """The directory, its record, the root overlay and the /workspace disk; what exists is
+    kept (idempotent). The overlay names the build ``rootfs`` links to now (a later setup
+    links a new build and leaves this one in place)."""
+    files.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not files.record.exists():
+        _atomic_write(files.record, json.dumps(dict(record), sort_keys=True).encode())
+    if not files.root.exists():
+        tmp = files.root.with_name(".root.qcow2.tmp")
+        _run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(rootfs.resolve()), "-F", "raw",
+              str(tmp)])
+        os.replace(tmp, files.root)
+    if not files.workspace.exists():
+        tmp = files.workspace.with_name(".workspace.img.tmp")
+        tmp.unlink(missing_ok=True)
+        with tmp.open("wb") as f:
+            f.truncate(workspace_gb << 30)  # sparse: the host pays for what is written
+        _run(["mkfs.ext4", "-q", "-F", "-L", WORKSPACE_LABEL, "-m", "0",
+              "-E", f"root_owner={DEV_UID}:{DEV_UID}", str(tmp)])
+        os.replace(tmp, files.workspace)
+
+
+def read_record(files: VmFiles) -> dict[str, Any] | None:
+    """The VM's record, or None when it is missing or unreadable (not Den's)."""
+    try:
+        data = json.loads(files.record.read_bytes()[:65536])
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _run(argv: list[str]) -> None:
+    try:
+        out = subprocess.run(argv, capture_output=True, timeout=TOOL_TIMEOUT_S, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise EngineError(f"{argv[0]} failed: {exc}") from exc
+    if out.returncode != 0:
+        raise EngineError(f"{argv[0]} failed: {out.stderr[-1000:].decode(errors='replace')}")

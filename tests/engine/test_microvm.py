@@ -1,0 +1,227 @@
+"""Workspaces as QEMU microVMs (DEN_BACKEND=microvm, docs/microvm.md), through the API of a
+real server: create from Git, exec through the agent over virtio-serial, stop and start with
+/workspace kept, delete leaving nothing. Needs the boot files of scripts/setup-microvm.sh;
+without them the module is skipped and says so. One VM is shared by the tests, in order
+(each boot takes seconds under TCG)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.config import Settings
+from server.runtime.microvm import process
+from server.runtime.microvm.argv import VmFiles
+from tests.conftest import IN_CI, RUN_PREFIX, ApiClient, git, users
+
+pytestmark = pytest.mark.engine
+
+BOOT_DIR = Path(os.environ.get("DEN_MICROVM_DIR") or "/var/lib/den/microvm")
+
+
+def _setup_problem() -> str | None:
+    missing = [n for n in ("vmlinux", "initramfs.cpio", "rootfs.ext4")
+               if not (BOOT_DIR / n).is_file()]
+    if missing:
+        return (f"the microVM boot files are not built ({', '.join(missing)} missing in "
+                f"{BOOT_DIR}): run scripts/setup-microvm.sh")
+    return None
+
+
+def _require_setup() -> None:
+    """Skip on a developer machine without the boot files; fail under CI (make test builds
+    them), as the engine tests do."""
+    problem = _setup_problem()
+    if problem is not None:
+        if IN_CI:
+            pytest.fail(f"the microVM tests need their boot files under CI: {problem}")
+        pytest.skip(problem)
+
+
+@pytest.fixture(scope="module")
+def vm_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiClient]:
+    _require_setup()
+    root = tmp_path_factory.mktemp("microvm")
+    repos = root / "repos"
+    src = root / "src"
+    for d in (repos, src):
+        d.mkdir()
+    git("init", "-q", "-b", "main", cwd=src)
+    (src / "README.md").write_text("# api\n")
+    (src / "src").mkdir()
+    (src / "src" / "main.py").write_text("print('hi')\n")
+    git("add", "-A", cwd=src)
+    git("commit", "-q", "-m", "initial", cwd=src)
+    git("clone", "-q", "--bare", str(src), str(repos / "api.git"))
+    settings = Settings(data_dir=root / "data", local_repo_roots=[repos], backend="microvm",
+                        microvm_dir=BOOT_DIR, microvm_accel="auto",
+                        engine_prefix=f"{RUN_PREFIX}-{secrets.token_hex(2)}",
+                        default_memory_mb=512, default_cpus=1.0, default_disk_gb=1,
+                        stop_timeout_s=5, reaper_interval_s=0, ssh_port=0,
+                        outbound_allow=["127.0.0.0/8", "::1"], gpus="none")
+    app = create_app(settings)
+    with TestClient(app) as client:
+        api = ApiClient(client, users(app))
+        api.repo = repos / "api.git"  # type: ignore[attr-defined]
+        try:
+            yield api
+        finally:
+            for ws in api.get("/api/v1/workspaces", user="root").json().get("items", []):
+                client.delete(f"/api/v1/workspaces/{ws['id']}", headers=api.h("root"))
+            for d in (BOOT_DIR / "vms").glob(f"{settings.engine_prefix}-*"):
+                process.end(VmFiles(d), timeout_s=0)
+                subprocess.run(["rm", "-rf", str(d)], check=False)
+
+
+@pytest.fixture(scope="module")
+def vm(vm_api: ApiClient) -> dict[str, Any]:
+    """One running microVM workspace made from the repository."""
+    ws = vm_api.create(vm_api.repo, wait=True, runtime="microvm")  # type: ignore[attr-defined]
+    assert ws["state"] == "running", ws
+    return ws
+
+
+def _vm_dir(api: ApiClient, ws_id: str) -> Path:
+    return BOOT_DIR / "vms" / f"{api.app.state.settings.engine_prefix}-vm-{ws_id}"
+
+
+def test_health_names_the_backend_and_its_accelerator(vm_api: ApiClient) -> None:
+    engine = vm_api.get("/healthz").json()["engine"]
+    assert engine["backend"] == "microvm"
+    # This machine's /dev/kvm cannot boot a guest (RUNTIME.md): the check falls back to TCG.
+    assert engine["accelerator"] in ("kvm", "tcg")
+    if not os.access("/dev/kvm", os.W_OK):
+        assert engine["accelerator"] == "tcg"
+
+
+def test_other_runtimes_are_refused_clearly(vm_api: ApiClient) -> None:
+    r = vm_api.post("/api/v1/workspaces", json={"name": "g", "runtime": "gvisor",
+                                                "repo": {"url": str(vm_api.repo)}})  # type: ignore[attr-defined]
+    assert r.status_code == 422, r.text
+    assert "DEN_BACKEND=microvm" in r.text
+
+
+def test_create_from_git_runs_in_its_own_kernel(vm_api: ApiClient, vm: dict[str, Any]) -> None:
+    assert vm["runtime"] == "microvm"
+    out = vm_api.exec(vm["id"], "pwd; ls; id -un; git log --format=%s -1; uname -r")
+    assert out["exit_code"] == 0, out
+    lines = out["stdout"].split("\n")
+    assert lines[:5] == ["/workspace/api", "README.md", "src", "dev", "initial"], out
+    host = subprocess.run(["uname", "-r"], capture_output=True, text=True).stdout.strip()
+    guest = lines[5]
+    assert guest != host and guest.endswith("-amd64"), (guest, host)  # Debian's kernel
+    # The whole VM is one QEMU process of the host, with the workspace's disks in its dir.
+    files = VmFiles(_vm_dir(vm_api, vm["id"]))
+    assert process.running(files) is not None
+    assert files.root.exists() and files.workspace.exists()
+
+
+def test_exec_streams_and_exit_codes_through_the_agent(vm_api: ApiClient,
+                                                      vm: dict[str, Any]) -> None:
+    out = vm_api.exec(vm["id"], ["sh", "-c", "echo out; echo err >&2; exit 3"])
+    assert (out["exit_code"], out["stdout"], out["stderr"]) == (3, "out\n", "err\n"), out
+    missing = vm_api.exec(vm["id"], ["no-such-command"])
+    assert missing["exit_code"] == 127, missing
+
+
+def test_workspace_disk_has_the_size_asked_for(vm_api: ApiClient, vm: dict[str, Any]) -> None:
+    out = vm_api.exec(vm["id"], ["df", "--output=size", "-B1M", "/workspace"])
+    size_mb = int(out["stdout"].split()[-1])
+    assert 900 <= size_mb <= 1024, out  # disk_gb 1: ext4's own metadata takes the rest
+
+
+def test_stop_then_start_keeps_workspace_files(vm_api: ApiClient, vm: dict[str, Any]) -> None:
+    ws_id = vm["id"]
+    assert vm_api.exec(ws_id, "echo kept > /workspace/api/note")["exit_code"] == 0
+    r = vm_api.post(f"/api/v1/workspaces/{ws_id}/stop")
+    assert r.status_code in (200, 202), r.text
+    assert vm_api.wait_state(ws_id, settled=("stopped", "error"))["state"] == "stopped"
+    files = VmFiles(_vm_dir(vm_api, ws_id))
+    assert process.running(files) is None  # no QEMU left running
+    r = vm_api.post(f"/api/v1/workspaces/{ws_id}/start")
+    assert r.status_code in (200, 202), r.text
+    assert vm_api.wait_state(ws_id, settled=("running", "error"))["state"] == "running"
+    out = vm_api.exec(ws_id, "cat /workspace/api/note; git -C /workspace/api status --short")
+    assert out["stdout"] == "kept\n?? note\n", out
+
+
+def test_pause_is_refused_for_a_backend_without_checkpoints(vm_api: ApiClient,
+                                                           vm: dict[str, Any]) -> None:
+    r = vm_api.post(f"/api/v1/workspaces/{vm['id']}/pause")
+    assert r.status_code == 409, r.text
+    assert vm_api.get(f"/api/v1/workspaces/{vm['id']}").json()["state"] == "running"
+
+
+def test_delete_leaves_no_process_and_no_directory(vm_api: ApiClient,
+                                                   vm: dict[str, Any]) -> None:
+    files = VmFiles(_vm_dir(vm_api, vm["id"]))
+    pid = process.running(files)
+    assert pid is not None
+    r = vm_api.delete(f"/api/v1/workspaces/{vm['id']}")
+    assert r.status_code in (200, 202, 204), r.text
+    deadline = time.monotonic() + 60
+    while files.dir.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not files.dir.exists()
+    assert not Path(f"/proc/{pid}").exists() or b"qemu" not in Path(
+        f"/proc/{pid}/cmdline").read_bytes()
+
+
+def test_a_restarted_den_finds_the_running_vm_and_its_agent(tmp_path: Path) -> None:
+    """QEMU runs daemonized: a new runtime (Den after a restart) finds the VM by its directory,
+    lists it for reconcile, and reaches the same agent once the old session is gone."""
+    _require_setup()
+    from server.runtime.base import ContainerStatus, ExecRequest, WorkspaceSpec, labels_for
+    from server.runtime.microvm.backend import MicroVmRuntime
+
+    prefix = f"{RUN_PREFIX}-{secrets.token_hex(2)}"
+    vms = BOOT_DIR / "vms"
+
+    def runtime() -> MicroVmRuntime:
+        return MicroVmRuntime(boot_dir=BOOT_DIR, vms_dir=vms, image="den/workspace:latest",
+                              prefix=prefix)
+
+    first = runtime()
+    spec = WorkspaceSpec(workspace_id="r1", handle=first.new_handle("r1"),
+                         image="den/workspace:latest", runtime="microvm", cpus=1,
+                         memory_mb=512, pids_limit=1024, hostname="r1",
+                         labels=labels_for(instance=prefix, workspace_id="r1", owner="t"),
+                         disk_gb=1)
+
+    async def scenario() -> None:
+        await first.check()
+        await first.create(spec)
+        await first.start(spec)
+        before = await first.exec(spec, ExecRequest(argv=["sh", "-c", "echo $$ > /tmp/mark"]))
+        assert before.exit_code == 0, before
+        old = await first.agent(spec)
+        assert old is not None
+        await old.close("Den went away")
+        again = runtime()
+        await again.check()
+        assert await again.status(spec) is ContainerStatus.RUNNING
+        [obj] = await again.list_objects(prefix)
+        assert (obj.name, obj.workspace_id, obj.running) == (spec.handle["vm"], "r1", True)
+        assert not again.stale(obj, spec.handle)
+        out = await again.exec(spec, ExecRequest(argv=["cat", "/tmp/mark"]))
+        assert out.exit_code == 0 and out.stdout.strip().isdigit(), out  # same boot: /tmp kept
+        await again.remove_object(obj)
+        assert await again.status(spec) is ContainerStatus.MISSING
+        assert await again.list_objects(prefix) == []
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for d in vms.glob(f"{prefix}-*"):
+            process.end(VmFiles(d), timeout_s=0)
+            subprocess.run(["rm", "-rf", str(d)], check=False)
