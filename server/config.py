@@ -230,6 +230,16 @@ class Settings(BaseSettings):
             "an allowlist may name public addresses only, and names open public ones only."
         ),
     )
+    network_user_domains: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description=(
+            "Domain names users may list in an allowlist (JSON list of patterns): `*` any "
+            "name; `pypi.org` that name; `*.corp.example` any name under it; `:port` only "
+            "with that port. An entry outside them is refused with 403 "
+            "`network_not_allowed`; `[]` allows no names (addresses only). Names in "
+            "`DEN_NETWORK_ALLOW` are always allowed."
+        ),
+    )
     network_log_denied: bool = Field(
         True,
         description=(
@@ -714,6 +724,19 @@ class Settings(BaseSettings):
         for entry in value:
             try:
                 parse_entry(entry)
+            except DenError as exc:
+                raise ValueError(exc.message) from None
+        return value
+
+    @field_validator("network_user_domains")
+    @classmethod
+    def _domain_patterns(cls, value: list[str]) -> list[str]:
+        from server.errors import DenError
+        from server.network.ceiling import parse_pattern
+
+        for pattern in value:
+            try:
+                parse_pattern(pattern)
             except DenError as exc:
                 raise ValueError(exc.message) from None
         return value

@@ -18,6 +18,7 @@ from server.agent.session import AgentOpError, AgentSession, Channel, ok_or_rais
 from server.errors import DenError, ValidationFailed
 from server.runtime.base import ExecRequest, ExecResult, ProcessInfo, StreamChunk
 from server.runtime.errors import AgentTimeout, AgentUnavailable, EngineConflict, ObjectMissing
+from server.runtime.output import Captured
 
 START_TIMEOUT_S = 10.0  # from OPEN to "started": the agent forks and execs
 EXEC_GRACE_S = 30.0  # past the command's own deadline, which the agent enforces
@@ -143,6 +144,9 @@ async def _run(session: AgentSession, req: ExecRequest, env: Mapping[str, str]) 
     started = time.monotonic()
     ch = await session.open(exec_request(req, env, stdin=req.stdin is not None))
     feeder: asyncio.Task[None] | None = None
+    outs = (Captured(req.max_output_bytes, spool_dir=req.spool_dir),
+            Captured(req.max_output_bytes, spool_dir=req.spool_dir))
+    done = False
     try:
         failed = await _started(ch, req.argv[0] if req.argv else "")
         if failed is not None:
@@ -151,19 +155,12 @@ async def _run(session: AgentSession, req: ExecRequest, env: Mapping[str, str]) 
             return failed
         if req.stdin is not None:
             feeder = asyncio.create_task(_feed(ch, req.stdin))
-        bufs = (bytearray(), bytearray())
-        truncated = False
-        limit = req.max_output_bytes
         deadline = None if req.timeout_s is None else started + req.timeout_s + EXEC_GRACE_S
         while True:
             left = None if deadline is None else max(0.01, deadline - time.monotonic())
             event = await ch.next(left)
             if event.kind == "data":
-                buf = bufs[event.stream]
-                room = limit - len(buf)
-                if len(event.data) > room:
-                    truncated = True
-                buf += event.data[:max(0, room)]
+                await outs[event.stream].add_async(event.data)
                 await ch.consumed(event.stream, len(event.data))
             elif event.kind == "msg":
                 fields = _exit_fields(event.msg)
@@ -171,13 +168,17 @@ async def _run(session: AgentSession, req: ExecRequest, env: Mapping[str, str]) 
                     code, timed_out, cut = fields
                     if timed_out:  # as coreutils' timeout answers, which the API documents
                         code = 137 if code == 137 else 124
+                    done = True
                     return ExecResult(
-                        exit_code=code, stdout=bytes(bufs[0]), stderr=bytes(bufs[1]),
-                        timed_out=timed_out, truncated=truncated or cut,
+                        exit_code=code, stdout=outs[0], stderr=outs[1], timed_out=timed_out,
+                        truncated=outs[0].truncated or outs[1].truncated or cut,
                         duration_ms=int((time.monotonic() - started) * 1000))
             elif event.kind == "end":
                 raise AgentUnavailable(f"the command's channel ended: {event.reason}")
     finally:
+        if not done:  # failed or cancelled: nothing will read the output
+            for out in outs:
+                out.close()
         if feeder is not None:
             feeder.cancel()
         await ch.close()

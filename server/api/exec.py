@@ -9,7 +9,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from server.api.deps import CurrentUser, Workspaces, websocket_user
-from server.api.exec_body import exec_response
+from server.api.exec_body import exec_response, spooled
 from server.api.schemas import ExecIn, ExecOut, errors
 from server.api.streams import Opened, serve
 from server.errors import ValidationFailed
@@ -22,8 +22,9 @@ async def exec_command(ref: str, body: ExecIn, user: CurrentUser, svc: Workspace
                        ) -> StreamingResponse:
     ws = svc.get_for(user, ref)
     stdin = body.stdin.encode() if body.stdin is not None else None
-    req = svc.exec_request(ws, body.cmd, cwd=body.cwd, env=body.env, timeout_s=body.timeout_s,
-                           stdin=stdin)
+    req = spooled(svc.exec_request(ws, body.cmd, cwd=body.cwd, env=body.env,
+                                   timeout_s=body.timeout_s, stdin=stdin),
+                  svc.settings.data_dir)
     with svc.quotas.take(user, "execs"):  # before the server's gate: one user cannot fill it
         r = await svc.exec(ws.id, req, actor=user.name)
     return exec_response(r)  # the ExecOut document, encoded as it is sent

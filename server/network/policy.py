@@ -13,10 +13,14 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.errors import Forbidden, ValidationFailed
+from server.network.ceiling import DomainCeiling
 from server.network.names import NameEntry, parse_name
+
+if TYPE_CHECKING:
+    from server.config import Settings
 
 MODES = ("none", "allowlist", "internet")  # from least to most open: the ceiling's order
 MAX_ENTRIES = 64
@@ -128,13 +132,14 @@ def _covered(net: ipaddress.IPv4Network, by: Sequence[Entry]) -> bool:
 
 
 def validate(mode: str, allow: Sequence[str], *, ceiling: str,
-             user_ranges: Sequence[Entry], operator: Sequence[Entry]
-             ) -> NetworkPolicy:
+             user_ranges: Sequence[Entry], operator: Sequence[Entry],
+             domains: DomainCeiling | None = None) -> NetworkPolicy:
     """A user's requested policy, checked against the operator's ceiling: the mode may be at
     most ``ceiling`` (403 beyond it), and allowlist entries may name public addresses, or
     private ones inside the operator's ranges (``operator`` or ``user_ranges``). Domain
-    names are always accepted: what they open is checked when they are resolved (public
-    addresses only, unless the operator lists the name or the address)."""
+    names must fall within ``domains`` (403; None: any name); what they open is checked
+    when they are resolved (public addresses only, unless the operator lists the name or
+    the address)."""
     if mode not in MODES:
         raise ValidationFailed(f"network mode must be one of {', '.join(MODES)}")
     if MODES.index(mode) > MODES.index(ceiling):
@@ -152,4 +157,21 @@ def validate(mode: str, allow: Sequence[str], *, ceiling: str,
                 f"network allow entry {entry}: private, loopback, link-local and other "
                 "non-public ranges need the operator's permission (DEN_NETWORK_USER_ALLOW)",
                 code="network_not_allowed")
+    if domains is not None:
+        domains.check(names(entries))
     return NetworkPolicy(mode=mode, allow=entries)
+
+
+def user_domains(settings: Settings) -> DomainCeiling:
+    """The operator's ceiling on domain names (``DEN_NETWORK_USER_DOMAINS``), the names of
+    ``DEN_NETWORK_ALLOW`` included."""
+    return DomainCeiling.parse(settings.network_user_domains,
+                               operator=names(parse_ranges(settings.network_allow)))
+
+
+def within(policy: NetworkPolicy, domains: DomainCeiling) -> NetworkPolicy:
+    """``policy`` less the domain names ``domains`` no longer allows (a fork of a snapshot
+    taken under a looser ceiling)."""
+    kept = tuple(e for e in policy.allow
+                 if not isinstance(e, NameEntry) or domains.allows(e))
+    return NetworkPolicy(mode=policy.mode, allow=kept)

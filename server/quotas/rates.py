@@ -8,6 +8,12 @@ and a request that finds its bucket empty is refused with 429 ``rate_limited`` a
   session cookie), keyed by a hash of it, valid or not;
 - per source address: every ``/api/`` request and every sign-in page, whatever it carries
   (what floods without a token, or with many);
+
+A WebSocket opened under ``/api/`` (streaming exec, terminal, events, process logs) takes
+from the same buckets as a request, and is refused before the upgrade: an HTTP 429 with
+``Retry-After`` and the JSON error, through the ASGI WebSocket denial response (uvicorn has
+it); a server without that extension accepts and closes with 4429, as the API's other
+WebSocket errors (4000 + status) do.
 - per source address for sign-ins (``/login/token``, ``/login/oidc``, ``/auth/callback``):
   a much slower rate, against guessing tokens.
 
@@ -19,6 +25,7 @@ recently used go first: a forgotten bucket is a full one).
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 from collections import OrderedDict
@@ -91,8 +98,7 @@ def credential_key(headers: Headers) -> str | None:
 
 
 class RateLimit:
-    """ASGI middleware applying the three buckets to HTTP requests (WebSockets are bounded
-    by the per-user stream and terminal limits)."""
+    """ASGI middleware applying the three buckets to HTTP requests and WebSocket opens."""
 
     def __init__(self, app: ASGIApp, *, settings: Settings) -> None:
         self.app = app
@@ -107,10 +113,13 @@ class RateLimit:
                        if st.rate_limit_login_per_address > 0 else None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
+        if scope["type"] in ("http", "websocket"):
             wait = self.wait_s(scope)
             if wait > 0:
-                await refusal(scope, wait)(scope, receive, send)
+                if scope["type"] == "websocket":
+                    await refuse_websocket(scope, receive, send, wait)
+                else:
+                    await refusal(scope, wait)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -133,14 +142,33 @@ class RateLimit:
         return max(waits, default=0.0)
 
 
+def _retry(wait_s: float) -> tuple[int, str]:
+    retry = max(1, math.ceil(wait_s))
+    return retry, f"too many requests; try again in {retry} s"
+
+
 def refusal(scope: Scope, wait_s: float) -> Response:
     """The 429: Den's JSON error under ``/api/``, a plain page for the sign-in pages (no
     template: it would read the session and the database this limit protects)."""
-    retry = max(1, math.ceil(wait_s))
-    message = f"too many requests; try again in {retry} s"
+    retry, message = _retry(wait_s)
     headers = {"Retry-After": str(retry)}
     if scope["path"].startswith("/api/"):
         return JSONResponse({"error": {"code": "rate_limited", "message": message}},
                             status_code=429, headers=headers)
     return PlainTextResponse(f"Too many sign-in attempts from your address: {message}.\n",
                              status_code=429, headers=headers)
+
+
+async def refuse_websocket(scope: Scope, receive: Receive, send: Send, wait_s: float) -> None:
+    """Refuse a WebSocket before it opens: the 429 as an HTTP answer to the upgrade where
+    the server can send one, else an accepted socket closed at once with the error and
+    close code 4429."""
+    if "websocket.http.response" in scope.get("extensions", {}):
+        await refusal(scope, wait_s)(scope, receive, send)
+        return
+    if (await receive())["type"] != "websocket.connect":
+        return  # the client went away first
+    error = {"code": "rate_limited", "message": _retry(wait_s)[1]}
+    await send({"type": "websocket.accept"})
+    await send({"type": "websocket.send", "text": json.dumps({"type": "error", "error": error})})
+    await send({"type": "websocket.close", "code": 4429})

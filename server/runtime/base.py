@@ -21,6 +21,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from server.runtime.output import Captured
+
 if TYPE_CHECKING:
     from server.agent.session import AgentSession
     from server.gpus.inventory import Gpu
@@ -141,16 +143,46 @@ class ExecRequest:
     # A short call (a files operation through exec): not admitted through the gate of long
     # calls, and run on a backend's pool of short calls where it has one.
     short: bool = False
+    # Where output past 256 KiB per stream is spooled (one-shot exec of the API); None: all
+    # of it is kept in memory.
+    spool_dir: Path | None = None
 
 
-@dataclass(frozen=True)
 class ExecResult:
-    exit_code: int
-    stdout: bytes
-    stderr: bytes
-    timed_out: bool = False
-    duration_ms: int = 0
-    truncated: bool = False
+    """A finished one-shot exec. Its output is held as :class:`Captured` streams (``out``,
+    ``err``): in memory, or, for a request with ``spool_dir``, past 256 KiB in a private
+    temporary file that :meth:`close` removes (the API's exec answer is streamed from it).
+    ``stdout`` and ``stderr`` read a stream whole, as bytes: for callers that asked for small
+    output (files, devcontainer hooks, port scans, pull requests)."""
+
+    __slots__ = ("duration_ms", "err", "exit_code", "out", "timed_out", "truncated")
+
+    def __init__(self, exit_code: int, stdout: bytes | Captured = b"",
+                 stderr: bytes | Captured = b"", timed_out: bool = False,
+                 duration_ms: int = 0, truncated: bool = False) -> None:
+        self.exit_code = exit_code
+        self.out = stdout if isinstance(stdout, Captured) else Captured.of(stdout)
+        self.err = stderr if isinstance(stderr, Captured) else Captured.of(stderr)
+        self.timed_out = timed_out
+        self.duration_ms = duration_ms
+        self.truncated = truncated
+
+    @property
+    def stdout(self) -> bytes:
+        return self.out.read()
+
+    @property
+    def stderr(self) -> bytes:
+        return self.err.read()
+
+    def close(self) -> None:
+        """Free the output's spool files (idempotent)."""
+        self.out.close()
+        self.err.close()
+
+    def __repr__(self) -> str:
+        return (f"ExecResult(exit_code={self.exit_code}, stdout={len(self.out)} bytes, "
+                f"stderr={len(self.err)} bytes, timed_out={self.timed_out})")
 
 
 @dataclass(frozen=True)

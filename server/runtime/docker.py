@@ -78,12 +78,14 @@ from server.runtime.errors import (
     EngineUnavailable,
     ObjectMissing,
 )
+from server.runtime.output import Captured
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _STDOUT, _STDERR = 1, 2
 EXEC_GRACE_S = 30
+OCI_FAILED = b"OCI runtime exec failed"  # the engine could not start an exec's process
 QUIESCE_WAIT_S = 5.0
 SETTLE_AFTER_EXEC_S = 2.0  # a pause this soon after an exec waits for descriptors to drop
 CHECKPOINT_TIMEOUT_S = 600
@@ -1047,32 +1049,42 @@ class DockerRuntime:
                 writer = threading.Thread(target=_feed, args=(raw, req.stdin), daemon=True)
                 writer.start()
             deadline = None if req.timeout_s is None else started + req.timeout_s
-            out, err, truncated, timed_out = _collect(raw, req.max_output_bytes, deadline)
-            if timed_out:
-                kill = ExecRequest(argv=docker_specs.kill_marked_argv(marker), user="root",
-                                   cwd="/")
-                self._exec_blocking(spec, kill)
-                if not _drain(raw, time.monotonic() + EXEC_GRACE_S):
+            out = Captured(req.max_output_bytes, spool_dir=req.spool_dir)
+            err = Captured(req.max_output_bytes, spool_dir=req.spool_dir)
+            try:
+                timed_out = _collect(raw, out, err, deadline)
+                if timed_out:
+                    kill = ExecRequest(argv=docker_specs.kill_marked_argv(marker),
+                                       user="root", cwd="/")
+                    self._exec_blocking(spec, kill)
+                    if not _drain(raw, time.monotonic() + EXEC_GRACE_S):
+                        sock.close()
+                        raise EngineError(
+                            "the command did not finish and the workspace stopped answering"
+                        )
+                if writer is not None:
+                    writer.join(timeout=5)
+                with contextlib.suppress(OSError):
                     sock.close()
-                    raise EngineError(
-                        "the command did not finish and the workspace stopped answering"
-                    )
-            if writer is not None:
-                writer.join(timeout=5)
-            with contextlib.suppress(OSError):
-                sock.close()
-            exit_code = _exit_code(self._api(), exec_id)
-            self._note_exec(container_of(spec))
-            if exit_code in (126, 128) and out.startswith(b"OCI runtime exec failed"):
-                # The engine could not start the process: the sandbox is gone or full.
-                raise EngineConflict(out.decode(errors="replace").strip())
+                exit_code = _exit_code(self._api(), exec_id)
+                self._note_exec(container_of(spec))
+                failed = out.head(len(OCI_FAILED))
+                if exit_code in (126, 128) and failed == OCI_FAILED:
+                    # The engine could not start the process: the sandbox is gone or full.
+                    raise EngineConflict(out.read().decode(errors="replace").strip())
+            except BaseException:
+                out.close()
+                err.close()
+                with contextlib.suppress(OSError):
+                    sock.close()
+                raise
             return ExecResult(
                 exit_code=exit_code,
                 stdout=out,
                 stderr=err,
                 timed_out=timed_out,
                 duration_ms=int((time.monotonic() - started) * 1000),
-                truncated=truncated,
+                truncated=out.truncated or err.truncated,
             )
 
         return await self._call(f"exec in workspace {spec.workspace_id}", run,
@@ -1667,26 +1679,16 @@ def _frames(raw: socket.socket, deadline: float | None = None) -> Any:
         yield stream, data
 
 
-def _collect(raw: socket.socket, limit: int, deadline: float | None
-             ) -> tuple[bytes, bytes, bool, bool]:
-    """stdout, stderr, whether either was cut at ``limit``, and whether ``deadline`` (a
-    monotonic time) passed before the stream ended."""
-    out, err = bytearray(), bytearray()
-    truncated = False
-    frames = _frames(raw, deadline)
+def _collect(raw: socket.socket, out: Captured, err: Captured, deadline: float | None
+             ) -> bool:
+    """Read stdout into ``out`` and stderr into ``err`` (each cut at its limit); True when
+    ``deadline`` (a monotonic time) passed before the stream ended."""
     try:
-        for stream, data in frames:
-            buf = out if stream == _STDOUT else err
-            room = limit - len(buf)
-            if room <= 0:
-                truncated = True
-                continue
-            if len(data) > room:
-                truncated = True
-            buf += data[:room]
+        for stream, data in _frames(raw, deadline):
+            (out if stream == _STDOUT else err).add(data)
     except TimeoutError:
-        return bytes(out), bytes(err), truncated, True
-    return bytes(out), bytes(err), truncated, False
+        return True
+    return False
 
 
 def _drain(raw: socket.socket, deadline: float) -> bool:

@@ -39,6 +39,7 @@ from server.runtime.errors import (
     EngineUnavailable,
     ObjectMissing,
 )
+from server.runtime.output import Captured
 
 # Signals whose default action does not end a process.
 _HARMLESS = frozenset({"WINCH", "CONT", "STOP"})
@@ -440,6 +441,14 @@ def _run(req: ExecRequest) -> ExecResult:
             return ExecResult(0, req.stdin or b"", b"")
         case ["exit", code]:
             return ExecResult(int(code), b"", b"")
+        case ["head", "-c", size] if size.isdigit():  # "a" x size on stdout, "e" on stderr
+            out = Captured(req.max_output_bytes, spool_dir=req.spool_dir)
+            err = Captured(req.max_output_bytes, spool_dir=req.spool_dir)
+            for start in range(0, int(size), 65536):
+                n = min(65536, int(size) - start)
+                out.add(b"a" * n)
+                err.add(b"e" * n)
+            return ExecResult(0, out, err, truncated=out.truncated or err.truncated)
     return ExecResult(127, b"", f"fake runtime: {argv[0]}: command not found\n".encode())
 
 

@@ -40,7 +40,8 @@ class WorkspaceNetworks(ServicePart):
         return net_policy.validate(
             mode or st.network_default_mode, list(allow), ceiling=st.network_max_mode,
             user_ranges=net_policy.parse_ranges(st.network_user_allow),
-            operator=net_policy.parse_ranges(st.network_allow))
+            operator=net_policy.parse_ranges(st.network_allow),
+            domains=net_policy.user_domains(st))
 
     def policy(self, ws: Workspace) -> net_policy.NetworkPolicy:
         return net_policy.NetworkPolicy.from_json(ws.network,
@@ -53,7 +54,7 @@ class WorkspaceNetworks(ServicePart):
         ceiling = self.settings.network_max_mode
         if net_policy.MODES.index(wanted.mode) > net_policy.MODES.index(ceiling):
             return net_policy.NetworkPolicy(mode=ceiling)
-        return wanted
+        return net_policy.within(wanted, net_policy.user_domains(self.settings))
 
     async def set(self, ws_id: str, mode: str, allow: Sequence[str], *, actor: str
                           ) -> Workspace:

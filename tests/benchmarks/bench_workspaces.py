@@ -472,6 +472,7 @@ def breakdown(prefix: str, work: Path, repo: Path, rounds: int) -> Results:
     from server.runtime.base import ExecRequest, WorkspaceSpec
     from server.runtime.docker import DockerRuntime, _collect, _raw_socket
     from server.runtime.docker_specs import container_of, volume_of
+    from server.runtime.output import Captured
 
     res = Results()
     rt = DockerRuntime(gvisor_runtime="runsc")
@@ -561,7 +562,7 @@ def breakdown(prefix: str, work: Path, repo: Path, rounds: int) -> Results:
                                  workdir=base_req.cwd, environment=env)
             t1 = time.perf_counter()
             sock = api.exec_start(ex["Id"], socket=True)
-            _collect(_raw_socket(sock), 1 << 20, None)
+            _collect(_raw_socket(sock), Captured(1 << 20), Captured(1 << 20), None)
             sock.close()
             t2 = time.perf_counter()
             n = 0

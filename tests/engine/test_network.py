@@ -25,6 +25,7 @@ import http.server
 import json
 import re
 import secrets
+import shlex
 import socket
 import subprocess
 import threading
@@ -261,6 +262,43 @@ def test_default_mode_reaches_the_internet_and_nothing_else(two: Lab) -> None:
     b_addr = _address(lab, "b")
     wait_for(lambda: _host_reaches(b_addr, 9000), 60, "b's HTTP server")
     assert not lab.reach("a", b_addr, 9000)
+
+
+IPV6_PROBE = """
+import errno, socket, sys
+for addr in sys.argv[1:]:
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+        s.connect((addr, int(%d)))
+        print(addr, "connected")
+    except OSError as e:
+        print(addr, errno.errorcode.get(e.errno, e.errno))
+"""
+
+
+def test_workspaces_have_no_ipv6_and_mapped_addresses_are_ipv4_under_the_policy(
+        two: Lab) -> None:
+    lab = two
+    # No IPv6 address (not even ::1) and no IPv6 route; IPv4 has its default route.
+    r = lab.exec("a", "ip -6 addr; ip -6 route; echo ---; ip -4 route")
+    v6, _, v4 = r["stdout"].partition("---")
+    assert r["exit_code"] == 0 and v6.strip() == "", r
+    assert "default via" in v4
+    # Every IPv6 destination fails at once: global (documentation range), ULA, link-local,
+    # the host's loopback. (::/0 has no route, so nothing leaves the sandbox.)
+    probe = f"python3 -c {shlex.quote(IPV6_PROBE % PORT)}"
+    r = lab.exec("a", f"{probe} 2001:db8::1 2606:4700:4700::1111 fd00::1 fe80::1 ::1")
+    results = dict(line.split() for line in r["stdout"].splitlines())
+    assert set(results.values()) <= {"EHOSTUNREACH", "ENETUNREACH", "EADDRNOTAVAIL"}, results
+    assert len(results) == 5, r
+    # An IPv4-mapped address is IPv4 on the wire, under the IPv4 policy: the public stand-in
+    # answers through it, the LAN and metadata stand-ins do not.
+    r = lab.exec("a", f"{probe} ::ffff:{lab.public} ::ffff:{lab.lan} ::ffff:{METADATA}")
+    results = dict(line.split() for line in r["stdout"].splitlines())
+    assert results[f"::ffff:{lab.public}"] == "connected", results
+    assert results[f"::ffff:{lab.lan}"] != "connected", results
+    assert results[f"::ffff:{METADATA}"] != "connected", results
 
 
 def test_none_mode_has_no_network_but_exec_files_terminal_and_ssh_work(two: Lab) -> None:

@@ -3,21 +3,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from starlette.types import Message, Scope
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect as ws_connect
 
 from server.app import create_app
+from server.client import Den, DenAPIError
 from server.config import Settings
-from server.quotas.rates import Buckets, credential_key
+from server.quotas.rates import Buckets, credential_key, refuse_websocket
 from server.runtime.fake import FakeRuntime
 from tests.conftest import ApiClient, users
+from tests.server_process import DenServer
 from tests.unit.test_api_fake import assert_error
 
 ME = "/api/v1/users/me"
 SLOW = 0.001  # one request back every 1,000 s: none comes back during a test
+WAIT_S = 30
 
 
 class Clock:
@@ -114,3 +122,66 @@ def test_zero_turns_a_limit_off(limited: Callable[..., ApiClient]) -> None:
     api = limited(rate_limit_per_token=0, rate_limit_per_address=0, rate_limit_token_burst=1,
                   rate_limit_address_burst=1)
     assert {api.get(ME).status_code for _ in range(5)} == {200}
+
+
+# --- WebSockets -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def den_serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DenServer]:
+    """A real ``den serve`` (uvicorn; the fake runtime) whose tokens have a burst of 3."""
+    base = tmp_path_factory.mktemp("ws-rates")
+    (base / "repos").mkdir()
+    srv = DenServer(base / "data", base / "repos", "dentest-wsrate", user="alice",
+                    module="tests.fake_serve", ssh_port=0, rate_limit_per_token=SLOW,
+                    rate_limit_token_burst=3)
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.close()
+
+
+def test_websocket_opens_take_from_the_same_buckets_and_are_refused_before_the_upgrade(
+        den_serve: DenServer) -> None:
+    srv = den_serve
+    url = f"ws://127.0.0.1:{srv.port}/api/v1/workspaces/nope/exec/stream"
+    headers = {"Authorization": f"Bearer {srv.token}"}
+    assert srv.http.get(ME).status_code == 200  # 1 of the token's 3
+    for _ in range(2):  # 2 and 3: opened (then ended: no such workspace)
+        with ws_connect(url, additional_headers=headers) as conn:
+            assert json.loads(conn.recv(timeout=WAIT_S))["error"]["code"] == "not_found"
+            with pytest.raises(ConnectionClosed) as closed:
+                conn.recv(timeout=WAIT_S)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4404
+    with pytest.raises(InvalidStatus) as refused:
+        ws_connect(url, additional_headers=headers)
+    response = refused.value.response
+    assert response.status_code == 429
+    assert int(response.headers["Retry-After"]) >= 900
+    assert json.loads(bytes(response.body or b""))["error"]["code"] == "rate_limited"
+    assert_error(srv.http.get(ME), 429, "rate_limited")  # one bucket for both
+    # The Python client says so as it does for HTTP.
+    den = Den(str(srv.http.base_url), srv.token)
+    with pytest.raises(DenAPIError) as err, den.websocket(url, what="the stream"):
+        pass
+    assert (err.value.status, err.value.code) == (429, "rate_limited")
+
+
+def test_a_server_without_websocket_denials_closes_with_4429() -> None:
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "websocket.connect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope: Scope = {"type": "websocket", "path": "/api/v1/workspaces/x/terminal", "extensions": {}}
+    asyncio.run(refuse_websocket(scope, receive, send, 2.5))
+    assert [m["type"] for m in sent] == ["websocket.accept", "websocket.send",
+                                         "websocket.close"]
+    assert json.loads(sent[1]["text"]) == {
+        "type": "error", "error": {"code": "rate_limited",
+                                   "message": "too many requests; try again in 3 s"}}
+    assert sent[2]["code"] == 4429
