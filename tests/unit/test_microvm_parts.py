@@ -57,6 +57,7 @@ def test_argv_boots_the_kernel_with_both_disks_and_the_agent_port() -> None:
     assert "virtserialport,chardev=agent,name=den.agent" in _opt(argv, "-device")
     assert _opt(argv, "-serial") == ["none"]  # no console log unless asked for
     assert "-no-reboot" in argv and "-nodefaults" in argv and "-daemonize" in argv
+    assert argv[argv.index("-sandbox") + 1] == "on,obsolete=deny,resourcecontrol=deny"
     assert _opt(argv, "-pidfile") == ["/srv/den/microvm/vms/den-vm-abc/qemu.pid"]
     cmdline = _opt(argv, "-append")[0].split()
     assert {"panic=-1", "den.hostname=api", "tsc_early_khz=2596134"} <= set(cmdline)
