@@ -387,20 +387,26 @@ def make_repo(repos_root: Path, tmp_path: Path) -> Callable[..., Path]:
 
     def make(name: str = "api", files: dict[str, str] | None = None,
              branch: str = "main") -> Path:
-        src = tmp_path / f"src-{name}-{secrets.token_hex(2)}"
-        src.mkdir()
-        git("init", "-q", "-b", branch, cwd=src)
-        for rel, content in (files or {"README.md": f"# {name}\n"}).items():
-            p = src / rel
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_text(content)
-        git("add", "-A", cwd=src)
-        git("commit", "-q", "-m", "initial", cwd=src)
-        bare = repos_root / f"{name}.git"
-        git("clone", "-q", "--bare", str(src), str(bare))
-        return bare
+        return bare_repo(repos_root, tmp_path / f"src-{name}-{secrets.token_hex(2)}",
+                         name=name, files=files, branch=branch)
 
     return make
+
+
+def bare_repo(repos: Path, src: Path, *, name: str = "api",
+              files: dict[str, str] | None = None, branch: str = "main") -> Path:
+    """A bare repo ``repos/<name>.git`` of one commit with ``files``, made from ``src``."""
+    src.mkdir(parents=True)
+    git("init", "-q", "-b", branch, cwd=src)
+    for rel, content in (files or {"README.md": f"# {name}\n"}).items():
+        p = src / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(content)
+    git("add", "-A", cwd=src)
+    git("commit", "-q", "-m", "initial", cwd=src)
+    bare = repos / f"{name}.git"
+    git("clone", "-q", "--bare", str(src), str(bare))
+    return bare
 
 
 # --- PostgreSQL ------------------------------------------------------------------------------

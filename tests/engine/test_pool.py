@@ -13,7 +13,13 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import RUN_PREFIX, engine_objects, git, remove_engine_objects, unmount_disks
+from tests.conftest import (
+    RUN_PREFIX,
+    bare_repo,
+    engine_objects,
+    remove_engine_objects,
+    unmount_disks,
+)
 from tests.engine.test_sleep import docker, wait
 from tests.server_process import DenServer
 
@@ -78,15 +84,8 @@ def remove_server_objects(prefix: str) -> None:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("pool-repo")
-    src, repos = root / "src", root / "repos"
-    src.mkdir()
-    repos.mkdir()
-    git("init", "-q", "-b", "main", cwd=src)
-    (src / "README.md").write_text("# api\n")
-    git("add", "-A", cwd=src)
-    git("commit", "-q", "-m", "initial", cwd=src)
-    git("clone", "-q", "--bare", str(src), str(repos / "api.git"))
-    return repos / "api.git"
+    (root / "repos").mkdir()
+    return bare_repo(root / "repos", root / "src")
 
 
 def _server(root: Path, repos: Path, tag: str, **settings: Any) -> Pooled:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from server.runtime.cgroup_freezer import control_file
-from tests.conftest import RUN_PREFIX, engine_objects, git
+from tests.conftest import RUN_PREFIX, bare_repo, engine_objects
 from tests.server_process import DenServer
 
 pytestmark = pytest.mark.engine
@@ -121,15 +121,8 @@ def _server(root: Path, repos: Path, tag: str, **settings: Any) -> Sleepy:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("sleep-repo")
-    src, repos = root / "src", root / "repos"
-    src.mkdir()
-    repos.mkdir()
-    git("init", "-q", "-b", "main", cwd=src)
-    (src / "README.md").write_text("# api\n")
-    git("add", "-A", cwd=src)
-    git("commit", "-q", "-m", "initial", cwd=src)
-    git("clone", "-q", "--bare", str(src), str(repos / "api.git"))
-    return repos / "api.git"
+    (root / "repos").mkdir()
+    return bare_repo(root / "repos", root / "src")
 
 
 @pytest.fixture(scope="module")
