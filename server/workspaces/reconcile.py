@@ -42,7 +42,6 @@ CHECKPOINT_SETTLE_S = 120.0
 class Reconciler(ServicePart):
     """Settles rows and engine objects for :class:`WorkspaceService` (which calls it)."""
 
-
     def remove_leftovers(self) -> None:
         """At startup, before anything runs: the build directories and the saved memory of
         snapshots without a row that a previous run left (it stopped while making them)."""

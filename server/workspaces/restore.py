@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 class Restores(ServicePart):
     """Forks, restores and the engine objects of snapshots, for :class:`WorkspaceService`."""
 
-
     def disks(self) -> DiskSnapshots:
         """The runtime, as one that copies disks into snapshots; 409 when it cannot."""
         if not isinstance(self.runtime, DiskSnapshots):
