@@ -520,8 +520,6 @@ class WorkspaceService:
                                    message=f"forwarded ports: {devc_ports.describe(forwarded)}")
         return made
 
-    # --- network policy ---------------------------------------------------------------
-
     # --- lifecycle --------------------------------------------------------------------
 
     async def start(self, ws_id: str, *, actor: str) -> Workspace:
@@ -893,8 +891,6 @@ class WorkspaceService:
         if not isinstance(self.runtime, PortConnector):
             return None
         return await self.runtime.connect(self.spec_for(ws), host, port)
-
-    # --- the engine's events ----------------------------------------------------------
 
     # --- reconcile and the engine's events (server/workspaces/reconcile.py, engine_events.py)
 
