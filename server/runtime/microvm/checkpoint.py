@@ -72,7 +72,8 @@ def save(files: VmFiles, name: str, *, meta: dict[str, Any]) -> int:
     stopped, its disks as QEMU last flushed them)."""
     tmp = partial(files, name)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True, mode=0o700)
+    tmp.parent.mkdir(exist_ok=True, mode=0o700)  # the guest's memory: Den's eyes only
+    tmp.mkdir(mode=0o700)
     (tmp / META).write_text(json.dumps(meta, sort_keys=True))
     stopped = False
     try:
