@@ -26,6 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from server import faults
 from server.runtime.errors import EngineError, ObjectMissing
 from server.runtime.microvm import process
 from server.runtime.microvm.argv import VmFiles
@@ -88,6 +89,7 @@ def save(files: VmFiles, name: str, *, meta: dict[str, Any]) -> int:
             finally:
                 os.close(fd)
             qmp.execute("migrate", {"uri": f"fd:{MIGRATION_FD}"})
+            faults.point("pause.checkpoint")  # Den dies here: reconcile's settle() finishes
             status = qmp.wait_for("query-migrate", _settled, timeout_s=SAVE_TIMEOUT_S)
             if status.get("status") != "completed":
                 with contextlib.suppress(QmpError):
