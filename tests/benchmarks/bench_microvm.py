@@ -59,7 +59,7 @@ async def sleep_and_fork(rt: Runtime, *, runtime: str, image: str, prefix: str, 
     made: list[WorkspaceSpec] = []
     snaps = []
 
-    def spec(ws: str) -> WorkspaceSpec:
+    def spec(ws: str, *, image: str = image) -> WorkspaceSpec:
         return WorkspaceSpec(workspace_id=ws, handle=rt.new_handle(ws), image=image,
                              runtime=runtime, cpus=1, memory_mb=512, pids_limit=1024,
                              hostname=ws, labels=labels_for(instance=prefix, workspace_id=ws,
@@ -86,7 +86,7 @@ async def sleep_and_fork(rt: Runtime, *, runtime: str, image: str, prefix: str, 
             await rt.resume(src, checkpoint=CHECKPOINT)
             assert (await rt.exec(src, ExecRequest(argv=["true"]))).exit_code == 0
             got["resume"].append(time.monotonic() - t)
-            fork = spec(f"f{i}")
+            fork = spec(f"f{i}", image=snap.image)  # Docker: the snapshot's committed image
             made.append(fork)
             t = time.monotonic()
             await rt.load_snapshot(fork, snap)

@@ -185,10 +185,8 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
             raise ObjectMissing(f"the VM of workspace {spec.workspace_id} is missing")
         await self.check()
         argv = self._argv(spec, files, cpus=spec.cpus, memory_mb=spec.memory_mb)
-        for sock in (files.agent, files.qmp):
-            sock.unlink(missing_ok=True)
         started = time.monotonic()
-        await self._io(process.launch, argv)
+        await self._launch(spec, files, argv)
         try:
             await self._session(spec, boot=True)
         except BaseException:
@@ -196,6 +194,13 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
             raise
         log.info("workspace %s: microVM booted (%s) in %.1f s", spec.workspace_id,
                  self.accelerator, time.monotonic() - started)
+
+    async def _launch(self, spec: WorkspaceSpec, files: VmFiles, argv: list[str]) -> None:
+        """Start the VM's QEMU (daemonized): a cold start, or a resume's QEMU waiting for its
+        memory (features.py). What every QEMU of a workspace needs around it goes here."""
+        for sock in (files.agent, files.qmp):
+            sock.unlink(missing_ok=True)
+        await self._io(process.launch, argv)
 
     def _argv(self, spec: WorkspaceSpec, files: VmFiles, *, cpus: float, memory_mb: int
               ) -> list[str]:

@@ -107,6 +107,8 @@ def save(files: VmFiles, name: str, *, meta: dict[str, Any]) -> int:
         if isinstance(exc, QmpError) and process.running(files) is None:
             raise EngineError("QEMU exited while saving the VM's memory; the workspace is "
                               "stopped and starts cold from its disk") from exc
+        if isinstance(exc, OSError):
+            raise EngineError(f"saving the VM's memory failed: {exc}") from exc
         raise
     if not process.wait_gone(files, QUIT_TIMEOUT_S):
         process.end(files, timeout_s=0.0)
@@ -116,15 +118,11 @@ def save(files: VmFiles, name: str, *, meta: dict[str, Any]) -> int:
     return (final / STATE).stat().st_size
 
 
-def load(files: VmFiles, name: str, argv: list[str]) -> dict[str, Any]:
-    """Start QEMU (``argv``: its command line for this VM, as the checkpoint's meta says)
-    from checkpoint ``name`` and let the guest run; returns the meta. On failure QEMU is
-    ended and the checkpoint kept (raises EngineError, ObjectMissing when there is none)."""
+def feed(files: VmFiles, name: str) -> None:
+    """Give checkpoint ``name`` to the VM's QEMU, started with :func:`incoming_argv` (and
+    the checkpoint's memory and vCPUs), and let the guest run. On failure QEMU is ended and
+    the checkpoint kept (raises EngineError, ObjectMissing when there is none)."""
     path = directory(files, name)
-    meta = read_meta(path)
-    for sock in (files.agent, files.qmp):
-        sock.unlink(missing_ok=True)
-    process.launch(incoming_argv(argv))
     try:
         with Qmp(files.qmp) as qmp:
             fd = os.open(path / STATE, os.O_RDONLY | os.O_CLOEXEC)
@@ -143,8 +141,9 @@ def load(files: VmFiles, name: str, argv: list[str]) -> dict[str, Any]:
         process.end(files, timeout_s=0.0)
         if isinstance(exc, QmpError):
             raise EngineError(f"QEMU could not load the VM's memory: {exc.message}") from exc
+        if isinstance(exc, OSError):
+            raise EngineError(f"QEMU could not load the VM's memory: {exc}") from exc
         raise
-    return meta
 
 
 def settle(files: VmFiles, name: str, *, wait_s: float) -> bool:

@@ -59,6 +59,8 @@ class _Vm(Protocol):
     def _argv(self, spec: WorkspaceSpec, files: VmFiles, *, cpus: float, memory_mb: int
               ) -> list[str]: ...
 
+    async def _launch(self, spec: WorkspaceSpec, files: VmFiles, argv: list[str]) -> None: ...
+
     async def _session(self, spec: WorkspaceSpec, *, boot: bool = False) -> AgentSession: ...
 
     async def _drop_agent(self, files: VmFiles, reason: str) -> None: ...
@@ -108,7 +110,8 @@ class VmCheckpoints:
             return
         meta = await self._io(ckpt.read_meta, ckpt.directory(files, checkpoint))
         argv = self._argv(spec, files, cpus=float(meta["cpus"]), memory_mb=int(meta["memory_mb"]))
-        await self._io(ckpt.load, files, checkpoint, argv)
+        await self._launch(spec, files, ckpt.incoming_argv(argv))
+        await self._io(ckpt.feed, files, checkpoint)
         try:
             session = await self._session(spec, boot=True)
             if meta.get("vm") != files.dir.name:  # another VM's memory: a fork
@@ -129,11 +132,13 @@ class VmCheckpoints:
 
     async def export_checkpoint(self: _Vm, spec: WorkspaceSpec, *, checkpoint: str,
                                 dest: Path) -> int:
-        return await self._io(ckpt.export, self.files(spec), checkpoint, dest)
+        return await self._io(_files_op, "copying the saved memory",
+                              functools.partial(ckpt.export, self.files(spec), checkpoint, dest))
 
     async def import_checkpoint(self: _Vm, spec: WorkspaceSpec, *, checkpoint: str,
                                 src: Path) -> None:
-        await self._io(ckpt.install, self.files(spec), checkpoint, src)
+        await self._io(_files_op, "installing the saved memory",
+                       functools.partial(ckpt.install, self.files(spec), checkpoint, src))
 
     def checkpoint_dirs(self: _Vm) -> list[Path]:
         return sorted(self.vms_dir.glob("*/checkpoints"))
@@ -174,15 +179,16 @@ class VmDiskSnapshots:
         dst = VmFiles(self.vms_dir / str(snap.handle["snapshot"]))
         record = {"labels": dict(snap.labels), "snapshot_id": snap.snapshot_id,
                   "created": time.time()}
-        return await self._io(functools.partial(_copy_live, files, dst, record=record))
+        return await self._io(_files_op, "copying the disks",
+                              functools.partial(_copy_live, files, dst, record=record))
 
     async def load_snapshot(self: _Vm, spec: WorkspaceSpec, snap: SnapshotSpec) -> None:
         files = self.files(spec)
         await self._drop_agent(files, "stopped")
         await self._io(functools.partial(process.end, files, timeout_s=0.0))
         src = VmFiles(self.vms_dir / str(snap.handle["snapshot"]))
-        await self._io(functools.partial(snapshots.copy_disks, src, files,
-                                         record=_vm_record(spec)))
+        await self._io(_files_op, "copying the snapshot's disks", functools.partial(
+            snapshots.copy_disks, src, files, record=_vm_record(spec)))
 
     def restore_handle(self: _Vm, spec: WorkspaceSpec) -> dict[str, Any]:
         return {**spec.handle,
@@ -191,8 +197,8 @@ class VmDiskSnapshots:
     async def copy_snapshot(self: _Vm, spec: WorkspaceSpec, snap: SnapshotSpec, *,
                             into: Handle) -> None:
         src = VmFiles(self.vms_dir / str(snap.handle["snapshot"]))
-        await self._io(functools.partial(snapshots.copy_disks, src, self.files(into),
-                                         record=_vm_record(spec)))
+        await self._io(_files_op, "copying the snapshot's disks", functools.partial(
+            snapshots.copy_disks, src, self.files(into), record=_vm_record(spec)))
 
     async def replace_container(self: _Vm, spec: WorkspaceSpec, *, old: Handle) -> None:
         """The VM is its directory: the new one holds the copy, the old one goes."""
@@ -204,6 +210,14 @@ class VmDiskSnapshots:
 
     async def delete_snapshot(self: _Vm, snap: SnapshotSpec) -> None:
         await self._io(snapshots.remove, VmFiles(self.vms_dir / str(snap.handle["snapshot"])))
+
+
+def _files_op(what: str, fn: Callable[[], T]) -> T:
+    """``fn`` with the host's file errors (a full disk) as EngineError."""
+    try:
+        return fn()
+    except OSError as exc:
+        raise EngineError(f"{what} failed: {exc}") from exc
 
 
 def _vm_record(spec: WorkspaceSpec) -> dict[str, Any]:
