@@ -10,6 +10,7 @@ import asyncio
 import os
 import secrets
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -349,6 +350,26 @@ def test_a_restarted_den_finds_the_running_vm_and_its_agent(tmp_path: Path) -> N
         assert not again.stale(obj, spec.handle)
         out = await again.exec(spec, ExecRequest(argv=["cat", "/tmp/mark"]))
         assert out.exit_code == 0 and out.stdout.strip().isdigit(), out  # same boot: /tmp kept
+        # Den killed during a pause (fault point pause.checkpoint, right after QEMU was told
+        # to migrate): a new Den's reconcile settles it, QEMU's save completes and is
+        # installed, and the workspace resumes from it with its memory.
+        await (await again.agent(spec)).close("the pausing Den is another process")  # type: ignore[union-attr]
+        files = again.files(spec)
+        dying = subprocess.run(
+            [sys.executable, "-c", "import sys; from pathlib import Path; "
+             "from server.runtime.microvm import checkpoint, argv; "
+             "checkpoint.save(argv.VmFiles(Path(sys.argv[1])), 'den-pause', meta={"
+             "'vm': Path(sys.argv[1]).name, 'hostname': 'r1', 'cpus': 1.0, "
+             "'memory_mb': 512})", str(files.dir)],
+            env={**os.environ, "DEN_FAULT": "pause.checkpoint"}, capture_output=True,
+            timeout=120, check=False)
+        assert dying.returncode == -9, dying.stderr  # SIGKILL at the fault point
+        assert (files.dir / "checkpoints" / ".den-pause.tmp").is_dir()
+        assert await again.settle_checkpoint(spec, checkpoint="den-pause", wait_s=60)
+        assert await again.status(spec) is ContainerStatus.STOPPED  # QEMU quit after its save
+        await again.resume(spec, checkpoint="den-pause")
+        kept = await again.exec(spec, ExecRequest(argv=["cat", "/tmp/mark"]))
+        assert kept.stdout == out.stdout, kept  # /tmp (memory) came back
         await again.remove_object(obj)
         assert await again.status(spec) is ContainerStatus.MISSING
         assert await again.list_objects(prefix) == []
