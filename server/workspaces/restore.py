@@ -26,6 +26,7 @@ from server.runtime.base import (
     Checkpoints,
     DiskSnapshots,
     Handle,
+    Rehost,
     SnapshotSpec,
     WorkspaceSpec,
     names,
@@ -165,16 +166,31 @@ class Restores(ServicePart):
                 await self.runtime.import_checkpoint(
                     spec, checkpoint=CHECKPOINT, src=self.memory_dir(snap.id))
                 await self.runtime.resume(spec, checkpoint=CHECKPOINT)
-                return "with its memory and processes"
             except DenError as exc:
                 log.warning("workspace %s: memory of snapshot %s not restored: %s %s",
                             spec.workspace_id, snap.id, exc.message, exc.detail)
                 await self.runtime.start(spec)
                 return f"memory not restored ({exc.message}); started cold from disk"
+            await self._own_hostname(spec)
+            return "with its memory and processes"
         await self.runtime.start(spec)
         return "started from disk"
 
 
+
+    async def _own_hostname(self, spec: WorkspaceSpec) -> None:
+        """A sandbox woken from saved memory keeps the kernel's host name it was saved with
+        (gVisor restores it; the engine's /etc/hostname is the new container's): a fork
+        would answer ``hostname`` with its origin's name. Backends that can rename a running
+        sandbox (Rehost) are told the workspace's own; the microVM backend does it inside its
+        resume. A failure leaves the fork running under the old name, and says so."""
+        if not isinstance(self.runtime, Rehost):
+            return
+        try:
+            await self.runtime.set_hostname(spec, spec.hostname, was=spec.hostname)
+        except DenError as exc:
+            log.warning("workspace %s: host name not set after a memory restore: %s %s",
+                        spec.workspace_id, exc.message, exc.detail)
 
     async def take(self, ws: Workspace, snap: Snapshot) -> int:
         """Copy the workspace's disk (and, for a memory snapshot of a paused workspace, its
