@@ -71,8 +71,9 @@ class ProcessService:
     def _control(self) -> ProcessControl:
         runtime = self.workspaces.runtime
         if not isinstance(runtime, ProcessControl):
-            raise NoAgent("this workspace's runtime has no agent, so it cannot run "
-                          "background processes")
+            backend = self.workspaces.settings.backend
+            raise NoAgent(f"this server's backend ({backend}) does not support background "
+                          "processes; run the command in a terminal or with exec instead")
         return runtime
 
     async def _running(self, ws_id: str, actor: str, *, wake: bool = True
