@@ -1,4 +1,5 @@
-"""Workspaces on the real Docker engine with gVisor: create, exec, stop/start, delete."""
+"""Workspaces on the real Docker engine with gVisor: create, exec, stop/start, delete. (Exec
+options, timeouts and the streaming exec are tests/engine/test_backends.py, on both backends.)"""
 
 from __future__ import annotations
 
@@ -60,46 +61,6 @@ def test_default_image_has_the_tools_and_dev_user(
         " done; id -u; echo $HOME; getent passwd dev | cut -d: -f6,7",
     )
     assert out["stdout"] == "1000\n/home/dev\n/home/dev:/bin/bash\n", out
-
-
-def test_exec_options_timeout_env_cwd_stdin(
-    real_api: ApiClient, make_repo: Callable[..., Path]
-) -> None:
-    ws = real_api.create(make_repo())
-    wid = ws["id"]
-    assert real_api.exec(wid, ["sh", "-c", "echo out; echo err >&2; exit 3"]) | {
-        "duration_ms": 0} == {"exit_code": 3, "stdout": "out\n", "stderr": "err\n",
-                               "timed_out": False, "duration_ms": 0, "truncated": False}
-    assert real_api.exec(wid, "echo $GREETING", env={"GREETING": "hello"})["stdout"] == "hello\n"
-    assert real_api.exec(wid, "pwd", cwd="..")["stdout"] == "/workspace\n"
-    assert real_api.exec(wid, "pwd", cwd="/tmp")["stdout"] == "/tmp\n"
-    assert real_api.exec(wid, ["cat"], stdin="piped")["stdout"] == "piped"
-
-    slow = real_api.exec(wid, "sleep 31 & sleep 32; echo never", timeout_s=1)
-    assert slow["timed_out"] is True and "never" not in slow["stdout"], slow
-    # Nothing of the timed-out command survives inside the workspace (the pattern does not
-    # match its own command line).
-    left = real_api.exec(wid, "pgrep -c -f 'sleep 3[12]' || true")
-    assert left["stdout"].strip() == "0", left
-
-
-def test_exec_stream_websocket(real_api: ApiClient, make_repo: Callable[..., Path]) -> None:
-    ws = real_api.create(make_repo())
-    url = f"/api/v1/workspaces/{ws['id']}/exec/stream"
-    with real_api.client.websocket_connect(url, headers=real_api.h()) as sock:
-        sock.send_json({"cmd": ["sh", "-c", "read line; echo got:$line; echo oops >&2"]})
-        sock.send_json({"type": "stdin", "data": "hello\n"})
-        sock.send_json({"type": "close_stdin"})
-        messages = []
-        while True:
-            msg = sock.receive_json()
-            messages.append(msg)
-            if msg["type"] in ("exit", "error"):
-                break
-    out = "".join(m["data"] for m in messages if m["type"] == "stdout")
-    err = "".join(m["data"] for m in messages if m["type"] == "stderr")
-    assert (out, err, messages[-1]) == ("got:hello\n", "oops\n", {"type": "exit",
-                                                                  "exit_code": 0})
 
 
 def test_exec_stream_on_a_terminal_has_its_size_and_takes_resizes(
