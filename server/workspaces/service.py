@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -455,9 +455,7 @@ class WorkspaceService:
                     git_clone.pack_for_workspace, repo, arcname=ws.repo_dir, out=tar
                 )
                 if head and not ws.repo_branch:
-                    with self.sessions.begin() as s:
-                        s.execute(update(Workspace).where(Workspace.id == ws_id)
-                                  .values(repo_branch=head))
+                    self.ledger.change(ws_id, {"repo_branch": head})
                 self.note(ws_id, "clone", f"cloned {ws.repo_url} ({head or 'detached'})")
                 faults.point("create.clone")
                 setup = await self._devcontainer(ws, repo, work) if devcontainer else None
@@ -515,24 +513,23 @@ class WorkspaceService:
             return None
         stored = {**made.stored,
                   "ports": devc_ports.to_json(devc_ports.rows(made.config, public_allowed=True))}
-        with self.sessions.begin() as s:
-            s.execute(update(Workspace).where(Workspace.id == ws.id).values(
-                image=made.image, env=limits.validate_env(dict(made.env)),
-                devcontainer=stored))
-        self._forward(ws.id, stored)
+        self._forward(ws.id, stored, values={
+            "image": made.image, "env": limits.validate_env(dict(made.env)),
+            "devcontainer": stored})
         return made
 
-    def _forward(self, ws_id: str, stored: Mapping[str, Any]) -> None:
+    def _forward(self, ws_id: str, stored: Mapping[str, Any], *,
+                 values: Mapping[str, Any] | None = None) -> None:
         """The forwarded ports a row's ``devcontainer`` keeps, into its preview ports (at
-        create, and in a fork of it or of its prebuild)."""
+        create, with the row's ``values``; in a fork of it or of its prebuild)."""
         forwarded = devc_ports.from_json(stored.get("ports"),
                                          public_allowed=self.settings.preview_public_sharing)
-        if not forwarded:
+        if not forwarded and not values:
             return
-        with self.sessions.begin() as s:
-            devc_ports.write(s, ws_id, forwarded)
-            self.ledger.record(s, ws_id, kind="devcontainer", actor="system",
-                               message=f"forwarded ports: {devc_ports.describe(forwarded)}")
+        self.ledger.change(
+            ws_id, values or {}, also=lambda s: devc_ports.write(s, ws_id, forwarded),
+            event=("devcontainer", f"forwarded ports: {devc_ports.describe(forwarded)}")
+            if forwarded else None)
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -884,10 +881,9 @@ class WorkspaceService:
             )
         await self.ensure_running(ws_id, actor=actor)
         now = datetime.now(UTC)
-        with self.sessions.begin() as s:
-            s.execute(update(Workspace).where(Workspace.id == ws_id).values(
-                keepalive_until=now + timedelta(seconds=ttl_s) if ttl_s else None,
-                last_activity_at=now))
+        self.ledger.change(ws_id, {
+            "keepalive_until": now + timedelta(seconds=ttl_s) if ttl_s else None,
+            "last_activity_at": now})
         return self.get(ws_id)
 
     async def exec_stream(self, ws_id: str, req: ExecRequest, *, actor: str) -> ExecStream:
