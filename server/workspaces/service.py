@@ -269,9 +269,9 @@ class WorkspaceService:
         """Record an event that is not a state change (the ledger's)."""
         self.ledger.note(workspace_id, kind, message, actor=actor)
 
-    def touch(self, workspace_id: str) -> None:
-        """Mark activity on a workspace (the ledger's, debounced)."""
-        self.ledger.touch(workspace_id)
+    def touch(self, workspace_id: str, *, force: bool = False) -> None:
+        """Mark activity on a workspace (the ledger's, debounced; ``force``: not coalesced)."""
+        self.ledger.touch(workspace_id, force=force)
 
     @property
     def can_checkpoint(self) -> bool:
