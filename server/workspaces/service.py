@@ -738,10 +738,12 @@ class WorkspaceService:
             hook.deleted(ws.id)
         log.info("workspace %s: deleted by %s", ws.id, actor)
 
-    async def ensure_running(self, ws_id: str, *, actor: str) -> Workspace:
+    async def ensure_running(self, ws_id: str, *, actor: str,
+                             current: Workspace | None = None) -> Workspace:
         """The workspace, running: a paused one is resumed and a stopped one started (wake
-        on access). Concurrent callers share one wake: the later ones wait for it."""
-        ws = self.get(ws_id)
+        on access). Concurrent callers share one wake: the later ones wait for it.
+        ``current``: its row as the caller has just read it (saves reading it again)."""
+        ws = current if current is not None and current.id == ws_id else self.get(ws_id)
         state = State(ws.state)
         if state in (State.RESUMING, State.STARTING, State.PAUSING, State.STOPPING):
             async with self.locked(ws_id):  # wait for the operation in progress
@@ -808,15 +810,16 @@ class WorkspaceService:
                            size=size,
                            max_output_bytes=self.settings.exec_max_output_bytes)
 
-    async def exec(self, ws_id: str, req: ExecRequest, *, actor: str) -> ExecResult:
+    async def exec(self, ws_id: str, req: ExecRequest, *, actor: str,
+                   current: Workspace | None = None) -> ExecResult:
         """Run ``req`` in the workspace (woken first). A long call (not ``req.short``) is
         admitted through :attr:`long_calls`: it waits for a slot, or is refused with 503
-        ``overloaded`` when the queue is full."""
+        ``overloaded`` when the queue is full. ``current``: as :meth:`ensure_running`'s."""
         started = time.monotonic()
         try:
             admitted = contextlib.nullcontext() if req.short else self.long_calls.enter()
             async with admitted:
-                result = await self._exec(ws_id, req, actor=actor)
+                result = await self._exec(ws_id, req, actor=actor, current=current)
         except BaseException as exc:
             self.metrics.exec_failed(time.monotonic() - started, exc, short=req.short)
             raise
@@ -824,8 +827,9 @@ class WorkspaceService:
                                timed_out=result.timed_out)
         return result
 
-    async def _exec(self, ws_id: str, req: ExecRequest, *, actor: str) -> ExecResult:
-        ws = await self.ensure_running(ws_id, actor=actor)
+    async def _exec(self, ws_id: str, req: ExecRequest, *, actor: str,
+                    current: Workspace | None = None) -> ExecResult:
+        ws = await self.ensure_running(ws_id, actor=actor, current=current)
         spec = self.spec_for(ws)
         try:  # while it runs, the activity hold keeps the workspace from looking idle
             for attempt in (1, 2):
