@@ -812,6 +812,8 @@ class WorkspaceService:
         admitted through :attr:`long_calls`: it waits for a slot, or is refused with 503
         ``overloaded`` when the queue is full. ``current``: as :meth:`ensure_running`'s."""
         started = time.monotonic()
+        if not req.short and self.long_calls.full:
+            current = None  # it waits for a slot: the row is read after the wait
         try:
             admitted = contextlib.nullcontext() if req.short else self.long_calls.enter()
             async with admitted:

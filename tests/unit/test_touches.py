@@ -83,3 +83,4 @@ async def test_ledger_touch_is_coalesced_unless_forced(
     clock.now += 1.1
     svc.touch(ws.id)  # past the window: written
     assert recent()
+
