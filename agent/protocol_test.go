@@ -503,8 +503,9 @@ func TestInitSleepsWhenIdle(t *testing.T) {
 	}
 }
 
-// An agent started with SIGINT, SIGQUIT and SIGHUP ignored (by a shell's `trap ''`, as nohup
-// or a background job does) still starts its processes with them at their default action.
+// An agent started with SIGINT, SIGQUIT and SIGHUP ignored (a shell's trap with an empty
+// action, as nohup or a background job leaves them) still starts its processes with them at
+// their default action.
 func TestExecSignalsNotInheritedIgnored(t *testing.T) {
 	cmd := exec.Command("/bin/sh", "-c", `trap '' INT QUIT HUP; exec "$0" serve`, os.Args[0])
 	cmd.Env = append(os.Environ(), "DEN_AGENT_TEST_MAIN=1", "DEN_AGENT_STDIO=1")
