@@ -4,16 +4,15 @@ never a state change. On the fake runtime."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from sqlalchemy.orm import Session
 
-from server.auth.tokens import ensure_user
 from server.errors import NotFound
-from server.workspaces.service import CreateRequest, WorkspaceService
+from server.workspaces.service import WorkspaceService
+from tests.conftest import running_workspace
 
 
 @pytest.fixture
@@ -26,19 +25,10 @@ def svc(make_service: Callable[..., WorkspaceService]) -> WorkspaceService:
     return make_service()
 
 
-async def _running(svc: WorkspaceService, repo: Path) -> str:
-    with svc.sessions.begin() as s:
-        owner = ensure_user(s, "alice")
-    ws = await svc.create(owner, CreateRequest(name="api", repo_url=str(repo)))
-    await asyncio.wait({svc._tasks[ws.id]}, timeout=60)
-    assert svc.get(ws.id).state == "running"
-    return ws.id
-
-
 @pytest.mark.anyio
 async def test_a_change_writes_its_fields_and_event_together(
         svc: WorkspaceService, make_repo: Callable[..., Path]) -> None:
-    ws_id = await _running(svc, make_repo())
+    ws_id = await running_workspace(svc, make_repo())
     svc.ledger.change(ws_id, lambda ws: {"engine": {**ws.engine, "extra": "x"},
                                          "image": "den/other:1"},
                       event=("restore", "switched"), actor="bob")
@@ -52,7 +42,7 @@ async def test_a_change_writes_its_fields_and_event_together(
 @pytest.mark.anyio
 async def test_a_failing_part_writes_nothing(
         svc: WorkspaceService, make_repo: Callable[..., Path]) -> None:
-    ws_id = await _running(svc, make_repo())
+    ws_id = await running_workspace(svc, make_repo())
     events = len(svc.events(ws_id))
 
     def fail(s: Session) -> None:
@@ -67,7 +57,7 @@ async def test_a_failing_part_writes_nothing(
 @pytest.mark.anyio
 async def test_state_is_not_a_field_to_change_and_a_missing_row_is_not_found(
         svc: WorkspaceService, make_repo: Callable[..., Path]) -> None:
-    ws_id = await _running(svc, make_repo())
+    ws_id = await running_workspace(svc, make_repo())
     for field in ("state", "sleep"):
         with pytest.raises(ValueError, match="transition"):
             svc.ledger.change(ws_id, {field: "stopped"})

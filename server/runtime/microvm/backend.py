@@ -25,6 +25,7 @@ from server.agent.session import AgentSession
 from server.runtime import docker_specs
 from server.runtime.base import (
     LABEL_INSTANCE,
+    LABEL_SNAPSHOT,
     LABEL_WORKSPACE,
     ContainerStatus,
     EngineObject,
@@ -51,6 +52,7 @@ from server.runtime.microvm.argv import (
     probe_argv,
     qemu_argv,
 )
+from server.runtime.microvm.features import SNAPSHOT_KIND, VmCheckpoints, VmDiskSnapshots
 from server.runtime.microvm.transport import PortTransport
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,7 @@ AGENT_ATTEMPT_S = 1.0  # one hello's wait while the guest boots
 DEFAULT_WORKSPACE_GB = 10  # /workspace of a spec without disk_gb (0: a row made before it)
 
 
-class MicroVmRuntime:
+class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
     """Workspaces as QEMU microVMs, each in a directory of ``vms_dir`` (its handle: ``vm``)."""
 
     name = "microvm"
@@ -182,13 +184,9 @@ class MicroVmRuntime:
         if not files.root.exists() or not files.workspace.exists():
             raise ObjectMissing(f"the VM of workspace {spec.workspace_id} is missing")
         await self.check()
-        argv = qemu_argv(self.qemu, self.boot, files, accel=self.accelerator, cpus=spec.cpus,
-                         memory_mb=spec.memory_mb, hostname=spec.hostname,
-                         tsc_khz=self.tsc_khz, console_log=self.console_log)
-        for sock in (files.agent, files.qmp):
-            sock.unlink(missing_ok=True)
+        argv = self._argv(spec, files, cpus=spec.cpus, memory_mb=spec.memory_mb)
         started = time.monotonic()
-        await self._io(process.launch, argv)
+        await self._launch(spec, files, argv)
         try:
             await self._session(spec, boot=True)
         except BaseException:
@@ -196,6 +194,21 @@ class MicroVmRuntime:
             raise
         log.info("workspace %s: microVM booted (%s) in %.1f s", spec.workspace_id,
                  self.accelerator, time.monotonic() - started)
+
+    async def _launch(self, spec: WorkspaceSpec, files: VmFiles, argv: list[str]) -> None:
+        """Start the VM's QEMU (daemonized): a cold start, or a resume's QEMU waiting for its
+        memory (features.py). What every QEMU of a workspace needs around it goes here."""
+        for sock in (files.agent, files.qmp):
+            sock.unlink(missing_ok=True)
+        await self._io(process.launch, argv)
+
+    def _argv(self, spec: WorkspaceSpec, files: VmFiles, *, cpus: float, memory_mb: int
+              ) -> list[str]:
+        """QEMU's command line for the VM (a cold start, or a resume with the memory and
+        vCPUs its checkpoint was saved with: features.py)."""
+        return qemu_argv(self.qemu, self.boot, files, accel=self.accelerator, cpus=cpus,
+                         memory_mb=memory_mb, hostname=spec.hostname, tsc_khz=self.tsc_khz,
+                         console_log=self.console_log)
 
     async def stop(self, spec: WorkspaceSpec, *, timeout_s: int) -> None:
         files = self.files(spec)
@@ -309,6 +322,10 @@ class MicroVmRuntime:
                 labels = record.get("labels") if record else None
                 if not isinstance(labels, dict) or labels.get(LABEL_INSTANCE) != instance:
                     continue
+                if labels.get(LABEL_SNAPSHOT):
+                    found.append(EngineObject(kind=SNAPSHOT_KIND, name=d.name, workspace_id="",
+                                              snapshot_id=str(labels[LABEL_SNAPSHOT])))
+                    continue
                 found.append(EngineObject(kind=KIND, name=d.name,
                                           workspace_id=str(labels.get(LABEL_WORKSPACE, "")),
                                           running=process.running(files) is not None))
@@ -318,6 +335,7 @@ class MicroVmRuntime:
         return obj.name not in names(handle)
 
     async def remove_object(self, obj: EngineObject) -> None:
-        if obj.kind == KIND and obj.name and "/" not in obj.name and obj.name not in (".", ".."):
+        if obj.kind in (KIND, SNAPSHOT_KIND) and obj.name and "/" not in obj.name \
+                and obj.name not in (".", ".."):
             await self._remove(VmFiles(self.vms_dir / obj.name))
 
