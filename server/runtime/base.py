@@ -286,6 +286,7 @@ class EngineEvent:
     workspace_id: str = ""
     container: str = ""  # the engine object's name (one of the workspace's handle names)
     exit_code: int | None = None  # DIE only
+    detail: str = ""  # DIE: why, where the backend knows better than an exit code
 
 
 @runtime_checkable

@@ -62,10 +62,10 @@ class EngineFollower(ServicePart):
                     return  # an older container's death, or restarted since
                 oom_at = self._oom.pop(ws_id, None)
                 oom = oom_at is not None and time.monotonic() - oom_at < OOM_MEMORY_S
+                why = event.detail or \
+                    f"the container exited ({describe_exit(event.exit_code, oom=oom)})"
                 self.ledger.transition(ws_id, state, State.STOPPED, actor="engine",
-                                       message=f"the container exited "
-                                               f"({describe_exit(event.exit_code, oom=oom)}); "
-                                               "it starts again on the next access")
+                                       message=f"{why}; it starts again on the next access")
             elif event.kind is EngineEventKind.START and state in (State.STOPPED,
                                                                     State.PAUSED):
                 if await self.runtime.status(spec) is not ContainerStatus.RUNNING:

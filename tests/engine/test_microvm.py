@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -141,8 +142,14 @@ def test_workspace_disk_has_the_size_asked_for(vm_api: ApiClient, vm: dict[str, 
 
 
 def test_stop_then_start_keeps_workspace_files(vm_api: ApiClient, vm: dict[str, Any]) -> None:
+    """Also: the guest's processes get SIGTERM at stop, and what they write then is kept."""
     ws_id = vm["id"]
     assert vm_api.exec(ws_id, "echo kept > /workspace/api/note")["exit_code"] == 0
+    daemon = ("trap 'echo got-term > /workspace/term; exit 0' TERM; touch /tmp/armed; "
+              "while :; do sleep 1; done")
+    out = vm_api.exec(ws_id, ["sh", "-c", f"setsid sh -c \"{daemon}\" </dev/null >/dev/null "
+                              "2>&1 & until [ -e /tmp/armed ]; do sleep 0.05; done"])
+    assert out["exit_code"] == 0, out
     r = vm_api.post(f"/api/v1/workspaces/{ws_id}/stop")
     assert r.status_code in (200, 202), r.text
     assert vm_api.wait_state(ws_id, settled=("stopped", "error"))["state"] == "stopped"
@@ -153,6 +160,26 @@ def test_stop_then_start_keeps_workspace_files(vm_api: ApiClient, vm: dict[str, 
     assert vm_api.wait_state(ws_id, settled=("running", "error"))["state"] == "running"
     out = vm_api.exec(ws_id, "cat /workspace/api/note; git -C /workspace/api status --short")
     assert out["stdout"] == "kept\n?? note\n", out
+    assert vm_api.exec(ws_id, "cat /workspace/term")["stdout"] == "got-term\n"
+
+
+def test_a_killed_qemu_stops_the_workspace_with_an_event(vm_api: ApiClient,
+                                                        vm: dict[str, Any]) -> None:
+    """kill -9 of the VM's QEMU: the workspace is stopped at once (an engine event, not the
+    next failing call) and the event log says why; a start boots it again."""
+    ws_id = vm["id"]
+    pid = process.running(VmFiles(_vm_dir(vm_api, ws_id)))
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    ws = vm_api.wait_state(ws_id, settled=("stopped", "error"), timeout_s=30)
+    assert ws["state"] == "stopped", ws
+    events = vm_api.get(f"/api/v1/workspaces/{ws_id}/events").json()["events"]
+    last = events[-1]
+    assert last["actor"] == "engine" and "QEMU process ended" in last["message"], events[-3:]
+    r = vm_api.post(f"/api/v1/workspaces/{ws_id}/start")
+    assert r.status_code in (200, 202), r.text
+    assert vm_api.wait_state(ws_id, settled=("running", "error"))["state"] == "running"
+    assert vm_api.exec(ws_id, "cat /workspace/api/note")["stdout"] == "kept\n"
 
 
 def test_pause_is_refused_for_a_backend_without_checkpoints(vm_api: ApiClient,

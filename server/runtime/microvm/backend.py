@@ -16,7 +16,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,6 +27,7 @@ from server.runtime.base import (
     LABEL_INSTANCE,
     LABEL_WORKSPACE,
     ContainerStatus,
+    EngineEvent,
     EngineObject,
     ExecRequest,
     ExecResult,
@@ -43,7 +44,7 @@ from server.runtime.errors import (
     EngineUnavailable,
     ObjectMissing,
 )
-from server.runtime.microvm import disks, process
+from server.runtime.microvm import disks, guest, process
 from server.runtime.microvm.argv import (
     BootFiles,
     VmFiles,
@@ -51,13 +52,14 @@ from server.runtime.microvm.argv import (
     probe_argv,
     qemu_argv,
 )
+from server.runtime.microvm.events import QemuExits
 from server.runtime.microvm.transport import PortTransport
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 KIND = "vm"  # EngineObject.kind of a VM directory
-SYNC_TIMEOUT_S = 10.0  # the guest's `sync` before QEMU is told to end
+SYNC_TIMEOUT_S = 10.0  # QEMU's own exit (its disks flushed) after the guest's stop
 PROBE_TIMEOUT_S = 15.0
 AGENT_ATTEMPT_S = 1.0  # one hello's wait while the guest boots
 DEFAULT_WORKSPACE_GB = 10  # /workspace of a spec without disk_gb (0: a row made before it)
@@ -84,6 +86,7 @@ class MicroVmRuntime:
         self._agents: dict[str, AgentSession] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._listeners: list[Callable[[str, str], None]] = []
+        self._exits = QemuExits(self._running, self._serves)
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -189,6 +192,7 @@ class MicroVmRuntime:
             sock.unlink(missing_ok=True)
         started = time.monotonic()
         await self._io(process.launch, argv)
+        self._exits.launched()
         try:
             await self._session(spec, boot=True)
         except BaseException:
@@ -201,13 +205,13 @@ class MicroVmRuntime:
         files = self.files(spec)
         if await self._io(process.running, files) is None:
             return
-        session = self._agents.get(files.dir.name)
-        if session is not None and session.alive:  # flush the guest's page cache to disk
-            with contextlib.suppress(Exception):
-                await agent_ops.run(session, ExecRequest(argv=["sync"], user="root", cwd="/",
-                                                         timeout_s=SYNC_TIMEOUT_S), {})
+        with contextlib.suppress(Exception):  # SIGTERM to the guest's processes, then sync
+            session = await self._session(spec)
+            req = guest.stop_request(timeout_s)
+            await asyncio.wait_for(agent_ops.run(session, req, {}),
+                                   (req.timeout_s or 0) + AGENT_ATTEMPT_S)
         await self._drop_agent(files, "the workspace stopped")
-        await self._io(functools.partial(process.end, files, timeout_s=float(timeout_s)))
+        await self._io(functools.partial(process.end, files, timeout_s=SYNC_TIMEOUT_S))
 
     async def destroy(self, spec: WorkspaceSpec) -> None:
         await self._remove(self.files(spec))
@@ -313,6 +317,23 @@ class MicroVmRuntime:
                                           workspace_id=str(labels.get(LABEL_WORKSPACE, "")),
                                           running=process.running(files) is not None))
         return found
+
+    def _running(self, instance: str) -> list[tuple[EngineObject, int]]:
+        found = []
+        for obj in self._list(instance):
+            pid = process.running(VmFiles(self.vms_dir / obj.name)) if obj.running else None
+            if pid is not None:
+                found.append((obj, pid))
+        return found
+
+    def _serves(self, obj: EngineObject, pid: int) -> bool:
+        return process.running(VmFiles(self.vms_dir / obj.name)) == pid
+
+    # --- EngineEvents -------------------------------------------------------------------
+
+    def watch(self, instance: str) -> AsyncGenerator[EngineEvent, None]:
+        """A QEMU process that ends is a ``die`` as it happens (microvm/events.py)."""
+        return self._exits.watch(instance)
 
     def stale(self, obj: EngineObject, handle: Handle) -> bool:
         return obj.name not in names(handle)
