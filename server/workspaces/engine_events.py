@@ -44,6 +44,12 @@ class EngineFollower(ServicePart):
             if before is None or now - before >= OOM_MEMORY_S:  # one note a minute at most
                 self._note_oom(ws_id)
             return
+        if event.kind is EngineEventKind.NOTE:
+            with self.sessions() as s:
+                if s.get(Workspace, ws_id) is None:
+                    return
+            self.ledger.note(ws_id, "engine", event.detail, actor="engine")
+            return
         if event.kind not in (EngineEventKind.DIE, EngineEventKind.START) or self.svc.busy(ws_id):
             return
         await self.svc.networks.sync(ws_id)  # the container's address came or went

@@ -7,9 +7,11 @@ without them the module is skipped and says so. One VM is shared by the tests, i
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -77,7 +79,7 @@ def vm_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiClient]:
         try:
             yield api
         finally:
-            for ws in api.get("/api/v1/workspaces", user="root").json().get("items", []):
+            for ws in api.get("/api/v1/workspaces", user="root").json().get("workspaces", []):
                 client.delete(f"/api/v1/workspaces/{ws['id']}", headers=api.h("root"))
             for d in (BOOT_DIR / "vms").glob(f"{settings.engine_prefix}-*"):
                 process.end(VmFiles(d), timeout_s=0)
@@ -105,6 +107,37 @@ def test_health_names_the_backend_and_its_accelerator(vm_api: ApiClient) -> None
         assert engine["accelerator"] == "tcg"
 
 
+def test_tcg_refuses_more_vcpus_than_the_host_can_emulate(vm_api: ApiClient) -> None:
+    if vm_api.get("/healthz").json()["engine"]["accelerator"] != "tcg":
+        pytest.skip("KVM here: every size the operator allows is served")
+    cores = len(os.sched_getaffinity(0))
+    r = vm_api.post("/api/v1/workspaces", json={"name": "big", "resources": {"cpus": cores + 1},
+                                                "repo": {"url": str(vm_api.repo)}})  # type: ignore[attr-defined]
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "resources_unfit" and "TCG" in r.text, r.text
+    assert [w["name"] for w in vm_api.get("/api/v1/workspaces").json()["workspaces"]
+            if w["name"] == "big"] == []  # nothing written
+
+
+def _events(api: ApiClient, ws_id: str) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = api.get(f"/api/v1/workspaces/{ws_id}/events").json()["events"]
+    return events
+
+
+def _qmp(files: VmFiles, command: str) -> None:
+    """One command to the VM's QEMU monitor (QMP)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(files.qmp))
+        f = s.makefile("rwb")
+        f.readline()  # the greeting
+        for cmd in ("qmp_capabilities", command):
+            f.write(json.dumps({"execute": cmd}).encode() + b"\n")
+            f.flush()
+            while b'"return"' not in (line := f.readline()):
+                assert line and b'"error"' not in line, line
+
+
 def test_other_runtimes_are_refused_clearly(vm_api: ApiClient) -> None:
     r = vm_api.post("/api/v1/workspaces", json={"name": "g", "runtime": "gvisor",
                                                 "repo": {"url": str(vm_api.repo)}})  # type: ignore[attr-defined]
@@ -121,6 +154,12 @@ def test_create_from_git_runs_in_its_own_kernel(vm_api: ApiClient, vm: dict[str,
     host = subprocess.run(["uname", "-r"], capture_output=True, text=True).stdout.strip()
     guest = lines[5]
     assert guest != host and guest.endswith("-amd64"), (guest, host)  # Debian's kernel
+    # The event log says how the VM runs (an engine event: it may come just after "running").
+    accel = vm_api.get("/healthz").json()["engine"]["accelerator"].upper()
+    deadline = time.monotonic() + 10
+    while not [e for e in _events(vm_api, vm["id"]) if f"booted with {accel}" in e["message"]]:
+        assert time.monotonic() < deadline, _events(vm_api, vm["id"])
+        time.sleep(0.05)
     # The whole VM is one QEMU process of the host, with the workspace's disks in its dir.
     files = VmFiles(_vm_dir(vm_api, vm["id"]))
     assert process.running(files) is not None
@@ -173,9 +212,29 @@ def test_a_killed_qemu_stops_the_workspace_with_an_event(vm_api: ApiClient,
     os.kill(pid, signal.SIGKILL)
     ws = vm_api.wait_state(ws_id, settled=("stopped", "error"), timeout_s=30)
     assert ws["state"] == "stopped", ws
-    events = vm_api.get(f"/api/v1/workspaces/{ws_id}/events").json()["events"]
+    events = _events(vm_api, ws_id)
     last = events[-1]
     assert last["actor"] == "engine" and "QEMU process ended" in last["message"], events[-3:]
+    r = vm_api.post(f"/api/v1/workspaces/{ws_id}/start")
+    assert r.status_code in (200, 202), r.text
+    assert vm_api.wait_state(ws_id, settled=("running", "error"))["state"] == "running"
+    assert vm_api.exec(ws_id, "cat /workspace/api/note")["stdout"] == "kept\n"
+
+
+def test_a_guest_that_stops_answering_is_504_and_a_restart_brings_it_back(
+        vm_api: ApiClient, vm: dict[str, Any]) -> None:
+    """The guest's CPUs stopped (QEMU's monitor `stop`: a hung kernel as the host sees it,
+    QEMU itself alive): an exec is a 504 naming the restart, not a hang; stop and start
+    boot it again with /workspace kept."""
+    ws_id = vm["id"]
+    _qmp(VmFiles(_vm_dir(vm_api, ws_id)), "stop")
+    for _ in range(2):  # the live session's call, then a fresh hello's
+        r = vm_api.post(f"/api/v1/workspaces/{ws_id}/exec", json={"cmd": "true"})
+        assert r.status_code == 504, r.text
+        assert "restart the workspace" in r.json()["error"]["message"], r.text
+    r = vm_api.post(f"/api/v1/workspaces/{ws_id}/stop")
+    assert r.status_code in (200, 202), r.text
+    assert vm_api.wait_state(ws_id, settled=("stopped", "error"))["state"] == "stopped"
     r = vm_api.post(f"/api/v1/workspaces/{ws_id}/start")
     assert r.status_code in (200, 202), r.text
     assert vm_api.wait_state(ws_id, settled=("running", "error"))["state"] == "running"

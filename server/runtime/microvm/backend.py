@@ -16,7 +16,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,6 +28,7 @@ from server.runtime.base import (
     LABEL_WORKSPACE,
     ContainerStatus,
     EngineEvent,
+    EngineEventKind,
     EngineObject,
     ExecRequest,
     ExecResult,
@@ -38,6 +39,7 @@ from server.runtime.base import (
     names,
 )
 from server.runtime.errors import (
+    AgentTimeout,
     AgentUnavailable,
     EngineConflict,
     EngineError,
@@ -51,6 +53,7 @@ from server.runtime.microvm.argv import (
     host_tsc_khz,
     probe_argv,
     qemu_argv,
+    vcpus,
 )
 from server.runtime.microvm.events import QemuExits
 from server.runtime.microvm.transport import PortTransport
@@ -63,6 +66,18 @@ SYNC_TIMEOUT_S = 10.0  # QEMU's own exit (its disks flushed) after the guest's s
 PROBE_TIMEOUT_S = 15.0
 AGENT_ATTEMPT_S = 1.0  # one hello's wait while the guest boots
 DEFAULT_WORKSPACE_GB = 10  # /workspace of a spec without disk_gb (0: a row made before it)
+
+
+def host_cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def accel_note(accel: str) -> str:
+    """The workspace's event saying how its VM runs."""
+    if accel == "kvm":
+        return "the microVM booted with KVM (hardware virtualization)"
+    return ("the microVM booted with TCG (QEMU's software emulation: this host has no usable "
+            "KVM): the guest's CPU is several times slower than the host's")
 
 
 class MicroVmRuntime:
@@ -137,6 +152,20 @@ class MicroVmRuntime:
             return "tcg"
         return "kvm" if b"den-probe-ok" in out.stdout else "tcg"
 
+    def unfit(self, *, cpus: float, memory_mb: int) -> str | None:
+        """:class:`~server.runtime.base.ResourceFit`: under TCG each vCPU is a host thread
+        emulating a CPU; more vCPUs than the host has cores never run at once, and the
+        guest's kernel stalls waiting for the ones descheduled (its RCU and IPIs assume
+        CPUs that run). KVM: any size the operator allows."""
+        if self.accelerator != "tcg":
+            return None
+        cores = host_cores()
+        if vcpus(cpus) > cores:
+            return (f"resources.cpus {cpus:g} is more than this host can emulate: microVMs "
+                    f"here run under TCG (software emulation, no usable KVM), at most {cores} "
+                    f"vCPUs (the host's cores); ask for {cores} or fewer")
+        return None
+
     async def image_exists(self, image: str) -> bool:
         """MicroVMs boot the root filesystem built from one image (scripts/setup-microvm.sh)."""
         return image == self.image
@@ -192,7 +221,9 @@ class MicroVmRuntime:
             sock.unlink(missing_ok=True)
         started = time.monotonic()
         await self._io(process.launch, argv)
-        self._exits.launched()
+        self._exits.launched(EngineEvent(EngineEventKind.NOTE, workspace_id=spec.workspace_id,
+                                         container=files.dir.name,
+                                         detail=accel_note(self.accelerator)))
         try:
             await self._session(spec, boot=True)
         except BaseException:
@@ -241,11 +272,29 @@ class MicroVmRuntime:
         return docker_specs.exec_env(req.user, spec.env, req.env)
 
     async def exec(self, spec: WorkspaceSpec, req: ExecRequest) -> ExecResult:
-        return await agent_ops.run(await self._session(spec), req, self._env(spec, req))
+        async with self._answering(spec):
+            return await agent_ops.run(await self._session(spec), req, self._env(spec, req))
 
     async def exec_stream(self, spec: WorkspaceSpec, req: ExecRequest) -> ExecStream:
-        return await agent_ops.AgentExecStream.start(await self._session(spec), req,
-                                                     self._env(spec, req))
+        async with self._answering(spec):
+            return await agent_ops.AgentExecStream.start(await self._session(spec), req,
+                                                         self._env(spec, req))
+
+    @contextlib.asynccontextmanager
+    async def _answering(self, spec: WorkspaceSpec) -> AsyncIterator[None]:
+        """A guest that stopped answering (its agent did not start a command in time while
+        QEMU runs: a hung kernel, a stopped agent) is a 504 naming the way back, a restart;
+        its session is dropped, so the next call tries a fresh hello rather than waiting."""
+        try:
+            yield
+        except agent_ops.NotStarted as exc:
+            files = self.files(spec)
+            await self._drop_agent(files, "the guest stopped answering")
+            if await self._io(process.running, files) is None:
+                raise
+            raise AgentTimeout(f"the microVM of workspace {spec.workspace_id} stopped "
+                               f"answering ({exc.message}); restart the workspace (stop, then "
+                               "start)") from exc
 
     # --- AgentChannel ---------------------------------------------------------------------
 
@@ -281,10 +330,12 @@ class MicroVmRuntime:
                     break
                 except (OSError, AgentUnavailable) as exc:
                     if time.monotonic() >= deadline:
-                        raise AgentUnavailable(
-                            f"the agent of workspace {spec.workspace_id} does not answer "
-                            f"({'boot' if boot else 'call'}: {exc}); stop and start the "
-                            "workspace") from exc
+                        # QEMU runs but its guest does not answer (a hung kernel, an agent
+                        # that died): a gateway timeout, and the way back is a restart.
+                        raise AgentTimeout(
+                            f"the microVM of workspace {spec.workspace_id} runs but its agent "
+                            f"does not answer ({'boot' if boot else 'call'}: {exc}); restart "
+                            "the workspace (stop, then start)") from exc
                     await asyncio.sleep(0.05)  # the guest is booting: its port is not open
             session.on_end = functools.partial(self._forget, key)
             self._agents[key] = session

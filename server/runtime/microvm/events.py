@@ -31,10 +31,13 @@ class QemuExits:
         self._serves = serves  # blocking: that pid is still the VM's QEMU
         self._queues: set[asyncio.Queue[object]] = set()
 
-    def launched(self) -> None:
+    def launched(self, note: EngineEvent | None = None) -> None:
+        """A QEMU was started: watch it too, and pass ``note`` on (the accelerator it runs
+        with, for the workspace's event log)."""
         for queue in self._queues:
-            with contextlib.suppress(asyncio.QueueFull):
-                queue.put_nowait(RESCAN)
+            for item in (RESCAN, note) if note is not None else (RESCAN,):
+                with contextlib.suppress(asyncio.QueueFull):
+                    queue.put_nowait(item)
 
     async def watch(self, instance: str) -> AsyncGenerator[EngineEvent, None]:
         loop = asyncio.get_running_loop()
