@@ -14,26 +14,35 @@ AGENT_COMM = "den-agent"  # the agent's processes (PID 1 and its ``serve``) in t
 
 # bash, run as root by the agent. Lists every user process except PID 1, the agent's own,
 # this shell and its children (kernel threads: their parent is kthreadd, pid 2), sends them
-# SIGTERM, waits for them to exit at most $1 seconds, then syncs. Builtins only in the scan
-# (no fork per process: forks are slow under emulation).
+# SIGTERM, syncs (what was written before the stop is safe even if the rest runs out of
+# time), waits at most $1 seconds for those processes to exit (not for new ones: the
+# agent restarts the image's init when it exits), then syncs again. Builtins only in the
+# scans (no fork per process: forks are slow under emulation).
 STOP_SCRIPT = r"""
-self=$$
-others() {
-    out=
-    for d in /proc/[0-9]*; do
-        p=${d#/proc/}
-        [ "$p" = 1 ] || [ "$p" = 2 ] || [ "$p" = "$self" ] && continue
-        read -r st < "$d/stat" 2>/dev/null || continue
-        comm=${st#*(}; comm=${comm%)*}
-        rest=${st##*) }; set -- $rest
-        [ "$2" = 2 ] || [ "$2" = "$self" ] || [ "$1" = Z ] || [ "$comm" = AGENT ] && continue
-        out="$out $p"
-    done
-}
-others
+grace=$1 self=$$
+out=
+for d in /proc/[0-9]*; do
+    p=${d#/proc/}
+    [ "$p" = 1 ] || [ "$p" = 2 ] || [ "$p" = "$self" ] && continue
+    read -r st 2>/dev/null < "$d/stat" || continue
+    comm=${st#*(}; comm=${comm%)*}
+    rest=${st##*) }; set -- $rest
+    [ "$2" = 2 ] || [ "$2" = "$self" ] || [ "$1" = Z ] || [ "$comm" = AGENT ] && continue
+    out="$out $p"
+done
 [ -n "$out" ] && kill -TERM $out 2>/dev/null
-end=$((SECONDS + $1))
-while others; [ -n "$out" ] && [ "$SECONDS" -lt "$end" ]; do sleep 0.05; done
+sync
+end=$((SECONDS + grace))
+while [ "$SECONDS" -lt "$end" ]; do
+    alive=
+    for p in $out; do
+        read -r st 2>/dev/null < "/proc/$p/stat" || continue
+        rest=${st##*) }; set -- $rest
+        [ "$1" = Z ] || { alive=1; break; }
+    done
+    [ -z "$alive" ] && break
+    sleep 0.05
+done
 sync
 """.replace("AGENT", AGENT_COMM)
 
