@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pwd
 import secrets
 import signal
 import socket
@@ -23,8 +24,9 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.config import Settings
-from server.runtime.microvm import process
+from server.runtime.microvm import cgroup, process
 from server.runtime.microvm.argv import VmFiles
+from server.runtime.microvm.cgroup import Cgroups
 from tests.conftest import IN_CI, RUN_PREFIX, ApiClient, git, users
 
 pytestmark = pytest.mark.engine
@@ -84,6 +86,7 @@ def vm_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiClient]:
             for d in (BOOT_DIR / "vms").glob(f"{settings.engine_prefix}-*"):
                 process.end(VmFiles(d), timeout_s=0)
                 subprocess.run(["rm", "-rf", str(d)], check=False)
+                Cgroups().remove(d.name)
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +167,42 @@ def test_create_from_git_runs_in_its_own_kernel(vm_api: ApiClient, vm: dict[str,
     files = VmFiles(_vm_dir(vm_api, vm["id"]))
     assert process.running(files) is not None
     assert files.root.exists() and files.workspace.exists()
+
+
+def _cgroups_of(pid: int) -> dict[str, str]:
+    """controller -> the cgroup path process ``pid`` is in (v1 lines; v2: key "")."""
+    found = {}
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        for c in controllers.split(",") if controllers else [""]:
+            found[c] = path
+    return found
+
+
+def test_qemu_runs_unprivileged_in_a_cgroup_of_its_own(vm_api: ApiClient,
+                                                       vm: dict[str, Any]) -> None:
+    """QEMU dropped root (-runas den-vm) and was born in the VM's cgroup, whose limits
+    follow the workspace's cpus and memory (plus QEMU's overhead)."""
+    files = VmFiles(_vm_dir(vm_api, vm["id"]))
+    pid = process.running(files)
+    assert pid is not None
+    status = Path(f"/proc/{pid}/status").read_text()
+    uids = next(line.split()[1:] for line in status.splitlines() if line.startswith("Uid:"))
+    assert set(uids) == {str(pwd.getpwnam("den-vm").pw_uid)}, uids  # real, effective, saved
+    assert files.dir.stat().st_uid == pwd.getpwnam("den-vm").pw_uid
+    groups = _cgroups_of(pid)
+    want = f"/{cgroup.PARENT}/{files.dir.name}"
+    root = Path("/sys/fs/cgroup")
+    if Cgroups(root).version() == 1:
+        assert [groups[c] for c in ("cpu", "memory", "pids")] == [want] * 3, groups
+        assert (root / "cpu" / want[1:] / "cpu.cfs_quota_us").read_text().strip() == "100000"
+        limit = int((root / "memory" / want[1:] / "memory.limit_in_bytes").read_text())
+        assert (root / "pids" / want[1:] / "pids.max").read_text().strip() == "256"
+    else:
+        assert groups[""] == want, groups
+        assert (root / want[1:] / "cpu.max").read_text().split() == ["100000", "100000"]
+        limit = int((root / want[1:] / "memory.max").read_text())
+    assert limit == (512 + cgroup.QEMU_OVERHEAD_MB) * 1024 * 1024
 
 
 def test_exec_streams_and_exit_codes_through_the_agent(vm_api: ApiClient,
@@ -259,6 +298,7 @@ def test_delete_leaves_no_process_and_no_directory(vm_api: ApiClient,
     while files.dir.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not files.dir.exists()
+    assert not [g for g in Cgroups().groups(files.dir.name) if g.exists()]  # its cgroup too
     assert not Path(f"/proc/{pid}").exists() or b"qemu" not in Path(
         f"/proc/{pid}/cmdline").read_bytes()
 
@@ -311,3 +351,4 @@ def test_a_restarted_den_finds_the_running_vm_and_its_agent(tmp_path: Path) -> N
         for d in vms.glob(f"{prefix}-*"):
             process.end(VmFiles(d), timeout_s=0)
             subprocess.run(["rm", "-rf", str(d)], check=False)
+            Cgroups().remove(d.name)

@@ -44,7 +44,7 @@ def test_argv_boots_the_kernel_with_both_disks_and_the_agent_port() -> None:
                      hostname="api", tsc_khz=2596134)
     assert argv[0] == "qemu"
     assert _opt(argv, "-M")[0].startswith("microvm,")
-    assert _opt(argv, "-accel") == ["tcg"] and _opt(argv, "-cpu") == ["max"]
+    assert _opt(argv, "-accel") == ["tcg,tb-size=128"] and _opt(argv, "-cpu") == ["max"]
     assert _opt(argv, "-smp") == ["2"] and _opt(argv, "-m") == ["768M"]
     assert _opt(argv, "-kernel") == ["/srv/den/microvm/vmlinux"]
     assert _opt(argv, "-initrd") == ["/srv/den/microvm/initramfs.cpio"]

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import logging
 import os
+import pwd
 import shutil
 import subprocess
 import time
@@ -46,7 +47,7 @@ from server.runtime.errors import (
     EngineUnavailable,
     ObjectMissing,
 )
-from server.runtime.microvm import disks, guest, process
+from server.runtime.microvm import cgroup, disks, guest, process
 from server.runtime.microvm.argv import (
     BootFiles,
     VmFiles,
@@ -55,6 +56,7 @@ from server.runtime.microvm.argv import (
     qemu_argv,
     vcpus,
 )
+from server.runtime.microvm.cgroup import Cgroups
 from server.runtime.microvm.events import QemuExits
 from server.runtime.microvm.transport import PortTransport
 
@@ -87,7 +89,8 @@ class MicroVmRuntime:
 
     def __init__(self, *, boot_dir: Path, vms_dir: Path, image: str, prefix: str = "den",
                  qemu: str = "qemu-system-x86_64", accel: str = "auto",
-                 boot_timeout_s: float = 120.0, console_log: bool = False) -> None:
+                 boot_timeout_s: float = 120.0, console_log: bool = False,
+                 user: str = "", cgroups: Cgroups | None = None) -> None:
         self.boot = BootFiles.under(boot_dir)
         self.vms_dir = vms_dir
         self.image = image
@@ -97,6 +100,8 @@ class MicroVmRuntime:
         self.accelerator = "" if accel == "auto" else accel  # decided by check()
         self.boot_timeout_s = boot_timeout_s
         self.console_log = console_log
+        self.user = user  # QEMU's -runas; "" stays root
+        self.cgroups = cgroups or Cgroups()
         self.tsc_khz = 0
         self._agents: dict[str, AgentSession] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -138,7 +143,17 @@ class MicroVmRuntime:
             if not self.tsc_khz:
                 raise EngineUnavailable("cannot read the host's TSC frequency (/proc/cpuinfo "
                                         "has no `cpu MHz`): TCG guests cannot keep time")
+        if self.user:
+            try:
+                pwd.getpwnam(self.user)
+            except KeyError:
+                raise EngineUnavailable(f"the user microVMs run as ({self.user}, "
+                                        "DEN_MICROVM_USER) does not exist: run "
+                                        "scripts/setup-microvm.sh") from None
+        await self._io(self.cgroups.version)  # a hierarchy with cpu, memory and pids
         self.vms_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.user:  # QEMU, once it is the VM user, reaches its own directory by path
+            self.vms_dir.chmod(0o711)
 
     def _detect_accel(self) -> str:
         """KVM when /dev/kvm boots a guest (a paravirtual /dev/kvm may exist and fail),
@@ -216,9 +231,14 @@ class MicroVmRuntime:
         await self.check()
         argv = qemu_argv(self.qemu, self.boot, files, accel=self.accelerator, cpus=spec.cpus,
                          memory_mb=spec.memory_mb, hostname=spec.hostname,
-                         tsc_khz=self.tsc_khz, console_log=self.console_log)
+                         tsc_khz=self.tsc_khz, console_log=self.console_log, runas=self.user)
         for sock in (files.agent, files.qmp):
             sock.unlink(missing_ok=True)
+        if self.user:
+            await self._io(disks.give_to, files, self.user)
+        procs = await self._io(self.cgroups.make, files.dir.name,
+                               cgroup.limits(cpus=spec.cpus, memory_mb=spec.memory_mb))
+        argv = cgroup.wrap(argv, procs)
         started = time.monotonic()
         await self._io(process.launch, argv)
         self._exits.launched(EngineEvent(EngineEventKind.NOTE, workspace_id=spec.workspace_id,
@@ -243,6 +263,7 @@ class MicroVmRuntime:
                                    (req.timeout_s or 0) + AGENT_ATTEMPT_S)
         await self._drop_agent(files, "the workspace stopped")
         await self._io(functools.partial(process.end, files, timeout_s=SYNC_TIMEOUT_S))
+        await self._io(self.cgroups.remove, files.dir.name)
 
     async def destroy(self, spec: WorkspaceSpec) -> None:
         await self._remove(self.files(spec))
@@ -250,6 +271,7 @@ class MicroVmRuntime:
     async def _remove(self, files: VmFiles) -> None:
         await self._drop_agent(files, "the workspace was deleted")
         await self._io(functools.partial(process.end, files, timeout_s=0.0))
+        await self._io(self.cgroups.remove, files.dir.name)
         await self._io(functools.partial(shutil.rmtree, files.dir, ignore_errors=True))
 
     async def status(self, spec: WorkspaceSpec) -> ContainerStatus:
