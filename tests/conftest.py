@@ -9,6 +9,7 @@ run's prefix and removed at the end, even after failures.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import secrets
@@ -31,7 +32,7 @@ from server.config import Settings
 from server.db.migrate import ensure_schema
 from server.db.session import make_engine, make_session_factory
 from server.runtime.fake import FakeRuntime
-from server.workspaces.service import WorkspaceService
+from server.workspaces.service import CreateRequest, WorkspaceService
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 RUN_PREFIX = f"dentest-{secrets.token_hex(3)}"
@@ -337,6 +338,17 @@ def make_service(make_settings: Callable[..., Settings], fake_runtime: FakeRunti
     yield make
     for engine in engines:
         engine.dispose()
+
+
+async def running_workspace(svc: WorkspaceService, repo: Path, *, owner: str = "alice",
+                            name: str = "api") -> str:
+    """The id of a workspace created by ``svc`` (the fake runtime) and running."""
+    with svc.sessions.begin() as s:
+        user = ensure_user(s, owner)
+    ws = await svc.create(user, CreateRequest(name=name, repo_url=str(repo)))
+    await asyncio.wait({svc._tasks[ws.id]}, timeout=60)
+    assert svc.get(ws.id).state == "running"
+    return ws.id
 
 
 @pytest.fixture

@@ -7,14 +7,16 @@ service's lifecycle, restores and forks, reconcile, the engine's events) decides
 happen and calls the ledger to write it; nothing else updates ``Workspace.state``.
 
 Besides transitions the ledger writes what is not a state change but must be recorded with
-the same care: events (:meth:`note`), activity (:meth:`touch`) and the backend's engine
-handle (:meth:`set_engine`).
+the same care: events (:meth:`note`), activity (:meth:`touch`), the backend's engine
+handle (:meth:`set_engine`) and any other field of the row (:meth:`change`: the branch a
+clone found, a devcontainer's image, the network policy, a restore's new data, a keepalive).
+Nothing outside this module updates a ``Workspace`` row.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,7 +24,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.db.models import Event, Workspace
-from server.errors import Conflict
+from server.errors import Conflict, NotFound
 from server.gpus.allocation import GpuPool
 from server.workspaces.feed import EventFeed
 from server.workspaces.states import Sleep, State, can_transition
@@ -112,3 +114,28 @@ class Ledger:
         with self.sessions.begin() as s:
             s.execute(update(Workspace).where(Workspace.id == workspace_id)
                       .values(engine=engine))
+
+    def change(self, workspace_id: str,
+               values: Mapping[str, Any] | Callable[[Workspace], Mapping[str, Any]], *,
+               event: tuple[str, str] | None = None, actor: str = "system",
+               also: Callable[[Session], None] | None = None) -> None:
+        """Write fields of a workspace that are not its state, in one transaction with the
+        event ``(kind, message)`` when given and ``also`` (rows that belong with the change,
+        such as a devcontainer's forwarded ports). ``values`` may be computed from the row as
+        it is inside the transaction (a merge of the engine handle). NotFound when the row
+        is gone; ``state`` and ``sleep`` are :meth:`transition`'s alone."""
+        with self.sessions.begin() as s:
+            row = s.get(Workspace, workspace_id, with_for_update=True)
+            if row is None:
+                raise NotFound(f"no workspace {workspace_id!r}")
+            fields = dict(values(row) if callable(values) else values)
+            if fields.keys() & {"state", "sleep", "id"}:
+                raise ValueError(f"change() cannot write {sorted(fields)}: use transition()")
+            for name, value in fields.items():
+                setattr(row, name, value)
+            if also is not None:
+                also(s)
+            if event is not None:
+                self.record(s, workspace_id, kind=event[0], actor=actor, message=event[1])
+        if event is not None:
+            self.feed.changed(workspace_id)

@@ -10,11 +10,11 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from server.db.models import Snapshot, Workspace
-from server.errors import DenError, NotFound
+from server.errors import DenError
 from server.network import policy as net_policy
 from server.network.denials import Denial, RateLimit
 from server.workspaces.part import ServicePart
@@ -61,14 +61,10 @@ class WorkspaceNetworks(ServicePart):
         """Change a workspace's policy; a running one gets it at once, with its processes
         and connections as they are (a tighter policy cuts the connections it forbids)."""
         policy = self.validate(mode, allow)
-        with self.sessions.begin() as s:
-            res = s.execute(update(Workspace).where(Workspace.id == ws_id)
-                            .values(network=policy.to_json(), updated_at=datetime.now(UTC)))
-            if res.rowcount != 1:  # type: ignore[attr-defined]
-                raise NotFound(f"no workspace {ws_id!r}")
-            allowed = f" ({', '.join(str(e) for e in policy.allow)})" if policy.allow else ""
-            self.ledger.record(s, ws_id, kind="network", actor=actor,
-                               message=f"network policy set to {policy.mode}{allowed}")
+        allowed = f" ({', '.join(str(e) for e in policy.allow)})" if policy.allow else ""
+        self.ledger.change(ws_id, {"network": policy.to_json(), "updated_at": datetime.now(UTC)},
+                           event=("network", f"network policy set to {policy.mode}{allowed}"),
+                           actor=actor)
         if self.guard is not None:
             await self.guard.sync(self.policies)
         return self.svc.get(ws_id)

@@ -18,7 +18,7 @@ from typing import Any
 
 from server import faults
 from server.db.models import Snapshot, Workspace
-from server.errors import Conflict, DenError, NotFound
+from server.errors import Conflict, DenError
 from server.runtime.base import (
     LABEL_INSTANCE,
     LABEL_MANAGED,
@@ -133,16 +133,13 @@ class Restores(ServicePart):
     def _switch(self, ws_id: str, snap: Snapshot, handle: Handle, *, actor: str) -> None:
         """The commit point of a restore: the workspace's data is now the complete copy that
         ``handle`` names (and its image the snapshot's), with the event saying so."""
-        with self.sessions.begin() as s:
-            ws = s.get(Workspace, ws_id)
-            if ws is None:
-                raise NotFound(f"no workspace {ws_id!r}")
-            copy = ", ".join(sorted(names(handle) - names(backend_handle(ws.engine or {}))))
-            ws.engine = {**ws.engine, **handle}
-            ws.image = snap.image
-            self.ledger.record(s, ws_id, kind="restore", actor=actor,
-                               message=f"the copy of snapshot {snap.id} is complete; the "
-                                       f"workspace now uses it ({copy})")
+        before = backend_handle(self.svc.get(ws_id).engine or {})  # held under its lock
+        copy = ", ".join(sorted(names(handle) - names(before)))
+        self.ledger.change(ws_id, lambda ws: {"engine": {**ws.engine, **handle},
+                                              "image": snap.image},
+                           event=("restore", f"the copy of snapshot {snap.id} is complete; "
+                                             f"the workspace now uses it ({copy})"),
+                           actor=actor)
 
     async def remove_named(self, ws_id: str, wanted: set[str]) -> None:
         """Remove the workspace's engine objects of these names (a restore's partial copy)."""

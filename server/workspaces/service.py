@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -451,9 +451,7 @@ class WorkspaceService:
                     git_clone.pack_for_workspace, repo, arcname=ws.repo_dir, out=tar
                 )
                 if head and not ws.repo_branch:
-                    with self.sessions.begin() as s:
-                        s.execute(update(Workspace).where(Workspace.id == ws_id)
-                                  .values(repo_branch=head))
+                    self.ledger.change(ws_id, {"repo_branch": head})
                 self.note(ws_id, "clone", f"cloned {ws.repo_url} ({head or 'detached'})")
                 faults.point("create.clone")
                 setup = await self._devcontainer(ws, repo, work) if devcontainer else None
@@ -511,14 +509,12 @@ class WorkspaceService:
             return None
         forwarded = devc_ports.rows(made.config,
                                     public_allowed=self.settings.preview_public_sharing)
-        with self.sessions.begin() as s:
-            s.execute(update(Workspace).where(Workspace.id == ws.id).values(
-                image=made.image, env=limits.validate_env(dict(made.env)),
-                devcontainer=made.stored))
-            devc_ports.write(s, ws.id, forwarded)
-            if forwarded:
-                self.ledger.record(s, ws.id, kind="devcontainer", actor="system",
-                                   message=f"forwarded ports: {devc_ports.describe(forwarded)}")
+        self.ledger.change(
+            ws.id, {"image": made.image, "env": limits.validate_env(dict(made.env)),
+                    "devcontainer": made.stored},
+            also=lambda s: devc_ports.write(s, ws.id, forwarded),
+            event=("devcontainer", f"forwarded ports: {devc_ports.describe(forwarded)}")
+            if forwarded else None)
         return made
 
     # --- lifecycle --------------------------------------------------------------------
@@ -871,10 +867,9 @@ class WorkspaceService:
             )
         await self.ensure_running(ws_id, actor=actor)
         now = datetime.now(UTC)
-        with self.sessions.begin() as s:
-            s.execute(update(Workspace).where(Workspace.id == ws_id).values(
-                keepalive_until=now + timedelta(seconds=ttl_s) if ttl_s else None,
-                last_activity_at=now))
+        self.ledger.change(ws_id, {
+            "keepalive_until": now + timedelta(seconds=ttl_s) if ttl_s else None,
+            "last_activity_at": now})
         return self.get(ws_id)
 
     async def exec_stream(self, ws_id: str, req: ExecRequest, *, actor: str) -> ExecStream:

@@ -5,7 +5,6 @@ events by equality."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,14 +12,13 @@ from typing import Any
 
 import pytest
 
-from server.auth.tokens import ensure_user
 from server.runtime.base import EngineEvent, EngineEventKind
 from server.runtime.docker import engine_event
 from server.runtime.docker_specs import container_of
 from server.runtime.fake import FakeRuntime
 from server.workspaces.engine_events import describe_exit
-from server.workspaces.service import CreateRequest, WorkspaceService
-from tests.conftest import ApiClient
+from server.workspaces.service import WorkspaceService
+from tests.conftest import ApiClient, running_workspace
 
 DIE, OOM, START = EngineEventKind.DIE, EngineEventKind.OOM, EngineEventKind.START
 
@@ -73,15 +71,6 @@ def svc(make_service: Callable[..., WorkspaceService]) -> WorkspaceService:
     return make_service(service_kw={"instance_id": "inst"})
 
 
-async def _running(svc: WorkspaceService, repo: Path) -> str:
-    with svc.sessions.begin() as s:
-        owner = ensure_user(s, "alice")
-    ws = await svc.create(owner, CreateRequest(name="api", repo_url=str(repo)))
-    await asyncio.wait({svc._tasks[ws.id]}, timeout=60)
-    assert svc.get(ws.id).state == "running"
-    return ws.id
-
-
 def _last(svc: WorkspaceService, ws_id: str) -> tuple[str, str, str]:
     ev = svc.events(ws_id)[-1]
     return ev.actor, ev.to_state or "", ev.message
@@ -91,7 +80,7 @@ def _last(svc: WorkspaceService, ws_id: str) -> tuple[str, str, str]:
 async def test_a_container_killed_from_outside_is_stopped_with_the_reason(
         svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]
         ) -> None:
-    ws_id = await _running(svc, make_repo())
+    ws_id = await running_workspace(svc, make_repo())
     spec = svc.spec_for(svc.get(ws_id))
     fake_runtime.containers[container_of(spec)].running = False
     await svc.apply_engine_event(EngineEvent(OOM, ws_id, container_of(spec)))
@@ -110,7 +99,7 @@ async def test_an_oom_kill_the_sandbox_survives_is_in_the_event_log_once_a_minut
         svc: WorkspaceService, make_repo: Callable[..., Path]) -> None:
     """Under gVisor the host's OOM killer usually ends one process (a systrap stub) and the
     sandbox lives on: the engine sends "oom" and no "die" (observed with runsc 20240729)."""
-    ws_id = await _running(svc, make_repo())
+    ws_id = await running_workspace(svc, make_repo())
     spec = svc.spec_for(svc.get(ws_id))
     for _ in range(3):  # an OOM storm: one note
         await svc.apply_engine_event(EngineEvent(OOM, ws_id, container_of(spec)))
@@ -133,7 +122,7 @@ async def test_an_exec_that_finds_the_sandbox_dead_after_the_event_stream_restar
     """The exec's own check finds the container dead after the event stream already recorded
     it `stopped` (a failed checkpoint kills the sandbox): the exec starts it again and runs,
     as when the exec notices first (it answered 409 exec_failed)."""
-    ws_id = await _running(svc, make_repo())
+    ws_id = await running_workspace(svc, make_repo())
     spec = svc.spec_for(svc.get(ws_id))
     fake_runtime.containers[container_of(spec)].running = False
     await svc.apply_engine_event(EngineEvent(DIE, ws_id, container_of(spec), exit_code=128))
@@ -145,7 +134,7 @@ async def test_an_exec_that_finds_the_sandbox_dead_after_the_event_stream_restar
 async def test_events_den_itself_caused_or_that_the_engine_contradicts_are_ignored(
         svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]
         ) -> None:
-    ws_id = await _running(svc, make_repo())
+    ws_id = await running_workspace(svc, make_repo())
     spec = svc.spec_for(svc.get(ws_id))
     events_before = len(svc.events(ws_id))
     die = EngineEvent(DIE, ws_id, container_of(spec), exit_code=0)
@@ -171,10 +160,10 @@ async def test_events_den_itself_caused_or_that_the_engine_contradicts_are_ignor
 
 
 @pytest.mark.anyio
-async def test_a_container_started_outside_den_is_running(
+async def test_a_container_started_outside_den_isrunning_workspace(
         svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]
         ) -> None:
-    ws_id = await _running(svc, make_repo())
+    ws_id = await running_workspace(svc, make_repo())
     await svc.stop(ws_id, actor="alice")
     spec = svc.spec_for(svc.get(ws_id))
     start = EngineEvent(START, ws_id, container_of(spec))
