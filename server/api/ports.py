@@ -69,7 +69,7 @@ def set_port_share(ref: str, port: str, body: PortShareIn, request: Request,
     ws = svc.get_for(user, ref)
     number = _port(port)
     share = previews.set_share(ws, number, body.share, actor=user.name)
-    return _out(request, previews, ws, number, share, None)
+    return _out(request, previews, ws, number, share, None, previews.label_of(ws.id, number))
 
 
 @router.post("/{ref}/ports/{port}/links", response_model=ShareLinkOut, status_code=201,

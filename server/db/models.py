@@ -117,6 +117,9 @@ class Workspace(Base):
     network: Mapped[dict[str, Any]] = mapped_column(default=dict)
     # What it keeps of its devcontainer.json (server/devcontainer/): empty when none.
     devcontainer: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # The prebuild this workspace is made for (server/prebuilds/): such a workspace is not
+    # listed, but counts toward its owner's limits as any other.
+    prebuild_id: Mapped[str | None] = mapped_column(String(32), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_activity_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -157,6 +160,7 @@ class Snapshot(Base):
     repo_dir: Mapped[str] = mapped_column(String(255))
     runtime: Mapped[str] = mapped_column(String(32))
     network: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the origin's, for forks
+    devcontainer: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the origin's, for forks
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 

@@ -188,8 +188,9 @@ class ImageMaker:
         if not bases:
             raise DevContainerInvalid(f"build.dockerfile {dockerfile_rel!r} has no FROM line")
         ids = [await self._local(b, what="the Dockerfile's FROM image") for b in bases]
+        ignore = source.ignored(repo, context_rel, dockerfile=dockerfile_rel)
         content = source.context_tar(repo, context_rel, dockerfile=text, out=None,
-                                     max_bytes=self.context_max_bytes)
+                                     max_bytes=self.context_max_bytes, ignore=ignore)
         key = "\0".join(["build", content, *ids, build.target or "",
                          *(f"{k}={v}" for k, v in sorted(build.args.items()))])
         final = self.tag(_hash(key + "\0" + self._layer_key))
@@ -199,7 +200,7 @@ class ImageMaker:
         intermediate = f"{self.prefix}-devc-build:{_hash(key)[:24]}"
         ctx = work / "context.tar"
         source.context_tar(repo, context_rel, dockerfile=text, out=ctx,
-                           max_bytes=self.context_max_bytes)
+                           max_bytes=self.context_max_bytes, ignore=ignore)
         log_to.line(f"building {dockerfile_rel} (context {context_rel or '.'})")
         try:
             await self.builder.build(

@@ -1,10 +1,12 @@
 """forwardPorts and portsAttributes into the preview ports table (docs/preview.md): each
 forwarded port is listed with its label, at the share level its attributes name (else
-private)."""
+private). The row's ``devcontainer`` keeps them (:func:`to_json`), so that a fork of the
+workspace, or of its prebuild, lists them too (:func:`from_json`)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import delete
 from sqlalchemy.orm import Session
@@ -21,6 +23,30 @@ def rows(config: DevContainer, *, public_allowed: bool) -> dict[int, PortAttribu
     if not public_allowed:
         out = {p: PortAttributes(label=a.label, share="users") if a.share == "public" else a
                for p, a in out.items()}
+    return out
+
+
+def to_json(ports: dict[int, PortAttributes]) -> dict[str, dict[str, str]]:
+    return {str(p): {"label": a.label, "share": a.share or ""} for p, a in sorted(ports.items())}
+
+
+def from_json(kept: Any, *, public_allowed: bool) -> dict[int, PortAttributes]:
+    """The ports :func:`to_json` kept, under the server's public rule of now (as
+    :func:`rows`); anything malformed is left out (the row is Den's own, but old rows have
+    no ``ports``)."""
+    out: dict[int, PortAttributes] = {}
+    if not isinstance(kept, dict):
+        return out
+    for key, attrs in kept.items():
+        if not (isinstance(key, str) and key.isdigit() and 1 <= int(key) <= 65535
+                and isinstance(attrs, dict)):
+            continue
+        label, share = attrs.get("label", ""), attrs.get("share", "")
+        if not isinstance(label, str) or share not in ("", "private", "users", "public"):
+            continue
+        if share == "public" and not public_allowed:
+            share = "users"
+        out[int(key)] = PortAttributes(label=label[:64], share=share or None)
     return out
 
 

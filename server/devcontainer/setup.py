@@ -92,11 +92,12 @@ class DevContainers:
             folder = repo_path
         # Den's sessions are remote: remoteEnv applies to them all, over containerEnv; the
         # user's own env (the API's "env") wins over both.
-        env = {**variables.env_of(await self.maker.builder.image_env(built.image),
-                                  config.container_env, config.remote_env, folder=folder),
-               **user_env}
+        own = variables.env_of(await self.maker.builder.image_env(built.image),
+                               config.container_env, config.remote_env, folder=folder)
+        env = {**own, **user_env}
+        # ``env``: the devcontainer's own environment, for forks (the request's stays out).
         stored = {"file": found.path, "folder": folder, "remote_user": config.remote_user,
-                  "post_start": lifecycle.to_json(config.post_start)}
+                  "post_start": lifecycle.to_json(config.post_start), "env": dict(own)}
         return Plan(file=found.path, config=config, image=built.image, env=env, stored=stored)
 
     async def created(self, runtime: Runtime, spec: WorkspaceSpec, plan: Plan, *,

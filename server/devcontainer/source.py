@@ -17,12 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.devcontainer import dockerignore
 from server.devcontainer.parse import DevContainerInvalid, DevContainerRefused
 
 CANDIDATES = (".devcontainer/devcontainer.json", ".devcontainer.json")
 DOCKERFILE_NAME = ".den-devcontainer.Dockerfile"  # where the Dockerfile goes in the context
 MAX_DOCKERFILE_BYTES = 256 * 1024
 SKIP = frozenset({".git"})  # Den's clone metadata (and its hooks) stays out of builds
+# Appended to the context's .dockerignore (or all of one Den adds): the engine's builder
+# removes the files it names among the Dockerfile and .dockerignore before the build, so that
+# a `COPY . ...` never copies the Dockerfile Den adds (a .dockerignore Den adds names itself).
+HIDE = b"\n" + DOCKERFILE_NAME.encode() + b"\n"
 
 
 @dataclass(frozen=True)
@@ -87,24 +92,62 @@ class _Discard(io.RawIOBase):
         return len(data)
 
 
+def ignored(repo: Path, context: str, *, dockerfile: str) -> dockerignore.Ignore:
+    """The context's ``.dockerignore`` (none: nothing left out). As ``docker build`` does,
+    the file itself and the Dockerfile (``dockerfile``, relative to the repository) stay in
+    the context whatever it says."""
+    inside(repo, context, what="build context")
+    rel = posixpath.join(context, dockerignore.NAME) if context not in ("", ".") \
+        else dockerignore.NAME
+    if not os.path.lexists(repo / rel):
+        return dockerignore.Ignore([])
+    data = read_inside(repo, rel, what=".dockerignore", limit=dockerignore.MAX_BYTES)
+    try:
+        patterns = dockerignore.parse(data.decode())
+    except UnicodeDecodeError as exc:
+        raise DevContainerInvalid(f"{rel} is not UTF-8") from exc
+    except ValueError as exc:
+        raise DevContainerInvalid(f"{rel}: {exc}") from exc
+    ignore = dockerignore.Ignore(patterns)
+    keep = [dockerignore.NAME]
+    in_context = posixpath.relpath(posixpath.normpath(dockerfile),
+                                   posixpath.normpath(context or "."))
+    if not in_context.startswith("../"):
+        keep.append(in_context)
+    for path in keep:
+        if ignore.excluded(path):
+            patterns.append(dockerignore.parse("!" + path)[0])
+    return dockerignore.Ignore(patterns)
+
+
 def context_tar(repo: Path, context: str, *, dockerfile: bytes, out: Path | None,
-                max_bytes: int) -> str:
+                max_bytes: int, ignore: dockerignore.Ignore | None = None) -> str:
     """Write the build context ``context`` (relative to the repository) as a tar at ``out``
-    (None: only hash it), with ``dockerfile`` added as :data:`DOCKERFILE_NAME`; return the
-    hash of its content (paths, types, modes, link targets, file bytes)."""
+    (None: only hash it), without what ``ignore`` leaves out, with ``dockerfile`` added as
+    :data:`DOCKERFILE_NAME`; return the hash of its content (paths, types, modes, link
+    targets, file bytes)."""
     root = inside(repo, context, what="build context")
     if not root.is_dir():
         raise DevContainerInvalid(f"build context {context!r} is not a directory")
+    ignore = ignore or dockerignore.Ignore([])
+    has_ignore = False
     digest = hashlib.sha256()
     total = 0
     sink: Any = _Discard() if out is None else out.open("wb")
     with sink, tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-            dirnames[:] = sorted(d for d in dirnames if not (Path(dirpath) == root and d in SKIP))
+            here = Path(dirpath)
+
+            def walked(d: str, here: Path = here) -> bool:
+                arc = (here / d).relative_to(root).as_posix()
+                return not (here == root and d in SKIP) and not (
+                    ignore.excluded(arc) and not ignore.may_hold_exceptions(arc))
+
+            dirnames[:] = sorted(d for d in dirnames if walked(d))
             for name in sorted(dirnames) + sorted(filenames):
-                full = Path(dirpath) / name
+                full = here / name
                 arc = full.relative_to(root).as_posix()
-                if arc == DOCKERFILE_NAME:
+                if arc == DOCKERFILE_NAME or ignore.excluded(arc):
                     continue
                 info = tar.gettarinfo(str(full), arcname=arc)
                 info.uid = info.gid = 0
@@ -119,16 +162,22 @@ def context_tar(repo: Path, context: str, *, dockerfile: bytes, out: Path | None
                             f"{max_bytes // (1024 * 1024)} MiB")
                     with full.open("rb") as fh:
                         data = fh.read(info.size)
+                    if arc == dockerignore.NAME:
+                        data, has_ignore = data + HIDE, True
                     info.size = len(data)
                     digest.update(hashlib.sha256(data).digest())
                     tar.addfile(info, io.BytesIO(data))
                 elif info.isdir() or info.issym():
                     tar.addfile(info)
                 # sockets, fifos and devices: not part of a build
-        info = tarfile.TarInfo(DOCKERFILE_NAME)
-        info.size, info.mode = len(dockerfile), 0o644
-        tar.addfile(info, io.BytesIO(dockerfile))
-    digest.update(b"dockerfile\0" + dockerfile)
+        extra = [(DOCKERFILE_NAME, dockerfile)]
+        if not has_ignore:
+            extra.append((dockerignore.NAME, HIDE + dockerignore.NAME.encode() + b"\n"))
+        for name, data in extra:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+            digest.update(f"{name}\0".encode() + data)
     return digest.hexdigest()
 
 

@@ -135,7 +135,8 @@ class PrebuildService:
                 raise NotFound("the prebuild's owner is gone")
             ws = await svc.create(owner, CreateRequest(
                 name=f"prebuild-{prebuild_id[2:]}", repo_url=pb.repo_url,
-                branch=pb.branch or None, keep_alive=True, prebuild=False))
+                branch=pb.branch or None, keep_alive=True, prebuild=False,
+                for_prebuild=prebuild_id))
             ws_id = ws.id
             self._set(prebuild_id, workspace_id=ws_id)
             ws = await svc.built(ws_id)

@@ -118,6 +118,9 @@ class PreviewService:
     def _shares(self, workspace_id: str) -> dict[int, Share]:
         return {p: Share(r.share) for p, r in self._rows(workspace_id).items()}
 
+    def label_of(self, workspace_id: str, port: int) -> str:
+        return getattr(self._rows(workspace_id).get(port), "label", "")
+
     def share_of(self, workspace_id: str, port: int) -> Share:
         return self._shares(workspace_id).get(port, Share.PRIVATE)
 
@@ -135,7 +138,7 @@ class PreviewService:
         if old is level:
             return level
         now = datetime.now(UTC)
-        label = getattr(self._rows(ws.id).get(port), "label", "")
+        label = self.label_of(ws.id, port)
         with self.workspaces.sessions.begin() as s:
             s.execute(delete(PreviewPort).where(PreviewPort.workspace_id == ws.id,
                                                 PreviewPort.port == port))

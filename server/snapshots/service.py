@@ -98,6 +98,7 @@ class SnapshotService:
                 memory=memory, image=named.image, engine=dict(named.handle),
                 repo_url=ws.repo_url, repo_branch=ws.repo_branch, repo_dir=ws.repo_dir,
                 runtime=ws.runtime, network=dict(ws.network or {}),
+                devcontainer=dict(ws.devcontainer or {}),
             )
             snap.size_bytes = await svc.restores.take(ws, snap)
             with self.sessions.begin() as s:

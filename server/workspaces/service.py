@@ -18,7 +18,7 @@ import os
 import posixpath
 import shutil
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -118,6 +118,7 @@ class CreateRequest:
     network_allow: tuple[str, ...] = ()
     devcontainer: bool = True  # build from the repository's devcontainer.json, if it has one
     prebuild: bool = True  # fork from the owner's prebuild of the repo and branch, if ready
+    for_prebuild: str | None = None  # the prebuild this workspace is made for: not listed
 
 
 # bash when the image has it, else sh: any image works (one sh more per session, ~20 ms).
@@ -188,7 +189,8 @@ class WorkspaceService:
 
     def list_for(self, user: User) -> list[Workspace]:
         with self.sessions() as s:
-            q = select(Workspace).order_by(Workspace.created_at)
+            q = (select(Workspace).where(Workspace.prebuild_id.is_(None))
+                 .order_by(Workspace.created_at))
             if not user.is_admin:
                 q = q.where(Workspace.owner_id == user.id)
             return list(s.scalars(q))
@@ -319,12 +321,13 @@ class WorkspaceService:
             runtime=runtime, cpus=cpus, memory_mb=memory_mb, disk_gb=disk_gb, gpus=req.gpus,
             gpu_model=req.gpu_model,
             env=env, idle_timeout_s=req.idle_timeout_s, stop_after_s=req.stop_after_s,
-            keep_alive=req.keep_alive, network=network.to_json(),
+            keep_alive=req.keep_alive, network=network.to_json(), prebuild_id=req.for_prebuild,
         )
         if prebuilds is not None and req.prebuild and (
                 use := await prebuilds.find(user, fields, req)) is not None:
             row = self._insert(user, name, message_prefix=use.message_prefix,
                                **{**fields, **use.fields})
+            self._forward(row.id, row.devcontainer)
             self._spawn(row.id, self.restores.build_fork(row.id, use.snapshot, then=use.then))
             return self.get(row.id)
         pooled = self.pool.take(pool_fit.request_key(
@@ -396,8 +399,10 @@ class WorkspaceService:
             repo_url=snap.repo_url, repo_branch=snap.repo_branch, repo_dir=snap.repo_dir,
             image=snap.image, runtime=runtime, cpus=self.settings.default_cpus,
             memory_mb=self.settings.default_memory_mb, disk_gb=self._forked_disk_gb(snap),
-            gpus=0, env={}, network=self.networks.forked(snap).to_json(),
+            gpus=0, env=limits.validate_env(dict(snap.devcontainer.get("env") or {})),
+            network=self.networks.forked(snap).to_json(), devcontainer=dict(snap.devcontainer),
         )
+        self._forward(row.id, row.devcontainer)
         self._spawn(row.id, self.restores.build_fork(row.id, snap))
         return self.get(row.id)
 
@@ -507,15 +512,25 @@ class WorkspaceService:
                                 gpus=ws.gpus), note=self._noter(ws.id))
         if made is None:
             return None
-        forwarded = devc_ports.rows(made.config,
-                                    public_allowed=self.settings.preview_public_sharing)
+        stored = {**made.stored,
+                  "ports": devc_ports.to_json(devc_ports.rows(made.config, public_allowed=True))}
+        self._forward(ws.id, stored, values={
+            "image": made.image, "env": limits.validate_env(dict(made.env)),
+            "devcontainer": stored})
+        return made
+
+    def _forward(self, ws_id: str, stored: Mapping[str, Any], *,
+                 values: Mapping[str, Any] | None = None) -> None:
+        """The forwarded ports a row's ``devcontainer`` keeps, into its preview ports (at
+        create, with the row's ``values``; in a fork of it or of its prebuild)."""
+        forwarded = devc_ports.from_json(stored.get("ports"),
+                                         public_allowed=self.settings.preview_public_sharing)
+        if not forwarded and not values:
+            return
         self.ledger.change(
-            ws.id, {"image": made.image, "env": limits.validate_env(dict(made.env)),
-                    "devcontainer": made.stored},
-            also=lambda s: devc_ports.write(s, ws.id, forwarded),
+            ws_id, values or {}, also=lambda s: devc_ports.write(s, ws_id, forwarded),
             event=("devcontainer", f"forwarded ports: {devc_ports.describe(forwarded)}")
             if forwarded else None)
-        return made
 
     # --- lifecycle --------------------------------------------------------------------
 

@@ -139,6 +139,7 @@ ARG GREETING=unset
 RUN echo "built with $GREETING" > /built.txt && ls /sys/class/net > /build-nets.txt
 COPY tool.sh /usr/local/bin/tool
 RUN chmod 0755 /usr/local/bin/tool && groupadd -g 1000 node && useradd -u 1000 -g 1000 -m node
+COPY . /ctx/
 """
 
 
@@ -153,7 +154,9 @@ def test_dockerfile_from_the_local_base_with_container_env_is_built_once(
     })
     repo = make_repo("svc", {".devcontainer/devcontainer.json": config,
                              ".devcontainer/Dockerfile": DOCKERFILE,
-                             "tool.sh": "#!/bin/sh\necho tool ran\n"})
+                             "tool.sh": "#!/bin/sh\necho tool ran\n",
+                             ".dockerignore": "secret.env\n*.md\n!KEEP.md\n",
+                             "secret.env": "TOKEN=x", "notes.md": "mine", "KEEP.md": "k"})
     ws = api.create(repo)
     assert ws["state"] == "running", (ws, _events(api, ws["id"]))
     out = api.exec(ws["id"], "cat /built.txt /build-nets.txt from-tool.txt; echo $MODE; "
@@ -162,6 +165,9 @@ def test_dockerfile_from_the_local_base_with_container_env_is_built_once(
     # The RUN step had no network: only the loopback interface. The image's own user 1000
     # (node) and dev are one uid, which owns the repository's files.
     assert out["stdout"] == "built with args\nlo\ntool ran\ncontainer\n1000\nwritable\n", out
+    # The context left out what its .dockerignore says (and the clone's .git).
+    out = api.exec(ws["id"], "ls -A /ctx")
+    assert out["stdout"] == ".devcontainer\n.dockerignore\nKEEP.md\ntool.sh\n", out
     build = _messages(api, ws["id"], "build")
     assert "Step 1/" in build and "den-layer.sh" in build
     assert "(built)" in _messages(api, ws["id"], "devcontainer")

@@ -14,6 +14,7 @@ import secrets
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,7 +99,10 @@ def vm(vm_api: ApiClient) -> dict[str, Any]:
 
 
 def _vm_dir(api: ApiClient, ws_id: str) -> Path:
-    return BOOT_DIR / "vms" / f"{api.app.state.settings.engine_prefix}-vm-{ws_id}"
+    """The workspace's VM directory (a restore moves it to a new name: <name>-<hex>)."""
+    base = BOOT_DIR / "vms" / f"{api.app.state.settings.engine_prefix}-vm-{ws_id}"
+    found = sorted(base.parent.glob(f"{base.name}*"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else base
 
 
 def test_health_names_the_backend_and_its_accelerator(vm_api: ApiClient) -> None:
@@ -280,11 +284,126 @@ def test_a_guest_that_stops_answering_is_504_and_a_restart_brings_it_back(
     assert vm_api.exec(ws_id, "cat /workspace/api/note")["stdout"] == "kept\n"
 
 
-def test_pause_is_refused_for_a_backend_without_checkpoints(vm_api: ApiClient,
-                                                           vm: dict[str, Any]) -> None:
-    r = vm_api.post(f"/api/v1/workspaces/{vm['id']}/pause")
-    assert r.status_code == 409, r.text
-    assert vm_api.get(f"/api/v1/workspaces/{vm['id']}").json()["state"] == "running"
+COUNTER = ("setsid sh -c 'i=0; while true; do i=$((i+1)); echo $$ $i > /tmp/.c; "
+           "mv /tmp/.c /tmp/count; sleep 0.2; done' </dev/null >/dev/null 2>&1 &")
+
+
+def _counter(api: ApiClient, ws_id: str) -> tuple[int, int]:
+    """(pid, count) of the guest's counter, from /tmp: a tmpfs, in the guest's memory only."""
+    out = api.exec(ws_id, "cat /tmp/count")
+    pid, count = out["stdout"].split()
+    return int(pid), int(count)
+
+
+def _events(api: ApiClient, ws_id: str) -> list[str]:
+    r = api.get(f"/api/v1/workspaces/{ws_id}/events")
+    assert r.status_code == 200, r.text
+    return [f"{e['kind']} {e['to_state'] or ''} {e['message']}" for e in r.json()["events"]]
+
+
+def _counts_on(api: ApiClient, ws_id: str, pid: int, above: int) -> None:
+    """The same counter process goes on counting (a condition, waited for)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        now = _counter(api, ws_id)
+        assert now[0] == pid, now
+        if now[1] > above:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the counter stayed at {above}")
+
+
+def test_pause_saves_memory_and_resume_keeps_processes(vm_api: ApiClient,
+                                                       vm: dict[str, Any]) -> None:
+    ws_id = vm["id"]
+    assert vm_api.exec(ws_id, COUNTER)["exit_code"] == 0
+    deadline = time.monotonic() + 30
+    while vm_api.exec(ws_id, "test -s /tmp/count")["exit_code"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    pid, count = _counter(vm_api, ws_id)
+    files = VmFiles(_vm_dir(vm_api, ws_id))
+    r = vm_api.post(f"/api/v1/workspaces/{ws_id}/pause")
+    assert r.status_code == 200, r.text
+    assert r.json()["state"] == "paused"
+    assert process.running(files) is None  # no QEMU: no CPU, no RAM held
+    saved = files.dir / "checkpoints" / "den-pause" / "state"
+    assert saved.stat().st_size > 1 << 20
+    r = vm_api.post(f"/api/v1/workspaces/{ws_id}/resume")
+    assert r.status_code == 200, r.text
+    assert r.json()["state"] == "running"
+    _counts_on(vm_api, ws_id, pid, count)  # /tmp and the process came back from memory
+    assert not saved.exists()  # QEMU read all of it; nothing kept while running
+    assert any("restored from memory" in e for e in _events(vm_api, ws_id))
+
+
+def test_memory_snapshot_forks_with_its_own_identity_and_restores(
+        vm_api: ApiClient, vm: dict[str, Any]) -> None:
+    ws_id = vm["id"]
+    assert vm_api.exec(ws_id, "echo before > /workspace/api/snap")["exit_code"] == 0
+    pid, _ = _counter(vm_api, ws_id)
+    r = vm_api.post(f"/api/v1/workspaces/{ws_id}/snapshots", json={"name": "m", "memory": True})
+    assert r.status_code in (200, 201), r.text
+    snap = r.json()
+    vm_api.snapshot_id = snap["id"]  # type: ignore[attr-defined]
+    assert vm_api.get(f"/api/v1/workspaces/{ws_id}").json()["state"] == "running"
+    r = vm_api.post("/api/v1/workspaces", json={"name": "twin", "from_snapshot": snap["id"]})
+    assert r.status_code in (201, 202), r.text
+    fork = vm_api.wait_state(r.json()["id"])
+    assert fork["state"] == "running", fork
+    assert any("with its memory and processes" in e for e in _events(vm_api, fork["id"]))
+    out = vm_api.exec(fork["id"], "hostname; cat /workspace/api/snap")
+    assert out["stdout"] == "twin\nbefore\n", out  # its own name, the snapshot's files
+    _counts_on(vm_api, fork["id"], pid, 0)  # the snapshot's processes, running in the fork
+    assert vm_api.exec(ws_id, "hostname")["stdout"] == "api\n"
+    assert _vm_dir(vm_api, fork["id"]).is_dir()
+    r = vm_api.delete(f"/api/v1/workspaces/{fork['id']}")
+    assert r.status_code in (200, 202, 204), r.text
+    # Restore: the workspace's disks replaced by the snapshot's, its memory back too.
+    assert vm_api.exec(ws_id, "echo after > /workspace/api/snap")["exit_code"] == 0
+    old_dir = VmFiles(_vm_dir(vm_api, ws_id))
+    r = vm_api.post(f"/api/v1/snapshots/{snap['id']}/restore")
+    assert r.status_code in (200, 202), r.text
+    assert vm_api.wait_state(ws_id)["state"] == "running"
+    assert vm_api.exec(ws_id, "cat /workspace/api/snap")["stdout"] == "before\n"
+    assert _counter(vm_api, ws_id)[0] == pid
+    assert not old_dir.dir.exists()  # the replaced disks are gone
+
+
+def test_qemu_dying_mid_pause_leaves_the_workspace_to_start_cold(
+        vm_api: ApiClient, vm: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Failure injection: QEMU is killed as soon as it is told to save its memory."""
+    from server.runtime.microvm.qmp import Qmp
+
+    ws_id = vm["id"]
+    assert vm_api.exec(ws_id, "echo synced > /workspace/api/kept")["exit_code"] == 0
+    real = Qmp.execute
+    killed: list[int] = []
+
+    def dying(self: Qmp, name: str, arguments: Any = None, *, fds: Any = None) -> Any:
+        out = real(self, name, arguments, fds=fds)
+        if name == "migrate":
+            pid = process.running(VmFiles(_vm_dir(vm_api, ws_id)))
+            assert pid is not None
+            os.kill(pid, 9)
+            killed.append(pid)
+        return out
+
+    monkeypatch.setattr(Qmp, "execute", dying)
+    r = vm_api.post(f"/api/v1/workspaces/{ws_id}/pause")
+    monkeypatch.undo()
+    assert killed and r.status_code >= 500, r.text
+    assert "QEMU exited while saving" in r.text, r.text
+    ws = vm_api.get(f"/api/v1/workspaces/{ws_id}").json()
+    assert ws["state"] == "stopped", ws
+    files = VmFiles(_vm_dir(vm_api, ws_id))
+    assert not (files.dir / "checkpoints" / "den-pause").exists()
+    assert not (files.dir / "checkpoints" / ".den-pause.tmp").exists()
+    # The next access starts it cold from its disk: files kept, processes (and /tmp) not.
+    out = vm_api.exec(ws_id, "cat /workspace/api/kept; test -e /tmp/count || echo cold")
+    assert out["stdout"] == "synced\ncold\n", out
+    events = _events(vm_api, ws_id)
+    assert any("pause failed" in e and "starts cold from its disk" in e for e in events), events
+    assert any("started on access" in e for e in events), events
 
 
 def test_delete_leaves_no_process_and_no_directory(vm_api: ApiClient,
@@ -301,6 +420,22 @@ def test_delete_leaves_no_process_and_no_directory(vm_api: ApiClient,
     assert not [g for g in Cgroups().groups(files.dir.name) if g.exists()]  # its cgroup too
     assert not Path(f"/proc/{pid}").exists() or b"qemu" not in Path(
         f"/proc/{pid}/cmdline").read_bytes()
+
+
+def test_a_snapshot_outlives_its_workspace(vm_api: ApiClient) -> None:
+    """Runs after the workspace's delete: a fork of its snapshot still starts (from memory)
+    with the snapshot's files."""
+    snap = getattr(vm_api, "snapshot_id", None)
+    assert snap is not None, "the snapshot test did not run"
+    r = vm_api.post("/api/v1/workspaces", json={"name": "orphan", "from_snapshot": snap})
+    assert r.status_code in (201, 202), r.text
+    fork = vm_api.wait_state(r.json()["id"])
+    assert fork["state"] == "running", fork
+    out = vm_api.exec(fork["id"], "hostname; cat /workspace/api/snap")
+    assert out["stdout"] == "orphan\nbefore\n", out
+    r = vm_api.delete(f"/api/v1/snapshots/{snap}")
+    assert r.status_code in (200, 204), r.text
+    assert not list((BOOT_DIR / "vms").glob(f"*-snap-{snap}"))
 
 
 def test_a_restarted_den_finds_the_running_vm_and_its_agent(tmp_path: Path) -> None:
@@ -341,6 +476,26 @@ def test_a_restarted_den_finds_the_running_vm_and_its_agent(tmp_path: Path) -> N
         assert not again.stale(obj, spec.handle)
         out = await again.exec(spec, ExecRequest(argv=["cat", "/tmp/mark"]))
         assert out.exit_code == 0 and out.stdout.strip().isdigit(), out  # same boot: /tmp kept
+        # Den killed during a pause (fault point pause.checkpoint, right after QEMU was told
+        # to migrate): a new Den's reconcile settles it, QEMU's save completes and is
+        # installed, and the workspace resumes from it with its memory.
+        await (await again.agent(spec)).close("the pausing Den is another process")  # type: ignore[union-attr]
+        files = again.files(spec)
+        dying = subprocess.run(
+            [sys.executable, "-c", "import sys; from pathlib import Path; "
+             "from server.runtime.microvm import checkpoint, argv; "
+             "checkpoint.save(argv.VmFiles(Path(sys.argv[1])), 'den-pause', meta={"
+             "'vm': Path(sys.argv[1]).name, 'hostname': 'r1', 'cpus': 1.0, "
+             "'memory_mb': 512})", str(files.dir)],
+            env={**os.environ, "DEN_FAULT": "pause.checkpoint"}, capture_output=True,
+            timeout=120, check=False)
+        assert dying.returncode == -9, dying.stderr  # SIGKILL at the fault point
+        assert (files.dir / "checkpoints" / ".den-pause.tmp").is_dir()
+        assert await again.settle_checkpoint(spec, checkpoint="den-pause", wait_s=60)
+        assert await again.status(spec) is ContainerStatus.STOPPED  # QEMU quit after its save
+        await again.resume(spec, checkpoint="den-pause")
+        kept = await again.exec(spec, ExecRequest(argv=["cat", "/tmp/mark"]))
+        assert kept.stdout == out.stdout, kept  # /tmp (memory) came back
         await again.remove_object(obj)
         assert await again.status(spec) is ContainerStatus.MISSING
         assert await again.list_objects(prefix) == []

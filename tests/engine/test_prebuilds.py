@@ -33,7 +33,9 @@ while :; do echo "$v" > /tmp/mem; sleep 0.2; done
 DEVCONTAINER = """{
   "image": "den/workspace:latest",
   "postCreateCommand": "echo made >> made.txt && (nohup sh bg.sh >/dev/null 2>&1 &)",
-  "postStartCommand": "echo started >> /workspace/starts.txt"
+  "postStartCommand": "echo started >> /workspace/starts.txt",
+  "forwardPorts": [3000],
+  "portsAttributes": {"3000": {"label": "web", "visibility": "users"}}
 }"""
 FAILING = """{
   "image": "den/workspace:latest",
@@ -136,7 +138,7 @@ def out(ws: Workspace, cmd: str) -> str:
 
 
 def test_a_fork_of_a_prebuild_has_its_output_and_its_running_process(
-        den: Den, repo: Repo, prebuild: Prebuild) -> None:
+        den: Den, srv: DenServer, repo: Repo, prebuild: Prebuild) -> None:
     assert prebuild.commit == git("rev-parse", "HEAD", cwd=repo.src).strip()
     assert prebuild.snapshot_id is not None
     assert [w.name for w in den.workspaces()] == []  # the build workspace is gone
@@ -157,6 +159,9 @@ def test_a_fork_of_a_prebuild_has_its_output_and_its_running_process(
     assert wait(lambda: ws.exec("cat /tmp/mem").stdout.strip() == remembered, 30,
                 "the prebuild's process to write /tmp/mem again")
     assert out(ws, "git rev-parse HEAD").strip() == prebuild.commit
+    # the devcontainer's forwarded port, with its label and share level, as in the prebuild
+    ports = srv.http.get(f"/api/v1/workspaces/{ws.id}/ports").json()["ports"]
+    assert [(p["label"], p["share"]) for p in ports if p["port"] == 3000] == [("web", "users")]
     ws.delete()
 
 

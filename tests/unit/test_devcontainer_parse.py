@@ -219,7 +219,8 @@ def test_context_tar_keeps_links_as_links_and_hashes_content(tmp_path: Path) -> 
     first = source.context_tar(repo, ".", dockerfile=b"FROM x", out=out, max_bytes=1 << 20)
     with tarfile.open(out) as tar:
         members = {m.name: m for m in tar.getmembers()}
-    assert set(members) == {"src", "src/a.txt", "src/shadow", source.DOCKERFILE_NAME}
+    assert set(members) == {"src", "src/a.txt", "src/shadow", source.DOCKERFILE_NAME,
+                            ".dockerignore"}
     assert members["src/shadow"].issym() and members["src/shadow"].linkname == "/etc/shadow"
     assert first == source.context_tar(repo, ".", dockerfile=b"FROM x", out=None,
                                        max_bytes=1 << 20)

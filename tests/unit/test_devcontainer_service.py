@@ -8,14 +8,18 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select, update
 
+from server.db.models import PreviewPort, User, Workspace
 from server.devcontainer.build import ImageMaker
 from server.devcontainer.setup import DevContainers
-from server.errors import ValidationFailed
+from server.errors import LimitReached, ValidationFailed
+from server.prebuilds.service import PrebuildService
 from server.runtime.fake import FakeRuntime
-from server.workspaces.service import WorkspaceService
+from server.snapshots.service import SnapshotService
+from server.workspaces.service import CreateRequest, WorkspaceService
 from server.workspaces.states import State
-from tests.unit.test_service_fake import create, user
+from tests.unit.test_service_fake import create, settle, user
 
 pytestmark = pytest.mark.anyio
 
@@ -200,3 +204,87 @@ async def test_a_repositorys_dockerfile_is_built_only_where_the_operator_allows(
     maker.builds = builds
     again = await create(svc, alice, make_repo("api3", BUILD), name="again")
     assert again.state == State.RUNNING and again.image == first.image
+
+
+# --- forks behave like their source -----------------------------------------------------------
+
+PORTS = """{
+  "image": "den/workspace:latest",
+  "containerEnv": {"A": "container"},
+  "postStartCommand": ["echo", "started"],
+  "forwardPorts": [5173, 8000],
+  "portsAttributes": {"5173": {"label": "web", "visibility": "users"}},
+}"""
+
+
+def ports_of(svc: WorkspaceService, ws_id: str) -> dict[int, tuple[str, str]]:
+    with svc.sessions() as s:
+        rows = s.scalars(select(PreviewPort).where(PreviewPort.workspace_id == ws_id))
+        return {r.port: (r.label, r.share) for r in rows}
+
+
+async def test_a_fork_keeps_the_devcontainers_ports_commands_and_environment(
+    svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]
+) -> None:
+    alice = user(svc)
+    ws = await create(svc, alice, make_repo("api", {".devcontainer.json": PORTS}),
+                      env={"SECRET": "mine"})
+    assert ws.state == State.RUNNING, ws.state_reason
+    want = {5173: ("web", "users"), 8000: ("", "private")}
+    assert ports_of(svc, ws.id) == want
+    snap = await SnapshotService(svc).create(ws.id, name="before", memory=False, actor="t")
+    fork = await svc.create_fork(alice, "api-fork", snap)
+    fork = await settle(svc, fork.id)
+    assert fork.state == State.RUNNING, fork.state_reason
+    assert ports_of(svc, fork.id) == want
+    assert fork.devcontainer == ws.devcontainer and fork.devcontainer["post_start"]
+    # the devcontainer's environment, not the request's own env of the origin
+    assert fork.env == {"A": "container"}
+    assert "forwarded ports: 5173 (web): users, 8000: private" in events(
+        svc, fork.id, "devcontainer")
+    # a cold start of the fork runs postStartCommand as its origin's does
+    await svc.stop(fork.id, actor="t")
+    await svc.start(fork.id, actor="t")
+    assert events(svc, fork.id, "devcontainer").count("postStartCommand done") == 1
+
+
+async def test_a_fork_of_a_prebuild_keeps_its_ports_and_the_build_is_not_listed(
+    svc: WorkspaceService, make_repo: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice = user(svc)
+    pbs = PrebuildService(svc, SnapshotService(svc))
+    repo = str(make_repo("api", {".devcontainer.json": PORTS}))
+    seen: list[tuple[list[str], str | None]] = []
+    waited = svc.built
+
+    async def built(ws_id: str) -> Workspace:  # what the listing shows while it builds
+        seen.append(([w.id for w in svc.list_for(alice)], svc.get(ws_id).prebuild_id))
+        return await waited(ws_id)
+
+    monkeypatch.setattr(svc, "built", built)
+    pb = await pbs.create(alice, repo, None)
+    pb = await pbs.wait(pb.id)
+    assert seen == [([], pb.id)]
+    assert pb.state == "ready", pb.reason
+    ws = await svc.create(alice, CreateRequest(name="api", repo_url=repo), prebuilds=pbs)
+    ws = await settle(svc, ws.id)
+    assert ws.state == State.RUNNING, ws.state_reason
+    assert any("from prebuild" in e.message for e in svc.events(ws.id))
+    assert ports_of(svc, ws.id) == {5173: ("web", "users"), 8000: ("", "private")}
+    assert [w.id for w in svc.list_for(alice)] == [ws.id]
+
+
+async def test_a_workspace_made_for_a_prebuild_counts_but_is_not_listed(
+    svc: WorkspaceService, make_repo: Callable[..., Path]
+) -> None:
+    alice = user(svc)
+    with svc.sessions.begin() as s:
+        s.execute(update(User).where(User.id == alice.id).values(limits={"workspaces": 1}))
+        s.add(User(name="root", is_admin=True))
+    alice, admin = user(svc), user(svc, "root")
+    hidden = await create(svc, alice, make_repo("api"), for_prebuild="pb0123456789ab")
+    assert hidden.state == State.RUNNING and hidden.prebuild_id == "pb0123456789ab"
+    assert svc.list_for(alice) == [] and svc.list_for(admin) == []
+    assert svc.get_for(alice, hidden.id).id == hidden.id  # its events stay readable by id
+    with pytest.raises(LimitReached):
+        await create(svc, alice, make_repo("web"), name="web")

@@ -356,6 +356,18 @@ def test_port_list(api: ApiClient) -> None:
     assert stopped == {5173: {**got[5173], "listening": None}}  # not woken to find out
 
 
+def test_changing_a_share_level_answers_the_ports_label(api: ApiClient) -> None:
+    from server.db.models import PreviewPort
+
+    with api.client.app.state.sessions.begin() as s:  # type: ignore[attr-defined]
+        s.add(PreviewPort(workspace_id=wsid(api), port=5173, share="private", label="web"))
+    r = api.put("/api/v1/workspaces/api/ports/5173", json={"share": "users"})
+    assert r.status_code == 200, r.text
+    listed = {p["port"]: p for p in api.get("/api/v1/workspaces/api/ports").json()["ports"]}
+    assert r.json() == {**listed[5173], "listening": None}
+    assert r.json()["label"] == "web" and r.json()["share"] == "users"
+
+
 def test_a_paused_workspace_wakes_on_a_preview_request(api: ApiClient) -> None:
     assert api.post("/api/v1/workspaces/api/pause").json()["state"] == "paused"
     r = api.client.get("/preview/api/8000/", headers=api.h())

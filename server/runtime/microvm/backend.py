@@ -26,6 +26,7 @@ from server.agent.session import AgentSession
 from server.runtime import docker_specs
 from server.runtime.base import (
     LABEL_INSTANCE,
+    LABEL_SNAPSHOT,
     LABEL_WORKSPACE,
     ContainerStatus,
     EngineEvent,
@@ -58,6 +59,7 @@ from server.runtime.microvm.argv import (
 )
 from server.runtime.microvm.cgroup import Cgroups
 from server.runtime.microvm.events import QemuExits
+from server.runtime.microvm.features import SNAPSHOT_KIND, VmCheckpoints, VmDiskSnapshots
 from server.runtime.microvm.transport import PortTransport
 
 log = logging.getLogger(__name__)
@@ -82,7 +84,7 @@ def accel_note(accel: str) -> str:
             "KVM): the guest's CPU is several times slower than the host's")
 
 
-class MicroVmRuntime:
+class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
     """Workspaces as QEMU microVMs, each in a directory of ``vms_dir`` (its handle: ``vm``)."""
 
     name = "microvm"
@@ -229,21 +231,10 @@ class MicroVmRuntime:
         if not files.root.exists() or not files.workspace.exists():
             raise ObjectMissing(f"the VM of workspace {spec.workspace_id} is missing")
         await self.check()
-        argv = qemu_argv(self.qemu, self.boot, files, accel=self.accelerator, cpus=spec.cpus,
-                         memory_mb=spec.memory_mb, hostname=spec.hostname,
-                         tsc_khz=self.tsc_khz, console_log=self.console_log, runas=self.user)
-        for sock in (files.agent, files.qmp):
-            sock.unlink(missing_ok=True)
-        if self.user:
-            await self._io(disks.give_to, files, self.user)
-        procs = await self._io(self.cgroups.make, files.dir.name,
-                               cgroup.limits(cpus=spec.cpus, memory_mb=spec.memory_mb))
-        argv = cgroup.wrap(argv, procs)
+        argv = self._argv(spec, files, cpus=spec.cpus, memory_mb=spec.memory_mb)
         started = time.monotonic()
-        await self._io(process.launch, argv)
-        self._exits.launched(EngineEvent(EngineEventKind.NOTE, workspace_id=spec.workspace_id,
-                                         container=files.dir.name,
-                                         detail=accel_note(self.accelerator)))
+        await self._launch(spec, files, argv, cpus=spec.cpus, memory_mb=spec.memory_mb,
+                           boot=True)
         try:
             await self._session(spec, boot=True)
         except BaseException:
@@ -251,6 +242,33 @@ class MicroVmRuntime:
             raise
         log.info("workspace %s: microVM booted (%s) in %.1f s", spec.workspace_id,
                  self.accelerator, time.monotonic() - started)
+
+    async def _launch(self, spec: WorkspaceSpec, files: VmFiles, argv: list[str], *,
+                      cpus: float, memory_mb: int, boot: bool = False) -> None:
+        """Start the VM's QEMU (daemonized): a cold start (``boot``: its event says which
+        accelerator it runs with), or a resume's QEMU waiting for its memory (features.py);
+        as the unprivileged user, in the VM's cgroup sized for the ``cpus`` and ``memory_mb``
+        it runs with, watched for its exit. What every QEMU of a workspace needs around it
+        goes here."""
+        for sock in (files.agent, files.qmp):
+            sock.unlink(missing_ok=True)
+        if self.user:
+            await self._io(disks.give_to, files, self.user)
+        procs = await self._io(self.cgroups.make, files.dir.name,
+                               cgroup.limits(cpus=cpus, memory_mb=memory_mb))
+        await self._io(process.launch, cgroup.wrap(argv, procs))
+        self._exits.launched(EngineEvent(EngineEventKind.NOTE, workspace_id=spec.workspace_id,
+                                         container=files.dir.name,
+                                         detail=accel_note(self.accelerator))
+                             if boot else None)
+
+    def _argv(self, spec: WorkspaceSpec, files: VmFiles, *, cpus: float, memory_mb: int
+              ) -> list[str]:
+        """QEMU's command line for the VM (a cold start, or a resume with the memory and
+        vCPUs its checkpoint was saved with: features.py)."""
+        return qemu_argv(self.qemu, self.boot, files, accel=self.accelerator, cpus=cpus,
+                         memory_mb=memory_mb, hostname=spec.hostname, tsc_khz=self.tsc_khz,
+                         console_log=self.console_log, runas=self.user)
 
     async def stop(self, spec: WorkspaceSpec, *, timeout_s: int) -> None:
         files = self.files(spec)
@@ -386,6 +404,10 @@ class MicroVmRuntime:
                 labels = record.get("labels") if record else None
                 if not isinstance(labels, dict) or labels.get(LABEL_INSTANCE) != instance:
                     continue
+                if labels.get(LABEL_SNAPSHOT):
+                    found.append(EngineObject(kind=SNAPSHOT_KIND, name=d.name, workspace_id="",
+                                              snapshot_id=str(labels[LABEL_SNAPSHOT])))
+                    continue
                 found.append(EngineObject(kind=KIND, name=d.name,
                                           workspace_id=str(labels.get(LABEL_WORKSPACE, "")),
                                           running=process.running(files) is not None))
@@ -412,6 +434,7 @@ class MicroVmRuntime:
         return obj.name not in names(handle)
 
     async def remove_object(self, obj: EngineObject) -> None:
-        if obj.kind == KIND and obj.name and "/" not in obj.name and obj.name not in (".", ".."):
+        if obj.kind in (KIND, SNAPSHOT_KIND) and obj.name and "/" not in obj.name \
+                and obj.name not in (".", ".."):
             await self._remove(VmFiles(self.vms_dir / obj.name))
 

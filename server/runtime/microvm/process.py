@@ -60,6 +60,15 @@ def running(files: VmFiles) -> int | None:
     return pid
 
 
+def cmdline(pid: int) -> list[str]:
+    """The process's command line (empty when it is gone)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
 def signal_vm(files: VmFiles, sig: signal.Signals) -> None:
     pid = running(files)
     if pid is not None:
