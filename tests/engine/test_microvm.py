@@ -295,7 +295,7 @@ def _counter(api: ApiClient, ws_id: str) -> tuple[int, int]:
     return int(pid), int(count)
 
 
-def _events(api: ApiClient, ws_id: str) -> list[str]:
+def _event_lines(api: ApiClient, ws_id: str) -> list[str]:
     r = api.get(f"/api/v1/workspaces/{ws_id}/events")
     assert r.status_code == 200, r.text
     return [f"{e['kind']} {e['to_state'] or ''} {e['message']}" for e in r.json()["events"]]
@@ -333,7 +333,7 @@ def test_pause_saves_memory_and_resume_keeps_processes(vm_api: ApiClient,
     assert r.json()["state"] == "running"
     _counts_on(vm_api, ws_id, pid, count)  # /tmp and the process came back from memory
     assert not saved.exists()  # QEMU read all of it; nothing kept while running
-    assert any("restored from memory" in e for e in _events(vm_api, ws_id))
+    assert any("restored from memory" in e for e in _event_lines(vm_api, ws_id))
 
 
 def test_memory_snapshot_forks_with_its_own_identity_and_restores(
@@ -350,7 +350,7 @@ def test_memory_snapshot_forks_with_its_own_identity_and_restores(
     assert r.status_code in (201, 202), r.text
     fork = vm_api.wait_state(r.json()["id"])
     assert fork["state"] == "running", fork
-    assert any("with its memory and processes" in e for e in _events(vm_api, fork["id"]))
+    assert any("with its memory and processes" in e for e in _event_lines(vm_api, fork["id"]))
     out = vm_api.exec(fork["id"], "hostname; cat /workspace/api/snap")
     assert out["stdout"] == "twin\nbefore\n", out  # its own name, the snapshot's files
     _counts_on(vm_api, fork["id"], pid, 0)  # the snapshot's processes, running in the fork
@@ -401,7 +401,7 @@ def test_qemu_dying_mid_pause_leaves_the_workspace_to_start_cold(
     # The next access starts it cold from its disk: files kept, processes (and /tmp) not.
     out = vm_api.exec(ws_id, "cat /workspace/api/kept; test -e /tmp/count || echo cold")
     assert out["stdout"] == "synced\ncold\n", out
-    events = _events(vm_api, ws_id)
+    events = _event_lines(vm_api, ws_id)
     assert any("pause failed" in e and "starts cold from its disk" in e for e in events), events
     assert any("started on access" in e for e in events), events
 
