@@ -130,7 +130,7 @@ class Ledger:
         it is inside the transaction (a merge of the engine handle). NotFound when the row
         is gone; ``state`` and ``sleep`` are :meth:`transition`'s alone."""
         with self.sessions.begin() as s:
-            row = s.get(Workspace, workspace_id, with_for_update=True)
+            row = s.get(Workspace, workspace_id, with_for_update={"of": Workspace})
             if row is None:
                 raise NotFound(f"no workspace {workspace_id!r}")
             fields = dict(values(row) if callable(values) else values)

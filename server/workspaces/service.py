@@ -311,6 +311,7 @@ class WorkspaceService:
         cpus, memory_mb, disk_gb = validation.resources(
             self.settings, self.gpus, cpus=req.cpus, memory_mb=req.memory_mb,
             disk_gb=req.disk_gb, gpu_count=req.gpus, gpu_model=req.gpu_model)
+        validation.fits(self.runtime, cpus=cpus, memory_mb=memory_mb)
         env = limits.validate_env(req.env)
         network = self.networks.validate(req.network_mode, req.network_allow)
         validation.timers(idle_timeout_s=req.idle_timeout_s, stop_after_s=req.stop_after_s)

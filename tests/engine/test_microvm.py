@@ -7,8 +7,12 @@ without them the module is skipped and says so. One VM is shared by the tests, i
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import pwd
 import secrets
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,8 +25,9 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.config import Settings
-from server.runtime.microvm import process
+from server.runtime.microvm import cgroup, process
 from server.runtime.microvm.argv import VmFiles
+from server.runtime.microvm.cgroup import Cgroups
 from tests.conftest import IN_CI, RUN_PREFIX, ApiClient, git, users
 
 pytestmark = pytest.mark.engine
@@ -77,11 +82,12 @@ def vm_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiClient]:
         try:
             yield api
         finally:
-            for ws in api.get("/api/v1/workspaces", user="root").json().get("items", []):
+            for ws in api.get("/api/v1/workspaces", user="root").json().get("workspaces", []):
                 client.delete(f"/api/v1/workspaces/{ws['id']}", headers=api.h("root"))
             for d in (BOOT_DIR / "vms").glob(f"{settings.engine_prefix}-*"):
                 process.end(VmFiles(d), timeout_s=0)
                 subprocess.run(["rm", "-rf", str(d)], check=False)
+                Cgroups().remove(d.name)
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +114,37 @@ def test_health_names_the_backend_and_its_accelerator(vm_api: ApiClient) -> None
         assert engine["accelerator"] == "tcg"
 
 
+def test_tcg_refuses_more_vcpus_than_the_host_can_emulate(vm_api: ApiClient) -> None:
+    if vm_api.get("/healthz").json()["engine"]["accelerator"] != "tcg":
+        pytest.skip("KVM here: every size the operator allows is served")
+    cores = len(os.sched_getaffinity(0))
+    r = vm_api.post("/api/v1/workspaces", json={"name": "big", "resources": {"cpus": cores + 1},
+                                                "repo": {"url": str(vm_api.repo)}})  # type: ignore[attr-defined]
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "resources_unfit" and "TCG" in r.text, r.text
+    assert [w["name"] for w in vm_api.get("/api/v1/workspaces").json()["workspaces"]
+            if w["name"] == "big"] == []  # nothing written
+
+
+def _events(api: ApiClient, ws_id: str) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = api.get(f"/api/v1/workspaces/{ws_id}/events").json()["events"]
+    return events
+
+
+def _qmp(files: VmFiles, command: str) -> None:
+    """One command to the VM's QEMU monitor (QMP)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(files.qmp))
+        f = s.makefile("rwb")
+        f.readline()  # the greeting
+        for cmd in ("qmp_capabilities", command):
+            f.write(json.dumps({"execute": cmd}).encode() + b"\n")
+            f.flush()
+            while b'"return"' not in (line := f.readline()):
+                assert line and b'"error"' not in line, line
+
+
 def test_other_runtimes_are_refused_clearly(vm_api: ApiClient) -> None:
     r = vm_api.post("/api/v1/workspaces", json={"name": "g", "runtime": "gvisor",
                                                 "repo": {"url": str(vm_api.repo)}})  # type: ignore[attr-defined]
@@ -124,10 +161,52 @@ def test_create_from_git_runs_in_its_own_kernel(vm_api: ApiClient, vm: dict[str,
     host = subprocess.run(["uname", "-r"], capture_output=True, text=True).stdout.strip()
     guest = lines[5]
     assert guest != host and guest.endswith("-amd64"), (guest, host)  # Debian's kernel
+    # The event log says how the VM runs (an engine event: it may come just after "running").
+    accel = vm_api.get("/healthz").json()["engine"]["accelerator"].upper()
+    deadline = time.monotonic() + 10
+    while not [e for e in _events(vm_api, vm["id"]) if f"booted with {accel}" in e["message"]]:
+        assert time.monotonic() < deadline, _events(vm_api, vm["id"])
+        time.sleep(0.05)
     # The whole VM is one QEMU process of the host, with the workspace's disks in its dir.
     files = VmFiles(_vm_dir(vm_api, vm["id"]))
     assert process.running(files) is not None
     assert files.root.exists() and files.workspace.exists()
+
+
+def _cgroups_of(pid: int) -> dict[str, str]:
+    """controller -> the cgroup path process ``pid`` is in (v1 lines; v2: key "")."""
+    found = {}
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        for c in controllers.split(",") if controllers else [""]:
+            found[c] = path
+    return found
+
+
+def test_qemu_runs_unprivileged_in_a_cgroup_of_its_own(vm_api: ApiClient,
+                                                       vm: dict[str, Any]) -> None:
+    """QEMU dropped root (-runas den-vm) and was born in the VM's cgroup, whose limits
+    follow the workspace's cpus and memory (plus QEMU's overhead)."""
+    files = VmFiles(_vm_dir(vm_api, vm["id"]))
+    pid = process.running(files)
+    assert pid is not None
+    status = Path(f"/proc/{pid}/status").read_text()
+    uids = next(line.split()[1:] for line in status.splitlines() if line.startswith("Uid:"))
+    assert set(uids) == {str(pwd.getpwnam("den-vm").pw_uid)}, uids  # real, effective, saved
+    assert files.dir.stat().st_uid == pwd.getpwnam("den-vm").pw_uid
+    groups = _cgroups_of(pid)
+    want = f"/{cgroup.PARENT}/{files.dir.name}"
+    root = Path("/sys/fs/cgroup")
+    if Cgroups(root).version() == 1:
+        assert [groups[c] for c in ("cpu", "memory", "pids")] == [want] * 3, groups
+        assert (root / "cpu" / want[1:] / "cpu.cfs_quota_us").read_text().strip() == "100000"
+        limit = int((root / "memory" / want[1:] / "memory.limit_in_bytes").read_text())
+        assert (root / "pids" / want[1:] / "pids.max").read_text().strip() == "256"
+    else:
+        assert groups[""] == want, groups
+        assert (root / want[1:] / "cpu.max").read_text().split() == ["100000", "100000"]
+        limit = int((root / want[1:] / "memory.max").read_text())
+    assert limit == (512 + cgroup.QEMU_OVERHEAD_MB) * 1024 * 1024
 
 
 def test_exec_streams_and_exit_codes_through_the_agent(vm_api: ApiClient,
@@ -145,8 +224,14 @@ def test_workspace_disk_has_the_size_asked_for(vm_api: ApiClient, vm: dict[str, 
 
 
 def test_stop_then_start_keeps_workspace_files(vm_api: ApiClient, vm: dict[str, Any]) -> None:
+    """Also: the guest's processes get SIGTERM at stop, and what they write then is kept."""
     ws_id = vm["id"]
     assert vm_api.exec(ws_id, "echo kept > /workspace/api/note")["exit_code"] == 0
+    daemon = ("trap 'echo got-term > /workspace/term; exit 0' TERM; touch /tmp/armed; "
+              "while :; do sleep 1; done")
+    out = vm_api.exec(ws_id, ["sh", "-c", f"setsid sh -c \"{daemon}\" </dev/null >/dev/null "
+                              "2>&1 & until [ -e /tmp/armed ]; do sleep 0.05; done"])
+    assert out["exit_code"] == 0, out
     r = vm_api.post(f"/api/v1/workspaces/{ws_id}/stop")
     assert r.status_code in (200, 202), r.text
     assert vm_api.wait_state(ws_id, settled=("stopped", "error"))["state"] == "stopped"
@@ -157,6 +242,46 @@ def test_stop_then_start_keeps_workspace_files(vm_api: ApiClient, vm: dict[str, 
     assert vm_api.wait_state(ws_id, settled=("running", "error"))["state"] == "running"
     out = vm_api.exec(ws_id, "cat /workspace/api/note; git -C /workspace/api status --short")
     assert out["stdout"] == "kept\n?? note\n", out
+    assert vm_api.exec(ws_id, "cat /workspace/term")["stdout"] == "got-term\n"
+
+
+def test_a_killed_qemu_stops_the_workspace_with_an_event(vm_api: ApiClient,
+                                                        vm: dict[str, Any]) -> None:
+    """kill -9 of the VM's QEMU: the workspace is stopped at once (an engine event, not the
+    next failing call) and the event log says why; a start boots it again."""
+    ws_id = vm["id"]
+    pid = process.running(VmFiles(_vm_dir(vm_api, ws_id)))
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    ws = vm_api.wait_state(ws_id, settled=("stopped", "error"), timeout_s=30)
+    assert ws["state"] == "stopped", ws
+    events = _events(vm_api, ws_id)
+    last = events[-1]
+    assert last["actor"] == "engine" and "QEMU process ended" in last["message"], events[-3:]
+    r = vm_api.post(f"/api/v1/workspaces/{ws_id}/start")
+    assert r.status_code in (200, 202), r.text
+    assert vm_api.wait_state(ws_id, settled=("running", "error"))["state"] == "running"
+    assert vm_api.exec(ws_id, "cat /workspace/api/note")["stdout"] == "kept\n"
+
+
+def test_a_guest_that_stops_answering_is_504_and_a_restart_brings_it_back(
+        vm_api: ApiClient, vm: dict[str, Any]) -> None:
+    """The guest's CPUs stopped (QEMU's monitor `stop`: a hung kernel as the host sees it,
+    QEMU itself alive): an exec is a 504 naming the restart, not a hang; stop and start
+    boot it again with /workspace kept."""
+    ws_id = vm["id"]
+    _qmp(VmFiles(_vm_dir(vm_api, ws_id)), "stop")
+    for _ in range(2):  # the live session's call, then a fresh hello's
+        r = vm_api.post(f"/api/v1/workspaces/{ws_id}/exec", json={"cmd": "true"})
+        assert r.status_code == 504, r.text
+        assert "restart the workspace" in r.json()["error"]["message"], r.text
+    r = vm_api.post(f"/api/v1/workspaces/{ws_id}/stop")
+    assert r.status_code in (200, 202), r.text
+    assert vm_api.wait_state(ws_id, settled=("stopped", "error"))["state"] == "stopped"
+    r = vm_api.post(f"/api/v1/workspaces/{ws_id}/start")
+    assert r.status_code in (200, 202), r.text
+    assert vm_api.wait_state(ws_id, settled=("running", "error"))["state"] == "running"
+    assert vm_api.exec(ws_id, "cat /workspace/api/note")["stdout"] == "kept\n"
 
 
 COUNTER = ("setsid sh -c 'i=0; while true; do i=$((i+1)); echo $$ $i > /tmp/.c; "
@@ -170,7 +295,7 @@ def _counter(api: ApiClient, ws_id: str) -> tuple[int, int]:
     return int(pid), int(count)
 
 
-def _events(api: ApiClient, ws_id: str) -> list[str]:
+def _event_lines(api: ApiClient, ws_id: str) -> list[str]:
     r = api.get(f"/api/v1/workspaces/{ws_id}/events")
     assert r.status_code == 200, r.text
     return [f"{e['kind']} {e['to_state'] or ''} {e['message']}" for e in r.json()["events"]]
@@ -208,7 +333,7 @@ def test_pause_saves_memory_and_resume_keeps_processes(vm_api: ApiClient,
     assert r.json()["state"] == "running"
     _counts_on(vm_api, ws_id, pid, count)  # /tmp and the process came back from memory
     assert not saved.exists()  # QEMU read all of it; nothing kept while running
-    assert any("restored from memory" in e for e in _events(vm_api, ws_id))
+    assert any("restored from memory" in e for e in _event_lines(vm_api, ws_id))
 
 
 def test_memory_snapshot_forks_with_its_own_identity_and_restores(
@@ -225,7 +350,7 @@ def test_memory_snapshot_forks_with_its_own_identity_and_restores(
     assert r.status_code in (201, 202), r.text
     fork = vm_api.wait_state(r.json()["id"])
     assert fork["state"] == "running", fork
-    assert any("with its memory and processes" in e for e in _events(vm_api, fork["id"]))
+    assert any("with its memory and processes" in e for e in _event_lines(vm_api, fork["id"]))
     out = vm_api.exec(fork["id"], "hostname; cat /workspace/api/snap")
     assert out["stdout"] == "twin\nbefore\n", out  # its own name, the snapshot's files
     _counts_on(vm_api, fork["id"], pid, 0)  # the snapshot's processes, running in the fork
@@ -276,7 +401,7 @@ def test_qemu_dying_mid_pause_leaves_the_workspace_to_start_cold(
     # The next access starts it cold from its disk: files kept, processes (and /tmp) not.
     out = vm_api.exec(ws_id, "cat /workspace/api/kept; test -e /tmp/count || echo cold")
     assert out["stdout"] == "synced\ncold\n", out
-    events = _events(vm_api, ws_id)
+    events = _event_lines(vm_api, ws_id)
     assert any("pause failed" in e and "starts cold from its disk" in e for e in events), events
     assert any("started on access" in e for e in events), events
 
@@ -292,6 +417,7 @@ def test_delete_leaves_no_process_and_no_directory(vm_api: ApiClient,
     while files.dir.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not files.dir.exists()
+    assert not [g for g in Cgroups().groups(files.dir.name) if g.exists()]  # its cgroup too
     assert not Path(f"/proc/{pid}").exists() or b"qemu" not in Path(
         f"/proc/{pid}/cmdline").read_bytes()
 
@@ -380,3 +506,4 @@ def test_a_restarted_den_finds_the_running_vm_and_its_agent(tmp_path: Path) -> N
         for d in vms.glob(f"{prefix}-*"):
             process.end(VmFiles(d), timeout_s=0)
             subprocess.run(["rm", "-rf", str(d)], check=False)
+            Cgroups().remove(d.name)
