@@ -153,6 +153,7 @@ func startErr(err error, name string) error {
 // controlling terminal, otherwise in a new process group with pipes (stdin /dev/null unless
 // withStdin).
 func start(p *prepared, tty bool, cols, rows int, withStdin bool) (*proc, error) {
+	defaultSignalsForChildren()
 	attr := p.user.credential()
 	cmd := &exec.Cmd{Path: p.path, Args: p.argv, Env: p.env, Dir: p.cwd, SysProcAttr: attr}
 	pr := &proc{cmd: cmd}

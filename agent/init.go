@@ -74,6 +74,7 @@ func initMain(args []string) int {
 	sigs := make(chan os.Signal, 32)
 	signal.Notify(sigs, syscall.SIGCHLD, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 
+	defaultSignalsForChildren()
 	startChild := func(c *initChild) {
 		p, err := os.StartProcess(c.argv[0], c.argv, &os.ProcAttr{Files: c.files, Env: os.Environ()})
 		now := time.Now()

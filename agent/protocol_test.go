@@ -502,3 +502,28 @@ func TestInitSleepsWhenIdle(t *testing.T) {
 		t.Fatalf("an idle init woke %d times in 3 s", woke)
 	}
 }
+
+// An agent started with SIGINT, SIGQUIT and SIGHUP ignored (a shell's trap with an empty
+// action, as nohup or a background job leaves them) still starts its processes with them at
+// their default action.
+func TestExecSignalsNotInheritedIgnored(t *testing.T) {
+	cmd := exec.Command("/bin/sh", "-c", `trap '' INT QUIT HUP; exec "$0" serve`, os.Args[0])
+	cmd.Env = append(os.Environ(), "DEN_AGENT_TEST_MAIN=1", "DEN_AGENT_STDIO=1")
+	stdin, _ := cmd.StdinPipe()
+	stdout, _ := cmd.StdoutPipe()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	c := startClient(t, stdin, stdout)
+	c.sayHello("ffff")
+	for _, sig := range []string{"INT", "QUIT", "HUP"} {
+		ch := c.open(execReq("sleep", "30"))
+		ch.nextMsg(5 * time.Second)
+		ch.msg(map[string]any{"signal": sig})
+		r := ch.collect(5 * time.Second)
+		if e := exitOf(t, r); e["signal"] != sig {
+			t.Fatalf("signal %s: %v", sig, e)
+		}
+	}
+}

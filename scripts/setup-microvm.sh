@@ -165,8 +165,24 @@ build_rootfs() {
     mv "$out.tmp" "$out"
 }
 
+# The system user QEMU runs as once a VM is set up (DEN_MICROVM_USER, QEMU's -runas): no
+# login, no home; in the kvm group where there is one (/dev/kvm).
+VM_USER=${DEN_MICROVM_USER-den-vm}
+vm_user() {
+    [ -n "$VM_USER" ] || return 0
+    if ! getent passwd "$VM_USER" >/dev/null; then
+        log "system user $VM_USER"
+        useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin \
+            --user-group "$VM_USER"
+    fi
+    if getent group kvm >/dev/null && ! id -nG "$VM_USER" | tr ' ' '\n' | grep -qx kvm; then
+        usermod -aG kvm "$VM_USER"
+    fi
+}
+
 main() {
     packages
+    vm_user
     mkdir -p "$DIR"
     local kver
     kver=$(kernel_version)

@@ -41,6 +41,7 @@ from server.api import (
 from server.api import exec as exec_routes
 from server.api.guard import BodyGuard
 from server.api.observe import Observe
+from server.auth.token_cache import TokenCache
 from server.backends import Backend
 from server.config import Settings
 from server.db.migrate import ensure_schema
@@ -163,6 +164,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
                 denials.start()
         app.state.settings = settings
         app.state.sessions = sessions
+        app.state.token_cache = TokenCache()  # bearer tokens seen lately (server/auth/)
+        app.state.token_cache.watch(sessions)
         app.state.workspaces = svc
         app.state.files = FileService(svc)
         app.state.processes = ProcessService(svc)

@@ -92,7 +92,8 @@ def microvm(settings: Settings, *, gpus: GpuPool | None = None) -> Backend:
                         prefix=settings.engine_prefix, qemu=settings.microvm_qemu,
                         accel=settings.microvm_accel,
                         boot_timeout_s=settings.microvm_boot_timeout_s,
-                        console_log=settings.microvm_console_log)
+                        console_log=settings.microvm_console_log,
+                        user=settings.microvm_user)
     return Backend(runtime=rt)
 
 

@@ -110,6 +110,13 @@ class Settings(BaseSettings):
         description="How long a microVM may take from start until its agent answers; past it "
         "the start fails and the VM is ended.",
     )
+    microvm_user: str = Field(
+        "den-vm", max_length=32,
+        description="The system user QEMU runs as once it has set a microVM up (QEMU's "
+        "`-runas`: the disks, sockets and /dev/kvm are opened as root first); "
+        "scripts/setup-microvm.sh creates it. Empty: QEMU stays root (not for untrusted "
+        "workspaces).",
+    )
     microvm_console_log: bool = Field(
         False,
         description="Keep each microVM's serial console (kernel and agent messages) in "

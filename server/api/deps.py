@@ -32,7 +32,8 @@ def user_from_header(app_state: object, header: str | None) -> User:
     token = _bearer(header)
     if token is None:
         raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
-    user = authenticate(app_state.sessions, token)  # type: ignore[attr-defined]
+    user = authenticate(app_state.sessions, token,  # type: ignore[attr-defined]
+                        getattr(app_state, "token_cache", None))
     if user is None:
         raise Unauthorized("invalid or revoked token")
     return user

@@ -26,7 +26,7 @@ async def exec_command(ref: str, body: ExecIn, user: CurrentUser, svc: Workspace
                                    timeout_s=body.timeout_s, stdin=stdin),
                   svc.settings.data_dir)
     with svc.quotas.take(user, "execs"):  # before the server's gate: one user cannot fill it
-        r = await svc.exec(ws.id, req, actor=user.name)
+        r = await svc.exec(ws.id, req, actor=user.name, current=ws)
     return exec_response(r)  # the ExecOut document, encoded as it is sent
 
 

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from server.auth.token_cache import AUTH_UNCHANGED, TokenCache
 from server.db.models import ApiToken, User, WebSession
 from server.errors import NotFound, ValidationFailed
 
@@ -72,28 +73,40 @@ class Authenticated:
     expires_at: datetime | None
 
 
-def authenticate_token(sessions: sessionmaker[Session], token: str) -> Authenticated | None:
-    """Whose a bearer token is (and which token it is), or None: unknown, revoked, expired."""
+def authenticate_token(sessions: sessionmaker[Session], token: str,
+                       cache: TokenCache | None = None) -> Authenticated | None:
+    """Whose a bearer token is (and which token it is), or None: unknown, revoked, expired.
+    With ``cache`` (watching ``sessions``) a token seen lately is answered without the
+    database (:mod:`server.auth.token_cache`)."""
     if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
         return None
     digest = hash_token(token)
+    now = datetime.now(UTC)
+    if cache is not None:
+        hit = cache.get(digest, now)
+        if hit is not None:
+            return Authenticated(hit.user(), hit.token_id, hit.expires_at)
+        generation = cache.generation()
     with sessions.begin() as s:
         row = s.scalar(select(ApiToken).where(ApiToken.token_hash == digest))
         if row is None or not hmac.compare_digest(row.token_hash, digest):
             return None
-        now = datetime.now(UTC)
         if row.expires_at is not None and row.expires_at <= now:
             return None
         if row.last_used_at is None or row.last_used_at < now - LAST_USED_DEBOUNCE:
-            s.execute(update(ApiToken).where(ApiToken.id == row.id).values(last_used_at=now))
+            s.execute(update(ApiToken).where(ApiToken.id == row.id).values(last_used_at=now)
+                      .execution_options(**{AUTH_UNCHANGED: True}))
         user = row.user
+        if cache is not None:
+            cache.put(digest, token=row, user=user, generation=generation)
         s.expunge(user)
         return Authenticated(user, row.id, row.expires_at)
 
 
-def authenticate(sessions: sessionmaker[Session], token: str) -> User | None:
+def authenticate(sessions: sessionmaker[Session], token: str,
+                 cache: TokenCache | None = None) -> User | None:
     """The user a bearer token belongs to, or None."""
-    found = authenticate_token(sessions, token)
+    found = authenticate_token(sessions, token, cache)
     return found.user if found is not None else None
 
 

@@ -275,6 +275,7 @@ class EngineEventKind(StrEnum):
     DIE = "die"  # it exited (whatever the cause: a stop, a kill, a crash, out of memory)
     OOM = "oom"  # the kernel's OOM killer hit it (a ``die`` follows)
     RESYNC = "resync"  # events may have been missed (the stream broke): reconcile
+    NOTE = "note"  # something the workspace's event log should say (``detail``)
 
 
 @dataclass(frozen=True)
@@ -286,6 +287,7 @@ class EngineEvent:
     workspace_id: str = ""
     container: str = ""  # the engine object's name (one of the workspace's handle names)
     exit_code: int | None = None  # DIE only
+    detail: str = ""  # DIE: why, where the backend knows better than an exit code
 
 
 @runtime_checkable
@@ -300,6 +302,17 @@ class EngineEvents(Protocol):
         reconnects (backing off), then yields ``RESYNC``, as it does when it had to drop
         events (its buffer is bounded). Events may repeat or come late: the caller checks
         them against the engine's current status before acting."""
+        ...
+
+
+@runtime_checkable
+class ResourceFit(Protocol):
+    """Backends that cannot serve every size the operator's maxima allow (a microVM under
+    software emulation): asked at create, before anything is written."""
+
+    def unfit(self, *, cpus: float, memory_mb: int) -> str | None:
+        """Why this host cannot usefully run a workspace of this size (a 422 says it), or
+        None."""
         ...
 
 

@@ -1509,7 +1509,7 @@ def engine_event(raw: Any) -> EngineEvent | None:
         kind = EngineEventKind(str(raw.get("Action") or raw.get("status") or ""))
     except ValueError:
         return None
-    if kind is EngineEventKind.RESYNC:
+    if kind in (EngineEventKind.RESYNC, EngineEventKind.NOTE):  # not Docker's words
         return None
     actor = raw.get("Actor")
     attributes = actor.get("Attributes") if isinstance(actor, dict) else None

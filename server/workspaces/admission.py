@@ -53,6 +53,11 @@ class Gate:
             self.running -= 1
             self._sem.release()
 
+    @property
+    def full(self) -> bool:
+        """Whether a call entering now has to wait for a slot."""
+        return self._sem.locked()
+
     def counts(self) -> tuple[int, int, int]:
         """(running, waiting, shed so far)."""
         return self.running, self.waiting, self.shed

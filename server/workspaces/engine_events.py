@@ -44,6 +44,12 @@ class EngineFollower(ServicePart):
             if before is None or now - before >= OOM_MEMORY_S:  # one note a minute at most
                 self._note_oom(ws_id)
             return
+        if event.kind is EngineEventKind.NOTE:
+            with self.sessions() as s:
+                if s.get(Workspace, ws_id) is None:
+                    return
+            self.ledger.note(ws_id, "engine", event.detail, actor="engine")
+            return
         if event.kind not in (EngineEventKind.DIE, EngineEventKind.START) or self.svc.busy(ws_id):
             return
         await self.svc.networks.sync(ws_id)  # the container's address came or went
@@ -62,10 +68,10 @@ class EngineFollower(ServicePart):
                     return  # an older container's death, or restarted since
                 oom_at = self._oom.pop(ws_id, None)
                 oom = oom_at is not None and time.monotonic() - oom_at < OOM_MEMORY_S
+                why = event.detail or \
+                    f"the container exited ({describe_exit(event.exit_code, oom=oom)})"
                 self.ledger.transition(ws_id, state, State.STOPPED, actor="engine",
-                                       message=f"the container exited "
-                                               f"({describe_exit(event.exit_code, oom=oom)}); "
-                                               "it starts again on the next access")
+                                       message=f"{why}; it starts again on the next access")
             elif event.kind is EngineEventKind.START and state in (State.STOPPED,
                                                                     State.PAUSED):
                 if await self.runtime.status(spec) is not ContainerStatus.RUNNING:

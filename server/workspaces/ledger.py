@@ -28,6 +28,7 @@ from server.errors import Conflict, NotFound
 from server.gpus.allocation import GpuPool
 from server.workspaces.feed import EventFeed
 from server.workspaces.states import Sleep, State, can_transition
+from server.workspaces.touches import TouchCoalescer
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class Ledger:
         self.sessions = sessions
         self.gpus = gpus  # allocated in the transaction of each transition
         self.feed = feed  # wakes the readers of the events WebSocket
+        self.touches = TouchCoalescer()  # activity: at most one write a second per workspace
 
     def record(self, s: Session, workspace_id: str, *, kind: str, actor: str, message: str,
                src: State | None = None, dst: State | None = None) -> None:
@@ -98,8 +100,11 @@ class Ledger:
             self.record(s, workspace_id, kind=kind, actor=actor, message=message)
         self.feed.changed(workspace_id)
 
-    def touch(self, workspace_id: str) -> None:
-        """Mark activity on a workspace (debounced writes)."""
+    def touch(self, workspace_id: str, *, force: bool = False) -> None:
+        """Mark activity on a workspace (debounced writes, coalesced in this process unless
+        ``force``: :mod:`server.workspaces.touches`)."""
+        if not force and not self.touches.due(workspace_id):
+            return
         now = datetime.now(UTC)
         with self.sessions.begin() as s:
             s.execute(

@@ -182,8 +182,8 @@ class Reaper:
                 except Exception:
                     log.exception("reaper: workspace %s skipped this pass", ws.id)
                     continue
-            if busy:
-                self.service.touch(ws.id)
+            if busy:  # it has just read the row: write, whatever this process touched lately
+                self.service.touch(ws.id, force=True)
             views.append(IdleView(
                 id=ws.id, state=State(ws.state), keep_alive=ws.keep_alive,
                 idle_timeout_s=st.idle_timeout_s if ws.idle_timeout_s is None

@@ -271,9 +271,9 @@ class WorkspaceService:
         """Record an event that is not a state change (the ledger's)."""
         self.ledger.note(workspace_id, kind, message, actor=actor)
 
-    def touch(self, workspace_id: str) -> None:
-        """Mark activity on a workspace (the ledger's, debounced)."""
-        self.ledger.touch(workspace_id)
+    def touch(self, workspace_id: str, *, force: bool = False) -> None:
+        """Mark activity on a workspace (the ledger's, debounced; ``force``: not coalesced)."""
+        self.ledger.touch(workspace_id, force=force)
 
     @property
     def can_checkpoint(self) -> bool:
@@ -311,6 +311,7 @@ class WorkspaceService:
         cpus, memory_mb, disk_gb = validation.resources(
             self.settings, self.gpus, cpus=req.cpus, memory_mb=req.memory_mb,
             disk_gb=req.disk_gb, gpu_count=req.gpus, gpu_model=req.gpu_model)
+        validation.fits(self.runtime, cpus=cpus, memory_mb=memory_mb)
         env = limits.validate_env(req.env)
         network = self.networks.validate(req.network_mode, req.network_allow)
         validation.timers(idle_timeout_s=req.idle_timeout_s, stop_after_s=req.stop_after_s)
@@ -749,10 +750,12 @@ class WorkspaceService:
             hook.deleted(ws.id)
         log.info("workspace %s: deleted by %s", ws.id, actor)
 
-    async def ensure_running(self, ws_id: str, *, actor: str) -> Workspace:
+    async def ensure_running(self, ws_id: str, *, actor: str,
+                             current: Workspace | None = None) -> Workspace:
         """The workspace, running: a paused one is resumed and a stopped one started (wake
-        on access). Concurrent callers share one wake: the later ones wait for it."""
-        ws = self.get(ws_id)
+        on access). Concurrent callers share one wake: the later ones wait for it.
+        ``current``: its row as the caller has just read it (saves reading it again)."""
+        ws = current if current is not None and current.id == ws_id else self.get(ws_id)
         state = State(ws.state)
         if state in (State.RESUMING, State.STARTING, State.PAUSING, State.STOPPING):
             async with self.locked(ws_id):  # wait for the operation in progress
@@ -819,15 +822,18 @@ class WorkspaceService:
                            size=size,
                            max_output_bytes=self.settings.exec_max_output_bytes)
 
-    async def exec(self, ws_id: str, req: ExecRequest, *, actor: str) -> ExecResult:
+    async def exec(self, ws_id: str, req: ExecRequest, *, actor: str,
+                   current: Workspace | None = None) -> ExecResult:
         """Run ``req`` in the workspace (woken first). A long call (not ``req.short``) is
         admitted through :attr:`long_calls`: it waits for a slot, or is refused with 503
-        ``overloaded`` when the queue is full."""
+        ``overloaded`` when the queue is full. ``current``: as :meth:`ensure_running`'s."""
         started = time.monotonic()
+        if not req.short and self.long_calls.full:
+            current = None  # it waits for a slot: the row is read after the wait
         try:
             admitted = contextlib.nullcontext() if req.short else self.long_calls.enter()
             async with admitted:
-                result = await self._exec(ws_id, req, actor=actor)
+                result = await self._exec(ws_id, req, actor=actor, current=current)
         except BaseException as exc:
             self.metrics.exec_failed(time.monotonic() - started, exc, short=req.short)
             raise
@@ -835,8 +841,9 @@ class WorkspaceService:
                                timed_out=result.timed_out)
         return result
 
-    async def _exec(self, ws_id: str, req: ExecRequest, *, actor: str) -> ExecResult:
-        ws = await self.ensure_running(ws_id, actor=actor)
+    async def _exec(self, ws_id: str, req: ExecRequest, *, actor: str,
+                    current: Workspace | None = None) -> ExecResult:
+        ws = await self.ensure_running(ws_id, actor=actor, current=current)
         spec = self.spec_for(ws)
         try:  # while it runs, the activity hold keeps the workspace from looking idle
             for attempt in (1, 2):

@@ -7,7 +7,7 @@ from __future__ import annotations
 from server.config import Settings
 from server.errors import ValidationFailed
 from server.gpus.allocation import GpuPool
-from server.runtime.base import Runtime
+from server.runtime.base import ResourceFit, Runtime
 from server.workspaces import image_policy
 
 RUNTIMES = ("gvisor", "runc", "microvm")
@@ -68,6 +68,13 @@ def resources(settings: Settings, gpus: GpuPool, *, cpus: float | None, memory_m
         raise ValidationFailed(f"resources.disk_gb must be between 1 and {st.max_disk_gb}")
     gpus.validate(gpu_count, gpu_model, max_gpus=st.max_gpus)
     return cpus, memory_mb, disk_gb
+
+
+def fits(runtime: Runtime, *, cpus: float, memory_mb: int) -> None:
+    """The backend can usefully run this size here (server/runtime/base.py's ResourceFit)."""
+    if isinstance(runtime, ResourceFit) and (why := runtime.unfit(cpus=cpus,
+                                                                   memory_mb=memory_mb)):
+        raise ValidationFailed(why, code="resources_unfit")
 
 
 def timers(**values: int | None) -> None:

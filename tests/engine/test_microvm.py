@@ -1,17 +1,23 @@
 """Workspaces as QEMU microVMs (DEN_BACKEND=microvm, docs/microvm.md), through the API of a
-real server: what is microVM-only (its own kernel, the boot files, QEMU's process: killed
-mid-pause, found again by a restarted Den). The lifecycle contract both backends share is
-tests/engine/test_backends.py. Needs the boot files of scripts/setup-microvm.sh;
-without them the module is skipped and says so. One VM is shared by the tests, in order
-(each boot takes seconds under TCG)."""
+real server: what is microVM-only (its own kernel and the accelerator, QEMU unprivileged in a
+cgroup of its own, the TCG size refusal, the guest's processes getting SIGTERM at stop, QEMU
+killed, killed mid-pause, a hung guest, a restarted Den finding its VMs). The lifecycle
+contract both backends share is tests/engine/test_backends.py. Needs the boot files of
+scripts/setup-microvm.sh (under CI their absence fails the module). One VM is shared by the
+tests, in order (each boot takes seconds under TCG)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import pwd
 import secrets
+import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,8 +27,9 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.config import Settings
-from server.runtime.microvm import process
+from server.runtime.microvm import cgroup, process
 from server.runtime.microvm.argv import VmFiles
+from server.runtime.microvm.cgroup import Cgroups
 from tests.conftest import IN_CI, RUN_PREFIX, ApiClient, git, users
 
 pytestmark = pytest.mark.engine
@@ -77,11 +84,12 @@ def vm_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiClient]:
         try:
             yield api
         finally:
-            for ws in api.get("/api/v1/workspaces", user="root").json()["workspaces"]:
+            for ws in api.get("/api/v1/workspaces", user="root").json().get("workspaces", []):
                 client.delete(f"/api/v1/workspaces/{ws['id']}", headers=api.h("root"))
             for d in (BOOT_DIR / "vms").glob(f"{settings.engine_prefix}-*"):
                 process.end(VmFiles(d), timeout_s=0)
                 subprocess.run(["rm", "-rf", str(d)], check=False)
+                Cgroups().remove(d.name)
 
 
 @pytest.fixture(scope="module")
@@ -108,17 +116,95 @@ def test_health_names_the_backend_and_its_accelerator(vm_api: ApiClient) -> None
         assert engine["accelerator"] == "tcg"
 
 
+def test_tcg_refuses_more_vcpus_than_the_host_can_emulate(vm_api: ApiClient) -> None:
+    if vm_api.get("/healthz").json()["engine"]["accelerator"] != "tcg":
+        pytest.skip("KVM here: every size the operator allows is served")
+    cores = len(os.sched_getaffinity(0))
+    r = vm_api.post("/api/v1/workspaces", json={"name": "big", "resources": {"cpus": cores + 1},
+                                                "repo": {"url": str(vm_api.repo)}})  # type: ignore[attr-defined]
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "resources_unfit" and "TCG" in r.text, r.text
+    assert [w["name"] for w in vm_api.get("/api/v1/workspaces").json()["workspaces"]
+            if w["name"] == "big"] == []  # nothing written
+
+
+def _events(api: ApiClient, ws_id: str) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = api.get(f"/api/v1/workspaces/{ws_id}/events").json()["events"]
+    return events
+
+
+def _qmp(files: VmFiles, command: str) -> None:
+    """One command to the VM's QEMU monitor (QMP)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(files.qmp))
+        f = s.makefile("rwb")
+        f.readline()  # the greeting
+        for cmd in ("qmp_capabilities", command):
+            f.write(json.dumps({"execute": cmd}).encode() + b"\n")
+            f.flush()
+            while b'"return"' not in (line := f.readline()):
+                assert line and b'"error"' not in line, line
+
+
 def test_the_workspace_runs_in_its_own_kernel(vm_api: ApiClient, vm: dict[str, Any]) -> None:
-    """Debian's kernel, not the host's; the whole VM is one QEMU process of the host with the
-    workspace's disks in its directory. (The contract both backends share, create from Git
-    to delete, is tests/engine/test_backends.py.)"""
+    """Debian's kernel, not the host's, with the accelerator in the event log; the whole VM is
+    one QEMU process of the host with the workspace's disks in its directory. (The contract
+    both backends share, create from Git to delete, is tests/engine/test_backends.py.)"""
     assert vm["runtime"] == "microvm"
-    guest = vm_api.exec(vm["id"], "uname -r")["stdout"].strip()
+    out = vm_api.exec(vm["id"], "pwd; ls; id -un; git log --format=%s -1; uname -r")
+    assert out["exit_code"] == 0, out
+    lines = out["stdout"].split("\n")
+    assert lines[:5] == ["/workspace/api", "README.md", "src", "dev", "initial"], out
     host = subprocess.run(["uname", "-r"], capture_output=True, text=True).stdout.strip()
-    assert guest != host and guest.endswith("-amd64"), (guest, host)
+    guest = lines[5]
+    assert guest != host and guest.endswith("-amd64"), (guest, host)  # Debian's kernel
+    # The event log says how the VM runs (an engine event: it may come just after "running").
+    accel = vm_api.get("/healthz").json()["engine"]["accelerator"].upper()
+    deadline = time.monotonic() + 10
+    while not [e for e in _events(vm_api, vm["id"]) if f"booted with {accel}" in e["message"]]:
+        assert time.monotonic() < deadline, _events(vm_api, vm["id"])
+        time.sleep(0.05)
+    # The whole VM is one QEMU process of the host, with the workspace's disks in its dir.
     files = VmFiles(_vm_dir(vm_api, vm["id"]))
     assert process.running(files) is not None
     assert files.root.exists() and files.workspace.exists()
+
+
+def _cgroups_of(pid: int) -> dict[str, str]:
+    """controller -> the cgroup path process ``pid`` is in (v1 lines; v2: key "")."""
+    found = {}
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        for c in controllers.split(",") if controllers else [""]:
+            found[c] = path
+    return found
+
+
+def test_qemu_runs_unprivileged_in_a_cgroup_of_its_own(vm_api: ApiClient,
+                                                       vm: dict[str, Any]) -> None:
+    """QEMU dropped root (-runas den-vm) and was born in the VM's cgroup, whose limits
+    follow the workspace's cpus and memory (plus QEMU's overhead)."""
+    files = VmFiles(_vm_dir(vm_api, vm["id"]))
+    pid = process.running(files)
+    assert pid is not None
+    status = Path(f"/proc/{pid}/status").read_text()
+    uids = next(line.split()[1:] for line in status.splitlines() if line.startswith("Uid:"))
+    assert set(uids) == {str(pwd.getpwnam("den-vm").pw_uid)}, uids  # real, effective, saved
+    assert files.dir.stat().st_uid == pwd.getpwnam("den-vm").pw_uid
+    groups = _cgroups_of(pid)
+    want = f"/{cgroup.PARENT}/{files.dir.name}"
+    root = Path("/sys/fs/cgroup")
+    if Cgroups(root).version() == 1:
+        assert [groups[c] for c in ("cpu", "memory", "pids")] == [want] * 3, groups
+        assert (root / "cpu" / want[1:] / "cpu.cfs_quota_us").read_text().strip() == "100000"
+        limit = int((root / "memory" / want[1:] / "memory.limit_in_bytes").read_text())
+        assert (root / "pids" / want[1:] / "pids.max").read_text().strip() == "256"
+    else:
+        assert groups[""] == want, groups
+        assert (root / want[1:] / "cpu.max").read_text().split() == ["100000", "100000"]
+        limit = int((root / want[1:] / "memory.max").read_text())
+    assert limit == (512 + cgroup.QEMU_OVERHEAD_MB) * 1024 * 1024
 
 
 def test_workspace_disk_has_the_size_asked_for(vm_api: ApiClient, vm: dict[str, Any]) -> None:
@@ -127,7 +213,68 @@ def test_workspace_disk_has_the_size_asked_for(vm_api: ApiClient, vm: dict[str, 
     assert 900 <= size_mb <= 1024, out  # disk_gb 1: ext4's own metadata takes the rest
 
 
-def _events(api: ApiClient, ws_id: str) -> list[str]:
+def test_the_guests_processes_get_sigterm_at_stop(vm_api: ApiClient, vm: dict[str, Any]) -> None:
+    """What they write then is kept, with the rest of /workspace, over stop and start."""
+    ws_id = vm["id"]
+    assert vm_api.exec(ws_id, "echo kept > /workspace/api/note")["exit_code"] == 0
+    daemon = ("trap 'echo got-term > /workspace/term; exit 0' TERM; touch /tmp/armed; "
+              "while :; do sleep 1; done")
+    out = vm_api.exec(ws_id, ["sh", "-c", f"setsid sh -c \"{daemon}\" </dev/null >/dev/null "
+                              "2>&1 & until [ -e /tmp/armed ]; do sleep 0.05; done"])
+    assert out["exit_code"] == 0, out
+    r = vm_api.post(f"/api/v1/workspaces/{ws_id}/stop")
+    assert r.status_code in (200, 202), r.text
+    assert vm_api.wait_state(ws_id, settled=("stopped", "error"))["state"] == "stopped"
+    files = VmFiles(_vm_dir(vm_api, ws_id))
+    assert process.running(files) is None  # no QEMU left running
+    r = vm_api.post(f"/api/v1/workspaces/{ws_id}/start")
+    assert r.status_code in (200, 202), r.text
+    assert vm_api.wait_state(ws_id, settled=("running", "error"))["state"] == "running"
+    out = vm_api.exec(ws_id, "cat /workspace/api/note; git -C /workspace/api status --short")
+    assert out["stdout"] == "kept\n?? note\n", out
+    assert vm_api.exec(ws_id, "cat /workspace/term")["stdout"] == "got-term\n"
+
+
+def test_a_killed_qemu_stops_the_workspace_with_an_event(vm_api: ApiClient,
+                                                        vm: dict[str, Any]) -> None:
+    """kill -9 of the VM's QEMU: the workspace is stopped at once (an engine event, not the
+    next failing call) and the event log says why; a start boots it again."""
+    ws_id = vm["id"]
+    pid = process.running(VmFiles(_vm_dir(vm_api, ws_id)))
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    ws = vm_api.wait_state(ws_id, settled=("stopped", "error"), timeout_s=30)
+    assert ws["state"] == "stopped", ws
+    events = _events(vm_api, ws_id)
+    last = events[-1]
+    assert last["actor"] == "engine" and "QEMU process ended" in last["message"], events[-3:]
+    r = vm_api.post(f"/api/v1/workspaces/{ws_id}/start")
+    assert r.status_code in (200, 202), r.text
+    assert vm_api.wait_state(ws_id, settled=("running", "error"))["state"] == "running"
+    assert vm_api.exec(ws_id, "cat /workspace/api/note")["stdout"] == "kept\n"
+
+
+def test_a_guest_that_stops_answering_is_504_and_a_restart_brings_it_back(
+        vm_api: ApiClient, vm: dict[str, Any]) -> None:
+    """The guest's CPUs stopped (QEMU's monitor `stop`: a hung kernel as the host sees it,
+    QEMU itself alive): an exec is a 504 naming the restart, not a hang; stop and start
+    boot it again with /workspace kept."""
+    ws_id = vm["id"]
+    _qmp(VmFiles(_vm_dir(vm_api, ws_id)), "stop")
+    for _ in range(2):  # the live session's call, then a fresh hello's
+        r = vm_api.post(f"/api/v1/workspaces/{ws_id}/exec", json={"cmd": "true"})
+        assert r.status_code == 504, r.text
+        assert "restart the workspace" in r.json()["error"]["message"], r.text
+    r = vm_api.post(f"/api/v1/workspaces/{ws_id}/stop")
+    assert r.status_code in (200, 202), r.text
+    assert vm_api.wait_state(ws_id, settled=("stopped", "error"))["state"] == "stopped"
+    r = vm_api.post(f"/api/v1/workspaces/{ws_id}/start")
+    assert r.status_code in (200, 202), r.text
+    assert vm_api.wait_state(ws_id, settled=("running", "error"))["state"] == "running"
+    assert vm_api.exec(ws_id, "cat /workspace/api/note")["stdout"] == "kept\n"
+
+
+def _event_lines(api: ApiClient, ws_id: str) -> list[str]:
     r = api.get(f"/api/v1/workspaces/{ws_id}/events")
     assert r.status_code == 200, r.text
     return [f"{e['kind']} {e['to_state'] or ''} {e['message']}" for e in r.json()["events"]]
@@ -165,7 +312,7 @@ def test_qemu_dying_mid_pause_leaves_the_workspace_to_start_cold(
     # The next access starts it cold from its disk: files kept, processes (and /tmp) not.
     out = vm_api.exec(ws_id, "cat /workspace/api/kept; test -e /tmp/count || echo cold")
     assert out["stdout"] == "synced\ncold\n", out
-    events = _events(vm_api, ws_id)
+    events = _event_lines(vm_api, ws_id)
     assert any("pause failed" in e and "starts cold from its disk" in e for e in events), events
     assert any("started on access" in e for e in events), events
 
@@ -238,3 +385,4 @@ def test_a_restarted_den_finds_the_running_vm_and_its_agent(tmp_path: Path) -> N
         for d in vms.glob(f"{prefix}-*"):
             process.end(VmFiles(d), timeout_s=0)
             subprocess.run(["rm", "-rf", str(d)], check=False)
+            Cgroups().remove(d.name)

@@ -44,7 +44,7 @@ def test_argv_boots_the_kernel_with_both_disks_and_the_agent_port() -> None:
                      hostname="api", tsc_khz=2596134)
     assert argv[0] == "qemu"
     assert _opt(argv, "-M")[0].startswith("microvm,")
-    assert _opt(argv, "-accel") == ["tcg"] and _opt(argv, "-cpu") == ["max"]
+    assert _opt(argv, "-accel") == ["tcg,tb-size=128"] and _opt(argv, "-cpu") == ["max"]
     assert _opt(argv, "-smp") == ["2"] and _opt(argv, "-m") == ["768M"]
     assert _opt(argv, "-kernel") == ["/srv/den/microvm/vmlinux"]
     assert _opt(argv, "-initrd") == ["/srv/den/microvm/initramfs.cpio"]
@@ -130,8 +130,9 @@ def test_backend_is_registered_and_has_the_required_protocols(tmp_path: Path) ->
     assert isinstance(rt, AgentChannel)
     assert isinstance(rt, Checkpoints) and isinstance(rt, DiskSnapshots)
     # Pause with memory, snapshots, forks and restores (features.py); connections are made
-    # by the agent.
-    assert features(rt) == ["checkpoints", "disk_snapshots", "agent", "port_connect"]
+    # by the agent; a QEMU that ends is an event.
+    assert features(rt) == ["checkpoints", "disk_snapshots", "agent", "port_connect",
+                            "engine_events"]
     assert rt.boot.kernel == tmp_path / "microvm" / "vmlinux"
     assert rt.vms_dir == tmp_path / "microvm" / "vms"
     assert rt.new_handle("abc") == {"vm": "den-vm-abc"}

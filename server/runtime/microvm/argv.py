@@ -75,6 +75,9 @@ class BootFiles:
 # QEMU 7.2's seccomp filter. Measured with -daemonize here: spawn=deny kills the daemonizing
 # fork (SIGSYS) and elevateprivileges=deny makes it exit 1, so those two stay allowed.
 SANDBOX = "on,obsolete=deny,resourcecontrol=deny"
+# TCG's cache of translated code (QEMU 7.2's default: up to 1 GiB, which would count against
+# the VM's cgroup as it fills); a full cache is flushed and refilled.
+TB_SIZE_MB = 128
 
 
 def vcpus(cpus: float) -> int:
@@ -100,8 +103,8 @@ def kernel_cmdline(hostname: str, *, console: bool, probe: bool = False, tsc_khz
 
 
 def qemu_argv(qemu: str, boot: BootFiles, files: VmFiles, *, accel: str, cpus: float,
-              memory_mb: int, hostname: str, tsc_khz: int = 0, console_log: bool = False
-              ) -> list[str]:
+              memory_mb: int, hostname: str, tsc_khz: int = 0, console_log: bool = False,
+              runas: str = "") -> list[str]:
     """The command that boots the VM, daemonized once its sockets listen."""
     if accel not in ("kvm", "tcg"):
         raise ValueError(f"accel must be kvm or tcg, not {accel!r}")
@@ -113,7 +116,8 @@ def qemu_argv(qemu: str, boot: BootFiles, files: VmFiles, *, accel: str, cpus: f
         raise ValidationFailed(f"hostname {hostname!r} cannot be passed to a microVM")
     argv = [
         qemu, "-M", "microvm,x-option-roms=off,rtc=on,pcie=off",
-        "-accel", accel, "-cpu", "max" if accel == "tcg" else "host",
+        "-accel", f"tcg,tb-size={TB_SIZE_MB}" if accel == "tcg" else accel,
+        "-cpu", "max" if accel == "tcg" else "host",
         "-smp", str(vcpus(cpus)), "-m", f"{memory_mb}M",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-kernel", str(boot.kernel), "-initrd", str(boot.initramfs),
@@ -132,6 +136,8 @@ def qemu_argv(qemu: str, boot: BootFiles, files: VmFiles, *, accel: str, cpus: f
         "-sandbox", SANDBOX,
         "-daemonize", "-pidfile", str(files.pidfile),
     ]
+    if runas:  # after setting up (disks, sockets, /dev/kvm opened as root): setuid/setgid
+        argv += ["-runas", runas]
     return argv
 
 

@@ -13,10 +13,11 @@ import contextlib
 import functools
 import logging
 import os
+import pwd
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,6 +29,8 @@ from server.runtime.base import (
     LABEL_SNAPSHOT,
     LABEL_WORKSPACE,
     ContainerStatus,
+    EngineEvent,
+    EngineEventKind,
     EngineObject,
     ExecRequest,
     ExecResult,
@@ -38,20 +41,24 @@ from server.runtime.base import (
     names,
 )
 from server.runtime.errors import (
+    AgentTimeout,
     AgentUnavailable,
     EngineConflict,
     EngineError,
     EngineUnavailable,
     ObjectMissing,
 )
-from server.runtime.microvm import disks, process
+from server.runtime.microvm import cgroup, disks, guest, process
 from server.runtime.microvm.argv import (
     BootFiles,
     VmFiles,
     host_tsc_khz,
     probe_argv,
     qemu_argv,
+    vcpus,
 )
+from server.runtime.microvm.cgroup import Cgroups
+from server.runtime.microvm.events import QemuExits
 from server.runtime.microvm.features import SNAPSHOT_KIND, VmCheckpoints, VmDiskSnapshots
 from server.runtime.microvm.transport import PortTransport
 
@@ -59,10 +66,22 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 KIND = "vm"  # EngineObject.kind of a VM directory
-SYNC_TIMEOUT_S = 10.0  # the guest's `sync` before QEMU is told to end
+SYNC_TIMEOUT_S = 10.0  # QEMU's own exit (its disks flushed) after the guest's stop
 PROBE_TIMEOUT_S = 15.0
 AGENT_ATTEMPT_S = 1.0  # one hello's wait while the guest boots
 DEFAULT_WORKSPACE_GB = 10  # /workspace of a spec without disk_gb (0: a row made before it)
+
+
+def host_cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def accel_note(accel: str) -> str:
+    """The workspace's event saying how its VM runs."""
+    if accel == "kvm":
+        return "the microVM booted with KVM (hardware virtualization)"
+    return ("the microVM booted with TCG (QEMU's software emulation: this host has no usable "
+            "KVM): the guest's CPU is several times slower than the host's")
 
 
 class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
@@ -72,7 +91,8 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
 
     def __init__(self, *, boot_dir: Path, vms_dir: Path, image: str, prefix: str = "den",
                  qemu: str = "qemu-system-x86_64", accel: str = "auto",
-                 boot_timeout_s: float = 120.0, console_log: bool = False) -> None:
+                 boot_timeout_s: float = 120.0, console_log: bool = False,
+                 user: str = "", cgroups: Cgroups | None = None) -> None:
         self.boot = BootFiles.under(boot_dir)
         self.vms_dir = vms_dir
         self.image = image
@@ -82,10 +102,13 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
         self.accelerator = "" if accel == "auto" else accel  # decided by check()
         self.boot_timeout_s = boot_timeout_s
         self.console_log = console_log
+        self.user = user  # QEMU's -runas; "" stays root
+        self.cgroups = cgroups or Cgroups()
         self.tsc_khz = 0
         self._agents: dict[str, AgentSession] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._listeners: list[Callable[[str, str], None]] = []
+        self._exits = QemuExits(self._running, self._serves)
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -122,7 +145,17 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
             if not self.tsc_khz:
                 raise EngineUnavailable("cannot read the host's TSC frequency (/proc/cpuinfo "
                                         "has no `cpu MHz`): TCG guests cannot keep time")
+        if self.user:
+            try:
+                pwd.getpwnam(self.user)
+            except KeyError:
+                raise EngineUnavailable(f"the user microVMs run as ({self.user}, "
+                                        "DEN_MICROVM_USER) does not exist: run "
+                                        "scripts/setup-microvm.sh") from None
+        await self._io(self.cgroups.version)  # a hierarchy with cpu, memory and pids
         self.vms_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.user:  # QEMU, once it is the VM user, reaches its own directory by path
+            self.vms_dir.chmod(0o711)
 
     def _detect_accel(self) -> str:
         """KVM when /dev/kvm boots a guest (a paravirtual /dev/kvm may exist and fail),
@@ -135,6 +168,20 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
         except (OSError, subprocess.TimeoutExpired):
             return "tcg"
         return "kvm" if b"den-probe-ok" in out.stdout else "tcg"
+
+    def unfit(self, *, cpus: float, memory_mb: int) -> str | None:
+        """:class:`~server.runtime.base.ResourceFit`: under TCG each vCPU is a host thread
+        emulating a CPU; more vCPUs than the host has cores never run at once, and the
+        guest's kernel stalls waiting for the ones descheduled (its RCU and IPIs assume
+        CPUs that run). KVM: any size the operator allows."""
+        if self.accelerator != "tcg":
+            return None
+        cores = host_cores()
+        if vcpus(cpus) > cores:
+            return (f"resources.cpus {cpus:g} is more than this host can emulate: microVMs "
+                    f"here run under TCG (software emulation, no usable KVM), at most {cores} "
+                    f"vCPUs (the host's cores); ask for {cores} or fewer")
+        return None
 
     async def image_exists(self, image: str) -> bool:
         """MicroVMs boot the root filesystem built from one image (scripts/setup-microvm.sh)."""
@@ -186,7 +233,8 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
         await self.check()
         argv = self._argv(spec, files, cpus=spec.cpus, memory_mb=spec.memory_mb)
         started = time.monotonic()
-        await self._launch(spec, files, argv)
+        await self._launch(spec, files, argv, cpus=spec.cpus, memory_mb=spec.memory_mb,
+                           boot=True)
         try:
             await self._session(spec, boot=True)
         except BaseException:
@@ -195,12 +243,24 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
         log.info("workspace %s: microVM booted (%s) in %.1f s", spec.workspace_id,
                  self.accelerator, time.monotonic() - started)
 
-    async def _launch(self, spec: WorkspaceSpec, files: VmFiles, argv: list[str]) -> None:
-        """Start the VM's QEMU (daemonized): a cold start, or a resume's QEMU waiting for its
-        memory (features.py). What every QEMU of a workspace needs around it goes here."""
+    async def _launch(self, spec: WorkspaceSpec, files: VmFiles, argv: list[str], *,
+                      cpus: float, memory_mb: int, boot: bool = False) -> None:
+        """Start the VM's QEMU (daemonized): a cold start (``boot``: its event says which
+        accelerator it runs with), or a resume's QEMU waiting for its memory (features.py);
+        as the unprivileged user, in the VM's cgroup sized for the ``cpus`` and ``memory_mb``
+        it runs with, watched for its exit. What every QEMU of a workspace needs around it
+        goes here."""
         for sock in (files.agent, files.qmp):
             sock.unlink(missing_ok=True)
-        await self._io(process.launch, argv)
+        if self.user:
+            await self._io(disks.give_to, files, self.user)
+        procs = await self._io(self.cgroups.make, files.dir.name,
+                               cgroup.limits(cpus=cpus, memory_mb=memory_mb))
+        await self._io(process.launch, cgroup.wrap(argv, procs))
+        self._exits.launched(EngineEvent(EngineEventKind.NOTE, workspace_id=spec.workspace_id,
+                                         container=files.dir.name,
+                                         detail=accel_note(self.accelerator))
+                             if boot else None)
 
     def _argv(self, spec: WorkspaceSpec, files: VmFiles, *, cpus: float, memory_mb: int
               ) -> list[str]:
@@ -208,19 +268,20 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
         vCPUs its checkpoint was saved with: features.py)."""
         return qemu_argv(self.qemu, self.boot, files, accel=self.accelerator, cpus=cpus,
                          memory_mb=memory_mb, hostname=spec.hostname, tsc_khz=self.tsc_khz,
-                         console_log=self.console_log)
+                         console_log=self.console_log, runas=self.user)
 
     async def stop(self, spec: WorkspaceSpec, *, timeout_s: int) -> None:
         files = self.files(spec)
         if await self._io(process.running, files) is None:
             return
-        session = self._agents.get(files.dir.name)
-        if session is not None and session.alive:  # flush the guest's page cache to disk
-            with contextlib.suppress(Exception):
-                await agent_ops.run(session, ExecRequest(argv=["sync"], user="root", cwd="/",
-                                                         timeout_s=SYNC_TIMEOUT_S), {})
+        with contextlib.suppress(Exception):  # SIGTERM to the guest's processes, then sync
+            session = await self._session(spec)
+            req = guest.stop_request(timeout_s)
+            await asyncio.wait_for(agent_ops.run(session, req, {}),
+                                   (req.timeout_s or 0) + AGENT_ATTEMPT_S)
         await self._drop_agent(files, "the workspace stopped")
-        await self._io(functools.partial(process.end, files, timeout_s=float(timeout_s)))
+        await self._io(functools.partial(process.end, files, timeout_s=SYNC_TIMEOUT_S))
+        await self._io(self.cgroups.remove, files.dir.name)
 
     async def destroy(self, spec: WorkspaceSpec) -> None:
         await self._remove(self.files(spec))
@@ -228,6 +289,7 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
     async def _remove(self, files: VmFiles) -> None:
         await self._drop_agent(files, "the workspace was deleted")
         await self._io(functools.partial(process.end, files, timeout_s=0.0))
+        await self._io(self.cgroups.remove, files.dir.name)
         await self._io(functools.partial(shutil.rmtree, files.dir, ignore_errors=True))
 
     async def status(self, spec: WorkspaceSpec) -> ContainerStatus:
@@ -250,11 +312,29 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
         return docker_specs.exec_env(req.user, spec.env, req.env)
 
     async def exec(self, spec: WorkspaceSpec, req: ExecRequest) -> ExecResult:
-        return await agent_ops.run(await self._session(spec), req, self._env(spec, req))
+        async with self._answering(spec):
+            return await agent_ops.run(await self._session(spec), req, self._env(spec, req))
 
     async def exec_stream(self, spec: WorkspaceSpec, req: ExecRequest) -> ExecStream:
-        return await agent_ops.AgentExecStream.start(await self._session(spec), req,
-                                                     self._env(spec, req))
+        async with self._answering(spec):
+            return await agent_ops.AgentExecStream.start(await self._session(spec), req,
+                                                         self._env(spec, req))
+
+    @contextlib.asynccontextmanager
+    async def _answering(self, spec: WorkspaceSpec) -> AsyncIterator[None]:
+        """A guest that stopped answering (its agent did not start a command in time while
+        QEMU runs: a hung kernel, a stopped agent) is a 504 naming the way back, a restart;
+        its session is dropped, so the next call tries a fresh hello rather than waiting."""
+        try:
+            yield
+        except agent_ops.NotStarted as exc:
+            files = self.files(spec)
+            await self._drop_agent(files, "the guest stopped answering")
+            if await self._io(process.running, files) is None:
+                raise
+            raise AgentTimeout(f"the microVM of workspace {spec.workspace_id} stopped "
+                               f"answering ({exc.message}); restart the workspace (stop, then "
+                               "start)") from exc
 
     # --- AgentChannel ---------------------------------------------------------------------
 
@@ -290,10 +370,12 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
                     break
                 except (OSError, AgentUnavailable) as exc:
                     if time.monotonic() >= deadline:
-                        raise AgentUnavailable(
-                            f"the agent of workspace {spec.workspace_id} does not answer "
-                            f"({'boot' if boot else 'call'}: {exc}); stop and start the "
-                            "workspace") from exc
+                        # QEMU runs but its guest does not answer (a hung kernel, an agent
+                        # that died): a gateway timeout, and the way back is a restart.
+                        raise AgentTimeout(
+                            f"the microVM of workspace {spec.workspace_id} runs but its agent "
+                            f"does not answer ({'boot' if boot else 'call'}: {exc}); restart "
+                            "the workspace (stop, then start)") from exc
                     await asyncio.sleep(0.05)  # the guest is booting: its port is not open
             session.on_end = functools.partial(self._forget, key)
             self._agents[key] = session
@@ -330,6 +412,23 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
                                           workspace_id=str(labels.get(LABEL_WORKSPACE, "")),
                                           running=process.running(files) is not None))
         return found
+
+    def _running(self, instance: str) -> list[tuple[EngineObject, int]]:
+        found = []
+        for obj in self._list(instance):
+            pid = process.running(VmFiles(self.vms_dir / obj.name)) if obj.running else None
+            if pid is not None:
+                found.append((obj, pid))
+        return found
+
+    def _serves(self, obj: EngineObject, pid: int) -> bool:
+        return process.running(VmFiles(self.vms_dir / obj.name)) == pid
+
+    # --- EngineEvents -------------------------------------------------------------------
+
+    def watch(self, instance: str) -> AsyncGenerator[EngineEvent, None]:
+        """A QEMU process that ends is a ``die`` as it happens (microvm/events.py)."""
+        return self._exits.watch(instance)
 
     def stale(self, obj: EngineObject, handle: Handle) -> bool:
         return obj.name not in names(handle)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -65,3 +66,12 @@ def _run(argv: list[str]) -> None:
         raise EngineError(f"{argv[0]} failed: {exc}") from exc
     if out.returncode != 0:
         raise EngineError(f"{argv[0]} failed: {out.stderr[-1000:].decode(errors='replace')}")
+
+
+def give_to(files: VmFiles, user: str) -> None:
+    """The VM's directory and its files owned by ``user`` (QEMU's -runas), so that QEMU,
+    once unprivileged, can open what it is asked to by path; 0700: no other user's."""
+    entry = pwd.getpwnam(user)
+    for path in (files.dir, *files.dir.iterdir()):
+        os.chown(path, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
+    files.dir.chmod(0o700)

@@ -59,7 +59,8 @@ class _Vm(Protocol):
     def _argv(self, spec: WorkspaceSpec, files: VmFiles, *, cpus: float, memory_mb: int
               ) -> list[str]: ...
 
-    async def _launch(self, spec: WorkspaceSpec, files: VmFiles, argv: list[str]) -> None: ...
+    async def _launch(self, spec: WorkspaceSpec, files: VmFiles, argv: list[str], *,
+                      cpus: float, memory_mb: int, boot: bool = False) -> None: ...
 
     async def _session(self, spec: WorkspaceSpec, *, boot: bool = False) -> AgentSession: ...
 
@@ -109,8 +110,9 @@ class VmCheckpoints:
         if await self._io(process.running, files) is not None:
             return
         meta = await self._io(ckpt.read_meta, ckpt.directory(files, checkpoint))
-        argv = self._argv(spec, files, cpus=float(meta["cpus"]), memory_mb=int(meta["memory_mb"]))
-        await self._launch(spec, files, ckpt.incoming_argv(argv))
+        cpus, memory_mb = float(meta["cpus"]), int(meta["memory_mb"])
+        argv = self._argv(spec, files, cpus=cpus, memory_mb=memory_mb)
+        await self._launch(spec, files, ckpt.incoming_argv(argv), cpus=cpus, memory_mb=memory_mb)
         await self._io(ckpt.feed, files, checkpoint)
         try:
             session = await self._session(spec, boot=True)
