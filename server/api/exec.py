@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from server.api.deps import CurrentUser, Workspaces, websocket_user
 from server.api.exec_body import exec_response, spooled
-from server.api.schemas import ExecIn, ExecOut, errors
+from server.api.schemas import ExecIn, ExecOut, ExecStreamIn, errors
 from server.api.streams import Opened, serve
 from server.errors import ValidationFailed
 
@@ -34,14 +34,14 @@ async def exec_command(ref: str, body: ExecIn, user: CurrentUser, svc: Workspace
 async def exec_stream(websocket: WebSocket, ref: str) -> None:
     """Protocol: the client sends the exec request as its first JSON message, then the
     messages of :mod:`server.api.streams` (stdin, close_stdin, resize with ``tty``). The
-    server sends stdout/stderr messages and finally ``{"type": "exit", "exit_code": int}``,
-    or ``{"type": "error", "error": {...}}``."""
+    server sends stdout/stderr messages (binary frames with ``"binary": true``) and finally
+    ``{"type": "exit", "exit_code": int}``, or ``{"type": "error", "error": {...}}``."""
     async def start() -> Opened:
         user = websocket_user(websocket)
         svc = websocket.app.state.workspaces
         ws = svc.get_for(user, ref)
         try:
-            body = ExecIn.model_validate(await websocket.receive_json())
+            body = ExecStreamIn.model_validate(await websocket.receive_json())
         except (ValidationError, ValueError, RecursionError, KeyError) as exc:
             raise ValidationFailed(f"the first message must be an exec request: {exc}") from exc
         req = svc.exec_request(ws, body.cmd, cwd=body.cwd, env=body.env,
@@ -54,6 +54,6 @@ async def exec_stream(websocket: WebSocket, ref: str) -> None:
         except BaseException:
             slot.release()
             raise
-        return Opened(ws.id, stream, stdin=body.stdin, slot=slot)
+        return Opened(ws.id, stream, stdin=body.stdin, slot=slot, binary=body.binary)
 
     await serve(websocket, start)

@@ -314,6 +314,13 @@ class ExecIn(_Strict):
     rows: int = Field(24, ge=1, le=1000)
 
 
+class ExecStreamIn(ExecIn):
+    """The first message of ``WS .../exec/stream``."""
+
+    binary: bool = Field(False, description="Output as binary frames (first byte 1: stdout, "
+                         "2: stderr; the rest: the bytes) instead of JSON text messages")
+
+
 class ExecOut(BaseModel):
     exit_code: int
     stdout: str

@@ -5,7 +5,9 @@ Client to server: binary frames are raw input; text frames are JSON ``{"type": "
 "data": str}``, ``{"type": "close_stdin"}``, ``{"type": "signal", "signal": "INT"}`` (one of
 ``SIGNALS``, to the process's group) or ``{"type": "resize", "cols": int, "rows":
 int}`` (anything else is ignored). Server to client: ``{"type": "stdout"|"stderr", "data":
-str}`` (UTF-8 decoded incrementally, so a character split across reads arrives whole).
+str}`` (UTF-8 decoded incrementally, so a character split across reads arrives whole), or,
+where the client asked for ``binary``, binary frames whose first byte says the stream (1
+stdout, 2 stderr) and whose rest is the output's bytes: no decoding, no JSON escaping.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from server.quotas.service import Slot
 from server.runtime.base import SIGNALS, ExecStream, StreamChunk
 
 ENDINGS = ("paused", "stopped")  # sent as {"type": "paused"} and {"type": "stopped"}
+BINARY_STREAMS = {"stdout": b"\x01", "stderr": b"\x02"}  # the first byte of a binary frame
 
 
 @dataclass
@@ -38,6 +41,7 @@ class Opened:
     stdin: str | None = None
     greeting: dict[str, Any] | None = None
     slot: Slot | None = None  # the user's stream or terminal, released when it ends
+    binary: bool = False  # output as binary frames (BINARY_STREAMS), not JSON messages
 
 
 async def serve(websocket: WebSocket, start: Callable[[], Awaitable[Opened]], *,
@@ -58,7 +62,8 @@ async def serve(websocket: WebSocket, start: Callable[[], Awaitable[Opened]], *,
         activity = websocket.app.state.workspaces.activity
         with websocket.app.state.metrics.session_open(kind):
             async with activity.hold(opened.workspace_id):
-                code = await relay(websocket, opened.stream, stdin=opened.stdin)
+                code = await relay(websocket, opened.stream, stdin=opened.stdin,
+                                   binary=opened.binary)
         await websocket.send_json({"type": "exit", "exit_code": code})
         await websocket.close()
     except WebSocketDisconnect:
@@ -121,13 +126,18 @@ async def relay_output(websocket: WebSocket, chunks: AsyncGenerator[StreamChunk,
                 await task
 
 
-async def relay(websocket: WebSocket, stream: ExecStream, *, stdin: str | None = None) -> int:
+async def relay(websocket: WebSocket, stream: ExecStream, *, stdin: str | None = None,
+                binary: bool = False) -> int:
     """Copy the stream's output to the socket and the socket's input to the stream until the
     process exits; returns its exit code. The client going away kills the process."""
     if stdin is not None:
         await stream.write(stdin.encode())
     pump = asyncio.create_task(pump_input(websocket, stream))
     try:
+        if binary:
+            async for chunk in stream.output():
+                await websocket.send_bytes(BINARY_STREAMS[chunk.stream] + chunk.data)
+            return await stream.wait()
         decoders = {n: codecs.getincrementaldecoder("utf-8")("replace")
                     for n in ("stdout", "stderr")}
         async for chunk in stream.output():

@@ -24,6 +24,7 @@ status of the error response, or 0 when no HTTP error response was involved:
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import enum
 import json
@@ -315,13 +316,16 @@ class Den:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
     @contextlib.contextmanager
-    def websocket(self, url: str, *, what: str) -> Iterator[ClientConnection]:
+    def websocket(self, url: str, *, what: str, deflate: bool = True
+                  ) -> Iterator[ClientConnection]:
         """A WebSocket to ``url`` (``ws://`` or ``wss://``) with this client's token; every
         websockets failure while it is open becomes DenAPIError, ``what`` naming the
-        stream in messages."""
+        stream in messages. ``deflate=False`` offers no compression (bulk output: the
+        server's CPU, not the network, is what limits it)."""
         try:
             with ws_connect(url, additional_headers=self.headers(),
-                            open_timeout=self.timeout_s, max_size=None) as conn:
+                            open_timeout=self.timeout_s, max_size=None,
+                            compression="deflate" if deflate else None) as conn:
                 yield conn
         except websockets.exceptions.InvalidStatus as exc:
             response = exc.response
@@ -949,25 +953,37 @@ class Workspace:
     ) -> int:
         """Run a command over the streaming WebSocket and return its exit code.
 
-        Output is passed to ``on_stdout``/``on_stderr`` as it arrives (discarded if None).
-        ``stdin`` (UTF-8 text) is sent in full and then closed; None means empty stdin.
+        Output is passed to ``on_stdout``/``on_stderr`` as it arrives (discarded if None),
+        decoded as UTF-8 (a character split between two pieces arrives whole; bytes that are
+        not UTF-8 become U+FFFD). ``stdin`` is sent in full and then closed (bytes as they
+        are, text as UTF-8); None means empty stdin. The output comes as binary frames
+        (``"binary": true``): no JSON escaping on either side.
         """
-        first = {**command_body(cmd, cwd=cwd, env=env), "tty": tty}
-        text = stdin.decode("utf-8") if isinstance(stdin, bytes) else (stdin or "")
-        with self.den.websocket(self.ws_url("exec/stream"), what="exec stream") as conn:
+        first = {**command_body(cmd, cwd=cwd, env=env), "tty": tty, "binary": True}
+        data = stdin.encode("utf-8") if isinstance(stdin, str) else (stdin or b"")
+        decoders = {n: codecs.getincrementaldecoder("utf-8")("replace") for n in (1, 2)}
+        sinks = {1: on_stdout, 2: on_stderr}
+
+        def deliver(stream: int, piece: bytes, *, final: bool = False) -> None:
+            sink = sinks.get(stream)
+            text = decoders[stream].decode(piece, final=final) if stream in decoders else ""
+            if sink is not None and text:
+                sink(text)
+
+        with self.den.websocket(self.ws_url("exec/stream"), what="exec stream",
+                                deflate=False) as conn:
             conn.send(json.dumps(first))
-            for start in range(0, len(text), _STDIN_CHUNK):
-                chunk = text[start : start + _STDIN_CHUNK]
-                conn.send(json.dumps({"type": "stdin", "data": chunk}))
+            for start in range(0, len(data), _STDIN_CHUNK):
+                conn.send(data[start : start + _STDIN_CHUNK])
             conn.send(json.dumps({"type": "close_stdin"}))
             for message in conn:
+                if isinstance(message, bytes):
+                    deliver(message[0] if message else 0, message[1:])
+                    continue
                 msg = stream_message(message, "exec stream")
-                kind = msg.get("type")
-                if kind == "stdout" and on_stdout is not None:
-                    on_stdout(str(msg.get("data", "")))
-                elif kind == "stderr" and on_stderr is not None:
-                    on_stderr(str(msg.get("data", "")))
-                elif kind == "exit":
+                if msg.get("type") == "exit":
+                    for stream in decoders:
+                        deliver(stream, b"", final=True)
                     return int(msg["exit_code"])
         raise DenAPIError(0, "stream_closed", "exec stream ended without an exit status")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -273,3 +274,47 @@ def test_stat_mkdir_rename_through_the_scripts(real_api: ApiClient, ws: str,
     monkeypatch.setattr(files, "_run", spy)
     _stat_mkdir_rename(real_api, ws)
     assert {STAT_SCRIPT, MKDIR_SCRIPT, RENAME_SCRIPT} <= set(scripts)
+
+
+def _stream(api: ApiClient, ws: str, cmd: str) -> tuple[bytes, bytes, dict[str, Any]]:
+    """stdout, stderr and the last message of ``cmd`` over ``WS .../exec/stream`` with
+    ``"binary": true``."""
+    out, err = bytearray(), bytearray()
+    with api.client.websocket_connect(f"/api/v1/workspaces/{ws}/exec/stream",
+                                      headers=api.h()) as sock:
+        sock.send_json({"cmd": cmd, "binary": True})
+        while True:
+            msg = sock.receive()
+            if msg.get("bytes") is not None:
+                frame = msg["bytes"]
+                assert frame[:1] in (b"\x01", b"\x02"), frame[:16]
+                (out if frame[0] == 1 else err).extend(frame[1:])
+                continue
+            last: dict[str, Any] = json.loads(msg["text"])
+            assert last["type"] in ("exit", "error"), last  # output never comes as text
+            return bytes(out), bytes(err), last
+
+
+def test_files_and_a_binary_stream_over_the_direct_path_and_over_the_relay(
+        real_api: ApiClient, ws: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent's session moves onto the direct TCP path (server/agent/direct.py); when
+    that path cannot be used, the relay through the engine's exec serves the same."""
+    paths = real_api.app.state.workspaces.runtime.direct
+    url = f"/api/v1/workspaces/{ws}/files"
+    for path in ("direct", "relay"):
+        if path == "relay":  # nothing listens there: the next session stays on the relay
+            monkeypatch.setattr(paths, "port", 1)
+            for verb in ("pause", "resume"):  # a new session
+                assert real_api.post(f"/api/v1/workspaces/{ws}/{verb}").status_code == 200
+        before = dict(paths.sessions)
+        blob = os.urandom(3 * 1024 * 1024 + 7)  # more than the agent's windows
+        r = real_api.put(url, params={"path": f"{path}.bin"}, content=blob)
+        assert r.status_code == 200 and r.json()["size"] == len(blob), r.text
+        assert real_api.get(url, params={"path": f"{path}.bin"}).content == blob
+        out, err, last = _stream(real_api, ws, f"cat /workspace/{path}.bin; echo oops >&2; exit 3")
+        assert (out == blob, err, last) == (True, b"oops\n", {"type": "exit", "exit_code": 3})
+        moved = {k: paths.sessions[k] - before.get(k, 0) for k in paths.sessions}
+        if path == "direct":  # the workspace's session was made before: moved at creation
+            assert paths.sessions["direct"] >= 1 and paths.sessions["relay"] == 0, paths.sessions
+        else:
+            assert moved == {"direct": 0, "relay": 1}, moved

@@ -760,13 +760,21 @@ def stream_server() -> Iterator[Callable[..., StreamServer]]:
 
 
 def _echo_script(conn: ServerConnection, received: list[Any]) -> None:
+    """Binary frames as Den sends them with ``"binary": true``: stdin back in upper case on
+    stdout, one character split across two frames, then stderr."""
     while True:
-        msg = json.loads(conn.recv())
-        received.append(msg)
-        if msg["type"] == "close_stdin":
+        msg = conn.recv()
+        if isinstance(msg, bytes):
+            received.append(msg)
+            conn.send(b"\x01" + msg.upper())
+            continue
+        received.append(json.loads(msg))
+        if received[-1]["type"] == "close_stdin":
             break
-        conn.send(json.dumps({"type": "stdout", "data": msg["data"].upper()}))
-    conn.send(json.dumps({"type": "stderr", "data": "warn"}))
+    euro = "\u20ac".encode()
+    conn.send(b"\x01" + euro[:1])
+    conn.send(b"\x01" + euro[1:] + b"\xff")
+    conn.send(b"\x02warn")
     conn.send(json.dumps({"type": "exit", "exit_code": 7}))
 
 
@@ -783,12 +791,13 @@ def test_exec_stream(stream_server: Callable[..., StreamServer]) -> None:
         on_stdout=out.append, on_stderr=err.append,
     )
     assert code == 7
-    assert (out, err) == (["HELLO"], ["warn"])
+    assert (out, err) == (["HELLO", "\u20ac\ufffd"], ["warn"])
     assert srv.received == [
-        {"cmd": ["cat"], "tty": False, "cwd": "/workspace", "env": {"A": "b"}},
-        {"type": "stdin", "data": "hello"},
+        {"cmd": ["cat"], "tty": False, "binary": True, "cwd": "/workspace", "env": {"A": "b"}},
+        b"hello",
         {"type": "close_stdin"},
     ]
+    assert "permessage-deflate" not in srv.headers.get("Sec-WebSocket-Extensions", "")
     assert srv.headers["Authorization"] == f"Bearer {TOKEN}"
     assert srv.path == ["/api/v1/workspaces/id-api/exec/stream"]
 
@@ -803,7 +812,8 @@ def test_exec_stream_without_stdin_and_error(stream_server: Callable[..., Stream
     with pytest.raises(DenAPIError) as info:
         _workspace_at(srv.url).exec_stream("ls -l")
     assert (info.value.code, info.value.message) == ("not_running", "workspace stopped")
-    assert srv.received == [{"cmd": "ls -l", "tty": False}, {"type": "close_stdin"}]
+    assert srv.received == [{"cmd": "ls -l", "tty": False, "binary": True},
+                            {"type": "close_stdin"}]
 
 
 def test_exec_stream_closed_early(stream_server: Callable[..., StreamServer]) -> None:
