@@ -17,6 +17,7 @@ from collections.abc import AsyncGenerator, AsyncIterable
 from dataclasses import dataclass
 from typing import Any
 
+from server.agent.protocol import WINDOW
 from server.agent.session import CHUNK, AgentOpError, AgentSession, Channel, ok_or_raise
 from server.errors import Conflict, DenError, Forbidden, NotFound, PayloadTooLarge, ValidationFailed
 from server.runtime.errors import AgentTimeout, AgentUnavailable, EngineConflict
@@ -26,6 +27,7 @@ CHUNK_TIMEOUT_S = 30.0  # between two chunks of a read; for window credit during
 COMMIT_TIMEOUT_S = 120.0  # from a write's EOF to its answer (close and rename on the agent)
 REMOVE_TIMEOUT_S = 300.0  # a recursive remove of a large tree
 LIST_LIMIT = 10_000
+READ_WINDOW = 1 << 20  # unread bytes of a file the agent may send ahead
 MAX_NAME_CHARS = 1024  # NAME_MAX is 255 bytes; invalid UTF-8 arrives as U+FFFD each
 TYPES = frozenset({"file", "dir", "symlink", "other"})
 
@@ -232,6 +234,8 @@ class AgentFiles:
                 raise AgentUnavailable("the agent sent a read answer Den does not understand")
             if size > max_bytes:
                 raise PayloadTooLarge(f"{path} is larger than this server's file size limit")
+            if size > WINDOW:  # one round trip for credit per window otherwise
+                await ch.widen(0, READ_WINDOW)
         except AgentOpError as err:
             await _close(ch)
             raise file_error(err, path, root=self.root, op="read") from err
