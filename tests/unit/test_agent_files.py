@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 import server.agent.files as agent_files
-from server.agent.files import AgentFiles, FileEntry, file_error, parse_entries
+from server.agent.files import READ_WINDOW, AgentFiles, FileEntry, file_error, parse_entries
 from server.agent.protocol import WINDOW, Frame, FrameReader, Type, encode, encode_json
 from server.agent.session import CHUNK, AgentOpError, AgentSession
 from server.errors import (
@@ -283,9 +283,10 @@ async def test_a_read_streams_chunk_by_chunk_under_flow_control() -> None:
 
 @run
 async def test_a_read_cut_short_closes_the_channel() -> None:
-    reader = Reader(b"x" * (2 * WINDOW))  # more than one window: the agent waits for grants
+    # more than a read's window: the agent waits for grants
+    reader = Reader(b"x" * (2 * READ_WINDOW))
     files, agent = await connect({"read": reader.open})
-    stream = await files.read("/workspace/f", max_bytes=1 << 20)
+    stream = await files.read("/workspace/f", max_bytes=4 * READ_WINDOW)
     chunks = stream.chunks()
     assert await anext(chunks) == b"x" * CHUNK
     await chunks.aclose()  # a client that went away
