@@ -295,26 +295,14 @@ def _stream(api: ApiClient, ws: str, cmd: str) -> tuple[bytes, bytes, dict[str, 
             return bytes(out), bytes(err), last
 
 
-def test_files_and_a_binary_stream_over_the_direct_path_and_over_the_relay(
-        real_api: ApiClient, ws: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The agent's session moves onto the direct TCP path (server/agent/direct.py); when
-    that path cannot be used, the relay through the engine's exec serves the same."""
-    paths = real_api.app.state.workspaces.runtime.direct
+def test_large_files_and_a_binary_stream(real_api: ApiClient, ws: str) -> None:
+    """More than the agent's windows through the files API, and the same bytes back through
+    ``WS .../exec/stream`` with ``"binary": true``: output only as binary frames, stdout and
+    stderr apart, the exit code last."""
     url = f"/api/v1/workspaces/{ws}/files"
-    for path in ("direct", "relay"):
-        if path == "relay":  # nothing listens there: the next session stays on the relay
-            monkeypatch.setattr(paths, "port", 1)
-            for verb in ("pause", "resume"):  # a new session
-                assert real_api.post(f"/api/v1/workspaces/{ws}/{verb}").status_code == 200
-        before = dict(paths.sessions)
-        blob = os.urandom(3 * 1024 * 1024 + 7)  # more than the agent's windows
-        r = real_api.put(url, params={"path": f"{path}.bin"}, content=blob)
-        assert r.status_code == 200 and r.json()["size"] == len(blob), r.text
-        assert real_api.get(url, params={"path": f"{path}.bin"}).content == blob
-        out, err, last = _stream(real_api, ws, f"cat /workspace/{path}.bin; echo oops >&2; exit 3")
-        assert (out == blob, err, last) == (True, b"oops\n", {"type": "exit", "exit_code": 3})
-        moved = {k: paths.sessions[k] - before.get(k, 0) for k in paths.sessions}
-        if path == "direct":  # the workspace's session was made before: moved at creation
-            assert paths.sessions["direct"] >= 1 and paths.sessions["relay"] == 0, paths.sessions
-        else:
-            assert moved == {"direct": 0, "relay": 1}, moved
+    blob = os.urandom(3 * 1024 * 1024 + 7)
+    r = real_api.put(url, params={"path": "big.bin"}, content=blob)
+    assert r.status_code == 200 and r.json()["size"] == len(blob), r.text
+    assert real_api.get(url, params={"path": "big.bin"}).content == blob
+    out, err, last = _stream(real_api, ws, "cat /workspace/big.bin; echo oops >&2; exit 3")
+    assert (out == blob, err, last) == (True, b"oops\n", {"type": "exit", "exit_code": 3})
