@@ -1,6 +1,6 @@
 """The workspace agent's paths (exec, streams, files) against the raw engine, in one run.
 
-    .venv/bin/python -m tests.benchmarks.bench_agent [--quick] [--json out.json]
+    .venv/bin/python -m tests.benchmarks.bench_agent [--quick] [--only 2,4,5] [--json out.json]
 
 (``make bench`` runs it; docs/benchmarks.md explains the results.)
 
@@ -23,7 +23,8 @@ work on both:
    RSS sampled every 20 ms by a thread, vs ``docker exec`` of the same on the SDK's socket
    (8-byte stream headers demultiplexed here). The server runs with exec_max_output_bytes
    raised above N: through the agent a streaming exec is cut at that limit (16 MiB by
-   default) and still ends with exit code 0.
+   default) and still ends with exit code 0. Then once more with ``"binary": true`` and no
+   permessage-deflate, as Den's Python client streams.
 5. files: ``PUT`` then ``GET .../files`` of 100 MB of random bytes (checked by sha256) vs
    ``put_archive`` of a tar with the same file and ``get_archive`` of it, in /workspace.
 6. pause + resume: not here (bench_pause.py measures it against raw checkpoint/restore).
@@ -41,6 +42,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -317,9 +319,10 @@ class Streamed:
     client_cpu_s: float  # this process's (parsing the JSON messages)
 
 
-def den_stream(b: Bench, nbytes: int, deadline_s: float, *, printable: bool = False
-               ) -> Streamed:
-    """One streamed exec of ``nbytes`` zero bytes (``printable``: of 'a's, no JSON escapes)."""
+def den_stream(b: Bench, nbytes: int, deadline_s: float, *, printable: bool = False,
+               binary: bool = False) -> Streamed:
+    """One streamed exec of ``nbytes`` zero bytes (``printable``: of 'a's, no JSON escapes;
+    ``binary``: output as binary frames, the first byte naming the stream)."""
     assert b.srv.proc is not None
     url = f"ws://127.0.0.1:{b.srv.port}/api/v1/workspaces/{b.wid}/exec/stream"
     cmd = ["head", "-c", str(nbytes), "/dev/zero"]
@@ -331,15 +334,23 @@ def den_stream(b: Bench, nbytes: int, deadline_s: float, *, printable: bool = Fa
     with RssPeak(pid) as rss:
         cpu0, client0 = cpu_seconds(pid), time.process_time()
         t0 = time.perf_counter()
+        # binary: as Den's Python client streams (binary frames, no permessage-deflate)
         with connect(url, additional_headers={"Authorization": f"Bearer {b.srv.token}"},
-                     max_size=None, open_timeout=30) as ws:
-            ws.send(json.dumps({"cmd": cmd}))
+                     max_size=None, open_timeout=30,
+                     compression=None if binary else "deflate") as ws:
+            ws.send(json.dumps({"cmd": cmd, **({"binary": True} if binary else {})}))
             end = time.monotonic() + deadline_s
             while code is None:
                 left = end - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(f"den stream: {got} of {nbytes} bytes in {deadline_s} s")
-                raw = ws.recv(timeout=left, decode=False)
+                raw = ws.recv(timeout=left)
+                if isinstance(raw, bytes):
+                    check(raw[:1] in (b"\x01", b"\x02"), "den stream: a bad binary frame")
+                    if raw[0] == 1:
+                        got += len(raw) - 1
+                        msgs += 1
+                    continue
                 msg = json.loads(raw)
                 kind = msg.get("type")
                 if kind == "stdout":
@@ -427,11 +438,29 @@ def bench_stream(b: Bench, nbytes: int, rounds: int, deadline_s: float) -> None:
                 dt, got = raw_stream(b, nbytes, deadline_s)
                 b.res.add("raw stream MB/s", got / dt / MB)
             print(f"  stream {i + 1}/{rounds} {which}: {got / dt / MB:.0f} MB/s", flush=True)
+    st = den_stream(b, nbytes, deadline_s, binary=True)
+    b.res.add("den stream MB/s, binary frames", st.nbytes / st.seconds / MB)
+    b.res.add("den stream, binary: den serve CPU s per 100 MB",
+              st.server_cpu_s * 100 * MB / st.nbytes)
+    b.res.add("den stream, binary: client CPU s per 100 MB",
+              st.client_cpu_s * 100 * MB / st.nbytes)
+    print(f"  stream binary den: {st.nbytes / st.seconds / MB:.0f} MB/s", flush=True)
+    b.notes.append(f"agent sessions by path: {agent_sessions(b)}")
     # Not in the table: the same through JSON without escapes (NUL is \u0000, 6 bytes).
     st = den_stream(b, nbytes // 4, deadline_s, printable=True)
     b.res.add("den stream MB/s, printable 'a's (1/4 of N, tr)", st.nbytes / st.seconds / MB)
     b.res.add("den stream, printable: den serve CPU s per 100 MB",
               st.server_cpu_s * 100 * MB / st.nbytes)
+
+
+METRICS_TOKEN = "bench-agent-metrics"
+
+
+def agent_sessions(b: Bench) -> dict[str, float]:
+    """den_agent_sessions_total by path, from den serve's /metrics."""
+    text = b.srv.http.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text
+    return {m[1]: float(m[2]) for m in
+            re.finditer(r'^den_agent_sessions_total\{path="(\w+)"\} (\S+)$', text, re.M)}
 
 
 # --- 5. files ---------------------------------------------------------------------------------
@@ -525,8 +554,9 @@ def table(res: Results) -> tuple[str, list[dict[str, Any]]]:
             f"{ms(median(f))} ({ms(p90(f))})", f"{ms(median(d))} ({ms(p90(d))})",
             median(d) / median(f), "-", None)
     if d := get("agent ping"):
-        add(f"agent ping p50 (p90), n={len(d)}", "-", f"{median(d) * 1e3:.2f} ms "
-            f"({p90(d) * 1e3:.2f} ms)", None, "<= 2 ms", median(d) <= 0.002)
+        add(f"agent ping p50 (p90), n={len(d)}", "-",
+            f"{median(d) * 1e3:.2f} ms ({p90(d) * 1e3:.2f} ms)", None, "<= 2 ms",
+            median(d) <= 0.002)
     r, d = get("raw 100x: each"), get("den 100x: each")
     if r and d:
         rok, dok = get("raw 100x: succeeded (count)"), get("den 100x: succeeded (count)")
@@ -580,6 +610,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="fewer samples and a 256 MiB stream (a smoke run)")
     ap.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    ap.add_argument("--only", default="", metavar="N,N",
+                    help="run only these sections (numbers, e.g. 4,5)")
     args = ap.parse_args(argv)
     quick = args.quick
     exec_samples, ping_samples = (20, 200) if quick else (50, 200)
@@ -602,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
             # agent applies exec_max_output_bytes (16 MiB by default) to a streaming exec too,
             # which then ends early with exit code 0 and no sign of the cut.
             srv = Server(run.work, run.repos_root, run.prefix, file_max_bytes=256 * MiB,
-                         exec_max_output_bytes=2 * stream_bytes)
+                         exec_max_output_bytes=2 * stream_bytes, metrics_token=METRICS_TOKEN)
             srv.start()
             raw_name = f"{run.prefix}-raw"
             raw.create(raw_name)
@@ -621,7 +653,10 @@ def main(argv: list[str] | None = None) -> int:
                 (f"5. files PUT/GET 100 MB ({file_rounds} round(s) each)",
                  lambda: bench_files(b, file_rounds, 300)),
             ]
+            only = {int(n) for n in args.only.split(",") if n.strip()}
             for title, fn in sections:
+                if only and int(title.split(".")[0]) not in only:
+                    continue
                 print(f"bench: {title}", flush=True)
                 t0 = time.perf_counter()
                 fn()
