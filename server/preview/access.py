@@ -10,7 +10,7 @@ came from. The decision itself is :func:`server.preview.service.may_open`.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import HTTPConnection
 
@@ -18,6 +18,9 @@ from server.auth.tokens import authenticate
 from server.db.models import User
 from server.preview import tokens
 from server.web import sessions as web_sessions
+
+if TYPE_CHECKING:
+    from server.preview.service import PreviewService
 
 PREVIEW_COOKIE = "den_preview"  # a preview origin's sign-in (HttpOnly, host-only)
 SHARE_COOKIE = "den_share"  # a share link's token, kept after its first use
@@ -30,21 +33,23 @@ def _bearer(conn: HTTPConnection) -> str | None:
     return value.strip() if scheme.lower() == "bearer" and value.strip() else None
 
 
-def viewer(conn: HTTPConnection, *, state: Any, key: bytes, preview_host: str | None
-           ) -> User | None:
+def viewer(conn: HTTPConnection, *, state: Any, previews: PreviewService,
+           preview_host: str | None) -> User | None:
     """The user behind this preview request, or None. ``preview_host``: the preview origin's
-    host (subdomain form), None on Den's own origin (path form)."""
+    host (subdomain form), None on Den's own origin (path form). A Den session is looked up
+    through the previews' cache (:meth:`PreviewService.signed_in`)."""
     token = _bearer(conn)
     if token is not None and token.startswith("den_"):
         return authenticate(state.sessions, token)
     if preview_host is None:
-        return web_sessions.user_of(conn, state.sessions)
+        shash = web_sessions.session_hash(conn)
+        return previews.signed_in(shash) if shash is not None else None
     cookie = conn.cookies.get(PREVIEW_COOKIE)
-    payload = tokens.verify(key, tokens.COOKIE, cookie or "", now=time.time())
+    payload = tokens.verify(previews.key, tokens.COOKIE, cookie or "", now=time.time())
     if payload is None or payload.get("h") != preview_host or not isinstance(payload.get("s"),
                                                                                str):
         return None
-    return web_sessions.user_of_hash(state.sessions, payload["s"])
+    return previews.signed_in(payload["s"])
 
 
 def grant(key: bytes, *, preview_host: str, session_hash: str) -> str:

@@ -252,7 +252,7 @@ class PreviewMiddleware:
                                                     now=time.time()) is None:
             await self._deny(scope, send, 403, "forbidden", BAD_LINK)
             return
-        user = access.viewer(conn, state=state, key=previews.key,
+        user = access.viewer(conn, state=state, previews=previews,
                              preview_host=target.preview_host)
         ws = self._workspace(previews, target, user)
         link = from_param if from_param is not None else conn.cookies.get(access.SHARE_COOKIE)
@@ -260,7 +260,7 @@ class PreviewMiddleware:
         if from_param is not None and not link_ok:
             await self._deny(scope, send, 403, "forbidden", BAD_LINK)
             return
-        share = previews.effective(previews.share_of(ws.id, target.port)) if ws else None
+        share = previews.effective(previews.served_share(ws.id, target.port)) if ws else None
         if ws is None or share is None or not may_open(
                 share=share, viewer=user, owner_id=ws.owner_id, link_ok=link_ok,
                 public_allowed=state.settings.preview_public_sharing):

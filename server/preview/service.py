@@ -14,7 +14,7 @@ import logging
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -23,9 +23,10 @@ from urllib.parse import urlsplit
 
 from sqlalchemy import delete, func, select
 
-from server.db.models import PreviewLink, PreviewPort, User, Workspace
+from server.db.models import PreviewLink, PreviewPort, User, WebSession, Workspace
 from server.errors import Conflict, DenError, Forbidden, NotFound, ValidationFailed
 from server.preview import tokens, urls
+from server.preview.cache import AccessCache
 from server.preview.pool import UpstreamPool
 from server.preview.proxy import Upstream
 from server.runtime.base import ExecRequest, ExecStream
@@ -91,22 +92,47 @@ class PreviewService:
         self._waking: dict[str, asyncio.Task[None]] = {}
         self.pool = UpstreamPool()
         self._touched: dict[str, float] = {}  # workspace id -> when a reuse last marked it
+        # The access decision's reads (workspace, share level, link, sign-in), per burst.
+        self.cache = AccessCache()
+        self.cache.watch(workspaces.sessions)
+        self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)  # expiries (tests)
 
-    # --- finding the workspace -----------------------------------------------------------
+    # --- finding the workspace (cached: the rows are detached, read only) -----------------
 
     def by_owner_and_name(self, owner: str, name: str) -> Workspace | None:
-        with self.workspaces.sessions() as s:
-            return s.scalar(select(Workspace).join(User, Workspace.owner_id == User.id)
-                            .where(User.name == owner, Workspace.name == name))
+        def load() -> Workspace | None:
+            with self.workspaces.sessions() as s:
+                return s.scalar(select(Workspace).join(User, Workspace.owner_id == User.id)
+                                .where(User.name == owner, Workspace.name == name))
+        return self.cache.get(("name", owner, name), load)
 
     def by_ref(self, ref: str, viewer: User | None) -> Workspace | None:
         """The path form's ``<workspace>``: an id (anyone's), or a name of the viewer's own."""
-        with self.workspaces.sessions() as s:
-            row = s.get(Workspace, ref)
-            if row is None and viewer is not None:
-                row = s.scalar(select(Workspace).where(Workspace.owner_id == viewer.id,
-                                                       Workspace.name == ref))
-            return row
+        def load() -> Workspace | None:
+            with self.workspaces.sessions() as s:
+                row = s.get(Workspace, ref)
+                if row is None and viewer is not None:
+                    row = s.scalar(select(Workspace).where(Workspace.owner_id == viewer.id,
+                                                           Workspace.name == ref))
+                return row
+        return self.cache.get(("ref", ref, viewer.id if viewer else None), load)
+
+    def signed_in(self, session_hash: str) -> User | None:
+        """The user of the live Den session whose id hashes to ``session_hash`` (a preview
+        origin's cookie, or Den's own on the path form), or None: logging out ends it at
+        once, and so does its expiry."""
+        def load() -> tuple[User | None, datetime]:
+            with self.workspaces.sessions() as s:
+                row = s.scalar(select(WebSession)
+                               .where(WebSession.session_hash == session_hash))
+                if row is None:
+                    return None, datetime.min.replace(tzinfo=UTC)
+                user = s.get(User, row.user_id)
+                if user is not None:
+                    s.expunge(user)
+                return user, row.expires_at
+        user, expires_at = self.cache.get(("session", session_hash), load)
+        return user if expires_at > self.clock() else None
 
     # --- share levels ----------------------------------------------------------------------
 
@@ -123,6 +149,11 @@ class PreviewService:
 
     def share_of(self, workspace_id: str, port: int) -> Share:
         return self._shares(workspace_id).get(port, Share.PRIVATE)
+
+    def served_share(self, workspace_id: str, port: int) -> Share:
+        """:meth:`share_of` as a preview request reads it (cached), before :meth:`effective`."""
+        return self.cache.get(("share", workspace_id, port),
+                              lambda: self.share_of(workspace_id, port))
 
     def set_share(self, ws: Workspace, port: int, share: str, *, actor: str) -> Share:
         if urls.valid_port(str(port)) is None:
@@ -265,10 +296,13 @@ class PreviewService:
         link_id = tokens.share_link_id(payload, workspace_id=ws.id, port=port)
         if link_id is None:
             return False
-        with self.workspaces.sessions() as s:
-            row = s.get(PreviewLink, link_id)
-            return (row is not None and row.workspace_id == ws.id and row.port == port
-                    and row.expires_at > datetime.now(UTC))
+
+        def load() -> tuple[str, int, datetime] | None:
+            with self.workspaces.sessions() as s:
+                row = s.get(PreviewLink, link_id)
+                return None if row is None else (row.workspace_id, row.port, row.expires_at)
+        row = self.cache.get(("link", link_id), load)
+        return row is not None and row[:2] == (ws.id, port) and row[2] > self.clock()
 
     def wake_in_background(self, ws: Workspace, *, actor: str) -> None:
         """Start a stopped workspace without waiting (a browser gets a page that reloads

@@ -11,22 +11,25 @@ import socketserver
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 from starlette.websockets import WebSocketDisconnect
 from websockets.sync.server import ServerConnection, serve
 
 from server.app import create_app
 from server.config import Settings
+from server.db.models import User, Workspace
 from server.preview import tokens
 from server.runtime.fake import FakeRuntime
 from tests.conftest import ApiClient, users
 from tests.unit.test_api_fake import assert_error
-from tests.web.test_web_fake import login
+from tests.web.test_web_fake import csrf_of, login
 
 BIG = bytes(range(256)) * 4096 * 3  # 3 MiB
 
@@ -519,7 +522,6 @@ def test_subdomain_form_signs_in_through_den_without_den_cookie(
     assert r.status_code == 303 and "preview-auth" in r.headers["location"]
     # the Den session's logout ends the preview origin's sign-in too
     home = c.get("/workspaces")
-    from tests.web.test_web_fake import csrf_of
     c.post("/logout", data={"csrf_token": csrf_of(home.text)})
     r = c.get(f"http://{HOST}/headers", headers={"Accept": "text/html"}, follow_redirects=False)
     assert r.status_code == 303 and "preview-auth" in r.headers["location"]
@@ -538,7 +540,6 @@ def test_grants_only_go_to_preview_origins(den: Callable[..., ApiClient]) -> Non
 
 
 def test_the_workspace_page_lists_ports_with_links_and_shares_them(api: ApiClient) -> None:
-    from tests.web.test_web_fake import csrf_of
 
     c = api.client
     token = login(c, api.tokens["alice"])
@@ -644,3 +645,81 @@ def test_a_share_link_is_listed_and_revoked_before_it_expires(api: ApiClient) ->
     assert_error(api.delete(f"{links}/{made[0]['id']}"), 404)  # already gone
     assert_error(api.delete(f"{links}/lk0"), 404)
     assert_error(api.delete(f"/api/v1/workspaces/api/ports/8001/links/{made[1]['id']}"), 404)
+
+
+# --- the access decision's cache: every revocation stops a preview with the next request ----
+
+
+def _warm(api: ApiClient, url: str, *, status: int = 200, **kw: Any) -> None:
+    """Open ``url`` until its decision comes from the cache."""
+    cache = api.client.app.state.previews.cache  # type: ignore[attr-defined]
+    hits = cache.hits
+    for _ in range(3):
+        assert api.client.get(url, **kw).status_code == status
+    assert cache.hits > hits
+
+
+def test_cached_a_share_set_back_to_private_stops_at_once(api: ApiClient) -> None:
+    url = f"/preview/{wsid(api)}/8000/"
+    assert api.put("/api/v1/workspaces/api/ports/8000", json={"share": "public"}).status_code == 200
+    _warm(api, url)
+    assert api.put("/api/v1/workspaces/api/ports/8000", json={"share": "private"}).status_code == 200
+    assert api.client.get(url).status_code == 401
+
+
+def test_cached_a_deleted_workspace_stops_at_once(api: ApiClient) -> None:
+    url = "/preview/api/8000/"
+    _warm(api, url, headers=api.h())
+    assert api.delete("/api/v1/workspaces/api").status_code == 204
+    assert_error(api.client.get(url, headers=api.h()), 404, "not_found")
+
+
+def test_cached_a_revoked_or_expired_share_link_stops_at_once(api: ApiClient) -> None:
+    links = "/api/v1/workspaces/api/ports/8000/links"
+    made = [api.post(links, json={"ttl_s": 600}).json() for _ in range(2)]
+    page = f"/preview/{wsid(api)}/8000/"
+    path = made[0]["path_url"].removeprefix("http://testserver")
+    assert api.client.get(path, follow_redirects=False).status_code == 303  # the cookie
+    _warm(api, page)
+    assert api.delete(f"{links}/{made[0]['id']}").status_code == 204
+    assert api.client.get(page).status_code == 401
+    api.client.cookies.clear()
+    # The other one, until its row's expiry passes (the token's own is checked apart).
+    path = made[1]["path_url"].removeprefix("http://testserver")
+    assert api.client.get(path, follow_redirects=False).status_code == 303
+    _warm(api, page)
+    previews = api.client.app.state.previews  # type: ignore[attr-defined]
+    previews.clock = lambda: datetime.now(UTC) + timedelta(seconds=601)
+    assert api.client.get(page).status_code == 401
+    api.client.cookies.clear()
+
+
+def test_cached_a_logout_or_an_expired_session_stops_at_once(
+        den: Callable[..., ApiClient], make_repo: Callable[..., Path]) -> None:
+    api = den()
+    api.create(make_repo("api"), name="api")
+    c = api.client
+    login(c, api.tokens["alice"])
+    _warm(api, "/preview/api/8000/")
+    previews = c.app.state.previews  # type: ignore[attr-defined]
+    previews.clock = lambda: datetime.now(UTC) + timedelta(days=400)
+    assert c.get("/preview/api/8000/", follow_redirects=False).status_code == 401
+    previews.clock = lambda: datetime.now(UTC)
+    _warm(api, "/preview/api/8000/")
+    c.post("/logout", data={"csrf_token": csrf_of(c.get("/workspaces").text)})
+    assert c.get("/preview/api/8000/", follow_redirects=False).status_code == 401
+
+
+def test_cached_decisions_are_forgotten_on_any_write_they_read(api: ApiClient) -> None:
+    previews = api.client.app.state.previews  # type: ignore[attr-defined]
+    _warm(api, "/preview/api/8000/", headers=api.h())
+    previews.workspaces.touch(wsid(api))  # activity only: nothing the decision reads
+    assert len(previews.cache) > 0
+    with previews.workspaces.sessions.begin() as s:  # e.g. an admin flag, a state
+        s.execute(update(User).where(User.name == "bob").values(is_admin=False))
+    assert len(previews.cache) == 0
+    _warm(api, "/preview/api/8000/", headers=api.h())
+    with previews.workspaces.sessions() as s:  # nothing committed: nothing forgotten
+        s.execute(update(Workspace).where(Workspace.name == "api").values(state="stopped"))
+        s.rollback()
+    assert len(previews.cache) > 0
