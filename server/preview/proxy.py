@@ -77,8 +77,9 @@ class Upstream:
             try:
                 if self._idle is None:
                     chunk = await self._chunk()
-                else:
-                    chunk = await asyncio.wait_for(self._chunk(), self._idle)
+                else:  # a timeout, not wait_for: no task per chunk
+                    async with asyncio.timeout(self._idle):
+                        chunk = await self._chunk()
             except StopAsyncIteration:
                 return b""
             except TimeoutError:
