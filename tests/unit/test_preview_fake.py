@@ -660,10 +660,10 @@ def _warm(api: ApiClient, url: str, *, status: int = 200, **kw: Any) -> None:
 
 
 def test_cached_a_share_set_back_to_private_stops_at_once(api: ApiClient) -> None:
-    url = f"/preview/{wsid(api)}/8000/"
-    assert api.put("/api/v1/workspaces/api/ports/8000", json={"share": "public"}).status_code == 200
+    url, port = f"/preview/{wsid(api)}/8000/", "/api/v1/workspaces/api/ports/8000"
+    assert api.put(port, json={"share": "public"}).status_code == 200
     _warm(api, url)
-    assert api.put("/api/v1/workspaces/api/ports/8000", json={"share": "private"}).status_code == 200
+    assert api.put(port, json={"share": "private"}).status_code == 200
     assert api.client.get(url).status_code == 401
 
 
