@@ -28,7 +28,7 @@ from server.config import Settings
 from server.runtime.microvm import process
 from server.runtime.microvm.argv import VmFiles
 from tests.conftest import RUN_PREFIX, ApiClient, bare_repo, engine_objects, users
-from tests.engine.test_microvm import BOOT_DIR, _require_setup
+from tests.engine.test_microvm import BOOT_DIR, _require_setup, vm_dir
 
 pytestmark = pytest.mark.engine
 
@@ -84,13 +84,6 @@ def ws(api: ApiClient) -> dict[str, Any]:
     ws = api.create(api.repo, wait=True)  # type: ignore[attr-defined]
     assert ws["state"] == "running", ws
     return ws
-
-
-def _vm_dir(api: ApiClient, ws_id: str) -> Path:
-    """A microVM workspace's VM directory (a restore moves it to a new name: <name>-<hex>)."""
-    base = BOOT_DIR / "vms" / f"{api.app.state.settings.engine_prefix}-vm-{ws_id}"
-    found = sorted(base.parent.glob(f"{base.name}*"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else base
 
 
 def _engine_objects(api: ApiClient, ws_id: str) -> list[str]:
@@ -195,7 +188,7 @@ def test_stop_then_start_keeps_workspace_files(api: ApiClient, ws: dict[str, Any
     assert r.status_code in (200, 202), r.text
     assert api.wait_state(wid, settled=("stopped", "error"))["state"] == "stopped"
     if _backend(api) == "microvm":
-        assert process.running(VmFiles(_vm_dir(api, wid))) is None  # no QEMU left running
+        assert process.running(VmFiles(vm_dir(api, wid))) is None  # no QEMU left running
     r = api.post(f"/api/v1/workspaces/{wid}/start")
     assert r.status_code in (200, 202), r.text
     assert api.wait_state(wid, settled=("running", "error"))["state"] == "running"
@@ -238,7 +231,7 @@ def test_pause_then_resume_keeps_a_running_process(api: ApiClient, ws: dict[str,
     assert r.json()["state"] == "paused"
     saved = None
     if _backend(api) == "microvm":
-        files = VmFiles(_vm_dir(api, wid))
+        files = VmFiles(vm_dir(api, wid))
         assert process.running(files) is None  # no QEMU: no CPU, no RAM held
         saved = files.dir / "checkpoints" / "den-pause" / "state"
         assert saved.stat().st_size > 1 << 20
@@ -328,7 +321,7 @@ def test_what_the_backend_does_not_support_is_refused_clearly(
 
 def test_delete_leaves_no_engine_object(api: ApiClient, ws: dict[str, Any]) -> None:
     assert _engine_objects(api, ws["id"])  # it has some now
-    pids = [process.running(VmFiles(_vm_dir(api, ws["id"])))] if _backend(
+    pids = [process.running(VmFiles(vm_dir(api, ws["id"])))] if _backend(
         api) == "microvm" else []
     r = api.delete(f"/api/v1/workspaces/{ws['id']}")
     assert r.status_code in (200, 202, 204), r.text

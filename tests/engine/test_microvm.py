@@ -100,7 +100,7 @@ def vm(vm_api: ApiClient) -> dict[str, Any]:
     return ws
 
 
-def _vm_dir(api: ApiClient, ws_id: str) -> Path:
+def vm_dir(api: ApiClient, ws_id: str) -> Path:
     """The workspace's VM directory (a restore moves it to a new name: <name>-<hex>)."""
     base = BOOT_DIR / "vms" / f"{api.app.state.settings.engine_prefix}-vm-{ws_id}"
     found = sorted(base.parent.glob(f"{base.name}*"), key=lambda p: p.stat().st_mtime)
@@ -166,7 +166,7 @@ def test_the_workspace_runs_in_its_own_kernel(vm_api: ApiClient, vm: dict[str, A
         assert time.monotonic() < deadline, _events(vm_api, vm["id"])
         time.sleep(0.05)
     # The whole VM is one QEMU process of the host, with the workspace's disks in its dir.
-    files = VmFiles(_vm_dir(vm_api, vm["id"]))
+    files = VmFiles(vm_dir(vm_api, vm["id"]))
     assert process.running(files) is not None
     assert files.root.exists() and files.workspace.exists()
 
@@ -185,7 +185,7 @@ def test_qemu_runs_unprivileged_in_a_cgroup_of_its_own(vm_api: ApiClient,
                                                        vm: dict[str, Any]) -> None:
     """QEMU dropped root (-runas den-vm) and was born in the VM's cgroup, whose limits
     follow the workspace's cpus and memory (plus QEMU's overhead)."""
-    files = VmFiles(_vm_dir(vm_api, vm["id"]))
+    files = VmFiles(vm_dir(vm_api, vm["id"]))
     pid = process.running(files)
     assert pid is not None
     status = Path(f"/proc/{pid}/status").read_text()
@@ -225,7 +225,7 @@ def test_the_guests_processes_get_sigterm_at_stop(vm_api: ApiClient, vm: dict[st
     r = vm_api.post(f"/api/v1/workspaces/{ws_id}/stop")
     assert r.status_code in (200, 202), r.text
     assert vm_api.wait_state(ws_id, settled=("stopped", "error"))["state"] == "stopped"
-    files = VmFiles(_vm_dir(vm_api, ws_id))
+    files = VmFiles(vm_dir(vm_api, ws_id))
     assert process.running(files) is None  # no QEMU left running
     r = vm_api.post(f"/api/v1/workspaces/{ws_id}/start")
     assert r.status_code in (200, 202), r.text
@@ -240,7 +240,7 @@ def test_a_killed_qemu_stops_the_workspace_with_an_event(vm_api: ApiClient,
     """kill -9 of the VM's QEMU: the workspace is stopped at once (an engine event, not the
     next failing call) and the event log says why; a start boots it again."""
     ws_id = vm["id"]
-    pid = process.running(VmFiles(_vm_dir(vm_api, ws_id)))
+    pid = process.running(VmFiles(vm_dir(vm_api, ws_id)))
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
     ws = vm_api.wait_state(ws_id, settled=("stopped", "error"), timeout_s=30)
@@ -260,7 +260,7 @@ def test_a_guest_that_stops_answering_is_504_and_a_restart_brings_it_back(
     QEMU itself alive): an exec is a 504 naming the restart, not a hang; stop and start
     boot it again with /workspace kept."""
     ws_id = vm["id"]
-    _qmp(VmFiles(_vm_dir(vm_api, ws_id)), "stop")
+    _qmp(VmFiles(vm_dir(vm_api, ws_id)), "stop")
     for _ in range(2):  # the live session's call, then a fresh hello's
         r = vm_api.post(f"/api/v1/workspaces/{ws_id}/exec", json={"cmd": "true"})
         assert r.status_code == 504, r.text
@@ -293,7 +293,7 @@ def test_qemu_dying_mid_pause_leaves_the_workspace_to_start_cold(
     def dying(self: Qmp, name: str, arguments: Any = None, *, fds: Any = None) -> Any:
         out = real(self, name, arguments, fds=fds)
         if name == "migrate":
-            pid = process.running(VmFiles(_vm_dir(vm_api, ws_id)))
+            pid = process.running(VmFiles(vm_dir(vm_api, ws_id)))
             assert pid is not None
             os.kill(pid, 9)
             killed.append(pid)
@@ -306,7 +306,7 @@ def test_qemu_dying_mid_pause_leaves_the_workspace_to_start_cold(
     assert "QEMU exited while saving" in r.text, r.text
     ws = vm_api.get(f"/api/v1/workspaces/{ws_id}").json()
     assert ws["state"] == "stopped", ws
-    files = VmFiles(_vm_dir(vm_api, ws_id))
+    files = VmFiles(vm_dir(vm_api, ws_id))
     assert not (files.dir / "checkpoints" / "den-pause").exists()
     assert not (files.dir / "checkpoints" / ".den-pause.tmp").exists()
     # The next access starts it cold from its disk: files kept, processes (and /tmp) not.

@@ -31,16 +31,16 @@ def make(files: VmFiles, *, rootfs: Path, workspace_gb: int, record: Mapping[str
         _atomic_write(files.record, json.dumps(dict(record), sort_keys=True).encode())
     if not files.root.exists():
         tmp = files.root.with_name(".root.qcow2.tmp")
-        _run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(rootfs.resolve()), "-F", "raw",
-              str(tmp)])
+        run_tool(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(rootfs.resolve()),
+                  "-F", "raw", str(tmp)])
         os.replace(tmp, files.root)
     if not files.workspace.exists():
         tmp = files.workspace.with_name(".workspace.img.tmp")
         tmp.unlink(missing_ok=True)
         with tmp.open("wb") as f:
             f.truncate(workspace_gb << 30)  # sparse: the host pays for what is written
-        _run(["mkfs.ext4", "-q", "-F", "-L", WORKSPACE_LABEL, "-m", "0",
-              "-E", f"root_owner={DEV_UID}:{DEV_UID}", str(tmp)])
+        run_tool(["mkfs.ext4", "-q", "-F", "-L", WORKSPACE_LABEL, "-m", "0",
+                  "-E", f"root_owner={DEV_UID}:{DEV_UID}", str(tmp)])
         os.replace(tmp, files.workspace)
 
 
@@ -59,13 +59,17 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _run(argv: list[str]) -> None:
+def run_tool(argv: list[str], *, timeout_s: float = TOOL_TIMEOUT_S, what: str = "") -> None:
+    """Run a host tool on a VM's files; EngineError with the end of its stderr when it fails
+    (``what`` names the step, else the tool)."""
+    what = what or argv[0]
     try:
-        out = subprocess.run(argv, capture_output=True, timeout=TOOL_TIMEOUT_S, check=False)
+        out = subprocess.run(argv, capture_output=True, timeout=timeout_s, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise EngineError(f"{argv[0]} failed: {exc}") from exc
+        raise EngineError(f"{what} failed: {exc}") from exc
     if out.returncode != 0:
-        raise EngineError(f"{argv[0]} failed: {out.stderr[-1000:].decode(errors='replace')}")
+        raise EngineError(f"{what} failed: "
+                          f"{out.stderr[-1000:].decode(errors='replace').strip()}")
 
 
 def give_to(files: VmFiles, user: str) -> None:

@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from server.runtime.errors import EngineError, ObjectMissing
+from server.runtime.errors import ObjectMissing
+from server.runtime.microvm import disks
 from server.runtime.microvm.argv import VmFiles
 
 COPY_TIMEOUT_S = 3600.0
@@ -45,7 +45,7 @@ def copy_disks(src: VmFiles, dst: VmFiles, *, record: Mapping[str, Any]) -> int:
     tmp.dir.mkdir(parents=True, mode=0o700)
     try:
         for a, b in ((src.root, tmp.root), (src.workspace, tmp.workspace)):
-            _run(copy_argv(a, b))
+            disks.run_tool(copy_argv(a, b), timeout_s=COPY_TIMEOUT_S, what="copying a disk")
         tmp.record.write_text(json.dumps(dict(record), sort_keys=True))
         size = sum(f.stat().st_blocks * 512 for f in (tmp.root, tmp.workspace))
         shutil.rmtree(dst.dir, ignore_errors=True)
@@ -61,11 +61,3 @@ def remove(files: VmFiles) -> None:
     shutil.rmtree(files.dir, ignore_errors=True)
 
 
-def _run(argv: list[str]) -> None:
-    try:
-        out = subprocess.run(argv, capture_output=True, timeout=COPY_TIMEOUT_S, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise EngineError(f"copying a disk failed: {exc}") from exc
-    if out.returncode != 0:
-        raise EngineError(f"copying a disk failed: "
-                          f"{out.stderr[-1000:].decode(errors='replace').strip()}")
