@@ -369,13 +369,16 @@ class Freezer(Protocol):
 @runtime_checkable
 class Rehost(Protocol):
     """Backends whose sandboxes can take a new host name after boot, so that a sandbox made
-    ahead of demand (the warm pool, server/pool/) can become a named workspace. The service
-    asks ``isinstance(runtime, Rehost)``."""
+    ahead of demand (the warm pool, server/pool/) can become a named workspace, and a fork
+    woken from saved memory answers with its own name. The service asks
+    ``isinstance(runtime, Rehost)``."""
 
     async def set_hostname(self, spec: WorkspaceSpec, hostname: str, *, was: str) -> None:
         """Make ``hostname`` the running sandbox's host name (the kernel's, /etc/hostname and
-        its /etc/hosts entry, which said ``was``). Called by Den only, before any user code
-        runs in it. Raises ``EngineError`` when it could not."""
+        its /etc/hosts entry, which said ``was``). Called by Den only: on a pooled sandbox
+        before any user code runs in it, and on a fork just woken from its origin's memory
+        (whose processes run already: the sandbox is the fork owner's own, who has root in
+        it anyway). Raises ``EngineError`` when it could not."""
         ...
 
 
