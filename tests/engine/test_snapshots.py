@@ -67,8 +67,11 @@ def test_snapshot_fork_restore_delete(real_api: ApiClient, make_repo: Callable[.
     assert api.exec(fork["id"], "cat notes.txt")["stdout"] == "fork\n"  # forks outlive it
 
 
+# The count is written beside and renamed into place: a snapshot taken between a truncate
+# and a write would otherwise give the fork an empty file (seen once in CI).
 COUNTER = ("tmux new-session -d -s count "
-           "'i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done'")
+           "'i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; "
+           "mv /tmp/count.new /tmp/count; sleep 0.1; done'")
 
 
 def test_memory_snapshot_forks_with_running_processes(
@@ -77,7 +80,10 @@ def test_memory_snapshot_forks_with_running_processes(
     api = real_api
     wid = api.create(make_repo())["id"]
     api.exec(wid, COUNTER)
-    time.sleep(0.5)
+    deadline = time.monotonic() + 30
+    while api.exec(wid, "test -s /tmp/count")["exit_code"] != 0:  # the loop has written
+        assert time.monotonic() < deadline, "the counter never wrote /tmp/count"
+        time.sleep(0.05)
     r = api.post(f"/api/v1/workspaces/{wid}/snapshots", json={"name": "mem", "memory": True})
     assert r.status_code == 201, r.text
     snap = r.json()
