@@ -27,7 +27,6 @@ REQUEST_TIMEOUT_S = 30.0
 # 4x the protocol's initial window, so that a download is not held to one window per round
 # trip through the engine. Bounded per connection (previews cap connections per workspace).
 CONNECT_WINDOW = 1 << 20
-STREAM_WINDOW = 1 << 20  # a streaming exec's output, per stream
 STREAMS = ("stdout", "stderr")
 
 
@@ -221,9 +220,6 @@ class AgentExecStream:
             raise
         if failed is not None:  # behave like a process that printed why and exited
             await ch.close()
-        else:  # bulk output: the agent must not wait a round trip for credit per 256 KiB
-            await ch.widen(0, STREAM_WINDOW)
-            await ch.widen(1, STREAM_WINDOW)
         return cls(ch, tty=req.tty, failed=failed)
 
     @classmethod
