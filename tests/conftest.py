@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session, sessionmaker
 
 from server.app import create_app
 from server.auth.tokens import ensure_user, issue_token
@@ -338,6 +339,26 @@ def make_service(make_settings: Callable[..., Settings], fake_runtime: FakeRunti
     yield make
     for engine in engines:
         engine.dispose()
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand (``clock.now += seconds``)."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    """A session factory on a migrated SQLite database of the test's own."""
+    url = f"sqlite:///{tmp_path / 'den.db'}"
+    engine = make_engine(url)
+    ensure_schema(engine, url, auto_migrate=True)
+    yield make_session_factory(engine)
+    engine.dispose()
 
 
 async def running_workspace(svc: WorkspaceService, repo: Path, *, owner: str = "alice",

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select, text, update
@@ -13,19 +11,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from server.api.deps import _bearer, user_from_header
 from server.auth import tokens
-from server.db.migrate import ensure_schema
 from server.db.models import ApiToken, User
-from server.db.session import make_engine, make_session_factory
 from server.errors import NotFound, Unauthorized, ValidationFailed
-
-
-@pytest.fixture
-def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    url = f"sqlite:///{tmp_path / 'den.db'}"
-    engine = make_engine(url)
-    ensure_schema(engine, url, auto_migrate=True)
-    yield make_session_factory(engine)
-    engine.dispose()
 
 
 def issue(sessions: sessionmaker[Session], name: str = "alice", *, admin: bool = False,

@@ -11,20 +11,13 @@ from sqlalchemy import delete, insert, update
 
 from server.db.models import Event, PreviewPort, User, Workspace
 from server.preview.cache import AccessCache, writes_watched
+from tests.conftest import FakeClock
 
 # --- the cache itself ------------------------------------------------------------------------
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_a_value_is_loaded_once_per_ttl() -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     cache = AccessCache(ttl_s=5, clock=clock)
     loads: list[int] = []
 

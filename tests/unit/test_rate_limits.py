@@ -19,7 +19,7 @@ from server.client import Den, DenAPIError
 from server.config import Settings
 from server.quotas.rates import Buckets, credential_key, refuse_websocket
 from server.runtime.fake import FakeRuntime
-from tests.conftest import ApiClient, users
+from tests.conftest import ApiClient, FakeClock, users
 from tests.server_process import DenServer
 from tests.unit.test_api_fake import assert_error
 
@@ -28,16 +28,8 @@ SLOW = 0.001  # one request back every 1,000 s: none comes back during a test
 WAIT_S = 30
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_a_bucket_lets_its_burst_through_then_refills_at_its_rate() -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     buckets = Buckets(rate=2.0, burst=3, clock=clock)
     assert [buckets.take("a") for _ in range(3)] == [0, 0, 0]
     assert buckets.take("a") == pytest.approx(0.5)  # one back in half a second
@@ -51,7 +43,7 @@ def test_a_bucket_lets_its_burst_through_then_refills_at_its_rate() -> None:
 
 
 def test_buckets_are_bounded() -> None:
-    buckets = Buckets(rate=SLOW, burst=1, max_keys=2, clock=Clock())
+    buckets = Buckets(rate=SLOW, burst=1, max_keys=2, clock=FakeClock(100.0))
     for key in ("a", "b", "c"):
         assert buckets.take(key) == 0
     assert buckets.take("c") > 0 and buckets.take("b") > 0

@@ -3,9 +3,7 @@ forgets at once what this process revokes or changes."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import delete, select, text
@@ -13,35 +11,17 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from server.auth import tokens
 from server.auth.token_cache import TokenCache
-from server.db.migrate import ensure_schema
 from server.db.models import ApiToken, User
-from server.db.session import make_engine, make_session_factory
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.conftest import FakeClock
 
 
 @pytest.fixture
-def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    url = f"sqlite:///{tmp_path / 'den.db'}"
-    engine = make_engine(url)
-    ensure_schema(engine, url, auto_migrate=True)
-    yield make_session_factory(engine)
-    engine.dispose()
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def cache(sessions: sessionmaker[Session], clock: Clock) -> TokenCache:
+def cache(sessions: sessionmaker[Session], clock: FakeClock) -> TokenCache:
     c = TokenCache(ttl_s=5, max_entries=3, clock=clock)
     c.watch(sessions)
     return c
@@ -62,7 +42,7 @@ def delete_behind_its_back(sessions: sessionmaker[Session], token_id: int) -> No
 
 
 def test_a_token_seen_lately_is_answered_without_the_database(
-        sessions: sessionmaker[Session], cache: TokenCache, clock: Clock) -> None:
+        sessions: sessionmaker[Session], cache: TokenCache, clock: FakeClock) -> None:
     token_id, secret = issue(sessions)
     first = tokens.authenticate_token(sessions, secret, cache)
     assert first is not None and first.user.name == "alice" and len(cache) == 1

@@ -13,18 +13,11 @@ from server.auth.tokens import ensure_user
 from server.db.models import Workspace
 from server.workspaces.service import CreateRequest, WorkspaceService
 from server.workspaces.touches import TouchCoalescer
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.conftest import FakeClock
 
 
 def test_one_touch_a_window_per_workspace() -> None:
-    clock = Clock()
+    clock = FakeClock()
     c = TouchCoalescer(window_s=1.0, clock=clock)
     assert c.due("a") and c.due("b")
     clock.now += 0.5
@@ -37,7 +30,7 @@ def test_one_touch_a_window_per_workspace() -> None:
 
 
 def test_bounded() -> None:
-    clock = Clock()
+    clock = FakeClock()
     c = TouchCoalescer(window_s=1.0, max_entries=4, clock=clock)
     for i in range(4):
         assert c.due(f"w{i}")
@@ -58,7 +51,7 @@ def anyio_backend() -> str:
 async def test_ledger_touch_is_coalesced_unless_forced(
         make_service: Callable[..., WorkspaceService], make_repo: Callable[..., Path]) -> None:
     svc = make_service()
-    clock = Clock()
+    clock = FakeClock()
     svc.ledger.touches = TouchCoalescer(window_s=1.0, clock=clock)
     with svc.sessions.begin() as s:
         owner = ensure_user(s, "alice")
