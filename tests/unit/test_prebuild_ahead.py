@@ -142,3 +142,25 @@ def test_deleting_the_prebuild_removes_its_fork_and_a_fork_cut_short_is_made_aga
     assert hidden(fake_api, pb["id"]) == []
     assert container_of(spec) not in svc.runtime.containers
     assert fake_api.get("/api/v1/snapshots").json()["snapshots"] == []
+
+
+def test_a_claim_cut_short_by_a_restart_leaves_one_workspace_and_no_sandbox_behind(
+        fake_api: ApiClient, make_repo: Callable[..., Path]) -> None:
+    repo = str(make_repo("api"))
+    pb = ready_prebuild(fake_api, repo)
+    fork = wait_fork(fake_api, pb["id"])
+    svc = fake_api.app.state.workspaces
+    spec = svc.spec_for(svc.get(fork.id))
+    # the claim's transaction committed, then Den was killed before the thaw
+    assert svc.ledger.claim(fork.id, made_for=pb["id"], values={"name": "cut"},
+                            check=lambda s: None, actor="alice", message="claim")
+    fake_api.call(svc.reconcile)  # the next start
+    fake_api.call(fake_api.app.state.prebuilds.recover)
+    ws = fake_api.get(f"/api/v1/workspaces/{fork.id}").json()
+    assert ws["name"] == "cut" and ws["state"] == "error", ws  # the owner's, listed
+    assert [w["id"] for w in fake_api.get("/api/v1/workspaces").json()["workspaces"]] == [
+        fork.id]
+    assert container_of(spec) not in svc.runtime.containers  # its sandbox is gone
+    # the prebuild gets a new fork made ahead; the claimed one is no longer its
+    new = wait_fork(fake_api, pb["id"], not_id=fork.id)
+    assert [w.id for w in hidden(fake_api, pb["id"])] == [new.id]
