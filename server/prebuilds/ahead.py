@@ -13,8 +13,8 @@ The owner's next create that would fork from the prebuild with the same resource
 request's name, environment, network policy and idle settings, stops being hidden and goes
 ``paused`` -> ``creating``. Then, under the workspace's lock: the request's network policy
 is put in force while it is still frozen, it is thawed, given its own host name (``Rehost``),
-brought up to the branch's head and runs postStartCommand (the prebuild's ``then``), and is
-``running``. A replacement fork is made afterwards.
+brought up to the branch's head (beside the host name) and runs postStartCommand (what the
+prebuild's ``then`` does), and is ``running``. A replacement fork is made afterwards.
 
 Races and crashes. Two creates racing for one fork: the ledger's compare-and-set lets one
 win; the other forks as usual. A claim racing the prebuild's delete: the delete marks the
@@ -137,6 +137,8 @@ class ForksAhead:
             ws = await svc.built(ws_id)
             if ws.state != State.RUNNING.value:
                 raise Conflict(ws.state_reason or f"it is {ws.state}")
+            if pbs.deleting(prebuild_id):
+                raise Conflict("the prebuild is being deleted")
             ws = await svc.freeze(ws_id, actor=ACTOR)
             if ws.state != State.PAUSED.value or ws.sleep != Sleep.FROZEN.value:
                 raise Conflict(f"it is {ws.state} ({ws.sleep}), not frozen")
@@ -180,9 +182,9 @@ class ForksAhead:
                     f"of it ({row.name})")
         if not taken:
             return None
-        return row.id, self._wake(row.id, was=row.name, pb=pb, use=use)
+        return row.id, self._wake(row.id, was=row.name, pb=pb)
 
-    async def _wake(self, ws_id: str, *, was: str, pb: Prebuild, use: PrebuildUse) -> None:
+    async def _wake(self, ws_id: str, *, was: str, pb: Prebuild) -> None:
         svc = self.svc
         spec = svc.spec_for(svc.get(ws_id))
         try:
@@ -192,8 +194,10 @@ class ForksAhead:
                 assert isinstance(svc.runtime, Freezer)
                 await svc.runtime.thaw(spec)
                 thawed = time.monotonic() - started
-                await self._rehost(spec, was=was)
-                await use.then(ws_id, spec)
+                # the host clone that checks the branch's head beside the new host name;
+                # postStartCommand after both (it may read either)
+                await self.prebuilds.after_fork(pb, ws_id, spec,
+                                                beside=self._rehost(spec, was=was))
                 svc.ledger.transition(
                     ws_id, State.CREATING, State.RUNNING, actor="system",
                     message=f"running from the fork of prebuild {pb.id} made ahead (with its "
@@ -219,11 +223,13 @@ class ForksAhead:
     # --- removing, server start and stop ---------------------------------------------
 
     async def remove(self, prebuild_id: str) -> None:
-        """Stop making the prebuild's fork and delete the ones made (the prebuild goes)."""
+        """Delete the prebuild's forks made ahead (the prebuild goes; the caller has marked
+        it as deleting, so no create takes one from here on). A fork being made is let
+        finish first, not cancelled: a cancelled fork leaves its disk copy running in a
+        thread, which could make engine objects after the delete removed the others."""
         if (task := self._making.get(prebuild_id)) is not None:
-            task.cancel()
             with contextlib.suppress(BaseException):
-                await task
+                await asyncio.shield(task)
         for ws in self.forks(prebuild_id):
             await self.svc.delete(ws.id, actor=ACTOR)
 
@@ -259,4 +265,7 @@ class _Only:
 
     async def find(self, user: User, fields: Mapping[str, Any], req: CreateRequest
                    ) -> PrebuildUse | None:
-        return self.prebuilds.use_of(self.pb, fields, ahead=True)
+        use = self.prebuilds.use_of(self.pb, fields, ahead=True)
+        if use is None:  # deleted meanwhile: no fork, and never a build from scratch
+            raise Conflict(f"prebuild {self.pb.id} is being deleted")
+        return use

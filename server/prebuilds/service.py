@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import logging
 import secrets
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -239,17 +239,21 @@ class PrebuildService:
                     "env": limits.validate_env({**pb.env, **fields["env"]}),
                     "devcontainer": dict(pb.devcontainer)},
             message_prefix=f"create from prebuild {pb.id} (commit {pb.commit[:12] or '?'}) of",
-            then=_nothing if ahead else functools.partial(self._after_fork, pb),
+            then=_nothing if ahead else functools.partial(self.after_fork, pb),
         )
         if ahead:
             return use
         return dataclasses.replace(use, claim=functools.partial(self.ahead.claim, pb, use))
 
-    async def _after_fork(self, pb: Prebuild, ws_id: str, spec: WorkspaceSpec) -> None:
-        """In the fork, before it is ``running``: newer commits, postStartCommand; and a
-        new prebuild in the background when this one is out of date."""
+    async def after_fork(self, pb: Prebuild, ws_id: str, spec: WorkspaceSpec, *,
+                         beside: Awaitable[None] | None = None) -> None:
+        """In the fork, before it is ``running``: newer commits (and ``beside`` at the same
+        time: a fork made ahead takes its host name), postStartCommand; and a new prebuild
+        in the background when this one is out of date."""
         svc = self.workspaces
-        head = await bring_up_to_date(svc, svc.get(ws_id), spec, prebuild=pb)
+        head, _ = await asyncio.gather(
+            bring_up_to_date(svc, svc.get(ws_id), spec, prebuild=pb),
+            beside if beside is not None else asyncio.sleep(0))
         ws = svc.get(ws_id)
         if svc.devcontainers is not None and ws.devcontainer.get("post_start"):
             try:

@@ -164,3 +164,19 @@ def test_a_claim_cut_short_by_a_restart_leaves_one_workspace_and_no_sandbox_behi
     # the prebuild gets a new fork made ahead; the claimed one is no longer its
     new = wait_fork(fake_api, pb["id"], not_id=fork.id)
     assert [w.id for w in hidden(fake_api, pb["id"])] == [new.id]
+
+
+def test_a_prebuild_deleted_while_its_fork_is_being_made_leaves_no_sandbox(
+        fake_api: ApiClient, make_repo: Callable[..., Path]) -> None:
+    repo = str(make_repo("api"))
+    svc = fake_api.app.state.workspaces
+    ahead = fake_api.app.state.prebuilds.ahead
+    pid = fake_api.post(PB, json={"repo": repo}).json()["id"]
+    deadline = time.monotonic() + 30
+    while pid not in ahead._making:  # ready, and its fork being made
+        assert time.monotonic() < deadline, wait_prebuild(fake_api, pid)
+        time.sleep(0.001)
+    assert fake_api.delete(f"{PB}/{pid}").status_code == 204
+    assert hidden(fake_api, pid) == []
+    assert svc.runtime.containers == {}
+    assert fake_api.get("/api/v1/snapshots").json()["snapshots"] == []
