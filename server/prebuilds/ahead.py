@@ -85,6 +85,9 @@ class ForksAhead:
         self.prebuilds = prebuilds
         self.svc = prebuilds.workspaces
         self._making: dict[str, asyncio.Task[None]] = {}
+        # One fork made at a time (each copies a snapshot and restores its memory): at a
+        # start with many prebuilds they queue instead of loading the host all at once.
+        self._one_at_a_time = asyncio.Semaphore(1)
 
     @property
     def enabled(self) -> bool:
@@ -120,6 +123,10 @@ class ForksAhead:
         task.add_done_callback(lambda _t: self._making.pop(prebuild_id, None))
 
     async def _make(self, prebuild_id: str) -> None:
+        async with self._one_at_a_time:
+            await self._make_one(prebuild_id)
+
+    async def _make_one(self, prebuild_id: str) -> None:
         pbs, svc = self.prebuilds, self.svc
         ws_id: str | None = None
         try:
