@@ -1,6 +1,6 @@
 """Crash consistency on the microVM backend: test_crash.py's cases that apply to QEMU
 microVMs (docs/microvm.md). ``den serve`` (DEN_BACKEND=microvm) is killed (SIGKILL) at the
-fault points of create, fork, restore, snapshot, pause and delete, and a VM's QEMU is killed
+fault points of create, fork, restore, snapshot, pause, resume and delete, and a VM's QEMU is killed
 while Den is down; then Den starts again. After each restart: no workspace is left in a
 transitional state, the files are kept (or the workspace is explicitly ``error``), no VM
 directory (nor a half-made copy of one) or QEMU process of the run is orphaned, and the event
@@ -185,6 +185,25 @@ def test_crash_while_the_memory_is_saved_uses_the_saved_memory(world: World) -> 
     out = srv.exec(wid, "cat /tmp/t /workspace/keep")
     assert out["stdout"] == "alive\nv2\n", out  # resumed from memory
     assert "restored from memory" in srv.events(wid)[-1]
+
+
+def test_crash_while_resuming_finds_the_guest_running(world: World) -> None:
+    """Den dies once QEMU has loaded the saved memory, before its agent's session: the
+    workspace is running with its processes, and what is left of its checkpoint is no
+    problem for the next pause."""
+    srv, wid, _, _ = world
+    r = srv.http.post(f"/api/v1/workspaces/{wid}/pause")
+    assert r.status_code == 200 and r.json()["state"] == "paused", r.text
+    srv.crash_at("resume.session", lambda: srv.http.post(f"/api/v1/workspaces/{wid}/resume"))
+    ws = srv.ws(wid)
+    assert ws["state"] == "running", ws
+    assert "interrupted by a restart" in srv.events(wid)[-1]
+    check_consistent(srv)
+    out = srv.exec(wid, "cat /tmp/t /workspace/keep")
+    assert out["stdout"] == "alive\nv2\n", out  # the memory was restored
+    r = srv.http.post(f"/api/v1/workspaces/{wid}/pause")
+    assert r.status_code == 200 and r.json()["state"] == "paused", r.text
+    assert srv.exec(wid, "cat /tmp/t")["stdout"] == "alive\n"
 
 
 def test_qemu_killed_while_den_is_down_is_found_stopped(world: World) -> None:

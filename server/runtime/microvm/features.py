@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from server import faults
 from server.agent import ops as agent_ops
 from server.agent.session import AgentSession
 from server.runtime.base import (
@@ -114,6 +115,7 @@ class VmCheckpoints:
         argv = self._argv(spec, files, cpus=cpus, memory_mb=memory_mb)
         await self._launch(spec, files, ckpt.incoming_argv(argv), cpus=cpus, memory_mb=memory_mb)
         await self._io(ckpt.feed, files, checkpoint)
+        faults.point("resume.session")  # the guest runs; reconcile finds it running
         try:
             session = await self._session(spec, boot=True)
             if meta.get("vm") != files.dir.name:  # another VM's memory: a fork
