@@ -84,7 +84,8 @@ def docker_devcontainers(settings: Settings) -> DevContainers:
 
 def microvm(settings: Settings, *, gpus: GpuPool | None = None) -> Backend:
     """QEMU microVMs (docs/microvm.md): no network policy (the guests have no network yet),
-    no devcontainer images."""
+    no devcontainer images; other images than the setup's converted through the Docker
+    engine (server/runtime/microvm/images.py)."""
     from server.runtime.microvm.backend import MicroVmRuntime
 
     root = settings.microvm_dir or settings.data_dir / "microvm"
@@ -93,7 +94,8 @@ def microvm(settings: Settings, *, gpus: GpuPool | None = None) -> Backend:
                         accel=settings.microvm_accel,
                         boot_timeout_s=settings.microvm_boot_timeout_s,
                         console_log=settings.microvm_console_log,
-                        user=settings.microvm_user)
+                        user=settings.microvm_user, engine_url=settings.docker_url,
+                        image_max_mb=settings.microvm_image_max_mb)
     return Backend(runtime=rt)
 
 

@@ -117,6 +117,12 @@ class Settings(BaseSettings):
         "scripts/setup-microvm.sh creates it. Empty: QEMU stays root (not for untrusted "
         "workspaces).",
     )
+    microvm_image_max_mb: int = Field(
+        4096, ge=64,
+        description="The largest image (its unpacked filesystem, in MB) a microVM workspace may "
+        "run: an image other than the setup's is converted into a root filesystem of its own "
+        "(docs/microvm.md, Images); a larger one is refused.",
+    )
     microvm_console_log: bool = Field(
         False,
         description="Keep each microVM's serial console (kernel and agent messages) in "

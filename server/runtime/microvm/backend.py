@@ -49,6 +49,7 @@ from server.runtime.errors import (
     ObjectMissing,
 )
 from server.runtime.microvm import cgroup, disks, guest, process
+from server.runtime.microvm import images as vm_images
 from server.runtime.microvm.argv import (
     BootFiles,
     VmFiles,
@@ -92,8 +93,13 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
     def __init__(self, *, boot_dir: Path, vms_dir: Path, image: str, prefix: str = "den",
                  qemu: str = "qemu-system-x86_64", accel: str = "auto",
                  boot_timeout_s: float = 120.0, console_log: bool = False,
-                 user: str = "", cgroups: Cgroups | None = None) -> None:
+                 user: str = "", cgroups: Cgroups | None = None,
+                 engine_url: str = "", image_max_mb: int = 4096) -> None:
         self.boot = BootFiles.under(boot_dir)
+        self.images = vm_images.RootImages(  # the root filesystems of other images
+            default_rootfs=self.boot.rootfs, default_image=image, vms_dir=vms_dir,
+            images_dir=vms_dir.parent / "images", prefix=prefix, engine_url=engine_url,
+            max_mb=image_max_mb)
         self.vms_dir = vms_dir
         self.image = image
         self.prefix = prefix
@@ -184,18 +190,19 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
         return None
 
     async def image_exists(self, image: str) -> bool:
-        """MicroVMs boot the root filesystem built from one image (scripts/setup-microvm.sh)."""
-        return image == self.image
+        """The setup's image, or a local engine image within the size limit (converted into
+        a root filesystem at create: images.py)."""
+        return await self._io(self.images.exists, image)
 
     async def create(self, spec: WorkspaceSpec) -> None:
-        if spec.image != self.image:
-            raise EngineConflict(f"microVMs run only {self.image} (the image their root "
-                                 f"filesystem was built from), not {spec.image}")
         record = {"labels": dict(spec.labels), "workspace_id": spec.workspace_id,
                   "created": time.time()}
-        await self._io(functools.partial(
-            disks.make, self.files(spec), rootfs=self.boot.rootfs,
-            workspace_gb=spec.disk_gb or DEFAULT_WORKSPACE_GB, record=record))
+        await self._io(self._make, spec, record)
+
+    def _make(self, spec: WorkspaceSpec, record: dict[str, Any]) -> None:
+        with self.images.base(spec.image) as rootfs:  # converted on first use
+            disks.make(self.files(spec), rootfs=rootfs,
+                       workspace_gb=spec.disk_gb or DEFAULT_WORKSPACE_GB, record=record)
 
     async def seed(self, spec: WorkspaceSpec, tar: Path) -> None:
         """Unpack ``tar`` into /workspace through the agent (``tar -x`` as root, owners kept)."""
@@ -290,7 +297,9 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
         await self._drop_agent(files, "the workspace was deleted")
         await self._io(functools.partial(process.end, files, timeout_s=0.0))
         await self._io(self.cgroups.remove, files.dir.name)
+        backing = await self._io(vm_images.backing_file, files.root)
         await self._io(functools.partial(shutil.rmtree, files.dir, ignore_errors=True))
+        await self._io(self.images.collect, backing)  # a converted base this was the last of
 
     async def status(self, spec: WorkspaceSpec) -> ContainerStatus:
         files = self.files(spec)

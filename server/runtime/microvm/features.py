@@ -32,6 +32,7 @@ from server.runtime.base import (
 )
 from server.runtime.errors import EngineConflict, EngineError
 from server.runtime.microvm import checkpoint as ckpt
+from server.runtime.microvm import images as vm_images
 from server.runtime.microvm import process, snapshots
 from server.runtime.microvm.argv import VmFiles
 from server.runtime.microvm.qmp import Qmp, QmpError
@@ -49,6 +50,7 @@ class _Vm(Protocol):
 
     vms_dir: Path
     prefix: str
+    images: vm_images.RootImages
     image: str
     boot_timeout_s: float
 
@@ -211,7 +213,10 @@ class VmDiskSnapshots:
             await self._io(snapshots.remove, old_files)
 
     async def delete_snapshot(self: _Vm, snap: SnapshotSpec) -> None:
-        await self._io(snapshots.remove, VmFiles(self.vms_dir / str(snap.handle["snapshot"])))
+        files = VmFiles(self.vms_dir / str(snap.handle["snapshot"]))
+        backing = await self._io(vm_images.backing_file, files.root)
+        await self._io(snapshots.remove, files)
+        await self._io(self.images.collect, backing)  # a converted base this was the last of
 
 
 def _files_op(what: str, fn: Callable[[], T]) -> T:
