@@ -83,9 +83,9 @@ def docker_devcontainers(settings: Settings) -> DevContainers:
 
 
 def microvm(settings: Settings, *, gpus: GpuPool | None = None) -> Backend:
-    """QEMU microVMs (docs/microvm.md): no network policy (the guests have no network yet),
-    no devcontainer images; other images than the setup's converted through the Docker
-    engine (server/runtime/microvm/images.py)."""
+    """QEMU microVMs (docs/microvm.md): no network policy (the guests have no network yet);
+    devcontainer images built on the Docker engine, as the docker backend's, then converted
+    into a root filesystem (server/runtime/microvm/images.py)."""
     from server.runtime.microvm.backend import MicroVmRuntime
 
     root = settings.microvm_dir or settings.data_dir / "microvm"
@@ -96,7 +96,7 @@ def microvm(settings: Settings, *, gpus: GpuPool | None = None) -> Backend:
                         console_log=settings.microvm_console_log,
                         user=settings.microvm_user, engine_url=settings.docker_url,
                         image_max_mb=settings.microvm_image_max_mb)
-    return Backend(runtime=rt)
+    return Backend(runtime=rt, devcontainers=docker_devcontainers(settings))
 
 
 BACKENDS: dict[str, Callable[..., Backend]] = {"docker": docker, "microvm": microvm}

@@ -301,17 +301,6 @@ def test_what_the_backend_does_not_support_is_refused_clearly(
     # Nothing was made by the refusals.
     names = [w["name"] for w in api.get(create, user="root").json()["workspaces"]]
     assert names == ["api"], names
-    # A devcontainer.json is found in the clone, after the 202: the workspace fails with
-    # the way out in its message, and nothing of it is left in the engine.
-    devc = bare_repo(api.repo.parent, api.repo.parent.parent / "src-devc", name="devc",  # type: ignore[attr-defined]
-                     files={".devcontainer/devcontainer.json": '{"image": "python:3.12"}'})
-    r = api.post(create, json={"name": "devc", "repo": {"url": str(devc)}})
-    assert r.status_code == 202, r.text
-    failed = api.wait_state(r.json()["id"], settled=("error", "running", "stopped"))
-    assert failed["state"] == "error", failed
-    assert any("--no-devcontainer" in e for e in _events(api, failed["id"])), failed
-    assert _engine_objects(api, failed["id"]) == []
-    assert api.delete(f"{create}/{failed['id']}").status_code in (200, 202, 204)
 
 
 # --- delete, and a snapshot that outlives its workspace ---------------------------------------
