@@ -141,6 +141,7 @@ def test_workspaces_of_another_image_share_one_converted_root_filesystem(
 def test_an_image_over_the_limit_or_missing_is_refused(api: ApiClient,
                                                       tmp_path: Path) -> None:
     image = str(api.image)  # type: ignore[attr-defined]
+    bases_before = set(IMAGES_DIR.glob("*.ext4"))
     r = api.post("/api/v1/workspaces", json={"name": "missing", "image": f"{image}-nope",
                                              "repo": {"url": str(api.repo)}})  # type: ignore[attr-defined]
     assert (r.status_code, r.json()["error"]["code"]) == (422, "image_missing"), r.text
@@ -154,6 +155,18 @@ def test_an_image_over_the_limit_or_missing_is_refused(api: ApiClient,
         assert (r.status_code, r.json()["error"]["code"]) == (422, "image_too_large"), r.text
         assert "DEN_MICROVM_IMAGE_MAX_MB" in r.text and "64 MB" in r.text, r.text
         assert other.get("/api/v1/workspaces", user="root").json()["workspaces"] == []
+        # A devcontainer's image is known after the 202: over the limit, the workspace is
+        # `error` with the reason, and neither a VM directory nor a base is left.
+        root = Path(str(api.repo)).parent.parent  # type: ignore[attr-defined]
+        repo = bare_repo(root / "repos", root / "src-big", name="big", files={
+            ".devcontainer/devcontainer.json": '{"image": "den/workspace:latest"}'})
+        made = other.create(repo, name="big", wait=False)
+        failed = other.wait_state(made["id"], timeout_s=300)
+        assert failed["state"] == "error", failed
+        assert "DEN_MICROVM_IMAGE_MAX_MB" in failed["state_reason"], failed
+        prefix = small.state.settings.engine_prefix
+        assert list((BOOT_DIR / "vms").glob(f"{prefix}-*")) == []
+        assert set(IMAGES_DIR.glob("*.ext4")) <= bases_before
 
 
 def test_a_devcontainer_with_a_dockerfile_runs_in_a_microvm(api: ApiClient) -> None:
