@@ -2,8 +2,10 @@
 `microvm` (QEMU, docs/microvm.md), through the HTTP API of a real server.
 
 One workspace per backend is shared by the tests, in order (a microVM boots in seconds under
-TCG): create from Git, exec, files, a streaming exec, stop and start, pause and resume with a
-running process, a memory snapshot forked and restored, delete leaving no engine object, and
+TCG): create from Git, exec, files, a streaming exec, stop and start, background processes
+(started, listed, logged, signalled), pause and resume with a running process and a
+background one, a memory snapshot forked (the fork's agent knows the background process it
+inherited) and restored, delete leaving no engine object, and
 a fork of the snapshot after its workspace is gone. What a backend does not support is
 asserted as the clear refusal it gets (docs/microvm.md, "What each backend refuses"), never
 skipped. The docker run needs the engine (the ``engine`` fixture), the microvm run the boot
@@ -219,6 +221,64 @@ def _counts_on(api: ApiClient, ws_id: str, pid: int, above: int) -> None:
     raise AssertionError(f"the counter stayed at {above}")
 
 
+# A background process started through the API (the agent's child): it prints a tick every
+# 0.2 s, with the count it reached, which only its memory holds.
+TICKER = "i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.2; done"
+
+
+def _ticks(api: ApiClient, ws_id: str, pid: int) -> int:
+    """The last count in the process's kept output."""
+    r = api.get(f"/api/v1/workspaces/{ws_id}/processes/{pid}/logs")
+    assert r.status_code == 200, r.text
+    text = "".join(c["data"] for c in r.json()["chunks"] if c["stream"] == "stdout")
+    ticks = [int(line.split()[1]) for line in text.splitlines() if line.startswith("tick ")]
+    return ticks[-1] if ticks else 0
+
+
+def _ticks_on(api: ApiClient, ws_id: str, pid: int, above: int) -> int:
+    """Waits until the process's output counts past ``above`` (a condition, not a sleep)."""
+    deadline = time.monotonic() + 60
+    while (now := _ticks(api, ws_id, pid)) <= above:
+        assert time.monotonic() < deadline, f"process {pid} stayed at tick {now}"
+        time.sleep(0.2)
+    return now
+
+
+def _process(api: ApiClient, ws_id: str, pid: int) -> dict[str, Any]:
+    r = api.get(f"/api/v1/workspaces/{ws_id}/processes")
+    assert r.status_code == 200, r.text
+    found = [p for p in r.json()["processes"] if p["pid"] == pid]
+    assert found, r.json()
+    return dict(found[0])
+
+
+def test_background_processes_start_list_log_and_signal(api: ApiClient,
+                                                          ws: dict[str, Any]) -> None:
+    wid = ws["id"]
+    r = api.post(f"/api/v1/workspaces/{wid}/processes", json={"cmd": TICKER})
+    assert r.status_code == 201, r.text
+    pid = r.json()["pid"]
+    api.ticker = pid  # type: ignore[attr-defined]
+    _ticks_on(api, wid, pid, 0)
+    listed = _process(api, wid, pid)
+    assert listed["running"] is True and TICKER in listed["cmd"], listed
+    assert api.exec(wid, f"kill -0 {pid}")["exit_code"] == 0  # a real process in the guest
+    # A signal goes to the process's group; the list then says how it ended.
+    r = api.post(f"/api/v1/workspaces/{wid}/processes", json={"cmd": "sleep 600"})
+    assert r.status_code == 201, r.text
+    sleeper = r.json()["pid"]
+    r = api.post(f"/api/v1/workspaces/{wid}/processes/{sleeper}/signal",
+                 json={"signal": "TERM"})
+    assert r.status_code == 204, r.text
+    deadline = time.monotonic() + 30
+    while (info := _process(api, wid, sleeper))["running"]:
+        assert time.monotonic() < deadline, info
+        time.sleep(0.1)
+    assert info["signal"] == "TERM", info
+    r = api.post(f"/api/v1/workspaces/{wid}/processes/999999/signal", json={"signal": "TERM"})
+    assert r.status_code == 404, r.text
+
+
 def test_pause_then_resume_keeps_a_running_process(api: ApiClient, ws: dict[str, Any]) -> None:
     wid = ws["id"]
     assert api.exec(wid, COUNTER)["exit_code"] == 0
@@ -226,6 +286,7 @@ def test_pause_then_resume_keeps_a_running_process(api: ApiClient, ws: dict[str,
     while api.exec(wid, "test -s /tmp/count")["exit_code"] and time.monotonic() < deadline:
         time.sleep(0.1)
     pid, count = _counter(api, wid)
+    ticks = _ticks(api, wid, api.ticker)  # type: ignore[attr-defined]
     r = api.post(f"/api/v1/workspaces/{wid}/pause")
     assert r.status_code == 200, r.text
     assert r.json()["state"] == "paused"
@@ -239,6 +300,9 @@ def test_pause_then_resume_keeps_a_running_process(api: ApiClient, ws: dict[str,
     assert r.status_code == 200, r.text
     assert r.json()["state"] == "running"
     _counts_on(api, wid, pid, count)  # the process (and /tmp) came back
+    ticker = api.ticker  # type: ignore[attr-defined]
+    assert _process(api, wid, ticker)["running"] is True  # the agent still knows it
+    _ticks_on(api, wid, ticker, ticks)  # its count went on from where it was
     if saved is not None:
         assert not saved.exists()  # QEMU read all of it; nothing kept while running
         assert any("restored from memory" in e for e in _events(api, wid))
@@ -264,6 +328,16 @@ def test_memory_snapshot_forks_with_its_processes_and_files_and_restores(
     out = api.exec(fork["id"], "hostname; cat /workspace/api/snap")
     assert out["stdout"] == "twin\nbefore\n", out  # its own name, the snapshot's files
     _counts_on(api, fork["id"], pid, 0)  # the snapshot's process, running in the fork
+    ticker = api.ticker  # type: ignore[attr-defined]
+    assert _process(api, fork["id"], ticker)["running"] is True  # the fork's agent knows it
+    r = api.post(f"/api/v1/workspaces/{fork['id']}/processes/{ticker}/signal",
+                 json={"signal": "KILL"})
+    assert r.status_code == 204, r.text
+    deadline = time.monotonic() + 30
+    while _process(api, fork["id"], ticker)["running"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert _process(api, wid, ticker)["running"] is True  # the origin's is its own
     assert api.exec(wid, "hostname")["stdout"] == "api\n"
     r = api.delete(f"/api/v1/workspaces/{fork['id']}")
     assert r.status_code in (200, 202, 204), r.text
@@ -297,9 +371,6 @@ def test_what_the_backend_does_not_support_is_refused_clearly(
         assert _error(r) == (422, "invalid") and "DEN_BACKEND=microvm" in r.text, r.text
     r = api.post(create, json={"name": "i", "image": "python:3.12", "repo": repo})
     assert _error(r) == (422, "invalid") and "python:3.12" in r.text, r.text
-    r = api.post(f"/api/v1/workspaces/{ws['id']}/processes", json={"cmd": "sleep 1"})
-    assert _error(r) == (501, "no_agent"), r.text
-    assert "microvm" in r.json()["error"]["message"], r.text
     # Nothing was made by the refusals.
     names = [w["name"] for w in api.get(create, user="root").json()["workspaces"]]
     assert names == ["api"], names

@@ -129,10 +129,10 @@ def test_backend_is_registered_and_has_the_required_protocols(tmp_path: Path) ->
     assert isinstance(rt, Lifecycle) and isinstance(rt, Execs) and isinstance(rt, Inventory)
     assert isinstance(rt, AgentChannel)
     assert isinstance(rt, Checkpoints) and isinstance(rt, DiskSnapshots)
-    # Pause with memory, snapshots, forks and restores (features.py); connections are made
-    # by the agent; a QEMU that ends is an event.
-    assert features(rt) == ["checkpoints", "disk_snapshots", "agent", "port_connect",
-                            "engine_events"]
+    # Pause with memory, snapshots, forks and restores (features.py); connections and
+    # background processes are the agent's (processes.py); a QEMU that ends is an event.
+    assert features(rt) == ["checkpoints", "disk_snapshots", "agent", "processes",
+                            "port_connect", "engine_events"]
     assert rt.boot.kernel == tmp_path / "microvm" / "vmlinux"
     assert rt.vms_dir == tmp_path / "microvm" / "vms"
     assert rt.new_handle("abc") == {"vm": "den-vm-abc"}

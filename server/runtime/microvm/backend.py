@@ -1,9 +1,9 @@
 """The microVM runtime: a workspace is a QEMU ``microvm`` guest (server/runtime/base.py's
-Lifecycle, Execs, Inventory and AgentChannel). Every command runs through Den's agent in the
-guest; there is no engine exec to fall back on, so an agent that does not answer is an error.
+Lifecycle, Execs, Inventory, AgentChannel and ProcessControl). Every command runs through
+Den's agent in the guest; there is no engine exec to fall back on, so an agent that does not
+answer is an error.
 
-Not yet (docs/microvm.md): pause with memory (Checkpoints), disk snapshots and forks,
-networking (the guest has no network device), a cgroup per VM.
+Not yet (docs/microvm.md): networking (the guest has no network device).
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ from server.runtime.microvm.argv import (
 from server.runtime.microvm.cgroup import Cgroups
 from server.runtime.microvm.events import QemuExits
 from server.runtime.microvm.features import SNAPSHOT_KIND, VmCheckpoints, VmDiskSnapshots
+from server.runtime.microvm.processes import VmProcesses
 from server.runtime.microvm.transport import PortTransport
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def accel_note(accel: str) -> str:
             "KVM): the guest's CPU is several times slower than the host's")
 
 
-class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
+class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots, VmProcesses):
     """Workspaces as QEMU microVMs, each in a directory of ``vms_dir`` (its handle: ``vm``)."""
 
     name = "microvm"
