@@ -126,6 +126,10 @@ done
 /bin/busybox mkdir -p /newroot/workspace /newroot/dev /newroot/proc /newroot/sys /newroot/tmp
 /bin/busybox mount -t ext4 -o nodev "$ws" /newroot/workspace || fail "cannot mount /workspace"
 /bin/busybox hostname "$(/bin/busybox sed -n 's/.*den.hostname=\([^ ]*\).*/\1/p' /proc/cmdline)"
+# The workspace's process limit (den.pids=N on the kernel command line): RLIMIT_NPROC for
+# every process of the guest, as Docker's nproc ulimit is for a container's; root is exempt.
+pids=$(/bin/busybox sed -n 's/.*den.pids=\([0-9]*\).*/\1/p' /proc/cmdline)
+[ -n "$pids" ] && ulimit -u "$pids"
 /bin/busybox mount --move /dev /newroot/dev
 /bin/busybox mount --move /proc /newroot/proc
 /bin/busybox mount --move /sys /newroot/sys
@@ -190,7 +194,11 @@ main() {
         log "no agent at $AGENT: run scripts/build-agent.sh first"
         exit 1
     fi
-    local want="kernel=$kver image=$(docker image inspect -f '{{.Id}}' "$IMAGE") agent=$(sha256sum "$AGENT" | cut -c1-16)"
+    local base="kernel=$kver image=$(docker image inspect -f '{{.Id}}' "$IMAGE") agent=$(sha256sum "$AGENT" | cut -c1-16)"
+    # This script's own hash too: a change to the initramfs's init rebuilds it (the root
+    # filesystem's name stays that of the kernel, image and agent: it is not rebuilt).
+    local want
+    want="$base script=$(sha256sum "${BASH_SOURCE[0]}" | cut -c1-16)"
     if [ "$FORCE" != 1 ] && [ -f "$DIR/VERSION" ] && [ "$(cat "$DIR/VERSION")" = "$want" ] \
             && [ -f "$DIR/vmlinux" ] && [ -f "$DIR/initramfs.cpio" ] && [ -f "$DIR/rootfs.ext4" ]; then
         log "up to date in $DIR ($want)"
@@ -203,7 +211,7 @@ main() {
     # Each build has a file of its own, and rootfs.ext4 links to the newest: the overlays of
     # existing VMs name the file they were made on, which must never change under them.
     local rootfs
-    rootfs="rootfs-$(echo "$want" | sha256sum | cut -c1-12).ext4"
+    rootfs="rootfs-$(echo "$base" | sha256sum | cut -c1-12).ext4"
     if [ ! -f "$DIR/$rootfs" ]; then
         log "root filesystem from $IMAGE -> $DIR/$rootfs"
         build_rootfs "$DIR/$rootfs"

@@ -5,12 +5,12 @@ One workspace per backend is shared by the tests, in order (a microVM boots in s
 TCG): create from Git, exec, files, a streaming exec, stop and start, background processes
 (started, listed, logged, signalled), pause and resume with a running process and a
 background one, a memory snapshot forked (the fork's agent knows the background process it
-inherited) and restored, delete leaving no engine object, and
-a fork of the snapshot after its workspace is gone. What a backend does not support is
-asserted as the clear refusal it gets (docs/microvm.md, "What each backend refuses"), never
-skipped. The docker run needs the engine (the ``engine`` fixture), the microvm run the boot
-files of scripts/setup-microvm.sh: each is skipped on a developer machine without them and
-fails under CI, as the other engine tests do.
+inherited) and restored, a fork bomb stopped at the process limit, delete leaving no
+engine object, and a fork of the snapshot after its workspace is gone. What a backend does
+not support is asserted as the clear refusal it gets (docs/microvm.md, "What each backend
+refuses"), never skipped. The docker run needs the engine (the ``engine`` fixture), the
+microvm run the boot files of scripts/setup-microvm.sh: each is skipped on a developer
+machine without them and fails under CI, as the other engine tests do.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from tests.engine.test_microvm import BOOT_DIR, _require_setup, vm_dir
 pytestmark = pytest.mark.engine
 
 BACKENDS = ("docker", "microvm")
+PIDS = 100  # the process limit of the module's workspaces (a bomb at 1024 needs GBs)
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -56,6 +57,7 @@ def api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
                               "default_disk_gb": 1} if backend == "microvm" else {})
     settings = Settings(data_dir=root / "data", local_repo_roots=[repos], backend=backend,
                         engine_prefix=prefix, default_memory_mb=512, default_cpus=1.0,
+                        default_pids=PIDS,
                         stop_timeout_s=5, reaper_interval_s=0, ssh_port=0,
                         outbound_allow=["127.0.0.0/8", "::1"], gpus="none", **extra)
     app = create_app(settings)
@@ -385,6 +387,49 @@ def test_what_the_backend_does_not_support_is_refused_clearly(
     assert any("--no-devcontainer" in e for e in _events(api, failed["id"])), failed
     assert _engine_objects(api, failed["id"]) == []
     assert api.delete(f"{create}/{failed['id']}").status_code in (200, 202, 204)
+
+
+# --- the process limit ----------------------------------------------------------------------
+
+# Forks as dev until the kernel refuses; prints how many it made and the errno, then ends
+# them. Each child becomes `sleep` at once (a Python child would copy its parent's pages).
+FORK_UNTIL_REFUSED = """
+import os, signal
+kids = []
+try:
+    while True:
+        pid = os.fork()
+        if pid == 0:
+            os.execv("/bin/sleep", ["sleep", "120"])
+        kids.append(pid)
+except OSError as exc:
+    print(len(kids), exc.errno)
+for pid in kids:
+    os.kill(pid, signal.SIGKILL)
+"""
+
+
+def test_a_fork_bomb_stops_at_the_process_limit_and_the_workspace_answers(
+        api: ApiClient, ws: dict[str, Any]) -> None:
+    """The workspace's ``pids_limit`` holds inside it (gVisor: RLIMIT_NPROC in the sandbox;
+    microVM: RLIMIT_NPROC in the guest, from the kernel command line): dev's forks stop at
+    the limit with EAGAIN, counting dev's processes already there."""
+    wid = ws["id"]
+    forks = api.exec(wid, ["python3", "-c", FORK_UNTIL_REFUSED], timeout_s=120)
+    assert len(forks["stdout"].split()) == 2, forks
+    count, errno = forks["stdout"].split()
+    assert errno == "11" and PIDS - 30 < int(count) < PIDS, forks
+    assert api.exec(wid, "echo alive")["stdout"] == "alive\n"  # its forks were ended
+    bomb = api.exec(wid, "bomb() { bomb | bomb & }; bomb; sleep 5; echo survived", timeout_s=8)
+    assert bomb["exit_code"] in (0, 124, 137), bomb
+    # The server, the workspace and its agent answer; what is left of the bomb holds dev's
+    # process slots (dev's execs may be refused) until a stop and start clears it.
+    assert api.client.get("/healthz").json()["status"] == "ok"
+    assert api.get(f"/api/v1/workspaces/{wid}").json()["state"] == "running"
+    assert api.get(f"/api/v1/workspaces/{wid}/processes").status_code == 200
+    assert api.post(f"/api/v1/workspaces/{wid}/stop").json()["state"] == "stopped"
+    assert api.post(f"/api/v1/workspaces/{wid}/start").json()["state"] == "running"
+    assert api.exec(wid, "echo alive", timeout_s=60)["stdout"] == "alive\n"
 
 
 # --- delete, and a snapshot that outlives its workspace ---------------------------------------

@@ -269,7 +269,8 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots, VmProcesses):
         vCPUs its checkpoint was saved with: features.py)."""
         return qemu_argv(self.qemu, self.boot, files, accel=self.accelerator, cpus=cpus,
                          memory_mb=memory_mb, hostname=spec.hostname, tsc_khz=self.tsc_khz,
-                         console_log=self.console_log, runas=self.user)
+                         console_log=self.console_log, runas=self.user,
+                         pids_limit=spec.pids_limit)
 
     async def stop(self, spec: WorkspaceSpec, *, timeout_s: int) -> None:
         files = self.files(spec)
