@@ -169,8 +169,9 @@ build_rootfs() {
     mv "$out.tmp" "$out"
 }
 
-# The system user QEMU runs as once a VM is set up (DEN_MICROVM_USER, QEMU's -runas): no
-# login, no home; in the kvm group where there is one (/dev/kvm).
+# The system user QEMU runs as once a VM is set up when VMs have no uids of their own
+# (DEN_MICROVM_UID_BASE=0; DEN_MICROVM_USER, QEMU's -runas): no login, no home; in the kvm
+# group where there is one (/dev/kvm).
 VM_USER=${DEN_MICROVM_USER-den-vm}
 vm_user() {
     [ -n "$VM_USER" ] || return 0

@@ -85,6 +85,7 @@ def docker_devcontainers(settings: Settings) -> DevContainers:
 def microvm(settings: Settings, *, gpus: GpuPool | None = None) -> Backend:
     """QEMU microVMs (docs/microvm.md): no network policy (the guests have no network yet),
     no devcontainer images."""
+    from server.runtime.microvm import vmusers
     from server.runtime.microvm.backend import MicroVmRuntime
 
     root = settings.microvm_dir or settings.data_dir / "microvm"
@@ -93,7 +94,10 @@ def microvm(settings: Settings, *, gpus: GpuPool | None = None) -> Backend:
                         accel=settings.microvm_accel,
                         boot_timeout_s=settings.microvm_boot_timeout_s,
                         console_log=settings.microvm_console_log,
-                        user=settings.microvm_user)
+                        user=settings.microvm_user,
+                        uids=vmusers.UidRange(settings.microvm_uid_base,
+                                              settings.microvm_uid_count)
+                        if settings.microvm_uid_base else None)
     return Backend(runtime=rt)
 
 

@@ -30,7 +30,7 @@ from server.config import Settings
 from server.runtime.microvm import process
 from server.runtime.microvm.argv import VmFiles
 from tests.conftest import RUN_PREFIX, ApiClient, bare_repo, engine_objects, users
-from tests.engine.test_microvm import BOOT_DIR, _require_setup, vm_dir
+from tests.engine.test_microvm import BOOT_DIR, _require_setup, assert_vms_apart, vm_dir
 
 pytestmark = pytest.mark.engine
 
@@ -340,6 +340,8 @@ def test_memory_snapshot_forks_with_its_processes_and_files_and_restores(
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert _process(api, wid, ticker)["running"] is True  # the origin's is its own
+    if _backend(api) == "microvm":  # each VM's QEMU is a uid of its own
+        assert_vms_apart(VmFiles(vm_dir(api, wid)), VmFiles(vm_dir(api, fork["id"])))
     assert api.exec(wid, "hostname")["stdout"] == "api\n"
     r = api.delete(f"/api/v1/workspaces/{fork['id']}")
     assert r.status_code in (200, 202, 204), r.text

@@ -48,7 +48,7 @@ from server.runtime.errors import (
     EngineUnavailable,
     ObjectMissing,
 )
-from server.runtime.microvm import cgroup, disks, guest, process
+from server.runtime.microvm import cgroup, disks, guest, process, vmusers
 from server.runtime.microvm.argv import (
     BootFiles,
     VmFiles,
@@ -93,7 +93,8 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots, VmProcesses):
     def __init__(self, *, boot_dir: Path, vms_dir: Path, image: str, prefix: str = "den",
                  qemu: str = "qemu-system-x86_64", accel: str = "auto",
                  boot_timeout_s: float = 120.0, console_log: bool = False,
-                 user: str = "", cgroups: Cgroups | None = None) -> None:
+                 user: str = "", uids: vmusers.UidRange | None = None,
+                 cgroups: Cgroups | None = None) -> None:
         self.boot = BootFiles.under(boot_dir)
         self.vms_dir = vms_dir
         self.image = image
@@ -103,7 +104,8 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots, VmProcesses):
         self.accelerator = "" if accel == "auto" else accel  # decided by check()
         self.boot_timeout_s = boot_timeout_s
         self.console_log = console_log
-        self.user = user  # QEMU's -runas; "" stays root
+        self.user = user  # QEMU's -runas when VMs have no uids of their own; "" stays root
+        self.uids = uids  # a uid of its own per VM (vmusers.py)
         self.cgroups = cgroups or Cgroups()
         self.tsc_khz = 0
         self._agents: dict[str, AgentSession] = {}
@@ -146,7 +148,7 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots, VmProcesses):
             if not self.tsc_khz:
                 raise EngineUnavailable("cannot read the host's TSC frequency (/proc/cpuinfo "
                                         "has no `cpu MHz`): TCG guests cannot keep time")
-        if self.user:
+        if self.user and self.uids is None:
             try:
                 pwd.getpwnam(self.user)
             except KeyError:
@@ -155,7 +157,7 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots, VmProcesses):
                                         "scripts/setup-microvm.sh") from None
         await self._io(self.cgroups.version)  # a hierarchy with cpu, memory and pids
         self.vms_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if self.user:  # QEMU, once it is the VM user, reaches its own directory by path
+        if self.user or self.uids:  # QEMU, once unprivileged, reaches its directory by path
             self.vms_dir.chmod(0o711)
 
     def _detect_accel(self) -> str:
@@ -249,11 +251,13 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots, VmProcesses):
         """Start the VM's QEMU (daemonized): a cold start (``boot``: its event says which
         accelerator it runs with), or a resume's QEMU waiting for its memory (features.py);
         as the unprivileged user, in the VM's cgroup sized for the ``cpus`` and ``memory_mb``
-        it runs with, watched for its exit. What every QEMU of a workspace needs around it
-        goes here."""
+        it runs with, watched for its exit; with ``uids``, as the VM's own uid. What every
+        QEMU of a workspace needs around it goes here."""
         for sock in (files.agent, files.qmp):
             sock.unlink(missing_ok=True)
-        if self.user:
+        if self.uids is not None:
+            argv = [*argv, *vmusers.runas(await self._io(vmusers.uid_of, files, self.uids))]
+        elif self.user:
             await self._io(disks.give_to, files, self.user)
         procs = await self._io(self.cgroups.make, files.dir.name,
                                cgroup.limits(cpus=cpus, memory_mb=memory_mb))
@@ -269,7 +273,8 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots, VmProcesses):
         vCPUs its checkpoint was saved with: features.py)."""
         return qemu_argv(self.qemu, self.boot, files, accel=self.accelerator, cpus=cpus,
                          memory_mb=memory_mb, hostname=spec.hostname, tsc_khz=self.tsc_khz,
-                         console_log=self.console_log, runas=self.user,
+                         console_log=self.console_log,
+                         runas=self.user if self.uids is None else "",
                          pids_limit=spec.pids_limit)
 
     async def stop(self, spec: WorkspaceSpec, *, timeout_s: int) -> None:
