@@ -60,8 +60,12 @@ def test_a_deleted_vms_uid_is_not_handed_out_again_until_the_range_goes_round(
 
 @needs_root
 def test_a_uid_a_process_runs_as_or_out_of_range_is_not_taken(tmp_path: Path) -> None:
-    # A range holding 0: root's processes run as it, so the next one is handed out.
+    # A range holding 0: root's processes run as it, so the next one is handed out; checked
+    # when the counter is lost and once the range has gone round.
     assert vmusers.uid_of(_vm(tmp_path, "den-vm-a"), UidRange(0, 2)) == 1
+    shutil.rmtree(tmp_path / "den-vm-a")
+    assert (tmp_path / vmusers.COUNTER).read_text() == "2"  # gone round: 0 is next
+    assert vmusers.uid_of(_vm(tmp_path, "den-vm-z"), UidRange(0, 2)) == 1
     # A record naming a uid outside the range (a range changed since) gets a new one.
     b = _vm(tmp_path, "den-vm-b")
     b.record.write_text(json.dumps({"uid": 5}))

@@ -21,7 +21,7 @@ from server.runtime.errors import EngineError
 from server.runtime.microvm import disks
 from server.runtime.microvm.argv import VmFiles
 
-COUNTER = ".next-uid"  # in the VMs' directory: the offset in the range handed out next
+COUNTER = ".next-uid"  # in the VMs' directory: how many uids were handed out so far
 _lock = threading.Lock()  # one allocation at a time (launches run on worker threads)
 
 
@@ -59,18 +59,23 @@ def uid_of(files: VmFiles, uids: UidRange) -> int:
 
 
 def _fresh(vms_dir: Path, uids: UidRange) -> int:
-    """The next uid of the range that no VM directory records and no process runs as."""
-    taken = _recorded(vms_dir) | _running_uids()
+    """The next uid of the range that no VM directory records and (once the range has gone
+    round, or the counter was lost) no process runs as. The counter counts every uid handed
+    out, so the scan of the host's processes stays off a new VM's path until then."""
     counter = vms_dir / COUNTER
     try:
-        offset = int(counter.read_text().strip()) % uids.count
+        handed = int(counter.read_text().strip())
     except (OSError, ValueError):
-        offset = 0
+        handed = -1  # lost or never kept: any uid of the range may be in use
+    start = max(handed, 0)
+    taken = _recorded(vms_dir)
+    if handed < 0 or handed >= uids.count:
+        taken |= _running_uids()
     for step in range(uids.count):
-        uid = uids.base + (offset + step) % uids.count
+        uid = uids.base + (start + step) % uids.count
         if uid not in taken:
             tmp = counter.with_name(f"{COUNTER}.tmp")
-            tmp.write_text(str((offset + step + 1) % uids.count))
+            tmp.write_text(str(start + step + 1))
             os.replace(tmp, counter)
             return uid
     raise EngineError(f"every uid of the microVM range ({uids.base} to "
