@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from server.config import Settings
 from server.runtime.base import (
     Checkpoints,
     DiskSnapshots,
@@ -37,6 +38,7 @@ from server.runtime.base import (
     WorkspaceSpec,
     labels_for,
 )
+from server.runtime.microvm import vmusers
 from server.runtime.microvm.argv import probe_argv
 from server.runtime.microvm.backend import MicroVmRuntime
 
@@ -122,8 +124,11 @@ async def gvisor_side(rounds: int, tmp: Path) -> dict[str, list[float]]:
 
 async def main(args: argparse.Namespace) -> None:
     vms = Path(tempfile.mkdtemp(prefix="dvm-", dir="/tmp"))
+    defaults = Settings()  # each QEMU as a uid of its own, as a server runs them
     rt = MicroVmRuntime(boot_dir=args.dir, vms_dir=vms, image="den/workspace:latest",
-                        prefix=f"denbench-{secrets.token_hex(2)}")
+                        prefix=f"denbench-{secrets.token_hex(2)}",
+                        uids=vmusers.UidRange(defaults.microvm_uid_base,
+                                              defaults.microvm_uid_count))
     await rt.check()
     raw_boot, den_boot, ping, exec_true = [], [], [], []
     try:
