@@ -327,6 +327,7 @@ class NetworkInfo:
     # running container -> its port on the bridge (the host's end of its veth), where known:
     # unlike an address, a workspace cannot forge the port its packets come in by.
     ports: Mapping[str, str] = field(default_factory=dict)
+    own_bridge: bool = False  # Den made the bridge, not the engine (firewall.Bridge.own)
 
 
 @runtime_checkable
