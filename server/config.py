@@ -117,6 +117,13 @@ class Settings(BaseSettings):
         "scripts/setup-microvm.sh creates it. Empty: QEMU stays root (not for untrusted "
         "workspaces).",
     )
+    microvm_subnet: str = Field(
+        "10.88.0.0/16",
+        description="IPv4 subnet (CIDR) of the bridge Den makes for microVMs' NICs (with "
+        "network isolation on); the host takes its first address (the VMs' gateway and DNS "
+        "forwarder), each VM one of the others. Pick a range no other network of the host "
+        "uses.",
+    )
     microvm_console_log: bool = Field(
         False,
         description="Keep each microVM's serial console (kernel and agent messages) in "

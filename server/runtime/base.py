@@ -80,6 +80,7 @@ class WorkspaceSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     disk_gb: int = 0  # /workspace and the root filesystem together; 0: not enforced
     gpus: tuple[Gpu, ...] = ()  # the GPUs its container is made with (server/gpus)
+    network: str = "internet"  # its network policy's mode at start ("none": no NIC, microVMs)
 
 
 @dataclass(frozen=True)

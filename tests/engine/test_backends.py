@@ -27,7 +27,15 @@ from server.app import create_app
 from server.config import Settings
 from server.runtime.microvm import process
 from server.runtime.microvm.argv import VmFiles
-from tests.conftest import RUN_PREFIX, ApiClient, bare_repo, engine_objects, users
+from tests.conftest import (
+    RUN_PREFIX,
+    ApiClient,
+    bare_repo,
+    engine_objects,
+    microvm_subnet,
+    remove_microvm_network,
+    users,
+)
 from tests.engine.test_microvm import BOOT_DIR, _require_setup, vm_dir
 
 pytestmark = pytest.mark.engine
@@ -51,7 +59,8 @@ def api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
                                                  "src/main.py": "print('hi')\n"})
     prefix = f"{RUN_PREFIX}-{secrets.token_hex(2)}"
     extra: dict[str, Any] = ({"microvm_dir": BOOT_DIR, "microvm_accel": "auto",
-                              "default_disk_gb": 1} if backend == "microvm" else {})
+                              "default_disk_gb": 1, "microvm_subnet": microvm_subnet()}
+                             if backend == "microvm" else {})
     settings = Settings(data_dir=root / "data", local_repo_roots=[repos], backend=backend,
                         engine_prefix=prefix, default_memory_mb=512, default_cpus=1.0,
                         stop_timeout_s=5, reaper_interval_s=0, ssh_port=0,
@@ -71,6 +80,7 @@ def api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
                 for d in (BOOT_DIR / "vms").glob(f"{prefix}-*"):
                     process.end(VmFiles(d), timeout_s=0)
                     subprocess.run(["rm", "-rf", str(d)], check=False)
+                remove_microvm_network(settings)
             # The docker run's leftovers go with the engine fixture's sweep of RUN_PREFIX.
 
 

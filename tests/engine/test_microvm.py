@@ -30,7 +30,15 @@ from server.config import Settings
 from server.runtime.microvm import cgroup, process
 from server.runtime.microvm.argv import VmFiles
 from server.runtime.microvm.cgroup import Cgroups
-from tests.conftest import IN_CI, RUN_PREFIX, ApiClient, git, users
+from tests.conftest import (
+    IN_CI,
+    RUN_PREFIX,
+    ApiClient,
+    git,
+    microvm_subnet,
+    remove_microvm_network,
+    users,
+)
 
 pytestmark = pytest.mark.engine
 
@@ -76,7 +84,8 @@ def vm_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiClient]:
                         engine_prefix=f"{RUN_PREFIX}-{secrets.token_hex(2)}",
                         default_memory_mb=512, default_cpus=1.0, default_disk_gb=1,
                         stop_timeout_s=5, reaper_interval_s=0, ssh_port=0,
-                        outbound_allow=["127.0.0.0/8", "::1"], gpus="none")
+                        outbound_allow=["127.0.0.0/8", "::1"], gpus="none",
+                        microvm_subnet=microvm_subnet())
     app = create_app(settings)
     with TestClient(app) as client:
         api = ApiClient(client, users(app))
@@ -90,6 +99,7 @@ def vm_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiClient]:
                 process.end(VmFiles(d), timeout_s=0)
                 subprocess.run(["rm", "-rf", str(d)], check=False)
                 Cgroups().remove(d.name)
+            remove_microvm_network(settings)
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,9 @@
 Lifecycle, Execs, Inventory and AgentChannel). Every command runs through Den's agent in the
 guest; there is no engine exec to fall back on, so an agent that does not answer is an error.
 
-Not yet (docs/microvm.md): pause with memory (Checkpoints), disk snapshots and forks,
-networking (the guest has no network device), a cgroup per VM.
+A VM whose policy is not ``none`` gets a NIC on Den's bridge for microVMs (net.py), and the
+backend is then a :class:`~server.runtime.base.ManagedNetwork`: the host's firewall judges
+its packets with the same rules as gVisor workspaces'.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from server.runtime.base import (
     ExecResult,
     ExecStream,
     Handle,
+    NetworkInfo,
     ResourceUsage,
     WorkspaceSpec,
     names,
@@ -48,7 +50,7 @@ from server.runtime.errors import (
     EngineUnavailable,
     ObjectMissing,
 )
-from server.runtime.microvm import cgroup, disks, guest, process
+from server.runtime.microvm import cgroup, disks, guest, net, process
 from server.runtime.microvm.argv import (
     BootFiles,
     VmFiles,
@@ -69,6 +71,7 @@ KIND = "vm"  # EngineObject.kind of a VM directory
 SYNC_TIMEOUT_S = 10.0  # QEMU's own exit (its disks flushed) after the guest's stop
 PROBE_TIMEOUT_S = 15.0
 AGENT_ATTEMPT_S = 1.0  # one hello's wait while the guest boots
+GUEST_NET_TIMEOUT_S = 30  # the guest's `ip` commands (under TCG, on a loaded host)
 DEFAULT_WORKSPACE_GB = 10  # /workspace of a spec without disk_gb (0: a row made before it)
 
 
@@ -92,7 +95,9 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
     def __init__(self, *, boot_dir: Path, vms_dir: Path, image: str, prefix: str = "den",
                  qemu: str = "qemu-system-x86_64", accel: str = "auto",
                  boot_timeout_s: float = 120.0, console_log: bool = False,
-                 user: str = "", cgroups: Cgroups | None = None) -> None:
+                 user: str = "", cgroups: Cgroups | None = None,
+                 network: net.VmNetwork | None = None) -> None:
+        """``network``: Den's bridge for the VMs' NICs (None: no VM gets one)."""
         self.boot = BootFiles.under(boot_dir)
         self.vms_dir = vms_dir
         self.image = image
@@ -104,6 +109,7 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
         self.console_log = console_log
         self.user = user  # QEMU's -runas; "" stays root
         self.cgroups = cgroups or Cgroups()
+        self.vm_network = network
         self.tsc_khz = 0
         self._agents: dict[str, AgentSession] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -231,12 +237,16 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
         if not files.root.exists() or not files.workspace.exists():
             raise ObjectMissing(f"the VM of workspace {spec.workspace_id} is missing")
         await self.check()
-        argv = self._argv(spec, files, cpus=spec.cpus, memory_mb=spec.memory_mb)
+        argv = await self._io(functools.partial(
+            self._argv, spec, files, cpus=spec.cpus, memory_mb=spec.memory_mb,
+            nic=spec.network != "none"))
         started = time.monotonic()
         await self._launch(spec, files, argv, cpus=spec.cpus, memory_mb=spec.memory_mb,
                            boot=True)
         try:
-            await self._session(spec, boot=True)
+            session = await self._session(spec, boot=True)
+            if net.has_nic(argv):
+                await self._guest_network(spec, session)
         except BaseException:
             await self._io(functools.partial(process.end, files, timeout_s=0.0))
             raise
@@ -256,19 +266,75 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
             await self._io(disks.give_to, files, self.user)
         procs = await self._io(self.cgroups.make, files.dir.name,
                                cgroup.limits(cpus=cpus, memory_mb=memory_mb))
+        nic = self.vm_network if net.has_nic(argv) else None
+        if nic is not None:
+            await self._io(net.ensure_bridge, nic)
         await self._io(process.launch, cgroup.wrap(argv, procs))
+        if nic is not None:  # QEMU made the TAP: onto the bridge before the guest uses it
+            try:
+                await self._io(net.attach, nic, files.dir.name)
+            except BaseException:
+                await self._io(functools.partial(process.end, files, timeout_s=0.0))
+                raise
         self._exits.launched(EngineEvent(EngineEventKind.NOTE, workspace_id=spec.workspace_id,
                                          container=files.dir.name,
                                          detail=accel_note(self.accelerator))
                              if boot else None)
 
-    def _argv(self, spec: WorkspaceSpec, files: VmFiles, *, cpus: float, memory_mb: int
-              ) -> list[str]:
-        """QEMU's command line for the VM (a cold start, or a resume with the memory and
-        vCPUs its checkpoint was saved with: features.py)."""
-        return qemu_argv(self.qemu, self.boot, files, accel=self.accelerator, cpus=cpus,
+    def _argv(self, spec: WorkspaceSpec, files: VmFiles, *, cpus: float, memory_mb: int,
+              nic: bool) -> list[str]:
+        """QEMU's command line for the VM (a cold start, or a resume with the memory,
+        vCPUs and NIC its checkpoint was saved with: features.py). Blocking: a VM's first
+        start with a NIC assigns its address (net.address_of)."""
+        argv = qemu_argv(self.qemu, self.boot, files, accel=self.accelerator, cpus=cpus,
                          memory_mb=memory_mb, hostname=spec.hostname, tsc_khz=self.tsc_khz,
                          console_log=self.console_log, runas=self.user)
+        if nic and self.vm_network is not None:
+            address = net.address_of(files, self.vm_network)
+            at = argv.index("-daemonize")
+            argv[at:at] = net.netdev_argv(files.dir.name, address)
+        return argv
+
+    async def _guest_network(self, spec: WorkspaceSpec, session: AgentSession) -> None:
+        """The guest takes its address, route and resolver (as root, through the agent):
+        after a cold boot, and in a VM woken from another's memory (its origin's)."""
+        assert self.vm_network is not None
+        files = self.files(spec)
+        address = await self._io(net.address_of, files, self.vm_network)
+        req = ExecRequest(argv=net.guest_setup_argv(self.vm_network, address), user="root",
+                          cwd="/", timeout_s=GUEST_NET_TIMEOUT_S)
+        out = await agent_ops.run(session, req, {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+        if out.exit_code != 0:
+            raise EngineError(f"the microVM could not configure its network: "
+                              f"{out.stderr.decode(errors='replace')[:300]}")
+
+    # --- ManagedNetwork -----------------------------------------------------------------
+
+    async def network(self) -> NetworkInfo:
+        """Den's bridge for the VMs (made when missing) and every running VM with a NIC:
+        its address, and its TAP as its port (what the firewall matches it by)."""
+        if self.vm_network is None:
+            raise EngineUnavailable("this microVM server has no network for its VMs "
+                                    "(DEN_NETWORK_ISOLATION is off)")
+        return await self._io(self._network_info, self.vm_network)
+
+    def _network_info(self, vm_net: net.VmNetwork) -> NetworkInfo:
+        net.ensure_bridge(vm_net)
+        addresses, ports = {}, {}
+        with contextlib.suppress(FileNotFoundError):
+            for d in sorted(self.vms_dir.iterdir()):
+                record = disks.read_record(VmFiles(d))
+                tap = net.tap_name(d.name)
+                if record and isinstance(record.get("address"), str) \
+                        and net.link_exists(tap) and process.running(VmFiles(d)) is not None:
+                    addresses[d.name] = str(record["address"])
+                    ports[d.name] = tap
+        return NetworkInfo(interface=vm_net.interface, subnet=str(vm_net.subnet),
+                           gateway=vm_net.gateway, addresses=addresses, ports=ports,
+                           own_bridge=True)
+
+    def sandbox_name(self, spec: WorkspaceSpec) -> str:
+        return self.files(spec).dir.name
 
     async def stop(self, spec: WorkspaceSpec, *, timeout_s: int) -> None:
         files = self.files(spec)

@@ -53,6 +53,10 @@ def read_record(files: VmFiles) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def write_record(files: VmFiles, record: Mapping[str, Any]) -> None:
+    _atomic_write(files.record, json.dumps(dict(record), sort_keys=True).encode())
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)

@@ -32,7 +32,7 @@ from server.runtime.base import (
 )
 from server.runtime.errors import EngineConflict, EngineError
 from server.runtime.microvm import checkpoint as ckpt
-from server.runtime.microvm import process, snapshots
+from server.runtime.microvm import net, process, snapshots
 from server.runtime.microvm.argv import VmFiles
 from server.runtime.microvm.qmp import Qmp, QmpError
 
@@ -56,8 +56,10 @@ class _Vm(Protocol):
 
     async def _io(self, fn: Callable[..., T], *args: Any) -> T: ...
 
-    def _argv(self, spec: WorkspaceSpec, files: VmFiles, *, cpus: float, memory_mb: int
-              ) -> list[str]: ...
+    def _argv(self, spec: WorkspaceSpec, files: VmFiles, *, cpus: float, memory_mb: int,
+              nic: bool) -> list[str]: ...
+
+    async def _guest_network(self, spec: WorkspaceSpec, session: AgentSession) -> None: ...
 
     async def _launch(self, spec: WorkspaceSpec, files: VmFiles, argv: list[str], *,
                       cpus: float, memory_mb: int, boot: bool = False) -> None: ...
@@ -97,7 +99,7 @@ class VmCheckpoints:
         await _sync(self, spec)  # the disks then hold what the memory does (a disk snapshot)
         await self._drop_agent(files, "paused")
         meta = {"vm": files.dir.name, "hostname": spec.hostname, "cpus": cpus,
-                "memory_mb": memory_mb, "saved_at": time.time()}
+                "memory_mb": memory_mb, "nic": net.has_nic(cmdline), "saved_at": time.time()}
         size = await self._io(functools.partial(ckpt.save, files, checkpoint, meta=meta))
         log.info("workspace %s: microVM memory saved (%d MiB)", spec.workspace_id, size >> 20)
 
@@ -111,13 +113,18 @@ class VmCheckpoints:
             return
         meta = await self._io(ckpt.read_meta, ckpt.directory(files, checkpoint))
         cpus, memory_mb = float(meta["cpus"]), int(meta["memory_mb"])
-        argv = self._argv(spec, files, cpus=cpus, memory_mb=memory_mb)
+        # The devices are the saved ones: a NIC only where the saved VM had one.
+        argv = await self._io(functools.partial(self._argv, spec, files, cpus=cpus,
+                                                memory_mb=memory_mb,
+                                                nic=bool(meta.get("nic"))))
         await self._launch(spec, files, ckpt.incoming_argv(argv), cpus=cpus, memory_mb=memory_mb)
         await self._io(ckpt.feed, files, checkpoint)
         try:
             session = await self._session(spec, boot=True)
             if meta.get("vm") != files.dir.name:  # another VM's memory: a fork
                 await _take_identity(session, spec)
+                if net.has_nic(argv):  # its origin's address and MAC, until now
+                    await self._guest_network(spec, session)
         except BaseException:
             await self._drop_agent(files, "the restore failed")
             await self._io(functools.partial(process.end, files, timeout_s=0.0))
