@@ -130,9 +130,10 @@ def test_backend_is_registered_and_has_the_required_protocols(tmp_path: Path) ->
     assert isinstance(rt, AgentChannel)
     assert isinstance(rt, Checkpoints) and isinstance(rt, DiskSnapshots)
     # Pause with memory, snapshots, forks and restores (features.py); connections are made
-    # by the agent; a QEMU that ends is an event.
+    # by the agent; its VMs' NICs are on a bridge of Den's (net.py); a QEMU that ends is an
+    # event.
     assert features(rt) == ["checkpoints", "disk_snapshots", "agent", "port_connect",
-                            "engine_events"]
+                            "managed_network", "engine_events"]
     assert rt.boot.kernel == tmp_path / "microvm" / "vmlinux"
     assert rt.vms_dir == tmp_path / "microvm" / "vms"
     assert rt.new_handle("abc") == {"vm": "den-vm-abc"}

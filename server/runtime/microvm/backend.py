@@ -272,7 +272,8 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
         await self._io(process.launch, cgroup.wrap(argv, procs))
         if nic is not None:  # QEMU made the TAP: onto the bridge before the guest uses it
             try:
-                await self._io(net.attach, nic, files.dir.name)
+                address = await self._io(net.address_of, files, nic)
+                await self._io(net.attach, nic, files.dir.name, address)
             except BaseException:
                 await self._io(functools.partial(process.end, files, timeout_s=0.0))
                 raise

@@ -32,7 +32,7 @@ from server.runtime.base import (
 )
 from server.runtime.errors import EngineConflict, EngineError
 from server.runtime.microvm import checkpoint as ckpt
-from server.runtime.microvm import net, process, snapshots
+from server.runtime.microvm import disks, net, process, snapshots
 from server.runtime.microvm.argv import VmFiles
 from server.runtime.microvm.qmp import Qmp, QmpError
 
@@ -98,8 +98,10 @@ class VmCheckpoints:
         cpus, memory_mb = launched_with(cmdline)
         await _sync(self, spec)  # the disks then hold what the memory does (a disk snapshot)
         await self._drop_agent(files, "paused")
+        record = await self._io(disks.read_record, files) or {}
         meta = {"vm": files.dir.name, "hostname": spec.hostname, "cpus": cpus,
-                "memory_mb": memory_mb, "nic": net.has_nic(cmdline), "saved_at": time.time()}
+                "memory_mb": memory_mb, "nic": net.has_nic(cmdline),
+                "address": record.get("address"), "saved_at": time.time()}
         size = await self._io(functools.partial(ckpt.save, files, checkpoint, meta=meta))
         log.info("workspace %s: microVM memory saved (%d MiB)", spec.workspace_id, size >> 20)
 
@@ -121,10 +123,12 @@ class VmCheckpoints:
         await self._io(ckpt.feed, files, checkpoint)
         try:
             session = await self._session(spec, boot=True)
-            if meta.get("vm") != files.dir.name:  # another VM's memory: a fork
+            fork = meta.get("vm") != files.dir.name  # another VM's memory
+            if fork:
                 await _take_identity(session, spec)
-                if net.has_nic(argv):  # its origin's address and MAC, until now
-                    await self._guest_network(spec, session)
+            if net.has_nic(argv) and (fork or meta.get("address") != await self._io(
+                    net.recorded_address, files)):  # the memory holds another address
+                await self._guest_network(spec, session)
         except BaseException:
             await self._drop_agent(files, "the restore failed")
             await self._io(functools.partial(process.end, files, timeout_s=0.0))

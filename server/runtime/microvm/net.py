@@ -91,8 +91,9 @@ def guest_setup_argv(net: VmNetwork, address: str) -> list[str]:
     """What the guest runs as root to take its address, route and resolver (idempotent:
     a VM woken from another's memory replaces its origin's MAC and address)."""
     script = (
-        'set -e; d="$1"; ip link set dev "$d" down; ip link set dev "$d" address "$2"; '
-        'ip addr flush dev "$d"; ip addr add "$3" dev "$d"; ip link set dev "$d" up; '
+        'set -e; d="$1"; ip link set dev lo up; ip link set dev "$d" down; '
+        'ip link set dev "$d" address "$2"; ip addr flush dev "$d"; '
+        'ip addr add "$3" dev "$d"; ip link set dev "$d" up; '
         'ip route replace default via "$4" dev "$d"; '
         'printf "nameserver %s\\n" "$4" > /etc/resolv.conf')
     return ["sh", "-c", script, "den-net", GUEST_IFACE, mac_for(address),
@@ -102,12 +103,16 @@ def guest_setup_argv(net: VmNetwork, address: str) -> list[str]:
 # --- I/O: the host's links (blocking) -------------------------------------------------------
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return _run(["ip", *args], check=check)
+
+
+def _run(argv: list[str], *, check: bool = True) -> subprocess.CompletedProcess[str]:
     try:
-        done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError) as exc:
-        raise EngineError(f"ip {' '.join(args)} failed: {exc}") from exc
+        raise EngineError(f"{' '.join(argv)} failed: {exc}") from exc
     if check and done.returncode != 0:
-        raise EngineError(f"ip {' '.join(args)} failed: {done.stderr.strip()[-500:]}")
+        raise EngineError(f"{' '.join(argv)} failed: {done.stderr.strip()[-500:]}")
     return done
 
 
@@ -116,22 +121,38 @@ def link_exists(name: str) -> bool:
 
 
 def ensure_bridge(net: VmNetwork) -> None:
-    """Den's bridge with the gateway's address, up (idempotent)."""
+    """Den's bridge with the gateway's address and a MAC of its own, up (idempotent). A
+    bridge left to itself takes the lowest MAC of its ports, which changes as VMs come and
+    go, and a resumed guest's ARP cache would keep the old one: its packets to the gateway
+    would go nowhere (seen)."""
     if not link_exists(net.interface):
         _ip("link", "add", net.interface, "type", "bridge", check=False)
         if not link_exists(net.interface):
             raise EngineError(f"cannot create the microVMs' bridge {net.interface}")
+    mac = mac_for(net.gateway)
+    try:
+        current = Path("/sys/class/net", net.interface, "address").read_text().strip()
+    except OSError:
+        current = ""
+    if current != mac:
+        _ip("link", "set", "dev", net.interface, "address", mac)
     addr = f"{net.gateway}/{net.subnet.prefixlen}"
     if addr not in _ip("-o", "-4", "addr", "show", "dev", net.interface).stdout:
         _ip("addr", "add", addr, "dev", net.interface)
     _ip("link", "set", net.interface, "up")
 
 
-def attach(net: VmNetwork, vm: str) -> None:
-    """Put the VM's TAP (made by its QEMU) on the bridge as an isolated port, up."""
+def attach(net: VmNetwork, vm: str, address: str) -> None:
+    """Put the VM's TAP (made by its QEMU) on the bridge, up, as an isolated port that
+    learns no MAC and gets no unknown unicast: frames for the VM's MAC (``address``'s) go to
+    it by a static entry. A VM woken from another's memory sends with its origin's MAC
+    until it takes its own, and a root user in a guest can send with any: neither moves
+    another VM's traffic to its port."""
     tap = tap_name(vm)
     _ip("link", "set", "dev", tap, "master", net.interface)
-    _ip("link", "set", "dev", tap, "type", "bridge_slave", "isolated", "on")
+    _ip("link", "set", "dev", tap, "type", "bridge_slave", "isolated", "on", "learning", "off",
+        "flood", "off")
+    _run(["bridge", "fdb", "replace", mac_for(address), "dev", tap, "master", "static"])
     _ip("link", "set", "dev", tap, "up")
 
 
@@ -160,6 +181,12 @@ def address_of(files: VmFiles, net: VmNetwork) -> str:
         address = pick_address(net, used)
         disks.write_record(files, {**record, "address": address})
         return address
+
+
+def recorded_address(files: VmFiles) -> str | None:
+    """The address the VM's record keeps (None: none yet)."""
+    kept = (disks.read_record(files) or {}).get("address")
+    return kept if isinstance(kept, str) else None
 
 
 def _within(address: str, net: VmNetwork) -> bool:
