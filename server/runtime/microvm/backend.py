@@ -299,15 +299,17 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
     async def _guest_network(self, spec: WorkspaceSpec, session: AgentSession) -> None:
         """The guest takes its address, route and resolver (as root, through the agent):
         after a cold boot, and in a VM woken from another's memory (its origin's)."""
-        assert self.vm_network is not None
-        files = self.files(spec)
-        address = await self._io(net.address_of, files, self.vm_network)
-        req = ExecRequest(argv=net.guest_setup_argv(self.vm_network, address), user="root",
-                          cwd="/", timeout_s=GUEST_NET_TIMEOUT_S)
+        req = ExecRequest(argv=await self._guest_network_argv(spec), user="root", cwd="/",
+                          timeout_s=GUEST_NET_TIMEOUT_S)
         out = await agent_ops.run(session, req, {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
         if out.exit_code != 0:
             raise EngineError(f"the microVM could not configure its network: "
                               f"{out.stderr.decode(errors='replace')[:300]}")
+
+    async def _guest_network_argv(self, spec: WorkspaceSpec) -> list[str]:
+        assert self.vm_network is not None
+        address = await self._io(net.address_of, self.files(spec), self.vm_network)
+        return net.guest_setup_argv(self.vm_network, address)
 
     # --- ManagedNetwork -----------------------------------------------------------------
 

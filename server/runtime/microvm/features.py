@@ -16,7 +16,7 @@ import functools
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -61,6 +61,8 @@ class _Vm(Protocol):
 
     async def _guest_network(self, spec: WorkspaceSpec, session: AgentSession) -> None: ...
 
+    async def _guest_network_argv(self, spec: WorkspaceSpec) -> list[str]: ...
+
     async def _launch(self, spec: WorkspaceSpec, files: VmFiles, argv: list[str], *,
                       cpus: float, memory_mb: int, boot: bool = False) -> None: ...
 
@@ -77,10 +79,14 @@ def launched_with(cmdline: list[str]) -> tuple[float, int]:
     return cpus, int(memory.removesuffix("M"))
 
 
-def fork_identity_argv(hostname: str) -> list[str]:
+def fork_identity_argv(hostname: str, then: Sequence[str] = ()) -> list[str]:
     """What a VM woken from another's memory runs first (as root, stdin: 64 random bytes):
-    its own host name, and the random bytes mixed into its kernel's pool."""
-    return ["sh", "-c", 'hostname "$1" && cat > /dev/urandom', "den-fork", hostname]
+    its own host name, the random bytes mixed into its kernel's pool, then ``then`` (its
+    own network address: one round trip through the agent for all of it)."""
+    if not then:
+        return ["sh", "-c", 'hostname "$1" && cat > /dev/urandom', "den-fork", hostname]
+    return ["sh", "-c", 'hostname "$1" && cat > /dev/urandom && shift && exec "$@"',
+            "den-fork", hostname, *then]
 
 
 class VmCheckpoints:
@@ -123,11 +129,11 @@ class VmCheckpoints:
         await self._io(ckpt.feed, files, checkpoint)
         try:
             session = await self._session(spec, boot=True)
-            fork = meta.get("vm") != files.dir.name  # another VM's memory
-            if fork:
-                await _take_identity(session, spec)
-            if net.has_nic(argv) and (fork or meta.get("address") != await self._io(
-                    net.recorded_address, files)):  # the memory holds another address
+            nic = net.has_nic(argv)
+            if meta.get("vm") != files.dir.name:  # another VM's memory, and its address
+                await _take_identity(session, spec, then=await self._guest_network_argv(
+                    spec) if nic else [])
+            elif nic and meta.get("address") != await self._io(net.recorded_address, files):
                 await self._guest_network(spec, session)
         except BaseException:
             await self._drop_agent(files, "the restore failed")
@@ -165,12 +171,13 @@ async def _sync(vm: _Vm, spec: WorkspaceSpec) -> None:
             argv=["sync"], user="root", cwd="/", timeout_s=SYNC_TIMEOUT_S), {})
 
 
-async def _take_identity(session: AgentSession, spec: WorkspaceSpec) -> None:
-    req = ExecRequest(argv=fork_identity_argv(spec.hostname), user="root", cwd="/",
+async def _take_identity(session: AgentSession, spec: WorkspaceSpec, *,
+                         then: Sequence[str] = ()) -> None:
+    req = ExecRequest(argv=fork_identity_argv(spec.hostname, then), user="root", cwd="/",
                       stdin=secrets.token_bytes(64), timeout_s=IDENTITY_TIMEOUT_S)
     out: ExecResult = await agent_ops.run(session, req, {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
     if out.exit_code != 0:
-        raise EngineError(f"the fork could not take its own host name: "
+        raise EngineError(f"the fork could not take its own host name or address: "
                           f"{out.stderr.decode(errors='replace')[:300]}")
 
 
