@@ -63,8 +63,11 @@ def test_qemu_gets_the_tap_and_the_guest_its_address() -> None:
         "-netdev", f"tap,id=net0,ifname={net.tap_name('den-vm-a')},script=no,downscript=no",
         "-device", "virtio-net-device,netdev=net0,mac=02:de:0a:58:07:02"]
     argv = net.guest_setup_argv(NET, "10.88.7.2")
-    assert argv[:2] == ["sh", "-c"]
-    assert argv[3:] == ["den-net", "eth0", "02:de:0a:58:07:02", "10.88.7.2/29", "10.88.7.1"]
+    assert argv[:2] == ["sh", "-c"] and "ip -batch -" in argv[2]
+    assert argv[3:] == ["den-net", "link set dev lo up\nlink set dev eth0 down\n"
+                        "link set dev eth0 address 02:de:0a:58:07:02\naddr flush dev eth0\n"
+                        "addr add 10.88.7.2/29 dev eth0\nlink set dev eth0 up\n"
+                        "route replace default via 10.88.7.1 dev eth0", "10.88.7.1"]
     boot = BootFiles.under(Path("/b"))
     plain = qemu_argv("qemu", boot, VmFiles(Path("/v/x")), accel="tcg", cpus=1, memory_mb=512,
                       hostname="h")
