@@ -130,6 +130,9 @@ done
 /bin/busybox mkdir -p /newroot/workspace /newroot/dev /newroot/proc /newroot/sys /newroot/tmp
 /bin/busybox mount -t ext4 -o nodev "$ws" /newroot/workspace || fail "cannot mount /workspace"
 /bin/busybox hostname "$(/bin/busybox sed -n 's/.*den.hostname=\([^ ]*\).*/\1/p' /proc/cmdline)"
+# The loopback interface, as every container has it up: servers on 127.0.0.1 in the guest
+# (previews, ssh -L, the agent's connect) are reached through it.
+/bin/busybox ip link set lo up || fail "cannot bring the loopback interface up"
 /bin/busybox mount --move /dev /newroot/dev
 /bin/busybox mount --move /proc /newroot/proc
 /bin/busybox mount --move /sys /newroot/sys

@@ -369,6 +369,19 @@ class Freezer(Protocol):
 
 
 @runtime_checkable
+class Recovers(Protocol):
+    """Backends whose running sandbox can be left halted by a Den that died mid-operation
+    (a microVM whose CPUs were stopped for a snapshot's copy). Reconcile asks
+    ``isinstance(runtime, Recovers)`` for each workspace it finds running and idle."""
+
+    async def recover_running(self, spec: WorkspaceSpec) -> str | None:
+        """Let a running sandbox that a dead Den left halted run again; returns what was
+        done (for the event log), None when there was nothing to do. Called only while no
+        operation of this Den holds the workspace. Raises ``EngineError``."""
+        ...
+
+
+@runtime_checkable
 class Rehost(Protocol):
     """Backends whose sandboxes can take a new host name after boot, so that a sandbox made
     ahead of demand (the warm pool, server/pool/) can become a named workspace, and a fork

@@ -152,3 +152,15 @@ def test_runtime_names_follow_the_backend(tmp_path: Path) -> None:
             runtime_name(vm, other)
     with pytest.raises(ValidationFailed, match="unknown runtime"):
         runtime_name(vm, "kata")
+
+
+def test_an_unfinished_copy_is_known_by_its_name() -> None:
+    """A copy Den died making has no vm.json: reconcile finds it by the name alone."""
+    from server.runtime.microvm.snapshots import unfinished
+
+    assert unfinished(".den-vm-ws1.tmp", "den") == ("vm", "ws1")
+    assert unfinished(".den-vm-ws1-a1b2c3.tmp", "den") == ("vm", "ws1")  # a restore's copy
+    assert unfinished(".den-snap-sn9.tmp", "den") == ("snap", "sn9")
+    for other in ("den-vm-ws1", ".den-vm-ws1", ".other-vm-ws1.tmp", ".den-pause.tmp",
+                  ".den-vm-.tmp", ".den-x-ws1.tmp"):
+        assert unfinished(other, "den") is None, other

@@ -22,6 +22,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from server import faults
 from server.agent import ops as agent_ops
 from server.agent.session import AgentSession
 from server.runtime import docker_specs
@@ -50,7 +51,7 @@ from server.runtime.errors import (
     EngineUnavailable,
     ObjectMissing,
 )
-from server.runtime.microvm import cgroup, disks, guest, net, process
+from server.runtime.microvm import cgroup, disks, guest, net, process, snapshots
 from server.runtime.microvm.argv import (
     BootFiles,
     VmFiles,
@@ -359,7 +360,8 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
         await self._drop_agent(files, "the workspace was deleted")
         await self._io(functools.partial(process.end, files, timeout_s=0.0))
         await self._io(self.cgroups.remove, files.dir.name)
-        await self._io(functools.partial(shutil.rmtree, files.dir, ignore_errors=True))
+        faults.point("delete.volume")  # QEMU ended, its disks not yet removed
+        await self._io(snapshots.remove, files)  # and a copy left half-made
 
     async def status(self, spec: WorkspaceSpec) -> ContainerStatus:
         files = self.files(spec)
@@ -468,6 +470,13 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
         found = []
         with contextlib.suppress(FileNotFoundError):
             for d in sorted(self.vms_dir.iterdir()):
+                half = snapshots.unfinished(d.name, self.prefix)
+                if half is not None:  # a copy Den died making: no record yet, only our name
+                    found.append(EngineObject(
+                        kind=SNAPSHOT_KIND if half[0] == "snap" else KIND, name=d.name,
+                        workspace_id="" if half[0] == "snap" else half[1],
+                        snapshot_id=half[1] if half[0] == "snap" else ""))
+                    continue
                 files = VmFiles(d)
                 record = disks.read_record(files)
                 labels = record.get("labels") if record else None

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from server import faults
 from server.agent import ops as agent_ops
 from server.agent.session import AgentSession
 from server.runtime.base import (
@@ -32,7 +33,7 @@ from server.runtime.base import (
 )
 from server.runtime.errors import EngineConflict, EngineError
 from server.runtime.microvm import checkpoint as ckpt
-from server.runtime.microvm import disks, net, process, snapshots
+from server.runtime.microvm import disks, net, process, recover, snapshots
 from server.runtime.microvm.argv import VmFiles
 from server.runtime.microvm.qmp import Qmp, QmpError
 
@@ -127,6 +128,7 @@ class VmCheckpoints:
                                                 nic=bool(meta.get("nic"))))
         await self._launch(spec, files, ckpt.incoming_argv(argv), cpus=cpus, memory_mb=memory_mb)
         await self._io(ckpt.feed, files, checkpoint)
+        faults.point("resume.session")  # the guest runs; reconcile finds it running
         try:
             session = await self._session(spec, boot=True)
             nic = net.has_nic(argv)
@@ -140,6 +142,16 @@ class VmCheckpoints:
             await self._io(functools.partial(process.end, files, timeout_s=0.0))
             raise
         await self._io(ckpt.delete, files, checkpoint)
+
+    async def recover_running(self: _Vm, spec: WorkspaceSpec) -> str | None:
+        """A VM whose CPUs a dead Den stopped (a snapshot's copy) runs again (recover.py)."""
+        files = self.files(spec)
+        try:
+            halted = await self._io(recover.cont_if_halted, files)
+        except QmpError as exc:
+            raise EngineError(f"QEMU's monitor did not answer: {exc.message}") from exc
+        return ("its microVM's CPUs were left stopped by a restart of Den mid-operation; "
+                "it runs again") if halted else None
 
     async def delete_checkpoint(self: _Vm, spec: WorkspaceSpec, *, checkpoint: str) -> None:
         await self._io(ckpt.delete, self.files(spec), checkpoint)
@@ -208,7 +220,7 @@ class VmDiskSnapshots:
         await self._io(functools.partial(process.end, files, timeout_s=0.0))
         src = VmFiles(self.vms_dir / str(snap.handle["snapshot"]))
         await self._io(_files_op, "copying the snapshot's disks", functools.partial(
-            snapshots.copy_disks, src, files, record=_vm_record(spec)))
+            snapshots.copy_disks, src, files, record=_vm_record(spec), fault="fork.copy"))
 
     def restore_handle(self: _Vm, spec: WorkspaceSpec) -> dict[str, Any]:
         return {**spec.handle,
@@ -218,7 +230,8 @@ class VmDiskSnapshots:
                             into: Handle) -> None:
         src = VmFiles(self.vms_dir / str(snap.handle["snapshot"]))
         await self._io(_files_op, "copying the snapshot's disks", functools.partial(
-            snapshots.copy_disks, src, self.files(into), record=_vm_record(spec)))
+            snapshots.copy_disks, src, self.files(into), record=_vm_record(spec),
+            fault="restore.copy"))
 
     async def replace_container(self: _Vm, spec: WorkspaceSpec, *, old: Handle) -> None:
         """The VM is its directory: the new one holds the copy, the old one goes."""
@@ -247,12 +260,12 @@ def _vm_record(spec: WorkspaceSpec) -> dict[str, Any]:
 
 def _copy_live(files: VmFiles, dst: VmFiles, *, record: Mapping[str, Any]) -> int:
     if process.running(files) is None:
-        return snapshots.copy_disks(files, dst, record=record)
+        return snapshots.copy_disks(files, dst, record=record, fault="snapshot.copy")
     with Qmp(files.qmp) as qmp:
         was = qmp.execute("query-status").get("status")
         qmp.execute("stop")
         try:
-            return snapshots.copy_disks(files, dst, record=record)
+            return snapshots.copy_disks(files, dst, record=record, fault="snapshot.copy")
         finally:
             if was == "running":
                 with contextlib.suppress(QmpError):
