@@ -22,7 +22,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 DIR=${1:-${DEN_MICROVM_DIR:-${DEN_DATA_DIR:-/var/lib/den}/microvm}}
 IMAGE=${DEN_IMAGE:-den/workspace:latest}
 AGENT=${DEN_AGENT_BINARY:-$ROOT/build/agent/den-agent}
-MODULES="virtio_mmio virtio_blk virtio_console ext4"
+MODULES="virtio_mmio virtio_blk virtio_console ext4 virtio_net"
 FORCE=${FORCE:-0}  # FORCE=1 rebuilds everything
 
 CLEAN=()  # temporary directories and containers, removed at exit
@@ -105,6 +105,10 @@ build_initramfs() {
 if /bin/busybox grep -q den.probe=1 /proc/cmdline; then  # the backend's check for KVM
     echo den-probe-ok > /dev/console; /bin/busybox poweroff -f
 fi
+# No IPv6 in the guest (as in gVisor workspaces): set before virtio_net makes its interface.
+for f in /proc/sys/net/ipv6/conf/default/disable_ipv6 /proc/sys/net/ipv6/conf/all/disable_ipv6; do
+    [ -e $f ] && echo 1 > $f
+done
 for m in $(/bin/busybox cat /modules); do /bin/busybox insmod /lib/modules/$m 2>/dev/null; done
 fail() { echo "den-init: $*" > /dev/kmsg; /bin/busybox sleep 1; /bin/busybox poweroff -f; }
 # The agent's port: /dev/vportNpM, N the virtio device's index; found by its name.
@@ -130,6 +134,9 @@ done
 # every process of the guest, as Docker's nproc ulimit is for a container's; root is exempt.
 pids=$(/bin/busybox sed -n 's/.*den.pids=\([0-9]*\).*/\1/p' /proc/cmdline)
 [ -n "$pids" ] && ulimit -u "$pids"
+# The loopback interface, as every container has it up: servers on 127.0.0.1 in the guest
+# (previews, ssh -L, the agent's connect) are reached through it.
+/bin/busybox ip link set lo up || fail "cannot bring the loopback interface up"
 /bin/busybox mount --move /dev /newroot/dev
 /bin/busybox mount --move /proc /newroot/proc
 /bin/busybox mount --move /sys /newroot/sys

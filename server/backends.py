@@ -83,11 +83,15 @@ def docker_devcontainers(settings: Settings) -> DevContainers:
 
 
 def microvm(settings: Settings, *, gpus: GpuPool | None = None) -> Backend:
-    """QEMU microVMs (docs/microvm.md): no network policy (the guests have no network yet),
+    """QEMU microVMs (docs/microvm.md): with isolation on, a bridge of Den's own for their
+    NICs and the same network guard (firewall and DNS forwarder) as the Docker backend's;
     no devcontainer images."""
     from server.runtime.microvm import vmusers
     from server.runtime.microvm.backend import MicroVmRuntime
+    from server.runtime.microvm.net import VmNetwork
 
+    vm_network = (VmNetwork.named(settings.resolved_network_name(), settings.microvm_subnet)
+                  if settings.network_isolation else None)
     root = settings.microvm_dir or settings.data_dir / "microvm"
     rt = MicroVmRuntime(boot_dir=root, vms_dir=root / "vms", image=settings.default_image,
                         prefix=settings.engine_prefix, qemu=settings.microvm_qemu,
@@ -97,8 +101,11 @@ def microvm(settings: Settings, *, gpus: GpuPool | None = None) -> Backend:
                         user=settings.microvm_user,
                         uids=vmusers.UidRange(settings.microvm_uid_base,
                                               settings.microvm_uid_count)
-                        if settings.microvm_uid_base else None)
-    return Backend(runtime=rt)
+                        if settings.microvm_uid_base else None,
+                        network=vm_network)
+    guard = (NetworkGuard(runtime=rt, settings=settings, resolver_addresses=[], forwarder=True)
+             if vm_network is not None else None)
+    return Backend(runtime=rt, network=guard)
 
 
 BACKENDS: dict[str, Callable[..., Backend]] = {"docker": docker, "microvm": microvm}

@@ -129,6 +129,13 @@ class Settings(BaseSettings):
         description="How many uids from DEN_MICROVM_UID_BASE microVMs may run as; a uid is "
         "used again only after the whole range has gone round.",
     )
+    microvm_subnet: str = Field(
+        "10.88.0.0/16",
+        description="IPv4 subnet (CIDR) of the bridge Den makes for microVMs' NICs (with "
+        "network isolation on); the host takes its first address (the VMs' gateway and DNS "
+        "forwarder), each VM one of the others. Pick a range no other network of the host "
+        "uses.",
+    )
     microvm_console_log: bool = Field(
         False,
         description="Keep each microVM's serial console (kernel and agent messages) in "

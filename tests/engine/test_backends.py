@@ -2,26 +2,36 @@
 `microvm` (QEMU, docs/microvm.md), through the HTTP API of a real server.
 
 One workspace per backend is shared by the tests, in order (a microVM boots in seconds under
-TCG): create from Git, exec, files, a streaming exec, stop and start, background processes
-(started, listed, logged, signalled), pause and resume with a running process and a
-background one, a memory snapshot forked (the fork's agent knows the background process it
-inherited) and restored, a fork bomb stopped at the process limit, delete leaving no
-engine object, and a fork of the snapshot after its workspace is gone. What a backend does
-not support is asserted as the clear refusal it gets (docs/microvm.md, "What each backend
-refuses"), never skipped. The docker run needs the engine (the ``engine`` fixture), the
-microvm run the boot files of scripts/setup-microvm.sh: each is skipped on a developer
-machine without them and fails under CI, as the other engine tests do.
+TCG): create from Git, exec, files, a streaming exec, every way in (SSH through Den's gateway
+with the OpenSSH client: a command, a shell on a terminal, SFTP, ``-L`` to a port inside; the
+web terminal; a preview URL), stop and start, background processes (started, listed, logged,
+signalled), pause and resume with a running process and a background one, a memory
+snapshot forked (the fork's agent knows the background process it inherited) and
+restored, a fork bomb stopped at the process limit, delete leaving no engine object, and a fork of the
+snapshot after its workspace is gone. A second, short-lived workspace cloned from the test
+forge opens a pull request (the forge's token never inside it). What a backend does not support is
+asserted as the clear refusal it gets (docs/microvm.md, "What each backend refuses"), never
+skipped. The docker run needs the engine (the ``engine`` fixture), the microvm run the boot
+files of scripts/setup-microvm.sh: each is skipped on a developer machine without them and
+fails under CI, as the other engine tests do.
 """
 
 from __future__ import annotations
 
+import base64
+import functools
+import hashlib
+import os
+import pty
 import secrets
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -29,8 +39,19 @@ from server.app import create_app
 from server.config import Settings
 from server.runtime.microvm import process
 from server.runtime.microvm.argv import VmFiles
-from tests.conftest import RUN_PREFIX, ApiClient, bare_repo, engine_objects, users
+from tests.conftest import (
+    RUN_PREFIX,
+    ApiClient,
+    bare_repo,
+    engine_objects,
+    free_port,
+    microvm_subnet,
+    remove_microvm_network,
+    users,
+)
 from tests.engine.test_microvm import BOOT_DIR, _require_setup, assert_vms_apart, vm_dir
+from tests.engine.test_ssh import _keygen, _read_until, _set_size
+from tests.forge_server import ForgeServer, make_forge_repo
 
 pytestmark = pytest.mark.engine
 
@@ -52,19 +73,29 @@ def api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     repos.mkdir()
     repo = bare_repo(repos, root / "src", files={"README.md": "# api\n",
                                                  "src/main.py": "print('hi')\n"})
+    forge = ForgeServer("github", root / "forge").__enter__()
+    request.addfinalizer(lambda: forge.__exit__(None, None, None))
+    forge.add_user("alice-forge", FORGE_TOKEN, name="Alice Liddell", email="alice@example.com")
+    make_forge_repo(forge, "acme/web", {"README.md": "# web\n"})
+    key = _keygen(root / "alice-key")
     prefix = f"{RUN_PREFIX}-{secrets.token_hex(2)}"
     extra: dict[str, Any] = ({"microvm_dir": BOOT_DIR, "microvm_accel": "auto",
-                              "default_disk_gb": 1} if backend == "microvm" else {})
+                              "default_disk_gb": 1, "microvm_subnet": microvm_subnet()}
+                             if backend == "microvm" else {})
     settings = Settings(data_dir=root / "data", local_repo_roots=[repos], backend=backend,
                         engine_prefix=prefix, default_memory_mb=512, default_cpus=1.0,
                         default_pids=PIDS,
-                        stop_timeout_s=5, reaper_interval_s=0, ssh_port=0,
+                        stop_timeout_s=5, reaper_interval_s=0, ssh_port=free_port(),
+                        allowed_git_schemes=["http", "https"],
                         outbound_allow=["127.0.0.0/8", "::1"], gpus="none", **extra)
     app = create_app(settings)
     with TestClient(app) as client:
         api = ApiClient(client, users(app))
         api.repo = repo  # type: ignore[attr-defined]
         api.backend = backend  # type: ignore[attr-defined]
+        api.forge = forge  # type: ignore[attr-defined]
+        api.ssh = Ssh(settings.ssh_port, key, root / "known_hosts")  # type: ignore[attr-defined]
+        assert api.add_key(key).status_code == 201
         try:
             yield api
         finally:
@@ -75,7 +106,33 @@ def api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
                 for d in (BOOT_DIR / "vms").glob(f"{prefix}-*"):
                     process.end(VmFiles(d), timeout_s=0)
                     subprocess.run(["rm", "-rf", str(d)], check=False)
+                remove_microvm_network(settings)
             # The docker run's leftovers go with the engine fixture's sweep of RUN_PREFIX.
+
+
+FORGE_TOKEN = "fgt_" + secrets.token_hex(16)
+
+
+class Ssh:
+    """The OpenSSH client's command lines for alice's key against the gateway on ``port``."""
+
+    def __init__(self, port: int, key: Path, known_hosts: Path) -> None:
+        self.port = port
+        self.opts = ["-F", "/dev/null", "-o", "StrictHostKeyChecking=no",
+                     "-o", f"UserKnownHostsFile={known_hosts}", "-o", "BatchMode=yes",
+                     "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR", "-i", str(key)]
+
+    def argv(self, *args: str) -> list[str]:
+        return ["ssh", *self.opts, "-p", str(self.port), "api@127.0.0.1", *args]
+
+    def run(self, *args: str, input: bytes | None = None
+            ) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(self.argv(*args), input=input, capture_output=True, timeout=120)
+
+
+def _ssh(api: ApiClient) -> Ssh:
+    ssh: Ssh = api.ssh  # type: ignore[attr-defined]
+    return ssh
 
 
 def _backend(api: ApiClient) -> str:
@@ -180,6 +237,207 @@ def test_exec_stream_over_the_websocket(api: ApiClient, ws: dict[str, Any]) -> N
     err = "".join(m["data"] for m in messages if m["type"] == "stderr")
     assert (out, err, messages[-1]) == ("got:hello\n", "oops\n",
                                         {"type": "exit", "exit_code": 4}), messages
+
+
+# --- every way in: SSH, the web terminal, previews; a pull request ---------------------------
+
+
+def test_ssh_command_stdin_sftp_and_a_shell_on_a_terminal(
+        api: ApiClient, ws: dict[str, Any], tmp_path: Path) -> None:
+    """Through Den's gateway with the OpenSSH client, as `ssh api@den` users do."""
+    ssh = _ssh(api)
+    r = ssh.run("pwd; id -un; hostname; echo to-err >&2; exit 7")
+    assert (r.returncode, r.stdout, r.stderr) == (7, b"/workspace/api\ndev\napi\n",
+                                                  b"to-err\n"), r
+    blob = os.urandom(1 << 20)
+    r = ssh.run("cat > ssh.bin && sha256sum ssh.bin", input=blob)
+    assert r.stdout.split()[0].decode() == hashlib.sha256(blob).hexdigest(), r
+    # SFTP: put, get back, and the file is dev's in the repo directory.
+    src, back = tmp_path / "up.bin", tmp_path / "back.bin"
+    src.write_bytes(os.urandom(1 << 20))
+    batch = tmp_path / "batch"
+    batch.write_text(f"put {src} up.bin\nget up.bin {back}\npwd\n")
+    r = subprocess.run(["sftp", *ssh.opts, "-P", str(ssh.port), "-b", str(batch),
+                        "api@127.0.0.1"], capture_output=True, timeout=120)
+    assert r.returncode == 0 and b"/workspace/api" in r.stdout, r
+    assert back.read_bytes() == src.read_bytes()
+    owner = api.exec(ws["id"], "stat -c %U up.bin; rm up.bin ssh.bin")
+    assert owner["stdout"] == "dev\n", owner
+    # A shell on a terminal: its size, a resize, Ctrl-C, and its exit status.
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: ssh on the terminal whose other side the test holds
+        argv = ssh.argv("-tt")
+        os.execvpe(argv[0], argv, {**os.environ, "TERM": "xterm-256color"})
+    try:
+        _set_size(fd, 40, 123)
+        os.kill(pid, signal.SIGWINCH)
+
+        def run(line: str, until: bytes) -> str:
+            os.write(fd, line.encode() + b"\r")
+            return _read_until(fd, until).decode(errors="replace")
+
+        # (computed markers: the terminal echoes the typed line, which must not match)
+        out = run("stty size; echo T-$TERM; pwd; echo S-$((6*7))", b"S-42\r\n")
+        assert "40 123" in out and "T-xterm-256color" in out and "/workspace/api" in out, out
+        _set_size(fd, 31, 90)  # the kernel sends ssh SIGWINCH; ssh sends window-change
+        deadline = time.monotonic() + 30
+        while "31 90" not in (out := run("stty size; echo R-$((1+1))", b"R-2\r\n")):
+            assert time.monotonic() < deadline, out
+        os.write(fd, b"sleep 300\r")
+        deadline = time.monotonic() + 60  # it runs in the foreground (a condition)
+        while api.exec(ws["id"], "pgrep -fx 'sleep 300'")["exit_code"] != 0:
+            assert time.monotonic() < deadline, "sleep did not start"
+        os.write(fd, b"\x03")  # Ctrl-C reaches sleep through the terminal
+        run("echo C-$?", b"C-130")
+        os.write(fd, b"exit 3\r")
+        _, status = os.waitpid(pid, 0)
+        pid = 0
+        assert os.waitstatus_to_exitcode(status) == 3
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+
+
+HTTP_SERVER = ("setsid python3 -m http.server 8000 --bind 127.0.0.1 "
+               "</dev/null >/dev/null 2>&1 &")
+
+
+def _serving(api: ApiClient, ws_id: str) -> None:
+    """``python3 -m http.server 8000`` in the repo directory, listening (waited for)."""
+    probe = "python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", 8000))'"
+    if api.exec(ws_id, probe)["exit_code"] == 0:
+        return
+    assert api.exec(ws_id, HTTP_SERVER)["exit_code"] == 0
+    deadline = time.monotonic() + 60
+    while api.exec(ws_id, probe)["exit_code"] != 0:
+        assert time.monotonic() < deadline, "the server inside did not start listening"
+        time.sleep(0.2)
+
+
+def test_ssh_local_forwarding_reaches_a_port_inside(api: ApiClient, ws: dict[str, Any]) -> None:
+    _serving(api, ws["id"])
+    local = free_port()
+    argv = _ssh(api).argv("-N", "-o", "ExitOnForwardFailure=yes",
+                          "-L", f"{local}:localhost:8000")
+    tunnel = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{local}/README.md", timeout=30)
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline and tunnel.poll() is None, "no tunnel"
+                time.sleep(0.2)
+        assert (r.status_code, r.text) == (200, "# api\n"), r
+    finally:
+        tunnel.terminate()
+        tunnel.communicate(timeout=30)
+
+
+def test_web_terminal_output_input_and_resize(api: ApiClient, ws: dict[str, Any]) -> None:
+    """The browser's terminal: a shell (tmux) on a terminal of the size asked for, typed
+    input, a resize message, and the end of the session."""
+    url = f"/api/v1/workspaces/{ws['id']}/terminal?cols=90&rows=30&session=backends"
+    with api.client.websocket_connect(url, headers=api.h()) as sock:
+
+        def run(line: str, until: str) -> str:
+            sock.send_json({"type": "stdin", "data": line + "\r"})
+            out = ""
+            while until not in out:
+                msg = sock.receive_json()
+                assert msg["type"] in ("status", "stdout"), msg
+                out += msg.get("data", "")
+            return out
+
+        out = run("stty size; pwd; echo T$((6*7))", "T42")
+        assert "/workspace/api" in out, out
+        # tmux keeps a status line: the pane is a row shorter than the terminal
+        assert "29 90" in out or "30 90" in out, out
+        sock.send_json({"type": "resize", "cols": 100, "rows": 40})
+        deadline = time.monotonic() + 30
+        while "39 100" not in (out := run("stty size; echo R$((1+1))", "R2")) and (
+                "40 100" not in out):
+            assert time.monotonic() < deadline, out
+        sock.send_json({"type": "stdin", "data": "exit\r"})
+        while (msg := sock.receive_json())["type"] != "exit":
+            assert msg["type"] in ("status", "stdout"), msg
+    left = api.exec(ws["id"], "tmux ls 2>&1 | grep -c den-web-backends || true")
+    assert left["stdout"] == "0\n", left  # the session ended with its shell
+
+
+def test_preview_url_of_a_port_served_inside(api: ApiClient, ws: dict[str, Any]) -> None:
+    _serving(api, ws["id"])
+    r = api.get(f"/preview/{ws['id']}/8000/README.md")
+    assert (r.status_code, r.text) == (200, "# api\n"), r.text
+    r = api.get("/preview/api/8000/src/main.py")  # by name
+    assert (r.status_code, r.text) == (200, "print('hi')\n"), r.text
+    assert api.get(f"/preview/{ws['id']}/8000/", user="bob").status_code == 404
+    assert api.get(f"/preview/{ws['id']}/8001/").status_code == 502  # nothing listens
+    assert api.exec(ws["id"], "pkill -f 'http.server 8000'")["exit_code"] == 0
+
+
+def test_pull_request_from_the_workspaces_commits(api: ApiClient) -> None:
+    """A workspace cloned from the test forge with alice's linked account commits, pushes
+    and opens a pull request; the forge's token is nowhere inside it."""
+    forge: ForgeServer = api.forge  # type: ignore[attr-defined]
+    r = api.post("/api/v1/users/me/forges",
+                 json={"kind": "github", "base_url": forge.url, "token": FORGE_TOKEN})
+    assert r.status_code == 201, r.text
+    ws = api.create(forge.repo_url("acme/web"), name="web")
+    assert ws["state"] == "running", ws
+    try:
+        assert api.exec(ws["id"], "echo change >> README.md && echo new > NEW.md")[
+            "exit_code"] == 0
+        r = api.post(f"/api/v1/workspaces/{ws['id']}/pull-requests",
+                     json={"title": "A change", "branch": "feature/x", "base": "main"})
+        assert r.status_code == 201, r.text
+        pr = r.json()
+        assert (pr["number"], pr["created"], pr["push"]) == (1, True, "create"), pr
+        bare = ["git", "--git-dir", str(forge.bare("acme/web"))]
+        shown = subprocess.run([*bare, "show", "feature/x:NEW.md"], capture_output=True,
+                               text=True, check=True).stdout
+        assert shown == "new\n"
+        assert subprocess.run([*bare, "rev-parse", "feature/x"], capture_output=True,
+                              text=True, check=True).stdout.strip() == pr["head_sha"]
+        assert len(forge.pulls["acme/web"]) == 1
+        _assert_no_token_inside(api, ws["id"])
+    finally:
+        assert api.delete(f"/api/v1/workspaces/{ws['id']}").status_code in (200, 202, 204)
+        deadline = time.monotonic() + 60
+        while api.get(f"/api/v1/workspaces/{ws['id']}").status_code != 404:
+            assert time.monotonic() < deadline, "the workspace was not deleted"
+            time.sleep(0.1)
+
+
+def _assert_no_token_inside(api: ApiClient, ws_id: str) -> None:
+    """The token (plain, or a slice of the Basic header git sends) in no file a workspace
+    writes or reads its settings from, no process's environment or command line, and not in
+    what the engine was given to run it (the container's spec; the VM's labels and QEMU's
+    command line)."""
+    basic = base64.b64encode(f"x:{FORGE_TOKEN}".encode()).decode()[4:20]
+    # As patterns that do not contain the strings, so that grep's own command line does not
+    # match. The whole root file system of a microVM is too slow to read under TCG: the
+    # places a token could be left (home, the repo, /etc, /tmp, /run, /var) are searched.
+    needles = " ".join(f"-e '{n[:5]}[{n[5]}]{n[6:]}'" for n in (FORGE_TOKEN, basic))
+    script = (f"grep -rlsa {needles} /workspace /home /root /etc /tmp /run /var "
+              f"/proc/[0-9]*/environ /proc/[0-9]*/cmdline; echo rc=$?")
+    svc = api.app.state.workspaces
+    req = svc.exec_request(svc.get(ws_id), ["sh", "-c", script], user="root", timeout_s=120)
+    out = api.call(functools.partial(svc.exec, ws_id, req, actor="test")).stdout.decode()
+    assert out.strip() == "rc=1", out  # grep: nothing matched
+    if _backend(api) == "docker":
+        spec = subprocess.run(["docker", "inspect", *[n.split(" ", 1)[1] for n in
+                                                      _engine_objects(api, ws_id)]],
+                              capture_output=True, text=True).stdout
+    else:
+        files = VmFiles(vm_dir(api, ws_id))
+        pid = process.running(files)
+        assert pid is not None
+        spec = (files.dir / "vm.json").read_text() + Path(f"/proc/{pid}/cmdline").read_text()
+    assert spec and FORGE_TOKEN not in spec and basic not in spec
 
 
 # --- stop and start, pause and resume ---------------------------------------------------------

@@ -134,9 +134,10 @@ def test_backend_is_registered_and_has_the_required_protocols(tmp_path: Path) ->
     assert isinstance(rt, AgentChannel)
     assert isinstance(rt, Checkpoints) and isinstance(rt, DiskSnapshots)
     # Pause with memory, snapshots, forks and restores (features.py); connections and
-    # background processes are the agent's (processes.py); a QEMU that ends is an event.
+    # background processes are the agent's (processes.py); its VMs' NICs are on a bridge of
+    # Den's (net.py); a QEMU that ends is an event.
     assert features(rt) == ["checkpoints", "disk_snapshots", "agent", "processes",
-                            "port_connect", "engine_events"]
+                            "port_connect", "managed_network", "engine_events"]
     assert rt.boot.kernel == tmp_path / "microvm" / "vmlinux"
     assert rt.vms_dir == tmp_path / "microvm" / "vms"
     assert rt.new_handle("abc") == {"vm": "den-vm-abc"}
@@ -155,3 +156,15 @@ def test_runtime_names_follow_the_backend(tmp_path: Path) -> None:
             runtime_name(vm, other)
     with pytest.raises(ValidationFailed, match="unknown runtime"):
         runtime_name(vm, "kata")
+
+
+def test_an_unfinished_copy_is_known_by_its_name() -> None:
+    """A copy Den died making has no vm.json: reconcile finds it by the name alone."""
+    from server.runtime.microvm.snapshots import unfinished
+
+    assert unfinished(".den-vm-ws1.tmp", "den") == ("vm", "ws1")
+    assert unfinished(".den-vm-ws1-a1b2c3.tmp", "den") == ("vm", "ws1")  # a restore's copy
+    assert unfinished(".den-snap-sn9.tmp", "den") == ("snap", "sn9")
+    for other in ("den-vm-ws1", ".den-vm-ws1", ".other-vm-ws1.tmp", ".den-pause.tmp",
+                  ".den-vm-.tmp", ".den-x-ws1.tmp"):
+        assert unfinished(other, "den") is None, other
