@@ -5,15 +5,15 @@ One workspace per backend is shared by the tests, in order (a microVM boots in s
 TCG): create from Git, exec, files, a streaming exec, every way in (SSH through Den's gateway
 with the OpenSSH client: a command, a shell on a terminal, SFTP, ``-L`` to a port inside; the
 web terminal; a preview URL), stop and start, background processes (started, listed, logged,
-signalled), pause and resume with a running process and a background one, a memory
-snapshot forked (the fork's agent knows the background process it inherited) and
-restored, a fork bomb stopped at the process limit, delete leaving no engine object, and a fork of the
-snapshot after its workspace is gone. A second, short-lived workspace cloned from the test
-forge opens a pull request (the forge's token never inside it). What a backend does not support is
-asserted as the clear refusal it gets (docs/microvm.md, "What each backend refuses"), never
-skipped. The docker run needs the engine (the ``engine`` fixture), the microvm run the boot
-files of scripts/setup-microvm.sh: each is skipped on a developer machine without them and
-fails under CI, as the other engine tests do.
+signalled), pause and resume with a running process and a background one, a memory snapshot
+forked (the fork's agent knows the background process it inherited) and restored, a fork bomb
+stopped at the process limit, delete leaving no engine object, and a fork of the snapshot after
+its workspace is gone. A second, short-lived workspace cloned from the test forge opens a pull
+request (the forge's token never inside it). What a backend does not support is asserted as the
+clear refusal it gets (docs/microvm.md, "What each backend refuses"), never skipped. The docker
+run needs the engine (the ``engine`` fixture), the microvm run the boot files of
+scripts/setup-microvm.sh: each is skipped on a developer machine without them and fails under
+CI, as the other engine tests do.
 """
 
 from __future__ import annotations
