@@ -80,6 +80,7 @@ class WorkspaceSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     disk_gb: int = 0  # /workspace and the root filesystem together; 0: not enforced
     gpus: tuple[Gpu, ...] = ()  # the GPUs its container is made with (server/gpus)
+    network: str = "internet"  # its network policy's mode at start ("none": no NIC, microVMs)
 
 
 @dataclass(frozen=True)
@@ -327,6 +328,7 @@ class NetworkInfo:
     # running container -> its port on the bridge (the host's end of its veth), where known:
     # unlike an address, a workspace cannot forge the port its packets come in by.
     ports: Mapping[str, str] = field(default_factory=dict)
+    own_bridge: bool = False  # Den made the bridge, not the engine (firewall.Bridge.own)
 
 
 @runtime_checkable

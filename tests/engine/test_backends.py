@@ -4,14 +4,16 @@
 One workspace per backend is shared by the tests, in order (a microVM boots in seconds under
 TCG): create from Git, exec, files, a streaming exec, every way in (SSH through Den's gateway
 with the OpenSSH client: a command, a shell on a terminal, SFTP, ``-L`` to a port inside; the
-web terminal; a preview URL), stop and start, pause and resume with a running process, a
-memory snapshot forked and restored, delete leaving no engine object, and a fork of the
-snapshot after its workspace is gone. A second, short-lived workspace cloned from the test
-forge opens a pull request (the forge's token never inside it). What a backend does not support is
-asserted as the clear refusal it gets (docs/microvm.md, "What each backend refuses"), never
-skipped. The docker run needs the engine (the ``engine`` fixture), the microvm run the boot
-files of scripts/setup-microvm.sh: each is skipped on a developer machine without them and
-fails under CI, as the other engine tests do.
+web terminal; a preview URL), stop and start, background processes (started, listed, logged,
+signalled), pause and resume with a running process and a background one, a memory snapshot
+forked (the fork's agent knows the background process it inherited) and restored, a fork bomb
+stopped at the process limit, delete leaving no engine object, and a fork of the snapshot after
+its workspace is gone. A second, short-lived workspace cloned from the test forge opens a pull
+request (the forge's token never inside it). What a backend does not support is asserted as the
+clear refusal it gets (docs/microvm.md, "What each backend refuses"), never skipped. The docker
+run needs the engine (the ``engine`` fixture), the microvm run the boot files of
+scripts/setup-microvm.sh: each is skipped on a developer machine without them and fails under
+CI, as the other engine tests do.
 """
 
 from __future__ import annotations
@@ -37,14 +39,24 @@ from server.app import create_app
 from server.config import Settings
 from server.runtime.microvm import process
 from server.runtime.microvm.argv import VmFiles
-from tests.conftest import RUN_PREFIX, ApiClient, bare_repo, engine_objects, free_port, users
-from tests.engine.test_microvm import BOOT_DIR, _require_setup, vm_dir
+from tests.conftest import (
+    RUN_PREFIX,
+    ApiClient,
+    bare_repo,
+    engine_objects,
+    free_port,
+    microvm_subnet,
+    remove_microvm_network,
+    users,
+)
+from tests.engine.test_microvm import BOOT_DIR, _require_setup, assert_vms_apart, vm_dir
 from tests.engine.test_ssh import _keygen, _read_until, _set_size
 from tests.forge_server import ForgeServer, make_forge_repo
 
 pytestmark = pytest.mark.engine
 
 BACKENDS = ("docker", "microvm")
+PIDS = 100  # the process limit of the module's workspaces (a bomb at 1024 needs GBs)
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -68,9 +80,11 @@ def api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     key = _keygen(root / "alice-key")
     prefix = f"{RUN_PREFIX}-{secrets.token_hex(2)}"
     extra: dict[str, Any] = ({"microvm_dir": BOOT_DIR, "microvm_accel": "auto",
-                              "default_disk_gb": 1} if backend == "microvm" else {})
+                              "default_disk_gb": 1, "microvm_subnet": microvm_subnet()}
+                             if backend == "microvm" else {})
     settings = Settings(data_dir=root / "data", local_repo_roots=[repos], backend=backend,
                         engine_prefix=prefix, default_memory_mb=512, default_cpus=1.0,
+                        default_pids=PIDS,
                         stop_timeout_s=5, reaper_interval_s=0, ssh_port=free_port(),
                         allowed_git_schemes=["http", "https"],
                         outbound_allow=["127.0.0.0/8", "::1"], gpus="none", **extra)
@@ -92,6 +106,7 @@ def api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
                 for d in (BOOT_DIR / "vms").glob(f"{prefix}-*"):
                     process.end(VmFiles(d), timeout_s=0)
                     subprocess.run(["rm", "-rf", str(d)], check=False)
+                remove_microvm_network(settings)
             # The docker run's leftovers go with the engine fixture's sweep of RUN_PREFIX.
 
 
@@ -466,6 +481,64 @@ def _counts_on(api: ApiClient, ws_id: str, pid: int, above: int) -> None:
     raise AssertionError(f"the counter stayed at {above}")
 
 
+# A background process started through the API (the agent's child): it prints a tick every
+# 0.2 s, with the count it reached, which only its memory holds.
+TICKER = "i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.2; done"
+
+
+def _ticks(api: ApiClient, ws_id: str, pid: int) -> int:
+    """The last count in the process's kept output."""
+    r = api.get(f"/api/v1/workspaces/{ws_id}/processes/{pid}/logs")
+    assert r.status_code == 200, r.text
+    text = "".join(c["data"] for c in r.json()["chunks"] if c["stream"] == "stdout")
+    ticks = [int(line.split()[1]) for line in text.splitlines() if line.startswith("tick ")]
+    return ticks[-1] if ticks else 0
+
+
+def _ticks_on(api: ApiClient, ws_id: str, pid: int, above: int) -> int:
+    """Waits until the process's output counts past ``above`` (a condition, not a sleep)."""
+    deadline = time.monotonic() + 60
+    while (now := _ticks(api, ws_id, pid)) <= above:
+        assert time.monotonic() < deadline, f"process {pid} stayed at tick {now}"
+        time.sleep(0.2)
+    return now
+
+
+def _process(api: ApiClient, ws_id: str, pid: int) -> dict[str, Any]:
+    r = api.get(f"/api/v1/workspaces/{ws_id}/processes")
+    assert r.status_code == 200, r.text
+    found = [p for p in r.json()["processes"] if p["pid"] == pid]
+    assert found, r.json()
+    return dict(found[0])
+
+
+def test_background_processes_start_list_log_and_signal(api: ApiClient,
+                                                          ws: dict[str, Any]) -> None:
+    wid = ws["id"]
+    r = api.post(f"/api/v1/workspaces/{wid}/processes", json={"cmd": TICKER})
+    assert r.status_code == 201, r.text
+    pid = r.json()["pid"]
+    api.ticker = pid  # type: ignore[attr-defined]
+    _ticks_on(api, wid, pid, 0)
+    listed = _process(api, wid, pid)
+    assert listed["running"] is True and TICKER in listed["cmd"], listed
+    assert api.exec(wid, f"kill -0 {pid}")["exit_code"] == 0  # a real process in the guest
+    # A signal goes to the process's group; the list then says how it ended.
+    r = api.post(f"/api/v1/workspaces/{wid}/processes", json={"cmd": "sleep 600"})
+    assert r.status_code == 201, r.text
+    sleeper = r.json()["pid"]
+    r = api.post(f"/api/v1/workspaces/{wid}/processes/{sleeper}/signal",
+                 json={"signal": "TERM"})
+    assert r.status_code == 204, r.text
+    deadline = time.monotonic() + 30
+    while (info := _process(api, wid, sleeper))["running"]:
+        assert time.monotonic() < deadline, info
+        time.sleep(0.1)
+    assert info["signal"] == "TERM", info
+    r = api.post(f"/api/v1/workspaces/{wid}/processes/999999/signal", json={"signal": "TERM"})
+    assert r.status_code == 404, r.text
+
+
 def test_pause_then_resume_keeps_a_running_process(api: ApiClient, ws: dict[str, Any]) -> None:
     wid = ws["id"]
     assert api.exec(wid, COUNTER)["exit_code"] == 0
@@ -473,6 +546,7 @@ def test_pause_then_resume_keeps_a_running_process(api: ApiClient, ws: dict[str,
     while api.exec(wid, "test -s /tmp/count")["exit_code"] and time.monotonic() < deadline:
         time.sleep(0.1)
     pid, count = _counter(api, wid)
+    ticks = _ticks(api, wid, api.ticker)  # type: ignore[attr-defined]
     r = api.post(f"/api/v1/workspaces/{wid}/pause")
     assert r.status_code == 200, r.text
     assert r.json()["state"] == "paused"
@@ -486,6 +560,9 @@ def test_pause_then_resume_keeps_a_running_process(api: ApiClient, ws: dict[str,
     assert r.status_code == 200, r.text
     assert r.json()["state"] == "running"
     _counts_on(api, wid, pid, count)  # the process (and /tmp) came back
+    ticker = api.ticker  # type: ignore[attr-defined]
+    assert _process(api, wid, ticker)["running"] is True  # the agent still knows it
+    _ticks_on(api, wid, ticker, ticks)  # its count went on from where it was
     if saved is not None:
         assert not saved.exists()  # QEMU read all of it; nothing kept while running
         assert any("restored from memory" in e for e in _events(api, wid))
@@ -511,6 +588,18 @@ def test_memory_snapshot_forks_with_its_processes_and_files_and_restores(
     out = api.exec(fork["id"], "hostname; cat /workspace/api/snap")
     assert out["stdout"] == "twin\nbefore\n", out  # its own name, the snapshot's files
     _counts_on(api, fork["id"], pid, 0)  # the snapshot's process, running in the fork
+    ticker = api.ticker  # type: ignore[attr-defined]
+    assert _process(api, fork["id"], ticker)["running"] is True  # the fork's agent knows it
+    r = api.post(f"/api/v1/workspaces/{fork['id']}/processes/{ticker}/signal",
+                 json={"signal": "KILL"})
+    assert r.status_code == 204, r.text
+    deadline = time.monotonic() + 30
+    while _process(api, fork["id"], ticker)["running"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert _process(api, wid, ticker)["running"] is True  # the origin's is its own
+    if _backend(api) == "microvm":  # each VM's QEMU is a uid of its own
+        assert_vms_apart(VmFiles(vm_dir(api, wid)), VmFiles(vm_dir(api, fork["id"])))
     assert api.exec(wid, "hostname")["stdout"] == "api\n"
     r = api.delete(f"/api/v1/workspaces/{fork['id']}")
     assert r.status_code in (200, 202, 204), r.text
@@ -542,25 +631,52 @@ def test_what_the_backend_does_not_support_is_refused_clearly(
     for runtime in ("gvisor", "runc"):
         r = api.post(create, json={"name": "g", "runtime": runtime, "repo": repo})
         assert _error(r) == (422, "invalid") and "DEN_BACKEND=microvm" in r.text, r.text
-    r = api.post(create, json={"name": "i", "image": "python:3.12", "repo": repo})
-    assert _error(r) == (422, "invalid") and "python:3.12" in r.text, r.text
-    r = api.post(f"/api/v1/workspaces/{ws['id']}/processes", json={"cmd": "sleep 1"})
-    assert _error(r) == (501, "no_agent"), r.text
-    assert "microvm" in r.json()["error"]["message"], r.text
     # Nothing was made by the refusals.
     names = [w["name"] for w in api.get(create, user="root").json()["workspaces"]]
     assert names == ["api"], names
-    # A devcontainer.json is found in the clone, after the 202: the workspace fails with
-    # the way out in its message, and nothing of it is left in the engine.
-    devc = bare_repo(api.repo.parent, api.repo.parent.parent / "src-devc", name="devc",  # type: ignore[attr-defined]
-                     files={".devcontainer/devcontainer.json": '{"image": "python:3.12"}'})
-    r = api.post(create, json={"name": "devc", "repo": {"url": str(devc)}})
-    assert r.status_code == 202, r.text
-    failed = api.wait_state(r.json()["id"], settled=("error", "running", "stopped"))
-    assert failed["state"] == "error", failed
-    assert any("--no-devcontainer" in e for e in _events(api, failed["id"])), failed
-    assert _engine_objects(api, failed["id"]) == []
-    assert api.delete(f"{create}/{failed['id']}").status_code in (200, 202, 204)
+
+
+# --- the process limit ----------------------------------------------------------------------
+
+# Forks as dev until the kernel refuses; prints how many it made and the errno, then ends
+# them. Each child becomes `sleep` at once (a Python child would copy its parent's pages).
+FORK_UNTIL_REFUSED = """
+import os, signal
+kids = []
+try:
+    while True:
+        pid = os.fork()
+        if pid == 0:
+            os.execv("/bin/sleep", ["sleep", "120"])
+        kids.append(pid)
+except OSError as exc:
+    print(len(kids), exc.errno)
+for pid in kids:
+    os.kill(pid, signal.SIGKILL)
+"""
+
+
+def test_a_fork_bomb_stops_at_the_process_limit_and_the_workspace_answers(
+        api: ApiClient, ws: dict[str, Any]) -> None:
+    """The workspace's ``pids_limit`` holds inside it (gVisor: RLIMIT_NPROC in the sandbox;
+    microVM: RLIMIT_NPROC in the guest, from the kernel command line): dev's forks stop at
+    the limit with EAGAIN, counting dev's processes already there."""
+    wid = ws["id"]
+    forks = api.exec(wid, ["python3", "-c", FORK_UNTIL_REFUSED], timeout_s=120)
+    assert len(forks["stdout"].split()) == 2, forks
+    count, errno = forks["stdout"].split()
+    assert errno == "11" and PIDS - 30 < int(count) < PIDS, forks
+    assert api.exec(wid, "echo alive")["stdout"] == "alive\n"  # its forks were ended
+    bomb = api.exec(wid, "bomb() { bomb | bomb & }; bomb; sleep 5; echo survived", timeout_s=8)
+    assert bomb["exit_code"] in (0, 124, 137), bomb
+    # The server, the workspace and its agent answer; what is left of the bomb holds dev's
+    # process slots (dev's execs may be refused) until a stop and start clears it.
+    assert api.client.get("/healthz").json()["status"] == "ok"
+    assert api.get(f"/api/v1/workspaces/{wid}").json()["state"] == "running"
+    assert api.get(f"/api/v1/workspaces/{wid}/processes").status_code == 200
+    assert api.post(f"/api/v1/workspaces/{wid}/stop").json()["state"] == "stopped"
+    assert api.post(f"/api/v1/workspaces/{wid}/start").json()["state"] == "running"
+    assert api.exec(wid, "echo alive", timeout_s=60)["stdout"] == "alive\n"
 
 
 # --- delete, and a snapshot that outlives its workspace ---------------------------------------

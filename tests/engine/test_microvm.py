@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import pwd
 import secrets
 import signal
 import socket
@@ -32,7 +31,16 @@ from server.config import Settings
 from server.runtime.microvm import cgroup, process
 from server.runtime.microvm.argv import VmFiles
 from server.runtime.microvm.cgroup import Cgroups
-from tests.conftest import IN_CI, RUN_PREFIX, ApiClient, bare_repo, git, users
+from tests.conftest import (
+    IN_CI,
+    RUN_PREFIX,
+    ApiClient,
+    bare_repo,
+    git,
+    microvm_subnet,
+    remove_microvm_network,
+    users,
+)
 
 pytestmark = pytest.mark.engine
 
@@ -78,7 +86,8 @@ def vm_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiClient]:
                         engine_prefix=f"{RUN_PREFIX}-{secrets.token_hex(2)}",
                         default_memory_mb=512, default_cpus=1.0, default_disk_gb=1,
                         stop_timeout_s=5, reaper_interval_s=0, ssh_port=0,
-                        outbound_allow=["127.0.0.0/8", "::1"], gpus="none")
+                        outbound_allow=["127.0.0.0/8", "::1"], gpus="none",
+                        microvm_subnet=microvm_subnet())
     app = create_app(settings)
     with TestClient(app) as client:
         api = ApiClient(client, users(app))
@@ -92,6 +101,7 @@ def vm_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiClient]:
                 process.end(VmFiles(d), timeout_s=0)
                 subprocess.run(["rm", "-rf", str(d)], check=False)
                 Cgroups().remove(d.name)
+            remove_microvm_network(settings)
 
 
 @pytest.fixture(scope="module")
@@ -183,17 +193,53 @@ def _cgroups_of(pid: int) -> dict[str, str]:
     return found
 
 
+def qemu_uid(files: VmFiles) -> int:
+    """The uid the VM's QEMU runs as: its real, effective, saved and filesystem uids, and
+    its gids, all the same number (the VM's own uid and group)."""
+    pid = process.running(files)
+    assert pid is not None
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    uids = next(line.split()[1:] for line in status if line.startswith("Uid:"))
+    gids = next(line.split()[1:] for line in status if line.startswith("Gid:"))
+    assert len(set(uids)) == 1 and set(gids) == set(uids), status
+    return int(uids[0])
+
+
+def assert_vms_apart(a: VmFiles, b: VmFiles) -> None:
+    """Two VMs' QEMUs run as different uids of Den's range, each owning its directory
+    (0700); with ``b``'s credentials (a guest escaped into its QEMU) ``a``'s disk cannot be
+    read nor ``a``'s QEMU signalled, while ``b``'s own can."""
+    ua, ub = qemu_uid(a), qemu_uid(b)
+    base = Settings().microvm_uid_base
+    assert ua != ub and base <= ua and base <= ub, (ua, ub)
+    for files, uid in ((a, ua), (b, ub)):
+        st = files.dir.stat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (uid, uid, 0o700), files.dir
+        assert json.loads(files.record.read_text())["uid"] == uid
+
+    def as_b(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["setpriv", f"--reuid={ub}", f"--regid={ub}", "--clear-groups",
+                               *argv], capture_output=True, text=True, timeout=30, check=False)
+
+    denied = as_b("head", "-c", "1", str(a.workspace))
+    assert denied.returncode != 0 and "Permission denied" in denied.stderr, denied
+    assert as_b("head", "-c", "1", str(b.workspace)).returncode == 0
+    assert as_b("kill", "-0", str(process.running(a))).returncode != 0
+    assert as_b("kill", "-0", str(process.running(b))).returncode == 0
+
+
 def test_qemu_runs_unprivileged_in_a_cgroup_of_its_own(vm_api: ApiClient,
                                                        vm: dict[str, Any]) -> None:
-    """QEMU dropped root (-runas den-vm) and was born in the VM's cgroup, whose limits
-    follow the workspace's cpus and memory (plus QEMU's overhead)."""
+    """QEMU dropped root (-runas UID:GID, the VM's own uid, recorded in vm.json) and was born
+    in the VM's cgroup, whose limits follow the workspace's cpus and memory (plus QEMU's
+    overhead)."""
     files = VmFiles(vm_dir(vm_api, vm["id"]))
     pid = process.running(files)
     assert pid is not None
-    status = Path(f"/proc/{pid}/status").read_text()
-    uids = next(line.split()[1:] for line in status.splitlines() if line.startswith("Uid:"))
-    assert set(uids) == {str(pwd.getpwnam("den-vm").pw_uid)}, uids  # real, effective, saved
-    assert files.dir.stat().st_uid == pwd.getpwnam("den-vm").pw_uid
+    uid = qemu_uid(files)
+    assert uid >= vm_api.app.state.settings.microvm_uid_base, uid
+    assert uid == json.loads(files.record.read_text())["uid"]
+    assert files.dir.stat().st_uid == uid
     groups = _cgroups_of(pid)
     want = f"/{cgroup.PARENT}/{files.dir.name}"
     root = Path("/sys/fs/cgroup")

@@ -16,7 +16,7 @@ import functools
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -33,7 +33,8 @@ from server.runtime.base import (
 )
 from server.runtime.errors import EngineConflict, EngineError
 from server.runtime.microvm import checkpoint as ckpt
-from server.runtime.microvm import process, recover, snapshots
+from server.runtime.microvm import disks, net, process, recover, snapshots
+from server.runtime.microvm import images as vm_images
 from server.runtime.microvm.argv import VmFiles
 from server.runtime.microvm.qmp import Qmp, QmpError
 
@@ -50,6 +51,7 @@ class _Vm(Protocol):
 
     vms_dir: Path
     prefix: str
+    images: vm_images.RootImages
     image: str
     boot_timeout_s: float
 
@@ -57,8 +59,12 @@ class _Vm(Protocol):
 
     async def _io(self, fn: Callable[..., T], *args: Any) -> T: ...
 
-    def _argv(self, spec: WorkspaceSpec, files: VmFiles, *, cpus: float, memory_mb: int
-              ) -> list[str]: ...
+    def _argv(self, spec: WorkspaceSpec, files: VmFiles, *, cpus: float, memory_mb: int,
+              nic: bool) -> list[str]: ...
+
+    async def _guest_network(self, spec: WorkspaceSpec, session: AgentSession) -> None: ...
+
+    async def _guest_network_argv(self, spec: WorkspaceSpec) -> list[str]: ...
 
     async def _launch(self, spec: WorkspaceSpec, files: VmFiles, argv: list[str], *,
                       cpus: float, memory_mb: int, boot: bool = False) -> None: ...
@@ -76,10 +82,14 @@ def launched_with(cmdline: list[str]) -> tuple[float, int]:
     return cpus, int(memory.removesuffix("M"))
 
 
-def fork_identity_argv(hostname: str) -> list[str]:
+def fork_identity_argv(hostname: str, then: Sequence[str] = ()) -> list[str]:
     """What a VM woken from another's memory runs first (as root, stdin: 64 random bytes):
-    its own host name, and the random bytes mixed into its kernel's pool."""
-    return ["sh", "-c", 'hostname "$1" && cat > /dev/urandom', "den-fork", hostname]
+    its own host name, the random bytes mixed into its kernel's pool, then ``then`` (its
+    own network address: one round trip through the agent for all of it)."""
+    if not then:
+        return ["sh", "-c", 'hostname "$1" && cat > /dev/urandom', "den-fork", hostname]
+    return ["sh", "-c", 'hostname "$1" && cat > /dev/urandom && shift && exec "$@"',
+            "den-fork", hostname, *then]
 
 
 class VmCheckpoints:
@@ -97,8 +107,10 @@ class VmCheckpoints:
         cpus, memory_mb = launched_with(cmdline)
         await _sync(self, spec)  # the disks then hold what the memory does (a disk snapshot)
         await self._drop_agent(files, "paused")
+        record = await self._io(disks.read_record, files) or {}
         meta = {"vm": files.dir.name, "hostname": spec.hostname, "cpus": cpus,
-                "memory_mb": memory_mb, "saved_at": time.time()}
+                "memory_mb": memory_mb, "nic": net.has_nic(cmdline),
+                "address": record.get("address"), "saved_at": time.time()}
         size = await self._io(functools.partial(ckpt.save, files, checkpoint, meta=meta))
         log.info("workspace %s: microVM memory saved (%d MiB)", spec.workspace_id, size >> 20)
 
@@ -112,14 +124,21 @@ class VmCheckpoints:
             return
         meta = await self._io(ckpt.read_meta, ckpt.directory(files, checkpoint))
         cpus, memory_mb = float(meta["cpus"]), int(meta["memory_mb"])
-        argv = self._argv(spec, files, cpus=cpus, memory_mb=memory_mb)
+        # The devices are the saved ones: a NIC only where the saved VM had one.
+        argv = await self._io(functools.partial(self._argv, spec, files, cpus=cpus,
+                                                memory_mb=memory_mb,
+                                                nic=bool(meta.get("nic"))))
         await self._launch(spec, files, ckpt.incoming_argv(argv), cpus=cpus, memory_mb=memory_mb)
         await self._io(ckpt.feed, files, checkpoint)
         faults.point("resume.session")  # the guest runs; reconcile finds it running
         try:
             session = await self._session(spec, boot=True)
-            if meta.get("vm") != files.dir.name:  # another VM's memory: a fork
-                await _take_identity(session, spec)
+            nic = net.has_nic(argv)
+            if meta.get("vm") != files.dir.name:  # another VM's memory, and its address
+                await _take_identity(session, spec, then=await self._guest_network_argv(
+                    spec) if nic else [])
+            elif nic and meta.get("address") != await self._io(net.recorded_address, files):
+                await self._guest_network(spec, session)
         except BaseException:
             await self._drop_agent(files, "the restore failed")
             await self._io(functools.partial(process.end, files, timeout_s=0.0))
@@ -166,12 +185,13 @@ async def _sync(vm: _Vm, spec: WorkspaceSpec) -> None:
             argv=["sync"], user="root", cwd="/", timeout_s=SYNC_TIMEOUT_S), {})
 
 
-async def _take_identity(session: AgentSession, spec: WorkspaceSpec) -> None:
-    req = ExecRequest(argv=fork_identity_argv(spec.hostname), user="root", cwd="/",
+async def _take_identity(session: AgentSession, spec: WorkspaceSpec, *,
+                         then: Sequence[str] = ()) -> None:
+    req = ExecRequest(argv=fork_identity_argv(spec.hostname, then), user="root", cwd="/",
                       stdin=secrets.token_bytes(64), timeout_s=IDENTITY_TIMEOUT_S)
     out: ExecResult = await agent_ops.run(session, req, {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
     if out.exit_code != 0:
-        raise EngineError(f"the fork could not take its own host name: "
+        raise EngineError(f"the fork could not take its own host name or address: "
                           f"{out.stderr.decode(errors='replace')[:300]}")
 
 
@@ -224,7 +244,10 @@ class VmDiskSnapshots:
             await self._io(snapshots.remove, old_files)
 
     async def delete_snapshot(self: _Vm, snap: SnapshotSpec) -> None:
-        await self._io(snapshots.remove, VmFiles(self.vms_dir / str(snap.handle["snapshot"])))
+        files = VmFiles(self.vms_dir / str(snap.handle["snapshot"]))
+        backing = await self._io(vm_images.backing_file, files.root)
+        await self._io(snapshots.remove, files)
+        await self._io(self.images.collect, backing)  # a converted base this was the last of
 
 
 def _files_op(what: str, fn: Callable[[], T]) -> T:
