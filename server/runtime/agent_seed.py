@@ -9,8 +9,11 @@ seeds it as before), and only for a small archive (it is read into memory). Any 
 overwrites what a partial extraction wrote.
 
 The archive is Den's own (server/git/clone.py packs the clone, every entry owned by the
-workspace user); ``tar`` runs as root in the sandbox, before anything of the user's, and
-keeps those owners, as the engine's extraction does.
+workspace user); ``tar`` runs as root in the sandbox and keeps those owners, as the
+engine's extraction does. In a pooled sandbox it runs before anything of the user's; in a
+workspace that already ran code (a prebuild's fork brought up to date: server/prebuilds/
+update.py, whose next step is an exec through the same agent anyway) it runs in the
+sandbox of the workspace's owner, who has root in it: nothing crosses a boundary either way.
 """
 
 from __future__ import annotations
