@@ -443,6 +443,12 @@ class Settings(BaseSettings):
         1, ge=1, le=100, description="Ready prebuilds kept per owner, repository and branch; a "
         "newer one that becomes ready deletes the oldest (docs/prebuilds.md)."
     )
+    prebuild_fork_ahead: bool = Field(
+        True, description="Keep one fork of each ready prebuild made ahead and frozen (hidden, "
+        "counted toward its owner's limits), which the owner's next matching create takes "
+        "instead of forking then (docs/prebuilds.md). Needs a backend that freezes and "
+        "restores memory (Docker with gVisor)."
+    )
 
     # --- git -------------------------------------------------------------------------
     clone_timeout_s: int = Field(300, description="A clone taking longer is killed.")

@@ -20,12 +20,14 @@ async def create_prebuild(body: PrebuildCreate, user: CurrentUser, pbs: Prebuild
 
 @router.get("", response_model=PrebuildList, responses=errors())
 def list_prebuilds(user: CurrentUser, pbs: Prebuilds) -> PrebuildList:
-    return PrebuildList(prebuilds=[PrebuildOut.of(p) for p in pbs.list_for(user)])
+    return PrebuildList(prebuilds=[PrebuildOut.of(p, fork_ready=pbs.fork_ready(p.id))
+                                   for p in pbs.list_for(user)])
 
 
 @router.get("/{pid}", response_model=PrebuildOut, responses=errors(404))
 def get_prebuild(pid: str, user: CurrentUser, pbs: Prebuilds) -> PrebuildOut:
-    return PrebuildOut.of(pbs.get_for(user, pid))
+    pb = pbs.get_for(user, pid)
+    return PrebuildOut.of(pb, fork_ready=pbs.fork_ready(pb.id))
 
 
 @router.delete("/{pid}", status_code=204, responses=errors(404, 409, 502, 503))

@@ -203,13 +203,16 @@ class PrebuildOut(BaseModel):
     workspace_id: str | None = Field(description="The workspace making it, while building")
     created_at: datetime
     finished_at: datetime | None
+    fork_ready: bool = Field(False, description="A fork of it is made ahead and frozen: your "
+                             "next create of the same repository and branch with the default "
+                             "resources takes it (docs/prebuilds.md)")
 
     @classmethod
-    def of(cls, pb: Prebuild) -> PrebuildOut:
+    def of(cls, pb: Prebuild, *, fork_ready: bool = False) -> PrebuildOut:
         return cls(id=pb.id, repo=pb.repo_url, branch=pb.branch or None, state=pb.state,
                    reason=pb.reason, commit=pb.commit, snapshot_id=pb.snapshot_id,
                    workspace_id=pb.workspace_id, created_at=pb.created_at,
-                   finished_at=pb.finished_at)
+                   finished_at=pb.finished_at, fork_ready=fork_ready)
 
 
 class PrebuildList(BaseModel):

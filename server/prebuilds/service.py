@@ -6,18 +6,20 @@ as any create), paused, snapshotted with its memory through the snapshot service
 toward the owner's snapshot limit), and deleted: what remains is the snapshot and the row. A
 create of the same owner, repository and branch then forks from the snapshot (the workspace
 service's ``PrebuildFinder`` seam), brings the clone up to the branch's head and runs only
-postStartCommand (``server/prebuilds/update.py``). This module changes no workspace state
-itself: it calls the workspace service, the only writer.
+postStartCommand (``server/prebuilds/update.py``), or takes the fork of it made ahead
+(``server/prebuilds/ahead.py``). This module changes no workspace state itself: it calls the
+workspace service, the only writer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import secrets
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,6 +30,7 @@ from server.errors import Conflict, DenError, NotFound, ValidationFailed
 from server.git import clone as git_clone
 from server.outbound import git_pin
 from server.prebuilds import matching
+from server.prebuilds.ahead import ForksAhead
 from server.prebuilds.matching import BUILDING, FAILED, READY
 from server.prebuilds.update import bring_up_to_date
 from server.runtime.base import WorkspaceSpec
@@ -55,6 +58,15 @@ class PrebuildService:
         self.settings = workspaces.settings
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._deleting: set[str] = set()  # prebuilds a create must not pick any more
+        self.ahead = ForksAhead(self)  # a fork of each ready one, made ahead
+
+    def deleting(self, prebuild_id: str) -> bool:
+        """Whether the prebuild is being deleted (a create must not use it any more)."""
+        return prebuild_id in self._deleting
+
+    def fork_ready(self, prebuild_id: str) -> bool:
+        """Whether a fork of the prebuild made ahead waits for the owner's next create."""
+        return self.ahead.waiting(prebuild_id) is not None
 
     # --- reading ----------------------------------------------------------------------
 
@@ -166,6 +178,8 @@ class PrebuildService:
                     await svc.delete(ws_id, actor=ACTOR)
                 self._set(prebuild_id, workspace_id=None)
         await self._retain(self.get(prebuild_id))
+        if self.get(prebuild_id).state == READY:
+            self.ahead.replenish(prebuild_id)
 
     async def _commit(self, ws: Workspace) -> str:
         """The commit the workspace's clone has checked out ("" when it cannot tell)."""
@@ -201,27 +215,45 @@ class PrebuildService:
         found = {sid for sid, snap in snaps.items() if snap is not None}
         pb = matching.pick(rows, repo_url=fields["repo_url"], branch=req.branch,
                            snapshots=found)
-        if pb is None or pb.id in self._deleting or pb.snapshot_id is None:
+        if pb is None:
             return None
-        snap = snaps[pb.snapshot_id]
-        assert snap is not None
+        return self.use_of(pb, fields)
+
+    def use_of(self, pb: Prebuild, fields: Mapping[str, Any], *, ahead: bool = False
+               ) -> PrebuildUse | None:
+        """How a create of these ``fields`` uses ``pb``: it takes the fork made ahead when
+        one waits and fits, else forks (then fetches and runs postStartCommand). ``ahead``:
+        for the fork made ahead itself (neither: they run when a create takes it)."""
+        if pb.id in self._deleting or pb.snapshot_id is None:
+            return None
+        with self.sessions() as s:
+            snap = s.get(Snapshot, pb.snapshot_id)
+        if snap is None:
+            return None
         disk_gb = min(max(int(fields["disk_gb"]), -(-snap.size_bytes // 1024**3)),
                       self.settings.max_disk_gb)
-        return PrebuildUse(
+        use = PrebuildUse(
             snapshot=snap,
             fields={"image": snap.image, "repo_branch": snap.repo_branch,
                     "repo_dir": snap.repo_dir, "disk_gb": disk_gb,
                     "env": limits.validate_env({**pb.env, **fields["env"]}),
                     "devcontainer": dict(pb.devcontainer)},
             message_prefix=f"create from prebuild {pb.id} (commit {pb.commit[:12] or '?'}) of",
-            then=functools.partial(self._after_fork, pb),
+            then=_nothing if ahead else functools.partial(self.after_fork, pb),
         )
+        if ahead:
+            return use
+        return dataclasses.replace(use, claim=functools.partial(self.ahead.claim, pb, use))
 
-    async def _after_fork(self, pb: Prebuild, ws_id: str, spec: WorkspaceSpec) -> None:
-        """In the fork, before it is ``running``: newer commits, postStartCommand; and a
-        new prebuild in the background when this one is out of date."""
+    async def after_fork(self, pb: Prebuild, ws_id: str, spec: WorkspaceSpec, *,
+                         beside: Awaitable[None] | None = None) -> None:
+        """In the fork, before it is ``running``: newer commits (and ``beside`` at the same
+        time: a fork made ahead takes its host name), postStartCommand; and a new prebuild
+        in the background when this one is out of date."""
         svc = self.workspaces
-        head = await bring_up_to_date(svc, svc.get(ws_id), spec, prebuild=pb)
+        head, _ = await asyncio.gather(
+            bring_up_to_date(svc, svc.get(ws_id), spec, prebuild=pb),
+            beside if beside is not None else asyncio.sleep(0))
         ws = svc.get(ws_id)
         if svc.devcontainers is not None and ws.devcontainer.get("post_start"):
             try:
@@ -248,17 +280,20 @@ class PrebuildService:
             raise Conflict("the prebuild is being made; delete it once it is ready or failed")
         self._deleting.add(pb.id)
         try:
+            snap = None
             if pb.snapshot_id is not None:
                 with self.sessions() as s:
                     snap = s.get(Snapshot, pb.snapshot_id)
                     forking = snap is not None and s.scalar(
                         select(Workspace.id).where(Workspace.image == snap.image,
+                                                   Workspace.prebuild_id.is_(None),
                                                    Workspace.state == State.CREATING.value))
                 if forking:
                     raise Conflict(f"workspace {forking} is being created from this prebuild; "
                                    "delete it once that workspace is running")
-                if snap is not None:
-                    await self.snapshots.delete(snap.id, actor=actor)
+            await self.ahead.remove(pb.id)  # no create takes its fork from here on
+            if snap is not None:
+                await self.snapshots.delete(snap.id, actor=actor)
             with self.sessions.begin() as s:
                 s.execute(delete(Prebuild).where(Prebuild.id == pb.id))
             log.info("prebuild %s deleted by %s", pb.id, actor)
@@ -288,14 +323,21 @@ class PrebuildService:
             for sid in taken:
                 with contextlib.suppress(DenError):
                     await self.snapshots.delete(sid, actor=ACTOR)
+        await self.ahead.recover()
 
     async def shutdown(self) -> None:
+        await self.ahead.shutdown()
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(BaseException):
                 await task
+
+
+async def _nothing(_ws_id: str, _spec: WorkspaceSpec) -> None:
+    """After the boot of a fork made ahead: nothing yet (a create that takes it runs the
+    update and postStartCommand)."""
 
 
 def _snapshot_name(prebuild_id: str) -> str:

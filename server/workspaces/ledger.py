@@ -9,7 +9,8 @@ happen and calls the ledger to write it; nothing else updates ``Workspace.state`
 Besides transitions the ledger writes what is not a state change but must be recorded with
 the same care: events (:meth:`note`), activity (:meth:`touch`), the backend's engine
 handle (:meth:`set_engine`) and any other field of the row (:meth:`change`: the branch a
-clone found, a devcontainer's image, the network policy, a restore's new data, a keepalive).
+clone found, a devcontainer's image, the network policy, a restore's new data, a keepalive),
+and the claim of a prebuild's fork made ahead by a create (:meth:`claim`: one transaction).
 Nothing outside this module updates a ``Workspace`` row.
 """
 
@@ -93,6 +94,35 @@ class Ledger:
                         message=message or reason, src=src, dst=dst)
         self.feed.changed(workspace_id)
         log.info("workspace %s: %s -> %s %s", workspace_id, src.value, dst.value, reason)
+
+    def claim(self, workspace_id: str, *, made_for: str, values: Mapping[str, Any],
+              check: Callable[[Session], None], actor: str, message: str) -> bool:
+        """A workspace made ahead for prebuild ``made_for`` (hidden, ``paused`` frozen)
+        becomes a create's: ``values`` (its name, owner's settings) written, no longer
+        hidden, ``paused`` -> ``creating``, with its event, in one transaction that first runs
+        ``check`` (a unique name: it raises to refuse). False, with nothing written, when it
+        is no longer there to take (another create took it, or it is being deleted)."""
+        if values.keys() & {"state", "sleep", "id", "prebuild_id"}:
+            raise ValueError(f"claim() cannot write {sorted(values)}")
+        now = datetime.now(UTC)
+        with self.sessions.begin() as s:
+            check(s)
+            res = s.execute(
+                update(Workspace)
+                .where(Workspace.id == workspace_id, Workspace.prebuild_id == made_for,
+                       Workspace.state == State.PAUSED.value,
+                       Workspace.sleep == Sleep.FROZEN.value)
+                .values(**values, prebuild_id=None, state=State.CREATING.value, sleep=None,
+                        state_reason="", updated_at=now)
+            )
+            if res.rowcount != 1:  # type: ignore[attr-defined]
+                return False
+            self.gpus.on_transition(s, workspace_id, State.PAUSED, State.CREATING)
+            self.record(s, workspace_id, kind="state", actor=actor, message=message,
+                        src=State.PAUSED, dst=State.CREATING)
+        self.feed.changed(workspace_id)
+        log.info("workspace %s: claimed (made ahead for prebuild %s)", workspace_id, made_for)
+        return True
 
     def note(self, workspace_id: str, kind: str, message: str, *, actor: str = "system") -> None:
         """Record an event that is not a state change."""

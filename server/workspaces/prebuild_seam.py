@@ -1,6 +1,7 @@
 """The seam through which a create forks from a prebuild (server/prebuilds/ implements it):
 the workspace service asks a :class:`PrebuildFinder` after validating a create, and a
-:class:`PrebuildUse` it answers makes the create a fork of the prebuild's snapshot."""
+:class:`PrebuildUse` it answers makes the create a fork of the prebuild's snapshot, or the
+claim of a fork of it made ahead (server/prebuilds/ahead.py)."""
 
 from __future__ import annotations
 
@@ -19,12 +20,17 @@ if TYPE_CHECKING:
 class PrebuildUse:
     """A prebuild a create forks from: its snapshot, the row's fields it sets (over the
     request's), the first event's words, and what runs after the boot, before ``running``
-    (under the workspace's lock; raising makes the create fail)."""
+    (under the workspace's lock; raising makes the create fail). ``claim``, when set, is
+    tried first: given the owner, the name and the row's fields, it takes a fork made ahead
+    (synchronously, one ledger transaction) and answers its id and the work that brings it
+    up in the background; None: the create forks as usual."""
 
     snapshot: Snapshot
     fields: Mapping[str, Any]
     message_prefix: str
     then: Callable[[str, WorkspaceSpec], Coroutine[Any, Any, None]]
+    claim: Callable[[User, str, Mapping[str, Any]],
+                    tuple[str, Coroutine[Any, Any, None]] | None] | None = None
 
 
 class PrebuildFinder(Protocol):

@@ -326,6 +326,10 @@ class WorkspaceService:
         )
         if prebuilds is not None and req.prebuild and (
                 use := await prebuilds.find(user, fields, req)) is not None:
+            if use.claim is not None and (
+                    claimed := use.claim(user, name, {**fields, **use.fields})) is not None:
+                self._spawn(*claimed)  # a fork made ahead (server/prebuilds/ahead.py)
+                return self.get(claimed[0])
             row = self._insert(user, name, message_prefix=use.message_prefix,
                                **{**fields, **use.fields})
             self._forward(row.id, row.devcontainer)

@@ -40,7 +40,10 @@ _EDGES: dict[State, frozenset[State]] = {
     State.STARTING: frozenset({State.RUNNING, State.STOPPED}),
     State.PAUSING: frozenset({State.PAUSED, State.RUNNING, State.STOPPED}),
     # paused -> pausing: a frozen workspace's memory is being saved (frozen -> saved).
-    State.PAUSED: frozenset({State.RESUMING, State.STOPPING, State.STOPPED, State.PAUSING}),
+    # paused -> creating: a create takes a prebuild's fork made ahead, frozen
+    # (server/prebuilds/ahead.py).
+    State.PAUSED: frozenset({State.RESUMING, State.STOPPING, State.STOPPED, State.PAUSING,
+                             State.CREATING}),
     State.RESUMING: frozenset({State.RUNNING, State.STOPPED, State.PAUSED}),
     State.ERROR: frozenset({State.STARTING}),
     State.DELETING: frozenset(),

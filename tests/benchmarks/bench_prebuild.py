@@ -9,9 +9,15 @@ end, also after a failure), one repository whose devcontainer.json uses ``image`
 ``postCreateCommand`` takes 30 s (``sleep 30``):
 
 1. A prebuild of it (timed once: clone, image, the 30 s command, memory snapshot).
-2. ``--rounds`` pairs, alternating which goes first: create → running → first exec (``true``)
-   through the API (in-process app, the real engine), with the prebuild and with
-   ``"prebuild": false`` (the 30 s command runs again). Each workspace is deleted after.
+2. ``--rounds`` triples, rotating which goes first: create → running → first exec (``true``)
+   through the API (in-process app, the real engine):
+   - **ahead**: with the prebuild, once its fork made ahead is frozen and waiting (the wait
+     is not counted; the round counts only when the event log says the create took it);
+   - **fork**: with the prebuild, forked at the create (the same request with 64 MB more
+     memory, which the fork made ahead does not fit): what a create paid before forks were
+     made ahead;
+   - **without**: ``"prebuild": false`` (the 30 s command runs again).
+   Each workspace is deleted after.
 3. The raw engine's least work for a workspace from an image, the same rounds:
    ``docker run -d --runtime runsc`` + ``docker exec true`` (SDK), then removed.
 
@@ -60,10 +66,20 @@ def bench(settings: Settings, repo: str, rounds: int) -> dict[str, Any]:
         prebuild_s = time.perf_counter() - t
         assert pb["state"] == "ready", pb
 
-        def first_exec(name: str, *, prebuild: bool) -> float:
+        def fork_ready() -> float:
             t = time.perf_counter()
-            r = client.post("/api/v1/workspaces", headers=h, json={
-                "name": name, "repo": {"url": repo}, "prebuild": prebuild})
+            while not client.get(f"/api/v1/prebuilds/{pid}", headers=h).json()["fork_ready"]:
+                assert time.perf_counter() - t < 600, "no fork made ahead"
+                time.sleep(0.05)
+            return time.perf_counter() - t
+
+        def first_exec(name: str, how: str) -> float:
+            prebuild = how != "without"
+            body: dict[str, Any] = {"name": name, "repo": {"url": repo}, "prebuild": prebuild}
+            if how == "fork":
+                body["resources"] = {"memory_mb": settings.default_memory_mb + 64}
+            t = time.perf_counter()
+            r = client.post("/api/v1/workspaces", headers=h, json=body)
             assert r.status_code == 202, r.text
             ws_id = r.json()["id"]
             while (ws := client.get(f"/api/v1/workspaces/{ws_id}", headers=h).json())[
@@ -76,20 +92,26 @@ def bench(settings: Settings, repo: str, rounds: int) -> dict[str, Any]:
             events = client.get(f"/api/v1/workspaces/{ws_id}/events", headers=h).json()["events"]
             used = any("from prebuild" in e["message"] for e in events)
             assert used is prebuild, events
+            took_ahead = any("took the fork made ahead" in e["message"] for e in events)
+            assert took_ahead is (how == "ahead"), events
             assert client.delete(f"/api/v1/workspaces/{ws_id}", headers=h).status_code == 204
             return took
 
-        with_pb: list[float] = []
-        without: list[float] = []
+        took: dict[str, list[float]] = {"ahead": [], "fork": [], "without": []}
+        refill: list[float] = []
+        kinds = list(took)
         for i in range(rounds):
-            order = [True, False] if i % 2 == 0 else [False, True]
-            for use in order:
-                (with_pb if use else without).append(
-                    first_exec(f"{'pb' if use else 'cold'}{i}", prebuild=use))
+            for how in kinds[i % 3:] + kinds[:i % 3]:
+                if how == "ahead":
+                    refill.append(fork_ready())
+                took[how].append(first_exec(f"{how}{i}", how))
         assert client.delete(f"/api/v1/prebuilds/{pid}", headers=h).status_code == 204
-    return {"prebuild_made_s": round(prebuild_s, 1), "from_prebuild": s(with_pb),
-            "without_prebuild": s(without),
-            "speedup": round(statistics.median(without) / statistics.median(with_pb), 1)}
+    ahead = statistics.median(took["ahead"])
+    return {"prebuild_made_s": round(prebuild_s, 1), "ahead": s(took["ahead"]),
+            "fork_at_create": s(took["fork"]), "without_prebuild": s(took["without"]),
+            "fork_ready_wait": s(refill),
+            "speedup_vs_without": round(statistics.median(took["without"]) / ahead, 1),
+            "speedup_vs_fork": round(statistics.median(took["fork"]) / ahead, 1)}
 
 
 def raw(prefix: str, rounds: int) -> dict[str, Any]:

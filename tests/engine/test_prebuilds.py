@@ -1,5 +1,6 @@
 """Prebuilds on the real engine with gVisor, through a real `den serve` and the Python client:
-a prebuild's create commands run once, and a workspace forked from it has their output and
+a prebuild's create commands run once, and a workspace made from it (by taking the fork of it
+made ahead and frozen, with its own host name, and a replacement made) has their output and
 their running process (its memory); a newer commit on the branch is fetched into the fork,
 postStartCommand runs, and a new prebuild replaces the old one; deleting a prebuild leaves its
 forks running; a failing postCreateCommand fails the prebuild with its output and leaves
@@ -142,10 +143,17 @@ def test_a_fork_of_a_prebuild_has_its_output_and_its_running_process(
     assert prebuild.commit == git("rev-parse", "HEAD", cwd=repo.src).strip()
     assert prebuild.snapshot_id is not None
     assert [w.name for w in den.workspaces()] == []  # the build workspace is gone
+    # a fork of it is made ahead and frozen (hidden); the create takes it
+    forked = wait(lambda: den.get_prebuild(prebuild.id).raw["fork_ready"], 120,
+                  "the fork made ahead")
+    assert forked and [w.name for w in den.workspaces()] == []
     ws = den.create(str(repo.bare), name="first", branch="main", timeout_s=300)
     said = messages(ws)
     assert any(f"create from prebuild {prebuild.id} (commit {prebuild.commit[:12]})" in m
+               and "took the fork made ahead" in m for m in said), said
+    assert any(f"running from the fork of prebuild {prebuild.id} made ahead" in m
                for m in said), said
+    assert out(ws, "hostname").strip() == "first"  # its own, not the fork's
     assert any(f"running from snapshot {prebuild.snapshot_id} (with its memory and "
                "processes)" in m for m in said), said
     # postCreateCommand ran once, in the prebuild; postStartCommand there and here
@@ -162,6 +170,8 @@ def test_a_fork_of_a_prebuild_has_its_output_and_its_running_process(
     # the devcontainer's forwarded port, with its label and share level, as in the prebuild
     ports = srv.http.get(f"/api/v1/workspaces/{ws.id}/ports").json()["ports"]
     assert [(p["label"], p["share"]) for p in ports if p["port"] == 3000] == [("web", "users")]
+    # a replacement is made ahead for the next create
+    wait(lambda: den.get_prebuild(prebuild.id).raw["fork_ready"], 120, "a replacement fork")
     ws.delete()
 
 

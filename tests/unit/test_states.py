@@ -39,6 +39,7 @@ EXPECTED_EDGES = {
     (S.PAUSED, S.STOPPING),  # STOP is allowed from paused, through stopping
     (S.PAUSED, S.STOPPED),
     (S.PAUSED, S.PAUSING),  # a frozen workspace's memory saved to disk (frozen -> saved)
+    (S.PAUSED, S.CREATING),  # a prebuild's fork made ahead, taken by a create
     (S.RESUMING, S.RUNNING),
     (S.RESUMING, S.STOPPED),
     (S.RESUMING, S.PAUSED),  # reconcile: a resume interrupted by a restart
