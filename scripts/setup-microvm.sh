@@ -22,7 +22,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 DIR=${1:-${DEN_MICROVM_DIR:-${DEN_DATA_DIR:-/var/lib/den}/microvm}}
 IMAGE=${DEN_IMAGE:-den/workspace:latest}
 AGENT=${DEN_AGENT_BINARY:-$ROOT/build/agent/den-agent}
-MODULES="virtio_mmio virtio_blk virtio_console ext4"
+MODULES="virtio_mmio virtio_blk virtio_console ext4 virtio_net"
 FORCE=${FORCE:-0}  # FORCE=1 rebuilds everything
 
 CLEAN=()  # temporary directories and containers, removed at exit
@@ -105,6 +105,10 @@ build_initramfs() {
 if /bin/busybox grep -q den.probe=1 /proc/cmdline; then  # the backend's check for KVM
     echo den-probe-ok > /dev/console; /bin/busybox poweroff -f
 fi
+# No IPv6 in the guest (as in gVisor workspaces): set before virtio_net makes its interface.
+for f in /proc/sys/net/ipv6/conf/default/disable_ipv6 /proc/sys/net/ipv6/conf/all/disable_ipv6; do
+    [ -e $f ] && echo 1 > $f
+done
 for m in $(/bin/busybox cat /modules); do /bin/busybox insmod /lib/modules/$m 2>/dev/null; done
 fail() { echo "den-init: $*" > /dev/kmsg; /bin/busybox sleep 1; /bin/busybox poweroff -f; }
 # The agent's port: /dev/vportNpM, N the virtio device's index; found by its name.
@@ -126,6 +130,13 @@ done
 /bin/busybox mkdir -p /newroot/workspace /newroot/dev /newroot/proc /newroot/sys /newroot/tmp
 /bin/busybox mount -t ext4 -o nodev "$ws" /newroot/workspace || fail "cannot mount /workspace"
 /bin/busybox hostname "$(/bin/busybox sed -n 's/.*den.hostname=\([^ ]*\).*/\1/p' /proc/cmdline)"
+# The workspace's process limit (den.pids=N on the kernel command line): RLIMIT_NPROC for
+# every process of the guest, as Docker's nproc ulimit is for a container's; root is exempt.
+pids=$(/bin/busybox sed -n 's/.*den.pids=\([0-9]*\).*/\1/p' /proc/cmdline)
+[ -n "$pids" ] && ulimit -u "$pids"
+# The loopback interface, as every container has it up: servers on 127.0.0.1 in the guest
+# (previews, ssh -L, the agent's connect) are reached through it.
+/bin/busybox ip link set lo up || fail "cannot bring the loopback interface up"
 /bin/busybox mount --move /dev /newroot/dev
 /bin/busybox mount --move /proc /newroot/proc
 /bin/busybox mount --move /sys /newroot/sys
@@ -165,8 +176,9 @@ build_rootfs() {
     mv "$out.tmp" "$out"
 }
 
-# The system user QEMU runs as once a VM is set up (DEN_MICROVM_USER, QEMU's -runas): no
-# login, no home; in the kvm group where there is one (/dev/kvm).
+# The system user QEMU runs as once a VM is set up when VMs have no uids of their own
+# (DEN_MICROVM_UID_BASE=0; DEN_MICROVM_USER, QEMU's -runas): no login, no home; in the kvm
+# group where there is one (/dev/kvm).
 VM_USER=${DEN_MICROVM_USER-den-vm}
 vm_user() {
     [ -n "$VM_USER" ] || return 0
@@ -190,7 +202,11 @@ main() {
         log "no agent at $AGENT: run scripts/build-agent.sh first"
         exit 1
     fi
-    local want="kernel=$kver image=$(docker image inspect -f '{{.Id}}' "$IMAGE") agent=$(sha256sum "$AGENT" | cut -c1-16)"
+    local base="kernel=$kver image=$(docker image inspect -f '{{.Id}}' "$IMAGE") agent=$(sha256sum "$AGENT" | cut -c1-16)"
+    # This script's own hash too: a change to the initramfs's init rebuilds it (the root
+    # filesystem's name stays that of the kernel, image and agent: it is not rebuilt).
+    local want
+    want="$base script=$(sha256sum "${BASH_SOURCE[0]}" | cut -c1-16)"
     if [ "$FORCE" != 1 ] && [ -f "$DIR/VERSION" ] && [ "$(cat "$DIR/VERSION")" = "$want" ] \
             && [ -f "$DIR/vmlinux" ] && [ -f "$DIR/initramfs.cpio" ] && [ -f "$DIR/rootfs.ext4" ]; then
         log "up to date in $DIR ($want)"
@@ -203,7 +219,7 @@ main() {
     # Each build has a file of its own, and rootfs.ext4 links to the newest: the overlays of
     # existing VMs name the file they were made on, which must never change under them.
     local rootfs
-    rootfs="rootfs-$(echo "$want" | sha256sum | cut -c1-12).ext4"
+    rootfs="rootfs-$(echo "$base" | sha256sum | cut -c1-12).ext4"
     if [ ! -f "$DIR/$rootfs" ]; then
         log "root filesystem from $IMAGE -> $DIR/$rootfs"
         build_rootfs "$DIR/$rootfs"

@@ -83,18 +83,31 @@ def docker_devcontainers(settings: Settings) -> DevContainers:
 
 
 def microvm(settings: Settings, *, gpus: GpuPool | None = None) -> Backend:
-    """QEMU microVMs (docs/microvm.md): no network policy (the guests have no network yet),
-    no devcontainer images."""
+    """QEMU microVMs (docs/microvm.md): with isolation on, a bridge of Den's own for their
+    NICs and the same network guard (firewall and DNS forwarder) as the Docker backend's;
+    devcontainer images built on the Docker engine, as the docker backend's, then converted
+    into a root filesystem (server/runtime/microvm/images.py)."""
+    from server.runtime.microvm import vmusers
     from server.runtime.microvm.backend import MicroVmRuntime
+    from server.runtime.microvm.net import VmNetwork
 
+    vm_network = (VmNetwork.named(settings.resolved_network_name(), settings.microvm_subnet)
+                  if settings.network_isolation else None)
     root = settings.microvm_dir or settings.data_dir / "microvm"
     rt = MicroVmRuntime(boot_dir=root, vms_dir=root / "vms", image=settings.default_image,
                         prefix=settings.engine_prefix, qemu=settings.microvm_qemu,
                         accel=settings.microvm_accel,
                         boot_timeout_s=settings.microvm_boot_timeout_s,
                         console_log=settings.microvm_console_log,
-                        user=settings.microvm_user)
-    return Backend(runtime=rt)
+                        user=settings.microvm_user, engine_url=settings.docker_url,
+                        image_max_mb=settings.microvm_image_max_mb,
+                        uids=vmusers.UidRange(settings.microvm_uid_base,
+                                              settings.microvm_uid_count)
+                        if settings.microvm_uid_base else None,
+                        network=vm_network)
+    guard = (NetworkGuard(runtime=rt, settings=settings, resolver_addresses=[], forwarder=True)
+             if vm_network is not None else None)
+    return Backend(runtime=rt, network=guard, devcontainers=docker_devcontainers(settings))
 
 
 BACKENDS: dict[str, Callable[..., Backend]] = {"docker": docker, "microvm": microvm}

@@ -112,10 +112,35 @@ class Settings(BaseSettings):
     )
     microvm_user: str = Field(
         "den-vm", max_length=32,
-        description="The system user QEMU runs as once it has set a microVM up (QEMU's "
-        "`-runas`: the disks, sockets and /dev/kvm are opened as root first); "
-        "scripts/setup-microvm.sh creates it. Empty: QEMU stays root (not for untrusted "
-        "workspaces).",
+        description="With DEN_MICROVM_UID_BASE=0: the system user every QEMU runs as once "
+        "it has set a microVM up (QEMU's `-runas`: the disks, sockets and /dev/kvm are "
+        "opened as root first); scripts/setup-microvm.sh creates it. Empty: QEMU stays root "
+        "(not for untrusted workspaces).",
+    )
+    microvm_uid_base: int = Field(
+        2_000_000_000, ge=0, lt=2**31,
+        description="The first of the uids microVMs run as: each VM's QEMU drops root to a "
+        "uid (and group) of its own from this range, recorded with the VM (docs/microvm.md). "
+        "Choose a range no system user or user namespace uses. 0: every QEMU runs as "
+        "DEN_MICROVM_USER instead.",
+    )
+    microvm_uid_count: int = Field(
+        1_000_000, ge=1, le=2**30,
+        description="How many uids from DEN_MICROVM_UID_BASE microVMs may run as; a uid is "
+        "used again only after the whole range has gone round.",
+    )
+    microvm_subnet: str = Field(
+        "10.88.0.0/16",
+        description="IPv4 subnet (CIDR) of the bridge Den makes for microVMs' NICs (with "
+        "network isolation on); the host takes its first address (the VMs' gateway and DNS "
+        "forwarder), each VM one of the others. Pick a range no other network of the host "
+        "uses.",
+    )
+    microvm_image_max_mb: int = Field(
+        4096, ge=64,
+        description="The largest image (its unpacked filesystem, in MB) a microVM workspace may "
+        "run: an image other than the setup's is converted into a root filesystem of its own "
+        "(docs/microvm.md, Images); a larger one is refused.",
     )
     microvm_console_log: bool = Field(
         False,

@@ -25,6 +25,7 @@ POINTS: tuple[str, ...] = (
     "restore.copy",  # a restore's copy helper is copying into the new volume
     "restore.swap",  # the new copy is complete and recorded; the container still uses the old
     "pause.checkpoint",  # runsc is writing the checkpoint
+    "resume.session",  # microVM: the saved memory is loaded and the guest runs; no session yet
     "snapshot.commit",  # the snapshot's image is committed; its volume copy not made
     "snapshot.copy",  # a snapshot's copy helper is copying the workspace's volume
     "delete.volume",  # the container is removed, the volume not yet

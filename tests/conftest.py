@@ -120,6 +120,28 @@ def remove_networks(prefix: str) -> None:
         subprocess.run(["docker", "network", "rm", name], capture_output=True, timeout=60)
 
 
+def microvm_subnet() -> str:
+    """A /24 of DEN_MICROVM_SUBNET's default range that no route of the host uses yet, for
+    one test server's microVM bridge (several test servers, of this run and of others, may
+    run at once, each with a bridge of its own)."""
+    import random
+
+    routes = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True,
+                            text=True, timeout=30).stdout
+    free = [n for n in range(1, 255) if f"10.88.{n}." not in routes]
+    return f"10.88.{random.choice(free)}.0/24"
+
+
+def remove_microvm_network(settings: Any) -> None:
+    """A test server's microVM bridge and its firewall chains (after its VMs are gone)."""
+    from server.network.firewall import Iptables, chain_prefix
+    from server.runtime.microvm.net import VmNetwork, remove_bridge
+
+    name = settings.resolved_network_name()
+    Iptables(chain_prefix(name)).remove()
+    remove_bridge(VmNetwork.named(name, settings.microvm_subnet))
+
+
 @pytest.fixture(autouse=True)
 def _networks_go_after_engine_tests(request: pytest.FixtureRequest) -> Iterator[None]:
     yield

@@ -12,6 +12,13 @@ match the source address of each container, and every packet is judged (no "esta
 shortcut for what a workspace sends), so a tighter policy cuts open connections at once.
 A source Den does not know (a container that has just started) is rejected: fail closed.
 
+A bridge Den makes itself (the microVM backend's, ``Bridge.own``) has no engine behind it
+that accepts and masquerades what leaves it (Docker's ``FORWARD`` policy is ``DROP``): the
+same rules then sit in ``DEN-<hash>-OWN``, jumped to first from ``FORWARD``, which sends the
+bridge's traffic through ``-FWD`` and accepts what that lets through, accepts the replies,
+and refuses anything else bound for the bridge; ``DEN-<hash>-NAT`` (``POSTROUTING``)
+masquerades what leaves for other networks. The policy rules are the same for both.
+
 IPv6: Den's network has none; an ip6tables chain rejects anything from the bridge anyway
 (link-local addresses of the host's bridge).
 """
@@ -60,6 +67,7 @@ class Bridge:
 
     interface: str
     subnet: str  # e.g. 172.18.0.0/16
+    own: bool = False  # made by Den, not the engine: Den accepts and masquerades (module doc)
 
 
 @dataclass(frozen=True)
@@ -144,6 +152,15 @@ def ruleset(prefix: str, bridge: Bridge, members: Sequence[Member], *,
         add(inet, ["-d", net], deny)
     add(inet, ["-m", "addrtype", "--dst-type", "LOCAL"], deny)  # any address of the host
     add(inet, ["-j", "RETURN"])
+    if bridge.own:
+        own = f"{prefix}-OWN"
+        lines.insert(1, f":{own} - [0:0]")
+        iface = ["-i", bridge.interface]
+        add(own, iface, ["-j", fwd])  # refused there, or back here: allowed
+        add(own, iface, ["-j", "ACCEPT"])
+        add(own, ["-o", bridge.interface, "-m", "conntrack", "--ctstate",
+                  "RELATED,ESTABLISHED", "-j", "ACCEPT"])
+        add(own, ["-o", bridge.interface], deny)  # nobody else opens connections to it
     if log_denied:
         add(rej, ["-m", "limit", "--limit", "20/second", "--limit-burst", "50", "-j", "LOG",
                   "--log-level", "6", "--log-prefix", f'"{log_tag(prefix)}"'])
@@ -153,6 +170,14 @@ def ruleset(prefix: str, bridge: Bridge, members: Sequence[Member], *,
     return "\n".join(lines) + "\n"
 
 
+def nat_ruleset(prefix: str, bridge: Bridge) -> str:
+    """The ``iptables-restore --noflush`` input of an own bridge's masquerading (nat table):
+    what its members send to other networks leaves with the host's address."""
+    chain = f"{prefix}-NAT"
+    return (f"*nat\n:{chain} - [0:0]\n-A {chain} -s {bridge.subnet} ! -o {bridge.interface} "
+            f"-j MASQUERADE\nCOMMIT\n")
+
+
 def ruleset_v6(prefix: str) -> str:
     chain = f"{prefix}-FWD"
     return (f"*filter\n:{chain} - [0:0]\n-A {chain} {' '.join(REJECT_TCP)}\n"
@@ -160,8 +185,12 @@ def ruleset_v6(prefix: str) -> str:
 
 
 def jumps(prefix: str, bridge: Bridge) -> list[tuple[str, list[str]]]:
-    """(built-in chain, rule) pairs that send the bridge's traffic into Den's chain."""
+    """(built-in chain, rule) pairs that send the bridge's traffic into Den's chains (a
+    rule may name its table first: ``-t nat``)."""
     rule = ["-i", bridge.interface, "-j", f"{prefix}-FWD"]
+    if bridge.own:
+        return [("FORWARD", ["-j", f"{prefix}-OWN"]), ("INPUT", rule),
+                ("POSTROUTING", ["-t", "nat", "-j", f"{prefix}-NAT"])]
     return [("DOCKER-USER", rule), ("INPUT", rule)]
 
 
@@ -212,6 +241,9 @@ class Iptables:
     def apply(self, v4: str, v6: str, bridge: Bridge) -> None:
         """Replace Den's chains and make sure the jumps to them exist (idempotent)."""
         self._run([f"{self._v4}-restore", "--noflush"], stdin=v4)
+        if bridge.own:
+            self._run([f"{self._v4}-restore", "--noflush"],
+                      stdin=nat_ruleset(self.prefix, bridge))
         self._ensure_jumps(self._v4, jumps(self.prefix, bridge))
         if self._v6 is not None:
             self._run([f"{self._v6}-restore", "--noflush"], stdin=v6)
@@ -229,21 +261,24 @@ class Iptables:
 
     def remove(self) -> None:
         """Remove Den's jumps and chains (uninstall, tests); what is missing is fine."""
-        for tool in [self._v4, *([self._v6] if self._v6 else [])]:
-            listing = self._run([tool, "-w", "-S"], check=False).stdout.splitlines()
+        ours = {f"{self.prefix}-{c}" for c in ("FWD", "OWN", "NAT")}
+        tables = [(self._v4, ["-t", "filter"]), (self._v4, ["-t", "nat"]),
+                  *([(self._v6, ["-t", "filter"])] if self._v6 else [])]
+        for tool, table in tables:
+            listing = self._run([tool, "-w", *table, "-S"], check=False).stdout.splitlines()
             for line in listing:
                 parts = line.split()
                 if (len(parts) > 2 and parts[0] == "-A" and not parts[1].startswith(self.prefix)
-                        and f"{self.prefix}-FWD" in parts):
-                    self._run([tool, "-w", "-D", *parts[1:]], check=False)
+                        and ours & set(parts)):
+                    self._run([tool, "-w", *table, "-D", *parts[1:]], check=False)
             for line in listing:
                 parts = line.split()
                 if len(parts) == 2 and parts[0] == "-N" and parts[1].startswith(self.prefix):
-                    self._run([tool, "-w", "-F", parts[1]], check=False)
+                    self._run([tool, "-w", *table, "-F", parts[1]], check=False)
             for line in listing:
                 parts = line.split()
                 if len(parts) == 2 and parts[0] == "-N" and parts[1].startswith(self.prefix):
-                    self._run([tool, "-w", "-X", parts[1]], check=False)
+                    self._run([tool, "-w", *table, "-X", parts[1]], check=False)
 
 
 def members_of(by_name: Mapping[str, str], policies: Mapping[str, NetworkPolicy],

@@ -170,7 +170,8 @@ class NetworkGuard:
         ``pins_only``: only the pins changed since the last full apply."""
         info = self._info
         assert info is not None
-        bridge = firewall.Bridge(interface=info.interface, subnet=info.subnet)
+        bridge = firewall.Bridge(interface=info.interface, subnet=info.subnet,
+                                 own=info.own_bridge)
         members = firewall.members_of(info.addresses, self._policies,
                                       info.ports if self.by_port else None,
                                       self.pins.by_container())

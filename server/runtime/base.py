@@ -80,6 +80,7 @@ class WorkspaceSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     disk_gb: int = 0  # /workspace and the root filesystem together; 0: not enforced
     gpus: tuple[Gpu, ...] = ()  # the GPUs its container is made with (server/gpus)
+    network: str = "internet"  # its network policy's mode at start ("none": no NIC, microVMs)
 
 
 @dataclass(frozen=True)
@@ -327,6 +328,7 @@ class NetworkInfo:
     # running container -> its port on the bridge (the host's end of its veth), where known:
     # unlike an address, a workspace cannot forge the port its packets come in by.
     ports: Mapping[str, str] = field(default_factory=dict)
+    own_bridge: bool = False  # Den made the bridge, not the engine (firewall.Bridge.own)
 
 
 @runtime_checkable
@@ -363,6 +365,19 @@ class Freezer(Protocol):
     async def thaw(self, spec: WorkspaceSpec) -> None:
         """Let a frozen workspace run again, as it was. One that is not frozen is left
         alone; raises ``EngineConflict`` when it is not running at all."""
+        ...
+
+
+@runtime_checkable
+class Recovers(Protocol):
+    """Backends whose running sandbox can be left halted by a Den that died mid-operation
+    (a microVM whose CPUs were stopped for a snapshot's copy). Reconcile asks
+    ``isinstance(runtime, Recovers)`` for each workspace it finds running and idle."""
+
+    async def recover_running(self, spec: WorkspaceSpec) -> str | None:
+        """Let a running sandbox that a dead Den left halted run again; returns what was
+        done (for the event log), None when there was nothing to do. Called only while no
+        operation of this Den holds the workspace. Raises ``EngineError``."""
         ...
 
 

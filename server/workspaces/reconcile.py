@@ -20,6 +20,7 @@ from server.runtime.base import (
     Checkpoints,
     ContainerStatus,
     Freezer,
+    Recovers,
     WorkspaceSpec,
     names,
 )
@@ -148,6 +149,11 @@ class Reconciler(ServicePart):
             if isinstance(self.runtime, Freezer):  # frozen from outside Den: it must answer
                 await self.runtime.thaw(spec)
                 self.ledger.note(ws.id, "reconcile", "found frozen in the engine; thawed")
+        elif (state is State.RUNNING and status is ContainerStatus.RUNNING
+              and isinstance(self.runtime, Recovers)):
+            done = await self.runtime.recover_running(spec)
+            if done:
+                self.ledger.note(ws.id, "reconcile", done)
         elif state is State.PAUSED and status is ContainerStatus.RUNNING:
             self.ledger.transition(ws.id, state, State.RESUMING, actor=actor)
             self.ledger.transition(ws.id, State.RESUMING, State.RUNNING, actor=actor,

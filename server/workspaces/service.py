@@ -243,6 +243,7 @@ class WorkspaceService:
             ),
             env={str(k): str(v) for k, v in ws.env.items()},
             gpus=self.gpus.devices_for(ws),
+            network=self.networks.policy(ws).mode,
         )
 
     def sandbox_name(self, ws: Workspace) -> str:

@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from server.config import Settings
 from server.runtime.base import (
     Checkpoints,
     DiskSnapshots,
@@ -37,8 +38,10 @@ from server.runtime.base import (
     WorkspaceSpec,
     labels_for,
 )
+from server.runtime.microvm import vmusers
 from server.runtime.microvm.argv import probe_argv
 from server.runtime.microvm.backend import MicroVmRuntime
+from server.runtime.microvm.net import VmNetwork, remove_bridge
 
 CHECKPOINT = "den-pause"  # server.workspaces.handles.CHECKPOINT
 
@@ -122,8 +125,15 @@ async def gvisor_side(rounds: int, tmp: Path) -> dict[str, list[float]]:
 
 async def main(args: argparse.Namespace) -> None:
     vms = Path(tempfile.mkdtemp(prefix="dvm-", dir="/tmp"))
+    defaults = Settings()  # each QEMU as a uid of its own, as a server runs them
+    prefix = f"denbench-{secrets.token_hex(2)}"
+    # --network: each VM gets its NIC on a bridge of the bench's own (no firewall: the
+    # guest's configuration is what a boot, a resume and a fork pay for).
+    vm_net = VmNetwork.named(prefix, args.network) if args.network else None
     rt = MicroVmRuntime(boot_dir=args.dir, vms_dir=vms, image="den/workspace:latest",
-                        prefix=f"denbench-{secrets.token_hex(2)}")
+                        prefix=prefix, network=vm_net,
+                        uids=vmusers.UidRange(defaults.microvm_uid_base,
+                                              defaults.microvm_uid_count))
     await rt.check()
     raw_boot, den_boot, ping, exec_true = [], [], [], []
     try:
@@ -163,8 +173,11 @@ async def main(args: argparse.Namespace) -> None:
         gv_sleep = None if args.no_gvisor else await gvisor_side(args.rounds, tmp)
     finally:
         shutil.rmtree(vms, ignore_errors=True)
+        if vm_net is not None:
+            remove_bridge(vm_net)
     accel = rt.accelerator.upper()
-    print(f"microVM backend, {accel}; load {Path('/proc/loadavg').read_text().split()[:3]}")
+    nic = "a NIC per VM" if vm_net else "no NIC"
+    print(f"microVM backend, {accel}, {nic}; load {Path('/proc/loadavg').read_text().split()[:3]}")
     print(f"boot to first exec: raw QEMU boot {_ms(raw_boot)} | Den {_ms(den_boot)} | "
           f"{statistics.median(den_boot) / statistics.median(raw_boot):.2f}x")
     print(f"exec round trip:    agent ping {_ms(ping)} | exec true {_ms(exec_true)} | "
@@ -186,4 +199,6 @@ if __name__ == "__main__":
     p.add_argument("--samples", type=int, default=20)
     p.add_argument("--dir", type=Path, default=Path("/var/lib/den/microvm"))
     p.add_argument("--no-gvisor", action="store_true", help="the microVM side only")
+    p.add_argument("--network", default="", metavar="CIDR",
+                   help="give each VM a NIC on a bridge with this subnet (e.g. 10.88.250.0/24)")
     asyncio.run(main(p.parse_args()))

@@ -1,7 +1,8 @@
 """Workspaces as QEMU microVMs (DEN_BACKEND=microvm, docs/microvm.md), through the API of a
 real server: what is microVM-only (its own kernel and the accelerator, QEMU unprivileged in a
 cgroup of its own, the TCG size refusal, the guest's processes getting SIGTERM at stop, QEMU
-killed, killed mid-pause, a hung guest, a restarted Den finding its VMs). The lifecycle
+killed, killed mid-pause, a hung guest, the workspace disk's size enforced, a full host
+disk during a memory save, a truncated saved memory, a restarted Den finding its VMs). The lifecycle
 contract both backends share is tests/engine/test_backends.py. Needs the boot files of
 scripts/setup-microvm.sh (under CI their absence fails the module). One VM is shared by the
 tests, in order (each boot takes seconds under TCG)."""
@@ -11,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import pwd
 import secrets
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +31,16 @@ from server.config import Settings
 from server.runtime.microvm import cgroup, process
 from server.runtime.microvm.argv import VmFiles
 from server.runtime.microvm.cgroup import Cgroups
-from tests.conftest import IN_CI, RUN_PREFIX, ApiClient, git, users
+from tests.conftest import (
+    IN_CI,
+    RUN_PREFIX,
+    ApiClient,
+    bare_repo,
+    git,
+    microvm_subnet,
+    remove_microvm_network,
+    users,
+)
 
 pytestmark = pytest.mark.engine
 
@@ -76,7 +86,8 @@ def vm_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiClient]:
                         engine_prefix=f"{RUN_PREFIX}-{secrets.token_hex(2)}",
                         default_memory_mb=512, default_cpus=1.0, default_disk_gb=1,
                         stop_timeout_s=5, reaper_interval_s=0, ssh_port=0,
-                        outbound_allow=["127.0.0.0/8", "::1"], gpus="none")
+                        outbound_allow=["127.0.0.0/8", "::1"], gpus="none",
+                        microvm_subnet=microvm_subnet())
     app = create_app(settings)
     with TestClient(app) as client:
         api = ApiClient(client, users(app))
@@ -90,6 +101,7 @@ def vm_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiClient]:
                 process.end(VmFiles(d), timeout_s=0)
                 subprocess.run(["rm", "-rf", str(d)], check=False)
                 Cgroups().remove(d.name)
+            remove_microvm_network(settings)
 
 
 @pytest.fixture(scope="module")
@@ -181,17 +193,53 @@ def _cgroups_of(pid: int) -> dict[str, str]:
     return found
 
 
+def qemu_uid(files: VmFiles) -> int:
+    """The uid the VM's QEMU runs as: its real, effective, saved and filesystem uids, and
+    its gids, all the same number (the VM's own uid and group)."""
+    pid = process.running(files)
+    assert pid is not None
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    uids = next(line.split()[1:] for line in status if line.startswith("Uid:"))
+    gids = next(line.split()[1:] for line in status if line.startswith("Gid:"))
+    assert len(set(uids)) == 1 and set(gids) == set(uids), status
+    return int(uids[0])
+
+
+def assert_vms_apart(a: VmFiles, b: VmFiles) -> None:
+    """Two VMs' QEMUs run as different uids of Den's range, each owning its directory
+    (0700); with ``b``'s credentials (a guest escaped into its QEMU) ``a``'s disk cannot be
+    read nor ``a``'s QEMU signalled, while ``b``'s own can."""
+    ua, ub = qemu_uid(a), qemu_uid(b)
+    base = Settings().microvm_uid_base
+    assert ua != ub and base <= ua and base <= ub, (ua, ub)
+    for files, uid in ((a, ua), (b, ub)):
+        st = files.dir.stat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (uid, uid, 0o700), files.dir
+        assert json.loads(files.record.read_text())["uid"] == uid
+
+    def as_b(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["setpriv", f"--reuid={ub}", f"--regid={ub}", "--clear-groups",
+                               *argv], capture_output=True, text=True, timeout=30, check=False)
+
+    denied = as_b("head", "-c", "1", str(a.workspace))
+    assert denied.returncode != 0 and "Permission denied" in denied.stderr, denied
+    assert as_b("head", "-c", "1", str(b.workspace)).returncode == 0
+    assert as_b("kill", "-0", str(process.running(a))).returncode != 0
+    assert as_b("kill", "-0", str(process.running(b))).returncode == 0
+
+
 def test_qemu_runs_unprivileged_in_a_cgroup_of_its_own(vm_api: ApiClient,
                                                        vm: dict[str, Any]) -> None:
-    """QEMU dropped root (-runas den-vm) and was born in the VM's cgroup, whose limits
-    follow the workspace's cpus and memory (plus QEMU's overhead)."""
+    """QEMU dropped root (-runas UID:GID, the VM's own uid, recorded in vm.json) and was born
+    in the VM's cgroup, whose limits follow the workspace's cpus and memory (plus QEMU's
+    overhead)."""
     files = VmFiles(vm_dir(vm_api, vm["id"]))
     pid = process.running(files)
     assert pid is not None
-    status = Path(f"/proc/{pid}/status").read_text()
-    uids = next(line.split()[1:] for line in status.splitlines() if line.startswith("Uid:"))
-    assert set(uids) == {str(pwd.getpwnam("den-vm").pw_uid)}, uids  # real, effective, saved
-    assert files.dir.stat().st_uid == pwd.getpwnam("den-vm").pw_uid
+    uid = qemu_uid(files)
+    assert uid >= vm_api.app.state.settings.microvm_uid_base, uid
+    assert uid == json.loads(files.record.read_text())["uid"]
+    assert files.dir.stat().st_uid == uid
     groups = _cgroups_of(pid)
     want = f"/{cgroup.PARENT}/{files.dir.name}"
     root = Path("/sys/fs/cgroup")
@@ -315,6 +363,109 @@ def test_qemu_dying_mid_pause_leaves_the_workspace_to_start_cold(
     events = _event_lines(vm_api, ws_id)
     assert any("pause failed" in e and "starts cold from its disk" in e for e in events), events
     assert any("started on access" in e for e in events), events
+
+
+def test_a_truncated_saved_memory_starts_cold_from_disk(vm_api: ApiClient,
+                                                        vm: dict[str, Any]) -> None:
+    """The saved memory cut short (a disk that lost its tail, a copy interrupted): the
+    resume does not hang or lose the disk; the workspace starts cold and the event log says
+    so."""
+    ws_id = vm["id"]
+    out = vm_api.exec(ws_id, "echo on-disk > /workspace/api/kept; echo in-memory > /tmp/mem")
+    assert out["exit_code"] == 0, out
+    r = vm_api.post(f"/api/v1/workspaces/{ws_id}/pause")
+    assert r.status_code == 200 and r.json()["state"] == "paused", r.text
+    state = vm_dir(vm_api, ws_id) / "checkpoints" / "den-pause" / "state"
+    size = state.stat().st_size
+    with state.open("r+b") as f:
+        f.truncate(size // 2)
+    r = vm_api.post(f"/api/v1/workspaces/{ws_id}/resume")
+    assert r.status_code == 200 and r.json()["state"] == "running", r.text
+    out = vm_api.exec(ws_id, "cat /workspace/api/kept; test -e /tmp/mem || echo cold")
+    assert out["stdout"] == "on-disk\ncold\n", out
+    last = _event_lines(vm_api, ws_id)[-1]
+    assert "restore from memory failed" in last and "started cold from disk" in last, last
+    assert process.running(VmFiles(vm_dir(vm_api, ws_id))) is not None
+
+
+def test_the_workspace_disk_never_grows_past_its_size(vm_api: ApiClient,
+                                                      vm: dict[str, Any]) -> None:
+    """A guest writing past disk_gb gets ENOSPC; the host's image file stays within its
+    size (apparent and allocated)."""
+    ws_id = vm["id"]
+    # Most of the free space reserved at once (no data written), then 64 MiB more than is
+    # left written for real.
+    fill = ("left=$(df --output=avail -B1 /workspace | tail -1); "
+            "fallocate -l $((left - 32 * 1048576)) /workspace/fill && "
+            "head -c 96M /dev/zero > /workspace/more; echo rc=$?; sync")
+    out = vm_api.exec(ws_id, ["sh", "-c", fill])
+    assert "rc=1" in out["stdout"] and "No space left on device" in out["stderr"], out
+    image = vm_dir(vm_api, ws_id) / "workspace.img"
+    st = image.stat()
+    assert st.st_size == 1 << 30, st  # disk_gb 1
+    assert st.st_blocks * 512 <= 1 << 30, st
+    out = vm_api.exec(ws_id, "rm /workspace/fill /workspace/more && cat /workspace/api/kept")
+    assert out["stdout"] == "on-disk\n", out  # the workspace goes on, its files whole
+
+
+def test_a_full_host_disk_during_the_memory_save_leaves_the_workspace_running(
+        tmp_path: Path) -> None:
+    """The VM directories on a small filesystem that fills up while QEMU saves the guest's
+    memory: the pause fails with the reason, the workspace runs on (its processes too), no
+    partial checkpoint is left, and a pause once there is room works."""
+    _require_setup()
+    small = Path(tempfile.mkdtemp(prefix="dentest-vmfull-"))
+    small.chmod(0o711)  # QEMU runs as den-vm: it must reach its VM's directory
+    for name in ("vmlinux", "initramfs.cpio", "rootfs.ext4"):
+        (small / name).symlink_to((BOOT_DIR / name).resolve())
+    (small / "vms").mkdir(mode=0o711)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m,mode=0711", "tmpfs",
+                    str(small / "vms")], check=True)
+    repos = tmp_path / "repos"
+    repos.mkdir()
+    repo = bare_repo(repos, tmp_path / "src", files={"README.md": "# api\n"})
+    settings = Settings(data_dir=tmp_path / "data", local_repo_roots=[repos],
+                        backend="microvm", microvm_dir=small, microvm_accel="auto",
+                        engine_prefix=f"{RUN_PREFIX}-{secrets.token_hex(2)}",
+                        default_memory_mb=512, default_cpus=1.0, default_disk_gb=1,
+                        stop_timeout_s=5, reaper_interval_s=0, ssh_port=0,
+                        outbound_allow=["127.0.0.0/8", "::1"], gpus="none")
+    try:
+        with TestClient(create_app(settings)) as client:
+            api = ApiClient(client, users(client.app))
+            ws = api.create(repo, runtime="microvm")
+            assert ws["state"] == "running", ws
+            wid = ws["id"]
+            assert api.exec(wid, "echo mem > /tmp/mem")["exit_code"] == 0
+            files = VmFiles(next((small / "vms").glob(f"*-vm-{wid}")))
+            # Leave 16 MiB free: an idle 512 MB guest's memory is about 80 MB.
+            free = os.statvfs(small / "vms")
+            filler = small / "vms" / "filler"
+            with filler.open("wb") as f:
+                os.posix_fallocate(f.fileno(), 0, free.f_bavail * free.f_frsize - (16 << 20))
+            r = api.post(f"/api/v1/workspaces/{wid}/pause")
+            assert r.status_code >= 500, r.text
+            message = r.json()["error"]["message"]
+            assert "could not save the VM's memory" in message, message
+            assert "No space left on device" in message, message
+            assert api.get(f"/api/v1/workspaces/{wid}").json()["state"] == "running"
+            assert not (files.dir / "checkpoints" / ".den-pause.tmp").exists()
+            assert not (files.dir / "checkpoints" / "den-pause").exists()
+            assert api.exec(wid, "cat /tmp/mem")["stdout"] == "mem\n"  # it ran on
+            events = _event_lines(api, wid)
+            assert any("pause failed" in e and "the workspace is running" in e
+                       for e in events), events
+            filler.unlink()
+            r = api.post(f"/api/v1/workspaces/{wid}/pause")
+            assert r.status_code == 200 and r.json()["state"] == "paused", r.text
+            assert api.exec(wid, "cat /tmp/mem")["stdout"] == "mem\n"  # woken from memory
+            assert api.delete(f"/api/v1/workspaces/{wid}").status_code in (200, 202, 204)
+    finally:
+        for d in (small / "vms").glob(f"{settings.engine_prefix}-*"):
+            process.end(VmFiles(d), timeout_s=0)
+            Cgroups().remove(d.name)
+        subprocess.run(["umount", str(small / "vms")], check=False)
+        subprocess.run(["rm", "-rf", str(small)], check=False)
 
 
 def test_a_restarted_den_finds_the_running_vm_and_its_agent(tmp_path: Path) -> None:

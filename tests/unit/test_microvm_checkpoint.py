@@ -125,6 +125,10 @@ def test_a_fork_takes_its_own_host_name_and_stirs_its_random_pool() -> None:
     argv = fork_identity_argv("b; rm -rf /")
     assert argv[:2] == ["sh", "-c"] and "/dev/urandom" in argv[2]
     assert argv[-1] == "b; rm -rf /"  # an argument of the script, never part of it
+    # With its network: the address's commands run after, in the same round trip.
+    both = fork_identity_argv("b", ["sh", "-c", "ip addr", "den-net"])
+    assert both[3:] == ["den-fork", "b", "sh", "-c", "ip addr", "den-net"]
+    assert both[2].endswith('&& shift && exec "$@"')
 
 
 def test_disks_are_copied_sparse_with_shared_blocks_where_possible() -> None:

@@ -41,7 +41,7 @@ def _opt(argv: list[str], flag: str) -> list[str]:
 
 def test_argv_boots_the_kernel_with_both_disks_and_the_agent_port() -> None:
     argv = qemu_argv("qemu", BOOT, FILES, accel="tcg", cpus=1.5, memory_mb=768,
-                     hostname="api", tsc_khz=2596134)
+                     hostname="api", tsc_khz=2596134, pids_limit=300)
     assert argv[0] == "qemu"
     assert _opt(argv, "-M")[0].startswith("microvm,")
     assert _opt(argv, "-accel") == ["tcg,tb-size=128"] and _opt(argv, "-cpu") == ["max"]
@@ -60,7 +60,8 @@ def test_argv_boots_the_kernel_with_both_disks_and_the_agent_port() -> None:
     assert argv[argv.index("-sandbox") + 1] == "on,obsolete=deny,resourcecontrol=deny"
     assert _opt(argv, "-pidfile") == ["/srv/den/microvm/vms/den-vm-abc/qemu.pid"]
     cmdline = _opt(argv, "-append")[0].split()
-    assert {"panic=-1", "den.hostname=api", "tsc_early_khz=2596134"} <= set(cmdline)
+    assert {"panic=-1", "den.hostname=api", "tsc_early_khz=2596134", "den.pids=300"
+            } <= set(cmdline)
     assert not any(a.startswith("console=") for a in cmdline)
     # No network device, no host directory shared into the guest.
     assert not any(a in ("-netdev", "-nic", "-virtfs", "-fsdev") for a in argv)
@@ -114,6 +115,9 @@ def test_vcpus_round_up_to_whole_cpus() -> None:
 def test_kernel_cmdline() -> None:
     assert kernel_cmdline("w", console=False).split()[-1] == "den.hostname=w"
     assert "den.probe=1" in kernel_cmdline("w", console=True, probe=True)
+    # The workspace's process limit, for the initramfs to make RLIMIT_NPROC.
+    assert kernel_cmdline("w", console=False, pids_limit=200).split()[-1] == "den.pids=200"
+    assert "den.pids" not in kernel_cmdline("w", console=False)
 
 
 def test_host_tsc_khz_from_cpuinfo() -> None:
@@ -129,10 +133,11 @@ def test_backend_is_registered_and_has_the_required_protocols(tmp_path: Path) ->
     assert isinstance(rt, Lifecycle) and isinstance(rt, Execs) and isinstance(rt, Inventory)
     assert isinstance(rt, AgentChannel)
     assert isinstance(rt, Checkpoints) and isinstance(rt, DiskSnapshots)
-    # Pause with memory, snapshots, forks and restores (features.py); connections are made
-    # by the agent; a QEMU that ends is an event.
-    assert features(rt) == ["checkpoints", "disk_snapshots", "agent", "port_connect",
-                            "engine_events"]
+    # Pause with memory, snapshots, forks and restores (features.py); connections and
+    # background processes are the agent's (processes.py); its VMs' NICs are on a bridge of
+    # Den's (net.py); a QEMU that ends is an event.
+    assert features(rt) == ["checkpoints", "disk_snapshots", "agent", "processes",
+                            "port_connect", "managed_network", "engine_events"]
     assert rt.boot.kernel == tmp_path / "microvm" / "vmlinux"
     assert rt.vms_dir == tmp_path / "microvm" / "vms"
     assert rt.new_handle("abc") == {"vm": "den-vm-abc"}
@@ -151,3 +156,15 @@ def test_runtime_names_follow_the_backend(tmp_path: Path) -> None:
             runtime_name(vm, other)
     with pytest.raises(ValidationFailed, match="unknown runtime"):
         runtime_name(vm, "kata")
+
+
+def test_an_unfinished_copy_is_known_by_its_name() -> None:
+    """A copy Den died making has no vm.json: reconcile finds it by the name alone."""
+    from server.runtime.microvm.snapshots import unfinished
+
+    assert unfinished(".den-vm-ws1.tmp", "den") == ("vm", "ws1")
+    assert unfinished(".den-vm-ws1-a1b2c3.tmp", "den") == ("vm", "ws1")  # a restore's copy
+    assert unfinished(".den-snap-sn9.tmp", "den") == ("snap", "sn9")
+    for other in ("den-vm-ws1", ".den-vm-ws1", ".other-vm-ws1.tmp", ".den-pause.tmp",
+                  ".den-vm-.tmp", ".den-x-ws1.tmp"):
+        assert unfinished(other, "den") is None, other

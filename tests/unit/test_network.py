@@ -300,3 +300,32 @@ def test_api_create_patch_and_errors(fake_api: ApiClient, make_repo: Callable[..
     # Default mode for a create without network.
     assert fake_api.create(make_repo("web"), name="web")["network"] == {
         "mode": "internet", "allow": []}
+
+
+def test_an_own_bridge_gets_the_same_rules_plus_accept_and_masquerade() -> None:
+    """The microVMs' bridge (Den's, no engine behind it): the member rules are those of the
+    engine's bridge, reached from FORWARD through -OWN, which accepts what -FWD lets back."""
+    members = [firewall.Member("10.88.0.2", NetworkPolicy("internet"), port="dvtabc")]
+    engine = firewall.Bridge(interface="den-abc", subnet="10.88.0.0/16")
+    own = firewall.Bridge(interface="den-abc", subnet="10.88.0.0/16", own=True)
+    plain = firewall.ruleset("DEN-X", engine, members, resolvers=["10.88.0.1"],
+                             operator_allow=[]).splitlines()
+    rules = firewall.ruleset("DEN-X", own, members, resolvers=["10.88.0.1"],
+                             operator_allow=[]).splitlines()
+    assert [r for r in rules if "DEN-X-OWN" not in r] == plain
+    assert [r for r in rules if r.startswith("-A DEN-X-OWN")] == [
+        "-A DEN-X-OWN -i den-abc -j DEN-X-FWD",
+        "-A DEN-X-OWN -i den-abc -j ACCEPT",
+        "-A DEN-X-OWN -o den-abc -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        "-A DEN-X-OWN -o den-abc -j DEN-X-REJ",
+    ]
+    assert ":DEN-X-OWN - [0:0]" in rules
+    assert firewall.nat_ruleset("DEN-X", own) == (
+        "*nat\n:DEN-X-NAT - [0:0]\n-A DEN-X-NAT -s 10.88.0.0/16 ! -o den-abc -j MASQUERADE\n"
+        "COMMIT\n")
+    assert firewall.jumps("DEN-X", engine) == [
+        ("DOCKER-USER", ["-i", "den-abc", "-j", "DEN-X-FWD"]),
+        ("INPUT", ["-i", "den-abc", "-j", "DEN-X-FWD"])]
+    assert firewall.jumps("DEN-X", own) == [
+        ("FORWARD", ["-j", "DEN-X-OWN"]), ("INPUT", ["-i", "den-abc", "-j", "DEN-X-FWD"]),
+        ("POSTROUTING", ["-t", "nat", "-j", "DEN-X-NAT"])]

@@ -85,14 +85,17 @@ def vcpus(cpus: float) -> int:
     return max(1, math.ceil(cpus))
 
 
-def kernel_cmdline(hostname: str, *, console: bool, probe: bool = False, tsc_khz: int = 0
-                   ) -> str:
+def kernel_cmdline(hostname: str, *, console: bool, probe: bool = False, tsc_khz: int = 0,
+                   pids_limit: int = 0) -> str:
     """The guest kernel's command line. ``panic=-1`` with QEMU's ``-no-reboot``: the VM
     ends when its init (the agent) exits. ``probe`` makes the initramfs power off at once
     (the KVM check). ``tsc_khz`` (TCG): the microvm machine has no PIT or HPET the kernel
     can calibrate its TSC against, and without being told the frequency it waits for a
-    timer forever; under TCG the guest's TSC is the host's."""
+    timer forever; under TCG the guest's TSC is the host's. ``pids_limit``: the initramfs
+    makes it the RLIMIT_NPROC of every process in the guest (scripts/setup-microvm.sh)."""
     args = ["panic=-1", "reboot=t", "quiet", "loglevel=3", f"den.hostname={hostname}"]
+    if pids_limit > 0:
+        args.append(f"den.pids={int(pids_limit)}")
     if tsc_khz > 0:
         args.append(f"tsc_early_khz={tsc_khz}")
     if console:
@@ -104,7 +107,7 @@ def kernel_cmdline(hostname: str, *, console: bool, probe: bool = False, tsc_khz
 
 def qemu_argv(qemu: str, boot: BootFiles, files: VmFiles, *, accel: str, cpus: float,
               memory_mb: int, hostname: str, tsc_khz: int = 0, console_log: bool = False,
-              runas: str = "") -> list[str]:
+              runas: str = "", pids_limit: int = 0) -> list[str]:
     """The command that boots the VM, daemonized once its sockets listen."""
     if accel not in ("kvm", "tcg"):
         raise ValueError(f"accel must be kvm or tcg, not {accel!r}")
@@ -121,7 +124,8 @@ def qemu_argv(qemu: str, boot: BootFiles, files: VmFiles, *, accel: str, cpus: f
         "-smp", str(vcpus(cpus)), "-m", f"{memory_mb}M",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-kernel", str(boot.kernel), "-initrd", str(boot.initramfs),
-        "-append", kernel_cmdline(hostname, console=console_log, tsc_khz=tsc_khz),
+        "-append", kernel_cmdline(hostname, console=console_log, tsc_khz=tsc_khz,
+                                  pids_limit=pids_limit),
         "-drive", _drive("root", files.root, "qcow2"),
         "-device", "virtio-blk-device,drive=root",
         "-drive", _drive("workspace", files.workspace, "raw"),

@@ -1,9 +1,11 @@
 """The microVM runtime: a workspace is a QEMU ``microvm`` guest (server/runtime/base.py's
-Lifecycle, Execs, Inventory and AgentChannel). Every command runs through Den's agent in the
-guest; there is no engine exec to fall back on, so an agent that does not answer is an error.
+Lifecycle, Execs, Inventory, AgentChannel and ProcessControl). Every command runs through
+Den's agent in the guest; there is no engine exec to fall back on, so an agent that does not
+answer is an error.
 
-Not yet (docs/microvm.md): pause with memory (Checkpoints), disk snapshots and forks,
-networking (the guest has no network device), a cgroup per VM.
+A VM whose policy is not ``none`` gets a NIC on Den's bridge for microVMs (net.py), and the
+backend is then a :class:`~server.runtime.base.ManagedNetwork`: the host's firewall judges
+its packets with the same rules as gVisor workspaces'.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from server import faults
 from server.agent import ops as agent_ops
 from server.agent.session import AgentSession
 from server.runtime import docker_specs
@@ -36,6 +39,7 @@ from server.runtime.base import (
     ExecResult,
     ExecStream,
     Handle,
+    NetworkInfo,
     ResourceUsage,
     WorkspaceSpec,
     names,
@@ -48,7 +52,8 @@ from server.runtime.errors import (
     EngineUnavailable,
     ObjectMissing,
 )
-from server.runtime.microvm import cgroup, disks, guest, process
+from server.runtime.microvm import cgroup, disks, guest, net, process, snapshots, vmusers
+from server.runtime.microvm import images as vm_images
 from server.runtime.microvm.argv import (
     BootFiles,
     VmFiles,
@@ -60,6 +65,7 @@ from server.runtime.microvm.argv import (
 from server.runtime.microvm.cgroup import Cgroups
 from server.runtime.microvm.events import QemuExits
 from server.runtime.microvm.features import SNAPSHOT_KIND, VmCheckpoints, VmDiskSnapshots
+from server.runtime.microvm.processes import VmProcesses
 from server.runtime.microvm.transport import PortTransport
 
 log = logging.getLogger(__name__)
@@ -69,6 +75,7 @@ KIND = "vm"  # EngineObject.kind of a VM directory
 SYNC_TIMEOUT_S = 10.0  # QEMU's own exit (its disks flushed) after the guest's stop
 PROBE_TIMEOUT_S = 15.0
 AGENT_ATTEMPT_S = 1.0  # one hello's wait while the guest boots
+GUEST_NET_TIMEOUT_S = 30  # the guest's `ip` commands (under TCG, on a loaded host)
 DEFAULT_WORKSPACE_GB = 10  # /workspace of a spec without disk_gb (0: a row made before it)
 
 
@@ -84,7 +91,7 @@ def accel_note(accel: str) -> str:
             "KVM): the guest's CPU is several times slower than the host's")
 
 
-class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
+class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots, VmProcesses):
     """Workspaces as QEMU microVMs, each in a directory of ``vms_dir`` (its handle: ``vm``)."""
 
     name = "microvm"
@@ -92,8 +99,16 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
     def __init__(self, *, boot_dir: Path, vms_dir: Path, image: str, prefix: str = "den",
                  qemu: str = "qemu-system-x86_64", accel: str = "auto",
                  boot_timeout_s: float = 120.0, console_log: bool = False,
-                 user: str = "", cgroups: Cgroups | None = None) -> None:
+                 user: str = "", uids: vmusers.UidRange | None = None,
+                 cgroups: Cgroups | None = None,
+                 network: net.VmNetwork | None = None,
+                 engine_url: str = "", image_max_mb: int = 4096) -> None:
+        """``network``: Den's bridge for the VMs' NICs (None: no VM gets one)."""
         self.boot = BootFiles.under(boot_dir)
+        self.images = vm_images.RootImages(  # the root filesystems of other images
+            default_rootfs=self.boot.rootfs, default_image=image, vms_dir=vms_dir,
+            images_dir=vms_dir.parent / "images", prefix=prefix, engine_url=engine_url,
+            max_mb=image_max_mb)
         self.vms_dir = vms_dir
         self.image = image
         self.prefix = prefix
@@ -102,8 +117,10 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
         self.accelerator = "" if accel == "auto" else accel  # decided by check()
         self.boot_timeout_s = boot_timeout_s
         self.console_log = console_log
-        self.user = user  # QEMU's -runas; "" stays root
+        self.user = user  # QEMU's -runas when VMs have no uids of their own; "" stays root
+        self.uids = uids  # a uid of its own per VM (vmusers.py)
         self.cgroups = cgroups or Cgroups()
+        self.vm_network = network
         self.tsc_khz = 0
         self._agents: dict[str, AgentSession] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -145,7 +162,7 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
             if not self.tsc_khz:
                 raise EngineUnavailable("cannot read the host's TSC frequency (/proc/cpuinfo "
                                         "has no `cpu MHz`): TCG guests cannot keep time")
-        if self.user:
+        if self.user and self.uids is None:
             try:
                 pwd.getpwnam(self.user)
             except KeyError:
@@ -154,7 +171,7 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
                                         "scripts/setup-microvm.sh") from None
         await self._io(self.cgroups.version)  # a hierarchy with cpu, memory and pids
         self.vms_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if self.user:  # QEMU, once it is the VM user, reaches its own directory by path
+        if self.user or self.uids:  # QEMU, once unprivileged, reaches its directory by path
             self.vms_dir.chmod(0o711)
 
     def _detect_accel(self) -> str:
@@ -184,18 +201,19 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
         return None
 
     async def image_exists(self, image: str) -> bool:
-        """MicroVMs boot the root filesystem built from one image (scripts/setup-microvm.sh)."""
-        return image == self.image
+        """The setup's image, or a local engine image within the size limit (converted into
+        a root filesystem at create: images.py)."""
+        return await self._io(self.images.exists, image)
 
     async def create(self, spec: WorkspaceSpec) -> None:
-        if spec.image != self.image:
-            raise EngineConflict(f"microVMs run only {self.image} (the image their root "
-                                 f"filesystem was built from), not {spec.image}")
         record = {"labels": dict(spec.labels), "workspace_id": spec.workspace_id,
                   "created": time.time()}
-        await self._io(functools.partial(
-            disks.make, self.files(spec), rootfs=self.boot.rootfs,
-            workspace_gb=spec.disk_gb or DEFAULT_WORKSPACE_GB, record=record))
+        await self._io(self._make, spec, record)
+
+    def _make(self, spec: WorkspaceSpec, record: dict[str, Any]) -> None:
+        with self.images.base(spec.image) as rootfs:  # converted on first use
+            disks.make(self.files(spec), rootfs=rootfs,
+                       workspace_gb=spec.disk_gb or DEFAULT_WORKSPACE_GB, record=record)
 
     async def seed(self, spec: WorkspaceSpec, tar: Path) -> None:
         """Unpack ``tar`` into /workspace through the agent (``tar -x`` as root, owners kept)."""
@@ -231,12 +249,16 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
         if not files.root.exists() or not files.workspace.exists():
             raise ObjectMissing(f"the VM of workspace {spec.workspace_id} is missing")
         await self.check()
-        argv = self._argv(spec, files, cpus=spec.cpus, memory_mb=spec.memory_mb)
+        argv = await self._io(functools.partial(
+            self._argv, spec, files, cpus=spec.cpus, memory_mb=spec.memory_mb,
+            nic=spec.network != "none"))
         started = time.monotonic()
         await self._launch(spec, files, argv, cpus=spec.cpus, memory_mb=spec.memory_mb,
                            boot=True)
         try:
-            await self._session(spec, boot=True)
+            session = await self._session(spec, boot=True)
+            if net.has_nic(argv):
+                await self._guest_network(spec, session)
         except BaseException:
             await self._io(functools.partial(process.end, files, timeout_s=0.0))
             raise
@@ -248,27 +270,90 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
         """Start the VM's QEMU (daemonized): a cold start (``boot``: its event says which
         accelerator it runs with), or a resume's QEMU waiting for its memory (features.py);
         as the unprivileged user, in the VM's cgroup sized for the ``cpus`` and ``memory_mb``
-        it runs with, watched for its exit. What every QEMU of a workspace needs around it
-        goes here."""
+        it runs with, watched for its exit; with ``uids``, as the VM's own uid. What every
+        QEMU of a workspace needs around it goes here."""
         for sock in (files.agent, files.qmp):
             sock.unlink(missing_ok=True)
-        if self.user:
+        if self.uids is not None:
+            argv = [*argv, *vmusers.runas(await self._io(vmusers.uid_of, files, self.uids))]
+        elif self.user:
             await self._io(disks.give_to, files, self.user)
         procs = await self._io(self.cgroups.make, files.dir.name,
                                cgroup.limits(cpus=cpus, memory_mb=memory_mb))
+        nic = self.vm_network if net.has_nic(argv) else None
+        if nic is not None:
+            await self._io(net.ensure_bridge, nic)
         await self._io(process.launch, cgroup.wrap(argv, procs))
+        if nic is not None:  # QEMU made the TAP: onto the bridge before the guest uses it
+            try:
+                address = await self._io(net.address_of, files, nic)
+                await self._io(net.attach, nic, files.dir.name, address)
+            except BaseException:
+                await self._io(functools.partial(process.end, files, timeout_s=0.0))
+                raise
         self._exits.launched(EngineEvent(EngineEventKind.NOTE, workspace_id=spec.workspace_id,
                                          container=files.dir.name,
                                          detail=accel_note(self.accelerator))
                              if boot else None)
 
-    def _argv(self, spec: WorkspaceSpec, files: VmFiles, *, cpus: float, memory_mb: int
-              ) -> list[str]:
-        """QEMU's command line for the VM (a cold start, or a resume with the memory and
-        vCPUs its checkpoint was saved with: features.py)."""
-        return qemu_argv(self.qemu, self.boot, files, accel=self.accelerator, cpus=cpus,
+    def _argv(self, spec: WorkspaceSpec, files: VmFiles, *, cpus: float, memory_mb: int,
+              nic: bool) -> list[str]:
+        """QEMU's command line for the VM (a cold start, or a resume with the memory,
+        vCPUs and NIC its checkpoint was saved with: features.py). Blocking: a VM's first
+        start with a NIC assigns its address (net.address_of)."""
+        argv = qemu_argv(self.qemu, self.boot, files, accel=self.accelerator, cpus=cpus,
                          memory_mb=memory_mb, hostname=spec.hostname, tsc_khz=self.tsc_khz,
-                         console_log=self.console_log, runas=self.user)
+                         console_log=self.console_log,
+                         runas=self.user if self.uids is None else "",
+                         pids_limit=spec.pids_limit)
+        if nic and self.vm_network is not None:
+            address = net.address_of(files, self.vm_network)
+            at = argv.index("-daemonize")
+            argv[at:at] = net.netdev_argv(files.dir.name, address)
+        return argv
+
+    async def _guest_network(self, spec: WorkspaceSpec, session: AgentSession) -> None:
+        """The guest takes its address, route and resolver (as root, through the agent):
+        after a cold boot, and in a VM woken from another's memory (its origin's)."""
+        req = ExecRequest(argv=await self._guest_network_argv(spec), user="root", cwd="/",
+                          timeout_s=GUEST_NET_TIMEOUT_S)
+        out = await agent_ops.run(session, req, {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+        if out.exit_code != 0:
+            raise EngineError(f"the microVM could not configure its network: "
+                              f"{out.stderr.decode(errors='replace')[:300]}")
+
+    async def _guest_network_argv(self, spec: WorkspaceSpec) -> list[str]:
+        assert self.vm_network is not None
+        address = await self._io(net.address_of, self.files(spec), self.vm_network)
+        return net.guest_setup_argv(self.vm_network, address)
+
+    # --- ManagedNetwork -----------------------------------------------------------------
+
+    async def network(self) -> NetworkInfo:
+        """Den's bridge for the VMs (made when missing) and every running VM with a NIC:
+        its address, and its TAP as its port (what the firewall matches it by)."""
+        if self.vm_network is None:
+            raise EngineUnavailable("this microVM server has no network for its VMs "
+                                    "(DEN_NETWORK_ISOLATION is off)")
+        return await self._io(self._network_info, self.vm_network)
+
+    def _network_info(self, vm_net: net.VmNetwork) -> NetworkInfo:
+        net.ensure_bridge(vm_net)
+        addresses, ports = {}, {}
+        with contextlib.suppress(FileNotFoundError):
+            for d in sorted(self.vms_dir.iterdir()):
+                record = disks.read_record(VmFiles(d))
+                tap = net.tap_name(d.name)
+                if record and isinstance(record.get("address"), str) \
+                        and net.link_exists(tap) and process.running(VmFiles(d)) is not None:
+                    addresses[d.name] = str(record["address"])
+                    ports[d.name] = tap
+        return NetworkInfo(interface=vm_net.interface, subnet=str(vm_net.subnet),
+                           gateway=vm_net.gateway, addresses=addresses, ports=ports,
+                           own_bridge=True)
+
+    def sandbox_name(self, spec: WorkspaceSpec) -> str:
+        return self.files(spec).dir.name
 
     async def stop(self, spec: WorkspaceSpec, *, timeout_s: int) -> None:
         files = self.files(spec)
@@ -290,7 +375,10 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
         await self._drop_agent(files, "the workspace was deleted")
         await self._io(functools.partial(process.end, files, timeout_s=0.0))
         await self._io(self.cgroups.remove, files.dir.name)
-        await self._io(functools.partial(shutil.rmtree, files.dir, ignore_errors=True))
+        faults.point("delete.volume")  # QEMU ended, its disks not yet removed
+        backing = await self._io(vm_images.backing_file, files.root)
+        await self._io(snapshots.remove, files)  # and a copy left half-made
+        await self._io(self.images.collect, backing)  # a converted base this was the last of
 
     async def status(self, spec: WorkspaceSpec) -> ContainerStatus:
         files = self.files(spec)
@@ -399,6 +487,13 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots):
         found = []
         with contextlib.suppress(FileNotFoundError):
             for d in sorted(self.vms_dir.iterdir()):
+                half = snapshots.unfinished(d.name, self.prefix)
+                if half is not None:  # a copy Den died making: no record yet, only our name
+                    found.append(EngineObject(
+                        kind=SNAPSHOT_KIND if half[0] == "snap" else KIND, name=d.name,
+                        workspace_id="" if half[0] == "snap" else half[1],
+                        snapshot_id=half[1] if half[0] == "snap" else ""))
+                    continue
                 files = VmFiles(d)
                 record = disks.read_record(files)
                 labels = record.get("labels") if record else None

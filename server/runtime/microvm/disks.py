@@ -53,6 +53,11 @@ def read_record(files: VmFiles) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def write_record(files: VmFiles, record: Mapping[str, Any]) -> None:
+    """Replace the VM's record (atomically)."""
+    _atomic_write(files.record, json.dumps(dict(record), sort_keys=True).encode())
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
@@ -76,6 +81,11 @@ def give_to(files: VmFiles, user: str) -> None:
     """The VM's directory and its files owned by ``user`` (QEMU's -runas), so that QEMU,
     once unprivileged, can open what it is asked to by path; 0700: no other user's."""
     entry = pwd.getpwnam(user)
+    give_to_uid(files, entry.pw_uid, entry.pw_gid)
+
+
+def give_to_uid(files: VmFiles, uid: int, gid: int) -> None:
+    """:func:`give_to` by number (a VM's own uid: vmusers.py)."""
     for path in (files.dir, *files.dir.iterdir()):
-        os.chown(path, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
+        os.chown(path, uid, gid, follow_symlinks=False)
     files.dir.chmod(0o700)

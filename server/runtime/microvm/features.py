@@ -16,10 +16,11 @@ import functools
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from server import faults
 from server.agent import ops as agent_ops
 from server.agent.session import AgentSession
 from server.runtime.base import (
@@ -32,7 +33,8 @@ from server.runtime.base import (
 )
 from server.runtime.errors import EngineConflict, EngineError
 from server.runtime.microvm import checkpoint as ckpt
-from server.runtime.microvm import process, snapshots
+from server.runtime.microvm import disks, net, process, recover, snapshots
+from server.runtime.microvm import images as vm_images
 from server.runtime.microvm.argv import VmFiles
 from server.runtime.microvm.qmp import Qmp, QmpError
 
@@ -49,6 +51,7 @@ class _Vm(Protocol):
 
     vms_dir: Path
     prefix: str
+    images: vm_images.RootImages
     image: str
     boot_timeout_s: float
 
@@ -56,8 +59,12 @@ class _Vm(Protocol):
 
     async def _io(self, fn: Callable[..., T], *args: Any) -> T: ...
 
-    def _argv(self, spec: WorkspaceSpec, files: VmFiles, *, cpus: float, memory_mb: int
-              ) -> list[str]: ...
+    def _argv(self, spec: WorkspaceSpec, files: VmFiles, *, cpus: float, memory_mb: int,
+              nic: bool) -> list[str]: ...
+
+    async def _guest_network(self, spec: WorkspaceSpec, session: AgentSession) -> None: ...
+
+    async def _guest_network_argv(self, spec: WorkspaceSpec) -> list[str]: ...
 
     async def _launch(self, spec: WorkspaceSpec, files: VmFiles, argv: list[str], *,
                       cpus: float, memory_mb: int, boot: bool = False) -> None: ...
@@ -75,10 +82,14 @@ def launched_with(cmdline: list[str]) -> tuple[float, int]:
     return cpus, int(memory.removesuffix("M"))
 
 
-def fork_identity_argv(hostname: str) -> list[str]:
+def fork_identity_argv(hostname: str, then: Sequence[str] = ()) -> list[str]:
     """What a VM woken from another's memory runs first (as root, stdin: 64 random bytes):
-    its own host name, and the random bytes mixed into its kernel's pool."""
-    return ["sh", "-c", 'hostname "$1" && cat > /dev/urandom', "den-fork", hostname]
+    its own host name, the random bytes mixed into its kernel's pool, then ``then`` (its
+    own network address: one round trip through the agent for all of it)."""
+    if not then:
+        return ["sh", "-c", 'hostname "$1" && cat > /dev/urandom', "den-fork", hostname]
+    return ["sh", "-c", 'hostname "$1" && cat > /dev/urandom && shift && exec "$@"',
+            "den-fork", hostname, *then]
 
 
 class VmCheckpoints:
@@ -96,8 +107,10 @@ class VmCheckpoints:
         cpus, memory_mb = launched_with(cmdline)
         await _sync(self, spec)  # the disks then hold what the memory does (a disk snapshot)
         await self._drop_agent(files, "paused")
+        record = await self._io(disks.read_record, files) or {}
         meta = {"vm": files.dir.name, "hostname": spec.hostname, "cpus": cpus,
-                "memory_mb": memory_mb, "saved_at": time.time()}
+                "memory_mb": memory_mb, "nic": net.has_nic(cmdline),
+                "address": record.get("address"), "saved_at": time.time()}
         size = await self._io(functools.partial(ckpt.save, files, checkpoint, meta=meta))
         log.info("workspace %s: microVM memory saved (%d MiB)", spec.workspace_id, size >> 20)
 
@@ -111,18 +124,36 @@ class VmCheckpoints:
             return
         meta = await self._io(ckpt.read_meta, ckpt.directory(files, checkpoint))
         cpus, memory_mb = float(meta["cpus"]), int(meta["memory_mb"])
-        argv = self._argv(spec, files, cpus=cpus, memory_mb=memory_mb)
+        # The devices are the saved ones: a NIC only where the saved VM had one.
+        argv = await self._io(functools.partial(self._argv, spec, files, cpus=cpus,
+                                                memory_mb=memory_mb,
+                                                nic=bool(meta.get("nic"))))
         await self._launch(spec, files, ckpt.incoming_argv(argv), cpus=cpus, memory_mb=memory_mb)
         await self._io(ckpt.feed, files, checkpoint)
+        faults.point("resume.session")  # the guest runs; reconcile finds it running
         try:
             session = await self._session(spec, boot=True)
-            if meta.get("vm") != files.dir.name:  # another VM's memory: a fork
-                await _take_identity(session, spec)
+            nic = net.has_nic(argv)
+            if meta.get("vm") != files.dir.name:  # another VM's memory, and its address
+                await _take_identity(session, spec, then=await self._guest_network_argv(
+                    spec) if nic else [])
+            elif nic and meta.get("address") != await self._io(net.recorded_address, files):
+                await self._guest_network(spec, session)
         except BaseException:
             await self._drop_agent(files, "the restore failed")
             await self._io(functools.partial(process.end, files, timeout_s=0.0))
             raise
         await self._io(ckpt.delete, files, checkpoint)
+
+    async def recover_running(self: _Vm, spec: WorkspaceSpec) -> str | None:
+        """A VM whose CPUs a dead Den stopped (a snapshot's copy) runs again (recover.py)."""
+        files = self.files(spec)
+        try:
+            halted = await self._io(recover.cont_if_halted, files)
+        except QmpError as exc:
+            raise EngineError(f"QEMU's monitor did not answer: {exc.message}") from exc
+        return ("its microVM's CPUs were left stopped by a restart of Den mid-operation; "
+                "it runs again") if halted else None
 
     async def delete_checkpoint(self: _Vm, spec: WorkspaceSpec, *, checkpoint: str) -> None:
         await self._io(ckpt.delete, self.files(spec), checkpoint)
@@ -154,12 +185,13 @@ async def _sync(vm: _Vm, spec: WorkspaceSpec) -> None:
             argv=["sync"], user="root", cwd="/", timeout_s=SYNC_TIMEOUT_S), {})
 
 
-async def _take_identity(session: AgentSession, spec: WorkspaceSpec) -> None:
-    req = ExecRequest(argv=fork_identity_argv(spec.hostname), user="root", cwd="/",
+async def _take_identity(session: AgentSession, spec: WorkspaceSpec, *,
+                         then: Sequence[str] = ()) -> None:
+    req = ExecRequest(argv=fork_identity_argv(spec.hostname, then), user="root", cwd="/",
                       stdin=secrets.token_bytes(64), timeout_s=IDENTITY_TIMEOUT_S)
     out: ExecResult = await agent_ops.run(session, req, {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
     if out.exit_code != 0:
-        raise EngineError(f"the fork could not take its own host name: "
+        raise EngineError(f"the fork could not take its own host name or address: "
                           f"{out.stderr.decode(errors='replace')[:300]}")
 
 
@@ -190,7 +222,7 @@ class VmDiskSnapshots:
         await self._io(functools.partial(process.end, files, timeout_s=0.0))
         src = VmFiles(self.vms_dir / str(snap.handle["snapshot"]))
         await self._io(_files_op, "copying the snapshot's disks", functools.partial(
-            snapshots.copy_disks, src, files, record=_vm_record(spec)))
+            snapshots.copy_disks, src, files, record=_vm_record(spec), fault="fork.copy"))
 
     def restore_handle(self: _Vm, spec: WorkspaceSpec) -> dict[str, Any]:
         return {**spec.handle,
@@ -200,7 +232,8 @@ class VmDiskSnapshots:
                             into: Handle) -> None:
         src = VmFiles(self.vms_dir / str(snap.handle["snapshot"]))
         await self._io(_files_op, "copying the snapshot's disks", functools.partial(
-            snapshots.copy_disks, src, self.files(into), record=_vm_record(spec)))
+            snapshots.copy_disks, src, self.files(into), record=_vm_record(spec),
+            fault="restore.copy"))
 
     async def replace_container(self: _Vm, spec: WorkspaceSpec, *, old: Handle) -> None:
         """The VM is its directory: the new one holds the copy, the old one goes."""
@@ -211,7 +244,10 @@ class VmDiskSnapshots:
             await self._io(snapshots.remove, old_files)
 
     async def delete_snapshot(self: _Vm, snap: SnapshotSpec) -> None:
-        await self._io(snapshots.remove, VmFiles(self.vms_dir / str(snap.handle["snapshot"])))
+        files = VmFiles(self.vms_dir / str(snap.handle["snapshot"]))
+        backing = await self._io(vm_images.backing_file, files.root)
+        await self._io(snapshots.remove, files)
+        await self._io(self.images.collect, backing)  # a converted base this was the last of
 
 
 def _files_op(what: str, fn: Callable[[], T]) -> T:
@@ -229,12 +265,12 @@ def _vm_record(spec: WorkspaceSpec) -> dict[str, Any]:
 
 def _copy_live(files: VmFiles, dst: VmFiles, *, record: Mapping[str, Any]) -> int:
     if process.running(files) is None:
-        return snapshots.copy_disks(files, dst, record=record)
+        return snapshots.copy_disks(files, dst, record=record, fault="snapshot.copy")
     with Qmp(files.qmp) as qmp:
         was = qmp.execute("query-status").get("status")
         qmp.execute("stop")
         try:
-            return snapshots.copy_disks(files, dst, record=record)
+            return snapshots.copy_disks(files, dst, record=record, fault="snapshot.copy")
         finally:
             if was == "running":
                 with contextlib.suppress(QmpError):

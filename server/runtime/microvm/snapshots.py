@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from server import faults
 from server.runtime.errors import ObjectMissing
 from server.runtime.microvm import disks
 from server.runtime.microvm.argv import VmFiles
@@ -33,10 +34,12 @@ def copy_argv(src: Path, dst: Path) -> list[str]:
     return ["cp", "--reflink=auto", "--sparse=always", "--", str(src), str(dst)]
 
 
-def copy_disks(src: VmFiles, dst: VmFiles, *, record: Mapping[str, Any]) -> int:
+def copy_disks(src: VmFiles, dst: VmFiles, *, record: Mapping[str, Any],
+               fault: str = "") -> int:
     """Make ``dst`` (a VM or a snapshot directory) a copy of ``src``'s disks, with
     ``record`` as its labels; what ``dst`` held is replaced. Returns the bytes the copies
-    take on disk. ``src``'s disks must not change meanwhile (its QEMU is stopped or gone)."""
+    take on disk. ``src``'s disks must not change meanwhile (its QEMU is stopped or gone).
+    ``fault`` names the fault point (server/faults.py) between the two disks' copies."""
     for disk in (src.root, src.workspace):
         if not disk.is_file():
             raise ObjectMissing(f"{disk} is missing")
@@ -46,6 +49,8 @@ def copy_disks(src: VmFiles, dst: VmFiles, *, record: Mapping[str, Any]) -> int:
     try:
         for a, b in ((src.root, tmp.root), (src.workspace, tmp.workspace)):
             disks.run_tool(copy_argv(a, b), timeout_s=COPY_TIMEOUT_S, what="copying a disk")
+            if fault:
+                faults.point(fault)  # Den dies with a half-made copy: reconcile removes it
         tmp.record.write_text(json.dumps(dict(record), sort_keys=True))
         size = sum(f.stat().st_blocks * 512 for f in (tmp.root, tmp.workspace))
         shutil.rmtree(dst.dir, ignore_errors=True)
@@ -59,5 +64,16 @@ def copy_disks(src: VmFiles, dst: VmFiles, *, record: Mapping[str, Any]) -> int:
 def remove(files: VmFiles) -> None:
     shutil.rmtree(files.dir.with_name(f".{files.dir.name}.tmp"), ignore_errors=True)
     shutil.rmtree(files.dir, ignore_errors=True)
+
+
+def unfinished(name: str, prefix: str) -> tuple[str, str] | None:
+    """(kind, id) of a copy left half-made under ``name`` (``.<prefix>-vm-<id>[-<hex>].tmp``
+    or ``.<prefix>-snap-<id>.tmp``): ``("vm", workspace id)`` or ``("snap", snapshot id)``;
+    None for any other name. Such a directory has no record yet: its name is all there is."""
+    if not (name.startswith(f".{prefix}-") and name.endswith(".tmp")):
+        return None
+    kind, _, rest = name[len(prefix) + 2:-len(".tmp")].partition("-")
+    ident = rest.split("-")[0]
+    return (kind, ident) if kind in ("vm", "snap") and ident else None
 
 
