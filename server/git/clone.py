@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import re
+import select
 import shutil
 import subprocess
 import tarfile
@@ -213,6 +214,7 @@ def clone(
     # subprocess, not GitPython's execute: that merges the server's own environment (its
     # secrets, proxies, GIT_* and XDG_* variables) into the one given.
     errors = tempfile.TemporaryFile()  # noqa: SIM115 (closed in the finally below)
+    exited: ExitWatch | None = None
     try:
         popen = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors,
@@ -220,12 +222,10 @@ def clone(
                             ssh_options=pin.ssh_options), **(extra_env or {})})
         deadline = time.monotonic() + timeout_s
         reason = ""
+        exited = ExitWatch(popen)
         while True:
-            try:  # wake as soon as git exits; check the limits every 0.1 s meanwhile
-                popen.wait(timeout=0.1)
+            if exited.within(0.1):  # as soon as git exits; the limits every 0.1 s meanwhile
                 break
-            except subprocess.TimeoutExpired:
-                pass
             if time.monotonic() > deadline:
                 reason = f"the clone took longer than {timeout_s:g} s"
             elif dest.exists() and _tree_size(dest) > max_bytes:
@@ -265,8 +265,39 @@ def clone(
         shutil.rmtree(dest, ignore_errors=True)
         raise
     finally:
+        if exited is not None:
+            exited.close()
         errors.close()
         shutil.rmtree(home, ignore_errors=True)
+
+
+class ExitWatch:
+    """Waits for a child to exit, waking as soon as it does: ``Popen.wait(timeout)`` polls
+    with growing sleeps (up to 50 ms), which cost a clone of a small repository ~90 ms
+    after git had ended (measured: 0.11-0.19 s against 0.02-0.04 s for git alone). A pidfd
+    where the kernel has them, else that polling."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.popen = popen
+        self._fd: int | None = None
+        with contextlib.suppress(AttributeError, OSError):  # no pidfd_open: Linux < 5.3
+            self._fd = os.pidfd_open(popen.pid)
+
+    def within(self, seconds: float) -> bool:
+        """Whether the child has exited (reaped), waiting at most ``seconds``."""
+        if self._fd is None:
+            try:
+                self.popen.wait(timeout=seconds)
+                return True
+            except subprocess.TimeoutExpired:
+                return False
+        select.select([self._fd], [], [], seconds)
+        return self.popen.poll() is not None
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _git_reason(stderr: str, branch: str | None) -> str:

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge
@@ -32,6 +32,7 @@ from server.runtime.base import (
     LABEL_ROLE,
     ROLE_POOL,
     AgentChannel,
+    ArmedRehost,
     Freezer,
     Rehost,
     Runtime,
@@ -132,10 +133,26 @@ class WarmPool:
         """Make a taken sandbox the workspace's: thaw it and give it ``hostname``. None when
         done; else why not (the sandbox is then removed, and the create makes a fresh one
         under the same names)."""
+        return await self.thaw(pooled) or await self.name(pooled, hostname=hostname)
+
+    async def thaw(self, pooled: Pooled) -> str | None:
+        """:meth:`claim`'s first half: the sandbox runs again (nothing in it but Den's)."""
+        return await self._claiming(pooled, self._thaw(pooled))
+
+    async def name(self, pooled: Pooled, *, hostname: str) -> str | None:
+        """:meth:`claim`'s second half, once thawed: ``hostname`` becomes its host name (the
+        rename the pool armed when it made the sandbox, where the backend can)."""
+        assert isinstance(self.runtime, Rehost)
+        return await self._claiming(pooled, self.runtime.set_hostname(
+            pooled.spec, hostname, was=pooled.spec.hostname))
+
+    async def _thaw(self, pooled: Pooled) -> None:
+        assert isinstance(self.runtime, Freezer)
+        await self.runtime.thaw(pooled.spec)
+
+    async def _claiming(self, pooled: Pooled, step: Awaitable[None]) -> str | None:
         try:
-            assert isinstance(self.runtime, Freezer) and isinstance(self.runtime, Rehost)
-            await self.runtime.thaw(pooled.spec)
-            await self.runtime.set_hostname(pooled.spec, hostname, was=pooled.spec.hostname)
+            await step
         except DenError as exc:
             log.warning("workspace %s: the pooled sandbox could not be claimed: %s %s",
                         pooled.workspace_id, exc.message, exc.detail)
@@ -239,7 +256,8 @@ class WarmPool:
 
     async def _make(self, key: PoolKey) -> bool:
         """Boot one sandbox, reach its agent (Den's own session, kept across the freeze: the
-        first exec after a claim needs no relay), freeze it and measure what it holds."""
+        first exec after a claim needs no relay), make its rename ready where the backend
+        can (the claim then only gives the name), freeze it and measure what it holds."""
         assert isinstance(self.runtime, Freezer)
         ws_id = naming.new_workspace_id()
         spec = self.spec_of(key, ws_id)
@@ -256,6 +274,7 @@ class WarmPool:
             await self.runtime.start(spec)
             if isinstance(self.runtime, AgentChannel):
                 await self.runtime.agent(spec)
+            await self._arm(spec)
             memory = await self.runtime.freeze(spec) or fit.FIRST_ESTIMATE_BYTES
         except DenError as exc:
             log.warning("warm pool: could not make a sandbox of %s: %s %s", key.image,
@@ -276,6 +295,18 @@ class WarmPool:
         log.info("warm pool: sandbox %s of %s ready (%d MiB frozen)", spec.workspace_id,
                  key.image, memory // fit.MIB)
         return True
+
+    async def _arm(self, spec: WorkspaceSpec) -> None:
+        """Make the claim's rename ready where the backend can; where that fails, the
+        claim renames the ordinary way (slower), so the sandbox still serves."""
+        if not isinstance(self.runtime, ArmedRehost):
+            return
+        try:
+            await self.runtime.arm_hostname(spec)
+        except DenError as exc:
+            log.warning("warm pool: the rename of %s could not be made ready (%s %s); a "
+                        "claim renames it the ordinary way", spec.workspace_id, exc.message,
+                        exc.detail)
 
     def _changed(self, key: PoolKey) -> None:
         self._full = False

@@ -398,6 +398,21 @@ class Rehost(Protocol):
 
 
 @runtime_checkable
+class ArmedRehost(Protocol):
+    """:class:`Rehost` backends that can make a rename ready ahead of time: the warm pool
+    arms each sandbox it makes (before freezing it), and a later ``set_hostname`` on it
+    completes the armed rename instead of starting one (measured: a privileged exec at
+    claim time cost 0.3-0.7 s of a pooled create under load). The pool asks
+    ``isinstance(runtime, ArmedRehost)``."""
+
+    async def arm_hostname(self, spec: WorkspaceSpec) -> None:
+        """Make ready the rename of the running, never-used sandbox from its current host
+        name (``spec.hostname``). Raises ``EngineError`` when it could not (the sandbox is
+        then renamed the ordinary way). ``destroy`` drops what this holds."""
+        ...
+
+
+@runtime_checkable
 class PortConnector(Protocol):
     """Backends that can open a TCP connection to a port on a workspace's own loopback
     (``ssh -L``, preview URLs). The service asks ``isinstance(runtime, PortConnector)``."""

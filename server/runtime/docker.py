@@ -41,6 +41,7 @@ from server.agent.session import AgentOpError, AgentSession
 from server.errors import DenError
 from server.gpus.container import GpuSandbox
 from server.runtime import (
+    agent_seed,
     cgroup_freezer,
     containerd_tmp,
     disk_quota,
@@ -69,6 +70,7 @@ from server.runtime.base import (
     WorkspaceSpec,
 )
 from server.runtime.disk_quota import Disks
+from server.runtime.docker_rename import ArmedRename
 from server.runtime.docker_specs import container_of, snapshot_volume, volume_of
 from server.runtime.errors import (
     AgentTimeout,
@@ -176,6 +178,7 @@ class DockerRuntime:
         self._docker_root: Path | None = None
         self._runsc_cmd: list[str] | None = None
         self._last_exec: dict[str, float] = {}  # container -> when an exec last started/ended
+        self._armed: dict[str, ArmedRename] = {}  # container -> its rename made ready
         self._client_lock = threading.Lock()
 
     # --- the seam ---------------------------------------------------------------------
@@ -370,6 +373,14 @@ class DockerRuntime:
         return None
 
     async def seed(self, spec: WorkspaceSpec, tar: Path) -> None:
+        """Through the agent's session when one is open (a pooled sandbox's:
+        server/runtime/agent_seed.py), else the engine's archive API."""
+        session = self._agents.get(container_of(spec))
+        if session is not None and await agent_seed.seed(
+                session, tar, dest=docker_specs.WORKSPACE_MOUNT, name=container_of(spec),
+                env=self._agent_env(spec, ExecRequest(argv=[], user="root"))):
+            return
+
         def run() -> None:
             with tar.open("rb") as fh:
                 self._api().put_archive(container_of(spec), docker_specs.WORKSPACE_MOUNT, fh)
@@ -405,6 +416,8 @@ class DockerRuntime:
         await self._drop_agent(spec, "stopped")
         self._agent_info.pop(container_of(spec), None)
         self._agent_locks.pop(container_of(spec), None)
+        if (armed := self._armed.pop(container_of(spec), None)) is not None:
+            armed.close()
 
         def run() -> None:
             api = self._api()
@@ -643,9 +656,25 @@ class DockerRuntime:
 
         await self._call(f"thaw workspace {spec.workspace_id}", run)
 
+    async def arm_hostname(self, spec: WorkspaceSpec) -> None:
+        """:class:`~server.runtime.base.ArmedRehost`: the privileged script of
+        :meth:`set_hostname`, started now and waiting for the name
+        (server/runtime/docker_rename.py)."""
+        def run() -> None:
+            self._armed[container_of(spec)] = ArmedRename(self._api(), container_of(spec),
+                                                           was=spec.hostname)
+
+        await self._call(f"arm the host name of workspace {spec.workspace_id}", run)
+
     async def set_hostname(self, spec: WorkspaceSpec, hostname: str, *, was: str) -> None:
         """:class:`~server.runtime.base.Rehost`: a privileged exec of Den's own script (the
-        engine's update cannot change a hostname; measured ~0.1 s under gVisor)."""
+        engine's update cannot change a hostname; measured ~0.1 s under gVisor alone), or
+        the one :meth:`arm_hostname` started."""
+        if (armed := self._armed.pop(container_of(spec), None)) is not None:
+            await self._call(f"name the host of workspace {spec.workspace_id}", armed.fire,
+                             hostname)
+            return
+
         def run() -> None:
             api = self._api()
             exec_id = str(api.exec_create(

@@ -285,6 +285,18 @@ def set_hostname_argv(hostname: str, *, was: str) -> list[str]:
     return ["/bin/sh", "-c", script, "den-hostname", hostname, was]
 
 
+ARMED_READY = "den-rename-armed"
+
+
+def armed_hostname_argv(*, was: str) -> list[str]:
+    """:func:`set_hostname_argv`'s shell, started ahead of time: it says ``ARMED_READY`` once
+    it runs, reads the new name from its standard input (one line) and then renames
+    (server/runtime/docker_rename.py)."""
+    script = (f'echo {ARMED_READY} && IFS= read -r name && [ -n "$name" ] && '
+              'set -- "$name" "$1" && ' + set_hostname_argv("", was="")[2])
+    return ["/bin/sh", "-c", script, "den-hostname", was]
+
+
 def exec_env(user: str, base: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
     """The environment of an exec: sensible defaults, then the workspace's, then the call's."""
     home = "/root" if user == "root" else f"/home/{user}"

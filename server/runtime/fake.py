@@ -60,6 +60,8 @@ class _Container:
     memory_bytes: int = 64 << 20  # what ``freeze`` and ``usage`` report it holds
     seeded: bool = False
     hostname: str = ""  # set by ``set_hostname`` (else the spec's)
+    armed: bool = False  # ``arm_hostname`` made its rename ready (``set_hostname`` uses it)
+    renamed_armed: bool = False  # the last ``set_hostname`` completed the armed rename
     checkpoints: set[str] = field(default_factory=set)
     restored: int = 0
     cpu_ns: int = 0  # tests advance it to look busy
@@ -204,12 +206,20 @@ class FakeRuntime:
             raise EngineConflict(f"container {container_of(spec)} is not running")
         c.frozen = False
 
+    async def arm_hostname(self, spec: WorkspaceSpec) -> None:
+        self._enter("arm_hostname", spec)
+        c = self._get(spec)
+        if not c.running or c.frozen:
+            raise EngineConflict(f"container {container_of(spec)} is not running")
+        c.armed = True
+
     async def set_hostname(self, spec: WorkspaceSpec, hostname: str, *, was: str) -> None:
         self._enter("set_hostname", spec)
         c = self._get(spec)
         if not c.running or c.frozen:
             raise EngineConflict(f"container {container_of(spec)} is not running")
         c.hostname = hostname
+        c.renamed_armed, c.armed = c.armed, False
 
     async def exec(self, spec: WorkspaceSpec, req: ExecRequest) -> ExecResult:
         self._enter("exec")

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import posixpath
 import shutil
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -466,11 +467,12 @@ class WorkspaceService:
                 faults.point("create.clone")
                 setup = await self._devcontainer(ws, repo, work) if devcontainer else None
                 spec = self.spec_for(self.get(ws_id)) if setup else spec
-                if not await self._claimed(ws_id, claim, fits=setup is None):
+                seed = functools.partial(self.runtime.seed, spec, tar)
+                if not await self._claimed(ws_id, claim, fits=setup is None, seed=seed):
                     await self.runtime.create(spec)
                     await self.runtime.start(spec)
                     await self.networks.sync(ws_id)
-                await self.runtime.seed(spec, tar)
+                    await seed()
                 if setup is not None and self.devcontainers is not None:
                     await self.devcontainers.created(self.runtime, spec, setup,
                                                      note=self._noter(ws_id))
@@ -487,13 +489,14 @@ class WorkspaceService:
                 await claim.abandon()
             shutil.rmtree(work, ignore_errors=True)
 
-    async def _claimed(self, ws_id: str, claim: PendingClaim | None, *, fits: bool) -> bool:
-        """Whether the workspace took the pooled sandbox taken for it (server/pool/); one
-        that does not fit after all (a devcontainer.json) or could not be claimed is removed,
-        and the caller makes a fresh one under the same names."""
+    async def _claimed(self, ws_id: str, claim: PendingClaim | None, *, fits: bool,
+                       seed: Callable[[], Awaitable[None]]) -> bool:
+        """Whether the workspace took the pooled sandbox taken for it (server/pool/), seeded
+        by ``seed`` by then; one that does not fit after all (a devcontainer.json) or could
+        not be claimed is removed, and the caller makes a fresh one under the same names."""
         if claim is None:
             return False
-        took, problem = await claim.settle(fits=fits)
+        took, problem = await claim.settle(fits=fits, seed=seed)
         if took or problem is not None:
             self.note(ws_id, "pool", "took a sandbox from the warm pool" if took else
                       f"the warm pool's sandbox could not be taken ({problem}); booting a "

@@ -1,5 +1,6 @@
 """The warm pool on the real engine: a create claims a frozen, never-used gVisor sandbox (the
-event log says so; the workspace works and has its own host name), the pool refills, nothing
+event log says so; the workspace works, has its own host name, given by the rename armed when
+the pool made the sandbox, and its repository, seeded through the agent), the pool refills, nothing
 of one user is in the sandbox another user claims next, a create that does not fit boots its
 own, the budget holds, and a restart (``kill -9``) leaves no orphan and refills the pool."""
 
@@ -63,6 +64,12 @@ class Pooled(DenServer):
         return [line.split()[0] for line in out.splitlines()
                 if line.split()[1].startswith(self.prefix + "-") and line.split()[0] not in rows]
 
+    def ready(self) -> list[str]:
+        """:meth:`waiting`, once the pool counts them too: the engine shows a sandbox paused
+        a moment before the pool has measured it and can hand it out."""
+        waiting = self.waiting()
+        return waiting if self.metric("den_pool_sandboxes") == len(waiting) else []
+
     def as_user(self, user: str) -> httpx.Client:
         token = self._cli("admin", "token", "--user", user)
         return httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60,
@@ -110,28 +117,34 @@ def srv(engine: None, repo: Path, tmp_path_factory: pytest.TempPathFactory
 
 def test_a_create_claims_a_pooled_sandbox_and_the_pool_refills(srv: Pooled, repo: Path
                                                                ) -> None:
-    assert wait(lambda: len(srv.waiting()) == 1, 120), srv.log_tail()
-    [pooled] = srv.waiting()
+    assert wait(lambda: len(srv.ready()) == 1, 120), srv.log_tail()
+    [pooled] = srv.ready()
     wid = srv.create(repo, "api")
     assert wid == pooled, "the create did not take the waiting sandbox"
     assert srv.pool_notes(wid) == ["took a sandbox from the warm pool"]
     assert srv.exec(wid, "hostname && cat /etc/hostname && grep -c api /etc/hosts") \
         == "api\napi\n1\n"
     assert srv.exec(wid, "cat /workspace/api/README.md") == "# api\n"
+    assert srv.exec(wid, "stat -c '%U:%G' /workspace/api /workspace/api/README.md") \
+        == "dev:dev\ndev:dev\n"
+    assert "den-hostname" not in srv.exec(wid, "ps -eo args")  # the armed rename ended
+    # the fast paths served the claim: the rename armed at fill time, the agent's seed
+    log = srv.log.read_text(errors="replace")
+    assert "could not be made ready" not in log and "the engine seeds" not in log, log[-3000:]
     r = srv.http.put(f"/api/v1/workspaces/{wid}/files", params={"path": "api/new.txt"},
                      content=b"hi")
     assert r.status_code == 200, r.text
     assert srv.exec(wid, "cat /workspace/api/new.txt") == "hi"
     r = srv.http.get(f"/api/v1/workspaces/{wid}/files", params={"path": "api/README.md"})
     assert (r.status_code, r.content) == (200, b"# api\n")
-    assert wait(lambda: len(srv.waiting()) == 1 and srv.waiting() != [wid], 120), \
+    assert wait(lambda: len(srv.ready()) == 1 and srv.ready() != [wid], 120), \
         srv.log_tail()
     assert srv.metric("den_pool_claims_total") >= 1
 
 
 def test_nothing_of_one_user_is_in_the_sandbox_another_claims(srv: Pooled, repo: Path
                                                               ) -> None:
-    assert wait(lambda: len(srv.waiting()) == 1, 120), srv.log_tail()
+    assert wait(lambda: len(srv.ready()) == 1, 120), srv.log_tail()
     alice = srv.http
     a = srv.create(repo, "alice-ws", alice)
     assert srv.pool_notes(a, alice) == ["took a sandbox from the warm pool"]
@@ -141,7 +154,7 @@ def test_nothing_of_one_user_is_in_the_sandbox_another_claims(srv: Pooled, repo:
     mine = srv.exec(a, "ls -A /tmp; ps -eo args; cat /proc/*/environ 2>/dev/null "
                        "| tr '\\0' '\\n'", alice)
     assert "alice-secret" in mine and "4321" in mine and "ALICE_MARK" in mine, mine
-    assert wait(lambda: len(srv.waiting()) == 1, 120), srv.log_tail()
+    assert wait(lambda: len(srv.ready()) == 1, 120), srv.log_tail()
     with srv.as_user("bob") as bob:
         b = srv.create(repo, "bob-ws", bob)
         assert b != a and srv.pool_notes(b, bob) == ["took a sandbox from the warm pool"]
@@ -152,8 +165,8 @@ def test_nothing_of_one_user_is_in_the_sandbox_another_claims(srv: Pooled, repo:
 
 
 def test_a_create_that_does_not_fit_boots_its_own(srv: Pooled, repo: Path) -> None:
-    assert wait(lambda: len(srv.waiting()) == 1, 120), srv.log_tail()
-    [pooled] = srv.waiting()
+    assert wait(lambda: len(srv.ready()) == 1, 120), srv.log_tail()
+    [pooled] = srv.ready()
     wid = srv.create(repo, "big", resources={"memory_mb": 768})
     assert wid != pooled and srv.pool_notes(wid) == []
     assert srv.waiting() == [pooled]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import sys
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from server.errors import ValidationFailed
 from server.git.clone import (
     CloneFailed,
+    ExitWatch,
     RepoSource,
     _safe_config,
     clone,
@@ -354,3 +356,25 @@ def test_the_clone_gets_a_clean_environment(make_repo: Callable[..., Path], tmp_
     monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
     assert _clone(bare, tmp_path / "out") == "main"
     assert not trace.exists()
+
+
+def test_exit_watch_wakes_when_the_child_ends() -> None:
+    """The clone's wait: not done while git runs, done once it has exited (through a pidfd
+    on Linux, which wakes at the exit instead of at Popen.wait's polling steps)."""
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                             stdin=subprocess.PIPE)
+    watch = ExitWatch(child)
+    try:
+        if sys.platform == "linux":
+            assert watch._fd is not None
+        assert not watch.within(0.05)
+        assert child.stdin is not None
+        child.stdin.close()  # the child ends now
+        assert watch.within(30)
+        assert child.returncode == 0
+    finally:
+        watch.close()
+        watch.close()  # idempotent
+        if child.poll() is None:
+            child.kill()
+            child.wait()

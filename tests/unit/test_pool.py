@@ -76,13 +76,14 @@ async def test_pool_fills_frozen_and_a_create_claims_one(
     svc, pool = pooled_service(make_service, fake_runtime)
     await fill(pool)
     assert pool.size() == 2
-    assert all(c.frozen and not c.seeded for c in fake_runtime.containers.values())
+    assert all(c.frozen and not c.seeded and c.armed for c in fake_runtime.containers.values())
     waiting = set(pool.owned())
     ws = await create(svc, user(svc), make_repo("api"))
     assert ws.state == "running"
     assert ws.id in waiting  # it took a pooled sandbox's id and objects
     c = fake_runtime.containers[container_of(svc.spec_for(ws))]
     assert c.running and not c.frozen and c.seeded and c.hostname == "api"
+    assert c.renamed_armed  # the rename made ready at fill time, not a new one
     assert c.spec.labels["den.role"] == "pool"
     assert [e.message for e in svc.events(ws.id) if e.kind == "pool"] == [
         "took a sandbox from the warm pool"]
@@ -143,7 +144,76 @@ async def test_a_failed_claim_boots_a_fresh_sandbox(
     assert ws.state == "running"
     c = fake_runtime.containers[container_of(svc.spec_for(ws))]
     assert c.running and not c.frozen and c.hostname == ""  # made anew, not renamed
+    assert c.seeded  # the seed beside the failed rename went with the removed sandbox
     assert any("could not be taken" in e.message for e in svc.events(ws.id))
+
+
+async def test_a_failed_thaw_boots_a_fresh_sandbox(
+        make_service: Callable[..., WorkspaceService], fake_runtime: FakeRuntime,
+        make_repo: Callable[..., Path]) -> None:
+    svc, pool = pooled_service(make_service, fake_runtime, pool_size=1)
+    await fill(pool)
+    from server.runtime.errors import EngineError
+    fake_runtime.fail_next["thaw"] = EngineError("no")
+    ws = await create(svc, user(svc), make_repo("api"))
+    assert ws.state == "running"
+    c = fake_runtime.containers[container_of(svc.spec_for(ws))]
+    assert c.running and c.seeded and "set_hostname" not in fake_runtime.calls
+    assert len(fake_runtime.containers) == 1  # the pooled one is gone
+    assert any("could not be taken" in e.message for e in svc.events(ws.id))
+
+
+async def test_the_seed_runs_beside_the_rename(
+        make_service: Callable[..., WorkspaceService], fake_runtime: FakeRuntime,
+        make_repo: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The claim's rename and the seed both need only the thaw: the rename waits here until
+    the seed has begun, which only a seed that does not wait for the rename lets happen."""
+    svc, pool = pooled_service(make_service, fake_runtime, pool_size=1)
+    await fill(pool)
+    seeding = asyncio.Event()
+    seed, rename = fake_runtime.seed, fake_runtime.set_hostname
+
+    async def seed_first(*args: object, **kw: object) -> None:
+        seeding.set()
+        await seed(*args, **kw)  # type: ignore[arg-type]
+
+    async def after_the_seed(*args: object, **kw: object) -> None:
+        await seeding.wait()
+        await rename(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fake_runtime, "seed", seed_first)
+    monkeypatch.setattr(fake_runtime, "set_hostname", after_the_seed)
+    ws = await asyncio.wait_for(create(svc, user(svc), make_repo("api")), 10)
+    assert ws.state == "running"
+    c = fake_runtime.containers[container_of(svc.spec_for(ws))]
+    assert c.seeded and c.hostname == "api" and c.renamed_armed
+
+
+async def test_a_failed_seed_of_a_claimed_sandbox_leaves_nothing(
+        make_service: Callable[..., WorkspaceService], fake_runtime: FakeRuntime,
+        make_repo: Callable[..., Path]) -> None:
+    svc, pool = pooled_service(make_service, fake_runtime, pool_size=1)
+    await fill(pool)
+    from server.runtime.errors import EngineError
+    fake_runtime.fail_next["seed"] = EngineError("the disk is full")
+    ws = await create(svc, user(svc), make_repo("api"))
+    assert ws.state == "error" and "the disk is full" in ws.state_reason
+    assert fake_runtime.containers == {} and pool.size() == 0
+
+
+async def test_a_sandbox_whose_rename_could_not_be_armed_still_serves(
+        make_service: Callable[..., WorkspaceService], fake_runtime: FakeRuntime,
+        make_repo: Callable[..., Path]) -> None:
+    svc, pool = pooled_service(make_service, fake_runtime, pool_size=1)
+    from server.runtime.errors import EngineError
+    fake_runtime.fail_next["arm_hostname"] = EngineError("no")
+    await fill(pool)
+    assert pool.size() == 1
+    ws = await create(svc, user(svc), make_repo("api"))
+    c = fake_runtime.containers[container_of(svc.spec_for(ws))]
+    assert ws.state == "running" and c.hostname == "api" and not c.renamed_armed
+    assert [e.message for e in svc.events(ws.id) if e.kind == "pool"] == [
+        "took a sandbox from the warm pool"]
 
 
 async def test_the_budget_is_never_exceeded(
