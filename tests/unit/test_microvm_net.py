@@ -73,3 +73,28 @@ def test_qemu_gets_the_tap_and_the_guest_its_address() -> None:
                       hostname="h")
     assert not net.has_nic(plain)
     assert net.has_nic([*plain, *net.netdev_argv("x", "10.88.7.2")])
+
+
+def test_the_network_lists_only_this_servers_running_vms(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Servers with other engine prefixes may share the VMs' directory: their VMs are not
+    this server's firewall members (only its own running VMs with a TAP are)."""
+    from server.runtime.microvm import backend, process
+
+    vms = tmp_path / "vms"
+    names = ["den-vm-ws1", "den-vm-ws2-ab12", "den-vm-ws3", "other-vm-ws4", "den-snap-sn1"]
+    for i, name in enumerate(names):
+        files = VmFiles(vms / name)
+        files.dir.mkdir(parents=True)
+        files.record.write_text(json.dumps({"address": f"10.88.7.{i + 2}"}))
+    stopped = "den-vm-ws3"
+    monkeypatch.setattr(net, "ensure_bridge", lambda _net: None)
+    monkeypatch.setattr(net, "link_exists", lambda tap: tap != net.tap_name(stopped))
+    monkeypatch.setattr(process, "running",
+                        lambda files: None if files.dir.name == stopped else 42)
+    rt = backend.MicroVmRuntime(boot_dir=tmp_path, vms_dir=vms, image="img", prefix="den",
+                                network=NET)
+    info = rt._network_info(NET)
+    assert info.addresses == {"den-vm-ws1": "10.88.7.2", "den-vm-ws2-ab12": "10.88.7.3"}
+    assert info.ports == {n: net.tap_name(n) for n in info.addresses}
+    assert net.serves("den", "den-vm-ws1") and not net.serves("den", "dentest-vm-ws1")

@@ -330,8 +330,8 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots, VmProcesses):
     # --- ManagedNetwork -----------------------------------------------------------------
 
     async def network(self) -> NetworkInfo:
-        """Den's bridge for the VMs (made when missing) and every running VM with a NIC:
-        its address, and its TAP as its port (what the firewall matches it by)."""
+        """Den's bridge for the VMs (made when missing) and every running VM of this server
+        with a NIC: its address, and its TAP as its port (what the firewall matches it by)."""
         if self.vm_network is None:
             raise EngineUnavailable("this microVM server has no network for its VMs "
                                     "(DEN_NETWORK_ISOLATION is off)")
@@ -342,6 +342,8 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots, VmProcesses):
         addresses, ports = {}, {}
         with contextlib.suppress(FileNotFoundError):
             for d in sorted(self.vms_dir.iterdir()):
+                if not net.serves(self.prefix, d.name):
+                    continue
                 record = disks.read_record(VmFiles(d))
                 tap = net.tap_name(d.name)
                 if record and isinstance(record.get("address"), str) \

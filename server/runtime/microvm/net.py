@@ -82,6 +82,14 @@ def netdev_argv(vm: str, address: str) -> list[str]:
             "-device", f"virtio-net-device,netdev={NETDEV_ID},mac={mac_for(address)}"]
 
 
+def serves(prefix: str, vm: str) -> bool:
+    """Whether the VM directory ``vm`` is one of this server's (its engine prefix's): Den
+    servers with other prefixes may share the VMs' directory (``DEN_MICROVM_DIR``), and
+    their VMs are on their own bridges, none of this server's firewall's business (seen: a
+    server's rules named another's VMs, and kept a deleted one's until its next sync)."""
+    return vm.startswith(f"{prefix}-vm-")
+
+
 def has_nic(argv: Iterable[str]) -> bool:
     """Whether a QEMU command line gives the VM a NIC (a checkpoint's device set)."""
     return "-netdev" in argv
