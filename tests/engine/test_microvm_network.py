@@ -1,10 +1,13 @@
 """MicroVM networking on the real host (DEN_BACKEND=microvm, docs/microvm.md#networking),
 from inside real QEMU guests (black box), with the stand-ins of tests/netlab.py routed for
-this server's microVM bridge: the "internet" (``public``), a "LAN" address and the metadata
-address in a network namespace the test makes, and an HTTP server of the host's on 0.0.0.0.
+this server's microVM bridge: the "internet" (``public``, and ``other``), a "LAN" address and
+the metadata address in a network namespace the test makes, a DNS stand-in on ``public`` that
+Den's forwarder asks (the records of tests/engine/test_network_dns.py), and an HTTP server of
+the host's on 0.0.0.0.
 
 Two VMs with a NIC (``a`` in the default mode, ``b`` serving HTTP on port 9000) and one with
-``network: none`` share the tests, in order (each boot takes seconds under TCG). Every
+``network: none`` share the tests, in order (each boot takes seconds under TCG); the last
+ones kill ``b``'s QEMU and restart Den (``Lab.serve``) under it. Every
 refusal is paired with a control: the same service answers the host (or the namespace), and
 the refused VM reaches ``public`` by the same route, so a refusal is the policy's.
 """
@@ -12,7 +15,9 @@ the refused VM reaches ``public`` by the same route, so a refusal is the policy'
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
+import signal
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,7 +29,7 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.config import Settings
-from server.network.firewall import chain_prefix
+from server.network.firewall import Iptables, chain_prefix
 from server.runtime.microvm import process
 from server.runtime.microvm.argv import VmFiles
 from server.runtime.microvm.net import VmNetwork, link_exists, mac_for, tap_name
@@ -39,7 +44,8 @@ from tests.conftest import (
 )
 from tests.engine.test_microvm import BOOT_DIR, _require_setup, vm_dir
 from tests.engine.test_network import _host_http
-from tests.netlab import METADATA, PORT, sh, stand_ins, wait_for
+from tests.engine.test_network_dns import OWN_RESOLVER
+from tests.netlab import METADATA, PORT, StandIns, sh, stand_ins, wait_for
 
 pytestmark = pytest.mark.engine
 
@@ -49,15 +55,26 @@ class Lab:
     api: ApiClient
     settings: Settings
     public: str
+    other: str
     host_link: str
     lan: str
     host_port: int
+    servers: contextlib.ExitStack
     ids: dict[str, str] = field(default_factory=dict)
 
     @property
     def net(self) -> VmNetwork:
         return VmNetwork.named(self.settings.resolved_network_name(),
                                self.settings.microvm_subnet)
+
+    def serve(self) -> None:
+        """(Re)start Den on this lab's data dir: the running one, if any, goes first."""
+        self.servers.close()
+        app = create_app(self.settings)
+        client = self.servers.enter_context(TestClient(app))
+        api = ApiClient(client, users(app))
+        api.repo = getattr(self.api, "repo", None)  # type: ignore[attr-defined]
+        self.api = api
 
     def exec(self, name: str, cmd: str) -> dict[str, Any]:
         return self.api.exec(self.ids[name], cmd, timeout_s=60)
@@ -75,9 +92,27 @@ class Lab:
         out = str(self.exec(name, "ip -4 -o addr show dev eth0")["stdout"]).split()
         return out[out.index("inet") + 1].split("/")[0]
 
+    def resolve(self, name: str, host: str) -> str:
+        """The first address ``getent`` gives (the guest's resolv.conf: Den's forwarder)."""
+        return str(self.exec(name, f"getent ahostsv4 {host} | head -n 1")["stdout"]
+                   ).split(" ")[0].strip()
 
-def _rules() -> str:
-    return sh("iptables-save").stdout + sh("iptables-save", "-t", "nat").stdout
+    def patch(self, name: str, network: dict[str, Any]) -> None:
+        r = self.api.client.patch(f"/api/v1/workspaces/{self.ids[name]}",
+                                  headers=self.api.h(), json={"network": network})
+        assert r.status_code == 200, r.text
+
+    def denied(self, name: str) -> list[str]:
+        return [e["message"] for e in self.api.get(f"/api/v1/workspaces/{self.ids[name]}"
+                                                   "/events").json()["events"]
+                if e["message"].startswith("denied")]
+
+
+def _rules(prefix: str = "") -> str:
+    """The host's IPv4 rules; with ``prefix``, only the lines of that server's chains (other
+    servers, of other tests, may run at the same time)."""
+    text = sh("iptables-save").stdout + sh("iptables-save", "-t", "nat").stdout
+    return "\n".join(line for line in text.splitlines() if prefix in line)
 
 
 @pytest.fixture(scope="module")
@@ -96,20 +131,27 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
                         network_user_allow=[lan_probe], microvm_subnet=microvm_subnet())
     net = VmNetwork.named(settings.resolved_network_name(), settings.microvm_subnet)
     host_srv = _host_http(free_port())
+
+    def records(s: StandIns) -> dict[str, list[str]]:  # as tests/engine/test_network_dns.py
+        return {"ok.den.test": [s.public], "evil.den.test": [s.other]}
+
     try:
-        with stand_ins(prefix, net.interface, tmp) as ns:
-            app = create_app(settings)
-            with TestClient(app) as client:
-                api = ApiClient(client, users(app))
-                lab = Lab(api, settings, ns.public, ns.host_link, ns.lan, host_srv.server_port)
-                api.repo = repo  # type: ignore[attr-defined]
-                try:
-                    yield lab
-                finally:
-                    for wid in lab.ids.values():
-                        with contextlib.suppress(Exception):
-                            client.delete(f"/api/v1/workspaces/{wid}", headers=api.h(),
-                                          params={"snapshots": "true"})
+        with stand_ins(prefix, net.interface, tmp, dns=records) as ns, \
+                contextlib.ExitStack() as servers:
+            # Den's forwarder asks the DNS stand-in (as DEN_NETWORK_DNS would).
+            settings = settings.model_copy(update={"network_dns": [ns.public]})
+            lab = Lab(None, settings, ns.public, ns.other,  # type: ignore[arg-type]
+                      ns.host_link, ns.lan, host_srv.server_port, servers)
+            lab.serve()
+            lab.api.repo = repo  # type: ignore[attr-defined]
+            try:
+                yield lab
+            finally:
+                for wid in lab.ids.values():
+                    with contextlib.suppress(Exception):
+                        lab.api.client.delete(f"/api/v1/workspaces/{wid}",
+                                              headers=lab.api.h(),
+                                              params={"snapshots": "true"})
     finally:
         host_srv.shutdown()
         for d in (BOOT_DIR / "vms").glob(f"{prefix}-*"):
@@ -159,6 +201,13 @@ def test_a_vm_reaches_the_internet_and_not_the_host_lan_metadata_or_another_vm(
     # guest's ARP cache keeps it).
     assert Path(f"/sys/class/net/{lab.net.interface}/address").read_text().strip() \
         == mac_for(lab.net.gateway)
+    # Refusals are events on the VM that tried, as for a gVisor workspace (the kernel log's
+    # lines, matched by the VM's address).
+    wait_for(lambda: any(f"TCP to {lab.lan}:{PORT} (network policy internet" in m
+                         for m in lab.denied("a")), 30, "the denial event")
+    wait_for(lambda: any(f"TCP to {METADATA}:{PORT}" in m for m in lab.denied("a")), 30,
+             "the metadata denial event")
+    assert not any(f"TCP to {lab.public}:" in m for m in lab.denied("a"))
 
 
 def test_a_policy_change_applies_to_the_running_vm(vms: Lab) -> None:
@@ -176,6 +225,26 @@ def test_a_policy_change_applies_to_the_running_vm(vms: Lab) -> None:
     assert lab.reach("a", lab.public)
     assert not lab.reach("a", lab.lan)
     assert lab.exec("a", f"kill -0 {pid} && echo alive")["stdout"] == "alive\n"  # no restart
+
+
+def test_names_open_what_den_resolved_and_nothing_else(vms: Lab) -> None:
+    """A domain name in an allowlist, as tests/engine/test_network_dns.py asserts it for a
+    gVisor workspace: the guest's own lookup (the DNS stand-in, asked directly) opens
+    nothing; the same name through Den's forwarder (the guest's resolv.conf) opens its
+    address; a name the policy does not list resolves and opens nothing."""
+    lab = vms
+    lab.patch("a", {"mode": "allowlist", "allow": ["ok.den.test:8080", f"{lab.public}:53"]})
+    r = lab.exec("a", f"python3 -c '{OWN_RESOLVER}' ok.den.test {lab.public}")
+    assert r["stdout"].strip() == lab.public, r
+    assert not lab.reach("a", lab.public)
+    assert lab.resolve("a", "ok.den.test") == lab.public
+    assert lab.reach("a", lab.public)
+    assert lab.resolve("a", "evil.den.test") == lab.other
+    assert not lab.reach("a", lab.other)
+    wait_for(lambda: any(f"TCP to {lab.other}:{PORT} (network policy allowlist" in m
+                         for m in lab.denied("a")), 30, "the denial event")
+    lab.patch("a", {"mode": "internet"})
+    assert lab.reach("a", lab.other)  # control: the refused address answers
 
 
 def test_network_none_has_no_nic(vms: Lab) -> None:
@@ -222,11 +291,62 @@ def test_delete_leaves_no_tap_and_no_rule(vms: Lab) -> None:
     prefix = chain_prefix(lab.settings.resolved_network_name())
     wait_for(lambda: all(not link_exists(tap_name(vm)) for vm, _ in gone.values()), 60,
              "the deleted VMs' TAPs to go")
-    rules = _rules()
+    rules = _rules(prefix)
     assert f"-s {lab.address('b')}/32" in rules  # the remaining VM's rules are there
     for vm, address in gone.values():
         assert tap_name(vm) not in rules and f"{address}/32" not in rules
     assert prefix in rules
+
+
+def _vm_rules(lab: Lab, tap: str, address: str) -> bool:
+    """Whether this server's chains name the VM (its TAP or its address)."""
+    rules = _rules(chain_prefix(lab.settings.resolved_network_name()))
+    return tap in rules or f"{address}/32" in rules
+
+
+def test_qemu_killed_leaves_no_tap_or_rule_and_a_start_brings_the_nic_back(vms: Lab) -> None:
+    lab = vms
+    wid = lab.ids["b"]
+    files = VmFiles(vm_dir(lab.api, wid))
+    tap, address = tap_name(files.dir.name), lab.address("b")
+    assert link_exists(tap) and _vm_rules(lab, tap, address)
+    pid = process.running(files)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    # Den hears the ``die`` (microvm/events.py): the state follows, the rules go.
+    ws = lab.api.wait_state(wid, settled=("stopped", "error"), timeout_s=60)
+    assert ws["state"] in ("stopped", "error"), ws
+    wait_for(lambda: not link_exists(tap) and not _vm_rules(lab, tap, address), 30,
+             "the killed VM's TAP and rules to go")
+    r = lab.api.post(f"/api/v1/workspaces/{wid}/start")
+    assert r.status_code in (200, 202), r.text
+    assert lab.api.wait_state(wid, timeout_s=300)["state"] == "running"
+    assert link_exists(tap) and _vm_rules(lab, tap, address)
+    assert lab.address("b") == address
+    assert lab.reach("b", lab.public)
+    assert not lab.reach("b", lab.lan)
+
+
+def test_a_restarted_den_puts_the_rules_back_and_the_policy_holds(vms: Lab) -> None:
+    """Den down, its chains gone meanwhile (a firewall reload): the new server's first sync
+    brings the running VM's rules back, and its forwarder answers the VM again."""
+    lab = vms
+    files = VmFiles(vm_dir(lab.api, lab.ids["b"]))
+    tap, address = tap_name(files.dir.name), lab.address("b")
+    pid = process.running(files)
+    lab.servers.close()
+    Iptables(chain_prefix(lab.settings.resolved_network_name())).remove()
+    assert not _vm_rules(lab, tap, address)
+    lab.serve()
+    assert process.running(files) == pid  # the same VM, never restarted
+    assert link_exists(tap) and _vm_rules(lab, tap, address)
+    assert lab.reach("b", lab.public)
+    assert not lab.reach("b", lab.lan)
+    assert not lab.reach("b", METADATA)
+    lab.patch("b", {"mode": "allowlist", "allow": ["ok.den.test:8080"]})
+    assert not lab.reach("b", lab.public)
+    assert lab.resolve("b", "ok.den.test") == lab.public  # the new forwarder, pinning
+    assert lab.reach("b", lab.public)
 
 
 def test_the_fixture_removes_the_bridge_and_chains() -> None:
