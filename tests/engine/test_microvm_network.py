@@ -133,7 +133,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     host_srv = _host_http(free_port())
 
     def records(s: StandIns) -> dict[str, list[str]]:  # as tests/engine/test_network_dns.py
-        return {"ok.den.test": [s.public], "evil.den.test": [s.other]}
+        return {"ok.den.test": [s.public], "evil.den.test": [s.other],
+                "rebind.den.test": [METADATA]}
 
     try:
         with stand_ins(prefix, net.interface, tmp, dns=records) as ns, \
@@ -243,8 +244,22 @@ def test_names_open_what_den_resolved_and_nothing_else(vms: Lab) -> None:
     assert not lab.reach("a", lab.other)
     wait_for(lambda: any(f"TCP to {lab.other}:{PORT} (network policy allowlist" in m
                          for m in lab.denied("a")), 30, "the denial event")
+    # Rebinding: an allowed name answering the metadata address opens nothing (the LAN is
+    # this server's ceiling here: network_user_allow), and a change that keeps a name keeps
+    # its pins.
+    lab.patch("a", {"mode": "allowlist",
+                    "allow": ["ok.den.test:8080", "rebind.den.test", f"{lab.public}:53"]})
+    assert lab.resolve("a", "rebind.den.test") == METADATA
+    assert not lab.reach("a", METADATA)
+    assert lab.reach("a", lab.public)
+    # A dropped name closes at once; a new one opens once resolved through Den (over TCP).
+    lab.patch("a", {"mode": "allowlist", "allow": ["evil.den.test:8080"]})
+    assert not lab.reach("a", lab.public)
+    r = lab.exec("a", f"python3 -c '{OWN_RESOLVER}' evil.den.test {lab.net.gateway} tcp")
+    assert r["stdout"].strip() == lab.other, r
+    assert lab.reach("a", lab.other)
     lab.patch("a", {"mode": "internet"})
-    assert lab.reach("a", lab.other)  # control: the refused address answers
+    assert lab.reach("a", lab.public)
 
 
 def test_network_none_has_no_nic(vms: Lab) -> None:
