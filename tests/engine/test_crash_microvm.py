@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from server.config import Settings
 from server.runtime.microvm import process
 from server.runtime.microvm.argv import VmFiles
-from tests.conftest import RUN_PREFIX, git
+from tests.conftest import RUN_PREFIX, git, microvm_subnet, remove_microvm_network
 from tests.engine.test_crash import TRANSITIONAL, Crashing, _assert_data, _only_new, _repo, _wait
 from tests.engine.test_microvm import BOOT_DIR, _require_setup
 
@@ -85,10 +86,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     git("add", "-A", cwd=src)
     git("commit", "-q", "-m", "initial", cwd=src)
     git("clone", "-q", "--bare", str(src), str(repos / "api.git"))
+    subnet = microvm_subnet()  # a bridge of this server's own, removed at the end
     srv = Crashing(root / "data", repos, f"{RUN_PREFIX}-vmcrash{os.getpid() % 1000}",
                    user="alice", default_memory_mb=512, default_cpus=1, stop_timeout_s=2,
                    ssh_port=0, backend="microvm", microvm_dir=BOOT_DIR, microvm_accel="auto",
-                   default_disk_gb=1, http_timeout_s=240)
+                   default_disk_gb=1, microvm_subnet=subnet, http_timeout_s=240)
     srv.start()
     try:
         r = srv.http.post("/api/v1/workspaces", json={"name": "base",
@@ -108,6 +110,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         for d in _vm_dirs(srv.prefix):
             process.end(VmFiles(d), timeout_s=0)
             subprocess.run(["rm", "-rf", str(d)], check=False)
+        remove_microvm_network(Settings(engine_prefix=srv.prefix, microvm_subnet=subnet))
 
 
 def _no_vm(srv: Crashing, wid: str) -> None:

@@ -23,7 +23,14 @@ from server.config import Settings
 from server.runtime.microvm import process
 from server.runtime.microvm.argv import VmFiles
 from server.runtime.microvm.images import backing_file
-from tests.conftest import RUN_PREFIX, ApiClient, bare_repo, users
+from tests.conftest import (
+    RUN_PREFIX,
+    ApiClient,
+    bare_repo,
+    microvm_subnet,
+    remove_microvm_network,
+    users,
+)
 from tests.engine.test_microvm import BOOT_DIR, _require_setup, vm_dir
 
 pytestmark = pytest.mark.engine
@@ -32,7 +39,11 @@ IMAGES_DIR = BOOT_DIR / "images"
 
 
 def _settings(root: Path, prefix: str, image: str, **extra: Any) -> Settings:
+    """A microVM server's settings; its bridge for the VMs' NICs a /24 of its own (each
+    server's forwarder listens on its bridge's address): remove it with
+    ``remove_microvm_network`` once the server is gone."""
     extra.setdefault("local_repo_roots", [root / "repos"])
+    extra.setdefault("microvm_subnet", microvm_subnet())
     return Settings(allowed_images=[image, f"{image}-nope"], data_dir=root / "data",
                     backend="microvm",
                     engine_prefix=prefix, microvm_dir=BOOT_DIR, default_disk_gb=1,
@@ -54,7 +65,8 @@ def api(engine: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiC
                    capture_output=True,
                    input=(f"FROM den/workspace:latest\nRUN echo {prefix} > /etc/den-marker\n"
                           ).encode())
-    app = create_app(_settings(root, prefix, image))
+    settings = _settings(root, prefix, image)
+    app = create_app(settings)
     try:
         with TestClient(app) as client:
             api = ApiClient(client, users(app))
@@ -71,6 +83,7 @@ def api(engine: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiC
                     subprocess.run(["rm", "-rf", str(d)], check=False)
     finally:
         subprocess.run(["docker", "rmi", "-f", image], capture_output=True, check=False)
+        remove_microvm_network(settings)
 
 
 def _until(what: str, cond: Callable[[], bool], timeout_s: float = 60) -> None:
@@ -145,9 +158,18 @@ def test_an_image_over_the_limit_or_missing_is_refused(api: ApiClient,
     r = api.post("/api/v1/workspaces", json={"name": "missing", "image": f"{image}-nope",
                                              "repo": {"url": str(api.repo)}})  # type: ignore[attr-defined]
     assert (r.status_code, r.json()["error"]["code"]) == (422, "image_missing"), r.text
-    small = create_app(_settings(tmp_path, f"{RUN_PREFIX}-{secrets.token_hex(2)}", image,
-                                 local_repo_roots=[Path(str(api.repo)).parent],  # type: ignore[attr-defined]
-                                 microvm_image_max_mb=64, microvm_accel="tcg"))
+    small_settings = _settings(tmp_path, f"{RUN_PREFIX}-{secrets.token_hex(2)}", image,
+                               local_repo_roots=[Path(str(api.repo)).parent],  # type: ignore[attr-defined]
+                               microvm_image_max_mb=64, microvm_accel="tcg")
+    small = create_app(small_settings)
+    try:
+        _refuse_over_the_limit(api, small, image, bases_before)
+    finally:
+        remove_microvm_network(small_settings)
+
+
+def _refuse_over_the_limit(api: ApiClient, small: Any, image: str,
+                           bases_before: set[Path]) -> None:
     with TestClient(small) as client:
         other = ApiClient(client, users(small))
         r = other.post("/api/v1/workspaces", json={"name": "big", "image": image,
