@@ -142,6 +142,7 @@ class PrebuildService:
         with self.sessions() as s:
             owner = s.get(User, pb.owner_id)
         ws_id: str | None = None
+        failure: str | None = None
         try:
             if owner is None:
                 raise NotFound("the prebuild's owner is gone")
@@ -170,13 +171,14 @@ class PrebuildService:
                       else "internal error while making the prebuild")
             log.warning("prebuild %s: failed: %s", prebuild_id, reason,
                         exc_info=None if isinstance(exc, DenError) else exc)
-            self._set(prebuild_id, state=FAILED, reason=_shorten(reason),
-                      finished_at=datetime.now(UTC))
+            failure = _shorten(reason)
         finally:
             if ws_id is not None:  # the snapshot is what is kept; the workspace goes
                 with contextlib.suppress(Exception):
                     await svc.delete(ws_id, actor=ACTOR)
                 self._set(prebuild_id, workspace_id=None)
+        if failure is not None:  # said once its build workspace is gone, not before
+            self._set(prebuild_id, state=FAILED, reason=failure, finished_at=datetime.now(UTC))
         await self._retain(self.get(prebuild_id))
         if self.get(prebuild_id).state == READY:
             self.ahead.replenish(prebuild_id)
