@@ -429,7 +429,8 @@ def test_a_full_host_disk_during_the_memory_save_leaves_the_workspace_running(
                         engine_prefix=f"{RUN_PREFIX}-{secrets.token_hex(2)}",
                         default_memory_mb=512, default_cpus=1.0, default_disk_gb=1,
                         stop_timeout_s=5, reaper_interval_s=0, ssh_port=0,
-                        outbound_allow=["127.0.0.0/8", "::1"], gpus="none")
+                        outbound_allow=["127.0.0.0/8", "::1"], gpus="none",
+                        microvm_subnet=microvm_subnet())
     try:
         with TestClient(create_app(settings)) as client:
             api = ApiClient(client, users(client.app))
@@ -465,6 +466,7 @@ def test_a_full_host_disk_during_the_memory_save_leaves_the_workspace_running(
             process.end(VmFiles(d), timeout_s=0)
             Cgroups().remove(d.name)
         subprocess.run(["umount", str(small / "vms")], check=False)
+        remove_microvm_network(settings)
         subprocess.run(["rm", "-rf", str(small)], check=False)
 
 
