@@ -27,7 +27,7 @@ import pytest
 
 from server import faults
 from server.runtime.docker import processes_naming
-from tests.conftest import RUN_PREFIX, engine_objects, git
+from tests.conftest import RUN_PREFIX, bare_repo, engine_objects
 from tests.server_process import DenServer
 
 pytestmark = pytest.mark.engine
@@ -128,14 +128,8 @@ def world(engine: None, tmp_path_factory: pytest.TempPathFactory
     it when it said "v1", and the list of workspace ids the tests made."""
     root = tmp_path_factory.mktemp("crash")
     repos = root / "repos"
-    src = root / "src"
-    for d in (repos, src):
-        d.mkdir()
-    git("init", "-q", "-b", "main", cwd=src)
-    (src / "README.md").write_text("# api\n")
-    git("add", "-A", cwd=src)
-    git("commit", "-q", "-m", "initial", cwd=src)
-    git("clone", "-q", "--bare", str(src), str(repos / "api.git"))
+    repos.mkdir()
+    bare_repo(repos, root / "src")
     srv = Crashing(root / "data", repos, f"{RUN_PREFIX}-crash{os.getpid() % 1000}",
                    user="alice", default_memory_mb=512, stop_timeout_s=2, ssh_port=0)
     srv.start()

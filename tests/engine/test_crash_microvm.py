@@ -20,7 +20,7 @@ import pytest
 from server.config import Settings
 from server.runtime.microvm import process
 from server.runtime.microvm.argv import VmFiles
-from tests.conftest import RUN_PREFIX, git, microvm_subnet, remove_microvm_network
+from tests.conftest import RUN_PREFIX, bare_repo, microvm_subnet, remove_microvm_network
 from tests.engine.test_crash import TRANSITIONAL, Crashing, _assert_data, _only_new, _repo, _wait
 from tests.engine.test_microvm import BOOT_DIR, _require_setup
 
@@ -78,14 +78,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     snapshot of it when it said "v1", and the list of workspace ids the tests made."""
     _require_setup()
     root = tmp_path_factory.mktemp("crash-microvm")
-    repos, src = root / "repos", root / "src"
-    for d in (repos, src):
-        d.mkdir()
-    git("init", "-q", "-b", "main", cwd=src)
-    (src / "README.md").write_text("# api\n")
-    git("add", "-A", cwd=src)
-    git("commit", "-q", "-m", "initial", cwd=src)
-    git("clone", "-q", "--bare", str(src), str(repos / "api.git"))
+    repos = root / "repos"
+    repos.mkdir()
+    bare_repo(repos, root / "src")
     subnet = microvm_subnet()  # a bridge of this server's own, removed at the end
     srv = Crashing(root / "data", repos, f"{RUN_PREFIX}-vmcrash{os.getpid() % 1000}",
                    user="alice", default_memory_mb=512, default_cpus=1, stop_timeout_s=2,
@@ -117,30 +112,28 @@ def _no_vm(srv: Crashing, wid: str) -> None:
     assert not [d for d in _vm_dirs(srv.prefix) if f"-vm-{wid}" in d.name]
 
 
-def test_crash_while_cloning_a_new_workspace(world: World) -> None:
+def _create_cut_short(world: World, point: str, body: dict[str, object]) -> None:
+    """A create killed at ``point``: the new workspace is in error saying Den restarted,
+    nothing of its VM is left, and it can be deleted."""
     srv, _, _, ids = world
-    srv.crash_at("create.clone", lambda: srv.http.post(
-        "/api/v1/workspaces", json={"name": "c1", "repo": {"url": _repo(srv)}}))
-    wid = _only_new(srv, "c1")
+    srv.crash_at(point, lambda: srv.http.post("/api/v1/workspaces", json=body))
+    wid = _only_new(srv, str(body["name"]))
     ids.append(wid)
     ws = srv.ws(wid)
     assert ws["state"] == "error" and "restarted while" in ws["state_reason"], ws
     check_consistent(srv)
     _no_vm(srv, wid)
     assert srv.http.delete(f"/api/v1/workspaces/{wid}").status_code == 204
+
+
+def test_crash_while_cloning_a_new_workspace(world: World) -> None:
+    srv = world[0]
+    _create_cut_short(world, "create.clone", {"name": "c1", "repo": {"url": _repo(srv)}})
 
 
 def test_crash_while_a_fork_copies_its_disks(world: World) -> None:
-    srv, _, sid, ids = world
-    srv.crash_at("fork.copy", lambda: srv.http.post(
-        "/api/v1/workspaces", json={"name": "f1", "from_snapshot": sid}))
-    wid = _only_new(srv, "f1")
-    ids.append(wid)
-    ws = srv.ws(wid)
-    assert ws["state"] == "error" and "restarted while" in ws["state_reason"], ws
-    check_consistent(srv)
-    _no_vm(srv, wid)
-    assert srv.http.delete(f"/api/v1/workspaces/{wid}").status_code == 204
+    sid = world[2]
+    _create_cut_short(world, "fork.copy", {"name": "f1", "from_snapshot": sid})
 
 
 def test_crash_while_a_restore_copies_keeps_the_workspace_as_it_was(world: World) -> None:
