@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Coroutine, Mapping
@@ -37,14 +38,13 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from server.db.models import Prebuild, User, Workspace
 from server.errors import Conflict, DenError
 from server.prebuilds.matching import READY
 from server.runtime.base import Checkpoints, Freezer, Rehost, WorkspaceSpec
 from server.workspaces.prebuild_seam import PrebuildUse
-from server.workspaces.service import CreateRequest
+from server.workspaces.service import CreateRequest, check_name_free
 from server.workspaces.states import Sleep, State
 
 if TYPE_CHECKING:
@@ -175,16 +175,10 @@ class ForksAhead:
         if row is None or fits(row, fields) is not None:
             return None
 
-        def check(s: Session) -> None:
-            exists = s.scalar(select(Workspace.id).where(
-                Workspace.owner_id == user.id, Workspace.name == name, Workspace.id != row.id))
-            if exists is not None:
-                raise Conflict(f"you already have a workspace named {name!r}",
-                               code="name_taken")
-
         taken = self.svc.ledger.claim(
             row.id, made_for=pb.id, values=claim_values(name, fields, datetime.now(UTC)),
-            check=check, actor=user.name,
+            check=functools.partial(check_name_free, owner_id=user.id, name=name,
+                                    besides=row.id), actor=user.name,
             message=f"{use.message_prefix} {fields['repo_url']}: took the fork made ahead "
                     f"of it ({row.name})")
         if not taken:

@@ -133,6 +133,17 @@ def login_shell_argv(command: str | None) -> list[str]:
     return ["/bin/sh", "-c", _LOGIN_SHELL, "den-shell", *extra]
 
 
+def check_name_free(s: Session, owner_id: int, name: str, *, besides: str | None = None
+                    ) -> None:
+    """Refuse (409 ``name_taken``) a name the owner already gives a workspace other than
+    ``besides``; called inside the transaction that writes the name."""
+    query = select(Workspace.id).where(Workspace.owner_id == owner_id, Workspace.name == name)
+    if besides is not None:
+        query = query.where(Workspace.id != besides)
+    if s.scalar(query) is not None:
+        raise Conflict(f"you already have a workspace named {name!r}", code="name_taken")
+
+
 class WorkspaceService:
     """Creates, starts, stops, deletes and reconciles workspaces; runs commands in them."""
 
@@ -360,12 +371,7 @@ class WorkspaceService:
         def check(s: Session) -> None:
             self.quotas.check_workspace(s, user, cpus=fields["cpus"],
                                         memory_mb=fields["memory_mb"], disk_gb=fields["disk_gb"])
-            exists = s.scalar(
-                select(Workspace.id).where(Workspace.owner_id == user.id, Workspace.name == name)
-            )
-            if exists is not None:
-                raise Conflict(f"you already have a workspace named {name!r}",
-                               code="name_taken")
+            check_name_free(s, user.id, name)
 
         row = Workspace(
             id=ws_id, owner_id=user.id, name=name, pids_limit=self.settings.default_pids,
