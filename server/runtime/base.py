@@ -369,6 +369,18 @@ class Freezer(Protocol):
 
 
 @runtime_checkable
+class MemoryCgroups(Protocol):
+    """Backends whose sandboxes each have a host memory cgroup Den may watch: the memory
+    guard (server/workspaces/memory_guard.py) waits on it, without polling, for the
+    workspace to pass ``memory_mb``."""
+
+    async def memory_cgroup(self, spec: WorkspaceSpec) -> Path | None:
+        """The host directory of the running sandbox's memory cgroup (cgroup v1), or None
+        when there is none to watch (not running, another cgroup layout)."""
+        ...
+
+
+@runtime_checkable
 class Recovers(Protocol):
     """Backends whose running sandbox can be left halted by a Den that died mid-operation
     (a microVM whose CPUs were stopped for a snapshot's copy). Reconcile asks

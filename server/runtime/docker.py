@@ -43,6 +43,7 @@ from server.gpus.container import GpuSandbox
 from server.runtime import (
     agent_seed,
     cgroup_freezer,
+    cgroup_memory,
     containerd_tmp,
     disk_quota,
     docker_engine,
@@ -655,6 +656,16 @@ class DockerRuntime:
             _thaw(api, container_of(spec), state)
 
         await self._call(f"thaw workspace {spec.workspace_id}", run)
+
+    async def memory_cgroup(self, spec: WorkspaceSpec) -> Path | None:
+        """:class:`~server.runtime.base.MemoryCgroups`: the running sandbox's memory cgroup."""
+        def run() -> Path | None:
+            state = self._api().inspect_container(container_of(spec))["State"]
+            if not state.get("Running"):
+                return None
+            return cgroup_memory.memory_dir(int(state.get("Pid") or 0))
+
+        return await self._call(f"memory cgroup of workspace {spec.workspace_id}", run)
 
     async def arm_hostname(self, spec: WorkspaceSpec) -> None:
         """:class:`~server.runtime.base.ArmedRehost`: the privileged script of

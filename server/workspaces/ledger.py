@@ -45,6 +45,8 @@ class Ledger:
         self.gpus = gpus  # allocated in the transaction of each transition
         self.feed = feed  # wakes the readers of the events WebSocket
         self.touches = TouchCoalescer()  # activity: at most one write a second per workspace
+        # Told of every state a workspace reaches, after its commit (the memory guard).
+        self.watchers: list[Callable[[str, State], None]] = []
 
     def record(self, s: Session, workspace_id: str, *, kind: str, actor: str, message: str,
                src: State | None = None, dst: State | None = None) -> None:
@@ -93,6 +95,8 @@ class Ledger:
             self.record(s, workspace_id, kind="state", actor=actor,
                         message=message or reason, src=src, dst=dst)
         self.feed.changed(workspace_id)
+        for watcher in self.watchers:
+            watcher(workspace_id, dst)
         log.info("workspace %s: %s -> %s %s", workspace_id, src.value, dst.value, reason)
 
     def claim(self, workspace_id: str, *, made_for: str, values: Mapping[str, Any],

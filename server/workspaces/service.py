@@ -68,7 +68,7 @@ from server.runtime.base import (
     labels_for,
 )
 from server.runtime.errors import EngineConflict, ObjectMissing
-from server.workspaces import hooks, limits, naming, validation
+from server.workspaces import hooks, limits, memory_guard, naming, validation
 from server.workspaces.activity import Activity
 from server.workspaces.admission import Gate
 from server.workspaces.engine_events import EngineFollower
@@ -191,6 +191,9 @@ class WorkspaceService:
         self.restores = Restores(self)
         self.reconciler = Reconciler(self)
         self.engine_events = EngineFollower(self)
+        # Ends the biggest process of a workspace past its memory_mb (None: the backend has
+        # no memory cgroups to watch): server/workspaces/memory_guard.py.
+        self.memory_guard = memory_guard.attach(self)
         # What other services do at points of a workspace's life (the forges: a clone's
         # credentials, Den's git hooks, clean-up after a delete): server/workspaces/hooks.py.
         self.hooks: list[WorkspaceHooks] = []
@@ -932,6 +935,7 @@ class WorkspaceService:
     async def reconcile(self) -> None:
         """Bring the database and the engine into agreement (Reconciler.reconcile)."""
         await self.reconciler.reconcile()
+        await memory_guard.resync(self, self.memory_guard)
 
     async def apply_engine_event(self, event: EngineEvent) -> None:
         """Follow what the engine says happened to a workspace (EngineFollower.apply)."""
@@ -939,6 +943,8 @@ class WorkspaceService:
 
     async def shutdown(self) -> None:
         """Cancel unfinished background work; reconcile cleans up at the next start."""
+        if self.memory_guard is not None:
+            await self.memory_guard.close()
         tasks = list(self._tasks.values())
         for t in tasks:
             t.cancel()

@@ -59,7 +59,7 @@ def _expected(runtime: str) -> dict[str, object]:
             "runtime": runtime,
             "binds": {"den-ws0123456789ab-data": {"bind": "/workspace", "mode": "rw"}},
             "nano_cpus": 1_500_000_000,
-            # 256 MiB above the workspace's limit, for earlyoom to act before the host does.
+            # 256 MiB above the workspace's limit, for the memory guard to act before the host does.
             "mem_limit": (512 + 256) * 1024 * 1024,
             "memswap_limit": (512 + 256) * 1024 * 1024,
             # Host pids: room for gVisor's own; the workspace's limit is RLIMIT_NPROC inside.
