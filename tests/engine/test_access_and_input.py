@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -202,6 +204,16 @@ def test_memory_hog_is_killed_inside_its_workspace_only(
     assert real_api.exec(ws["id"], "echo still-here")["stdout"] == "still-here\n"
     assert real_api.exec(other["id"], "echo fine")["stdout"] == "fine\n"
     assert real_api.get(f"/api/v1/workspaces/{ws['id']}").json()["state"] == "running"
+    # Den's memory guard (on the host, not a poller inside) ended it and says so.
+    deadline = time.monotonic() + 30
+    while not (said := [e["message"] for e in real_api.get(
+            f"/api/v1/workspaces/{ws['id']}/events").json()["events"] if e["kind"] == "memory"]):
+        assert time.monotonic() < deadline, "no memory event"
+        time.sleep(0.1)
+    assert re.match(r"memory guard: the workspace used \d+ MiB, past its limit of 256 MiB: "
+                    r"sent SIG(TERM|KILL) to process \d+ \(python3, \d+ MiB\)", said[0]), said
+    assert not [e for e in real_api.get(f"/api/v1/workspaces/{other['id']}/events").json()[
+        "events"] if e["kind"] == "memory"]
 
 
 async def _stalled_body(first: bytes, pulled: asyncio.Event, go: asyncio.Event
