@@ -1,7 +1,7 @@
 """Where an idle gVisor sandbox's CPU goes: per process and per thread, with wakeups.
 
     .venv/bin/python -m tests.benchmarks.bench_idle [--window S] [--runtimes runsc,runsc-ptrace]
-        [--json out.json]
+        [--image den/workspace:latest] [--payloads sleep,den-init,...] [--json out.json]
 
 (docs/benchmarks.md, "Where an idle sandbox's CPU goes", explains the results.)
 
@@ -14,6 +14,13 @@ time; over one window it reads, on the host, the CPU of each container's cgroup
 that cgroup, its run time and context switches (``/proc/PID/task/TID/schedstat`` and
 ``status``), grouped by process (the sentry ``runsc-sandbox``, the ``runsc-gofer``, systrap's
 stub processes). Context switches a second are the sandbox's wakeups.
+
+Den's memory guard watches each running workspace from the host (server/workspaces/
+memory_guard.py): during the window every sandbox's memory cgroup is armed the same way (an
+eventfd on ``memory.usage_in_bytes`` at the workspace's ``memory_mb`` and at the hard point),
+and the signals it got are counted: an idle workspace should get none, and the guard's thread
+(the server's event loop) has nothing to do. Since den-init no longer starts earlyoom, an image
+built from this tree makes ``den-init`` and ``den-init-no-earlyoom`` the same workload.
 
 Every container and volume it makes carries the prefix ``denbench-idle-*`` and is removed at
 the end. Nothing asserts on time.
@@ -33,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.benchmarks.bench_sleep import CPUACCT, cpu_ns, full_id
-from tests.benchmarks.bench_workspaces import IMAGE, machine, raw_run_flags
+from tests.benchmarks.bench_workspaces import IMAGE, MEMORY_MB, machine, raw_run_flags
 
 # What each sandbox runs: its main process (None: Den's INIT_COMMAND) and extra docker flags.
 # den-init starts earlyoom only when DEN_MEMORY_MB is set: the third one shows what it costs.
@@ -49,15 +56,29 @@ def sh(*argv: str) -> str:
                           timeout=120).stdout
 
 
-def start(name: str, runtime: str, payload: str) -> str:
+def start(name: str, runtime: str, payload: str, image: str = IMAGE) -> str:
     from server.runtime import docker_specs
 
     flags = [f if not f.startswith("--runtime=") else f"--runtime={runtime}"
-             for f in raw_run_flags(f"{name}-data")]
+             for f in raw_run_flags(f"{name}-data", image=image)]
     main, extra = PAYLOADS[payload]
     cmd = main or list(docker_specs.INIT_COMMAND)
-    sh("docker", "run", "-d", "--name", name, *flags, *extra, IMAGE, *cmd)
+    sh("docker", "run", "-d", "--name", name, *flags, *extra, image, *cmd)
     return name
+
+
+def arm(container_id: str) -> Any:
+    """The memory guard's alarm on the container's cgroup (None where it cannot be armed)."""
+    from server.runtime.cgroup_memory import UsageAlarm, read_bytes
+
+    directory = Path("/sys/fs/cgroup/memory/docker") / container_id
+    soft = MEMORY_MB * 1024 * 1024
+    limit = read_bytes(directory / "memory.limit_in_bytes") or soft
+    try:
+        return UsageAlarm(directory, sorted({soft, soft + max(0, limit - soft) // 2}))
+    except OSError as exc:
+        print(f"bench: cannot arm {container_id[:12]}: {exc}", file=sys.stderr)
+        return None
 
 
 def role(pid: str) -> str:
@@ -112,24 +133,33 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.benchmarks.bench_idle")
     ap.add_argument("--window", type=float, default=15.0)
     ap.add_argument("--runtimes", default="runsc,runsc-ptrace")
+    ap.add_argument("--image", default=IMAGE)
+    ap.add_argument("--payloads", default=",".join(PAYLOADS))
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     runtimes = args.runtimes.split(",")
+    payloads = args.payloads.split(",")
     known = json.loads(sh("docker", "info", "--format", "{{json .Runtimes}}"))
     if missing := [r for r in runtimes if r not in known]:
         print(f"bench: runtimes {missing} are not registered with the engine", file=sys.stderr)
         return 2
     prefix = f"denbench-idle-{secrets.token_hex(3)}"
     made: list[str] = []
-    result: dict[str, Any] = {"machine": machine(), "window_s": args.window, "sandboxes": {}}
+    result: dict[str, Any] = {"machine": machine(), "window_s": args.window,
+                              "image": args.image, "sandboxes": {}}
+    alarms: dict[str, Any] = {}
     try:
         for rt in runtimes:
-            for payload in PAYLOADS:
-                made.append(start(f"{prefix}-{rt}-{payload}", rt, payload))
+            for payload in payloads:
+                made.append(start(f"{prefix}-{rt}-{payload}", rt, payload, args.image))
         for n in made:
             sh("docker", "exec", n, "true")
         time.sleep(5)  # booted: boot CPU is not idle CPU
         ids = {n: full_id(n) for n in made}
+        alarms = {n: arm(cid) for n, cid in ids.items()}
+        for alarm in alarms.values():
+            if alarm is not None:
+                alarm.drain()
         cg0 = {n: cpu_ns([cid]) for n, cid in ids.items()}
         th0 = {n: threads(cid) for n, cid in ids.items()}
         t0 = time.monotonic()
@@ -144,8 +174,12 @@ def main(argv: list[str] | None = None) -> int:
             result["sandboxes"][label] = {
                 "cgroup_ms_per_s": round(used_ms, 3),
                 "machine_percent": round(used_ms / (10 * cores), 3),
+                "guard_signals": (alarms[n].drain() if alarms[n] is not None else None),
                 **breakdown(ids[n], th0[n], th1[n], elapsed)}
     finally:
+        for alarm in alarms.values():
+            if alarm is not None:
+                alarm.close()
         for n in made:
             subprocess.run(["docker", "rm", "-f", n], capture_output=True)
             subprocess.run(["docker", "volume", "rm", "-f", f"{n}-data"], capture_output=True)
@@ -155,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         roles = ", ".join(f"{k} {v['ms_per_s']:.2f} ms/s {v['wakeups_per_s']:.0f} wakeups/s"
                           for k, v in sorted(r["roles"].items()))
         print(f"{label}: {r['cgroup_ms_per_s']:.2f} ms/s ({r['machine_percent']:.2f}% of the "
-              f"machine); {roles}")
+              f"machine), guard signals {r['guard_signals']}; {roles}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
