@@ -255,7 +255,10 @@ def test_a_checkpoint_whose_writer_died_too_is_removed_and_the_state_is_the_engi
     image has no completion marker. Reconcile removes it and records what the container is
     (never ``running`` for an exited one); the files are kept."""
     srv, wid, _, ids = world
-    srv.exec(wid, "true")  # running
+    # 160 MB of memory to save, so that the writers are still writing when they are looked
+    # for (a bare workspace's checkpoint can be complete before that, and the test would
+    # then not test a crash of its writers at all).
+    srv.exec(wid, "head -c 160M /dev/urandom > /dev/shm/ballast")
     # Where the checkpoint goes, found before the crash, so that its writers are looked for
     # the moment Den dies (a small checkpoint takes a fraction of a second; two docker CLI
     # calls on a loaded machine took longer, and the writers were gone).
@@ -274,7 +277,8 @@ def test_a_checkpoint_whose_writer_died_too_is_removed_and_the_state_is_the_engi
         srv.env.pop(faults.ENV, None)
     killed = _kill_writers(images / "den-pause")
     assert srv.proc is not None and srv.proc.returncode == -9, srv.log_tail()
-    assert killed, "no checkpoint writer found to kill"
+    assert killed, ("no checkpoint writer found to kill", sorted(
+        p.name for p in images.iterdir()) if images.is_dir() else None)
     srv.start(timeout_s=240)
     ws = srv.ws(wid)
     running = _engine_running(f"{srv.prefix}-{wid}")
@@ -283,6 +287,7 @@ def test_a_checkpoint_whose_writer_died_too_is_removed_and_the_state_is_the_engi
     assert not (images / "den-pause").exists() or (images / "den-pause.complete").exists()
     srv.check_consistent(ids)
     assert srv.exec(wid, "cat /workspace/keep")["stdout"] == "v2\n"
+    srv.exec(wid, "rm -f /dev/shm/ballast")
 
 
 def _kill_writers(image: Path) -> list[int]:
