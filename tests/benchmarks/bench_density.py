@@ -7,7 +7,8 @@ they do to an exec's latency.
 
 Starts a real ``den serve`` (temporary data dir, engine prefix ``denbench-dens-<random>``, the
 gVisor runtime ``--runtime``: ``runsc-ptrace`` is how an operator picks the ptrace platform,
-``DEN_GVISOR_RUNTIME``; idle reaper and warm pool off, so nothing is paused or frozen). Then:
+``DEN_GVISOR_RUNTIME``; idle reaper and warm pool off, so nothing is paused or frozen; each
+workspace 256 MiB, 1 CPU and a 1 GiB disk of its own). Then:
 
 1. one workspace: ``POST .../exec {"cmd": ["true"]}`` ``--samples`` times, p50 (the baseline);
 2. more workspaces, created ``--batch`` at a time through the API and each waited on until
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     srv = Server(work, work / "repos", prefix, gvisor_runtime=args.runtime,
                  default_image=args.image, default_memory_mb=MEMORY_MB, default_cpus=1.0,
                  reaper_interval_s=0, pool_size=0, max_workspaces_per_user=10_000,
-                 ssh_port=0)
+                 default_disk_gb=1, ssh_port=0)
     ids: list[str] = []
     try:
         srv.start()
