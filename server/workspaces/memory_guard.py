@@ -5,7 +5,9 @@ The host kills a whole sandbox at its cgroup's limit, which the backend sets abo
 workspace's own ``memory_mb`` (docker_specs.memory_headroom_mb). The guard ends the biggest
 process before that happens: once the sandbox's memory cgroup passes ``memory_mb`` it sends
 that process SIGTERM, and SIGKILL when memory still stays past the limit after a grace, or
-passes the hard point (``memory_mb`` plus half the headroom) at any time. It spares PID 1,
+passes the hard point (``memory_mb`` plus half the headroom) at any time. A biggest process
+smaller than the excess waits one grace first (the sandbox may still be freeing what a process
+that just ended held). It spares PID 1,
 the agent, den-init, the sudo broker and dev's tmux server, as earlyoom did inside the
 sandbox before it (earlyoom reread /proc/meminfo every 100 ms to 1 s: the one poller left in
 an idle workspace). Every signal goes in the workspace's event log (kind ``memory``).
@@ -246,13 +248,10 @@ class MemoryGuard:
 
     async def _act(self, workspace_id: str, watch: _Watch) -> None:
         termed: set[int] = set()
+        patient = True
         for _ in range(MAX_ROUNDS):
             watch.fired.clear()
-            usage = watch.alarm.usage()
-            if usage is None:  # the cgroup is gone: the sandbox stopped
-                self.disarm(workspace_id)
-                return
-            if usage < watch.soft:
+            if (usage := self._usage(workspace_id, watch)) is None or usage < watch.soft:
                 return
             try:
                 procs = parse_processes(await self._run(watch.spec, ["sh", "-c", LIST_SCRIPT]))
@@ -260,12 +259,23 @@ class MemoryGuard:
                 log.info("memory guard: workspace %s did not list its processes (%s)",
                          workspace_id, exc)
                 return
+            # Again: what a process that just ended held may be gone now.
+            if (usage := self._usage(workspace_id, watch)) is None or usage < watch.soft:
+                return
             victim = pick_victim(procs)
             if victim is None:
                 self.note(workspace_id, "memory",
                           f"memory guard: the workspace uses {usage // MiB} MiB, past its "
                           f"limit of {watch.spec.memory_mb} MiB, and has no process to end")
                 return
+            if patient and usage < watch.hard and victim.rss_bytes < usage - watch.soft:
+                # No process explains the excess: most likely the sandbox is still freeing
+                # what a process that just ended held (measured: up to a second). Ending a
+                # small one would not help; look again at the next crossing or the grace.
+                patient = False
+                await self._next_look(watch)
+                continue
+            patient = True
             kill = usage >= watch.hard or victim.pid in termed
             sig = "KILL" if kill else "TERM"
             try:
@@ -278,9 +288,20 @@ class MemoryGuard:
                       f"memory guard: the workspace used {usage // MiB} MiB, past its limit "
                       f"of {watch.spec.memory_mb} MiB: sent SIG{sig} to process {victim.pid} "
                       f"({victim.comm}, {victim.rss_bytes // MiB} MiB)")
-            # The next look: at the next crossing (past the hard point) or after the grace.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(watch.fired.wait(), self.grace_s)
+            await self._next_look(watch)
+
+    def _usage(self, workspace_id: str, watch: _Watch) -> int | None:
+        """The cgroup's usage; None, and the watch dropped, once the sandbox is gone."""
+        usage = watch.alarm.usage()
+        if usage is None:
+            self.disarm(workspace_id)
+        return usage
+
+    async def _next_look(self, watch: _Watch) -> None:
+        """Until the next crossing (past the hard point, or back under the limit) or the
+        grace, whichever is first."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(watch.fired.wait(), self.grace_s)
 
     async def _run(self, spec: WorkspaceSpec, argv: list[str]) -> bytes:
         res = await self.execs.exec(spec, ExecRequest(
