@@ -13,7 +13,9 @@ workspace 256 MiB, 1 CPU and a 1 GiB disk of its own). Then:
 1. one workspace: ``POST .../exec {"cmd": ["true"]}`` ``--samples`` times, p50 (the baseline);
 2. more workspaces, created ``--batch`` at a time through the API and each waited on until
    ``running`` (and answering an exec), up to each of ``--counts``; creation stops early when
-   the host's available memory falls below ``--min-free-mb`` (the count that fit is reported);
+   the host's available memory falls below ``--min-free-mb`` or its threads pass
+   ``--max-tasks`` of ``kernel.pid_max`` (each idle ptrace sandbox holds ~160 host threads;
+   past pid_max a sandbox cannot clone and dies): the count that fit is reported;
 3. at each count, after the workspaces have settled, one ``--window`` of idle: the CPU of
    every workspace's container cgroup (``cpuacct.usage``: the sandboxes alone), of ``den
    serve`` itself (``/proc/PID/stat``) and of the whole host (``/proc/stat``, which includes
@@ -49,6 +51,15 @@ def available_mb() -> int:
         if line.startswith("MemAvailable:"):
             return int(line.split()[1]) // 1024
     return 0
+
+
+def host_tasks() -> int:
+    """Threads on the host now (every one takes a pid: ``kernel.pid_max`` bounds them)."""
+    return int(Path("/proc/loadavg").read_text().split()[3].split("/")[1])
+
+
+def pid_max() -> int:
+    return int(Path("/proc/sys/kernel/pid_max").read_text())
 
 
 def host_busy() -> tuple[int, int]:
@@ -91,6 +102,7 @@ def idle_window(srv: Server, containers: list[str], window: float) -> dict[str, 
         "host_percent": round((busy1 - busy0) / max(1, total1 - total0) * 100, 2),
         "loadavg_1m": round(os.getloadavg()[0], 2),
         "available_mb": available_mb(),
+        "host_tasks": host_tasks(),
     }
 
 
@@ -102,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=40)
     ap.add_argument("--batch", type=int, default=10)
     ap.add_argument("--min-free-mb", type=int, default=3072)
+    ap.add_argument("--max-tasks", type=float, default=0.88,
+                    help="stop creating past this fraction of kernel.pid_max in host threads")
     ap.add_argument("--runtime", default="runsc-ptrace")
     ap.add_argument("--image", default=IMAGE)
     ap.add_argument("--json")
@@ -117,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     srv = Server(work, work / "repos", prefix, gvisor_runtime=args.runtime,
                  default_image=args.image, default_memory_mb=MEMORY_MB, default_cpus=1.0,
                  reaper_interval_s=0, pool_size=0, max_workspaces_per_user=10_000,
+                 max_cpus_per_user=100_000, max_memory_mb_per_user=100_000_000,
+                 max_disk_gb_per_user=1_000_000,
                  default_disk_gb=1, ssh_port=0)
     ids: list[str] = []
     try:
@@ -131,7 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         for target in counts:
             while len(ids) < target and not stopped_early:
                 if available_mb() < args.min_free_mb:
-                    stopped_early = True
+                    stopped_early, result["stopped_by"] = True, "memory"
+                    break
+                if host_tasks() > args.max_tasks * pid_max():
+                    stopped_early, result["stopped_by"] = True, "pids"
                     break
                 batch = [srv.create(f"w{len(ids) + i}", repo)
                          for i in range(min(args.batch, target - len(ids)))]
@@ -139,8 +158,9 @@ def main(argv: list[str] | None = None) -> int:
                     srv.wait_running(wid, poll_s=0.2, timeout_s=600)
                     srv.exec_true(wid)
                 ids.extend(batch)
-                print(f"  {len(ids)} running, {available_mb()} MB available, load "
-                      f"{os.getloadavg()[0]:.1f}", flush=True)
+                print(f"  {len(ids)} running, {available_mb()} MB available, {host_tasks()} "
+                      f"host threads (pid_max {pid_max()}), load {os.getloadavg()[0]:.1f}",
+                      flush=True)
             time.sleep(args.settle)  # the last ones' boots are not idle CPU
             containers = [full_id(f"{prefix}-{wid}") for wid in ids]
             row: dict[str, Any] = {"workspaces": len(ids), "target": target,
