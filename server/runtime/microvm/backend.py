@@ -3,9 +3,11 @@ Lifecycle, Execs, Inventory, AgentChannel and ProcessControl). Every command run
 Den's agent in the guest; there is no engine exec to fall back on, so an agent that does not
 answer is an error.
 
-A VM whose policy is not ``none`` gets a NIC on Den's bridge for microVMs (net.py), and the
-backend is then a :class:`~server.runtime.base.ManagedNetwork`: the host's firewall judges
-its packets with the same rules as gVisor workspaces'.
+Every VM gets a NIC on Den's bridge for microVMs (net.py), and the backend is then a
+:class:`~server.runtime.base.ManagedNetwork`: the host's firewall judges its packets with the
+same rules as gVisor workspaces', ``none`` included (nothing passes), so a policy changed on
+a running VM applies at once, as it does for a gVisor workspace (the ``microvm`` machine has
+no hotplug: a NIC cannot be added to a running VM).
 """
 
 from __future__ import annotations
@@ -251,8 +253,7 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots, VmProcesses):
             raise ObjectMissing(f"the VM of workspace {spec.workspace_id} is missing")
         await self.check()
         argv = await self._io(functools.partial(
-            self._argv, spec, files, cpus=spec.cpus, memory_mb=spec.memory_mb,
-            nic=spec.network != "none"))
+            self._argv, spec, files, cpus=spec.cpus, memory_mb=spec.memory_mb, nic=True))
         started = time.monotonic()
         await self._launch(spec, files, argv, cpus=spec.cpus, memory_mb=spec.memory_mb,
                            boot=True)

@@ -8,8 +8,9 @@ and Den closes its own once QEMU runs, so whatever ends QEMU (a stop, a pause, `
 removes its TAP: no TAP outlives its VM. Den then puts the TAP on its bridge as an
 isolated port (no frames to other isolated ports: VMs never meet at layer 2), and the host
 firewall (server/network/firewall.py, the same rules as gVisor workspaces) judges every
-packet by the TAP it came in by and the VM's address. A ``none`` VM has no NIC at all
-(``microvm`` has no hotplug: a policy opened later gives it one at its next cold start).
+packet by the TAP it came in by and the VM's address. Every VM has a NIC, ``none`` ones too
+(the firewall passes nothing of theirs): ``microvm`` has no hotplug, and a policy changed on
+a running VM must apply at once.
 
 Addresses: one per VM directory, kept in its ``vm.json``, so a resumed VM (whose memory holds
 its configured address) gets the same one, and a fork or a restore (a new directory) a new
