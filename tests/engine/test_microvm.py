@@ -206,15 +206,16 @@ def qemu_uid(files: VmFiles) -> int:
 
 
 def assert_vms_apart(a: VmFiles, b: VmFiles) -> None:
-    """Two VMs' QEMUs run as different uids of Den's range, each owning its directory
-    (0700); with ``b``'s credentials (a guest escaped into its QEMU) ``a``'s disk cannot be
-    read nor ``a``'s QEMU signalled, while ``b``'s own can."""
+    """Two VMs' QEMUs run as different uids of Den's range; their directories are root's
+    (0700: QEMU holds its disks as descriptors, jail.py). With ``b``'s credentials (a guest
+    escaped into its QEMU) ``a``'s disk cannot be read nor ``a``'s QEMU signalled, while
+    ``b``'s own QEMU can; not even ``b``'s own disk can be opened by path."""
     ua, ub = qemu_uid(a), qemu_uid(b)
     base = Settings().microvm_uid_base
     assert ua != ub and base <= ua and base <= ub, (ua, ub)
     for files, uid in ((a, ua), (b, ub)):
         st = files.dir.stat()
-        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (uid, uid, 0o700), files.dir
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, 0, 0o700), files.dir
         assert json.loads(files.record.read_text())["uid"] == uid
 
     def as_b(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -223,23 +224,32 @@ def assert_vms_apart(a: VmFiles, b: VmFiles) -> None:
 
     denied = as_b("head", "-c", "1", str(a.workspace))
     assert denied.returncode != 0 and "Permission denied" in denied.stderr, denied
-    assert as_b("head", "-c", "1", str(b.workspace)).returncode == 0
+    assert as_b("head", "-c", "1", str(b.workspace)).returncode != 0
     assert as_b("kill", "-0", str(process.running(a))).returncode != 0
     assert as_b("kill", "-0", str(process.running(b))).returncode == 0
 
 
 def test_qemu_runs_unprivileged_in_a_cgroup_of_its_own(vm_api: ApiClient,
                                                        vm: dict[str, Any]) -> None:
-    """QEMU dropped root (-runas UID:GID, the VM's own uid, recorded in vm.json) and was born
-    in the VM's cgroup, whose limits follow the workspace's cpus and memory (plus QEMU's
-    overhead)."""
+    """QEMU dropped root (-runas UID:GID, the VM's own uid, recorded in vm.json), runs in
+    its jail (jail.py: chrooted into an empty directory, network and IPC namespaces of its
+    own, its disks held as descriptors) and was born in the VM's cgroup, whose limits follow
+    the workspace's cpus and memory (plus QEMU's overhead)."""
     files = VmFiles(vm_dir(vm_api, vm["id"]))
     pid = process.running(files)
     assert pid is not None
     uid = qemu_uid(files)
     assert uid >= vm_api.app.state.settings.microvm_uid_base, uid
     assert uid == json.loads(files.record.read_text())["uid"]
-    assert files.dir.stat().st_uid == uid
+    jail_dir = files.dir.parent.parent / "jail"
+    assert os.readlink(f"/proc/{pid}/root") == str(jail_dir)
+    assert list(jail_dir.iterdir()) == [] and jail_dir.stat().st_mode & 0o777 == 0o555
+    for ns in ("net", "ipc"):
+        assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
+    links = ip_links_of(pid)
+    assert links == ["lo"], links  # no way to the host's network from QEMU itself
+    held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    assert {str(files.root), str(files.workspace)} <= held, held
     groups = _cgroups_of(pid)
     want = f"/{cgroup.PARENT}/{files.dir.name}"
     root = Path("/sys/fs/cgroup")
@@ -253,6 +263,13 @@ def test_qemu_runs_unprivileged_in_a_cgroup_of_its_own(vm_api: ApiClient,
         assert (root / want[1:] / "cpu.max").read_text().split() == ["100000", "100000"]
         limit = int((root / want[1:] / "memory.max").read_text())
     assert limit == (512 + cgroup.QEMU_OVERHEAD_MB) * 1024 * 1024
+
+
+def ip_links_of(pid: int) -> list[str]:
+    """The network interfaces process ``pid`` sees (in its network namespace)."""
+    out = subprocess.run(["nsenter", "-t", str(pid), "-n", "ip", "-o", "link"],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()]
 
 
 def test_workspace_disk_has_the_size_asked_for(vm_api: ApiClient, vm: dict[str, Any]) -> None:

@@ -5,7 +5,7 @@ the metadata address in a network namespace the test makes, a DNS stand-in on ``
 Den's forwarder asks (the records of tests/engine/test_network_dns.py), and an HTTP server of
 the host's on 0.0.0.0.
 
-Two VMs with a NIC (``a`` in the default mode, ``b`` serving HTTP on port 9000) and one with
+Two VMs in the default mode (``a``, and ``b`` serving HTTP on port 9000) and one with
 ``network: none`` share the tests, in order (each boot takes seconds under TCG); the last
 ones kill ``b``'s QEMU and restart Den (``Lab.serve``) under it. Every
 refusal is paired with a control: the same service answers the host (or the namespace), and
@@ -262,11 +262,26 @@ def test_names_open_what_den_resolved_and_nothing_else(vms: Lab) -> None:
     assert lab.reach("a", lab.public)
 
 
-def test_network_none_has_no_nic(vms: Lab) -> None:
+def test_network_none_passes_nothing_until_a_policy_opens_it_live(vms: Lab) -> None:
+    """``network: none`` as on a gVisor workspace: the VM has its NIC (the ``microvm``
+    machine has no hotplug, so every VM gets one at boot) and the firewall passes nothing,
+    not even Den's DNS forwarder; a policy opened on the running VM applies at once, and
+    closing it again cuts it off, its processes living on (the agent needs no network)."""
     lab = vms
-    assert lab.exec("n", "ls /sys/class/net")["stdout"].split() == ["lo"]
-    assert not link_exists(tap_name(vm_dir(lab.api, lab.ids["n"]).name))
-    assert lab.exec("n", "echo works")["stdout"] == "works\n"  # the agent needs no network
+    pid = lab.exec("n", "setsid sleep 600 >/dev/null 2>&1 < /dev/null & echo $!")["stdout"]
+    assert lab.exec("n", "ls /sys/class/net")["stdout"].split() == ["eth0", "lo"]
+    assert link_exists(tap_name(vm_dir(lab.api, lab.ids["n"]).name))
+    assert not lab.reach("n", lab.public)
+    no_dns = lab.exec("n", "timeout 5 getent ahostsv4 ok.den.test; echo rc=$?")["stdout"]
+    assert no_dns.startswith("rc=") and no_dns != "rc=0\n", no_dns  # Den's forwarder neither
+    wait_for(lambda: any(f"TCP to {lab.public}:{PORT} (network policy none" in m
+                         for m in lab.denied("n")), 30, "the denial event")
+    lab.patch("n", {"mode": "internet"})
+    assert lab.reach("n", lab.public)
+    assert lab.resolve("n", "ok.den.test") == lab.public  # the control of the lookup above
+    lab.patch("n", {"mode": "none"})
+    assert not lab.reach("n", lab.public)
+    assert lab.exec("n", f"kill -0 {pid.strip()} && echo alive")["stdout"] == "alive\n"
 
 
 def test_a_resumed_vm_and_a_fork_reach_what_they_may(vms: Lab) -> None:

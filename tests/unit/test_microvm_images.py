@@ -6,12 +6,20 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from server.runtime.errors import EngineError
-from server.runtime.microvm.images import ImageTooLarge, RootImages, _put, _real_dir, backing_file
+from server.runtime.microvm.images import (
+    ImageTooLarge,
+    RootImages,
+    _put,
+    _real_dir,
+    backing_file,
+    check_overlay,
+)
 
 
 def _qcow2(path: Path, backing: str) -> None:
@@ -114,3 +122,33 @@ def test_a_base_goes_with_the_last_overlay_on_it(tmp_path: Path) -> None:
     assert not images.collect(str(tmp_path / "rootfs-abc.ext4"))
     assert not images.collect(None)
     assert (tmp_path / "rootfs-abc.ext4").exists()
+
+
+def _overlay(tmp_path: Path, backing: Path, *opts: str) -> Path:
+    qcow2 = tmp_path / f"root-{len(list(tmp_path.iterdir()))}.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing), "-F", "raw",
+                    *opts, str(qcow2)], check=True, capture_output=True)
+    return qcow2
+
+
+def test_a_root_overlay_must_be_backed_by_one_of_dens_root_filesystems(tmp_path: Path) -> None:
+    """QEMU writes the overlay's header: a QEMU taken over by its guest could name another
+    VM's disk or a host file as the backing file (or an external data file), and the next
+    QEMU would open it as root. Each launch checks the header first."""
+    bases = tmp_path / "bases"
+    bases.mkdir()
+    base = bases / "rootfs-1.ext4"
+    base.write_bytes(b"\0" * 65536)
+    other = tmp_path / "workspace.img"  # another VM's disk, a host file
+    other.write_bytes(b"\0" * 65536)
+    check_overlay(_overlay(tmp_path, base), [bases])  # as Den makes them
+    refused = [_overlay(tmp_path, other),
+               _overlay(tmp_path, bases / ".." / "workspace.img"),
+               _overlay(tmp_path, base, "-o", f"data_file={tmp_path / 'data.raw'}")]
+    (bases / "link.ext4").symlink_to(other)
+    refused.append(_overlay(tmp_path, bases / "link.ext4"))
+    not_qcow2 = tmp_path / "raw.img"
+    not_qcow2.write_bytes(b"\0" * 512)
+    for qcow2 in [*refused, not_qcow2]:
+        with pytest.raises(EngineError, match="root disk"):
+            check_overlay(qcow2, [bases])

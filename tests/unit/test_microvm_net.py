@@ -59,9 +59,13 @@ def test_a_vms_address_is_kept_in_its_record(tmp_path: Path) -> None:
 
 
 def test_qemu_gets_the_tap_and_the_guest_its_address() -> None:
-    assert net.netdev_argv("den-vm-a", "10.88.7.2") == [
-        "-netdev", f"tap,id=net0,ifname={net.tap_name('den-vm-a')},script=no,downscript=no",
-        "-device", "virtio-net-device,netdev=net0,mac=02:de:0a:58:07:02"]
+    nic = net.netdev_argv("10.88.7.2")
+    assert nic == ["-netdev", "tap,id=net0",
+                   "-device", "virtio-net-device,netdev=net0,mac=02:de:0a:58:07:02"]
+    # QEMU gets the TAP Den made as a descriptor (it runs in a network namespace of its own)
+    assert net.with_tap(["qemu", *nic, "-daemonize"], 17) == [
+        "qemu", "-netdev", "tap,id=net0,fd=17",
+        "-device", "virtio-net-device,netdev=net0,mac=02:de:0a:58:07:02", "-daemonize"]
     argv = net.guest_setup_argv(NET, "10.88.7.2")
     assert argv[:2] == ["sh", "-c"] and "ip -batch -" in argv[2]
     assert argv[3:] == ["den-net", "link set dev lo up\nlink set dev eth0 down\n"
@@ -72,7 +76,7 @@ def test_qemu_gets_the_tap_and_the_guest_its_address() -> None:
     plain = qemu_argv("qemu", boot, VmFiles(Path("/v/x")), accel="tcg", cpus=1, memory_mb=512,
                       hostname="h")
     assert not net.has_nic(plain)
-    assert net.has_nic([*plain, *net.netdev_argv("x", "10.88.7.2")])
+    assert net.has_nic([*plain, *net.netdev_argv("10.88.7.2")])
 
 
 def test_the_network_lists_only_this_servers_running_vms(

@@ -22,6 +22,7 @@ from server.runtime.base import (
 from server.runtime.microvm.argv import (
     BootFiles,
     VmFiles,
+    disk_fds_argv,
     host_tsc_khz,
     kernel_cmdline,
     probe_argv,
@@ -50,8 +51,12 @@ def test_argv_boots_the_kernel_with_both_disks_and_the_agent_port() -> None:
     assert _opt(argv, "-initrd") == ["/srv/den/microvm/initramfs.cpio"]
     drives = _opt(argv, "-drive")
     assert [d.split(",")[0] for d in drives] == ["id=root", "id=workspace"]
-    assert "file=/srv/den/microvm/vms/den-vm-abc/root.qcow2,format=qcow2" in drives[0]
-    assert "file=/srv/den/microvm/vms/den-vm-abc/workspace.img,format=raw" in drives[1]
+    # The disks come as descriptors (jail.py): each drive names its fd set, not a path.
+    assert "file=/dev/fdset/1,format=qcow2" in drives[0]
+    assert "file=/dev/fdset/2,format=raw" in drives[1]
+    assert disk_fds_argv({"root": (7, 8), "workspace": (9, 10)}) == [
+        "-add-fd", "fd=7,set=1,opaque=root-rw", "-add-fd", "fd=8,set=1,opaque=root-ro",
+        "-add-fd", "fd=9,set=2,opaque=workspace-rw", "-add-fd", "fd=10,set=2,opaque=workspace-ro"]
     assert _opt(argv, "-chardev") == [
         "socket,id=agent,path=/srv/den/microvm/vms/den-vm-abc/agent.sock,server=on,wait=off"]
     assert "virtserialport,chardev=agent,name=den.agent" in _opt(argv, "-device")

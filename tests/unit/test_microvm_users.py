@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from server.runtime.errors import EngineError
-from server.runtime.microvm import vmusers
+from server.runtime.microvm import disks, vmusers
 from server.runtime.microvm.argv import VmFiles
 from server.runtime.microvm.vmusers import UidRange
 
@@ -30,17 +30,24 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid 
 
 
 @needs_root
-def test_each_vm_gets_its_own_uid_recorded_and_owning_its_directory(tmp_path: Path) -> None:
+def test_each_vm_gets_its_own_uid_recorded_and_its_directory_stays_roots(
+        tmp_path: Path) -> None:
+    """QEMU gets its disks as descriptors (jail.py): its uid owns nothing in its directory,
+    and a directory an earlier Den gave to the uid is taken back at launch (disks.own)."""
     uids = UidRange(BASE, 100)
     a, b = _vm(tmp_path, "den-vm-a"), _vm(tmp_path, "den-vm-b")
     assert vmusers.uid_of(a, uids) == BASE
     assert vmusers.uid_of(b, uids) == BASE + 1
     assert vmusers.uid_of(a, uids) == BASE  # kept for the directory's life
     assert json.loads(a.record.read_text())["uid"] == BASE
-    for files, uid in ((a, BASE), (b, BASE + 1)):
+    for path in (b.dir, *b.dir.iterdir()):  # as an earlier Den left it
+        os.chown(path, BASE + 1, BASE + 1)
+    b.dir.chmod(0o711)
+    for files in (a, b):
+        disks.own(files)
         st = files.dir.stat()
-        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (uid, uid, 0o700)
-        assert (files.dir / "workspace.img").stat().st_uid == uid
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, 0, 0o700)
+        assert {(p.stat().st_uid, p.stat().st_gid) for p in files.dir.iterdir()} == {(0, 0)}
     assert vmusers.runas(BASE) == ["-runas", f"{BASE}:{BASE}"]
 
 

@@ -21,6 +21,9 @@ from server.errors import ValidationFailed
 # A Unix socket's path must fit sockaddr_un (108 bytes with its NUL).
 MAX_SOCKET_PATH = 107
 AGENT_PORT = "den.agent"  # the virtio-serial port's name (/dev/vportNpM in the guest)
+# The disks reach QEMU as descriptors (jail.py: it cannot open them by path once it runs),
+# each in an fd set of its own (``-add-fd``): the root filesystem's overlay and /workspace.
+DISK_FDSETS = {"root": 1, "workspace": 2}
 
 
 @dataclass(frozen=True)
@@ -126,9 +129,9 @@ def qemu_argv(qemu: str, boot: BootFiles, files: VmFiles, *, accel: str, cpus: f
         "-kernel", str(boot.kernel), "-initrd", str(boot.initramfs),
         "-append", kernel_cmdline(hostname, console=console_log, tsc_khz=tsc_khz,
                                   pids_limit=pids_limit),
-        "-drive", _drive("root", files.root, "qcow2"),
+        "-drive", _drive("root", "qcow2"),
         "-device", "virtio-blk-device,drive=root",
-        "-drive", _drive("workspace", files.workspace, "raw"),
+        "-drive", _drive("workspace", "raw"),
         "-device", "virtio-blk-device,drive=workspace",
         "-device", "virtio-serial-device,max_ports=2",
         "-chardev", f"socket,id=agent,path={_opt(files.agent)},server=on,wait=off",
@@ -172,8 +175,20 @@ def host_tsc_khz(cpuinfo: str) -> int:
     return 0
 
 
-def _drive(name: str, path: Path, fmt: str) -> str:
-    return f"id={name},file={_opt(path)},format={fmt},if=none,cache=writeback,discard=unmap"
+def _drive(name: str, fmt: str) -> str:
+    return (f"id={name},file=/dev/fdset/{DISK_FDSETS[name]},format={fmt},if=none,"
+            "cache=writeback,discard=unmap")
+
+
+def disk_fds_argv(fds: dict[str, tuple[int, int]]) -> list[str]:
+    """``-add-fd`` for each disk's descriptors (read-write, read-only), by disk name: QEMU
+    opens a disk read-write, and reopens it read-only when a memory save completes and
+    read-write again when a saved memory is loaded; it takes each from the fd set."""
+    argv = []
+    for name, (rw, ro) in fds.items():
+        argv += ["-add-fd", f"fd={int(rw)},set={DISK_FDSETS[name]},opaque={name}-rw",
+                 "-add-fd", f"fd={int(ro)},set={DISK_FDSETS[name]},opaque={name}-ro"]
+    return argv
 
 
 def _opt(path: Path) -> str:

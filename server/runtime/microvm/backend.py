@@ -3,9 +3,11 @@ Lifecycle, Execs, Inventory, AgentChannel and ProcessControl). Every command run
 Den's agent in the guest; there is no engine exec to fall back on, so an agent that does not
 answer is an error.
 
-A VM whose policy is not ``none`` gets a NIC on Den's bridge for microVMs (net.py), and the
-backend is then a :class:`~server.runtime.base.ManagedNetwork`: the host's firewall judges
-its packets with the same rules as gVisor workspaces'.
+Every VM gets a NIC on Den's bridge for microVMs (net.py), and the backend is then a
+:class:`~server.runtime.base.ManagedNetwork`: the host's firewall judges its packets with the
+same rules as gVisor workspaces', ``none`` included (nothing passes), so a policy changed on
+a running VM applies at once, as it does for a gVisor workspace (the ``microvm`` machine has
+no hotplug: a NIC cannot be added to a running VM).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from server.runtime.errors import (
     EngineUnavailable,
     ObjectMissing,
 )
-from server.runtime.microvm import cgroup, disks, guest, net, process, snapshots, vmusers
+from server.runtime.microvm import cgroup, disks, guest, jail, net, process, snapshots, vmusers
 from server.runtime.microvm import images as vm_images
 from server.runtime.microvm.argv import (
     BootFiles,
@@ -110,6 +112,7 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots, VmProcesses):
             images_dir=vms_dir.parent / "images", prefix=prefix, engine_url=engine_url,
             max_mb=image_max_mb)
         self.vms_dir = vms_dir
+        self.jail = vms_dir.parent / "jail"  # QEMU's empty root (jail.py)
         self.image = image
         self.prefix = prefix
         self.qemu = qemu
@@ -171,8 +174,8 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots, VmProcesses):
                                         "scripts/setup-microvm.sh") from None
         await self._io(self.cgroups.version)  # a hierarchy with cpu, memory and pids
         self.vms_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if self.user or self.uids:  # QEMU, once unprivileged, reaches its directory by path
-            self.vms_dir.chmod(0o711)
+        self.vms_dir.chmod(0o700)  # Den's alone: QEMU reaches nothing in it by path (jail.py)
+        await self._io(jail.root, self.jail)
 
     def _detect_accel(self) -> str:
         """KVM when /dev/kvm boots a guest (a paravirtual /dev/kvm may exist and fail),
@@ -250,8 +253,7 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots, VmProcesses):
             raise ObjectMissing(f"the VM of workspace {spec.workspace_id} is missing")
         await self.check()
         argv = await self._io(functools.partial(
-            self._argv, spec, files, cpus=spec.cpus, memory_mb=spec.memory_mb,
-            nic=spec.network != "none"))
+            self._argv, spec, files, cpus=spec.cpus, memory_mb=spec.memory_mb, nic=True))
         started = time.monotonic()
         await self._launch(spec, files, argv, cpus=spec.cpus, memory_mb=spec.memory_mb,
                            boot=True)
@@ -270,21 +272,33 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots, VmProcesses):
         """Start the VM's QEMU (daemonized): a cold start (``boot``: its event says which
         accelerator it runs with), or a resume's QEMU waiting for its memory (features.py);
         as the unprivileged user, in the VM's cgroup sized for the ``cpus`` and ``memory_mb``
-        it runs with, watched for its exit; with ``uids``, as the VM's own uid. What every
-        QEMU of a workspace needs around it goes here."""
+        it runs with, watched for its exit; with ``uids``, as the VM's own uid; in its jail
+        (jail.py: namespaces of its own, an empty root), its TAP handed over as a descriptor.
+        What every QEMU of a workspace needs around it goes here."""
         for sock in (files.agent, files.qmp):
             sock.unlink(missing_ok=True)
+        await self._io(disks.own, files)
         if self.uids is not None:
             argv = [*argv, *vmusers.runas(await self._io(vmusers.uid_of, files, self.uids))]
-        elif self.user:
-            await self._io(disks.give_to, files, self.user)
         procs = await self._io(self.cgroups.make, files.dir.name,
                                cgroup.limits(cpus=cpus, memory_mb=memory_mb))
         nic = self.vm_network if net.has_nic(argv) else None
-        if nic is not None:
-            await self._io(net.ensure_bridge, nic)
-        await self._io(process.launch, cgroup.wrap(argv, procs))
-        if nic is not None:  # QEMU made the TAP: onto the bridge before the guest uses it
+        await self._io(vm_images.check_overlay, files.root,
+                       (self.boot.rootfs.resolve().parent, self.images.dir.resolve()))
+        disk_argv, fds = await self._io(jail.disks, files)
+        try:
+            if nic is not None:
+                await self._io(net.ensure_bridge, nic)
+                tap = await self._io(net.open_tap, files.dir.name)
+                fds += (tap,)
+                argv = net.with_tap(argv, tap)
+            await self._io(functools.partial(
+                process.launch, cgroup.wrap(jail.confine([*argv, *disk_argv], self.jail),
+                                            procs), pass_fds=fds))
+        finally:
+            for fd in fds:  # QEMU holds them now (or it failed: the TAP goes with this)
+                os.close(fd)
+        if nic is not None:  # onto the bridge before the guest uses it
             try:
                 address = await self._io(net.address_of, files, nic)
                 await self._io(net.attach, nic, files.dir.name, address)
@@ -309,7 +323,7 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots, VmProcesses):
         if nic and self.vm_network is not None:
             address = net.address_of(files, self.vm_network)
             at = argv.index("-daemonize")
-            argv[at:at] = net.netdev_argv(files.dir.name, address)
+            argv[at:at] = net.netdev_argv(address)
         return argv
 
     async def _guest_network(self, spec: WorkspaceSpec, session: AgentSession) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -77,15 +76,12 @@ def run_tool(argv: list[str], *, timeout_s: float = TOOL_TIMEOUT_S, what: str = 
                           f"{out.stderr[-1000:].decode(errors='replace').strip()}")
 
 
-def give_to(files: VmFiles, user: str) -> None:
-    """The VM's directory and its files owned by ``user`` (QEMU's -runas), so that QEMU,
-    once unprivileged, can open what it is asked to by path; 0700: no other user's."""
-    entry = pwd.getpwnam(user)
-    give_to_uid(files, entry.pw_uid, entry.pw_gid)
-
-
-def give_to_uid(files: VmFiles, uid: int, gid: int) -> None:
-    """:func:`give_to` by number (a VM's own uid: vmusers.py)."""
+def own(files: VmFiles) -> None:
+    """The VM's directory and its files root's, the directory 0700: QEMU gets its disks as
+    descriptors and opens nothing in it by path (jail.py), so its uid owns nothing there
+    (a directory an earlier Den gave to the VM's uid is taken back)."""
     for path in (files.dir, *files.dir.iterdir()):
-        os.chown(path, uid, gid, follow_symlinks=False)
+        st = path.lstat()
+        if (st.st_uid, st.st_gid) != (0, 0):
+            os.chown(path, 0, 0, follow_symlinks=False)
     files.dir.chmod(0o700)

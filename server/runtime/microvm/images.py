@@ -29,7 +29,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,35 @@ def backing_file(qcow2: Path) -> str | None:
             return f.read(size).decode(errors="replace")
     except OSError:
         return None
+
+
+QCOW2_EXTERNAL_DATA = 1 << 2  # qcow2 v3's incompatible feature: the guest's data elsewhere
+
+
+def check_overlay(qcow2: Path, bases: Iterable[Path]) -> None:
+    """Refuse a root overlay whose header names anything but one of Den's root filesystems
+    (a regular ``.ext4`` file directly in one of ``bases``) as its backing file, or any
+    external data file: QEMU writes the header, so a QEMU its guest took over could name
+    any host file there (another VM's disk), which the next QEMU would open as root.
+    Blocking; EngineError when refused."""
+    try:
+        with qcow2.open("rb") as f:
+            head = f.read(80)
+    except OSError as exc:
+        raise EngineError(f"cannot read the VM's root disk: {exc}") from exc
+    if len(head) < 72 or head[:4] != b"QFI\xfb":
+        raise EngineError("the VM's root disk is not a qcow2 image")
+    version = int.from_bytes(head[4:8], "big")
+    if version >= 3 and (len(head) < 80
+                         or int.from_bytes(head[72:80], "big") & QCOW2_EXTERNAL_DATA):
+        raise EngineError("the VM's root disk names an external data file; refused")
+    backing = backing_file(qcow2)
+    path = Path(backing) if backing else None
+    if path is None or str(path) != os.path.normpath(backing or "") \
+            or path.suffix != ".ext4" or path.parent not in set(bases) \
+            or path.is_symlink() or not path.is_file():
+        raise EngineError(f"the VM's root disk is backed by {backing!r}, not one of Den's "
+                          "root filesystems; refused")
 
 
 class RootImages:

@@ -1,13 +1,16 @@
 """MicroVM networking: a bridge of Den's own, a TAP per VM, and the guest's address.
 
 Each VM with a network (its policy is not ``none``) gets a virtio-net device backed by a TAP
-that QEMU itself creates (``-netdev tap,ifname=...,script=no``, as root, before ``-runas``)
-and that the kernel removes when QEMU's descriptor closes, whatever ends QEMU (a stop, a
-pause, ``kill -9``): no TAP outlives its VM. Den then puts the TAP on its bridge as an
+that Den creates in the host's network namespace (:func:`open_tap`) and hands to QEMU as a
+descriptor (``-netdev tap,fd=N``: QEMU itself runs in a network namespace of its own,
+jail.py). The TAP is not persistent: the kernel removes it when the last descriptor closes,
+and Den closes its own once QEMU runs, so whatever ends QEMU (a stop, a pause, ``kill -9``)
+removes its TAP: no TAP outlives its VM. Den then puts the TAP on its bridge as an
 isolated port (no frames to other isolated ports: VMs never meet at layer 2), and the host
 firewall (server/network/firewall.py, the same rules as gVisor workspaces) judges every
-packet by the TAP it came in by and the VM's address. A ``none`` VM has no NIC at all
-(``microvm`` has no hotplug: a policy opened later gives it one at its next cold start).
+packet by the TAP it came in by and the VM's address. Every VM has a NIC, ``none`` ones too
+(the firewall passes nothing of theirs): ``microvm`` has no hotplug, and a policy changed on
+a running VM must apply at once.
 
 Addresses: one per VM directory, kept in its ``vm.json``, so a resumed VM (whose memory holds
 its configured address) gets the same one, and a fork or a restore (a new directory) a new
@@ -20,8 +23,11 @@ Pure builders first, then a thin blocking I/O shell (``ip``), called off the eve
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import ipaddress
+import os
+import struct
 import subprocess
 import threading
 from collections.abc import Iterable
@@ -35,6 +41,9 @@ from server.runtime.microvm.argv import VmFiles
 
 GUEST_IFACE = "eth0"  # the guest kernel's name of its only NIC (no udev renaming)
 NETDEV_ID = "net0"
+# linux/if_tun.h
+TUNSETIFF = 0x400454CA
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
 
 
 @dataclass(frozen=True)
@@ -76,10 +85,17 @@ def pick_address(net: VmNetwork, used: Iterable[str]) -> str:
                       "(DEN_MICROVM_SUBNET)")
 
 
-def netdev_argv(vm: str, address: str) -> list[str]:
-    """QEMU's arguments for the VM's NIC."""
-    return ["-netdev", f"tap,id={NETDEV_ID},ifname={tap_name(vm)},script=no,downscript=no",
+def netdev_argv(address: str) -> list[str]:
+    """QEMU's arguments for the VM's NIC; its TAP's descriptor is added at launch
+    (:func:`with_tap`)."""
+    return ["-netdev", f"tap,id={NETDEV_ID}",
             "-device", f"virtio-net-device,netdev={NETDEV_ID},mac={mac_for(address)}"]
+
+
+def with_tap(argv: list[str], fd: int) -> list[str]:
+    """``argv`` whose NIC is the TAP open as descriptor ``fd`` (inherited by QEMU)."""
+    at = argv.index("-netdev") + 1
+    return [*argv[:at], f"tap,id={NETDEV_ID},fd={int(fd)}", *argv[at + 1:]]
 
 
 def serves(prefix: str, vm: str) -> bool:
@@ -128,6 +144,23 @@ def _run(argv: list[str], *, check: bool = True) -> subprocess.CompletedProcess[
     return done
 
 
+def open_tap(vm: str) -> int:
+    """Create the VM's TAP in the host's network namespace and return its descriptor
+    (close-on-exec: only the QEMU it is passed to inherits it). Not persistent: it goes
+    when its last descriptor closes. Fails if the TAP exists (another QEMU holds it)."""
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise EngineError(f"cannot open /dev/net/tun for a microVM's NIC: {exc}") from exc
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", tap_name(vm).encode(),
+                                               IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+    except OSError as exc:
+        os.close(fd)
+        raise EngineError(f"cannot create the TAP {tap_name(vm)} of {vm}: {exc}") from exc
+    return fd
+
+
 def link_exists(name: str) -> bool:
     return Path("/sys/class/net", name).exists()
 
@@ -155,11 +188,11 @@ def ensure_bridge(net: VmNetwork) -> None:
 
 
 def attach(net: VmNetwork, vm: str, address: str) -> None:
-    """Put the VM's TAP (made by its QEMU) on the bridge, up, as an isolated port that
-    learns no MAC and gets no unknown unicast: frames for the VM's MAC (``address``'s) go to
-    it by a static entry. A VM woken from another's memory sends with its origin's MAC
-    until it takes its own, and a root user in a guest can send with any: neither moves
-    another VM's traffic to its port."""
+    """Put the VM's TAP (:func:`open_tap`, held by its QEMU) on the bridge, up, as an
+    isolated port that learns no MAC and gets no unknown unicast: frames for the VM's MAC
+    (``address``'s) go to it by a static entry. A VM woken from another's memory sends with
+    its origin's MAC until it takes its own, and a root user in a guest can send with any:
+    neither moves another VM's traffic to its port."""
     tap = tap_name(vm)
     _ip("link", "set", "dev", tap, "master", net.interface)
     _ip("link", "set", "dev", tap, "type", "bridge_slave", "isolated", "on", "learning", "off",

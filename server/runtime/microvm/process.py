@@ -18,11 +18,13 @@ LAUNCH_TIMEOUT_S = 60.0
 ERROR_BYTES = 2000  # of QEMU's stderr, in an error message
 
 
-def launch(argv: list[str]) -> int:
+def launch(argv: list[str], *, pass_fds: tuple[int, ...] = ()) -> int:
     """Run QEMU with ``-daemonize``: it returns once the VM is set up and its sockets listen.
-    Returns the VM's pid (from its pid file)."""
+    ``pass_fds``: descriptors QEMU inherits (its disks and TAP). Returns the VM's pid (from its pid
+    file)."""
     try:
-        out = subprocess.run(argv, capture_output=True, timeout=LAUNCH_TIMEOUT_S, check=False)
+        out = subprocess.run(argv, capture_output=True, timeout=LAUNCH_TIMEOUT_S, check=False,
+                             pass_fds=pass_fds)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise EngineError(f"QEMU did not start: {exc}") from exc
     if out.returncode != 0:

@@ -42,8 +42,7 @@ def runas(uid: int) -> list[str]:
 
 
 def uid_of(files: VmFiles, uids: UidRange) -> int:
-    """The VM's uid: the one its record names, else a fresh one, recorded. Its directory and
-    files are then given to it (0700)."""
+    """The VM's uid: the one its record names, else a fresh one, recorded."""
     with _lock:
         record = disks.read_record(files)
         if record is None:
@@ -54,7 +53,6 @@ def uid_of(files: VmFiles, uids: UidRange) -> int:
         else:
             uid = _fresh(files.dir.parent, uids)
             disks.write_record(files, {**record, "uid": uid})
-    disks.give_to_uid(files, uid, uid)
     return uid
 
 
