@@ -218,8 +218,8 @@ def raw_run_flags(volume: str, *, image: str = IMAGE, cpus: float = CPUS,
                   memory_mb: int = MEMORY_MB, pids: int = PIDS) -> list[str]:
     """``docker run`` flags for the sandbox Den itself would create for a workspace with
     these resources: built from the server's own pure spec builder, so that the raw container
-    gets the same runtime, limits, ulimits and environment (den-init starts earlyoom only
-    when DEN_MEMORY_MB is set, for example) and the comparison stays fair as the spec changes."""
+    gets the same runtime, limits, ulimits and environment (DEN_MEMORY_MB, for example) and
+    the comparison stays fair as the spec changes."""
     from server.runtime import docker_specs
     from server.runtime.base import WorkspaceSpec
 
