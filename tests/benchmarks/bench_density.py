@@ -152,12 +152,13 @@ def main(argv: list[str] | None = None) -> int:
                 if host_tasks() > args.max_tasks * pid_max():
                     stopped_early, result["stopped_by"] = True, "pids"
                     break
-                batch = [srv.create(f"w{len(ids) + i}", repo)
-                         for i in range(min(args.batch, target - len(ids)))]
+                batch: list[str] = []
+                for _ in range(min(args.batch, target - len(ids))):
+                    batch.append(srv.create(f"w{len(ids) + len(batch)}", repo))
+                    ids.append(batch[-1])  # deleted at the end whatever happens next
                 for wid in batch:
                     srv.wait_running(wid, poll_s=0.2, timeout_s=600)
                     srv.exec_true(wid)
-                ids.extend(batch)
                 print(f"  {len(ids)} running, {available_mb()} MB available, {host_tasks()} "
                       f"host threads (pid_max {pid_max()}), load {os.getloadavg()[0]:.1f}",
                       flush=True)
