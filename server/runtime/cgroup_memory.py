@@ -12,7 +12,9 @@ the exec started, and back to 19 MiB within a second of ``del``). So the cgroup'
 fair measure of what the workspace uses.
 
 cgroup v2 has no usage thresholds (only ``memory.high`` and ``memory.events``); on a v2 host
-:func:`memory_dir` answers None and the guard says so once (this machine runs v1).
+:func:`memory_dir` answers None and the guard says so once (this machine runs v1), and Den
+does not tell the workspace that the host guards it: den-init then starts earlyoom inside
+it, as before the guard (:func:`thresholds_available`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def thresholds_available(root: Path = CGROUP_ROOT) -> bool:
+    """Whether this host's memory cgroups take usage thresholds (cgroup v1's memory
+    controller): where they do not, the workspace's own earlyoom guards it instead
+    (docker_specs.container_config, den-init)."""
+    return (root / "memory" / "cgroup.event_control").exists()
 
 
 def memory_dir(pid: int, *, proc: Path = Path("/proc"), root: Path = CGROUP_ROOT

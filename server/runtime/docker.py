@@ -156,6 +156,8 @@ class DockerRuntime:
         self._network_subnet = network_subnet
         self._resolv_conf = resolv_conf
         self._gpu = gpu  # how containers get GPUs (None: this host hands out none)
+        # Den's memory guard can watch sandboxes' cgroups here (v1); else earlyoom inside.
+        self._host_memory_guard = cgroup_memory.thresholds_available()
         self._network_lock = threading.Lock()
         self._ports: dict[str, str] = {}  # endpoint id -> the host's end of its veth
         self._agents: dict[str, AgentSession] = {}  # container -> live session
@@ -297,7 +299,7 @@ class DockerRuntime:
             agent_dir=str(self._agent_dir) if self._agent_dir is not None else None,
             network=self._network or None,
             resolv_conf=str(self._resolv_conf) if self._network and self._resolv_conf else None,
-            gpu=self._gpu)
+            gpu=self._gpu, host_memory_guard=self._host_memory_guard)
 
     def _ensure_network(self) -> dict[str, Any]:
         """Inspect Den's network, creating it first when it is missing (blocking)."""

@@ -102,12 +102,15 @@ LABEL_AGENT = "den.agent"
 
 def container_config(spec: WorkspaceSpec, *, gvisor_runtime: str, agent_dir: str | None = None,
                      network: str | None = None, resolv_conf: str | None = None,
-                     gpu: GpuSandbox | None = None) -> dict[str, Any]:
+                     gpu: GpuSandbox | None = None, host_memory_guard: bool = True
+                     ) -> dict[str, Any]:
     """Arguments of ``APIClient.create_container`` (host_config as a plain dict). With
     ``network`` the container joins Den's own bridge; ``resolv_conf`` then replaces the one
     the engine would write: on a user-defined network the engine names its embedded DNS
     server (127.0.0.11, answered inside the container's network namespace), which gVisor's
-    own network stack never reaches (measured: no name resolves)."""
+    own network stack never reaches (measured: no name resolves). ``host_memory_guard``: Den's
+    memory guard can watch the sandbox's cgroup (cgroup v1); the workspace is told so
+    (``DEN_MEMORY_GUARD=host``) and den-init starts no earlyoom of its own."""
     runtime = gvisor_runtime if spec.runtime == "gvisor" else "runc"
     memory_bytes = (spec.memory_mb + memory_headroom_mb(spec.memory_mb)) * 1024 * 1024
     host_config: dict[str, Any] = {
@@ -136,6 +139,8 @@ def container_config(spec: WorkspaceSpec, *, gvisor_runtime: str, agent_dir: str
         host_config["binds"][resolv_conf] = {"bind": "/etc/resolv.conf", "mode": "ro"}
     environment = {**spec.env, "DEN_MEMORY_MB": str(spec.memory_mb),
                    "DEN_PIDS": str(spec.pids_limit)}
+    if host_memory_guard:
+        environment["DEN_MEMORY_GUARD"] = "host"
     if spec.gpus:
         gpu_container.merge(host_config, environment, *gpu_container.gpu_config(
             spec.gpus, runtime=spec.runtime, sandbox=gpu or GpuSandbox()))

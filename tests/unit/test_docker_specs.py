@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from server.runtime import cgroup_memory
 from server.runtime.base import ExecRequest, WorkspaceSpec, labels_for
 from server.runtime.docker_specs import (
     INIT_COMMAND,
@@ -53,7 +54,8 @@ def _expected(runtime: str) -> dict[str, object]:
             "den.workspace": "ws0123456789ab",
             "den.owner": "7",
         },
-        "environment": {"FOO": "bar", "DEN_MEMORY_MB": "512", "DEN_PIDS": "256"},
+        "environment": {"FOO": "bar", "DEN_MEMORY_MB": "512", "DEN_PIDS": "256",
+                        "DEN_MEMORY_GUARD": "host"},
         "working_dir": "/workspace",
         "host_config": {
             "runtime": runtime,
@@ -115,6 +117,18 @@ def test_den_variables_win_over_user_env() -> None:
     spec = dataclasses.replace(SPEC, env={"DEN_MEMORY_MB": "1"})
     assert container_config(spec, gvisor_runtime="runsc")["environment"]["DEN_MEMORY_MB"] == (
         "512")
+
+
+def test_the_workspace_is_told_whether_the_host_guards_its_memory(tmp_path: Path) -> None:
+    """Where the host's cgroups take usage thresholds (v1) Den's memory guard watches the
+    sandbox and den-init starts no earlyoom; elsewhere (v2) the workspace is not told so,
+    and its earlyoom keeps a memory hog from getting the whole sandbox killed."""
+    assert "DEN_MEMORY_GUARD" not in container_config(
+        SPEC, gvisor_runtime="runsc", host_memory_guard=False)["environment"]
+    assert not cgroup_memory.thresholds_available(tmp_path)
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "memory" / "cgroup.event_control").write_text("")
+    assert cgroup_memory.thresholds_available(tmp_path)
 
 
 def test_volume_config() -> None:
