@@ -95,8 +95,11 @@ class Ledger:
             self.record(s, workspace_id, kind="state", actor=actor,
                         message=message or reason, src=src, dst=dst)
         self.feed.changed(workspace_id)
-        for watcher in self.watchers:
-            watcher(workspace_id, dst)
+        for watcher in self.watchers:  # the transition is committed: a watcher's failure
+            try:                        # must not make its caller think otherwise
+                watcher(workspace_id, dst)
+            except Exception:
+                log.exception("workspace %s: a watcher of %s failed", workspace_id, dst.value)
         log.info("workspace %s: %s -> %s %s", workspace_id, src.value, dst.value, reason)
 
     def claim(self, workspace_id: str, *, made_for: str, values: Mapping[str, Any],

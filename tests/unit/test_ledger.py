@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from server.errors import NotFound
 from server.workspaces.service import WorkspaceService
+from server.workspaces.states import State
 from tests.conftest import running_workspace
 
 
@@ -64,3 +65,20 @@ async def test_state_is_not_a_field_to_change_and_a_missing_row_is_not_found(
     assert svc.get(ws_id).state == "running"
     with pytest.raises(NotFound):
         svc.ledger.change("nope", {"image": "x"})
+
+
+@pytest.mark.anyio
+async def test_a_failing_watcher_does_not_undo_or_fail_a_committed_transition(
+        svc: WorkspaceService, make_repo: Callable[..., Path]) -> None:
+    """Watchers (the memory guard) are told after the commit: one that raises is logged,
+    the others are still told, and the caller sees the transition done."""
+    ws_id = await running_workspace(svc, make_repo())
+    seen: list[str] = []
+
+    def broken(workspace_id: str, state: State) -> None:
+        raise RuntimeError("the database went away")
+
+    svc.ledger.watchers[:0] = [broken]
+    svc.ledger.watchers.append(lambda wid, state: seen.append(state.value))
+    svc.ledger.transition(ws_id, State.RUNNING, State.STOPPING, actor="bob")
+    assert svc.get(ws_id).state == "stopping" and seen == ["stopping"]
