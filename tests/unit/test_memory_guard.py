@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from server.runtime.base import ExecRequest, ExecResult, WorkspaceSpec
-from server.runtime.cgroup_memory import memory_dir, read_bytes
+from server.runtime.cgroup_memory import memory_dir, working_set
 from server.runtime.fake import FakeRuntime
 from server.workspaces import memory_guard
 from server.workspaces.memory_guard import (
@@ -59,7 +59,7 @@ class FakeAlarm:
             return 0
 
     def usage(self) -> int | None:
-        return read_bytes(self.directory / "memory.usage_in_bytes")
+        return working_set(self.directory)
 
     def cross(self) -> None:
         os.eventfd_write(self.efd, 1)
@@ -208,6 +208,30 @@ async def test_past_the_hard_point_the_victim_gets_sigkill_at_once(tmp_path: Pat
     await guard.close()
 
 
+async def test_page_cache_is_not_the_workspaces_memory(tmp_path: Path) -> None:
+    """A big file written (its page cache charged to the sandbox's cgroup, the kernel's to
+    take back) is no reason to end a process: the engine test saw a 1.3 GB ``dd`` into
+    /workspace killed when the raw usage counted. The cache gone, the same usage is."""
+    box, notes = Sandbox(tmp_path / "cg"), list[str]()
+    guard = guard_of(box, notes)
+    guard.on_state("ws1", State.RUNNING)
+    await until(lambda: guard.watched() == {"ws1"})
+    box.set_usage(450 * MiB)
+    (box.dir / "memory.stat").write_text(
+        f"cache {440 * MiB}\nrss {10 * MiB}\ntotal_active_file {100 * MiB}\n"
+        f"total_inactive_file {340 * MiB}\n")
+    assert working_set(box.dir) == 10 * MiB
+    box.alarms[0].cross()
+    await asyncio.sleep(0.1)
+    assert box.signals == [] and notes == []
+    (box.dir / "memory.stat").write_text("total_active_file 0\ntotal_inactive_file 0\n")
+    box.on_signal = lambda sig, pid: box.set_usage(10 * MiB)
+    box.alarms[0].cross()  # the cgroup reclaims (or crosses): now it is the workspace's
+    await until(lambda: box.signals)
+    assert box.signals == [("KILL", 41)]
+    await guard.close()
+
+
 async def test_a_workspace_that_lies_only_hurts_itself(tmp_path: Path) -> None:
     """Garbage and only spared names: nothing is signalled (the host's limit is left),
     the event says so, and the guard keeps working for the next crossing."""
@@ -293,7 +317,7 @@ class CgroupFake(FakeRuntime):
             return None
         found = self.root / spec.workspace_id
         found.mkdir(parents=True, exist_ok=True)
-        for name in ("memory.usage_in_bytes", "cgroup.event_control"):
+        for name in ("memory.usage_in_bytes", "memory.pressure_level", "cgroup.event_control"):
             (found / name).touch()
         (found / "memory.limit_in_bytes").write_text(str(768 * MiB))
         return found
