@@ -80,8 +80,9 @@ HOST_PIDS_PER_PROCESS = 4
 
 def memory_headroom_mb(memory_mb: int) -> int:
     """Memory the container gets above the workspace's limit. The host kills the whole
-    sandbox at its cgroup limit, so Den's memory guard (server/workspaces/memory_guard.py)
-    ends the biggest process once usage passes ``memory_mb``, before that."""
+    sandbox at its cgroup limit, so Den's memory guard (server/workspaces/memory_guard.py),
+    or earlyoom inside where the host cannot watch (cgroup v2), ends the biggest process
+    once usage passes ``memory_mb``, before that."""
     return max(256, memory_mb // 4)
 
 
