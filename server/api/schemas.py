@@ -304,6 +304,8 @@ def _sleep_of(ws: Workspace) -> Literal["frozen", "saved"] | None:
 
 class WorkspaceList(BaseModel):
     workspaces: list[WorkspaceOut]
+    next: str | None = Field(None, description="With `limit`: the cursor of the next page "
+                             "(pass it as `after`); null on the last page")
 
 
 class ExecIn(_Strict):

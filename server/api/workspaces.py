@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response, status
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response, status
 
 from server.api.deps import CurrentUser, Prebuilds, Snapshots, Workspaces
 from server.api.schemas import (
@@ -16,6 +18,7 @@ from server.api.schemas import (
     errors,
 )
 from server.errors import ValidationFailed
+from server.workspaces import listing
 from server.workspaces.service import CreateRequest
 
 router = APIRouter(prefix="/api/v1/workspaces", tags=["workspaces"])
@@ -50,10 +53,23 @@ async def create_workspace(body: WorkspaceCreate, user: CurrentUser, svc: Worksp
     return WorkspaceOut.of(await svc.create(user, req, prebuilds=prebuilds), svc.settings)
 
 
-@router.get("", response_model=WorkspaceList, responses=errors())
-def list_workspaces(user: CurrentUser, svc: Workspaces) -> WorkspaceList:
-    return WorkspaceList(workspaces=[WorkspaceOut.of(w, svc.settings)
-                                     for w in svc.list_for(user)])
+@router.get("", response_model=WorkspaceList, responses=errors(422))
+def list_workspaces(
+    user: CurrentUser, svc: Workspaces,
+    limit: Annotated[int | None, Query(ge=1, le=listing.MAX_PAGE, description=(
+        "At most this many, in creation order, and `next` to ask for the rest; without it, "
+        "all of them in one answer"))] = None,
+    after: Annotated[str | None, Query(max_length=512, description=(
+        "The `next` of the page before (only with `limit`)"))] = None,
+) -> WorkspaceList:
+    if limit is None:
+        if after is not None:
+            raise ValidationFailed("after: only with limit (the page size)")
+        rows, cursor = svc.list_for(user), None
+    else:
+        rows, cursor = svc.list_page_for(user, limit=limit, after=after)
+    return WorkspaceList(workspaces=[WorkspaceOut.of(w, svc.settings) for w in rows],
+                         next=cursor)
 
 
 @router.get("/{ref}", response_model=WorkspaceOut, responses=errors(404))

@@ -551,10 +551,18 @@ class Den:
             ws.wait_for("running", timeout_s=timeout_s)
         return ws
 
-    def workspaces(self) -> list[Workspace]:
-        """The workspaces visible to the user (all of them for an admin)."""
-        data = self.request_json("GET", "/api/v1/workspaces")
-        return [Workspace(self, item) for item in data["workspaces"]]
+    def workspaces(self, *, page_size: int = 500) -> list[Workspace]:
+        """The workspaces visible to the user (all of them for an admin), in creation order,
+        asked for ``page_size`` at a time (``limit`` and ``next``)."""
+        out: list[Workspace] = []
+        params = {"limit": str(page_size)}
+        while True:
+            data = self.request_json("GET", "/api/v1/workspaces", params=params)
+            out += [Workspace(self, item) for item in data["workspaces"]]
+            cursor = data.get("next")
+            if not cursor:
+                return out
+            params = {"limit": str(page_size), "after": str(cursor)}
 
     def workspace(self, id_or_name: str) -> Workspace:
         """One workspace, by id or name."""

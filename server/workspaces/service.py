@@ -68,7 +68,7 @@ from server.runtime.base import (
     labels_for,
 )
 from server.runtime.errors import EngineConflict, ObjectMissing
-from server.workspaces import hooks, limits, memory_guard, naming, validation
+from server.workspaces import hooks, limits, listing, memory_guard, naming, validation
 from server.workspaces.activity import Activity
 from server.workspaces.admission import Gate
 from server.workspaces.engine_events import EngineFollower
@@ -209,6 +209,17 @@ class WorkspaceService:
             if not user.is_admin:
                 q = q.where(Workspace.owner_id == user.id)
             return list(s.scalars(q))
+
+    def list_page_for(self, user: User, *, limit: int, after: str | None
+                      ) -> tuple[list[Workspace], str | None]:
+        """One page of :meth:`list_for` (server/workspaces/listing.py) and the next cursor."""
+        q = select(Workspace).where(Workspace.prebuild_id.is_(None))
+        if not user.is_admin:
+            q = q.where(Workspace.owner_id == user.id)
+        cursor = listing.decode(after) if after is not None else None
+        with self.sessions() as s:
+            rows = list(s.scalars(listing.page_query(q, limit=limit, after=cursor)))
+        return listing.split(rows, limit)
 
     def get_for(self, user: User, ref: str) -> Workspace:
         """The workspace ``ref`` (id or name) as ``user`` may see it; another user's is 404."""

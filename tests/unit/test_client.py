@@ -114,13 +114,23 @@ class FakeServer:
         if path == "/api/v1/workspaces":
             if request.method == "POST":
                 return self.handle_create(json.loads(request.content))
-            return httpx.Response(200, json={"workspaces": list(self.workspaces.values())})
+            return self.handle_list(request)
         parts = path.removeprefix("/api/v1/workspaces/").split("/", 1)
         ws = self.find(parts[0])
         if ws is None:
             return _error(404, "not_found", f"workspace {parts[0]} not found")
         rest = parts[1] if len(parts) > 1 else ""
         return self.handle_workspace(request, ws, rest)
+
+    def handle_list(self, request: httpx.Request) -> httpx.Response:
+        """The list, in pages when asked (``limit``; the cursor here is an index)."""
+        rows = list(self.workspaces.values())
+        if "limit" not in request.url.params:
+            return httpx.Response(200, json={"workspaces": rows, "next": None})
+        start, limit = int(request.url.params.get("after", 0)), int(request.url.params["limit"])
+        more = start + limit < len(rows)
+        return httpx.Response(200, json={"workspaces": rows[start:start + limit],
+                                         "next": str(start + limit) if more else None})
 
     def handle_tokens(self, request: httpx.Request) -> httpx.Response:
         if request.method == "POST":
@@ -372,6 +382,11 @@ def test_workspaces_and_lookup(den: Den, fake: FakeServer) -> None:
     fake.add("api")
     fake.add("web", "paused")
     assert [(w.name, w.state) for w in den.workspaces()] == [("api", "running"), ("web", "paused")]
+    fake.add("db")
+    fake.requests.clear()
+    assert [w.name for w in den.workspaces(page_size=2)] == ["api", "web", "db"]
+    assert [dict(r.url.params) for r in fake.requests] == [
+        {"limit": "2"}, {"limit": "2", "after": "2"}]
     ws = den.workspace("web")
     assert ws.raw["runtime"] == "gvisor" and ws.state_reason is None
     ws.raw["state"] = "mutated"  # raw is a copy
