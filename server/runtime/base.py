@@ -117,6 +117,8 @@ class EngineObject:
     running: bool = False
     snapshot_id: str = ""
     role: str = ""  # LABEL_ROLE: "copy" for a volume-copy helper, "" for the rest
+    # A container's status as listed (None: not said; reconcile then asks ``status``)
+    status: ContainerStatus | None = None
 
 
 @dataclass(frozen=True)

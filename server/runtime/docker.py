@@ -99,6 +99,9 @@ AGENT_RETRY_S = 30  # how long the engine's exec then serves the workspace
 IMAGES_DIR = "den-checkpoints"
 WATCH_QUEUE = 1024  # engine events waiting for the service; more are dropped (then RESYNC)
 WATCH_RETRY_MAX_S = 30.0
+# A container's State in the engine's list, as reconcile needs it (others: ask ``status``).
+LISTED_STATUS = {"running": ContainerStatus.RUNNING, "paused": ContainerStatus.FROZEN,
+                 "exited": ContainerStatus.STOPPED, "created": ContainerStatus.STOPPED}
 EXIT_WAIT_S = 10.0  # the engine sees a checkpointed sandbox exit a moment after runsc ends
 
 
@@ -985,6 +988,7 @@ class DockerRuntime:
                         workspace_id=c["Labels"].get(LABEL_WORKSPACE, ""),
                         running=c.get("State") == "running",
                         role=c["Labels"].get(LABEL_ROLE, ""),
+                        status=LISTED_STATUS.get(str(c.get("State"))),
                     )
                 )
             for v in api.volumes(filters={"label": label}).get("Volumes") or []:

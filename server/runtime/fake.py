@@ -67,6 +67,12 @@ class _Container:
     cpu_ns: int = 0  # tests advance it to look busy
     processes: dict[int, _Process] = field(default_factory=dict)  # spawned, by pid
 
+    @property
+    def status(self) -> ContainerStatus:
+        if self.frozen:
+            return ContainerStatus.FROZEN
+        return ContainerStatus.RUNNING if self.running else ContainerStatus.STOPPED
+
 
 @dataclass
 class FakeRuntime:
@@ -185,11 +191,7 @@ class FakeRuntime:
     async def status(self, spec: WorkspaceSpec) -> ContainerStatus:
         self._enter("status")
         c = self.containers.get(container_of(spec))
-        if c is None:
-            return ContainerStatus.MISSING
-        if c.frozen:
-            return ContainerStatus.FROZEN
-        return ContainerStatus.RUNNING if c.running else ContainerStatus.STOPPED
+        return ContainerStatus.MISSING if c is None else c.status
 
     async def freeze(self, spec: WorkspaceSpec) -> int | None:
         self._enter("freeze", spec)
@@ -404,7 +406,7 @@ class FakeRuntime:
         self._enter("list_objects")
         found = [
             EngineObject("container", name, c.spec.workspace_id, c.running,
-                         role=c.spec.labels.get("den.role", ""))
+                         role=c.spec.labels.get("den.role", ""), status=c.status)
             for name, c in self.containers.items()
             if c.spec.labels.get("den.instance") == instance
         ]

@@ -49,8 +49,8 @@ def decode(text: str) -> Cursor:
                                "page before, or leave it out for the first page") from None
 
 
-def page_query(q: Select[tuple[Workspace]], *, limit: int, after: Cursor | None
-               ) -> Select[tuple[Workspace]]:
+def page_query(q: Select[Workspace], *, limit: int, after: Cursor | None
+               ) -> Select[Workspace]:
     """``q`` (workspaces, any filter) limited to the page after ``after``; one row more than
     ``limit`` is asked for, to know whether a next page exists."""
     q = q.order_by(Workspace.created_at, Workspace.id)

@@ -8,7 +8,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
@@ -31,6 +31,8 @@ class WorkspaceNetworks(ServicePart):
     def __init__(self, svc: WorkspaceService) -> None:
         super().__init__(svc)
         self._containers: dict[str, str] = {}  # container name -> workspace id
+        # workspace id -> (engine handle, network column, sandbox name, policy): see policies
+        self._seen: dict[str, tuple[Any, Any, str, net_policy.NetworkPolicy]] = {}
         self._denials = RateLimit()
         self.guard = svc.network  # None: no policy enforced on this host
 
@@ -70,11 +72,26 @@ class WorkspaceNetworks(ServicePart):
         return self.svc.get(ws_id)
 
     def policies(self) -> dict[str, net_policy.NetworkPolicy]:
+        """Sandbox name -> policy, of every workspace (paused and stopped ones too: their
+        pins are kept). Read at every sync, that is at every start, stop, pause and resume,
+        on the event loop: with 2,000 workspaces, loading every row and building its spec
+        took ~160 ms a call (bench_paused). So only three columns are read, and a row's name
+        and parsed policy are remembered while its handle and policy stay as they were;
+        whole rows are loaded only for workspaces new or changed since the last call."""
         with self.sessions() as s:
-            rows = list(s.scalars(select(Workspace)))
-        sandbox = self.svc.sandbox_name
-        self._containers = {sandbox(ws): ws.id for ws in rows}
-        return {sandbox(ws): self.policy(ws) for ws in rows}
+            cols = list(s.execute(select(Workspace.id, Workspace.engine, Workspace.network)))
+            changed = [ws_id for ws_id, engine, network in cols
+                       if (seen := self._seen.get(ws_id)) is None
+                       or seen[0] != engine or seen[1] != network]
+            for chunk in range(0, len(changed), 500):
+                for ws in s.scalars(select(Workspace).where(
+                        Workspace.id.in_(changed[chunk:chunk + 500]))):
+                    self._seen[ws.id] = (ws.engine, ws.network, self.svc.sandbox_name(ws),
+                                         self.policy(ws))
+        ids = {ws_id for ws_id, _, _ in cols}
+        self._seen = {k: v for k, v in self._seen.items() if k in ids}
+        self._containers = {name: ws_id for ws_id, (_, _, name, _) in self._seen.items()}
+        return {name: policy for _, _, name, policy in self._seen.values()}
 
     def record_denial(self, denial: Denial) -> None:
         """A connection the firewall refused: an event of kind ``network`` on the workspace

@@ -19,7 +19,7 @@ With one workspace paused, then with ``--count``, it measures:
 
 * ``GET /api/v1/workspaces``: the first page (``?limit=100``) and all pages (following
   ``next``), and the whole list in one answer (no ``limit``), p50/p90 of ``--samples``;
-* ``GET /api/v1/workspaces/{id}``, p50/p90;
+* ``GET /api/v1/workspaces/{id}``, p50/p90; ``GET /metrics`` (an admin's token), p50/p90;
 * wake on access: ``POST .../exec {"cmd": ["true"]}`` on the paused probe workspace until
   it answers, ``--wakes`` times, each paused again after;
 * an idle ``--window``: ``den serve``'s CPU (``/proc/PID/stat``) and RSS, ``dockerd``'s and
@@ -31,9 +31,11 @@ With one workspace paused, then with ``--count``, it measures:
 
 Creation is resumable: ``--work DIR --keep`` keeps the server's data and the engine objects
 when the run ends (or is stopped), and a later run with the same ``--work`` goes on from the
-workspaces already there. Without ``--keep`` every workspace is deleted at the end and every
-container, volume and network with the prefix removed, also after a failure or Ctrl-C.
-Creation stops early when the disk passes ``--max-disk-percent``. Nothing asserts on time.
+workspaces already there (and measures them again: run it from another tree to compare two
+versions of Den on the same workspaces); ``--work DIR --cleanup-only`` removes them.
+Without ``--keep`` every workspace is deleted at the end and every container, volume and
+network with the prefix removed, also after a failure or Ctrl-C. Creation stops early when the
+disk passes ``--max-disk-percent``. Nothing asserts on time.
 """
 
 from __future__ import annotations
@@ -126,6 +128,7 @@ class Bench:
         self.repo = repo
         self.data_dir = data_dir
         self.failed = 0
+        self.admin_token = srv._cli("admin", "token", "--user", "bench-admin", "--admin")
         self._lock = threading.Lock()
 
     def list_page(self, limit: int | None, after: str | None = None) -> dict[str, Any]:
@@ -226,6 +229,10 @@ class Bench:
                                                      max(5, samples // 4)))
         out["get_one"] = stats(timed_samples(
             lambda: srv._ok(srv.http.get(f"/api/v1/workspaces/{probe}"), 200), samples))
+        admin = {"Authorization": f"Bearer {self.admin_token}"}
+        out["metrics_scrape"] = stats(timed_samples(
+            lambda: srv.http.get("/metrics", headers=admin).raise_for_status(),
+            max(5, samples // 4)))
         wake: list[float] = []
         pause: list[float] = []
         for _ in range(wakes):
@@ -343,8 +350,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, help="keep the server's data here (resumable)")
     ap.add_argument("--keep", action="store_true",
                     help="leave the workspaces and the data at the end (resume later)")
+    ap.add_argument("--cleanup-only", action="store_true",
+                    help="with --work: delete what an earlier --keep run left, and nothing else")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
+    if args.cleanup_only:
+        args.keep = False
 
     work = args.work or Path(tempfile.mkdtemp(prefix="den-bench-paused-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -374,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
                          max_disk_gb_per_user=10_000_000, ssh_port=0)
             srv.start(timeout_s=900)
             bench = Bench(srv, repo, data)
+            if args.cleanup_only:
+                return 0  # the finally below deletes everything
             known = bench.names()
             probe = known[PROBE]["id"] if PROBE in known else bench.make_paused(PROBE)
             if probe is None:
@@ -432,10 +445,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def ratios(one: dict[str, Any], many: dict[str, Any]) -> dict[str, float]:
     """Many paused against one, p50 to p50."""
-    out = {}
+    out: dict[str, float] = {}
     for key in ("list_first_page", "list_all_pages", "list_one_answer", "get_one",
+                "metrics_scrape",
                 "wake_exec", "pause_again", "get_one_after_restart"):
-        out[key] = round(many[key]["p50_ms"] / max(0.1, one[key]["p50_ms"]), 2)
+        if key in one and key in many:
+            out[key] = round(many[key]["p50_ms"] / max(0.1, one[key]["p50_ms"]), 2)
     for key in ("start_to_reconciled_s", "start_to_healthz_s"):
         out[key] = round(many["restart"][key] / max(0.01, one["restart"][key]), 2)
     return out
