@@ -23,7 +23,8 @@ With one workspace paused, then with ``--count``, it measures:
 * wake on access: ``POST .../exec {"cmd": ["true"]}`` on the paused probe workspace until
   it answers, ``--wakes`` times, each paused again after;
 * an idle ``--window``: ``den serve``'s CPU (``/proc/PID/stat``) and RSS, ``dockerd``'s and
-  ``containerd``'s CPU, and the host's, each as % of the machine;
+  ``containerd``'s CPU and RSS, and the host's CPU, each CPU as % of the machine; the host's
+  threads (each takes a pid) and the workspace disks mounted;
 * a restart: SIGTERM -> exited, start -> the log's "reconciled with the database" line, and
   -> ``/healthz`` answering 200 (the server serves once reconcile is done);
 * disk per paused workspace: the container's directory in the engine (its checkpoint) and its
@@ -55,7 +56,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.benchmarks.bench_density import available_mb, host_busy, proc_cpu_ticks
+from tests.benchmarks.bench_density import available_mb, host_busy, host_tasks, proc_cpu_ticks
 from tests.benchmarks.bench_workspaces import (
     Server,
     cleanup_engine,
@@ -271,7 +272,11 @@ class Bench:
                 **{f"{n}_percent": pct(d1[n] - d0[n]) for n in daemons},
                 "host_percent": round((busy1 - busy0) / max(1, total1 - total0) * 100, 2),
                 "den_serve_rss_mb_before": rss0, "den_serve_rss_mb": rss_mb(pid),
-                "loadavg_1m": round(os.getloadavg()[0], 2), "available_mb": available_mb()}
+                **{f"{n}_rss_mb": rss_mb(p) for n, p in daemons.items()},
+                "loadavg_1m": round(os.getloadavg()[0], 2), "available_mb": available_mb(),
+                "host_threads": host_tasks(), "disk_mounts": sum(
+                    1 for line in Path("/proc/mounts").read_text().splitlines()
+                    if f" {self.data_dir}/disks/" in line)}
 
     def restart(self) -> dict[str, float]:
         srv = self.srv
