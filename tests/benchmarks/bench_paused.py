@@ -36,7 +36,8 @@ workspaces already there (and measures them again: run it from another tree to c
 versions of Den on the same workspaces); ``--work DIR --cleanup-only`` removes them.
 Without ``--keep`` every workspace is deleted at the end and every container, volume and
 network with the prefix removed, also after a failure or Ctrl-C. Creation stops early when the
-disk passes ``--max-disk-percent``. Nothing asserts on time.
+disk passes ``--max-disk-percent``, after ``--fill-minutes`` or at ``--fill-until``; with
+``--wait-for FILE`` it waits for that file before creating. Nothing asserts on time.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -182,8 +184,10 @@ class Bench:
                     self.srv.delete(wid)
             return None
 
-    def fill(self, count: int, concurrency: int, max_disk_percent: float) -> tuple[int, str]:
-        """Make paused workspaces ``p00001``... until ``count`` exist; (count, why stopped)."""
+    def fill(self, count: int, concurrency: int, max_disk_percent: float,
+             deadline: float = float("inf")) -> tuple[int, str]:
+        """Make paused workspaces ``p00001``... until ``count`` exist, or until the
+        ``deadline`` (monotonic time) passes; (how many exist, why it stopped early)."""
         have = set(self.names())
         todo = [f"p{i:05d}" for i in range(1, count) if f"p{i:05d}" not in have]
         made, t0, stopped = len(have), time.monotonic(), ""
@@ -198,6 +202,9 @@ class Bench:
                         break
                     if self.failed > 20 + made // 20:
                         stopped = "failures"
+                        break
+                    if time.monotonic() > deadline:
+                        stopped = "time"
                         break
                     name = next(names, None)
                     if name is None:
@@ -352,6 +359,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=40)
     ap.add_argument("--wakes", type=int, default=5)
     ap.add_argument("--max-disk-percent", type=float, default=85.0)
+    ap.add_argument("--fill-minutes", type=float, default=0,
+                    help="stop creating after this long and measure what exists (0: no limit)")
+    ap.add_argument("--fill-until", help="HH:MM (UTC): stop creating then and measure")
+    ap.add_argument("--wait-for", type=Path,
+                    help="after measuring one paused, wait until this file exists to create "
+                         "the others (the shared machine is quiet for the first part)")
     ap.add_argument("--work", type=Path, help="keep the server's data here (resumable)")
     ap.add_argument("--keep", action="store_true",
                     help="leave the workspaces and the data at the end (resume later)")
@@ -405,10 +418,19 @@ def main(argv: list[str] | None = None) -> int:
                     state.write_text(json.dumps({"prefix": prefix, "one": result["one"]}))
             else:
                 result["one"] = json.loads(state.read_text()).get("one")
+            while args.wait_for is not None and not args.wait_for.exists():
+                time.sleep(15)
             print(f"bench: making {args.count} paused workspaces, {args.concurrency} at once",
                   flush=True)
             t0 = time.monotonic()
-            made, stopped = bench.fill(args.count, args.concurrency, args.max_disk_percent)
+            deadline = t0 + args.fill_minutes * 60 if args.fill_minutes > 0 else float("inf")
+            if args.fill_until:
+                hh, mm = (int(x) for x in args.fill_until.split(":"))
+                now = datetime.now(UTC)
+                until = now.replace(hour=hh, minute=mm, second=0, microsecond=0)
+                deadline = min(deadline, t0 + (until - now).total_seconds())
+            made, stopped = bench.fill(args.count, args.concurrency, args.max_disk_percent,
+                                       deadline=deadline)
             result["fill"] = {"made": made, "stopped_by": stopped, "failed": bench.failed,
                               "seconds": round(time.monotonic() - t0, 1)}
             print(f"bench: measuring with {made} paused", flush=True)
