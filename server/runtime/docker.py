@@ -48,6 +48,7 @@ from server.runtime import (
     disk_quota,
     docker_engine,
     docker_specs,
+    inflight,
 )
 from server.runtime.base import (
     LABEL_INSTANCE,
@@ -205,15 +206,14 @@ class DockerRuntime:
         """Run ``fn`` on an executor: ``slow`` calls (execs through the engine, checkpoints,
         copies) on the long pool, every other call on the short pool, so that a state read
         never waits behind a minute-long exec."""
-        loop = asyncio.get_running_loop()
-
         def run() -> T:
             try:
                 return fn(*args, **kwargs)
             except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
                 raise _translate(exc, what) from exc
 
-        return await loop.run_in_executor(self._executor if slow else self._short, run)
+        # Through inflight: a delete waits for a call its cancelled caller left running.
+        return await inflight.run(self._executor if slow else self._short, run)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

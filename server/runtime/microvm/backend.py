@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import os
@@ -28,7 +29,7 @@ from typing import Any, TypeVar
 from server import faults
 from server.agent import ops as agent_ops
 from server.agent.session import AgentSession
-from server.runtime import docker_specs
+from server.runtime import docker_specs, inflight
 from server.runtime.base import (
     LABEL_INSTANCE,
     LABEL_SNAPSHOT,
@@ -138,7 +139,10 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots, VmProcesses):
         return VmFiles(self.vms_dir / str(handle["vm"]))
 
     async def _io(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.to_thread(fn, *args)
+        # asyncio.to_thread's, through inflight: a delete waits for a call (a fork's disk
+        # copy) that its cancelled caller left running.
+        context = contextvars.copy_context()
+        return await inflight.run(None, functools.partial(context.run, fn, *args))
 
     # --- Lifecycle ----------------------------------------------------------------------
 
