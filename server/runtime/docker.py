@@ -786,6 +786,8 @@ class DockerRuntime:
             image=self._helper_image, runtime=self._gvisor_runtime, src=src, dst=dst,
             wipe=wipe, labels=docker_specs.copy_helper_labels(labels, workspace_id=workspace_id))
         host_config = api.create_host_config(**cfg.pop("host_config"))
+        if inflight.abandoned():  # a delete of the workspace waits for this thread
+            raise EngineError("the copy was not started: its operation was cancelled")
         helper = api.create_container(**cfg, host_config=host_config)["Id"]
         try:
             api.start(helper)

@@ -11,8 +11,9 @@ So a piece of work that may be cancelled runs in a context with a :class:`Calls`
 (:func:`tracking`), and every backend starts its threads through :func:`run`: a call whose
 caller is cancelled while it runs is kept in that :class:`Calls` until its thread ends, and
 the canceller waits for :meth:`Calls.settled` before it touches the workspace's engine
-objects. A call still queued when its caller is cancelled never runs. Outside such a context
-:func:`run` is a plain ``run_in_executor``.
+objects. A call still queued when its caller is cancelled never runs, and long work checks
+:func:`abandoned` between its steps (a copy helper not started, a clone's git killed), so
+that the wait is short. Outside such a context :func:`run` is a plain ``run_in_executor``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -29,6 +31,7 @@ T = TypeVar("T")
 
 _CURRENT: contextvars.ContextVar[Calls | None] = contextvars.ContextVar("den_engine_calls",
                                                                        default=None)
+_thread = threading.local()  # .call: the tracked call this thread runs
 
 
 class Calls:
@@ -84,9 +87,11 @@ class _Call(Generic[T]):
             if self._state == "dropped":  # nobody reads what a dropped call returns
                 raise asyncio.CancelledError
             self._state = "running"
+        _thread.call = self
         try:
             return self._fn()
         finally:
+            _thread.call = None
             with self._lock:
                 abandoned = self._state == "abandoned"
                 self._state = "done"
@@ -103,6 +108,19 @@ class _Call(Generic[T]):
             elif self._state == "running":
                 self._state = "abandoned"
                 self._calls._abandoned(self)
+
+
+def abandoned() -> bool:
+    """In a thread: whether the caller of the tracked call it runs was cancelled (its
+    workspace is being deleted). Long work checks it before each step and stops early."""
+    call = getattr(_thread, "call", None)
+    return call is not None and call._state == "abandoned"
+
+
+async def to_thread(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """:func:`asyncio.to_thread`, tracked: ``fn`` runs in a copy of the current context."""
+    context = contextvars.copy_context()
+    return await run(None, functools.partial(context.run, fn, *args, **kwargs))
 
 
 async def run(executor: Executor | None, fn: Callable[[], T]) -> T:

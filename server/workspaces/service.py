@@ -52,6 +52,7 @@ from server.pool import fit as pool_fit
 from server.pool.claim import PendingClaim
 from server.pool.warm import Pooled, WarmPool
 from server.quotas.service import Quotas
+from server.runtime import inflight
 from server.runtime.base import (
     AgentChannel,
     Checkpoints,
@@ -458,7 +459,8 @@ class WorkspaceService:
                 work.mkdir(parents=True, exist_ok=True)
                 repo = work / "repo"
                 tar = work / "seed.tar"
-                head = await asyncio.to_thread(
+                # Through inflight: a delete meanwhile stops the clone and waits for it.
+                head = await inflight.to_thread(
                     git_clone.clone, source, branch=branch, dest=repo,
                     timeout_s=self.settings.clone_timeout_s,
                     max_bytes=self.settings.clone_max_mb * 1024 * 1024,
@@ -467,8 +469,8 @@ class WorkspaceService:
                     outbound=self.outbound,
                 )
                 for hook in self.hooks:
-                    await asyncio.to_thread(hook.prepare_clone, ws, repo, head)
-                await asyncio.to_thread(
+                    await inflight.to_thread(hook.prepare_clone, ws, repo, head)
+                await inflight.to_thread(
                     git_clone.pack_for_workspace, repo, arcname=ws.repo_dir, out=tar
                 )
                 if head and not ws.repo_branch:

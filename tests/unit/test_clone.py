@@ -341,6 +341,48 @@ def test_a_clone_that_hangs_is_killed_at_the_time_limit(tmp_path: Path) -> None:
             s.close()
 
 
+def test_a_clone_whose_workspace_is_deleted_stops_at_once(tmp_path: Path) -> None:
+    """A delete cancels the create and waits for its clone's thread (server/runtime/
+    inflight.py): git is killed at once, not at the time limit, and its files go."""
+    import asyncio
+    import contextlib
+    import socket
+    import threading
+
+    from server.runtime import inflight
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.append(listener.accept()[0]), daemon=True).start()
+    source = validate_repo_url(f"git://127.0.0.1:{port}/slow.git", allowed_schemes=["git"],
+                               local_roots=[])
+
+    async def delete_while_cloning() -> bool:
+        calls = inflight.Calls()
+        cloning = asyncio.create_task(inflight.to_thread(
+            clone, source, branch=None, dest=tmp_path / "out", timeout_s=120, max_bytes=MiB,
+            outbound=OutboundPolicy.of(["127.0.0.1"])), context=inflight.tracking(calls))
+        for _ in range(600):  # until git has connected
+            if held:
+                break
+            await asyncio.sleep(0.05)
+        cloning.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await cloning
+        return await calls.settled(30)  # well before the 120 s limit
+
+    try:
+        assert asyncio.run(delete_while_cloning())
+        assert held, "git never connected"
+        assert not (tmp_path / "out").exists()
+    finally:
+        for s in [*held, listener]:
+            s.close()
+
+
 def test_the_clone_gets_a_clean_environment(make_repo: Callable[..., Path], tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 11, finding 8: git ran with the server's whole environment (GitPython merges

@@ -23,9 +23,13 @@ async def test_a_running_call_whose_caller_is_cancelled_is_pending_until_its_thr
     calls = inflight.Calls()
     entered, gate = threading.Event(), threading.Event()
 
+    seen: list[bool] = []
+
     def blocking() -> str:
+        seen.append(inflight.abandoned())
         entered.set()
         gate.wait(30)
+        seen.append(inflight.abandoned())  # long work checks it between steps
         return "done"
 
     task = asyncio.create_task(inflight.run(None, blocking), context=inflight.tracking(calls))
@@ -37,7 +41,7 @@ async def test_a_running_call_whose_caller_is_cancelled_is_pending_until_its_thr
     assert not await calls.settled(0.01)
     gate.set()
     assert await calls.settled(30)
-    assert calls.pending == 0
+    assert calls.pending == 0 and seen == [False, True]
 
 
 async def test_a_queued_call_whose_caller_is_cancelled_never_runs() -> None:

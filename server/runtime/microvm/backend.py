@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import functools
 import logging
 import os
@@ -139,10 +138,9 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots, VmProcesses):
         return VmFiles(self.vms_dir / str(handle["vm"]))
 
     async def _io(self, fn: Callable[..., T], *args: Any) -> T:
-        # asyncio.to_thread's, through inflight: a delete waits for a call (a fork's disk
-        # copy) that its cancelled caller left running.
-        context = contextvars.copy_context()
-        return await inflight.run(None, functools.partial(context.run, fn, *args))
+        # Through inflight: a delete waits for a call (a fork's disk copy) that its cancelled
+        # caller left running.
+        return await inflight.to_thread(fn, *args)
 
     # --- Lifecycle ----------------------------------------------------------------------
 
