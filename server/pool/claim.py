@@ -71,11 +71,13 @@ class PendingClaim:
         return None
 
     async def abandon(self) -> None:
-        """The create failed or was cancelled: the claim stops (the create's clean-up
-        removes the sandbox under the workspace's names). Idempotent."""
+        """The create has ended (the claim stops if it has not: the create failed or was
+        cancelled, and its clean-up removes the sandbox under the workspace's names); the
+        pool may refill. Idempotent."""
         for task in (self._thawed, self._named):
             if not task.done():
                 task.cancel()
         for task in (self._thawed, self._named):
             with contextlib.suppress(BaseException):
                 await task
+        self.pool.ended(self.pooled)

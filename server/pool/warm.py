@@ -45,6 +45,10 @@ from server.workspaces.sleep import host_available_bytes
 log = logging.getLogger(__name__)
 
 TICK_S = 5.0  # how often an idle pool looks at the host's memory (and retries a failure)
+REFILL_AFTER_S = 0.5  # a replacement is made this long after the last claim ended (the
+# claimant's first exec comes right after its create), not beside a claim: on a small host
+# the boot's CPU (the engine, runsc) slowed the claim it replaces (measured: docs/benchmarks.md)
+CLAIM_HOLDS_S = 30.0  # ... or once a claim has run this long (a create stuck in its clone)
 CLAIMED_KEPT_S = 600.0  # how long a claimed id stays owned: its row may be newer than a
 # reconcile's list of rows, which then must not take its objects for orphans
 
@@ -66,8 +70,12 @@ class WarmPool:
 
     def __init__(self, *, settings: Settings, runtime: Runtime, instance_id: str,
                  metrics: Metrics | None = None,
-                 available_bytes: Callable[[], int | None] = host_available_bytes) -> None:
+                 available_bytes: Callable[[], int | None] = host_available_bytes,
+                 refill_after_s: float = REFILL_AFTER_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
+        self.refill_after_s = refill_after_s
+        self._clock = clock
         self.runtime = runtime
         self.instance_id = instance_id
         self._available = available_bytes
@@ -78,6 +86,8 @@ class WarmPool:
         self._idle: dict[PoolKey, list[Pooled]] = {k: [] for k in self.keys}
         self._making: set[str] = set()
         self._claimed: dict[str, float] = {}  # id -> when it was taken
+        self._open: dict[str, float] = {}  # claims not ended yet: id -> when taken (clock)
+        self._last_ended = float("-inf")  # when the last claim ended (clock)
         self._measured: list[int] = []  # what the last sandboxes held (bounded)
         self._full = False  # the budget had no room for another (logged once)
         self._wake: asyncio.Event | None = None
@@ -119,6 +129,7 @@ class WarmPool:
         pooled = waiting.pop(0)
         self._claims.labels("hit").inc()
         self._claimed[pooled.workspace_id] = time.monotonic()
+        self._open[pooled.workspace_id] = self._clock()
         self._changed(pooled.key)
         return pooled
 
@@ -126,8 +137,24 @@ class WarmPool:
         """A taken sandbox that was not used (the create was refused before its row): it
         never ran anything of anyone's, so it waits again."""
         self._claimed.pop(pooled.workspace_id, None)
+        self._open.pop(pooled.workspace_id, None)
         self._idle.setdefault(pooled.key, []).insert(0, pooled)
         self._changed(pooled.key)
+
+    def ended(self, pooled: Pooled) -> None:
+        """The create that took ``pooled`` has ended, either way: the pool may refill once
+        :meth:`refill_wait` says so. Idempotent."""
+        if self._open.pop(pooled.workspace_id, None) is not None:
+            self._last_ended = self._clock()
+            if self._wake is not None:
+                self._wake.set()
+
+    def refill_wait(self) -> float:
+        """Seconds before the pool may boot a replacement: not while a claim runs (up to
+        ``CLAIM_HOLDS_S`` each), and ``refill_after_s`` after the last one ended. 0: now."""
+        now = self._clock()
+        holding = [CLAIM_HOLDS_S - (now - at) for at in self._open.values()]
+        return max([*holding, self.refill_after_s - (now - self._last_ended), 0.0])
 
     async def claim(self, pooled: Pooled, *, hostname: str) -> str | None:
         """Make a taken sandbox the workspace's: thaw it and give it ``hostname``. None when
@@ -209,7 +236,8 @@ class WarmPool:
                 acted = False
             if not acted:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), TICK_S)
+                    await asyncio.wait_for(self._wake.wait(),
+                                           min(TICK_S, self.refill_wait() or TICK_S))
 
     async def step(self) -> bool:
         """One change towards the pool's target: give back the newest sandbox when the host
@@ -231,6 +259,8 @@ class WarmPool:
         for key in self.keys:
             if len(self._idle[key]) >= self.settings.pool_size:
                 continue
+            if self.refill_wait() > 0:  # a claim is running: it gets the CPU first
+                return False
             if not fit.room_for_one(held_bytes=self.held_bytes(), budget_bytes=budget,
                                     estimate=fit.estimate_bytes(self._measured)):
                 if not self._full:  # once, until the pool changes

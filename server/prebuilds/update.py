@@ -74,7 +74,7 @@ async def bring_up_to_date(svc: WorkspaceService, ws: Workspace, spec: Workspace
                                     f"{exc.message}")
         return ""
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        await asyncio.to_thread(shutil.rmtree, work, ignore_errors=True)  # off the loop
 
 
 def _head_commit(repo: object) -> str:

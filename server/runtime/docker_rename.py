@@ -5,8 +5,8 @@ at claim time, that exec cost 0.3-0.7 s on the create's critical path under load
 engine's exec create, runsc starting a process in the sandbox, the inspect), though it is
 ~0.1 s alone. So the pool starts it when it fills: the privileged root shell is started
 before the sandbox is frozen and waits on its standard input for the name; a claim writes
-the name and waits for the shell to end (tens of milliseconds: the process is already
-there). The shell is Den's, started before anything of a user's ran, and has ended before
+the name and waits for the shell to say it renamed (tens of milliseconds: the process is
+already there). The shell is Den's, started before anything of a user's ran, and has ended before
 the claim returns; nothing but Den (through the engine's attach stream) can write to it.
 
 Blocking: call from the runtime's executor threads.
@@ -64,27 +64,32 @@ class ArmedRename:
                               detail=str(exc)) from exc
 
     def fire(self, hostname: str) -> None:
-        """Give the shell ``hostname`` and wait for it to end; EngineError when it failed.
-        The caller validated the name (one line of a host name's characters)."""
+        """Give the shell ``hostname`` and wait until it says it renamed (``ARMED_DONE``,
+        printed only when every step succeeded: the claim need not wait for the engine to
+        report the exec's end, tens of milliseconds more), or until it ends without saying
+        so: EngineError. The caller validated the name (one line of a host name's
+        characters)."""
         if "\n" in hostname:
             raise EngineError(f"invalid host name {hostname!r}")
+        done = docker_specs.ARMED_DONE.encode()
+        out = bytearray()
         try:
             self._raw.settimeout(READ_TIMEOUT_S)
             self._raw.sendall(hostname.encode() + b"\n")
             with contextlib.suppress(OSError):
                 self._raw.shutdown(socket.SHUT_WR)
-            out = bytearray()
-            while chunk := self._raw.recv(65536):
+            while done not in out and (chunk := self._raw.recv(65536)):
                 out += chunk[: max(0, MAX_OUTPUT - len(out))]
         except OSError as exc:
             raise EngineError(f"could not name the host of {self.container}",
                               detail=str(exc)) from exc
         finally:
             self.close()
-        if (code := _exit_code(self._api, self._exec_id)) != 0:
-            raise EngineError(f"could not name the host of {self.container}",
-                              detail=f"exit {code}: "
-                                     f"{bytes(out)[-500:].decode(errors='replace')}")
+        if done in out:
+            return
+        code = _exit_code(self._api, self._exec_id)
+        raise EngineError(f"could not name the host of {self.container}",
+                          detail=f"exit {code}: {bytes(out)[-500:].decode(errors='replace')}")
 
     def close(self) -> None:
         """Drop the stream (the sandbox is going away, or the name was given)."""

@@ -280,26 +280,36 @@ def volume_config(spec: WorkspaceSpec, *, name: str | None = None,
     return cfg
 
 
+def rename_script(etc: str = "/etc") -> str:
+    """The shell of :func:`set_hostname_argv`: the kernel's name (``$1``; the one process it
+    starts), ``etc``/hostname, and the ``etc``/hosts line that ends with the old name
+    (``$2``) rewritten with shell builtins only (no ``sed``: each process costs ~20 ms under
+    gVisor). The files are the engine's bind mounts, so they are rewritten in place, not
+    replaced. Ends with status 0 only when all of it was done."""
+    return ('hostname "$1" && printf "%s\\n" "$1" > ' + etc + '/hostname && hosts="" && '
+            'while IFS= read -r line || [ -n "$line" ]; do '
+            'case "$line" in *[[:space:]]"$2") line="${line%"$2"}$1";; esac; '
+            'hosts="$hosts$line\n"; done < ' + etc + '/hosts && '
+            'printf "%s" "$hosts" > ' + etc + '/hosts')
+
+
 def set_hostname_argv(hostname: str, *, was: str) -> list[str]:
-    """A root shell that renames a sandbox's host (the warm pool's claim): the kernel's name
-    (needs CAP_SYS_ADMIN: a privileged exec), /etc/hostname and the /etc/hosts line of the
-    old name. The files are the engine's bind mounts, so they are rewritten in place, not
-    replaced (``sed -i`` renames)."""
-    script = ('hostname "$1" && printf "%s\\n" "$1" > /etc/hostname && '
-              'hosts=$(sed "s/[[:space:]]$2\\$/\\t$1/" /etc/hosts) && '
-              'printf "%s\\n" "$hosts" > /etc/hosts')
-    return ["/bin/sh", "-c", script, "den-hostname", hostname, was]
+    """A root shell that renames a sandbox's host (the warm pool's claim): needs
+    CAP_SYS_ADMIN, so a privileged exec (:func:`rename_script`)."""
+    return ["/bin/sh", "-c", rename_script(), "den-hostname", hostname, was]
 
 
 ARMED_READY = "den-rename-armed"
+ARMED_DONE = "den-renamed"
 
 
 def armed_hostname_argv(*, was: str) -> list[str]:
     """:func:`set_hostname_argv`'s shell, started ahead of time: it says ``ARMED_READY`` once
-    it runs, reads the new name from its standard input (one line) and then renames
-    (server/runtime/docker_rename.py)."""
+    it runs, reads the new name from its standard input (one line), renames and says
+    ``ARMED_DONE`` when all of it succeeded (server/runtime/docker_rename.py: the claim
+    need not wait for the engine to report the exec's end)."""
     script = (f'echo {ARMED_READY} && IFS= read -r name && [ -n "$name" ] && '
-              'set -- "$name" "$1" && ' + set_hostname_argv("", was="")[2])
+              f'set -- "$name" "$1" && {rename_script()} && echo {ARMED_DONE}')
     return ["/bin/sh", "-c", script, "den-hostname", was]
 
 

@@ -194,9 +194,14 @@ class MemoryGuard:
             self._warn(wid, f"{self.max_watched} workspaces are watched already")
             return
         try:
-            watch = self._open(spec, directory)
+            # in a thread: each threshold the kernel registers waits for an RCU grace period
+            # (measured 8-40 ms each), which would hold up every request on the loop
+            watch = await asyncio.to_thread(self._open, spec, directory)
         except OSError as exc:
             self._warn(wid, f"its cgroup cannot be watched: {exc}")
+            return
+        if not self._want.get(wid):  # it left running meanwhile
+            watch.alarm.close()
             return
         self.disarm(wid)
         self._watches[wid] = watch

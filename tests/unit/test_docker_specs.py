@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from server.runtime import cgroup_memory
+from server.runtime import cgroup_memory, docker_specs
 from server.runtime.base import ExecRequest, WorkspaceSpec, labels_for
 from server.runtime.docker_specs import (
     INIT_COMMAND,
@@ -293,3 +294,55 @@ def test_a_failed_checkpoint_says_its_cause_without_the_stack_trace() -> None:
         "checkpoint failed: no space left on device")
     assert runsc_failure("something else\nlast words\n") == "last words"
     assert runsc_failure("") == ""
+
+
+@pytest.mark.parametrize("armed", [False, True])
+def test_the_rename_script_rewrites_the_old_names_line_only(tmp_path: Path, armed: bool) -> None:
+    """Run by the host's /bin/sh (POSIX shell builtins only, as in any image), with the
+    files under a directory of the test's and a ``hostname`` that records its argument."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "hostname").write_text(f'#!/bin/sh\necho "$1" > {tmp_path}/kernel\n')
+    (bin_ / "hostname").chmod(0o755)
+    (etc / "hostname").write_text("ws-old\n")
+    hosts = ("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n"
+             "# a comment with a \\ backslash and ws-old inside\n"
+             "10.88.0.5 ws-old\n10.88.0.6\tws-older\n  10.88.0.7\tfoo ws-old")
+    (etc / "hosts").write_text(hosts)
+    script = docker_specs.rename_script(str(etc))
+    if armed:
+        script = docker_specs.armed_hostname_argv(was="ws-old")[2].replace(
+            docker_specs.rename_script(), script)
+        argv = ["/bin/sh", "-c", script, "den-hostname", "ws-old"]
+        out = subprocess.run(argv, input="api\n", capture_output=True, text=True,
+                             env={"PATH": f"{bin_}:/usr/bin:/bin"})
+        assert out.stdout.split() == [docker_specs.ARMED_READY, docker_specs.ARMED_DONE]
+    else:
+        argv = ["/bin/sh", "-c", script, "den-hostname", "api", "ws-old"]
+        out = subprocess.run(argv, capture_output=True, text=True,
+                             env={"PATH": f"{bin_}:/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "kernel").read_text() == "api\n"
+    assert (etc / "hostname").read_text() == "api\n"
+    assert (etc / "hosts").read_text() == (
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n"
+        "# a comment with a \\ backslash and ws-old inside\n"
+        "10.88.0.5 api\n10.88.0.6\tws-older\n  10.88.0.7\tfoo api\n")
+
+
+@pytest.mark.parametrize("failing", ["hostname", "files"])
+def test_the_armed_rename_says_nothing_done_when_a_step_fails(tmp_path: Path,
+                                                             failing: str) -> None:
+    # a fake ``hostname`` first on PATH: the host's own must never run here
+    (tmp_path / "hostname").write_text(f"#!/bin/sh\nexit {int(failing == 'hostname')}\n")
+    (tmp_path / "hostname").chmod(0o755)
+    argv = docker_specs.armed_hostname_argv(was="ws-old")
+    argv[2] = argv[2].replace(docker_specs.rename_script(),
+                              docker_specs.rename_script(str(tmp_path / "missing")))
+    out = subprocess.run(argv, input="api\n", capture_output=True, text=True,
+                         env={"PATH": f"{tmp_path}:/usr/bin:/bin"})
+    assert out.returncode != 0
+    assert docker_specs.ARMED_READY in out.stdout
+    assert docker_specs.ARMED_DONE not in out.stdout

@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 
 from server.errors import Conflict
-from server.pool import fit
+from server.pool import fit, warm
 from server.pool.fit import PoolKey
 from server.pool.warm import WarmPool
 from server.runtime.base import ContainerStatus
 from server.runtime.docker_specs import container_of
 from server.runtime.fake import FakeRuntime
 from server.workspaces.service import WorkspaceService
+from tests.conftest import FakeClock
 from tests.unit.test_service_fake import create, user
 
 pytestmark = pytest.mark.anyio
@@ -30,13 +31,17 @@ def anyio_backend() -> str:
 
 
 def pooled_service(make_service: Callable[..., WorkspaceService], fake_runtime: FakeRuntime,
-                   *, available: list[int | None] | None = None, **settings: object
+                   *, available: list[int | None] | None = None,
+                   clock: FakeClock | None = None, **settings: object
                    ) -> tuple[WorkspaceService, WarmPool]:
+    """A service with a warm pool; without ``clock``, the pool refills as soon as a claim
+    ended (the deferral has a test of its own)."""
     st = {"pool_size": 2, "pool_memory_budget_mb": 1024, **settings}
     probe = make_service(**st)
     avail = available if available is not None else [None]
     pool = WarmPool(settings=probe.settings, runtime=fake_runtime, instance_id="inst-test",
-                    available_bytes=lambda: avail[0])
+                    available_bytes=lambda: avail[0],
+                    **({"clock": clock} if clock is not None else {"refill_after_s": 0.0}))
     svc = make_service(service_kw={"pool": pool}, engine_prefix=probe.settings.engine_prefix,
                        **st)
     return svc, pool
@@ -90,6 +95,39 @@ async def test_pool_fills_frozen_and_a_create_claims_one(
     assert pool.size() == 1 and fake_runtime.calls.count("create") == 2  # no third create
     await fill(pool)
     assert pool.size() == 2
+
+
+async def test_no_replacement_is_made_while_a_claim_runs(
+        make_service: Callable[..., WorkspaceService], fake_runtime: FakeRuntime,
+        make_repo: Callable[..., Path]) -> None:
+    """The boot of a replacement would take the CPU of the create it replaces: the pool
+    waits for the claim to end, and a little more for the claimant's first exec."""
+    clock = FakeClock()
+    svc, pool = pooled_service(make_service, fake_runtime, clock=clock, pool_size=1)
+    await fill(pool)
+    pooled = pool.take(pool.keys[0])
+    assert pooled is not None and pool.size() == 0
+    assert not await pool.step() and pool.refill_wait() > 0  # the claim runs
+    clock.now += 10
+    assert not await pool.step()
+    pool.ended(pooled)
+    assert pool.refill_wait() == pytest.approx(pool.refill_after_s)
+    assert not await pool.step()
+    clock.now += pool.refill_after_s
+    assert await pool.step() and pool.size() == 1
+    # a claim that never ends holds the refill back for a bounded time only
+    stuck = pool.take(pool.keys[0])
+    assert stuck is not None and not await pool.step()
+    clock.now += warm.CLAIM_HOLDS_S
+    assert await pool.step() and pool.size() == 1
+    # a create ends its claim however it ends: here the normal way
+    pool.ended(stuck)
+    clock.now += pool.refill_after_s
+    ws = await create(svc, user(svc), make_repo("api"))
+    assert any(e.kind == "pool" for e in svc.events(ws.id))
+    assert not await pool.step()
+    clock.now += pool.refill_after_s
+    assert await pool.step() and pool.size() == 1
 
 
 async def test_a_create_that_does_not_fit_takes_the_normal_path(
