@@ -19,9 +19,11 @@ import logging
 import time
 from pathlib import Path
 
+from server.runtime import cgroups
+from server.runtime.cgroups import CGROUP_ROOT
+
 log = logging.getLogger(__name__)
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 SETTLE_S = 5.0  # how long a freeze may stay "FREEZING" (tasks in uninterruptible sleep)
 _warned: set[str] = set()
 
@@ -29,17 +31,11 @@ _warned: set[str] = set()
 def control_file(pid: int, *, proc: Path = Path("/proc"), root: Path = CGROUP_ROOT
                  ) -> Path | None:
     """The freezer file of the cgroup process ``pid`` is in; None when there is none."""
-    try:
-        lines = (proc / str(pid) / "cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, path = [*line.split(":", 2), "", ""][:3]
-        if "freezer" in controllers.split(","):
-            return root / "freezer" / path.lstrip("/") / "freezer.state"
-    for line in lines:
-        if line.startswith("0::"):
-            return root / line[3:].lstrip("/") / "cgroup.freeze"
+    if (v1 := cgroups.v1_dir(pid, "freezer", proc=proc, root=root)) is not None:
+        return v1 / "freezer.state"
+    for controllers, path in cgroups.memberships(pid, proc=proc):
+        if not controllers and path:  # "0::/path": the unified (v2) hierarchy
+            return root / path.lstrip("/") / "cgroup.freeze"
     return None
 
 
