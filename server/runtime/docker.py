@@ -627,7 +627,7 @@ class DockerRuntime:
                 return ContainerStatus.MISSING
             if not state.get("Running"):
                 return ContainerStatus.STOPPED
-            return ContainerStatus.FROZEN if state.get("Paused") else ContainerStatus.RUNNING
+            return ContainerStatus.FROZEN if _frozen(state) else ContainerStatus.RUNNING
 
         return await self._call(f"status of workspace {spec.workspace_id}", run)
 
@@ -642,9 +642,11 @@ class DockerRuntime:
             state = api.inspect_container(container_of(spec))["State"]
             if not state.get("Running"):
                 raise EngineConflict(f"container {container_of(spec)} is not running")
-            if not state.get("Paused"):
+            # the cgroup alone (server/runtime/cgroup_freezer.py); the engine's pause only
+            # where it cannot be written (the sandbox then keeps some CPU)
+            if not cgroup_freezer.set_frozen(int(state.get("Pid") or 0), True) \
+                    and not state.get("Paused"):
                 api.pause(container_of(spec))
-            cgroup_freezer.set_frozen(int(state.get("Pid") or 0), True)  # or it keeps CPU
             return _stats_memory_bytes(api, container_of(spec))
 
         return await self._call(f"freeze workspace {spec.workspace_id}", run)
@@ -1620,15 +1622,22 @@ def _stats_memory_bytes(api: Any, container: str) -> int | None:
     return max(0, usage - inactive) if isinstance(inactive, int) else usage
 
 
+def _frozen(state: dict[str, Any]) -> bool:
+    """Whether a running container is frozen: its cgroup (server/runtime/cgroup_freezer.py),
+    or the engine's pause (where the cgroup could not be written, or by an older Den)."""
+    return bool(state.get("Paused")) or cgroup_freezer.is_frozen(int(state.get("Pid") or 0))
+
+
 def _thaw(api: Any, container: str, state: dict[str, Any] | None = None) -> None:
-    """Unfreeze a frozen (``docker pause``d, its cgroup frozen: server/runtime/
-    cgroup_freezer.py) container; others are left alone. The engine
+    """Unfreeze a frozen container (:func:`_frozen`); others are left alone. The engine
     cannot stop, remove or checkpoint a frozen gVisor sandbox: a stop waits out its timeout
     and leaves runsc's state behind (the next start: "id already in use"), a forced remove
     fails ("zombie")."""
     state = state if state is not None else api.inspect_container(container)["State"]
+    pid = int(state.get("Pid") or 0)
+    if cgroup_freezer.is_frozen(pid):
+        cgroup_freezer.set_frozen(pid, False)  # first: a paused runsc must answer the unpause
     if state.get("Paused"):
-        cgroup_freezer.set_frozen(int(state.get("Pid") or 0), False)  # runsc must answer
         with contextlib.suppress(docker.errors.APIError):  # thawed meanwhile: "not paused"
             api.unpause(container)
 
