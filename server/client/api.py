@@ -780,7 +780,12 @@ class Workspace:
             raise DenAPIError(int(err.get("status") or 0), str(err.get("code") or "error"),
                               str(err.get("message") or "event stream error"))
         event = msg.get("event") or {}
-        return str(event["to_state"]) if event.get("to_state") else None
+        # The stream starts with the log's last events: a change older than the workspace
+        # as last read (its ``updated_at``, the last state change) is no news.
+        if not event.get("to_state") or str(event.get("at") or "") < str(
+                self._data.get("updated_at") or ""):
+            return None
+        return str(event["to_state"])
 
     def _lifecycle(self, action: str, timeout_s: float) -> Workspace:
         self._data = self.den.request_json("POST", f"{self._path}/{action}", timeout_s=timeout_s)
