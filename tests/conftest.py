@@ -149,6 +149,19 @@ def _networks_go_after_engine_tests(request: pytest.FixtureRequest) -> Iterator[
         remove_networks(RUN_PREFIX)
 
 
+def container_state(name: str) -> str:
+    """"frozen" (its cgroup frozen: how Den freezes a sandbox, server/runtime/
+    cgroup_freezer.py; or paused by the engine), "running", "exited", ... as the engine and
+    the kernel say."""
+    from server.runtime.cgroup_freezer import is_frozen
+
+    out = subprocess.run(["docker", "inspect", "-f", "{{.State.Status}} {{.State.Pid}}", name],
+                         capture_output=True, text=True, timeout=60, check=True).stdout.split()
+    status, pid = out[0], int(out[1])
+    return "frozen" if status == "paused" or (status == "running" and is_frozen(pid)) \
+        else status
+
+
 def thaw_container(name: str) -> None:
     """Thaw a workspace container Den froze (its cgroup, then ``docker unpause``)."""
     from server.runtime.cgroup_freezer import set_frozen

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -19,6 +20,8 @@ from server.errors import DenError, ValidationFailed
 from server.runtime.base import ExecRequest, ExecResult, ProcessInfo, StreamChunk
 from server.runtime.errors import AgentTimeout, AgentUnavailable, EngineConflict, ObjectMissing
 from server.runtime.output import Captured
+
+log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 10.0  # from OPEN to "started": the agent forks and execs
 EXEC_GRACE_S = 30.0  # past the command's own deadline, which the agent enforces
@@ -282,8 +285,10 @@ class AgentExecStream:
 
     async def resize(self, cols: int, rows: int) -> None:
         if self._tty:
-            with contextlib.suppress(AgentUnavailable):
+            try:
                 await self._ch.control({"resize": {"cols": cols, "rows": rows}})
+            except AgentUnavailable as exc:  # the stream is ending too; said for the record
+                log.info("resize to %dx%d not sent: %s", cols, rows, exc)
 
     async def signal(self, name: str) -> None:
         with contextlib.suppress(AgentUnavailable):

@@ -725,26 +725,75 @@ class Workspace:
         return self
 
     def wait_for(self, state: str = "running", *, timeout_s: float = 300.0) -> Workspace:
-        """Poll until the workspace is in ``state``; return self.
+        """Wait until the workspace is in ``state``; return self. It follows the workspace's
+        event stream (``WS .../events/stream``) and so returns as soon as the state changes;
+        where the stream cannot be opened (a proxy without WebSockets) it polls every
+        ``poll_interval_s``.
 
         Raises DenAPIError ``workspace_error`` (state error), ``unexpected_state`` (settled in
         another state) or ``timeout``.
         """
         deadline = time.monotonic() + timeout_s
-        while True:
-            if self.state == state:
-                return self
-            if self.state == "error":
-                reason = self.state_reason or "workspace failed"
-                raise DenAPIError(0, "workspace_error", reason)
-            if self.state not in TRANSITIONAL_STATES:
-                msg = f"workspace {self.name} is {self.state}, not {state}"
-                raise DenAPIError(0, "unexpected_state", msg)
-            if time.monotonic() >= deadline:
-                msg = f"workspace {self.name} still {self.state} after {timeout_s:g}s"
-                raise DenAPIError(0, "timeout", msg)
-            time.sleep(self.den.poll_interval_s)
+        if self._settled(state, timeout_s, deadline):
+            return self
+        outcome: DenAPIError | None = None
+        try:
+            with self.den.websocket(self.ws_url("events/stream"), what="event stream") as conn:
+                try:
+                    self.refresh()  # what changed before the stream opened
+                    while not self._settled(state, timeout_s, deadline):
+                        if self._next_state(conn, deadline) is not None:
+                            self.refresh()
+                except DenAPIError as exc:  # the workspace's outcome, not the stream's
+                    outcome = exc
+        except DenAPIError:
+            pass  # no stream (a proxy without WebSockets), or it broke: poll
+        else:
+            if outcome is not None:
+                raise outcome
+            return self
+        while not self._settled(state, timeout_s, deadline):
+            time.sleep(max(0.0, min(self.den.poll_interval_s, deadline - time.monotonic())))
             self.refresh()
+        return self
+
+    def _settled(self, state: str, timeout_s: float, deadline: float) -> bool:
+        """Whether the workspace (as last read) is in ``state``; raises when it never will
+        be, or when ``deadline`` has passed."""
+        if self.state == state:
+            return True
+        if self.state == "error":
+            raise DenAPIError(0, "workspace_error", self.state_reason or "workspace failed")
+        if self.state not in TRANSITIONAL_STATES:
+            raise DenAPIError(0, "unexpected_state",
+                              f"workspace {self.name} is {self.state}, not {state}")
+        if time.monotonic() >= deadline:
+            raise DenAPIError(0, "timeout",
+                              f"workspace {self.name} still {self.state} after {timeout_s:g}s")
+        return False
+
+    def _next_state(self, conn: ClientConnection, deadline: float) -> str | None:
+        """The state the next event of the stream moved the workspace to (None: an event of
+        another kind, or none before ``deadline``); DenAPIError ``not_found`` when the
+        workspace was deleted."""
+        try:
+            raw = conn.recv(timeout=max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            return None
+        msg = json.loads(raw)
+        if msg.get("type") == "deleted":
+            raise DenAPIError(404, "not_found", f"workspace {self.name} was deleted")
+        if msg.get("type") == "error":
+            err = msg.get("error") or {}
+            raise DenAPIError(int(err.get("status") or 0), str(err.get("code") or "error"),
+                              str(err.get("message") or "event stream error"))
+        event = msg.get("event") or {}
+        # The stream starts with the log's last events: a change older than the workspace
+        # as last read (its ``updated_at``, the last state change) is no news.
+        if not event.get("to_state") or str(event.get("at") or "") < str(
+                self._data.get("updated_at") or ""):
+            return None
+        return str(event["to_state"])
 
     def _lifecycle(self, action: str, timeout_s: float) -> Workspace:
         self._data = self.den.request_json("POST", f"{self._path}/{action}", timeout_s=timeout_s)

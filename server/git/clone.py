@@ -27,6 +27,7 @@ import git.exc
 
 from server.errors import DenError, ValidationFailed
 from server.outbound import PUBLIC_ONLY, GitPin, OutboundPolicy, git_pin
+from server.runtime import inflight
 from server.urls import check_host, split_url
 
 log = logging.getLogger(__name__)
@@ -230,9 +231,12 @@ def clone(
                 reason = f"the clone took longer than {timeout_s:g} s"
             elif dest.exists() and _tree_size(dest) > max_bytes:
                 reason = f"the repository is larger than {max_bytes // (1024 * 1024)} MiB"
+            elif inflight.abandoned():  # its workspace is being deleted (and waits for this)
+                reason = "its workspace was deleted"
             if reason:
                 popen.kill()
                 popen.wait()
+                shutil.rmtree(dest, ignore_errors=True)
                 break
         errors.seek(max(0, errors.seek(0, os.SEEK_END) - 64 * 1024))  # its last 64 KiB
         stderr = errors.read().decode(errors="replace")

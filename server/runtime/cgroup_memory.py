@@ -24,7 +24,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
+from server.runtime import cgroups
+from server.runtime.cgroups import CGROUP_ROOT
 
 
 def thresholds_available(root: Path = CGROUP_ROOT) -> bool:
@@ -37,18 +38,8 @@ def thresholds_available(root: Path = CGROUP_ROOT) -> bool:
 def memory_dir(pid: int, *, proc: Path = Path("/proc"), root: Path = CGROUP_ROOT
                ) -> Path | None:
     """The v1 memory cgroup directory process ``pid`` is in; None when there is none."""
-    if pid <= 0:
-        return None
-    try:
-        lines = (proc / str(pid) / "cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, path = [*line.split(":", 2), "", ""][:3]
-        if "memory" in controllers.split(","):
-            found = root / "memory" / path.lstrip("/")
-            return found if (found / "cgroup.event_control").exists() else None
-    return None
+    found = cgroups.v1_dir(pid, "memory", proc=proc, root=root)
+    return found if found is not None and (found / "cgroup.event_control").exists() else None
 
 
 def working_set(directory: Path) -> int | None:

@@ -48,6 +48,7 @@ from server.runtime import (
     disk_quota,
     docker_engine,
     docker_specs,
+    inflight,
 )
 from server.runtime.base import (
     LABEL_INSTANCE,
@@ -208,15 +209,14 @@ class DockerRuntime:
         """Run ``fn`` on an executor: ``slow`` calls (execs through the engine, checkpoints,
         copies) on the long pool, every other call on the short pool, so that a state read
         never waits behind a minute-long exec."""
-        loop = asyncio.get_running_loop()
-
         def run() -> T:
             try:
                 return fn(*args, **kwargs)
             except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
                 raise _translate(exc, what) from exc
 
-        return await loop.run_in_executor(self._executor if slow else self._short, run)
+        # Through inflight: a delete waits for a call its cancelled caller left running.
+        return await inflight.run(self._executor if slow else self._short, run)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -630,7 +630,7 @@ class DockerRuntime:
                 return ContainerStatus.MISSING
             if not state.get("Running"):
                 return ContainerStatus.STOPPED
-            return ContainerStatus.FROZEN if state.get("Paused") else ContainerStatus.RUNNING
+            return ContainerStatus.FROZEN if _frozen(state) else ContainerStatus.RUNNING
 
         return await self._call(f"status of workspace {spec.workspace_id}", run)
 
@@ -645,9 +645,11 @@ class DockerRuntime:
             state = api.inspect_container(container_of(spec))["State"]
             if not state.get("Running"):
                 raise EngineConflict(f"container {container_of(spec)} is not running")
-            if not state.get("Paused"):
+            # the cgroup alone (server/runtime/cgroup_freezer.py); the engine's pause only
+            # where it cannot be written (the sandbox then keeps some CPU)
+            if not cgroup_freezer.set_frozen(int(state.get("Pid") or 0), True) \
+                    and not state.get("Paused"):
                 api.pause(container_of(spec))
-            cgroup_freezer.set_frozen(int(state.get("Pid") or 0), True)  # or it keeps CPU
             return _stats_memory_bytes(api, container_of(spec))
 
         return await self._call(f"freeze workspace {spec.workspace_id}", run)
@@ -789,6 +791,8 @@ class DockerRuntime:
             image=self._helper_image, runtime=self._gvisor_runtime, src=src, dst=dst,
             wipe=wipe, labels=docker_specs.copy_helper_labels(labels, workspace_id=workspace_id))
         host_config = api.create_host_config(**cfg.pop("host_config"))
+        if inflight.abandoned():  # a delete of the workspace waits for this thread
+            raise EngineError("the copy was not started: its operation was cancelled")
         helper = api.create_container(**cfg, host_config=host_config)["Id"]
         try:
             api.start(helper)
@@ -1622,15 +1626,22 @@ def _stats_memory_bytes(api: Any, container: str) -> int | None:
     return max(0, usage - inactive) if isinstance(inactive, int) else usage
 
 
+def _frozen(state: dict[str, Any]) -> bool:
+    """Whether a running container is frozen: its cgroup (server/runtime/cgroup_freezer.py),
+    or the engine's pause (where the cgroup could not be written, or by an older Den)."""
+    return bool(state.get("Paused")) or cgroup_freezer.is_frozen(int(state.get("Pid") or 0))
+
+
 def _thaw(api: Any, container: str, state: dict[str, Any] | None = None) -> None:
-    """Unfreeze a frozen (``docker pause``d, its cgroup frozen: server/runtime/
-    cgroup_freezer.py) container; others are left alone. The engine
+    """Unfreeze a frozen container (:func:`_frozen`); others are left alone. The engine
     cannot stop, remove or checkpoint a frozen gVisor sandbox: a stop waits out its timeout
     and leaves runsc's state behind (the next start: "id already in use"), a forced remove
     fails ("zombie")."""
     state = state if state is not None else api.inspect_container(container)["State"]
+    pid = int(state.get("Pid") or 0)
+    if cgroup_freezer.is_frozen(pid):
+        cgroup_freezer.set_frozen(pid, False)  # first: a paused runsc must answer the unpause
     if state.get("Paused"):
-        cgroup_freezer.set_frozen(int(state.get("Pid") or 0), False)  # runsc must answer
         with contextlib.suppress(docker.errors.APIError):  # thawed meanwhile: "not paused"
             api.unpause(container)
 

@@ -6,8 +6,9 @@ engine's exec create, runsc starting a process in the sandbox, the inspect), tho
 ~0.1 s alone. So the pool starts it when it fills: the privileged root shell is started
 before the sandbox is frozen and waits on its standard input for the name; a claim writes
 the name and waits for the shell to say it renamed (tens of milliseconds: the process is
-already there). The shell is Den's, started before anything of a user's ran, and has ended before
-the claim returns; nothing but Den (through the engine's attach stream) can write to it.
+already there). The shell is Den's, started before anything of a user's ran, and has renamed
+before the claim returns (it ends right after); nothing but Den (through the engine's attach
+stream) can write to it.
 
 Blocking: call from the runtime's executor threads.
 """
@@ -87,7 +88,8 @@ class ArmedRename:
             self.close()
         if done in out:
             return
-        code = _exit_code(self._api, self._exec_id)
+        if (code := _exit_code(self._api, self._exec_id)) == 0:  # said so past MAX_OUTPUT
+            return
         raise EngineError(f"could not name the host of {self.container}",
                           detail=f"exit {code}: {bytes(out)[-500:].decode(errors='replace')}")
 

@@ -577,9 +577,16 @@ class _Session(_Bridge, asyncssh.SSHServerSession[bytes]):
         self.size = _size(width, height) or self.size
         if self.stream is not None and self.size is not None and self.size != self._sized:
             self._sized = self.size
+            log.info("ssh: window change to %dx%d", *self.size)
             task = asyncio.create_task(self.stream.resize(*self.size))
             self._resizes.add(task)
-            task.add_done_callback(self._resizes.discard)
+            task.add_done_callback(self._resized)
+
+    def _resized(self, task: asyncio.Task[None]) -> None:
+        """A resize has been sent, or failed: said in the log (nothing else awaits it)."""
+        self._resizes.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("ssh: a window change was not passed on: %r", exc)
 
     async def _make_stream(self) -> ExecStream:
         auth = self.conn.auth

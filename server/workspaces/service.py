@@ -52,6 +52,7 @@ from server.pool import fit as pool_fit
 from server.pool.claim import PendingClaim
 from server.pool.warm import Pooled, WarmPool
 from server.quotas.service import Quotas
+from server.runtime import inflight
 from server.runtime.base import (
     AgentChannel,
     Checkpoints,
@@ -71,6 +72,7 @@ from server.runtime.errors import EngineConflict, ObjectMissing
 from server.workspaces import hooks, limits, listing, memory_guard, naming, validation
 from server.workspaces.activity import Activity
 from server.workspaces.admission import Gate
+from server.workspaces.builds import Builds
 from server.workspaces.engine_events import EngineFollower
 from server.workspaces.feed import EventFeed
 from server.workspaces.handles import CHECKPOINT, FROZEN_BYTES, backend_handle
@@ -189,6 +191,7 @@ class WorkspaceService:
         self.ledger = Ledger(sessions=sessions, gpus=self.gpus, feed=self.feed)
         self.networks = WorkspaceNetworks(self)
         self.restores = Restores(self)
+        self.builds = Builds(self)  # creates and forks in the background (self._tasks)
         self.reconciler = Reconciler(self)
         self.engine_events = EngineFollower(self)
         # Ends the biggest process of a workspace past its memory_mb (None: the backend has
@@ -292,7 +295,8 @@ class WorkspaceService:
     def busy(self, workspace_id: str) -> bool:
         """Whether an operation on the workspace is in progress in this process."""
         lock = self._locks.get(workspace_id)
-        return workspace_id in self._tasks or (lock is not None and lock.locked())
+        return (workspace_id in self._tasks or (lock is not None and lock.locked())
+                or self.builds.pending(workspace_id))
 
     def note(self, workspace_id: str, kind: str, message: str, *, actor: str = "system") -> None:
         """Record an event that is not a state change (the ledger's)."""
@@ -400,10 +404,8 @@ class WorkspaceService:
         return row
 
     def _spawn(self, ws_id: str, work: Coroutine[Any, Any, None]) -> None:
-        """Run a workspace's build in the background; delete cancels it."""
-        task = asyncio.create_task(work, name=f"build-{ws_id}")
-        self._tasks[ws_id] = task
-        task.add_done_callback(lambda _t: self._tasks.pop(ws_id, None))
+        """Run a workspace's build in the background; delete stops it (Builds.stop)."""
+        self.builds.spawn(ws_id, work)
 
     async def built(self, ws_id: str) -> Workspace:
         """The workspace once its create or fork in the background has ended (either way)."""
@@ -468,7 +470,8 @@ class WorkspaceService:
                 work.mkdir(parents=True, exist_ok=True)
                 repo = work / "repo"
                 tar = work / "seed.tar"
-                head = await asyncio.to_thread(
+                # Through inflight: a delete meanwhile stops the clone and waits for it.
+                head = await inflight.to_thread(
                     git_clone.clone, source, branch=branch, dest=repo,
                     timeout_s=self.settings.clone_timeout_s,
                     max_bytes=self.settings.clone_max_mb * 1024 * 1024,
@@ -477,8 +480,8 @@ class WorkspaceService:
                     outbound=self.outbound,
                 )
                 for hook in self.hooks:
-                    await asyncio.to_thread(hook.prepare_clone, ws, repo, head)
-                await asyncio.to_thread(
+                    await inflight.to_thread(hook.prepare_clone, ws, repo, head)
+                await inflight.to_thread(
                     git_clone.pack_for_workspace, repo, arcname=ws.repo_dir, out=tar
                 )
                 if head and not ws.repo_branch:
@@ -749,11 +752,7 @@ class WorkspaceService:
     async def delete(self, ws_id: str, *, actor: str) -> bool:
         """Delete a workspace, its container and its volume. False when a delete of it is
         already in progress (the caller answers 202)."""
-        task = self._tasks.get(ws_id)
-        if task is not None:  # cancel an unfinished create
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+        await self.builds.stop(ws_id, actor=actor)  # an unfinished create, its engine calls
         async with self.metrics.operation("delete"), self.locked(ws_id):
             ws = self.get(ws_id)
             if ws.state == State.DELETING.value:

@@ -9,9 +9,10 @@ Two ``den serve`` (engine prefixes ``denbench-pool-<random>-{warm,cold}``, remov
 also after a failure), the same settings but ``DEN_POOL_SIZE`` (1 and 0), and the raw engine,
 interleaved round by round on the same small repository (7 files over 4 commits):
 
-* **warm**: ``POST /workspaces``, poll until ``running``, ``POST .../exec true``; timed from the
-  POST to the exec's answer, once the pool has a sandbox waiting (the wait is not counted);
-  the event log must say the create took it.
+* **warm**: a create through Den's Python client (``POST /workspaces``, then it waits on the
+  workspace's event stream until ``running``; ``--poll-ms N``: a GET every N ms instead),
+  ``POST .../exec true``; timed from the POST to the exec's answer, once the pool has a
+  sandbox waiting (the wait is not counted); the event log must say the create took it.
 * **cold**: the same on the server without a pool.
 * **raw**: ``docker run -d`` (Den's own container spec as flags) and ``docker exec C true``;
   and the raw create as bench_workspaces times it (clone, volume, run, cp, first exec).
@@ -85,11 +86,20 @@ def thaw_time(container: str) -> float:
         rt.close()
 
 
-def den_create(srv: Server, name: str, repo: Path) -> tuple[float, bool]:
-    """Seconds from the create's POST to the first exec's answer; whether the pool served it."""
+def den_create(srv: Server, name: str, repo: Path, *, poll_ms: float = 0
+               ) -> tuple[float, bool]:
+    """Seconds from the create's POST to the first exec's answer; whether the pool served it.
+    The create as Den's Python client makes it (it waits on the workspace's event stream), or,
+    with ``poll_ms``, a GET every ``poll_ms``."""
+    from server.client import Den
+
     t = time.perf_counter()
-    wid = srv.create(name, repo)
-    srv.wait_running(wid, poll_s=0.01)
+    if poll_ms:
+        wid = srv.create(name, repo)
+        srv.wait_running(wid, poll_s=poll_ms / 1000)
+    else:
+        with Den(f"http://127.0.0.1:{srv.port}", srv.token) as den:
+            wid = den.create(str(repo), name=name, timeout_s=120).id
     srv.exec_true(wid)
     took = time.perf_counter() - t
     hit = any(e["kind"] == "pool" and "took a sandbox" in e["message"] for e in srv.events(wid))
@@ -101,6 +111,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--poll-ms", type=float, default=0,
+                    help="wait for running with a GET every N ms (default: as Den's Python "
+                         "client does, on the workspace's event stream)")
     args = ap.parse_args()
     prefix = f"denbench-pool-{secrets.token_hex(2)}"
     work = Path(tempfile.mkdtemp(prefix="den-bench-pool-"))
@@ -127,12 +140,13 @@ def main() -> int:
             deadline = time.monotonic() + 120
             while waiting(servers["warm"]) < 1 and time.monotonic() < deadline:
                 time.sleep(0.05)  # refilled: not counted
-            took, hit = den_create(servers["warm"], f"w{i}", repo)
+            took, hit = den_create(servers["warm"], f"w{i}", repo, poll_ms=args.poll_ms)
             if hit:
                 samples["warm"].append(took)
             else:
                 misses += 1
-            samples["cold"].append(den_create(servers["cold"], f"c{i}", repo)[0])
+            samples["cold"].append(den_create(servers["cold"], f"c{i}", repo,
+                                              poll_ms=args.poll_ms)[0])
             name = f"{prefix}-raw-{i}"
             run = timed(functools.partial(sh, *raw.run_args(name, f"{name}-vol")))
             first = timed(functools.partial(sh, "docker", "exec", name, "true"))
@@ -145,7 +159,7 @@ def main() -> int:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True).stdout.strip()
         result: dict[str, Any] = {
-            "commit": commit, "machine": machine(),
+            "commit": commit, "machine": machine(), "poll_ms": args.poll_ms,
             "load_before": [round(x, 2) for x in load_before],
             "load_after": [round(x, 2) for x in os.getloadavg()],
             "pool_misses": misses,

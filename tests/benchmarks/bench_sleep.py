@@ -246,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def thaw(prefix: str) -> None:
     """Thaw every frozen container of the run, so that cleanup can remove it."""
-    ps = subprocess.run(["docker", "ps", "--filter", "status=paused", "--format", "{{.Names}}"],
-                        capture_output=True, text=True)
+    ps = subprocess.run(["docker", "ps", "--format", "{{.Names}}"],  # thaws only what is
+                        capture_output=True, text=True)  # frozen (its cgroup or paused)
     for name in ps.stdout.split():
         if name.startswith(prefix):
             thaw_container(name)

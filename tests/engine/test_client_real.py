@@ -42,9 +42,13 @@ def _den(srv: DenServer, *args: str, timeout: float = 120) -> subprocess.Complet
 
 def test_processes_through_the_client_and_the_cli(
         server: DenServer, make_repo: Callable[..., Path]) -> None:
-    with Den(f"http://127.0.0.1:{server.port}", server.token) as den:
-        ws = den.create(str(make_repo()), name="api")
-        ws = ws.wait_for("running")
+    # A poll every 10 minutes: polling, the wait would look again only at its deadline
+    # (120 s); it returns long before only because the client follows the workspace's event
+    # stream (a create takes seconds).
+    with Den(f"http://127.0.0.1:{server.port}", server.token, poll_interval_s=600) as den:
+        started = time.monotonic()
+        ws = den.create(str(make_repo()), name="api", timeout_s=120)
+        assert ws.state == "running" and time.monotonic() - started < 100
         proc = ws.processes.start("for i in 1 2 3; do echo line$i; sleep 0.2; done; exit 5")
         chunks = list(ws.processes.logs(proc.pid, follow=True))
         assert "".join(c.data for c in chunks) == "line1\nline2\nline3\n"

@@ -17,6 +17,7 @@ import pytest
 from tests.conftest import (
     RUN_PREFIX,
     bare_repo,
+    container_state,
     engine_objects,
     remove_engine_objects,
     unmount_disks,
@@ -59,13 +60,14 @@ class Pooled(DenServer):
     def waiting(self) -> list[str]:
         """Workspace ids of the pool's sandboxes: frozen, labelled so, and with no row."""
         rows = {w["id"] for w in self.http.get("/api/v1/workspaces").json()["workspaces"]}
-        out = docker("ps", "--filter", "label=den.role=pool", "--filter", "status=paused",
+        out = docker("ps", "--filter", "label=den.role=pool",
                      "--format", '{{.Label "den.workspace"}} {{.Names}}')
         return [line.split()[0] for line in out.splitlines()
-                if line.split()[1].startswith(self.prefix + "-") and line.split()[0] not in rows]
+                if line.split()[1].startswith(self.prefix + "-") and line.split()[0] not in rows
+                and container_state(line.split()[1]) == "frozen"]
 
     def ready(self) -> list[str]:
-        """:meth:`waiting`, once the pool counts them too: the engine shows a sandbox paused
+        """:meth:`waiting`, once the pool counts them too: the kernel shows a sandbox frozen
         a moment before the pool has measured it and can hand it out."""
         waiting = self.waiting()
         return waiting if self.metric("den_pool_sandboxes") == len(waiting) else []

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from server.runtime.cgroup_freezer import control_file
-from tests.conftest import RUN_PREFIX, bare_repo, engine_objects
+from tests.conftest import RUN_PREFIX, bare_repo, container_state, engine_objects
 from tests.server_process import DenServer
 
 pytestmark = pytest.mark.engine
@@ -88,8 +88,8 @@ def docker(*args: str) -> str:
 
 
 def engine_state(container: str) -> str:
-    """"paused" (frozen), "running" or "exited", as the engine says."""
-    return docker("inspect", "-f", "{{.State.Status}}", container)
+    """"frozen", "running" or "exited", as the engine and the kernel say."""
+    return container_state(container)
 
 
 def wait(cond: Callable[[], bool], timeout_s: float = 60) -> bool:
@@ -145,7 +145,7 @@ def test_idle_freezes_in_place_and_an_exec_thaws_it(frozen_srv: Sleepy, repo: Pa
     srv.exec(wid, COUNTER)
     assert wait(lambda: srv.counted(wid) > 2, 30)
     srv.asleep(wid, "frozen")
-    assert engine_state(srv.container(wid)) == "paused"
+    assert engine_state(srv.container(wid)) == "frozen"
     # the whole sandbox is frozen by the kernel, not only its tasks by runsc: it uses no CPU
     freezer = control_file(int(docker("inspect", "-f", "{{.State.Pid}}", srv.container(wid))))
     assert freezer is not None and freezer.read_text().strip() in ("FROZEN", "1")
@@ -169,7 +169,7 @@ def test_a_frozen_workspace_can_be_snapshotted_forked_and_saved_by_a_memory_snap
     srv.asleep(wid, "frozen")
     r = srv.http.post(f"/api/v1/workspaces/{wid}/snapshots", json={"name": "disk"})
     assert r.status_code == 201, r.text
-    assert (srv.ws(wid)["sleep"], engine_state(srv.container(wid))) == ("frozen", "paused")
+    assert (srv.ws(wid)["sleep"], engine_state(srv.container(wid))) == ("frozen", "frozen")
     fork = srv.http.post("/api/v1/workspaces", json={"name": "fork",
                                                      "from_snapshot": r.json()["id"]})
     assert fork.status_code in (201, 202), fork.text
@@ -214,7 +214,7 @@ def test_a_frozen_workspace_stays_frozen_across_a_kill_9_of_den(
     srv.kill9()
     srv.start(timeout_s=240)
     assert (srv.ws(wid)["state"], srv.ws(wid)["sleep"]) == ("paused", "frozen")
-    assert engine_state(srv.container(wid)) == "paused"
+    assert engine_state(srv.container(wid)) == "frozen"
     assert srv.counter(wid) == (pid, count)
     out = srv.exec(wid, "cat /workspace/count")
     assert int(out["stdout"].split()[0]) == pid

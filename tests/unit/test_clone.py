@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import stat
 import subprocess
 import sys
 import tarfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -318,27 +321,58 @@ def test_pack_for_workspace_owns_every_entry_by_the_workspace_user(
     assert link.issym() and link.linkname == "README.md"
 
 
-def test_a_clone_that_hangs_is_killed_at_the_time_limit(tmp_path: Path) -> None:
-    """A git:// server that accepts and never answers: the clone stops at timeout_s."""
-    import socket
-    import threading
-
+@contextlib.contextmanager
+def silent_git_server() -> Iterator[tuple[RepoSource, list[socket.socket]]]:
+    """A git:// server that accepts and never answers: its source, and the connections it
+    holds (one, once git has connected)."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
     port = listener.getsockname()[1]
     held: list[socket.socket] = []
     threading.Thread(target=lambda: held.append(listener.accept()[0]), daemon=True).start()
-    source = validate_repo_url(f"git://127.0.0.1:{port}/slow.git", allowed_schemes=["git"],
-                               local_roots=[])
     try:
+        yield validate_repo_url(f"git://127.0.0.1:{port}/slow.git", allowed_schemes=["git"],
+                                local_roots=[]), held
+    finally:
+        for s in [*held, listener]:
+            s.close()
+
+
+def test_a_clone_that_hangs_is_killed_at_the_time_limit(tmp_path: Path) -> None:
+    """A git:// server that accepts and never answers: the clone stops at timeout_s."""
+    with silent_git_server() as (source, _held):
         with pytest.raises(CloneFailed, match="took longer than 1 s"):
             clone(source, branch=None, dest=tmp_path / "out", timeout_s=1, max_bytes=MiB,
                   outbound=OutboundPolicy.of(["127.0.0.1"]))
         assert not (tmp_path / "out").exists()
-    finally:
-        for s in [*held, listener]:
-            s.close()
+
+
+def test_a_clone_whose_workspace_is_deleted_stops_at_once(tmp_path: Path) -> None:
+    """A delete cancels the create and waits for its clone's thread (server/runtime/
+    inflight.py): git is killed at once, not at the time limit, and its files go."""
+    import asyncio
+
+    from server.runtime import inflight
+
+    async def delete_while_cloning(source: RepoSource, held: list[socket.socket]) -> bool:
+        calls = inflight.Calls()
+        cloning = asyncio.create_task(inflight.to_thread(
+            clone, source, branch=None, dest=tmp_path / "out", timeout_s=120, max_bytes=MiB,
+            outbound=OutboundPolicy.of(["127.0.0.1"])), context=inflight.tracking(calls))
+        for _ in range(600):  # until git has connected
+            if held:
+                break
+            await asyncio.sleep(0.05)
+        cloning.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await cloning
+        return await calls.settled(30)  # well before the 120 s limit
+
+    with silent_git_server() as (source, held):
+        assert asyncio.run(delete_while_cloning(source, held))
+        assert held, "git never connected"
+        assert not (tmp_path / "out").exists()
 
 
 def test_the_clone_gets_a_clean_environment(make_repo: Callable[..., Path], tmp_path: Path,

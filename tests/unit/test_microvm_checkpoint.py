@@ -200,6 +200,56 @@ def test_disk_copies_are_complete_or_absent(tmp_path: Path) -> None:
     assert not (tmp_path / "other").exists() and not (tmp_path / ".other.tmp").exists()
 
 
+def test_a_forks_disk_copy_whose_create_is_cancelled_makes_nothing_more(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A delete cancels the fork's create while a disk is being copied (in a thread it
+    cannot stop: server/runtime/inflight.py); the copy stops before the next disk and leaves
+    no VM directory, and the delete, waiting for the thread, sees it end."""
+    import asyncio
+    import contextlib
+
+    from server.runtime import inflight
+    from server.runtime.base import WorkspaceSpec
+    from server.runtime.microvm import disks
+
+    rt = MicroVmRuntime(boot_dir=tmp_path, vms_dir=tmp_path / "vms", image="img")
+    snap = rt.new_snapshot("sn1", {"den.instance": "i"})
+    src = VmFiles(tmp_path / "vms" / str(snap.handle["snapshot"]))
+    src.dir.mkdir(parents=True)
+    src.root.write_bytes(b"root")
+    src.workspace.write_bytes(b"data")
+    spec = WorkspaceSpec(workspace_id="ws1", handle=rt.new_handle("ws1"), image="img",
+                         runtime="microvm", cpus=1, memory_mb=512, pids_limit=100,
+                         hostname="fork", labels={"den.workspace": "ws1"})
+    copying, gate = threading.Event(), threading.Event()
+    copies: list[str] = []
+    real = disks.run_tool
+
+    def slow_tool(argv: list[str], **kw: object) -> None:
+        copies.append(argv[-1])
+        copying.set()
+        gate.wait(30)
+        real(argv, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(disks, "run_tool", slow_tool)
+
+    async def delete_mid_copy() -> bool:
+        calls = inflight.Calls()
+        fork = asyncio.create_task(rt.load_snapshot(spec, snap),
+                                   context=inflight.tracking(calls))
+        assert await asyncio.to_thread(copying.wait, 30)
+        fork.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await fork
+        assert calls.pending == 1  # the copy runs on in its thread
+        gate.set()
+        return await calls.settled(30)
+
+    assert asyncio.run(delete_mid_copy())
+    assert len(copies) == 1  # the second disk was not copied
+    assert sorted(p.name for p in (tmp_path / "vms").iterdir()) == [src.dir.name]
+
+
 def test_snapshot_and_restore_names(tmp_path: Path) -> None:
     rt = MicroVmRuntime(boot_dir=tmp_path, vms_dir=tmp_path / "vms", image="img")
     snap = rt.new_snapshot("sn1", {"den.instance": "i"})

@@ -333,7 +333,7 @@ def test_the_api_shows_the_sleep_tier(fake_api: Any, fake_runtime: FakeRuntime,
 
 
 def test_the_cgroup_freezer_file_of_a_process_v1_and_v2(tmp_path: Path) -> None:
-    from server.runtime.cgroup_freezer import control_file, set_frozen
+    from server.runtime.cgroup_freezer import control_file, is_frozen, set_frozen
 
     proc, root = tmp_path / "proc", tmp_path / "cgroup"
     (proc / "7").mkdir(parents=True)
@@ -343,12 +343,21 @@ def test_the_cgroup_freezer_file_of_a_process_v1_and_v2(tmp_path: Path) -> None:
     assert not set_frozen(7, True, proc=proc, root=root)  # no such cgroup: nothing done
     state.parent.mkdir(parents=True)
     state.write_text("THAWED\n")
+    assert not is_frozen(7, proc=proc, root=root)
     assert set_frozen(7, True, proc=proc, root=root)
-    assert state.read_text() == "FROZEN"
+    assert state.read_text() == "FROZEN" and is_frozen(7, proc=proc, root=root)
+    state.write_text("FREEZING\n")  # partly frozen: it needs a thaw too
+    assert is_frozen(7, proc=proc, root=root)
     assert set_frozen(7, False, proc=proc, root=root)
-    assert state.read_text() == "THAWED"
+    assert state.read_text() == "THAWED" and not is_frozen(7, proc=proc, root=root)
     (proc / "8").mkdir()
     (proc / "8" / "cgroup").write_text("0::/system.slice/docker-abc.scope\n")
     assert control_file(8, proc=proc, root=root) == (
         root / "system.slice" / "docker-abc.scope" / "cgroup.freeze")
+    v2 = root / "system.slice" / "docker-abc.scope" / "cgroup.freeze"
+    v2.parent.mkdir(parents=True)
+    v2.write_text("0\n")
+    assert not is_frozen(8, proc=proc, root=root)
+    assert set_frozen(8, True, proc=proc, root=root) and is_frozen(8, proc=proc, root=root)
     assert control_file(9, proc=proc, root=root) is None
+    assert not is_frozen(9, proc=proc, root=root)

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from server import faults
 from server.agent import ops as agent_ops
 from server.agent.session import AgentSession
-from server.runtime import docker_specs
+from server.runtime import docker_specs, inflight
 from server.runtime.base import (
     LABEL_INSTANCE,
     LABEL_SNAPSHOT,
@@ -138,7 +138,9 @@ class MicroVmRuntime(VmCheckpoints, VmDiskSnapshots, VmProcesses):
         return VmFiles(self.vms_dir / str(handle["vm"]))
 
     async def _io(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.to_thread(fn, *args)
+        # Through inflight: a delete waits for a call (a fork's disk copy) that its cancelled
+        # caller left running.
+        return await inflight.to_thread(fn, *args)
 
     # --- Lifecycle ----------------------------------------------------------------------
 

@@ -22,11 +22,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.runtime.cgroups import CGROUP_ROOT
 from server.runtime.errors import EngineUnavailable
 
 log = logging.getLogger(__name__)
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 REMOVE_TIMEOUT_S = 10.0
 PARENT = "den-microvm"  # every VM's group is a child of this one, per controller
 CPU_PERIOD_US = 100_000

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from server import faults
-from server.runtime.errors import ObjectMissing
+from server.runtime import inflight
+from server.runtime.errors import EngineError, ObjectMissing
 from server.runtime.microvm import disks
 from server.runtime.microvm.argv import VmFiles
 
@@ -48,6 +49,8 @@ def copy_disks(src: VmFiles, dst: VmFiles, *, record: Mapping[str, Any],
     tmp.dir.mkdir(parents=True, mode=0o700)
     try:
         for a, b in ((src.root, tmp.root), (src.workspace, tmp.workspace)):
+            if inflight.abandoned():  # a delete of the fork waits for this thread
+                raise EngineError("the copy was stopped: its operation was cancelled")
             disks.run_tool(copy_argv(a, b), timeout_s=COPY_TIMEOUT_S, what="copying a disk")
             if fault:
                 faults.point(fault)  # Den dies with a half-made copy: reconcile removes it
