@@ -236,7 +236,6 @@ def clone(
             if reason:
                 popen.kill()
                 popen.wait()
-                shutil.rmtree(dest, ignore_errors=True)
                 break
         errors.seek(max(0, errors.seek(0, os.SEEK_END) - 64 * 1024))  # its last 64 KiB
         stderr = errors.read().decode(errors="replace")
