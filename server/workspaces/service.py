@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import Select, delete, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -205,23 +205,23 @@ class WorkspaceService:
 
     # --- reading ----------------------------------------------------------------------
 
+    @staticmethod
+    def _listed(user: User) -> Select[Workspace]:
+        """The workspaces ``user`` sees listed (all for an admin; never a prebuild's)."""
+        q = select(Workspace).where(Workspace.prebuild_id.is_(None))
+        return q if user.is_admin else q.where(Workspace.owner_id == user.id)
+
     def list_for(self, user: User) -> list[Workspace]:
         with self.sessions() as s:
-            q = (select(Workspace).where(Workspace.prebuild_id.is_(None))
-                 .order_by(Workspace.created_at))
-            if not user.is_admin:
-                q = q.where(Workspace.owner_id == user.id)
-            return list(s.scalars(q))
+            return list(s.scalars(self._listed(user).order_by(Workspace.created_at)))
 
     def list_page_for(self, user: User, *, limit: int, after: str | None
                       ) -> tuple[list[Workspace], str | None]:
         """One page of :meth:`list_for` (server/workspaces/listing.py) and the next cursor."""
-        q = select(Workspace).where(Workspace.prebuild_id.is_(None))
-        if not user.is_admin:
-            q = q.where(Workspace.owner_id == user.id)
         cursor = listing.decode(after) if after is not None else None
         with self.sessions() as s:
-            rows = list(s.scalars(listing.page_query(q, limit=limit, after=cursor)))
+            rows = list(s.scalars(listing.page_query(self._listed(user), limit=limit,
+                                                     after=cursor)))
         return listing.split(rows, limit)
 
     def get_for(self, user: User, ref: str) -> Workspace:
