@@ -287,6 +287,27 @@ config_live || die "dockerd runs without experimental=true or runtimes.runsc.pat
 log "docker $("$DOCKER" version --format '{{.Server.Version}}') with runtime runsc -> $RUNTIME_PATH"
 
 # ---------------------------------------------------------------------------------------------
+# 5b. kernel.pid_max: every thread of a running sandbox takes a pid (~160 for an idle ptrace
+# sandbox, docs/operations.md), so the kernel's own default of 32,768 stops a host near 190
+# running workspaces. Debian's systemd raises it to 4,194,304 at boot (its
+# /usr/lib/sysctl.d/50-pid-max.conf); a host booted without systemd keeps 32,768. Raise it to
+# that value when lower, for this boot only (never lowered; kept across reboots by systemd's
+# file, or by the operator's own /etc/sysctl.d/ entry).
+# ---------------------------------------------------------------------------------------------
+PID_MAX=4194304
+pid_max_now=$(cat /proc/sys/kernel/pid_max 2>/dev/null || echo 0)
+if [ "$pid_max_now" -lt "$PID_MAX" ]; then
+    if echo "$PID_MAX" > /proc/sys/kernel/pid_max 2>/dev/null; then
+        log "kernel.pid_max $pid_max_now -> $PID_MAX (Debian's systemd default; this boot only)"
+    else
+        log "WARNING: kernel.pid_max is $pid_max_now and cannot be raised here:" \
+            "at most ~$((pid_max_now / 170)) workspaces can run at once (docs/operations.md)"
+    fi
+else
+    log "kernel.pid_max $pid_max_now"
+fi
+
+# ---------------------------------------------------------------------------------------------
 # 6. Workspace images
 # ---------------------------------------------------------------------------------------------
 if [ "$WITH_IMAGES" = 1 ]; then
