@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                     break
                 batch: list[str] = []
                 for _ in range(min(args.batch, target - len(ids))):
-                    batch.append(srv.create(f"w{len(ids) + len(batch)}", repo))
+                    batch.append(srv.create(f"w{len(ids)}", repo))
                     ids.append(batch[-1])  # deleted at the end whatever happens next
                 for wid in batch:
                     srv.wait_running(wid, poll_s=0.2, timeout_s=600)
