@@ -527,3 +527,46 @@ func TestExecSignalsNotInheritedIgnored(t *testing.T) {
 		}
 	}
 }
+
+// A process that writes as fast as it can (head: 8 KiB writes) reaches the host in large
+// frames: the reader gathers what the pipe holds instead of one frame per write (under gVisor
+// each read costs more than its bytes).
+func TestExecOutputGathered(t *testing.T) {
+	c := newTestClient(t)
+	const size = 4 << 20
+	ch := c.open(execReq("head", "-c", fmt.Sprint(size), "/dev/zero"))
+	got, frames := 0, 0
+	for closed := false; !closed; {
+		f, ok := ch.nextFrame(10 * time.Second)
+		if !ok {
+			t.Fatalf("no frame after %d bytes", got)
+		}
+		switch {
+		case f.typ == tData && f.flags&1 == 0:
+			got += len(f.payload)
+			frames++
+		case f.typ == tClose:
+			closed = true
+		}
+	}
+	if got != size || frames == 0 || got/frames < 32<<10 {
+		t.Fatalf("%d bytes in %d DATA frames: want %d in pieces of 32 KiB or more on average",
+			got, frames, size)
+	}
+	r := c.call(execReq("sh", "-c", "echo one; sleep 0.1; echo two"))
+	if string(r.data[0]) != "one\ntwo\n" {
+		t.Fatalf("lines: %q", r.data[0])
+	}
+}
+
+func TestGrowPipe(t *testing.T) {
+	r, w, err := os.Pipe()
+	must(err)
+	defer r.Close()
+	defer w.Close()
+	growPipe(r)
+	size, _, errno := syscall.Syscall(syscall.SYS_FCNTL, r.Fd(), 1032 /* F_GETPIPE_SZ */, 0)
+	if errno != 0 || size != outPipeBytes {
+		t.Fatalf("pipe size %d (%v), want %d", size, errno, outPipeBytes)
+	}
+}

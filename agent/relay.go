@@ -15,6 +15,7 @@ import (
 // for this: the engine closes it after a second attach has ended.)
 const socketDir = "/run/den-agent"
 const socketPath = socketDir + "/agent.sock"
+const relayBufBytes = 256 * 1024
 
 // relayMain copies stdin to the socket and the socket to stdout until either side ends.
 func relayMain() int {
@@ -24,8 +25,16 @@ func relayMain() int {
 		return 1
 	}
 	done := make(chan struct{}, 2)
-	go func() { io.Copy(conn, blockingFile(0, "stdin")); done <- struct{}{} }()
-	go func() { io.Copy(blockingFile(1, "stdout"), conn); done <- struct{}{} }()
+	// Large buffers: under gVisor each read and write costs far more than the bytes it moves
+	// (the agent writes up to 256 KiB of frames at once).
+	copyBig := func(dst io.Writer, src io.Reader) {
+		// (wrapped: an *os.File's ReadFrom would otherwise copy with its own 32 KiB buffer)
+		io.CopyBuffer(struct{ io.Writer }{dst}, struct{ io.Reader }{src},
+			make([]byte, relayBufBytes))
+		done <- struct{}{}
+	}
+	go copyBig(conn, blockingFile(0, "stdin"))
+	go copyBig(blockingFile(1, "stdout"), conn)
 	<-done
 	conn.Close()
 	return 0

@@ -43,6 +43,7 @@ HEARTBEAT_TIMEOUT_S = 30.0
 MAX_CHANNELS = 1024
 MAX_PENDING_MESSAGES = 64
 CHUNK = 65536
+MERGE_BYTES = 262144  # queued data of one stream handed over as one event, at most
 
 
 class Transport(Protocol):
@@ -136,11 +137,25 @@ class Channel:
             except TimeoutError:
                 raise AgentTimeout("the workspace's agent stopped answering") from None
         event = self._events.popleft()
+        if event.kind == "data" and self._events:
+            event = self._merge(event)
         if event.kind == "msg":
             self._messages -= 1
         elif event.kind == "end":
             self._events.appendleft(event)  # the end stays the last thing a channel says
         return event
+
+    def _merge(self, first: Event) -> Event:
+        """``first`` and the data of the same stream queued right behind it, as one event
+        (up to MERGE_BYTES): a consumer that fell behind catches up in a few large writes
+        instead of one per frame (the agent sends what each read of a pipe returned)."""
+        parts, size = [first.data], len(first.data)
+        while (self._events and size < MERGE_BYTES and self._events[0].kind == "data"
+               and self._events[0].stream == first.stream):
+            data = self._events.popleft().data
+            parts.append(data)
+            size += len(data)
+        return first if len(parts) == 1 else Event("data", first.stream, data=b"".join(parts))
 
     async def consumed(self, stream: int, n: int) -> None:
         """``n`` bytes of ``stream`` have been delivered: grant them back to the agent

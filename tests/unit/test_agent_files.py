@@ -17,7 +17,7 @@ import pytest
 import server.agent.files as agent_files
 from server.agent.files import READ_WINDOW, AgentFiles, FileEntry, file_error, parse_entries
 from server.agent.protocol import WINDOW, Frame, FrameReader, Type, encode, encode_json
-from server.agent.session import CHUNK, AgentOpError, AgentSession
+from server.agent.session import CHUNK, MERGE_BYTES, AgentOpError, AgentSession
 from server.errors import (
     Conflict,
     DenError,
@@ -272,10 +272,10 @@ async def test_a_read_streams_chunk_by_chunk_under_flow_control() -> None:
     assert stream.size == len(content)
     digest, pieces = hashlib.sha256(), 0
     async for chunk in stream.chunks():
-        assert len(chunk) <= CHUNK
+        assert len(chunk) <= MERGE_BYTES  # frames queued behind each other come merged
         digest.update(chunk)
         pieces += 1
-    assert digest.hexdigest() == hashlib.sha256(content).hexdigest() and pieces >= 32
+    assert digest.hexdigest() == hashlib.sha256(content).hexdigest() and pieces >= 8
     # The agent only ever ran one window ahead of what had been handed on.
     assert reader.max_unacked <= WINDOW and reader.granted >= len(content) - WINDOW
     assert agent.opened[-1]["max_bytes"] == len(content)
@@ -288,7 +288,8 @@ async def test_a_read_cut_short_closes_the_channel() -> None:
     files, agent = await connect({"read": reader.open})
     stream = await files.read("/workspace/f", max_bytes=4 * READ_WINDOW)
     chunks = stream.chunks()
-    assert await anext(chunks) == b"x" * CHUNK
+    first = await anext(chunks)
+    assert first == b"x" * len(first) and CHUNK <= len(first) <= MERGE_BYTES
     await chunks.aclose()  # a client that went away
     assert agent.got(reader.chan, Type.CLOSE)
 

@@ -20,7 +20,7 @@ from server.agent.protocol import (
     encode,
     encode_json,
 )
-from server.agent.session import AgentSession
+from server.agent.session import MERGE_BYTES, AgentSession, Channel
 from server.runtime.errors import AgentUnavailable
 
 
@@ -107,6 +107,47 @@ def _hello_answerer(peer: Peer, *, after: int = 0) -> None:
     peer.on_write = on_write  # type: ignore[assignment]
 
 
+async def _data_until_end(ch: Channel) -> int:
+    """Bytes of data events read (and not consumed) until the channel's end, which stays."""
+    got = 0
+    while (event := await ch.next(1)).kind == "data":
+        got += len(event.data)
+    assert event.kind == "end"
+    ch._events.appendleft(event)
+    return got
+
+
+@run
+async def test_queued_data_of_one_stream_is_handed_over_merged_in_order() -> None:
+    peer = Peer()
+    _hello_answerer(peer)
+    session = await AgentSession.connect(peer, name="t", timeout_s=1)
+    ch = await session.open({"op": "exec"})
+    await ch.widen(0, 4 * 262144)
+    frames = [encode(Type.DATA, ch.chan, bytes([i]) * 65536) for i in range(6)]
+    frames.insert(3, encode(Type.DATA, ch.chan, b"e" * 10, flags=1))  # stderr between
+    frames.append(encode_json(Type.MSG, ch.chan, {"exit": 0}))
+    peer.to_host.put_nowait(b"".join(frames))  # one read: all queued before the first next
+    events = [await ch.next(1) for _ in range(4)]
+    assert [(e.kind, e.stream, len(e.data)) for e in events] == [
+        ("data", 0, 3 * 65536), ("data", 1, 10), ("data", 0, 3 * 65536), ("msg", 0, 0)]
+    assert events[0].data == b"".join(bytes([i]) * 65536 for i in range(3))
+    assert events[2].data[:1] == b"\x03" and events[2].data[-1:] == b"\x05"
+    for event in events[:3]:
+        await ch.consumed(event.stream, len(event.data))
+    grants = [struct.unpack(">I", d[12:])[0] for d in peer.sent if d[2] == Type.WINDOW]
+    assert sum(grants[1:]) == 6 * 65536  # all of it given back (after the widening)
+    # a slow consumer's catch-up is bounded: never more than MERGE_BYTES at once
+    for _ in range(8):
+        peer.to_host.put_nowait(encode(Type.DATA, ch.chan, b"y" * 65536))
+    await asyncio.sleep(0)
+    while len(ch._events) < 8:
+        await asyncio.sleep(0.001)
+    sizes = [len((await ch.next(1)).data) for _ in range(2)]
+    assert sizes == [MERGE_BYTES, MERGE_BYTES]
+    await session.close()
+
+
 @run
 async def test_hello_retries_with_a_pad_then_gives_up() -> None:
     peer = Peer()
@@ -128,8 +169,7 @@ async def test_data_beyond_the_window_drops_the_session() -> None:
     ch = await session.open({"op": "exec"})
     for _ in range(5):
         peer.to_host.put_nowait(encode(Type.DATA, ch.chan, b"x" * 65536))
-    events = [await ch.next(1) for _ in range(4)]
-    assert all(e.kind == "data" for e in events)
+    assert await _data_until_end(ch) == 4 * 65536
     end = await ch.next(1)
     assert end.kind == "end" and "window" in end.reason
     assert not session.alive and peer.closed
@@ -164,8 +204,7 @@ async def test_a_widened_window_is_granted_and_still_enforced() -> None:
     assert [d for d in peer.sent if d[2] == Type.WINDOW][-1] is grant
     for _ in range(17):  # 16 chunks of 64 KiB fit the widened window; the 17th does not
         peer.to_host.put_nowait(encode(Type.DATA, ch.chan, b"x" * 65536))
-    events = [await ch.next(1) for _ in range(16)]
-    assert all(e.kind == "data" for e in events)
+    assert await _data_until_end(ch) == 16 * 65536
     end = await ch.next(1)
     assert end.kind == "end" and "window" in end.reason
     assert not session.alive
