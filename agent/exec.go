@@ -236,6 +236,7 @@ const (
 	outPipeBytes = 1024 * 1024
 	gatherAfter  = 4096
 	gatherDelay  = time.Millisecond
+	stdinWindow  = 1024 * 1024 // what the host may send ahead into a non-terminal's stdin
 )
 
 // growPipe asks for a pipe of outPipeBytes (F_SETPIPE_SZ; best effort: the default stays when
@@ -366,6 +367,12 @@ func runExec(c *channel, r *request, pr *proc, pgid int) error {
 	if stdinSink != nil && c.in[0] != nil {
 		q := c.in[0]
 		tty := pr.ptm != nil
+		if !tty {
+			// Input in bulk (`ssh ws 'cat > f' < big`): a large pipe, and the host may send a
+			// wider window ahead, so that it is rarely waiting on a grant's round trip.
+			growPipe(stdinSink)
+			c.grant(0, stdinWindow-initWindow)
+		}
 		c.goSafe(func() {
 			broken := false
 			for {

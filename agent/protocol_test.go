@@ -570,3 +570,38 @@ func TestGrowPipe(t *testing.T) {
 		t.Fatalf("pipe size %d (%v), want %d", size, errno, outPipeBytes)
 	}
 }
+
+// The stdin of a non-terminal exec gets a window of stdinWindow at once (bulk input is not
+// held up by a grant's round trip per 256 KiB); a terminal's keeps the protocol's.
+func TestExecStdinWindow(t *testing.T) {
+	c := newTestClient(t)
+	req := execReq("cat")
+	req["stdin"] = true
+	ch := c.openOpts(req, true)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		ch.mu.Lock()
+		granted := ch.granted
+		ch.mu.Unlock()
+		if granted == stdinWindow-initWindow {
+			break
+		}
+		if granted > stdinWindow-initWindow || time.Now().After(deadline) {
+			t.Fatalf("stdin window: granted %d, want %d", granted, stdinWindow-initWindow)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	ch.closeChan()
+
+	req = execReq("echo", "hi")
+	req["stdin"], req["tty"] = true, true
+	tty := c.open(req)
+	if r := tty.collect(10 * time.Second); !bytes.Contains(r.data[0], []byte("hi")) {
+		t.Fatalf("tty echo: %q", r.data[0])
+	}
+	tty.mu.Lock()
+	defer tty.mu.Unlock()
+	if tty.granted != 0 {
+		t.Fatalf("a terminal's stdin got %d more", tty.granted)
+	}
+}
