@@ -107,6 +107,14 @@ def _hello_answerer(peer: Peer, *, after: int = 0) -> None:
     peer.on_write = on_write  # type: ignore[assignment]
 
 
+async def _channel(op: str) -> tuple[Peer, AgentSession, Channel]:
+    """A session with a scripted agent that says hello, and one channel opened on it."""
+    peer = Peer()
+    _hello_answerer(peer)
+    session = await AgentSession.connect(peer, name="t", timeout_s=1)
+    return peer, session, await session.open({"op": op})
+
+
 async def _data_until_end(ch: Channel) -> int:
     """Bytes of data events read (and not consumed) until the channel's end, which stays."""
     got = 0
@@ -119,10 +127,7 @@ async def _data_until_end(ch: Channel) -> int:
 
 @run
 async def test_queued_data_of_one_stream_is_handed_over_merged_in_order() -> None:
-    peer = Peer()
-    _hello_answerer(peer)
-    session = await AgentSession.connect(peer, name="t", timeout_s=1)
-    ch = await session.open({"op": "exec"})
+    peer, session, ch = await _channel("exec")
     await ch.widen(0, 4 * 262144)
     frames = [encode(Type.DATA, ch.chan, bytes([i]) * 65536) for i in range(6)]
     frames.insert(3, encode(Type.DATA, ch.chan, b"e" * 10, flags=1))  # stderr between
@@ -163,10 +168,7 @@ async def test_hello_retries_with_a_pad_then_gives_up() -> None:
 
 @run
 async def test_data_beyond_the_window_drops_the_session() -> None:
-    peer = Peer()
-    _hello_answerer(peer)
-    session = await AgentSession.connect(peer, name="t", timeout_s=1)
-    ch = await session.open({"op": "exec"})
+    peer, session, ch = await _channel("exec")
     for _ in range(5):
         peer.to_host.put_nowait(encode(Type.DATA, ch.chan, b"x" * 65536))
     assert await _data_until_end(ch) == 4 * 65536
@@ -177,10 +179,7 @@ async def test_data_beyond_the_window_drops_the_session() -> None:
 
 @run
 async def test_consumed_data_is_granted_back_and_close_is_sent() -> None:
-    peer = Peer()
-    _hello_answerer(peer)
-    session = await AgentSession.connect(peer, name="t", timeout_s=1)
-    ch = await session.open({"op": "exec"})
+    peer, session, ch = await _channel("exec")
     peer.to_host.put_nowait(encode(Type.DATA, ch.chan, b"x" * 65536, flags=1))
     event = await ch.next(1)
     await ch.consumed(event.stream, len(event.data))
@@ -193,10 +192,7 @@ async def test_consumed_data_is_granted_back_and_close_is_sent() -> None:
 
 @run
 async def test_a_widened_window_is_granted_and_still_enforced() -> None:
-    peer = Peer()
-    _hello_answerer(peer)
-    session = await AgentSession.connect(peer, name="t", timeout_s=1)
-    ch = await session.open({"op": "connect"})
+    peer, session, ch = await _channel("connect")
     await ch.widen(0, 4 * 262144)
     grant = [d for d in peer.sent if d[2] == Type.WINDOW][-1]
     assert grant[3] == 0 and struct.unpack(">I", grant[12:])[0] == 3 * 262144
