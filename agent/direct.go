@@ -30,7 +30,6 @@ import (
 const directPort = 7386
 const directMagic = "DND1"
 const directHandshakeTimeout = 5 * time.Second
-const spliceBufBytes = 256 * 1024
 
 type directListener struct {
 	mu     sync.Mutex
@@ -168,10 +167,7 @@ func splice(a, b *net.TCPConn) {
 	wg.Add(2)
 	one := func(dst, src *net.TCPConn) {
 		defer wg.Done()
-		// Large buffers: under gVisor each read and write costs far more than its bytes
-		// (wrapped: TCPConn.ReadFrom would copy 32 KiB at a time).
-		buf := make([]byte, spliceBufBytes)
-		if _, err := io.CopyBuffer(struct{ io.Writer }{dst}, struct{ io.Reader }{src}, buf); err != nil {
+		if _, err := io.Copy(dst, src); err != nil {
 			// a reset or a write that failed: end both, the other copy returns too
 			a.Close()
 			b.Close()
