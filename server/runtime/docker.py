@@ -615,7 +615,7 @@ class DockerRuntime:
             if complete and not running:
                 _link_image(image, home / "checkpoints" / checkpoint)
                 return True
-            if not complete and (wrote or not running):
+            if not complete:  # partial: a pause deletes the image it was resumed from first
                 self._delete_checkpoint(cid, checkpoint)
             return False
 
