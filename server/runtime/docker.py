@@ -41,13 +41,13 @@ from server.agent.session import AgentOpError, AgentSession
 from server.errors import DenError
 from server.gpus.container import GpuSandbox
 from server.runtime import (
-    agent_seed,
     cgroup_freezer,
     cgroup_memory,
     containerd_tmp,
     disk_quota,
     docker_engine,
     docker_specs,
+    host_seed,
     inflight,
 )
 from server.runtime.base import (
@@ -379,19 +379,34 @@ class DockerRuntime:
         return None
 
     async def seed(self, spec: WorkspaceSpec, tar: Path) -> None:
-        """Through the agent's session when one is open (a pooled sandbox's:
-        server/runtime/agent_seed.py), else the engine's archive API."""
-        session = self._agents.get(container_of(spec))
-        if session is not None and await agent_seed.seed(
-                session, tar, dest=docker_specs.WORKSPACE_MOUNT, name=container_of(spec),
-                env=self._agent_env(spec, ExecRequest(argv=[], user="root"))):
-            return
-
+        """Written into the volume's directory from the host (server/runtime/host_seed.py), or,
+        when that fails, through the engine's archive API, which overwrites a partial seed."""
         def run() -> None:
+            path = self._volume_path(spec)
+            if path is not None:
+                try:
+                    host_seed.extract(tar, path)
+                    return
+                except (OSError, host_seed.SeedRefused) as exc:
+                    log.info("%s: seeding from the host failed (%s); the engine seeds",
+                             container_of(spec), exc)
             with tar.open("rb") as fh:
                 self._api().put_archive(container_of(spec), docker_specs.WORKSPACE_MOUNT, fh)
 
         await self._call(f"seed workspace {spec.workspace_id}", run, slow=True)
+
+    def _volume_path(self, spec: WorkspaceSpec) -> Path | None:
+        """The host directory the workspace's volume binds: on its disk (Den's image), else
+        the local driver's; None when the engine names none this host has (blocking)."""
+        volume = volume_of(spec)
+        if self._disks is not None and self._disks.has(volume):
+            return self._disks.data_dir(volume)
+        try:
+            info = self._api().inspect_volume(volume)
+        except docker.errors.NotFound:
+            return None
+        where = info.get("Mountpoint") if info.get("Driver") == "local" else None
+        return Path(where) if where and os.path.isdir(where) else None
 
     async def start(self, spec: WorkspaceSpec) -> None:
         self._broken_agents.pop(container_of(spec), None)

@@ -1,6 +1,6 @@
 """The warm pool on the real engine: a create claims a frozen, never-used gVisor sandbox (the
 event log says so; the workspace works, has its own host name, given by the rename armed when
-the pool made the sandbox, and its repository, seeded through the agent), the pool refills, nothing
+the pool made the sandbox, and its repository, written from the host), the pool refills, nothing
 of one user is in the sandbox another user claims next, a create that does not fit boots its
 own, the budget holds, and a restart (``kill -9``) leaves no orphan and refills the pool."""
 
@@ -130,7 +130,7 @@ def test_a_create_claims_a_pooled_sandbox_and_the_pool_refills(srv: Pooled, repo
     assert srv.exec(wid, "stat -c '%U:%G' /workspace/api /workspace/api/README.md") \
         == "dev:dev\ndev:dev\n"
     assert "den-hostname" not in srv.exec(wid, "ps -eo args")  # the armed rename ended
-    # the fast paths served the claim: the rename armed at fill time, the agent's seed
+    # the fast paths served the claim: the rename armed at fill time, the host's seed
     log = srv.log.read_text(errors="replace")
     assert "could not be made ready" not in log and "the engine seeds" not in log, log[-3000:]
     r = srv.http.put(f"/api/v1/workspaces/{wid}/files", params={"path": "api/new.txt"},

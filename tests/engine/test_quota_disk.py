@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import subprocess
 import time
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from server.git.clone import pack_for_workspace
 from server.runtime.disk_quota import Disks
 from server.runtime.docker_specs import container_of, volume_of
 from tests.conftest import ApiClient
@@ -170,9 +172,13 @@ def test_fork_and_restore_keep_the_limit(real_api: ApiClient,
         [_volume(api, wid), _volume(api, fork["id"])])
 
 
-def test_a_workspace_made_before_keeps_its_plain_volume(engine: None, tmp_path: Path) -> None:
+def test_a_workspace_made_before_keeps_its_plain_volume(engine: None, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture
+                                                        ) -> None:
     """A workspace whose volume has no disk image (made before disk_gb was enforced, or
-    with DEN_ENFORCE_DISK_GB off) starts, stops and is deleted as before, unlimited."""
+    with DEN_ENFORCE_DISK_GB off) starts, stops and is deleted as before, unlimited. Its
+    repository is written from the host into the local driver's directory; a seed the host
+    cannot write (its entries are there already) goes through the engine, over them."""
     from server.runtime.base import WorkspaceSpec, labels_for
     from server.runtime.docker import DockerRuntime
     from tests.conftest import RUN_PREFIX
@@ -197,17 +203,32 @@ def test_a_workspace_made_before_keeps_its_plain_volume(engine: None, tmp_path: 
         assert int(sh(SIZE.format("/workspace"))) > 2 * GIB  # the host's disk, not 1 GiB
         assert disks.volumes() == []
         sh("echo kept > /workspace/a && echo kept > /var/b")
+        await after.seed(spec, _packed(tmp_path, "one"))
+        assert "seeding from the host failed" not in caplog.text
+        assert sh("cat /workspace/proj/f && stat -c %U:%G /workspace/proj/f") == "one\ndev:dev\n"
+        await after.seed(spec, _packed(tmp_path, "two"))
+        assert "seeding from the host failed" in caplog.text
+        assert sh("cat /workspace/proj/f && stat -c %U:%G /workspace/proj/f") == "two\ndev:dev\n"
         await after.stop(spec, timeout_s=2)
         await after.start(spec)
         assert sh("cat /workspace/a /var/b") == "kept\nkept\n"
         await after.destroy(spec)
 
+    caplog.set_level(logging.INFO, logger="server.runtime.docker")
     try:
         asyncio.run(scenario())
     finally:
         before.close()
         after.close()
     assert disks.volumes() == []
+
+
+def _packed(tmp_path: Path, content: str) -> Path:
+    src = tmp_path / f"src-{content}"
+    src.mkdir()
+    (src / "f").write_text(f"{content}\n")
+    pack_for_workspace(src, arcname="proj", out=tmp_path / f"{content}.tar")
+    return tmp_path / f"{content}.tar"
 
 
 def test_the_limit_survives_a_kill9_and_a_delete_cut_short_leaves_no_disk(
