@@ -49,6 +49,9 @@ REFILL_AFTER_S = 0.5  # a replacement is made this long after the last claim end
 # claimant's first exec comes right after its create), not beside a claim: on a small host
 # the boot's CPU (the engine, runsc) slowed the claim it replaces (measured: docs/benchmarks.md)
 CLAIM_HOLDS_S = 30.0  # ... or once a claim has run this long (a create stuck in its clone)
+SETTLE_S = 20.0  # how long a new sandbox may stay busy before it is frozen anyway: what its boot
+# started (den-init's sudo broker and tmux with a login shell) runs before the freeze, not in
+# the claim (measured: ~0.9 s of CPU after the thaw otherwise; server/runtime/cgroup_cpu.py)
 CLAIMED_KEPT_S = 600.0  # how long a claimed id stays owned: its row may be newer than a
 # reconcile's list of rows, which then must not take its objects for orphans
 
@@ -287,7 +290,8 @@ class WarmPool:
     async def _make(self, key: PoolKey) -> bool:
         """Boot one sandbox, reach its agent (Den's own session, kept across the freeze: the
         first exec after a claim needs no relay), make its rename ready where the backend
-        can (the claim then only gives the name), freeze it and measure what it holds."""
+        can (the claim then only gives the name), let what its boot started settle, freeze
+        it and measure what it holds."""
         assert isinstance(self.runtime, Freezer)
         ws_id = naming.new_workspace_id()
         spec = self.spec_of(key, ws_id)
@@ -305,6 +309,9 @@ class WarmPool:
             if isinstance(self.runtime, AgentChannel):
                 await self.runtime.agent(spec)
             await self._arm(spec)
+            if not await self.runtime.settle(spec, timeout_s=SETTLE_S):
+                log.info("warm pool: sandbox %s still busy after %g s (or not measurable); "
+                         "frozen as it is", spec.workspace_id, SETTLE_S)
             memory = await self.runtime.freeze(spec) or fit.FIRST_ESTIMATE_BYTES
         except DenError as exc:
             log.warning("warm pool: could not make a sandbox of %s: %s %s", key.image,

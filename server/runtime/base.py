@@ -369,6 +369,12 @@ class Freezer(Protocol):
         alone; raises ``EngineConflict`` when it is not running at all."""
         ...
 
+    async def settle(self, spec: WorkspaceSpec, *, timeout_s: float) -> bool:
+        """Wait until a running workspace is idle (what its boot started has settled: the
+        warm pool freezes a sandbox only then, so that a claim does not pay for it); False
+        when it is still busy after ``timeout_s`` or its use cannot be measured."""
+        ...
+
 
 @runtime_checkable
 class MemoryCgroups(Protocol):

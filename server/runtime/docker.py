@@ -41,6 +41,7 @@ from server.agent.session import AgentOpError, AgentSession
 from server.errors import DenError
 from server.gpus.container import GpuSandbox
 from server.runtime import (
+    cgroup_cpu,
     cgroup_freezer,
     cgroup_memory,
     containerd_tmp,
@@ -678,6 +679,19 @@ class DockerRuntime:
             _thaw(api, container_of(spec), state)
 
         await self._call(f"thaw workspace {spec.workspace_id}", run)
+
+    async def settle(self, spec: WorkspaceSpec, *, timeout_s: float) -> bool:
+        """:class:`~server.runtime.base.Freezer`: the sandbox's cgroup CPU use, measured
+        until it is idle (server/runtime/cgroup_cpu.py)."""
+        def run() -> bool:
+            state = self._api().inspect_container(container_of(spec))["State"]
+            if not state.get("Running"):
+                raise EngineConflict(f"container {container_of(spec)} is not running")
+            path = cgroup_cpu.usage_file(int(state.get("Pid") or 0))
+            return path is not None and cgroup_cpu.wait_idle(
+                functools.partial(cgroup_cpu.usage_ns, path), timeout_s=timeout_s)
+
+        return await self._call(f"settle workspace {spec.workspace_id}", run, slow=True)
 
     async def memory_cgroup(self, spec: WorkspaceSpec) -> Path | None:
         """:class:`~server.runtime.base.MemoryCgroups`: the running sandbox's memory cgroup."""

@@ -208,6 +208,13 @@ class FakeRuntime:
             raise EngineConflict(f"container {container_of(spec)} is not running")
         c.frozen = False
 
+    async def settle(self, spec: WorkspaceSpec, *, timeout_s: float) -> bool:
+        self._enter("settle", spec)
+        c = self._get(spec)
+        if not c.running or c.frozen:
+            raise EngineConflict(f"container {container_of(spec)} is not running")
+        return True
+
     async def arm_hostname(self, spec: WorkspaceSpec) -> None:
         self._enter("arm_hostname", spec)
         c = self._get(spec)

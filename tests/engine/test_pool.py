@@ -7,6 +7,7 @@ own, the budget holds, and a restart (``kill -9``) leaves no orphan and refills 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -121,8 +122,12 @@ def test_a_create_claims_a_pooled_sandbox_and_the_pool_refills(srv: Pooled, repo
                                                                ) -> None:
     assert wait(lambda: len(srv.ready()) == 1, 120), srv.log_tail()
     [pooled] = srv.ready()
+    claimed_at = time.time()
     wid = srv.create(repo, "api")
     assert wid == pooled, "the create did not take the waiting sandbox"
+    # frozen only once its boot had settled: den-init was done (tmux up, its marker written)
+    # before the claim, not resumed by it
+    assert float(srv.exec(wid, "date +%s.%N -r /tmp/.den-ready")) < claimed_at
     assert srv.pool_notes(wid) == ["took a sandbox from the warm pool"]
     assert srv.exec(wid, "hostname && cat /etc/hostname && grep -c api /etc/hosts") \
         == "api\napi\n1\n"

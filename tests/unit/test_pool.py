@@ -82,6 +82,9 @@ async def test_pool_fills_frozen_and_a_create_claims_one(
     await fill(pool)
     assert pool.size() == 2
     assert all(c.frozen and not c.seeded and c.armed for c in fake_runtime.containers.values())
+    # each frozen only once its boot had settled (and after the rename was armed)
+    boots = [m for m in fake_runtime.calls if m in ("start", "arm_hostname", "settle", "freeze")]
+    assert boots == ["start", "arm_hostname", "settle", "freeze"] * 2
     waiting = set(pool.owned())
     ws = await create(svc, user(svc), make_repo("api"))
     assert ws.state == "running"
