@@ -5,10 +5,14 @@ server/workspaces/supervisor.py)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
 from typing import TYPE_CHECKING
 
 from server.db.models import Workspace
+from server.errors import DenError
 from server.runtime.base import ContainerStatus, EngineEvent, EngineEventKind, names
 from server.workspaces.part import ServicePart
 from server.workspaces.states import Sleep, State
@@ -19,6 +23,8 @@ if TYPE_CHECKING:
 OOM_MEMORY = 1024  # workspaces whose "oom" event waits for its "die"
 OOM_MEMORY_S = 60.0  # an "oom" this old no longer explains a "die"
 
+log = logging.getLogger(__name__)
+
 
 class EngineFollower(ServicePart):
     """Applies engine events to the workspaces of :class:`WorkspaceService`."""
@@ -26,15 +32,22 @@ class EngineFollower(ServicePart):
     def __init__(self, svc: WorkspaceService) -> None:
         super().__init__(svc)
         self._oom: dict[str, float] = {}  # workspace -> when the engine last said "oom"
+        # workspace -> its latest "die" or "start" that came during an operation of Den's
+        # own, and the task that applies it once the operation has ended (one per workspace)
+        self._deferred: dict[str, EngineEvent] = {}
+        self._waiters: dict[str, asyncio.Task[None]] = {}
 
     async def apply(self, event: EngineEvent) -> None:
         """Follow what the engine says happened to a workspace's container (a container
         that died, was OOM-killed, or was started from outside Den), so that the state
         matches the engine within seconds and the event log says why. Ignored: events of
-        another container than the workspace's current one, workspaces with an operation of
-        Den's own in progress (its pause or stop is what made the container exit; that
-        operation settles the state), and anything the engine's current status contradicts
-        (events may come late or twice)."""
+        another container than the workspace's current one, and anything the engine's
+        current status contradicts (events may come late or twice). An event that comes
+        while Den's own operation on the workspace runs waits for it to end, then is checked
+        against what it left (a pause or stop that made the container exit has settled the
+        state by then: nothing to change; a container that died just after a create's
+        transition, while the build was still cleaning up, was missed until the next
+        reconcile when such events were dropped)."""
         ws_id = event.workspace_id
         if event.kind is EngineEventKind.OOM:
             before = self._oom.pop(ws_id, None)
@@ -50,7 +63,10 @@ class EngineFollower(ServicePart):
                     return
             self.ledger.note(ws_id, "engine", event.detail, actor="engine")
             return
-        if event.kind not in (EngineEventKind.DIE, EngineEventKind.START) or self.svc.busy(ws_id):
+        if event.kind not in (EngineEventKind.DIE, EngineEventKind.START):
+            return
+        if self.svc.busy(ws_id):
+            self._defer(event)
             return
         await self.svc.networks.sync(ws_id)  # the container's address came or went
         async with self.svc.locked(ws_id):
@@ -81,6 +97,49 @@ class EngineFollower(ServicePart):
                     state = State.RESUMING
                 self.ledger.transition(ws_id, state, State.RUNNING, actor="engine",
                                        message="the container was started outside Den")
+
+    def _defer(self, event: EngineEvent) -> None:
+        """Apply ``event`` once no operation of Den's runs on its workspace. Only the latest
+        event of a workspace is kept (it is checked against the engine's status then, which
+        is what counts), so this holds at most one event and one task per workspace."""
+        ws_id = event.workspace_id
+        self._deferred[ws_id] = event
+        if ws_id not in self._waiters:
+            self._waiters[ws_id] = asyncio.get_running_loop().create_task(
+                self._when_idle(ws_id), name=f"engine-event-{ws_id}")
+
+    async def _when_idle(self, ws_id: str) -> None:
+        try:
+            await self.svc.idle(ws_id)
+        finally:
+            del self._waiters[ws_id]
+        event = self._deferred.pop(ws_id, None)
+        if event is None:
+            return
+        try:
+            await self.apply(event)
+        except DenError as exc:
+            log.info("engine event %s of workspace %s not applied: %s", event.kind, ws_id,
+                     exc.message)
+
+    def waiting(self) -> int:
+        """How many workspaces have an event waiting for an operation to end."""
+        return len(self._deferred)
+
+    async def settled(self) -> None:
+        """Wait until no event waits (tests; the service's shutdown cancels them instead)."""
+        while self._waiters:
+            await asyncio.wait(set(self._waiters.values()))
+
+    async def close(self) -> None:
+        """Drop the waiting events (a restart reconciles with the engine anyway)."""
+        tasks = list(self._waiters.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        self._deferred.clear()
 
     def _note_oom(self, ws_id: str) -> None:
         """The host's OOM killer hit the sandbox. Under gVisor it usually ends one process of

@@ -185,6 +185,7 @@ class WorkspaceService:
         self.instance_id = instance_id
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._removals: set[asyncio.Task[None]] = set()  # work directories going (_remove_later)
         self._tmp = settings.data_dir / "tmp"
         self.activity = Activity()
         self.feed = EventFeed()  # wakes the readers of the events WebSocket
@@ -297,6 +298,19 @@ class WorkspaceService:
         lock = self._locks.get(workspace_id)
         return (workspace_id in self._tasks or (lock is not None and lock.locked())
                 or self.builds.pending(workspace_id))
+
+    async def idle(self, workspace_id: str) -> None:
+        """Wait until no operation on the workspace is in progress in this process."""
+        while self.busy(workspace_id):
+            task = self._tasks.get(workspace_id)
+            lock = self._locks.get(workspace_id)
+            if task is not None:
+                await asyncio.wait({task})
+            elif lock is not None and lock.locked():
+                async with lock:
+                    pass
+            else:  # a cancelled build's engine calls, which end on their own
+                await asyncio.sleep(0.1)
 
     def note(self, workspace_id: str, kind: str, message: str, *, actor: str = "system") -> None:
         """Record an event that is not a state change (the ledger's)."""
@@ -510,9 +524,18 @@ class WorkspaceService:
         finally:
             if claim is not None:
                 await claim.abandon()
-            # off the loop: the clone's files took 15-20 ms, the new workspace's first
-            # requests waiting behind them
-            await asyncio.to_thread(shutil.rmtree, work, ignore_errors=True)
+            self._remove_later(work)
+
+    def _remove_later(self, path: Path) -> None:
+        """Remove a build's work directory in a thread, not in the build: on the loop the
+        clone's files took 15-20 ms (the new workspace's first requests waited behind them),
+        and a build that was still removing them after ``running`` kept the workspace busy,
+        so a container that died meanwhile was skipped by reconcile. Whatever is left at a
+        restart goes with ``<data_dir>/tmp``."""
+        task = asyncio.get_running_loop().create_task(
+            asyncio.to_thread(shutil.rmtree, path, ignore_errors=True), name=f"rm-{path.name}")
+        self._removals.add(task)
+        task.add_done_callback(self._removals.discard)
 
     async def _claimed(self, ws_id: str, claim: PendingClaim | None, *, fits: bool,
                        seed: Callable[[], Awaitable[None]]) -> bool:
@@ -955,6 +978,9 @@ class WorkspaceService:
 
     async def shutdown(self) -> None:
         """Cancel unfinished background work; reconcile cleans up at the next start."""
+        await self.engine_events.close()
+        if self._removals:  # a work directory's removal: quick, and nothing to cancel
+            await asyncio.wait(set(self._removals))
         if self.memory_guard is not None:
             await self.memory_guard.close()
         tasks = list(self._tasks.values())

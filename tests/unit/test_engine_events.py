@@ -131,6 +131,28 @@ async def test_an_exec_that_finds_the_sandbox_dead_after_the_event_stream_restar
 
 
 @pytest.mark.anyio
+async def test_a_death_during_an_operation_of_dens_is_applied_when_it_ends(
+        svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]
+        ) -> None:
+    """A container that dies while Den's own work on the workspace still runs (a create's
+    build cleaning up after its transition to running, a snapshot) is not lost: the event
+    is applied once that work ends (it was dropped, and the workspace said running until the
+    next reconcile: the server test below failed so under load)."""
+    ws_id = await running_workspace(svc, make_repo())
+    spec = svc.spec_for(svc.get(ws_id))
+    async with svc.locked(ws_id):
+        fake_runtime.containers[container_of(spec)].running = False
+        await svc.apply_engine_event(EngineEvent(DIE, ws_id, container_of(spec), exit_code=9))
+        await svc.apply_engine_event(EngineEvent(DIE, ws_id, container_of(spec), exit_code=137))
+        assert svc.get(ws_id).state == "running" and svc.engine_events.waiting() == 1
+    await svc.engine_events.settled()
+    assert svc.get(ws_id).state == "stopped"
+    assert _last(svc, ws_id) == (
+        "engine", "stopped",
+        "the container exited (code 137, killed by SIGKILL); it starts again on the next access")
+
+
+@pytest.mark.anyio
 async def test_events_den_itself_caused_or_that_the_engine_contradicts_are_ignored(
         svc: WorkspaceService, fake_runtime: FakeRuntime, make_repo: Callable[..., Path]
         ) -> None:
@@ -144,12 +166,15 @@ async def test_events_den_itself_caused_or_that_the_engine_contradicts_are_ignor
     # Another container's (an older one of the workspace, a helper with its labels).
     fake_runtime.containers[container_of(spec)].running = False
     await svc.apply_engine_event(EngineEvent(DIE, ws_id, "den-copy-helper", exit_code=0))
-    # Den's own operation in progress (a pause or stop holds the lock): it settles the state.
+    # Den's own operation in progress (it holds the lock): the event waits for its end and
+    # is then checked against what it left (here the container runs again).
     async with svc.locked(ws_id):
         await svc.apply_engine_event(die)
-    assert svc.get(ws_id).state == "running"
+        assert svc.engine_events.waiting() == 1
+        fake_runtime.containers[container_of(spec)].running = True
+    await svc.engine_events.settled()
+    assert svc.get(ws_id).state == "running" and svc.engine_events.waiting() == 0
     assert len(svc.events(ws_id)) == events_before
-    fake_runtime.containers[container_of(spec)].running = True
 
     # Den's pause makes the container exit; its "die" comes after the pause is done.
     await svc.pause(ws_id, actor="alice")

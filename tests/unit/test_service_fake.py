@@ -92,6 +92,7 @@ async def test_create_reaches_running(svc: WorkspaceService, fake_runtime: FakeR
     assert spec.labels == labels_for(instance=INSTANCE, workspace_id=ws.id, owner=str(alice.id))
     assert transitions(svc, ws.id) == [(None, "creating"), ("creating", "running")]
     assert [e.kind for e in svc.events(ws.id)] == ["state", "clone", "state"]
+    await asyncio.gather(*svc._removals)  # removed beside the build, not in it
     assert list(svc._tmp.glob("*")) == []  # the temporary clone is gone
 
 
@@ -383,6 +384,7 @@ async def test_delete_while_creating_cancels_the_build_and_cleans_up(
         assert count(svc.sessions, Event, ws.id) == 0
         assert runtime.containers == {} and runtime.volumes == {}
         assert svc._tasks == {}
+        await asyncio.gather(*svc._removals)
         assert list(svc._tmp.glob("*")) == []
     finally:
         runtime.release.set()
