@@ -69,34 +69,41 @@ class EngineFollower(ServicePart):
             self._defer(event)
             return
         await self.svc.networks.sync(ws_id)  # the container's address came or went
+        await self._follow(event)
+
+    async def _follow(self, event: EngineEvent) -> bool:
+        """The state ``event`` and the engine's current status call for; whether it changed."""
+        ws_id = event.workspace_id
         async with self.svc.locked(ws_id):
             with self.sessions() as s:
                 ws = s.get(Workspace, ws_id)
             if ws is None:
-                return
+                return False
             spec = self.svc.spec_for(ws)
             if event.container not in names(spec.handle):
-                return
+                return False
             state = State(ws.state)
             frozen = state is State.PAUSED and ws.sleep == Sleep.FROZEN.value
             if event.kind is EngineEventKind.DIE and (state is State.RUNNING or frozen):
                 if (await self.runtime.status(spec)).alive:
-                    return  # an older container's death, or restarted since
+                    return False  # an older container's death, or restarted since
                 oom_at = self._oom.pop(ws_id, None)
                 oom = oom_at is not None and time.monotonic() - oom_at < OOM_MEMORY_S
                 why = event.detail or \
                     f"the container exited ({describe_exit(event.exit_code, oom=oom)})"
                 self.ledger.transition(ws_id, state, State.STOPPED, actor="engine",
                                        message=f"{why}; it starts again on the next access")
-            elif event.kind is EngineEventKind.START and state in (State.STOPPED,
-                                                                    State.PAUSED):
+                return True
+            if event.kind is EngineEventKind.START and state in (State.STOPPED, State.PAUSED):
                 if await self.runtime.status(spec) is not ContainerStatus.RUNNING:
-                    return
+                    return False
                 if state is State.PAUSED:
                     self.ledger.transition(ws_id, state, State.RESUMING, actor="engine")
                     state = State.RESUMING
                 self.ledger.transition(ws_id, state, State.RUNNING, actor="engine",
                                        message="the container was started outside Den")
+                return True
+            return False
 
     def _defer(self, event: EngineEvent) -> None:
         """Apply ``event`` once no operation of Den's runs on its workspace. Only the latest
@@ -116,8 +123,15 @@ class EngineFollower(ServicePart):
         event = self._deferred.pop(ws_id, None)
         if event is None:
             return
+        if self.svc.busy(ws_id):  # another operation began meanwhile
+            self._defer(event)
+            return
         try:
-            await self.apply(event)
+            # Den's own operation synced the firewall as it ended (every start, stop, pause
+            # and resume does): a sync here only when the event changed the state (one per
+            # pause otherwise, ~6 iptables processes each, for nothing)
+            if await self._follow(event):
+                await self.svc.networks.sync(ws_id)
         except DenError as exc:
             log.info("engine event %s of workspace %s not applied: %s", event.kind, ws_id,
                      exc.message)
