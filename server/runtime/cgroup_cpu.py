@@ -30,10 +30,8 @@ def usage_file(pid: int, *, proc: Path = Path("/proc"), root: Path = CGROUP_ROOT
     """The CPU accounting file of the cgroup process ``pid`` is in; None when there is none."""
     if (v1 := cgroups.v1_dir(pid, "cpuacct", proc=proc, root=root)) is not None:
         return v1 / "cpuacct.usage"
-    for controllers, path in cgroups.memberships(pid, proc=proc):
-        if not controllers and path:
-            return root / path.lstrip("/") / "cpu.stat"
-    return None
+    v2 = cgroups.v2_dir(pid, proc=proc, root=root)
+    return v2 / "cpu.stat" if v2 is not None else None
 
 
 def usage_ns(path: Path) -> int | None:

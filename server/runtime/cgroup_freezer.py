@@ -33,10 +33,8 @@ def control_file(pid: int, *, proc: Path = Path("/proc"), root: Path = CGROUP_RO
     """The freezer file of the cgroup process ``pid`` is in; None when there is none."""
     if (v1 := cgroups.v1_dir(pid, "freezer", proc=proc, root=root)) is not None:
         return v1 / "freezer.state"
-    for controllers, path in cgroups.memberships(pid, proc=proc):
-        if not controllers and path:  # "0::/path": the unified (v2) hierarchy
-            return root / path.lstrip("/") / "cgroup.freeze"
-    return None
+    v2 = cgroups.v2_dir(pid, proc=proc, root=root)
+    return v2 / "cgroup.freeze" if v2 is not None else None
 
 
 def is_frozen(pid: int, *, proc: Path = Path("/proc"), root: Path = CGROUP_ROOT) -> bool:

@@ -1,5 +1,6 @@
 """Where a process's cgroups are: ``/proc/PID/cgroup``, read once for the freezer
-(cgroup_freezer.py) and the memory alarms (cgroup_memory.py)."""
+(cgroup_freezer.py), the memory alarms (cgroup_memory.py) and the CPU accounting
+(cgroup_cpu.py)."""
 
 from __future__ import annotations
 
@@ -30,4 +31,13 @@ def v1_dir(pid: int, controller: str, *, proc: Path = Path("/proc"),
     for controllers, path in memberships(pid, proc=proc):
         if controller in controllers:
             return root / controller / path.lstrip("/")
+    return None
+
+
+def v2_dir(pid: int, *, proc: Path = Path("/proc"), root: Path = CGROUP_ROOT) -> Path | None:
+    """The directory of ``pid``'s cgroup in the unified (v2) hierarchy (``0::/path``); None
+    when it is in none."""
+    for controllers, path in memberships(pid, proc=proc):
+        if not controllers and path:
+            return root / path.lstrip("/")
     return None
