@@ -401,3 +401,24 @@ func TestConnect(t *testing.T) {
 		t.Fatalf("connect elsewhere: %v", r.msgs)
 	}
 }
+
+func TestUser(t *testing.T) {
+	c := newTestClient(t)
+	ok := c.call(map[string]any{"op": "user", "user": "tuser"}).last("ok")
+	if ok == nil || ok["uid"] != float64(4242) || ok["gid"] != float64(4242) {
+		t.Fatalf("user tuser: %v", ok)
+	}
+	groups, _ := ok["groups"].([]any)
+	want := map[float64]bool{4242: true, 4444: true}
+	if len(groups) != len(want) {
+		t.Fatalf("groups of tuser: %v", groups)
+	}
+	for _, g := range groups {
+		if f, _ := g.(float64); !want[f] {
+			t.Errorf("groups of tuser: %v", groups)
+		}
+	}
+	if r := c.call(map[string]any{"op": "user", "user": "ghost"}); r.errCode() != "no_user" {
+		t.Errorf("no_user: %v", r.msgs)
+	}
+}

@@ -250,6 +250,7 @@ var ops = map[string]func(*channel, *request) error{
 	"connect": opConnect,
 	"status":  opStatus,
 	"direct":  opDirect,
+	"user":    opUser,
 }
 
 func (s *server) open(f frame) {

@@ -126,6 +126,18 @@ const (
 
 // can reports whether u may access a file with the given stat for want (permR|permW|permX
 // bits). Root may do anything, except execute a file that has no x bit at all.
+// opUser answers a user's ids as the workspace's account files give them: {"uid", "gid",
+// "groups"} (the primary group among the groups). Den uses them to act for that user on the
+// workspace's files from the host (docs/agent.md, "Files from the host").
+func opUser(c *channel, r *request) error {
+	u := lookupUser(r.User)
+	if u == nil {
+		return errf("no_user", "no user %q", r.User)
+	}
+	c.ok(map[string]any{"uid": u.uid, "gid": u.gid, "groups": u.groups})
+	return nil
+}
+
 func (u *userInfo) can(st *syscall.Stat_t, want uint32) bool {
 	mode := st.Mode & 0o777
 	if u.uid == 0 {

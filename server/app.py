@@ -195,7 +195,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None,
         collector = StateCollector(
             metrics=metrics, sessions=sessions, gate=svc.long_calls.counts,
             checkpoint_bytes=lambda: checkpoint_usage(rt, settings.data_dir),
-            gpu_total=len(pool.gpus), port_connections=lambda: direct_counts(rt))
+            gpu_total=len(pool.gpus), port_connections=lambda: direct_counts(rt),
+            file_transfers=lambda: dict(app.state.files.transfers))
         metrics.registry.register(collector)
         stop_listener = (serve_separately(settings.metrics_listen, metrics)
                          if settings.metrics_listen else None)

@@ -237,13 +237,15 @@ class StateCollector(Collector):
     def __init__(self, *, metrics: Metrics, sessions: sessionmaker[Session],
                  gate: Callable[[], tuple[int, int, int]],
                  checkpoint_bytes: Callable[[], dict[str, int]], gpu_total: int = 0,
-                 port_connections: Callable[[], dict[str, int]] = dict) -> None:
+                 port_connections: Callable[[], dict[str, int]] = dict,
+                 file_transfers: Callable[[], dict[str, int]] = dict) -> None:
         self._metrics = metrics
         self._gpu_total = gpu_total
         self._sessions = sessions
         self._gate = gate
         self._checkpoint_bytes = checkpoint_bytes
         self._port_connections = port_connections
+        self._file_transfers = file_transfers
 
     def collect(self) -> Iterable[Metric]:
         with self._sessions() as s:
@@ -280,6 +282,15 @@ class StateCollector(Collector):
         for path, n in sorted(self._port_connections().items()):
             conns.add_metric([path], n)
         yield conns
+
+        transfers = CounterMetricFamily(
+            "den_file_transfers",
+            "Files API reads and writes by path: host (the workspace's directory on the host, "
+            "as its user), agent (through the workspace's agent) or exec (the engine's exec, "
+            "for a workspace without a reachable agent).", labels=["path"])
+        for path, n in sorted(self._file_transfers().items()):
+            transfers.add_metric([path], n)
+        yield transfers
 
         cpu = CounterMetricFamily(
             "den_workspace_cpu_seconds",

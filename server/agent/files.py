@@ -201,6 +201,19 @@ class AgentFiles:
         self.root = root
         self.user = user
 
+    @property
+    def session(self) -> AgentSession:
+        return self._session
+
+    async def user_ids(self) -> Any:
+        """The agent's ``user`` answer for ``user`` (its uid, gid and groups, unchecked), or
+        None: an agent without the op, or no such user."""
+        try:
+            return await self._session.request({"op": "user", "user": self.user},
+                                               timeout_s=REQUEST_TIMEOUT_S)
+        except AgentOpError:
+            return None
+
     def _op(self, op: str, path: str, **fields: Any) -> dict[str, Any]:
         return {"op": op, "path": path, "root": self.root, "user": self.user, **fields}
 

@@ -469,6 +469,18 @@ class AgentChannel(Protocol):
 
 
 @runtime_checkable
+class HostVolumes(Protocol):
+    """Backends whose workspace's ``/workspace`` is a directory on this host (Docker's
+    volumes; not a microVM's disk): the files API reads and writes it from the host, as the
+    workspace user (server/runtime/host_files.py)."""
+
+    async def workspace_dir(self, spec: WorkspaceSpec) -> Path | None:
+        """The host directory that the workspace's ``/workspace`` binds, or None when this
+        host has none for it (its disk not mounted, a volume driver without a directory)."""
+        ...
+
+
+@runtime_checkable
 class Lifecycle(Protocol):
     """What every backend does: make, start, stop and remove a workspace's sandbox and its
     disk, and say what state it is in. ``name`` names the backend (``/healthz``)."""

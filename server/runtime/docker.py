@@ -401,13 +401,18 @@ class DockerRuntime:
         the local driver's; None when the engine names none this host has (blocking)."""
         volume = volume_of(spec)
         if self._disks is not None and self._disks.has(volume):
-            return self._disks.data_dir(volume)
+            mounted = os.path.ismount(self._disks.mountpoint(volume))
+            return self._disks.data_dir(volume) if mounted else None
         try:
             info = self._api().inspect_volume(volume)
         except docker.errors.NotFound:
             return None
         where = info.get("Mountpoint") if info.get("Driver") == "local" else None
         return Path(where) if where and os.path.isdir(where) else None
+
+    async def workspace_dir(self, spec: WorkspaceSpec) -> Path | None:
+        return await self._call(f"find the volume of workspace {spec.workspace_id}",
+                                self._volume_path, spec)
 
     async def start(self, spec: WorkspaceSpec) -> None:
         self._broken_agents.pop(container_of(spec), None)

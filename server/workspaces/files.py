@@ -14,13 +14,20 @@ the contract between them and :class:`FileService`, and both paths answer the sa
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import errno
+import weakref
+from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 from server.agent.files import LIST_LIMIT, AgentFiles, FileEntry, Listing
+from server.agent.session import AgentSession
 from server.errors import Conflict, DenError, Forbidden, NotFound, PayloadTooLarge, ValidationFailed
-from server.runtime.base import AgentChannel, ExecResult
+from server.runtime import host_files
+from server.runtime.base import AgentChannel, ExecResult, HostVolumes, WorkspaceSpec
 from server.runtime.errors import AgentTimeout, AgentUnavailable, EngineConflict
 from server.workspaces.service import WORKSPACE_ROOT, WorkspaceService, path_in_workspace
 from server.workspaces.states import State
@@ -176,12 +183,33 @@ async def _once(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
 
+def _host_error(exc: OSError, path: str) -> DenError:
+    """The Den error for a failure of a write from the host after its first byte."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DenError(f"no space left in the workspace while writing {path}",
+                        code="disk_full")
+    if exc.errno == errno.EFBIG:
+        return PayloadTooLarge(f"{path} is larger than the workspace's file system allows")
+    if exc.errno == errno.EISDIR:
+        return ValidationFailed(f"{path} is a directory", code="is_a_directory")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return Forbidden(f"permission denied: {path}")
+    return ValidationFailed(f"file operation on {path} failed: {exc.strerror or exc}")
+
+
 class FileService:
     """File operations on a workspace, as ``dev``: through its agent when it has one, else
-    through the workspace service's exec."""
+    through the workspace service's exec. Reads and writes of plain files go through the
+    workspace's directory on the host when the runtime has one (:mod:`~server.runtime.
+    host_files`), as ``dev`` too, with the agent deciding every case that is not plain."""
 
     def __init__(self, workspaces: WorkspaceService) -> None:
         self.workspaces = workspaces
+        # Reads and writes by the path they took: host, agent or exec (/metrics).
+        self.transfers: Counter[str] = Counter()
+        # The workspace user's ids per agent session (None: the host path is not used).
+        self._ids: weakref.WeakKeyDictionary[AgentSession, host_files.Ids | None] = (
+            weakref.WeakKeyDictionary())
 
     @property
     def max_bytes(self) -> int:
@@ -189,18 +217,40 @@ class FileService:
 
     async def _agent(self, ws_id: str, actor: str) -> AgentFiles | None:
         """The workspace's agent (waking the workspace), or None: use the scripts then."""
+        reached = await self._reach(ws_id, actor)
+        return reached[0] if reached is not None else None
+
+    async def _reach(self, ws_id: str, actor: str) -> tuple[AgentFiles, WorkspaceSpec] | None:
+        """The workspace's agent and spec (waking the workspace), or None: the scripts."""
         svc = self.workspaces
         runtime = svc.runtime
         if not isinstance(runtime, AgentChannel):
             return None
         ws = await svc.ensure_running(ws_id, actor=actor)
+        spec = svc.spec_for(ws)
         try:
-            session = await runtime.agent(svc.spec_for(ws))
+            session = await runtime.agent(spec)
         except EngineConflict:
             return None  # the sandbox died: the exec path notices, records it and restarts it
         if session is None:
             return None
-        return AgentFiles(session, root=WORKSPACE_ROOT, user="dev")
+        return AgentFiles(session, root=WORKSPACE_ROOT, user="dev"), spec
+
+    async def _host(self, files: AgentFiles, spec: WorkspaceSpec
+                    ) -> tuple[Path, host_files.Ids] | None:
+        """Where and as whom to read or write the workspace's files from the host, or None
+        (a runtime without a host directory, an agent without the ``user`` op)."""
+        runtime = self.workspaces.runtime
+        if not isinstance(runtime, HostVolumes) or not host_files.usable():
+            return None
+        session = files.session
+        if session not in self._ids:
+            self._ids[session] = host_files.Ids.parse(await files.user_ids())
+        ids = self._ids[session]
+        if ids is None:
+            return None
+        root = await runtime.workspace_dir(spec)
+        return (root, ids) if root is not None else None
 
     @contextlib.asynccontextmanager
     async def _busy(self, ws_id: str) -> AsyncIterator[None]:
@@ -236,20 +286,23 @@ class FileService:
     async def read(self, ws_id: str, path: str, *, actor: str) -> FileContent:
         """Open a file: every error comes from here, before the content."""
         target = path_in_workspace(path)
-        files = await self._agent(ws_id, actor)
-        if files is None:
+        reached = await self._reach(ws_id, actor)
+        if reached is None:
+            self.transfers["exec"] += 1
             limit = str(self.max_bytes)
             result = await self._run(ws_id, actor, script_argv(READ_SCRIPT, target, limit))
             _raise_for(result, target)
             return FileContent(len(result.stdout), _once(result.stdout))
+        files, spec = reached
+        host = await self._host(files, spec)
+        opened = None if host is None else await host_files.open_read(
+            host[0], _relative(target), host[1], max_bytes=self.max_bytes)
+        if opened is not None:
+            self.transfers["host"] += 1
+            return FileContent(opened.size, self._held(ws_id, opened.chunks()), opened.close)
+        self.transfers["agent"] += 1
         stream = await files.read(target, max_bytes=self.max_bytes)
-
-        async def chunks() -> AsyncIterator[bytes]:
-            async with self._busy(ws_id):
-                async for chunk in stream.chunks():
-                    yield chunk
-
-        return FileContent(stream.size, chunks(), stream.aclose)
+        return FileContent(stream.size, self._held(ws_id, stream.chunks()), stream.aclose)
 
     async def write(self, ws_id: str, path: str, body: AsyncIterable[bytes], *,
                     actor: str) -> int:
@@ -257,10 +310,19 @@ class FileService:
         target = path_in_workspace(path)
         if target == WORKSPACE_ROOT:
             raise ValidationFailed("path names /workspace itself; name a file inside it")
-        files = await self._agent(ws_id, actor)
-        if files is not None:
+        reached = await self._reach(ws_id, actor)
+        if reached is not None:
+            files, spec = reached
             async with self._busy(ws_id):
+                host = await self._host(files, spec)
+                writer = None if host is None else await host_files.open_write(
+                    host[0], _relative(target), host[1])
+                if writer is not None:
+                    self.transfers["host"] += 1
+                    return await self._write_host(writer, body, target)
+                self.transfers["agent"] += 1
                 return await files.write(target, body, max_bytes=self.max_bytes)
+        self.transfers["exec"] += 1
         data = bytearray()
         async for chunk in body:
             data += chunk
@@ -271,6 +333,37 @@ class FileService:
                                  stdin=bytes(data))
         _raise_for(result, target)
         return len(data)
+
+    async def _held(self, ws_id: str, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async with self._busy(ws_id):
+            async for chunk in chunks:
+                yield chunk
+
+    async def _write_host(self, writer: host_files.HostWrite, body: AsyncIterable[bytes],
+                          target: str) -> int:
+        """Write ``body`` through ``writer`` in pieces of up to host_files.CHUNK bytes, then
+        rename it over ``target``; on any failure the temporary file is removed."""
+        total, pending = 0, bytearray()
+        try:
+            async for chunk in body:
+                total += len(chunk)
+                if total > self.max_bytes:
+                    raise PayloadTooLarge(
+                        f"file is larger than this server's limit of {self.max_bytes} bytes")
+                pending += chunk
+                if len(pending) >= host_files.CHUNK:
+                    piece, pending = pending, bytearray()
+                    await writer.write(piece)
+            if pending:
+                await writer.write(pending)
+            await writer.commit()
+            return total
+        except OSError as exc:
+            await asyncio.shield(writer.abort())
+            raise _host_error(exc, target) from exc
+        except BaseException:
+            await asyncio.shield(writer.abort())  # a client that went away included
+            raise
 
     async def list(self, ws_id: str, path: str, *, actor: str) -> Listing:
         target = path_in_workspace(path)
@@ -343,6 +436,11 @@ class FileService:
         result = await self._run(ws_id, actor, script_argv(RENAME_SCRIPT, source, target))
         _raise_for(result, source, op="rename")
         return _one_entry(result.stdout, target)
+
+
+def _relative(target: str) -> str:
+    """``target`` (a normalised path in /workspace) relative to /workspace."""
+    return target[len(WORKSPACE_ROOT):].lstrip("/") or "."
 
 
 def _one_entry(raw: bytes, path: str) -> FileEntry:

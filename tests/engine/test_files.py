@@ -102,6 +102,43 @@ def test_file_errors(real_api: ApiClient, ws: str) -> None:
     assert real_api.put(url, params={"path": "private/x"}, content=b"x").status_code == 403
 
 
+def _transfers(api: ApiClient) -> dict[str, int]:
+    return dict(api.client.app.state.files.transfers)  # type: ignore[attr-defined]
+
+
+def test_plain_files_go_through_the_host_and_both_sides_see_each_others_changes(
+        real_api: ApiClient, ws: str) -> None:
+    """Reads and writes of plain files are done in the volume's directory on the host (as
+    dev); the sandbox sees a write at once even when it had the old file open and cached, and
+    the host reads what the sandbox just wrote. Everything else is still the agent's."""
+    url = f"/api/v1/workspaces/{ws}/files"
+    before = _transfers(real_api)
+    assert real_api.put(url, params={"path": "notes/a.txt"}, content=b"one").status_code == 200
+    # The sandbox holds the file open and has read it; the host then replaces it.
+    real_api.exec(ws, "exec 3< /workspace/notes/a.txt; cat <&3 > /tmp/seen; "
+                      "nohup sh -c 'exec 3< /workspace/notes/a.txt; sleep 600' "
+                      ">/dev/null 2>&1 &")
+    assert real_api.put(url, params={"path": "notes/a.txt"}, content=b"two").status_code == 200
+    seen = real_api.exec(ws, "cat /tmp/seen; echo; cat /workspace/notes/a.txt; echo; "
+                             "stat -c '%U %G %a' /workspace/notes /workspace/notes/a.txt")
+    assert seen["stdout"].split("\n") == ["one", "two", "dev dev 755", "dev dev 644", ""]
+    # What the sandbox writes, the host reads at once (no wait: one exec, then the GET).
+    real_api.exec(ws, "printf three > /workspace/notes/a.txt")
+    assert real_api.get(url, params={"path": "notes/a.txt"}).content == b"three"
+    after = _transfers(real_api)
+    assert after.get("host", 0) - before.get("host", 0) == 3
+    assert after.get("agent", 0) == before.get("agent", 0)
+
+    # A link to an absolute path inside /workspace, a root-owned file dev may write: the
+    # agent's (it resolves the link in the sandbox, it keeps the owner).
+    real_api.exec(ws, "ln -s /workspace/notes/a.txt /workspace/abs; "
+                      "sudo install -o root -m 666 /dev/null /workspace/rootfile")
+    assert real_api.get(url, params={"path": "abs"}).content == b"three"
+    assert real_api.put(url, params={"path": "rootfile"}, content=b"x").status_code == 200
+    assert real_api.exec(ws, "stat -c %U /workspace/rootfile")["stdout"] == "root\n"
+    assert _transfers(real_api).get("agent", 0) - after.get("agent", 0) == 2
+
+
 # --- through the agent: large files stream, and the limit holds ------------------------------
 
 MB = 1024 * 1024
