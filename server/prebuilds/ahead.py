@@ -43,6 +43,7 @@ from server.db.models import Prebuild, User, Workspace
 from server.errors import Conflict, DenError
 from server.prebuilds.matching import READY
 from server.runtime.base import Checkpoints, Freezer, Rehost, WorkspaceSpec
+from server.tasks import cancel_and_wait
 from server.workspaces.prebuild_seam import PrebuildUse
 from server.workspaces.service import CreateRequest, check_name_free
 from server.workspaces.states import Sleep, State
@@ -248,12 +249,7 @@ class ForksAhead:
             self.replenish(pid)
 
     async def shutdown(self) -> None:
-        tasks = list(self._making.values())
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_and_wait(self._making.values())
 
 
 class _Only:

@@ -35,6 +35,7 @@ from server.prebuilds.matching import BUILDING, FAILED, READY
 from server.prebuilds.update import bring_up_to_date
 from server.runtime.base import WorkspaceSpec
 from server.snapshots.service import SnapshotService
+from server.tasks import cancel_and_wait
 from server.workspaces import limits
 from server.workspaces.prebuild_seam import PrebuildUse
 from server.workspaces.service import CreateRequest, WorkspaceService
@@ -329,12 +330,7 @@ class PrebuildService:
 
     async def shutdown(self) -> None:
         await self.ahead.shutdown()
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_and_wait(self._tasks.values())
 
 
 async def _nothing(_ws_id: str, _spec: WorkspaceSpec) -> None:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from server.errors import Conflict, DenError
 from server.runtime import inflight
 from server.runtime.base import ROLE_COPY
+from server.tasks import cancel_and_wait
 from server.workspaces.part import ServicePart
 from server.workspaces.states import State
 
@@ -69,9 +70,7 @@ class Builds(ServicePart):
         again finishes it."""
         task = self.svc._tasks.get(ws_id)
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+            await cancel_and_wait([task])
         calls = self._calls.get(ws_id)
         if calls is None:
             return

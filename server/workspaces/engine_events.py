@@ -6,7 +6,6 @@ server/workspaces/supervisor.py)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING
 from server.db.models import Workspace
 from server.errors import DenError
 from server.runtime.base import ContainerStatus, EngineEvent, EngineEventKind, names
+from server.tasks import cancel_and_wait
 from server.workspaces.part import ServicePart
 from server.workspaces.states import Sleep, State
 
@@ -147,12 +147,7 @@ class EngineFollower(ServicePart):
 
     async def close(self) -> None:
         """Drop the waiting events (a restart reconciles with the engine anyway)."""
-        tasks = list(self._waiters.values())
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_and_wait(self._waiters.values())
         self._deferred.clear()
 
     def _note_oom(self, ws_id: str) -> None:

@@ -69,6 +69,7 @@ from server.runtime.base import (
     labels_for,
 )
 from server.runtime.errors import EngineConflict, ObjectMissing
+from server.tasks import cancel_and_wait
 from server.workspaces import hooks, limits, listing, memory_guard, naming, validation
 from server.workspaces.activity import Activity
 from server.workspaces.admission import Gate
@@ -983,12 +984,7 @@ class WorkspaceService:
             await asyncio.wait(set(self._removals))
         if self.memory_guard is not None:
             await self.memory_guard.close()
-        tasks = list(self._tasks.values())
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(BaseException):
-                await t
+        await cancel_and_wait(self._tasks.values())
 
 
 def path_in_workspace(path: str) -> str:
