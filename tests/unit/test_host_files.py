@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,7 @@ def _thread_ids() -> list[tuple[int, int]]:
     """The file system ids of every thread of the module's pool (all of them busy at once)."""
     kernel = host_files._kernel
     pool = host_files._threads
-    barrier = __import__("threading").Barrier(pool._max_workers, timeout=10)
+    barrier = threading.Barrier(pool._max_workers, timeout=10)
 
     def ids() -> tuple[int, int]:
         barrier.wait()
