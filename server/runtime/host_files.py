@@ -36,11 +36,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import os
 import platform
 import posixpath
 import secrets
 import stat
+import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -173,11 +175,14 @@ def _relative(rel: str) -> str:
 
 class HostRead:
     """A regular file opened for reading: ``size`` bytes (its size at open) from
-    :meth:`chunks`; fewer (the file shrank) raises."""
+    :meth:`chunks`; fewer (the file shrank) raises. A lock keeps :meth:`close` from closing
+    the descriptor under a read still running in a thread (a client that went away): the
+    number could be reused meanwhile."""
 
     def __init__(self, fd: int, size: int) -> None:
         self._fd: int | None = fd
         self.size = size
+        self._lock = threading.Lock()
 
     async def chunks(self) -> AsyncIterator[bytes]:
         left = self.size
@@ -193,14 +198,18 @@ class HostRead:
             await self.close()
 
     def _read(self, n: int) -> bytes:
-        if self._fd is None:
-            return b""
-        return os.read(self._fd, n)
+        with self._lock:
+            return b"" if self._fd is None else os.read(self._fd, n)
 
-    async def close(self) -> None:
-        fd, self._fd = self._fd, None
+    def _close(self) -> None:
+        with self._lock:
+            fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
+
+    async def close(self) -> None:
+        if self._fd is not None:
+            await asyncio.shield(_run(self._close))
 
 
 class FileShrank(OSError):
@@ -234,18 +243,23 @@ async def open_read(root: Path, rel: str, ids: Ids, *, max_bytes: int) -> HostRe
 
 class HostWrite:
     """A write in progress: a temporary file beside the target, as the user, renamed over
-    the target by :meth:`commit`; :meth:`abort` removes it."""
+    the target by :meth:`commit`; :meth:`abort` removes it. Each step runs in a thread under
+    the write's lock, so an abort waits for a write still running (its caller cancelled)
+    before it closes the descriptor."""
 
     def __init__(self, dirfd: int, fd: int, tmp: str, name: str, ids: Ids) -> None:
         self._dirfd, self._fd, self._tmp, self._name, self._ids = dirfd, fd, tmp, name, ids
         self._done = False
+        self._lock = threading.Lock()
 
     async def write(self, data: bytes | bytearray) -> None:
         await _run(self._write, data)
 
     def _write(self, data: bytes | bytearray) -> None:
         view = memoryview(data)
-        with _as(self._ids):
+        with self._lock, _as(self._ids):
+            if self._done:
+                raise OSError(errno.EBADF, "the write was aborted")
             while view:
                 view = view[os.write(self._fd, view):]
 
@@ -253,7 +267,9 @@ class HostWrite:
         await _run(self._commit)
 
     def _commit(self) -> None:
-        with _as(self._ids):
+        with self._lock, _as(self._ids):
+            if self._done:
+                raise OSError(errno.EBADF, "the write was aborted")
             try:
                 os.close(self._fd)
                 self._fd = -1
@@ -261,14 +277,14 @@ class HostWrite:
             except BaseException:
                 self._abort()
                 raise
-        self._finish()
+            self._finish()
 
     async def abort(self) -> None:
         if not self._done:
-            await _run(self._abort_as_user)
+            await asyncio.shield(_run(self._abort_as_user))
 
     def _abort_as_user(self) -> None:
-        with _as(self._ids):
+        with self._lock, _as(self._ids):
             self._abort()
 
     def _abort(self) -> None:

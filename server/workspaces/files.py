@@ -341,9 +341,11 @@ class FileService:
 
     async def _write_host(self, writer: host_files.HostWrite, body: AsyncIterable[bytes],
                           target: str) -> int:
-        """Write ``body`` through ``writer`` in pieces of up to host_files.CHUNK bytes, then
-        rename it over ``target``; on any failure the temporary file is removed."""
+        """Write ``body`` through ``writer`` in pieces of host_files.CHUNK bytes, each in a
+        thread while the next is received (at most two pieces held), then rename it over
+        ``target``; on any failure the temporary file is removed."""
         total, pending = 0, bytearray()
+        writing: asyncio.Task[None] | None = None
         try:
             async for chunk in body:
                 total += len(chunk)
@@ -352,17 +354,22 @@ class FileService:
                         f"file is larger than this server's limit of {self.max_bytes} bytes")
                 pending += chunk
                 if len(pending) >= host_files.CHUNK:
+                    if writing is not None:
+                        await writing
                     piece, pending = pending, bytearray()
-                    await writer.write(piece)
-            if pending:
-                await writer.write(pending)
+                    writing = asyncio.create_task(writer.write(piece))
+            if writing is not None:
+                await writing
+            writing = None
+            await writer.write(pending)
             await writer.commit()
             return total
-        except OSError as exc:
-            await asyncio.shield(writer.abort())
-            raise _host_error(exc, target) from exc
-        except BaseException:
-            await asyncio.shield(writer.abort())  # a client that went away included
+        except BaseException as exc:
+            if writing is not None:
+                writing.cancel()  # the thread finishes its piece; abort waits for it
+            await writer.abort()  # a client that went away included
+            if isinstance(exc, OSError):
+                raise _host_error(exc, target) from exc
             raise
 
     async def list(self, ws_id: str, path: str, *, actor: str) -> Listing:

@@ -458,9 +458,13 @@ METRICS_TOKEN = "bench-agent-metrics"
 
 def agent_sessions(b: Bench) -> dict[str, float]:
     """den_agent_sessions_total by path, from den serve's /metrics."""
+    return _by_path(b, "den_agent_sessions_total")
+
+
+def _by_path(b: Bench, metric: str) -> dict[str, float]:
     text = b.srv.http.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text
     return {m[1]: float(m[2]) for m in
-            re.finditer(r'^den_agent_sessions_total\{path="(\w+)"\} (\S+)$', text, re.M)}
+            re.finditer(rf'^{metric}\{{path="(\w+)"\}} (\S+)$', text, re.M)}
 
 
 # --- 5. files ---------------------------------------------------------------------------------
@@ -514,6 +518,7 @@ def bench_files(b: Bench, rounds: int, deadline_s: float) -> None:
             if time.monotonic() > end:
                 b.notes.append(f"files: stopped at {i + 1}/{rounds} rounds (deadline)")
                 break
+        b.notes.append(f"files by path: {_by_path(b, 'den_file_transfers_total')}")
     finally:
         http.close()
         subprocess.run(["docker", "exec", b.raw_name, "rm", "-f", "/workspace/blob.bin"],
@@ -612,6 +617,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="also write the results to this JSON file")
     ap.add_argument("--only", default="", metavar="N,N",
                     help="run only these sections (numbers, e.g. 4,5)")
+    ap.add_argument("--agent", default="", help="the den-agent binary to run in the workspace "
+                    "(default: this tree's build); an older one measures the paths it had")
     args = ap.parse_args(argv)
     quick = args.quick
     exec_samples, ping_samples = (20, 200) if quick else (50, 200)
@@ -634,7 +641,8 @@ def main(argv: list[str] | None = None) -> int:
             # agent applies exec_max_output_bytes (16 MiB by default) to a streaming exec too,
             # which then ends early with exit code 0 and no sign of the cut.
             srv = Server(run.work, run.repos_root, run.prefix, file_max_bytes=256 * MiB,
-                         exec_max_output_bytes=2 * stream_bytes, metrics_token=METRICS_TOKEN)
+                         exec_max_output_bytes=2 * stream_bytes, metrics_token=METRICS_TOKEN,
+                         **({"agent_binary": args.agent} if args.agent else {}))
             srv.start()
             raw_name = f"{run.prefix}-raw"
             raw.create(raw_name)

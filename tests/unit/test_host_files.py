@@ -237,3 +237,25 @@ def test_ids_include_the_primary_group() -> None:
     assert Ids.parse({"uid": 1000, "gid": 1000, "groups": [27, 1000]}) == Ids(1000, 1000,
                                                                                (27, 1000))
     assert Ids.parse({"uid": 1000, "gid": 100, "groups": []}) == Ids(1000, 100, (100,))
+
+
+def test_steps_after_an_abort_or_a_close_touch_no_descriptor(root: Path) -> None:
+    """A write or read that comes after the end (its caller was cancelled meanwhile) must not
+    use the descriptor number, which may belong to another file by then."""
+    _mine(root / "f", b"data")
+
+    async def run() -> None:
+        writer = await host_files.open_write(root, "g", DEV)
+        assert writer is not None
+        await writer.abort()
+        with pytest.raises(OSError, match="aborted"):
+            await writer.write(b"late")
+        with pytest.raises(OSError, match="aborted"):
+            await writer.commit()
+        opened = await host_files.open_read(root, "f", DEV, max_bytes=100)
+        assert opened is not None
+        await opened.close()
+        assert opened._read(4) == b""
+
+    asyncio.run(run())
+    assert not (root / "g").exists() and not _leftovers(root)
