@@ -40,7 +40,7 @@ def viewer(conn: HTTPConnection, *, state: Any, previews: PreviewService,
     through the previews' cache (:meth:`PreviewService.signed_in`)."""
     token = _bearer(conn)
     if token is not None and token.startswith("den_"):
-        return authenticate(state.sessions, token)
+        return authenticate(state.sessions, token, getattr(state, "token_cache", None))
     if preview_host is None:
         shash = web_sessions.session_hash(conn)
         return previews.signed_in(shash) if shash is not None else None

@@ -18,11 +18,12 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import update
+from sqlalchemy import select, update
 from starlette.websockets import WebSocketDisconnect
 from websockets.sync.server import ServerConnection, serve
 
 from server.app import create_app
+from server.auth import tokens as auth_tokens
 from server.config import Settings
 from server.db.models import User, Workspace
 from server.preview import tokens
@@ -665,6 +666,22 @@ def test_cached_a_share_set_back_to_private_stops_at_once(api: ApiClient) -> Non
     _warm(api, url)
     assert api.put(port, json={"share": "private"}).status_code == 200
     assert api.client.get(url).status_code == 401
+
+
+def test_a_bearer_token_is_checked_through_the_token_cache_and_revoking_it_stops_at_once(
+        api: ApiClient) -> None:
+    url = f"/preview/{wsid(api)}/8000/"
+    with api.client.app.state.sessions.begin() as s:  # type: ignore[attr-defined]
+        user = s.scalar(select(User).where(User.name == "alice"))
+        row, secret = auth_tokens.issue_token(s, user)
+        token_id = row.id
+    auth = {"Authorization": f"Bearer {secret}"}
+    cache = api.client.app.state.token_cache  # type: ignore[attr-defined]
+    assert api.client.get(url, headers=auth).status_code == 200
+    assert auth_tokens.hash_token(secret) in cache._entries  # the preview put it there
+    assert api.client.get(url, headers=auth).status_code == 200
+    assert api.delete(f"/api/v1/users/me/tokens/{token_id}").status_code == 204
+    assert api.client.get(url, headers=auth, follow_redirects=False).status_code == 401
 
 
 def test_cached_a_deleted_workspace_stops_at_once(api: ApiClient) -> None:
