@@ -12,7 +12,7 @@ echo "== go vet and go test (the workspace agent)"
 (cd agent && GOPROXY=off GOFLAGS= CGO_ENABLED=0 go vet ./... && GOPROXY=off GOFLAGS= \
     CGO_ENABLED=0 go test -count=1 ./...) || exit 1
 echo "== pytest"
-"$VENV/bin/python" -m pytest "$@"
+"$VENV/bin/python" -m pytest --durations=25 "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
     echo "test: pytest collected no tests; that is a failure" >&2

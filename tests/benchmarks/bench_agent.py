@@ -445,7 +445,6 @@ def bench_stream(b: Bench, nbytes: int, rounds: int, deadline_s: float) -> None:
     b.res.add("den stream, binary: client CPU s per 100 MB",
               st.client_cpu_s * 100 * MB / st.nbytes)
     print(f"  stream binary den: {st.nbytes / st.seconds / MB:.0f} MB/s", flush=True)
-    b.notes.append(f"agent sessions by path: {agent_sessions(b)}")
     # Not in the table: the same through JSON without escapes (NUL is \u0000, 6 bytes).
     st = den_stream(b, nbytes // 4, deadline_s, printable=True)
     b.res.add("den stream MB/s, printable 'a's (1/4 of N, tr)", st.nbytes / st.seconds / MB)
@@ -456,12 +455,8 @@ def bench_stream(b: Bench, nbytes: int, rounds: int, deadline_s: float) -> None:
 METRICS_TOKEN = "bench-agent-metrics"
 
 
-def agent_sessions(b: Bench) -> dict[str, float]:
-    """den_agent_sessions_total by path, from den serve's /metrics."""
-    return _by_path(b, "den_agent_sessions_total")
-
-
 def _by_path(b: Bench, metric: str) -> dict[str, float]:
+    """A counter of den serve's /metrics by its ``path`` label."""
     text = b.srv.http.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text
     return {m[1]: float(m[2]) for m in
             re.finditer(rf'^{metric}\{{path="(\w+)"\}} (\S+)$', text, re.M)}
