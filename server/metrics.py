@@ -230,6 +230,13 @@ def dir_bytes(root: Path) -> int:
     return total
 
 
+def _by_path(name: str, documentation: str, counts: dict[str, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=["path"])
+    for path, n in sorted(counts.items()):
+        family.add_metric([path], n)
+    return family
+
+
 class StateCollector(Collector):
     """Values read at scrape time: workspaces by state, the exec queue, checkpoint disk use
     and each running workspace's CPU time."""
@@ -274,23 +281,16 @@ class StateCollector(Collector):
             disk.add_metric([kind], n)
         yield disk
 
-        conns = CounterMetricFamily(
+        yield _by_path(
             "den_port_connections",
             "Connections into workspaces' ports (previews, ssh -L) by path: direct (to the "
             "agent's listener on the workspace's address) or relay (through the agent's "
-            "session, when the direct path cannot be used).", labels=["path"])
-        for path, n in sorted(self._port_connections().items()):
-            conns.add_metric([path], n)
-        yield conns
-
-        transfers = CounterMetricFamily(
+            "session, when the direct path cannot be used).", self._port_connections())
+        yield _by_path(
             "den_file_transfers",
             "Files API reads and writes by path: host (the workspace's directory on the host, "
             "as its user), agent (through the workspace's agent) or exec (the engine's exec, "
-            "for a workspace without a reachable agent).", labels=["path"])
-        for path, n in sorted(self._file_transfers().items()):
-            transfers.add_metric([path], n)
-        yield transfers
+            "for a workspace without a reachable agent).", self._file_transfers())
 
         cpu = CounterMetricFamily(
             "den_workspace_cpu_seconds",

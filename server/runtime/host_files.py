@@ -153,13 +153,21 @@ def _as(ids: Ids) -> Iterator[None]:
         _kernel.setgroups(_kernel.host_groups)
 
 
-def _open_root(root: Path) -> int | None:
-    """A descriptor of the volume's directory (as the host: its parents are root's), or
-    None when it is gone (the workspace deleted meanwhile)."""
+@contextlib.contextmanager
+def _in_root(root: Path, ids: Ids) -> Iterator[int | None]:
+    """A descriptor of the volume's directory (opened as the host: its parents are root's),
+    or None when it is gone (the workspace deleted meanwhile); this thread has ``ids``
+    inside the block."""
     try:
-        return os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        rootfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
-        return None
+        yield None
+        return
+    try:
+        with _as(ids):
+            yield rootfd
+    finally:
+        os.close(rootfd)
 
 
 async def _run(fn: Any, *args: Any) -> Any:
@@ -217,22 +225,18 @@ class FileShrank(OSError):
 
 
 def _open_read(root: Path, rel: str, ids: Ids, max_bytes: int) -> HostRead | None:
-    rootfd = _open_root(root)
-    if rootfd is None:
-        return None
-    try:
-        with _as(ids):
-            try:
-                fd = _kernel.openat2(rootfd, rel, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
-            except OSError:
-                return None
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
-            os.close(fd)
+    with _in_root(root, ids) as rootfd:
+        if rootfd is None:
             return None
-        return HostRead(fd, st.st_size)
-    finally:
-        os.close(rootfd)
+        try:
+            fd = _kernel.openat2(rootfd, rel, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        except OSError:
+            return None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+        os.close(fd)
+        return None
+    return HostRead(fd, st.st_size)
 
 
 async def open_read(root: Path, rel: str, ids: Ids, *, max_bytes: int) -> HostRead | None:
@@ -306,29 +310,25 @@ def _open_write(root: Path, rel: str, ids: Ids) -> HostWrite | None:
     parent, name = posixpath.split(rel)
     if name in ("", ".", "..") or name.startswith(TEMP_PREFIX):
         return None
-    rootfd = _open_root(root)
-    if rootfd is None:
-        return None
-    try:
-        with _as(ids):
-            try:
-                dirfd = _kernel.openat2(rootfd, parent or ".", os.O_PATH | os.O_DIRECTORY)
-            except FileNotFoundError:
-                made = _make_dirs(rootfd, parent)
-                if made is None:
-                    return None
-                dirfd = made
-            except OSError:
+    with _in_root(root, ids) as rootfd:
+        if rootfd is None:
+            return None
+        try:
+            dirfd = _kernel.openat2(rootfd, parent or ".", os.O_PATH | os.O_DIRECTORY)
+        except FileNotFoundError:
+            made = _make_dirs(rootfd, parent)
+            if made is None:
                 return None
-            try:
-                writer = _prepare(dirfd, name, ids)
-            except OSError:
-                writer = None
-            if writer is None:
-                os.close(dirfd)
-            return writer
-    finally:
-        os.close(rootfd)
+            dirfd = made
+        except OSError:
+            return None
+        try:
+            writer = _prepare(dirfd, name, ids)
+        except OSError:
+            writer = None
+        if writer is None:
+            os.close(dirfd)
+        return writer
 
 
 def _make_dirs(rootfd: int, parent: str) -> int | None:

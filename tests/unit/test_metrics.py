@@ -127,6 +127,18 @@ def test_workspaces_by_state_include_every_state(fake_api: ApiClient,
     assert value(m, "den_workspaces", state="error") == 0
 
 
+def test_files_transfers_by_path(fake_api: ApiClient, running: dict[str, Any]) -> None:
+    url = f"/api/v1/workspaces/{running['id']}/files"
+    assert value(scrape(fake_api), "den_file_transfers_total", path="exec") is None
+    # The fake runtime has no agent: both go through the engine's exec (whose fake does not
+    # run the scripts: what is counted is the path taken, not the answer).
+    fake_api.put(url, params={"path": "a.txt"}, content=b"x")
+    fake_api.get(url, params={"path": "a.txt"})
+    m = scrape(fake_api)
+    assert value(m, "den_file_transfers_total", path="exec") == 2
+    assert value(m, "den_file_transfers_total", path="host") is None
+
+
 def test_http_latency_is_by_route_template_and_status_class(
         fake_api: ApiClient, running: dict[str, Any]) -> None:
     fake_api.exec(running["id"], ["true"])
