@@ -69,11 +69,28 @@ class _Kernel:
 
     def __init__(self) -> None:
         numbers = _SYSCALLS.get(platform.machine())
-        self.usable = numbers is not None and os.geteuid() == 0
         self._setgroups, self._setfsuid, self._setfsgid, self._openat2 = numbers or (0,) * 4
         self._libc = ctypes.CDLL(None, use_errno=True)
         self._libc.syscall.restype = ctypes.c_long
         self.host_groups = tuple(os.getgroups())
+        self.usable = numbers is not None and os.geteuid() == 0 and self._can_switch()
+
+    def _can_switch(self) -> bool:
+        """Whether a thread can take other file system ids and give them back (root without
+        CAP_SETUID cannot: setfsuid then fails silently). Tried on a throwaway thread."""
+        answer: list[bool] = []
+
+        def attempt() -> None:
+            try:
+                self.setfsuid(65534)
+                answer.append(self.setfsuid(-1) == 65534)
+            finally:
+                self.setfsuid(0)
+
+        thread = threading.Thread(target=attempt, name="den-host-files-probe")
+        thread.start()
+        thread.join()
+        return answer == [True]
 
     def _call(self, *args: Any) -> int:
         result = int(self._libc.syscall(*args))
@@ -164,7 +181,13 @@ def _in_root(root: Path, ids: Ids) -> Iterator[int | None]:
         yield None
         return
     try:
-        with _as(ids):
+        switched = contextlib.ExitStack()
+        try:
+            switched.enter_context(_as(ids))
+        except OSError:  # this host cannot take the ids after all: the agent does it
+            yield None
+            return
+        with switched:
             yield rootfd
     finally:
         os.close(rootfd)

@@ -259,3 +259,13 @@ def test_steps_after_an_abort_or_a_close_touch_no_descriptor(root: Path) -> None
 
     asyncio.run(run())
     assert not (root / "g").exists() and not _leftovers(root)
+
+
+def test_a_thread_that_cannot_take_the_ids_leaves_it_to_the_agent(
+        root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Root without CAP_SETUID: setfsuid fails silently. Nothing is done as root then."""
+    _mine(root / "a.txt", b"a")
+    monkeypatch.setattr(host_files._kernel, "setfsuid", lambda uid: 0)
+    assert asyncio.run(_read(root, "a.txt")) is None
+    assert not asyncio.run(_write(root, "b.txt", b"b"))
+    assert not (root / "b.txt").exists() and not _leftovers(root)
