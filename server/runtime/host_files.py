@@ -298,8 +298,8 @@ class HostWrite:
             if self._done:
                 raise OSError(errno.EBADF, "the write was aborted")
             try:
-                os.close(self._fd)
-                self._fd = -1
+                fd, self._fd = self._fd, -1
+                os.close(fd)  # released even when it reports an error: never closed twice
                 os.rename(self._tmp, self._name, src_dir_fd=self._dirfd, dst_dir_fd=self._dirfd)
             except BaseException:
                 self._abort()
@@ -317,9 +317,10 @@ class HostWrite:
     def _abort(self) -> None:
         if self._done:
             return
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(self._tmp, dir_fd=self._dirfd)
         self._finish()

@@ -22,6 +22,7 @@ import weakref
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from server.agent.files import LIST_LIMIT, AgentFiles, FileEntry, Listing
 from server.agent.session import AgentSession
@@ -197,6 +198,14 @@ def _host_error(exc: OSError, path: str) -> DenError:
     return ValidationFailed(f"file operation on {path} failed: {exc.strerror or exc}")
 
 
+async def _fs(path: str, step: Callable[..., Awaitable[None]], *args: Any) -> None:
+    """A step of a write from the host, its file system error as Den's."""
+    try:
+        await step(*args)
+    except OSError as exc:
+        raise _host_error(exc, path) from exc
+
+
 class FileService:
     """File operations on a workspace, as ``dev``: through its agent when it has one, else
     through the workspace service's exec. Reads and writes of plain files go through the
@@ -357,19 +366,19 @@ class FileService:
                     if writing is not None:
                         await writing
                     piece, pending = pending, bytearray()
-                    writing = asyncio.create_task(writer.write(piece))
+                    writing = asyncio.create_task(_fs(target, writer.write, piece))
             if writing is not None:
                 await writing
             writing = None
-            await writer.write(pending)
-            await writer.commit()
+            await _fs(target, writer.write, pending)
+            await _fs(target, writer.commit)
             return total
-        except BaseException as exc:
+        except BaseException:
             if writing is not None:
                 writing.cancel()  # the thread finishes its piece; abort waits for it
+                with contextlib.suppress(BaseException):
+                    await writing  # its own error, if it had one, is not left unread
             await writer.abort()  # a client that went away included
-            if isinstance(exc, OSError):
-                raise _host_error(exc, target) from exc
             raise
 
     async def list(self, ws_id: str, path: str, *, actor: str) -> Listing:

@@ -7,6 +7,7 @@ import asyncio
 import os
 import stat
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -269,3 +270,38 @@ def test_a_thread_that_cannot_take_the_ids_leaves_it_to_the_agent(
     assert asyncio.run(_read(root, "a.txt")) is None
     assert not asyncio.run(_write(root, "b.txt", b"b"))
     assert not (root / "b.txt").exists() and not _leftovers(root)
+
+
+def test_a_body_that_breaks_off_or_runs_over_leaves_no_temporary_file(root: Path) -> None:
+    """FileService's host write: a client that goes away mid-body (a write of the previous
+    MiB may still be running in its thread) or a body past the limit removes the temporary
+    file and leaves the old one; a whole body is renamed over it."""
+    from types import SimpleNamespace
+
+    from server.errors import PayloadTooLarge
+    from server.workspaces.files import FileService
+
+    mib = host_files.CHUNK
+    service = FileService(SimpleNamespace(settings=SimpleNamespace(  # type: ignore[arg-type]
+        file_max_bytes=4 * mib)))
+    _mine(root / "f", b"old")
+
+    async def body(n: int, fail: BaseException | None = None) -> AsyncIterator[bytes]:
+        for _ in range(n):
+            yield os.urandom(mib // 2)
+        if fail is not None:
+            raise fail
+
+    async def write(n: int, fail: BaseException | None = None) -> int:
+        writer = await host_files.open_write(root, "f", DEV)
+        assert writer is not None
+        return await service._write_host(writer, body(n, fail), "/workspace/f")
+
+    with pytest.raises(ConnectionError):
+        asyncio.run(write(5, ConnectionError("client went away")))
+    assert (root / "f").read_bytes() == b"old" and not _leftovers(root)
+    with pytest.raises(PayloadTooLarge):
+        asyncio.run(write(9))
+    assert (root / "f").read_bytes() == b"old" and not _leftovers(root)
+    assert asyncio.run(write(5)) == 5 * (mib // 2)
+    assert (root / "f").stat().st_size == 5 * (mib // 2) and not _leftovers(root)
