@@ -328,7 +328,7 @@ class FileService:
                     host[0], _relative(target), host[1])
                 if writer is not None:
                     self.transfers["host"] += 1
-                    return await self._write_host(writer, body, target)
+                    return await self._write_host(ws_id, writer, body, target)
                 self.transfers["agent"] += 1
                 return await files.write(target, body, max_bytes=self.max_bytes)
         self.transfers["exec"] += 1
@@ -348,11 +348,13 @@ class FileService:
             async for chunk in chunks:
                 yield chunk
 
-    async def _write_host(self, writer: host_files.HostWrite, body: AsyncIterable[bytes],
-                          target: str) -> int:
+    async def _write_host(self, ws_id: str, writer: host_files.HostWrite,
+                          body: AsyncIterable[bytes], target: str) -> int:
         """Write ``body`` through ``writer`` in pieces of host_files.CHUNK bytes, each in a
         thread while the next is received (at most two pieces held), then rename it over
-        ``target``; on any failure the temporary file is removed."""
+        ``target``; on any failure the temporary file is removed. A stop, pause or delete
+        of the workspace meanwhile does not reach the host's write, but the answer is the
+        agent's all the same (409, and nothing written): the API's contract is one."""
         total, pending = 0, bytearray()
         writing: asyncio.Task[None] | None = None
         try:
@@ -371,6 +373,9 @@ class FileService:
                 await writing
             writing = None
             await _fs(target, writer.write, pending)
+            if not self._still_running(ws_id):
+                raise Conflict("the workspace stopped or paused during the file operation, "
+                               "which was cut short; try again")
             await _fs(target, writer.commit)
             return total
         except BaseException:

@@ -274,16 +274,19 @@ def test_a_thread_that_cannot_take_the_ids_leaves_it_to_the_agent(
 
 def test_a_body_that_breaks_off_or_runs_over_leaves_no_temporary_file(root: Path) -> None:
     """FileService's host write: a client that goes away mid-body (a write of the previous
-    MiB may still be running in its thread) or a body past the limit removes the temporary
-    file and leaves the old one; a whole body is renamed over it."""
+    MiB may still be running in its thread), a body past the limit or a workspace that
+    stopped meanwhile removes the temporary file and leaves the old one; a whole body is
+    renamed over it."""
     from types import SimpleNamespace
 
-    from server.errors import PayloadTooLarge
+    from server.errors import Conflict, PayloadTooLarge
     from server.workspaces.files import FileService
 
     mib = host_files.CHUNK
     service = FileService(SimpleNamespace(settings=SimpleNamespace(  # type: ignore[arg-type]
         file_max_bytes=4 * mib)))
+    running = [True]
+    service._still_running = lambda ws_id: running[0]  # type: ignore[method-assign]
     _mine(root / "f", b"old")
 
     async def body(n: int, fail: BaseException | None = None) -> AsyncIterator[bytes]:
@@ -295,7 +298,7 @@ def test_a_body_that_breaks_off_or_runs_over_leaves_no_temporary_file(root: Path
     async def write(n: int, fail: BaseException | None = None) -> int:
         writer = await host_files.open_write(root, "f", DEV)
         assert writer is not None
-        return await service._write_host(writer, body(n, fail), "/workspace/f")
+        return await service._write_host("ws1", writer, body(n, fail), "/workspace/f")
 
     with pytest.raises(ConnectionError):
         asyncio.run(write(5, ConnectionError("client went away")))
@@ -303,5 +306,10 @@ def test_a_body_that_breaks_off_or_runs_over_leaves_no_temporary_file(root: Path
     with pytest.raises(PayloadTooLarge):
         asyncio.run(write(9))
     assert (root / "f").read_bytes() == b"old" and not _leftovers(root)
+    running[0] = False  # stopped, paused or deleted under the write: as through the agent
+    with pytest.raises(Conflict):
+        asyncio.run(write(5))
+    assert (root / "f").read_bytes() == b"old" and not _leftovers(root)
+    running[0] = True
     assert asyncio.run(write(5)) == 5 * (mib // 2)
     assert (root / "f").stat().st_size == 5 * (mib // 2) and not _leftovers(root)
