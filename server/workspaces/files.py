@@ -198,6 +198,12 @@ def _host_error(exc: OSError, path: str) -> DenError:
     return ValidationFailed(f"file operation on {path} failed: {exc.strerror or exc}")
 
 
+def _cut_short() -> Conflict:
+    """A file operation that the workspace's stop or pause ended (or would have ended)."""
+    return Conflict("the workspace stopped or paused during the file operation, which was "
+                    "cut short; try again")
+
+
 async def _fs(path: str, step: Callable[..., Awaitable[None]], *args: Any) -> None:
     """A step of a write from the host, its file system error as Den's."""
     try:
@@ -270,8 +276,7 @@ class FileService:
                 yield
         except (AgentUnavailable, AgentTimeout) as exc:
             if not self._still_running(ws_id):
-                raise Conflict("the workspace stopped or paused during the file operation, "
-                               "which was cut short; try again") from exc
+                raise _cut_short() from exc
             raise
         finally:
             self.workspaces.touch(ws_id)
@@ -374,8 +379,7 @@ class FileService:
             writing = None
             await _fs(target, writer.write, pending)
             if not self._still_running(ws_id):
-                raise Conflict("the workspace stopped or paused during the file operation, "
-                               "which was cut short; try again")
+                raise _cut_short()
             await _fs(target, writer.commit)
             return total
         except BaseException:
